@@ -1,0 +1,130 @@
+"""The one module that talks to the JAX coordination service.
+
+Processes of a multi-process job meet here: a process-0 value broadcast to all (the attempt
+id), barriers with timeouts that name the processes that did not arrive, and small published
+values (the commit outcome). No device collectives are used, so all of it is safe from a
+background thread. A single-process job gets a trivial local implementation.
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+from typing import Any
+
+import jax
+
+from ckpt.errors import CoordinationError
+
+DEFAULT_TIMEOUT_S = 600.0
+
+
+class Coordinator(abc.ABC):
+    """Meeting points of the processes of one job.
+
+    Keys are namespaced by the caller with a per-save prefix that every process derives the
+    same way (the n-th save of a job has the same prefix on every process).
+    """
+
+    process_index: int
+    process_count: int
+
+    @abc.abstractmethod
+    def broadcast(self, key: str, value: str | None, timeout_s: float) -> str:
+        """Process 0 passes ``value``; every process returns it."""
+
+    @abc.abstractmethod
+    def barrier(self, key: str, timeout_s: float) -> None:
+        """Returns once every process has called it with the same key.
+
+        Raises:
+            CoordinationError: not all arrived within ``timeout_s``; names the missing ones.
+        """
+
+    @abc.abstractmethod
+    def publish(self, key: str, value: str) -> None:
+        """Sets a value any process can wait for."""
+
+    @abc.abstractmethod
+    def wait_for(self, key: str, timeout_s: float) -> str:
+        """Returns the value published under ``key``, waiting up to ``timeout_s``."""
+
+
+class LocalCoordinator(Coordinator):
+    """The coordinator of a single-process job: every meeting is immediate."""
+
+    def __init__(self) -> None:
+        self.process_index = 0
+        self.process_count = 1
+        self._values: dict[str, str] = {}
+        self._cond = threading.Condition()
+
+    def broadcast(self, key: str, value: str | None, timeout_s: float) -> str:
+        assert value is not None
+        return value
+
+    def barrier(self, key: str, timeout_s: float) -> None:
+        return None
+
+    def publish(self, key: str, value: str) -> None:
+        with self._cond:
+            self._values[key] = value
+            self._cond.notify_all()
+
+    def wait_for(self, key: str, timeout_s: float) -> str:
+        with self._cond:
+            if not self._cond.wait_for(lambda: key in self._values, timeout=timeout_s):
+                raise CoordinationError(f"no value for {key!r} within {timeout_s:.0f} s")
+            return self._values[key]
+
+
+class DistributedCoordinator(Coordinator):
+    """Meets through `jax.distributed`'s coordination service (key-value store, barriers)."""
+
+    def __init__(self, client: Any, process_index: int, process_count: int) -> None:
+        self._client = client
+        self.process_index = process_index
+        self.process_count = process_count
+
+    def broadcast(self, key: str, value: str | None, timeout_s: float) -> str:
+        if self.process_index == 0:
+            assert value is not None
+            self._client.key_value_set(f"ckpt/{key}", value)
+            return value
+        return self.wait_for(key, timeout_s)
+
+    def barrier(self, key: str, timeout_s: float) -> None:
+        self._client.key_value_set(f"ckpt/{key}/arrived/{self.process_index}", "1")
+        try:
+            self._client.wait_at_barrier(f"ckpt/{key}", int(timeout_s * 1000))
+        except Exception as exc:
+            arrived = {int(k.rsplit("/", 1)[-1]) for k, _ in
+                       self._client.key_value_dir_get(f"ckpt/{key}/arrived/")}
+            missing = sorted(set(range(self.process_count)) - arrived)
+            raise CoordinationError(
+                f"processes {missing} did not reach {key!r} within {timeout_s:.0f} s") from exc
+
+    def publish(self, key: str, value: str) -> None:
+        self._client.key_value_set(f"ckpt/{key}", value)
+
+    def wait_for(self, key: str, timeout_s: float) -> str:
+        try:
+            return str(self._client.blocking_key_value_get(f"ckpt/{key}", int(timeout_s * 1000)))
+        except Exception as exc:
+            raise CoordinationError(
+                f"process {self.process_index} got no value for {key!r} within "
+                f"{timeout_s:.0f} s") from exc
+
+
+_LOCAL = LocalCoordinator()
+
+
+def current() -> Coordinator:
+    """The coordinator of this job: distributed when `jax.distributed` is initialised."""
+    if jax.process_count() == 1:
+        return _LOCAL
+    from jax._src.distributed import global_state
+
+    if global_state.client is None:
+        raise CoordinationError("jax.process_count() > 1 but jax.distributed has no client")
+    return DistributedCoordinator(global_state.client, jax.process_index(), jax.process_count())

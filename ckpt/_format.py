@@ -1,0 +1,292 @@
+"""On-disk format v1: object names, the manifest, host reports and the COMMIT record.
+
+docs/format.md is the authority; this module is its executable form. Everything is msgpack
+with only maps, arrays, strings, binary, integers, floats, booleans and nil: decoding can
+never construct an object or run code. Decoding validates every field it uses and raises
+`CorruptCheckpointError` naming the object and field otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Any
+
+import msgpack
+
+from ckpt._tree import KeyPath
+from ckpt.errors import CorruptCheckpointError, UnsupportedFormatError
+
+FORMAT_VERSION = 1
+FORMAT_NAME = "ckpt"
+COMMIT = "COMMIT"
+MANIFEST = "manifest.msgpack"
+HOSTS = "hosts"
+ARRAYS = "arrays"
+ATTEMPT_PREFIX = "attempt-"
+
+# Untrusted input bounds: a manifest or report larger than this, or nested deeper, is refused
+# before it is decoded, so a hostile checkpoint cannot exhaust memory.
+MAX_OBJECT_BYTES = 1 << 30
+MAX_COMMIT_BYTES = 1 << 16
+
+LEAF_KINDS = ("array", "inline", "value", "none")
+SOURCES = ("jax", "numpy", "numpy_scalar")
+
+
+@dataclasses.dataclass
+class LeafRecord:
+    """One leaf of the saved tree, as the manifest records it.
+
+    ``kind``: ``array`` (a zarr array under ``arrays/<name>/``), ``inline`` (a small array whose
+    bytes are in the manifest), ``value`` (a Python scalar or string) or ``none``.
+    """
+
+    path: KeyPath
+    kind: str
+    source: str = "numpy"
+    shape: tuple[int, ...] = ()
+    dtype: str = ""
+    mesh_shape: tuple[int, ...] | None = None
+    mesh_axes: tuple[str, ...] | None = None
+    spec: list[Any] | None = None
+    name: str = ""
+    chunk_shape: tuple[int, ...] = ()
+    writers: list[int] = dataclasses.field(default_factory=list)
+    chunk_nbytes: list[int] = dataclasses.field(default_factory=list)
+    data: bytes = b""
+    value: Any = None
+    vtype: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of array data this leaf holds (0 for values)."""
+        return sum(self.chunk_nbytes) if self.kind == "array" else len(self.data)
+
+
+@dataclasses.dataclass
+class Manifest:
+    """The manifest of one attempt: everything needed to restore without listing anything."""
+
+    attempt: str
+    process_count: int
+    created_at: float
+    committed_at: float
+    versions: dict[str, str]
+    metadata: Any
+    leaves: list[LeafRecord]
+    format_version: int = FORMAT_VERSION
+
+
+def pack(obj: Any) -> bytes:
+    """Encodes plain data as msgpack (never with an extension or object hook)."""
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack(data: bytes, what: str) -> Any:
+    """Decodes untrusted msgpack with size limits; errors name ``what``."""
+    if len(data) > MAX_OBJECT_BYTES:
+        raise CorruptCheckpointError(f"{what} is {len(data)} bytes, over the limit")
+    try:
+        # unpackb bounds every string, binary, array and map length by the input's size,
+        # and nesting by a fixed stack depth (StackError).
+        return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise CorruptCheckpointError(f"{what} is not valid msgpack: {exc}") from exc
+
+
+def _leaf_to_dict(leaf: LeafRecord) -> dict[str, Any]:
+    out: dict[str, Any] = {"path": [list(e) for e in leaf.path], "kind": leaf.kind}
+    if leaf.kind in ("array", "inline"):
+        out.update(source=leaf.source, shape=list(leaf.shape), dtype=leaf.dtype)
+        if leaf.mesh_shape is not None:
+            out.update(mesh={"shape": list(leaf.mesh_shape), "axis_names": list(leaf.mesh_axes or ())},
+                       spec=leaf.spec)
+    if leaf.kind == "array":
+        out.update(name=leaf.name, chunk_shape=list(leaf.chunk_shape),
+                   chunks={"writer": leaf.writers, "nbytes": leaf.chunk_nbytes})
+    elif leaf.kind == "inline":
+        out["data"] = leaf.data
+    elif leaf.kind == "value":
+        out.update(value=leaf.value, vtype=leaf.vtype)
+    return out
+
+
+def encode_manifest(m: Manifest) -> bytes:
+    """Serialises a manifest; its sha256 is what COMMIT records."""
+    return pack({
+        "format": FORMAT_NAME, "format_version": m.format_version, "attempt": m.attempt,
+        "process_count": m.process_count, "created_at": m.created_at,
+        "committed_at": m.committed_at, "versions": m.versions, "metadata": m.metadata,
+        "leaves": [_leaf_to_dict(leaf) for leaf in m.leaves],
+    })
+
+
+class _Reader:
+    """Typed access to a decoded map; every failure names the object and field."""
+
+    def __init__(self, obj: Any, what: str) -> None:
+        if not isinstance(obj, dict):
+            raise CorruptCheckpointError(f"{what} is not a map")
+        self.obj, self.what = obj, what
+
+    def get(self, key: str, types: type | tuple[type, ...], default: Any = ...) -> Any:
+        if key not in self.obj:
+            if default is not ...:
+                return default
+            raise CorruptCheckpointError(f"{self.what} lacks field {key!r}")
+        value = self.obj[key]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in _tuple(types)):
+            raise CorruptCheckpointError(f"{self.what} field {key!r} has the wrong type")
+        return value
+
+    def ints(self, key: str, default: Any = ...) -> tuple[int, ...]:
+        values = self.get(key, list, default)
+        if values is None:
+            return values
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+            raise CorruptCheckpointError(f"{self.what} field {key!r} must hold integers >= 0")
+        return tuple(values)
+
+
+def _tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
+    return types if isinstance(types, tuple) else (types,)
+
+
+def _decode_path(raw: Any, what: str) -> KeyPath:
+    if not isinstance(raw, list):
+        raise CorruptCheckpointError(f"{what} path is not a list")
+    path = []
+    for entry in raw:
+        ok = (isinstance(entry, list) and len(entry) == 2 and entry[0] in ("key", "index", "attr")
+              and isinstance(entry[1], (str, int)) and not isinstance(entry[1], bool))
+        if not ok:
+            raise CorruptCheckpointError(f"{what} has a malformed key path entry {entry!r:.80}")
+        path.append((entry[0], entry[1]))
+    return tuple(path)
+
+
+def _decode_leaf(raw: Any, index: int) -> LeafRecord:
+    r = _Reader(raw, f"manifest leaf {index}")
+    leaf = LeafRecord(path=_decode_path(r.get("path", list), r.what), kind=r.get("kind", str))
+    if leaf.kind not in LEAF_KINDS:
+        raise CorruptCheckpointError(f"{r.what} has unknown kind {leaf.kind!r:.40}")
+    if leaf.kind in ("array", "inline"):
+        leaf.source = r.get("source", str)
+        if leaf.source not in SOURCES:
+            raise CorruptCheckpointError(f"{r.what} has unknown source {leaf.source!r:.40}")
+        leaf.shape = r.ints("shape")
+        leaf.dtype = r.get("dtype", str)
+        mesh = r.get("mesh", dict, None)
+        if mesh is not None:
+            mr = _Reader(mesh, f"{r.what} mesh")
+            leaf.mesh_shape = mr.ints("shape")
+            axes = mr.get("axis_names", list)
+            if not all(isinstance(a, str) for a in axes) or len(axes) != len(leaf.mesh_shape):
+                raise CorruptCheckpointError(f"{r.what} mesh axis names are malformed")
+            leaf.mesh_axes = tuple(axes)
+            leaf.spec = r.get("spec", (list, type(None)))
+    if leaf.kind == "array":
+        leaf.name = r.get("name", str)
+        leaf.chunk_shape = r.ints("chunk_shape")
+        chunks = _Reader(r.get("chunks", dict), f"{r.what} chunks")
+        leaf.writers = list(chunks.ints("writer"))
+        leaf.chunk_nbytes = list(chunks.ints("nbytes"))
+        if len(leaf.chunk_shape) != len(leaf.shape) or 0 in leaf.chunk_shape:
+            raise CorruptCheckpointError(f"{r.what} chunk shape does not fit its shape")
+        if len(leaf.writers) != len(leaf.chunk_nbytes):
+            raise CorruptCheckpointError(f"{r.what} chunk lists differ in length")
+    elif leaf.kind == "inline":
+        leaf.data = r.get("data", bytes)
+    elif leaf.kind == "value":
+        leaf.vtype = r.get("vtype", str)
+        leaf.value = r.obj.get("value")
+    return leaf
+
+
+def decode_manifest(data: bytes, what: str) -> Manifest:
+    """Parses and validates a manifest.
+
+    Raises:
+        CorruptCheckpointError: malformed content (the message names ``what`` and the field).
+        UnsupportedFormatError: a format version this library does not know.
+    """
+    r = _Reader(unpack(data, what), what)
+    if r.get("format", str, None) != FORMAT_NAME:
+        raise CorruptCheckpointError(f"{what} is not a checkpoint manifest")
+    version = r.get("format_version", int)
+    if version != FORMAT_VERSION:
+        raise UnsupportedFormatError(
+            f"{what} has format version {version}; this library reads version {FORMAT_VERSION}"
+            + (" (upgrade the library)" if version > FORMAT_VERSION else ""))
+    leaves = r.get("leaves", list)
+    versions = r.get("versions", dict)
+    return Manifest(
+        attempt=r.get("attempt", str), process_count=r.get("process_count", int),
+        created_at=float(r.get("created_at", (int, float))),
+        committed_at=float(r.get("committed_at", (int, float))),
+        versions={str(k): str(v) for k, v in versions.items()},
+        metadata=r.obj.get("metadata"),
+        leaves=[_decode_leaf(leaf, i) for i, leaf in enumerate(leaves)],
+        format_version=version)
+
+
+@dataclasses.dataclass(frozen=True)
+class CommitRecord:
+    """The content of COMMIT: which attempt won and the digest of its manifest."""
+
+    attempt: str
+    manifest_sha256: str
+    committed_at: float
+    format_version: int = FORMAT_VERSION
+
+    def encode(self) -> bytes:
+        return pack({"format": FORMAT_NAME, "format_version": self.format_version,
+                     "attempt": self.attempt, "manifest_sha256": self.manifest_sha256,
+                     "committed_at": self.committed_at})
+
+    @staticmethod
+    def decode(data: bytes, what: str) -> "CommitRecord":
+        if len(data) > MAX_COMMIT_BYTES:
+            raise CorruptCheckpointError(f"{what} is {len(data)} bytes, over the limit")
+        r = _Reader(unpack(data, what), what)
+        if r.get("format", str, None) != FORMAT_NAME:
+            raise CorruptCheckpointError(f"{what} is not a checkpoint COMMIT record")
+        version = r.get("format_version", int)
+        if version != FORMAT_VERSION:
+            raise UnsupportedFormatError(
+                f"{what} has format version {version}; this library reads version "
+                f"{FORMAT_VERSION}" + (" (upgrade the library)" if version > FORMAT_VERSION else ""))
+        attempt = r.get("attempt", str)
+        if not attempt.startswith(ATTEMPT_PREFIX) or "/" in attempt or ".." in attempt:
+            raise CorruptCheckpointError(f"{what} names an invalid attempt {attempt!r:.80}")
+        return CommitRecord(attempt=attempt, manifest_sha256=r.get("manifest_sha256", str),
+                            committed_at=float(r.get("committed_at", (int, float))),
+                            format_version=version)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def host_report_key(attempt: str, process: int) -> str:
+    return f"{attempt}/{HOSTS}/{process}.msgpack"
+
+
+def encode_host_report(attempt: str, process: int, chunks: list[list[Any]]) -> bytes:
+    """What process ``process`` wrote: ``[leaf name, flat chunk index, nbytes, crc32c]`` rows."""
+    return pack({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "attempt": attempt,
+                 "process": process, "chunks": chunks})
+
+
+def decode_host_report(data: bytes, what: str) -> tuple[int, list[tuple[str, int, int, int]]]:
+    """Returns (process, chunk rows) of a host report."""
+    r = _Reader(unpack(data, what), what)
+    rows = []
+    for row in r.get("chunks", list):
+        ok = (isinstance(row, list) and len(row) == 4 and isinstance(row[0], str)
+              and all(isinstance(v, int) and not isinstance(v, bool) for v in row[1:]))
+        if not ok:
+            raise CorruptCheckpointError(f"{what} has a malformed chunk row")
+        rows.append((row[0], row[1], row[2], row[3]))
+    return r.get("process", int), rows

@@ -1,0 +1,97 @@
+"""`ckpt.metadata`: what a committed checkpoint holds, from its manifest alone."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+
+from ckpt._format import Manifest
+from ckpt._leaves import decode_value, dtype_from_name
+from ckpt._restore import open_checkpoint
+from ckpt._tree import KeyPath, keystr, nest
+from storage import open_store
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafInfo:
+    """One saved leaf: its key path, kind, and for arrays the global layout."""
+
+    path: KeyPath
+    kind: str
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+    mesh: dict[str, int] | None
+    spec: jax.sharding.PartitionSpec | None
+    chunk_shape: tuple[int, ...]
+
+    @property
+    def keystr(self) -> str:
+        return keystr(self.path)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointInfo:
+    """What `ckpt.metadata` returns.
+
+    Attributes:
+        url: the checkpoint.
+        attempt: the committed attempt id.
+        format_version: on-disk format version.
+        created_at, committed_at: POSIX timestamps of the save call and of the commit.
+        process_count: how many processes wrote it.
+        versions: library versions of the writer.
+        metadata: the user metadata passed to save.
+        leaves: every leaf, in tree order.
+        tree: nested dicts/lists of `jax.ShapeDtypeStruct` (arrays) and values, usable to
+            build a restore target.
+    """
+
+    url: str
+    attempt: str
+    format_version: int
+    created_at: float
+    committed_at: float
+    process_count: int
+    versions: dict[str, str]
+    metadata: Any
+    leaves: list[LeafInfo]
+    tree: Any
+
+    @property
+    def nbytes(self) -> int:
+        return sum(leaf.nbytes for leaf in self.leaves)
+
+
+def _info(url: str, manifest: Manifest) -> CheckpointInfo:
+    leaves, items = [], []
+    for rec in manifest.leaves:
+        mesh = (dict(zip(rec.mesh_axes or (), rec.mesh_shape))
+                if rec.mesh_shape is not None else None)
+        spec = None
+        if rec.spec is not None:
+            spec = jax.sharding.PartitionSpec(*(e if e is None or isinstance(e, str) else tuple(e)
+                                                for e in rec.spec))
+        leaves.append(LeafInfo(rec.path, rec.kind, rec.shape, rec.dtype, rec.nbytes, mesh, spec,
+                               rec.chunk_shape))
+        what = f"{url} leaf {keystr(rec.path)}"
+        if rec.kind in ("array", "inline"):
+            value: Any = jax.ShapeDtypeStruct(rec.shape, dtype_from_name(rec.dtype, what))
+        elif rec.kind == "value":
+            value = decode_value(rec, what)
+        else:
+            value = None
+        items.append((rec.path, value))
+    return CheckpointInfo(url, manifest.attempt, manifest.format_version, manifest.created_at,
+                          manifest.committed_at, manifest.process_count, manifest.versions,
+                          manifest.metadata, leaves, nest(items) if items else {})
+
+
+def metadata(url: str | os.PathLike[str]) -> CheckpointInfo:
+    """Describes the committed checkpoint at ``url``; reads COMMIT and the manifest only."""
+    store = open_store(url)
+    _, manifest = open_checkpoint(store)
+    return _info(store.url, manifest)

@@ -1,0 +1,142 @@
+"""What a leaf becomes in a checkpoint, and back: classification, dtypes, inline values.
+
+Called by the save path (`classify`) on the calling thread before anything is written, and
+by restore (`decode_inline`, `decode_value`) on every process.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from ckpt._format import LeafRecord
+from ckpt._tree import KeyPath, keystr, leaf_name
+from ckpt.errors import CorruptCheckpointError, UnsupportedLeafError
+
+# Arrays at most this large are stored in the manifest instead of as a zarr array: one
+# object fewer per small leaf (optimizer step counts, scalars, biases).
+INLINE_LIMIT = 16 << 10
+
+SUPPORTED_DTYPES = frozenset({
+    "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+    "float16", "bfloat16", "float32", "float64", "complex64", "complex128",
+    "float8_e4m3fn", "float8_e5m2",
+})
+
+_VALUE_TYPES: dict[type, str] = {bool: "bool", int: "int", float: "float", complex: "complex",
+                                 str: "str", bytes: "bytes"}
+
+
+def dtype_from_name(name: str, what: str) -> np.dtype[Any]:
+    """The numpy dtype of a saved dtype name (``bfloat16`` and float8 come from ml_dtypes)."""
+    if name not in SUPPORTED_DTYPES:
+        raise CorruptCheckpointError(f"{what} has unsupported dtype {name!r:.40}")
+    if hasattr(ml_dtypes, name):
+        return np.dtype(getattr(ml_dtypes, name))
+    return np.dtype(name)
+
+
+def _check_dtype(dtype: Any, path: KeyPath) -> str:
+    try:
+        name = np.dtype(dtype).name
+    except TypeError:
+        name = str(dtype)
+    if name not in SUPPORTED_DTYPES:
+        hint = ""
+        if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+            hint = " (save jax.random.key_data(key) instead of a typed key)"
+        raise UnsupportedLeafError(f"leaf {keystr(path)} has unsupported dtype {name}{hint}; "
+                                   f"supported: {', '.join(sorted(SUPPORTED_DTYPES))}")
+    return name
+
+
+def mesh_and_spec(sharding: Any) -> tuple[tuple[int, ...] | None, tuple[str, ...] | None,
+                                          list[Any] | None]:
+    """The saved mesh (shape, axis names) and PartitionSpec of a NamedSharding, else Nones."""
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return None, None, None
+    mesh = sharding.mesh
+    spec: list[Any] = []
+    for entry in sharding.spec:
+        if entry is None or isinstance(entry, str):
+            spec.append(entry)
+        else:
+            spec.append(list(entry))
+    return tuple(mesh.axis_sizes), tuple(mesh.axis_names), spec
+
+
+def classify(path: KeyPath, leaf: Any, process_count: int) -> LeafRecord:
+    """Decides how ``leaf`` is stored; raises `UnsupportedLeafError` naming its key path."""
+    if leaf is None:
+        return LeafRecord(path=path, kind="none")
+    if isinstance(leaf, jax.Array):
+        if leaf.is_deleted():
+            raise UnsupportedLeafError(f"leaf {keystr(path)} is a deleted (donated) jax.Array")
+        dtype = _check_dtype(leaf.dtype, path)
+        mesh_shape, mesh_axes, spec = mesh_and_spec(leaf.sharding)
+        small = leaf.nbytes <= INLINE_LIMIT and (
+            process_count == 1 or leaf.sharding.is_fully_replicated)
+        return LeafRecord(path=path, kind="inline" if small else "array", source="jax",
+                          shape=tuple(leaf.shape), dtype=dtype, mesh_shape=mesh_shape,
+                          mesh_axes=mesh_axes, spec=spec,
+                          name="" if small else leaf_name(path))
+    if isinstance(leaf, (np.ndarray, np.generic)):
+        dtype = _check_dtype(leaf.dtype, path)
+        small = leaf.nbytes <= INLINE_LIMIT
+        source = "numpy_scalar" if isinstance(leaf, np.generic) else "numpy"
+        return LeafRecord(path=path, kind="inline" if small else "array", source=source,
+                          shape=tuple(np.shape(leaf)), dtype=dtype,
+                          name="" if small else leaf_name(path))
+    vtype = _VALUE_TYPES.get(type(leaf))
+    if vtype is None:
+        raise UnsupportedLeafError(
+            f"leaf {keystr(path)} has type {type(leaf).__module__}.{type(leaf).__qualname__}, "
+            "which cannot be saved; leaves must be jax.Array, numpy arrays or scalars, "
+            "bool/int/float/complex/str/bytes, or None")
+    return LeafRecord(path=path, kind="value", vtype=vtype, value=encode_value(leaf))
+
+
+def encode_value(value: Any) -> Any:
+    """A Python scalar or string as plain msgpack data."""
+    if isinstance(value, complex):
+        return [value.real, value.imag]
+    if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**64:
+        return str(value)
+    return value
+
+
+def decode_value(leaf: LeafRecord, what: str) -> Any:
+    """Inverse of `encode_value`, validating the stored type."""
+    v, t = leaf.value, leaf.vtype
+    try:
+        if t == "complex" and isinstance(v, list) and len(v) == 2:
+            return complex(float(v[0]), float(v[1]))
+        if t == "int" and isinstance(v, (int, str)) and not isinstance(v, bool):
+            return int(v)
+        if t == "float" and isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+        expected = {"bool": bool, "str": str, "bytes": bytes}.get(t)
+        if expected is not None and isinstance(v, expected):
+            return v
+    except (TypeError, ValueError):
+        pass
+    raise CorruptCheckpointError(f"{what} holds a malformed {t!r:.20} value")
+
+
+def encode_inline(array: np.ndarray) -> bytes:
+    """The C-order little-endian bytes of a small array."""
+    return np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def decode_inline(leaf: LeafRecord, what: str) -> np.ndarray:
+    """A small array stored in the manifest, as a fresh numpy array."""
+    dtype = dtype_from_name(leaf.dtype, what)
+    count = int(np.prod(leaf.shape, dtype=np.int64))
+    if count * dtype.itemsize != len(leaf.data):
+        raise CorruptCheckpointError(
+            f"{what} holds {len(leaf.data)} bytes, its shape and dtype need "
+            f"{count * dtype.itemsize}")
+    return np.frombuffer(leaf.data, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(leaf.shape)

@@ -1,0 +1,170 @@
+"""`CheckpointManager`: numbered steps under one root, one save in flight, retention, debris.
+
+Layout: ``<root>/<step>/`` is an ordinary checkpoint (decimal step, no padding). A step is
+committed when its COMMIT exists; nothing else about a step folder is trusted. Process 0
+removes debris (attempts no COMMIT names) in the background when the manager starts, and
+applies retention after each commit; every process may list and restore.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from types import TracebackType
+from typing import Any
+
+from ckpt import _coord
+from ckpt._format import ATTEMPT_PREFIX, COMMIT, CommitRecord
+from ckpt._restore import restore_from
+from ckpt._save import SaveHandle, start_save
+from ckpt.errors import CheckpointNotFoundError, CkptError, SaveError
+from storage import ObjectNotFoundError, open_store
+
+
+class CheckpointManager:
+    """Saves and restores numbered steps of one training run under ``root_url``.
+
+    Create it on every process with the same arguments; call `save` on every process with
+    the same step. Use as a context manager so that the last save is waited for on exit.
+
+    Args:
+        root_url: the folder (or bucket prefix) holding one sub-folder per step.
+        keep_last: keep the newest N committed steps (None keeps all).
+        keep_every: also keep every step divisible by this (None: no such steps).
+        timeout_s: how long processes wait for each other during a save.
+    """
+
+    def __init__(self, root_url: str | os.PathLike[str], keep_last: int | None = 3,
+                 keep_every: int | None = None, *,
+                 timeout_s: float = _coord.DEFAULT_TIMEOUT_S) -> None:
+        if keep_last is not None and keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
+        if keep_every is not None and keep_every < 1:
+            raise ValueError(f"keep_every must be >= 1 or None, got {keep_every}")
+        self._store = open_store(root_url)
+        self.root_url = self._store.url
+        self.keep_last, self.keep_every, self.timeout_s = keep_last, keep_every, timeout_s
+        self._lock = threading.Lock()
+        self._saving: set[int] = set()
+        self._handle: SaveHandle | None = None
+        self._gc: threading.Thread | None = None
+        if _coord.current().process_index == 0:
+            self._gc = threading.Thread(target=self._remove_debris, name="ckpt-manager-gc",
+                                        daemon=True)
+            self._gc.start()
+
+    def __repr__(self) -> str:
+        return f"CheckpointManager({self.root_url!r}, keep_last={self.keep_last})"
+
+    # -- listing ---------------------------------------------------------------------------
+
+    def _candidates(self) -> list[int]:
+        steps = []
+        for name in self._store.list_children():
+            if name.isdigit() and (name == "0" or not name.startswith("0")):
+                steps.append(int(name))
+        return sorted(steps)
+
+    def steps(self) -> list[int]:
+        """All committed steps, ascending (one existence check per step folder)."""
+        return [s for s in self._candidates() if self._store.exists(f"{s}/{COMMIT}")]
+
+    def latest_step(self) -> int | None:
+        """The newest committed step, or None; checks step folders newest first."""
+        for step in reversed(self._candidates()):
+            if self._store.exists(f"{step}/{COMMIT}"):
+                return step
+        return None
+
+    # -- saving ----------------------------------------------------------------------------
+
+    def save(self, step: int, tree: Any, *, metadata: Any = None) -> SaveHandle:
+        """Starts saving ``tree`` as ``step``; returns after the snapshot (see `save_async`).
+
+        Waits first for the previous save of this manager; if that one failed and its error
+        was never observed through its handle, raises that error now instead of saving.
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        previous = self._handle
+        if previous is not None:
+            exc = previous.outcome()
+            if exc is not None and not previous.observed_by_user:
+                previous.observed_by_user = True
+                raise SaveError(f"the previous save ({previous.url}) failed: {exc}") from exc
+        with self._lock:
+            self._saving.add(step)
+        handle = start_save(self._store.child(str(step)), tree, metadata=metadata,
+                            on_commit=self._apply_retention, timeout_s=self.timeout_s)
+        self._handle = handle
+        return handle
+
+    def wait(self) -> None:
+        """Blocks until the save in flight (if any) is committed; raises its error."""
+        if self._handle is not None:
+            self._handle.wait()
+
+    def _apply_retention(self) -> None:
+        if _coord.current().process_index != 0:
+            return
+        steps = self.steps()
+        keep = set(steps[-self.keep_last:] if self.keep_last else steps)
+        if self.keep_every:
+            keep.update(s for s in steps if s % self.keep_every == 0)
+        for step in steps:
+            if step not in keep:
+                # COMMIT goes first: the step is invisible before any of its data goes.
+                self._store.delete(f"{step}/{COMMIT}")
+                self._store.delete_prefix(str(step))
+
+    def _remove_debris(self) -> None:
+        """Process 0, at start-up, in the background: deletes attempts no COMMIT names."""
+        try:
+            for step in self._candidates():
+                with self._lock:
+                    if step in self._saving:
+                        continue
+                    winner = None
+                    try:
+                        raw = self._store.read(f"{step}/{COMMIT}")
+                        winner = CommitRecord.decode(raw, f"{step}/{COMMIT}").attempt
+                    except ObjectNotFoundError:
+                        pass
+                    for name in self._store.list_children(str(step)):
+                        if name.startswith(ATTEMPT_PREFIX) and name != winner:
+                            self._store.delete_prefix(f"{step}/{name}")
+        except CkptError:
+            pass  # best effort: debris is invisible to readers, and gc can retry it later
+
+    # -- restoring -------------------------------------------------------------------------
+
+    def restore(self, step: int | None = None, target: Any = None, mesh: Any = None) -> Any:
+        """Restores ``step`` (default: the latest committed one); see `ckpt.restore`."""
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise CheckpointNotFoundError(f"no committed step under {self.root_url}")
+        return restore_from(self._store.child(str(step)), target, mesh=mesh)
+
+    # -- lifetime --------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Waits for the save in flight and for start-up debris removal."""
+        try:
+            self.wait()
+        finally:
+            if self._gc is not None:
+                self._gc.join()
+
+    def __enter__(self) -> "CheckpointManager":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc is None:
+            self.close()
+        else:
+            try:
+                self.close()
+            except CkptError:
+                pass  # the body's exception is the one to see

@@ -1,0 +1,253 @@
+"""Reading committed checkpoints: resolving COMMIT, matching a target, building arrays.
+
+`open_checkpoint` is the only way anything reads a checkpoint: it finds COMMIT, reads the
+manifest it names and checks its sha256 before anything else is trusted. `restore` then
+matches the target tree to the manifest by key path, plans which boxes each of this
+process's devices needs, reads them through `restore.read_arrays` and assembles arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from ckpt._format import (
+    ARRAYS,
+    ATTEMPT_PREFIX,
+    COMMIT,
+    MANIFEST,
+    CommitRecord,
+    LeafRecord,
+    Manifest,
+    decode_manifest,
+    sha256,
+)
+from ckpt._leaves import decode_inline, decode_value, dtype_from_name
+from ckpt._tree import KeyPath, flatten, keystr, nest, unflatten
+from ckpt.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    DtypeMismatchError,
+    MeshMismatchError,
+    MissingLeafError,
+    NotACheckpointError,
+    ShapeMismatchError,
+    TargetMismatchError,
+    UncommittedCheckpointError,
+)
+from restore import ArrayReadJob, Box, box_of_index, full_box, read_arrays, to_slices
+from restore._read import DEFAULT_MEMORY_BUDGET, open_spec
+from storage import ObjectNotFoundError, Store, open_store
+
+
+def open_checkpoint(store: Store) -> tuple[CommitRecord, Manifest]:
+    """Reads COMMIT and the manifest it names, checking the manifest's digest.
+
+    Called on any process, before any array byte is read.
+
+    Raises:
+        CheckpointNotFoundError: nothing at the URL.
+        UncommittedCheckpointError: attempts but no COMMIT.
+        NotACheckpointError: something else is there.
+        CorruptCheckpointError: COMMIT or manifest unreadable, or the digest differs.
+    """
+    try:
+        data = store.read(COMMIT)
+    except ObjectNotFoundError:
+        children = store.list_children()
+        if not children:
+            raise CheckpointNotFoundError(f"no checkpoint at {store.url}: nothing is there") from None
+        if any(c.startswith(ATTEMPT_PREFIX) for c in children):
+            raise UncommittedCheckpointError(
+                f"{store.url} holds an uncommitted checkpoint (a save that was interrupted or "
+                "is still running): no COMMIT") from None
+        shown = ", ".join(children[:5]) + (", ..." if len(children) > 5 else "")
+        raise NotACheckpointError(
+            f"{store.url} is not a checkpoint (no COMMIT; it holds {shown})") from None
+    commit = CommitRecord.decode(data, store.describe(COMMIT))
+    key = f"{commit.attempt}/{MANIFEST}"
+    try:
+        manifest_bytes = store.read(key)
+    except ObjectNotFoundError:
+        raise CorruptCheckpointError(
+            f"{store.describe(COMMIT)} names a manifest that is missing: "
+            f"{store.describe(key)}") from None
+    if sha256(manifest_bytes) != commit.manifest_sha256:
+        raise CorruptCheckpointError(
+            f"{store.describe(key)} does not match the sha256 recorded in "
+            f"{store.describe(COMMIT)}: the manifest was modified or damaged")
+    manifest = decode_manifest(manifest_bytes, store.describe(key))
+    if manifest.attempt != commit.attempt:
+        raise CorruptCheckpointError(f"{store.describe(key)} belongs to attempt "
+                                     f"{manifest.attempt!r}, not {commit.attempt!r}")
+    return commit, manifest
+
+
+@dataclasses.dataclass
+class _Want:
+    """How one saved leaf is to be restored."""
+
+    record: LeafRecord
+    dtype: np.dtype[Any] | None = None      # None: the saved dtype
+    sharding: Any = None                     # None: a host numpy array
+    value: Any = None
+
+
+def _cast_check(rec: LeafRecord, saved: np.dtype[Any], dtype: np.dtype[Any]) -> str | None:
+    if dtype == saved or np.can_cast(saved, dtype, casting="same_kind"):
+        return None
+    return f"{keystr(rec.path)}: saved {saved}, target {dtype}"
+
+
+def _spec_sharding(rec: LeafRecord, mesh: jax.sharding.Mesh) -> tuple[Any, str | None]:
+    """The sharding of ``rec``'s saved PartitionSpec on ``mesh``, or an error line."""
+    spec = rec.spec if rec.spec is not None else []
+    axes = [a for entry in spec if entry is not None
+            for a in ([entry] if isinstance(entry, str) else entry)]
+    lacking = [a for a in axes if a not in mesh.axis_names]
+    if lacking:
+        return None, (f"{keystr(rec.path)} uses axes {lacking} that the mesh "
+                      f"{dict(mesh.shape)} lacks")
+    pspec = jax.sharding.PartitionSpec(*(e if e is None or isinstance(e, str) else tuple(e)
+                                          for e in spec))
+    return jax.sharding.NamedSharding(mesh, pspec), None
+
+
+def _match(manifest: Manifest, target: Any, mesh: Any, what: str) -> tuple[list[_Want], Any]:
+    """Pairs target leaves with saved leaves; raises listing every mismatch at once."""
+    by_path: dict[KeyPath, LeafRecord] = {rec.path: rec for rec in manifest.leaves}
+    if target is None:
+        pairs = [(rec.path, None) for rec in manifest.leaves]
+        treedef = None
+    else:
+        pairs, treedef = flatten(target)
+    missing = [keystr(path) for path, _ in pairs if path not in by_path]
+    if missing:
+        raise MissingLeafError(f"target leaves absent from {what}: {', '.join(missing)}")
+    wants, shape_errors, dtype_errors, mesh_errors, kind_errors = [], [], [], [], []
+    for path, t in pairs:
+        rec = by_path[path]
+        want = _Want(rec)
+        wants.append(want)
+        if rec.kind in ("value", "none"):
+            if t is not None and (hasattr(t, "shape") and hasattr(t, "dtype")):
+                kind_errors.append(f"{keystr(path)}: saved a {rec.kind}, target is an array")
+            continue
+        saved = dtype_from_name(rec.dtype, f"{what} leaf {keystr(path)}")
+        if t is None:
+            if mesh is not None and rec.source == "jax":
+                want.sharding, err = _spec_sharding(rec, mesh)
+                if err:
+                    mesh_errors.append(err)
+            continue
+        if not (hasattr(t, "shape") and hasattr(t, "dtype")):
+            kind_errors.append(f"{keystr(path)}: saved an array, target is "
+                               f"{type(t).__name__}")
+            continue
+        if tuple(t.shape) != rec.shape:
+            shape_errors.append(f"{keystr(path)}: saved {list(rec.shape)}, target "
+                                f"{list(t.shape)}")
+        want.dtype = np.dtype(t.dtype)
+        err = _cast_check(rec, saved, want.dtype)
+        if err:
+            dtype_errors.append(err)
+        want.sharding = getattr(t, "sharding", None)
+        if want.sharding is None and mesh is not None and rec.source == "jax":
+            want.sharding, err = _spec_sharding(rec, mesh)
+            if err:
+                mesh_errors.append(err)
+        if isinstance(t, np.ndarray):
+            want.sharding = None
+    for errors, cls, title in ((kind_errors, TargetMismatchError, "kind"),
+                               (shape_errors, ShapeMismatchError, "shape"),
+                               (dtype_errors, DtypeMismatchError, "dtype"),
+                               (mesh_errors, MeshMismatchError, "mesh")):
+        if errors:
+            raise cls(f"target {title} mismatch against {what}: " + "; ".join(errors))
+    return wants, treedef
+
+
+def _boxes(want: _Want) -> list[Box]:
+    """The distinct boxes this process needs of a leaf: its devices' shards, or everything."""
+    shape = want.record.shape
+    if want.sharding is None:
+        return [full_box(shape)]
+    devmap = want.sharding.addressable_devices_indices_map(shape)
+    return list(dict.fromkeys(box_of_index(idx, shape) for idx in devmap.values()))
+
+
+def _assemble(want: _Want, host: list[np.ndarray], boxes: list[Any]) -> Any:
+    """Turns the host boxes of one leaf into the value restore returns."""
+    rec = want.record
+    dtype = want.dtype or host[0].dtype
+    host = [h if h.dtype == dtype else h.astype(dtype) for h in host]
+    if want.sharding is None:
+        value = host[0]
+        return value[()] if rec.source == "numpy_scalar" and want.dtype is None else value
+    index = {box: i for i, box in enumerate(boxes)}
+    devmap = want.sharding.addressable_devices_indices_map(rec.shape)
+    arrays = [jax.device_put(host[index[box_of_index(idx, rec.shape)]], device)
+              for device, idx in devmap.items()]
+    return jax.make_array_from_single_device_arrays(rec.shape, want.sharding, arrays)
+
+
+def restore_from(store: Store, target: Any = None, *, mesh: Any = None,
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET) -> Any:
+    """Restores the checkpoint in ``store``; see `ckpt.restore`.
+
+    Called on every process that needs the state; each reads only the boxes its own
+    devices hold (or the whole arrays, for a host-numpy restore).
+    """
+    _, manifest = open_checkpoint(store)
+    wants, treedef = _match(manifest, target, mesh, store.url)
+    ctx = store.tensorstore_context()
+    jobs: list[ArrayReadJob] = []
+    job_wants: list[int] = []
+    values: list[Any] = [None] * len(wants)
+    for i, want in enumerate(wants):
+        rec = want.record
+        what = f"{store.url} leaf {keystr(rec.path)}"
+        if rec.kind == "value":
+            values[i] = decode_value(rec, what)
+        elif rec.kind == "inline":
+            host = decode_inline(rec, what)
+            boxes = _boxes(want)
+            values[i] = _assemble(want, [host[to_slices(b)] for b in boxes], boxes)
+        elif rec.kind == "array":
+            boxes = _boxes(want)
+            kv = store.kvstore_spec(f"{manifest.attempt}/{ARRAYS}/{rec.name}")
+            jobs.append(ArrayReadJob(keystr(rec.path), open_spec(kv), ctx, rec.shape,
+                                     rec.chunk_shape, dtype_from_name(rec.dtype, what), boxes))
+            job_wants.append(i)
+    for i, job, host in zip(job_wants, jobs, read_arrays(jobs, memory_budget=memory_budget)):
+        values[i] = _assemble(wants[i], host, job.targets)
+    if treedef is None:
+        return nest([(w.record.path, v) for w, v in zip(wants, values)])
+    return unflatten(treedef, values)
+
+
+def restore(url: str | os.PathLike[str], target: Any = None, *, mesh: Any = None) -> Any:
+    """Restores the committed checkpoint at ``url``.
+
+    Args:
+        url: the checkpoint's path or URL.
+        target: None, or a pytree whose leaves are `jax.ShapeDtypeStruct` (with
+            ``.sharding``), `jax.Array` (its sharding and dtype are used) or numpy arrays
+            (restored as host numpy arrays of their dtype). It may cover part of the saved
+            tree: only its leaves are read. A different dtype casts within its kind.
+        mesh: restore arrays with their saved PartitionSpecs on this mesh (same axis names).
+
+    Returns:
+        With a target: a tree of its structure, shardings and dtypes. Without one: nested
+        dicts and lists of numpy arrays (or, with ``mesh``, of jax.Arrays) and values.
+
+    Raises:
+        CheckpointNotFoundError: no committed checkpoint at ``url`` (nothing is written).
+        TargetMismatchError: the target disagrees; the message names the leaves.
+        CorruptCheckpointError: a digest or checksum failed; no wrong data is returned.
+    """
+    return restore_from(open_store(url), target, mesh=mesh)

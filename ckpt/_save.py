@@ -1,0 +1,405 @@
+"""Asynchronous save: snapshot on the caller's thread, write and commit in the background.
+
+Order of work for one save (every process runs the same code; see docs/protocol.md):
+
+1. Caller's thread (`start_save`): flatten and classify the tree, agree on the attempt id
+   (process 0 proposes it; it also refuses a URL that already holds a COMMIT), plan chunk
+   ownership from the shardings, and take the snapshot: host views (CPU) or device-to-host
+   copies (accelerators, all started before any is awaited) of the chunks this process owns.
+   The caller may donate or delete its arrays as soon as this returns.
+2. Background thread (`_run`): write owned chunks with TensorStore (bounded bytes in flight),
+   write ``hosts/<p>.msgpack``, meet at a barrier; process 0 checks every expected chunk was
+   reported by its planned writer, writes the manifest, then creates COMMIT if absent and
+   publishes the outcome, which the other processes wait for.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import itertools
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import google_crc32c
+import jax
+import numpy as np
+import tensorstore as ts
+
+from ckpt import _coord
+from ckpt._format import (
+    ARRAYS,
+    ATTEMPT_PREFIX,
+    COMMIT,
+    MANIFEST,
+    CommitRecord,
+    LeafRecord,
+    Manifest,
+    decode_host_report,
+    encode_host_report,
+    encode_manifest,
+    host_report_key,
+    pack,
+    sha256,
+)
+from ckpt._leaves import classify, encode_inline
+from ckpt._ownership import ArrayInput, ArrayPlan, plan
+from ckpt._tree import flatten, keystr
+from ckpt.errors import (
+    CheckpointExistsError,
+    CkptError,
+    CommitConflictError,
+    InvalidMetadataError,
+    SaveError,
+    UnsupportedLeafError,
+)
+from restore import box_shape, box_size, to_slices
+from storage import Store, open_store
+
+# Bytes of chunk writes handed to TensorStore and not yet durable, per process.
+DEFAULT_INFLIGHT_BYTES = 1 << 30
+
+_SAVE_SEQ = itertools.count()
+_EXISTS = "!exists"
+
+
+@functools.cache
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for dist in ("shardckpt", "jax", "jaxlib", "tensorstore", "numpy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "unknown"
+    return out
+
+
+class SaveHandle:
+    """The outcome of one asynchronous save.
+
+    Returned by `ckpt.save_async` and `CheckpointManager.save` on every process. The save is
+    committed once `wait` returns without raising on any process.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.attempt = ""
+        self._event = threading.Event()
+        self._exc: BaseException | None = None
+        self.observed_by_user = False
+
+    def _finish(self, exc: BaseException | None) -> None:
+        self._exc = exc
+        self._event.set()
+
+    def outcome(self) -> BaseException | None:
+        """Waits for the save and returns its error without marking it as seen by the user."""
+        self._event.wait()
+        return self._exc
+
+    def done(self) -> bool:
+        """Whether the save has committed or failed."""
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Blocks until the checkpoint is committed.
+
+        Raises:
+            TimeoutError: still running after ``timeout`` seconds.
+            SaveError (or another CkptError): the save failed; nothing was committed.
+        """
+        if not self._event.wait(timeout):
+            raise TimeoutError(f"save to {self.url} still running after {timeout} s")
+        self.observed_by_user = True
+        if self._exc is not None:
+            raise self._exc
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """Blocks like `wait`, then returns the save's error instead of raising it."""
+        if not self._event.wait(timeout):
+            raise TimeoutError(f"save to {self.url} still running after {timeout} s")
+        self.observed_by_user = True
+        return self._exc
+
+
+@dataclasses.dataclass
+class _ChunkWrite:
+    record: int
+    flat: int
+    slices: tuple[slice, ...]
+    data: np.ndarray
+
+
+@dataclasses.dataclass
+class _Job:
+    store: Store
+    coord: _coord.Coordinator
+    seq: int
+    attempt: str
+    created_at: float
+    metadata: Any
+    records: list[LeafRecord]
+    plans: dict[int, ArrayPlan]
+    writes: list[_ChunkWrite]
+    timeout_s: float
+    inflight_bytes: int
+    on_commit: Callable[[], None] | None
+
+
+def new_attempt_id() -> str:
+    """A fresh, unique, sortable attempt id."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    return f"{ATTEMPT_PREFIX}{stamp}-{secrets.token_hex(6)}"
+
+
+def _host_array(leaf: jax.Array) -> np.ndarray:
+    if leaf.sharding.is_fully_replicated:
+        return np.array(leaf.addressable_shards[0].data, copy=True)
+    return np.array(leaf, copy=True)
+
+
+def _snapshot(records: list[LeafRecord], leaves: list[Any],
+              plans: dict[int, ArrayPlan]) -> list[_ChunkWrite]:
+    """Host data of every chunk this process owns, independent of the caller's arrays."""
+    shards: dict[tuple[int, Any], Any] = {}
+    for r, p in plans.items():
+        if isinstance(leaves[r], jax.Array):
+            by_device = {s.device: s for s in leaves[r].addressable_shards}
+            for device, _ in p.owned.values():
+                shards[(r, device)] = by_device[device].data
+    # On accelerators start every device-to-host copy before waiting on any. On the CPU
+    # backend a numpy view shares the buffer, and JAX keeps that buffer alive (skipping a
+    # donation) while the view exists, so the view is already an independent snapshot.
+    for (_, device), data in shards.items():
+        if device.platform != "cpu":
+            data.copy_to_host_async()
+    host = {key: np.asarray(data) for key, data in shards.items()}
+    writes = []
+    for r, p in plans.items():
+        for flat, (device, shard_box) in sorted(p.owned.items()):
+            box = p.chunk_box(flat)
+            if device is None:
+                # numpy leaves are mutable: copy the owned chunks now.
+                data = np.array(leaves[r][to_slices(box)], copy=True)
+            else:
+                data = host[(r, device)][to_slices(box, shard_box)]
+            writes.append(_ChunkWrite(r, flat, to_slices(box), data))
+    return writes
+
+
+def start_save(store: Store, tree: Any, *, metadata: Any = None,
+               on_commit: Callable[[], None] | None = None,
+               timeout_s: float = _coord.DEFAULT_TIMEOUT_S,
+               inflight_bytes: int = DEFAULT_INFLIGHT_BYTES) -> SaveHandle:
+    """Runs the blocking part of a save and starts its background part.
+
+    Called by `ckpt.save_async` and `CheckpointManager.save`, on every process of the job, in
+    the same order with trees of the same structure and shardings.
+    """
+    coord = _coord.current()
+    created_at = time.time()
+    pairs, _ = flatten(tree)
+    records = [classify(path, leaf, coord.process_count) for path, leaf in pairs]
+    leaves = [leaf for _, leaf in pairs]
+    try:
+        pack(metadata)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidMetadataError(
+            f"metadata for {store.url} is not plain msgpack data (dicts, lists, str, bytes, "
+            f"numbers, bool, None): {exc}") from exc
+    names: dict[str, LeafRecord] = {}
+    for rec in records:
+        if rec.kind == "array":
+            other = names.setdefault(rec.name, rec)
+            if other is not rec:
+                raise UnsupportedLeafError(
+                    f"leaves {keystr(other.path)} and {keystr(rec.path)} map to the same "
+                    f"array name {rec.name!r}")
+
+    seq = next(_SAVE_SEQ)
+    proposal = None
+    if coord.process_index == 0:
+        proposal = _EXISTS if store.exists(COMMIT) else new_attempt_id()
+    attempt = coord.broadcast(f"save/{seq}/attempt", proposal, timeout_s)
+    if attempt == _EXISTS:
+        raise CheckpointExistsError(f"{store.url} already holds a committed checkpoint")
+
+    array_ids = [i for i, rec in enumerate(records) if rec.kind == "array"]
+    inputs = [ArrayInput(records[i].shape, np.dtype(leaves[i].dtype).itemsize,
+                         leaves[i].sharding if isinstance(leaves[i], jax.Array) else None)
+              for i in array_ids]
+    plans = dict(zip(array_ids, plan(inputs, coord.process_index, coord.process_count)))
+    for i, p in plans.items():
+        records[i].chunk_shape = p.chunk_shape
+        records[i].writers = list(p.writers)
+        records[i].chunk_nbytes = [box_size(p.chunk_box(f)) * inputs[array_ids.index(i)].itemsize
+                                   for f in range(len(p.writers))]
+    writes = _snapshot(records, leaves, plans)
+    if coord.process_index == 0:
+        for rec, leaf in zip(records, leaves):
+            if rec.kind == "inline":
+                host = _host_array(leaf) if isinstance(leaf, jax.Array) else np.asarray(leaf)
+                rec.data = encode_inline(host)
+
+    handle = SaveHandle(store.url)
+    handle.attempt = attempt
+    job = _Job(store, coord, seq, attempt, created_at, metadata, records, plans, writes,
+               timeout_s, inflight_bytes, on_commit)
+    threading.Thread(target=_run, args=(job, handle), name=f"ckpt-save-{attempt}").start()
+    return handle
+
+
+def _array_spec(job: _Job, rec: LeafRecord) -> dict[str, Any]:
+    fill: Any = False if rec.dtype == "bool" else [0.0, 0.0] if rec.dtype.startswith("complex") else 0
+    spec: dict[str, Any] = {
+        "driver": "zarr3",
+        "kvstore": job.store.kvstore_spec(f"{job.attempt}/{ARRAYS}/{rec.name}"),
+        "metadata": {
+            "shape": list(rec.shape),
+            "chunk_grid": {"name": "regular",
+                           "configuration": {"chunk_shape": list(rec.chunk_shape)}},
+            "chunk_key_encoding": {"name": "default"},
+            "data_type": rec.dtype,
+            "fill_value": fill,
+            "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
+                       {"name": "crc32c"}],
+            "attributes": {"ckpt_key_path": keystr(rec.path)},
+        },
+        # Chunks equal to the fill value are stored too, so a missing chunk always means
+        # a lost chunk, never zeros.
+        "store_data_equal_to_fill_value": True,
+    }
+    if job.coord.process_index == 0:
+        spec["create"] = True
+    else:
+        spec.update(open=True, assume_metadata=True)
+    return spec
+
+
+def _write_chunks(job: _Job) -> list[list[Any]]:
+    """Writes this process's chunks; returns its host-report rows."""
+    ctx = job.store.tensorstore_context()
+    opening = {r: ts.open(_array_spec(job, job.records[r]), context=ctx) for r in job.plans
+               if job.coord.process_index == 0 or job.plans[r].owned}
+    arrays = {r: fut.result() for r, fut in opening.items()}
+    rows: list[list[Any]] = []
+    pending: collections.deque[tuple[Any, int]] = collections.deque()
+    in_flight = 0
+    for w in job.writes:
+        nbytes = w.data.nbytes
+        while pending and in_flight + nbytes > job.inflight_bytes:
+            fut, done_bytes = pending.popleft()
+            fut.result()
+            in_flight -= done_bytes
+        pending.append((arrays[w.record][w.slices].write(w.data), nbytes))
+        in_flight += nbytes
+        rec = job.records[w.record]
+        rows.append([rec.name, w.flat, nbytes,
+                     google_crc32c.value(np.ascontiguousarray(w.data).view(np.uint8))])
+    for fut, _ in pending:
+        fut.result()
+    return rows
+
+
+def _check_reports(job: _Job) -> None:
+    """Process 0: every planned chunk reported once, by its planned writer, at its size."""
+    by_name = {job.records[r].name: job.records[r] for r in job.plans}
+    seen: set[tuple[str, int]] = set()
+    for p in range(job.coord.process_count):
+        what = job.store.describe(host_report_key(job.attempt, p))
+        process, rows = decode_host_report(job.store.read(host_report_key(job.attempt, p)), what)
+        if process != p:
+            raise SaveError(f"{what} claims to be from process {process}")
+        for name, flat, nbytes, _ in rows:
+            rec = by_name.get(name)
+            if rec is None or not 0 <= flat < len(rec.writers):
+                raise SaveError(f"{what} reports unknown chunk {flat} of {name!r}")
+            if rec.writers[flat] != p or (name, flat) in seen:
+                raise SaveError(f"{what} reports chunk {flat} of {keystr(rec.path)}, which "
+                                f"process {rec.writers[flat]} owns")
+            if nbytes != rec.chunk_nbytes[flat]:
+                raise SaveError(f"{what} reports {nbytes} bytes for chunk {flat} of "
+                                f"{keystr(rec.path)}, expected {rec.chunk_nbytes[flat]}")
+            seen.add((name, flat))
+    for rec in by_name.values():
+        for flat, writer in enumerate(rec.writers):
+            if (rec.name, flat) not in seen:
+                raise SaveError(f"chunk {flat} of leaf {keystr(rec.path)} was not reported by "
+                                f"its writer, process {writer}")
+
+
+def _commit(job: _Job) -> None:
+    """Process 0: manifest, then COMMIT if absent (exactly one attempt can win)."""
+    _check_reports(job)
+    manifest = Manifest(attempt=job.attempt, process_count=job.coord.process_count,
+                        created_at=job.created_at, committed_at=time.time(),
+                        versions=_versions(), metadata=job.metadata, leaves=job.records)
+    data = encode_manifest(manifest)
+    job.store.write(f"{job.attempt}/{MANIFEST}", data)
+    record = CommitRecord(attempt=job.attempt, manifest_sha256=sha256(data),
+                          committed_at=manifest.committed_at)
+    if not job.store.write_if_absent(COMMIT, record.encode()):
+        raise CommitConflictError(
+            f"{job.store.url} was committed by another attempt; attempt {job.attempt} lost")
+
+
+def _run(job: _Job, handle: SaveHandle) -> None:
+    """The background part of a save, on its own thread, on every process."""
+    outcome_key = f"save/{job.seq}/outcome"
+    try:
+        rows = _write_chunks(job)
+        job.writes.clear()  # release the snapshot as early as possible
+        job.store.write(host_report_key(job.attempt, job.coord.process_index),
+                        encode_host_report(job.attempt, job.coord.process_index, rows))
+        job.coord.barrier(f"save/{job.seq}/written", job.timeout_s)
+        if job.coord.process_index == 0:
+            try:
+                _commit(job)
+            except BaseException as exc:
+                job.coord.publish(outcome_key, f"{type(exc).__name__}: {exc}")
+                raise
+            job.coord.publish(outcome_key, "ok")
+        else:
+            outcome = job.coord.wait_for(outcome_key, job.timeout_s)
+            if outcome != "ok":
+                raise SaveError(f"process 0 failed to commit {job.store.url}: {outcome}")
+        if job.on_commit is not None:
+            job.on_commit()
+        handle._finish(None)
+    except CkptError as exc:
+        handle._finish(exc)
+    except BaseException as exc:
+        error = SaveError(f"saving {job.store.url} (attempt {job.attempt}, process "
+                          f"{job.coord.process_index}) failed: {type(exc).__name__}: {exc}")
+        error.__cause__ = exc
+        handle._finish(error)
+
+
+def save_async(url: str | os.PathLike[str], tree: Any, *, metadata: Any = None) -> "SaveHandle":
+    """Starts saving ``tree`` to ``url``; returns once the snapshot is taken.
+
+    Call on every process of the job with the same URL and a tree of the same structure.
+
+    Args:
+        url: a path or URL where no committed checkpoint exists yet.
+        tree: a pytree of jax.Arrays, numpy arrays, Python scalars and strings, and None.
+        metadata: plain msgpack data (dicts, lists, str, numbers, bool, None) stored in the
+            manifest and returned by `ckpt.metadata`.
+
+    Raises:
+        UnsupportedLeafError: a leaf cannot be saved (its key path is named).
+        CheckpointExistsError: ``url`` already holds a committed checkpoint.
+    """
+    return start_save(open_store(url), tree, metadata=metadata)
+
+
+def save(url: str | os.PathLike[str], tree: Any, *, metadata: Any = None) -> None:
+    """Saves ``tree`` to ``url`` and returns once it is committed: `save_async` then `wait`."""
+    save_async(url, tree, metadata=metadata).wait()

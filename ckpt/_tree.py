@@ -1,0 +1,139 @@
+"""Tree key paths: flattening pytrees, naming leaves, and rebuilding nested containers.
+
+A key path is a tuple of `(kind, value)` entries: ``("key", str | int)`` for a mapping key,
+``("index", int)`` for a sequence position, ``("attr", str)`` for a named field (namedtuples,
+dataclasses, optax states). Paths are what the manifest records and what restore matches a
+target against, so two trees with the same structure match whatever their container types.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import jax
+
+from ckpt.errors import UnsupportedLeafError
+
+Entry = tuple[str, str | int]
+KeyPath = tuple[Entry, ...]
+
+# Leaf folder names longer than this are shortened and made unique by a digest, so that a
+# deep or long-named pytree never produces a name a file system or object store refuses.
+_MAX_NAME = 120
+_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+def _entry(raw: Any, where: str) -> Entry:
+    tu = jax.tree_util
+    if isinstance(raw, tu.DictKey):
+        key = raw.key
+        if isinstance(key, bool) or not isinstance(key, (str, int)):
+            raise UnsupportedLeafError(
+                f"dict key {key!r} of type {type(key).__name__} at {where}: only str and int "
+                "keys can be saved")
+        return ("key", key)
+    if isinstance(raw, tu.SequenceKey):
+        return ("index", raw.idx)
+    if isinstance(raw, tu.GetAttrKey):
+        return ("attr", raw.name)
+    if isinstance(raw, tu.FlattenedIndexKey):
+        return ("index", raw.key)
+    raise UnsupportedLeafError(f"unsupported pytree key {raw!r} at {where}")
+
+
+def flatten(tree: Any) -> tuple[list[tuple[KeyPath, Any]], Any]:
+    """Flattens ``tree`` with `None` kept as a leaf, so it round-trips.
+
+    Returns:
+        The (key path, leaf) pairs in JAX's canonical order, and the treedef.
+    """
+    pairs, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_none)
+    out = []
+    for raw_path, leaf in pairs:
+        where = jax.tree_util.keystr(raw_path) or "the root"
+        out.append((tuple(_entry(r, where) for r in raw_path), leaf))
+    return out, treedef
+
+
+def unflatten(treedef: Any, leaves: Iterable[Any]) -> Any:
+    """Inverse of `flatten` for the same treedef."""
+    return jax.tree_util.tree_unflatten(treedef, list(leaves))
+
+
+def keystr(path: KeyPath) -> str:
+    """A readable form of a key path for messages: ``['opt'][0].mu['w']``."""
+    if not path:
+        return "<root>"
+    parts = []
+    for kind, value in path:
+        if kind == "attr":
+            parts.append(f".{value}")
+        else:
+            parts.append(f"[{value!r}]")
+    return "".join(parts)
+
+
+def _escape(text: str) -> str:
+    if text == "":
+        return "~"
+    return "".join(c if c in _SAFE else "".join(f"%{b:02X}" for b in c.encode()) for c in text)
+
+
+def leaf_name(path: KeyPath) -> str:
+    """The folder name of a leaf's array: an escaped, injective form of its key path.
+
+    The result holds only ``[A-Za-z0-9_%@#~.-]``, never starts with ``.``, and contains no
+    ``/``, so it is always a single safe path segment inside the checkpoint folder.
+    """
+    if not path:
+        return "@root"
+    parts = []
+    for kind, value in path:
+        if kind == "index":
+            parts.append(f"@{value}")
+        elif isinstance(value, int):
+            parts.append(f"#{value}")
+        else:
+            parts.append(_escape(value))
+    name = ".".join(parts)
+    if len(name) > _MAX_NAME:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+        name = f"{name[:_MAX_NAME - 18]}~~{digest}"
+    return name
+
+
+def nest(items: Sequence[tuple[KeyPath, Any]]) -> Any:
+    """Builds nested dicts and lists from (key path, value) pairs.
+
+    Mapping keys and attribute names become dict keys; sequence positions become list items.
+    Used to restore a checkpoint without a target, on any machine.
+    """
+    if len(items) == 1 and not items[0][0]:
+        return items[0][1]
+    root: dict[Any, Any] = {}
+    kinds: dict[int, str] = {}
+    for path, value in items:
+        node = root
+        for depth, (kind, key) in enumerate(path):
+            kinds[id(node)] = kind
+            if depth == len(path) - 1:
+                node[key] = value
+            else:
+                node = node.setdefault(key, {})
+    return _listify(root, kinds)
+
+
+def _listify(node: Any, kinds: dict[int, str]) -> Any:
+    if not isinstance(node, dict):
+        return node
+    kind = kinds.get(id(node))
+    children = {k: _listify(v, kinds) for k, v in node.items()}
+    if kind == "index":
+        return [children[k] for k in sorted(children)]
+    return children

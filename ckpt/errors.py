@@ -1,0 +1,110 @@
+"""Every error this library raises on purpose, in one hierarchy.
+
+Each class also subclasses the built-in exception a caller would naturally catch, so
+``except FileNotFoundError`` works for a missing checkpoint. The classes are defined in the
+lowest layer that raises them (``storage`` and ``restore`` cannot import ``ckpt``) and all are
+exported here::
+
+    CkptError
+    ├── StorageError (OSError)                  an I/O or server error after retries
+    │   └── ObjectNotFoundError (FileNotFoundError)
+    ├── UnsupportedURLError (ValueError)        unknown scheme, malformed URL
+    ├── InvalidKeyError (ValueError)            a storage key that could leave its root
+    ├── CheckpointNotFoundError (FileNotFoundError)   nothing committed at the URL
+    │   ├── NotACheckpointError                 the folder holds something else
+    │   └── UncommittedCheckpointError          only attempts, no COMMIT
+    ├── CheckpointExistsError (FileExistsError) saving over a committed checkpoint
+    ├── CorruptCheckpointError (ValueError)     digest, checksum or manifest mismatch
+    ├── UnsupportedFormatError (ValueError)     a format version this library cannot read
+    ├── UnsupportedLeafError (TypeError)        a pytree leaf that cannot be saved
+    ├── InvalidMetadataError (TypeError)        user metadata that is not plain data
+    ├── TargetMismatchError (ValueError)        restore target disagrees with the checkpoint
+    │   ├── MissingLeafError                    target leaf absent from the checkpoint
+    │   ├── ShapeMismatchError
+    │   ├── DtypeMismatchError                  a cast across kinds (float to int)
+    │   └── MeshMismatchError                   mesh= lacks a saved axis name
+    └── SaveError (RuntimeError)                a save failed in the background
+        ├── CommitConflictError                 another attempt committed this checkpoint first
+        └── CoordinationError (TimeoutError)    processes did not meet in time
+"""
+
+from __future__ import annotations
+
+from restore._errors import CorruptCheckpointError
+from storage import (
+    CkptError,
+    InvalidKeyError,
+    ObjectNotFoundError,
+    StorageError,
+    UnsupportedURLError,
+)
+
+__all__ = [
+    "CheckpointExistsError", "CheckpointNotFoundError", "CkptError", "CommitConflictError",
+    "CoordinationError", "CorruptCheckpointError", "DtypeMismatchError", "InvalidKeyError",
+    "InvalidMetadataError",
+    "MeshMismatchError",
+    "MissingLeafError", "NotACheckpointError", "ObjectNotFoundError", "SaveError",
+    "ShapeMismatchError", "StorageError", "TargetMismatchError", "UncommittedCheckpointError",
+    "UnsupportedFormatError", "UnsupportedLeafError", "UnsupportedURLError",
+]
+
+
+class CheckpointNotFoundError(CkptError, FileNotFoundError):
+    """No committed checkpoint at the URL (the message names the URL)."""
+
+
+class NotACheckpointError(CheckpointNotFoundError):
+    """The URL exists but holds neither a COMMIT nor checkpoint attempts."""
+
+
+class UncommittedCheckpointError(CheckpointNotFoundError):
+    """The URL holds save attempts but no COMMIT: an interrupted or in-flight save."""
+
+
+class CheckpointExistsError(CkptError, FileExistsError):
+    """A save targets a URL that already holds a committed checkpoint."""
+
+
+class UnsupportedFormatError(CkptError, ValueError):
+    """The checkpoint's format version is unknown to this library (likely newer)."""
+
+
+class UnsupportedLeafError(CkptError, TypeError):
+    """A pytree leaf of a type that cannot be saved (the message names its key path)."""
+
+
+class TargetMismatchError(CkptError, ValueError):
+    """A restore target disagrees with the checkpoint (the message names the leaves)."""
+
+
+class MissingLeafError(TargetMismatchError):
+    """A target leaf has no counterpart in the checkpoint."""
+
+
+class ShapeMismatchError(TargetMismatchError):
+    """A target leaf's shape differs from the saved global shape."""
+
+
+class MeshMismatchError(TargetMismatchError):
+    """``mesh=`` lacks an axis name a saved PartitionSpec uses."""
+
+
+class SaveError(CkptError, RuntimeError):
+    """A save failed after `save_async` returned; raised by `SaveHandle.wait` and the next save."""
+
+
+class CommitConflictError(SaveError):
+    """Another attempt created COMMIT first; this attempt's data was not committed."""
+
+
+class CoordinationError(SaveError, TimeoutError):
+    """Processes did not meet in time (the message names the processes that did not arrive)."""
+
+
+class InvalidMetadataError(CkptError, TypeError):
+    """User metadata that is not plain msgpack data."""
+
+
+class DtypeMismatchError(TargetMismatchError):
+    """A target dtype the saved dtype cannot be cast to within its kind (e.g. float to int)."""

@@ -1,0 +1,43 @@
+"""Storage: URL parsing and one small `Store` interface over local disk, memory, GCS and S3.
+
+This package knows nothing about arrays or checkpoints and imports neither ``ckpt`` nor
+``restore``. `open_store` is the only way the layers above get a store.
+"""
+
+from __future__ import annotations
+
+import os
+
+from storage._base import Store, check_key, join
+from storage._errors import (
+    CkptError,
+    InvalidKeyError,
+    ObjectNotFoundError,
+    StorageError,
+    UnsupportedURLError,
+)
+from storage._local import LocalStore
+from storage._memory import MemoryStore, memory_context
+from storage._url import SCHEMES, Location, parse_url
+
+__all__ = [
+    "SCHEMES", "CkptError", "InvalidKeyError", "LocalStore", "Location", "MemoryStore",
+    "ObjectNotFoundError", "StorageError", "Store", "UnsupportedURLError", "check_key", "join",
+    "memory_context", "open_store", "parse_url",
+]
+
+
+def open_store(url: str | os.PathLike[str]) -> Store:
+    """Returns the store for ``url``; performs no I/O.
+
+    Raises:
+        UnsupportedURLError: the scheme has no backend (yet) or the URL is malformed.
+    """
+    location = parse_url(url)
+    if location.scheme == "file":
+        return LocalStore(location)
+    if location.scheme == "memory":
+        return MemoryStore(location)
+    raise UnsupportedURLError(
+        f"the {location.scheme}:// backend is not available in this build: {location.url}")
+

@@ -1,0 +1,171 @@
+"""The `Store` interface every backend implements.
+
+A store is a flat key-value namespace below one root `Location`. Keys are relative,
+``/``-separated, and validated here once for every backend so that no key can reach outside
+the root. Values are whole objects: every write replaces an object atomically (readers see the
+old or the new bytes, never a mix).
+
+Callers: the ``ckpt`` layer (manifests, host reports, COMMIT markers, retention) and
+``restore`` (manifests); array chunks bypass the store and go through TensorStore with the
+spec from `Store.kvstore_spec`, which addresses the very same objects.
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+from typing import Any
+
+import tensorstore as ts
+
+from storage._errors import InvalidKeyError
+from storage._url import Location
+
+_CONTEXT_LOCK = threading.Lock()
+_SHARED_CONTEXT: ts.Context | None = None
+
+
+def check_key(key: str, *, allow_empty: bool = False) -> str:
+    """Validates a relative key and returns it without a trailing ``/``.
+
+    Raises:
+        InvalidKeyError: an absolute key, an empty or ``.``/``..`` segment, a NUL byte or a
+            backslash.
+    """
+    if key.endswith("/"):
+        key = key[:-1]
+    if key == "" and allow_empty:
+        return key
+    bad = (
+        key == ""
+        or key.startswith("/")
+        or "\x00" in key
+        or "\\" in key
+        or any(part in ("", ".", "..") for part in key.split("/"))
+    )
+    if bad:
+        raise InvalidKeyError(f"invalid storage key {key!r}: keys are relative, '/'-separated, "
+                              "with no empty, '.' or '..' segments, NUL or backslash")
+    return key
+
+
+def join(*parts: str) -> str:
+    """Joins key parts with ``/``, skipping empty ones."""
+    return "/".join(p for p in parts if p)
+
+
+class Store(abc.ABC):
+    """A small object store rooted at one location.
+
+    All methods may be called from any thread; they block until the operation is complete
+    (and, for writes, durable as far as the backend offers durability).
+    """
+
+    def __init__(self, location: Location) -> None:
+        self.location = location
+
+    @property
+    def url(self) -> str:
+        """The canonical URL of this store's root."""
+        return self.location.url
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+    def child(self, prefix: str) -> "Store":
+        """A store of the same backend rooted at ``prefix`` below this root."""
+        return type(self)(self.location.child(check_key(prefix)))
+
+    def describe(self, key: str) -> str:
+        """A human-readable name of ``key`` for error messages."""
+        return f"{self.url.rstrip('/')}/{key}" if key else self.url
+
+    # Public methods validate keys, then delegate to the backend's `_methods`.
+
+    def read(self, key: str) -> bytes:
+        """Returns the whole object at ``key``.
+
+        Raises:
+            ObjectNotFoundError: no object at ``key``.
+        """
+        return self._read(check_key(key))
+
+    def write(self, key: str, data: bytes) -> None:
+        """Creates or atomically replaces the object at ``key``."""
+        self._write(check_key(key), bytes(data))
+
+    def write_if_absent(self, key: str, data: bytes) -> bool:
+        """Creates ``key`` only if no object is there, atomically.
+
+        Of any number of concurrent callers on any number of machines, exactly one gets True.
+
+        Returns:
+            True if this call created the object, False if one already existed (unchanged).
+        """
+        return self._write_if_absent(check_key(key), bytes(data))
+
+    def exists(self, key: str) -> bool:
+        """Whether an object is stored at ``key``."""
+        return self._exists(check_key(key))
+
+    def list(self, prefix: str = "") -> list[str]:
+        """All keys below ``prefix`` (recursively), sorted, relative to the root."""
+        return sorted(self._list(check_key(prefix, allow_empty=True)))
+
+    def list_children(self, prefix: str = "") -> list[str]:
+        """The names directly below ``prefix``: objects and sub-prefixes alike, sorted."""
+        return sorted(set(self._list_children(check_key(prefix, allow_empty=True))))
+
+    def delete(self, key: str) -> None:
+        """Deletes the object at ``key``; a missing object is not an error."""
+        self._delete(check_key(key))
+
+    def delete_prefix(self, prefix: str) -> None:
+        """Deletes every object below ``prefix`` (which must not be the root)."""
+        self._delete_prefix(check_key(prefix))
+
+    def kvstore_spec(self, prefix: str = "") -> dict[str, Any]:
+        """The TensorStore kvstore spec addressing ``prefix`` below this root.
+
+        Keys written through TensorStore with this spec are the same objects this store reads.
+        """
+        return self._kvstore_spec(check_key(prefix, allow_empty=True))
+
+    @abc.abstractmethod
+    def _read(self, key: str) -> bytes: ...
+
+    @abc.abstractmethod
+    def _write(self, key: str, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    def _write_if_absent(self, key: str, data: bytes) -> bool: ...
+
+    @abc.abstractmethod
+    def _exists(self, key: str) -> bool: ...
+
+    @abc.abstractmethod
+    def _list(self, prefix: str) -> list[str]: ...
+
+    @abc.abstractmethod
+    def _list_children(self, prefix: str) -> list[str]: ...
+
+    @abc.abstractmethod
+    def _delete(self, key: str) -> None: ...
+
+    @abc.abstractmethod
+    def _delete_prefix(self, prefix: str) -> None: ...
+
+    @abc.abstractmethod
+    def _kvstore_spec(self, prefix: str) -> dict[str, Any]: ...
+
+    def tensorstore_context(self) -> ts.Context:
+        """The TensorStore context arrays of this store are opened with.
+
+        One context per process is shared by every store of a backend, so TensorStore's
+        concurrency limits and connection pools are shared too.
+        """
+        global _SHARED_CONTEXT
+        with _CONTEXT_LOCK:
+            if _SHARED_CONTEXT is None:
+                _SHARED_CONTEXT = ts.Context()
+            return _SHARED_CONTEXT

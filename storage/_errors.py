@@ -1,0 +1,28 @@
+"""Errors raised by the storage layer.
+
+The root of the project's error hierarchy lives here, in the lowest layer, so that every
+layer above can subclass it without importing upwards. `ckpt.errors` re-exports all of them
+and draws the whole hierarchy.
+"""
+
+from __future__ import annotations
+
+
+class CkptError(Exception):
+    """Base class of every error this project raises on purpose."""
+
+
+class StorageError(CkptError, OSError):
+    """A storage operation failed (I/O, permissions, a server error after retries)."""
+
+
+class ObjectNotFoundError(StorageError, FileNotFoundError):
+    """A key that was read does not exist in the store."""
+
+
+class UnsupportedURLError(CkptError, ValueError):
+    """A URL whose scheme or shape no backend understands."""
+
+
+class InvalidKeyError(CkptError, ValueError):
+    """A storage key that could escape the store's root (``..``, absolute, NUL, empty part)."""

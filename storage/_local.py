@@ -1,0 +1,141 @@
+"""The local file-system backend.
+
+Durability: every write goes to a hidden temporary file in the target's folder, is fsynced,
+then renamed (or, for `write_if_absent`, hard-linked, which fails if the name exists) into
+place, and the folder is fsynced. A crash therefore leaves either the old object, the new
+one, or a hidden temporary file that listing ignores.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import shutil
+from typing import Any
+
+from storage._base import Store
+from storage._errors import ObjectNotFoundError, StorageError
+
+_TMP_MARK = ".ckpt-tmp-"
+
+
+def _is_tmp(name: str) -> bool:
+    return name.startswith(".") and _TMP_MARK in name
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalStore(Store):
+    """Objects are files below a local folder (which need not exist until the first write)."""
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.location.path, *key.split("/")) if key else self.location.path
+
+    def _error(self, exc: OSError, key: str, what: str) -> StorageError:
+        return StorageError(exc.errno or errno.EIO,
+                            f"{what} {self.describe(key)} failed: {exc.strerror or exc}")
+
+    def _read(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+            raise ObjectNotFoundError(errno.ENOENT, f"no object at {self.describe(key)}") from exc
+        except OSError as exc:
+            raise self._error(exc, key, "reading") from exc
+
+    def _write_tmp(self, key: str, data: bytes) -> tuple[str, str]:
+        path = self._path(key)
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{os.path.basename(path)}{_TMP_MARK}{secrets.token_hex(6)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        return tmp, path
+
+    def _write(self, key: str, data: bytes) -> None:
+        try:
+            tmp, path = self._write_tmp(key, data)
+            os.replace(tmp, path)
+            _fsync_dir(os.path.dirname(path))
+        except OSError as exc:
+            raise self._error(exc, key, "writing") from exc
+
+    def _write_if_absent(self, key: str, data: bytes) -> bool:
+        try:
+            tmp, path = self._write_tmp(key, data)
+            try:
+                # link(2) fails with EEXIST if the name exists, on every POSIX file system,
+                # and publishes a fully written, fsynced file under the new name at once.
+                os.link(tmp, path)
+                created = True
+            except FileExistsError:
+                created = False
+            finally:
+                os.unlink(tmp)
+            _fsync_dir(os.path.dirname(path))
+            return created
+        except OSError as exc:
+            raise self._error(exc, key, "creating") from exc
+
+    def _exists(self, key: str) -> bool:
+        return os.path.isfile(self._path(key))
+
+    def _list(self, prefix: str) -> list[str]:
+        top = self._path(prefix)
+        if os.path.isfile(top):
+            return [prefix]
+        keys = []
+        for folder, dirs, files in os.walk(top):
+            rel = os.path.relpath(folder, self.location.path)
+            rel = "" if rel == "." else rel.replace(os.sep, "/")
+            keys.extend(f"{rel}/{f}" if rel else f for f in files if not _is_tmp(f))
+        return keys
+
+    def _list_children(self, prefix: str) -> list[str]:
+        try:
+            return [n for n in os.listdir(self._path(prefix)) if not _is_tmp(n)]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except OSError as exc:
+            raise self._error(exc, prefix, "listing") from exc
+
+    def _delete(self, key: str) -> None:
+        try:
+            os.unlink(self._path(key))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise self._error(exc, key, "deleting") from exc
+
+    def _delete_prefix(self, prefix: str) -> None:
+        path = self._path(prefix)
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            elif os.path.lexists(path):
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise self._error(exc, prefix, "deleting") from exc
+
+    def _kvstore_spec(self, prefix: str) -> dict[str, Any]:
+        return {"driver": "file", "path": self._path(prefix).rstrip("/") + "/"}
