@@ -1,0 +1,97 @@
+"""The behaviour every `Store` backend must show. Each backend's test class subclasses
+`StoreConformance` and provides a `store` fixture rooted at a fresh, empty location."""
+
+import threading
+
+import numpy as np
+import pytest
+import tensorstore as ts
+
+from storage import InvalidKeyError, ObjectNotFoundError, Store
+
+
+class StoreConformance:
+    def test_read_missing_raises_not_found(self, store: Store):
+        with pytest.raises(ObjectNotFoundError) as err:
+            store.read("a/missing")
+        assert isinstance(err.value, FileNotFoundError)
+        assert "a/missing" in str(err.value)
+
+    def test_write_read_replace(self, store: Store):
+        store.write("a/b/c.bin", b"one")
+        assert store.read("a/b/c.bin") == b"one"
+        store.write("a/b/c.bin", b"two!")
+        assert store.read("a/b/c.bin") == b"two!"
+        assert store.exists("a/b/c.bin")
+        assert not store.exists("a/b/d.bin")
+
+    def test_write_if_absent_creates_once(self, store: Store):
+        assert store.write_if_absent("x/COMMIT", b"first") is True
+        assert store.write_if_absent("x/COMMIT", b"second") is False
+        assert store.read("x/COMMIT") == b"first"
+
+    def test_write_if_absent_race_has_one_winner(self, store: Store):
+        results = []
+        barrier = threading.Barrier(8)
+
+        def attempt(i):
+            barrier.wait()
+            results.append((store.write_if_absent("race/COMMIT", f"w{i}".encode()), i))
+
+        threads = [threading.Thread(target=attempt, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        winners = [i for ok, i in results if ok]
+        assert len(winners) == 1
+        assert store.read("race/COMMIT") == f"w{winners[0]}".encode()
+
+    def test_list_recursive_and_children(self, store: Store):
+        for key in ("s/1/COMMIT", "s/1/a/x", "s/2/a/y", "s/10/z", "top"):
+            store.write(key, b"v")
+        assert store.list("s") == ["s/1/COMMIT", "s/1/a/x", "s/10/z", "s/2/a/y"]
+        assert store.list("s/1") == ["s/1/COMMIT", "s/1/a/x"]
+        assert store.list_children("s") == ["1", "10", "2"]
+        assert store.list_children("s/1") == ["COMMIT", "a"]
+        assert store.list_children("") == ["s", "top"]
+        assert store.list_children("nothing") == []
+        assert store.list("nothing") == []
+
+    def test_delete_and_delete_prefix(self, store: Store):
+        for key in ("d/1/a", "d/1/b/c", "d/10/a", "e"):
+            store.write(key, b"v")
+        store.delete("e")
+        store.delete("e")  # deleting a missing object is fine
+        assert not store.exists("e")
+        store.delete_prefix("d/1")
+        assert store.list("d") == ["d/10/a"]
+
+    @pytest.mark.parametrize("bad", ["../x", "a/../../x", "/abs", "a//b", "a/./b", "a\x00b",
+                                     "a\\b", ""])
+    def test_keys_cannot_escape(self, store: Store, bad):
+        with pytest.raises(InvalidKeyError):
+            store.write(bad, b"v")
+        with pytest.raises(InvalidKeyError):
+            store.read(bad)
+        with pytest.raises(InvalidKeyError):
+            store.delete_prefix(bad)
+
+    def test_child_store_shares_objects(self, store: Store):
+        child = store.child("sub/dir")
+        child.write("k", b"v")
+        assert store.read("sub/dir/k") == b"v"
+        assert child.list("") == ["k"]
+
+    def test_kvstore_spec_addresses_same_objects(self, store: Store):
+        spec = {"driver": "zarr3", "kvstore": store.kvstore_spec("arr"), "create": True,
+                "metadata": {"shape": [4], "data_type": "int32",
+                             "chunk_grid": {"name": "regular",
+                                            "configuration": {"chunk_shape": [2]}}}}
+        arr = ts.open(spec, context=store.tensorstore_context()).result()
+        arr.write(np.arange(4, dtype=np.int32)).result()
+        assert "arr/zarr.json" in store.list("arr")
+        assert "arr/c/1" in store.list("arr")
+        kv = ts.KvStore.open(store.kvstore_spec(""), context=store.tensorstore_context()).result()
+        store.write("plain", b"hello")
+        assert kv.read("plain").result().value == b"hello"

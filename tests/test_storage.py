@@ -1,0 +1,84 @@
+import os
+import secrets
+
+import pytest
+
+from storage import (
+    LocalStore,
+    MemoryStore,
+    ObjectNotFoundError,
+    UnsupportedURLError,
+    open_store,
+    parse_url,
+)
+from tests.storage_conformance import StoreConformance
+
+
+class TestLocalStore(StoreConformance):
+    @pytest.fixture
+    def store(self, tmp_path):
+        return open_store(str(tmp_path / "root"))
+
+    def test_is_local(self, store):
+        assert isinstance(store, LocalStore)
+
+    def test_interrupted_write_leaves_no_visible_object(self, store, tmp_path):
+        # A crash between the temporary file and the rename leaves only a hidden file.
+        store.write("a/real", b"x")
+        hidden = tmp_path / "root" / "a" / ".COMMIT.ckpt-tmp-0123"
+        hidden.write_bytes(b"partial")
+        assert store.list("a") == ["a/real"]
+        assert store.list_children("a") == ["real"]
+        with pytest.raises(ObjectNotFoundError):
+            store.read("a/COMMIT")
+
+    def test_write_if_absent_fsyncs_whole_file_under_name(self, store, tmp_path):
+        assert store.write_if_absent("c/COMMIT", b"data" * 1000)
+        assert (tmp_path / "root" / "c" / "COMMIT").read_bytes() == b"data" * 1000
+        assert [p.name for p in (tmp_path / "root" / "c").iterdir()] == ["COMMIT"]
+
+    def test_unwritable_folder_is_a_storage_error_naming_the_key(self, store, tmp_path):
+        if os.geteuid() == 0:
+            blocker = tmp_path / "root"
+            blocker.parent.mkdir(exist_ok=True)
+            blocker.write_bytes(b"a file where a folder should be")
+        else:
+            (tmp_path / "root").mkdir()
+            os.chmod(tmp_path / "root", 0o500)
+        with pytest.raises(OSError) as err:
+            store.write("x/y", b"v")
+        assert "x/y" in str(err.value)
+
+
+class TestMemoryStore(StoreConformance):
+    @pytest.fixture
+    def store(self):
+        return open_store(f"memory://test-{secrets.token_hex(4)}/root")
+
+    def test_is_memory(self, store):
+        assert isinstance(store, MemoryStore)
+
+    def test_stores_of_other_names_are_separate(self, store):
+        other = open_store(store.url.replace("/root", "/other"))
+        store.write("k", b"v")
+        assert not other.exists("k")
+
+
+def test_parse_urls(tmp_path):
+    assert parse_url(str(tmp_path)).scheme == "file"
+    assert parse_url(f"file://{tmp_path}").path == str(tmp_path)
+    loc = parse_url("gs://bucket/a/b/")
+    assert (loc.scheme, loc.bucket, loc.path) == ("gs", "bucket", "a/b")
+    loc = parse_url("s3://bkt")
+    assert (loc.scheme, loc.bucket, loc.path, loc.url) == ("s3", "bkt", "", "s3://bkt")
+    assert parse_url("relative/dir").path == os.path.abspath("relative/dir")
+
+
+@pytest.mark.parametrize("url", ["ftp://host/x", "hdfs://n/x", "gs:///nobucket", "s3://b/../x",
+                                 "", "file://relative"])
+def test_bad_urls_are_rejected_by_name(url):
+    with pytest.raises(UnsupportedURLError) as err:
+        parse_url(url)
+    assert isinstance(err.value, ValueError)
+    if url:
+        assert url.split("://")[0] in str(err.value)
