@@ -1,0 +1,116 @@
+"""Asynchronous save: the snapshot is independent of the caller's arrays."""
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import ckpt
+from ckpt.errors import CheckpointExistsError, SaveError, UnsupportedLeafError
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _update(params):
+    return jax.tree.map(lambda p: p * 3.0 + 1.0, params)
+
+
+def test_donating_arrays_right_after_save_async_keeps_saved_values(tmp_path, mesh24):
+    rng = np.random.default_rng(1)
+    host = {f"w{i}": rng.standard_normal((256, 512)).astype(np.float32) for i in range(4)}
+    params = {k: jax.device_put(v, NamedSharding(mesh24, P("data", "model")))
+              for k, v in host.items()}
+    handle = ckpt.save_async(tmp_path / "c", params)
+    saved = params
+    params = _update(params)  # donates every saved buffer
+    assert all(a.is_deleted() for a in saved.values())
+    params = _update(params)
+    handle.wait()
+    out = ckpt.restore(tmp_path / "c")
+    for k, v in host.items():
+        assert out[k].tobytes() == v.tobytes()
+    np.testing.assert_allclose(np.asarray(params["w0"]), (host["w0"] * 3 + 1) * 3 + 1, rtol=1e-5, atol=1e-5)
+
+
+def test_deleting_arrays_and_mutating_numpy_after_save_async(tmp_path, mesh24):
+    x = jax.device_put(jnp.arange(65536.0).reshape(256, 256), NamedSharding(mesh24, P("model")))
+    expected = np.asarray(x).copy()
+    n = np.arange(100000, dtype=np.int64)
+    handle = ckpt.save_async(tmp_path / "c", {"x": x, "n": n})
+    x.delete()
+    n[:] = -1
+    handle.wait()
+    out = ckpt.restore(tmp_path / "c")
+    assert out["x"].tobytes() == expected.tobytes()
+    np.testing.assert_array_equal(out["n"], np.arange(100000))
+
+
+def test_handle_reports_background_failure(tmp_path, mesh24, monkeypatch):
+    import ckpt._save as save_mod
+
+    def fail(job):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(save_mod, "_write_chunks", fail)
+    handle = ckpt.save_async(tmp_path / "c", {"x": jnp.ones(10000)})
+    exc = handle.exception()
+    assert isinstance(exc, SaveError) and "No space left" in str(exc)
+    assert handle.done()
+    with pytest.raises(SaveError, match="No space left"):
+        handle.wait()
+    assert not (tmp_path / "c" / "COMMIT").exists()
+    with pytest.raises(ckpt.CheckpointNotFoundError):
+        ckpt.restore(tmp_path / "c")
+
+
+def test_wait_timeout_raises_timeout_error(tmp_path, monkeypatch):
+    import threading
+
+    import ckpt._save as save_mod
+
+    gate = threading.Event()
+    real = save_mod._write_chunks
+
+    def slow(job):
+        gate.wait()
+        return real(job)
+
+    monkeypatch.setattr(save_mod, "_write_chunks", slow)
+    handle = ckpt.save_async(tmp_path / "c", {"x": np.ones(10000)})
+    with pytest.raises(TimeoutError):
+        handle.wait(timeout=0.05)
+    assert not handle.done()
+    gate.set()
+    handle.wait()
+    assert handle.done() and handle.exception() is None
+
+
+def test_save_over_committed_checkpoint_is_refused(tmp_path):
+    ckpt.save(tmp_path / "c", {"a": 1})
+    before = sorted(os.listdir(tmp_path / "c"))
+    with pytest.raises(CheckpointExistsError, match=str(tmp_path / "c")):
+        ckpt.save(tmp_path / "c", {"a": 2})
+    assert sorted(os.listdir(tmp_path / "c")) == before
+    assert ckpt.restore(tmp_path / "c") == {"a": 1}
+
+
+@pytest.mark.parametrize("leaf, kind", [(object(), "object"), ({1, 2}, "set"),
+                                        (np.array(["a"], dtype=object), "object"),
+                                        (jax.random.key(0), "key<fry>")])
+def test_unsupported_leaf_names_key_path_and_writes_nothing(tmp_path, leaf, kind):
+    with pytest.raises(UnsupportedLeafError) as err:
+        ckpt.save_async(tmp_path / "c", {"good": 1, "deep": [0, {"bad": leaf}]})
+    assert "['deep'][1]['bad']" in str(err.value)
+    assert kind in str(err.value)
+    assert isinstance(err.value, TypeError)
+    assert not (tmp_path / "c").exists()
+
+
+def test_metadata_must_be_plain_data(tmp_path):
+    with pytest.raises(ckpt.errors.InvalidMetadataError):
+        ckpt.save(tmp_path / "c", {"a": 1}, metadata={"obj": object()})
+    assert not (tmp_path / "c").exists()

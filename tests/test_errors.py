@@ -1,0 +1,97 @@
+"""Bad input: clear errors named for what went wrong, and nothing written."""
+
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ckpt
+from ckpt.errors import (
+    CheckpointNotFoundError,
+    CkptError,
+    CorruptCheckpointError,
+    NotACheckpointError,
+    UncommittedCheckpointError,
+    UnsupportedURLError,
+)
+
+
+
+def _tree(root):
+    out = []
+    for folder, dirs, files in os.walk(root):
+        out.extend(os.path.join(folder, f) for f in files)
+        out.extend(os.path.join(folder, d) + "/" for d in dirs)
+    return sorted(out)
+
+
+def test_missing_url(tmp_path):
+    url = tmp_path / "nope"
+    for call in (ckpt.restore, ckpt.metadata):
+        with pytest.raises(CheckpointNotFoundError, match=str(url)) as err:
+            call(url)
+        assert isinstance(err.value, FileNotFoundError) and isinstance(err.value, CkptError)
+    assert not url.exists()
+
+
+def test_folder_that_is_not_a_checkpoint(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "notes.txt").write_text("hello")
+    before = _tree(tmp_path)
+    with pytest.raises(NotACheckpointError, match="notes.txt"):
+        ckpt.restore(tmp_path / "data")
+    with pytest.raises(NotACheckpointError):
+        ckpt.metadata(tmp_path / "data")
+    assert _tree(tmp_path) == before
+
+
+def test_uncommitted_checkpoint(tmp_path):
+    ckpt.save(tmp_path / "c", {"x": np.arange(10000)})
+    os.unlink(tmp_path / "c" / "COMMIT")
+    before = _tree(tmp_path)
+    with pytest.raises(UncommittedCheckpointError, match="uncommitted"):
+        ckpt.restore(tmp_path / "c")
+    assert _tree(tmp_path) == before
+
+
+def test_manager_root_as_checkpoint_is_not_a_checkpoint(tmp_path):
+    with ckpt.CheckpointManager(tmp_path / "run") as mgr:
+        mgr.save(1, {"x": 1})
+    with pytest.raises(NotACheckpointError, match="run"):
+        ckpt.restore(tmp_path / "run")
+
+
+@pytest.mark.parametrize("url", ["ftp://host/ckpt", "hdfs://nn/ckpt", "azure://c/x"])
+def test_unknown_scheme(url):
+    for call in (lambda: ckpt.restore(url), lambda: ckpt.save_async(url, {"x": 1}),
+                 lambda: ckpt.CheckpointManager(url)):
+        with pytest.raises(UnsupportedURLError, match=url.split("://")[0]):
+            call()
+
+
+def test_edited_manifest_is_detected_before_reading(tmp_path):
+    ckpt.save(tmp_path / "c", {"x": jnp.arange(10000.0)})
+    manifest = next((tmp_path / "c").glob("attempt-*/manifest.msgpack"))
+    data = bytearray(manifest.read_bytes())
+    data[-1] ^= 1
+    manifest.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match="manifest.msgpack.*sha256"):
+        ckpt.restore(tmp_path / "c")
+
+
+def test_flipped_chunk_byte_is_detected_naming_leaf_and_chunk(tmp_path):
+    ckpt.save(tmp_path / "c", {"layer": {"w": np.arange(100000, dtype=np.float32)}})
+    chunk = next((tmp_path / "c").glob("attempt-*/arrays/*/c/0"))
+    data = bytearray(chunk.read_bytes())
+    data[100] ^= 0x10
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match=r"\['layer'\]\['w'\] chunk \(0,\)"):
+        ckpt.restore(tmp_path / "c")
+
+
+def test_missing_chunk_is_detected(tmp_path):
+    ckpt.save(tmp_path / "c", {"w": np.zeros(100000, dtype=np.float32)})
+    next((tmp_path / "c").glob("attempt-*/arrays/*/c/0")).unlink()
+    with pytest.raises(CorruptCheckpointError, match=r"\['w'\] chunk \(0,\)"):
+        ckpt.restore(tmp_path / "c")
