@@ -1,0 +1,126 @@
+"""CheckpointManager: steps, retention, one save in flight, debris removal."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import ckpt
+from ckpt.errors import SaveError
+
+
+def _state(step, mesh):
+    return {"w": jax.device_put(jnp.full((64, 128), float(step)), NamedSharding(mesh, P("data", "model"))),
+            "step": step}
+
+
+def test_steps_latest_and_restore(tmp_path, mesh24):
+    with ckpt.CheckpointManager(tmp_path / "run", keep_last=None) as mgr:
+        assert mgr.latest_step() is None and mgr.steps() == []
+        for step in (0, 5, 10):
+            mgr.save(step, _state(step, mesh24))
+        mgr.wait()
+        assert mgr.steps() == [0, 5, 10]
+        assert mgr.latest_step() == 10
+        out = mgr.restore()
+        assert out["step"] == 10 and float(out["w"][0, 0]) == 10.0
+        out = mgr.restore(5, target=_state(0, mesh24))
+        assert out["step"] == 5 and out["w"].sharding == NamedSharding(mesh24, P("data", "model"))
+        assert float(out["w"][3, 3]) == 5.0
+
+
+def test_keep_last_and_keep_every(tmp_path, mesh24):
+    with ckpt.CheckpointManager(tmp_path / "run", keep_last=2, keep_every=4) as mgr:
+        for step in range(10):
+            mgr.save(step, _state(step, mesh24))
+    mgr = ckpt.CheckpointManager(tmp_path / "run", keep_last=2, keep_every=4)
+    assert mgr.steps() == [0, 4, 8, 9]
+    assert sorted(os.listdir(tmp_path / "run")) == ["0", "4", "8", "9"]
+    mgr.close()
+
+
+def test_uncommitted_step_is_invisible_and_debris_removed_on_start(tmp_path, mesh24):
+    with ckpt.CheckpointManager(tmp_path / "run") as mgr:
+        mgr.save(1, _state(1, mesh24))
+        mgr.save(2, _state(2, mesh24))
+    # Step 2 loses its COMMIT (as if the crash came before it); step 1 gets a stray attempt.
+    os.unlink(tmp_path / "run" / "2" / "COMMIT")
+    stray = tmp_path / "run" / "1" / "attempt-19990101T000000-abcdefabcdef"
+    (stray / "arrays").mkdir(parents=True)
+    (stray / "arrays" / "junk").write_bytes(b"x")
+    mgr = ckpt.CheckpointManager(tmp_path / "run")
+    mgr.close()  # joins the start-up debris removal
+    assert mgr.steps() == [1] and mgr.latest_step() == 1
+    assert not stray.exists()
+    assert [p for p in os.listdir(tmp_path / "run" / "2") if p.startswith("attempt-")] == []
+    assert len([p for p in os.listdir(tmp_path / "run" / "1") if p.startswith("attempt-")]) == 1
+    assert float(mgr.restore()["w"][0, 0]) == 1.0
+
+
+def test_one_save_in_flight_and_failed_save_surfaces_on_next(tmp_path, mesh24, monkeypatch):
+    import ckpt._save as save_mod
+
+    real = save_mod._write_chunks
+    calls = []
+
+    def flaky(job):
+        calls.append(job.attempt)
+        if len(calls) == 2:
+            raise OSError(5, "injected I/O error")
+        return real(job)
+
+    monkeypatch.setattr(save_mod, "_write_chunks", flaky)
+    mgr = ckpt.CheckpointManager(tmp_path / "run")
+    mgr.save(1, _state(1, mesh24))
+    mgr.save(2, _state(2, mesh24))
+    with pytest.raises(SaveError, match="injected I/O error"):
+        mgr.save(3, _state(3, mesh24))
+    # The error was reported once; the manager goes on.
+    mgr.save(4, _state(4, mesh24))
+    mgr.close()
+    assert mgr.steps() == [1, 4]
+
+
+def test_wait_raises_failed_save(tmp_path, monkeypatch):
+    import ckpt._save as save_mod
+
+    monkeypatch.setattr(save_mod, "_write_chunks", lambda job: (_ for _ in ()).throw(OSError(5, "boom")))
+    mgr = ckpt.CheckpointManager(tmp_path / "run")
+    mgr.save(1, {"x": np.ones(100000)})
+    with pytest.raises(SaveError, match="boom"):
+        mgr.wait()
+
+
+def test_same_step_twice_is_refused(tmp_path):
+    with ckpt.CheckpointManager(tmp_path / "run") as mgr:
+        mgr.save(1, {"x": 1}).wait()
+        with pytest.raises(ckpt.CheckpointExistsError, match="1"):
+            mgr.save(1, {"x": 2})
+        assert mgr.restore(1) == {"x": 1}
+
+
+def test_restore_with_no_steps_is_not_found(tmp_path):
+    with ckpt.CheckpointManager(tmp_path / "run") as mgr:
+        with pytest.raises(ckpt.CheckpointNotFoundError, match="run"):
+            mgr.restore()
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "3", True])
+def test_bad_step_numbers(tmp_path, bad):
+    with ckpt.CheckpointManager(tmp_path / "run") as mgr:
+        with pytest.raises(ValueError, match="step"):
+            mgr.save(bad, {"x": 1})
+
+
+def test_memory_backend_works_like_local(mesh24):
+    with ckpt.CheckpointManager("memory://mgr-test/run", keep_last=1) as mgr:
+        for s in range(3):
+            mgr.save(s, _state(s, mesh24))
+    mgr = ckpt.CheckpointManager("memory://mgr-test/run")
+    assert mgr.steps() == [2]
+    assert float(mgr.restore(mesh=jax.sharding.Mesh(np.array(jax.devices()[:2]).reshape(1, 2), ("data", "model")))["w"][1, 1]) == 2.0
+    mgr.close()
