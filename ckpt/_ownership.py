@@ -79,7 +79,8 @@ def choose_chunk_shape(shard_shape: Sequence[int], itemsize: int,
                        replica_processes: int) -> tuple[int, ...]:
     """Splits a shard shape into a chunk shape that divides it.
 
-    Halves the longest even dimension until chunks are at most `MAX_CHUNK_BYTES` and, for a
+    Halves the outermost even dimension (so a chunk of a C-order shard stays one contiguous
+    run of memory) until chunks are at most `MAX_CHUNK_BYTES` and, for a
     shard held by several processes, there are at least as many chunks as processes (bounded
     below by `MIN_SPLIT_BYTES` per chunk). Deterministic: every process gets the same answer.
     """
@@ -92,7 +93,7 @@ def choose_chunk_shape(shard_shape: Sequence[int], itemsize: int,
         even = [d for d in range(len(chunk)) if chunk[d] % 2 == 0]
         if not even:
             break
-        d = max(even, key=lambda i: (chunk[i], -i))
+        d = even[0]
         chunk[d] //= 2
         count *= 2
     return tuple(chunk)

@@ -1,0 +1,79 @@
+"""Child process of the crash tests: saves one step and dies by SIGKILL at a chosen moment.
+
+Usage: python crash_child.py ROOT STEP POINT
+POINT is ``none`` (the parent kills at a moment of its choosing), ``chunk:K`` (after the K-th
+chunk write is issued), ``after_report``, ``after_manifest``, ``before_commit`` or
+``after_commit``. The faults are injected by wrapping library functions here, in the test.
+"""
+
+import os
+import signal
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import ckpt  # noqa: E402
+import ckpt._save as save_mod  # noqa: E402
+from storage import LocalStore  # noqa: E402
+from tests.crash_state import make_state  # noqa: E402
+
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def inject(point):
+    if point.startswith("chunk:"):
+        limit, count = int(point.split(":")[1]), [0]
+        real_crc = save_mod.google_crc32c.value
+
+        class Crc:
+            @staticmethod
+            def value(data):
+                count[0] += 1
+                if count[0] == limit:
+                    die()
+                return real_crc(data)
+
+        save_mod.google_crc32c = Crc
+    elif point in ("after_report", "after_manifest"):
+        suffix = "hosts/0.msgpack" if point == "after_report" else "manifest.msgpack"
+        real_write = LocalStore._write
+
+        def write(self, key, data):
+            real_write(self, key, data)
+            if key.endswith(suffix):
+                die()
+
+        LocalStore._write = write
+    elif point in ("before_commit", "after_commit"):
+        real_create = LocalStore._write_if_absent
+
+        def create(self, key, data):
+            if point == "before_commit":
+                die()
+            created = real_create(self, key, data)
+            die()
+            return created
+
+        LocalStore._write_if_absent = create
+    elif point != "none":
+        raise SystemExit(f"unknown point {point}")
+
+
+def main():
+    root, step, point = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    inject(point)
+    mgr = ckpt.CheckpointManager(root, keep_last=None)
+    state = make_state(step)
+    print("SAVING", flush=True)
+    mgr.save(step, state)
+    mgr.wait()
+    print("DONE", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""Property tests of the pure planning functions: restore reads and save ownership."""
+
+import math
+
+import jax
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ckpt import _ownership as own
+from restore import box_shape, box_size, chunk_box, grid_shape, intersect, plan_reads
+from tests.conftest import make_mesh
+
+
+@st.composite
+def layouts(draw):
+    ndim = draw(st.integers(1, 3))
+    shape = tuple(draw(st.integers(1, 12)) for _ in range(ndim))
+    chunk = tuple(draw(st.integers(1, n)) for n in shape)
+    targets = []
+    for _ in range(draw(st.integers(1, 5))):
+        box = []
+        for n in shape:
+            a = draw(st.integers(0, n))
+            b = draw(st.integers(a, n))
+            box.append((a, b))
+        targets.append(tuple(box))
+    return shape, chunk, targets
+
+
+@settings(max_examples=300, deadline=None)
+@given(layouts())
+def test_plan_reads_tiles_every_target_once_and_reads_each_chunk_once(layout):
+    shape, chunk, targets = layout
+    plan = plan_reads(shape, chunk, targets)
+    coords = [r.coord for r in plan]
+    assert len(coords) == len(set(coords))
+    source = np.arange(math.prod(shape)).reshape(shape)
+    filled = [np.full(box_shape(t), -1) for t in targets]
+    for r in plan:
+        assert r.box == chunk_box(r.coord, chunk, shape)
+        data = source[tuple(slice(a, b) for a, b in r.box)]
+        for p in r.pieces:
+            assert (filled[p.target][p.dst] == -1).all()  # no piece written twice
+            filled[p.target][p.dst] = data[p.src]
+        if r.exact_target is not None:
+            assert targets[r.exact_target] == r.box
+    for t, f in zip(targets, filled):
+        np.testing.assert_array_equal(f, source[tuple(slice(a, b) for a, b in t)])
+    # Only chunks overlapping some target are read.
+    needed = {c for c in np.ndindex(*grid_shape(shape, chunk))
+              if any(intersect(chunk_box(c, chunk, shape), t) for t in targets if box_size(t))}
+    assert set(coords) == needed
+
+
+@st.composite
+def shardings(draw):
+    mesh_shape = draw(st.sampled_from([(2, 4), (4, 2), (1, 8), (8, 1), (2, 2), (1, 1)]))
+    mesh = make_mesh(mesh_shape)
+    ndim = draw(st.integers(1, 3))
+    axes = [None, "data", "model"]
+    spec = [draw(st.sampled_from(axes)) for _ in range(ndim)]
+    used = [a for a in spec if a]
+    if len(used) != len(set(used)):
+        spec = [None] * ndim
+    shape = tuple(draw(st.sampled_from([8, 16, 64, 1024])) for _ in range(ndim))
+    itemsize = draw(st.sampled_from([1, 2, 4]))
+    return own.ArrayInput(shape, itemsize, NamedSharding(mesh, P(*spec)))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(shardings(), min_size=1, max_size=4), st.integers(1, 4))
+def test_ownership_covers_every_chunk_once_from_a_holder(arrays, processes):
+    # Pretend devices are spread over `processes` processes by id; plans must agree on
+    # every process and each chunk must be written by a process holding its data.
+    class FakeDevice:
+        def __init__(self, d):
+            self.id, self.process_index, self.platform = d.id, d.id % processes, "cpu"
+
+        def __hash__(self):
+            return hash(self.id)
+
+        def __eq__(self, other):
+            return self.id == other.id
+
+    class Remapped:
+        def __init__(self, sharding):
+            self.sharding = sharding
+
+        def devices_indices_map(self, shape):
+            return {FakeDevice(d): idx for d, idx in self.sharding.devices_indices_map(shape).items()}
+
+    inputs = [own.ArrayInput(a.shape, a.itemsize, Remapped(a.sharding)) for a in arrays]
+    plans = [own.plan(inputs, p, processes) for p in range(processes)]
+    for a, arr in enumerate(arrays):
+        writers = plans[0][a].writers
+        assert all(plans[p][a].writers == writers for p in range(processes))
+        assert -1 not in writers
+        owned = {}
+        for p in range(processes):
+            for flat, (dev, shard_box) in plans[p][a].owned.items():
+                assert flat not in owned
+                owned[flat] = p
+                assert dev.process_index == p == writers[flat]
+                cbox = plans[p][a].chunk_box(flat)
+                assert intersect(cbox, shard_box) == cbox  # chunk inside the writer's shard
+        assert sorted(owned) == list(range(len(writers)))
+        shard = arr.sharding.shard_shape(arr.shape)
+        assert all(s % c == 0 for s, c in zip(shard, plans[0][a].chunk_shape))
+
+
+def test_replicated_bytes_spread_over_processes():
+    mesh = make_mesh((2, 4))
+
+    class Dev:
+        def __init__(self, d):
+            self.id, self.process_index = d.id, d.id // 2
+
+        def __hash__(self):
+            return hash(self.id)
+
+        def __eq__(self, o):
+            return self.id == o.id
+
+    class Four:
+        def __init__(self, s):
+            self.s = s
+
+        def devices_indices_map(self, shape):
+            return {Dev(d): i for d, i in self.s.devices_indices_map(shape).items()}
+
+    arrays = [own.ArrayInput((4096, 1024), 4, Four(NamedSharding(mesh, P()))),
+              own.ArrayInput((2048, 512), 4, Four(NamedSharding(mesh, P("model"))))]
+    plans = own.plan(arrays, 0, 4)
+    load = [0] * 4
+    for p in plans:
+        for flat, w in enumerate(p.writers):
+            load[w] += box_size(p.chunk_box(flat)) * 4
+    assert max(load) <= 1.1 * (sum(load) / 4)
+
+
+def test_chunk_shape_caps_size_and_divides_shard():
+    c = own.choose_chunk_shape((8192, 4096), 4, 1)
+    assert math.prod(c) * 4 <= own.MAX_CHUNK_BYTES
+    assert 8192 % c[0] == 0 and 4096 % c[1] == 0
+    assert own.choose_chunk_shape((7, 3), 4, 8) == (7, 3)  # nothing to halve: stays whole
+    assert jax.device_count() == 8
