@@ -140,10 +140,8 @@ class _Reader:
             raise CorruptCheckpointError(f"{self.what} field {key!r} has the wrong type")
         return value
 
-    def ints(self, key: str, default: Any = ...) -> tuple[int, ...]:
-        values = self.get(key, list, default)
-        if values is None:
-            return values
+    def ints(self, key: str) -> tuple[int, ...]:
+        values = self.get(key, list)
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
             raise CorruptCheckpointError(f"{self.what} field {key!r} must hold integers >= 0")
         return tuple(values)

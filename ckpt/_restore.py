@@ -94,7 +94,7 @@ class _Want:
     record: LeafRecord
     dtype: np.dtype[Any] | None = None      # None: the saved dtype
     sharding: Any = None                     # None: a host numpy array
-    value: Any = None
+    uncommitted: bool = False                # a jax.Array JAX may move (like the target's)
 
 
 def _cast_check(rec: LeafRecord, saved: np.dtype[Any], dtype: np.dtype[Any]) -> str | None:
@@ -128,7 +128,11 @@ def _match(manifest: Manifest, target: Any, mesh: Any, what: str) -> tuple[list[
     missing = [keystr(path) for path, _ in pairs if path not in by_path]
     if missing:
         raise MissingLeafError(f"target leaves absent from {what}: {', '.join(missing)}")
-    wants, shape_errors, dtype_errors, mesh_errors, kind_errors = [], [], [], [], []
+    wants: list[_Want] = []
+    shape_errors: list[str] = []
+    dtype_errors: list[str] = []
+    mesh_errors: list[str] = []
+    kind_errors: list[str] = []
     for path, t in pairs:
         rec = by_path[path]
         want = _Want(rec)
@@ -162,6 +166,10 @@ def _match(manifest: Manifest, target: Any, mesh: Any, what: str) -> tuple[list[
                 mesh_errors.append(err)
         if isinstance(t, np.ndarray):
             want.sharding = None
+        elif isinstance(t, jax.Array) and not getattr(t, "_committed", True):
+            # An array created without a placement (e.g. optax's step count) may be moved
+            # next to committed arrays by jit; restoring it committed would forbid that.
+            want.sharding, want.uncommitted = None, True
     for errors, cls, title in ((kind_errors, TargetMismatchError, "kind"),
                                (shape_errors, ShapeMismatchError, "shape"),
                                (dtype_errors, DtypeMismatchError, "dtype"),
@@ -185,6 +193,8 @@ def _assemble(want: _Want, host: list[np.ndarray], boxes: list[Any]) -> Any:
     rec = want.record
     dtype = want.dtype or host[0].dtype
     host = [h if h.dtype == dtype else h.astype(dtype) for h in host]
+    if want.uncommitted:
+        return jax.device_put(host[0])
     if want.sharding is None:
         value = host[0]
         return value[()] if rec.source == "numpy_scalar" and want.dtype is None else value
@@ -214,9 +224,9 @@ def restore_from(store: Store, target: Any = None, *, mesh: Any = None,
         if rec.kind == "value":
             values[i] = decode_value(rec, what)
         elif rec.kind == "inline":
-            host = decode_inline(rec, what)
+            whole = decode_inline(rec, what)
             boxes = _boxes(want)
-            values[i] = _assemble(want, [host[to_slices(b)] for b in boxes], boxes)
+            values[i] = _assemble(want, [whole[to_slices(b)] for b in boxes], boxes)
         elif rec.kind == "array":
             boxes = _boxes(want)
             kv = store.kvstore_spec(f"{manifest.attempt}/{ARRAYS}/{rec.name}")

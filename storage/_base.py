@@ -25,6 +25,10 @@ _CONTEXT_LOCK = threading.Lock()
 _SHARED_CONTEXT: ts.Context | None = None
 
 
+# `Store.list` shadows the built-in inside the class body.
+Keys = list[str]
+
+
 def check_key(key: str, *, allow_empty: bool = False) -> str:
     """Validates a relative key and returns it without a trailing ``/``.
 
@@ -108,11 +112,11 @@ class Store(abc.ABC):
         """Whether an object is stored at ``key``."""
         return self._exists(check_key(key))
 
-    def list(self, prefix: str = "") -> list[str]:
+    def list(self, prefix: str = "") -> Keys:
         """All keys below ``prefix`` (recursively), sorted, relative to the root."""
         return sorted(self._list(check_key(prefix, allow_empty=True)))
 
-    def list_children(self, prefix: str = "") -> list[str]:
+    def list_children(self, prefix: str = "") -> Keys:
         """The names directly below ``prefix``: objects and sub-prefixes alike, sorted."""
         return sorted(set(self._list_children(check_key(prefix, allow_empty=True))))
 
@@ -144,10 +148,10 @@ class Store(abc.ABC):
     def _exists(self, key: str) -> bool: ...
 
     @abc.abstractmethod
-    def _list(self, prefix: str) -> list[str]: ...
+    def _list(self, prefix: str) -> Keys: ...
 
     @abc.abstractmethod
-    def _list_children(self, prefix: str) -> list[str]: ...
+    def _list_children(self, prefix: str) -> Keys: ...
 
     @abc.abstractmethod
     def _delete(self, key: str) -> None: ...

@@ -102,7 +102,7 @@ class LocalStore(Store):
         top = self._path(prefix)
         if os.path.isfile(top):
             return [prefix]
-        keys = []
+        keys: list[str] = []
         for folder, dirs, files in os.walk(top):
             rel = os.path.relpath(folder, self.location.path)
             rel = "" if rel == "." else rel.replace(os.sep, "/")

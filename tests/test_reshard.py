@@ -157,3 +157,13 @@ def test_each_process_reads_only_needed_chunks(saved, monkeypatch):
     ckpt.restore(url, target)
     # w was saved as 2x4 chunks; a (1, 2) mesh needs all 8 once each, never more.
     assert calls == [((64, 256), 8)]
+
+
+def test_uncommitted_target_leaf_stays_movable(tmp_path, mesh24):
+    w = jax.device_put(jnp.ones((16, 16)), NamedSharding(mesh24, P("data", "model")))
+    count = jnp.zeros([], jnp.int32) + 3  # uncommitted, like optax's step counts
+    ckpt.save(tmp_path / "c", {"w": w, "count": count})
+    out = ckpt.restore(tmp_path / "c", {"w": w, "count": jnp.zeros([], jnp.int32)})
+    assert int(out["count"]) == 3
+    # jit may combine it with arrays on all 8 devices, as it could the target's.
+    assert float(jax.jit(lambda a, c: a.sum() * c)(out["w"], out["count"])) == 16 * 16 * 3
