@@ -165,8 +165,7 @@ def _host_array(leaf: jax.Array) -> np.ndarray:
     return np.array(leaf, copy=True)
 
 
-def _snapshot(records: list[LeafRecord], leaves: list[Any],
-              plans: dict[int, ArrayPlan]) -> list[_ChunkWrite]:
+def _snapshot(leaves: list[Any], plans: dict[int, ArrayPlan]) -> list[_ChunkWrite]:
     """Host data of every chunk this process owns, independent of the caller's arrays."""
     shards: dict[tuple[int, Any], Any] = {}
     for r, p in plans.items():
@@ -236,12 +235,12 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
                          leaves[i].sharding if isinstance(leaves[i], jax.Array) else None)
               for i in array_ids]
     plans = dict(zip(array_ids, plan(inputs, coord.process_index, coord.process_count)))
-    for i, p in plans.items():
+    for i, arr, p in zip(array_ids, inputs, plans.values()):
         records[i].chunk_shape = p.chunk_shape
         records[i].writers = list(p.writers)
-        records[i].chunk_nbytes = [box_size(p.chunk_box(f)) * inputs[array_ids.index(i)].itemsize
+        records[i].chunk_nbytes = [box_size(p.chunk_box(f)) * arr.itemsize
                                    for f in range(len(p.writers))]
-    writes = _snapshot(records, leaves, plans)
+    writes = _snapshot(leaves, plans)
     if coord.process_index == 0:
         for rec, leaf in zip(records, leaves):
             if rec.kind == "inline":
