@@ -18,7 +18,21 @@ from ckpt._format import ATTEMPT_PREFIX, COMMIT, CommitRecord
 from ckpt._restore import restore_from
 from ckpt._save import SaveHandle, start_save
 from ckpt.errors import CheckpointNotFoundError, CkptError, SaveError
-from storage import ObjectNotFoundError, open_store
+from storage import ObjectNotFoundError, Store, open_store
+
+
+def step_folders(store: Store) -> list[int]:
+    """Steps that have a folder under a manager root (committed or not), ascending."""
+    steps = []
+    for name in store.list_children():
+        if name.isdigit() and (name == "0" or not name.startswith("0")):
+            steps.append(int(name))
+    return sorted(steps)
+
+
+def committed_steps(store: Store) -> list[int]:
+    """Committed steps under a manager root, ascending (one existence check per folder)."""
+    return [s for s in step_folders(store) if store.exists(f"{s}/{COMMIT}")]
 
 
 class CheckpointManager:
@@ -58,20 +72,13 @@ class CheckpointManager:
 
     # -- listing ---------------------------------------------------------------------------
 
-    def _candidates(self) -> list[int]:
-        steps = []
-        for name in self._store.list_children():
-            if name.isdigit() and (name == "0" or not name.startswith("0")):
-                steps.append(int(name))
-        return sorted(steps)
-
     def steps(self) -> list[int]:
         """All committed steps, ascending (one existence check per step folder)."""
-        return [s for s in self._candidates() if self._store.exists(f"{s}/{COMMIT}")]
+        return committed_steps(self._store)
 
     def latest_step(self) -> int | None:
         """The newest committed step, or None; checks step folders newest first."""
-        for step in reversed(self._candidates()):
+        for step in reversed(step_folders(self._store)):
             if self._store.exists(f"{step}/{COMMIT}"):
                 return step
         return None
@@ -120,7 +127,7 @@ class CheckpointManager:
     def _remove_debris(self) -> None:
         """Process 0, at start-up, in the background: deletes attempts no COMMIT names."""
         try:
-            for step in self._candidates():
+            for step in step_folders(self._store):
                 with self._lock:
                     if step in self._saving:
                         continue
