@@ -70,29 +70,36 @@ def shardings(draw):
     return own.ArrayInput(shape, itemsize, NamedSharding(mesh, P(*spec)))
 
 
+class FakeDevice:
+    """A device id with a process index of the test's choosing (and the CPU platform)."""
+
+    def __init__(self, device_id, process_index):
+        self.id, self.process_index, self.platform = device_id, process_index, "cpu"
+
+    def __hash__(self):
+        return hash(self.id)
+
+    def __eq__(self, other):
+        return self.id == other.id
+
+
+class OnProcesses:
+    """A sharding whose devices are spread over processes by ``process_of(device id)``."""
+
+    def __init__(self, sharding, process_of):
+        self.sharding, self.process_of = sharding, process_of
+
+    def devices_indices_map(self, shape):
+        return {FakeDevice(d.id, self.process_of(d.id)): idx
+                for d, idx in self.sharding.devices_indices_map(shape).items()}
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.lists(shardings(), min_size=1, max_size=4), st.integers(1, 4))
 def test_ownership_covers_every_chunk_once_from_a_holder(arrays, processes):
     # Pretend devices are spread over `processes` processes by id; plans must agree on
     # every process and each chunk must be written by a process holding its data.
-    class FakeDevice:
-        def __init__(self, d):
-            self.id, self.process_index, self.platform = d.id, d.id % processes, "cpu"
-
-        def __hash__(self):
-            return hash(self.id)
-
-        def __eq__(self, other):
-            return self.id == other.id
-
-    class Remapped:
-        def __init__(self, sharding):
-            self.sharding = sharding
-
-        def devices_indices_map(self, shape):
-            return {FakeDevice(d): idx for d, idx in self.sharding.devices_indices_map(shape).items()}
-
-    inputs = [own.ArrayInput(a.shape, a.itemsize, Remapped(a.sharding)) for a in arrays]
+    inputs = [own.ArrayInput(a.shape, a.itemsize, OnProcesses(a.sharding, lambda i: i % processes)) for a in arrays]
     plans = [own.plan(inputs, p, processes) for p in range(processes)]
     for a, arr in enumerate(arrays):
         writers = plans[0][a].writers
@@ -114,25 +121,8 @@ def test_ownership_covers_every_chunk_once_from_a_holder(arrays, processes):
 def test_replicated_bytes_spread_over_processes():
     mesh = make_mesh((2, 4))
 
-    class Dev:
-        def __init__(self, d):
-            self.id, self.process_index = d.id, d.id // 2
-
-        def __hash__(self):
-            return hash(self.id)
-
-        def __eq__(self, o):
-            return self.id == o.id
-
-    class Four:
-        def __init__(self, s):
-            self.s = s
-
-        def devices_indices_map(self, shape):
-            return {Dev(d): i for d, i in self.s.devices_indices_map(shape).items()}
-
-    arrays = [own.ArrayInput((4096, 1024), 4, Four(NamedSharding(mesh, P()))),
-              own.ArrayInput((2048, 512), 4, Four(NamedSharding(mesh, P("model"))))]
+    arrays = [own.ArrayInput((4096, 1024), 4, OnProcesses(NamedSharding(mesh, P()), lambda i: i // 2)),
+              own.ArrayInput((2048, 512), 4, OnProcesses(NamedSharding(mesh, P("model")), lambda i: i // 2))]
     plans = own.plan(arrays, 0, 4)
     load = [0] * 4
     for p in plans:
