@@ -49,6 +49,10 @@ class Coordinator(abc.ABC):
     def wait_for(self, key: str, timeout_s: float) -> str:
         """Returns the value published under ``key``, waiting up to ``timeout_s``."""
 
+    @abc.abstractmethod
+    def collect(self, prefix: str) -> dict[str, str]:
+        """Every value published so far under keys starting with ``prefix`` (no waiting)."""
+
 
 class LocalCoordinator(Coordinator):
     """The coordinator of a single-process job: every meeting is immediate."""
@@ -76,6 +80,10 @@ class LocalCoordinator(Coordinator):
             if not self._cond.wait_for(lambda: key in self._values, timeout=timeout_s):
                 raise CoordinationError(f"no value for {key!r} within {timeout_s:.0f} s")
             return self._values[key]
+
+    def collect(self, prefix: str) -> dict[str, str]:
+        with self._cond:
+            return {k: v for k, v in self._values.items() if k.startswith(prefix)}
 
 
 class DistributedCoordinator(Coordinator):
@@ -114,6 +122,10 @@ class DistributedCoordinator(Coordinator):
             raise CoordinationError(
                 f"process {self.process_index} got no value for {key!r} within "
                 f"{timeout_s:.0f} s") from exc
+
+    def collect(self, prefix: str) -> dict[str, str]:
+        return {k[len("ckpt/"):]: str(v)
+                for k, v in self._client.key_value_dir_get(f"ckpt/{prefix}")}
 
 
 _LOCAL = LocalCoordinator()

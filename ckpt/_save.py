@@ -16,6 +16,7 @@ Order of work for one save (every process runs the same code; see docs/protocol.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -350,38 +351,55 @@ def _commit(job: _Job) -> None:
 
 
 def _run(job: _Job, handle: SaveHandle) -> None:
-    """The background part of a save, on its own thread, on every process."""
-    outcome_key = f"save/{job.seq}/outcome"
+    """The background part of a save, on its own thread, on every process.
+
+    A process whose writes fail still arrives at the barrier, having published its error,
+    so that process 0 fails the save at once, naming it, instead of waiting for a timeout.
+    """
+    me = job.coord.process_index
+    prefix = f"save/{job.seq}"
     try:
-        rows = _write_chunks(job)
-        job.writes.clear()  # release the snapshot as early as possible
-        job.store.write(host_report_key(job.attempt, job.coord.process_index),
-                        encode_host_report(job.attempt, job.coord.process_index, rows))
-        job.coord.barrier(f"save/{job.seq}/written", job.timeout_s)
-        if job.coord.process_index == 0:
+        try:
+            rows = _write_chunks(job)
+            job.writes.clear()  # release the snapshot as early as possible
+            job.store.write(host_report_key(job.attempt, me),
+                            encode_host_report(job.attempt, me, rows))
+        except BaseException as exc:
+            job.coord.publish(f"{prefix}/failed/{me}", f"{type(exc).__name__}: {exc}")
+            with contextlib.suppress(CkptError):  # this process's own error is the one to see
+                job.coord.barrier(f"{prefix}/written", job.timeout_s)
+            raise
+        job.coord.barrier(f"{prefix}/written", job.timeout_s)
+        if me == 0:
             try:
+                failures = job.coord.collect(f"{prefix}/failed/")
+                if failures:
+                    raise SaveError("; ".join(
+                        f"process {k.rsplit('/', 1)[-1]} failed to write: {v}"
+                        for k, v in sorted(failures.items())))
                 _commit(job)
             except BaseException as exc:
-                job.coord.publish(outcome_key, f"{type(exc).__name__}: {exc}")
+                job.coord.publish(f"{prefix}/outcome", f"{type(exc).__name__}: {exc}")
                 raise
-            job.coord.publish(outcome_key, "ok")
+            job.coord.publish(f"{prefix}/outcome", "ok")
         else:
-            outcome = job.coord.wait_for(outcome_key, job.timeout_s)
+            outcome = job.coord.wait_for(f"{prefix}/outcome", job.timeout_s)
             if outcome != "ok":
-                raise SaveError(f"process 0 failed to commit {job.store.url}: {outcome}")
+                raise SaveError(f"process 0 did not commit {job.store.url}: {outcome}")
         if job.on_commit is not None:
             job.on_commit()
         handle._finish(None)
     except CkptError as exc:
         handle._finish(exc)
     except BaseException as exc:
-        error = SaveError(f"saving {job.store.url} (attempt {job.attempt}, process "
-                          f"{job.coord.process_index}) failed: {type(exc).__name__}: {exc}")
+        error = SaveError(f"saving {job.store.url} (attempt {job.attempt}, process {me}) "
+                          f"failed: {type(exc).__name__}: {exc}")
         error.__cause__ = exc
         handle._finish(error)
 
 
-def save_async(url: str | os.PathLike[str], tree: Any, *, metadata: Any = None) -> "SaveHandle":
+def save_async(url: str | os.PathLike[str], tree: Any, *, metadata: Any = None,
+               timeout_s: float = _coord.DEFAULT_TIMEOUT_S) -> "SaveHandle":
     """Starts saving ``tree`` to ``url``; returns once the snapshot is taken.
 
     Call on every process of the job with the same URL and a tree of the same structure.
@@ -391,14 +409,17 @@ def save_async(url: str | os.PathLike[str], tree: Any, *, metadata: Any = None) 
         tree: a pytree of jax.Arrays, numpy arrays, Python scalars and strings, and None.
         metadata: plain msgpack data (dicts, lists, str, numbers, bool, None) stored in the
             manifest and returned by `ckpt.metadata`.
+        timeout_s: how long processes wait for each other; a process that does not arrive
+            in time fails the save on the others with an error naming it.
 
     Raises:
         UnsupportedLeafError: a leaf cannot be saved (its key path is named).
         CheckpointExistsError: ``url`` already holds a committed checkpoint.
     """
-    return start_save(open_store(url), tree, metadata=metadata)
+    return start_save(open_store(url), tree, metadata=metadata, timeout_s=timeout_s)
 
 
-def save(url: str | os.PathLike[str], tree: Any, *, metadata: Any = None) -> None:
+def save(url: str | os.PathLike[str], tree: Any, *, metadata: Any = None,
+         timeout_s: float = _coord.DEFAULT_TIMEOUT_S) -> None:
     """Saves ``tree`` to ``url`` and returns once it is committed: `save_async` then `wait`."""
-    save_async(url, tree, metadata=metadata).wait()
+    save_async(url, tree, metadata=metadata, timeout_s=timeout_s).wait()

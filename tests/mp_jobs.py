@@ -1,0 +1,150 @@
+"""Functions the multi-process tests run in every process of a `tools.launch` job.
+
+Each runs after `jax.distributed.initialize`; arguments and results are JSON values.
+"""
+
+import os
+import signal
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import ckpt
+
+SPECS = {"w": P("data", "model"), "v": P("model"), "r": P(), "pr": P(None, "data"),
+         "e": P("model", "data")}
+
+
+def host_tree(step):
+    rng = np.random.default_rng(step)
+    return {
+        "w": rng.standard_normal((256, 512)).astype(np.float32),
+        "v": rng.standard_normal((128, 64)).astype(np.float32),
+        "r": rng.standard_normal((512, 512)).astype(np.float32),      # fully replicated
+        "pr": rng.standard_normal((64, 1024)).astype(np.float32),     # partially replicated
+        "e": rng.integers(0, 100, (64, 64)).astype(np.int32),
+        "small": rng.standard_normal(8).astype(np.float32),
+        "step": step,
+    }
+
+
+def mesh_of(shape):
+    return Mesh(np.array(jax.devices()).reshape(shape), ("data", "model"))
+
+
+def device_tree(step, shape):
+    mesh = mesh_of(shape)
+    out = {}
+    for k, v in host_tree(step).items():
+        if k in SPECS:
+            sh = NamedSharding(mesh, SPECS[k])
+            out[k] = jax.make_array_from_callback(v.shape, sh, lambda idx, v=v: v[idx])
+        else:
+            out[k] = v
+    return out
+
+
+def _exact(restored, step):
+    expected = host_tree(step)
+    for k, v in expected.items():
+        if k == "step":
+            assert restored[k] == v, (k, restored[k], v)
+            continue
+        got = restored[k]
+        if isinstance(got, jax.Array):
+            for shard in got.addressable_shards:
+                assert np.asarray(shard.data).tobytes() == v[shard.index].tobytes(), k
+        else:
+            assert np.asarray(got).tobytes() == v.tobytes(), k
+
+
+def save(url, step, mesh_shape):
+    ckpt.save(url, device_tree(step, tuple(mesh_shape)), metadata={"step": step})
+    return jax.process_index()
+
+
+def restore_on(url, step, mesh_shape):
+    """Restores onto ``mesh_shape`` with the saved specs; counts the chunk bytes read."""
+    import restore._read as rr
+
+    read = [0]
+    real = rr.plan_reads
+
+    def counting(shape, chunk_shape, targets):
+        plan = real(shape, chunk_shape, targets)
+        itemsize = 4
+        read[0] += sum(int(np.prod([b - a for a, b in r.box])) * itemsize for r in plan)
+        return plan
+
+    rr.plan_reads = counting
+    out = ckpt.restore(url, mesh=mesh_of(tuple(mesh_shape)))
+    _exact(out, step)
+    # Bytes of the distinct boxes this process's devices hold (replicas counted once).
+    needed = sum(sum({str(s.index): s.data.nbytes for s in out[k].addressable_shards}.values())
+                 for k in SPECS)
+    return {"read": read[0], "needed": needed}
+
+
+def save_then_kill(url, step, mesh_shape, victim, point):
+    """Saves ``step``; process ``victim`` SIGKILLs itself at ``point`` (or the parent kills)."""
+    from storage import LocalStore
+
+    me = jax.process_index()
+    if me == victim and point != "parent":
+        real_write, real_create = LocalStore._write, LocalStore._write_if_absent
+
+        def write(self, key, data):
+            real_write(self, key, data)
+            if key.endswith(point):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        def create(self, key, data):
+            if point == "before_commit":
+                os.kill(os.getpid(), signal.SIGKILL)
+            created = real_create(self, key, data)
+            if point == "after_commit":
+                os.kill(os.getpid(), signal.SIGKILL)
+            return created
+
+        LocalStore._write, LocalStore._write_if_absent = write, create
+    mgr = ckpt.CheckpointManager(url, keep_last=None)
+    tree = device_tree(step, tuple(mesh_shape))
+    print("SAVING", flush=True)
+    mgr.save(step, tree)
+    mgr.wait()
+    print("DONE", flush=True)
+    return "done"
+
+
+def resume(url, mesh_shape, next_step):
+    """The restarted job: restores the latest step exactly, then saves ``next_step``."""
+    mgr = ckpt.CheckpointManager(url, keep_last=None)
+    latest = mgr.latest_step()
+    _exact(mgr.restore(latest, mesh=mesh_of(tuple(mesh_shape))), latest)
+    steps = mgr.steps()
+    for step in steps:
+        _exact(mgr.restore(step), step)
+    if next_step not in steps:
+        mgr.save(next_step, device_tree(next_step, tuple(mesh_shape)))
+    mgr.close()
+    return {"latest": latest, "steps": steps}
+
+
+def hang_one(url, timeout_s, hung):
+    """Process ``hung`` never calls save; the others must fail naming it."""
+    from ckpt import _save
+
+    if jax.process_index() == hung:
+        import threading
+        threading.Event().wait(timeout_s * 4)  # stands in for a hung process
+        return "hung"
+    tree = device_tree(0, (jax.process_count(), 4))
+    store_url = url
+    try:
+        _save.start_save(__import__("storage").open_store(store_url), tree,
+                         timeout_s=timeout_s).wait()
+    except ckpt.errors.CoordinationError as exc:
+        return str(exc)
+    return "no error"
