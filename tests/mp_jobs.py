@@ -21,8 +21,8 @@ def host_tree(step):
     rng = np.random.default_rng(step)
     return {
         "w": rng.standard_normal((256, 512)).astype(np.float32),
-        "v": rng.standard_normal((128, 64)).astype(np.float32),
-        "r": rng.standard_normal((512, 512)).astype(np.float32),      # fully replicated
+        "v": rng.standard_normal((1024, 512)).astype(np.float32),     # replicated over "data"
+        "r": rng.standard_normal((1024, 1024)).astype(np.float32),    # fully replicated
         "pr": rng.standard_normal((64, 1024)).astype(np.float32),     # partially replicated
         "e": rng.integers(0, 100, (64, 64)).astype(np.int32),
         "small": rng.standard_normal(8).astype(np.float32),
@@ -46,7 +46,8 @@ def device_tree(step, shape):
     return out
 
 
-def _exact(restored, step):
+def exact(restored, step):
+    """Asserts ``restored`` holds exactly the state of ``step`` (each addressable shard)."""
     expected = host_tree(step)
     for k, v in expected.items():
         if k == "step":
@@ -80,7 +81,7 @@ def restore_on(url, step, mesh_shape):
 
     rr.plan_reads = counting
     out = ckpt.restore(url, mesh=mesh_of(tuple(mesh_shape)))
-    _exact(out, step)
+    exact(out, step)
     # Bytes of the distinct boxes this process's devices hold (replicas counted once).
     needed = sum(sum({str(s.index): s.data.nbytes for s in out[k].addressable_shards}.values())
                  for k in SPECS)
@@ -118,33 +119,58 @@ def save_then_kill(url, step, mesh_shape, victim, point):
     return "done"
 
 
-def resume(url, mesh_shape, next_step):
-    """The restarted job: restores the latest step exactly, then saves ``next_step``."""
+def resume(url, mesh_shape, next_step, values_of=None):
+    """The restarted job: restores every committed step exactly, then saves ``next_step``
+    (with the values of step ``values_of``, default ``next_step``) unless it is committed."""
     mgr = ckpt.CheckpointManager(url, keep_last=None)
     latest = mgr.latest_step()
-    _exact(mgr.restore(latest, mesh=mesh_of(tuple(mesh_shape))), latest)
+    exact(mgr.restore(latest, mesh=mesh_of(tuple(mesh_shape))), latest)
     steps = mgr.steps()
     for step in steps:
-        _exact(mgr.restore(step), step)
+        exact(mgr.restore(step), step)
     if next_step not in steps:
-        mgr.save(next_step, device_tree(next_step, tuple(mesh_shape)))
+        values = next_step if values_of is None else values_of
+        mgr.save(next_step, device_tree(values, tuple(mesh_shape)))
     mgr.close()
     return {"latest": latest, "steps": steps}
 
 
 def hang_one(url, timeout_s, hung):
-    """Process ``hung`` never calls save; the others must fail naming it."""
-    from ckpt import _save
+    """Process ``hung`` stops responding in the middle of its save; the others must fail
+    within ``timeout_s`` with an error naming it."""
+    import threading
+    import time
+
+    import ckpt._save as save_mod
 
     if jax.process_index() == hung:
-        import threading
-        threading.Event().wait(timeout_s * 4)  # stands in for a hung process
-        return "hung"
+        def stuck(job):
+            threading.Event().wait(timeout_s * 3)  # a hung write: never returns in time
+            return []
+
+        save_mod._write_chunks = stuck
     tree = device_tree(0, (jax.process_count(), 4))
-    store_url = url
+    t0 = time.monotonic()
     try:
-        _save.start_save(__import__("storage").open_store(store_url), tree,
-                         timeout_s=timeout_s).wait()
+        ckpt.save(url, tree, timeout_s=timeout_s)
     except ckpt.errors.CoordinationError as exc:
+        return {"error": str(exc), "type": "CoordinationError", "after": time.monotonic() - t0}
+    except ckpt.CkptError as exc:
+        return {"error": str(exc), "type": type(exc).__name__, "after": time.monotonic() - t0}
+    return {"error": None}
+
+
+def fail_one(url, failing):
+    """Process ``failing`` cannot write; every process's save fails at once, naming it."""
+    import ckpt._save as save_mod
+
+    if jax.process_index() == failing:
+        def broken(job):
+            raise OSError(28, "No space left on device")
+
+        save_mod._write_chunks = broken
+    try:
+        ckpt.save(url, device_tree(0, (jax.process_count(), 4)), timeout_s=120)
+    except ckpt.CkptError as exc:
         return str(exc)
-    return "no error"
+    return None

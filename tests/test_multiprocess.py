@@ -1,0 +1,176 @@
+"""Real multi-process jobs (2 and 4 processes x 4 CPU devices, `jax.distributed`)."""
+
+import glob
+import os
+import random
+import shutil
+import signal
+import threading
+
+import numpy as np
+import pytest
+
+import ckpt
+from ckpt._format import decode_host_report
+from tests import mp_jobs
+from tests.conftest import make_mesh
+from tools.launch import launch, start
+
+
+@pytest.fixture(scope="module")
+def saved4(tmp_path_factory):
+    """A checkpoint saved by 4 processes on a (4, 4) mesh."""
+    url = str(tmp_path_factory.mktemp("mp") / "four")
+    assert launch("tests.mp_jobs:save", 4, args=[url, 3, [4, 4]]) == [0, 1, 2, 3]
+    return url
+
+
+def _report_bytes(url, leaves=None):
+    per_process, seen = {}, set()
+    for path in glob.glob(os.path.join(url, "attempt-*", "hosts", "*.msgpack")):
+        with open(path, "rb") as f:
+            process, rows = decode_host_report(f.read(), path)
+        for name, flat, nbytes, _ in rows:
+            assert (name, flat) not in seen, f"chunk {flat} of {name} written twice"
+            seen.add((name, flat))
+            if leaves is None or name in leaves:
+                per_process[process] = per_process.get(process, 0) + nbytes
+    return per_process, seen
+
+
+def test_four_processes_write_each_chunk_once_balanced(saved4):
+    info = ckpt.metadata(saved4)
+    assert info.process_count == 4
+    per_process, seen = _report_bytes(saved4)
+    expected = {(leaf.name, i) for leaf in ckpt._restore.open_checkpoint(
+        ckpt._restore.open_store(saved4))[1].leaves if leaf.kind == "array"
+        for i in range(len(leaf.writers))}
+    assert seen == expected
+    mean = sum(per_process.values()) / 4
+    assert len(per_process) == 4 and max(per_process.values()) <= 1.1 * mean, per_process
+    # The replicated leaves alone are spread too, not all written by process 0.
+    replicated, _ = _report_bytes(saved4, leaves={"r", "v"})
+    mean = sum(replicated.values()) / 4
+    assert len(replicated) == 4 and max(replicated.values()) <= 1.1 * mean, replicated
+
+
+@pytest.mark.parametrize("nprocs, mesh", [(4, [2, 8]), (2, [2, 4]), (2, [4, 2]), (1, [2, 2])])
+def test_restore_on_other_process_counts_reads_only_needed_bytes(saved4, nprocs, mesh):
+    results = launch("tests.mp_jobs:restore_on", nprocs, args=[saved4, 3, mesh])
+    total = sum(v.nbytes for k, v in mp_jobs.host_tree(3).items() if k in mp_jobs.SPECS)
+    for r in results:
+        # Target shards here are unions of saved chunks, so nothing beyond them is read.
+        assert r["read"] == r["needed"], r
+        if nprocs > 1:
+            assert r["read"] < total
+    assert sum(r["read"] for r in results) >= total
+
+
+def test_restore_as_numpy_in_one_process(saved4):
+    out = ckpt.restore(saved4)
+    for k, v in mp_jobs.host_tree(3).items():
+        if k == "step":
+            assert out[k] == 3
+        else:
+            assert isinstance(out[k], np.ndarray) and out[k].tobytes() == v.tobytes()
+    # and onto this process's 8 devices with the saved specs
+    mp_jobs.exact(ckpt.restore(saved4, mesh=make_mesh((2, 4))), 3)
+
+
+def test_failing_process_fails_the_save_everywhere_naming_it(tmp_path):
+    url = str(tmp_path / "c")
+    results = launch("tests.mp_jobs:fail_one", 2, args=[url, 1])
+    for r in results:
+        assert r is not None and "process 1" in r and "No space left" in r
+    assert not os.path.exists(os.path.join(url, "COMMIT"))
+
+
+def test_hung_process_times_out_naming_it(tmp_path):
+    url = str(tmp_path / "c")
+    results = launch("tests.mp_jobs:hang_one", 2, args=[url, 3, 1], timeout=120)
+    r = results[0]
+    assert r["type"] == "CoordinationError" and "[1]" in r["error"], r
+    assert r["after"] < 3 * 3, r
+    assert not os.path.exists(os.path.join(url, "COMMIT"))
+
+
+# -- crashes -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    """Steps 0 and 1, committed, as every crash case's starting point."""
+    root = tmp_path_factory.mktemp("crash") / "root"
+    with ckpt.CheckpointManager(root, keep_last=None) as mgr:
+        for step in (0, 1):
+            mgr.save(step, mp_jobs.device_tree(step, (2, 4)))
+    return root
+
+
+POINTS = ["hosts/0.msgpack", "hosts/1.msgpack", "manifest.msgpack", "before_commit",
+          "after_commit"]
+CASES = [(0, p) for p in POINTS if p != "hosts/1.msgpack"] + [(1, "hosts/1.msgpack")] + \
+    [(seed % 2, f"parent:{seed}") for seed in range(16)]
+
+
+def _debris_free(root, committed):
+    for step in os.listdir(root):
+        attempts = [n for n in os.listdir(os.path.join(root, step)) if n.startswith("attempt-")]
+        assert len(attempts) == (1 if int(step) in committed else 0), (step, attempts)
+
+
+@pytest.mark.parametrize("victim, point", CASES, ids=[f"p{v}-{p}" for v, p in CASES])
+def test_sigkill_any_process_then_restart_whole(template, tmp_path, victim, point):
+    root = str(tmp_path / "root")
+    shutil.copytree(template, root)
+    mode = "parent" if point.startswith("parent") else point
+    with start("tests.mp_jobs:save_then_kill", 2, args=[root, 2, [2, 4], victim, mode],
+               heartbeat_s=5) as job:
+        job.wait_for_line(victim, "SAVING")
+        if mode == "parent":
+            rng = random.Random(int(point.split(":")[1]))
+            threading.Event().wait(rng.uniform(0.0, 0.08))  # the moment of the fault (a save ~0.1 s)
+            job.kill(victim)
+            threading.Event().wait(rng.uniform(0.0, 0.05))  # the others run on a moment
+        else:
+            job.procs[victim].wait(timeout=120)
+            assert job.procs[victim].returncode == -signal.SIGKILL, job.stderr[victim][-5:]
+        job.kill_all()  # the scheduler restarts the job whole
+    before = ckpt.CheckpointManager(root, keep_last=None)
+    interrupted_committed = 2 in before.steps()
+    if mode in ("after_commit",):
+        assert interrupted_committed
+    if mode in ("hosts/0.msgpack", "hosts/1.msgpack", "manifest.msgpack", "before_commit"):
+        assert not interrupted_committed
+    before.close()
+    results = launch("tests.mp_jobs:resume", 2, args=[root, [4, 2], 2])
+    assert results[0]["steps"][:2] == [0, 1]
+    assert results[0]["latest"] == (2 if interrupted_committed else 1)
+    after = ckpt.CheckpointManager(root, keep_last=None)
+    after.close()
+    assert after.steps() == [0, 1, 2]
+    mp_jobs.exact(after.restore(2), 2)
+    _debris_free(root, {0, 1, 2})
+
+
+def test_zombie_writer_cannot_change_the_new_commit(template, tmp_path):
+    root = str(tmp_path / "root")
+    shutil.copytree(template, root)
+    with start("tests.mp_jobs:save_then_kill", 2, args=[root, 2, [2, 4], -1, "parent"],
+               heartbeat_s=60) as old:
+        old.wait_for_line(1, "SAVING")
+        old.kill(1, signal.SIGSTOP)  # process 1 freezes mid-save: the future zombie
+        old.kill(0)
+        old.procs[0].wait()
+        # The restarted job commits step 2 with other values while the zombie is frozen.
+        launch("tests.mp_jobs:resume", 2, args=[root, [2, 4], 2, 77])
+        committed = open(os.path.join(root, "2", "COMMIT"), "rb").read()
+        old.kill(1, signal.SIGCONT)  # the zombie wakes and carries on writing
+        try:
+            old.procs[1].wait(timeout=60)
+        except Exception:
+            pass
+    assert open(os.path.join(root, "2", "COMMIT"), "rb").read() == committed
+    mp_jobs.exact(ckpt.restore(os.path.join(root, "2")), 77)
+    mgr = ckpt.CheckpointManager(root, keep_last=None)
+    mgr.close()
+    _debris_free(root, {0, 1, 2})
