@@ -16,6 +16,7 @@ Order of work for one save (every process runs the same code; see docs/protocol.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -308,13 +309,21 @@ def _write_chunks(job: _Job) -> list[list[Any]]:
     return rows
 
 
+# Host reports process 0 reads at once: at thousands of processes the reads are latency
+# bound, so they overlap.
+REPORT_READERS = 32
+
+
 def _check_reports(job: _Job) -> None:
     """Process 0: every planned chunk reported once, by its planned writer, at its size."""
     by_name = {job.records[r].name: job.records[r] for r in job.plans}
     seen: set[tuple[str, int]] = set()
-    for p in range(job.coord.process_count):
-        what = job.store.describe(host_report_key(job.attempt, p))
-        process, rows = decode_host_report(job.store.read(host_report_key(job.attempt, p)), what)
+    keys = [host_report_key(job.attempt, p) for p in range(job.coord.process_count)]
+    with concurrent.futures.ThreadPoolExecutor(min(REPORT_READERS, len(keys))) as pool:
+        reports = list(pool.map(job.store.read, keys))
+    for p, (key, data) in enumerate(zip(keys, reports)):
+        what = job.store.describe(key)
+        process, rows = decode_host_report(data, what)
         if process != p:
             raise SaveError(f"{what} claims to be from process {process}")
         for name, flat, nbytes, _ in rows:

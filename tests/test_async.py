@@ -114,3 +114,20 @@ def test_metadata_must_be_plain_data(tmp_path):
     with pytest.raises(ckpt.errors.InvalidMetadataError):
         ckpt.save(tmp_path / "c", {"a": 1}, metadata={"obj": object()})
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (lambda rows: rows[1:], r"chunk 0 of leaf \['x'\] was not reported by its writer, process 0"),
+    (lambda rows: rows + rows[:1], r"reports chunk 0 of \['x'\], which process 0 owns"),
+    (lambda rows: [[r[0], r[1], r[2] + 1, r[3]] for r in rows], r"bytes for chunk 0 of \['x'\]"),
+    (lambda rows: [["nope", 0, 4, 0]], "unknown chunk 0 of 'nope'"),
+])
+def test_commit_checks_host_reports_against_plan(tmp_path, mesh24, monkeypatch, tamper, message):
+    import ckpt._save as save_mod
+
+    real = save_mod._write_chunks
+    monkeypatch.setattr(save_mod, "_write_chunks", lambda job: tamper(real(job)))
+    x = jax.device_put(jnp.ones((64, 1024)), NamedSharding(mesh24, P("data", "model")))
+    with pytest.raises(SaveError, match=message):
+        ckpt.save(tmp_path / "c", {"x": x})
+    assert not (tmp_path / "c" / "COMMIT").exists()
