@@ -56,6 +56,7 @@ class CheckpointManager:
         if keep_every is not None and keep_every < 1:
             raise ValueError(f"keep_every must be >= 1 or None, got {keep_every}")
         self._store = open_store(root_url)
+        self._store.verify_access()  # fail now, not after the first training steps
         self.root_url = self._store.url
         self.keep_last, self.keep_every, self.timeout_s = keep_last, keep_every, timeout_s
         self._lock = threading.Lock()

@@ -227,6 +227,7 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
     seq = next(_SAVE_SEQ)
     proposal = None
     if coord.process_index == 0:
+        store.verify_access()
         proposal = _EXISTS if store.exists(COMMIT) else new_attempt_id()
     attempt = coord.broadcast(f"save/{seq}/attempt", proposal, timeout_s)
     if attempt == _EXISTS:

@@ -10,6 +10,8 @@ import os
 
 from storage._base import Store, check_key, join
 from storage._errors import (
+    AccessDeniedError,
+    BucketNotFoundError,
     CkptError,
     InvalidKeyError,
     ObjectNotFoundError,
@@ -18,17 +20,19 @@ from storage._errors import (
 )
 from storage._local import LocalStore
 from storage._memory import MemoryStore, memory_context
+from storage._object import ObjectStore, configure
 from storage._url import SCHEMES, Location, parse_url
 
 __all__ = [
-    "SCHEMES", "CkptError", "InvalidKeyError", "LocalStore", "Location", "MemoryStore",
+    "SCHEMES", "AccessDeniedError", "BucketNotFoundError", "ObjectStore", "configure",
+    "CkptError", "InvalidKeyError", "LocalStore", "Location", "MemoryStore",
     "ObjectNotFoundError", "StorageError", "Store", "UnsupportedURLError", "check_key", "join",
     "memory_context", "open_store", "parse_url",
 ]
 
 
 def open_store(url: str | os.PathLike[str]) -> Store:
-    """Returns the store for ``url``; performs no I/O.
+    """Returns the store for ``url``; performs no I/O (credentials are checked lazily).
 
     Raises:
         UnsupportedURLError: the scheme has no backend (yet) or the URL is malformed.
@@ -38,6 +42,5 @@ def open_store(url: str | os.PathLike[str]) -> Store:
         return LocalStore(location)
     if location.scheme == "memory":
         return MemoryStore(location)
-    raise UnsupportedURLError(
-        f"the {location.scheme}:// backend is not available in this build: {location.url}")
+    return ObjectStore(location)
 

@@ -84,6 +84,18 @@ class Store(abc.ABC):
         """A human-readable name of ``key`` for error messages."""
         return f"{self.url.rstrip('/')}/{key}" if key else self.url
 
+    def verify_access(self) -> None:
+        """Checks that the store is reachable with the configured credentials.
+
+        Called by `CheckpointManager` and by process 0 at the start of a save, so that a
+        missing bucket or a bad credential fails before any training time is spent. Local
+        and memory stores have nothing to check.
+
+        Raises:
+            AccessDeniedError: credentials missing, wrong or insufficient (names the bucket).
+            BucketNotFoundError: the bucket does not exist.
+        """
+
     # Public methods validate keys, then delegate to the backend's `_methods`.
 
     def read(self, key: str) -> bytes:

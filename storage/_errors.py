@@ -26,3 +26,11 @@ class UnsupportedURLError(CkptError, ValueError):
 
 class InvalidKeyError(CkptError, ValueError):
     """A storage key that could escape the store's root (``..``, absolute, NUL, empty part)."""
+
+
+class AccessDeniedError(StorageError, PermissionError):
+    """Credentials are missing or wrong, or lack permission (the message names the bucket)."""
+
+
+class BucketNotFoundError(ObjectNotFoundError):
+    """The bucket of a ``gs://`` or ``s3://`` URL does not exist."""

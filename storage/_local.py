@@ -32,6 +32,12 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _ignore_missing(func: object, path: str, exc_info: tuple[type, BaseException, object]) -> None:
+    # Another deleter (a second manager's clean-up, `ckpt gc`) may remove entries first.
+    if not isinstance(exc_info[1], FileNotFoundError):
+        raise exc_info[1]
+
+
 class LocalStore(Store):
     """Objects are files below a local folder (which need not exist until the first write)."""
 
@@ -129,7 +135,7 @@ class LocalStore(Store):
         path = self._path(prefix)
         try:
             if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
+                shutil.rmtree(path, onerror=_ignore_missing)
             elif os.path.lexists(path):
                 os.unlink(path)
         except FileNotFoundError:

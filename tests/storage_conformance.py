@@ -95,3 +95,19 @@ class StoreConformance:
         kv = ts.KvStore.open(store.kvstore_spec(""), context=store.tensorstore_context()).result()
         store.write("plain", b"hello")
         assert kv.read("plain").result().value == b"hello"
+
+    def test_concurrent_delete_prefix_removes_everything(self, store: Store):
+        for i in range(40):
+            store.write(f"gone/{i % 5}/k{i}", b"v")
+        barrier = threading.Barrier(4)
+
+        def delete():
+            barrier.wait()
+            store.delete_prefix("gone")
+
+        threads = [threading.Thread(target=delete) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert store.list("gone") == []

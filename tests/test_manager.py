@@ -11,6 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 import ckpt
 from ckpt.errors import SaveError
+from storage import open_store
 
 
 def _state(step, mesh):
@@ -18,8 +19,8 @@ def _state(step, mesh):
             "step": step}
 
 
-def test_steps_latest_and_restore(tmp_path, mesh24):
-    with ckpt.CheckpointManager(tmp_path / "run", keep_last=None) as mgr:
+def test_steps_latest_and_restore(root_url, mesh24):
+    with ckpt.CheckpointManager(root_url, keep_last=None) as mgr:
         assert mgr.latest_step() is None and mgr.steps() == []
         for step in (0, 5, 10):
             mgr.save(step, _state(step, mesh24))
@@ -33,31 +34,31 @@ def test_steps_latest_and_restore(tmp_path, mesh24):
         assert float(out["w"][3, 3]) == 5.0
 
 
-def test_keep_last_and_keep_every(tmp_path, mesh24):
-    with ckpt.CheckpointManager(tmp_path / "run", keep_last=2, keep_every=4) as mgr:
+def test_keep_last_and_keep_every(root_url, mesh24):
+    with ckpt.CheckpointManager(root_url, keep_last=2, keep_every=4) as mgr:
         for step in range(10):
             mgr.save(step, _state(step, mesh24))
-    mgr = ckpt.CheckpointManager(tmp_path / "run", keep_last=2, keep_every=4)
+    mgr = ckpt.CheckpointManager(root_url, keep_last=2, keep_every=4)
     assert mgr.steps() == [0, 4, 8, 9]
-    assert sorted(os.listdir(tmp_path / "run")) == ["0", "4", "8", "9"]
+    assert sorted(open_store(root_url).list_children(), key=int) == ["0", "4", "8", "9"]
     mgr.close()
 
 
-def test_uncommitted_step_is_invisible_and_debris_removed_on_start(tmp_path, mesh24):
-    with ckpt.CheckpointManager(tmp_path / "run") as mgr:
+def test_uncommitted_step_is_invisible_and_debris_removed_on_start(root_url, mesh24):
+    store = open_store(root_url)
+    with ckpt.CheckpointManager(root_url) as mgr:
         mgr.save(1, _state(1, mesh24))
         mgr.save(2, _state(2, mesh24))
     # Step 2 loses its COMMIT (as if the crash came before it); step 1 gets a stray attempt.
-    os.unlink(tmp_path / "run" / "2" / "COMMIT")
-    stray = tmp_path / "run" / "1" / "attempt-19990101T000000-abcdefabcdef"
-    (stray / "arrays").mkdir(parents=True)
-    (stray / "arrays" / "junk").write_bytes(b"x")
-    mgr = ckpt.CheckpointManager(tmp_path / "run")
+    store.delete("2/COMMIT")
+    stray = "1/attempt-19990101T000000-abcdefabcdef"
+    store.write(f"{stray}/arrays/junk/c/0", b"x")
+    mgr = ckpt.CheckpointManager(root_url)
     mgr.close()  # joins the start-up debris removal
     assert mgr.steps() == [1] and mgr.latest_step() == 1
-    assert not stray.exists()
-    assert [p for p in os.listdir(tmp_path / "run" / "2") if p.startswith("attempt-")] == []
-    assert len([p for p in os.listdir(tmp_path / "run" / "1") if p.startswith("attempt-")]) == 1
+    assert store.list(stray) == []
+    assert [p for p in store.list_children("2") if p.startswith("attempt-")] == []
+    assert len([p for p in store.list_children("1") if p.startswith("attempt-")]) == 1
     assert float(mgr.restore()["w"][0, 0]) == 1.0
 
 

@@ -20,7 +20,7 @@ SPECS = {"w": P("data", "model"), "v": P("model", None), "r": P(), "b": P(None, 
 
 
 @pytest.fixture
-def saved(tmp_path, mesh24):
+def saved(root_url, mesh24):
     rng = np.random.default_rng(0)
     host = {
         "w": rng.standard_normal((64, 256)).astype(np.float32),
@@ -29,7 +29,7 @@ def saved(tmp_path, mesh24):
         "b": rng.integers(-9, 9, (8, 2048)).astype(np.int32),
     }
     tree = {k: jax.device_put(v, NamedSharding(mesh24, SPECS[k])) for k, v in host.items()}
-    url = tmp_path / "ckpt"
+    url = f"{root_url}/ckpt"
     ckpt.save(url, {"params": tree, "step": 7})
     return url, host
 

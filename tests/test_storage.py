@@ -82,3 +82,19 @@ def test_bad_urls_are_rejected_by_name(url):
     assert isinstance(err.value, ValueError)
     if url:
         assert url.split("://")[0] in str(err.value)
+
+
+class TestS3Store(StoreConformance):
+    @pytest.fixture
+    def store(self, request, tmp_path):
+        from tests.conftest import backend_url
+
+        return open_store(backend_url(request, tmp_path, "s3"))
+
+
+class TestGcsStore(StoreConformance):
+    @pytest.fixture
+    def store(self, request, tmp_path):
+        from tests.conftest import backend_url
+
+        return open_store(backend_url(request, tmp_path, "gcs"))

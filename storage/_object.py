@@ -1,0 +1,277 @@
+"""The object-store backends: S3 (``s3://``) and GCS (``gs://``).
+
+Small objects, listing, deletion and COMMIT go through fsspec (s3fs, gcsfs); array chunks go
+through TensorStore's ``s3`` and ``gcs`` kvstore drivers with the spec from `kvstore_spec`,
+on the very same objects. COMMIT uses a real precondition: S3 ``If-None-Match: *`` and GCS
+``ifGenerationMatch=0`` (fsspec's ``mode="create"``), so exactly one creator wins.
+
+Configuration comes from the usual environment, overridable per scheme with `configure`:
+
+- S3: ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, ``AWS_REGION`` / ``AWS_DEFAULT_REGION``,
+  credentials from ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN``,
+  else the AWS default chain (profile files, instance metadata).
+- GCS: ``STORAGE_EMULATOR_HOST`` (or ``TENSORSTORE_GCS_HTTP_URL``) for an emulator, else
+  Google application default credentials.
+
+Both libraries retry transient failures (5xx, resets, timeouts) with backoff; TensorStore's
+retry budget is set by ``max_retries``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from typing import Any
+
+import tensorstore as ts
+
+from storage._base import Keys, Store
+from storage._errors import (
+    AccessDeniedError,
+    BucketNotFoundError,
+    ObjectNotFoundError,
+    StorageError,
+    UnsupportedURLError,
+)
+
+_OPTIONS: dict[str, frozenset[str]] = {
+    "s3": frozenset({"endpoint_url", "region", "anonymous", "profile", "max_retries"}),
+    "gs": frozenset({"endpoint_url", "anonymous", "max_retries"}),
+}
+_overrides: dict[str, dict[str, Any]] = {"s3": {}, "gs": {}}
+_lock = threading.Lock()
+_contexts: dict[tuple[str, int], ts.Context] = {}
+_verified: set[tuple[str, str]] = set()
+
+DEFAULT_MAX_RETRIES = 12
+
+
+def configure(scheme: str, **options: Any) -> None:
+    """Overrides the environment's settings for every later ``s3://`` or ``gs://`` store.
+
+    Call before creating stores (or managers), on every process.
+
+    Args:
+        scheme: ``"s3"`` or ``"gs"``.
+        **options: for S3 ``endpoint_url``, ``region``, ``anonymous`` (bool), ``profile``;
+            for GCS ``endpoint_url`` (an emulator) and ``anonymous``; for both
+            ``max_retries`` (TensorStore's retries of a failed request). None removes one.
+
+    Raises:
+        UnsupportedURLError: an unknown scheme.
+        TypeError: an unknown option.
+    """
+    if scheme not in _OPTIONS:
+        raise UnsupportedURLError(f"configure: unknown scheme {scheme!r}; use 's3' or 'gs'")
+    unknown = set(options) - _OPTIONS[scheme]
+    if unknown:
+        raise TypeError(f"configure({scheme!r}): unknown options {sorted(unknown)}; "
+                        f"known: {sorted(_OPTIONS[scheme])}")
+    with _lock:
+        for key, value in options.items():
+            if value is None:
+                _overrides[scheme].pop(key, None)
+            else:
+                _overrides[scheme][key] = value
+        _verified.clear()
+
+
+def _settings(scheme: str) -> dict[str, Any]:
+    env = os.environ
+    with _lock:
+        over = dict(_overrides[scheme])
+    if scheme == "s3":
+        return {
+            "endpoint_url": over.get("endpoint_url") or env.get("AWS_ENDPOINT_URL_S3")
+            or env.get("AWS_ENDPOINT_URL"),
+            "region": over.get("region") or env.get("AWS_REGION")
+            or env.get("AWS_DEFAULT_REGION") or "us-east-1",
+            "anonymous": bool(over.get("anonymous", False)),
+            "profile": over.get("profile"),
+            "max_retries": int(over.get("max_retries", DEFAULT_MAX_RETRIES)),
+        }
+    endpoint = over.get("endpoint_url") or env.get("STORAGE_EMULATOR_HOST") \
+        or env.get("TENSORSTORE_GCS_HTTP_URL")
+    if endpoint and "://" not in endpoint:
+        endpoint = f"http://{endpoint}"
+    return {"endpoint_url": endpoint, "anonymous": bool(over.get("anonymous", False))
+            or bool(endpoint), "max_retries": int(over.get("max_retries", DEFAULT_MAX_RETRIES))}
+
+
+def _filesystem(scheme: str, s: dict[str, Any]) -> Any:
+    if scheme == "s3":
+        import s3fs
+
+        kwargs: dict[str, Any] = {
+            "anon": s["anonymous"], "use_listings_cache": False,
+            "client_kwargs": {"region_name": s["region"]},
+            "config_kwargs": {"retries": {"max_attempts": 4, "mode": "standard"},
+                              "connect_timeout": 10, "read_timeout": 60},
+        }
+        if s["endpoint_url"]:
+            kwargs["client_kwargs"]["endpoint_url"] = s["endpoint_url"]
+        if s["profile"]:
+            kwargs["profile"] = s["profile"]
+        return s3fs.S3FileSystem(**kwargs)
+    if s["endpoint_url"]:
+        # gcsfs probes a gRPC/TLS API per bucket unless told not to; an HTTP emulator
+        # has none, and every first access would stall for a minute.
+        os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+        # TensorStore's gcs driver reads its endpoint from the environment only.
+        os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", s["endpoint_url"])
+    import gcsfs
+
+    kwargs = {"use_listings_cache": False}
+    if s["endpoint_url"]:
+        kwargs["endpoint_url"] = s["endpoint_url"]
+    if s["anonymous"]:
+        kwargs["token"] = "anon"
+    return gcsfs.GCSFileSystem(**kwargs)
+
+
+class ObjectStore(Store):
+    """A bucket prefix on S3 or GCS (which one: ``location.scheme``)."""
+
+    def __init__(self, location: Any) -> None:
+        super().__init__(location)
+        self._settings = _settings(location.scheme)
+        self._fs = _filesystem(location.scheme, self._settings)
+
+    @property
+    def bucket(self) -> str:
+        return self.location.bucket
+
+    def _path(self, key: str) -> str:
+        return "/".join(p for p in (self.location.bucket, self.location.path, key) if p)
+
+    def _error(self, exc: BaseException, key: str, what: str) -> StorageError:
+        """Maps an fsspec/botocore/gcsfs error to ours, naming the bucket and object."""
+        text = f"{type(exc).__name__}: {exc}".strip()
+        name = type(exc).__name__
+        if isinstance(exc, PermissionError) or name in ("NoCredentialsError",
+                                                         "PartialCredentialsError") \
+                or "Forbidden" in text or "AccessDenied" in text or "InvalidAccessKeyId" in text \
+                or "SignatureDoesNotMatch" in text or "401" in text.split(":")[0]:
+            return AccessDeniedError(
+                errno.EACCES, f"access to bucket {self.bucket!r} denied while {what} "
+                f"{self.describe(key)}: credentials are missing, wrong or lack permission "
+                f"({text[:300]})")
+        if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
+            return BucketNotFoundError(errno.ENOENT, f"bucket {self.bucket!r} does not exist "
+                                                     f"({what} {self.describe(key)})")
+        return StorageError(errno.EIO, f"{what} {self.describe(key)} failed: {text[:500]}")
+
+    def _call(self, what: str, key: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (FileNotFoundError, FileExistsError):
+            raise
+        except Exception as exc:  # the clients raise many unrelated types
+            raise self._error(exc, key, what) from exc
+
+    def verify_access(self) -> None:
+        key = (self.location.scheme, self.bucket)
+        if key in _verified:
+            return
+        try:
+            self._call("checking", "", self._fs.ls, self._path(""), detail=False)
+        except FileNotFoundError:
+            if not self._call("checking", "", self._fs.exists, self.bucket):
+                raise BucketNotFoundError(
+                    errno.ENOENT, f"bucket {self.bucket!r} of {self.url} does not exist") from None
+        _verified.add(key)
+
+    def _read(self, key: str) -> bytes:
+        try:
+            return bytes(self._call("reading", key, self._fs.cat_file, self._path(key)))
+        except FileNotFoundError as exc:
+            raise ObjectNotFoundError(errno.ENOENT, f"no object at {self.describe(key)}") from exc
+
+    def _write(self, key: str, data: bytes) -> None:
+        try:
+            self._call("writing", key, self._fs.pipe_file, self._path(key), data)
+        except FileNotFoundError as exc:
+            raise self._error(exc, key, "writing") from exc
+
+    def _write_if_absent(self, key: str, data: bytes) -> bool:
+        try:
+            self._call("creating", key, self._fs.pipe_file, self._path(key), data, mode="create")
+            return True
+        except FileExistsError:
+            # A retried request whose first try succeeded unseen meets its own object: the
+            # content (which names a unique attempt) tells whether this caller won.
+            try:
+                return self._read(key) == data
+            except ObjectNotFoundError:
+                return False
+
+    def _exists(self, key: str) -> bool:
+        try:
+            info = self._call("checking", key, self._fs.info, self._path(key))
+        except FileNotFoundError:
+            return False
+        return bool(info.get("type") == "file")
+
+    def _list(self, prefix: str) -> Keys:
+        root = self._path("")
+        try:
+            found = self._call("listing", prefix, self._fs.find, self._path(prefix))
+        except FileNotFoundError:
+            return []
+        cut = len(root) + 1 if self.location.path else len(self.bucket) + 1
+        keys = [p[cut:] for p in found]
+        if prefix:
+            keys = [k for k in keys if k == prefix or k.startswith(prefix + "/")]
+        return keys
+
+    def _list_children(self, prefix: str) -> Keys:
+        try:
+            found = self._call("listing", prefix, self._fs.ls, self._path(prefix), detail=False)
+        except FileNotFoundError:
+            return []
+        base = self._path(prefix).rstrip("/") + "/"
+        return [p[len(base):].strip("/") for p in found if p.startswith(base) and p != base]
+
+    def _delete(self, key: str) -> None:
+        try:
+            self._call("deleting", key, self._fs.rm_file, self._path(key))
+        except FileNotFoundError:
+            pass
+
+    def _delete_prefix(self, prefix: str) -> None:
+        keys = self._list(prefix)
+        if keys:
+            try:
+                self._call("deleting", prefix, self._fs.rm, [self._path(k) for k in keys])
+            except FileNotFoundError:
+                pass
+
+    def _kvstore_spec(self, prefix: str) -> dict[str, Any]:
+        path = "/".join(p for p in (self.location.path, prefix) if p)
+        path = path + "/" if path else ""
+        if self.location.scheme == "gs":
+            return {"driver": "gcs", "bucket": self.bucket, "path": path}
+        s = self._settings
+        spec: dict[str, Any] = {"driver": "s3", "bucket": self.bucket, "path": path,
+                                "aws_region": s["region"]}
+        if s["endpoint_url"]:
+            spec["endpoint"] = s["endpoint_url"]
+        if s["anonymous"]:
+            spec["aws_credentials"] = {"type": "anonymous"}
+        elif s["profile"]:
+            spec["aws_credentials"] = {"type": "profile", "profile": s["profile"]}
+        elif os.environ.get("AWS_ACCESS_KEY_ID"):
+            spec["aws_credentials"] = {"type": "environment"}
+        return spec
+
+    def tensorstore_context(self) -> ts.Context:
+        retries = self._settings["max_retries"]
+        key = (self.location.scheme, retries)
+        with _lock:
+            if key not in _contexts:
+                policy = {"max_retries": retries, "initial_delay": "0.1s", "max_delay": "8s"}
+                name = "s3_request_retries" if self.location.scheme == "s3" else \
+                    "gcs_request_retries"
+                _contexts[key] = ts.Context({name: policy})
+            return _contexts[key]
