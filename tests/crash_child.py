@@ -4,6 +4,7 @@ Usage: python crash_child.py ROOT STEP POINT
 POINT is ``none`` (the parent kills at a moment of its choosing), ``chunk:K`` (after the K-th
 chunk write is issued), ``after_report``, ``after_manifest``, ``before_commit`` or
 ``after_commit``. The faults are injected by wrapping library functions here, in the test.
+Works on every backend: the store is reached through the environment of the parent.
 """
 
 import os
@@ -17,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ckpt  # noqa: E402
 import ckpt._save as save_mod  # noqa: E402
-from storage import LocalStore  # noqa: E402
+from storage import Store  # noqa: E402
 from tests.crash_state import make_state  # noqa: E402
 
 
@@ -41,16 +42,16 @@ def inject(point):
         save_mod.google_crc32c = Crc
     elif point in ("after_report", "after_manifest"):
         suffix = "hosts/0.msgpack" if point == "after_report" else "manifest.msgpack"
-        real_write = LocalStore._write
+        real_write = Store.write
 
         def write(self, key, data):
             real_write(self, key, data)
             if key.endswith(suffix):
                 die()
 
-        LocalStore._write = write
+        Store.write = write
     elif point in ("before_commit", "after_commit"):
-        real_create = LocalStore._write_if_absent
+        real_create = Store.write_if_absent
 
         def create(self, key, data):
             if point == "before_commit":
@@ -59,7 +60,7 @@ def inject(point):
             die()
             return created
 
-        LocalStore._write_if_absent = create
+        Store.write_if_absent = create
     elif point != "none":
         raise SystemExit(f"unknown point {point}")
 

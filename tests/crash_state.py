@@ -8,7 +8,7 @@ from jax.sharding import PartitionSpec as P
 
 def host_state(step):
     rng = np.random.default_rng(step)
-    return {f"layer{i}": {"w": rng.standard_normal((512, 1024)).astype(np.float32),
+    return {f"layer{i}": {"w": rng.standard_normal((256, 1024)).astype(np.float32),
                           "b": rng.standard_normal(1024).astype(np.float32)}
             for i in range(6)} | {"step": step}
 
