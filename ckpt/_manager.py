@@ -108,9 +108,18 @@ class CheckpointManager:
         return handle
 
     def wait(self) -> None:
-        """Blocks until the save in flight (if any) is committed; raises its error."""
-        if self._handle is not None:
-            self._handle.wait()
+        """Blocks until the save in flight (if any) is committed.
+
+        Raises:
+            The save's error, unless it was already raised to the caller (by its handle's
+            `wait`/`exception`, or by a later `save`): each failure is reported once.
+        """
+        handle = self._handle
+        if handle is not None:
+            exc = handle.outcome()
+            if exc is not None and not handle.observed_by_user:
+                handle.observed_by_user = True
+                raise exc
 
     def _apply_retention(self) -> None:
         if _coord.current().process_index != 0:

@@ -118,8 +118,9 @@ def _filesystem(scheme: str, s: dict[str, Any]) -> Any:
         # gcsfs probes a gRPC/TLS API per bucket unless told not to; an HTTP emulator
         # has none, and every first access would stall for a minute.
         os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-        # TensorStore's gcs driver reads its endpoint from the environment only.
-        os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", s["endpoint_url"])
+        # TensorStore's gcs driver reads its endpoint from the environment only (when a
+        # kvstore is opened), so the configured endpoint is published there.
+        os.environ["TENSORSTORE_GCS_HTTP_URL"] = s["endpoint_url"]
     import gcsfs
 
     kwargs = {"use_listings_cache": False}

@@ -125,3 +125,13 @@ def test_memory_backend_works_like_local(mesh24):
     assert mgr.steps() == [2]
     assert float(mgr.restore(mesh=jax.sharding.Mesh(np.array(jax.devices()[:2]).reshape(1, 2), ("data", "model")))["w"][1, 1]) == 2.0
     mgr.close()
+
+
+def test_error_seen_through_handle_is_not_raised_again(tmp_path, monkeypatch):
+    import ckpt._save as save_mod
+
+    monkeypatch.setattr(save_mod, "_write_chunks", lambda job: (_ for _ in ()).throw(OSError(5, "boom")))
+    mgr = ckpt.CheckpointManager(tmp_path / "run")
+    with pytest.raises(SaveError, match="boom"):
+        mgr.save(1, {"x": np.ones(100000)}).wait()
+    mgr.close()  # already reported: closing does not raise it a second time

@@ -68,12 +68,13 @@ def _wait_listening(port: int, proc: subprocess.Popen[bytes], what: str) -> None
 
 
 @contextlib.contextmanager
-def s3_server() -> Iterator[Server]:
-    """moto's S3 server in a child process."""
+def s3_server(env: dict[str, str] | None = None) -> Iterator[Server]:
+    """moto's S3 server in a child process (``env``: extra settings for moto itself)."""
     port = free_port()
     moto = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or "moto_server"
     proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, **(env or {})})
     try:
         _wait_listening(port, proc, "moto_server")
         endpoint = f"http://127.0.0.1:{port}"

@@ -1,0 +1,154 @@
+"""A fault-injecting HTTP reverse proxy for the object-store tests.
+
+It sits between the library and a local S3 or GCS server on 127.0.0.1 and, per request with
+a seeded probability, answers 503 without forwarding, forwards and then answers 500 (the
+server applied the request; the client cannot know), resets the connection, or delays.
+It counts requests by method, and can be taken down (connections refused) and brought back.
+"""
+
+from __future__ import annotations
+
+import collections
+import http.client
+import http.server
+import random
+import socket
+import threading
+import urllib.parse
+
+HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer",
+       "upgrade", "content-length"}
+
+
+class FaultProxy:
+    """Use as a context manager; ``endpoint`` is what clients should talk to."""
+
+    KINDS = ("503", "500-after", "reset", "delay")
+
+    def __init__(self, upstream: str, *, fault_rate: float = 0.0, seed: int = 0,
+                 delay_s: float = 0.05, kinds: tuple[str, ...] = KINDS) -> None:
+        up = urllib.parse.urlsplit(upstream)
+        self.upstream = (up.hostname, up.port)
+        self.fault_rate = fault_rate
+        self.delay_s = delay_s
+        self.kinds = kinds
+        self.rng = random.Random(seed)
+        self.lock = threading.Lock()
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.faults: collections.Counter[str] = collections.Counter()
+        self.port = 0
+        self.connections: set[socket.socket] = set()
+        self._server: http.server.ThreadingHTTPServer | None = None
+        self.up()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _fault(self) -> str | None:
+        with self.lock:
+            if self.rng.random() >= self.fault_rate:
+                return None
+            kind = self.rng.choice(self.kinds)
+            self.faults[kind] += 1
+            return kind
+
+    def up(self) -> None:
+        """Starts listening (again, on the same port when it was up before)."""
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def setup(self) -> None:
+                super().setup()
+                with proxy.lock:
+                    proxy.connections.add(self.connection)
+
+            def finish(self) -> None:
+                with proxy.lock:
+                    proxy.connections.discard(self.connection)
+                try:
+                    super().finish()
+                except OSError:
+                    pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    out = bytearray()
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0], 16)
+                        if size == 0:
+                            self.rfile.readline()
+                            return bytes(out)
+                        out += self.rfile.read(size)
+                        self.rfile.readline()
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _reply(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+                self.send_response(status)
+                for k, v in headers:
+                    if k.lower() not in HOP:
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            def _handle(self) -> None:
+                body = self._body()
+                with proxy.lock:
+                    proxy.counts[self.command] += 1
+                fault = proxy._fault()
+                if fault == "503":
+                    return self._reply(503, [("Content-Type", "text/plain")], b"injected 503")
+                if fault == "reset":
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                               b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    self.close_connection = True
+                    self.connection.close()
+                    return None
+                if fault == "delay":
+                    threading.Event().wait(proxy.delay_s)  # an injected slow network
+                conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP}
+                headers["Host"] = self.headers["Host"]  # signed by S3 clients: kept as sent
+                conn.request(self.command, self.path, body=body if body or self.command in
+                             ("PUT", "POST", "PATCH") else None, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                conn.close()
+                if fault == "500-after":
+                    return self._reply(500, [("Content-Type", "text/plain")], b"injected 500")
+                return self._reply(resp.status, resp.getheaders(), data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = do_PATCH = _handle
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        server.daemon_threads = True
+        self.port = server.server_address[1]
+        self._server = server
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def down(self) -> None:
+        """Stops listening: new connections are refused, as if the server were gone."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        with self.lock:
+            open_connections = list(self.connections)
+        for conn in open_connections:  # kept-alive connections die with the server too
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def __enter__(self) -> "FaultProxy":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()

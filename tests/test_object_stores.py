@@ -1,0 +1,191 @@
+"""What only object stores need: commit races, a faulty network, a vanished server, request
+counts, bad credentials and buckets. Servers are real (moto, fake-gcs-server) over HTTP."""
+
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+import ckpt
+import storage
+from storage import AccessDeniedError, BucketNotFoundError, StorageError, open_store
+from tests.conftest import BUCKET, backend_url
+from tests.faultproxy import FaultProxy
+
+REMOTES = ["s3", "gcs"]
+SCHEME = {"s3": "s3", "gcs": "gs"}
+
+
+def _server(request, backend):
+    return request.getfixturevalue("s3_server" if backend == "s3" else "gcs_server")
+
+
+@pytest.fixture
+def proxied(request):
+    """Yields (backend, proxy, url maker) with the library pointed at a fault proxy."""
+    made = []
+
+    def make(backend, **kwargs):
+        server = _server(request, backend)
+        proxy = FaultProxy(server.endpoint, **kwargs)
+        made.append((backend, proxy))
+        storage.configure(SCHEME[backend], endpoint_url=proxy.endpoint, max_retries=6)
+        return proxy
+
+    yield make
+    for backend, proxy in made:
+        proxy.down()
+        server = _server(request, backend)
+        storage.configure(SCHEME[backend], endpoint_url=None, max_retries=None)
+        if backend == "gcs":
+            os.environ["TENSORSTORE_GCS_HTTP_URL"] = server.endpoint
+
+
+def _tree(i, n=200_000):
+    rng = np.random.default_rng(i)
+    return {"who": i, "x": rng.standard_normal(n).astype(np.float32),
+            "y": {"z": np.full((64, 1024), i, np.int32)}}
+
+
+def _assert_is(out, i, n=200_000):
+    expected = _tree(i, n)
+    assert out["who"] == i
+    assert out["x"].tobytes() == expected["x"].tobytes()
+    assert out["y"]["z"].tobytes() == expected["y"]["z"].tobytes()
+
+
+@pytest.mark.parametrize("backend", ["local", "memory", "s3", "gcs"])
+def test_commit_race_threads_one_winner_restored_whole(request, tmp_path, backend):
+    url = backend_url(request, tmp_path, backend) + "/step"
+    barrier = threading.Barrier(6)
+    outcome = {}
+
+    def attempt(i):
+        barrier.wait()
+        try:
+            ckpt.save(url, _tree(i))
+            outcome[i] = "won"
+        except (ckpt.errors.CommitConflictError, ckpt.CheckpointExistsError) as exc:
+            outcome[i] = type(exc).__name__
+
+    threads = [threading.Thread(target=attempt, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [i for i, o in outcome.items() if o == "won"]
+    assert len(outcome) == 6 and len(winners) == 1, outcome
+    _assert_is(ckpt.restore(url), winners[0])
+    assert ckpt.metadata(url).attempt in open_store(url).list_children()
+
+
+@pytest.mark.parametrize("backend", ["local", "s3", "gcs"])
+def test_commit_race_processes_one_winner_restored_whole(request, tmp_path, backend):
+    url = backend_url(request, tmp_path, backend) + "/step"
+    child = os.path.join(os.path.dirname(__file__), "race_child.py")
+    procs = [subprocess.Popen([sys.executable, child, url, str(i)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(4)]
+    try:
+        for p in procs:
+            assert p.stdout.readline().strip() == "READY", p.stderr.read()
+        for p in procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        results = [p.communicate(timeout=120)[0].split() for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    winners = [i for i, r in enumerate(results) if r == ["WON"]]
+    assert len(winners) == 1, results
+    assert all(r[0] == "LOST" for i, r in enumerate(results) if i != winners[0]), results
+    out = ckpt.restore(url)
+    assert out["who"] == winners[0]
+    assert (out["x"] == winners[0]).all()
+
+
+@pytest.mark.parametrize("backend", REMOTES)
+def test_save_commits_whole_through_a_faulty_network(request, tmp_path, proxied, backend):
+    proxy = proxied(backend, fault_rate=0.05, seed=7)
+    root = backend_url(request, tmp_path, backend)
+    with ckpt.CheckpointManager(root, keep_last=2) as mgr:
+        for step in range(3):
+            mgr.save(step, _tree(step, 400_000))
+    assert sum(proxy.faults.values()) > 0, "the proxy injected no fault"
+    mgr = ckpt.CheckpointManager(root, keep_last=2)
+    assert mgr.steps() == [1, 2]
+    for step in (1, 2):
+        _assert_is(mgr.restore(step), step, 400_000)
+    mgr.close()
+
+
+@pytest.mark.parametrize("backend", REMOTES)
+def test_server_gone_fails_clearly_and_keeps_previous(request, tmp_path, proxied, backend):
+    proxy = proxied(backend)
+    storage.configure(SCHEME[backend], max_retries=2)
+    root = backend_url(request, tmp_path, backend)
+    mgr = ckpt.CheckpointManager(root, keep_last=None)
+    mgr.save(1, _tree(1)).wait()
+    proxy.down()
+    with pytest.raises(StorageError) as err:
+        mgr.save(2, _tree(2)).wait()
+    assert BUCKET in str(err.value)
+    proxy.up()
+    # Now the server goes away while the background writes are in flight (each request is
+    # held for half a second, so none can finish before the server is gone).
+    proxy.kinds, proxy.delay_s, proxy.fault_rate = ("delay",), 0.5, 1.0
+    handle = mgr.save(3, _tree(3))
+    proxy.down()
+    with pytest.raises(ckpt.CkptError) as err:
+        handle.wait()
+    assert f"{BUCKET}" in str(err.value)
+    proxy.fault_rate = 0.0
+    proxy.up()
+    assert mgr.steps() == [1]
+    _assert_is(mgr.restore(), 1)
+    mgr.close()
+
+
+@pytest.mark.parametrize("backend", REMOTES)
+def test_latest_step_over_1000_steps_makes_few_requests(request, tmp_path, proxied, backend):
+    root = backend_url(request, tmp_path, backend)
+    store = open_store(root)
+    with __import__("concurrent.futures").futures.ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda s: store.write(f"{s}/COMMIT", b"c"), range(1000)))
+    store.delete("999/COMMIT")
+    store.write("999/attempt-x/manifest.msgpack", b"m")  # the newest step is uncommitted
+    proxy = proxied(backend)
+    mgr = ckpt.CheckpointManager(root)
+    mgr._gc.join()
+    proxy.counts.clear()
+    assert mgr.latest_step() == 998
+    requests = sum(proxy.counts.values())
+    assert requests <= 8, dict(proxy.counts)
+
+
+@pytest.mark.parametrize("backend", REMOTES)
+def test_missing_bucket_is_named_before_training(request, backend):
+    _server(request, backend)
+    url = f"{SCHEME[backend]}://no-such-bucket-here/run"
+    with pytest.raises(BucketNotFoundError, match="no-such-bucket-here"):
+        ckpt.CheckpointManager(url)
+    with pytest.raises(BucketNotFoundError, match="no-such-bucket-here"):
+        ckpt.save_async(url + "/1", {"x": 1})
+
+
+def test_wrong_s3_credentials_are_named_before_training():
+    # A moto server that authenticates every request: the test's keys are unknown to it.
+    from tools.servers import s3_server
+
+    with s3_server(env={"INITIAL_NO_AUTH_ACTION_COUNT": "0"}) as server:
+        storage.configure("s3", endpoint_url=server.endpoint)
+        try:
+            with pytest.raises(AccessDeniedError, match="guarded-bucket") as err:
+                ckpt.CheckpointManager("s3://guarded-bucket/run")
+            assert isinstance(err.value, PermissionError)
+        finally:
+            storage.configure("s3", endpoint_url=None)
