@@ -7,6 +7,7 @@ Public API::
     ckpt.restore(url, target=None, *, mesh=None)
     ckpt.metadata(url) -> CheckpointInfo
     ckpt.CheckpointManager(root_url, keep_last=3, keep_every=None)
+    ckpt.configure_storage("s3" | "gs", **options)   # override endpoint/credential settings
 
 See docs/format.md for the on-disk format and docs/protocol.md for the commit protocol.
 """
@@ -38,6 +39,7 @@ from ckpt._info import CheckpointInfo, LeafInfo, metadata  # noqa: E402
 from ckpt._manager import CheckpointManager  # noqa: E402
 from ckpt._restore import restore  # noqa: E402
 from ckpt._save import SaveHandle, save, save_async  # noqa: E402
+from storage import configure as configure_storage  # noqa: E402
 from ckpt.errors import (  # noqa: E402
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -51,6 +53,6 @@ from ckpt.errors import (  # noqa: E402
 __all__ = [
     "CheckpointExistsError", "CheckpointInfo", "CheckpointManager", "CheckpointNotFoundError",
     "CkptError", "CorruptCheckpointError", "LeafInfo", "SaveError", "SaveHandle",
-    "TargetMismatchError", "UnsupportedLeafError", "errors", "metadata", "restore", "save",
-    "save_async",
+    "TargetMismatchError", "UnsupportedLeafError", "configure_storage", "errors", "metadata",
+    "restore", "save", "save_async",
 ]

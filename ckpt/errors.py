@@ -7,7 +7,9 @@ exported here::
 
     CkptError
     ├── StorageError (OSError)                  an I/O or server error after retries
-    │   └── ObjectNotFoundError (FileNotFoundError)
+    │   ├── ObjectNotFoundError (FileNotFoundError)
+    │   │   └── BucketNotFoundError             the bucket of an s3:// or gs:// URL
+    │   └── AccessDeniedError (PermissionError) credentials missing, wrong or insufficient
     ├── UnsupportedURLError (ValueError)        unknown scheme, malformed URL
     ├── InvalidKeyError (ValueError)            a storage key that could leave its root
     ├── CheckpointNotFoundError (FileNotFoundError)   nothing committed at the URL
@@ -32,6 +34,8 @@ from __future__ import annotations
 
 from restore._errors import CorruptCheckpointError
 from storage import (
+    AccessDeniedError,
+    BucketNotFoundError,
     CkptError,
     InvalidKeyError,
     ObjectNotFoundError,
@@ -40,7 +44,7 @@ from storage import (
 )
 
 __all__ = [
-    "CheckpointExistsError", "CheckpointNotFoundError", "CkptError", "CommitConflictError",
+    "AccessDeniedError", "BucketNotFoundError", "CheckpointExistsError", "CheckpointNotFoundError", "CkptError", "CommitConflictError",
     "CoordinationError", "CorruptCheckpointError", "DtypeMismatchError", "InvalidKeyError",
     "InvalidMetadataError",
     "MeshMismatchError",
