@@ -19,7 +19,6 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
-import functools
 import itertools
 import os
 import secrets
@@ -38,29 +37,24 @@ from ckpt._format import (
     ARRAYS,
     ATTEMPT_PREFIX,
     COMMIT,
-    MANIFEST,
-    CommitRecord,
     LeafRecord,
-    Manifest,
     decode_host_report,
     encode_host_report,
-    encode_manifest,
     host_report_key,
     pack,
-    sha256,
 )
+from ckpt._commit import commit
 from ckpt._leaves import classify, encode_inline
 from ckpt._ownership import ArrayInput, ArrayPlan, plan
 from ckpt._tree import flatten, keystr
 from ckpt.errors import (
     CheckpointExistsError,
     CkptError,
-    CommitConflictError,
     InvalidMetadataError,
     SaveError,
     UnsupportedLeafError,
 )
-from restore import box_shape, box_size, to_slices
+from restore import box_size, to_slices
 from storage import Store, open_store
 
 # Bytes of chunk writes handed to TensorStore and not yet durable, per process.
@@ -68,19 +62,6 @@ DEFAULT_INFLIGHT_BYTES = 1 << 30
 
 _SAVE_SEQ = itertools.count()
 _EXISTS = "!exists"
-
-
-@functools.cache
-def _versions() -> dict[str, str]:
-    from importlib import metadata
-
-    out = {}
-    for dist in ("shardckpt", "jax", "jaxlib", "tensorstore", "numpy"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = "unknown"
-    return out
 
 
 class SaveHandle:
@@ -153,6 +134,7 @@ class _Job:
     timeout_s: float
     inflight_bytes: int
     on_commit: Callable[[], None] | None
+    overwrite: bool
 
 
 def new_attempt_id() -> str:
@@ -198,7 +180,8 @@ def _snapshot(leaves: list[Any], plans: dict[int, ArrayPlan]) -> list[_ChunkWrit
 def start_save(store: Store, tree: Any, *, metadata: Any = None,
                on_commit: Callable[[], None] | None = None,
                timeout_s: float = _coord.DEFAULT_TIMEOUT_S,
-               inflight_bytes: int = DEFAULT_INFLIGHT_BYTES) -> SaveHandle:
+               inflight_bytes: int = DEFAULT_INFLIGHT_BYTES,
+               overwrite: bool = False) -> SaveHandle:
     """Runs the blocking part of a save and starts its background part.
 
     Called by `ckpt.save_async` and `CheckpointManager.save`, on every process of the job, in
@@ -228,10 +211,11 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
     proposal = None
     if coord.process_index == 0:
         store.verify_access()
-        proposal = _EXISTS if store.exists(COMMIT) else new_attempt_id()
+        proposal = _EXISTS if not overwrite and store.exists(COMMIT) else new_attempt_id()
     attempt = coord.broadcast(f"save/{seq}/attempt", proposal, timeout_s)
     if attempt == _EXISTS:
-        raise CheckpointExistsError(f"{store.url} already holds a committed checkpoint")
+        raise CheckpointExistsError(f"{store.url} already holds a committed checkpoint "
+                                    "(pass overwrite=True to replace it)")
 
     array_ids = [i for i, rec in enumerate(records) if rec.kind == "array"]
     inputs = [ArrayInput(records[i].shape, np.dtype(leaves[i].dtype).itemsize,
@@ -253,7 +237,7 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
     handle = SaveHandle(store.url)
     handle.attempt = attempt
     job = _Job(store, coord, seq, attempt, created_at, metadata, records, plans, writes,
-               timeout_s, inflight_bytes, on_commit)
+               timeout_s, inflight_bytes, on_commit, overwrite)
     threading.Thread(target=_run, args=(job, handle), name=f"ckpt-save-{attempt}").start()
     return handle
 
@@ -346,18 +330,11 @@ def _check_reports(job: _Job) -> None:
 
 
 def _commit(job: _Job) -> None:
-    """Process 0: manifest, then COMMIT if absent (exactly one attempt can win)."""
+    """Process 0: check the reports, then manifest and COMMIT (see `ckpt._commit`)."""
     _check_reports(job)
-    manifest = Manifest(attempt=job.attempt, process_count=job.coord.process_count,
-                        created_at=job.created_at, committed_at=time.time(),
-                        versions=_versions(), metadata=job.metadata, leaves=job.records)
-    data = encode_manifest(manifest)
-    job.store.write(f"{job.attempt}/{MANIFEST}", data)
-    record = CommitRecord(attempt=job.attempt, manifest_sha256=sha256(data),
-                          committed_at=manifest.committed_at)
-    if not job.store.write_if_absent(COMMIT, record.encode()):
-        raise CommitConflictError(
-            f"{job.store.url} was committed by another attempt; attempt {job.attempt} lost")
+    commit(job.store, attempt=job.attempt, records=job.records, metadata=job.metadata,
+           created_at=job.created_at, process_count=job.coord.process_count,
+           overwrite=job.overwrite)
 
 
 def _run(job: _Job, handle: SaveHandle) -> None:
@@ -409,7 +386,8 @@ def _run(job: _Job, handle: SaveHandle) -> None:
 
 
 def save_async(url: str | os.PathLike[str], tree: Any, *, metadata: Any = None,
-               timeout_s: float = _coord.DEFAULT_TIMEOUT_S) -> "SaveHandle":
+               timeout_s: float = _coord.DEFAULT_TIMEOUT_S,
+               overwrite: bool = False) -> "SaveHandle":
     """Starts saving ``tree`` to ``url``; returns once the snapshot is taken.
 
     Call on every process of the job with the same URL and a tree of the same structure.
@@ -421,15 +399,20 @@ def save_async(url: str | os.PathLike[str], tree: Any, *, metadata: Any = None,
             manifest and returned by `ckpt.metadata`.
         timeout_s: how long processes wait for each other; a process that does not arrive
             in time fails the save on the others with an error naming it.
+        overwrite: replace a committed checkpoint at ``url``. The old one stays readable
+            until the new one commits; then COMMIT is replaced atomically and the old
+            attempt deleted.
 
     Raises:
         UnsupportedLeafError: a leaf cannot be saved (its key path is named).
-        CheckpointExistsError: ``url`` already holds a committed checkpoint.
+        CheckpointExistsError: ``url`` already holds a committed checkpoint (and not
+            ``overwrite``).
     """
-    return start_save(open_store(url), tree, metadata=metadata, timeout_s=timeout_s)
+    return start_save(open_store(url), tree, metadata=metadata, timeout_s=timeout_s,
+                      overwrite=overwrite)
 
 
 def save(url: str | os.PathLike[str], tree: Any, *, metadata: Any = None,
-         timeout_s: float = _coord.DEFAULT_TIMEOUT_S) -> None:
+         timeout_s: float = _coord.DEFAULT_TIMEOUT_S, overwrite: bool = False) -> None:
     """Saves ``tree`` to ``url`` and returns once it is committed: `save_async` then `wait`."""
-    save_async(url, tree, metadata=metadata, timeout_s=timeout_s).wait()
+    save_async(url, tree, metadata=metadata, timeout_s=timeout_s, overwrite=overwrite).wait()

@@ -128,6 +128,10 @@ class Store(abc.ABC):
         """All keys below ``prefix`` (recursively), sorted, relative to the root."""
         return sorted(self._list(check_key(prefix, allow_empty=True)))
 
+    def list_sizes(self, prefix: str = "") -> dict[str, int]:
+        """Like `list`, with each object's size in bytes (for tools: `ckpt list`, `gc`)."""
+        return dict(sorted(self._list_sizes(check_key(prefix, allow_empty=True)).items()))
+
     def list_children(self, prefix: str = "") -> Keys:
         """The names directly below ``prefix``: objects and sub-prefixes alike, sorted."""
         return sorted(set(self._list_children(check_key(prefix, allow_empty=True))))
@@ -161,6 +165,9 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def _list(self, prefix: str) -> Keys: ...
+
+    @abc.abstractmethod
+    def _list_sizes(self, prefix: str) -> dict[str, int]: ...
 
     @abc.abstractmethod
     def _list_children(self, prefix: str) -> Keys: ...

@@ -115,6 +115,15 @@ class LocalStore(Store):
             keys.extend(f"{rel}/{f}" if rel else f for f in files if not _is_tmp(f))
         return keys
 
+    def _list_sizes(self, prefix: str) -> dict[str, int]:
+        out = {}
+        for key in self._list(prefix):
+            try:
+                out[key] = os.stat(self._path(key)).st_size
+            except FileNotFoundError:
+                pass  # deleted since it was listed
+        return out
+
     def _list_children(self, prefix: str) -> list[str]:
         try:
             return [n for n in os.listdir(self._path(prefix)) if not _is_tmp(n)]

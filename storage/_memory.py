@@ -74,6 +74,11 @@ class MemoryStore(Store):
             keys.append(prefix)
         return keys
 
+    def _list_sizes(self, prefix: str) -> dict[str, int]:
+        kv = self._kv()
+        reads = {key: kv.read(key).result() for key in self._list(prefix)}
+        return {k: len(r.value) for k, r in reads.items() if r.state == "value"}
+
     def _list_children(self, prefix: str) -> list[str]:
         cut = len(prefix) + 1 if prefix else 0
         return [k[cut:].split("/", 1)[0] for k in self._keys(prefix)]

@@ -226,6 +226,18 @@ class ObjectStore(Store):
             keys = [k for k in keys if k == prefix or k.startswith(prefix + "/")]
         return keys
 
+    def _list_sizes(self, prefix: str) -> dict[str, int]:
+        root = self._path("")
+        try:
+            found = self._call("listing", prefix, self._fs.find, self._path(prefix), detail=True)
+        except FileNotFoundError:
+            return {}
+        cut = len(root) + 1
+        out = {p[cut:]: int(info.get("size") or 0) for p, info in found.items()}
+        if prefix:
+            out = {k: v for k, v in out.items() if k == prefix or k.startswith(prefix + "/")}
+        return out
+
     def _list_children(self, prefix: str) -> Keys:
         try:
             found = self._call("listing", prefix, self._fs.ls, self._path(prefix), detail=False)

@@ -111,3 +111,9 @@ class StoreConformance:
         for t in threads:
             t.join()
         assert store.list("gone") == []
+
+    def test_list_sizes(self, store: Store):
+        store.write("sz/a", b"12345")
+        store.write("sz/b/c", b"")
+        store.write("szz", b"x")
+        assert store.list_sizes("sz") == {"sz/a": 5, "sz/b/c": 0}

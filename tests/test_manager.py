@@ -1,6 +1,5 @@
 """CheckpointManager: steps, retention, one save in flight, debris removal."""
 
-import os
 
 import jax
 import jax.numpy as jnp
