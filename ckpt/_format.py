@@ -14,7 +14,7 @@ from typing import Any
 
 import msgpack
 
-from ckpt._tree import KeyPath
+from ckpt._tree import KeyPath, keystr
 from ckpt.errors import CorruptCheckpointError, UnsupportedFormatError
 
 FORMAT_VERSION = 1
@@ -288,3 +288,39 @@ def decode_host_report(data: bytes, what: str) -> tuple[int, list[tuple[str, int
             raise CorruptCheckpointError(f"{what} has a malformed chunk row")
         rows.append((row[0], row[1], row[2], row[3]))
     return r.get("process", int), rows
+
+
+def zarr_spec(kvstore: dict[str, Any], rec: LeafRecord, *, create: bool) -> dict[str, Any]:
+    """The TensorStore spec of an ``array`` leaf's zarr v3 array at ``kvstore``.
+
+    ``create``: write ``zarr.json`` (process 0); otherwise only chunks are written, with the
+    metadata assumed rather than read, so writers never wait for each other.
+    """
+    fill: Any = 0
+    if rec.dtype == "bool":
+        fill = False
+    elif rec.dtype.startswith("complex"):
+        fill = [0.0, 0.0]
+    spec: dict[str, Any] = {
+        "driver": "zarr3",
+        "kvstore": kvstore,
+        "metadata": {
+            "shape": list(rec.shape),
+            "chunk_grid": {"name": "regular",
+                           "configuration": {"chunk_shape": list(rec.chunk_shape)}},
+            "chunk_key_encoding": {"name": "default"},
+            "data_type": rec.dtype,
+            "fill_value": fill,
+            "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
+                       {"name": "crc32c"}],
+            "attributes": {"ckpt_key_path": keystr(rec.path)},
+        },
+        # Chunks equal to the fill value are stored too, so a missing chunk always means a
+        # lost chunk, never zeros.
+        "store_data_equal_to_fill_value": True,
+    }
+    if create:
+        spec["create"] = True
+    else:
+        spec.update(open=True, assume_metadata=True)
+    return spec

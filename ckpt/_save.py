@@ -35,6 +35,7 @@ import tensorstore as ts
 from ckpt import _coord
 from ckpt._format import (
     ARRAYS,
+    zarr_spec,
     ATTEMPT_PREFIX,
     COMMIT,
     LeafRecord,
@@ -242,56 +243,54 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
     return handle
 
 
-def _array_spec(job: _Job, rec: LeafRecord) -> dict[str, Any]:
-    fill: Any = False if rec.dtype == "bool" else [0.0, 0.0] if rec.dtype.startswith("complex") else 0
-    spec: dict[str, Any] = {
-        "driver": "zarr3",
-        "kvstore": job.store.kvstore_spec(f"{job.attempt}/{ARRAYS}/{rec.name}"),
-        "metadata": {
-            "shape": list(rec.shape),
-            "chunk_grid": {"name": "regular",
-                           "configuration": {"chunk_shape": list(rec.chunk_shape)}},
-            "chunk_key_encoding": {"name": "default"},
-            "data_type": rec.dtype,
-            "fill_value": fill,
-            "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
-                       {"name": "crc32c"}],
-            "attributes": {"ckpt_key_path": keystr(rec.path)},
-        },
-        # Chunks equal to the fill value are stored too, so a missing chunk always means
-        # a lost chunk, never zeros.
-        "store_data_equal_to_fill_value": True,
-    }
-    if job.coord.process_index == 0:
-        spec["create"] = True
-    else:
-        spec.update(open=True, assume_metadata=True)
-    return spec
+class ChunkWriter:
+    """Writes chunks through TensorStore with at most ``limit`` bytes in flight, and keeps
+    the host-report row (leaf name, flat index, bytes, crc32c) of each.
+
+    Used by the save path's background thread and by offline rewrites.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.rows: list[list[Any]] = []
+        self._pending: collections.deque[tuple[Any, int]] = collections.deque()
+        self._in_flight = 0
+
+    def put(self, array: Any, slices: tuple[slice, ...], data: np.ndarray, name: str,
+            flat: int) -> None:
+        nbytes = data.nbytes
+        while self._pending and self._in_flight + nbytes > self.limit:
+            self._retire()
+        self._pending.append((array[slices].write(data), nbytes))
+        self._in_flight += nbytes
+        # The crc32c of the chunk's C-order bytes, computed while TensorStore writes them.
+        crc = google_crc32c.value(np.ascontiguousarray(data).view(np.uint8))
+        self.rows.append([name, flat, nbytes, crc])
+
+    def _retire(self) -> None:
+        fut, nbytes = self._pending.popleft()
+        fut.result()
+        self._in_flight -= nbytes
+
+    def finish(self) -> list[list[Any]]:
+        """Waits until every chunk is durable; returns the rows."""
+        while self._pending:
+            self._retire()
+        return self.rows
 
 
 def _write_chunks(job: _Job) -> list[list[Any]]:
     """Writes this process's chunks; returns its host-report rows."""
     ctx = job.store.tensorstore_context()
-    opening = {r: ts.open(_array_spec(job, job.records[r]), context=ctx) for r in job.plans
-               if job.coord.process_index == 0 or job.plans[r].owned}
+    create = job.coord.process_index == 0
+    opening = {r: ts.open(zarr_spec(job.store.kvstore_spec(
+        f"{job.attempt}/{ARRAYS}/{job.records[r].name}"), job.records[r], create=create),
+        context=ctx) for r in job.plans if create or job.plans[r].owned}
     arrays = {r: fut.result() for r, fut in opening.items()}
-    rows: list[list[Any]] = []
-    pending: collections.deque[tuple[Any, int]] = collections.deque()
-    in_flight = 0
+    writer = ChunkWriter(job.inflight_bytes)
     for w in job.writes:
-        nbytes = w.data.nbytes
-        while pending and in_flight + nbytes > job.inflight_bytes:
-            fut, done_bytes = pending.popleft()
-            fut.result()
-            in_flight -= done_bytes
-        pending.append((arrays[w.record][w.slices].write(w.data), nbytes))
-        in_flight += nbytes
-        rec = job.records[w.record]
-        rows.append([rec.name, w.flat, nbytes,
-                     google_crc32c.value(np.ascontiguousarray(w.data).view(np.uint8))])
-    for fut, _ in pending:
-        fut.result()
-    return rows
+        writer.put(arrays[w.record], w.slices, w.data, job.records[w.record].name, w.flat)
+    return writer.finish()
 
 
 # Host reports process 0 reads at once: at thousands of processes the reads are latency

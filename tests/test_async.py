@@ -19,21 +19,32 @@ def _update(params):
     return jax.tree.map(lambda p: p * 3.0 + 1.0, params)
 
 
-def test_donating_arrays_right_after_save_async_keeps_saved_values(tmp_path, mesh24):
+def test_donating_arrays_right_after_save_async_keeps_saved_values(tmp_path, mesh24,
+                                                                    monkeypatch):
+    import threading
+
+    import ckpt._save as save_mod
+
+    # Hold the background writes until the arrays have been donated and overwritten, so the
+    # snapshot is certainly still pending when the donation happens.
+    gate = threading.Event()
+    real = save_mod._write_chunks
+    monkeypatch.setattr(save_mod, "_write_chunks", lambda job: (gate.wait(), real(job))[1])
     rng = np.random.default_rng(1)
     host = {f"w{i}": rng.standard_normal((256, 512)).astype(np.float32) for i in range(4)}
     params = {k: jax.device_put(v, NamedSharding(mesh24, P("data", "model")))
               for k, v in host.items()}
     handle = ckpt.save_async(tmp_path / "c", params)
-    saved = params
     params = _update(params)  # donates every saved buffer
-    assert all(a.is_deleted() for a in saved.values())
     params = _update(params)
+    jax.block_until_ready(params)
+    gate.set()
     handle.wait()
     out = ckpt.restore(tmp_path / "c")
     for k, v in host.items():
         assert out[k].tobytes() == v.tobytes()
-    np.testing.assert_allclose(np.asarray(params["w0"]), (host["w0"] * 3 + 1) * 3 + 1, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(params["w0"]), (host["w0"] * 3 + 1) * 3 + 1,
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_deleting_arrays_and_mutating_numpy_after_save_async(tmp_path, mesh24):
