@@ -14,25 +14,18 @@ from types import TracebackType
 from typing import Any
 
 from ckpt import _coord
-from ckpt._format import ATTEMPT_PREFIX, COMMIT, CommitRecord
+from ckpt._housekeeping import (
+    committed_steps,
+    debris,
+    delete_step,
+    latest_committed_step,
+    retention_victims,
+    step_folders,
+)
 from ckpt._restore import restore_from
 from ckpt._save import SaveHandle, start_save
 from ckpt.errors import CheckpointNotFoundError, CkptError, SaveError
-from storage import ObjectNotFoundError, Store, open_store
-
-
-def step_folders(store: Store) -> list[int]:
-    """Steps that have a folder under a manager root (committed or not), ascending."""
-    steps = []
-    for name in store.list_children():
-        if name.isdigit() and (name == "0" or not name.startswith("0")):
-            steps.append(int(name))
-    return sorted(steps)
-
-
-def committed_steps(store: Store) -> list[int]:
-    """Committed steps under a manager root, ascending (one existence check per folder)."""
-    return [s for s in step_folders(store) if store.exists(f"{s}/{COMMIT}")]
+from storage import open_store
 
 
 class CheckpointManager:
@@ -79,10 +72,7 @@ class CheckpointManager:
 
     def latest_step(self) -> int | None:
         """The newest committed step, or None; checks step folders newest first."""
-        for step in reversed(step_folders(self._store)):
-            if self._store.exists(f"{step}/{COMMIT}"):
-                return step
-        return None
+        return latest_committed_step(self._store)
 
     # -- saving ----------------------------------------------------------------------------
 
@@ -124,34 +114,22 @@ class CheckpointManager:
     def _apply_retention(self) -> None:
         if _coord.current().process_index != 0:
             return
-        steps = self.steps()
-        keep = set(steps[-self.keep_last:] if self.keep_last else steps)
-        if self.keep_every:
-            keep.update(s for s in steps if s % self.keep_every == 0)
-        for step in steps:
-            if step not in keep:
-                # COMMIT goes first: the step is invisible before any of its data goes.
-                self._store.delete(f"{step}/{COMMIT}")
-                self._store.delete_prefix(str(step))
+        for step in retention_victims(self.steps(), self.keep_last, self.keep_every):
+            delete_step(self._store, step)
 
     def _remove_debris(self) -> None:
         """Process 0, at start-up, in the background: deletes attempts no COMMIT names."""
         try:
             for step in step_folders(self._store):
                 with self._lock:
+                    # Holding the lock while deleting: a save of this step registers first
+                    # (and is skipped) or starts after the deletion.
                     if step in self._saving:
                         continue
-                    winner = None
-                    try:
-                        raw = self._store.read(f"{step}/{COMMIT}")
-                        winner = CommitRecord.decode(raw, f"{step}/{COMMIT}").attempt
-                    except ObjectNotFoundError:
-                        pass
-                    for name in self._store.list_children(str(step)):
-                        if name.startswith(ATTEMPT_PREFIX) and name != winner:
-                            self._store.delete_prefix(f"{step}/{name}")
+                    for attempt in debris(self._store, [step]):
+                        self._store.delete_prefix(f"{step}/{attempt.name}")
         except CkptError:
-            pass  # best effort: debris is invisible to readers, and gc can retry it later
+            pass  # best effort: debris is invisible to readers; the next start or `ckpt gc`
 
     # -- restoring -------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ckpt._info import CheckpointInfo, metadata
-from ckpt._manager import committed_steps
+from ckpt._housekeeping import committed_steps
 from ckpt.errors import CkptError
 from storage import open_store
 
