@@ -75,18 +75,18 @@ class ArrayPlan:
         return chunk_box(unflat_index(flat, self.grid), self.chunk_shape, self.shape)
 
 
-def choose_chunk_shape(shard_shape: Sequence[int], itemsize: int,
-                       replica_processes: int) -> tuple[int, ...]:
+def choose_chunk_shape(shard_shape: Sequence[int], itemsize: int, replica_processes: int,
+                       max_chunk_bytes: int = MAX_CHUNK_BYTES) -> tuple[int, ...]:
     """Splits a shard shape into a chunk shape that divides it.
 
     Halves the outermost even dimension (so a chunk of a C-order shard stays one contiguous
-    run of memory) until chunks are at most `MAX_CHUNK_BYTES` and, for a
+    run of memory) until chunks are at most ``max_chunk_bytes`` and, for a
     shard held by several processes, there are at least as many chunks as processes (bounded
     below by `MIN_SPLIT_BYTES` per chunk). Deterministic: every process gets the same answer.
     """
     chunk = [max(1, n) for n in shard_shape]
     nbytes = math.prod(chunk) * itemsize
-    wanted = max(-(-nbytes // MAX_CHUNK_BYTES),
+    wanted = max(-(-nbytes // max_chunk_bytes),
                  min(replica_processes, nbytes // MIN_SPLIT_BYTES))
     count = 1
     while count < wanted:

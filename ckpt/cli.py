@@ -1,48 +1,113 @@
-"""The ``ckpt`` command line: inspect and list checkpoints on any supported URL.
+"""The ``ckpt`` command line: inspect, list, verify, reshard and gc checkpoints on any URL.
 
-Errors print one line and exit with status 1 (``--debug`` shows the traceback).
+Each subcommand is a thin layer over the library. Errors print one line on stderr and exit
+with status 1 (2 for bad usage); ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
+from ckpt._format import COMMIT, CommitRecord
+from ckpt._housekeeping import (
+    Attempt,
+    attempts,
+    committed_steps,
+    debris,
+    delete_step,
+    retention_victims,
+    step_folders,
+)
 from ckpt._info import CheckpointInfo, metadata
-from ckpt._housekeeping import committed_steps
+from ckpt._reshard import parse_mesh, parse_spec, reshard
+from ckpt._verify import verify
 from ckpt.errors import CkptError
 from storage import open_store
 
+EPILOG = "URLs: a path, file://PATH, s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, memory://NAME/PREFIX."
 
-def _spec_text(spec: Any) -> str:
-    return "-" if spec is None else str(tuple(spec))
+
+def _size(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if nbytes < 1024 or unit == "TiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return ""
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "age unknown"
+    for unit, span in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= span:
+            return f"{seconds / span:.1f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def _parse_bytes(text: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1] if t and t[-1] in units else ""
+    number = t[:-1] if unit else t
+    try:
+        value = int(float(number) * units[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 2G)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return value
+
+
+class _Progress:
+    """A progress bar on a terminal, a line per 10% otherwise (on stderr)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.tty = sys.stderr.isatty()
+        self.last = -1
+
+    def __call__(self, done: int, total: int) -> None:
+        pct = 100 if total == 0 else int(100 * done / total)
+        if self.tty:
+            bar = "#" * (pct // 4) + "." * (25 - pct // 4)
+            print(f"\r{self.what} [{bar}] {pct:3d}% {_size(done)}/{_size(total)}", end="",
+                  file=sys.stderr, flush=True)
+            if done >= total:
+                print(file=sys.stderr)
+        elif pct // 10 > self.last // 10 or done >= total:
+            self.last = pct
+            print(f"{self.what}: {pct}% ({_size(done)} of {_size(total)})", file=sys.stderr,
+                  flush=True)
+
+
+# -- inspect --------------------------------------------------------------------------------
+
+def _spec_json(spec: Any) -> Any:
+    return None if spec is None else [list(e) if isinstance(e, tuple) else e for e in spec]
 
 
 def _info_json(info: CheckpointInfo) -> dict[str, Any]:
+    meta = info.metadata
+    try:
+        json.dumps(meta)
+    except (TypeError, ValueError):
+        meta = repr(meta)
     return {
         "url": info.url, "format_version": info.format_version, "attempt": info.attempt,
         "created_at": info.created_at, "committed_at": info.committed_at,
-        "process_count": info.process_count, "versions": info.versions,
-        "metadata": info.metadata if _jsonable(info.metadata) else repr(info.metadata),
+        "process_count": info.process_count, "versions": info.versions, "metadata": meta,
         "nbytes": info.nbytes,
         "leaves": [{"path": leaf.keystr, "kind": leaf.kind, "shape": list(leaf.shape),
                     "dtype": leaf.dtype, "nbytes": leaf.nbytes, "mesh": leaf.mesh,
-                    "spec": None if leaf.spec is None else [
-                        list(e) if isinstance(e, tuple) else e for e in leaf.spec],
-                    "chunk_shape": list(leaf.chunk_shape)} for leaf in info.leaves],
+                    "spec": _spec_json(leaf.spec), "chunk_shape": list(leaf.chunk_shape)}
+                   for leaf in info.leaves],
     }
-
-
-def _jsonable(value: Any) -> bool:
-    try:
-        json.dumps(value)
-        return True
-    except (TypeError, ValueError):
-        return False
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -51,56 +116,209 @@ def _inspect(args: argparse.Namespace) -> int:
         print(json.dumps(_info_json(info), indent=2))
         return 0
     stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(info.committed_at))
+    step = os.path.basename(info.url.rstrip("/"))
+    meshes = sorted({str(leaf.mesh) for leaf in info.leaves if leaf.mesh})
     print(f"checkpoint  {info.url}")
+    print(f"step        {step if step.isdigit() else '-'}")
     print(f"format      v{info.format_version}, attempt {info.attempt}")
-    print(f"committed   {stamp}, by {info.process_count} process(es)")
+    print(f"committed   {stamp}, written by {info.process_count} process(es)")
+    print(f"saved mesh  {', '.join(meshes) or '-'}")
     print(f"metadata    {info.metadata!r}")
-    rows = [(leaf.keystr, leaf.kind, "x".join(map(str, leaf.shape)) or "()", leaf.dtype or "-",
-             str(leaf.nbytes), _spec_text(leaf.spec),
+    rows = [(leaf.keystr, leaf.kind, "x".join(map(str, leaf.shape)) or "()",
+             leaf.dtype or "-", _size(leaf.nbytes),
+             "-" if leaf.spec is None else str(tuple(leaf.spec)),
              "x".join(map(str, leaf.chunk_shape)) or "-") for leaf in info.leaves]
-    header = ("key path", "kind", "shape", "dtype", "bytes", "spec", "chunk")
+    header = ("key path", "kind", "shape", "dtype", "bytes", "spec", "chunks")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    print()
     for row in [header, *rows]:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-    print(f"total       {len(info.leaves)} leaves, {info.nbytes} bytes")
+    print(f"\ntotal       {len(info.leaves)} leaves, {_size(info.nbytes)} of array data")
     return 0
 
+
+# -- list -----------------------------------------------------------------------------------
 
 def _list(args: argparse.Namespace) -> int:
-    steps = sorted(committed_steps(open_store(args.root)), reverse=True)
+    store = open_store(args.root)
+    now = time.time()
+    entries = []
+    for step in sorted(step_folders(store), reverse=True):
+        sizes = store.list_sizes(str(step))
+        for a in sorted(attempts(store, step), key=lambda a: a.name, reverse=True):
+            nbytes = sum(v for k, v in sizes.items() if k.startswith(f"{step}/{a.name}/"))
+            entry: dict[str, Any] = {"step": step, "attempt": a.name, "bytes": nbytes,
+                                     "state": "committed" if a.committed else "incomplete"}
+            if a.committed:
+                rec = CommitRecord.decode(store.read(f"{step}/{COMMIT}"), f"{step}/{COMMIT}")
+                entry["committed_at"] = rec.committed_at
+            else:
+                entry["age_s"] = a.age_s(now)
+            entries.append(entry)
     if args.json:
-        print(json.dumps([{"step": s, "state": "committed"} for s in steps]))
-    else:
-        for s in steps:
-            print(f"{s}\tcommitted")
+        print(json.dumps(entries, indent=2))
+        return 0
+    if not entries:
+        print(f"no steps under {store.url}")
+    for e in entries:
+        if e["state"] == "committed":
+            when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(e["committed_at"]))
+            print(f"{e['step']:>10}  committed   {_size(e['bytes']):>10}  {when}")
+        else:
+            print(f"{e['step']:>10}  incomplete  {_size(e['bytes']):>10}  "
+                  f"{_age(e['age_s'])} old  {e['attempt']}")
     return 0
+
+
+# -- verify ---------------------------------------------------------------------------------
+
+def _verify(args: argparse.Namespace) -> int:
+    report = verify(args.url, memory_budget=args.memory_budget,
+                    progress=_Progress("verifying") if not args.quiet else None)
+    for problem in report.problems:
+        print(f"BAD  {problem}")
+    state = "OK" if report.ok else f"{len(report.problems)} problem(s)"
+    print(f"{state}: {report.chunks} chunks, {_size(report.nbytes)} read from {report.url}")
+    return 0 if report.ok else 1
+
+
+# -- reshard --------------------------------------------------------------------------------
+
+def _limit_malloc_arenas() -> None:
+    """Caps glibc's per-thread malloc arenas, which otherwise keep freed chunk buffers of
+    TensorStore's many threads resident and make memory use drift far above the budget."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX = -8
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to cap
+
+
+def _reshard(args: argparse.Namespace) -> int:
+    _limit_malloc_arenas()
+    mesh = parse_mesh(args.mesh)
+    rules = []
+    for rule in args.spec:
+        pattern, eq, spec = rule.partition("=")
+        if not eq or not pattern:
+            raise ValueError(f"--spec {rule!r}: expected GLOB=SPEC, e.g. 'params/*/w=data,model'")
+        rules.append((pattern, parse_spec(spec)))
+    result = reshard(args.src, args.dst, mesh=mesh, rules=rules,
+                     memory_budget=args.memory_budget, overwrite=args.overwrite,
+                     progress=None if args.quiet else _Progress("resharding"))
+    print(f"wrote {result.url}: {result.chunks} chunks, {_size(result.nbytes)}, "
+          f"laid out for mesh {args.mesh}")
+    return 0
+
+
+# -- gc -------------------------------------------------------------------------------------
+
+def _gc(args: argparse.Namespace) -> int:
+    store = open_store(args.root)
+    verb = "would remove" if args.dry_run else "removing"
+    removed: list[Attempt] = debris(store, step_folders(store), grace_s=args.grace)
+    for a in removed:
+        print(f"{verb} incomplete attempt {a.step}/{a.name} "
+              f"({_age(a.age_s(time.time()))} old)")
+        if not args.dry_run:
+            store.delete_prefix(f"{a.step}/{a.name}")
+    victims = retention_victims(committed_steps(store), args.keep_last, None) \
+        if args.keep_last else []
+    for step in victims:
+        print(f"{verb} committed step {step} (keeping the newest {args.keep_last})")
+        if not args.dry_run:
+            delete_step(store, step)
+    if not removed and not victims:
+        print("nothing to remove")
+    return 0
+
+
+# -- main -----------------------------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ckpt", epilog=EPILOG,
+        description="Inspect, check, convert and clean up JAX checkpoints.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("inspect", epilog=EPILOG,
+                       help="describe one checkpoint (reads its manifest only)",
+                       description="Print a checkpoint's format, commit time, writers, mesh, "
+                       "metadata and tree (key path, shape, dtype, bytes, spec, chunks).")
+    p.add_argument("url", help="the checkpoint")
+    p.add_argument("--json", action="store_true", help="print the documented JSON document")
+    p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("list", epilog=EPILOG, help="list the steps under a manager root",
+                       description="List every step, newest first: committed, or an "
+                       "incomplete attempt with its age and size.")
+    p.add_argument("root", help="a CheckpointManager root")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_list)
+
+    p = sub.add_parser("verify", epilog=EPILOG, help="read and check every chunk",
+                       description="Read every chunk, check sizes and checksums against the "
+                       "manifest and host reports, report each bad chunk by leaf and chunk "
+                       "index. Exit status 0 only when all is well.")
+    p.add_argument("url", help="the checkpoint")
+    p.add_argument("--memory-budget", type=_parse_bytes, default="256M",
+                   help="bytes of chunks read at once (default 256M)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_verify)
+
+    p = sub.add_parser("reshard", epilog=EPILOG,
+                       help="rewrite a checkpoint for another mesh, streaming",
+                       description="Rewrite SRC into DST with the chunk layout of a new mesh "
+                       "and PartitionSpecs (default: the saved specs), chunk by chunk, with "
+                       "bounded memory and no accelerators. DST is an ordinary committed "
+                       "checkpoint; the two may be on different backends.")
+    p.add_argument("src", help="the checkpoint to read")
+    p.add_argument("dst", help="where to write the new checkpoint")
+    p.add_argument("--mesh", required=True, help="the new mesh, e.g. data=2,model=4")
+    p.add_argument("--spec", action="append", default=[], metavar="GLOB=SPEC",
+                   help="PartitionSpec for leaves whose slash path (params/dense/kernel) "
+                   "matches GLOB; SPEC like data,model or -,model ('-' unsharded, a+b for "
+                   "two axes, '-' alone replicated). Repeatable; the last match wins.")
+    p.add_argument("--memory-budget", type=_parse_bytes, default="1G",
+                   help="host memory for chunk data (default 1G)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a committed checkpoint at DST (atomically)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_reshard)
+
+    p = sub.add_parser("gc", epilog=EPILOG, help="remove debris and apply retention",
+                       description="Remove incomplete attempts older than the grace period, "
+                       "and with --keep-last the oldest committed steps. Prints what it "
+                       "removes.")
+    p.add_argument("root", help="a CheckpointManager root")
+    p.add_argument("--dry-run", action="store_true", help="print, remove nothing")
+    p.add_argument("--keep-last", type=int, default=None, metavar="N",
+                   help="also remove all but the newest N committed steps")
+    p.add_argument("--grace", type=float, default=3600.0, metavar="SECONDS",
+                   help="leave incomplete attempts younger than this alone: a save may still "
+                   "be running (default 3600)")
+    p.set_defaults(func=_gc)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ckpt`` console script."""
-    parser = argparse.ArgumentParser(prog="ckpt", description="Inspect JAX checkpoints.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("inspect", help="describe one checkpoint (reads the manifest only)")
-    p.add_argument("url")
-    p.add_argument("--json", action="store_true", help="print a JSON document")
-    p.set_defaults(func=_inspect)
-    p = sub.add_parser("list", help="list the committed steps under a manager root")
-    p.add_argument("root")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_list)
+    parser = _parser()
     args = parser.parse_args(argv)
+    if getattr(args, "keep_last", None) is not None and args.keep_last < 1:
+        parser.error("--keep-last must be at least 1")
     try:
         return int(args.func(args))
-    except CkptError as exc:
+    except (CkptError, ValueError) as exc:
         if args.debug:
             raise
-        print(f"ckpt: error: {exc}", file=sys.stderr)
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"ckpt {args.command}: error: {text}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         # The reader (e.g. `head`) went away; that is not an error of ours.
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 

@@ -19,6 +19,7 @@ from restore._plan import (
     grid_shape,
     intersect,
     plan_reads,
+    spec_shard_shape,
     to_slices,
     unflat_index,
 )
@@ -27,5 +28,5 @@ from restore._read import ArrayReadJob, read_arrays
 __all__ = [
     "ArrayReadJob", "Box", "ChunkRead", "CorruptCheckpointError", "Piece", "box_of_index",
     "box_shape", "box_size", "chunk_box", "chunks_in", "flat_index", "full_box", "grid_shape",
-    "intersect", "plan_reads", "read_arrays", "to_slices", "unflat_index",
+    "intersect", "plan_reads", "read_arrays", "spec_shard_shape", "to_slices", "unflat_index",
 ]

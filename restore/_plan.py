@@ -143,3 +143,37 @@ def plan_reads(shape: Sequence[int], chunk_shape: Sequence[int],
     return [ChunkRead(c, chunk_box(c, chunk_shape, shape), tuple(needed[c]),
                       exact.get(c) if len(needed[c]) == 1 else None)
             for c in sorted(needed)]
+
+
+def spec_shard_shape(shape: Sequence[int], mesh: dict[str, int],
+                     spec: Sequence[str | Sequence[str] | None]) -> tuple[int, ...]:
+    """The shard shape of ``shape`` laid out by PartitionSpec ``spec`` on a mesh.
+
+    Pure: the mesh is only axis names and sizes, so offline tools plan layouts for meshes
+    of devices they do not have.
+
+    Raises:
+        ValueError: the spec names an axis the mesh lacks, uses an axis twice, has more
+            entries than dimensions, or a dimension is not divisible by its axes' product
+            (the message says which).
+    """
+    if len(spec) > len(shape):
+        raise ValueError(f"spec {tuple(spec)} has {len(spec)} entries for {len(shape)} dims")
+    seen: set[str] = set()
+    out = []
+    for dim, n in enumerate(shape):
+        entry = spec[dim] if dim < len(spec) else None
+        axes = [] if entry is None else [entry] if isinstance(entry, str) else list(entry)
+        parts = 1
+        for axis in axes:
+            if axis not in mesh:
+                raise ValueError(f"axis {axis!r} is not in the mesh {mesh}")
+            if axis in seen:
+                raise ValueError(f"axis {axis!r} is used twice in {tuple(spec)}")
+            seen.add(axis)
+            parts *= mesh[axis]
+        if n % parts:
+            raise ValueError(f"dimension {dim} of size {n} is not divisible by {parts} "
+                             f"(axes {axes})")
+        out.append(n // parts)
+    return tuple(out)

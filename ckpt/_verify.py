@@ -1,0 +1,155 @@
+"""``ckpt verify``: read every chunk and check it against the manifest and host reports.
+
+Unlike restore, which stops at the first bad chunk, verification reads everything and
+reports every problem, each naming its leaf and chunk index.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import Any
+
+import google_crc32c
+import numpy as np
+import tensorstore as ts
+
+from ckpt._format import ARRAYS, decode_host_report, host_report_key
+from ckpt._leaves import decode_inline, dtype_from_name
+from ckpt._restore import open_checkpoint
+from ckpt._tree import keystr
+from ckpt.errors import CorruptCheckpointError
+from restore import box_size, chunk_box, to_slices, unflat_index
+from restore._read import open_spec
+from storage import ObjectNotFoundError, open_store
+
+DEFAULT_BUDGET = 256 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One thing wrong: where (leaf key path, chunk grid index or None) and what."""
+
+    leaf: str
+    chunk: tuple[int, ...] | None
+    what: str
+
+    def __str__(self) -> str:
+        where = self.leaf if self.chunk is None else f"{self.leaf} chunk {self.chunk}"
+        return f"{where}: {self.what}"
+
+
+@dataclasses.dataclass
+class VerifyReport:
+    """What `verify` found: counts and every problem."""
+
+    url: str
+    chunks: int = 0
+    nbytes: int = 0
+    problems: list[Problem] = dataclasses.field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _reports(store: Any, attempt: str, processes: int,
+             report: VerifyReport) -> dict[tuple[str, int], tuple[int, int]]:
+    rows: dict[tuple[str, int], tuple[int, int]] = {}
+    for p in range(processes):
+        key = host_report_key(attempt, p)
+        try:
+            _, found = decode_host_report(store.read(key), store.describe(key))
+        except (ObjectNotFoundError, CorruptCheckpointError) as exc:
+            report.problems.append(Problem(f"host report {p}", None, str(exc)))
+            continue
+        for name, flat, nbytes, crc in found:
+            rows[(name, flat)] = (nbytes, crc)
+    return rows
+
+
+def verify(url: str | os.PathLike[str], *, memory_budget: int = DEFAULT_BUDGET,
+           progress: Callable[[int, int], None] | None = None) -> VerifyReport:
+    """Reads every chunk of the checkpoint at ``url`` and checks it.
+
+    Checks: COMMIT and the manifest's sha256 (a failure raises, as nothing else can be
+    trusted then); each host report; each array's stored shape and dtype; each chunk's
+    presence, its stored crc32c (verified by TensorStore on read), its size against the
+    manifest and its crc32c against the host report; each inline leaf's size.
+
+    Raises:
+        CheckpointNotFoundError, CorruptCheckpointError: when COMMIT or the manifest fail.
+    """
+    store = open_store(url)
+    _, manifest = open_checkpoint(store)
+    report = VerifyReport(store.url)
+    expected = _reports(store, manifest.attempt, manifest.process_count, report)
+    ctx = store.tensorstore_context()
+    total = sum(leaf.nbytes for leaf in manifest.leaves if leaf.kind == "array")
+    done = 0
+    for leaf in manifest.leaves:
+        name = keystr(leaf.path)
+        if leaf.kind == "inline":
+            try:
+                decode_inline(leaf, f"{store.url} leaf {name}")
+            except CorruptCheckpointError as exc:
+                report.problems.append(Problem(name, None, str(exc)))
+            continue
+        if leaf.kind != "array":
+            continue
+        dtype = dtype_from_name(leaf.dtype, f"{store.url} leaf {name}")
+        try:
+            arr = ts.open(open_spec(store.kvstore_spec(f"{manifest.attempt}/{ARRAYS}/"
+                                                       f"{leaf.name}")), context=ctx).result()
+        except Exception as exc:  # TensorStore reports every failure as ValueError
+            report.problems.append(Problem(name, None, f"array cannot be opened: {exc}"))
+            continue
+        if tuple(arr.shape) != leaf.shape or arr.dtype.numpy_dtype != dtype:
+            report.problems.append(Problem(name, None, f"stored as {arr.dtype.name}"
+                                           f"{list(arr.shape)}, manifest says {leaf.dtype}"
+                                           f"{list(leaf.shape)}"))
+            continue
+        grid = tuple(-(-n // c) for n, c in zip(leaf.shape, leaf.chunk_shape))
+        pending: collections.deque[tuple[Any, int, tuple[int, ...], int]] = collections.deque()
+        in_flight = 0
+
+        def check_one() -> None:
+            nonlocal in_flight, done
+            fut, flat, coord, nbytes = pending.popleft()
+            in_flight -= nbytes
+            done += nbytes
+            report.chunks += 1
+            try:
+                data = fut.result()
+            except Exception as exc:
+                text = str(exc)
+                what = "missing" if "NOT_FOUND" in text else f"unreadable: {text[:300]}"
+                report.problems.append(Problem(name, coord, what))
+                return
+            raw = np.ascontiguousarray(data).view(np.uint8)
+            report.nbytes += raw.nbytes
+            if raw.nbytes != leaf.chunk_nbytes[flat]:
+                report.problems.append(Problem(name, coord, f"{raw.nbytes} bytes, manifest "
+                                               f"says {leaf.chunk_nbytes[flat]}"))
+            want = expected.get((leaf.name, flat))
+            if want is None:
+                report.problems.append(Problem(name, coord, "not in any host report"))
+            elif google_crc32c.value(raw) != want[1]:
+                report.problems.append(Problem(name, coord, "crc32c differs from the host "
+                                               "report: the chunk holds other data"))
+            if progress is not None:
+                progress(done, total)
+
+        for flat in range(len(leaf.writers)):
+            coord = unflat_index(flat, grid)
+            box = chunk_box(coord, leaf.chunk_shape, leaf.shape)
+            nbytes = box_size(box) * dtype.itemsize
+            while pending and in_flight + nbytes > memory_budget:
+                check_one()
+            pending.append((arr[to_slices(box)].read(), flat, coord, nbytes))
+            in_flight += nbytes
+        while pending:
+            check_one()
+    return report

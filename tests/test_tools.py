@@ -1,0 +1,235 @@
+"""The ckpt command line: inspect, list, verify, reshard, gc, and their errors."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import ckpt
+from ckpt._housekeeping import committed_steps
+from ckpt.cli import main
+from storage import open_store
+from tests.conftest import backend_url, make_mesh
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture
+def saved(tmp_path, mesh24):
+    rng = np.random.default_rng(0)
+    host = {"w": rng.standard_normal((256, 1024)).astype(np.float32),
+            "e": rng.standard_normal((512, 64)).astype(jnp.bfloat16)}
+    specs = {"w": P("data", "model"), "e": P("model")}
+    tree = {"params": {k: jax.device_put(v, NamedSharding(mesh24, specs[k]))
+                       for k, v in host.items()}, "step": 4}
+    url = str(tmp_path / "run" / "4")
+    ckpt.save(url, tree, metadata={"lr": 0.1})
+    return url, host
+
+
+def _chunks(url, leaf):
+    attempt = ckpt.metadata(url).attempt
+    return sorted(p for p in open_store(url).list(f"{attempt}/arrays/{leaf}/c"))
+
+
+def test_inspect_reports_everything(saved, capsys):
+    url, _ = saved
+    assert main(["inspect", url]) == 0
+    out = capsys.readouterr().out
+    for text in ("step        4", "format      v1", "written by 1 process", "'data': 2",
+                 "{'lr': 0.1}", "['params']['w']", "256x1024", "float32", "('data', 'model')",
+                 "128x256", "total       3 leaves"):
+        assert text in out, text
+    assert main(["inspect", "--json", url]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert set(doc) >= {"url", "format_version", "attempt", "committed_at", "process_count",
+                        "metadata", "leaves", "nbytes"}
+    assert doc["nbytes"] == 256 * 1024 * 4 + 512 * 64 * 2
+    leaf = next(x for x in doc["leaves"] if x["path"] == "['params']['w']")
+    assert leaf["shape"] == [256, 1024] and leaf["spec"] == ["data", "model"]
+    assert leaf["mesh"] == {"data": 2, "model": 4} and leaf["chunk_shape"] == [128, 256]
+
+
+def test_list_shows_committed_and_incomplete_with_age_and_size(saved, capsys):
+    url, _ = saved
+    root = os.path.dirname(url)
+    store = open_store(root)
+    store.write("9/attempt-20200101T000000-aaaaaaaaaaaa/arrays/x/c/0", b"x" * 1000)
+    assert main(["list", root]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:2] == ["9", "incomplete"] and "1000 B" in lines[0]
+    assert " d old" in lines[0]
+    assert lines[1].split()[:2] == ["4", "committed"]
+    assert main(["list", "--json", root]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [(e["step"], e["state"]) for e in doc] == [(9, "incomplete"), (4, "committed")]
+    assert doc[0]["bytes"] == 1000 and doc[0]["age_s"] > 86400 * 365
+
+
+def _damage(url, leaf, how):
+    store = open_store(url)
+    keys = _chunks(url, leaf)
+    if how == "flip":
+        data = bytearray(store.read(keys[1]))
+        data[10] ^= 0x40
+        store.write(keys[1], bytes(data))
+    elif how == "truncate":
+        store.write(keys[1], store.read(keys[1])[:-7])
+    elif how == "missing":
+        store.delete(keys[1])
+    elif how == "swap":
+        a, b = store.read(keys[0]), store.read(keys[1])
+        store.write(keys[0], b)
+        store.write(keys[1], a)
+    return keys
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate", "missing", "swap"])
+def test_verify_names_each_bad_chunk(saved, capsys, how):
+    url, _ = saved
+    assert main(["verify", "-q", url]) == 0
+    assert capsys.readouterr().out.startswith("OK: ")
+    _damage(url, "params.w", how)
+    assert main(["verify", "-q", url]) == 1
+    bad = [line for line in capsys.readouterr().out.splitlines() if line.startswith("BAD")]
+    assert bad and all("['params']['w'] chunk (0, " in line for line in bad), bad
+    assert len(bad) == (2 if how == "swap" else 1)
+
+
+@pytest.mark.parametrize("src_backend, dst_backend", [("local", "local"), ("local", "memory"),
+                                                      ("s3", "gcs")])
+def test_reshard_to_new_mesh_restores_reading_each_chunk_once(
+        request, tmp_path, saved, src_backend, dst_backend, monkeypatch):
+    url, host = saved
+    if src_backend != "local":
+        src = backend_url(request, tmp_path, src_backend) + "/4"
+        ckpt.save(src, ckpt.restore(url, mesh=make_mesh((2, 4))))
+        url = src
+    dst = backend_url(request, tmp_path, dst_backend) + "/new"
+    assert main(["reshard", "-q", url, dst, "--mesh", "data=4,model=2",
+                 "--spec", "params/w=model,data"]) == 0
+    import restore._read as rr
+
+    reads = []
+    real = rr.plan_reads
+    monkeypatch.setattr(rr, "plan_reads",
+                        lambda *a: reads.append(real(*a)) or reads[-1])
+    mesh = make_mesh((4, 2))
+    out = ckpt.restore(dst, mesh=mesh)
+    assert out["params"]["w"].sharding.spec == P("model", "data")
+    assert out["params"]["e"].sharding.spec == P("model")
+    for k, v in host.items():
+        assert np.asarray(out["params"][k]).tobytes() == v.tobytes()
+    assert out["step"] == 4
+    for plan, leaf in zip(reads, ("w", "e")):
+        coords = [r.coord for r in plan]
+        assert len(coords) == len(set(coords))  # each chunk read exactly once
+        assert all(r.exact_target is not None for r in plan)  # chunk == device shard
+
+
+def test_reshard_memory_stays_within_budget(tmp_path):
+    tree = {f"w{i}": np.random.default_rng(i).standard_normal((2048, 4096)).astype(np.float32)
+            for i in range(8)}  # 256 MiB: 4x the budget below
+    src = str(tmp_path / "src")
+    ckpt.save(src, tree)
+    budget = 64 << 20
+    run = subprocess.run([sys.executable, os.path.join(HERE, "peak_rss.py"), "reshard", "-q",
+                          src, str(tmp_path / "dst"), "--mesh", "a=4,b=2", "--spec", "*=b,a",
+                          "--memory-budget", "64M"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    extra = int(run.stderr.strip().splitlines()[-1].split()[1]) * 1024
+    assert sum(v.nbytes for v in tree.values()) >= 4 * budget
+    assert extra <= 1.5 * budget, f"resident memory rose {extra / 2**20:.0f} MiB"
+    out = ckpt.restore(str(tmp_path / "dst"), target={"w3": np.zeros((2048, 4096), np.float32)})
+    assert out["w3"].tobytes() == tree["w3"].tobytes()
+
+
+def test_reshard_progress_is_plain_lines_off_a_terminal(saved, tmp_path):
+    url, _ = saved
+    run = subprocess.run([sys.executable, "-m", "ckpt.cli", "reshard", url,
+                          str(tmp_path / "dst"), "--mesh", "data=2,model=4"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "\r" not in run.stderr and "resharding: 100%" in run.stderr
+    assert "wrote" in run.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mesh", "data2,model=4"], "cannot parse 'data2'"),
+    (["--mesh", "data=2,model=4", "--spec", "params/w=data,batch"],
+     "axis 'batch' is not in the mesh"),
+    (["--mesh", "data=3,model=4"], "dimension 0 of size 256 is not divisible by 3"),
+    (["--mesh", "data=2,model=4", "--spec", "nonsense"], "expected GLOB=SPEC"),
+])
+def test_reshard_bad_input_is_one_line_and_writes_nothing(saved, tmp_path, capsys, args,
+                                                          message):
+    url, _ = saved
+    dst = tmp_path / "dst"
+    assert main(["reshard", "-q", url, str(dst), *args]) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not dst.exists()
+
+
+def test_reshard_refuses_committed_destination_unless_overwrite(saved, tmp_path, capsys):
+    url, host = saved
+    dst = str(tmp_path / "dst")
+    assert main(["reshard", "-q", url, dst, "--mesh", "data=2,model=4"]) == 0
+    first = ckpt.metadata(dst).attempt
+    assert main(["reshard", "-q", url, dst, "--mesh", "data=2,model=4"]) == 1
+    assert "already holds a committed checkpoint" in capsys.readouterr().err
+    assert ckpt.metadata(dst).attempt == first
+    assert main(["reshard", "-q", url, dst, "--mesh", "data=4,model=2", "--overwrite"]) == 0
+    info = ckpt.metadata(dst)
+    assert info.attempt != first and first not in open_store(dst).list_children()
+    assert info.leaves[1].mesh == {"data": 4, "model": 2}
+    out = ckpt.restore(dst)
+    assert out["params"]["w"].tobytes() == host["w"].tobytes()
+
+
+def test_not_a_checkpoint_is_one_line(tmp_path, capsys):
+    for argv in (["inspect", str(tmp_path)], ["verify", str(tmp_path / "x")],
+                 ["reshard", str(tmp_path / "x"), str(tmp_path / "y"), "--mesh", "a=1"]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and ("no checkpoint" in err or "not a checkpoint" in err)
+    assert not (tmp_path / "y").exists()
+
+
+def test_gc_dry_run_then_removes_debris_and_applies_retention(tmp_path, capsys):
+    root = str(tmp_path / "run")
+    with ckpt.CheckpointManager(root, keep_last=None) as mgr:
+        for step in range(4):
+            mgr.save(step, {"x": np.full(10000, step)})
+    store = open_store(root)
+    old = "5/attempt-20200101T000000-aaaaaaaaaaaa"
+    young = "6/" + time.strftime("attempt-%Y%m%dT%H%M%S-bbbbbbbbbbbb", time.gmtime())
+    store.write(f"{old}/hosts/0.msgpack", b"x")
+    store.write(f"{young}/hosts/0.msgpack", b"x")
+    assert main(["gc", root, "--dry-run", "--keep-last", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"would remove incomplete attempt {old}" in out
+    assert "would remove committed step 0" in out and "would remove committed step 1" in out
+    assert young.split("/")[1] not in out
+    # (no CheckpointManager here: its start-up clean-up would remove the debris itself)
+    assert store.list(old) and committed_steps(store) == [0, 1, 2, 3]
+    assert main(["gc", root, "--keep-last", "2"]) == 0
+    assert "removing incomplete attempt" in capsys.readouterr().out
+    assert store.list(old) == [] and store.list(young)  # the young one may still be saving
+    assert committed_steps(store) == [2, 3]
+
+
+@pytest.mark.parametrize("command", ["inspect", "list", "verify", "reshard", "gc"])
+def test_help_reads_well(command):
+    run = subprocess.run([sys.executable, "-m", "ckpt.cli", command, "--help"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and "usage: ckpt " + command in run.stdout
+    assert "URLs:" in run.stdout
