@@ -184,19 +184,25 @@ def _verify(args: argparse.Namespace) -> int:
 
 # -- reshard --------------------------------------------------------------------------------
 
-def _limit_malloc_arenas() -> None:
-    """Caps glibc's per-thread malloc arenas, which otherwise keep freed chunk buffers of
-    TensorStore's many threads resident and make memory use drift far above the budget."""
+def _limit_malloc_retention() -> None:
+    """Makes glibc return freed chunk buffers to the system at once.
+
+    By default glibc raises its mmap threshold after large blocks are freed (so later chunk
+    buffers come from the heap and stay resident) and keeps an arena per thread of
+    TensorStore's pools; both make resident memory drift well above the budget.
+    """
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX = -8
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-8, 2)        # M_ARENA_MAX: two arenas
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: blocks >= 1 MiB always mmapped
     except (OSError, AttributeError):
-        pass  # not glibc: nothing to cap
+        pass  # not glibc: nothing to tune
 
 
 def _reshard(args: argparse.Namespace) -> int:
-    _limit_malloc_arenas()
+    _limit_malloc_retention()
     mesh = parse_mesh(args.mesh)
     rules = []
     for rule in args.spec:

@@ -147,7 +147,7 @@ def test_reshard_memory_stays_within_budget(tmp_path):
     assert run.returncode == 0, run.stderr
     extra = int(run.stderr.strip().splitlines()[-1].split()[1]) * 1024
     assert sum(v.nbytes for v in tree.values()) >= 4 * budget
-    assert extra <= 1.5 * budget, f"resident memory rose {extra / 2**20:.0f} MiB"
+    assert extra <= budget, f"resident memory rose {extra / 2**20:.0f} MiB"
     out = ckpt.restore(str(tmp_path / "dst"), target={"w3": np.zeros((2048, 4096), np.float32)})
     assert out["w3"].tobytes() == tree["w3"].tobytes()
 
