@@ -142,3 +142,31 @@ def test_commit_checks_host_reports_against_plan(tmp_path, mesh24, monkeypatch, 
     with pytest.raises(SaveError, match=message):
         ckpt.save(tmp_path / "c", {"x": x})
     assert not (tmp_path / "c" / "COMMIT").exists()
+
+
+def test_overwrite_is_atomic_old_readable_until_new_commits(tmp_path, monkeypatch):
+    import threading
+
+    import ckpt._save as save_mod
+    from storage import open_store
+
+    url = tmp_path / "c"
+    ckpt.save(url, {"x": np.full(50000, 1.0)})
+    old_attempt = ckpt.metadata(url).attempt
+    reached, release = threading.Event(), threading.Event()
+    real = save_mod.commit
+
+    def paused_commit(*args, **kwargs):
+        reached.set()
+        release.wait()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(save_mod, "commit", paused_commit)
+    handle = ckpt.save_async(url, {"x": np.full(50000, 2.0)}, overwrite=True)
+    reached.wait()
+    # The new data is written, its COMMIT not yet: readers still get the old checkpoint.
+    assert (ckpt.restore(url)["x"] == 1.0).all()
+    release.set()
+    handle.wait()
+    assert (ckpt.restore(url)["x"] == 2.0).all()
+    assert old_attempt not in open_store(url).list_children()
