@@ -31,6 +31,8 @@ MAX_OBJECT_BYTES = 1 << 30
 MAX_COMMIT_BYTES = 1 << 16
 
 LEAF_KINDS = ("array", "inline", "value", "none")
+MAX_NDIM = 64
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_%@#~.-")
 SOURCES = ("jax", "numpy", "numpy_scalar")
 
 
@@ -54,6 +56,7 @@ class LeafRecord:
     chunk_shape: tuple[int, ...] = ()
     writers: list[int] = dataclasses.field(default_factory=list)
     chunk_nbytes: list[int] = dataclasses.field(default_factory=list)
+    chunk_crc32c: list[int] = dataclasses.field(default_factory=list)
     data: bytes = b""
     value: Any = None
     vtype: str = ""
@@ -104,7 +107,8 @@ def _leaf_to_dict(leaf: LeafRecord) -> dict[str, Any]:
                        spec=leaf.spec)
     if leaf.kind == "array":
         out.update(name=leaf.name, chunk_shape=list(leaf.chunk_shape),
-                   chunks={"writer": leaf.writers, "nbytes": leaf.chunk_nbytes})
+                   chunks={"writer": leaf.writers, "nbytes": leaf.chunk_nbytes,
+                           "crc32c": leaf.chunk_crc32c})
     elif leaf.kind == "inline":
         out["data"] = leaf.data
     elif leaf.kind == "value":
@@ -164,8 +168,8 @@ def _decode_path(raw: Any, what: str) -> KeyPath:
     return tuple(path)
 
 
-def _decode_leaf(raw: Any, index: int) -> LeafRecord:
-    r = _Reader(raw, f"manifest leaf {index}")
+def _decode_leaf(raw: Any, index: int, what: str) -> LeafRecord:
+    r = _Reader(raw, f"{what} leaf {index}")
     leaf = LeafRecord(path=_decode_path(r.get("path", list), r.what), kind=r.get("kind", str))
     if leaf.kind not in LEAF_KINDS:
         raise CorruptCheckpointError(f"{r.what} has unknown kind {leaf.kind!r:.40}")
@@ -190,10 +194,20 @@ def _decode_leaf(raw: Any, index: int) -> LeafRecord:
         chunks = _Reader(r.get("chunks", dict), f"{r.what} chunks")
         leaf.writers = list(chunks.ints("writer"))
         leaf.chunk_nbytes = list(chunks.ints("nbytes"))
+        leaf.chunk_crc32c = list(chunks.ints("crc32c"))
+        if not leaf.name or leaf.name[0] == "." or not set(leaf.name) <= _NAME_CHARS:
+            raise CorruptCheckpointError(f"{r.what} has an unsafe array name {leaf.name!r:.80}")
         if len(leaf.chunk_shape) != len(leaf.shape) or 0 in leaf.chunk_shape:
             raise CorruptCheckpointError(f"{r.what} chunk shape does not fit its shape")
-        if len(leaf.writers) != len(leaf.chunk_nbytes):
-            raise CorruptCheckpointError(f"{r.what} chunk lists differ in length")
+        count = 1
+        for n, c in zip(leaf.shape, leaf.chunk_shape):
+            count *= -(-n // c)
+        if not count == len(leaf.writers) == len(leaf.chunk_nbytes) == len(leaf.chunk_crc32c):
+            raise CorruptCheckpointError(
+                f"{r.what} lists {len(leaf.writers)} chunks; its shape and chunk shape make "
+                f"{count}")
+    if leaf.kind in ("array", "inline") and len(leaf.shape) > MAX_NDIM:
+        raise CorruptCheckpointError(f"{r.what} has {len(leaf.shape)} dimensions")
     elif leaf.kind == "inline":
         leaf.data = r.get("data", bytes)
     elif leaf.kind == "value":
@@ -225,7 +239,7 @@ def decode_manifest(data: bytes, what: str) -> Manifest:
         committed_at=float(r.get("committed_at", (int, float))),
         versions={str(k): str(v) for k, v in versions.items()},
         metadata=r.obj.get("metadata"),
-        leaves=[_decode_leaf(leaf, i) for i, leaf in enumerate(leaves)],
+        leaves=[_decode_leaf(leaf, i, what) for i, leaf in enumerate(leaves)],
         format_version=version)
 
 

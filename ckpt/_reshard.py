@@ -125,6 +125,7 @@ def _plan(manifest_leaves: list[LeafRecord], mesh: dict[str, int],
             grid = grid_shape(rec.shape, new.chunk_shape)
             count = int(np.prod(grid, dtype=np.int64))
             new.writers = [0] * count
+            new.chunk_crc32c = [0] * count
             new.chunk_nbytes = [box_size(chunk_box(unflat_index(f, grid), new.chunk_shape,
                                                    rec.shape)) * itemsize for f in range(count)]
     if errors:
@@ -205,6 +206,9 @@ def reshard(src_url: str | os.PathLike[str], dst_url: str | os.PathLike[str], *,
         while pending:
             land()
     rows = writer.finish()
+    by_name = {r.name: r for r in records if r.kind == "array"}
+    for name, flat, _, crc in rows:
+        by_name[name].chunk_crc32c[flat] = crc
     dst.write(host_report_key(attempt, 0), encode_host_report(attempt, 0, rows))
     commit(dst, attempt=attempt, records=records, metadata=manifest.metadata,
            created_at=time.time(), process_count=1, overwrite=overwrite)

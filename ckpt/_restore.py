@@ -231,7 +231,8 @@ def restore_from(store: Store, target: Any = None, *, mesh: Any = None,
             boxes = _boxes(want)
             kv = store.kvstore_spec(f"{manifest.attempt}/{ARRAYS}/{rec.name}")
             jobs.append(ArrayReadJob(keystr(rec.path), open_spec(kv), ctx, rec.shape,
-                                     rec.chunk_shape, dtype_from_name(rec.dtype, what), boxes))
+                                     rec.chunk_shape, dtype_from_name(rec.dtype, what), boxes,
+                                     rec.chunk_crc32c))
             job_wants.append(i)
     for i, job, host in zip(job_wants, jobs, read_arrays(jobs, memory_budget=memory_budget)):
         values[i] = _assemble(wants[i], host, job.targets)

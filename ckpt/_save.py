@@ -228,6 +228,7 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
         records[i].writers = list(p.writers)
         records[i].chunk_nbytes = [box_size(p.chunk_box(f)) * arr.itemsize
                                    for f in range(len(p.writers))]
+        records[i].chunk_crc32c = [0] * len(p.writers)  # from the host reports, at commit
     writes = _snapshot(leaves, plans)
     if coord.process_index == 0:
         for rec, leaf in zip(records, leaves):
@@ -299,7 +300,11 @@ REPORT_READERS = 32
 
 
 def _check_reports(job: _Job) -> None:
-    """Process 0: every planned chunk reported once, by its planned writer, at its size."""
+    """Process 0: every planned chunk reported once, by its planned writer, at its size.
+
+    Also copies each chunk's crc32c into the manifest records, so that every restore can
+    check each chunk it reads against the manifest.
+    """
     by_name = {job.records[r].name: job.records[r] for r in job.plans}
     seen: set[tuple[str, int]] = set()
     keys = [host_report_key(job.attempt, p) for p in range(job.coord.process_count)]
@@ -310,7 +315,7 @@ def _check_reports(job: _Job) -> None:
         process, rows = decode_host_report(data, what)
         if process != p:
             raise SaveError(f"{what} claims to be from process {process}")
-        for name, flat, nbytes, _ in rows:
+        for name, flat, nbytes, crc in rows:
             rec = by_name.get(name)
             if rec is None or not 0 <= flat < len(rec.writers):
                 raise SaveError(f"{what} reports unknown chunk {flat} of {name!r}")
@@ -321,6 +326,7 @@ def _check_reports(job: _Job) -> None:
                 raise SaveError(f"{what} reports {nbytes} bytes for chunk {flat} of "
                                 f"{keystr(rec.path)}, expected {rec.chunk_nbytes[flat]}")
             seen.add((name, flat))
+            rec.chunk_crc32c[flat] = crc
     for rec in by_name.values():
         for flat, writer in enumerate(rec.writers):
             if (rec.name, flat) not in seen:

@@ -15,11 +15,21 @@ import errno
 from collections.abc import Sequence
 from typing import Any
 
+import google_crc32c
 import numpy as np
 import tensorstore as ts
 
 from restore._errors import CorruptCheckpointError
-from restore._plan import Box, ChunkRead, box_shape, box_size, plan_reads, to_slices
+from restore._plan import (
+    Box,
+    ChunkRead,
+    box_shape,
+    box_size,
+    flat_index,
+    grid_shape,
+    plan_reads,
+    to_slices,
+)
 from storage import StorageError
 
 DEFAULT_MEMORY_BUDGET = 1 << 30
@@ -41,6 +51,8 @@ class ArrayReadJob:
         chunk_shape: saved chunk shape.
         dtype: saved dtype.
         targets: the boxes to fill, in global coordinates.
+        crc32c: per chunk (C order of the chunk grid), the crc32c of its C-order bytes as
+            written; each chunk read is checked against it. None skips the check.
     """
 
     name: str
@@ -50,6 +62,7 @@ class ArrayReadJob:
     chunk_shape: tuple[int, ...]
     dtype: np.dtype[Any]
     targets: list[Box]
+    crc32c: list[int] | None = None
 
 
 def open_spec(kvstore: dict[str, Any]) -> dict[str, Any]:
@@ -109,6 +122,15 @@ def read_arrays(jobs: Sequence[ArrayReadJob], *,
             data = fut.result()
         except Exception as exc:
             raise _classify(exc, jobs[j], cr.coord) from exc
+        crcs = jobs[j].crc32c
+        if crcs is not None:
+            # The zarr codec proves the chunk is the one stored under this key; this proves
+            # it is the one written for this position (not a chunk moved or swapped).
+            flat = flat_index(cr.coord, grid_shape(jobs[j].shape, jobs[j].chunk_shape))
+            if google_crc32c.value(np.ascontiguousarray(data).view(np.uint8)) != crcs[flat]:
+                raise CorruptCheckpointError(
+                    f"leaf {jobs[j].name} chunk {tuple(cr.coord)}: crc32c differs from the "
+                    "manifest (the chunk was replaced or moved)")
         if cr.exact_target is not None:
             outputs[j][cr.exact_target] = data
             return
