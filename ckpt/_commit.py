@@ -37,7 +37,8 @@ def versions() -> dict[str, str]:
 
 
 def commit(store: Store, *, attempt: str, records: list[LeafRecord], metadata: Any,
-           created_at: float, process_count: int, overwrite: bool = False) -> None:
+           created_at: float, process_count: int, overwrite: bool = False,
+           metrics: dict[str, float] | None = None) -> None:
     """Writes ``<attempt>/manifest.msgpack``, then makes ``attempt`` the checkpoint.
 
     Without ``overwrite``, COMMIT is created only if absent: of concurrent attempts exactly
@@ -47,7 +48,7 @@ def commit(store: Store, *, attempt: str, records: list[LeafRecord], metadata: A
     """
     manifest = Manifest(attempt=attempt, process_count=process_count, created_at=created_at,
                         committed_at=time.time(), versions=versions(), metadata=metadata,
-                        leaves=records)
+                        leaves=records, metrics=dict(metrics or {}))
     data = encode_manifest(manifest)
     store.write(f"{attempt}/{MANIFEST}", data)
     record = CommitRecord(attempt=attempt, manifest_sha256=sha256(data),

@@ -53,6 +53,14 @@ class Coordinator(abc.ABC):
     def collect(self, prefix: str) -> dict[str, str]:
         """Every value published so far under keys starting with ``prefix`` (no waiting)."""
 
+    @abc.abstractmethod
+    def preemption_point(self, step: int) -> bool:
+        """Whether the job is being preempted and ``step`` is the step every process stops at.
+
+        Called once per step, with increasing steps, on every process. Returns True on
+        every process at the same step.
+        """
+
 
 class LocalCoordinator(Coordinator):
     """The coordinator of a single-process job: every meeting is immediate."""
@@ -84,6 +92,9 @@ class LocalCoordinator(Coordinator):
     def collect(self, prefix: str) -> dict[str, str]:
         with self._cond:
             return {k: v for k, v in self._values.items() if k.startswith(prefix)}
+
+    def preemption_point(self, step: int) -> bool:
+        return _sigterm_received.is_set()
 
 
 class DistributedCoordinator(Coordinator):
@@ -126,6 +137,49 @@ class DistributedCoordinator(Coordinator):
     def collect(self, prefix: str) -> dict[str, str]:
         return {k[len("ckpt/"):]: str(v)
                 for k, v in self._client.key_value_dir_get(f"ckpt/{prefix}")}
+
+    def preemption_point(self, step: int) -> bool:
+        # JAX's preemption sync manager (in the coordination service) notices SIGTERM and
+        # the runtime's preemption notices on any process, and agrees on the first step
+        # every process has yet to pass: the same step everywhere.
+        from jax._src.distributed import global_state
+
+        manager = global_state.preemption_sync_manager
+        if manager is None:
+            return _sigterm_received.is_set()
+        return bool(manager.reached_sync_point(step))
+
+
+_sigterm_received = threading.Event()
+_handler_installed = False
+
+
+def watch_sigterm() -> bool:
+    """Makes SIGTERM request a preemption save instead of ending the process at once.
+
+    Called by `CheckpointManager` on creation. A multi-process job leaves SIGTERM to JAX's
+    preemption sync manager; otherwise a Python handler is installed (main thread only; a
+    previous Python handler still runs after ours). Returns whether SIGTERM is watched.
+    """
+    global _handler_installed
+    if jax.process_count() > 1:
+        return True
+    if _handler_installed:
+        return True
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        _sigterm_received.set()
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    _handler_installed = True
+    return True
 
 
 _LOCAL = LocalCoordinator()

@@ -60,6 +60,7 @@ class LeafRecord:
     data: bytes = b""
     value: Any = None
     vtype: str = ""
+    prng_impl: str = ""
 
     @property
     def nbytes(self) -> int:
@@ -79,6 +80,7 @@ class Manifest:
     metadata: Any
     leaves: list[LeafRecord]
     format_version: int = FORMAT_VERSION
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def pack(obj: Any) -> bytes:
@@ -102,6 +104,8 @@ def _leaf_to_dict(leaf: LeafRecord) -> dict[str, Any]:
     out: dict[str, Any] = {"path": [list(e) for e in leaf.path], "kind": leaf.kind}
     if leaf.kind in ("array", "inline"):
         out.update(source=leaf.source, shape=list(leaf.shape), dtype=leaf.dtype)
+        if leaf.prng_impl:
+            out["prng_impl"] = leaf.prng_impl
         if leaf.mesh_shape is not None:
             out.update(mesh={"shape": list(leaf.mesh_shape), "axis_names": list(leaf.mesh_axes or ())},
                        spec=leaf.spec)
@@ -122,6 +126,7 @@ def encode_manifest(m: Manifest) -> bytes:
         "format": FORMAT_NAME, "format_version": m.format_version, "attempt": m.attempt,
         "process_count": m.process_count, "created_at": m.created_at,
         "committed_at": m.committed_at, "versions": m.versions, "metadata": m.metadata,
+        "metrics": m.metrics,
         "leaves": [_leaf_to_dict(leaf) for leaf in m.leaves],
     })
 
@@ -179,6 +184,7 @@ def _decode_leaf(raw: Any, index: int, what: str) -> LeafRecord:
             raise CorruptCheckpointError(f"{r.what} has unknown source {leaf.source!r:.40}")
         leaf.shape = r.ints("shape")
         leaf.dtype = r.get("dtype", str)
+        leaf.prng_impl = r.get("prng_impl", str, "")
         mesh = r.get("mesh", dict, None)
         if mesh is not None:
             mr = _Reader(mesh, f"{r.what} mesh")
@@ -233,6 +239,10 @@ def decode_manifest(data: bytes, what: str) -> Manifest:
             + (" (upgrade the library)" if version > FORMAT_VERSION else ""))
     leaves = r.get("leaves", list)
     versions = r.get("versions", dict)
+    metrics = r.get("metrics", dict, {})
+    if not all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+               for k, v in metrics.items()):
+        raise CorruptCheckpointError(f"{what} has malformed metrics")
     return Manifest(
         attempt=r.get("attempt", str), process_count=r.get("process_count", int),
         created_at=float(r.get("created_at", (int, float))),
@@ -240,7 +250,7 @@ def decode_manifest(data: bytes, what: str) -> Manifest:
         versions={str(k): str(v) for k, v in versions.items()},
         metadata=r.obj.get("metadata"),
         leaves=[_decode_leaf(leaf, i, what) for i, leaf in enumerate(leaves)],
-        format_version=version)
+        format_version=version, metrics={k: float(v) for k, v in metrics.items()})
 
 
 @dataclasses.dataclass(frozen=True)

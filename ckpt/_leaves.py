@@ -45,10 +45,7 @@ def _check_dtype(dtype: Any, path: KeyPath) -> str:
     except TypeError:
         name = str(dtype)
     if name not in SUPPORTED_DTYPES:
-        hint = ""
-        if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-            hint = " (save jax.random.key_data(key) instead of a typed key)"
-        raise UnsupportedLeafError(f"leaf {keystr(path)} has unsupported dtype {name}{hint}; "
+        raise UnsupportedLeafError(f"leaf {keystr(path)} has unsupported dtype {name}; "
                                    f"supported: {', '.join(sorted(SUPPORTED_DTYPES))}")
     return name
 
@@ -68,6 +65,12 @@ def mesh_and_spec(sharding: Any) -> tuple[tuple[int, ...] | None, tuple[str, ...
     return tuple(mesh.axis_sizes), tuple(mesh.axis_names), spec
 
 
+def is_typed_key(leaf: Any) -> bool:
+    """Whether ``leaf`` is a new-style typed PRNG key array (``jax.random.key``)."""
+    return isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)) and \
+        jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+
+
 def classify(path: KeyPath, leaf: Any, process_count: int) -> LeafRecord:
     """Decides how ``leaf`` is stored; raises `UnsupportedLeafError` naming its key path."""
     if leaf is None:
@@ -75,6 +78,13 @@ def classify(path: KeyPath, leaf: Any, process_count: int) -> LeafRecord:
     if isinstance(leaf, jax.Array):
         if leaf.is_deleted():
             raise UnsupportedLeafError(f"leaf {keystr(path)} is a deleted (donated) jax.Array")
+        if is_typed_key(leaf):
+            # Stored as its key data (uint32, trailing implementation dimensions) with the
+            # implementation's name; the spec is the key array's own.
+            rec = classify(path, jax.random.key_data(leaf), process_count)
+            rec.prng_impl = str(jax.random.key_impl(leaf))
+            rec.mesh_shape, rec.mesh_axes, rec.spec = mesh_and_spec(leaf.sharding)
+            return rec
         dtype = _check_dtype(leaf.dtype, path)
         mesh_shape, mesh_axes, spec = mesh_and_spec(leaf.sharding)
         small = leaf.nbytes <= INLINE_LIMIT and (

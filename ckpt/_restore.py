@@ -26,7 +26,7 @@ from ckpt._format import (
     decode_manifest,
     sha256,
 )
-from ckpt._leaves import decode_inline, decode_value, dtype_from_name
+from ckpt._leaves import decode_inline, decode_value, dtype_from_name, is_typed_key
 from ckpt._tree import KeyPath, flatten, keystr, nest, unflatten
 from ckpt.errors import (
     CheckpointNotFoundError,
@@ -95,6 +95,8 @@ class _Want:
     dtype: np.dtype[Any] | None = None      # None: the saved dtype
     sharding: Any = None                     # None: a host numpy array
     uncommitted: bool = False                # a jax.Array JAX may move (like the target's)
+    key: bool = False                        # rebuild a typed PRNG key array
+    key_sharding: Any = None                 # ... placed with this sharding
 
 
 def _cast_check(rec: LeafRecord, saved: np.dtype[Any], dtype: np.dtype[Any]) -> str | None:
@@ -144,9 +146,22 @@ def _match(manifest: Manifest, target: Any, mesh: Any, what: str) -> tuple[list[
         saved = dtype_from_name(rec.dtype, f"{what} leaf {keystr(path)}")
         if t is None:
             if mesh is not None and rec.source == "jax":
-                want.sharding, err = _spec_sharding(rec, mesh)
+                sharding, err = _spec_sharding(rec, mesh)
                 if err:
                     mesh_errors.append(err)
+                elif rec.prng_impl:
+                    want.key, want.key_sharding = True, sharding
+                else:
+                    want.sharding = sharding
+            continue
+        if is_typed_key(t):
+            key_shape = rec.shape[:len(t.shape)]
+            if not rec.prng_impl:
+                kind_errors.append(f"{keystr(path)}: target is a PRNG key, saved {rec.dtype}")
+            elif tuple(t.shape) != key_shape:
+                shape_errors.append(f"{keystr(path)}: saved keys {list(key_shape)}, target "
+                                    f"{list(t.shape)}")
+            want.key, want.key_sharding = True, getattr(t, "sharding", None)
             continue
         if not (hasattr(t, "shape") and hasattr(t, "dtype")):
             kind_errors.append(f"{keystr(path)}: saved an array, target is "
@@ -191,6 +206,9 @@ def _boxes(want: _Want) -> list[Box]:
 def _assemble(want: _Want, host: list[np.ndarray], boxes: list[Any]) -> Any:
     """Turns the host boxes of one leaf into the value restore returns."""
     rec = want.record
+    if want.key:
+        keys = jax.random.wrap_key_data(jax.numpy.asarray(host[0]), impl=rec.prng_impl)
+        return keys if want.key_sharding is None else jax.device_put(keys, want.key_sharding)
     dtype = want.dtype or host[0].dtype
     host = [h if h.dtype == dtype else h.astype(dtype) for h in host]
     if want.uncommitted:

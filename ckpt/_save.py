@@ -45,7 +45,7 @@ from ckpt._format import (
     pack,
 )
 from ckpt._commit import commit
-from ckpt._leaves import classify, encode_inline
+from ckpt._leaves import classify, encode_inline, is_typed_key
 from ckpt._ownership import ArrayInput, ArrayPlan, plan
 from ckpt._tree import flatten, keystr
 from ckpt.errors import (
@@ -136,6 +136,7 @@ class _Job:
     inflight_bytes: int
     on_commit: Callable[[], None] | None
     overwrite: bool
+    metrics: dict[str, float]
 
 
 def new_attempt_id() -> str:
@@ -182,7 +183,8 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
                on_commit: Callable[[], None] | None = None,
                timeout_s: float = _coord.DEFAULT_TIMEOUT_S,
                inflight_bytes: int = DEFAULT_INFLIGHT_BYTES,
-               overwrite: bool = False) -> SaveHandle:
+               overwrite: bool = False,
+               metrics: dict[str, float] | None = None) -> SaveHandle:
     """Runs the blocking part of a save and starts its background part.
 
     Called by `ckpt.save_async` and `CheckpointManager.save`, on every process of the job, in
@@ -192,7 +194,8 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
     created_at = time.time()
     pairs, _ = flatten(tree)
     records = [classify(path, leaf, coord.process_count) for path, leaf in pairs]
-    leaves = [leaf for _, leaf in pairs]
+    # Typed PRNG keys are saved as their key data (see `classify`).
+    leaves = [jax.random.key_data(leaf) if is_typed_key(leaf) else leaf for _, leaf in pairs]
     try:
         pack(metadata)
     except (TypeError, ValueError, OverflowError) as exc:
@@ -239,7 +242,7 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
     handle = SaveHandle(store.url)
     handle.attempt = attempt
     job = _Job(store, coord, seq, attempt, created_at, metadata, records, plans, writes,
-               timeout_s, inflight_bytes, on_commit, overwrite)
+               timeout_s, inflight_bytes, on_commit, overwrite, dict(metrics or {}))
     threading.Thread(target=_run, args=(job, handle), name=f"ckpt-save-{attempt}").start()
     return handle
 
@@ -339,7 +342,7 @@ def _commit(job: _Job) -> None:
     _check_reports(job)
     commit(job.store, attempt=job.attempt, records=job.records, metadata=job.metadata,
            created_at=job.created_at, process_count=job.coord.process_count,
-           overwrite=job.overwrite)
+           overwrite=job.overwrite, metrics=job.metrics)
 
 
 def _run(job: _Job, handle: SaveHandle) -> None:
