@@ -9,6 +9,7 @@ background thread. A single-process job gets a trivial local implementation.
 from __future__ import annotations
 
 import abc
+import os
 import threading
 from typing import Any
 
@@ -159,7 +160,8 @@ def watch_sigterm() -> bool:
 
     Called by `CheckpointManager` on creation. A multi-process job leaves SIGTERM to JAX's
     preemption sync manager; otherwise a Python handler is installed (main thread only; a
-    previous Python handler still runs after ours). Returns whether SIGTERM is watched.
+    previous Python handler still runs after ours; a second SIGTERM ends the process as by
+    default). Returns whether SIGTERM is watched.
     """
     global _handler_installed
     if jax.process_count() > 1:
@@ -173,6 +175,12 @@ def watch_sigterm() -> bool:
     previous = signal.getsignal(signal.SIGTERM)
 
     def on_sigterm(signum: int, frame: Any) -> None:
+        if _sigterm_received.is_set():
+            # A second SIGTERM: the loop is not checking `reached_preemption` (or the save
+            # hangs); stop as the default action would.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         _sigterm_received.set()
         if callable(previous):
             previous(signum, frame)

@@ -98,10 +98,14 @@ def debris(store: Store, steps: Iterable[int], *, grace_s: float = 0.0,
     return out
 
 
-def retention_victims(steps: list[int], keep_last: int | None,
-                      keep_every: int | None) -> list[int]:
-    """Committed steps that ``keep_last``/``keep_every`` do not keep (the newest always stays)."""
+def retention_victims(steps: list[int], keep_last: int | None, keep_every: int | None,
+                      best: Iterable[int] = ()) -> list[int]:
+    """Committed steps that ``keep_last``, ``keep_every`` and ``best`` (steps to keep for
+    their metric) do not keep. The newest step always stays."""
     keep = set(steps[-keep_last:] if keep_last else steps)
+    keep.update(best)
+    if steps:
+        keep.add(steps[-1])
     if keep_every:
         keep.update(s for s in steps if s % keep_every == 0)
     return [s for s in steps if s not in keep]

@@ -174,3 +174,28 @@ def fail_one(url, failing):
     except ckpt.CkptError as exc:
         return str(exc)
     return None
+
+
+def train_until_preempted(root, values_of_step):
+    """A multi-process training loop that runs until the job is preempted (SIGTERM to any
+    process); returns the step every process stopped at."""
+    import threading
+
+    mgr = ckpt.CheckpointManager(root, keep_last=None, save_every=1000)
+    shape = (jax.process_count(), 4)
+    start = mgr.latest_step()
+    if start is not None:
+        exact(mgr.restore(start, mesh=mesh_of(shape)), values_of_step(start)
+              if callable(values_of_step) else start)
+    step = (start or 0) + 1
+    x = jax.numpy.zeros(())
+    while True:
+        x = x + jax.numpy.ones(())  # stands in for a training step
+        print(f"STEP {step}", flush=True)
+        if mgr.should_save(step):
+            mgr.save(step, device_tree(step, shape))
+        if mgr.reached_preemption(step):
+            mgr.close()
+            return {"stopped": step, "resumed_from": start}
+        step += 1
+        threading.Event().wait(0.02)  # paces the loop so a SIGTERM lands mid-run

@@ -1,0 +1,129 @@
+"""Training loops: save policies, retention by metric, preemption, whole-state resume."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import ckpt
+import ckpt._policy as policy_mod
+from tests import mp_jobs
+from tools.launch import start
+
+LOOP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_loop.py")
+
+
+def _run_loop(root, first, last, env=None):
+    run = subprocess.run([sys.executable, LOOP, str(root), "run", str(first), str(last)],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout.splitlines()
+
+
+def _losses(lines):
+    return {int(line.split()[1]): line.split()[2] for line in lines if line.startswith("LOSS")}
+
+
+def test_whole_training_state_resumes_in_a_fresh_process_with_identical_losses(tmp_path):
+    straight = _losses(_run_loop(tmp_path / "a", 1, 9))
+    first = _run_loop(tmp_path / "b", 1, 6)
+    assert sorted(_losses(first)) == [1, 2, 3, 4, 5, 6]
+    second = _run_loop(tmp_path / "b", 1, 9)  # a fresh process resumes from step 6
+    assert "RESUMED 6" in second
+    resumed = _losses(second)
+    assert sorted(resumed) == [7, 8, 9]
+    assert all(resumed[s] == straight[s] for s in (7, 8, 9)), (resumed, straight)
+
+
+def test_sigterm_saves_the_current_step_and_the_loop_exits(tmp_path):
+    root = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, LOOP, str(root), "run", "1", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "CKPT_TEST_WAIT_SIGTERM": "1"})
+    try:
+        for line in proc.stdout:
+            if line.startswith("LOSS 4 "):
+                proc.send_signal(signal.SIGTERM)
+                break
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    stopped = int(next(line for line in out.splitlines() if line.startswith("PREEMPTED")).split()[1])
+    assert stopped >= 4
+    mgr = ckpt.CheckpointManager(root, keep_last=None)
+    assert mgr.latest_step() == stopped  # saved although not a multiple of save_every=3
+    mgr.close()
+    again = _run_loop(root, 1, stopped + 2)
+    assert f"RESUMED {stopped}" in again
+    assert sorted(_losses(again)) == [stopped + 1, stopped + 2]
+
+
+def test_sigterm_to_one_process_stops_every_process_at_one_committed_step(tmp_path):
+    root = str(tmp_path / "run")
+    with start("tests.mp_jobs:train_until_preempted", 2, args=[root, None]) as job:
+        job.wait_for_line(0, "STEP 5")
+        job.kill(1, signal.SIGTERM)
+        results = job.wait(timeout=120)
+    stopped = {r["stopped"] for r in results}
+    assert len(stopped) == 1, results
+    step = stopped.pop()
+    mgr = ckpt.CheckpointManager(root, keep_last=None)
+    assert mgr.steps() == [step]
+    mp_jobs.exact(mgr.restore(step), step)
+    mgr.close()
+    # The restarted job resumes from that step (and is preempted again, to end it).
+    with start("tests.mp_jobs:train_until_preempted", 2, args=[root, None]) as job:
+        job.wait_for_line(1, f"STEP {step + 2}")
+        job.kill(0, signal.SIGTERM)
+        results = job.wait(timeout=120)
+    assert all(r["resumed_from"] == step for r in results)
+
+
+def test_save_every_steps_and_seconds(tmp_path, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(policy_mod.time, "monotonic", lambda: clock[0])
+    mgr = ckpt.CheckpointManager(tmp_path / "run", save_every=5, save_every_seconds=60)
+    decisions = []
+    for step in range(1, 13):
+        clock[0] += 7.0  # each step takes 7 s
+        decisions.append(mgr.should_save(step))
+        if decisions[-1]:
+            mgr.save(step, {"x": step})
+    mgr.close()
+    # every 5 steps, and whenever 60 s passed since the last save
+    saved = [s for s, d in zip(range(1, 13), decisions) if d]
+    assert 5 in saved and 10 in saved
+    times = {s: 1000.0 + 7.0 * s for s in saved}
+    last = 1000.0
+    for s in range(1, 13):
+        now = 1000.0 + 7.0 * s
+        expected = s % 5 == 0 or now - last >= 60
+        assert (s in saved) == expected, (s, saved)
+        if s in saved:
+            last = times[s]
+    with pytest.raises(ValueError, match="save_every"):
+        ckpt.CheckpointManager(tmp_path / "x", save_every=0)
+
+
+def test_keep_best_by_metric_with_keep_last(tmp_path):
+    losses = {1: 0.9, 2: 0.2, 3: 0.5, 4: 0.1, 5: 0.7, 6: 0.8, 7: 0.6}
+    with ckpt.CheckpointManager(tmp_path / "run", keep_last=2, keep_best=2,
+                                best_metric="loss") as mgr:
+        for step, loss in losses.items():
+            mgr.save(step, {"x": np.full(100, step)}, metrics={"loss": loss})
+    mgr = ckpt.CheckpointManager(tmp_path / "run", keep_last=2, keep_best=2, best_metric="loss")
+    assert mgr.steps() == [2, 4, 6, 7]  # best two (4, 2) and the last two (6, 7)
+    assert ckpt.metadata(tmp_path / "run" / "4").leaves  # readable
+    mgr.close()
+    # A new manager (which must read the metrics back from the manifests) keeps applying it.
+    with ckpt.CheckpointManager(tmp_path / "run", keep_last=1, keep_best=1,
+                                best_metric="loss", best_mode="min") as mgr:
+        mgr.save(8, {"x": np.full(100, 8)}, metrics={"loss": 0.05})
+    assert ckpt.CheckpointManager(tmp_path / "run").steps() == [8]
+    with pytest.raises(ValueError, match="keep_best"):
+        ckpt.CheckpointManager(tmp_path / "run", keep_best=2)
