@@ -1,9 +1,14 @@
-"""The demo: a training loop that checkpoints, is killed mid-save, and resumes on another mesh.
+"""The demo: a training loop that checkpoints, is killed mid-save, resumes on another mesh,
+is preempted (SIGTERM), and resumes again on a third mesh.
 
-Run it with ``tools/dev demo``. The driver (this file without ``--train``) starts a trainer on
-a 2x4 mesh of 8 CPU devices, SIGKILLs it while a checkpoint is being written, shows what is
-on disk, then starts a trainer on a 4x2 mesh that resumes from the newest committed step and
-checks that the loss curve continues where it was.
+Run it with ``tools/dev demo``. The driver (this file without ``--train``):
+
+1. starts a trainer on a 2x4 mesh of 8 CPU devices and SIGKILLs it while a checkpoint is
+   being written; shows what is on disk (the interrupted step is invisible);
+2. starts a trainer on a 4x2 mesh: it resumes from the newest committed step, and the loss
+   curve continues exactly where it was; then sends it SIGTERM, as a scheduler preempting
+   the job would: the trainer saves the step it is at, waits for the commit, and exits;
+3. starts a trainer on a 1x8 mesh, which resumes from the preemption step.
 """
 
 from __future__ import annotations
@@ -66,7 +71,7 @@ def train(args: argparse.Namespace) -> None:
         updates, opt = optimizer.update(grads, opt, params)
         return optax.apply_updates(params, updates), opt, loss
 
-    mgr = ckpt.CheckpointManager(args.root, keep_last=3)
+    mgr = ckpt.CheckpointManager(args.root, keep_last=3, save_every=args.every)
     latest = mgr.latest_step()
     if latest is not None:
         t0 = time.perf_counter()
@@ -79,18 +84,24 @@ def train(args: argparse.Namespace) -> None:
     for step in range(state["step"] + 1, args.steps + 1):
         params, opt, loss = update(params, opt, step)
         print(f"step {step:3d}  loss {float(loss):.6f}", flush=True)
-        if step % args.every == 0:
+        if mgr.should_save(step):
             t0 = time.perf_counter()
             mgr.save(step, {"params": params, "opt": opt, "step": step})
             print(f"checkpoint {step}: snapshot taken in {1e3 * (time.perf_counter() - t0):.1f} ms,"
                   " writing in the background", flush=True)
+        if mgr.reached_preemption(step):
+            print(f"preempted: checkpoint {step} is committed; exiting", flush=True)
+            return
+        if args.pace:
+            time.sleep(args.pace)  # a slower "training step", so the driver can preempt
     mgr.close()
     print(f"finished at step {args.steps}; committed steps: {mgr.steps()}", flush=True)
 
 
-def _start(mesh: str, args: argparse.Namespace) -> subprocess.Popen[str]:
+def _start(mesh: str, args: argparse.Namespace, pace: float = 0.0) -> subprocess.Popen[str]:
     cmd = [sys.executable, os.path.abspath(__file__), "--train", "--mesh", mesh,
-           "--steps", str(args.steps), "--every", str(args.every), "--root", args.root]
+           "--steps", str(args.steps), "--every", str(args.every), "--root", args.root,
+           "--pace", str(pace)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, bufsize=1)
 
 
@@ -134,30 +145,51 @@ def drive(args: argparse.Namespace) -> int:
     latest = ckpt.CheckpointManager(args.root).latest_step()
     print(f"   latest committed step: {latest}")
 
-    print("== run 2: 4x2 mesh, resumes from the latest committed step")
-    second = _start("4x2", args)
+    print(f"== run 2: 4x2 mesh, resumes from the latest committed step; SIGTERM (preemption) "
+          f"after step {args.term_after}")
+    second = _start("4x2", args, pace=0.05)
     assert second.stdout is not None
     lines2 = []
     for line in second.stdout:
         print("   | " + line.rstrip())
         lines2.append(line)
+        if line.startswith(f"step {args.term_after:3d} "):
+            second.send_signal(signal.SIGTERM)
     if second.wait() != 0:
         print("run 2 failed", file=sys.stderr)
         return 1
+    preempted = [int(line.split()[2]) for line in lines2 if line.startswith("preempted:")]
 
-    before, after = _losses(lines1), _losses(lines2)
+    print("== run 3: 1x8 mesh, resumes from the preemption checkpoint")
+    third = _start("1x8", args)
+    assert third.stdout is not None
+    lines3 = []
+    for line in third.stdout:
+        print("   | " + line.rstrip())
+        lines3.append(line)
+    if third.wait() != 0:
+        print("run 3 failed", file=sys.stderr)
+        return 1
+
+    before, after, last = _losses(lines1), _losses(lines2), _losses(lines3)
     overlap = sorted(set(before) & set(after))
-    print("== loss curve across the restart")
+    print("== loss curve across the SIGKILL restart")
     for step in overlap:
         print(f"   step {step:3d}: run 1 {before[step]:.6f}   run 2 {after[step]:.6f}")
     worst = max((abs(before[s] - after[s]) / before[s] for s in overlap), default=0.0)
     resumed = min(after) - 1 if after else None
+    resumed3 = min(last) - 1 if last else None
     # If the save won the race against SIGKILL, run 2 starts where run 1 stopped and there
     # are no re-run steps to compare; the resume point must still be the latest commit.
-    ok = resumed == latest and worst < 1e-3 and (bool(overlap) or latest == args.kill_at)
-    print(f"== resumed at step {resumed} (latest committed: {latest}); max relative loss "
-          f"difference on re-run steps {worst:.2e}; total {time.perf_counter() - t_start:.0f} s")
-    print("== OK: the loss curve continues where it was" if ok else "== FAILED")
+    ok = (resumed == latest and worst < 1e-3 and (bool(overlap) or latest == args.kill_at)
+          and len(preempted) == 1 and resumed3 == preempted[0] and max(last) == args.steps)
+    print(f"== run 2 resumed at step {resumed} (latest committed: {latest}); max relative loss "
+          f"difference on re-run steps {worst:.2e}")
+    print(f"== run 2 was preempted at step {preempted[0] if preempted else None}; run 3 resumed "
+          f"at step {resumed3} and finished at {max(last) if last else None}; "
+          f"total {time.perf_counter() - t_start:.0f} s")
+    print("== OK: no step lost, the loss curve continues across SIGKILL, SIGTERM and three "
+          "meshes" if ok else "== FAILED")
     return 0 if ok else 1
 
 
@@ -168,6 +200,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--kill-at", type=int, default=40)
+    parser.add_argument("--term-after", type=int, default=45)
+    parser.add_argument("--pace", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--root", default=os.path.join(os.getcwd(), "checkpoints"))
     args = parser.parse_args()
     if args.train:
