@@ -152,5 +152,10 @@ def read_arrays(jobs: Sequence[ArrayReadJob], *,
     finally:
         for fut, *_ in inflight:
             fut.cancel()
-    return [[o if o is not None else np.empty(box_shape(b), job.dtype)
-             for o, b in zip(outs, job.targets)] for outs, job in zip(outputs, jobs)]
+    result: list[list[np.ndarray]] = []
+    for job, outs in zip(jobs, outputs):
+        filled = [o for o in outs if o is not None]
+        if len(filled) != len(outs):  # every target is allocated or is an exact chunk
+            raise RuntimeError(f"leaf {job.name}: a target box was never filled")
+        result.append(filled)
+    return result

@@ -38,24 +38,25 @@ BUCKET = "ckpt-tests"
 BACKENDS = ["local", "memory", "s3", "gcs"]
 
 
-@pytest.fixture(scope="session")
-def s3_server():
-    from tools.servers import s3_server as start
-
+def _serve(start):
     with start() as server:
         os.environ.update(server.env)
         server.create_bucket(BUCKET)
         yield server
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    from tools import servers
+
+    yield from _serve(servers.s3_server)
 
 
 @pytest.fixture(scope="session")
 def gcs_server():
-    from tools.servers import gcs_server as start
+    from tools import servers
 
-    with start() as server:
-        os.environ.update(server.env)
-        server.create_bucket(BUCKET)
-        yield server
+    yield from _serve(servers.gcs_server)
 
 
 def backend_url(request, tmp_path, backend):
