@@ -137,14 +137,14 @@ class CheckpointManager:
             if exc is not None and not previous.observed_by_user:
                 previous.observed_by_user = True
                 raise SaveError(f"the previous save ({previous.url}) failed: {exc}") from exc
-        with self._lock:
-            self._saving.add(step)
         if metrics is not None:
             bad = [k for k, v in metrics.items() if not isinstance(k, str)
                    or isinstance(v, bool) or not isinstance(v, (int, float))]
             if bad:
                 raise ValueError(f"metrics must map names to numbers; bad entries: {bad}")
             self._metrics[step] = {k: float(v) for k, v in metrics.items()}
+        with self._lock:
+            self._saving.add(step)
         self._policy.saved()
         handle = start_save(self._store.child(str(step)), tree, metadata=metadata,
                             on_commit=self._apply_retention, timeout_s=self.timeout_s,

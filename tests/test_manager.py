@@ -134,3 +134,10 @@ def test_error_seen_through_handle_is_not_raised_again(tmp_path, monkeypatch):
     with pytest.raises(SaveError, match="boom"):
         mgr.save(1, {"x": np.ones(100000)}).wait()
     mgr.close()  # already reported: closing does not raise it a second time
+
+
+def test_bad_metrics_are_refused_before_anything_is_written(tmp_path):
+    with ckpt.CheckpointManager(tmp_path / "run") as mgr:
+        with pytest.raises(ValueError, match="metrics.*'loss'"):
+            mgr.save(1, {"x": 1}, metrics={"loss": "low"})
+        assert mgr.steps() == [] and not (tmp_path / "run" / "1").exists()
