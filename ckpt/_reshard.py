@@ -10,9 +10,9 @@ the same protocol as a save, so it is an ordinary checkpoint.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import fnmatch
+import functools
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -36,7 +36,15 @@ from ckpt._restore import open_checkpoint
 from ckpt._save import ChunkWriter, new_attempt_id
 from ckpt._tree import KeyPath, keystr
 from ckpt.errors import CheckpointExistsError, MeshMismatchError
-from restore import box_size, chunk_box, grid_shape, spec_shard_shape, to_slices, unflat_index
+from restore import (
+    Window,
+    box_size,
+    chunk_box,
+    grid_shape,
+    spec_shard_shape,
+    to_slices,
+    unflat_index,
+)
 from restore._read import open_spec
 from storage import open_store
 
@@ -180,13 +188,10 @@ def reshard(src_url: str | os.PathLike[str], dst_url: str | os.PathLike[str], *,
         target = ts.open(zarr_spec(dst.kvstore_spec(f"{attempt}/{ARRAYS}/{new.name}"), new,
                                    create=True), context=dst_ctx).result()
         grid = grid_shape(new.shape, new.chunk_shape)
-        pending: collections.deque[tuple[Any, int, tuple[slice, ...], int]] = collections.deque()
-        in_flight = 0
+        window = Window(read_limit)
 
-        def land() -> None:
-            nonlocal in_flight, done, chunks
-            fut, flat, slices, cost = pending.popleft()
-            in_flight -= cost
+        def land(flat: int, slices: tuple[slice, ...], fut: Any) -> None:
+            nonlocal done, chunks
             data = fut.result()
             writer.put(target, slices, data, new.name, flat)
             done += data.nbytes
@@ -198,13 +203,10 @@ def reshard(src_url: str | os.PathLike[str], dst_url: str | os.PathLike[str], *,
             dtype_from_name(old.dtype, keystr(old.path)).itemsize
         for flat, nbytes in enumerate(new.chunk_nbytes):
             slices = to_slices(chunk_box(unflat_index(flat, grid), new.chunk_shape, new.shape))
-            cost = nbytes + source_chunk
-            while pending and in_flight + cost > read_limit:
-                land()
-            pending.append((source[slices].read(), flat, slices, cost))
-            in_flight += cost
-        while pending:
-            land()
+            # A read holds its box and, while decoding, the source chunk under it.
+            window.add(source[slices].read(), nbytes + source_chunk,
+                       functools.partial(land, flat, slices))
+        window.drain()
     rows = writer.finish()
     by_name = {r.name: r for r in records if r.kind == "array"}
     for name, flat, _, crc in rows:

@@ -15,7 +15,6 @@ Order of work for one save (every process runs the same code; see docs/protocol.
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -55,7 +54,7 @@ from ckpt.errors import (
     SaveError,
     UnsupportedLeafError,
 )
-from restore import box_size, to_slices
+from restore import Window, box_size, to_slices
 from storage import Store, open_store
 
 # Bytes of chunk writes handed to TensorStore and not yet durable, per process.
@@ -255,31 +254,19 @@ class ChunkWriter:
     """
 
     def __init__(self, limit: int) -> None:
-        self.limit = limit
         self.rows: list[list[Any]] = []
-        self._pending: collections.deque[tuple[Any, int]] = collections.deque()
-        self._in_flight = 0
+        self._window = Window(limit)
 
     def put(self, array: Any, slices: tuple[slice, ...], data: np.ndarray, name: str,
             flat: int) -> None:
-        nbytes = data.nbytes
-        while self._pending and self._in_flight + nbytes > self.limit:
-            self._retire()
-        self._pending.append((array[slices].write(data), nbytes))
-        self._in_flight += nbytes
+        self._window.add(array[slices].write(data), data.nbytes, lambda fut: fut.result())
         # The crc32c of the chunk's C-order bytes, computed while TensorStore writes them.
         crc = google_crc32c.value(np.ascontiguousarray(data).view(np.uint8))
-        self.rows.append([name, flat, nbytes, crc])
-
-    def _retire(self) -> None:
-        fut, nbytes = self._pending.popleft()
-        fut.result()
-        self._in_flight -= nbytes
+        self.rows.append([name, flat, data.nbytes, crc])
 
     def finish(self) -> list[list[Any]]:
         """Waits until every chunk is durable; returns the rows."""
-        while self._pending:
-            self._retire()
+        self._window.drain()
         return self.rows
 
 

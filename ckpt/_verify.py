@@ -6,8 +6,8 @@ reports every problem, each naming its leaf and chunk index.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -21,7 +21,7 @@ from ckpt._leaves import decode_inline, dtype_from_name
 from ckpt._restore import open_checkpoint
 from ckpt._tree import keystr
 from ckpt.errors import CorruptCheckpointError
-from restore import box_size, chunk_box, to_slices, unflat_index
+from restore import Window, box_size, chunk_box, to_slices, unflat_index
 from restore._read import open_spec
 from storage import ObjectNotFoundError, open_store
 
@@ -112,13 +112,10 @@ def verify(url: str | os.PathLike[str], *, memory_budget: int = DEFAULT_BUDGET,
                                            f"{list(leaf.shape)}"))
             continue
         grid = tuple(-(-n // c) for n, c in zip(leaf.shape, leaf.chunk_shape))
-        pending: collections.deque[tuple[Any, int, tuple[int, ...], int]] = collections.deque()
-        in_flight = 0
+        window = Window(memory_budget)
 
-        def check_one() -> None:
-            nonlocal in_flight, done
-            fut, flat, coord, nbytes = pending.popleft()
-            in_flight -= nbytes
+        def check_one(flat: int, coord: tuple[int, ...], nbytes: int, fut: Any) -> None:
+            nonlocal done
             done += nbytes
             report.chunks += 1
             try:
@@ -150,10 +147,7 @@ def verify(url: str | os.PathLike[str], *, memory_budget: int = DEFAULT_BUDGET,
             coord = unflat_index(flat, grid)
             box = chunk_box(coord, leaf.chunk_shape, leaf.shape)
             nbytes = box_size(box) * dtype.itemsize
-            while pending and in_flight + nbytes > memory_budget:
-                check_one()
-            pending.append((arr[to_slices(box)].read(), flat, coord, nbytes))
-            in_flight += nbytes
-        while pending:
-            check_one()
+            window.add(arr[to_slices(box)].read(), nbytes,
+                       functools.partial(check_one, flat, coord, nbytes))
+        window.drain()
     return report

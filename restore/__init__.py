@@ -24,9 +24,10 @@ from restore._plan import (
     unflat_index,
 )
 from restore._read import ArrayReadJob, read_arrays
+from restore._window import Window
 
 __all__ = [
-    "ArrayReadJob", "Box", "ChunkRead", "CorruptCheckpointError", "Piece", "box_of_index",
+    "ArrayReadJob", "Box", "Window", "ChunkRead", "CorruptCheckpointError", "Piece", "box_of_index",
     "box_shape", "box_size", "chunk_box", "chunks_in", "flat_index", "full_box", "grid_shape",
     "intersect", "plan_reads", "read_arrays", "spec_shard_shape", "to_slices", "unflat_index",
 ]

@@ -9,9 +9,9 @@ on top of the target buffers themselves.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import errno
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +20,7 @@ import numpy as np
 import tensorstore as ts
 
 from restore._errors import CorruptCheckpointError
+from restore._window import Window
 from restore._plan import (
     Box,
     ChunkRead,
@@ -111,13 +112,7 @@ def read_arrays(jobs: Sequence[ArrayReadJob], *,
             if t not in exact:
                 outputs[j][t] = np.empty(box_shape(box), dtype=job.dtype)
 
-    inflight: collections.deque[tuple[Any, int, ChunkRead, int]] = collections.deque()
-    inflight_bytes = 0
-
-    def finish_one() -> None:
-        nonlocal inflight_bytes
-        fut, j, cr, nbytes = inflight.popleft()
-        inflight_bytes -= nbytes
+    def land(j: int, cr: ChunkRead, fut: Any) -> None:
         try:
             data = fut.result()
         except Exception as exc:
@@ -139,19 +134,15 @@ def read_arrays(jobs: Sequence[ArrayReadJob], *,
             assert out is not None
             out[piece.dst] = data[piece.src]
 
+    window = Window(memory_budget)
     try:
         for j, (job, plan) in enumerate(zip(jobs, plans)):
             for cr in plan:
-                nbytes = box_size(cr.box) * job.dtype.itemsize
-                while inflight and inflight_bytes + nbytes > memory_budget:
-                    finish_one()
-                inflight.append((arrays[j][to_slices(cr.box)].read(), j, cr, nbytes))
-                inflight_bytes += nbytes
-        while inflight:
-            finish_one()
+                window.add(arrays[j][to_slices(cr.box)].read(),
+                           box_size(cr.box) * job.dtype.itemsize, functools.partial(land, j, cr))
+        window.drain()
     finally:
-        for fut, *_ in inflight:
-            fut.cancel()
+        window.cancel()
     result: list[list[np.ndarray]] = []
     for job, outs in zip(jobs, outputs):
         filled = [o for o in outs if o is not None]

@@ -1,0 +1,55 @@
+"""A window of asynchronous operations whose total byte cost is bounded.
+
+Every streaming loop in the project (restore reads, save writes, verify, reshard) issues
+TensorStore futures in order and must not hold more than a memory budget of them at once;
+this is that loop's one implementation.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+from typing import Any
+
+
+class Window:
+    """Futures in flight, finished in issue order, with their summed cost at most ``limit``.
+
+    One future is always admitted, however large, so progress never stalls.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._pending: collections.deque[tuple[Any, int, Callable[[Any], None]]] = \
+            collections.deque()
+        self._cost = 0
+
+    def add(self, future: Any, cost: int, done: Callable[[Any], None]) -> None:
+        """Admits ``future`` (first finishing older ones to make room); ``done(future)`` runs
+        when it is finished, on this thread, in issue order."""
+        while self._pending and self._cost + cost > self.limit:
+            self._finish_one()
+        self._pending.append((future, cost, done))
+        self._cost += cost
+
+    def make_room(self, cost: int) -> None:
+        """Finishes older futures until ``cost`` more would fit (for issuing lazily)."""
+        while self._pending and self._cost + cost > self.limit:
+            self._finish_one()
+
+    def drain(self) -> None:
+        """Finishes every future still in flight."""
+        while self._pending:
+            self._finish_one()
+
+    def cancel(self) -> None:
+        """Cancels what is still in flight (after an error)."""
+        for future, _, _ in self._pending:
+            future.cancel()
+        self._pending.clear()
+        self._cost = 0
+
+    def _finish_one(self) -> None:
+        future, cost, done = self._pending.popleft()
+        self._cost -= cost
+        done(future)
