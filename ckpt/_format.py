@@ -62,6 +62,12 @@ class LeafRecord:
     vtype: str = ""
     prng_impl: str = ""
 
+    def spec_entries(self) -> tuple[str | tuple[str, ...] | None, ...]:
+        """The saved PartitionSpec as PartitionSpec arguments (lists become tuples); () if
+        the leaf was saved without one."""
+        return tuple(e if e is None or isinstance(e, str) else tuple(e)
+                     for e in (self.spec or ()))
+
     @property
     def nbytes(self) -> int:
         """Bytes of array data this leaf holds (0 for values)."""

@@ -73,8 +73,7 @@ def _info(url: str, manifest: Manifest) -> CheckpointInfo:
                 if rec.mesh_shape is not None else None)
         spec = None
         if rec.spec is not None:
-            spec = jax.sharding.PartitionSpec(*(e if e is None or isinstance(e, str) else tuple(e)
-                                                for e in rec.spec))
+            spec = jax.sharding.PartitionSpec(*rec.spec_entries())
         leaves.append(LeafInfo(rec.path, rec.kind, rec.shape, rec.dtype, rec.nbytes, mesh, spec,
                                rec.chunk_shape))
         what = f"{url} leaf {keystr(rec.path)}"

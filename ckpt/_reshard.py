@@ -117,8 +117,8 @@ def _plan(manifest_leaves: list[LeafRecord], mesh: dict[str, int],
         matched = [s for pattern, s in rules if fnmatch.fnmatchcase(slash_path(rec.path), pattern)]
         if matched:
             spec = matched[-1]
-        elif rec.spec is not None:
-            spec = tuple(e if e is None or isinstance(e, str) else tuple(e) for e in rec.spec)
+        else:
+            spec = rec.spec_entries()
         try:
             shard = spec_shard_shape(rec.shape, mesh, spec)
         except ValueError as exc:

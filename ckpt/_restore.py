@@ -107,16 +107,14 @@ def _cast_check(rec: LeafRecord, saved: np.dtype[Any], dtype: np.dtype[Any]) -> 
 
 def _spec_sharding(rec: LeafRecord, mesh: jax.sharding.Mesh) -> tuple[Any, str | None]:
     """The sharding of ``rec``'s saved PartitionSpec on ``mesh``, or an error line."""
-    spec = rec.spec if rec.spec is not None else []
+    spec = rec.spec_entries()
     axes = [a for entry in spec if entry is not None
             for a in ([entry] if isinstance(entry, str) else entry)]
     lacking = [a for a in axes if a not in mesh.axis_names]
     if lacking:
         return None, (f"{keystr(rec.path)} uses axes {lacking} that the mesh "
                       f"{dict(mesh.shape)} lacks")
-    pspec = jax.sharding.PartitionSpec(*(e if e is None or isinstance(e, str) else tuple(e)
-                                          for e in spec))
-    return jax.sharding.NamedSharding(mesh, pspec), None
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)), None
 
 
 def _match(manifest: Manifest, target: Any, mesh: Any, what: str) -> tuple[list[_Want], Any]:
