@@ -39,8 +39,16 @@ from ckpt.errors import (
     TargetMismatchError,
     UncommittedCheckpointError,
 )
-from restore import ArrayReadJob, Box, box_of_index, full_box, read_arrays, to_slices
-from restore._read import DEFAULT_MEMORY_BUDGET, open_spec
+from restore import (
+    ArrayReadJob,
+    Box,
+    aligned_empty,
+    box_of_index,
+    full_box,
+    read_arrays,
+    to_slices,
+)
+from restore._read import open_spec
 from storage import ObjectNotFoundError, Store, open_store
 
 
@@ -208,7 +216,7 @@ def _assemble(want: _Want, host: list[np.ndarray], boxes: list[Any]) -> Any:
         keys = jax.random.wrap_key_data(jax.numpy.asarray(host[0]), impl=rec.prng_impl)
         return keys if want.key_sharding is None else jax.device_put(keys, want.key_sharding)
     dtype = want.dtype or host[0].dtype
-    host = [h if h.dtype == dtype else h.astype(dtype) for h in host]
+    host = [h if h.dtype == dtype else _cast(h, dtype) for h in host]
     if want.uncommitted:
         return jax.device_put(host[0])
     if want.sharding is None:
@@ -216,13 +224,23 @@ def _assemble(want: _Want, host: list[np.ndarray], boxes: list[Any]) -> Any:
         return value[()] if rec.source == "numpy_scalar" and want.dtype is None else value
     index = {box: i for i, box in enumerate(boxes)}
     devmap = want.sharding.addressable_devices_indices_map(rec.shape)
-    arrays = [jax.device_put(host[index[box_of_index(idx, rec.shape)]], device)
-              for device, idx in devmap.items()]
+    # JAX's CPU client adopts an aligned host buffer rather than copying it, so replicas
+    # of a box share one buffer: XLA never writes into an adopted buffer, not even when
+    # the array is donated (tests/test_restore_memory.py holds JAX to that).
+    buffers = [host[index[box_of_index(idx, rec.shape)]] for idx in devmap.values()]
+    arrays = jax.device_put(buffers, list(devmap))
     return jax.make_array_from_single_device_arrays(rec.shape, want.sharding, arrays)
 
 
+def _cast(host: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
+    """An aligned copy of ``host`` as ``dtype``, which JAX adopts without another copy."""
+    out = aligned_empty(host.shape, dtype)
+    np.copyto(out, host, casting="same_kind")
+    return out
+
+
 def restore_from(store: Store, target: Any = None, *, mesh: Any = None,
-                 memory_budget: int = DEFAULT_MEMORY_BUDGET) -> Any:
+                 memory_budget: int | None = None) -> Any:
     """Restores the checkpoint in ``store``; see `ckpt.restore`.
 
     Called on every process that needs the state; each reads only the boxes its own

@@ -23,11 +23,11 @@ from restore._plan import (
     to_slices,
     unflat_index,
 )
-from restore._read import ArrayReadJob, read_arrays
+from restore._read import ArrayReadJob, aligned_empty, read_arrays
 from restore._window import Window
 
 __all__ = [
-    "ArrayReadJob", "Box", "Window", "ChunkRead", "CorruptCheckpointError", "Piece", "box_of_index",
+    "ArrayReadJob", "Box", "aligned_empty", "Window", "ChunkRead", "CorruptCheckpointError", "Piece", "box_of_index",
     "box_shape", "box_size", "chunk_box", "chunks_in", "flat_index", "full_box", "grid_shape",
     "intersect", "plan_reads", "read_arrays", "spec_shard_shape", "to_slices", "unflat_index",
 ]
