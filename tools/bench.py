@@ -10,11 +10,15 @@ onto the same mesh, onto 4x2, onto one device (page cache dropped before each re
 running as root); peak resident memory above the phase's start (VmHWM reset via
 /proc/self/clear_refs). Floors: one numpy copy of the state (the least a safe snapshot can
 block), write + fsync of the same bytes into files, and a cold read of those files.
+``--profile DIR`` also writes a pyinstrument report of each of this library's phases of the
+first round (docs/performance.md says what they showed).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import os
 import shutil
 import statistics
@@ -39,7 +43,15 @@ def _status(field: str) -> int:
 
 
 def measure(fn: Callable[[], Any]) -> tuple[float, int, Any]:
-    """Runs ``fn``; returns (seconds, peak bytes of resident memory above the start, result)."""
+    """Runs ``fn``; returns (seconds, peak bytes of resident memory above the start, result).
+
+    Freed heap is returned to the system first, so that memory an earlier phase freed (and
+    malloc kept) cannot absorb this phase's allocations and hide them."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -94,6 +106,9 @@ def main() -> int:
     parser.add_argument("--size", default="1G", help="state size, e.g. 256M, 1G, 4G")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="also profile this library's phases of the first round with "
+                             "pyinstrument, writing one text report per phase into DIR")
     args = parser.parse_args()
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     total = int(float(args.size[:-1]) * units[args.size[-1].upper()]) \
@@ -127,14 +142,30 @@ def main() -> int:
     def record(who: str, what: str, value: float) -> None:
         results[who].setdefault(what, []).append(value)
 
+    def run(name: str, r: int, fn: Callable[[], Any]) -> tuple[float, int, Any]:
+        if args.profile is None or r != 0:
+            return measure(fn)
+        from pyinstrument import Profiler
+
+        profiler = Profiler(interval=0.001)
+        profiler.start()
+        try:
+            return measure(fn)
+        finally:
+            profiler.stop()
+            os.makedirs(args.profile, exist_ok=True)
+            with open(os.path.join(args.profile, f"{name}.txt"), "w") as f:
+                f.write(profiler.output_text(color=False))
+
     cold = True
     for r in range(args.rounds):
         order = ["ours", "orbax"] if r % 2 == 0 else ["orbax", "ours"]
         for who in order:
             path = os.path.join(base, f"{who}-{r}")
             if who == "ours":
-                t_block, m_block, handle = measure(lambda: ckpt.save_async(path, state))
-                t_rest, m_rest, _ = measure(handle.wait)
+                t_block, m_block, handle = run("save_blocked", r,
+                                               lambda: ckpt.save_async(path, state))
+                t_rest, m_rest, _ = run("save_commit", r, handle.wait)
             else:
                 mgr = ocp.CheckpointManager(path)
                 t_block, m_block, _ = measure(
@@ -146,7 +177,7 @@ def main() -> int:
             for kind in meshes:
                 cold = drop_caches() and cold
                 if who == "ours":
-                    t, m, out = measure(lambda: jax.block_until_ready(
+                    t, m, out = run(f"restore_{kind}", r, lambda: jax.block_until_ready(
                         ckpt.restore(path, target(kind))))
                 else:
                     t, m, out = measure(lambda: jax.block_until_ready(
@@ -191,18 +222,25 @@ def main() -> int:
     print(f"state {mib:.0f} MiB ({len(jax.tree.leaves(state))} leaves), mesh 2x4 of 8 CPU "
           f"devices, one process; medians of {args.rounds} rounds; page cache "
           f"{'dropped before each restore' if cold else 'NOT dropped (needs root)'}")
-    print(f"{'':24}{'ours':>10}{'orbax':>10}{'ours/orbax':>12}")
+    print(f"{'':24}{'ours':>10}{'orbax':>10}{'ours/orbax':>12}   ours min-max over rounds")
     for key in ("blocked_s", "commit_s", "restore_same_s", "restore_4x2_s", "restore_1dev_s",
                 "save_peak_MiB", "restore_same_peak_MiB", "restore_4x2_peak_MiB",
                 "restore_1dev_peak_MiB"):
-        print(f"{key:24}{ours[key]:10.3f}{orbax[key]:10.3f}{ours[key] / orbax[key]:12.2f}")
+        spread = f"{min(results['ours'][key]):.3f}-{max(results['ours'][key]):.3f}"
+        print(f"{key:24}{ours[key]:10.3f}{orbax[key]:10.3f}{ours[key] / orbax[key]:12.2f}"
+              f"   {spread}")
     print(f"floors: numpy copy {floor['numpy_copy_s']:.3f} s, write+fsync "
           f"{floor['write_fsync_s']:.3f} s ({mib / floor['write_fsync_s']:.0f} MiB/s), cold read "
           f"{floor['cold_read_s']:.3f} s ({mib / floor['cold_read_s']:.0f} MiB/s)")
-    print(f"ours vs floors: blocked {ours['blocked_s'] / floor['numpy_copy_s']:.2f}x the copy; "
-          f"commit at {floor['write_fsync_s'] / ours['commit_s']:.0%} of write+fsync "
-          f"throughput; same-mesh restore at {floor['cold_read_s'] / ours['restore_same_s']:.0%} "
-          f"of cold-read throughput; save peak {ours['save_peak_MiB'] / mib:.2f}x the state")
+    print(f"ours vs floors: blocked {ours['blocked_s'] / floor['numpy_copy_s']:.2f}x the copy "
+          f"(orbax {orbax['blocked_s'] / floor['numpy_copy_s']:.2f}x); commit at "
+          f"{floor['write_fsync_s'] / ours['commit_s']:.0%} of write+fsync throughput; restore "
+          "at " + ", ".join(f"{floor['cold_read_s'] / ours[f'restore_{k}_s']:.0%} ({k})"
+                            for k in meshes) + " of cold-read throughput")
+    print("peak extra memory / state bytes: save "
+          f"{ours['save_peak_MiB'] / mib:.2f}x (orbax {orbax['save_peak_MiB'] / mib:.2f}x), restore "
+          + ", ".join(f"{ours[f'restore_{k}_peak_MiB'] / mib:.2f}x ({k}; orbax "
+                      f"{orbax[f'restore_{k}_peak_MiB'] / mib:.2f}x)" for k in meshes))
     if args.dir is None:
         shutil.rmtree(base, ignore_errors=True)
     return 0
