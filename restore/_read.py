@@ -101,22 +101,9 @@ def open_spec(kvstore: dict[str, Any]) -> dict[str, Any]:
 
 
 def _crc32c(data: np.ndarray) -> int:
-    """crc32c of ``data``'s bytes in C order, without copying a strided view."""
-    if data.flags.c_contiguous:
-        return int(google_crc32c.value(data.reshape(-1).view(np.uint8)))
-    crc = 0
-    for sub in _contiguous_blocks(data):
-        crc = google_crc32c.extend(crc, sub.reshape(-1).view(np.uint8))
-    return crc
-
-
-def _contiguous_blocks(data: np.ndarray) -> Any:
-    """The C-contiguous sub-arrays of ``data`` in C order (rows of rows...)."""
-    if data.flags.c_contiguous:
-        yield data
-        return
-    for sub in data:
-        yield from _contiguous_blocks(sub)
+    """crc32c of ``data``'s bytes in C order. A strided view is copied first: one memcpy
+    costs half as much as hashing it row by row from Python."""
+    return int(google_crc32c.value(np.ascontiguousarray(data).reshape(-1).view(np.uint8)))
 
 
 def _classify(exc: Exception, job: ArrayReadJob, coord: Sequence[int]) -> Exception:
