@@ -1,4 +1,5 @@
-"""`ckpt.metadata`: what a committed checkpoint holds, from its manifest alone."""
+"""`ckpt.metadata`: what a committed checkpoint holds, from its manifest alone (for an
+Orbax checkpoint, from its metadata files and each array's zarr metadata)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import jax
 
 from ckpt._format import Manifest
 from ckpt._leaves import decode_value, dtype_from_name
-from ckpt._restore import open_checkpoint
+from ckpt._restore import open_readable
 from ckpt._tree import KeyPath, keystr, nest
 from storage import open_store
 
@@ -48,6 +49,8 @@ class CheckpointInfo:
         leaves: every leaf, in tree order.
         tree: nested dicts/lists of `jax.ShapeDtypeStruct` (arrays) and values, usable to
             build a restore target.
+        layout: ``ckpt format 1``, or for an Orbax checkpoint ``orbax-checkpoint (OCDBT,
+            zarr v2)`` and the like (``attempt`` is then empty).
     """
 
     url: str
@@ -60,13 +63,14 @@ class CheckpointInfo:
     metadata: Any
     leaves: list[LeafInfo]
     tree: Any
+    layout: str = ""
 
     @property
     def nbytes(self) -> int:
         return sum(leaf.nbytes for leaf in self.leaves)
 
 
-def _info(url: str, manifest: Manifest) -> CheckpointInfo:
+def _info(url: str, manifest: Manifest, layout: str) -> CheckpointInfo:
     leaves, items = [], []
     for rec in manifest.leaves:
         mesh = (dict(zip(rec.mesh_axes or (), rec.mesh_shape))
@@ -86,11 +90,14 @@ def _info(url: str, manifest: Manifest) -> CheckpointInfo:
         items.append((rec.path, value))
     return CheckpointInfo(url, manifest.attempt, manifest.format_version, manifest.created_at,
                           manifest.committed_at, manifest.process_count, manifest.versions,
-                          manifest.metadata, leaves, nest(items) if items else {})
+                          manifest.metadata, leaves, nest(items) if items else {}, layout)
 
 
 def metadata(url: str | os.PathLike[str]) -> CheckpointInfo:
-    """Describes the committed checkpoint at ``url``; reads COMMIT and the manifest only."""
-    store = open_store(url)
-    _, manifest = open_checkpoint(store)
-    return _info(store.url, manifest)
+    """Describes the committed checkpoint at ``url``; reads COMMIT and the manifest only.
+
+    ``url`` may also hold an Orbax checkpoint (see `ckpt.restore`); then its metadata files
+    and each array's zarr metadata are read, and scalars' values.
+    """
+    source = open_readable(open_store(url))
+    return _info(source.store.url, source.manifest, source.layout)

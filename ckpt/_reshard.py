@@ -1,11 +1,14 @@
-"""``ckpt reshard``: rewrite a checkpoint into the chunk layout of another mesh, offline.
+"""``ckpt reshard`` and ``ckpt convert``: rewrite a checkpoint in this library's format, laid
+out for a mesh, offline.
 
 Runs on one machine with no accelerators and never builds whole arrays: it walks the new
 chunk grid, reads each new chunk's box from the source through TensorStore (source chunks
 are cached within a bounded pool, so one read serves neighbouring boxes) and writes it, with
-host memory bounded by ``memory_budget``. The layout planning is pure (`restore`'s
+host memory bounded by ``memory_budget``. The source is anything `open_readable` opens: one
+of this library's checkpoints or an Orbax one. The layout planning is pure (`restore`'s
 `spec_shard_shape` and the save path's `choose_chunk_shape`); the result is committed with
-the same protocol as a save, so it is an ordinary checkpoint.
+the same protocol as a save, so it is an ordinary checkpoint. `convert` then reads it all
+back through `verify`.
 """
 
 from __future__ import annotations
@@ -32,10 +35,11 @@ from ckpt._format import (
 )
 from ckpt._leaves import dtype_from_name
 from ckpt._ownership import choose_chunk_shape
-from ckpt._restore import open_checkpoint
+from ckpt._restore import open_readable
 from ckpt._save import ChunkWriter, new_attempt_id
 from ckpt._tree import KeyPath, keystr
-from ckpt.errors import CheckpointExistsError, MeshMismatchError
+from ckpt._verify import verify
+from ckpt.errors import CheckpointExistsError, CorruptCheckpointError, MeshMismatchError
 from restore import (
     Window,
     box_size,
@@ -45,7 +49,6 @@ from restore import (
     to_slices,
     unflat_index,
 )
-from restore._read import open_spec
 from storage import open_store
 
 DEFAULT_BUDGET = 1 << 30
@@ -103,6 +106,8 @@ class ReshardResult:
     url: str
     chunks: int
     nbytes: int
+    mesh: dict[str, int] = dataclasses.field(default_factory=dict)
+    source_layout: str = ""
 
 
 def _plan(manifest_leaves: list[LeafRecord], mesh: dict[str, int],
@@ -142,13 +147,13 @@ def _plan(manifest_leaves: list[LeafRecord], mesh: dict[str, int],
 
 
 def reshard(src_url: str | os.PathLike[str], dst_url: str | os.PathLike[str], *,
-            mesh: dict[str, int], rules: Sequence[tuple[str, Spec]] = (),
+            mesh: dict[str, int] | None, rules: Sequence[tuple[str, Spec]] = (),
             memory_budget: int = DEFAULT_BUDGET, overwrite: bool = False,
             progress: Callable[[int, int], None] | None = None) -> ReshardResult:
     """Writes the checkpoint at ``src_url`` to ``dst_url`` in the layout of ``mesh``.
 
     Args:
-        mesh: axis name -> size, in mesh order.
+        mesh: axis name -> size, in mesh order; None for the mesh the source was saved on.
         rules: (glob over ``slash_path``, spec) pairs; the last match wins; leaves no rule
             matches keep their saved PartitionSpec (unsharded if they had none).
         memory_budget: bound on host memory for chunk data in flight and cached.
@@ -161,7 +166,10 @@ def reshard(src_url: str | os.PathLike[str], dst_url: str | os.PathLike[str], *,
             divisible; nothing is written.
     """
     src, dst = open_store(src_url), open_store(dst_url)
-    _, manifest = open_checkpoint(src)
+    source = open_readable(src)
+    manifest = source.manifest
+    if mesh is None:
+        mesh = saved_mesh(manifest.leaves, src.url)
     max_chunk = max(1 << 20, min(16 << 20, memory_budget // 8))
     records = _plan(manifest.leaves, mesh, rules, max_chunk)
     dst.verify_access()
@@ -171,7 +179,7 @@ def reshard(src_url: str | os.PathLike[str], dst_url: str | os.PathLike[str], *,
     attempt = new_attempt_id()
     # A bounded cache of decoded source chunks: one read serves every new chunk it overlaps.
     src_ctx = ts.Context({"cache_pool": {"total_bytes_limit": memory_budget // 4}},
-                         parent=src.tensorstore_context())
+                         parent=source.context())
     dst_ctx = dst.tensorstore_context()
     # Budget split: a quarter each for the source-chunk cache, reads in flight (a read holds
     # its box and, while decoding, the source chunks under it), and writes in flight (a
@@ -183,8 +191,7 @@ def reshard(src_url: str | os.PathLike[str], dst_url: str | os.PathLike[str], *,
     for old, new in zip(manifest.leaves, records):
         if new.kind != "array":
             continue
-        source = ts.open(open_spec(src.kvstore_spec(f"{manifest.attempt}/{ARRAYS}/{old.name}")),
-                         context=src_ctx).result()
+        reader = ts.open(source.array_spec(old), context=src_ctx).result()
         target = ts.open(zarr_spec(dst.kvstore_spec(f"{attempt}/{ARRAYS}/{new.name}"), new,
                                    create=True), context=dst_ctx).result()
         grid = grid_shape(new.shape, new.chunk_shape)
@@ -204,7 +211,7 @@ def reshard(src_url: str | os.PathLike[str], dst_url: str | os.PathLike[str], *,
         for flat, nbytes in enumerate(new.chunk_nbytes):
             slices = to_slices(chunk_box(unflat_index(flat, grid), new.chunk_shape, new.shape))
             # A read holds its box and, while decoding, the source chunk under it.
-            window.add(source[slices].read(), nbytes + source_chunk,
+            window.add(reader[slices].read(), nbytes + source_chunk,
                        functools.partial(land, flat, slices))
         window.drain()
     rows = writer.finish()
@@ -214,4 +221,46 @@ def reshard(src_url: str | os.PathLike[str], dst_url: str | os.PathLike[str], *,
     dst.write(host_report_key(attempt, 0), encode_host_report(attempt, 0, rows))
     commit(dst, attempt=attempt, records=records, metadata=manifest.metadata,
            created_at=time.time(), process_count=1, overwrite=overwrite)
-    return ReshardResult(dst.url, chunks, done)
+    return ReshardResult(dst.url, chunks, done, dict(mesh), source.layout)
+
+
+def saved_mesh(leaves: list[LeafRecord], url: str) -> dict[str, int]:
+    """The one mesh the source's sharded leaves were saved on ({} if none was).
+
+    Raises:
+        MeshMismatchError: leaves were saved on different meshes (then a mesh must be named).
+    """
+    meshes = {tuple(zip(r.mesh_axes, r.mesh_shape)) for r in leaves
+              if r.mesh_axes is not None and r.mesh_shape is not None}
+    if len(meshes) > 1:
+        shown = ", ".join(str(dict(m)) for m in sorted(meshes))
+        raise MeshMismatchError(f"{url} was saved on several meshes ({shown}): name the "
+                                "target mesh")
+    return dict(meshes.pop()) if meshes else {}
+
+
+def convert(src_url: str | os.PathLike[str], dst_url: str | os.PathLike[str], *,
+            mesh: dict[str, int] | None = None, rules: Sequence[tuple[str, Spec]] = (),
+            memory_budget: int = DEFAULT_BUDGET, overwrite: bool = False,
+            progress: Callable[[int, int], None] | None = None) -> ReshardResult:
+    """Converts the checkpoint at ``src_url`` (an Orbax one, typically) into this library's
+    format at ``dst_url``, then verifies what was written.
+
+    Streams like `reshard`, between any two backends, with host memory bounded by
+    ``memory_budget``. The layout is ``mesh`` (and ``rules``) if given, else the mesh the
+    source was saved on with each leaf's saved PartitionSpec (unsharded where it had none).
+    Verification reads every written chunk back and checks it against the crc32c computed
+    from the bytes read from the source.
+
+    Raises:
+        As `reshard`; and CorruptCheckpointError if the written checkpoint fails
+        verification (it is committed, and the message lists the problems).
+    """
+    result = reshard(src_url, dst_url, mesh=mesh, rules=rules, memory_budget=memory_budget,
+                     overwrite=overwrite, progress=progress)
+    report = verify(result.url, memory_budget=memory_budget)
+    if not report.ok:
+        raise CorruptCheckpointError(
+            f"{result.url} was written but fails verification: "
+            + "; ".join(str(p) for p in report.problems[:10]))
+    return result

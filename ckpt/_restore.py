@@ -1,9 +1,11 @@
 """Reading committed checkpoints: resolving COMMIT, matching a target, building arrays.
 
-`open_checkpoint` is the only way anything reads a checkpoint: it finds COMMIT, reads the
-manifest it names and checks its sha256 before anything else is trusted. `restore` then
-matches the target tree to the manifest by key path, plans which boxes each of this
-process's devices needs, reads them through `restore.read_arrays` and assembles arrays.
+`open_checkpoint` is the only way anything reads one of this library's checkpoints: it finds
+COMMIT, reads the manifest it names and checks its sha256 before anything else is trusted.
+`open_readable` accepts an Orbax checkpoint too (`ckpt._orbax`), as the same manifest of
+leaf records plus where each array lives. `restore` then matches the target tree to the
+manifest by key path, plans which boxes each of this process's devices needs, reads them
+through `restore.read_arrays` and assembles arrays.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ckpt._format import (
     decode_manifest,
     sha256,
 )
+from ckpt._orbax import OrbaxItem, open_orbax
 from ckpt._leaves import decode_inline, decode_value, dtype_from_name, is_typed_key
 from ckpt._tree import KeyPath, flatten, keystr, nest, unflatten
 from ckpt.errors import (
@@ -96,6 +99,56 @@ def open_checkpoint(store: Store) -> tuple[CommitRecord, Manifest]:
 
 
 @dataclasses.dataclass
+class Readable:
+    """A committed checkpoint opened for reading: this library's format or Orbax's.
+
+    Attributes:
+        store: where it is.
+        manifest: its leaves (for Orbax, records built from its metadata; no checksums).
+        layout: ``ckpt format 1``, or ``orbax-checkpoint (OCDBT, zarr v2)`` and the like.
+        orbax: the Orbax item, or None for this library's own format.
+    """
+
+    store: Store
+    manifest: Manifest
+    layout: str
+    orbax: OrbaxItem | None = None
+
+    def array_spec(self, rec: LeafRecord) -> dict[str, Any]:
+        """The TensorStore spec that opens array leaf ``rec`` for reading."""
+        if self.orbax is not None:
+            return self.orbax.specs[rec.path]
+        return open_spec(self.store.kvstore_spec(f"{self.manifest.attempt}/{ARRAYS}/{rec.name}"))
+
+    def context(self) -> Any:
+        """The TensorStore context to open arrays in."""
+        return self.orbax.context if self.orbax is not None else \
+            self.store.tensorstore_context()
+
+
+def open_readable(store: Store) -> Readable:
+    """Opens the checkpoint at ``store``: this library's, else an Orbax one.
+
+    Called on any process by restore, `ckpt.metadata` and the offline tools. Orbax files
+    are only looked for when there is no COMMIT, so reading this library's checkpoints costs
+    nothing more.
+
+    Raises:
+        The errors of `open_checkpoint` when nothing there is Orbax's either, and those of
+        `ckpt._orbax.open_orbax` for Orbax checkpoints this library cannot read.
+    """
+    try:
+        _, manifest = open_checkpoint(store)
+        return Readable(store, manifest, f"ckpt format {manifest.format_version}")
+    except CheckpointNotFoundError as exc:
+        not_ours = exc
+    item = open_orbax(store)
+    if item is None:
+        raise not_ours
+    return Readable(item.store, item.manifest, f"orbax-checkpoint ({item.layout})", item)
+
+
+@dataclasses.dataclass
 class _Want:
     """How one saved leaf is to be restored."""
 
@@ -125,15 +178,26 @@ def _spec_sharding(rec: LeafRecord, mesh: jax.sharding.Mesh) -> tuple[Any, str |
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)), None
 
 
-def _match(manifest: Manifest, target: Any, mesh: Any, what: str) -> tuple[list[_Want], Any]:
-    """Pairs target leaves with saved leaves; raises listing every mismatch at once."""
-    by_path: dict[KeyPath, LeafRecord] = {rec.path: rec for rec in manifest.leaves}
+def _loose(path: KeyPath) -> KeyPath:
+    """A key path as Orbax records it: attribute names and dict keys alike, as strings."""
+    return tuple(("index", v) if k == "index" else ("key", str(v)) for k, v in path)
+
+
+def _match(manifest: Manifest, target: Any, mesh: Any, what: str, *,
+           loose: bool = False) -> tuple[list[_Want], Any]:
+    """Pairs target leaves with saved leaves; raises listing every mismatch at once.
+
+    ``loose``: match keys as `_loose` does (for Orbax checkpoints, which record namedtuple
+    fields and integer dict keys as string dict keys).
+    """
+    norm = _loose if loose else (lambda p: p)
+    by_path: dict[KeyPath, LeafRecord] = {norm(rec.path): rec for rec in manifest.leaves}
     if target is None:
         pairs = [(rec.path, None) for rec in manifest.leaves]
         treedef = None
     else:
         pairs, treedef = flatten(target)
-    missing = [keystr(path) for path, _ in pairs if path not in by_path]
+    missing = [keystr(path) for path, _ in pairs if norm(path) not in by_path]
     if missing:
         raise MissingLeafError(f"target leaves absent from {what}: {', '.join(missing)}")
     wants: list[_Want] = []
@@ -142,7 +206,7 @@ def _match(manifest: Manifest, target: Any, mesh: Any, what: str) -> tuple[list[
     mesh_errors: list[str] = []
     kind_errors: list[str] = []
     for path, t in pairs:
-        rec = by_path[path]
+        rec = by_path[norm(path)]
         want = _Want(rec)
         wants.append(want)
         if rec.kind in ("value", "none"):
@@ -246,15 +310,17 @@ def restore_from(store: Store, target: Any = None, *, mesh: Any = None,
     Called on every process that needs the state; each reads only the boxes its own
     devices hold (or the whole arrays, for a host-numpy restore).
     """
-    _, manifest = open_checkpoint(store)
-    wants, treedef = _match(manifest, target, mesh, store.url)
-    ctx = store.tensorstore_context()
+    source = open_readable(store)
+    manifest = source.manifest
+    wants, treedef = _match(manifest, target, mesh, source.store.url,
+                            loose=source.orbax is not None)
+    ctx = source.context()
     jobs: list[ArrayReadJob] = []
     job_wants: list[int] = []
     values: list[Any] = [None] * len(wants)
     for i, want in enumerate(wants):
         rec = want.record
-        what = f"{store.url} leaf {keystr(rec.path)}"
+        what = f"{source.store.url} leaf {keystr(rec.path)}"
         if rec.kind == "value":
             values[i] = decode_value(rec, what)
         elif rec.kind == "inline":
@@ -263,10 +329,9 @@ def restore_from(store: Store, target: Any = None, *, mesh: Any = None,
             values[i] = _assemble(want, [whole[to_slices(b)] for b in boxes], boxes)
         elif rec.kind == "array":
             boxes = _boxes(want)
-            kv = store.kvstore_spec(f"{manifest.attempt}/{ARRAYS}/{rec.name}")
-            jobs.append(ArrayReadJob(keystr(rec.path), open_spec(kv), ctx, rec.shape,
+            jobs.append(ArrayReadJob(keystr(rec.path), source.array_spec(rec), ctx, rec.shape,
                                      rec.chunk_shape, dtype_from_name(rec.dtype, what), boxes,
-                                     rec.chunk_crc32c))
+                                     rec.chunk_crc32c or None))
             job_wants.append(i)
     for i, job, host in zip(job_wants, jobs, read_arrays(jobs, memory_budget=memory_budget)):
         values[i] = _assemble(wants[i], host, job.targets)
@@ -279,7 +344,9 @@ def restore(url: str | os.PathLike[str], target: Any = None, *, mesh: Any = None
     """Restores the committed checkpoint at ``url``.
 
     Args:
-        url: the checkpoint's path or URL.
+        url: the checkpoint's path or URL: one of this library's checkpoints, or one written
+            by orbax-checkpoint (an item folder, or a CheckpointManager step folder with a
+            single item), recognised from its files.
         target: None, or a pytree whose leaves are `jax.ShapeDtypeStruct` (with
             ``.sharding``), `jax.Array` (its sharding and dtype are used) or numpy arrays
             (restored as host numpy arrays of their dtype). It may cover part of the saved
@@ -294,5 +361,7 @@ def restore(url: str | os.PathLike[str], target: Any = None, *, mesh: Any = None
         CheckpointNotFoundError: no committed checkpoint at ``url`` (nothing is written).
         TargetMismatchError: the target disagrees; the message names the leaves.
         CorruptCheckpointError: a digest or checksum failed; no wrong data is returned.
+        UnsupportedFormatError: an Orbax checkpoint using what this library cannot read
+            (the message names the file that shows it).
     """
     return restore_from(open_store(url), target, mesh=mesh)

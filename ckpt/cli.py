@@ -1,4 +1,5 @@
-"""The ``ckpt`` command line: inspect, list, verify, reshard and gc checkpoints on any URL.
+"""The ``ckpt`` command line: inspect, list, verify, reshard, convert and gc checkpoints on
+any URL.
 
 Each subcommand is a thin layer over the library. Errors print one line on stderr and exit
 with status 1 (2 for bad usage); ``--debug`` shows the traceback instead.
@@ -25,7 +26,7 @@ from ckpt._housekeeping import (
     step_folders,
 )
 from ckpt._info import CheckpointInfo, metadata
-from ckpt._reshard import parse_mesh, parse_spec, reshard
+from ckpt._reshard import convert, parse_mesh, parse_spec, reshard
 from ckpt._verify import verify
 from ckpt.errors import CkptError
 from storage import open_store
@@ -99,7 +100,8 @@ def _info_json(info: CheckpointInfo) -> dict[str, Any]:
     except (TypeError, ValueError):
         meta = repr(meta)
     return {
-        "url": info.url, "format_version": info.format_version, "attempt": info.attempt,
+        "url": info.url, "format_version": info.format_version, "layout": info.layout,
+        "attempt": info.attempt,
         "created_at": info.created_at, "committed_at": info.committed_at,
         "process_count": info.process_count, "versions": info.versions, "metadata": meta,
         "nbytes": info.nbytes,
@@ -120,7 +122,7 @@ def _inspect(args: argparse.Namespace) -> int:
     meshes = sorted({str(leaf.mesh) for leaf in info.leaves if leaf.mesh})
     print(f"checkpoint  {info.url}")
     print(f"step        {step if step.isdigit() else '-'}")
-    print(f"format      v{info.format_version}, attempt {info.attempt}")
+    print(f"format      {info.layout}" + (f", attempt {info.attempt}" if info.attempt else ""))
     print(f"committed   {stamp}, written by {info.process_count} process(es)")
     print(f"saved mesh  {', '.join(meshes) or '-'}")
     print(f"metadata    {info.metadata!r}")
@@ -201,20 +203,24 @@ def _limit_malloc_retention() -> None:
         pass  # not glibc: nothing to tune
 
 
-def _reshard(args: argparse.Namespace) -> int:
+def _rewrite(args: argparse.Namespace) -> int:
+    """``reshard`` and ``convert``: the same streaming rewrite; convert also verifies."""
     _limit_malloc_retention()
-    mesh = parse_mesh(args.mesh)
+    mesh = parse_mesh(args.mesh) if args.mesh else None
     rules = []
     for rule in args.spec:
         pattern, eq, spec = rule.partition("=")
         if not eq or not pattern:
             raise ValueError(f"--spec {rule!r}: expected GLOB=SPEC, e.g. 'params/*/w=data,model'")
         rules.append((pattern, parse_spec(spec)))
-    result = reshard(args.src, args.dst, mesh=mesh, rules=rules,
-                     memory_budget=args.memory_budget, overwrite=args.overwrite,
-                     progress=None if args.quiet else _Progress("resharding"))
+    run = convert if args.command == "convert" else reshard
+    result = run(args.src, args.dst, mesh=mesh, rules=rules,
+                 memory_budget=args.memory_budget, overwrite=args.overwrite,
+                 progress=None if args.quiet else _Progress(f"{args.command}ing"))
+    laid = ",".join(f"{k}={v}" for k, v in result.mesh.items()) or "no mesh (unsharded)"
     print(f"wrote {result.url}: {result.chunks} chunks, {_size(result.nbytes)}, "
-          f"laid out for mesh {args.mesh}")
+          f"laid out for mesh {laid}" + (f"; from {result.source_layout}, verified"
+                                          if args.command == "convert" else ""))
     return 0
 
 
@@ -241,6 +247,22 @@ def _gc(args: argparse.Namespace) -> int:
 
 
 # -- main -----------------------------------------------------------------------------------
+
+def _rewrite_args(p: argparse.ArgumentParser, *, mesh_help: str, mesh_required: bool) -> None:
+    p.add_argument("src", help="the checkpoint to read")
+    p.add_argument("dst", help="where to write the new checkpoint")
+    p.add_argument("--mesh", required=mesh_required, help=mesh_help)
+    p.add_argument("--spec", action="append", default=[], metavar="GLOB=SPEC",
+                   help="PartitionSpec for leaves whose slash path (params/dense/kernel) "
+                   "matches GLOB; SPEC like data,model or -,model ('-' unsharded, a+b for "
+                   "two axes, '-' alone replicated). Repeatable; the last match wins.")
+    p.add_argument("--memory-budget", type=_parse_bytes, default="1G",
+                   help="host memory for chunk data (default 1G)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a committed checkpoint at DST (atomically)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_rewrite)
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -280,19 +302,16 @@ def _parser() -> argparse.ArgumentParser:
                        "and PartitionSpecs (default: the saved specs), chunk by chunk, with "
                        "bounded memory and no accelerators. DST is an ordinary committed "
                        "checkpoint; the two may be on different backends.")
-    p.add_argument("src", help="the checkpoint to read")
-    p.add_argument("dst", help="where to write the new checkpoint")
-    p.add_argument("--mesh", required=True, help="the new mesh, e.g. data=2,model=4")
-    p.add_argument("--spec", action="append", default=[], metavar="GLOB=SPEC",
-                   help="PartitionSpec for leaves whose slash path (params/dense/kernel) "
-                   "matches GLOB; SPEC like data,model or -,model ('-' unsharded, a+b for "
-                   "two axes, '-' alone replicated). Repeatable; the last match wins.")
-    p.add_argument("--memory-budget", type=_parse_bytes, default="1G",
-                   help="host memory for chunk data (default 1G)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a committed checkpoint at DST (atomically)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
-    p.set_defaults(func=_reshard)
+    _rewrite_args(p, mesh_help="the new mesh, e.g. data=2,model=4", mesh_required=True)
+
+    p = sub.add_parser("convert", epilog=EPILOG,
+                       help="convert an Orbax checkpoint into this format, streaming, verified",
+                       description="Convert SRC (an orbax-checkpoint item or single-item step "
+                       "folder; OCDBT or not, zarr v2 or v3) into this library's format at "
+                       "DST, chunk by chunk with bounded memory, between any two backends, "
+                       "then read every written chunk back to verify it.")
+    _rewrite_args(p, mesh_help="lay out for this mesh, e.g. data=2,model=4 (default: the "
+                  "mesh SRC was saved on, with its PartitionSpecs)", mesh_required=False)
 
     p = sub.add_parser("gc", epilog=EPILOG, help="remove debris and apply retention",
                        description="Remove incomplete attempts older than the grace period, "

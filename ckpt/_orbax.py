@@ -1,0 +1,320 @@
+"""Reading checkpoints written by orbax-checkpoint, as if they were this library's.
+
+Called by `ckpt._restore.open_readable` when a URL holds no COMMIT, on every process that
+restores, inspects or converts. An Orbax checkpoint is recognised from its files, never from
+its name:
+
+- an *item folder* (what `StandardCheckpointer`, `PyTreeCheckpointer` and each item of a
+  `CheckpointManager` step write) holds ``_METADATA``: the JSON tree of key paths and value
+  types. Its arrays are zarr v2 or v3 arrays named by their dotted key path, either as
+  sub-folders (``params.w/.zarray``) or inside an OCDBT database (``manifest.ocdbt``,
+  ``d/``, ``ocdbt.process_N/``). ``_sharding`` holds each jax.Array's NamedSharding,
+  ``_strings.json`` the strings; scalars are 0-d arrays.
+- a `CheckpointManager` *step folder* holds ``_CHECKPOINT_METADATA`` and item folders; it is
+  read as its item when it has exactly one.
+
+The result is a `Manifest` of ordinary format-v1 leaf records (scalars, strings and None
+already decoded into records; Orbax's empty dicts, lists and tuples are dropped, as this
+library's own save drops them) plus a TensorStore spec per array leaf, so restore, inspect
+and convert need nothing Orbax-specific past this module. Nothing is imported from Orbax.
+Every name from the checkpoint goes through the store's key checks before it is used.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import math
+from typing import Any
+
+import tensorstore as ts
+
+from ckpt._format import LeafRecord, Manifest
+from ckpt._leaves import SUPPORTED_DTYPES, encode_value
+from ckpt._tree import KeyPath, keystr, leaf_name
+from ckpt.errors import CorruptCheckpointError, NotACheckpointError, UnsupportedFormatError
+from restore import chunk_box, grid_shape, unflat_index
+from storage import ObjectNotFoundError, Store
+
+TREE_METADATA = "_METADATA"
+STEP_METADATA = "_CHECKPOINT_METADATA"
+OCDBT_MANIFEST = "manifest.ocdbt"
+SHARDING = "_sharding"
+STRINGS = "_strings.json"
+LEGACY_MSGPACK = "checkpoint"
+MAX_JSON_BYTES = 256 << 20
+
+_ARRAY_TYPES = {"jax.Array": "jax", "np.ndarray": "numpy"}
+_EMPTY_TYPES = ("Dict", "List", "Tuple", "NamedTuple")
+_SCALAR_KINDS = {"b": "bool", "i": "int", "u": "int", "f": "float", "c": "complex"}
+# Decoded OCDBT b-tree nodes are cached, or every array open would re-read them.
+_OCDBT_CACHE = 64 << 20
+
+
+@dataclasses.dataclass
+class OrbaxItem:
+    """An Orbax item folder opened for reading.
+
+    Attributes:
+        store: the item folder.
+        manifest: its leaves as format-v1 records (``attempt`` is empty).
+        specs: for each array leaf's key path, the TensorStore spec that opens it.
+        context: the TensorStore context to open them in.
+        layout: how it is stored, for messages and `ckpt inspect` (``OCDBT, zarr v2``).
+    """
+
+    store: Store
+    manifest: Manifest
+    specs: dict[KeyPath, dict[str, Any]]
+    context: ts.Context
+    layout: str
+
+
+def _read_json(store: Store, key: str) -> Any:
+    data = store.read(key)
+    if len(data) > MAX_JSON_BYTES:
+        raise CorruptCheckpointError(f"{store.describe(key)} is {len(data)} bytes, over the limit")
+    try:
+        return json.loads(data)
+    except ValueError as exc:
+        raise CorruptCheckpointError(f"{store.describe(key)} is not valid JSON: {exc}") from None
+
+
+def find_item(store: Store) -> Store | None:
+    """The Orbax item folder at ``store``: itself, or a step folder's only item.
+
+    Returns:
+        None when nothing there says Orbax.
+
+    Raises:
+        NotACheckpointError: a step folder with several items (names them) or none.
+        UnsupportedFormatError: an Orbax layout this library does not read (names the file).
+    """
+    if store.exists(TREE_METADATA):
+        return store
+    if store.exists(STEP_METADATA):
+        items = [c for c in store.list_children() if store.exists(f"{c}/{TREE_METADATA}")]
+        if len(items) == 1:
+            return store.child(items[0])
+        if items:
+            raise NotACheckpointError(
+                f"{store.url} is an Orbax CheckpointManager step with several items "
+                f"({', '.join(sorted(items))}): restore one of them, e.g. "
+                f"{store.child(sorted(items)[0]).url}")
+        raise NotACheckpointError(f"{store.describe(STEP_METADATA)} marks an Orbax step, but "
+                                  "no item folder in it holds a _METADATA file")
+    if store.exists(LEGACY_MSGPACK):
+        raise UnsupportedFormatError(
+            f"{store.describe(LEGACY_MSGPACK)}: an Orbax checkpoint in the legacy msgpack "
+            "layout (no _METADATA); load it with orbax-checkpoint and save it again")
+    if store.exists(OCDBT_MANIFEST):
+        raise UnsupportedFormatError(
+            f"{store.describe(OCDBT_MANIFEST)} is there but {TREE_METADATA} is not: an "
+            "Orbax save that never finished, or a layout this library does not read")
+    return None
+
+
+def _key_path(entry: Any, where: str) -> KeyPath:
+    keys = entry.get("key_metadata") if isinstance(entry, dict) else None
+    if not isinstance(keys, list):
+        raise CorruptCheckpointError(f"{where}: no key_metadata list")
+    path = []
+    for k in keys:
+        if not (isinstance(k, dict) and isinstance(k.get("key"), str)
+                and k.get("key_type") in (1, 2)):
+            raise CorruptCheckpointError(f"{where}: malformed key entry {k!r:.80}")
+        if k["key_type"] == 1:  # a sequence position
+            if not k["key"].isdigit():
+                raise CorruptCheckpointError(f"{where}: sequence key {k['key']!r:.40}")
+            path.append(("index", int(k["key"])))
+        else:
+            path.append(("key", k["key"]))
+    return tuple(path)
+
+
+def _shardings(store: Store) -> dict[str, dict[str, Any]]:
+    """Parameter name -> its saved NamedSharding (axis names, mesh shape, spec)."""
+    if not store.exists(SHARDING):
+        return {}
+    raw = _read_json(store, SHARDING)
+    if not isinstance(raw, dict):
+        raise CorruptCheckpointError(f"{store.describe(SHARDING)} is not a JSON object")
+    out = {}
+    for encoded, text in raw.items():
+        try:
+            name = base64.urlsafe_b64decode(encoded.encode()).decode()
+            sharding = json.loads(text)
+        except (ValueError, TypeError, UnicodeDecodeError):
+            raise CorruptCheckpointError(
+                f"{store.describe(SHARDING)}: entry {encoded!r:.60} does not decode") from None
+        if isinstance(sharding, dict) and sharding.get("sharding_type") == "NamedSharding":
+            out[name] = sharding
+    return out
+
+
+def _mesh_fields(sharding: dict[str, Any] | None, ndim: int, where: str
+                 ) -> tuple[tuple[int, ...] | None, tuple[str, ...] | None, list[Any] | None]:
+    if sharding is None:
+        return None, None, None
+    axes: Any = sharding.get("axis_names")
+    shape: Any = sharding.get("shape")
+    spec: Any = sharding.get("partition_spec")
+    ok = (isinstance(axes, list) and all(isinstance(a, str) for a in axes)
+          and isinstance(shape, list) and len(shape) == len(axes)
+          and all(isinstance(n, int) and n > 0 for n in shape)
+          and isinstance(spec, list) and len(spec) <= ndim
+          and all(e is None or (isinstance(e, str) and e in axes)
+                  or (isinstance(e, list) and all(isinstance(a, str) and a in axes for a in e))
+                  for e in spec))
+    if not ok:
+        raise CorruptCheckpointError(f"{where}: malformed NamedSharding {sharding!r:.200}")
+    return tuple(shape), tuple(axes), list(spec)
+
+
+def open_orbax(store: Store) -> OrbaxItem | None:
+    """Opens the Orbax checkpoint at ``store`` (item or single-item step folder).
+
+    Called by `ckpt._restore.open_readable` on any process; reads ``_METADATA``,
+    ``_sharding``, ``_strings.json`` and each array's zarr metadata (and its value, for
+    scalars), never array chunks.
+
+    Returns:
+        None when nothing at ``store`` says Orbax.
+
+    Raises:
+        UnsupportedFormatError: a value type or dtype this library cannot read; the message
+            names the leaf and the file that shows it.
+        CorruptCheckpointError: a metadata file that does not parse, or an array missing.
+    """
+    item = find_item(store)
+    if item is None:
+        return None
+    meta_where = item.describe(TREE_METADATA)
+    meta = _read_json(item, TREE_METADATA)
+    tree = meta.get("tree_metadata") if isinstance(meta, dict) else None
+    if not isinstance(tree, dict):
+        raise CorruptCheckpointError(f"{meta_where} has no tree_metadata object")
+    ocdbt = item.exists(OCDBT_MANIFEST)
+    zarr3 = bool(meta.get("use_zarr3", False))
+    # Without this flag (older Orbax), chunks equal to the fill value were not written.
+    fill_missing = not meta.get("store_array_data_equal_to_fill_value", False)
+    context = ts.Context({"cache_pool#ocdbt": {"total_bytes_limit": _OCDBT_CACHE}},
+                         parent=item.tensorstore_context())
+    shardings = _shardings(item)
+    strings: dict[str, Any] | None = None
+
+    records: list[LeafRecord] = []
+    specs: dict[KeyPath, dict[str, Any]] = {}
+    scalars: list[tuple[LeafRecord, Any]] = []
+    opening: list[tuple[LeafRecord, str, str, Any]] = []
+    for entry_key, entry in tree.items():
+        where = f"{meta_where} entry {entry_key!r:.120}"
+        path = _key_path(entry, where)
+        value_meta = entry.get("value_metadata")
+        vtype = value_meta.get("value_type") if isinstance(value_meta, dict) else None
+        name = ".".join(str(v) for _, v in path)
+        if vtype in _EMPTY_TYPES:
+            continue
+        if vtype == "None":
+            records.append(LeafRecord(path=path, kind="none"))
+            continue
+        if vtype == "string":
+            if strings is None:
+                strings = _read_json(item, STRINGS) if item.exists(STRINGS) else {}
+            text = strings.get(name) if isinstance(strings, dict) else None
+            if not isinstance(text, str):
+                raise CorruptCheckpointError(
+                    f"{item.describe(STRINGS)} holds no string for leaf {keystr(path)}")
+            records.append(LeafRecord(path=path, kind="value", vtype="str", value=text))
+            continue
+        if vtype not in _ARRAY_TYPES and vtype != "scalar":
+            raise UnsupportedFormatError(
+                f"{where}: leaf {keystr(path)} has Orbax value type {vtype!r:.60}, which this "
+                "library cannot read (it reads jax.Array, np.ndarray, scalar, string, None)")
+        spec = _array_spec(item, name, ocdbt=ocdbt, zarr3=zarr3, fill_missing=fill_missing)
+        rec = LeafRecord(path=path, kind="array", source=_ARRAY_TYPES.get(vtype, "numpy"),
+                         name=leaf_name(path))
+        records.append(rec)
+        opening.append((rec, name, vtype, ts.open(spec, context=context)))
+        specs[path] = spec
+    for rec, name, vtype, fut in opening:
+        what = f"leaf {keystr(rec.path)} of {item.url}"
+        try:
+            arr = fut.result()
+        except Exception as exc:
+            raise CorruptCheckpointError(f"{what}: cannot open its array: {exc}") from None
+        rec.shape, rec.dtype = tuple(arr.shape), arr.dtype.name
+        if rec.dtype not in SUPPORTED_DTYPES:
+            raise UnsupportedFormatError(f"{what} has dtype {rec.dtype}, which this library "
+                                         f"cannot read ({meta_where})")
+        chunk = arr.chunk_layout.read_chunk.shape
+        rec.chunk_shape = tuple(chunk) if chunk is not None else rec.shape  # None for 0-d
+        grid = grid_shape(rec.shape, rec.chunk_shape)
+        itemsize = arr.dtype.numpy_dtype.itemsize
+        rec.chunk_nbytes = [math.prod(b - a for a, b in chunk_box(
+            unflat_index(f, grid), rec.chunk_shape, rec.shape)) * itemsize
+            for f in range(math.prod(grid))]
+        if vtype == "scalar":
+            scalars.append((rec, arr.read()))
+        elif rec.source == "jax":
+            rec.mesh_shape, rec.mesh_axes, rec.spec = _mesh_fields(
+                shardings.get(name), len(rec.shape), item.describe(SHARDING))
+    for rec, fut in scalars:
+        try:
+            value = fut.result()
+        except Exception as exc:
+            raise CorruptCheckpointError(
+                f"leaf {keystr(rec.path)} of {item.url}: cannot read it: {exc}") from None
+        py = value.item() if value.ndim == 0 else None
+        vkind = _SCALAR_KINDS.get(value.dtype.kind)
+        if py is None or vkind is None:
+            raise UnsupportedFormatError(f"leaf {keystr(rec.path)} of {item.url}: a scalar "
+                                         f"stored as {value.dtype}{list(value.shape)}")
+        specs.pop(rec.path)
+        rec.kind, rec.vtype, rec.value = "value", vkind, encode_value(py)
+        rec.shape, rec.dtype, rec.chunk_shape, rec.chunk_nbytes = (), "", (), []
+    created, committed = _timestamps(item, store)
+    custom = meta.get("custom_metadata")
+    layout = f"{'OCDBT' if ocdbt else 'one folder per array'}, zarr v{3 if zarr3 else 2}"
+    manifest = Manifest(attempt="", process_count=_process_count(item),
+                        created_at=created, committed_at=committed,
+                        versions={"writer": "orbax-checkpoint"},
+                        metadata=custom if custom not in ({}, None) else None, leaves=records)
+    return OrbaxItem(item, manifest, specs, context, layout)
+
+
+def _array_spec(item: Store, name: str, *, ocdbt: bool, zarr3: bool,
+                fill_missing: bool) -> dict[str, Any]:
+    if ocdbt:
+        # Names inside the OCDBT database are keys of that database, but they are checked
+        # like any key so that no name from a checkpoint is used unchecked.
+        item.kvstore_spec(name)
+        kvstore: dict[str, Any] = {"driver": "ocdbt", "base": item.kvstore_spec(), "path": name,
+                                   "cache_pool": "cache_pool#ocdbt"}
+    else:
+        kvstore = item.kvstore_spec(name)
+    return {"driver": "zarr3" if zarr3 else "zarr", "kvstore": kvstore, "open": True,
+            "recheck_cached_data": False, "recheck_cached_metadata": False,
+            "fill_missing_data_reads": fill_missing}
+
+
+def _timestamps(item: Store, given: Store) -> tuple[float, float]:
+    for store in (item, given):
+        try:
+            meta = _read_json(store, STEP_METADATA)
+        except ObjectNotFoundError:
+            continue
+        if isinstance(meta, dict):
+            init, done = meta.get("init_timestamp_nsecs"), meta.get("commit_timestamp_nsecs")
+            if isinstance(init, int) and isinstance(done, int):
+                return init / 1e9, done / 1e9
+    return 0.0, 0.0
+
+
+def _process_count(item: Store) -> int:
+    """How many processes wrote the item: each leaves ``array_metadatas/process_N`` (and,
+    with OCDBT, ``ocdbt.process_N/``)."""
+    found = [c for c in item.child("array_metadatas").list() if c.startswith("process_")] \
+        or [c for c in item.list_children() if c.startswith("ocdbt.process_")]
+    return max(1, len(found))

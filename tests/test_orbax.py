@@ -1,0 +1,330 @@
+"""Orbax checkpoints, written by orbax-checkpoint itself, read back bit-exactly through this
+library (restore, inspect) and after `ckpt convert`, on every backend; and clear errors for
+what cannot be read."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from jax.sharding import NamedSharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
+
+import ckpt
+from ckpt.cli import main as cli
+from ckpt.errors import (
+    CheckpointExistsError,
+    CorruptCheckpointError,
+    MissingLeafError,
+    NotACheckpointError,
+    UnsupportedFormatError,
+)
+from storage import open_store
+from tests.conftest import backend_url, make_mesh
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LAYOUTS = [(True, False), (True, True), (False, False), (False, True)]  # (OCDBT, zarr v3)
+SPECS = {"w": P("data", "model"), "rows": P("data"), "b": P()}
+
+
+def _host():
+    rng = np.random.default_rng(7)
+    return {
+        "params": {
+            "w": rng.standard_normal((64, 48)).astype(np.float32),                # sharded
+            "rows": rng.standard_normal((32, 8)).astype(jnp.bfloat16),           # sharded
+            "b": rng.standard_normal(24).astype(jnp.bfloat16),                   # replicated
+        },
+        "layers": [{"k": rng.integers(-9, 9, (5, 3)).astype(np.int32)}, None,
+                   [rng.standard_normal(4).astype(np.float64), None]],
+        "step": 41, "lr": 0.25, "name": "run-7", "none": None,
+    }
+
+
+def _device(host, mesh):
+    tree = jax.tree.map(lambda x: x, host, is_leaf=lambda x: x is None)
+    for k, spec in SPECS.items():
+        tree["params"][k] = jax.device_put(host["params"][k], NamedSharding(mesh, spec))
+    return tree
+
+
+def _orbax_save(path, tree, ocdbt=True, zarr3=False):
+    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=ocdbt, use_zarr3=zarr3)
+    with ocp.Checkpointer(handler) as checkpointer:
+        checkpointer.save(path, args=ocp.args.PyTreeSave(tree))
+    return path
+
+
+def _same(got, want):
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert got.tobytes() == want.tobytes()
+
+
+def _check_tree(out, host):
+    for k in SPECS:
+        _same(out["params"][k], host["params"][k])
+    _same(out["layers"][0]["k"], host["layers"][0]["k"])
+    assert out["layers"][1] is None and out["layers"][2][1] is None
+    _same(out["layers"][2][0], host["layers"][2][0])
+    assert (out["step"], out["lr"], out["name"], out["none"]) == (41, 0.25, "run-7", None)
+    assert type(out["step"]) is int and type(out["lr"]) is float
+
+
+@pytest.fixture(scope="module", params=LAYOUTS, ids=["ocdbt-zarr2", "ocdbt-zarr3",
+                                                     "folders-zarr2", "folders-zarr3"])
+def orbax_ckpt(request, tmp_path_factory):
+    host = _host()
+    path = str(tmp_path_factory.mktemp("orbax") / "item")
+    _orbax_save(path, _device(host, make_mesh((2, 4))), *request.param)
+    return path, host, request.param
+
+
+def test_restore_without_target_is_bit_exact(orbax_ckpt):
+    path, host, _ = orbax_ckpt
+    _check_tree(ckpt.restore(path), host)
+
+
+@pytest.mark.parametrize("kind", ["2x4", "4x2", "1dev"])
+def test_restore_onto_any_mesh(orbax_ckpt, kind, devices):
+    path, host, _ = orbax_ckpt
+    if kind == "1dev":
+        def place(spec):
+            return SingleDeviceSharding(devices[3])
+    else:
+        mesh = make_mesh((2, 4) if kind == "2x4" else (4, 2))
+
+        def place(spec):
+            return NamedSharding(mesh, spec)
+    target = {"params": {k: jax.ShapeDtypeStruct(host["params"][k].shape,
+                                                 host["params"][k].dtype, sharding=place(s))
+                         for k, s in SPECS.items()}}
+    out = ckpt.restore(path, target)
+    for k in SPECS:
+        got = out["params"][k]
+        assert got.sharding == target["params"][k].sharding
+        for shard in got.addressable_shards:
+            _same(shard.data, host["params"][k][shard.index])
+
+
+def test_restore_with_mesh_uses_the_saved_partition_specs(orbax_ckpt, mesh24):
+    path, host, _ = orbax_ckpt
+    out = ckpt.restore(path, mesh=mesh24)
+    for k, spec in SPECS.items():
+        assert out["params"][k].sharding.spec == spec
+        _same(out["params"][k], host["params"][k])
+    assert isinstance(out["layers"][0]["k"], np.ndarray)  # saved as numpy: stays numpy
+
+
+def test_inspect_names_the_layout_and_leaves(orbax_ckpt, capsys):
+    path, host, (ocdbt, zarr3) = orbax_ckpt
+    assert cli(["inspect", "--json", path]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["layout"] == ("orbax-checkpoint (" + ("OCDBT" if ocdbt else "one folder per "
+                             "array") + f", zarr v{3 if zarr3 else 2})")
+    leaves = {leaf["path"]: leaf for leaf in doc["leaves"]}
+    assert leaves["['params']['w']"]["spec"] == ["data", "model"]
+    assert leaves["['params']['w']"]["mesh"] == {"data": 2, "model": 4}
+    assert leaves["['params']['rows']"]["dtype"] == "bfloat16"
+    assert leaves["['layers'][0]['k']"]["shape"] == [5, 3]
+    assert leaves["['step']"]["kind"] == "value" and leaves["['none']"]["kind"] == "none"
+    assert doc["nbytes"] == sum(v.nbytes for v in jax.tree.leaves(host)
+                                if isinstance(v, np.ndarray))
+    info = ckpt.metadata(path)
+    assert info.tree["params"]["w"].shape == (64, 48) and info.tree["step"] == 41
+
+
+def test_convert_keeps_the_saved_layout_and_verifies(orbax_ckpt, tmp_path, mesh24, capsys):
+    path, host, _ = orbax_ckpt
+    dst = str(tmp_path / "ours")
+    assert cli(["convert", "-q", path, dst]) == 0
+    assert "verified" in capsys.readouterr().out
+    info = ckpt.metadata(dst)
+    assert info.layout == "ckpt format 1"
+    w = next(leaf for leaf in info.leaves if leaf.keystr == "['params']['w']")
+    assert w.spec == P("data", "model") and w.mesh == {"data": 2, "model": 4}
+    assert w.chunk_shape == (32, 12)  # one chunk per 2x4 shard
+    _check_tree(ckpt.restore(dst), host)
+    out = ckpt.restore(dst, mesh=mesh24)
+    assert out["params"]["w"].sharding.spec == P("data", "model")
+    assert cli(["verify", "-q", dst]) == 0
+    with pytest.raises(CheckpointExistsError):
+        ckpt._reshard.convert(path, dst)
+
+
+def test_convert_onto_another_mesh_and_spec(orbax_ckpt, tmp_path):
+    path, host, _ = orbax_ckpt
+    dst = str(tmp_path / "ours")
+    assert cli(["convert", "-q", path, dst, "--mesh", "data=4,model=2",
+                "--spec", "params/w=model,data"]) == 0
+    w = next(leaf for leaf in ckpt.metadata(dst).leaves if leaf.keystr == "['params']['w']")
+    assert w.spec == P("model", "data") and w.chunk_shape == (32, 12)
+    _check_tree(ckpt.restore(dst), host)
+
+
+# -- other Orbax entry points --------------------------------------------------------------
+
+def test_standard_checkpointer_and_manager_folders_with_an_optax_target(tmp_path, mesh24):
+    params = {"w": jax.device_put(np.arange(32 * 16, dtype=np.float32).reshape(32, 16),
+                                  NamedSharding(mesh24, P("data", "model")))}
+    opt = optax.adam(1e-2)
+    state = {"params": params, "opt_state": opt.init(params), "step": jnp.array(5)}
+    std = str(tmp_path / "std")
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(std, state)
+    root = str(tmp_path / "mgr")
+    with ocp.CheckpointManager(root) as manager:
+        manager.save(5, args=ocp.args.StandardSave(state))
+        manager.wait_until_finished()
+    # The optax state's namedtuple fields come back by name (Orbax stores them as dict keys).
+    for url in (std, os.path.join(root, "5"), os.path.join(root, "5", "default")):
+        out = ckpt.restore(url, state)
+        assert jax.tree.structure(out) == jax.tree.structure(state)
+        for got, want in zip(jax.tree.leaves(out), jax.tree.leaves(state)):
+            assert got.sharding == want.sharding
+            _same(got, want)
+    assert ckpt.metadata(os.path.join(root, "5")).url.endswith(os.path.join("5", "default"))
+
+
+def test_two_process_orbax_saves_restore_and_convert(tmp_path):
+    from tests import mp_jobs
+    from tools.launch import launch
+
+    expected = mp_jobs.host_tree(1)
+    for ocdbt, zarr3 in ((True, False), (False, True)):
+        path = str(tmp_path / f"mp-{ocdbt}-{zarr3}")
+        assert launch("tests.mp_jobs:orbax_save", 2, args=[path, ocdbt, zarr3],
+                      timeout=180) == [0, 1]
+        assert ckpt.metadata(path).process_count == 2
+        mesh = make_mesh((2, 4))
+        restored = ckpt.restore(path, mesh=mesh)
+        mp_jobs.exact(restored, 1)
+        assert restored["w"].sharding.spec == mp_jobs.SPECS["w"]
+        dst = str(tmp_path / f"ours-{ocdbt}-{zarr3}")
+        ckpt._reshard.convert(path, dst, mesh={"data": 4, "model": 2})
+        out = ckpt.restore(dst)
+        for k, v in expected.items():
+            assert out[k] == v if k == "step" else out[k].tobytes() == v.tobytes(), k
+
+
+# -- backends -------------------------------------------------------------------------------
+
+def _upload(folder, url):
+    """Copies an Orbax checkpoint folder, file by file, to ``url`` on any backend."""
+    store = open_store(url)
+    for dirpath, _, files in os.walk(folder):
+        for name in files:
+            full = os.path.join(dirpath, name)
+            with open(full, "rb") as f:
+                store.write(os.path.relpath(full, folder).replace(os.sep, "/"), f.read())
+
+
+@pytest.mark.parametrize("ocdbt", [True, False], ids=["ocdbt", "folders"])
+def test_orbax_checkpoints_on_every_backend_and_convert_between_them(
+        root_url, tmp_path, mesh24, ocdbt, request):
+    host = _host()
+    local = _orbax_save(str(tmp_path / "item"), _device(host, mesh24), ocdbt)
+    src = root_url + "/orbax"
+    _upload(local, src)
+    _check_tree(ckpt.restore(src), host)
+    # To another backend than the source's (local disk when the source is remote).
+    other = "memory" if root_url.startswith(("s3://", "gs://")) else "local"
+    dst = backend_url(request, tmp_path, other) + "/ours"
+    ckpt._reshard.convert(src, dst)
+    _check_tree(ckpt.restore(dst), host)
+    back = root_url + "/ours-again"
+    ckpt._reshard.convert(dst, back, mesh={"data": 1, "model": 8})
+    _check_tree(ckpt.restore(back), host)
+
+
+# -- what cannot be read --------------------------------------------------------------------
+
+@pytest.fixture
+def small_orbax(tmp_path, mesh24):
+    host = _host()
+    return _orbax_save(str(tmp_path / "item"), _device(host, mesh24), ocdbt=False), host
+
+
+def _listing(folder):
+    return sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs)
+
+
+def test_unsupported_value_type_names_the_leaf_and_file(small_orbax, tmp_path):
+    path, _ = small_orbax
+    meta_file = os.path.join(path, "_METADATA")
+    with open(meta_file) as f:
+        meta = json.load(f)
+    entry = meta["tree_metadata"]["('lr',)"]
+    entry["value_metadata"]["value_type"] = "my.CustomThing"
+    with open(meta_file, "w") as f:
+        json.dump(meta, f)
+    before = _listing(str(tmp_path))
+    with pytest.raises(UnsupportedFormatError, match=r"\['lr'\].*my.CustomThing") as err:
+        ckpt.restore(path)
+    assert meta_file in str(err.value)
+    with pytest.raises(UnsupportedFormatError):
+        ckpt._reshard.convert(path, str(tmp_path / "dst"))
+    assert _listing(str(tmp_path)) == before  # nothing written, by restore or convert
+
+
+def test_legacy_msgpack_orbax_layout_is_refused_naming_the_file(tmp_path):
+    folder = tmp_path / "legacy"
+    folder.mkdir()
+    (folder / "checkpoint").write_bytes(b"\x81\xa1a\x01")
+    with pytest.raises(UnsupportedFormatError, match="legacy msgpack") as err:
+        ckpt.restore(str(folder))
+    assert str(folder / "checkpoint") in str(err.value)
+
+
+def test_corrupt_metadata_and_missing_arrays_are_named(small_orbax):
+    path, _ = small_orbax
+    shutil.rmtree(os.path.join(path, "params.w"))
+    with pytest.raises(CorruptCheckpointError, match=r"\['params'\]\['w'\]"):
+        ckpt.restore(path)
+    with open(os.path.join(path, "_METADATA"), "w") as f:
+        f.write("{not json")
+    with pytest.raises(CorruptCheckpointError, match="_METADATA"):
+        ckpt.metadata(path)
+
+
+def test_a_step_with_several_items_asks_for_one(tmp_path, mesh24):
+    root = str(tmp_path / "mgr")
+    state = {"w": jax.device_put(np.ones((8, 8), np.float32), NamedSharding(mesh24, P()))}
+    with ocp.CheckpointManager(root, item_names=("state", "extra")) as manager:
+        manager.save(2, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                extra=ocp.args.StandardSave(state)))
+        manager.wait_until_finished()
+    with pytest.raises(NotACheckpointError, match="extra, state"):
+        ckpt.restore(os.path.join(root, "2"))
+    _same(ckpt.restore(os.path.join(root, "2", "state"))["w"], np.ones((8, 8), np.float32))
+
+
+def test_target_leaves_missing_from_an_orbax_checkpoint_are_named(small_orbax):
+    path, _ = small_orbax
+    with pytest.raises(MissingLeafError, match=r"\['params'\]\['nope'\]"):
+        ckpt.restore(path, {"params": {"nope": np.zeros(3)}})
+
+
+def test_convert_memory_stays_within_the_budget(tmp_path, mesh24):
+    rng = np.random.default_rng(3)
+    tree = {f"w{i}": jax.device_put(rng.standard_normal((1024, 4096), dtype=np.float32),
+                                    NamedSharding(mesh24, P("data", "model"))) for i in range(8)}
+    src = _orbax_save(str(tmp_path / "item"), tree)
+    budget = 32 << 20
+    run = subprocess.run([sys.executable, os.path.join(HERE, "peak_rss.py"), "convert", "-q",
+                          src, str(tmp_path / "dst"), "--mesh", "data=8", "--spec", "*=-,data",
+                          "--memory-budget", "32M"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    extra = int(run.stderr.strip().splitlines()[-1].split()[1]) * 1024
+    assert sum(v.nbytes for v in tree.values()) >= 4 * budget
+    assert extra <= 2 * budget, f"resident memory rose {extra / 2**20:.0f} MiB"
+    out = ckpt.restore(str(tmp_path / "dst"))
+    for k, v in tree.items():
+        _same(out[k], v)
