@@ -33,7 +33,12 @@ import tensorstore as ts
 from ckpt._format import LeafRecord, Manifest
 from ckpt._leaves import SUPPORTED_DTYPES, encode_value
 from ckpt._tree import KeyPath, keystr, leaf_name
-from ckpt.errors import CorruptCheckpointError, NotACheckpointError, UnsupportedFormatError
+from ckpt.errors import (
+    CorruptCheckpointError,
+    NotACheckpointError,
+    UncommittedCheckpointError,
+    UnsupportedFormatError,
+)
 from restore import chunk_box, grid_shape, unflat_index
 from storage import ObjectNotFoundError, Store
 
@@ -43,6 +48,7 @@ OCDBT_MANIFEST = "manifest.ocdbt"
 SHARDING = "_sharding"
 STRINGS = "_strings.json"
 LEGACY_MSGPACK = "checkpoint"
+TMP_MARK = ".orbax-checkpoint-tmp"  # Orbax writes under this name and renames on commit
 MAX_JSON_BYTES = 256 << 20
 
 _ARRAY_TYPES = {"jax.Array": "jax", "np.ndarray": "numpy"}
@@ -89,8 +95,14 @@ def find_item(store: Store) -> Store | None:
 
     Raises:
         NotACheckpointError: a step folder with several items (names them) or none.
+        UncommittedCheckpointError: an Orbax save still in its temporary folder.
         UnsupportedFormatError: an Orbax layout this library does not read (names the file).
     """
+    if any(TMP_MARK in part for part in store.url.rstrip("/").split("/")[-2:]):
+        if store.exists(TREE_METADATA) or store.exists(STEP_METADATA):
+            raise UncommittedCheckpointError(
+                f"{store.url} is an Orbax save that has not committed (its folder still has "
+                f"the temporary {TMP_MARK} name): it was interrupted or is still running")
     if store.exists(TREE_METADATA):
         return store
     if store.exists(STEP_METADATA):

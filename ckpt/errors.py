@@ -17,7 +17,8 @@ exported here::
     │   └── UncommittedCheckpointError          only attempts, no COMMIT
     ├── CheckpointExistsError (FileExistsError) saving over a committed checkpoint
     ├── CorruptCheckpointError (ValueError)     digest, checksum or manifest mismatch
-    ├── UnsupportedFormatError (ValueError)     a format version this library cannot read
+    ├── UnsupportedFormatError (ValueError)     a format version, or an Orbax layout or
+    │                                           value type, this library cannot read
     ├── UnsupportedLeafError (TypeError)        a pytree leaf that cannot be saved
     ├── InvalidMetadataError (TypeError)        user metadata that is not plain data
     ├── TargetMismatchError (ValueError)        restore target disagrees with the checkpoint
@@ -71,7 +72,9 @@ class CheckpointExistsError(CkptError, FileExistsError):
 
 
 class UnsupportedFormatError(CkptError, ValueError):
-    """The checkpoint's format version is unknown to this library (likely newer)."""
+    """The checkpoint's format version is unknown to this library (likely newer), or an
+    Orbax checkpoint uses a layout or value type it cannot read (the message names the file
+    that shows it)."""
 
 
 class UnsupportedLeafError(CkptError, TypeError):

@@ -24,6 +24,7 @@ from ckpt.errors import (
     CorruptCheckpointError,
     MissingLeafError,
     NotACheckpointError,
+    UncommittedCheckpointError,
     UnsupportedFormatError,
 )
 from storage import open_store
@@ -207,6 +208,12 @@ def test_two_process_orbax_saves_restore_and_convert(tmp_path):
         restored = ckpt.restore(path, mesh=mesh)
         mp_jobs.exact(restored, 1)
         assert restored["w"].sharding.spec == mp_jobs.SPECS["w"]
+        # Restored by two processes too, each reading only the chunks its devices need (and
+        # the small numpy leaf, which Orbax stores as an array and each process restores).
+        small = expected["small"].nbytes
+        for counts in launch("tests.mp_jobs:restore_on", 2, args=[path, 1, [2, 4]],
+                             timeout=180):
+            assert counts["read"] == counts["needed"] + small, counts
         dst = str(tmp_path / f"ours-{ocdbt}-{zarr3}")
         ckpt._reshard.convert(path, dst, mesh={"data": 4, "model": 2})
         out = ckpt.restore(dst)
@@ -274,6 +281,12 @@ def test_unsupported_value_type_names_the_leaf_and_file(small_orbax, tmp_path):
     assert _listing(str(tmp_path)) == before  # nothing written, by restore or convert
 
 
+def test_verify_explains_that_orbax_checkpoints_carry_no_checksums(small_orbax, capsys):
+    path, _ = small_orbax
+    assert cli(["verify", path]) == 1
+    assert "Orbax checkpoint" in capsys.readouterr().err
+
+
 def test_legacy_msgpack_orbax_layout_is_refused_naming_the_file(tmp_path):
     folder = tmp_path / "legacy"
     folder.mkdir()
@@ -281,6 +294,14 @@ def test_legacy_msgpack_orbax_layout_is_refused_naming_the_file(tmp_path):
     with pytest.raises(UnsupportedFormatError, match="legacy msgpack") as err:
         ckpt.restore(str(folder))
     assert str(folder / "checkpoint") in str(err.value)
+
+
+def test_an_uncommitted_orbax_save_is_not_restored(small_orbax, tmp_path):
+    path, _ = small_orbax
+    tmp = str(tmp_path / "item.orbax-checkpoint-tmp-1795550000")
+    shutil.copytree(path, tmp)
+    with pytest.raises(UncommittedCheckpointError, match="orbax-checkpoint-tmp"):
+        ckpt.restore(tmp)
 
 
 def test_corrupt_metadata_and_missing_arrays_are_named(small_orbax):
