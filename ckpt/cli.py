@@ -122,7 +122,10 @@ def _inspect(args: argparse.Namespace) -> int:
     meshes = sorted({str(leaf.mesh) for leaf in info.leaves if leaf.mesh})
     print(f"checkpoint  {info.url}")
     print(f"step        {step if step.isdigit() else '-'}")
-    print(f"format      {info.layout}" + (f", attempt {info.attempt}" if info.attempt else ""))
+    if info.attempt:  # this library's format
+        print(f"format      v{info.format_version}, attempt {info.attempt}")
+    else:
+        print(f"format      {info.layout}")
     print(f"committed   {stamp}, written by {info.process_count} process(es)")
     print(f"saved mesh  {', '.join(meshes) or '-'}")
     print(f"metadata    {info.metadata!r}")

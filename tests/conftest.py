@@ -78,3 +78,16 @@ def backend_url(request, tmp_path, backend):
 @pytest.fixture(params=BACKENDS)
 def root_url(request, tmp_path):
     return backend_url(request, tmp_path, request.param)
+
+
+def cli_extra_rss(args, timeout=300):
+    """Runs ``ckpt ARGS`` in a fresh process (tests/peak_rss.py) and returns how many bytes
+    its resident memory rose above where it stood once everything was imported."""
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    run = subprocess.run([sys.executable, os.path.join(here, "peak_rss.py"), *args],
+                         capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, run.stderr
+    return int(run.stderr.strip().splitlines()[-1].split()[1]) * 1024

@@ -17,7 +17,7 @@ import ckpt
 from ckpt._housekeeping import committed_steps
 from ckpt.cli import main
 from storage import open_store
-from tests.conftest import backend_url, make_mesh
+from tests.conftest import backend_url, cli_extra_rss, make_mesh
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -141,11 +141,8 @@ def test_reshard_memory_stays_within_budget(tmp_path):
     src = str(tmp_path / "src")
     ckpt.save(src, tree)
     budget = 64 << 20
-    run = subprocess.run([sys.executable, os.path.join(HERE, "peak_rss.py"), "reshard", "-q",
-                          src, str(tmp_path / "dst"), "--mesh", "a=4,b=2", "--spec", "*=b,a",
-                          "--memory-budget", "64M"], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    extra = int(run.stderr.strip().splitlines()[-1].split()[1]) * 1024
+    extra = cli_extra_rss(["reshard", "-q", src, str(tmp_path / "dst"), "--mesh", "a=4,b=2",
+                           "--spec", "*=b,a", "--memory-budget", "64M"])
     assert sum(v.nbytes for v in tree.values()) >= 4 * budget
     assert extra <= budget, f"resident memory rose {extra / 2**20:.0f} MiB"
     out = ckpt.restore(str(tmp_path / "dst"), target={"w3": np.zeros((2048, 4096), np.float32)})
