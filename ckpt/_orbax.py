@@ -23,6 +23,7 @@ Every name from the checkpoint goes through the store's key checks before it is 
 from __future__ import annotations
 
 import base64
+import errno
 import dataclasses
 import json
 import math
@@ -40,7 +41,7 @@ from ckpt.errors import (
     UnsupportedFormatError,
 )
 from restore import chunk_box, grid_shape, unflat_index
-from storage import ObjectNotFoundError, Store
+from storage import ObjectNotFoundError, StorageError, Store
 
 TREE_METADATA = "_METADATA"
 STEP_METADATA = "_CHECKPOINT_METADATA"
@@ -220,9 +221,13 @@ def open_orbax(store: Store) -> OrbaxItem | None:
     specs: dict[KeyPath, dict[str, Any]] = {}
     scalars: list[tuple[LeafRecord, Any]] = []
     opening: list[tuple[LeafRecord, str, str, Any]] = []
+    seen: set[KeyPath] = set()
     for entry_key, entry in tree.items():
         where = f"{meta_where} entry {entry_key!r:.120}"
         path = _key_path(entry, where)
+        if path in seen:
+            raise CorruptCheckpointError(f"{where}: key path {keystr(path)} appears twice")
+        seen.add(path)
         value_meta = entry.get("value_metadata")
         vtype = value_meta.get("value_type") if isinstance(value_meta, dict) else None
         name = ".".join(str(v) for _, v in path)
@@ -255,7 +260,10 @@ def open_orbax(store: Store) -> OrbaxItem | None:
         try:
             arr = fut.result()
         except Exception as exc:
-            raise CorruptCheckpointError(f"{what}: cannot open its array: {exc}") from None
+            if "NOT_FOUND" in str(exc) or "FAILED_PRECONDITION" in str(exc):
+                raise CorruptCheckpointError(f"{what}: its array is missing or unreadable: "
+                                             f"{exc}") from None
+            raise StorageError(errno.EIO, f"{what}: opening its array failed: {exc}") from None
         rec.shape, rec.dtype = tuple(arr.shape), arr.dtype.name
         if rec.dtype not in SUPPORTED_DTYPES:
             raise UnsupportedFormatError(f"{what} has dtype {rec.dtype}, which this library "

@@ -183,21 +183,31 @@ def _loose(path: KeyPath) -> KeyPath:
     return tuple(("index", v) if k == "index" else ("key", str(v)) for k, v in path)
 
 
-def _match(manifest: Manifest, target: Any, mesh: Any, what: str, *,
-           loose: bool = False) -> tuple[list[_Want], Any]:
+def _match(manifest: Manifest, target: Any, mesh: Any, what: str) -> tuple[list[_Want], Any]:
     """Pairs target leaves with saved leaves; raises listing every mismatch at once.
 
-    ``loose``: match keys as `_loose` does (for Orbax checkpoints, which record namedtuple
-    fields and integer dict keys as string dict keys).
+    A target path matches the saved leaf with the same path; failing that, the one saved
+    leaf it equals under `_loose` (Orbax, and checkpoints converted from Orbax, record
+    namedtuple fields and integer dict keys as string dict keys).
     """
-    norm = _loose if loose else (lambda p: p)
-    by_path: dict[KeyPath, LeafRecord] = {norm(rec.path): rec for rec in manifest.leaves}
+    by_path: dict[KeyPath, LeafRecord] = {rec.path: rec for rec in manifest.leaves}
+    by_loose: dict[KeyPath, list[LeafRecord]] = {}
+    for rec in manifest.leaves:
+        by_loose.setdefault(_loose(rec.path), []).append(rec)
+
+    def lookup(path: KeyPath) -> LeafRecord | None:
+        found = by_path.get(path)
+        if found is None and len(by_loose.get(_loose(path), ())) == 1:
+            found = by_loose[_loose(path)][0]
+        return found
+
     if target is None:
         pairs = [(rec.path, None) for rec in manifest.leaves]
         treedef = None
     else:
         pairs, treedef = flatten(target)
-    missing = [keystr(path) for path, _ in pairs if norm(path) not in by_path]
+    records = [lookup(path) for path, _ in pairs]
+    missing = [keystr(path) for (path, _), rec in zip(pairs, records) if rec is None]
     if missing:
         raise MissingLeafError(f"target leaves absent from {what}: {', '.join(missing)}")
     wants: list[_Want] = []
@@ -205,8 +215,9 @@ def _match(manifest: Manifest, target: Any, mesh: Any, what: str, *,
     dtype_errors: list[str] = []
     mesh_errors: list[str] = []
     kind_errors: list[str] = []
-    for path, t in pairs:
-        rec = by_path[norm(path)]
+    for (path, t), found in zip(pairs, records):
+        assert found is not None
+        rec = found
         want = _Want(rec)
         wants.append(want)
         if rec.kind in ("value", "none"):
@@ -312,8 +323,7 @@ def restore_from(store: Store, target: Any = None, *, mesh: Any = None,
     """
     source = open_readable(store)
     manifest = source.manifest
-    wants, treedef = _match(manifest, target, mesh, source.store.url,
-                            loose=source.orbax is not None)
+    wants, treedef = _match(manifest, target, mesh, source.store.url)
     ctx = source.context()
     jobs: list[ArrayReadJob] = []
     job_wants: list[int] = []

@@ -189,6 +189,14 @@ def test_standard_checkpointer_and_manager_folders_with_an_optax_target(tmp_path
             assert got.sharding == want.sharding
             _same(got, want)
     assert ckpt.metadata(os.path.join(root, "5")).url.endswith(os.path.join("5", "default"))
+    # A converted step folder is a step of this library's CheckpointManager.
+    ours = str(tmp_path / "ours")
+    assert cli(["convert", "-q", os.path.join(root, "5"), os.path.join(ours, "5")]) == 0
+    with ckpt.CheckpointManager(ours) as manager:
+        assert manager.latest_step() == 5
+        out = manager.restore(target=state)
+    for got, want in zip(jax.tree.leaves(out), jax.tree.leaves(state)):
+        _same(got, want)
 
 
 def test_two_process_orbax_saves_restore_and_convert(tmp_path):
