@@ -339,9 +339,11 @@ def restore_from(store: Store, target: Any = None, *, mesh: Any = None,
             values[i] = _assemble(want, [whole[to_slices(b)] for b in boxes], boxes)
         elif rec.kind == "array":
             boxes = _boxes(want)
+            # This format's chunks end with their crc32c (docs/format.md); Orbax's do not.
             jobs.append(ArrayReadJob(keystr(rec.path), source.array_spec(rec), ctx, rec.shape,
                                      rec.chunk_shape, dtype_from_name(rec.dtype, what), boxes,
-                                     rec.chunk_crc32c or None))
+                                     rec.chunk_crc32c or None,
+                                     crc32c_in_chunk_tail=source.orbax is None))
             job_wants.append(i)
     for i, job, host in zip(job_wants, jobs, read_arrays(jobs, memory_budget=memory_budget)):
         values[i] = _assemble(wants[i], host, job.targets)

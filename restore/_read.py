@@ -2,10 +2,12 @@
 
 Called by ``ckpt.restore`` (on every process, for the boxes its devices need) and by the
 offline tools. Each chunk a process needs is read once, verified by the zarr crc32c codec
-and the manifest's crc32c, and copied into every target box it overlaps; a chunk that is
-inside one target box is decoded by TensorStore straight into its place in that box's
-buffer. Chunk data in flight (stored and decoded bytes) is bounded by a memory budget, on top
-of the target buffers: by default an eighth of the bytes restored, between 64 MiB and 1 GiB.
+and the manifest's crc32c (hashed, or for a whole chunk in a strided region compared with
+the codec's checksum at the end of the stored chunk), and copied into every target box it
+overlaps; a chunk that is inside one target box is decoded by TensorStore straight into
+its place in that box's buffer. Chunk data in flight (stored and decoded bytes) is bounded
+by a memory budget, on top of the target buffers: by default an eighth of the bytes
+restored, between 64 MiB and 1 GiB.
 
 Target buffers are 64-byte aligned (`aligned_empty`): JAX's CPU client then adopts a buffer
 as a device array without copying it, which halves restore's memory and saves a copy.
@@ -65,6 +67,10 @@ class ArrayReadJob:
         targets: the boxes to fill, in global coordinates.
         crc32c: per chunk (C order of the chunk grid), the crc32c of its C-order bytes as
             written; each chunk read is checked against it. None skips the check.
+        crc32c_in_chunk_tail: each stored chunk object ends with the crc32c of its
+            little-endian C-order bytes (zarr v3, default key encoding, ``crc32c`` as the
+            last codec, which TensorStore verifies on read): for a whole chunk that equals
+            ``crc32c``'s entry, so a 4-byte read checks it without hashing the data again.
     """
 
     name: str
@@ -75,6 +81,7 @@ class ArrayReadJob:
     dtype: np.dtype[Any]
     targets: list[Box]
     crc32c: list[int] | None = None
+    crc32c_in_chunk_tail: bool = False
 
 
 ALIGNMENT = 64
@@ -104,6 +111,11 @@ def _crc32c(data: np.ndarray) -> int:
     """crc32c of ``data``'s bytes in C order. A strided view is copied first: one memcpy
     costs half as much as hashing it row by row from Python."""
     return int(google_crc32c.value(np.ascontiguousarray(data).reshape(-1).view(np.uint8)))
+
+
+def _chunk_key(coord: Sequence[int]) -> str:
+    """The key of a chunk under zarr v3's default chunk key encoding."""
+    return "/".join(["c", *map(str, coord)])
 
 
 def _classify(exc: Exception, job: ArrayReadJob, coord: Sequence[int]) -> Exception:
@@ -148,9 +160,10 @@ def read_arrays(jobs: Sequence[ArrayReadJob], *,
                for job in jobs]
     plans = [plan_reads(job.shape, job.chunk_shape, job.targets) for job in jobs]
 
-    def land(j: int, cr: ChunkRead, fut: Any) -> None:
+    def land(j: int, cr: ChunkRead, tail: Any, fut: Any) -> None:
         try:
             result = fut.result()
+            stored = tail.result() if tail is not None else None
         except Exception as exc:
             raise _classify(exc, jobs[j], cr.coord) from exc
         direct = len(cr.pieces) == 1
@@ -160,7 +173,12 @@ def read_arrays(jobs: Sequence[ArrayReadJob], *,
             # The zarr codec proves the chunk is the one stored under this key; this proves
             # it is the one written for this position (not a chunk moved or swapped).
             flat = flat_index(cr.coord, grid_shape(jobs[j].shape, jobs[j].chunk_shape))
-            if _crc32c(data) != crcs[flat]:
+            if stored is not None:
+                crc = int.from_bytes(stored.value, "little") if stored.state == "value" \
+                    and len(stored.value) == 4 else -1
+            else:
+                crc = _crc32c(data)
+            if crc != crcs[flat]:
                 raise CorruptCheckpointError(
                     f"leaf {jobs[j].name} chunk {tuple(cr.coord)}: crc32c differs from the "
                     "manifest (the chunk was replaced or moved)")
@@ -176,23 +194,33 @@ def read_arrays(jobs: Sequence[ArrayReadJob], *,
     if memory_budget is None:
         memory_budget = default_memory_budget(sum(
             box_size(box) * job.dtype.itemsize for job in jobs for box in job.targets))
+    kvstores = [ts.KvStore.open(job.spec["kvstore"], context=job.context)
+                if job.crc32c is not None and job.crc32c_in_chunk_tail else None for job in jobs]
     window = Window(memory_budget)
     try:
         for j, (job, plan) in enumerate(zip(jobs, plans)):
+            opening = kvstores[j]
+            kvstore = opening.result() if opening is not None else None
             for cr in plan:
                 source = arrays[j][to_slices(cr.box)]
+                tail = None
                 if len(cr.pieces) == 1:
                     # A chunk inside one target box is decoded and placed by TensorStore's
                     # threads: no array comes back, nothing is copied on this thread.
                     piece = cr.pieces[0]
+                    target = outputs[j][piece.target][piece.dst]
                     pending: Any = ts.array(outputs[j][piece.target], copy=False,
-                                   write=True)[piece.dst].write(source)
+                                            write=True)[piece.dst].write(source)
+                    if (kvstore is not None and not target.flags.c_contiguous
+                            and box_shape(cr.box) == tuple(job.chunk_shape)):
+                        # Hashing a strided region would need a copy of it first.
+                        tail = kvstore.read(_chunk_key(cr.coord), byte_range=slice(-4, None))
                 else:
                     pending = source.read()
                 # The stored bytes and the decoded chunk (TensorStore decodes into a chunk
                 # buffer of its own even when it then copies into our target).
                 window.add(pending, 2 * box_size(cr.box) * job.dtype.itemsize,
-                           functools.partial(land, j, cr))
+                           functools.partial(land, j, cr, tail))
         window.drain()
     finally:
         window.cancel()
