@@ -95,7 +95,8 @@ def find_item(store: Store) -> Store | None:
         None when nothing there says Orbax.
 
     Raises:
-        NotACheckpointError: a step folder with several items (names them) or none.
+        NotACheckpointError: a step folder with several items (names them) or none; a
+            manager root (names its newest step).
         UncommittedCheckpointError: an Orbax save still in its temporary folder.
         UnsupportedFormatError: an Orbax layout this library does not read (names the file).
     """
@@ -125,6 +126,11 @@ def find_item(store: Store) -> Store | None:
         raise UnsupportedFormatError(
             f"{store.describe(OCDBT_MANIFEST)} is there but {TREE_METADATA} is not: an "
             "Orbax save that never finished, or a layout this library does not read")
+    steps = sorted(int(c) for c in store.list_children() if c.isdigit())
+    if steps and store.exists(f"{steps[-1]}/{STEP_METADATA}"):
+        raise NotACheckpointError(
+            f"{store.url} is an Orbax CheckpointManager root (steps {steps[0]}..{steps[-1]}): "
+            f"restore or convert one step, e.g. {store.child(str(steps[-1])).url}")
     return None
 
 

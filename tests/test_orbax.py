@@ -189,6 +189,8 @@ def test_standard_checkpointer_and_manager_folders_with_an_optax_target(tmp_path
             assert got.sharding == want.sharding
             _same(got, want)
     assert ckpt.metadata(os.path.join(root, "5")).url.endswith(os.path.join("5", "default"))
+    with pytest.raises(NotACheckpointError, match="Orbax CheckpointManager root"):
+        ckpt.restore(root)
     # A converted step folder is a step of this library's CheckpointManager.
     ours = str(tmp_path / "ours")
     assert cli(["convert", "-q", os.path.join(root, "5"), os.path.join(ours, "5")]) == 0
