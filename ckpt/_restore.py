@@ -28,8 +28,8 @@ from ckpt._format import (
     decode_manifest,
     sha256,
 )
-from ckpt._orbax import OrbaxItem, open_orbax
 from ckpt._leaves import decode_inline, decode_value, dtype_from_name, is_typed_key
+from ckpt._orbax import OrbaxItem, open_orbax
 from ckpt._tree import KeyPath, flatten, keystr, nest, unflatten
 from ckpt.errors import (
     CheckpointNotFoundError,
