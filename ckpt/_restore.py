@@ -178,6 +178,22 @@ def _spec_sharding(rec: LeafRecord, mesh: jax.sharding.Mesh) -> tuple[Any, str |
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)), None
 
 
+_NUMBERS = ("int", "float", "bool", "complex")
+
+
+def _target_placement(want: _Want, t: Any) -> None:
+    """Where an array target puts the restored leaf: its sharding (already in
+    ``want.sharding`` when it has one), host numpy for a numpy target, or uncommitted."""
+    if want.sharding is None:
+        want.sharding = getattr(t, "sharding", None)
+    if isinstance(t, np.ndarray):
+        want.sharding = None
+    elif isinstance(t, jax.Array) and not getattr(t, "_committed", True):
+        # An array created without a placement (e.g. optax's step count) may be moved
+        # next to committed arrays by jit; restoring it committed would forbid that.
+        want.sharding, want.uncommitted = None, True
+
+
 def _loose(path: KeyPath) -> KeyPath:
     """A key path as Orbax records it: attribute names and dict keys alike, as strings."""
     return tuple(("index", v) if k == "index" else ("key", str(v)) for k, v in path)
@@ -221,7 +237,18 @@ def _match(manifest: Manifest, target: Any, mesh: Any, what: str) -> tuple[list[
         want = _Want(rec)
         wants.append(want)
         if rec.kind in ("value", "none"):
-            if t is not None and (hasattr(t, "shape") and hasattr(t, "dtype")):
+            if t is None or not (hasattr(t, "shape") and hasattr(t, "dtype")):
+                continue
+            if rec.kind == "value" and rec.vtype in _NUMBERS and tuple(t.shape) == ():
+                # A Python number under a 0-d array target (what `jax.eval_shape` makes of a
+                # step counter) restores as that array.
+                want.dtype = np.dtype(t.dtype)
+                value = decode_value(rec, f"{what} leaf {keystr(path)}")
+                err = _cast_check(rec, np.asarray(value).dtype, want.dtype)
+                if err:
+                    dtype_errors.append(err)
+                _target_placement(want, t)
+            else:
                 kind_errors.append(f"{keystr(path)}: saved a {rec.kind}, target is an array")
             continue
         saved = dtype_from_name(rec.dtype, f"{what} leaf {keystr(path)}")
@@ -260,12 +287,7 @@ def _match(manifest: Manifest, target: Any, mesh: Any, what: str) -> tuple[list[
             want.sharding, err = _spec_sharding(rec, mesh)
             if err:
                 mesh_errors.append(err)
-        if isinstance(t, np.ndarray):
-            want.sharding = None
-        elif isinstance(t, jax.Array) and not getattr(t, "_committed", True):
-            # An array created without a placement (e.g. optax's step count) may be moved
-            # next to committed arrays by jit; restoring it committed would forbid that.
-            want.sharding, want.uncommitted = None, True
+        _target_placement(want, t)
     for errors, cls, title in ((kind_errors, TargetMismatchError, "kind"),
                                (shape_errors, ShapeMismatchError, "shape"),
                                (dtype_errors, DtypeMismatchError, "dtype"),
@@ -333,6 +355,13 @@ def restore_from(store: Store, target: Any = None, *, mesh: Any = None,
         what = f"{source.store.url} leaf {keystr(rec.path)}"
         if rec.kind == "value":
             values[i] = decode_value(rec, what)
+            if want.dtype is not None:  # a number restored as a 0-d array
+                try:
+                    number = np.asarray(values[i], dtype=want.dtype)
+                except OverflowError:
+                    raise DtypeMismatchError(f"{what}: {values[i]} does not fit "
+                                             f"{want.dtype}") from None
+                values[i] = _assemble(want, [number], [full_box(())])
         elif rec.kind == "inline":
             whole = decode_inline(rec, what)
             boxes = _boxes(want)

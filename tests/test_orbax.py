@@ -112,6 +112,17 @@ def test_restore_onto_any_mesh(orbax_ckpt, kind, devices):
             _same(shard.data, host["params"][k][shard.index])
 
 
+def test_restore_onto_an_eval_shape_target(orbax_ckpt, mesh24):
+    path, host, _ = orbax_ckpt
+    state = {k: v for k, v in _device(host, mesh24).items() if k != "name"}  # str: not JAX
+    abstract = jax.eval_shape(lambda: state)  # Python scalars become 0-d int32/float32
+    out = ckpt.restore(path, abstract)
+    assert out["step"].dtype == jnp.int32 and int(out["step"]) == 41
+    assert out["lr"].dtype == jnp.float32 and float(out["lr"]) == 0.25
+    for k in SPECS:
+        _same(out["params"][k], host["params"][k])
+
+
 def test_restore_with_mesh_uses_the_saved_partition_specs(orbax_ckpt, mesh24):
     path, host, _ = orbax_ckpt
     out = ckpt.restore(path, mesh=mesh24)

@@ -176,3 +176,23 @@ def test_each_chunk_written_once_balanced_over_replicas(tmp_path, mesh24):
     devices = [d.id for p in plans for d, _ in p.owned.values()]
     assert sorted(devices) == sorted(d.id for d in mesh24.devices.flat)
     assert all(w == 0 for p in plans for w in p.writers)
+
+
+def test_python_numbers_restore_into_zero_dim_array_targets(tmp_path, mesh24):
+    """`jax.eval_shape` turns a step counter into a 0-d ShapeDtypeStruct; such a target gets
+    the saved number as an array of its dtype and sharding, a float into an int is refused."""
+    url = str(tmp_path / "ck")
+    ckpt.save(url, {"step": 41, "lr": 0.5, "flag": True, "big": 2**40})
+    replicated = NamedSharding(mesh24, P())
+    out = ckpt.restore(url, {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+                             "lr": np.zeros((), np.float32), "flag": True})
+    assert isinstance(out["step"], jax.Array) and out["step"].sharding == replicated
+    assert out["step"].dtype == jnp.int32 and int(out["step"]) == 41
+    assert isinstance(out["lr"], np.ndarray) and out["lr"].dtype == np.float32
+    assert float(out["lr"]) == 0.5 and out["flag"] is True
+    with pytest.raises(ckpt.errors.DtypeMismatchError, match=r"\['lr'\]"):
+        ckpt.restore(url, {"lr": jax.ShapeDtypeStruct((), jnp.int32)})
+    with pytest.raises(ckpt.errors.DtypeMismatchError, match=r"\['big'\]"):
+        ckpt.restore(url, {"big": jax.ShapeDtypeStruct((), jnp.int32)})
+    with pytest.raises(ckpt.errors.TargetMismatchError, match=r"\['step'\]"):
+        ckpt.restore(url, {"step": np.zeros(3, np.int32)})
