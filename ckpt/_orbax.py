@@ -23,10 +23,9 @@ Every name from the checkpoint goes through the store's key checks before it is 
 from __future__ import annotations
 
 import base64
-import errno
 import dataclasses
+import errno
 import json
-import math
 from typing import Any
 
 import tensorstore as ts
@@ -40,8 +39,8 @@ from ckpt.errors import (
     UncommittedCheckpointError,
     UnsupportedFormatError,
 )
-from restore import chunk_box, grid_shape, unflat_index
-from storage import ObjectNotFoundError, StorageError, Store
+from restore import chunk_sizes
+from storage import ObjectNotFoundError, StorageError, Store, check_key
 
 TREE_METADATA = "_METADATA"
 STEP_METADATA = "_CHECKPOINT_METADATA"
@@ -276,11 +275,8 @@ def open_orbax(store: Store) -> OrbaxItem | None:
                                          f"cannot read ({meta_where})")
         chunk = arr.chunk_layout.read_chunk.shape
         rec.chunk_shape = tuple(chunk) if chunk is not None else rec.shape  # None for 0-d
-        grid = grid_shape(rec.shape, rec.chunk_shape)
         itemsize = arr.dtype.numpy_dtype.itemsize
-        rec.chunk_nbytes = [math.prod(b - a for a, b in chunk_box(
-            unflat_index(f, grid), rec.chunk_shape, rec.shape)) * itemsize
-            for f in range(math.prod(grid))]
+        rec.chunk_nbytes = [n * itemsize for n in chunk_sizes(rec.shape, rec.chunk_shape)]
         if vtype == "scalar":
             scalars.append((rec, arr.read()))
         elif rec.source == "jax":
@@ -315,8 +311,8 @@ def _array_spec(item: Store, name: str, *, ocdbt: bool, zarr3: bool,
     if ocdbt:
         # Names inside the OCDBT database are keys of that database, but they are checked
         # like any key so that no name from a checkpoint is used unchecked.
-        item.kvstore_spec(name)
-        kvstore: dict[str, Any] = {"driver": "ocdbt", "base": item.kvstore_spec(), "path": name,
+        kvstore: dict[str, Any] = {"driver": "ocdbt", "base": item.kvstore_spec(),
+                                   "path": check_key(name),
                                    "cache_pool": "cache_pool#ocdbt"}
     else:
         kvstore = item.kvstore_spec(name)

@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import tensorstore as ts
 
 from ckpt._commit import commit
@@ -44,6 +43,7 @@ from restore import (
     Window,
     box_size,
     chunk_box,
+    chunk_sizes,
     grid_shape,
     spec_shard_shape,
     to_slices,
@@ -135,12 +135,9 @@ def _plan(manifest_leaves: list[LeafRecord], mesh: dict[str, int],
         if rec.kind == "array":
             itemsize = dtype_from_name(rec.dtype, keystr(rec.path)).itemsize
             new.chunk_shape = choose_chunk_shape(shard, itemsize, 1, max_chunk_bytes=max_chunk)
-            grid = grid_shape(rec.shape, new.chunk_shape)
-            count = int(np.prod(grid, dtype=np.int64))
-            new.writers = [0] * count
-            new.chunk_crc32c = [0] * count
-            new.chunk_nbytes = [box_size(chunk_box(unflat_index(f, grid), new.chunk_shape,
-                                                   rec.shape)) * itemsize for f in range(count)]
+            new.chunk_nbytes = [n * itemsize for n in chunk_sizes(rec.shape, new.chunk_shape)]
+            new.writers = [0] * len(new.chunk_nbytes)
+            new.chunk_crc32c = [0] * len(new.chunk_nbytes)
     if errors:
         raise MeshMismatchError(f"cannot lay out on mesh {mesh}: " + "; ".join(errors))
     return records

@@ -13,6 +13,7 @@ from restore._plan import (
     box_shape,
     box_size,
     chunk_box,
+    chunk_sizes,
     chunks_in,
     flat_index,
     full_box,
@@ -28,6 +29,6 @@ from restore._window import Window
 
 __all__ = [
     "ArrayReadJob", "Box", "aligned_empty", "Window", "ChunkRead", "CorruptCheckpointError", "Piece", "box_of_index",
-    "box_shape", "box_size", "chunk_box", "chunks_in", "flat_index", "full_box", "grid_shape",
+    "box_shape", "box_size", "chunk_box", "chunk_sizes", "chunks_in", "flat_index", "full_box", "grid_shape",
     "intersect", "plan_reads", "read_arrays", "spec_shard_shape", "to_slices", "unflat_index",
 ]

@@ -81,6 +81,13 @@ def unflat_index(flat: int, grid: Sequence[int]) -> tuple[int, ...]:
     return tuple(reversed(coord))
 
 
+def chunk_sizes(shape: Sequence[int], chunk_shape: Sequence[int]) -> list[int]:
+    """Element count of every chunk, in C order of the grid (edge chunks are smaller)."""
+    grid = grid_shape(shape, chunk_shape)
+    return [box_size(chunk_box(unflat_index(f, grid), chunk_shape, shape))
+            for f in range(math.prod(grid))]
+
+
 def chunks_in(box: Box, chunk_shape: Sequence[int]) -> Iterator[tuple[int, ...]]:
     """Grid coordinates of every chunk overlapping ``box`` (in C order)."""
     ranges = [range(a // c, -(-b // c)) for (a, b), c in zip(box, chunk_shape)]
