@@ -18,10 +18,9 @@ import tensorstore as ts
 
 from ckpt._format import ARRAYS, decode_host_report, host_report_key
 from ckpt._leaves import decode_inline, dtype_from_name
-from ckpt._orbax import find_item
-from ckpt._restore import open_checkpoint
+from ckpt._restore import open_readable
 from ckpt._tree import keystr
-from ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedFormatError
+from ckpt.errors import CorruptCheckpointError, UnsupportedFormatError
 from restore import Window, box_size, chunk_box, to_slices, unflat_index
 from restore._read import open_spec
 from storage import ObjectNotFoundError, open_store
@@ -85,15 +84,13 @@ def verify(url: str | os.PathLike[str], *, memory_budget: int = DEFAULT_BUDGET,
         UnsupportedFormatError: ``url`` holds an Orbax checkpoint.
     """
     store = open_store(url)
-    try:
-        _, manifest = open_checkpoint(store)
-    except CheckpointNotFoundError:
-        if find_item(store) is None:
-            raise
+    source = open_readable(store)
+    if source.orbax is not None:
         raise UnsupportedFormatError(
             f"{store.url} is an Orbax checkpoint: verify checks this library's per-chunk "
             "checksums, which Orbax does not record; `ckpt convert` it (the result is "
-            "verified) or restore it") from None
+            "verified) or restore it")
+    manifest = source.manifest
     report = VerifyReport(store.url)
     expected = _reports(store, manifest.attempt, manifest.process_count, report)
     ctx = store.tensorstore_context()
