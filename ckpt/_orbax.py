@@ -271,8 +271,9 @@ def open_orbax(store: Store) -> OrbaxItem | None:
             raise StorageError(errno.EIO, f"{what}: opening its array failed: {exc}") from None
         rec.shape, rec.dtype = tuple(arr.shape), arr.dtype.name
         if rec.dtype not in SUPPORTED_DTYPES:
-            raise UnsupportedFormatError(f"{what} has dtype {rec.dtype}, which this library "
-                                         f"cannot read ({meta_where})")
+            raise UnsupportedFormatError(
+                f"{what} has dtype {rec.dtype} (zarr metadata of {item.describe(name)}), "
+                "which this library cannot read")
         chunk = arr.chunk_layout.read_chunk.shape
         rec.chunk_shape = tuple(chunk) if chunk is not None else rec.shape  # None for 0-d
         itemsize = arr.dtype.numpy_dtype.itemsize

@@ -20,6 +20,7 @@ from ckpt.cli import main as cli
 from ckpt.errors import (
     CheckpointExistsError,
     CorruptCheckpointError,
+    MeshMismatchError,
     MissingLeafError,
     NotACheckpointError,
     UncommittedCheckpointError,
@@ -303,6 +304,62 @@ def test_verify_explains_that_orbax_checkpoints_carry_no_checksums(small_orbax, 
     path, _ = small_orbax
     assert cli(["verify", path]) == 1
     assert "Orbax checkpoint" in capsys.readouterr().err
+
+
+def _edit_json(path, edit):
+    with open(path) as f:
+        doc = json.load(f)
+    edit(doc)
+    with open(path, "w") as f:
+        json.dump(doc, f)
+
+
+def _dup(meta):
+    tree = meta["tree_metadata"]
+    tree["('lr', 'again')"] = tree["('lr',)"]
+
+
+def _bad_key(meta):
+    meta["tree_metadata"]["('lr',)"]["key_metadata"][0]["key_type"] = 7
+
+
+def _bad_spec(sharding):
+    key = next(iter(sharding))
+    entry = json.loads(sharding[key])
+    entry["partition_spec"] = ["no_such_axis"]
+    sharding[key] = json.dumps(entry)
+
+
+@pytest.mark.parametrize("file, edit, error, named", [
+    ("_METADATA", _dup, CorruptCheckpointError, r"\['lr'\] appears twice"),
+    ("_METADATA", _bad_key, CorruptCheckpointError, "malformed key entry"),
+    ("_sharding", _bad_spec, CorruptCheckpointError, "malformed NamedSharding"),
+    ("_strings.json", lambda d: d.clear(), CorruptCheckpointError, r"no string .*\['name'\]"),
+    ("layers.0.k/.zarray", lambda d: d.update(dtype="int4"), UnsupportedFormatError,
+     r"\['layers'\]\[0\]\['k'\] of .* has dtype int4"),
+])
+def test_malformed_orbax_files_are_named(small_orbax, tmp_path, file, edit, error, named):
+    path, _ = small_orbax
+    _edit_json(os.path.join(path, file), edit)
+    before = _listing(str(tmp_path))
+    with pytest.raises(error, match=named) as err:
+        ckpt.restore(path)
+    assert os.path.join(path, file.split("/")[0]) in str(err.value)
+    assert _listing(str(tmp_path)) == before
+
+
+def test_convert_without_a_mesh_refuses_leaves_saved_on_several_meshes(tmp_path, devices):
+    a = jax.device_put(np.ones((8, 8), np.float32), NamedSharding(make_mesh((2, 4)), P("data")))
+    b = jax.device_put(np.ones(8, np.float32),
+                       NamedSharding(make_mesh((8,), ("x",)), P("x")))
+    src = str(tmp_path / "src")
+    ckpt.save(src, {"a": a, "b": b})
+    with pytest.raises(MeshMismatchError, match="several meshes") as err:
+        ckpt._reshard.convert(src, str(tmp_path / "dst"))
+    assert src in str(err.value)
+    assert not os.path.exists(tmp_path / "dst")
+    ckpt._reshard.convert(src, str(tmp_path / "dst"), mesh={"x": 8}, rules=[("a", ())])
+    _same(ckpt.restore(str(tmp_path / "dst"))["b"], np.ones(8, np.float32))
 
 
 def test_legacy_msgpack_orbax_layout_is_refused_naming_the_file(tmp_path):
