@@ -9,13 +9,14 @@ background thread. A single-process job gets a trivial local implementation.
 from __future__ import annotations
 
 import abc
+import itertools
 import os
 import threading
 from typing import Any
 
 import jax
 
-from ckpt.errors import CoordinationError
+from ckpt.errors import CkptError, CoordinationError
 
 DEFAULT_TIMEOUT_S = 600.0
 
@@ -152,42 +153,87 @@ class DistributedCoordinator(Coordinator):
 
 
 _sigterm_received = threading.Event()
-_handler_installed = False
+_watchers = 0
+_previous_handler: Any = None
+_our_handler: Any = None
 
 
 def watch_sigterm() -> bool:
     """Makes SIGTERM request a preemption save instead of ending the process at once.
 
-    Called by `CheckpointManager` on creation. A multi-process job leaves SIGTERM to JAX's
-    preemption sync manager; otherwise a Python handler is installed (main thread only; a
-    previous Python handler still runs after ours; a second SIGTERM ends the process as by
-    default). Returns whether SIGTERM is watched.
+    Called by each `CheckpointManager` that watches preemption, on creation; every call that
+    returns True is paired with one `unwatch_sigterm` (at `close`). A multi-process job leaves
+    SIGTERM to JAX's preemption sync manager. Otherwise the first watcher installs a Python
+    handler (main thread only) that chains to the handler it replaced; a second SIGTERM ends
+    the process as the default action would; the last watcher to close puts the replaced
+    handler back. Returns whether SIGTERM is watched.
     """
-    global _handler_installed
+    global _watchers, _previous_handler, _our_handler
     if jax.process_count() > 1:
-        return True
-    if _handler_installed:
         return True
     import signal
 
-    if threading.current_thread() is not threading.main_thread():
-        return False
-    previous = signal.getsignal(signal.SIGTERM)
+    if _watchers == 0:
+        if threading.current_thread() is not threading.main_thread():
+            return False
+        previous = signal.getsignal(signal.SIGTERM)
 
-    def on_sigterm(signum: int, frame: Any) -> None:
-        if _sigterm_received.is_set():
-            # A second SIGTERM: the loop is not checking `reached_preemption` (or the save
-            # hangs); stop as the default action would.
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-            return
-        _sigterm_received.set()
-        if callable(previous):
-            previous(signum, frame)
+        def on_sigterm(signum: int, frame: Any) -> None:
+            if _sigterm_received.is_set():
+                # A second SIGTERM: the loop is not checking `reached_preemption` (or the
+                # save hangs); stop as the default action would.
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            _sigterm_received.set()
+            if callable(previous):
+                previous(signum, frame)
 
-    signal.signal(signal.SIGTERM, on_sigterm)
-    _handler_installed = True
+        signal.signal(signal.SIGTERM, on_sigterm)
+        _previous_handler, _our_handler = previous, on_sigterm
+    _watchers += 1
     return True
+
+
+def unwatch_sigterm() -> None:
+    """Undoes one `watch_sigterm` that returned True; the last one restores the handler that
+    was there before (unless someone replaced ours since, or it is not the main thread)."""
+    global _watchers, _previous_handler, _our_handler
+    if jax.process_count() > 1 or _watchers == 0:
+        return
+    import signal
+
+    _watchers -= 1
+    if _watchers == 0 and threading.current_thread() is threading.main_thread():
+        if signal.getsignal(signal.SIGTERM) is _our_handler:
+            signal.signal(signal.SIGTERM, _previous_handler if _previous_handler is not None
+                          else signal.SIG_DFL)
+        _previous_handler = _our_handler = None
+
+
+_OPS = itertools.count()
+
+
+def run_on_process_zero(what: str, fn: Any, timeout_s: float) -> None:
+    """Runs ``fn()`` on process 0 while every other process waits for its outcome.
+
+    Called by `CheckpointManager.delete` and `rewind` on every process in the same order, so
+    the n-th call has the same coordination key everywhere. Raises the error of ``fn`` on
+    process 0, and on the others a `CkptError` naming it.
+    """
+    coord = current()
+    key = f"op/{next(_OPS)}/{what}"
+    if coord.process_index == 0:
+        try:
+            fn()
+        except BaseException as exc:
+            coord.publish(key, f"{type(exc).__name__}: {exc}")
+            raise
+        coord.publish(key, "ok")
+        return
+    outcome = coord.wait_for(key, timeout_s)
+    if outcome != "ok":
+        raise CkptError(f"process 0 failed to {what}: {outcome}")
 
 
 _LOCAL = LocalCoordinator()

@@ -20,6 +20,8 @@ from ckpt.errors import CorruptCheckpointError, UnsupportedFormatError
 FORMAT_VERSION = 1
 FORMAT_NAME = "ckpt"
 COMMIT = "COMMIT"
+CLAIMS = "claims"    # claims/<attempt>: who may act on an attempt (see ckpt/_claims.py)
+REWIND = "REWIND"    # <root>/REWIND: a manager rewind in progress (see ckpt/_manager.py)
 MANIFEST = "manifest.msgpack"
 HOSTS = "hosts"
 ARRAYS = "arrays"

@@ -1,45 +1,67 @@
-"""`CheckpointManager`: numbered steps under one root, one save in flight, retention, debris.
+"""`CheckpointManager`: numbered steps of one run under one root; one save in flight;
+retention; debris removal; delete and rewind.
 
 Layout: ``<root>/<step>/`` is an ordinary checkpoint (decimal step, no padding). A step is
-committed when its COMMIT exists; nothing else about a step folder is trusted. Process 0
-removes debris (attempts no COMMIT names) in the background when the manager starts, and
-applies retention after each commit; every process may list and restore.
+committed when its COMMIT exists (and no interrupted rewind abandoned it); nothing else about
+a step folder is trusted. Process 0 removes debris when the manager starts (in the
+background) and applies retention after each commit, always under removal claims
+(`ckpt._claims`), so that another job saving on the same root can fail loudly but never
+commit a step that does not restore. Every process may list and restore.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import threading
 from types import TracebackType
 from typing import Any
 
 from ckpt import _coord
+from ckpt._format import REWIND
 from ckpt._housekeeping import (
+    abandoned_steps,
     committed_steps,
-    debris,
-    delete_step,
+    delete_checkpoint,
+    finish_rewind,
     latest_committed_step,
+    remove_debris,
     retention_victims,
     step_folders,
+    write_rewind,
 )
 from ckpt._policy import SavePolicy
 from ckpt._restore import open_checkpoint, restore_from
 from ckpt._save import SaveHandle, start_save
-from ckpt.errors import CheckpointNotFoundError, CkptError, SaveError
+from ckpt.errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CkptError,
+    ReadOnlyError,
+    SaveError,
+    StepOrderError,
+)
 from storage import open_store
+
+log = logging.getLogger("ckpt")
 
 
 class CheckpointManager:
     """Saves and restores numbered steps of one training run under ``root_url``.
 
-    Create it on every process with the same arguments; call `save` on every process with
-    the same step. Use as a context manager so that the last save is waited for on exit.
+    Create it on every process with the same arguments; call `save`, `delete` and `rewind`
+    on every process with the same step. Use as a context manager (or call `close`) so that
+    the last save is waited for and the SIGTERM handler is put back.
 
     Args:
         root_url: the folder (or bucket prefix) holding one sub-folder per step.
-        keep_last: keep the newest N committed steps (None keeps all).
+        keep_last: keep the newest N committed steps (None, the default, keeps all).
         keep_every: also keep every step divisible by this (None: no such steps).
-        keep_best: also keep the N best steps by ``best_metric`` (a metric passed to `save`).
+        read_only: list and restore only: never write, delete or install a signal handler
+            (for evaluators and notebooks opened on a live run's root).
+        keep_best: also keep the N best steps by ``best_metric`` (a metric passed to `save`;
+            NaN or missing never ranks as best).
         best_metric: the metric `keep_best` ranks by.
         best_mode: ``"min"`` (lower is better) or ``"max"``.
         save_every: `should_save` is True at steps divisible by this.
@@ -48,6 +70,9 @@ class CheckpointManager:
         watch_preemption: notice SIGTERM (and JAX's preemption notices in multi-process
             jobs); `should_save` and `reached_preemption` then agree on one step to stop at.
         timeout_s: how long processes wait for each other during a save.
+        debris_grace_s: at start-up, remove uncommitted attempts at least this old (default
+            0: all of them; a save of another job caught mid-way fails loudly, see
+            docs/protocol.md).
 
     A training loop::
 
@@ -59,12 +84,13 @@ class CheckpointManager:
                 break  # step is committed; exit and let the job be restarted
     """
 
-    def __init__(self, root_url: str | os.PathLike[str], keep_last: int | None = 3,
-                 keep_every: int | None = None, *, keep_best: int | None = None,
-                 best_metric: str | None = None, best_mode: str = "min",
-                 save_every: int | None = None, save_every_seconds: float | None = None,
-                 watch_preemption: bool = True,
-                 timeout_s: float = _coord.DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, root_url: str | os.PathLike[str], keep_last: int | None = None,
+                 keep_every: int | None = None, *, read_only: bool = False,
+                 keep_best: int | None = None, best_metric: str | None = None,
+                 best_mode: str = "min", save_every: int | None = None,
+                 save_every_seconds: float | None = None, watch_preemption: bool = True,
+                 timeout_s: float = _coord.DEFAULT_TIMEOUT_S,
+                 debris_grace_s: float = 0.0) -> None:
         if keep_last is not None and keep_last < 1:
             raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
         if keep_every is not None and keep_every < 1:
@@ -74,23 +100,31 @@ class CheckpointManager:
         if best_mode not in ("min", "max"):
             raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
         self.keep_best, self.best_metric, self.best_mode = keep_best, best_metric, best_mode
-        self._policy = SavePolicy(save_every, save_every_seconds, watch_preemption)
-        self._metrics: dict[int, dict[str, float]] = {}
+        self.read_only = read_only
         self._store = open_store(root_url)
         self._store.verify_access()  # fail now, not after the first training steps
         self.root_url = self._store.url
         self.keep_last, self.keep_every, self.timeout_s = keep_last, keep_every, timeout_s
+        self.debris_grace_s = debris_grace_s
+        self._policy = SavePolicy(save_every, save_every_seconds,
+                                  watch_preemption and not read_only)
+        self._metrics: dict[int, dict[str, float]] = {}
         self._lock = threading.Lock()
         self._saving: set[int] = set()
         self._handle: SaveHandle | None = None
         self._gc: threading.Thread | None = None
-        if _coord.current().process_index == 0:
+        self._closed = False
+        if not read_only and _coord.current().process_index == 0:
+            if self._store.exists(REWIND):
+                # A rewind was interrupted: finish it before any save can land on its branch.
+                finish_rewind(self._store)
             self._gc = threading.Thread(target=self._remove_debris, name="ckpt-manager-gc",
                                         daemon=True)
             self._gc.start()
 
     def __repr__(self) -> str:
-        return f"CheckpointManager({self.root_url!r}, keep_last={self.keep_last})"
+        return (f"CheckpointManager({self.root_url!r}, keep_last={self.keep_last}"
+                + (", read_only=True)" if self.read_only else ")"))
 
     # -- listing ---------------------------------------------------------------------------
 
@@ -120,37 +154,81 @@ class CheckpointManager:
         self.wait()
         return True
 
-    def save(self, step: int, tree: Any, *, metadata: Any = None,
-             metrics: dict[str, float] | None = None) -> SaveHandle:
-        """Starts saving ``tree`` as ``step``; returns after the snapshot (see `save_async`).
+    def _writable(self, what: str) -> None:
+        if self.read_only:
+            raise ReadOnlyError(f"cannot {what}: {self.root_url} was opened read_only=True")
 
-        ``metrics`` (name -> number) are stored in the manifest; ``keep_best`` ranks by them.
-
-        Waits first for the previous save of this manager; if that one failed and its error
-        was never observed through its handle, raises that error now instead of saving.
-        """
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be a non-negative int, got {step!r}")
+    def _previous_failure(self) -> None:
+        """Waits for the save in flight; raises its error if nobody has seen it yet."""
         previous = self._handle
         if previous is not None:
             exc = previous.outcome()
             if exc is not None and not previous.observed_by_user:
                 previous.observed_by_user = True
                 raise SaveError(f"the previous save ({previous.url}) failed: {exc}") from exc
+
+    def save(self, step: int, tree: Any, *, metadata: Any = None,
+             metrics: dict[str, float] | None = None) -> SaveHandle:
+        """Starts saving ``tree`` as ``step``; returns after the snapshot (see `save_async`).
+
+        ``metrics`` (name -> number) are stored in the manifest; ``keep_best`` ranks by them.
+        ``step`` must be above the newest committed step: to go back (after a loss spike),
+        `rewind` first.
+
+        Waits first for the previous save of this manager; if that one failed and its error
+        was never observed through its handle, raises that error now instead of saving.
+
+        Raises:
+            StepOrderError: ``step`` is below the newest committed step.
+            CheckpointExistsError: ``step`` is the newest committed step.
+            ReadOnlyError: the manager is read-only.
+        """
+        self._writable(f"save step {step}")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        self._previous_failure()
         if metrics is not None:
             bad = [k for k, v in metrics.items() if not isinstance(k, str)
                    or isinstance(v, bool) or not isinstance(v, (int, float))]
             if bad:
                 raise ValueError(f"metrics must map names to numbers; bad entries: {bad}")
-            self._metrics[step] = {k: float(v) for k, v in metrics.items()}
+            metrics = {k: float(v) for k, v in metrics.items()}  # a snapshot, like the tree
         with self._lock:
             self._saving.add(step)
+        try:
+            handle = start_save(self._store.child(str(step)), tree, metadata=metadata,
+                                on_commit=lambda: self._committed(step, metrics),
+                                timeout_s=self.timeout_s, metrics=metrics,
+                                refuse=lambda: self._refusal(step), step=step)
+        except BaseException:
+            with self._lock:
+                self._saving.discard(step)
+            raise
         self._policy.saved()
-        handle = start_save(self._store.child(str(step)), tree, metadata=metadata,
-                            on_commit=self._apply_retention, timeout_s=self.timeout_s,
-                            metrics=metrics)
         self._handle = handle
         return handle
+
+    def _refusal(self, step: int) -> CkptError | None:
+        """Process 0, before a save: the error that stops saving ``step``, if any."""
+        newest = self.latest_step()
+        if newest is None or step > newest:
+            return None
+        if step == newest:
+            return CheckpointExistsError(
+                f"step {step} is already committed under {self.root_url}; to save it again, "
+                f"delete it first (mgr.delete({step})) or rewind to an earlier step")
+        return StepOrderError(
+            f"step {step} is below step {newest}, the newest committed step under "
+            f"{self.root_url}; to continue the run from an earlier step (e.g. after a loss "
+            f"spike), call mgr.rewind(<that step>) first: it removes the steps above it")
+
+    def _committed(self, step: int, metrics: dict[str, float] | None) -> None:
+        """Every process, after ``step`` committed: rank it; process 0: retention."""
+        with self._lock:
+            self._saving.discard(step)
+        self._metrics[step] = dict(metrics or {})
+        if _coord.current().process_index == 0:
+            self._apply_retention()
 
     def wait(self) -> None:
         """Blocks until the save in flight (if any) is committed.
@@ -167,8 +245,8 @@ class CheckpointManager:
                 raise exc
 
     def _apply_retention(self) -> None:
-        if _coord.current().process_index != 0:
-            return
+        """Process 0, after each commit. A failure is logged by the caller and the same
+        victims are found again after the next commit."""
         steps = self.steps()
         best: list[int] = []
         if self.keep_best and self.best_metric:
@@ -177,30 +255,89 @@ class CheckpointManager:
             scored.sort(reverse=self.best_mode == "max")
             best = [s for _, s in scored[:self.keep_best]]
         for step in retention_victims(steps, self.keep_last, self.keep_every, best):
-            delete_step(self._store, step)
+            delete_checkpoint(self._store.child(str(step)))
+            self._metrics.pop(step, None)
+            self._store.prune(str(step))
 
     def _metric(self, step: int, name: str) -> float | None:
+        """``name`` of a committed step (from its manifest if this manager did not save it);
+        None when missing or NaN, which never rank."""
         if step not in self._metrics:
             try:
                 _, manifest = open_checkpoint(self._store.child(str(step)))
                 self._metrics[step] = manifest.metrics
             except CkptError:
-                self._metrics[step] = {}
-        return self._metrics[step].get(name)
+                return None  # unreadable now; asked again next time
+        value = self._metrics[step].get(name)
+        return None if value is None or math.isnan(value) else value
 
     def _remove_debris(self) -> None:
-        """Process 0, at start-up, in the background: deletes attempts no COMMIT names."""
+        """Process 0, at start-up, in the background: removes uncommitted attempts."""
         try:
             for step in step_folders(self._store):
                 with self._lock:
-                    # Holding the lock while deleting: a save of this step registers first
-                    # (and is skipped) or starts after the deletion.
                     if step in self._saving:
-                        continue
-                    for attempt in debris(self._store, [step]):
-                        self._store.delete_prefix(f"{step}/{attempt.name}")
-        except CkptError:
-            pass  # best effort: debris is invisible to readers; the next start or `ckpt gc`
+                        continue  # our own save; never our own debris
+                remove_debris(self._store.child(str(step)), grace_s=self.debris_grace_s)
+        except CkptError as exc:
+            # Best effort: debris is invisible to readers; the next start or `ckpt gc`.
+            log.warning("debris removal under %s stopped: %s", self.root_url, exc)
+
+    # -- deleting and rewinding ------------------------------------------------------------
+
+    def delete(self, step: int) -> None:
+        """Deletes ``step`` (COMMIT first, so it is never half there). Call on every process.
+
+        Raises:
+            CheckpointNotFoundError: ``step`` is not a committed step.
+            ReadOnlyError: the manager is read-only.
+        """
+        self._writable(f"delete step {step}")
+        self._previous_failure()
+
+        def run() -> None:
+            if step not in self.steps():
+                raise CheckpointNotFoundError(
+                    f"step {step} is not a committed step under {self.root_url}")
+            delete_checkpoint(self._store.child(str(step)))
+            self._store.prune(str(step))
+
+        _coord.run_on_process_zero(f"delete step {step}", run, self.timeout_s)
+        self._metrics.pop(step, None)
+
+    def rewind(self, step: int) -> None:
+        """Makes ``step`` the newest committed step: every committed step above it leaves
+        the run, and later saves and retention follow the new branch. Call on every process.
+
+        Crash-safe: the steps to abandon are recorded at the root first (listings leave them
+        out from then on), then deleted newest first, then the record is removed; a manager
+        starting on the root finishes an interrupted rewind before anything else.
+
+        Raises:
+            CheckpointNotFoundError: ``step`` is not a committed step.
+            ReadOnlyError: the manager is read-only.
+        """
+        self._writable(f"rewind to step {step}")
+        self._previous_failure()
+        abandoned: list[int] = []
+
+        def run() -> None:
+            steps = self.steps()
+            if step not in steps:
+                raise CheckpointNotFoundError(
+                    f"cannot rewind to step {step}: it is not a committed step under "
+                    f"{self.root_url} (committed: {steps})")
+            abandoned.extend(s for s in steps if s > step)
+            if abandoned:
+                write_rewind(self._store, step, abandoned + sorted(
+                    abandoned_steps(self._store)))
+                finish_rewind(self._store)
+            log.info("rewound %s to step %d; removed steps %s", self.root_url, step, abandoned)
+
+        _coord.run_on_process_zero(f"rewind to step {step}", run, self.timeout_s)
+        for s in list(self._metrics):
+            if s > step:
+                del self._metrics[s]
 
     # -- restoring -------------------------------------------------------------------------
 
@@ -210,17 +347,24 @@ class CheckpointManager:
             step = self.latest_step()
             if step is None:
                 raise CheckpointNotFoundError(f"no committed step under {self.root_url}")
+        elif step in abandoned_steps(self._store):
+            raise CheckpointNotFoundError(f"step {step} under {self.root_url} was abandoned "
+                                          "by a rewind")
         return restore_from(self._store.child(str(step)), target, mesh=mesh)
 
     # -- lifetime --------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Waits for the save in flight and for start-up debris removal."""
+        """Waits for the save in flight and for start-up debris removal; gives SIGTERM back
+        to the handler that was there before (once the last manager watching it closes)."""
         try:
             self.wait()
         finally:
             if self._gc is not None:
                 self._gc.join()
+            if not self._closed:
+                self._closed = True
+                self._policy.close()
 
     def __enter__(self) -> "CheckpointManager":
         return self

@@ -64,6 +64,12 @@ class SavePolicy:
                                  _coord.DEFAULT_TIMEOUT_S)
         return answer == "1"
 
+    def close(self) -> None:
+        """Called once when the manager closes: stops watching SIGTERM."""
+        if self.watching:
+            self.watching = False
+            _coord.unwatch_sigterm()
+
     def saved(self) -> None:
         """Called when a save starts: restarts the wall-clock interval."""
         self.last_save = time.monotonic()

@@ -16,11 +16,14 @@ Order of work for one save (every process runs the same code; see docs/protocol.
 from __future__ import annotations
 
 import concurrent.futures
+import concurrent.futures.thread  # noqa: F401  (registers its exit hook before ours; see below)
 import contextlib
 import dataclasses
 import itertools
+import logging
 import os
 import secrets
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -47,6 +50,7 @@ from ckpt._commit import commit
 from ckpt._leaves import classify, encode_inline, is_typed_key
 from ckpt._ownership import ArrayInput, ArrayPlan, plan
 from ckpt._tree import flatten, keystr
+from ckpt import errors as _errors
 from ckpt.errors import (
     CheckpointExistsError,
     CkptError,
@@ -61,7 +65,9 @@ from storage import Store, open_store
 DEFAULT_INFLIGHT_BYTES = 1 << 30
 
 _SAVE_SEQ = itertools.count()
-_EXISTS = "!exists"
+_REFUSED = "!refused:"
+
+log = logging.getLogger("ckpt")
 
 
 class SaveHandle:
@@ -71,8 +77,9 @@ class SaveHandle:
     committed once `wait` returns without raising on any process.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, step: int | None = None) -> None:
         self.url = url
+        self.step = step
         self.attempt = ""
         self._event = threading.Event()
         self._exc: BaseException | None = None
@@ -81,6 +88,12 @@ class SaveHandle:
     def _finish(self, exc: BaseException | None) -> None:
         self._exc = exc
         self._event.set()
+        if exc is None:  # a failure stays listed until exit, in case nobody looks at it
+            with _LIVE_LOCK:
+                _LIVE.discard(self)
+
+    def describe(self) -> str:
+        return f"step {self.step} ({self.url})" if self.step is not None else self.url
 
     def outcome(self) -> BaseException | None:
         """Waits for the save and returns its error without marking it as seen by the user."""
@@ -110,6 +123,42 @@ class SaveHandle:
             raise TimeoutError(f"save to {self.url} still running after {timeout} s")
         self.observed_by_user = True
         return self._exc
+
+
+_LIVE: set[SaveHandle] = set()
+_LIVE_LOCK = threading.Lock()
+
+
+def _finish_saves_at_exit() -> None:
+    """Lets every save in flight commit before the interpreter shuts down.
+
+    Registered with `threading._register_atexit`, after `concurrent.futures` registered its
+    own hook: such hooks run newest first, so this one runs while thread pools (which the
+    storage clients use) still accept work, and before non-daemon threads are joined. A save
+    that fails or is interrupted here (a second Ctrl-C) gets one line on stderr naming it;
+    this is the one place the library writes to stderr, because logging may be gone by now.
+    """
+    with _LIVE_LOCK:
+        pending = sorted(_LIVE, key=lambda h: h.url)
+    for handle in pending:
+        try:
+            exc = handle.outcome()
+        except KeyboardInterrupt:
+            sys.stderr.write(f"ckpt: exiting before {handle.describe()} was committed: it is "
+                             "not a checkpoint; `ckpt gc` removes what it wrote\n")
+            continue
+        if exc is not None and not handle.observed_by_user:
+            handle.observed_by_user = True
+            sys.stderr.write(f"ckpt: {handle.describe()} was not committed: "
+                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}\n")
+
+
+try:
+    threading._register_atexit(_finish_saves_at_exit)  # type: ignore[attr-defined]
+except AttributeError:  # an interpreter without it: atexit runs after threads are joined
+    import atexit
+
+    atexit.register(_finish_saves_at_exit)
 
 
 @dataclasses.dataclass
@@ -183,11 +232,16 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
                timeout_s: float = _coord.DEFAULT_TIMEOUT_S,
                inflight_bytes: int = DEFAULT_INFLIGHT_BYTES,
                overwrite: bool = False,
-               metrics: dict[str, float] | None = None) -> SaveHandle:
+               metrics: dict[str, float] | None = None,
+               refuse: Callable[[], CkptError | None] | None = None,
+               step: int | None = None) -> SaveHandle:
     """Runs the blocking part of a save and starts its background part.
 
     Called by `ckpt.save_async` and `CheckpointManager.save`, on every process of the job, in
-    the same order with trees of the same structure and shardings.
+    the same order with trees of the same structure and shardings. ``refuse`` runs on
+    process 0 only, before an attempt id is proposed; an error it returns is raised on every
+    process. ``on_commit`` runs on every process once the save is committed; its errors are
+    logged, never raised: the checkpoint is committed whatever it does.
     """
     coord = _coord.current()
     created_at = time.time()
@@ -212,13 +266,28 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
 
     seq = next(_SAVE_SEQ)
     proposal = None
+    refusal: CkptError | None = None
     if coord.process_index == 0:
-        store.verify_access()
-        proposal = _EXISTS if not overwrite and store.exists(COMMIT) else new_attempt_id()
+        # Every reason not to save is decided here and sent to all processes in place of the
+        # attempt id, so that no process waits for a save process 0 refused.
+        try:
+            store.verify_access()
+            refusal = refuse() if refuse is not None else None
+            if refusal is None and not overwrite and store.exists(COMMIT):
+                refusal = CheckpointExistsError(
+                    f"{store.url} already holds a committed checkpoint (pass overwrite=True "
+                    "to replace it)")
+        except CkptError as exc:
+            refusal = exc
+        proposal = (new_attempt_id() if refusal is None
+                    else f"{_REFUSED}{type(refusal).__name__}:{refusal}")
     attempt = coord.broadcast(f"save/{seq}/attempt", proposal, timeout_s)
-    if attempt == _EXISTS:
-        raise CheckpointExistsError(f"{store.url} already holds a committed checkpoint "
-                                    "(pass overwrite=True to replace it)")
+    if refusal is not None:
+        raise refusal
+    if attempt.startswith(_REFUSED):
+        name, _, message = attempt[len(_REFUSED):].partition(":")
+        cls = getattr(_errors, name, None)
+        raise (cls if isinstance(cls, type) and issubclass(cls, CkptError) else CkptError)(message)
 
     array_ids = [i for i, rec in enumerate(records) if rec.kind == "array"]
     inputs = [ArrayInput(records[i].shape, np.dtype(leaves[i].dtype).itemsize,
@@ -238,8 +307,10 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
                 host = _host_array(leaf) if isinstance(leaf, jax.Array) else np.asarray(leaf)
                 rec.data = encode_inline(host)
 
-    handle = SaveHandle(store.url)
+    handle = SaveHandle(store.url, step)
     handle.attempt = attempt
+    with _LIVE_LOCK:
+        _LIVE.add(handle)
     job = _Job(store, coord, seq, attempt, created_at, metadata, records, plans, writes,
                timeout_s, inflight_bytes, on_commit, overwrite, dict(metrics or {}))
     threading.Thread(target=_run, args=(job, handle), name=f"ckpt-save-{attempt}").start()
@@ -369,7 +440,11 @@ def _run(job: _Job, handle: SaveHandle) -> None:
             if outcome != "ok":
                 raise SaveError(f"process 0 did not commit {job.store.url}: {outcome}")
         if job.on_commit is not None:
-            job.on_commit()
+            try:
+                job.on_commit()
+            except Exception:
+                log.exception("after committing %s: housekeeping failed (the checkpoint is "
+                              "committed; it is retried after the next commit)", job.store.url)
         handle._finish(None)
     except CkptError as exc:
         handle._finish(exc)

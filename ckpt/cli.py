@@ -16,12 +16,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from ckpt._format import COMMIT, CommitRecord
+from ckpt._claims import delete_data, remove_uncommitted, retire
+from ckpt._format import ATTEMPT_PREFIX
 from ckpt._housekeeping import (
-    Attempt,
+    abandoned_steps,
     attempts,
     committed_steps,
-    debris,
-    delete_step,
+    delete_checkpoint,
+    finish_rewind,
     retention_victims,
     step_folders,
 )
@@ -147,13 +149,18 @@ def _inspect(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     store = open_store(args.root)
     now = time.time()
+    gone = abandoned_steps(store)
     entries = []
     for step in sorted(step_folders(store), reverse=True):
         sizes = store.list_sizes(str(step))
-        for a in sorted(attempts(store, step), key=lambda a: a.name, reverse=True):
+        found = sorted(attempts(store.child(str(step))), key=lambda a: a.name, reverse=True)
+        for a in found:
+            if a.state == "removed":
+                continue  # a tombstone: only its removal claim is left
             nbytes = sum(v for k, v in sizes.items() if k.startswith(f"{step}/{a.name}/"))
+            state = "abandoned" if a.committed and step in gone else a.state
             entry: dict[str, Any] = {"step": step, "attempt": a.name, "bytes": nbytes,
-                                     "state": "committed" if a.committed else "incomplete"}
+                                     "state": state}
             if a.committed:
                 rec = CommitRecord.decode(store.read(f"{step}/{COMMIT}"), f"{step}/{COMMIT}")
                 entry["committed_at"] = rec.committed_at
@@ -166,11 +173,11 @@ def _list(args: argparse.Namespace) -> int:
     if not entries:
         print(f"no steps under {store.url}")
     for e in entries:
-        if e["state"] == "committed":
+        if "committed_at" in e:
             when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(e["committed_at"]))
-            print(f"{e['step']:>10}  committed   {_size(e['bytes']):>10}  {when}")
+            print(f"{e['step']:>10}  {e['state']:<10}  {_size(e['bytes']):>10}  {when}")
         else:
-            print(f"{e['step']:>10}  incomplete  {_size(e['bytes']):>10}  "
+            print(f"{e['step']:>10}  {e['state']:<10}  {_size(e['bytes']):>10}  "
                   f"{_age(e['age_s'])} old  {e['attempt']}")
     return 0
 
@@ -229,22 +236,57 @@ def _rewrite(args: argparse.Namespace) -> int:
 
 # -- gc -------------------------------------------------------------------------------------
 
+def _is_checkpoint(store: Any) -> bool:
+    """Whether the URL is one checkpoint (COMMIT or attempts in it), not a manager root."""
+    return any(n == COMMIT or n.startswith(ATTEMPT_PREFIX) for n in store.list_children())
+
+
 def _gc(args: argparse.Namespace) -> int:
     store = open_store(args.root)
     verb = "would remove" if args.dry_run else "removing"
-    removed: list[Attempt] = debris(store, step_folders(store), grace_s=args.grace)
-    for a in removed:
-        print(f"{verb} incomplete attempt {a.step}/{a.name} "
-              f"({_age(a.age_s(time.time()))} old)")
+    single = _is_checkpoint(store)
+    did = 0
+    if not single and (gone := abandoned_steps(store)):
+        print(f"{verb} steps {sorted(gone)} (abandoned by an interrupted rewind)")
         if not args.dry_run:
-            store.delete_prefix(f"{a.step}/{a.name}")
+            finish_rewind(store)
+        did += 1
+    targets = ([("", store)] if single else
+               [(f"{s}/", store.child(str(s))) for s in step_folders(store)])
+    now, young = time.time(), 0
+    for label, ckpt_store in targets:
+        for a in attempts(ckpt_store):
+            age = a.age_s(now)
+            where = f"{label}{a.name}"
+            if a.state == "claimed" and not args.claimed:
+                print(f"keeping {where}: claimed for commit but not committed (its committer "
+                      "may still commit it, or died between claim and COMMIT; --claimed "
+                      "removes it once no job can be writing here)")
+            elif a.state not in ("incomplete", "claimed"):
+                continue
+            elif age is not None and age < args.grace:
+                young += 1
+            else:
+                print(f"{verb} incomplete attempt {where} ({_age(age)} old)")
+                did += 1
+                if args.dry_run:
+                    continue
+                if a.state == "claimed":
+                    retire(ckpt_store, a.name)  # the user vouches that its committer is dead
+                    delete_data(ckpt_store, a.name)
+                elif not remove_uncommitted(ckpt_store, a.name):
+                    print(f"kept {where}: its committer claimed it first")
+    if young:
+        print(f"keeping {young} incomplete attempt(s) younger than --grace {args.grace:g} s: "
+              "a save may still be running")
     victims = retention_victims(committed_steps(store), args.keep_last, None) \
-        if args.keep_last else []
+        if args.keep_last and not single else []
     for step in victims:
         print(f"{verb} committed step {step} (keeping the newest {args.keep_last})")
         if not args.dry_run:
-            delete_step(store, step)
-    if not removed and not victims:
+            delete_checkpoint(store.child(str(step)))
+            store.prune(str(step))
+    if not did and not victims:
         print("nothing to remove")
     return 0
 
@@ -317,13 +359,19 @@ def _parser() -> argparse.ArgumentParser:
                   "mesh SRC was saved on, with its PartitionSpecs)", mesh_required=False)
 
     p = sub.add_parser("gc", epilog=EPILOG, help="remove debris and apply retention",
-                       description="Remove incomplete attempts older than the grace period, "
-                       "and with --keep-last the oldest committed steps. Prints what it "
-                       "removes.")
-    p.add_argument("root", help="a CheckpointManager root")
+                       description="Remove incomplete attempts older than the grace period "
+                       "(under a manager root, or of one checkpoint URL), and with "
+                       "--keep-last the oldest committed steps. An attempt is removed only "
+                       "under a removal claim, so a save caught mid-way fails instead of "
+                       "committing what was removed. Prints what it removes and keeps.")
+    p.add_argument("root", help="a CheckpointManager root, or one checkpoint")
     p.add_argument("--dry-run", action="store_true", help="print, remove nothing")
     p.add_argument("--keep-last", type=int, default=None, metavar="N",
                    help="also remove all but the newest N committed steps")
+    p.add_argument("--claimed", action="store_true",
+                   help="also remove attempts claimed for commit that never committed (a "
+                   "committer died between its claim and COMMIT): only when no job can "
+                   "still be saving to this root")
     p.add_argument("--grace", type=float, default=3600.0, metavar="SECONDS",
                    help="leave incomplete attempts younger than this alone: a save may still "
                    "be running (default 3600)")
@@ -345,6 +393,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"ckpt {args.command}: error: {text}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        hint = (f"; `ckpt gc {args.dst} --grace 0` removes what it wrote"
+                if args.command in ("reshard", "convert") else "")
+        print(f"ckpt {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # The reader (e.g. `head`) went away; that is not an error of ours.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -16,6 +16,8 @@ exported here::
     │   ├── NotACheckpointError                 the folder holds something else
     │   └── UncommittedCheckpointError          only attempts, no COMMIT
     ├── CheckpointExistsError (FileExistsError) saving over a committed checkpoint
+    ├── StepOrderError (ValueError)             a manager save below its newest step
+    ├── ReadOnlyError (PermissionError)         a write through a read-only manager
     ├── CorruptCheckpointError (ValueError)     digest, checksum or manifest mismatch
     ├── UnsupportedFormatError (ValueError)     a format version, or an Orbax layout or
     │                                           value type, this library cannot read
@@ -28,6 +30,7 @@ exported here::
     │   └── MeshMismatchError                   mesh= lacks a saved axis name
     └── SaveError (RuntimeError)                a save failed in the background
         ├── CommitConflictError                 another attempt committed this checkpoint first
+        ├── AttemptRemovedError                 a clean-up claimed the attempt before it committed
         └── CoordinationError (TimeoutError)    processes did not meet in time
 """
 
@@ -50,6 +53,7 @@ __all__ = [
     "InvalidMetadataError",
     "MeshMismatchError",
     "MissingLeafError", "NotACheckpointError", "ObjectNotFoundError", "SaveError",
+    "AttemptRemovedError", "ReadOnlyError", "StepOrderError",
     "ShapeMismatchError", "StorageError", "TargetMismatchError", "UncommittedCheckpointError",
     "UnsupportedFormatError", "UnsupportedLeafError", "UnsupportedURLError",
 ]
@@ -103,6 +107,20 @@ class SaveError(CkptError, RuntimeError):
 
 class CommitConflictError(SaveError):
     """Another attempt created COMMIT first; this attempt's data was not committed."""
+
+
+class AttemptRemovedError(SaveError):
+    """A clean-up (``ckpt gc``, another manager's debris removal) claimed this save's attempt
+    for removal before its committer claimed it for commit; nothing was committed."""
+
+
+class StepOrderError(CkptError, ValueError):
+    """`CheckpointManager.save` of a step at or below the newest committed step of the run
+    (the message names both and points to `CheckpointManager.rewind`)."""
+
+
+class ReadOnlyError(CkptError, PermissionError):
+    """A save, delete or rewind through a ``read_only=True`` manager."""
 
 
 class CoordinationError(SaveError, TimeoutError):

@@ -144,6 +144,17 @@ class Store(abc.ABC):
         """Deletes every object below ``prefix`` (which must not be the root)."""
         self._delete_prefix(check_key(prefix))
 
+    def prune(self, prefix: str = "") -> None:
+        """Removes the folder at ``prefix`` (default: this root) if it is empty.
+
+        Only file systems have folders; on object stores and in memory there is nothing to
+        do. Never removes anything that holds an object, so it cannot race a writer.
+        """
+        self._prune(check_key(prefix, allow_empty=True))
+
+    def _prune(self, prefix: str) -> None:
+        return None
+
     def kvstore_spec(self, prefix: str = "") -> dict[str, Any]:
         """The TensorStore kvstore spec addressing ``prefix`` below this root.
 

@@ -152,5 +152,11 @@ class LocalStore(Store):
         except OSError as exc:
             raise self._error(exc, prefix, "deleting") from exc
 
+    def _prune(self, prefix: str) -> None:
+        try:
+            os.rmdir(self._path(prefix))
+        except OSError:
+            pass  # not empty (a writer got there first), or already gone
+
     def _kvstore_spec(self, prefix: str) -> dict[str, Any]:
         return {"driver": "file", "path": self._path(prefix).rstrip("/") + "/"}

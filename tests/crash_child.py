@@ -2,8 +2,8 @@
 
 Usage: python crash_child.py ROOT STEP POINT
 POINT is ``none`` (the parent kills at a moment of its choosing), ``chunk:K`` (after the K-th
-chunk write is issued), ``after_report``, ``after_manifest``, ``before_commit`` or
-``after_commit``. The faults are injected by wrapping library functions here, in the test.
+chunk write is issued), ``after_report``, ``after_manifest``, ``before_commit`` (before the commit claim),
+``after_claim`` (the claim is made, COMMIT is not) or ``after_commit``. The faults are injected by wrapping library functions here, in the test.
 Works on every backend: the store is reached through the environment of the parent.
 """
 
@@ -50,14 +50,15 @@ def inject(point):
                 die()
 
         Store.write = write
-    elif point in ("before_commit", "after_commit"):
+    elif point in ("before_commit", "after_claim", "after_commit"):
         real_create = Store.write_if_absent
 
         def create(self, key, data):
             if point == "before_commit":
                 die()
             created = real_create(self, key, data)
-            die()
+            if point == "after_claim" or key.endswith("COMMIT"):
+                die()
             return created
 
         Store.write_if_absent = create

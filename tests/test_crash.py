@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 
 import ckpt
+from ckpt import cli
 from storage import open_store
 from tests.conftest import backend_url
 from tests.crash_state import host_state, make_state
 
 CHILD = os.path.join(os.path.dirname(__file__), "crash_child.py")
 POINTS = ["chunk:1", "chunk:7", "chunk:20", "after_report", "after_manifest", "before_commit",
-          "after_commit"]
+          "after_claim", "after_commit"]
 DELAY_SEEDS = range(6)
 
 
@@ -82,7 +83,9 @@ def _settle(root):
         threading.Event().wait(0.5)  # two equal listings half a second apart: settled
 
 
-def _check_after_crash(root):
+def _check_after_crash(root, claimed=False):
+    """``claimed``: the dead save had claimed its attempt for commit, so no clean-up may
+    remove it (it could still commit, as far as anyone can tell); `ckpt gc --claimed` does."""
     _settle(root)
     mgr = ckpt.CheckpointManager(root, keep_last=None)
     mgr.close()  # waits for start-up debris removal
@@ -93,8 +96,12 @@ def _check_after_crash(root):
     store = open_store(root)
     for step in store.list_children():
         attempts = [n for n in store.list_children(step) if n.startswith("attempt-")]
-        assert len(attempts) == (1 if int(step) in steps else 0), \
+        kept = 1 if int(step) in steps or (claimed and step == "2") else 0
+        assert len(attempts) == kept, \
             (step, attempts, [store.list(f"{step}/{a}") for a in attempts])
+    if claimed:
+        assert cli.main(["gc", str(root), "--claimed", "--grace", "0"]) == 0
+        assert [n for n in store.list_children("2") if n.startswith("attempt-")] == []
     return mgr, steps
 
 
@@ -109,7 +116,7 @@ def _resume(mgr, steps):
 def test_kill_at_protocol_point(run_root, point):
     code, _, err = _run_child(run_root, point)
     assert code == -signal.SIGKILL, err
-    mgr, steps = _check_after_crash(run_root)
+    mgr, steps = _check_after_crash(run_root, claimed=point == "after_claim")
     # A kill before COMMIT exists leaves step 2 invisible; after it, step 2 is whole.
     assert (2 in steps) == (point == "after_commit")
     _resume(mgr, steps)

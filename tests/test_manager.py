@@ -48,8 +48,11 @@ def test_uncommitted_step_is_invisible_and_debris_removed_on_start(root_url, mes
     with ckpt.CheckpointManager(root_url) as mgr:
         mgr.save(1, _state(1, mesh24))
         mgr.save(2, _state(2, mesh24))
-    # Step 2 loses its COMMIT (as if the crash came before it); step 1 gets a stray attempt.
+    # Step 2 loses its COMMIT and commit claim (as if the crash came before both); step 1
+    # gets a stray attempt.
     store.delete("2/COMMIT")
+    for claim in store.list("2/claims"):
+        store.delete(claim)
     stray = "1/attempt-19990101T000000-abcdefabcdef"
     store.write(f"{stray}/arrays/junk/c/0", b"x")
     mgr = ckpt.CheckpointManager(root_url)
