@@ -6,7 +6,9 @@ Public API::
     ckpt.save(url, tree, *, metadata=None)
     ckpt.restore(url, target=None, *, mesh=None)
     ckpt.metadata(url) -> CheckpointInfo
-    ckpt.CheckpointManager(root_url, keep_last=3, keep_every=None)
+    ckpt.CheckpointManager(root_url, keep_last=None, keep_every=None, *, read_only=False)
+        .save(step, tree, metrics=None) .restore(step=None, target=None, mesh=None)
+        .delete(step) .rewind(step) .latest_step() .steps() .wait() .close()
     ckpt.configure_storage("s3" | "gs", **options)   # override endpoint/credential settings
 
 See docs/format.md for the on-disk format and docs/protocol.md for the commit protocol.
@@ -41,18 +43,22 @@ from ckpt._restore import restore  # noqa: E402
 from ckpt._save import SaveHandle, save, save_async  # noqa: E402
 from storage import configure as configure_storage  # noqa: E402
 from ckpt.errors import (  # noqa: E402
+    AttemptRemovedError,
     CheckpointExistsError,
     CheckpointNotFoundError,
     CkptError,
     CorruptCheckpointError,
+    ReadOnlyError,
     SaveError,
+    StepOrderError,
     TargetMismatchError,
     UnsupportedLeafError,
 )
 
 __all__ = [
-    "CheckpointExistsError", "CheckpointInfo", "CheckpointManager", "CheckpointNotFoundError",
-    "CkptError", "CorruptCheckpointError", "LeafInfo", "SaveError", "SaveHandle",
-    "TargetMismatchError", "UnsupportedLeafError", "configure_storage", "errors", "metadata",
-    "restore", "save", "save_async",
+    "AttemptRemovedError", "CheckpointExistsError", "CheckpointInfo", "CheckpointManager",
+    "CheckpointNotFoundError", "CkptError", "CorruptCheckpointError", "LeafInfo",
+    "ReadOnlyError", "SaveError", "SaveHandle", "StepOrderError", "TargetMismatchError",
+    "UnsupportedLeafError", "configure_storage", "errors", "metadata", "restore", "save",
+    "save_async",
 ]

@@ -21,9 +21,9 @@ from ckpt._format import (
     encode_manifest,
     sha256,
 )
-from ckpt._claims import claim_commit, delete_data, forget, retire
-from ckpt.errors import CommitConflictError
-from storage import ObjectNotFoundError, Store
+from ckpt._claims import REMOVING, claim_commit, claim_kind, delete_data, forget, retire
+from ckpt.errors import AttemptRemovedError, CommitConflictError
+from storage import ObjectNotFoundError, StorageError, Store
 
 
 @functools.cache
@@ -49,8 +49,11 @@ def commit(store: Store, *, attempt: str, records: list[LeafRecord], metadata: A
     then, the new one after), then the old attempt is deleted.
 
     Raises:
-        AttemptRemovedError: a cleaner claimed ``attempt`` first (see `ckpt._claims`).
+        AttemptRemovedError: a cleaner claimed ``attempt`` first (see `ckpt._claims`), or
+            removed it while COMMIT was being created.
         CommitConflictError: another attempt holds COMMIT (without ``overwrite``).
+        StorageError: creating COMMIT failed and COMMIT names no attempt yet: the request
+            may still land, so the attempt is kept (it shows as ``claimed``).
     """
     manifest = Manifest(attempt=attempt, process_count=process_count, created_at=created_at,
                         committed_at=time.time(), versions=versions(), metadata=metadata,
@@ -60,18 +63,52 @@ def commit(store: Store, *, attempt: str, records: list[LeafRecord], metadata: A
     claim_commit(store, attempt)
     record = CommitRecord(attempt=attempt, manifest_sha256=sha256(data),
                           committed_at=manifest.committed_at).encode()
-    if not overwrite:
-        if not store.write_if_absent(COMMIT, record):
-            retire(store, attempt)
-            delete_data(store, attempt)
-            raise CommitConflictError(
-                f"{store.url} was committed by another attempt; attempt {attempt} lost")
+    if overwrite:
+        _replace(store, attempt, record)
         return
-    previous = None
     try:
-        previous = CommitRecord.decode(store.read(COMMIT), store.describe(COMMIT)).attempt
+        won = store.write_if_absent(COMMIT, record)
+    except StorageError:
+        # The create may have been applied with its answer lost: COMMIT tells. If it names
+        # nobody, the request may still land, so the attempt stays claimed (never deleted).
+        holder = _holder(store)
+        if holder is None:
+            raise
+        won = holder == attempt
+    if not won:
+        retire(store, attempt)
+        delete_data(store, attempt)
+        raise CommitConflictError(
+            f"{store.url} was committed by another attempt; attempt {attempt} lost")
+    _check_still_claimed(store, attempt)
+
+
+def _holder(store: Store) -> str | None:
+    """The attempt COMMIT names now, None if there is no COMMIT."""
+    try:
+        return CommitRecord.decode(store.read(COMMIT), store.describe(COMMIT)).attempt
     except ObjectNotFoundError:
-        pass
+        return None
+
+
+def _check_still_claimed(store: Store, attempt: str) -> None:
+    """After creating COMMIT: a claim that no longer says ``commit`` means a cleaner deleted
+    this checkpoint while the create was in flight (an object store client retrying a create
+    whose first try it did not see succeed); the COMMIT just made would name deleted data."""
+    kind = claim_kind(store, attempt)
+    if kind not in (None, REMOVING):
+        return  # ours, or unreadable just now: nothing says it was removed
+    if _holder(store) == attempt:
+        store.delete(COMMIT)
+    raise AttemptRemovedError(
+        f"{store.describe(attempt)} was removed (by a delete, rewind or `ckpt gc`) while its "
+        f"COMMIT was being created; nothing was committed")
+
+
+def _replace(store: Store, attempt: str, record: bytes) -> None:
+    """Replaces COMMIT (overwrite): readers see the old checkpoint until then, the new one
+    after; then the old attempt is deleted."""
+    previous = _holder(store)
     if previous is not None and previous != attempt:
         # Before COMMIT stops naming it, so that a crash here cannot leave it claimed for a
         # commit that will never come (which no cleaner would then remove).
@@ -80,3 +117,9 @@ def commit(store: Store, *, attempt: str, records: list[LeafRecord], metadata: A
     if previous is not None and previous != attempt:
         store.delete_prefix(previous)
         forget(store, previous)
+    holder = _holder(store)
+    if holder is not None and holder != attempt:
+        # Another overwrite replaced this one meanwhile (last write wins); it read the
+        # same previous attempt, so nobody else retires this one.
+        retire(store, attempt)
+        delete_data(store, attempt)

@@ -177,6 +177,10 @@ def watch_sigterm() -> bool:
         if threading.current_thread() is not threading.main_thread():
             return False
         previous = signal.getsignal(signal.SIGTERM)
+        if previous is _our_handler and _our_handler is not None:
+            # Ours from before, left in place by a close off the main thread: chain to
+            # what it replaced, not to it (it would end the process on the first SIGTERM).
+            previous = _previous_handler
 
         def on_sigterm(signum: int, frame: Any) -> None:
             if _sigterm_received.is_set():
@@ -204,11 +208,13 @@ def unwatch_sigterm() -> None:
     import signal
 
     _watchers -= 1
-    if _watchers == 0 and threading.current_thread() is threading.main_thread():
-        if signal.getsignal(signal.SIGTERM) is _our_handler:
-            signal.signal(signal.SIGTERM, _previous_handler if _previous_handler is not None
-                          else signal.SIG_DFL)
-        _previous_handler = _our_handler = None
+    if _watchers == 0:
+        _sigterm_received.clear()  # a manager created later starts without a preemption
+        if threading.current_thread() is threading.main_thread():
+            if signal.getsignal(signal.SIGTERM) is _our_handler:
+                signal.signal(signal.SIGTERM, _previous_handler if _previous_handler is not None
+                              else signal.SIG_DFL)
+            _previous_handler = _our_handler = None
 
 
 _OPS = itertools.count()

@@ -12,7 +12,7 @@ import calendar
 import dataclasses
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from ckpt._claims import REMOVING, claim_kind, forget, remove_uncommitted, retire
 from ckpt._format import ATTEMPT_PREFIX, COMMIT, REWIND, CommitRecord, pack, unpack
@@ -26,52 +26,108 @@ def step_folders(store: Store) -> list[int]:
     """Steps that have a folder under a manager root (committed or not), ascending."""
     steps = []
     for name in store.list_children():
-        if name.isdigit() and (name == "0" or not name.startswith("0")):
+        # ASCII digits only: str.isdigit() also accepts "²" and other digits int() rejects.
+        if name.isascii() and name.isdigit() and (name == "0" or not name.startswith("0")):
             steps.append(int(name))
     return sorted(steps)
 
 
 # -- rewind record ---------------------------------------------------------------------------
-# A rewind writes <root>/REWIND (the steps it abandons) before it deletes any of them, and
-# removes it once all are deleted; listings leave those steps out meanwhile, so a crash in the
-# middle of a rewind never lets the abandoned branch become the newest step again.
+# A rewind writes <root>/REWIND, naming every attempt of every step it abandons, before it
+# deletes any of them, and removes it once all are deleted. Meanwhile a step whose COMMIT
+# names a recorded attempt is not listed, so a crash in the middle of a rewind never lets the
+# abandoned branch become the newest step again. An attempt claimed for commit cannot be
+# deleted (its committer may be paused); the record keeps naming it, so that if it commits
+# later it is still hidden, and the next clean-up deletes it.
 
-def abandoned_steps(store: Store) -> set[int]:
-    """Steps a rewind in progress (or interrupted) has abandoned; empty when none."""
+Abandoned = dict[int, set[str]]
+
+
+def _read_rewind(store: Store) -> tuple[int | None, Abandoned]:
     try:
         raw = unpack(store.read(REWIND), store.describe(REWIND))
     except ObjectNotFoundError:
-        return set()
-    steps = raw.get("abandoned") if isinstance(raw, dict) else None
-    if not isinstance(steps, list) or not all(isinstance(s, int) for s in steps):
+        return None, {}
+    pairs = raw.get("abandoned") if isinstance(raw, dict) else None
+    to = raw.get("to") if isinstance(raw, dict) else None
+    if (not isinstance(pairs, list) or not isinstance(to, int) or not all(
+            isinstance(p, list) and len(p) == 2 and isinstance(p[0], int)
+            and isinstance(p[1], str) and p[1].startswith(ATTEMPT_PREFIX) for p in pairs)):
         raise CorruptCheckpointError(f"{store.describe(REWIND)} is not a rewind record")
-    return set(steps)
+    out: Abandoned = {}
+    for step, attempt in pairs:
+        out.setdefault(step, set()).add(attempt)
+    return to, out
 
 
-def write_rewind(store: Store, to_step: int, abandoned: list[int]) -> None:
-    store.write(REWIND, pack({"to": to_step, "abandoned": abandoned, "at": time.time()}))
+def abandoned(store: Store) -> Abandoned:
+    """Attempts, by step, that a rewind in progress (or interrupted) abandoned."""
+    return _read_rewind(store)[1]
 
 
-def finish_rewind(store: Store) -> None:
-    """Deletes every step an interrupted or running rewind abandoned, newest first, then the
-    record. Process 0 of a manager, before it saves anything."""
-    for step in sorted(abandoned_steps(store), reverse=True):
-        delete_checkpoint(store.child(str(step)))
-    store.delete(REWIND)
+def is_abandoned(store: Store, step: int, gone: Abandoned) -> bool:
+    """Whether ``step``'s COMMIT names an attempt in ``gone`` (from `abandoned`)."""
+    if step not in gone:
+        return False
+    try:
+        return committed_attempt(store.child(str(step))) in gone[step]
+    except CorruptCheckpointError:
+        return True  # an abandoned step with an unreadable COMMIT is abandoned all the same
+
+
+def write_rewind(store: Store, to_step: int, gone: Abandoned) -> None:
+    pairs = [[s, a] for s in sorted(gone) for a in sorted(gone[s])]
+    store.write(REWIND, pack({"to": to_step, "abandoned": pairs, "at": time.time()}))
+
+
+def rewind_root(store: Store, to_step: int, steps: Iterable[int]) -> Abandoned:
+    """Abandons every attempt of ``steps`` (those above ``to_step``): records them, then
+    deletes them; returns the attempts that stay because a committer claimed them.
+    Process 0 of a manager."""
+    _, gone = _read_rewind(store)
+    for step in steps:
+        names = attempt_names(store.child(str(step)))
+        if names:
+            gone.setdefault(step, set()).update(names)
+    if gone:
+        write_rewind(store, to_step, gone)
+    return finish_rewind(store)
+
+
+def finish_rewind(store: Store) -> Abandoned:
+    """Deletes what the rewind record names, newest step first, then the record; an attempt
+    claimed for commit stays, and so does its entry. Returns those. Process 0 of a writable
+    manager at start-up (before it saves anything), `rewind_root`, and ``ckpt gc``."""
+    to, gone = _read_rewind(store)
+    if to is None:
+        return {}
+    kept: Abandoned = {}
+    for step in sorted(gone, reverse=True):
+        left = delete_checkpoint(store.child(str(step)), only=gone[step])
+        if left:
+            kept[step] = set(left)
+    if kept:
+        write_rewind(store, to, kept)
+        log.warning("rewind of %s: attempts %s are claimed for commit by a job that may still "
+                    "be running; they stay hidden and are removed by a later clean-up",
+                    store.url, {s: sorted(a) for s, a in kept.items()})
+    else:
+        store.delete(REWIND)
+    return kept
 
 
 def committed_steps(store: Store) -> list[int]:
     """Committed steps under a manager root, ascending (one existence check per folder)."""
-    gone = abandoned_steps(store)
+    gone = abandoned(store)
     return [s for s in step_folders(store)
-            if s not in gone and store.exists(f"{s}/{COMMIT}")]
+            if store.exists(f"{s}/{COMMIT}") and not is_abandoned(store, s, gone)]
 
 
 def latest_committed_step(store: Store) -> int | None:
     """The newest committed step: one listing, then existence checks newest first."""
-    gone = abandoned_steps(store)
+    gone = abandoned(store)
     for step in reversed(step_folders(store)):
-        if step not in gone and store.exists(f"{step}/{COMMIT}"):
+        if store.exists(f"{step}/{COMMIT}") and not is_abandoned(store, step, gone):
             return step
     return None
 
@@ -124,6 +180,11 @@ class Attempt:
         return None if self.created_at is None else max(0.0, now - self.created_at)
 
 
+def attempt_names(store: Store) -> list[str]:
+    """The attempt folders of the checkpoint at ``store`` (whatever their state)."""
+    return [n for n in store.list_children() if n.startswith(ATTEMPT_PREFIX)]
+
+
 def attempts(store: Store) -> list[Attempt]:
     """Every attempt folder of the checkpoint at ``store``; none if COMMIT is unreadable."""
     try:
@@ -131,9 +192,7 @@ def attempts(store: Store) -> list[Attempt]:
     except CorruptCheckpointError:
         return []
     out = []
-    for name in store.list_children():
-        if not name.startswith(ATTEMPT_PREFIX):
-            continue
+    for name in attempt_names(store):
         if name == winner:
             state = "committed"
         else:
@@ -156,12 +215,13 @@ def debris(store: Store, *, grace_s: float = 0.0, now: float | None = None) -> l
     return out
 
 
-def remove_debris(store: Store, *, grace_s: float, skip: Iterable[str] = ()) -> list[Attempt]:
+def remove_debris(store: Store, *, grace_s: float,
+                  keep: Callable[[Attempt], bool] = lambda a: False) -> list[Attempt]:
     """Removes the debris of one checkpoint under removal claims; returns what it removed.
-    Called by the manager's start-up clean-up on process 0."""
-    skipped = set(skip)
+    Called by the manager's start-up clean-up on process 0. ``keep`` is asked about each
+    attempt after the listing and before its removal claim."""
     return [a for a in debris(store, grace_s=grace_s)
-            if a.name not in skipped and remove_uncommitted(store, a.name)]
+            if not keep(a) and remove_uncommitted(store, a.name)]
 
 
 # -- retention and deletion ------------------------------------------------------------------
@@ -179,23 +239,26 @@ def retention_victims(steps: list[int], keep_last: int | None, keep_every: int |
     return [s for s in steps if s not in keep]
 
 
-def delete_checkpoint(store: Store) -> None:
+def delete_checkpoint(store: Store, *, only: set[str] | None = None) -> list[str]:
     """Deletes the checkpoint at ``store``: COMMIT first, so it is invisible before any of
     its data goes; then its committed attempt; then every other attempt it may remove.
+    With ``only``, touches only those attempts (and COMMIT only if it names one of them).
 
-    An attempt claimed for commit by another job is left (it may still commit: then the
-    checkpoint reappears, whole). Crash-safe and idempotent.
+    Returns the attempts it left because a committer claimed them (it may still commit: then
+    the checkpoint reappears, whole). Crash-safe and idempotent.
     """
     try:
         winner = committed_attempt(store)
     except CorruptCheckpointError:
         winner = None  # an unreadable COMMIT names nothing that could be trusted
-    if winner is not None:
-        retire(store, winner)
-    store.delete(COMMIT)
-    if winner is not None:
-        store.delete_prefix(winner)
-        forget(store, winner)
-    for a in attempts(store):
-        remove_uncommitted(store, a.name)
+    if only is None or winner in only or (winner is None and store.exists(COMMIT)):
+        if winner is not None:
+            retire(store, winner)
+        store.delete(COMMIT)
+        if winner is not None:
+            store.delete_prefix(winner)
+            forget(store, winner)
+    kept = [a.name for a in attempts(store)
+            if (only is None or a.name in only) and not remove_uncommitted(store, a.name)]
     store.prune()
+    return kept

@@ -11,6 +11,7 @@ commit a step that does not restore. Every process may list and restore.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -21,15 +22,17 @@ from typing import Any
 from ckpt import _coord
 from ckpt._format import REWIND
 from ckpt._housekeeping import (
-    abandoned_steps,
+    Attempt,
+    abandoned,
     committed_steps,
     delete_checkpoint,
     finish_rewind,
+    is_abandoned,
     latest_committed_step,
     remove_debris,
     retention_victims,
     step_folders,
-    write_rewind,
+    rewind_root,
 )
 from ckpt._policy import SavePolicy
 from ckpt._restore import open_checkpoint, restore_from
@@ -38,6 +41,7 @@ from ckpt.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
     CkptError,
+    CorruptCheckpointError,
     ReadOnlyError,
     SaveError,
     StepOrderError,
@@ -164,7 +168,7 @@ class CheckpointManager:
         if previous is not None:
             exc = previous.outcome()
             if exc is not None and not previous.observed_by_user:
-                previous.observed_by_user = True
+                previous.mark_observed()
                 raise SaveError(f"the previous save ({previous.url}) failed: {exc}") from exc
 
     def save(self, step: int, tree: Any, *, metadata: Any = None,
@@ -241,7 +245,7 @@ class CheckpointManager:
         if handle is not None:
             exc = handle.outcome()
             if exc is not None and not handle.observed_by_user:
-                handle.observed_by_user = True
+                handle.mark_observed()
                 raise exc
 
     def _apply_retention(self) -> None:
@@ -257,28 +261,39 @@ class CheckpointManager:
         for step in retention_victims(steps, self.keep_last, self.keep_every, best):
             delete_checkpoint(self._store.child(str(step)))
             self._metrics.pop(step, None)
-            self._store.prune(str(step))
 
     def _metric(self, step: int, name: str) -> float | None:
         """``name`` of a committed step (from its manifest if this manager did not save it);
-        None when missing or NaN, which never rank."""
+        None when missing or NaN, or when the checkpoint is damaged: those never rank.
+
+        Raises:
+            StorageError: the manifest could not be read now; retention skips this round
+                rather than delete a step whose rank it does not know.
+        """
         if step not in self._metrics:
             try:
                 _, manifest = open_checkpoint(self._store.child(str(step)))
-                self._metrics[step] = manifest.metrics
-            except CkptError:
-                return None  # unreadable now; asked again next time
+            except (CorruptCheckpointError, CheckpointNotFoundError):
+                return None  # damaged, or deleted meanwhile: nothing to rank
+            self._metrics[step] = manifest.metrics
         value = self._metrics[step].get(name)
         return None if value is None or math.isnan(value) else value
+
+    def _keeps(self, step: int, attempt: Attempt) -> bool:
+        """Whether start-up clean-up must leave ``attempt`` of ``step``: this manager saves
+        that step now (`save` registers the step before it writes anything)."""
+        with self._lock:
+            return step in self._saving
 
     def _remove_debris(self) -> None:
         """Process 0, at start-up, in the background: removes uncommitted attempts."""
         try:
             for step in step_folders(self._store):
-                with self._lock:
-                    if step in self._saving:
-                        continue  # our own save; never our own debris
-                remove_debris(self._store.child(str(step)), grace_s=self.debris_grace_s)
+                # Asked per attempt after it was listed, not once per step before: a save of
+                # this step that starts meanwhile registers before it writes anything, so
+                # any attempt of it that the listing saw is kept.
+                remove_debris(self._store.child(str(step)), grace_s=self.debris_grace_s,
+                              keep=functools.partial(self._keeps, step))
         except CkptError as exc:
             # Best effort: debris is invisible to readers; the next start or `ckpt gc`.
             log.warning("debris removal under %s stopped: %s", self.root_url, exc)
@@ -299,8 +314,10 @@ class CheckpointManager:
             if step not in self.steps():
                 raise CheckpointNotFoundError(
                     f"step {step} is not a committed step under {self.root_url}")
-            delete_checkpoint(self._store.child(str(step)))
-            self._store.prune(str(step))
+            if kept := delete_checkpoint(self._store.child(str(step))):
+                log.warning("deleted step %d under %s, but left %s: claimed for commit by a "
+                            "job that may still be running (if it commits, the step comes "
+                            "back whole)", step, self.root_url, kept)
 
         _coord.run_on_process_zero(f"delete step {step}", run, self.timeout_s)
         self._metrics.pop(step, None)
@@ -319,20 +336,17 @@ class CheckpointManager:
         """
         self._writable(f"rewind to step {step}")
         self._previous_failure()
-        abandoned: list[int] = []
-
         def run() -> None:
             steps = self.steps()
             if step not in steps:
                 raise CheckpointNotFoundError(
                     f"cannot rewind to step {step}: it is not a committed step under "
                     f"{self.root_url} (committed: {steps})")
-            abandoned.extend(s for s in steps if s > step)
-            if abandoned:
-                write_rewind(self._store, step, abandoned + sorted(
-                    abandoned_steps(self._store)))
-                finish_rewind(self._store)
-            log.info("rewound %s to step %d; removed steps %s", self.root_url, step, abandoned)
+            # Uncommitted step folders above ``step`` go too: their debris would otherwise
+            # sit on the abandoned branch.
+            above = [s for s in step_folders(self._store) if s > step]
+            rewind_root(self._store, step, above)
+            log.info("rewound %s to step %d; removed steps %s", self.root_url, step, above)
 
         _coord.run_on_process_zero(f"rewind to step {step}", run, self.timeout_s)
         for s in list(self._metrics):
@@ -347,7 +361,7 @@ class CheckpointManager:
             step = self.latest_step()
             if step is None:
                 raise CheckpointNotFoundError(f"no committed step under {self.root_url}")
-        elif step in abandoned_steps(self._store):
+        elif is_abandoned(self._store, step, abandoned(self._store)):
             raise CheckpointNotFoundError(f"step {step} under {self.root_url} was abandoned "
                                           "by a rewind")
         return restore_from(self._store.child(str(step)), target, mesh=mesh)

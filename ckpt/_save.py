@@ -88,9 +88,18 @@ class SaveHandle:
     def _finish(self, exc: BaseException | None) -> None:
         self._exc = exc
         self._event.set()
-        if exc is None:  # a failure stays listed until exit, in case nobody looks at it
-            with _LIVE_LOCK:
-                _LIVE.discard(self)
+        if exc is None:  # a failure stays listed until someone sees it, or until exit
+            self._forget()
+
+    def _forget(self) -> None:
+        with _LIVE_LOCK:
+            _LIVE.discard(self)
+
+    def mark_observed(self) -> None:
+        """Records that the save's outcome reached the user (its error is not reported
+        again, at exit or by a manager). Called by `wait`, `exception` and the manager."""
+        self.observed_by_user = True
+        self._forget()
 
     def describe(self) -> str:
         return f"step {self.step} ({self.url})" if self.step is not None else self.url
@@ -113,7 +122,7 @@ class SaveHandle:
         """
         if not self._event.wait(timeout):
             raise TimeoutError(f"save to {self.url} still running after {timeout} s")
-        self.observed_by_user = True
+        self.mark_observed()
         if self._exc is not None:
             raise self._exc
 
@@ -121,7 +130,7 @@ class SaveHandle:
         """Blocks like `wait`, then returns the save's error instead of raising it."""
         if not self._event.wait(timeout):
             raise TimeoutError(f"save to {self.url} still running after {timeout} s")
-        self.observed_by_user = True
+        self.mark_observed()
         return self._exc
 
 
@@ -148,7 +157,7 @@ def _finish_saves_at_exit() -> None:
                              "not a checkpoint; `ckpt gc` removes what it wrote\n")
             continue
         if exc is not None and not handle.observed_by_user:
-            handle.observed_by_user = True
+            handle.mark_observed()
             sys.stderr.write(f"ckpt: {handle.describe()} was not committed: "
                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}\n")
 
@@ -453,6 +462,10 @@ def _run(job: _Job, handle: SaveHandle) -> None:
                           f"failed: {type(exc).__name__}: {exc}")
         error.__cause__ = exc
         handle._finish(error)
+    finally:
+        # A failed save's error (kept until someone sees it) holds this frame through its
+        # traceback: the snapshot must not stay alive with it.
+        job.writes.clear()
 
 
 def save_async(url: str | os.PathLike[str], tree: Any, *, metadata: Any = None,

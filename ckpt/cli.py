@@ -19,7 +19,7 @@ from ckpt._format import COMMIT, CommitRecord
 from ckpt._claims import delete_data, remove_uncommitted, retire
 from ckpt._format import ATTEMPT_PREFIX
 from ckpt._housekeeping import (
-    abandoned_steps,
+    abandoned,
     attempts,
     committed_steps,
     delete_checkpoint,
@@ -149,16 +149,14 @@ def _inspect(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     store = open_store(args.root)
     now = time.time()
-    gone = abandoned_steps(store)
+    gone = abandoned(store)
     entries = []
     for step in sorted(step_folders(store), reverse=True):
         sizes = store.list_sizes(str(step))
         found = sorted(attempts(store.child(str(step))), key=lambda a: a.name, reverse=True)
         for a in found:
-            if a.state == "removed":
-                continue  # a tombstone: only its removal claim is left
             nbytes = sum(v for k, v in sizes.items() if k.startswith(f"{step}/{a.name}/"))
-            state = "abandoned" if a.committed and step in gone else a.state
+            state = "abandoned" if a.committed and a.name in gone.get(step, ()) else a.state
             entry: dict[str, Any] = {"step": step, "attempt": a.name, "bytes": nbytes,
                                      "state": state}
             if a.committed:
@@ -246,10 +244,11 @@ def _gc(args: argparse.Namespace) -> int:
     verb = "would remove" if args.dry_run else "removing"
     single = _is_checkpoint(store)
     did = 0
-    if not single and (gone := abandoned_steps(store)):
-        print(f"{verb} steps {sorted(gone)} (abandoned by an interrupted rewind)")
-        if not args.dry_run:
-            finish_rewind(store)
+    if not single and (gone := abandoned(store)):
+        print(f"{verb} what a rewind abandoned in steps {sorted(gone)}")
+        if not args.dry_run and (kept := finish_rewind(store)):
+            print(f"keeping attempts claimed for commit in steps {sorted(kept)}: their "
+                  "committer may still commit them (they stay hidden)")
         did += 1
     targets = ([("", store)] if single else
                [(f"{s}/", store.child(str(s))) for s in step_folders(store)])
@@ -284,8 +283,9 @@ def _gc(args: argparse.Namespace) -> int:
     for step in victims:
         print(f"{verb} committed step {step} (keeping the newest {args.keep_last})")
         if not args.dry_run:
-            delete_checkpoint(store.child(str(step)))
-            store.prune(str(step))
+            for name in delete_checkpoint(store.child(str(step))):
+                print(f"keeping {step}/{name}: claimed for commit by a job that may still "
+                      "be running")
     if not did and not victims:
         print("nothing to remove")
     return 0
@@ -325,8 +325,10 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_inspect)
 
     p = sub.add_parser("list", epilog=EPILOG, help="list the steps under a manager root",
-                       description="List every step, newest first: committed, or an "
-                       "incomplete attempt with its age and size.")
+                       description="List every attempt of every step, newest first: "
+                       "committed, incomplete (with its age and size), claimed (for a "
+                       "commit that has not happened) or abandoned (by an interrupted "
+                       "rewind).")
     p.add_argument("root", help="a CheckpointManager root")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_list)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import time
 from typing import Any
 
 import tensorstore as ts
@@ -45,6 +46,25 @@ _contexts: dict[tuple[str, int], ts.Context] = {}
 _verified: set[tuple[str, str]] = set()
 
 DEFAULT_MAX_RETRIES = 12
+CONFLICT_RETRIES = 6
+
+
+def _http_status(exc: BaseException) -> int | None:
+    """The HTTP status of a client error, from the structured response the client attached
+    (botocore's ``response``, gcsfs's ``code``), following ``__cause__``; None if none."""
+    seen = 0
+    cur: BaseException | None = exc
+    while cur is not None and seen < 4:
+        response = getattr(cur, "response", None)
+        if isinstance(response, dict):
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if isinstance(status, int):
+                return status
+        code = getattr(cur, "code", None)
+        if isinstance(code, int) and 100 <= code < 600:
+            return code
+        cur, seen = cur.__cause__, seen + 1
+    return None
 
 
 def configure(scheme: str, **options: Any) -> None:
@@ -196,16 +216,28 @@ class ObjectStore(Store):
             raise self._error(exc, key, "writing") from exc
 
     def _write_if_absent(self, key: str, data: bytes) -> bool:
-        try:
-            self._call("creating", key, self._fs.pipe_file, self._path(key), data, mode="create")
-            return True
-        except FileExistsError:
-            # A retried request whose first try succeeded unseen meets its own object: the
-            # content (which names a unique attempt) tells whether this caller won.
+        for attempt in range(CONFLICT_RETRIES + 1):
             try:
-                return self._read(key) == data
-            except ObjectNotFoundError:
-                return False
+                self._fs.pipe_file(self._path(key), data, mode="create")
+                return True
+            except FileExistsError:
+                break
+            except Exception as exc:  # the clients raise many unrelated types
+                status = _http_status(exc)
+                if status == 412:
+                    break  # a precondition failure s3fs did not recognise as one
+                if status == 409 and attempt < CONFLICT_RETRIES:
+                    # S3's ConditionalRequestConflict: another conditional write on the key
+                    # was in progress; the answer is decided once it finishes.
+                    time.sleep(0.05 * 2 ** attempt)
+                    continue
+                raise self._error(exc, key, "creating") from exc
+        # A retried request whose first try succeeded unseen meets its own object: the
+        # content (which is unique to each caller) tells whether this caller won.
+        try:
+            return self._read(key) == data
+        except ObjectNotFoundError:
+            return False
 
     def _exists(self, key: str) -> bool:
         try:
@@ -254,11 +286,20 @@ class ObjectStore(Store):
 
     def _delete_prefix(self, prefix: str) -> None:
         keys = self._list(prefix)
-        if keys:
+        # s3fs's bulk delete drops the per-key errors of a DeleteObjects answer, so what is
+        # still listed afterwards is deleted once more and then reported: a cleaner must
+        # never believe it removed what is still there.
+        for _ in range(2):
+            if not keys:
+                return
             try:
                 self._call("deleting", prefix, self._fs.rm, [self._path(k) for k in keys])
             except FileNotFoundError:
                 pass
+            keys = sorted(set(keys) & set(self._list(prefix)))
+        if keys:
+            raise StorageError(errno.EIO, f"{len(keys)} object(s) under {self.describe(prefix)} "
+                                          f"were not deleted (first: {keys[0]})")
 
     def _kvstore_spec(self, prefix: str) -> dict[str, Any]:
         path = "/".join(p for p in (self.location.path, prefix) if p)

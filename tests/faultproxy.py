@@ -4,6 +4,9 @@ It sits between the library and a local S3 or GCS server on 127.0.0.1 and, per r
 a seeded probability, answers 503 without forwarding, forwards and then answers 500 (the
 server applied the request; the client cannot know), resets the connection, or delays.
 It counts requests by method, and can be taken down (connections refused) and brought back.
+On request it answers the next conditional S3 creates (``If-None-Match``) with 409
+ConditionalRequestConflict or with a bare 412 (no ``Condition`` element), without
+forwarding them.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ class FaultProxy:
         self.counts: collections.Counter[str] = collections.Counter()
         self.faults: collections.Counter[str] = collections.Counter()
         self.port = 0
+        self.conflicts = 0    # conditional creates still to answer 409
+        self.bare_412 = 0     # conditional creates still to answer a bare 412
         self.connections: set[socket.socket] = set()
         self._server: http.server.ThreadingHTTPServer | None = None
         self.up()
@@ -103,6 +108,20 @@ class FaultProxy:
                 with proxy.lock:
                     proxy.counts[self.command] += 1
                 fault = proxy._fault()
+                if self.command == "PUT" and "If-None-Match" in self.headers:
+                    with proxy.lock:
+                        if proxy.conflicts > 0:
+                            proxy.conflicts -= 1
+                            fault = "409"
+                        elif proxy.bare_412 > 0:
+                            proxy.bare_412 -= 1
+                            fault = "412"
+                if fault in ("409", "412"):
+                    code = ("ConditionalRequestConflict" if fault == "409"
+                            else "PreconditionFailed")
+                    xml = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"
+                           f"<Message>injected</Message></Error>").encode()
+                    return self._reply(int(fault), [("Content-Type", "application/xml")], xml)
                 if fault == "503":
                     return self._reply(503, [("Content-Type", "text/plain")], b"injected 503")
                 if fault == "reset":

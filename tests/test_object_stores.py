@@ -123,6 +123,23 @@ def test_save_commits_whole_through_a_faulty_network(request, tmp_path, proxied,
     mgr.close()
 
 
+def test_s3_conditional_create_conflicts_and_bare_412(request, tmp_path, proxied):
+    """409 ConditionalRequestConflict (a concurrent conditional write) is retried; a 412
+    without its Condition element still means "exists"; neither is a bare storage error."""
+    proxy = proxied("s3")
+    store = open_store(backend_url(request, tmp_path, "s3"))
+    proxy.conflicts = 3
+    assert store.write_if_absent("claims/a", b"mine")
+    assert proxy.conflicts == 0 and store.read("claims/a") == b"mine"
+    proxy.bare_412 = 1
+    assert not store.write_if_absent("claims/a", b"theirs")
+    assert proxy.bare_412 == 0 and store.read("claims/a") == b"mine"
+    proxy.conflicts = 100  # never settles: an error naming the object, nothing created
+    with pytest.raises(StorageError, match="claims/b"):
+        store.write_if_absent("claims/b", b"x")
+    assert not store.exists("claims/b")
+
+
 @pytest.mark.parametrize("backend", REMOTES)
 def test_server_gone_fails_clearly_and_keeps_previous(request, tmp_path, proxied, backend):
     proxy = proxied(backend)
