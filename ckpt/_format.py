@@ -251,14 +251,29 @@ def decode_manifest(data: bytes, what: str) -> Manifest:
     if not all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
                for k, v in metrics.items()):
         raise CorruptCheckpointError(f"{what} has malformed metrics")
+    records = [_decode_leaf(leaf, i, what) for i, leaf in enumerate(leaves)]
+    paths: set[KeyPath] = set()
+    names: set[str] = set()
+    for rec in records:
+        # One record per key path and one array folder per record: a duplicate would make
+        # restore keep one of two leaves, or read one leaf's data for another.
+        if rec.path in paths:
+            raise CorruptCheckpointError(f"{what} lists leaf {keystr(rec.path)} twice")
+        paths.add(rec.path)
+        if rec.kind == "array":
+            if rec.name in names:
+                raise CorruptCheckpointError(
+                    f"{what}: leaf {keystr(rec.path)} names array {rec.name!r}, which another "
+                    f"leaf names too")
+            names.add(rec.name)
     return Manifest(
         attempt=r.get("attempt", str), process_count=r.get("process_count", int),
         created_at=float(r.get("created_at", (int, float))),
         committed_at=float(r.get("committed_at", (int, float))),
         versions={str(k): str(v) for k, v in versions.items()},
         metadata=r.obj.get("metadata"),
-        leaves=[_decode_leaf(leaf, i, what) for i, leaf in enumerate(leaves)],
-        format_version=version, metrics={k: float(v) for k, v in metrics.items()})
+        leaves=records, format_version=version,
+        metrics={k: float(v) for k, v in metrics.items()})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,4 +370,19 @@ def zarr_spec(kvstore: dict[str, Any], rec: LeafRecord, *, create: bool) -> dict
         spec["create"] = True
     else:
         spec.update(open=True, assume_metadata=True)
+    return spec
+
+
+def array_read_spec(kvstore: dict[str, Any], rec: LeafRecord) -> dict[str, Any]:
+    """The TensorStore spec that reads an ``array`` leaf: what it decodes (dtype, shape,
+    chunk grid, codecs, fill value) comes from the manifest record, never from the stored
+    ``zarr.json``. TensorStore still reads ``zarr.json`` and fails with FAILED_PRECONDITION
+    when it disagrees, so an edited one is reported instead of changing the values.
+    Missing chunks are errors, not fill values.
+
+    Called by every reader of this format: restore, ``ckpt verify``, ``ckpt reshard``.
+    """
+    spec = zarr_spec(kvstore, rec, create=False)
+    del spec["assume_metadata"]
+    spec.update(fill_missing_data_reads=False, recheck_cached_data=False)
     return spec

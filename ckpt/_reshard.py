@@ -2,9 +2,10 @@
 out for a mesh, offline.
 
 Runs on one machine with no accelerators and never builds whole arrays: it walks the new
-chunk grid, reads each new chunk's box from the source through TensorStore (source chunks
-are cached within a bounded pool, so one read serves neighbouring boxes) and writes it, with
-host memory bounded by ``memory_budget``. The source is anything `open_readable` opens: one
+chunk grid in batches that fit the memory budget, reads each batch's boxes with restore's
+reader (which checks every source chunk it reads against the source manifest's crc32c, so
+a damaged source is never copied into a checkpoint that would then pass `verify`) and writes
+them, with host memory bounded by ``memory_budget``. The source is anything `open_readable` opens: one
 of this library's checkpoints or an Orbax one. The layout planning is pure (`restore`'s
 `spec_shard_shape` and the save path's `choose_chunk_shape`); the result is committed with
 the same protocol as a save, so it is an ordinary checkpoint. `convert` then reads it all
@@ -15,11 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import functools
 import os
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import tensorstore as ts
 
@@ -40,11 +39,11 @@ from ckpt._tree import KeyPath, keystr
 from ckpt._verify import verify
 from ckpt.errors import CheckpointExistsError, CorruptCheckpointError, MeshMismatchError
 from restore import (
-    Window,
-    box_size,
+    ArrayReadJob,
     chunk_box,
     chunk_sizes,
     grid_shape,
+    read_arrays,
     spec_shard_shape,
     to_slices,
     unflat_index,
@@ -174,43 +173,33 @@ def reshard(src_url: str | os.PathLike[str], dst_url: str | os.PathLike[str], *,
         raise CheckpointExistsError(f"{dst.url} already holds a committed checkpoint "
                                     "(use --overwrite to replace it)")
     attempt = new_attempt_id()
-    # A bounded cache of decoded source chunks: one read serves every new chunk it overlaps.
-    src_ctx = ts.Context({"cache_pool": {"total_bytes_limit": memory_budget // 4}},
-                         parent=source.context())
-    dst_ctx = dst.tensorstore_context()
-    # Budget split: a quarter each for the source-chunk cache, reads in flight (a read holds
-    # its box and, while decoding, the source chunks under it), and writes in flight (a
-    # write holds the chunk and its encoded copy).
+    src_ctx, dst_ctx = source.context(), dst.tensorstore_context()
+    # Budget split: a quarter for the boxes of a batch, a quarter for the reader's chunks in
+    # flight, a quarter for writes in flight (a write holds the chunk and its encoded copy).
     writer = ChunkWriter(memory_budget // 8)
-    read_limit = memory_budget // 4
+    batch_limit = memory_budget // 4
     total = sum(r.nbytes for r in records if r.kind == "array")
     done = chunks = 0
     for old, new in zip(manifest.leaves, records):
         if new.kind != "array":
             continue
-        reader = ts.open(source.array_spec(old), context=src_ctx).result()
         target = ts.open(zarr_spec(dst.kvstore_spec(f"{attempt}/{ARRAYS}/{new.name}"), new,
                                    create=True), context=dst_ctx).result()
         grid = grid_shape(new.shape, new.chunk_shape)
-        window = Window(read_limit)
-
-        def land(flat: int, slices: tuple[slice, ...], fut: Any) -> None:
-            nonlocal done, chunks
-            data = fut.result()
-            writer.put(target, slices, data, new.name, flat)
-            done += data.nbytes
-            chunks += 1
-            if progress is not None:
-                progress(done, total)
-
-        source_chunk = box_size(tuple((0, c) for c in old.chunk_shape)) * \
-            dtype_from_name(old.dtype, keystr(old.path)).itemsize
-        for flat, nbytes in enumerate(new.chunk_nbytes):
-            slices = to_slices(chunk_box(unflat_index(flat, grid), new.chunk_shape, new.shape))
-            # A read holds its box and, while decoding, the source chunk under it.
-            window.add(reader[slices].read(), nbytes + source_chunk,
-                       functools.partial(land, flat, slices))
-        window.drain()
+        boxes = [chunk_box(unflat_index(flat, grid), new.chunk_shape, new.shape)
+                 for flat in range(len(new.chunk_nbytes))]
+        for start, stop in _batches(new.chunk_nbytes, batch_limit):
+            job = ArrayReadJob(keystr(old.path), source.array_spec(old), src_ctx, old.shape,
+                               old.chunk_shape, dtype_from_name(old.dtype, keystr(old.path)),
+                               boxes[start:stop], old.chunk_crc32c or None,
+                               crc32c_in_chunk_tail=source.orbax is None)
+            [host] = read_arrays([job], memory_budget=batch_limit)
+            for flat, data in zip(range(start, stop), host):
+                writer.put(target, to_slices(boxes[flat]), data, new.name, flat)
+                done += data.nbytes
+                chunks += 1
+                if progress is not None:
+                    progress(done, total)
     rows = writer.finish()
     by_name = {r.name: r for r in records if r.kind == "array"}
     for name, flat, _, crc in rows:
@@ -219,6 +208,19 @@ def reshard(src_url: str | os.PathLike[str], dst_url: str | os.PathLike[str], *,
     commit(dst, attempt=attempt, records=records, metadata=manifest.metadata,
            created_at=time.time(), process_count=1, overwrite=overwrite)
     return ReshardResult(dst.url, chunks, done, dict(mesh), source.layout)
+
+
+def _batches(sizes: Sequence[int], limit: int) -> list[tuple[int, int]]:
+    """Consecutive runs of chunks whose bytes fit ``limit`` (at least one chunk each)."""
+    out, start, acc = [], 0, 0
+    for i, n in enumerate(sizes):
+        if i > start and acc + n > limit:
+            out.append((start, i))
+            start, acc = i, 0
+        acc += n
+    if start < len(sizes):
+        out.append((start, len(sizes)))
+    return out
 
 
 def saved_mesh(leaves: list[LeafRecord], url: str) -> dict[str, int]:

@@ -25,6 +25,7 @@ from ckpt._format import (
     CommitRecord,
     LeafRecord,
     Manifest,
+    array_read_spec,
     decode_manifest,
     sha256,
 )
@@ -51,7 +52,6 @@ from restore import (
     read_arrays,
     to_slices,
 )
-from restore._read import open_spec
 from storage import ObjectNotFoundError, Store, open_store
 
 
@@ -118,7 +118,8 @@ class Readable:
         """The TensorStore spec that opens array leaf ``rec`` for reading."""
         if self.orbax is not None:
             return self.orbax.specs[rec.path]
-        return open_spec(self.store.kvstore_spec(f"{self.manifest.attempt}/{ARRAYS}/{rec.name}"))
+        return array_read_spec(
+            self.store.kvstore_spec(f"{self.manifest.attempt}/{ARRAYS}/{rec.name}"), rec)
 
     def context(self) -> Any:
         """The TensorStore context to open arrays in."""

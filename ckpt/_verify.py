@@ -16,13 +16,12 @@ import google_crc32c
 import numpy as np
 import tensorstore as ts
 
-from ckpt._format import ARRAYS, decode_host_report, host_report_key
+from ckpt._format import ARRAYS, array_read_spec, decode_host_report, host_report_key
 from ckpt._leaves import decode_inline, dtype_from_name
 from ckpt._restore import open_readable
 from ckpt._tree import keystr
 from ckpt.errors import CorruptCheckpointError, UnsupportedFormatError
 from restore import Window, box_size, chunk_box, to_slices, unflat_index
-from restore._read import open_spec
 from storage import ObjectNotFoundError, open_store
 
 DEFAULT_BUDGET = 256 << 20
@@ -108,8 +107,8 @@ def verify(url: str | os.PathLike[str], *, memory_budget: int = DEFAULT_BUDGET,
             continue
         dtype = dtype_from_name(leaf.dtype, f"{store.url} leaf {name}")
         try:
-            arr = ts.open(open_spec(store.kvstore_spec(f"{manifest.attempt}/{ARRAYS}/"
-                                                       f"{leaf.name}")), context=ctx).result()
+            arr = ts.open(array_read_spec(store.kvstore_spec(
+                f"{manifest.attempt}/{ARRAYS}/{leaf.name}"), leaf), context=ctx).result()
         except Exception as exc:  # TensorStore reports every failure as ValueError
             report.problems.append(Problem(name, None, f"array cannot be opened: {exc}"))
             continue

@@ -101,12 +101,6 @@ def aligned_empty(shape: Sequence[int], dtype: Any) -> np.ndarray:
     return raw[offset:offset + nbytes].view(dtype).reshape(tuple(shape))
 
 
-def open_spec(kvstore: dict[str, Any]) -> dict[str, Any]:
-    """The spec to open a saved array for reading: missing chunks are errors, not zeros."""
-    return {"driver": "zarr3", "kvstore": kvstore, "open": True,
-            "fill_missing_data_reads": False, "recheck_cached_data": False}
-
-
 def _crc32c(data: np.ndarray) -> int:
     """crc32c of ``data``'s bytes in C order. A strided view is copied first: one memcpy
     costs half as much as hashing it row by row from Python."""
@@ -118,9 +112,14 @@ def _chunk_key(coord: Sequence[int]) -> str:
     return "/".join(["c", *map(str, coord)])
 
 
-def _classify(exc: Exception, job: ArrayReadJob, coord: Sequence[int]) -> Exception:
+def _classify(exc: Exception, job: ArrayReadJob, coord: Sequence[int] | None) -> Exception:
+    """``coord`` None: opening the array failed (its metadata), else reading that chunk."""
     text = str(exc)
-    where = f"leaf {job.name} chunk {tuple(coord)}"
+    where = f"leaf {job.name}" + ("" if coord is None else f" chunk {tuple(coord)}")
+    if coord is None and text.startswith("FAILED_PRECONDITION"):
+        return CorruptCheckpointError(
+            f"{where}: its stored zarr.json disagrees with the checkpoint's manifest, which "
+            f"fixes how it is decoded: {text[:400]}")
     if any(text.startswith(code) or f" {code}:" in text for code in _INTEGRITY_CODES):
         return CorruptCheckpointError(f"{where}: {text}")
     return StorageError(errno.EIO, f"reading {where} failed: {text}")
@@ -149,7 +148,7 @@ def read_arrays(jobs: Sequence[ArrayReadJob], *,
         try:
             arr = fut.result()
         except Exception as exc:
-            raise _classify(exc, job, ()) from exc
+            raise _classify(exc, job, None) from exc
         if tuple(arr.shape) != tuple(job.shape) or arr.dtype.numpy_dtype != job.dtype:
             raise CorruptCheckpointError(
                 f"leaf {job.name}: stored array is {arr.dtype.name}{list(arr.shape)}, the "

@@ -1,0 +1,204 @@
+"""Edited checkpoints never restore wrong data: every edit of a zarr.json, of the manifest
+(re-signed in COMMIT, as a buggy tool or a forger would) or of chunk bytes gives either the
+exact saved values or a `CkptError` (docs/protocol.md, "What is checked where")."""
+
+import json
+import shutil
+
+import jax
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import ckpt
+from ckpt._format import COMMIT, MANIFEST, CommitRecord, sha256
+from ckpt._reshard import reshard
+from ckpt._verify import verify
+from ckpt.errors import CkptError, CorruptCheckpointError
+from storage import open_store
+from tests.conftest import make_mesh
+
+
+def _tree(mesh):
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((64, 128)).astype(np.float32)
+    return {"w": jax.device_put(w, NamedSharding(mesh, P("data", "model"))),
+            "b": rng.standard_normal(6000).astype(np.float32),
+            "i": np.arange(5000, dtype=np.int64).reshape(50, 100), "n": 3}
+
+
+def _host(tree):
+    return {k: np.asarray(v) if k != "n" else v for k, v in tree.items()}
+
+
+def _zarr_jsons(store):
+    return sorted(k for k in store.list() if k.endswith("/zarr.json"))
+
+
+EDITS = {
+    "big-endian": lambda m: m["codecs"][0]["configuration"].update(endian="big"),
+    "transpose": lambda m: m["codecs"].insert(0, {"name": "transpose",
+                                                 "configuration": {"order": list(
+                                                     reversed(range(len(m["shape"]))))}}),
+    "dtype": lambda m: m.update(data_type="int32" if m["data_type"] == "float32"
+                                else "float32"),
+    "fill-value": lambda m: m.update(fill_value=1),
+    "chunk-shape": lambda m: m["chunk_grid"]["configuration"].update(
+        chunk_shape=[max(1, c // 2) for c in m["chunk_grid"]["configuration"]["chunk_shape"]]),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(EDITS))
+def test_an_edited_zarr_json_is_named_on_every_read_path(root_url, mesh24, edit):
+    url = f"{root_url}/ck"
+    saved = _tree(mesh24)
+    ckpt.save(url, saved)
+    store = open_store(url)
+    key = next(k for k in _zarr_jsons(store) if "/arrays/b/" in k or k.endswith("b/zarr.json"))
+    meta = json.loads(store.read(key))
+    EDITS[edit](meta)
+    store.write(key, json.dumps(meta).encode())
+    replicated = {"b": jax.ShapeDtypeStruct((6000,), np.float32,
+                                            sharding=NamedSharding(mesh24, P()))}
+    for how in (lambda: ckpt.restore(url), lambda: ckpt.restore(url, target=replicated),
+                lambda: ckpt.restore(url, mesh=mesh24)):
+        with pytest.raises(CorruptCheckpointError, match=r"\['b'\].*zarr.json"):
+            how()
+    report = verify(url)
+    assert not report.ok and any("['b']" in p.leaf for p in report.problems)
+    with pytest.raises(CorruptCheckpointError):
+        reshard(url, f"{root_url}/copy", mesh={"data": 4, "model": 2})
+    assert not open_store(f"{root_url}/copy").exists(COMMIT)
+
+
+# -- property: random edits -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    mesh = make_mesh((2, 4))
+    folder = tmp_path_factory.mktemp("pristine") / "ck"
+    tree = _tree(mesh)
+    ckpt.save(str(folder), tree)
+    return folder, _host(tree), mesh
+
+
+def _restores_exactly_or_fails_cleanly(url, expected, mesh):
+    target = {"w": jax.ShapeDtypeStruct((64, 128), np.float32,
+                                        sharding=NamedSharding(mesh, P("model", None))),
+              "b": jax.ShapeDtypeStruct((6000,), np.float32, sharding=NamedSharding(mesh, P())),
+              "i": jax.ShapeDtypeStruct((50, 100), np.int64,
+                                        sharding=NamedSharding(mesh, P(None, "data"))),
+              "n": 0}
+    for how in (lambda: ckpt.restore(url), lambda: ckpt.restore(url, target=target)):
+        try:
+            out = how()
+        except CkptError:
+            continue
+        for k, v in expected.items():
+            if k not in out:
+                continue  # a leaf left out of a re-signed manifest is absent, not wrong
+            got = out[k]
+            if k == "n":
+                assert int(np.asarray(got)) == v
+            else:
+                # (JAX without x64 gives an int64 target as int32: same values.)
+                got = np.asarray(got)
+                assert got.dtype.kind == v.dtype.kind and got.shape == v.shape
+                assert got.astype(v.dtype).tobytes() == v.tobytes(), f"wrong data for {k!r}"
+
+
+def _mutate(data, raw):
+    raw = bytearray(raw)
+    for _ in range(data.draw(st.integers(1, 4))):
+        op = data.draw(st.sampled_from(["flip", "cut", "insert"]))
+        i = data.draw(st.integers(0, max(0, len(raw) - 1)))
+        if op == "flip" and raw:
+            raw[i] ^= data.draw(st.integers(1, 255))
+        elif op == "cut":
+            del raw[i:i + data.draw(st.integers(1, 8))]
+        else:
+            raw[i:i] = data.draw(st.binary(min_size=1, max_size=4))
+    return bytes(raw)
+
+
+def _copy(pristine, tmp_path_factory):
+    folder, expected, mesh = pristine
+    dst = tmp_path_factory.mktemp("edited") / "ck"
+    shutil.copytree(folder, dst)
+    return str(dst), open_store(str(dst)), expected, mesh
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.data())
+def test_random_zarr_json_and_chunk_edits_never_yield_wrong_data(pristine, tmp_path_factory,
+                                                                 data):
+    url, store, expected, mesh = _copy(pristine, tmp_path_factory)
+    keys = sorted(k for k in store.list() if "/arrays/" in k)
+    for key in data.draw(st.lists(st.sampled_from(keys), min_size=1, max_size=3, unique=True)):
+        store.write(key, _mutate(data, store.read(key)))
+    _restores_exactly_or_fails_cleanly(url, expected, mesh)
+
+
+def _resign(store, manifest_bytes):
+    rec = CommitRecord.decode(store.read(COMMIT), COMMIT)
+    store.write(f"{rec.attempt}/{MANIFEST}", manifest_bytes)
+    store.write(COMMIT, CommitRecord(attempt=rec.attempt, manifest_sha256=sha256(manifest_bytes),
+                                     committed_at=rec.committed_at).encode())
+
+
+leafy = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1), st.text(max_size=8),
+                  st.lists(st.integers(-3, 2**33), max_size=4), st.binary(max_size=8))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.data())
+def test_resigned_manifest_edits_never_yield_wrong_data(pristine, tmp_path_factory, data):
+    url, store, expected, mesh = _copy(pristine, tmp_path_factory)
+    attempt = CommitRecord.decode(store.read(COMMIT), COMMIT).attempt
+    doc = msgpack.unpackb(store.read(f"{attempt}/{MANIFEST}"), strict_map_key=False)
+    leaves = doc["leaves"]
+    how = data.draw(st.sampled_from(["field", "swap-names", "duplicate-path", "drop"]))
+    if how == "field":
+        # Not a stored value itself ("value", "data"): the manifest is what says what those
+        # are, so a re-signed one changes them by definition (docs/protocol.md: checksums
+        # detect damage, not forgery).
+        leaf = data.draw(st.sampled_from(leaves))
+        field = data.draw(st.sampled_from(sorted(set(leaf) - {"value", "data"})))
+        leaf[field] = data.draw(leafy)
+    elif how == "swap-names":
+        arrays = [x for x in leaves if x.get("kind") == "array"]
+        a, b = data.draw(st.permutations(arrays))[:2]
+        a["name"], b["name"] = b["name"], a["name"]
+    elif how == "duplicate-path":
+        a, b = data.draw(st.permutations(leaves))[:2]
+        b["path"] = a["path"]
+    else:
+        leaves.remove(data.draw(st.sampled_from(leaves)))
+    _resign(store, msgpack.packb(doc))
+    if how == "duplicate-path":
+        with pytest.raises(CkptError):
+            ckpt.restore(url)
+    _restores_exactly_or_fails_cleanly(url, expected, mesh)
+
+
+@pytest.mark.parametrize("rewrite", ["reshard", "convert"])
+def test_rewrites_never_launder_a_damaged_source(root_url, mesh24, rewrite):
+    """Two swapped chunks: restore and verify reject the source, so reshard and convert
+    must refuse it too instead of writing a copy that passes verify."""
+    from ckpt._reshard import convert
+
+    url = f"{root_url}/ck"
+    ckpt.save(url, _tree(mesh24))
+    store = open_store(url)
+    keys = sorted(k for k in store.list() if "/arrays/w/c/" in k)
+    a, b = store.read(keys[0]), store.read(keys[1])
+    store.write(keys[0], b)
+    store.write(keys[1], a)
+    run = reshard if rewrite == "reshard" else convert
+    with pytest.raises(CorruptCheckpointError, match=r"\['w'\] chunk"):
+        run(url, f"{root_url}/copy", mesh={"data": 4, "model": 2})
+    assert not open_store(f"{root_url}/copy").exists(COMMIT)
