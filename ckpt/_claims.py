@@ -27,7 +27,7 @@ import secrets
 import socket
 import time
 
-from ckpt._format import CLAIMS, pack, unpack
+from ckpt._format import CLAIMS, MAX_COMMIT_BYTES, pack, read_object, unpack
 from ckpt.errors import AttemptRemovedError, CkptError
 from storage import ObjectNotFoundError, Store
 
@@ -52,10 +52,12 @@ def claim_kind(store: Store, attempt: str) -> str | None:
     """The claim on ``attempt`` (``commit``, ``remove``), None if unclaimed, ``?`` if unreadable."""
     key = claim_key(attempt)
     try:
-        raw = unpack(store.read(key), store.describe(key))
+        raw = unpack(read_object(store, key, MAX_COMMIT_BYTES), store.describe(key))
     except ObjectNotFoundError:
         return None
-    except CkptError:
+    except CkptError as exc:
+        log.warning("cannot read the claim on %s (%s); treating it as a commit claim",
+                    store.describe(attempt), exc)
         return "?"
     kind = raw.get("claim") if isinstance(raw, dict) else None
     return kind if kind in (COMMITTING, REMOVING) else "?"

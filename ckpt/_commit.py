@@ -15,10 +15,12 @@ from typing import Any
 from ckpt._format import (
     COMMIT,
     MANIFEST,
+    MAX_COMMIT_BYTES,
     CommitRecord,
     LeafRecord,
     Manifest,
     encode_manifest,
+    read_object,
     sha256,
 )
 from ckpt._claims import REMOVING, claim_commit, claim_kind, delete_data, forget, retire
@@ -86,7 +88,8 @@ def commit(store: Store, *, attempt: str, records: list[LeafRecord], metadata: A
 def _holder(store: Store) -> str | None:
     """The attempt COMMIT names now, None if there is no COMMIT."""
     try:
-        return CommitRecord.decode(store.read(COMMIT), store.describe(COMMIT)).attempt
+        return CommitRecord.decode(read_object(store, COMMIT, MAX_COMMIT_BYTES),
+                                   store.describe(COMMIT)).attempt
     except ObjectNotFoundError:
         return None
 

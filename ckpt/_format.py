@@ -16,6 +16,7 @@ import msgpack
 
 from ckpt._tree import KeyPath, keystr
 from ckpt.errors import CorruptCheckpointError, UnsupportedFormatError
+from storage import Store, UnreadableObjectError
 
 FORMAT_VERSION = 1
 FORMAT_NAME = "ckpt"
@@ -94,6 +95,20 @@ class Manifest:
 def pack(obj: Any) -> bytes:
     """Encodes plain data as msgpack (never with an extension or object hook)."""
     return msgpack.packb(obj, use_bin_type=True)
+
+
+def read_object(store: Store, key: str, max_bytes: int = MAX_OBJECT_BYTES) -> bytes:
+    """Reads one of the format's small objects (COMMIT, a manifest, a host report, a claim),
+    never more than ``max_bytes`` of it: its size is untrusted until read.
+
+    Raises:
+        ObjectNotFoundError: it does not exist.
+        CorruptCheckpointError: it is larger than ``max_bytes``, or not a regular file.
+    """
+    try:
+        return store.read(key, max_bytes=max_bytes)
+    except UnreadableObjectError as exc:
+        raise CorruptCheckpointError(str(exc)) from None
 
 
 def unpack(data: bytes, what: str) -> Any:

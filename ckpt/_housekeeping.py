@@ -15,7 +15,16 @@ import time
 from collections.abc import Callable, Iterable
 
 from ckpt._claims import REMOVING, claim_kind, forget, remove_uncommitted, retire
-from ckpt._format import ATTEMPT_PREFIX, COMMIT, REWIND, CommitRecord, pack, unpack
+from ckpt._format import (
+    ATTEMPT_PREFIX,
+    COMMIT,
+    MAX_COMMIT_BYTES,
+    REWIND,
+    CommitRecord,
+    pack,
+    read_object,
+    unpack,
+)
 from ckpt.errors import CorruptCheckpointError
 from storage import ObjectNotFoundError, Store
 
@@ -45,7 +54,7 @@ Abandoned = dict[int, set[str]]
 
 def _read_rewind(store: Store) -> tuple[int | None, Abandoned]:
     try:
-        raw = unpack(store.read(REWIND), store.describe(REWIND))
+        raw = unpack(read_object(store, REWIND), store.describe(REWIND))
     except ObjectNotFoundError:
         return None, {}
     pairs = raw.get("abandoned") if isinstance(raw, dict) else None
@@ -151,7 +160,7 @@ def committed_attempt(store: Store) -> str | None:
             checkpoint may be treated as debris).
     """
     try:
-        raw = store.read(COMMIT)
+        raw = read_object(store, COMMIT, MAX_COMMIT_BYTES)
     except ObjectNotFoundError:
         return None
     return CommitRecord.decode(raw, store.describe(COMMIT)).attempt

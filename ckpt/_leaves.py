@@ -106,6 +106,13 @@ def classify(path: KeyPath, leaf: Any, process_count: int) -> LeafRecord:
             f"leaf {keystr(path)} has type {type(leaf).__module__}.{type(leaf).__qualname__}, "
             "which cannot be saved; leaves must be jax.Array, numpy arrays or scalars, "
             "bool/int/float/complex/str/bytes, or None")
+    if isinstance(leaf, str):
+        try:
+            leaf.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UnsupportedLeafError(
+                f"leaf {keystr(path)} is a str that is not valid Unicode text (it holds a "
+                "lone surrogate); it cannot be saved") from None
     return LeafRecord(path=path, kind="value", vtype=vtype, value=encode_value(leaf))
 
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import tensorstore as ts
 
-from ckpt._format import LeafRecord, Manifest
+from ckpt._format import LeafRecord, Manifest, read_object
 from ckpt._leaves import SUPPORTED_DTYPES, encode_value
 from ckpt._tree import KeyPath, keystr, leaf_name
 from ckpt.errors import (
@@ -78,13 +78,13 @@ class OrbaxItem:
 
 
 def _read_json(store: Store, key: str) -> Any:
-    data = store.read(key)
-    if len(data) > MAX_JSON_BYTES:
-        raise CorruptCheckpointError(f"{store.describe(key)} is {len(data)} bytes, over the limit")
+    data = read_object(store, key, MAX_JSON_BYTES)
     try:
         return json.loads(data)
     except ValueError as exc:
         raise CorruptCheckpointError(f"{store.describe(key)} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise CorruptCheckpointError(f"{store.describe(key)} nests JSON too deeply") from None
 
 
 def find_item(store: Store) -> Store | None:
@@ -125,7 +125,7 @@ def find_item(store: Store) -> Store | None:
         raise UnsupportedFormatError(
             f"{store.describe(OCDBT_MANIFEST)} is there but {TREE_METADATA} is not: an "
             "Orbax save that never finished, or a layout this library does not read")
-    steps = sorted(int(c) for c in store.list_children() if c.isdigit())
+    steps = sorted(int(c) for c in store.list_children() if c.isascii() and c.isdigit())
     if steps and store.exists(f"{steps[-1]}/{STEP_METADATA}"):
         raise NotACheckpointError(
             f"{store.url} is an Orbax CheckpointManager root (steps {steps[0]}..{steps[-1]}): "
@@ -143,7 +143,7 @@ def _key_path(entry: Any, where: str) -> KeyPath:
                 and k.get("key_type") in (1, 2)):
             raise CorruptCheckpointError(f"{where}: malformed key entry {k!r:.80}")
         if k["key_type"] == 1:  # a sequence position
-            if not k["key"].isdigit():
+            if not (k["key"].isascii() and k["key"].isdigit()):
                 raise CorruptCheckpointError(f"{where}: sequence key {k['key']!r:.40}")
             path.append(("index", int(k["key"])))
         else:
@@ -163,7 +163,7 @@ def _shardings(store: Store) -> dict[str, dict[str, Any]]:
         try:
             name = base64.urlsafe_b64decode(encoded.encode()).decode()
             sharding = json.loads(text)
-        except (ValueError, TypeError, UnicodeDecodeError):
+        except (ValueError, TypeError, UnicodeDecodeError, RecursionError):
             raise CorruptCheckpointError(
                 f"{store.describe(SHARDING)}: entry {encoded!r:.60} does not decode") from None
         if isinstance(sharding, dict) and sharding.get("sharding_type") == "NamedSharding":

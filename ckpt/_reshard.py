@@ -63,7 +63,8 @@ def parse_mesh(text: str) -> dict[str, int]:
     mesh: dict[str, int] = {}
     for part in text.split(","):
         name, eq, size = part.strip().partition("=")
-        if not eq or not name.isidentifier() or not size.strip().isdigit() \
+        size = size.strip()
+        if not eq or not name.isidentifier() or not (size.isascii() and size.isdigit()) \
                 or int(size) < 1 or name in mesh:
             raise ValueError(f"mesh {text!r}: cannot parse {part.strip()!r}; expected "
                              "NAME=SIZE,NAME=SIZE (e.g. data=2,model=4)")

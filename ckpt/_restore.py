@@ -25,8 +25,10 @@ from ckpt._format import (
     CommitRecord,
     LeafRecord,
     Manifest,
+    MAX_COMMIT_BYTES,
     array_read_spec,
     decode_manifest,
+    read_object,
     sha256,
 )
 from ckpt._leaves import decode_inline, decode_value, dtype_from_name, is_typed_key
@@ -52,7 +54,7 @@ from restore import (
     read_arrays,
     to_slices,
 )
-from storage import ObjectNotFoundError, Store, open_store
+from storage import ObjectNotFoundError, Store, UnreadableObjectError, open_store
 
 
 def open_checkpoint(store: Store) -> tuple[CommitRecord, Manifest]:
@@ -67,7 +69,7 @@ def open_checkpoint(store: Store) -> tuple[CommitRecord, Manifest]:
         CorruptCheckpointError: COMMIT or manifest unreadable, or the digest differs.
     """
     try:
-        data = store.read(COMMIT)
+        data = read_object(store, COMMIT, MAX_COMMIT_BYTES)
     except ObjectNotFoundError:
         children = store.list_children()
         if not children:
@@ -82,7 +84,7 @@ def open_checkpoint(store: Store) -> tuple[CommitRecord, Manifest]:
     commit = CommitRecord.decode(data, store.describe(COMMIT))
     key = f"{commit.attempt}/{MANIFEST}"
     try:
-        manifest_bytes = store.read(key)
+        manifest_bytes = read_object(store, key)
     except ObjectNotFoundError:
         raise CorruptCheckpointError(
             f"{store.describe(COMMIT)} names a manifest that is missing: "
@@ -115,11 +117,16 @@ class Readable:
     orbax: OrbaxItem | None = None
 
     def array_spec(self, rec: LeafRecord) -> dict[str, Any]:
-        """The TensorStore spec that opens array leaf ``rec`` for reading."""
+        """The TensorStore spec that opens array leaf ``rec`` for reading, once its folder
+        was checked to hold only regular files (a FIFO would block TensorStore forever)."""
         if self.orbax is not None:
             return self.orbax.specs[rec.path]
-        return array_read_spec(
-            self.store.kvstore_spec(f"{self.manifest.attempt}/{ARRAYS}/{rec.name}"), rec)
+        folder = f"{self.manifest.attempt}/{ARRAYS}/{rec.name}"
+        try:
+            self.store.check_plain_files(folder)
+        except UnreadableObjectError as exc:
+            raise CorruptCheckpointError(f"leaf {keystr(rec.path)}: {exc}") from None
+        return array_read_spec(self.store.kvstore_spec(folder), rec)
 
     def context(self) -> Any:
         """The TensorStore context to open arrays in."""

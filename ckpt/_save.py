@@ -19,6 +19,7 @@ import concurrent.futures
 import concurrent.futures.thread  # noqa: F401  (registers its exit hook before ours; see below)
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import os
@@ -45,6 +46,8 @@ from ckpt._format import (
     encode_host_report,
     host_report_key,
     pack,
+    read_object,
+    unpack,
 )
 from ckpt._commit import commit
 from ckpt._leaves import classify, encode_inline, is_typed_key
@@ -104,9 +107,27 @@ class SaveHandle:
     def describe(self) -> str:
         return f"step {self.step} ({self.url})" if self.step is not None else self.url
 
+    def _await(self, timeout: float | None) -> bool:
+        """Waits until the save has finished; False if ``timeout`` passed first."""
+        if threading.current_thread() is not threading.main_thread():
+            return self._event.wait(timeout)
+        # Ctrl-C raises KeyboardInterrupt on the main thread inside whatever runs there;
+        # inside Event.wait it can leave the event's internal lock held, after which
+        # neither the save thread (finishing) nor the exit hook (waiting) ever gets it.
+        # Polling is_set() holds no lock.
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.001
+        while not self._event.is_set():
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            time.sleep(pause if left is None else min(pause, left))
+            pause = min(2 * pause, 0.02)
+        return True
+
     def outcome(self) -> BaseException | None:
         """Waits for the save and returns its error without marking it as seen by the user."""
-        self._event.wait()
+        self._await(None)
         return self._exc
 
     def done(self) -> bool:
@@ -120,7 +141,7 @@ class SaveHandle:
             TimeoutError: still running after ``timeout`` seconds.
             SaveError (or another CkptError): the save failed; nothing was committed.
         """
-        if not self._event.wait(timeout):
+        if not self._await(timeout):
             raise TimeoutError(f"save to {self.url} still running after {timeout} s")
         self.mark_observed()
         if self._exc is not None:
@@ -128,7 +149,7 @@ class SaveHandle:
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """Blocks like `wait`, then returns the save's error instead of raising it."""
-        if not self._event.wait(timeout):
+        if not self._await(timeout):
             raise TimeoutError(f"save to {self.url} still running after {timeout} s")
         self.mark_observed()
         return self._exc
@@ -228,8 +249,10 @@ def _snapshot(leaves: list[Any], plans: dict[int, ArrayPlan]) -> list[_ChunkWrit
         for flat, (device, shard_box) in sorted(p.owned.items()):
             box = p.chunk_box(flat)
             if device is None:
-                # numpy leaves are mutable: copy the owned chunks now.
-                data = np.array(leaves[r][to_slices(box)], copy=True)
+                # numpy leaves are mutable: copy the owned chunks now, in native byte order
+                # (a big-endian leaf is written and checksummed as the format's bytes).
+                part = leaves[r][to_slices(box)]
+                data = np.array(part, dtype=part.dtype.newbyteorder("="), copy=True)
             else:
                 data = host[(r, device)][to_slices(box, shard_box)]
             writes.append(_ChunkWrite(r, flat, to_slices(box), data))
@@ -259,8 +282,9 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
     # Typed PRNG keys are saved as their key data (see `classify`).
     leaves = [jax.random.key_data(leaf) if is_typed_key(leaf) else leaf for _, leaf in pairs]
     try:
-        pack(metadata)
-    except (TypeError, ValueError, OverflowError) as exc:
+        # A snapshot, like the tree: changes the caller makes after this returns are not saved.
+        metadata = unpack(pack(metadata), "metadata")
+    except (TypeError, ValueError, OverflowError, CkptError) as exc:
         raise InvalidMetadataError(
             f"metadata for {store.url} is not plain msgpack data (dicts, lists, str, bytes, "
             f"numbers, bool, None): {exc}") from exc
@@ -340,8 +364,10 @@ class ChunkWriter:
     def put(self, array: Any, slices: tuple[slice, ...], data: np.ndarray, name: str,
             flat: int) -> None:
         self._window.add(array[slices].write(data), data.nbytes, lambda fut: fut.result())
-        # The crc32c of the chunk's C-order bytes, computed while TensorStore writes them.
-        crc = google_crc32c.value(np.ascontiguousarray(data).view(np.uint8))
+        # The crc32c of the chunk's C-order little-endian bytes (what the format stores),
+        # computed while TensorStore writes them.
+        little = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<"))
+        crc = google_crc32c.value(little.view(np.uint8))
         self.rows.append([name, flat, data.nbytes, crc])
 
     def finish(self) -> list[list[Any]]:
@@ -379,7 +405,7 @@ def _check_reports(job: _Job) -> None:
     seen: set[tuple[str, int]] = set()
     keys = [host_report_key(job.attempt, p) for p in range(job.coord.process_count)]
     with concurrent.futures.ThreadPoolExecutor(min(REPORT_READERS, len(keys))) as pool:
-        reports = list(pool.map(job.store.read, keys))
+        reports = list(pool.map(functools.partial(read_object, job.store), keys))
     for p, (key, data) in enumerate(zip(keys, reports)):
         what = job.store.describe(key)
         process, rows = decode_host_report(data, what)

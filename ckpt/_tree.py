@@ -29,6 +29,22 @@ def _is_none(x: Any) -> bool:
     return x is None
 
 
+def _storable(key: str | int, where: str) -> str | int:
+    """A dict key the manifest can store: an int that fits msgpack's 64-bit integers, or a
+    str that encodes as UTF-8 (not one holding a lone surrogate)."""
+    if isinstance(key, int) and not -2**63 <= key < 2**64:
+        raise UnsupportedLeafError(
+            f"dict key {key} at {where} does not fit in 64 bits; it cannot be saved")
+    if isinstance(key, str):
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UnsupportedLeafError(
+                f"dict key {key!r} at {where} is not valid Unicode text (it holds a lone "
+                "surrogate); it cannot be saved") from None
+    return key
+
+
 def _entry(raw: Any, where: str) -> Entry:
     tu = jax.tree_util
     if isinstance(raw, tu.DictKey):
@@ -37,11 +53,11 @@ def _entry(raw: Any, where: str) -> Entry:
             raise UnsupportedLeafError(
                 f"dict key {key!r} of type {type(key).__name__} at {where}: only str and int "
                 "keys can be saved")
-        return ("key", key)
+        return ("key", _storable(key, where))
     if isinstance(raw, tu.SequenceKey):
         return ("index", raw.idx)
     if isinstance(raw, tu.GetAttrKey):
-        return ("attr", raw.name)
+        return ("attr", _storable(raw.name, where))
     if isinstance(raw, tu.FlattenedIndexKey):
         return ("index", raw.key)
     raise UnsupportedLeafError(f"unsupported pytree key {raw!r} at {where}")

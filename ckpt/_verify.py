@@ -16,7 +16,11 @@ import google_crc32c
 import numpy as np
 import tensorstore as ts
 
-from ckpt._format import ARRAYS, array_read_spec, decode_host_report, host_report_key
+from ckpt._format import (
+    decode_host_report,
+    host_report_key,
+    read_object,
+)
 from ckpt._leaves import decode_inline, dtype_from_name
 from ckpt._restore import open_readable
 from ckpt._tree import keystr
@@ -60,7 +64,7 @@ def _reports(store: Any, attempt: str, processes: int,
     for p in range(processes):
         key = host_report_key(attempt, p)
         try:
-            _, found = decode_host_report(store.read(key), store.describe(key))
+            _, found = decode_host_report(read_object(store, key), store.describe(key))
         except (ObjectNotFoundError, CorruptCheckpointError) as exc:
             report.problems.append(Problem(f"host report {p}", None, str(exc)))
             continue
@@ -107,8 +111,7 @@ def verify(url: str | os.PathLike[str], *, memory_budget: int = DEFAULT_BUDGET,
             continue
         dtype = dtype_from_name(leaf.dtype, f"{store.url} leaf {name}")
         try:
-            arr = ts.open(array_read_spec(store.kvstore_spec(
-                f"{manifest.attempt}/{ARRAYS}/{leaf.name}"), leaf), context=ctx).result()
+            arr = ts.open(source.array_spec(leaf), context=ctx).result()
         except Exception as exc:  # TensorStore reports every failure as ValueError
             report.problems.append(Problem(name, None, f"array cannot be opened: {exc}"))
             continue

@@ -15,9 +15,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ckpt._format import COMMIT, CommitRecord
+from ckpt._format import ATTEMPT_PREFIX, COMMIT, MAX_COMMIT_BYTES, CommitRecord, read_object
 from ckpt._claims import delete_data, remove_uncommitted, retire
-from ckpt._format import ATTEMPT_PREFIX
 from ckpt._housekeeping import (
     abandoned,
     attempts,
@@ -123,7 +122,7 @@ def _inspect(args: argparse.Namespace) -> int:
     step = os.path.basename(info.url.rstrip("/"))
     meshes = sorted({str(leaf.mesh) for leaf in info.leaves if leaf.mesh})
     print(f"checkpoint  {info.url}")
-    print(f"step        {step if step.isdigit() else '-'}")
+    print(f"step        {step if step.isascii() and step.isdigit() else '-'}")
     if info.attempt:  # this library's format
         print(f"format      v{info.format_version}, attempt {info.attempt}")
     else:
@@ -160,7 +159,8 @@ def _list(args: argparse.Namespace) -> int:
             entry: dict[str, Any] = {"step": step, "attempt": a.name, "bytes": nbytes,
                                      "state": state}
             if a.committed:
-                rec = CommitRecord.decode(store.read(f"{step}/{COMMIT}"), f"{step}/{COMMIT}")
+                rec = CommitRecord.decode(read_object(store, f"{step}/{COMMIT}", MAX_COMMIT_BYTES),
+                                          f"{step}/{COMMIT}")
                 entry["committed_at"] = rec.committed_at
             else:
                 entry["age_s"] = a.age_s(now)

@@ -16,6 +16,7 @@ from storage._errors import (
     InvalidKeyError,
     ObjectNotFoundError,
     StorageError,
+    UnreadableObjectError,
     UnsupportedURLError,
 )
 from storage._local import LocalStore
@@ -26,7 +27,8 @@ from storage._url import SCHEMES, Location, parse_url
 __all__ = [
     "SCHEMES", "AccessDeniedError", "BucketNotFoundError", "ObjectStore", "configure",
     "CkptError", "InvalidKeyError", "LocalStore", "Location", "MemoryStore",
-    "ObjectNotFoundError", "StorageError", "Store", "UnsupportedURLError", "check_key", "join",
+    "ObjectNotFoundError", "StorageError", "Store", "UnreadableObjectError",
+    "UnsupportedURLError", "check_key", "join",
     "memory_context", "open_store", "parse_url",
 ]
 

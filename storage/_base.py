@@ -13,12 +13,13 @@ spec from `Store.kvstore_spec`, which addresses the very same objects.
 from __future__ import annotations
 
 import abc
+import errno
 import threading
 from typing import Any
 
 import tensorstore as ts
 
-from storage._errors import InvalidKeyError
+from storage._errors import InvalidKeyError, UnreadableObjectError
 from storage._url import Location
 
 _CONTEXT_LOCK = threading.Lock()
@@ -98,13 +99,34 @@ class Store(abc.ABC):
 
     # Public methods validate keys, then delegate to the backend's `_methods`.
 
-    def read(self, key: str) -> bytes:
+    def read(self, key: str, *, max_bytes: int | None = None) -> bytes:
         """Returns the whole object at ``key``.
+
+        ``max_bytes`` bounds what is read (and held in memory) while reading, not after: an
+        object of untrusted size is never read whole.
 
         Raises:
             ObjectNotFoundError: no object at ``key``.
+            UnreadableObjectError: the object is over ``max_bytes``, or not a regular file.
         """
-        return self._read(check_key(key))
+        data = self._read(check_key(key), max_bytes)
+        if max_bytes is not None and len(data) > max_bytes:
+            raise self._too_large(key, max_bytes)
+        return data
+
+    def _too_large(self, key: str, max_bytes: int) -> UnreadableObjectError:
+        return UnreadableObjectError(errno.EFBIG, f"{self.describe(key)} is over {max_bytes} "
+                                                  "bytes, the most a reader takes for it")
+
+    def check_plain_files(self, prefix: str) -> None:
+        """Raises `UnreadableObjectError` if anything below ``prefix`` is not a regular file
+        (a FIFO, socket or device in a checkpoint folder would block a reader forever).
+        Called by readers before TensorStore opens files there; only file systems can hold
+        such things, so other backends do nothing."""
+        self._check_plain_files(check_key(prefix, allow_empty=True))
+
+    def _check_plain_files(self, prefix: str) -> None:
+        return None
 
     def write(self, key: str, data: bytes) -> None:
         """Creates or atomically replaces the object at ``key``."""
@@ -163,7 +185,8 @@ class Store(abc.ABC):
         return self._kvstore_spec(check_key(prefix, allow_empty=True))
 
     @abc.abstractmethod
-    def _read(self, key: str) -> bytes: ...
+    def _read(self, key: str, max_bytes: int | None) -> bytes:
+        """The object's bytes; with ``max_bytes``, at most ``max_bytes + 1`` of them."""
 
     @abc.abstractmethod
     def _write(self, key: str, data: bytes) -> None: ...

@@ -28,6 +28,11 @@ class InvalidKeyError(CkptError, ValueError):
     """A storage key that could escape the store's root (``..``, absolute, NUL, empty part)."""
 
 
+class UnreadableObjectError(StorageError):
+    """An object a reader refuses to take whole: larger than the limit it reads with, or, on
+    a file system, not a regular file (a FIFO or device would block or never end)."""
+
+
 class AccessDeniedError(StorageError, PermissionError):
     """Credentials are missing or wrong, or lack permission (the message names the bucket)."""
 

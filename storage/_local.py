@@ -12,10 +12,11 @@ import errno
 import os
 import secrets
 import shutil
+import stat
 from typing import Any
 
 from storage._base import Store
-from storage._errors import ObjectNotFoundError, StorageError
+from storage._errors import ObjectNotFoundError, StorageError, UnreadableObjectError
 
 _TMP_MARK = ".ckpt-tmp-"
 
@@ -48,15 +49,58 @@ class LocalStore(Store):
         return StorageError(exc.errno or errno.EIO,
                             f"{what} {self.describe(key)} failed: {exc.strerror or exc}")
 
-    def _read(self, key: str) -> bytes:
+    def _read(self, key: str, max_bytes: int | None) -> bytes:
         path = self._path(key)
         try:
-            with open(path, "rb") as f:
-                return f.read()
+            # O_NONBLOCK: opening a FIFO would otherwise wait for a writer forever.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
             raise ObjectNotFoundError(errno.ENOENT, f"no object at {self.describe(key)}") from exc
         except OSError as exc:
             raise self._error(exc, key, "reading") from exc
+        try:
+            info = os.fstat(fd)
+            if stat.S_ISDIR(info.st_mode):
+                raise ObjectNotFoundError(errno.ENOENT, f"no object at {self.describe(key)}")
+            if not stat.S_ISREG(info.st_mode):
+                raise UnreadableObjectError(errno.EINVAL, f"{self.describe(key)} is not a "
+                                                          "regular file")
+            if max_bytes is not None and info.st_size > max_bytes:
+                raise self._too_large(key, max_bytes)
+            limit = info.st_size + 1 if max_bytes is None else max_bytes + 1
+            chunks, got = [], 0
+            while got < limit:  # the file may grow while read: never past the limit
+                part = os.read(fd, min(limit - got, 1 << 24))
+                if not part:
+                    break
+                chunks.append(part)
+                got += len(part)
+            if max_bytes is None:
+                while part := os.read(fd, 1 << 24):
+                    chunks.append(part)
+            return b"".join(chunks)
+        except OSError as exc:
+            if isinstance(exc, StorageError):
+                raise
+            raise self._error(exc, key, "reading") from exc
+        finally:
+            os.close(fd)
+
+    def _check_plain_files(self, prefix: str) -> None:
+        stack = [self._path(prefix)]
+        while stack:
+            try:
+                entries = list(os.scandir(stack.pop()))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=True):
+                    stack.append(entry.path)
+                elif not entry.is_file(follow_symlinks=True):
+                    rel = os.path.relpath(entry.path, self.location.path)
+                    raise UnreadableObjectError(
+                        errno.EINVAL, f"{self.describe(rel.replace(os.sep, '/'))} is not a "
+                                      "regular file")
 
     def _write_tmp(self, key: str, data: bytes) -> tuple[str, str]:
         path = self._path(key)

@@ -46,7 +46,7 @@ class MemoryStore(Store):
         return ts.KvStore.open({"driver": "memory", "path": self._root()},
                                context=memory_context()).result()
 
-    def _read(self, key: str) -> bytes:
+    def _read(self, key: str, max_bytes: int | None) -> bytes:
         result = self._kv().read(key).result()
         if result.state != "value":
             raise ObjectNotFoundError(f"no object at {self.describe(key)}")

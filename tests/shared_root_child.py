@@ -4,8 +4,8 @@ Usage: python shared_root_child.py MODE URL [STEP]
 
 - ``save-stop-before-claim`` / ``save-stop-after-claim``: a manager job saves STEP (state of
   tests/crash_state.py) and stops itself (SIGSTOP, a paused process) just before its commit
-  claim or just after it, until the parent continues it; prints ``DONE`` or ``FAILED <error
-  type>``.
+  claim or just after it, until the parent continues it and writes a line to its stdin;
+  prints ``DONE`` or ``FAILED <error type>``.
 - ``exit-without-wait``: `ckpt.save_async` then return from main; ``sys-exit``: the same
   with `sys.exit(0)`; ``exit-failing``: a save whose chunk writes fail, then return.
 - ``interrupt-wait``: the commit waits for SIGUSR1; prints ``WAITING`` and waits for the save
@@ -36,11 +36,16 @@ def stop_around_claim(after):
     real = commit_mod.claim_commit
 
     def claim(store, attempt):
+        # Stopped, then held until the parent says go on stdin: a stray SIGCONT (the kernel
+        # sends one to stopped processes of a process group that becomes orphaned) must not
+        # let the paused job run early.
         if not after:
             os.kill(os.getpid(), signal.SIGSTOP)
+            sys.stdin.readline()
         real(store, attempt)
         if after:
             os.kill(os.getpid(), signal.SIGSTOP)
+            sys.stdin.readline()
 
     commit_mod.claim_commit = claim
 

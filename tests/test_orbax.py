@@ -421,3 +421,11 @@ def test_convert_memory_stays_within_the_budget(tmp_path, mesh24):
     out = ckpt.restore(str(tmp_path / "dst"))
     for k, v in tree.items():
         _same(out[k], v)
+
+
+def test_deeply_nested_metadata_json_is_a_clean_error(small_orbax):
+    path, _ = small_orbax
+    with open(os.path.join(path, "_METADATA"), "w") as f:
+        f.write("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CorruptCheckpointError, match="_METADATA.*too deeply"):
+        ckpt.metadata(path)

@@ -36,8 +36,8 @@ CHILD = os.path.join(os.path.dirname(__file__), "shared_root_child.py")
 
 
 def _child(*args, **kw):
-    return subprocess.Popen([sys.executable, CHILD, *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen([sys.executable, CHILD, *map(str, args)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
 def _exact(out, step):
@@ -80,7 +80,7 @@ def _stopped_child(root, when):
 
 def _resume(proc):
     proc.send_signal(signal.SIGCONT)
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate("go\n", timeout=120)
     assert proc.returncode == 0, err
     return out
 

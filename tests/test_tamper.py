@@ -202,3 +202,124 @@ def test_rewrites_never_launder_a_damaged_source(root_url, mesh24, rewrite):
     with pytest.raises(CorruptCheckpointError, match=r"\['w'\] chunk"):
         run(url, f"{root_url}/copy", mesh={"data": 4, "model": 2})
     assert not open_store(f"{root_url}/copy").exists(COMMIT)
+
+
+# -- what a save snapshots and refuses ------------------------------------------------------
+
+def test_big_endian_numpy_leaves_round_trip(root_url):
+    url = f"{root_url}/be"
+    big = np.arange(10_000, dtype=">f4") / 7  # 40 KB: a zarr array, not inline
+    small = np.arange(10, dtype=">i8")
+    ckpt.save(url, {"big": big, "small": small})
+    out = ckpt.restore(url)
+    assert np.array_equal(out["big"], big) and out["big"].dtype == np.float32
+    assert np.array_equal(out["small"], small)
+    assert verify(url).ok
+
+
+def test_metadata_changed_after_save_async_returns_is_not_saved(tmp_path, monkeypatch):
+    import ckpt._commit as commit_mod
+
+    url = str(tmp_path / "m")
+    meta = {"lr": 0.1, "tags": ["a"]}
+    gate = __import__("threading").Event()
+    real = commit_mod.claim_commit
+
+    def held(store, attempt):
+        assert gate.wait(60)
+        real(store, attempt)
+
+    monkeypatch.setattr(commit_mod, "claim_commit", held)
+    handle = ckpt.save_async(url, {"x": np.arange(5)}, metadata=meta)
+    meta["lr"] = 99.0
+    meta["tags"].append("b")
+    gate.set()
+    handle.wait()
+    assert ckpt.metadata(url).metadata == {"lr": 0.1, "tags": ["a"]}
+
+
+@pytest.mark.parametrize("tree, what", [
+    ({"ints": {2**64: np.arange(3)}}, "does not fit in 64 bits"),
+    ({"ok\ud800": np.arange(3)}, "lone surrogate"),
+    ({"s": "bad\udcff"}, "lone surrogate"),
+])
+def test_unstorable_names_and_strings_are_refused_before_anything_is_written(tmp_path, tree,
+                                                                            what):
+    url = str(tmp_path / "k")
+    with pytest.raises(ckpt.UnsupportedLeafError, match=what):
+        ckpt.save_async(url, {"w": np.zeros(10_000), **tree})
+    assert not (tmp_path / "k").exists()
+    with pytest.raises(ckpt.errors.InvalidMetadataError):
+        ckpt.save_async(url, {"w": 1}, metadata={"note": "x\ud800"})
+    assert not (tmp_path / "k").exists()
+
+
+def test_stray_non_ascii_digit_folders_are_not_steps(tmp_path):
+    root = tmp_path / "run"
+    with ckpt.CheckpointManager(str(root)) as mgr:
+        mgr.save(1, {"x": 1})
+    (root / "²").mkdir()
+    (root / "٣").mkdir()
+    mgr = ckpt.CheckpointManager(str(root), read_only=True)
+    assert mgr.steps() == [1] and mgr.latest_step() == 1
+    from ckpt import cli
+    assert cli.main(["list", str(root)]) == 0
+
+
+# -- hostile files on a local disk ----------------------------------------------------------
+
+def _local_checkpoint(tmp_path, mesh):
+    url = str(tmp_path / "ck")
+    ckpt.save(url, _tree(mesh))
+    return url, open_store(url)
+
+
+@pytest.mark.parametrize("which", ["COMMIT", "manifest", "zarr.json", "chunk", "report"])
+def test_a_fifo_in_place_of_any_file_fails_instead_of_blocking(tmp_path, mesh24, which):
+    import os
+
+    url, store = _local_checkpoint(tmp_path, mesh24)
+    attempt = ckpt.metadata(url).attempt
+    key = {"COMMIT": COMMIT, "manifest": f"{attempt}/{MANIFEST}",
+           "zarr.json": f"{attempt}/arrays/b/zarr.json",
+           "chunk": sorted(k for k in store.list() if "/arrays/b/c/" in k)[0],
+           "report": f"{attempt}/hosts/0.msgpack"}[which]
+    path = os.path.join(url, *key.split("/"))
+    os.unlink(path)
+    os.mkfifo(path)
+    failing = verify if which == "report" else ckpt.restore
+    with pytest.raises(CorruptCheckpointError, match="not a regular file"):
+        result = failing(url)
+        if which == "report":  # verify reports problems instead of raising
+            raise CorruptCheckpointError("; ".join(str(p) for p in result.problems))
+
+
+@pytest.mark.parametrize("which", ["COMMIT", "manifest"])
+def test_oversized_objects_are_refused_while_reading(tmp_path, mesh24, which):
+    import os
+    import resource
+
+    url, _ = _local_checkpoint(tmp_path, mesh24)
+    attempt = ckpt.metadata(url).attempt
+    key = COMMIT if which == "COMMIT" else f"{attempt}/{MANIFEST}"
+    path = os.path.join(url, *key.split("/"))
+    with open(path, "r+b") as f:
+        f.truncate(2 << 30)  # sparse: 2 GiB that cost nothing on disk
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(CorruptCheckpointError, match="over"):
+        ckpt.restore(url)
+    grew_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grew_kib < 64 << 10 if which == "COMMIT" else grew_kib < (1 << 30) >> 10
+
+
+def test_oversized_objects_are_refused_on_object_stores(request, tmp_path):
+    from tests.conftest import backend_url
+
+    for backend in ("s3", "gcs"):
+        store = open_store(backend_url(request, tmp_path, backend))
+        store.write("big", b"x" * 100_000)
+        assert store.read("big", max_bytes=100_000) == b"x" * 100_000
+        with pytest.raises(__import__("storage").UnreadableObjectError, match="over 1000"):
+            store.read("big", max_bytes=1000)
+        store.write("empty", b"")
+        assert store.read("empty", max_bytes=10) == b""
