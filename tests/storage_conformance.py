@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
-from storage import InvalidKeyError, ObjectNotFoundError, Store
+from storage import InvalidKeyError, ObjectNotFoundError, Store, UnreadableObjectError
 
 
 class StoreConformance:
@@ -24,6 +24,16 @@ class StoreConformance:
         assert store.read("a/b/c.bin") == b"two!"
         assert store.exists("a/b/c.bin")
         assert not store.exists("a/b/d.bin")
+
+    def test_bounded_read(self, store: Store):
+        store.write("a/big", b"x" * 5000)
+        store.write("a/empty", b"")
+        assert store.read("a/big", max_bytes=5000) == b"x" * 5000
+        with pytest.raises(UnreadableObjectError, match="a/big.*over 4999"):
+            store.read("a/big", max_bytes=4999)
+        assert store.read("a/empty", max_bytes=0) == b""
+        with pytest.raises(ObjectNotFoundError):
+            store.read("a/missing", max_bytes=10)
 
     def test_write_if_absent_creates_once(self, store: Store):
         assert store.write_if_absent("x/COMMIT", b"first") is True

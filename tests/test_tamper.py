@@ -323,3 +323,13 @@ def test_oversized_objects_are_refused_on_object_stores(request, tmp_path):
             store.read("big", max_bytes=1000)
         store.write("empty", b"")
         assert store.read("empty", max_bytes=10) == b""
+
+
+def test_commit_linked_to_dev_zero_is_refused(tmp_path, mesh24):
+    import os
+
+    url, _ = _local_checkpoint(tmp_path, mesh24)
+    os.unlink(os.path.join(url, COMMIT))
+    os.symlink("/dev/zero", os.path.join(url, COMMIT))
+    with pytest.raises(CorruptCheckpointError, match="not a regular file"):
+        ckpt.restore(url)
