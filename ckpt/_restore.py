@@ -11,6 +11,7 @@ through `restore.read_arrays` and assembles arrays.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any
 
@@ -36,6 +37,7 @@ from ckpt._orbax import OrbaxItem, open_orbax
 from ckpt._tree import KeyPath, flatten, keystr, nest, unflatten
 from ckpt.errors import (
     CheckpointNotFoundError,
+    CkptError,
     CorruptCheckpointError,
     DtypeMismatchError,
     MeshMismatchError,
@@ -55,6 +57,8 @@ from restore import (
     to_slices,
 )
 from storage import ObjectNotFoundError, Store, UnreadableObjectError, open_store
+
+log = logging.getLogger("ckpt")
 
 
 def open_checkpoint(store: Store) -> tuple[CommitRecord, Manifest]:
@@ -352,6 +356,33 @@ def restore_from(store: Store, target: Any = None, *, mesh: Any = None,
     devices hold (or the whole arrays, for a host-numpy restore).
     """
     source = open_readable(store)
+    for _ in range(OVERWRITE_RETRIES):
+        try:
+            return _restore_source(source, target, mesh, memory_budget)
+        except CorruptCheckpointError as exc:
+            if source.orbax is not None:
+                raise
+            # Overwritten while read (`overwrite=True`, `ckpt reshard --overwrite`): its old
+            # attempt is deleted once COMMIT names the new one. Then read the new one whole;
+            # an attempt COMMIT still names is really damaged.
+            try:
+                again = open_readable(store)
+            except CkptError:
+                raise exc from None
+            if again.manifest.attempt == source.manifest.attempt:
+                raise
+            log.info("%s was overwritten while it was read; reading the new checkpoint",
+                     store.url)
+            source = again
+    return _restore_source(source, target, mesh, memory_budget)
+
+
+# Overwrites a single restore survives back to back before it gives up and reports.
+OVERWRITE_RETRIES = 3
+
+
+def _restore_source(source: Readable, target: Any, mesh: Any,
+                    memory_budget: int | None) -> Any:
     manifest = source.manifest
     wants, treedef = _match(manifest, target, mesh, source.store.url)
     ctx = source.context()

@@ -333,3 +333,31 @@ def test_commit_linked_to_dev_zero_is_refused(tmp_path, mesh24):
     os.symlink("/dev/zero", os.path.join(url, COMMIT))
     with pytest.raises(CorruptCheckpointError, match="not a regular file"):
         ckpt.restore(url)
+
+
+def test_a_restore_during_an_overwrite_gets_one_checkpoint_whole(root_url, monkeypatch):
+    """The overwrite commits and deletes the old attempt after the reader opened the old
+    manifest and before it read a chunk: the reader gets the new checkpoint, whole."""
+    import ckpt._restore as restore_mod
+
+    url = f"{root_url}/ow"
+    old = {"w": np.full(20_000, 1.0, np.float32), "n": 1}
+    new = {"w": np.full(20_000, 2.0, np.float32), "n": 2}
+    ckpt.save(url, old)
+    real, calls = restore_mod.read_arrays, []
+
+    def overwritten_first(jobs, **kw):
+        if not calls:
+            ckpt.save(url, new, overwrite=True)
+        calls.append(1)
+        return real(jobs, **kw)
+
+    monkeypatch.setattr(restore_mod, "read_arrays", overwritten_first)
+    out = ckpt.restore(url)
+    assert len(calls) == 2 and out["n"] == 2 and np.all(out["w"] == 2.0)
+    # Damage that no overwrite explains is still reported, not retried forever.
+    store = open_store(url)
+    chunk = next(k for k in store.list() if "/arrays/w/c/" in k)
+    store.delete(chunk)
+    with pytest.raises(CorruptCheckpointError, match=r"\['w'\]"):
+        ckpt.restore(url)
