@@ -215,6 +215,13 @@ def debris(store: Store, *, grace_s: float = 0.0, now: float | None = None) -> l
     """Attempts of the checkpoint at ``store`` a cleaner may remove: no COMMIT names them, no
     committer claimed them, they hold more than a tombstone, and they are at least
     ``grace_s`` old (unknown age counts as old)."""
+    children = store.list_children()
+    names = [n for n in children if n.startswith(ATTEMPT_PREFIX)]
+    if not names or (len(names) == 1 and COMMIT in children):
+        # Nothing, or a committed checkpoint's own attempt (or, if COMMIT names a vanished
+        # one, an attempt left alone, which is the safe way to be wrong): one listing per
+        # step, no reads, which is what start-up clean-up costs on a root of many steps.
+        return []
     now = time.time() if now is None else now
     out = []
     for a in attempts(store):

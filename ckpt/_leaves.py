@@ -13,7 +13,7 @@ import ml_dtypes
 import numpy as np
 
 from ckpt._format import LeafRecord
-from ckpt._tree import KeyPath, keystr, leaf_name
+from ckpt._tree import KeyPath, check_text, keystr, leaf_name
 from ckpt.errors import CorruptCheckpointError, UnsupportedLeafError
 
 # Arrays at most this large are stored in the manifest instead of as a zarr array: one
@@ -107,12 +107,7 @@ def classify(path: KeyPath, leaf: Any, process_count: int) -> LeafRecord:
             "which cannot be saved; leaves must be jax.Array, numpy arrays or scalars, "
             "bool/int/float/complex/str/bytes, or None")
     if isinstance(leaf, str):
-        try:
-            leaf.encode("utf-8")
-        except UnicodeEncodeError:
-            raise UnsupportedLeafError(
-                f"leaf {keystr(path)} is a str that is not valid Unicode text (it holds a "
-                "lone surrogate); it cannot be saved") from None
+        check_text(leaf, f"leaf {keystr(path)}")
     return LeafRecord(path=path, kind="value", vtype=vtype, value=encode_value(leaf))
 
 

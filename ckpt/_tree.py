@@ -36,13 +36,18 @@ def _storable(key: str | int, where: str) -> str | int:
         raise UnsupportedLeafError(
             f"dict key {key} at {where} does not fit in 64 bits; it cannot be saved")
     if isinstance(key, str):
-        try:
-            key.encode("utf-8")
-        except UnicodeEncodeError:
-            raise UnsupportedLeafError(
-                f"dict key {key!r} at {where} is not valid Unicode text (it holds a lone "
-                "surrogate); it cannot be saved") from None
+        check_text(key, f"dict key {key!r} at {where}")
     return key
+
+
+def check_text(text: str, what: str) -> None:
+    """Refuses a str the manifest cannot store as UTF-8 (one holding a lone surrogate).
+    Called while a save validates its tree, before anything is written."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UnsupportedLeafError(f"{what} is not valid Unicode text (it holds a lone "
+                                   "surrogate); it cannot be saved") from None
 
 
 def _entry(raw: Any, where: str) -> Entry:
