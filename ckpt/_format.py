@@ -333,14 +333,29 @@ def host_report_key(attempt: str, process: int) -> str:
     return f"{attempt}/{HOSTS}/{process}.msgpack"
 
 
-def encode_host_report(attempt: str, process: int, chunks: list[list[Any]]) -> bytes:
-    """What process ``process`` wrote: ``[leaf name, flat chunk index, nbytes, crc32c]`` rows."""
+@dataclasses.dataclass(frozen=True)
+class HostReport:
+    """What one process of a save wrote, and what it saved, for process 0 to compare.
+
+    ``chunks``: ``(leaf name, flat chunk index, nbytes, crc32c)`` rows. ``tree``: a digest
+    of the tree's structure (every leaf's path, kind, dtype and shape) and ``values``: the
+    crc32c of each numpy leaf and Python value, by key path; both empty for a job of one
+    process, which has nothing to compare.
+    """
+
+    process: int
+    chunks: list[tuple[str, int, int, int]]
+    tree: str = ""
+    values: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+def encode_host_report(attempt: str, report: HostReport) -> bytes:
     return pack({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "attempt": attempt,
-                 "process": process, "chunks": chunks})
+                 "process": report.process, "chunks": [list(r) for r in report.chunks],
+                 "tree": report.tree, "values": report.values})
 
 
-def decode_host_report(data: bytes, what: str) -> tuple[int, list[tuple[str, int, int, int]]]:
-    """Returns (process, chunk rows) of a host report."""
+def decode_host_report(data: bytes, what: str) -> HostReport:
     r = _Reader(unpack(data, what), what)
     rows = []
     for row in r.get("chunks", list):
@@ -349,7 +364,10 @@ def decode_host_report(data: bytes, what: str) -> tuple[int, list[tuple[str, int
         if not ok:
             raise CorruptCheckpointError(f"{what} has a malformed chunk row")
         rows.append((row[0], row[1], row[2], row[3]))
-    return r.get("process", int), rows
+    values = r.get("values", dict, {})
+    if not all(isinstance(k, str) and isinstance(v, int) for k, v in values.items()):
+        raise CorruptCheckpointError(f"{what} has malformed value digests")
+    return HostReport(r.get("process", int), rows, r.get("tree", str, ""), values)
 
 
 def zarr_spec(kvstore: dict[str, Any], rec: LeafRecord, *, create: bool) -> dict[str, Any]:

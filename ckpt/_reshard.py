@@ -27,6 +27,7 @@ from ckpt._format import (
     ARRAYS,
     COMMIT,
     LeafRecord,
+    HostReport,
     encode_host_report,
     host_report_key,
     zarr_spec,
@@ -205,7 +206,7 @@ def reshard(src_url: str | os.PathLike[str], dst_url: str | os.PathLike[str], *,
     by_name = {r.name: r for r in records if r.kind == "array"}
     for name, flat, _, crc in rows:
         by_name[name].chunk_crc32c[flat] = crc
-    dst.write(host_report_key(attempt, 0), encode_host_report(attempt, 0, rows))
+    dst.write(host_report_key(attempt, 0), encode_host_report(attempt, HostReport(0, rows)))
     commit(dst, attempt=attempt, records=records, metadata=manifest.metadata,
            created_at=time.time(), process_count=1, overwrite=overwrite)
     return ReshardResult(dst.url, chunks, done, dict(mesh), source.layout)

@@ -36,12 +36,14 @@ import numpy as np
 import tensorstore as ts
 
 from ckpt import _coord
+from ckpt._agreement import check_agreement, digests
 from ckpt._format import (
     ARRAYS,
     zarr_spec,
     ATTEMPT_PREFIX,
     COMMIT,
     LeafRecord,
+    HostReport,
     decode_host_report,
     encode_host_report,
     host_report_key,
@@ -215,6 +217,7 @@ class _Job:
     on_commit: Callable[[], None] | None
     overwrite: bool
     metrics: dict[str, float]
+    digests: tuple[str, dict[str, int]]  # `ckpt._agreement`; empty for one process
 
 
 def new_attempt_id() -> str:
@@ -334,6 +337,7 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
                                    for f in range(len(p.writers))]
         records[i].chunk_crc32c = [0] * len(p.writers)  # from the host reports, at commit
     writes = _snapshot(leaves, plans)
+    agreement = digests(records, leaves) if coord.process_count > 1 else ("", {})
     if coord.process_index == 0:
         for rec, leaf in zip(records, leaves):
             if rec.kind == "inline":
@@ -345,7 +349,8 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
     with _LIVE_LOCK:
         _LIVE.add(handle)
     job = _Job(store, coord, seq, attempt, created_at, metadata, records, plans, writes,
-               timeout_s, inflight_bytes, on_commit, overwrite, dict(metrics or {}))
+               timeout_s, inflight_bytes, on_commit, overwrite, dict(metrics or {}),
+               agreement)
     threading.Thread(target=_run, args=(job, handle), name=f"ckpt-save-{attempt}").start()
     return handle
 
@@ -358,7 +363,7 @@ class ChunkWriter:
     """
 
     def __init__(self, limit: int) -> None:
-        self.rows: list[list[Any]] = []
+        self.rows: list[tuple[str, int, int, int]] = []
         self._window = Window(limit)
 
     def put(self, array: Any, slices: tuple[slice, ...], data: np.ndarray, name: str,
@@ -368,15 +373,15 @@ class ChunkWriter:
         # computed while TensorStore writes them.
         little = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<"))
         crc = google_crc32c.value(little.view(np.uint8))
-        self.rows.append([name, flat, data.nbytes, crc])
+        self.rows.append((name, flat, data.nbytes, crc))
 
-    def finish(self) -> list[list[Any]]:
+    def finish(self) -> list[tuple[str, int, int, int]]:
         """Waits until every chunk is durable; returns the rows."""
         self._window.drain()
         return self.rows
 
 
-def _write_chunks(job: _Job) -> list[list[Any]]:
+def _write_chunks(job: _Job) -> list[tuple[str, int, int, int]]:
     """Writes this process's chunks; returns its host-report rows."""
     ctx = job.store.tensorstore_context()
     create = job.coord.process_index == 0
@@ -405,13 +410,17 @@ def _check_reports(job: _Job) -> None:
     seen: set[tuple[str, int]] = set()
     keys = [host_report_key(job.attempt, p) for p in range(job.coord.process_count)]
     with concurrent.futures.ThreadPoolExecutor(min(REPORT_READERS, len(keys))) as pool:
-        reports = list(pool.map(functools.partial(read_object, job.store), keys))
-    for p, (key, data) in enumerate(zip(keys, reports)):
+        raw = list(pool.map(functools.partial(read_object, job.store), keys))
+    reports = [decode_host_report(data, job.store.describe(key)) for key, data in zip(keys, raw)]
+    for p, (key, report) in enumerate(zip(keys, reports)):
+        if report.process != p:
+            raise SaveError(f"{job.store.describe(key)} claims to be from process "
+                            f"{report.process}")
+    # Before the chunk rows: processes that saved different trees report different chunks.
+    check_agreement(reports)
+    for p, (key, report) in enumerate(zip(keys, reports)):
         what = job.store.describe(key)
-        process, rows = decode_host_report(data, what)
-        if process != p:
-            raise SaveError(f"{what} claims to be from process {process}")
-        for name, flat, nbytes, crc in rows:
+        for name, flat, nbytes, crc in report.chunks:
             rec = by_name.get(name)
             if rec is None or not 0 <= flat < len(rec.writers):
                 raise SaveError(f"{what} reports unknown chunk {flat} of {name!r}")
@@ -450,8 +459,9 @@ def _run(job: _Job, handle: SaveHandle) -> None:
         try:
             rows = _write_chunks(job)
             job.writes.clear()  # release the snapshot as early as possible
-            job.store.write(host_report_key(job.attempt, me),
-                            encode_host_report(job.attempt, me, rows))
+            tree, values = job.digests
+            job.store.write(host_report_key(job.attempt, me), encode_host_report(
+                job.attempt, HostReport(me, rows, tree, values)))
         except BaseException as exc:
             job.coord.publish(f"{prefix}/failed/{me}", f"{type(exc).__name__}: {exc}")
             with contextlib.suppress(CkptError):  # this process's own error is the one to see

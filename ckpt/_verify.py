@@ -64,7 +64,7 @@ def _reports(store: Any, attempt: str, processes: int,
     for p in range(processes):
         key = host_report_key(attempt, p)
         try:
-            _, found = decode_host_report(read_object(store, key), store.describe(key))
+            found = decode_host_report(read_object(store, key), store.describe(key)).chunks
         except (ObjectNotFoundError, CorruptCheckpointError) as exc:
             report.problems.append(Problem(f"host report {p}", None, str(exc)))
             continue

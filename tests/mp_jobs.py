@@ -176,6 +176,24 @@ def fail_one(url, failing):
     return None
 
 
+def diverge(url, how):
+    """Processes save trees that disagree (``how``): every process's save must fail, naming
+    the leaf and the processes, and nothing is committed."""
+    me = jax.process_index()
+    tree = device_tree(0, (jax.process_count(), 4))
+    if how == "numpy":
+        tree["loader"] = np.full(50_000, me, np.int32)   # a zarr array: chunks from both
+    elif how == "value":
+        tree["position"] = 100 + me
+    elif how == "extra" and me == 1:
+        tree["extra"] = np.zeros(10, np.float32)
+    try:
+        ckpt.save(url, tree, timeout_s=120)
+    except ckpt.CkptError as exc:
+        return str(exc)
+    return None
+
+
 def train_until_preempted(root, values_of_step):
     """A multi-process training loop that runs until the job is preempted (SIGTERM to any
     process); returns the step every process stopped at."""

@@ -29,7 +29,8 @@ def _report_bytes(url, leaves=None):
     per_process, seen = {}, set()
     for path in glob.glob(os.path.join(url, "attempt-*", "hosts", "*.msgpack")):
         with open(path, "rb") as f:
-            process, rows = decode_host_report(f.read(), path)
+            report = decode_host_report(f.read(), path)
+            process, rows = report.process, report.chunks
         for name, flat, nbytes, _ in rows:
             assert (name, flat) not in seen, f"chunk {flat} of {name} written twice"
             seen.add((name, flat))
@@ -75,6 +76,16 @@ def test_restore_as_numpy_in_one_process(saved4):
             assert isinstance(out[k], np.ndarray) and out[k].tobytes() == v.tobytes()
     # and onto this process's 8 devices with the saved specs
     mp_jobs.exact(ckpt.restore(saved4, mesh=make_mesh((2, 4))), 3)
+
+
+@pytest.mark.parametrize("how, leaf", [("numpy", "['loader']"), ("value", "['position']"),
+                                       ("extra", "['extra']")])
+def test_processes_that_save_different_trees_fail_naming_the_leaf(tmp_path, how, leaf):
+    url = str(tmp_path / "d")
+    results = launch("tests.mp_jobs:diverge", 2, args=[url, how])
+    for r in results:
+        assert r is not None and leaf in r and "processes [1]" in r, r
+    assert not os.path.exists(os.path.join(url, "COMMIT"))
 
 
 def test_failing_process_fails_the_save_everywhere_naming_it(tmp_path):
