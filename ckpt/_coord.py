@@ -56,6 +56,11 @@ class Coordinator(abc.ABC):
         """Every value published so far under keys starting with ``prefix`` (no waiting)."""
 
     @abc.abstractmethod
+    def broadcast_once(self, key: str, value: str | None, timeout_s: float) -> str:
+        """`broadcast` of a value read once by each process, then deleted by the last
+        reader (the service keeps every key for the life of the job otherwise)."""
+
+    @abc.abstractmethod
     def preemption_point(self, step: int) -> bool:
         """Whether the job is being preempted and ``step`` is the step every process stops at.
 
@@ -95,6 +100,9 @@ class LocalCoordinator(Coordinator):
         with self._cond:
             return {k: v for k, v in self._values.items() if k.startswith(prefix)}
 
+    def broadcast_once(self, key: str, value: str | None, timeout_s: float) -> str:
+        return self.broadcast(key, value, timeout_s)
+
     def preemption_point(self, step: int) -> bool:
         return _sigterm_received.is_set()
 
@@ -122,6 +130,13 @@ class DistributedCoordinator(Coordinator):
             arrived = {int(k.rsplit("/", 1)[-1]) for k, _ in
                        self._client.key_value_dir_get(f"ckpt/{key}/arrived/")}
             missing = sorted(set(range(self.process_count)) - arrived)
+            if not missing:
+                # Everyone has arrived by now: this process came after the others had
+                # already given up on it.
+                raise CoordinationError(
+                    f"process {self.process_index} reached {key!r} only after the other "
+                    f"processes had stopped waiting for it ({timeout_s:.0f} s); the save "
+                    "failed on them") from exc
             raise CoordinationError(
                 f"processes {missing} did not reach {key!r} within {timeout_s:.0f} s") from exc
 
@@ -139,6 +154,17 @@ class DistributedCoordinator(Coordinator):
     def collect(self, prefix: str) -> dict[str, str]:
         return {k[len("ckpt/"):]: str(v)
                 for k, v in self._client.key_value_dir_get(f"ckpt/{prefix}")}
+
+    def broadcast_once(self, key: str, value: str | None, timeout_s: float) -> str:
+        answer = self.broadcast(key, value, timeout_s)
+        if self.process_index != 0:
+            # Counted reads: whichever process reads last, however far apart they run,
+            # deletes the value and its counter.
+            reads = self._client.key_value_increment(f"ckpt/{key}/reads", 1)
+            if reads == self.process_count - 1:
+                self._client.key_value_delete(f"ckpt/{key}/reads")
+                self._client.key_value_delete(f"ckpt/{key}")
+        return answer
 
     def preemption_point(self, step: int) -> bool:
         # JAX's preemption sync manager (in the coordination service) notices SIGTERM and

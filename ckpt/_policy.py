@@ -60,8 +60,8 @@ class SavePolicy:
             return due
         # Clocks differ between hosts: process 0 decides, everyone follows.
         self._clock_calls += 1
-        answer = coord.broadcast(f"policy/{self._clock_calls}", "1" if due else "0",
-                                 _coord.DEFAULT_TIMEOUT_S)
+        answer = coord.broadcast_once(f"policy/{self._clock_calls}", "1" if due else "0",
+                                      _coord.DEFAULT_TIMEOUT_S)
         return answer == "1"
 
     def close(self) -> None:

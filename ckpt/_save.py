@@ -39,17 +39,19 @@ from ckpt import _coord
 from ckpt._agreement import check_agreement, digests
 from ckpt._format import (
     ARRAYS,
-    zarr_spec,
     ATTEMPT_PREFIX,
     COMMIT,
-    LeafRecord,
+    MAX_COMMIT_BYTES,
+    CommitRecord,
     HostReport,
+    LeafRecord,
     decode_host_report,
     encode_host_report,
     host_report_key,
     pack,
     read_object,
     unpack,
+    zarr_spec,
 )
 from ckpt._commit import commit
 from ckpt._leaves import classify, encode_inline, is_typed_key
@@ -59,6 +61,8 @@ from ckpt import errors as _errors
 from ckpt.errors import (
     CheckpointExistsError,
     CkptError,
+    CommitOutcomeUnknownError,
+    CoordinationError,
     InvalidMetadataError,
     SaveError,
     UnsupportedLeafError,
@@ -447,6 +451,33 @@ def _commit(job: _Job) -> None:
            overwrite=job.overwrite, metrics=job.metrics)
 
 
+def _outcome(job: _Job, prefix: str) -> str:
+    """Processes other than 0: the outcome process 0 published, ``ok`` if it committed.
+
+    Process 0's commit can outlast ``timeout_s`` (a slow store); processes must not then
+    disagree about whether the save committed. So a process that stops waiting asks COMMIT:
+    if it names this attempt, the save committed; if not, it cannot know (process 0 may still
+    create it) and says so.
+    """
+    try:
+        return job.coord.wait_for(f"{prefix}/outcome", job.timeout_s)
+    except CoordinationError as exc:
+        try:
+            holder = CommitRecord.decode(read_object(job.store, COMMIT, MAX_COMMIT_BYTES),
+                                         job.store.describe(COMMIT)).attempt
+        except CkptError:  # no COMMIT, or none readable now: nothing says it committed
+            holder = None
+        if holder == job.attempt:
+            log.warning("process 0 did not report within %.0f s, but %s is committed",
+                        job.timeout_s, job.store.url)
+            return "ok"
+        raise CommitOutcomeUnknownError(
+            f"process 0 did not report the outcome of saving {job.store.url} within "
+            f"{job.timeout_s:.0f} s and COMMIT does not name attempt {job.attempt} yet; "
+            f"process 0 may still commit it: the checkpoint's COMMIT decides (latest_step, "
+            f"restore)") from exc
+
+
 def _run(job: _Job, handle: SaveHandle) -> None:
     """The background part of a save, on its own thread, on every process.
 
@@ -481,7 +512,7 @@ def _run(job: _Job, handle: SaveHandle) -> None:
                 raise
             job.coord.publish(f"{prefix}/outcome", "ok")
         else:
-            outcome = job.coord.wait_for(f"{prefix}/outcome", job.timeout_s)
+            outcome = _outcome(job, prefix)
             if outcome != "ok":
                 raise SaveError(f"process 0 did not commit {job.store.url}: {outcome}")
         if job.on_commit is not None:

@@ -9,7 +9,8 @@ exported here::
     ├── StorageError (OSError)                  an I/O or server error after retries
     │   ├── ObjectNotFoundError (FileNotFoundError)
     │   │   └── BucketNotFoundError             the bucket of an s3:// or gs:// URL
-    │   └── AccessDeniedError (PermissionError) credentials missing, wrong or insufficient
+    │   ├── AccessDeniedError (PermissionError) credentials missing, wrong or insufficient
+    │   └── UnreadableObjectError               over a reader's size limit, or not a file
     ├── UnsupportedURLError (ValueError)        unknown scheme, malformed URL
     ├── InvalidKeyError (ValueError)            a storage key that could leave its root
     ├── CheckpointNotFoundError (FileNotFoundError)   nothing committed at the URL
@@ -32,6 +33,8 @@ exported here::
         ├── CommitConflictError                 another attempt committed this checkpoint first
         ├── AttemptRemovedError                 a clean-up claimed the attempt before it committed
         └── CoordinationError (TimeoutError)    processes did not meet in time
+            └── CommitOutcomeUnknownError       process 0 did not report in time and COMMIT
+                                                does not name the save yet
 """
 
 from __future__ import annotations
@@ -44,18 +47,19 @@ from storage import (
     InvalidKeyError,
     ObjectNotFoundError,
     StorageError,
+    UnreadableObjectError,
     UnsupportedURLError,
 )
 
 __all__ = [
-    "AccessDeniedError", "BucketNotFoundError", "CheckpointExistsError", "CheckpointNotFoundError", "CkptError", "CommitConflictError",
+    "AccessDeniedError", "AttemptRemovedError", "BucketNotFoundError", "CheckpointExistsError",
+    "CheckpointNotFoundError", "CkptError", "CommitConflictError", "CommitOutcomeUnknownError",
     "CoordinationError", "CorruptCheckpointError", "DtypeMismatchError", "InvalidKeyError",
-    "InvalidMetadataError",
-    "MeshMismatchError",
-    "MissingLeafError", "NotACheckpointError", "ObjectNotFoundError", "SaveError",
-    "AttemptRemovedError", "ReadOnlyError", "StepOrderError",
-    "ShapeMismatchError", "StorageError", "TargetMismatchError", "UncommittedCheckpointError",
-    "UnsupportedFormatError", "UnsupportedLeafError", "UnsupportedURLError",
+    "InvalidMetadataError", "MeshMismatchError", "MissingLeafError", "NotACheckpointError",
+    "ObjectNotFoundError", "ReadOnlyError", "SaveError", "ShapeMismatchError",
+    "StepOrderError", "StorageError", "TargetMismatchError", "UncommittedCheckpointError",
+    "UnreadableObjectError", "UnsupportedFormatError", "UnsupportedLeafError",
+    "UnsupportedURLError",
 ]
 
 
@@ -125,6 +129,11 @@ class ReadOnlyError(CkptError, PermissionError):
 
 class CoordinationError(SaveError, TimeoutError):
     """Processes did not meet in time (the message names the processes that did not arrive)."""
+
+
+class CommitOutcomeUnknownError(CoordinationError):
+    """Process 0 did not report a save's outcome in time and COMMIT does not name the save
+    yet: it may still commit. The checkpoint's COMMIT decides (``latest_step``, restore)."""
 
 
 class InvalidMetadataError(CkptError, TypeError):

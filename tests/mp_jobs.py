@@ -194,6 +194,46 @@ def diverge(url, how):
     return None
 
 
+def slow_commit(url, timeout_s):
+    """Process 0's commit outlasts ``timeout_s``: it waits until process 1 has given up.
+    Process 1 must say the outcome is unknown (COMMIT decides), never that nothing was
+    committed; process 0 commits."""
+    import ckpt._commit as commit_mod
+    from jax._src.distributed import global_state
+
+    client = global_state.client
+    me = jax.process_index()
+    if me == 0:
+        real = commit_mod.claim_commit
+
+        def slow(store, attempt):
+            client.blocking_key_value_get("test/p1-gave-up", 120_000)
+            real(store, attempt)
+
+        commit_mod.claim_commit = slow
+    try:
+        ckpt.save(url, device_tree(0, (jax.process_count(), 4)), timeout_s=timeout_s)
+        result = {"error": None}
+    except ckpt.CkptError as exc:
+        result = {"error": str(exc), "type": type(exc).__name__}
+    if me == 1:
+        client.key_value_set("test/p1-gave-up", "1")
+    return result
+
+
+def policy_keys(root, calls):
+    """``should_save`` with a wall-clock interval, ``calls`` times, with the processes as far
+    apart as they like: the coordination service must keep none of the answers."""
+    from jax._src.distributed import global_state
+
+    mgr = ckpt.CheckpointManager(root, save_every_seconds=3600, watch_preemption=False)
+    answers = [mgr.should_save(step) for step in range(1, calls + 1)]
+    mgr.close()
+    global_state.client.wait_at_barrier("test/counted", 60_000)  # every answer was read
+    left = global_state.client.key_value_dir_get("ckpt/policy/")
+    return {"answers": sorted(set(answers)), "left": len(left)}
+
+
 def train_until_preempted(root, values_of_step):
     """A multi-process training loop that runs until the job is preempted (SIGTERM to any
     process); returns the step every process stopped at."""

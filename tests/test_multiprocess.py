@@ -102,7 +102,25 @@ def test_hung_process_times_out_naming_it(tmp_path):
     r = results[0]
     assert r["type"] == "CoordinationError" and "[1]" in r["error"], r
     assert r["after"] < 3 * 3, r
+    late = results[1]  # the hung process arrives after process 0 gave up: it says so
+    assert late["type"] == "CoordinationError" and "process 1 reached" in late["error"] \
+        and "stopped waiting" in late["error"], late
     assert not os.path.exists(os.path.join(url, "COMMIT"))
+
+
+def test_a_commit_slower_than_the_timeout_is_never_reported_as_failed(tmp_path):
+    url = str(tmp_path / "slow")
+    p0, p1 = launch("tests.mp_jobs:slow_commit", 2, args=[url, 3], timeout=180)
+    assert p0 == {"error": None}, p0
+    assert p1["type"] == "CommitOutcomeUnknownError" and "COMMIT decides" in p1["error"], p1
+    assert os.path.exists(os.path.join(url, "COMMIT"))  # and COMMIT did decide: committed
+    mp_jobs.exact(ckpt.restore(url, mesh=make_mesh((2, 4))), 0)
+
+
+def test_wall_clock_policy_keeps_few_coordination_keys(tmp_path):
+    results = launch("tests.mp_jobs:policy_keys", 2, args=[str(tmp_path / "r"), 300])
+    for r in results:
+        assert r == {"answers": [False], "left": 0}, r
 
 
 # -- crashes -----------------------------------------------------------------------------
