@@ -37,8 +37,9 @@ from storage._errors import (
 )
 
 _OPTIONS: dict[str, frozenset[str]] = {
-    "s3": frozenset({"endpoint_url", "region", "anonymous", "profile", "max_retries"}),
-    "gs": frozenset({"endpoint_url", "anonymous", "max_retries"}),
+    "s3": frozenset({"endpoint_url", "region", "anonymous", "profile", "max_retries",
+                     "request_timeout_s"}),
+    "gs": frozenset({"endpoint_url", "anonymous", "max_retries", "request_timeout_s"}),
 }
 _overrides: dict[str, dict[str, Any]] = {"s3": {}, "gs": {}}
 _lock = threading.Lock()
@@ -46,6 +47,14 @@ _contexts: dict[tuple[str, int], ts.Context] = {}
 _verified: set[tuple[str, str]] = set()
 
 DEFAULT_MAX_RETRIES = 12
+# A request that has moved no byte for this long is abandoned (then retried): a server that
+# accepts a request and never answers must not hold a save or a restore forever.
+DEFAULT_REQUEST_TIMEOUT_S = 60
+
+# TensorStore's HTTP transport has no request deadline of its own; its curl low-speed watchdog
+# is set through the environment, read when the transport starts. The user's values win.
+os.environ.setdefault("TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS", str(DEFAULT_REQUEST_TIMEOUT_S))
+os.environ.setdefault("TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES", "1")
 CONFLICT_RETRIES = 6
 
 
@@ -76,7 +85,10 @@ def configure(scheme: str, **options: Any) -> None:
         scheme: ``"s3"`` or ``"gs"``.
         **options: for S3 ``endpoint_url``, ``region``, ``anonymous`` (bool), ``profile``;
             for GCS ``endpoint_url`` (an emulator) and ``anonymous``; for both
-            ``max_retries`` (TensorStore's retries of a failed request). None removes one.
+            ``max_retries`` (TensorStore's retries of a failed request) and
+            ``request_timeout_s`` (s3fs's and gcsfs's deadline per request, default 60;
+            TensorStore's is the environment's ``TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS``,
+            set to the same default). None removes one.
 
     Raises:
         UnsupportedURLError: an unknown scheme.
@@ -110,13 +122,16 @@ def _settings(scheme: str) -> dict[str, Any]:
             "anonymous": bool(over.get("anonymous", False)),
             "profile": over.get("profile"),
             "max_retries": int(over.get("max_retries", DEFAULT_MAX_RETRIES)),
+            "request_timeout_s": float(over.get("request_timeout_s",
+                                                DEFAULT_REQUEST_TIMEOUT_S)),
         }
     endpoint = over.get("endpoint_url") or env.get("STORAGE_EMULATOR_HOST") \
         or env.get("TENSORSTORE_GCS_HTTP_URL")
     if endpoint and "://" not in endpoint:
         endpoint = f"http://{endpoint}"
     return {"endpoint_url": endpoint, "anonymous": bool(over.get("anonymous", False))
-            or bool(endpoint), "max_retries": int(over.get("max_retries", DEFAULT_MAX_RETRIES))}
+            or bool(endpoint), "max_retries": int(over.get("max_retries", DEFAULT_MAX_RETRIES)),
+            "request_timeout_s": float(over.get("request_timeout_s", DEFAULT_REQUEST_TIMEOUT_S))}
 
 
 def _filesystem(scheme: str, s: dict[str, Any]) -> Any:
@@ -127,7 +142,8 @@ def _filesystem(scheme: str, s: dict[str, Any]) -> Any:
             "anon": s["anonymous"], "use_listings_cache": False,
             "client_kwargs": {"region_name": s["region"]},
             "config_kwargs": {"retries": {"max_attempts": 4, "mode": "standard"},
-                              "connect_timeout": 10, "read_timeout": 60},
+                              "connect_timeout": 10,
+                              "read_timeout": s["request_timeout_s"]},
         }
         if s["endpoint_url"]:
             kwargs["client_kwargs"]["endpoint_url"] = s["endpoint_url"]
@@ -143,12 +159,14 @@ def _filesystem(scheme: str, s: dict[str, Any]) -> Any:
         os.environ["TENSORSTORE_GCS_HTTP_URL"] = s["endpoint_url"]
     import gcsfs
 
-    kwargs = {"use_listings_cache": False}
+    # gcsfs has no deadline unless given one; it does not retry a timed-out request.
+    options: dict[str, Any] = {"use_listings_cache": False,
+                               "requests_timeout": s["request_timeout_s"]}
     if s["endpoint_url"]:
-        kwargs["endpoint_url"] = s["endpoint_url"]
+        options["endpoint_url"] = s["endpoint_url"]
     if s["anonymous"]:
-        kwargs["token"] = "anon"
-    return gcsfs.GCSFileSystem(**kwargs)
+        options["token"] = "anon"
+    return gcsfs.GCSFileSystem(**options)
 
 
 class ObjectStore(Store):

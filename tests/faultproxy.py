@@ -4,7 +4,8 @@ It sits between the library and a local S3 or GCS server on 127.0.0.1 and, per r
 a seeded probability, answers 503 without forwarding, forwards and then answers 500 (the
 server applied the request; the client cannot know), resets the connection, or delays.
 It counts requests by method, and can be taken down (connections refused) and brought back.
-On request it answers the next conditional S3 creates (``If-None-Match``) with 409
+Requests whose path contains one of ``hang`` are accepted and never answered (a server
+that stalls). On request it answers the next conditional S3 creates (``If-None-Match``) with 409
 ConditionalRequestConflict or with a bare 412 (no ``Condition`` element), without
 forwarding them.
 """
@@ -29,12 +30,15 @@ class FaultProxy:
     KINDS = ("503", "500-after", "reset", "delay")
 
     def __init__(self, upstream: str, *, fault_rate: float = 0.0, seed: int = 0,
-                 delay_s: float = 0.05, kinds: tuple[str, ...] = KINDS) -> None:
+                 delay_s: float = 0.05, kinds: tuple[str, ...] = KINDS,
+                 hang: tuple[str, ...] = ()) -> None:
         up = urllib.parse.urlsplit(upstream)
         self.upstream = (up.hostname, up.port)
         self.fault_rate = fault_rate
         self.delay_s = delay_s
         self.kinds = kinds
+        self.hang = hang
+        self.released = threading.Event()  # set when the proxy goes down: hung handlers end
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.counts: collections.Counter[str] = collections.Counter()
@@ -107,6 +111,10 @@ class FaultProxy:
                 body = self._body()
                 with proxy.lock:
                     proxy.counts[self.command] += 1
+                if any(part in self.path for part in proxy.hang):
+                    proxy.released.wait()  # a stalled server: no byte ever comes back
+                    self.close_connection = True
+                    return None
                 fault = proxy._fault()
                 if self.command == "PUT" and "If-None-Match" in self.headers:
                     with proxy.lock:
@@ -154,6 +162,7 @@ class FaultProxy:
 
     def down(self) -> None:
         """Stops listening: new connections are refused, as if the server were gone."""
+        self.released.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

@@ -206,3 +206,43 @@ def test_wrong_s3_credentials_are_named_before_training():
             assert isinstance(err.value, PermissionError)
         finally:
             storage.configure("s3", endpoint_url=None)
+
+
+STALLED_SAVE = """
+import sys, time
+import numpy as np
+import ckpt
+ckpt.configure_storage("s3", endpoint_url=sys.argv[2], max_retries=1, request_timeout_s=2)
+t = time.monotonic()
+try:
+    ckpt.save(sys.argv[1], {"x": np.zeros(100_000, np.float32)})
+    print("SAVED")
+except ckpt.CkptError as exc:
+    print("FAILED", round(time.monotonic() - t), type(exc).__name__, str(exc)[:300])
+"""
+
+
+def test_a_server_that_never_answers_fails_the_save_in_bounded_time(request, tmp_path, proxied):
+    """The store accepts TensorStore's chunk requests and never answers them (the others
+    go through): the save fails within the request deadline and its retries, naming the
+    checkpoint, instead of waiting forever; nothing is committed."""
+    proxy = proxied("s3", hang=("/arrays/",))
+    url = backend_url(request, tmp_path, "s3")
+    env = {**os.environ, "TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS": "2"}
+    run = subprocess.run([sys.executable, "-c", STALLED_SAVE, f"{url}/ck", proxy.endpoint],
+                         capture_output=True, text=True, timeout=240, env=env)
+    out = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr[-2000:]
+    assert out.startswith("FAILED"), out
+    assert int(out.split()[1]) < 120 and "ck" in out, out
+    assert not open_store(f"{url}/ck").exists("COMMIT")
+
+
+def test_a_gcs_server_that_never_answers_fails_in_bounded_time(request, tmp_path, proxied):
+    proxy = proxied("gcs", hang=("/o",))  # every object request stalls
+    storage.configure("gs", request_timeout_s=2)
+    try:
+        with pytest.raises(StorageError, match="ck"):
+            ckpt.restore(f"{backend_url(request, tmp_path, 'gcs')}/ck")
+    finally:
+        storage.configure("gs", request_timeout_s=None)
+    assert proxy.counts["GET"] >= 1
