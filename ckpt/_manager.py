@@ -51,6 +51,17 @@ from storage import open_store
 log = logging.getLogger("ckpt")
 
 
+def _is_text(name: Any) -> bool:
+    """A str the manifest can store (UTF-8: no lone surrogate)."""
+    if not isinstance(name, str):
+        return False
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class CheckpointManager:
     """Saves and restores numbered steps of one training run under ``root_url``.
 
@@ -192,7 +203,7 @@ class CheckpointManager:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         self._previous_failure()
         if metrics is not None:
-            bad = [k for k, v in metrics.items() if not isinstance(k, str)
+            bad = [k for k, v in metrics.items() if not _is_text(k)
                    or isinstance(v, bool) or not isinstance(v, (int, float))]
             if bad:
                 raise ValueError(f"metrics must map names to numbers; bad entries: {bad}")

@@ -8,9 +8,13 @@ preemption step is agreed through it (see `_coord.Coordinator.preemption_point`)
 
 from __future__ import annotations
 
+import itertools
 import time
 
 from ckpt import _coord
+
+
+_POLICIES = itertools.count()
 
 
 class SavePolicy:
@@ -35,6 +39,9 @@ class SavePolicy:
         self.last_save = time.monotonic()
         self._checked: tuple[int, bool] | None = None
         self._clock_calls = 0
+        # Every process creates its managers in the same order, so the n-th policy of the
+        # job has the same id everywhere and two managers never share an answer.
+        self._id = next(_POLICIES)
 
     def preempted_at(self, step: int) -> bool:
         """Whether ``step`` is the agreed preemption step (asked once per step; cached)."""
@@ -60,8 +67,8 @@ class SavePolicy:
             return due
         # Clocks differ between hosts: process 0 decides, everyone follows.
         self._clock_calls += 1
-        answer = coord.broadcast_once(f"policy/{self._clock_calls}", "1" if due else "0",
-                                      _coord.DEFAULT_TIMEOUT_S)
+        answer = coord.broadcast_once(f"policy/{self._id}/{self._clock_calls}",
+                                      "1" if due else "0", _coord.DEFAULT_TIMEOUT_S)
         return answer == "1"
 
     def close(self) -> None:

@@ -371,6 +371,13 @@ def restore_from(store: Store, target: Any = None, *, mesh: Any = None,
                 raise exc from None
             if again.manifest.attempt == source.manifest.attempt:
                 raise
+            if jax.process_count() > 1:
+                # Each process would switch on its own: some could return the old
+                # checkpoint's shards and others the new one's, in one global array.
+                raise CheckpointNotFoundError(
+                    f"{store.url} was overwritten while process {jax.process_index()} read "
+                    f"it (attempt {source.manifest.attempt} replaced by "
+                    f"{again.manifest.attempt}); restore again on every process") from exc
             log.info("%s was overwritten while it was read; reading the new checkpoint",
                      store.url)
             source = again

@@ -53,6 +53,7 @@ from ckpt._format import (
     unpack,
     zarr_spec,
 )
+from ckpt._claims import COMMITTING, claim_kind
 from ckpt._commit import commit
 from ckpt._leaves import classify, encode_inline, is_typed_key
 from ckpt._ownership import ArrayInput, ArrayPlan, plan
@@ -467,7 +468,7 @@ def _outcome(job: _Job, prefix: str) -> str:
                                          job.store.describe(COMMIT)).attempt
         except CkptError:  # no COMMIT, or none readable now: nothing says it committed
             holder = None
-        if holder == job.attempt:
+        if holder == job.attempt and claim_kind(job.store, job.attempt) == COMMITTING:
             log.warning("process 0 did not report within %.0f s, but %s is committed",
                         job.timeout_s, job.store.url)
             return "ok"

@@ -89,12 +89,18 @@ class LocalStore(Store):
     def _check_plain_files(self, prefix: str) -> None:
         stack = [self._path(prefix)]
         while stack:
+            folder = stack.pop()
             try:
-                entries = list(os.scandir(stack.pop()))
+                entries = list(os.scandir(folder))
             except (FileNotFoundError, NotADirectoryError):
                 continue
+            except OSError as exc:
+                raise self._error(exc, os.path.relpath(folder, self.location.path), "listing") \
+                    from exc
             for entry in entries:
-                if entry.is_dir(follow_symlinks=True):
+                # Folders are walked only if real (a link to `.` or `/` would never end);
+                # a file may be a link to a regular file.
+                if entry.is_dir(follow_symlinks=False):
                     stack.append(entry.path)
                 elif not entry.is_file(follow_symlinks=True):
                     rel = os.path.relpath(entry.path, self.location.path)

@@ -159,9 +159,13 @@ def _filesystem(scheme: str, s: dict[str, Any]) -> Any:
         os.environ["TENSORSTORE_GCS_HTTP_URL"] = s["endpoint_url"]
     import gcsfs
 
-    # gcsfs has no deadline unless given one; it does not retry a timed-out request.
-    options: dict[str, Any] = {"use_listings_cache": False,
-                               "requests_timeout": s["request_timeout_s"]}
+    import aiohttp
+
+    # gcsfs has no deadline unless given one (and does not retry a timed-out request). A
+    # read deadline, not a total one: a large upload on a slow link may take longer.
+    options: dict[str, Any] = {"use_listings_cache": False, "requests_timeout":
+                               aiohttp.ClientTimeout(total=None, sock_connect=10,
+                                                     sock_read=s["request_timeout_s"])}
     if s["endpoint_url"]:
         options["endpoint_url"] = s["endpoint_url"]
     if s["anonymous"]:

@@ -234,6 +234,35 @@ def policy_keys(root, calls):
     return {"answers": sorted(set(answers)), "left": len(left)}
 
 
+def restore_while_overwritten(url):
+    """Another job overwrites the checkpoint (a single-process save, run by process 0 just
+    before its first chunk read) while both processes restore it: no process may switch
+    to the new checkpoint on its own, so process 0 must fail, naming the overwrite."""
+    import subprocess
+    import sys
+
+    import ckpt._restore as restore_mod
+
+    if jax.process_index() == 0:
+        real = restore_mod.read_arrays
+
+        def overwritten_first(jobs, **kw):
+            restore_mod.read_arrays = real
+            code = ("import sys, numpy as np, ckpt; "
+                    "ckpt.save(sys.argv[1], {'w': np.full(50_000, 2.0, np.float32)}, "
+                    "overwrite=True)")
+            subprocess.run([sys.executable, "-c", code, url], check=True,
+                           env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+            return real(jobs, **kw)
+
+        restore_mod.read_arrays = overwritten_first
+    try:
+        out = ckpt.restore(url)
+        return {"error": None, "w": float(np.asarray(out["w"])[0])}
+    except ckpt.CkptError as exc:
+        return {"error": str(exc), "type": type(exc).__name__}
+
+
 def train_until_preempted(root, values_of_step):
     """A multi-process training loop that runs until the job is preempted (SIGTERM to any
     process); returns the step every process stopped at."""

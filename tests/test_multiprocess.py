@@ -117,6 +117,14 @@ def test_a_commit_slower_than_the_timeout_is_never_reported_as_failed(tmp_path):
     mp_jobs.exact(ckpt.restore(url, mesh=make_mesh((2, 4))), 0)
 
 
+def test_a_multi_process_restore_never_mixes_two_checkpoints(tmp_path):
+    url = str(tmp_path / "ow")
+    ckpt.save(url, {"w": np.full(50_000, 1.0, np.float32)})
+    p0, p1 = launch("tests.mp_jobs:restore_while_overwritten", 2, args=[url])
+    assert p0["type"] == "CheckpointNotFoundError" and "overwritten" in p0["error"], p0
+    assert p1["error"] is not None or p1["w"] == 1.0, p1  # never the new one silently
+
+
 def test_wall_clock_policy_keeps_few_coordination_keys(tmp_path):
     results = launch("tests.mp_jobs:policy_keys", 2, args=[str(tmp_path / "r"), 300])
     for r in results:

@@ -361,3 +361,24 @@ def test_a_restore_during_an_overwrite_gets_one_checkpoint_whole(root_url, monke
     store.delete(chunk)
     with pytest.raises(CorruptCheckpointError, match=r"\['w'\]"):
         ckpt.restore(url)
+
+
+def test_a_metric_name_that_is_not_text_is_refused_before_writing(tmp_path):
+    root = tmp_path / "run"
+    with ckpt.CheckpointManager(str(root)) as mgr:
+        with pytest.raises(ValueError, match="metrics"):
+            mgr.save(1, {"w": np.zeros(10_000)}, metrics={"loss\ud800": 1.0})
+    assert not (root / "1").exists()
+
+
+@pytest.mark.parametrize("target", [".", "/"])
+def test_array_folder_check_does_not_follow_linked_folders(tmp_path, mesh24, target):
+    """A link to a folder (itself: a walk that never ends; the root: a walk of everything)
+    is refused as what it is, at once, not followed."""
+    import os
+
+    url, _ = _local_checkpoint(tmp_path, mesh24)
+    folder = os.path.join(url, ckpt.metadata(url).attempt, "arrays", "b")
+    os.symlink(target, os.path.join(folder, "link"))
+    with pytest.raises(CorruptCheckpointError, match=r"\['b'\].*link is not a regular file"):
+        ckpt.restore(url)
