@@ -20,6 +20,7 @@ from ckpt._format import COMMIT, MANIFEST, CommitRecord, decode_manifest, sha256
 from ckpt._verify import verify
 from ckpt.errors import CorruptCheckpointError, UnsupportedFormatError
 from storage import open_store
+from tests.mutation import mutate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -149,17 +150,7 @@ def test_decoder_accepts_only_clean_errors_for_random_bytes(data):
 @settings(max_examples=600, deadline=None)
 @given(st.data())
 def test_decoder_accepts_only_clean_errors_for_mutated_manifests(data):
-    raw = bytearray(_valid_manifest())
-    for _ in range(data.draw(st.integers(1, 8))):
-        op = data.draw(st.sampled_from(["flip", "cut", "insert"]))
-        i = data.draw(st.integers(0, max(0, len(raw) - 1)))
-        if op == "flip" and raw:
-            raw[i] ^= data.draw(st.integers(1, 255))
-        elif op == "cut":
-            del raw[i:i + data.draw(st.integers(1, 16))]
-        else:
-            raw[i:i] = data.draw(st.binary(min_size=1, max_size=8))
-    _clean(bytes(raw))
+    _clean(mutate(data, _valid_manifest()))
 
 
 plain = st.recursive(st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats() | st.text()

@@ -21,6 +21,7 @@ from ckpt._verify import verify
 from ckpt.errors import CkptError, CorruptCheckpointError
 from storage import open_store
 from tests.conftest import make_mesh
+from tests.mutation import mutate
 
 
 def _tree(mesh):
@@ -111,20 +112,6 @@ def _restores_exactly_or_fails_cleanly(url, expected, mesh):
                 assert got.astype(v.dtype).tobytes() == v.tobytes(), f"wrong data for {k!r}"
 
 
-def _mutate(data, raw):
-    raw = bytearray(raw)
-    for _ in range(data.draw(st.integers(1, 4))):
-        op = data.draw(st.sampled_from(["flip", "cut", "insert"]))
-        i = data.draw(st.integers(0, max(0, len(raw) - 1)))
-        if op == "flip" and raw:
-            raw[i] ^= data.draw(st.integers(1, 255))
-        elif op == "cut":
-            del raw[i:i + data.draw(st.integers(1, 8))]
-        else:
-            raw[i:i] = data.draw(st.binary(min_size=1, max_size=4))
-    return bytes(raw)
-
-
 def _copy(pristine, tmp_path_factory):
     folder, expected, mesh = pristine
     dst = tmp_path_factory.mktemp("edited") / "ck"
@@ -139,7 +126,7 @@ def test_random_zarr_json_and_chunk_edits_never_yield_wrong_data(pristine, tmp_p
     url, store, expected, mesh = _copy(pristine, tmp_path_factory)
     keys = sorted(k for k in store.list() if "/arrays/" in k)
     for key in data.draw(st.lists(st.sampled_from(keys), min_size=1, max_size=3, unique=True)):
-        store.write(key, _mutate(data, store.read(key)))
+        store.write(key, mutate(data, store.read(key), edits=4, cut=8, insert=4))
     _restores_exactly_or_fails_cleanly(url, expected, mesh)
 
 
