@@ -225,6 +225,10 @@ class CheckpointManager:
 
     def _refusal(self, step: int) -> CkptError | None:
         """Process 0, before a save: the error that stops saving ``step``, if any."""
+        if step in abandoned(self._store):
+            # A committer paused across a rewind may have committed this step of the
+            # abandoned branch since: remove it so that the new branch can save the step.
+            finish_rewind(self._store)
         newest = self.latest_step()
         if newest is None or step > newest:
             return None

@@ -299,11 +299,9 @@ def test_rewind_past_a_paused_committer_keeps_its_step_hidden(root_url, monkeypa
     with pytest.raises(CheckpointNotFoundError):
         other.restore(4)
     old.close()
+    for step in (3, 4):  # the new branch saves step 4 too: the late one is removed first
+        other.save(step, _tree(100 + step))
     other.close()
-    with ckpt.CheckpointManager(root_url) as mgr:  # start-up removes it for good
-        assert not open_store(root_url).exists("4/COMMIT")
-        for step in (3, 4):
-            mgr.save(step, _tree(100 + step))
     assert _every_step(root_url) == {1: 1.0, 2: 2.0, 3: 103.0, 4: 104.0}
     assert not open_store(root_url).exists("REWIND")
 
