@@ -196,11 +196,28 @@ def _decode_path(raw: Any, what: str) -> KeyPath:
     return tuple(path)
 
 
+_ARRAY_FIELDS = {"path", "kind", "source", "shape", "dtype", "prng_impl", "mesh", "spec"}
+# The fields `_leaf_to_dict` writes for each kind, and no others.
+_LEAF_FIELDS = {
+    "array": _ARRAY_FIELDS | {"name", "chunk_shape", "chunks"},
+    "inline": _ARRAY_FIELDS | {"data"},
+    "value": {"path", "kind", "value", "vtype"},
+    "none": {"path", "kind"},
+}
+
+
 def _decode_leaf(raw: Any, index: int, what: str) -> LeafRecord:
     r = _Reader(raw, f"{what} leaf {index}")
     leaf = LeafRecord(path=_decode_path(r.get("path", list), r.what), kind=r.get("kind", str))
     if leaf.kind not in LEAF_KINDS:
         raise CorruptCheckpointError(f"{r.what} has unknown kind {leaf.kind!r:.40}")
+    extra = set(r.obj) - _LEAF_FIELDS[leaf.kind]
+    if extra:
+        # A record that says one kind and carries another's fields was not written by this
+        # format: trusting its kind could turn a saved array into None.
+        shown = sorted(map(repr, extra))
+        raise CorruptCheckpointError(f"{r.what} ({keystr(leaf.path)}) is a {leaf.kind!r} "
+                                     f"leaf with fields it cannot have: {shown}")
     if leaf.kind in ("array", "inline"):
         leaf.source = r.get("source", str)
         if leaf.source not in SOURCES:
