@@ -73,7 +73,7 @@ def commit(store: Store, *, attempt: str, records: list[LeafRecord], metadata: A
     except StorageError:
         # The create may have been applied with its answer lost: COMMIT tells. If it names
         # nobody, the request may still land, so the attempt stays claimed (never deleted).
-        holder = _holder(store)
+        holder = committed_attempt(store)
         if holder is None:
             raise
         won = holder == attempt
@@ -85,13 +85,18 @@ def commit(store: Store, *, attempt: str, records: list[LeafRecord], metadata: A
     _check_still_claimed(store, attempt)
 
 
-def _holder(store: Store) -> str | None:
-    """The attempt COMMIT names now, None if there is no COMMIT."""
+def committed_attempt(store: Store) -> str | None:
+    """The attempt the checkpoint's COMMIT names now, or None if it has no COMMIT.
+
+    Raises:
+        CorruptCheckpointError: COMMIT exists but cannot be read (then nothing of the
+            checkpoint may be treated as debris).
+    """
     try:
-        return CommitRecord.decode(read_object(store, COMMIT, MAX_COMMIT_BYTES),
-                                   store.describe(COMMIT)).attempt
+        raw = read_object(store, COMMIT, MAX_COMMIT_BYTES)
     except ObjectNotFoundError:
         return None
+    return CommitRecord.decode(raw, store.describe(COMMIT)).attempt
 
 
 def _check_still_claimed(store: Store, attempt: str) -> None:
@@ -101,7 +106,7 @@ def _check_still_claimed(store: Store, attempt: str) -> None:
     kind = claim_kind(store, attempt)
     if kind not in (None, REMOVING):
         return  # ours, or unreadable just now: nothing says it was removed
-    if _holder(store) == attempt:
+    if committed_attempt(store) == attempt:
         store.delete(COMMIT)
     raise AttemptRemovedError(
         f"{store.describe(attempt)} was removed (by a delete, rewind or `ckpt gc`) while its "
@@ -111,7 +116,7 @@ def _check_still_claimed(store: Store, attempt: str) -> None:
 def _replace(store: Store, attempt: str, record: bytes) -> None:
     """Replaces COMMIT (overwrite): readers see the old checkpoint until then, the new one
     after; then the old attempt is deleted."""
-    previous = _holder(store)
+    previous = committed_attempt(store)
     if previous is not None and previous != attempt:
         # Before COMMIT stops naming it, so that a crash here cannot leave it claimed for a
         # commit that will never come (which no cleaner would then remove).
@@ -120,7 +125,7 @@ def _replace(store: Store, attempt: str, record: bytes) -> None:
     if previous is not None and previous != attempt:
         store.delete_prefix(previous)
         forget(store, previous)
-    holder = _holder(store)
+    holder = committed_attempt(store)
     if holder is not None and holder != attempt:
         # Another overwrite replaced this one meanwhile (last write wins); it read the
         # same previous attempt, so nobody else retires this one.

@@ -15,12 +15,11 @@ import time
 from collections.abc import Callable, Iterable
 
 from ckpt._claims import REMOVING, claim_kind, forget, remove_uncommitted, retire
+from ckpt._commit import committed_attempt
 from ckpt._format import (
     ATTEMPT_PREFIX,
     COMMIT,
-    MAX_COMMIT_BYTES,
     REWIND,
-    CommitRecord,
     pack,
     read_object,
     unpack,
@@ -150,20 +149,6 @@ def attempt_time(name: str) -> float | None:
         return float(calendar.timegm(time.strptime(stamp, "%Y%m%dT%H%M%S")))
     except (ValueError, IndexError):
         return None
-
-
-def committed_attempt(store: Store) -> str | None:
-    """The attempt the checkpoint's COMMIT names, or None if it has no COMMIT.
-
-    Raises:
-        CorruptCheckpointError: COMMIT exists but cannot be read (then nothing of the
-            checkpoint may be treated as debris).
-    """
-    try:
-        raw = read_object(store, COMMIT, MAX_COMMIT_BYTES)
-    except ObjectNotFoundError:
-        return None
-    return CommitRecord.decode(raw, store.describe(COMMIT)).attempt
 
 
 @dataclasses.dataclass(frozen=True)

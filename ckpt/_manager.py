@@ -36,6 +36,7 @@ from ckpt._housekeeping import (
 )
 from ckpt._policy import SavePolicy
 from ckpt._restore import open_checkpoint, restore_from
+from ckpt._tree import is_text
 from ckpt._save import SaveHandle, start_save
 from ckpt.errors import (
     CheckpointExistsError,
@@ -49,17 +50,6 @@ from ckpt.errors import (
 from storage import open_store
 
 log = logging.getLogger("ckpt")
-
-
-def _is_text(name: Any) -> bool:
-    """A str the manifest can store (UTF-8: no lone surrogate)."""
-    if not isinstance(name, str):
-        return False
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 class CheckpointManager:
@@ -203,7 +193,7 @@ class CheckpointManager:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         self._previous_failure()
         if metrics is not None:
-            bad = [k for k, v in metrics.items() if not _is_text(k)
+            bad = [k for k, v in metrics.items() if not is_text(k)
                    or isinstance(v, bool) or not isinstance(v, (int, float))]
             if bad:
                 raise ValueError(f"metrics must map names to numbers; bad entries: {bad}")

@@ -41,8 +41,6 @@ from ckpt._format import (
     ARRAYS,
     ATTEMPT_PREFIX,
     COMMIT,
-    MAX_COMMIT_BYTES,
-    CommitRecord,
     HostReport,
     LeafRecord,
     decode_host_report,
@@ -54,7 +52,7 @@ from ckpt._format import (
     zarr_spec,
 )
 from ckpt._claims import COMMITTING, claim_kind
-from ckpt._commit import commit
+from ckpt._commit import commit, committed_attempt
 from ckpt._leaves import classify, encode_inline, is_typed_key
 from ckpt._ownership import ArrayInput, ArrayPlan, plan
 from ckpt._tree import flatten, keystr
@@ -464,8 +462,7 @@ def _outcome(job: _Job, prefix: str) -> str:
         return job.coord.wait_for(f"{prefix}/outcome", job.timeout_s)
     except CoordinationError as exc:
         try:
-            holder = CommitRecord.decode(read_object(job.store, COMMIT, MAX_COMMIT_BYTES),
-                                         job.store.describe(COMMIT)).attempt
+            holder = committed_attempt(job.store)
         except CkptError:  # no COMMIT, or none readable now: nothing says it committed
             holder = None
         if holder == job.attempt and claim_kind(job.store, job.attempt) == COMMITTING:

@@ -40,14 +40,23 @@ def _storable(key: str | int, where: str) -> str | int:
     return key
 
 
-def check_text(text: str, what: str) -> None:
-    """Refuses a str the manifest cannot store as UTF-8 (one holding a lone surrogate).
-    Called while a save validates its tree, before anything is written."""
+def is_text(value: Any) -> bool:
+    """Whether ``value`` is a str the manifest can store as UTF-8 (no lone surrogate)."""
+    if not isinstance(value, str):
+        return False
     try:
-        text.encode("utf-8")
+        value.encode("utf-8")
     except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_text(text: str, what: str) -> None:
+    """Refuses a str the manifest cannot store (`is_text`). Called while a save validates
+    its tree, before anything is written."""
+    if not is_text(text):
         raise UnsupportedLeafError(f"{what} is not valid Unicode text (it holds a lone "
-                                   "surrogate); it cannot be saved") from None
+                                   "surrogate); it cannot be saved")
 
 
 def _entry(raw: Any, where: str) -> Entry:
