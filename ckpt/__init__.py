@@ -48,6 +48,7 @@ from ckpt.errors import (  # noqa: E402
     CheckpointNotFoundError,
     CkptError,
     CorruptCheckpointError,
+    DeadlineExceededError,
     ReadOnlyError,
     SaveError,
     StepOrderError,
@@ -57,7 +58,8 @@ from ckpt.errors import (  # noqa: E402
 
 __all__ = [
     "AttemptRemovedError", "CheckpointExistsError", "CheckpointInfo", "CheckpointManager",
-    "CheckpointNotFoundError", "CkptError", "CorruptCheckpointError", "LeafInfo",
+    "CheckpointNotFoundError", "CkptError", "CorruptCheckpointError", "DeadlineExceededError",
+    "LeafInfo",
     "ReadOnlyError", "SaveError", "SaveHandle", "StepOrderError", "TargetMismatchError",
     "UnsupportedLeafError", "configure_storage", "errors", "metadata", "restore", "save",
     "save_async",

@@ -24,8 +24,8 @@ from ckpt._format import (
     sha256,
 )
 from ckpt._claims import REMOVING, claim_commit, claim_kind, delete_data, forget, retire
-from ckpt.errors import AttemptRemovedError, CommitConflictError
-from storage import ObjectNotFoundError, StorageError, Store
+from ckpt.errors import AttemptRemovedError, CommitConflictError, CommitOutcomeUnknownError
+from storage import DeadlineExceededError, ObjectNotFoundError, StorageError, Store
 
 
 @functools.cache
@@ -56,6 +56,9 @@ def commit(store: Store, *, attempt: str, records: list[LeafRecord], metadata: A
         CommitConflictError: another attempt holds COMMIT (without ``overwrite``).
         StorageError: creating COMMIT failed and COMMIT names no attempt yet: the request
             may still land, so the attempt is kept (it shows as ``claimed``).
+        CommitOutcomeUnknownError: ``store``'s deadline (a `DeadlineStore`) passed while
+            COMMIT was being created or checked: the abandoned request may still land.
+        DeadlineExceededError: it passed before COMMIT was written: nothing was committed.
     """
     manifest = Manifest(attempt=attempt, process_count=process_count, created_at=created_at,
                         committed_at=time.time(), versions=versions(), metadata=metadata,
@@ -65,24 +68,33 @@ def commit(store: Store, *, attempt: str, records: list[LeafRecord], metadata: A
     claim_commit(store, attempt)
     record = CommitRecord(attempt=attempt, manifest_sha256=sha256(data),
                           committed_at=manifest.committed_at).encode()
-    if overwrite:
-        _replace(store, attempt, record)
-        return
     try:
-        won = store.write_if_absent(COMMIT, record)
-    except StorageError:
-        # The create may have been applied with its answer lost: COMMIT tells. If it names
-        # nobody, the request may still land, so the attempt stays claimed (never deleted).
-        holder = committed_attempt(store)
-        if holder is None:
+        if overwrite:
+            _replace(store, attempt, record)
+            return
+        try:
+            won = store.write_if_absent(COMMIT, record)
+        except DeadlineExceededError:
             raise
-        won = holder == attempt
+        except StorageError:
+            # The create may have been applied with its answer lost: COMMIT tells. If it
+            # names nobody, the request may still land, so the attempt stays claimed.
+            holder = committed_attempt(store)
+            if holder is None:
+                raise
+            won = holder == attempt
+        if won:
+            _check_still_claimed(store, attempt)
+            return
+    except DeadlineExceededError as exc:
+        raise CommitOutcomeUnknownError(
+            f"{exc}; whether attempt {attempt} committed is not known yet (the request may "
+            f"still land): the checkpoint's COMMIT decides (latest_step, restore)") from exc
     if not won:
         retire(store, attempt)
         delete_data(store, attempt)
         raise CommitConflictError(
             f"{store.url} was committed by another attempt; attempt {attempt} lost")
-    _check_still_claimed(store, attempt)
 
 
 def committed_attempt(store: Store) -> str | None:

@@ -74,7 +74,7 @@ class CheckpointManager:
             save (decided on process 0 and shared, so all processes agree).
         watch_preemption: notice SIGTERM (and JAX's preemption notices in multi-process
             jobs); `should_save` and `reached_preemption` then agree on one step to stop at.
-        timeout_s: how long processes wait for each other during a save.
+        timeout_s: the bound on each save, end to end, in seconds (see `ckpt.save_async`).
         debris_grace_s: at start-up, remove uncommitted attempts at least this old (default
             0: all of them; a save of another job caught mid-way fails loudly, see
             docs/protocol.md).
@@ -360,7 +360,8 @@ class CheckpointManager:
 
     # -- restoring -------------------------------------------------------------------------
 
-    def restore(self, step: int | None = None, target: Any = None, mesh: Any = None) -> Any:
+    def restore(self, step: int | None = None, target: Any = None, mesh: Any = None, *,
+                timeout_s: float | None = None) -> Any:
         """Restores ``step`` (default: the latest committed one); see `ckpt.restore`."""
         if step is None:
             step = self.latest_step()
@@ -369,7 +370,8 @@ class CheckpointManager:
         elif is_abandoned(self._store, step, abandoned(self._store)):
             raise CheckpointNotFoundError(f"step {step} under {self.root_url} was abandoned "
                                           "by a rewind")
-        return restore_from(self._store.child(str(step)), target, mesh=mesh)
+        return restore_from(self._store.child(str(step)), target, mesh=mesh,
+                            timeout_s=timeout_s)
 
     # -- lifetime --------------------------------------------------------------------------
 

@@ -56,7 +56,14 @@ from restore import (
     read_arrays,
     to_slices,
 )
-from storage import ObjectNotFoundError, Store, UnreadableObjectError, open_store
+from storage import (
+    Deadline,
+    DeadlineStore,
+    ObjectNotFoundError,
+    Store,
+    UnreadableObjectError,
+    open_store,
+)
 
 log = logging.getLogger("ckpt")
 
@@ -349,16 +356,20 @@ def _cast(host: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
 
 
 def restore_from(store: Store, target: Any = None, *, mesh: Any = None,
-                 memory_budget: int | None = None) -> Any:
+                 memory_budget: int | None = None, timeout_s: float | None = None) -> Any:
     """Restores the checkpoint in ``store``; see `ckpt.restore`.
 
     Called on every process that needs the state; each reads only the boxes its own
     devices hold (or the whole arrays, for a host-numpy restore).
     """
+    deadline = None
+    if timeout_s is not None:
+        deadline = Deadline(timeout_s, f"restoring {store.url}")
+        store = DeadlineStore(store, deadline)
     source = open_readable(store)
     for _ in range(OVERWRITE_RETRIES):
         try:
-            return _restore_source(source, target, mesh, memory_budget)
+            return _restore_source(source, target, mesh, memory_budget, deadline)
         except CorruptCheckpointError as exc:
             if source.orbax is not None:
                 raise
@@ -381,7 +392,7 @@ def restore_from(store: Store, target: Any = None, *, mesh: Any = None,
             log.info("%s was overwritten while it was read; reading the new checkpoint",
                      store.url)
             source = again
-    return _restore_source(source, target, mesh, memory_budget)
+    return _restore_source(source, target, mesh, memory_budget, deadline)
 
 
 # Overwrites a single restore survives back to back before it gives up and reports.
@@ -389,7 +400,7 @@ OVERWRITE_RETRIES = 3
 
 
 def _restore_source(source: Readable, target: Any, mesh: Any,
-                    memory_budget: int | None) -> Any:
+                    memory_budget: int | None, deadline: Deadline | None) -> Any:
     manifest = source.manifest
     wants, treedef = _match(manifest, target, mesh, source.store.url)
     ctx = source.context()
@@ -420,14 +431,16 @@ def _restore_source(source: Readable, target: Any, mesh: Any,
                                      rec.chunk_crc32c or None,
                                      crc32c_in_chunk_tail=source.orbax is None))
             job_wants.append(i)
-    for i, job, host in zip(job_wants, jobs, read_arrays(jobs, memory_budget=memory_budget)):
+    for i, job, host in zip(job_wants, jobs, read_arrays(jobs, memory_budget=memory_budget,
+                                                         deadline=deadline)):
         values[i] = _assemble(wants[i], host, job.targets)
     if treedef is None:
         return nest([(w.record.path, v) for w, v in zip(wants, values)])
     return unflatten(treedef, values)
 
 
-def restore(url: str | os.PathLike[str], target: Any = None, *, mesh: Any = None) -> Any:
+def restore(url: str | os.PathLike[str], target: Any = None, *, mesh: Any = None,
+            timeout_s: float | None = None) -> Any:
     """Restores the committed checkpoint at ``url``.
 
     Args:
@@ -439,6 +452,9 @@ def restore(url: str | os.PathLike[str], target: Any = None, *, mesh: Any = None
             (restored as host numpy arrays of their dtype). It may cover part of the saved
             tree: only its leaves are read. A different dtype casts within its kind.
         mesh: restore arrays with their saved PartitionSpecs on this mesh (same axis names).
+        timeout_s: bound on the whole restore, in seconds (None: none beyond each storage
+            request's own deadline, ``request_timeout_s``). A request still under way then
+            is abandoned and `DeadlineExceededError` names the URL and what was being read.
 
     Returns:
         With a target: a tree of its structure, shardings and dtypes. Without one: nested
@@ -450,5 +466,6 @@ def restore(url: str | os.PathLike[str], target: Any = None, *, mesh: Any = None
         CorruptCheckpointError: a digest or checksum failed; no wrong data is returned.
         UnsupportedFormatError: an Orbax checkpoint using what this library cannot read
             (the message names the file that shows it).
+        DeadlineExceededError: ``timeout_s`` passed first (nothing is returned).
     """
-    return restore_from(open_store(url), target, mesh=mesh)
+    return restore_from(open_store(url), target, mesh=mesh, timeout_s=timeout_s)

@@ -67,7 +67,7 @@ from ckpt.errors import (
     UnsupportedLeafError,
 )
 from restore import Window, box_size, to_slices
-from storage import Store, open_store
+from storage import Deadline, DeadlineStore, Store, open_store
 
 # Bytes of chunk writes handed to TensorStore and not yet durable, per process.
 DEFAULT_INFLIGHT_BYTES = 1 << 30
@@ -206,7 +206,7 @@ class _ChunkWrite:
 
 @dataclasses.dataclass
 class _Job:
-    store: Store
+    store: DeadlineStore
     coord: _coord.Coordinator
     seq: int
     attempt: str
@@ -216,6 +216,7 @@ class _Job:
     plans: dict[int, ArrayPlan]
     writes: list[_ChunkWrite]
     timeout_s: float
+    deadline: Deadline  # from `timeout_s`; `store` is bound by it
     inflight_bytes: int
     on_commit: Callable[[], None] | None
     overwrite: bool
@@ -283,6 +284,8 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
     """
     coord = _coord.current()
     created_at = time.time()
+    deadline = Deadline(timeout_s, f"saving {store.url}")
+    store = DeadlineStore(store, deadline)
     pairs, _ = flatten(tree)
     records = [classify(path, leaf, coord.process_count) for path, leaf in pairs]
     # Typed PRNG keys are saved as their key data (see `classify`).
@@ -352,7 +355,7 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
     with _LIVE_LOCK:
         _LIVE.add(handle)
     job = _Job(store, coord, seq, attempt, created_at, metadata, records, plans, writes,
-               timeout_s, inflight_bytes, on_commit, overwrite, dict(metrics or {}),
+               timeout_s, deadline, inflight_bytes, on_commit, overwrite, dict(metrics or {}),
                agreement)
     threading.Thread(target=_run, args=(job, handle), name=f"ckpt-save-{attempt}").start()
     return handle
@@ -365,9 +368,9 @@ class ChunkWriter:
     Used by the save path's background thread and by offline rewrites.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, deadline: Deadline | None = None) -> None:
         self.rows: list[tuple[str, int, int, int]] = []
-        self._window = Window(limit)
+        self._window = Window(limit, deadline, "writing chunks")
 
     def put(self, array: Any, slices: tuple[slice, ...], data: np.ndarray, name: str,
             flat: int) -> None:
@@ -391,12 +394,17 @@ def _write_chunks(job: _Job) -> list[tuple[str, int, int, int]]:
     opening = {r: ts.open(zarr_spec(job.store.kvstore_spec(
         f"{job.attempt}/{ARRAYS}/{job.records[r].name}"), job.records[r], create=create),
         context=ctx) for r in job.plans if create or job.plans[r].owned}
-    arrays = {r: fut.result() for r, fut in opening.items()}
-    writer = ChunkWriter(job.inflight_bytes)
+    arrays = {r: job.deadline.result(fut, f"opening leaf {keystr(job.records[r].path)}")
+              for r, fut in opening.items()}
+    writer = ChunkWriter(job.inflight_bytes, job.deadline)
     for w in job.writes:
         writer.put(arrays[w.record], w.slices, w.data, job.records[w.record].name, w.flat)
     return writer.finish()
 
+
+# How long past their deadline processes other than 0 wait for process 0's verdict, which
+# comes at its own deadline at the latest (the deadlines start within one broadcast).
+OUTCOME_GRACE_S = 5.0
 
 # Host reports process 0 reads at once: at thousands of processes the reads are latency
 # bound, so they overlap.
@@ -459,13 +467,16 @@ def _outcome(job: _Job, prefix: str) -> str:
     create it) and says so.
     """
     try:
-        return job.coord.wait_for(f"{prefix}/outcome", job.timeout_s)
+        # Process 0 runs to the same deadline: the grace lets its verdict arrive.
+        return job.coord.wait_for(f"{prefix}/outcome",
+                                  job.deadline.remaining() + OUTCOME_GRACE_S)
     except CoordinationError as exc:
+        store = job.store.inner  # past the deadline: each request's own deadline bounds these
         try:
-            holder = committed_attempt(job.store)
+            holder = committed_attempt(store)
         except CkptError:  # no COMMIT, or none readable now: nothing says it committed
             holder = None
-        if holder == job.attempt and claim_kind(job.store, job.attempt) == COMMITTING:
+        if holder == job.attempt and claim_kind(store, job.attempt) == COMMITTING:
             log.warning("process 0 did not report within %.0f s, but %s is committed",
                         job.timeout_s, job.store.url)
             return "ok"
@@ -494,9 +505,9 @@ def _run(job: _Job, handle: SaveHandle) -> None:
         except BaseException as exc:
             job.coord.publish(f"{prefix}/failed/{me}", f"{type(exc).__name__}: {exc}")
             with contextlib.suppress(CkptError):  # this process's own error is the one to see
-                job.coord.barrier(f"{prefix}/written", job.timeout_s)
+                job.coord.barrier(f"{prefix}/written", job.deadline.remaining())
             raise
-        job.coord.barrier(f"{prefix}/written", job.timeout_s)
+        job.coord.barrier(f"{prefix}/written", job.deadline.remaining())
         if me == 0:
             try:
                 failures = job.coord.collect(f"{prefix}/failed/")
@@ -511,6 +522,8 @@ def _run(job: _Job, handle: SaveHandle) -> None:
             job.coord.publish(f"{prefix}/outcome", "ok")
         else:
             outcome = _outcome(job, prefix)
+            if outcome.startswith(f"{CommitOutcomeUnknownError.__name__}:"):
+                raise CommitOutcomeUnknownError(f"process 0 reported: {outcome}")
             if outcome != "ok":
                 raise SaveError(f"process 0 did not commit {job.store.url}: {outcome}")
         if job.on_commit is not None:
@@ -545,8 +558,13 @@ def save_async(url: str | os.PathLike[str], tree: Any, *, metadata: Any = None,
         tree: a pytree of jax.Arrays, numpy arrays, Python scalars and strings, and None.
         metadata: plain msgpack data (dicts, lists, str, numbers, bool, None) stored in the
             manifest and returned by `ckpt.metadata`.
-        timeout_s: how long processes wait for each other; a process that does not arrive
-            in time fails the save on the others with an error naming it.
+        timeout_s: the bound on the whole save, in seconds, from this call to the commit
+            (raise it for saves that take longer: the default is 600). Waits for other
+            processes end with it (a process that does not arrive fails the save on the
+            others with an error naming it), and so do storage requests (one under way is
+            abandoned): the save fails with `DeadlineExceededError` naming the URL and what
+            was under way, or, if time ran out while COMMIT was being created,
+            `CommitOutcomeUnknownError` (the checkpoint's COMMIT decides).
         overwrite: replace a committed checkpoint at ``url``. The old one stays readable
             until the new one commits; then COMMIT is replaced atomically and the old
             attempt deleted.

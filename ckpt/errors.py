@@ -10,7 +10,8 @@ exported here::
     │   ├── ObjectNotFoundError (FileNotFoundError)
     │   │   └── BucketNotFoundError             the bucket of an s3:// or gs:// URL
     │   ├── AccessDeniedError (PermissionError) credentials missing, wrong or insufficient
-    │   └── UnreadableObjectError               over a reader's size limit, or not a file
+    │   ├── UnreadableObjectError               over a reader's size limit, or not a file
+    │   └── DeadlineExceededError (TimeoutError)  a save or restore ran past its timeout_s
     ├── UnsupportedURLError (ValueError)        unknown scheme, malformed URL
     ├── InvalidKeyError (ValueError)            a storage key that could leave its root
     ├── CheckpointNotFoundError (FileNotFoundError)   nothing committed at the URL
@@ -33,8 +34,8 @@ exported here::
         ├── CommitConflictError                 another attempt committed this checkpoint first
         ├── AttemptRemovedError                 a clean-up claimed the attempt before it committed
         └── CoordinationError (TimeoutError)    processes did not meet in time
-            └── CommitOutcomeUnknownError       process 0 did not report in time and COMMIT
-                                                does not name the save yet
+            └── CommitOutcomeUnknownError       whether the save committed is not known in
+                                                time: its COMMIT decides
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from storage import (
     AccessDeniedError,
     BucketNotFoundError,
     CkptError,
+    DeadlineExceededError,
     InvalidKeyError,
     ObjectNotFoundError,
     StorageError,
@@ -54,7 +56,7 @@ from storage import (
 __all__ = [
     "AccessDeniedError", "AttemptRemovedError", "BucketNotFoundError", "CheckpointExistsError",
     "CheckpointNotFoundError", "CkptError", "CommitConflictError", "CommitOutcomeUnknownError",
-    "CoordinationError", "CorruptCheckpointError", "DtypeMismatchError", "InvalidKeyError",
+    "CoordinationError", "CorruptCheckpointError", "DeadlineExceededError", "DtypeMismatchError", "InvalidKeyError",
     "InvalidMetadataError", "MeshMismatchError", "MissingLeafError", "NotACheckpointError",
     "ObjectNotFoundError", "ReadOnlyError", "SaveError", "ShapeMismatchError",
     "StepOrderError", "StorageError", "TargetMismatchError", "UncommittedCheckpointError",
@@ -132,8 +134,10 @@ class CoordinationError(SaveError, TimeoutError):
 
 
 class CommitOutcomeUnknownError(CoordinationError):
-    """Process 0 did not report a save's outcome in time and COMMIT does not name the save
-    yet: it may still commit. The checkpoint's COMMIT decides (``latest_step``, restore)."""
+    """Whether a save committed is not known in time: process 0 did not report its outcome
+    and COMMIT does not name the save yet, or the save's deadline passed while COMMIT was
+    being created. It may still commit: the checkpoint's COMMIT decides (``latest_step``,
+    restore)."""
 
 
 class InvalidMetadataError(CkptError, TypeError):

@@ -37,7 +37,7 @@ from restore._plan import (
     plan_reads,
     to_slices,
 )
-from storage import StorageError
+from storage import Deadline, DeadlineExceededError, StorageError
 
 MIN_MEMORY_BUDGET = 64 << 20
 MAX_MEMORY_BUDGET = 1 << 30
@@ -125,14 +125,19 @@ def _classify(exc: Exception, job: ArrayReadJob, coord: Sequence[int] | None) ->
     return StorageError(errno.EIO, f"reading {where} failed: {text}")
 
 
-def read_arrays(jobs: Sequence[ArrayReadJob], *,
-                memory_budget: int | None = None) -> list[list[np.ndarray]]:
+def _wait(future: Any, deadline: Deadline | None, doing: str) -> Any:
+    return future.result() if deadline is None else deadline.result(future, doing)
+
+
+def read_arrays(jobs: Sequence[ArrayReadJob], *, memory_budget: int | None = None,
+                deadline: Deadline | None = None) -> list[list[np.ndarray]]:
     """Reads every job's target boxes.
 
     Args:
         jobs: the arrays and boxes to read.
         memory_budget: bound on chunk bytes in flight (each chunk counts twice: its stored
             bytes and its decoded array); None for `default_memory_budget`.
+        deadline: when reading must have finished (the restore's ``timeout_s``).
 
     Returns:
         For each job, one host array per target box, with the saved dtype, each in its own
@@ -141,12 +146,15 @@ def read_arrays(jobs: Sequence[ArrayReadJob], *,
     Raises:
         CorruptCheckpointError: a chunk is missing or fails its checksum (names leaf and chunk).
         StorageError: the store could not be read.
+        DeadlineExceededError: ``deadline`` passed first.
     """
     opened = [ts.open(job.spec, context=job.context) for job in jobs]
     arrays = []
     for job, fut in zip(jobs, opened):
         try:
-            arr = fut.result()
+            arr = _wait(fut, deadline, f"opening leaf {job.name}")
+        except DeadlineExceededError:
+            raise
         except Exception as exc:
             raise _classify(exc, job, None) from exc
         if tuple(arr.shape) != tuple(job.shape) or arr.dtype.numpy_dtype != job.dtype:
@@ -162,7 +170,10 @@ def read_arrays(jobs: Sequence[ArrayReadJob], *,
     def land(j: int, cr: ChunkRead, tail: Any, fut: Any) -> None:
         try:
             result = fut.result()
-            stored = tail.result() if tail is not None else None
+            stored = _wait(tail, deadline, "reading chunk checksums") if tail is not None \
+                else None
+        except DeadlineExceededError:
+            raise
         except Exception as exc:
             raise _classify(exc, jobs[j], cr.coord) from exc
         direct = len(cr.pieces) == 1
@@ -195,11 +206,12 @@ def read_arrays(jobs: Sequence[ArrayReadJob], *,
             box_size(box) * job.dtype.itemsize for job in jobs for box in job.targets))
     kvstores = [ts.KvStore.open(job.spec["kvstore"], context=job.context)
                 if job.crc32c is not None and job.crc32c_in_chunk_tail else None for job in jobs]
-    window = Window(memory_budget)
+    window = Window(memory_budget, deadline, "reading chunks")
     try:
         for j, (job, plan) in enumerate(zip(jobs, plans)):
             opening = kvstores[j]
-            kvstore = opening.result() if opening is not None else None
+            kvstore = _wait(opening, deadline, f"opening leaf {job.name}") \
+                if opening is not None else None
             for cr in plan:
                 source = arrays[j][to_slices(cr.box)]
                 tail = None

@@ -11,15 +11,22 @@ import collections
 from collections.abc import Callable
 from typing import Any
 
+from storage import Deadline, DeadlineExceededError
+
 
 class Window:
     """Futures in flight, finished in issue order, with their summed cost at most ``limit``.
 
-    One future is always admitted, however large, so progress never stalls.
+    One future is always admitted, however large, so progress never stalls. With a
+    ``deadline``, waiting for a future ends when it passes (`DeadlineExceededError`, saying
+    the window was ``doing`` that), and what is in flight is cancelled.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, deadline: Deadline | None = None,
+                 doing: str = "waiting for chunk I/O") -> None:
         self.limit = limit
+        self._deadline = deadline
+        self._doing = doing
         self._pending: collections.deque[tuple[Any, int, Callable[[Any], None]]] = \
             collections.deque()
         self._cost = 0
@@ -31,11 +38,6 @@ class Window:
             self._finish_one()
         self._pending.append((future, cost, done))
         self._cost += cost
-
-    def make_room(self, cost: int) -> None:
-        """Finishes older futures until ``cost`` more would fit (for issuing lazily)."""
-        while self._pending and self._cost + cost > self.limit:
-            self._finish_one()
 
     def drain(self) -> None:
         """Finishes every future still in flight."""
@@ -50,6 +52,14 @@ class Window:
         self._cost = 0
 
     def _finish_one(self) -> None:
-        future, cost, done = self._pending.popleft()
+        future, cost, done = self._pending[0]
+        if self._deadline is not None:
+            try:
+                self._deadline.result(future, self._doing)
+            except DeadlineExceededError:
+                raise
+            except Exception:  # the operation's own error: `done` reports it
+                pass
+        self._pending.popleft()
         self._cost -= cost
         done(future)

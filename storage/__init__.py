@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from storage._base import Store, check_key, join
+from storage._deadline import Deadline, DeadlineExceededError, DeadlineStore
 from storage._errors import (
     AccessDeniedError,
     BucketNotFoundError,
@@ -26,7 +27,7 @@ from storage._url import SCHEMES, Location, parse_url
 
 __all__ = [
     "SCHEMES", "AccessDeniedError", "BucketNotFoundError", "ObjectStore", "configure",
-    "CkptError", "InvalidKeyError", "LocalStore", "Location", "MemoryStore",
+    "CkptError", "Deadline", "DeadlineExceededError", "DeadlineStore", "InvalidKeyError", "LocalStore", "Location", "MemoryStore",
     "ObjectNotFoundError", "StorageError", "Store", "UnreadableObjectError",
     "UnsupportedURLError", "check_key", "join",
     "memory_context", "open_store", "parse_url",

@@ -4,8 +4,8 @@ It sits between the library and a local S3 or GCS server on 127.0.0.1 and, per r
 a seeded probability, answers 503 without forwarding, forwards and then answers 500 (the
 server applied the request; the client cannot know), resets the connection, or delays.
 It counts requests by method, and can be taken down (connections refused) and brought back.
-Requests whose path contains one of ``hang`` are accepted and never answered (a server
-that stalls). On request it answers the next conditional S3 creates (``If-None-Match``) with 409
+Requests whose path contains one of ``hang``, or for which ``stall(method, path, body)`` is
+true, are accepted and never answered (a server that stalls). On request it answers the next conditional S3 creates (``If-None-Match``) with 409
 ConditionalRequestConflict or with a bare 412 (no ``Condition`` element), without
 forwarding them.
 """
@@ -19,6 +19,7 @@ import random
 import socket
 import threading
 import urllib.parse
+from collections.abc import Callable
 
 HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer",
        "upgrade", "content-length"}
@@ -31,13 +32,15 @@ class FaultProxy:
 
     def __init__(self, upstream: str, *, fault_rate: float = 0.0, seed: int = 0,
                  delay_s: float = 0.05, kinds: tuple[str, ...] = KINDS,
-                 hang: tuple[str, ...] = ()) -> None:
+                 hang: tuple[str, ...] = (),
+                 stall: Callable[[str, str, bytes], bool] | None = None) -> None:
         up = urllib.parse.urlsplit(upstream)
         self.upstream = (up.hostname, up.port)
         self.fault_rate = fault_rate
         self.delay_s = delay_s
         self.kinds = kinds
         self.hang = hang
+        self.stall = stall
         self.released = threading.Event()  # set when the proxy goes down: hung handlers end
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
@@ -111,7 +114,8 @@ class FaultProxy:
                 body = self._body()
                 with proxy.lock:
                     proxy.counts[self.command] += 1
-                if any(part in self.path for part in proxy.hang):
+                if any(part in self.path for part in proxy.hang) or (
+                        proxy.stall is not None and proxy.stall(self.command, self.path, body)):
                     proxy.released.wait()  # a stalled server: no byte ever comes back
                     self.close_connection = True
                     return None

@@ -137,18 +137,22 @@ def resume(url, mesh_shape, next_step, values_of=None):
 
 def hang_one(url, timeout_s, hung):
     """Process ``hung`` stops responding in the middle of its save; the others must fail
-    within ``timeout_s`` with an error naming it."""
+    within ``timeout_s`` with an error naming it. The hung one was given a longer timeout,
+    so that it wakes in time to reach the barrier the others left: it must say so."""
     import threading
     import time
 
     import ckpt._save as save_mod
 
     if jax.process_index() == hung:
+        pause = timeout_s * 2
+
         def stuck(job):
-            threading.Event().wait(timeout_s * 3)  # a hung write: never returns in time
+            threading.Event().wait(pause)  # a hung write: returns too late
             return []
 
         save_mod._write_chunks = stuck
+        timeout_s *= 4
     tree = device_tree(0, (jax.process_count(), 4))
     t0 = time.monotonic()
     try:
@@ -194,23 +198,39 @@ def diverge(url, how):
     return None
 
 
-def slow_commit(url, timeout_s):
-    """Process 0's commit outlasts ``timeout_s``: it waits until process 1 has given up.
-    Process 1 must say the outcome is unknown (COMMIT decides), never that nothing was
-    committed; process 0 commits."""
+def slow_commit(url, timeout_s, where):
+    """Process 0's commit outlasts ``timeout_s``. ``where="claim"``: it stalls before
+    COMMIT is written, until process 1 has given up; nothing may be committed, and no
+    process may say it was. ``where="commit"``: the COMMIT create itself is under way when
+    time runs out and lands later; both processes must say the outcome is unknown (COMMIT
+    decides), never that nothing was committed."""
     import ckpt._commit as commit_mod
     from jax._src.distributed import global_state
+    from storage._local import LocalStore
 
     client = global_state.client
     me = jax.process_index()
-    if me == 0:
-        real = commit_mod.claim_commit
+    if me == 0 and where == "claim":
+        real_claim = commit_mod.claim_commit
 
-        def slow(store, attempt):
+        def slow_claim(store, attempt):
             client.blocking_key_value_get("test/p1-gave-up", 120_000)
-            real(store, attempt)
+            real_claim(store, attempt)
 
-        commit_mod.claim_commit = slow
+        commit_mod.claim_commit = slow_claim
+    if me == 0 and where == "commit":
+        real_create = LocalStore._write_if_absent
+
+        def slow_create(self, key, data):
+            if key.endswith("COMMIT"):
+                client.blocking_key_value_get("test/p1-gave-up", 120_000)
+                try:
+                    return real_create(self, key, data)
+                finally:
+                    client.key_value_set("test/created", "1")
+            return real_create(self, key, data)
+
+        LocalStore._write_if_absent = slow_create
     try:
         ckpt.save(url, device_tree(0, (jax.process_count(), 4)), timeout_s=timeout_s)
         result = {"error": None}
@@ -218,6 +238,8 @@ def slow_commit(url, timeout_s):
         result = {"error": str(exc), "type": type(exc).__name__}
     if me == 1:
         client.key_value_set("test/p1-gave-up", "1")
+    if me == 0 and where == "commit":
+        client.blocking_key_value_get("test/created", 120_000)  # the abandoned create ends
     return result
 
 

@@ -237,6 +237,82 @@ def test_a_server_that_never_answers_fails_the_save_in_bounded_time(request, tmp
     assert not open_store(f"{url}/ck").exists("COMMIT")
 
 
+DEADLINE_RUN = """
+import json, sys, time
+import numpy as np
+import ckpt
+scheme, endpoint, url, op = sys.argv[1:5]
+# Each request may take its default 60 s: only the end-to-end timeout_s can end these.
+ckpt.configure_storage(scheme, endpoint_url=endpoint, max_retries=1)
+t = time.monotonic()
+try:
+    if op == "save":
+        ckpt.save(url, {"x": np.arange(300_000, dtype=np.float32)}, timeout_s=4)
+    else:
+        ckpt.restore(url, timeout_s=4)
+    out = {"error": None}
+except ckpt.CkptError as exc:
+    out = {"after": time.monotonic() - t, "type": type(exc).__name__, "error": str(exc)}
+print(json.dumps(out), flush=True)
+"""
+
+
+@pytest.mark.parametrize("backend,op,stalled,doing", [
+    ("s3", "save", "arrays", "opening leaf ['x']"),      # TensorStore's requests
+    ("s3", "save", "/c/", "writing chunks"),
+    ("gcs", "save", "hosts", "hosts/0.msgpack"),         # fsspec's requests
+    ("gcs", "restore", "arrays", "leaf"),
+    ("s3", "restore", "manifest", "reading"),
+])
+def test_timeout_s_bounds_a_save_and_a_restore_end_to_end(request, tmp_path, proxied, backend,
+                                                          op, stalled, doing):
+    """A server that accepts requests and never answers them, with each request allowed its
+    default 60 s: ``timeout_s=4`` still ends the save or restore in about 4 s, with an error
+    naming the checkpoint and what was under way; a stalled save commits nothing."""
+    import json
+
+    proxy = proxied(backend)
+    url = f"{backend_url(request, tmp_path, backend)}/ck"
+    if op == "restore":
+        ckpt.save(url, {"x": np.arange(300_000, dtype=np.float32)})
+    proxy.hang = (stalled,)
+    env = {**os.environ, "TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS": "600"}
+    run = subprocess.run([sys.executable, "-c", DEADLINE_RUN, SCHEME[backend], proxy.endpoint,
+                          url, op], capture_output=True, text=True, timeout=240, env=env)
+    assert run.stdout.strip(), run.stderr[-2000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["type"] == "DeadlineExceededError", out
+    assert out["after"] < 4 + 6, out
+    assert url in out["error"] and "timeout_s=4" in out["error"] and doing in out["error"], out
+    proxy.hang = ()
+    if op == "save":
+        assert not open_store(url).exists("COMMIT")
+
+
+def _creates_commit(method, path, body):
+    # S3: a PUT of <ckpt>/COMMIT; GCS: an upload with ifGenerationMatch=0 naming it in its
+    # multipart body.
+    return (method == "PUT" and path.split("?")[0].endswith("/COMMIT")) or (
+        "ifGenerationMatch=0" in path and b"/COMMIT" in body)
+
+
+@pytest.mark.parametrize("backend", ["s3", "gcs"])
+def test_a_commit_create_past_the_deadline_is_reported_as_unknown(request, tmp_path, proxied,
+                                                                  backend):
+    """COMMIT's create is under way when ``timeout_s`` passes: the save cannot know whether
+    it will land, says so, and COMMIT decides."""
+    import json
+
+    proxy = proxied(backend, stall=_creates_commit)
+    url = f"{backend_url(request, tmp_path, backend)}/ck"
+    env = {**os.environ, "TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS": "600"}
+    run = subprocess.run([sys.executable, "-c", DEADLINE_RUN, SCHEME[backend], proxy.endpoint,
+                          url, "save"], capture_output=True, text=True, timeout=240, env=env)
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["type"] == "CommitOutcomeUnknownError", out
+    assert "COMMIT decides" in out["error"] and out["after"] < 4 + 6, out
+
+
 def test_a_gcs_server_that_never_answers_fails_in_bounded_time(request, tmp_path, proxied):
     proxy = proxied("gcs", hang=("/o",))  # every object request stalls
     storage.configure("gs", request_timeout_s=2)

@@ -1,0 +1,155 @@
+"""End-to-end deadlines: a bound on a whole save or restore, not only on each request.
+
+Every request already has a deadline of its own (``request_timeout_s`` in
+`storage.configure`), but a save or restore makes many requests, each retried: only a
+deadline over the whole operation keeps the promise that ``timeout_s`` bounds it. A
+`Deadline` is created by the save or restore that owns ``timeout_s`` and passed down: to a
+`DeadlineStore` for the store's own calls, and to `Deadline.result` for TensorStore futures.
+
+A call still running when its deadline passes is abandoned, not interrupted (neither the
+file system nor fsspec's clients can be): it goes on in a daemon thread until its backend's
+request deadline ends it, and its result is dropped. Callers therefore treat a
+`DeadlineExceededError` as "this may still happen" for the call that raised it (a COMMIT
+create may still land: see ckpt/_commit.py), and as "never happened" for every call that
+the deadline stopped before it started.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from storage._base import Keys, Store
+from storage._errors import StorageError
+
+T = TypeVar("T")
+
+
+class DeadlineExceededError(StorageError, TimeoutError):
+    """A save or restore did not finish within its ``timeout_s``; names the operation, the
+    URL and what was under way."""
+
+
+class Deadline:
+    """A point in monotonic time by which ``what`` (e.g. "saving gs://b/ckpt") must end.
+
+    Thread-safe: read by the thread that runs the operation and by the threads it starts.
+    """
+
+    def __init__(self, seconds: float, what: str) -> None:
+        if not seconds > 0:
+            raise ValueError(f"timeout_s must be a positive number of seconds, not {seconds!r}")
+        self.seconds = float(seconds)
+        self.what = what
+        self._end = time.monotonic() + self.seconds
+
+    def remaining(self) -> float:
+        """Seconds left, never below zero."""
+        return max(0.0, self._end - time.monotonic())
+
+    def error(self, doing: str) -> DeadlineExceededError:
+        """The error for running out of time while ``doing`` (e.g. "writing <url>/COMMIT")."""
+        return DeadlineExceededError(
+            errno.ETIMEDOUT, f"{self.what} did not finish within timeout_s={self.seconds:g} s "
+                             f"(still {doing})")
+
+    def check(self, doing: str) -> None:
+        """Raises `DeadlineExceededError` if no time is left before starting ``doing``."""
+        if self.remaining() <= 0:
+            raise self.error(doing)
+
+    def result(self, future: Any, doing: str) -> Any:
+        """``future.result()`` of a TensorStore future, waiting at most the time left."""
+        try:
+            return future.result(timeout=self.remaining())
+        except TimeoutError as exc:
+            if future.done():  # an error of the operation itself, not our wait
+                raise
+            future.cancel()
+            raise self.error(doing) from exc
+
+    def call(self, doing: str, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)``, abandoned (left running on a daemon thread) when time runs out."""
+        self.check(doing)
+        box: list[Any] = []
+
+        def run() -> None:
+            try:
+                box.append((True, fn(*args)))
+            except BaseException as exc:  # handed to the caller's thread below
+                box.append((False, exc))
+
+        worker = threading.Thread(target=run, name="ckpt-deadline-call", daemon=True)
+        worker.start()
+        worker.join(self.remaining())
+        if not box:
+            raise self.error(doing)
+        ok, value = box[0]
+        if ok:
+            return value  # type: ignore[no-any-return]
+        raise value
+
+
+class DeadlineStore(Store):
+    """``inner`` with every call bounded by ``deadline``: once it passes, calls fail at once
+    with `DeadlineExceededError` and a call under way is abandoned.
+
+    Created by a save (`ckpt.save_async`, `CheckpointManager.save`) and by a restore given
+    ``timeout_s``; used from whichever thread runs that operation.
+    """
+
+    def __init__(self, inner: Store, deadline: Deadline) -> None:
+        super().__init__(inner.location)
+        self.inner = inner
+        self.deadline = deadline
+
+    def child(self, prefix: str) -> Store:
+        return DeadlineStore(self.inner.child(prefix), self.deadline)
+
+    def verify_access(self) -> None:
+        self.deadline.call(f"checking access to {self.url}", self.inner.verify_access)
+
+    def tensorstore_context(self) -> Any:
+        return self.inner.tensorstore_context()
+
+    def _kvstore_spec(self, prefix: str) -> dict[str, Any]:
+        return self.inner._kvstore_spec(prefix)
+
+    def _bounded(self, doing: str, key: str, fn: Callable[..., T], *args: Any) -> T:
+        return self.deadline.call(f"{doing} {self.describe(key)}", fn, *args)
+
+    def _read(self, key: str, max_bytes: int | None) -> bytes:
+        return self._bounded("reading", key, self.inner._read, key, max_bytes)
+
+    def _check_plain_files(self, prefix: str) -> None:
+        self._bounded("listing", prefix, self.inner._check_plain_files, prefix)
+
+    def _write(self, key: str, data: bytes) -> None:
+        self._bounded("writing", key, self.inner._write, key, data)
+
+    def _write_if_absent(self, key: str, data: bytes) -> bool:
+        return self._bounded("creating", key, self.inner._write_if_absent, key, data)
+
+    def _exists(self, key: str) -> bool:
+        return self._bounded("looking up", key, self.inner._exists, key)
+
+    def _list(self, prefix: str) -> Keys:
+        return self._bounded("listing", prefix, self.inner._list, prefix)
+
+    def _list_sizes(self, prefix: str) -> dict[str, int]:
+        return self._bounded("listing", prefix, self.inner._list_sizes, prefix)
+
+    def _list_children(self, prefix: str) -> Keys:
+        return self._bounded("listing", prefix, self.inner._list_children, prefix)
+
+    def _delete(self, key: str) -> None:
+        self._bounded("deleting", key, self.inner._delete, key)
+
+    def _delete_prefix(self, prefix: str) -> None:
+        self._bounded("deleting", prefix, self.inner._delete_prefix, prefix)
+
+    def _prune(self, prefix: str) -> None:
+        self._bounded("removing", prefix, self.inner._prune, prefix)
