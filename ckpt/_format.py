@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
+import math
 from typing import Any
 
 import msgpack
@@ -37,6 +39,12 @@ LEAF_KINDS = ("array", "inline", "value", "none")
 MAX_NDIM = 64
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_%@#~.-")
 SOURCES = ("jax", "numpy", "numpy_scalar")
+# The format's dtype names (docs/format.md) and their sizes in bytes.
+DTYPE_SIZES = {
+    "bool": 1, "int8": 1, "int16": 2, "int32": 4, "int64": 8, "uint8": 1, "uint16": 2,
+    "uint32": 4, "uint64": 8, "float16": 2, "bfloat16": 2, "float32": 4, "float64": 8,
+    "complex64": 8, "complex128": 16, "float8_e4m3fn": 1, "float8_e5m2": 1,
+}
 
 
 @dataclasses.dataclass
@@ -250,16 +258,43 @@ def _decode_leaf(raw: Any, index: int, what: str) -> LeafRecord:
             count *= -(-n // c)
         if not count == len(leaf.writers) == len(leaf.chunk_nbytes) == len(leaf.chunk_crc32c):
             raise CorruptCheckpointError(
-                f"{r.what} lists {len(leaf.writers)} chunks; its shape and chunk shape make "
-                f"{count}")
-    if leaf.kind in ("array", "inline") and len(leaf.shape) > MAX_NDIM:
-        raise CorruptCheckpointError(f"{r.what} has {len(leaf.shape)} dimensions")
+                f"{r.what} ({keystr(leaf.path)}) lists {len(leaf.writers)} chunks; its shape "
+                f"and chunk shape make {count}")
+    if leaf.kind in ("array", "inline"):
+        if len(leaf.shape) > MAX_NDIM:
+            raise CorruptCheckpointError(f"{r.what} has {len(leaf.shape)} dimensions")
+        if leaf.dtype not in DTYPE_SIZES:
+            raise CorruptCheckpointError(f"{r.what} ({keystr(leaf.path)}) has unsupported "
+                                         f"dtype {leaf.dtype!r:.40}")
+    if leaf.kind == "array":
+        _check_chunk_sizes(leaf, r.what)
     elif leaf.kind == "inline":
         leaf.data = r.get("data", bytes)
+        need = math.prod(leaf.shape) * DTYPE_SIZES[leaf.dtype]
+        if len(leaf.data) != need:
+            raise CorruptCheckpointError(
+                f"{r.what} ({keystr(leaf.path)}) holds {len(leaf.data)} bytes; its shape and "
+                f"dtype need {need}")
     elif leaf.kind == "value":
         leaf.vtype = r.get("vtype", str)
         leaf.value = r.obj.get("value")
     return leaf
+
+
+def _check_chunk_sizes(leaf: LeafRecord, what: str) -> None:
+    """Every chunk's recorded size is its box's: readers size buffers from the shape, so a
+    shape the chunks do not bear out must fail here, before anything is allocated from it.
+    The chunk count was checked against the lists, which bounds the work."""
+    itemsize = DTYPE_SIZES[leaf.dtype]
+    extents = [[min(c, n - i) for i in range(0, n, c)]
+               for n, c in zip(leaf.shape, leaf.chunk_shape)]
+    # itertools.product varies the last axis fastest: the chunks' C order.
+    for flat, box in enumerate(itertools.product(*extents)):
+        if leaf.chunk_nbytes[flat] != math.prod(box) * itemsize:
+            raise CorruptCheckpointError(
+                f"{what} ({keystr(leaf.path)}) records {leaf.chunk_nbytes[flat]} bytes for "
+                f"chunk {flat}; its shape, chunk shape and dtype make "
+                f"{math.prod(box) * itemsize}")
 
 
 def decode_manifest(data: bytes, what: str) -> Manifest:

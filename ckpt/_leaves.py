@@ -6,13 +6,14 @@ by restore (`decode_inline`, `decode_value`) on every process.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
 import ml_dtypes
 import numpy as np
 
-from ckpt._format import LeafRecord
+from ckpt._format import DTYPE_SIZES, LeafRecord
 from ckpt._tree import KeyPath, check_text, keystr, leaf_name
 from ckpt.errors import CorruptCheckpointError, UnsupportedLeafError
 
@@ -20,11 +21,7 @@ from ckpt.errors import CorruptCheckpointError, UnsupportedLeafError
 # object fewer per small leaf (optimizer step counts, scalars, biases).
 INLINE_LIMIT = 16 << 10
 
-SUPPORTED_DTYPES = frozenset({
-    "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-    "float16", "bfloat16", "float32", "float64", "complex64", "complex128",
-    "float8_e4m3fn", "float8_e5m2",
-})
+SUPPORTED_DTYPES = frozenset(DTYPE_SIZES)
 
 _VALUE_TYPES: dict[type, str] = {bool: "bool", int: "int", float: "float", complex: "complex",
                                  str: "str", bytes: "bytes"}
@@ -146,7 +143,7 @@ def encode_inline(array: np.ndarray) -> bytes:
 def decode_inline(leaf: LeafRecord, what: str) -> np.ndarray:
     """A small array stored in the manifest, as a fresh numpy array."""
     dtype = dtype_from_name(leaf.dtype, what)
-    count = int(np.prod(leaf.shape, dtype=np.int64))
+    count = math.prod(leaf.shape)  # Python ints: numpy's product would wrap around
     if count * dtype.itemsize != len(leaf.data):
         raise CorruptCheckpointError(
             f"{what} holds {len(leaf.data)} bytes, its shape and dtype need "

@@ -40,7 +40,7 @@ from ckpt.errors import (
     UnsupportedFormatError,
 )
 from restore import chunk_sizes
-from storage import ObjectNotFoundError, StorageError, Store, check_key
+from storage import ObjectNotFoundError, StorageError, Store, UnreadableObjectError, check_key
 
 TREE_METADATA = "_METADATA"
 STEP_METADATA = "_CHECKPOINT_METADATA"
@@ -208,6 +208,12 @@ def open_orbax(store: Store) -> OrbaxItem | None:
     item = find_item(store)
     if item is None:
         return None
+    try:
+        # TensorStore opens the array and OCDBT files here itself: a FIFO or device among
+        # them would block it forever (one listing of the item folder).
+        item.check_plain_files("")
+    except UnreadableObjectError as exc:
+        raise CorruptCheckpointError(str(exc)) from None
     meta_where = item.describe(TREE_METADATA)
     meta = _read_json(item, TREE_METADATA)
     tree = meta.get("tree_metadata") if isinstance(meta, dict) else None

@@ -190,8 +190,9 @@ def reshard(src_url: str | os.PathLike[str], dst_url: str | os.PathLike[str], *,
         grid = grid_shape(new.shape, new.chunk_shape)
         boxes = [chunk_box(unflat_index(flat, grid), new.chunk_shape, new.shape)
                  for flat in range(len(new.chunk_nbytes))]
+        spec = source.array_spec(old)  # checks the source folder: once per array
         for start, stop in _batches(new.chunk_nbytes, batch_limit):
-            job = ArrayReadJob(keystr(old.path), source.array_spec(old), src_ctx, old.shape,
+            job = ArrayReadJob(keystr(old.path), spec, src_ctx, old.shape,
                                old.chunk_shape, dtype_from_name(old.dtype, keystr(old.path)),
                                boxes[start:stop], old.chunk_crc32c or None,
                                crc32c_in_chunk_tail=source.orbax is None)

@@ -429,3 +429,18 @@ def test_deeply_nested_metadata_json_is_a_clean_error(small_orbax):
         f.write("[" * 100_000 + "]" * 100_000)
     with pytest.raises(CorruptCheckpointError, match="_METADATA.*too deeply"):
         ckpt.metadata(path)
+
+
+def test_a_fifo_in_an_orbax_checkpoint_fails_instead_of_blocking(orbax_ckpt, tmp_path):
+    import os
+    import shutil
+
+    path, _, _ = orbax_ckpt
+    copy = tmp_path / "ck"
+    shutil.copytree(path, copy)
+    files = sorted(p for p in copy.rglob("*") if p.is_file() and p.name != "_METADATA")
+    victim = files[-1]  # an array or OCDBT data file: TensorStore would open it
+    victim.unlink()
+    os.mkfifo(victim)
+    with pytest.raises(CorruptCheckpointError, match="not a regular file"):
+        ckpt.restore(str(copy))

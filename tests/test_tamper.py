@@ -172,6 +172,46 @@ def test_resigned_manifest_edits_never_yield_wrong_data(pristine, tmp_path_facto
     _restores_exactly_or_fails_cleanly(url, expected, mesh)
 
 
+def _leaf(doc, name):
+    return next(x for x in doc["leaves"] if x["path"] == [["key", name]])
+
+
+SIZE_LIES = {
+    # A shape the chunks do not bear out: 2**40 floats in one chunk of ~24 KiB.
+    "huge-shape": lambda d: _leaf(d, "b").update(shape=[2**40], chunk_shape=[2**40],
+                                                 chunks={**_leaf(d, "b")["chunks"],
+                                                         "writer": [0], "nbytes": [24000],
+                                                         "crc32c": [0]}),
+    # One chunk's size disagrees with its box.
+    "chunk-size": lambda d: _leaf(d, "i")["chunks"]["nbytes"].__setitem__(0, 1 << 40),
+    # An inline leaf whose shape product wraps around in 64-bit arithmetic.
+    "inline-overflow": lambda d: _leaf(d, "s").update(shape=[2**32, 2**32], dtype="uint8",
+                                                      data=b""),
+    "dtype": lambda d: _leaf(d, "w").update(dtype="float128"),
+}
+
+
+@pytest.mark.parametrize("lie", sorted(SIZE_LIES))
+def test_sizes_in_a_resigned_manifest_are_checked_before_allocating(tmp_path, mesh24, lie):
+    import resource
+
+    url = str(tmp_path / "ck")
+    tree = _tree(mesh24)
+    tree["s"] = np.arange(6, dtype=np.float32)  # small: stored inline in the manifest
+    ckpt.save(url, tree)
+    store = open_store(url)
+    attempt = CommitRecord.decode(store.read(COMMIT), COMMIT).attempt
+    doc = msgpack.unpackb(store.read(f"{attempt}/{MANIFEST}"), strict_map_key=False)
+    SIZE_LIES[lie](doc)
+    _resign(store, msgpack.packb(doc))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    name = {"huge-shape": "b", "chunk-size": "i", "inline-overflow": "s", "dtype": "w"}[lie]
+    for read in (ckpt.restore, ckpt.metadata, verify):
+        with pytest.raises(CorruptCheckpointError, match=rf"\['{name}'\]"):
+            read(url)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 256 << 10  # KiB
+
+
 @pytest.mark.parametrize("rewrite", ["reshard", "convert"])
 def test_rewrites_never_launder_a_damaged_source(root_url, mesh24, rewrite):
     """Two swapped chunks: restore and verify reject the source, so reshard and convert
