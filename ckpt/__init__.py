@@ -16,33 +16,17 @@ See docs/format.md for the on-disk format and docs/protocol.md for the commit pr
 
 from __future__ import annotations
 
-import os as _os
+import inspect as _inspect
+import sys as _sys
+import types as _types
+from typing import Any as _Any
 
-
-def _check_own_packages() -> None:
-    """Refuses to run against another distribution's ``storage`` or ``restore`` package."""
-    import restore as _restore_pkg
-    import storage as _storage_pkg
-
-    here = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-    for module in (_storage_pkg, _restore_pkg):
-        where = _os.path.abspath(getattr(module, "__file__", None) or "<namespace>")
-        if _os.path.dirname(_os.path.dirname(where)) != here:
-            raise ImportError(
-                f"the {module.__name__!r} package imported from {where} is not this library's "
-                f"own (expected it in {here}); another file or package named "
-                f"{module.__name__!r} shadows it on sys.path")
-
-
-_check_own_packages()
-
-from ckpt import errors  # noqa: E402
-from ckpt._info import CheckpointInfo, LeafInfo, metadata  # noqa: E402
-from ckpt._manager import CheckpointManager  # noqa: E402
-from ckpt._restore import restore  # noqa: E402
-from ckpt._save import SaveHandle, save, save_async  # noqa: E402
-from storage import configure as configure_storage  # noqa: E402
-from ckpt.errors import (  # noqa: E402
+from ckpt import errors
+from ckpt._info import CheckpointInfo, LeafInfo, metadata
+from ckpt._manager import CheckpointManager
+from ckpt._save import SaveHandle, save, save_async
+from ckpt.storage import configure as configure_storage
+from ckpt.errors import (
     AttemptRemovedError,
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -55,6 +39,24 @@ from ckpt.errors import (  # noqa: E402
     TargetMismatchError,
     UnsupportedLeafError,
 )
+
+from ckpt._restore import restore  # noqa: E402
+
+
+class _RestorePackage(_types.ModuleType):
+    """The type of `ckpt.restore`, which is two things by design: the subpackage (restore
+    planning and reading: ``import ckpt.restore``, ``from ckpt.restore import plan_reads``)
+    and the public function (``ckpt.restore(url, target)``). Importing a subpackage binds it
+    as its parent's attribute, so one object must be both: calling the subpackage restores."""
+
+    def __call__(self, *args: _Any, **kwargs: _Any) -> _Any:
+        return _restore_fn(*args, **kwargs)
+
+
+_restore_fn = restore
+_sys.modules["ckpt.restore"].__class__ = _RestorePackage
+_sys.modules["ckpt.restore"].__signature__ = _inspect.signature(_restore_fn)  # type: ignore[attr-defined]
+restore = _sys.modules["ckpt.restore"]  # type: ignore[assignment]  # noqa: F811
 
 __all__ = [
     "AttemptRemovedError", "CheckpointExistsError", "CheckpointInfo", "CheckpointManager",

@@ -29,7 +29,7 @@ import time
 
 from ckpt._format import CLAIMS, MAX_COMMIT_BYTES, pack, read_object, unpack
 from ckpt.errors import AttemptRemovedError, CkptError
-from storage import ObjectNotFoundError, Store
+from ckpt.storage import ObjectNotFoundError, Store
 
 log = logging.getLogger("ckpt")
 

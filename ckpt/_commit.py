@@ -25,7 +25,7 @@ from ckpt._format import (
 )
 from ckpt._claims import REMOVING, claim_commit, claim_kind, delete_data, forget, retire
 from ckpt.errors import AttemptRemovedError, CommitConflictError, CommitOutcomeUnknownError
-from storage import DeadlineExceededError, ObjectNotFoundError, StorageError, Store
+from ckpt.storage import DeadlineExceededError, ObjectNotFoundError, StorageError, Store
 
 
 @functools.cache

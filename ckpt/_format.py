@@ -18,7 +18,7 @@ import msgpack
 
 from ckpt._tree import KeyPath, keystr
 from ckpt.errors import CorruptCheckpointError, UnsupportedFormatError
-from storage import Store, UnreadableObjectError
+from ckpt.storage import Store, UnreadableObjectError
 
 FORMAT_VERSION = 1
 FORMAT_NAME = "ckpt"

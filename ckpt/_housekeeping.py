@@ -25,7 +25,7 @@ from ckpt._format import (
     unpack,
 )
 from ckpt.errors import CorruptCheckpointError
-from storage import ObjectNotFoundError, Store
+from ckpt.storage import ObjectNotFoundError, Store
 
 log = logging.getLogger("ckpt")
 

@@ -13,7 +13,7 @@ from ckpt._format import Manifest
 from ckpt._leaves import decode_value, dtype_from_name
 from ckpt._restore import open_readable
 from ckpt._tree import KeyPath, keystr, nest
-from storage import open_store
+from ckpt.storage import open_store
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,7 +47,7 @@ from ckpt.errors import (
     SaveError,
     StepOrderError,
 )
-from storage import open_store
+from ckpt.storage import open_store
 
 log = logging.getLogger("ckpt")
 

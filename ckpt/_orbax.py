@@ -39,8 +39,8 @@ from ckpt.errors import (
     UncommittedCheckpointError,
     UnsupportedFormatError,
 )
-from restore import chunk_sizes
-from storage import ObjectNotFoundError, StorageError, Store, UnreadableObjectError, check_key
+from ckpt.restore import chunk_sizes
+from ckpt.storage import ObjectNotFoundError, StorageError, Store, UnreadableObjectError, check_key
 
 TREE_METADATA = "_METADATA"
 STEP_METADATA = "_CHECKPOINT_METADATA"

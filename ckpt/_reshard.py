@@ -39,7 +39,7 @@ from ckpt._save import ChunkWriter, new_attempt_id
 from ckpt._tree import KeyPath, keystr
 from ckpt._verify import verify
 from ckpt.errors import CheckpointExistsError, CorruptCheckpointError, MeshMismatchError
-from restore import (
+from ckpt.restore import (
     ArrayReadJob,
     chunk_box,
     chunk_sizes,
@@ -49,7 +49,7 @@ from restore import (
     to_slices,
     unflat_index,
 )
-from storage import open_store
+from ckpt.storage import open_store
 
 DEFAULT_BUDGET = 1 << 30
 Spec = tuple[str | tuple[str, ...] | None, ...]

@@ -47,7 +47,7 @@ from ckpt.errors import (
     TargetMismatchError,
     UncommittedCheckpointError,
 )
-from restore import (
+from ckpt.restore import (
     ArrayReadJob,
     Box,
     aligned_empty,
@@ -56,7 +56,7 @@ from restore import (
     read_arrays,
     to_slices,
 )
-from storage import (
+from ckpt.storage import (
     Deadline,
     DeadlineStore,
     ObjectNotFoundError,

@@ -66,8 +66,8 @@ from ckpt.errors import (
     SaveError,
     UnsupportedLeafError,
 )
-from restore import Window, box_size, to_slices
-from storage import Deadline, DeadlineStore, Store, open_store
+from ckpt.restore import Window, box_size, to_slices
+from ckpt.storage import Deadline, DeadlineStore, Store, open_store
 
 # Bytes of chunk writes handed to TensorStore and not yet durable, per process.
 DEFAULT_INFLIGHT_BYTES = 1 << 30

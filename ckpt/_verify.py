@@ -25,8 +25,8 @@ from ckpt._leaves import decode_inline, dtype_from_name
 from ckpt._restore import open_readable
 from ckpt._tree import keystr
 from ckpt.errors import CorruptCheckpointError, UnsupportedFormatError
-from restore import Window, box_size, chunk_box, to_slices, unflat_index
-from storage import ObjectNotFoundError, open_store
+from ckpt.restore import Window, box_size, chunk_box, to_slices, unflat_index
+from ckpt.storage import ObjectNotFoundError, open_store
 
 DEFAULT_BUDGET = 256 << 20
 

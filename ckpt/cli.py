@@ -30,7 +30,7 @@ from ckpt._info import CheckpointInfo, metadata
 from ckpt._reshard import convert, parse_mesh, parse_spec, reshard
 from ckpt._verify import verify
 from ckpt.errors import CkptError
-from storage import open_store
+from ckpt.storage import open_store
 
 EPILOG = "URLs: a path, file://PATH, s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, memory://NAME/PREFIX."
 

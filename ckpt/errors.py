@@ -40,8 +40,8 @@ exported here::
 
 from __future__ import annotations
 
-from restore._errors import CorruptCheckpointError
-from storage import (
+from ckpt.restore._errors import CorruptCheckpointError
+from ckpt.storage import (
     AccessDeniedError,
     BucketNotFoundError,
     CkptError,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from storage import CkptError
+from ckpt.storage import CkptError
 
 
 class CorruptCheckpointError(CkptError, ValueError):

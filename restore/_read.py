@@ -25,9 +25,9 @@ import google_crc32c
 import numpy as np
 import tensorstore as ts
 
-from restore._errors import CorruptCheckpointError
-from restore._window import Window
-from restore._plan import (
+from ckpt.restore._errors import CorruptCheckpointError
+from ckpt.restore._window import Window
+from ckpt.restore._plan import (
     Box,
     ChunkRead,
     box_shape,
@@ -37,7 +37,7 @@ from restore._plan import (
     plan_reads,
     to_slices,
 )
-from storage import Deadline, DeadlineExceededError, StorageError
+from ckpt.storage import Deadline, DeadlineExceededError, StorageError
 
 MIN_MEMORY_BUDGET = 64 << 20
 MAX_MEMORY_BUDGET = 1 << 30

@@ -11,7 +11,7 @@ import collections
 from collections.abc import Callable
 from typing import Any
 
-from storage import Deadline, DeadlineExceededError
+from ckpt.storage import Deadline, DeadlineExceededError
 
 
 class Window:

@@ -1,16 +1,17 @@
 """Storage: URL parsing and one small `Store` interface over local disk, memory, GCS and S3.
 
-This package knows nothing about arrays or checkpoints and imports neither ``ckpt`` nor
-``restore``. `open_store` is the only way the layers above get a store.
+Imported as ``ckpt.storage`` (the folder ``storage/`` is mapped there at install). It knows
+nothing about arrays or checkpoints and imports only its own modules. `open_store` is the
+only way the layers above get a store.
 """
 
 from __future__ import annotations
 
 import os
 
-from storage._base import Store, check_key, join
-from storage._deadline import Deadline, DeadlineExceededError, DeadlineStore
-from storage._errors import (
+from ckpt.storage._base import Store, check_key, join
+from ckpt.storage._deadline import Deadline, DeadlineExceededError, DeadlineStore
+from ckpt.storage._errors import (
     AccessDeniedError,
     BucketNotFoundError,
     CkptError,
@@ -20,10 +21,10 @@ from storage._errors import (
     UnreadableObjectError,
     UnsupportedURLError,
 )
-from storage._local import LocalStore
-from storage._memory import MemoryStore, memory_context
-from storage._object import ObjectStore, configure
-from storage._url import SCHEMES, Location, parse_url
+from ckpt.storage._local import LocalStore
+from ckpt.storage._memory import MemoryStore, memory_context
+from ckpt.storage._object import ObjectStore, configure
+from ckpt.storage._url import SCHEMES, Location, parse_url
 
 __all__ = [
     "SCHEMES", "AccessDeniedError", "BucketNotFoundError", "ObjectStore", "configure",

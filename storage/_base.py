@@ -19,8 +19,8 @@ from typing import Any
 
 import tensorstore as ts
 
-from storage._errors import InvalidKeyError, UnreadableObjectError
-from storage._url import Location
+from ckpt.storage._errors import InvalidKeyError, UnreadableObjectError
+from ckpt.storage._url import Location
 
 _CONTEXT_LOCK = threading.Lock()
 _SHARED_CONTEXT: ts.Context | None = None

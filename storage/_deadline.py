@@ -22,8 +22,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from storage._base import Keys, Store
-from storage._errors import StorageError
+from ckpt.storage._base import Keys, Store
+from ckpt.storage._errors import StorageError
 
 T = TypeVar("T")
 

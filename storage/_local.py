@@ -15,8 +15,8 @@ import shutil
 import stat
 from typing import Any
 
-from storage._base import Store
-from storage._errors import ObjectNotFoundError, StorageError, UnreadableObjectError
+from ckpt.storage._base import Store
+from ckpt.storage._errors import ObjectNotFoundError, StorageError, UnreadableObjectError
 
 _TMP_MARK = ".ckpt-tmp-"
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import tensorstore as ts
 
-from storage._base import Store
-from storage._errors import ObjectNotFoundError
+from ckpt.storage._base import Store
+from ckpt.storage._errors import ObjectNotFoundError
 
 _CONTEXT_LOCK = threading.Lock()
 _CONTEXT: ts.Context | None = None

@@ -27,8 +27,8 @@ from typing import Any
 
 import tensorstore as ts
 
-from storage._base import Keys, Store
-from storage._errors import (
+from ckpt.storage._base import Keys, Store
+from ckpt.storage._errors import (
     AccessDeniedError,
     BucketNotFoundError,
     ObjectNotFoundError,

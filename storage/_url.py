@@ -10,7 +10,7 @@ import dataclasses
 import os
 import urllib.parse
 
-from storage._errors import UnsupportedURLError
+from ckpt.storage._errors import UnsupportedURLError
 
 SCHEMES = ("file", "memory", "gs", "s3")
 

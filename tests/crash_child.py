@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ckpt  # noqa: E402
 import ckpt._save as save_mod  # noqa: E402
-from storage import Store  # noqa: E402
+from ckpt.storage import Store  # noqa: E402
 from tests.crash_state import make_state  # noqa: E402
 
 

@@ -68,7 +68,7 @@ def save(url, step, mesh_shape):
 
 def restore_on(url, step, mesh_shape):
     """Restores onto ``mesh_shape`` with the saved specs; counts the chunk bytes read."""
-    import restore._read as rr
+    import ckpt.restore._read as rr
 
     read = [0]
     real = rr.plan_reads
@@ -90,7 +90,7 @@ def restore_on(url, step, mesh_shape):
 
 def save_then_kill(url, step, mesh_shape, victim, point):
     """Saves ``step``; process ``victim`` SIGKILLs itself at ``point`` (or the parent kills)."""
-    from storage import LocalStore
+    from ckpt.storage import LocalStore
 
     me = jax.process_index()
     if me == victim and point != "parent":
@@ -206,7 +206,7 @@ def slow_commit(url, timeout_s, where):
     decides), never that nothing was committed."""
     import ckpt._commit as commit_mod
     from jax._src.distributed import global_state
-    from storage._local import LocalStore
+    from ckpt.storage._local import LocalStore
 
     client = global_state.client
     me = jax.process_index()

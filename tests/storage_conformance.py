@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
-from storage import InvalidKeyError, ObjectNotFoundError, Store, UnreadableObjectError
+from ckpt.storage import InvalidKeyError, ObjectNotFoundError, Store, UnreadableObjectError
 
 
 class StoreConformance:

@@ -147,7 +147,7 @@ def test_overwrite_is_atomic_old_readable_until_new_commits(tmp_path, monkeypatc
     import threading
 
     import ckpt._save as save_mod
-    from storage import open_store
+    from ckpt.storage import open_store
 
     url = tmp_path / "c"
     ckpt.save(url, {"x": np.full(50000, 1.0)})

@@ -14,7 +14,7 @@ import pytest
 
 import ckpt
 from ckpt import cli
-from storage import open_store
+from ckpt.storage import open_store
 from tests.conftest import backend_url
 from tests.crash_state import host_state, make_state
 

@@ -19,7 +19,7 @@ import ckpt
 from ckpt._format import COMMIT, MANIFEST, CommitRecord, decode_manifest, sha256
 from ckpt._verify import verify
 from ckpt.errors import CorruptCheckpointError, UnsupportedFormatError
-from storage import open_store
+from ckpt.storage import open_store
 from tests.mutation import mutate
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 import ckpt
 from ckpt.errors import SaveError
-from storage import open_store
+from ckpt.storage import open_store
 
 
 def _state(step, mesh):

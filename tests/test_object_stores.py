@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 import ckpt
-import storage
-from storage import AccessDeniedError, BucketNotFoundError, StorageError, open_store
+import ckpt.storage as storage
+
+from ckpt.storage import AccessDeniedError, BucketNotFoundError, StorageError, open_store
 from tests.conftest import BUCKET, backend_url
 from tests.faultproxy import FaultProxy
 

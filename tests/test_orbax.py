@@ -26,7 +26,7 @@ from ckpt.errors import (
     UncommittedCheckpointError,
     UnsupportedFormatError,
 )
-from storage import open_store
+from ckpt.storage import open_store
 from tests.conftest import backend_url, cli_extra_rss, make_mesh
 
 LAYOUTS = [(True, False), (True, True), (False, False), (False, True)]  # (OCDBT, zarr v3)

@@ -10,7 +10,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ckpt import _ownership as own
-from restore import box_shape, box_size, chunk_box, grid_shape, intersect, plan_reads
+from ckpt.restore import box_shape, box_size, chunk_box, grid_shape, intersect, plan_reads
 from tests.conftest import make_mesh
 
 

@@ -139,7 +139,7 @@ def test_mesh_lacking_saved_axis_is_an_error(saved):
 def test_each_process_reads_only_needed_chunks(saved, monkeypatch):
     # Restoring onto one device of a 1x1 mesh and onto a partial 2-device mesh reads only
     # chunks overlapping the boxes those devices hold.
-    import restore._read as rr
+    import ckpt.restore._read as rr
 
     url, host = saved
     calls = []

@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import ckpt
-from restore._read import default_memory_budget
+from ckpt.restore._read import default_memory_budget
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -28,7 +28,7 @@ from ckpt.errors import (
     StepOrderError,
     StorageError,
 )
-from storage import open_store
+from ckpt.storage import open_store
 from tests.conftest import backend_url
 from tests.crash_state import host_state, make_state
 
@@ -310,7 +310,7 @@ def test_a_commit_recreated_by_a_late_retry_after_a_delete_is_undone(root_url, m
     """The server applies the create of COMMIT but its answer is lost; the committer pauses;
     the step is deleted meanwhile; the client's retry then creates COMMIT again. The
     committer finds its claim gone, removes that COMMIT and fails loudly."""
-    from storage._base import Store
+    from ckpt.storage._base import Store
 
     with ckpt.CheckpointManager(root_url) as mgr:
         mgr.save(1, _tree(1))

@@ -3,7 +3,7 @@ import secrets
 
 import pytest
 
-from storage import (
+from ckpt.storage import (
     LocalStore,
     MemoryStore,
     ObjectNotFoundError,

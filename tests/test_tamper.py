@@ -19,7 +19,7 @@ from ckpt._format import COMMIT, MANIFEST, CommitRecord, sha256
 from ckpt._reshard import reshard
 from ckpt._verify import verify
 from ckpt.errors import CkptError, CorruptCheckpointError
-from storage import open_store
+from ckpt.storage import open_store
 from tests.conftest import make_mesh
 from tests.mutation import mutate
 

@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 import ckpt
 from ckpt._housekeeping import committed_steps
 from ckpt.cli import main
-from storage import open_store
+from ckpt.storage import open_store
 from tests.conftest import backend_url, cli_extra_rss, make_mesh
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -116,7 +116,7 @@ def test_reshard_to_new_mesh_restores_reading_each_chunk_once(
     dst = backend_url(request, tmp_path, dst_backend) + "/new"
     assert main(["reshard", "-q", url, dst, "--mesh", "data=4,model=2",
                  "--spec", "params/w=model,data"]) == 0
-    import restore._read as rr
+    import ckpt.restore._read as rr
 
     reads = []
     real = rr.plan_reads

@@ -52,7 +52,7 @@ def worker(url: str, mib: int, rounds: int) -> dict[str, Any]:
 
     import ckpt
     from ckpt import _coord
-    from storage import Store
+    from ckpt.storage import Store
 
     mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
     n_arrays = 8

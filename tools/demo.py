@@ -135,7 +135,7 @@ def drive(args: argparse.Namespace) -> int:
           "was being written")
 
     import ckpt
-    from storage import open_store
+    from ckpt.storage import open_store
 
     store = open_store(args.root)
     for step in sorted(store.list_children(), key=int):
