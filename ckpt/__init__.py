@@ -17,9 +17,15 @@ See docs/format.md for the on-disk format and docs/protocol.md for the commit pr
 from __future__ import annotations
 
 import inspect as _inspect
+from importlib import metadata as _metadata
 import sys as _sys
 import types as _types
 from typing import Any as _Any
+
+try:
+    __version__ = _metadata.version("shardckpt")
+except _metadata.PackageNotFoundError:  # run from a source tree that is not installed
+    __version__ = "0+unknown"
 
 from ckpt import errors
 from ckpt._info import CheckpointInfo, LeafInfo, metadata
@@ -64,5 +70,5 @@ __all__ = [
     "LeafInfo",
     "ReadOnlyError", "SaveError", "SaveHandle", "StepOrderError", "TargetMismatchError",
     "UnsupportedLeafError", "configure_storage", "errors", "metadata", "restore", "save",
-    "save_async",
+    "save_async", "__version__",
 ]

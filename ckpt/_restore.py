@@ -413,9 +413,14 @@ def _restore_source(source: Readable, target: Any, mesh: Any,
         if rec.kind == "value":
             values[i] = decode_value(rec, what)
             if want.dtype is not None:  # a number restored as a 0-d array
+                # numpy 1.x wraps an out-of-range integer around (2.x raises): check first.
+                fits = not (want.dtype.kind in "iu" and isinstance(values[i], int)) or \
+                    np.iinfo(want.dtype).min <= values[i] <= np.iinfo(want.dtype).max
                 try:
-                    number = np.asarray(values[i], dtype=want.dtype)
+                    number = np.asarray(values[i], dtype=want.dtype) if fits else None
                 except OverflowError:
+                    number = None
+                if number is None:
                     raise DtypeMismatchError(f"{what}: {values[i]} does not fit "
                                              f"{want.dtype}") from None
                 values[i] = _assemble(want, [number], [full_box(())])

@@ -309,11 +309,18 @@ def _rewrite_args(p: argparse.ArgumentParser, *, mesh_help: str, mesh_required: 
     p.set_defaults(func=_rewrite)
 
 
+def _version() -> str:
+    import ckpt
+
+    return ckpt.__version__
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ckpt", epilog=EPILOG,
         description="Inspect, check, convert and clean up JAX checkpoints.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("inspect", epilog=EPILOG,

@@ -13,6 +13,7 @@ exported here::
     │   ├── UnreadableObjectError               over a reader's size limit, or not a file
     │   └── DeadlineExceededError (TimeoutError)  a save or restore ran past its timeout_s
     ├── UnsupportedURLError (ValueError)        unknown scheme, malformed URL
+    ├── MissingDependencyError (ImportError)    an s3:// or gs:// URL without its extra
     ├── InvalidKeyError (ValueError)            a storage key that could leave its root
     ├── CheckpointNotFoundError (FileNotFoundError)   nothing committed at the URL
     │   ├── NotACheckpointError                 the folder holds something else
@@ -47,6 +48,7 @@ from ckpt.storage import (
     CkptError,
     DeadlineExceededError,
     InvalidKeyError,
+    MissingDependencyError,
     ObjectNotFoundError,
     StorageError,
     UnreadableObjectError,
@@ -54,14 +56,15 @@ from ckpt.storage import (
 )
 
 __all__ = [
-    "AccessDeniedError", "AttemptRemovedError", "BucketNotFoundError", "CheckpointExistsError",
-    "CheckpointNotFoundError", "CkptError", "CommitConflictError", "CommitOutcomeUnknownError",
-    "CoordinationError", "CorruptCheckpointError", "DeadlineExceededError", "DtypeMismatchError", "InvalidKeyError",
-    "InvalidMetadataError", "MeshMismatchError", "MissingLeafError", "NotACheckpointError",
-    "ObjectNotFoundError", "ReadOnlyError", "SaveError", "ShapeMismatchError",
-    "StepOrderError", "StorageError", "TargetMismatchError", "UncommittedCheckpointError",
-    "UnreadableObjectError", "UnsupportedFormatError", "UnsupportedLeafError",
-    "UnsupportedURLError",
+    "AccessDeniedError", "AttemptRemovedError", "BucketNotFoundError",
+    "CheckpointExistsError", "CheckpointNotFoundError", "CkptError", "CommitConflictError",
+    "CommitOutcomeUnknownError", "CoordinationError", "CorruptCheckpointError",
+    "DeadlineExceededError", "DtypeMismatchError", "InvalidKeyError",
+    "InvalidMetadataError", "MeshMismatchError", "MissingDependencyError",
+    "MissingLeafError", "NotACheckpointError", "ObjectNotFoundError", "ReadOnlyError",
+    "SaveError", "ShapeMismatchError", "StepOrderError", "StorageError",
+    "TargetMismatchError", "UncommittedCheckpointError", "UnreadableObjectError",
+    "UnsupportedFormatError", "UnsupportedLeafError", "UnsupportedURLError",
 ]
 
 

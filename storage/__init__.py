@@ -16,6 +16,7 @@ from ckpt.storage._errors import (
     BucketNotFoundError,
     CkptError,
     InvalidKeyError,
+    MissingDependencyError,
     ObjectNotFoundError,
     StorageError,
     UnreadableObjectError,
@@ -27,11 +28,11 @@ from ckpt.storage._object import ObjectStore, configure
 from ckpt.storage._url import SCHEMES, Location, parse_url
 
 __all__ = [
-    "SCHEMES", "AccessDeniedError", "BucketNotFoundError", "ObjectStore", "configure",
-    "CkptError", "Deadline", "DeadlineExceededError", "DeadlineStore", "InvalidKeyError", "LocalStore", "Location", "MemoryStore",
-    "ObjectNotFoundError", "StorageError", "Store", "UnreadableObjectError",
-    "UnsupportedURLError", "check_key", "join",
-    "memory_context", "open_store", "parse_url",
+    "AccessDeniedError", "BucketNotFoundError", "CkptError", "Deadline",
+    "DeadlineExceededError", "DeadlineStore", "InvalidKeyError", "LocalStore", "Location",
+    "MemoryStore", "MissingDependencyError", "ObjectNotFoundError", "ObjectStore",
+    "SCHEMES", "StorageError", "Store", "UnreadableObjectError", "UnsupportedURLError",
+    "check_key", "configure", "join", "memory_context", "open_store", "parse_url",
 ]
 
 

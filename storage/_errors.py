@@ -24,6 +24,11 @@ class UnsupportedURLError(CkptError, ValueError):
     """A URL whose scheme or shape no backend understands."""
 
 
+class MissingDependencyError(CkptError, ImportError):
+    """A URL whose backend needs a package that is not installed (the message names the
+    extra to install, e.g. ``shardckpt[s3]``)."""
+
+
 class InvalidKeyError(CkptError, ValueError):
     """A storage key that could escape the store's root (``..``, absolute, NUL, empty part)."""
 

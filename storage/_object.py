@@ -20,6 +20,7 @@ retry budget is set by ``max_retries``.
 from __future__ import annotations
 
 import errno
+import importlib
 import os
 import threading
 import time
@@ -31,6 +32,7 @@ from ckpt.storage._base import Keys, Store
 from ckpt.storage._errors import (
     AccessDeniedError,
     BucketNotFoundError,
+    MissingDependencyError,
     ObjectNotFoundError,
     StorageError,
     UnsupportedURLError,
@@ -134,9 +136,24 @@ def _settings(scheme: str) -> dict[str, Any]:
             "request_timeout_s": float(over.get("request_timeout_s", DEFAULT_REQUEST_TIMEOUT_S))}
 
 
+# The fsspec client each scheme needs, and the extra of this distribution that installs it.
+_CLIENTS = {"s3": ("s3fs", "s3"), "gs": ("gcsfs", "gcs")}
+
+
+def _client_module(scheme: str) -> Any:
+    """The client package for ``scheme``, or one line saying which extra installs it."""
+    module, extra = _CLIENTS[scheme]
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"{scheme}:// URLs need the {module} package, which is not installed: "
+            f"pip install 'shardckpt[{extra}]'") from exc
+
+
 def _filesystem(scheme: str, s: dict[str, Any]) -> Any:
     if scheme == "s3":
-        import s3fs
+        s3fs = _client_module("s3")
 
         kwargs: dict[str, Any] = {
             "anon": s["anonymous"], "use_listings_cache": False,
@@ -157,8 +174,7 @@ def _filesystem(scheme: str, s: dict[str, Any]) -> Any:
         # TensorStore's gcs driver reads its endpoint from the environment only (when a
         # kvstore is opened), so the configured endpoint is published there.
         os.environ["TENSORSTORE_GCS_HTTP_URL"] = s["endpoint_url"]
-    import gcsfs
-
+    gcsfs = _client_module("gs")
     import aiohttp
 
     # gcsfs has no deadline unless given one (and does not retry a timed-out request). A

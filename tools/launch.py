@@ -152,14 +152,18 @@ def _worker(index: int, spec_text: str) -> None:
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={spec['devices']}"
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import importlib
+    import inspect
 
     import jax
 
+    options = {}
+    # Older jax (0.6) has no such option: it then takes longer to notice a dead process.
+    if "heartbeat_timeout_seconds" in inspect.signature(jax.distributed.initialize).parameters:
+        options["heartbeat_timeout_seconds"] = spec["heartbeat_s"]
     jax.distributed.initialize(
         coordinator_address=f"127.0.0.1:{spec['port']}",
         coordinator_bind_address=f"127.0.0.1:{spec['port']}",
-        num_processes=spec["nprocs"], process_id=index, initialization_timeout=60,
-        heartbeat_timeout_seconds=spec["heartbeat_s"])
+        num_processes=spec["nprocs"], process_id=index, initialization_timeout=60, **options)
     module, _, name = spec["target"].partition(":")
     result = getattr(importlib.import_module(module), name)(*spec["args"])
     print(_RESULT + json.dumps(result), flush=True)
