@@ -25,7 +25,7 @@ from ckpt._format import (
 )
 from ckpt._claims import REMOVING, claim_commit, claim_kind, delete_data, forget, retire
 from ckpt.errors import AttemptRemovedError, CommitConflictError, CommitOutcomeUnknownError
-from ckpt.storage import DeadlineExceededError, ObjectNotFoundError, StorageError, Store
+from ckpt.storage import DeadlineStore, ObjectNotFoundError, StorageError, Store
 
 
 @functools.cache
@@ -54,11 +54,11 @@ def commit(store: Store, *, attempt: str, records: list[LeafRecord], metadata: A
         AttemptRemovedError: a cleaner claimed ``attempt`` first (see `ckpt._claims`), or
             removed it while COMMIT was being created.
         CommitConflictError: another attempt holds COMMIT (without ``overwrite``).
-        StorageError: creating COMMIT failed and COMMIT names no attempt yet: the request
-            may still land, so the attempt is kept (it shows as ``claimed``).
-        CommitOutcomeUnknownError: ``store``'s deadline (a `DeadlineStore`) passed while
-            COMMIT was being created or checked: the abandoned request may still land.
-        DeadlineExceededError: it passed before COMMIT was written: nothing was committed.
+        CommitOutcomeUnknownError: creating COMMIT failed and COMMIT names no attempt yet:
+            the request may still land, so the attempt is kept (it shows as ``claimed``) and
+            COMMIT decides.
+        DeadlineExceededError: ``store``'s deadline (a `DeadlineStore`) passed before
+            COMMIT was begun: nothing was committed.
     """
     manifest = Manifest(attempt=attempt, process_count=process_count, created_at=created_at,
                         committed_at=time.time(), versions=versions(), metadata=metadata,
@@ -68,33 +68,34 @@ def commit(store: Store, *, attempt: str, records: list[LeafRecord], metadata: A
     claim_commit(store, attempt)
     record = CommitRecord(attempt=attempt, manifest_sha256=sha256(data),
                           committed_at=manifest.committed_at).encode()
+    if isinstance(store, DeadlineStore):
+        # What changes or checks COMMIT is never abandoned: a COMMIT write left running
+        # could land after a later save and replace it. Once begun, these few requests run
+        # to their end, each bounded by its own request deadline (docs/protocol.md).
+        store.deadline.check(f"creating {store.describe(COMMIT)}")
+        store = store.inner
+    if overwrite:
+        _replace(store, attempt, record)
+        return
     try:
-        if overwrite:
-            _replace(store, attempt, record)
-            return
-        try:
-            won = store.write_if_absent(COMMIT, record)
-        except DeadlineExceededError:
-            raise
-        except StorageError:
-            # The create may have been applied with its answer lost: COMMIT tells. If it
-            # names nobody, the request may still land, so the attempt stays claimed.
-            holder = committed_attempt(store)
-            if holder is None:
-                raise
-            won = holder == attempt
-        if won:
-            _check_still_claimed(store, attempt)
-            return
-    except DeadlineExceededError as exc:
-        raise CommitOutcomeUnknownError(
-            f"{exc}; whether attempt {attempt} committed is not known yet (the request may "
-            f"still land): the checkpoint's COMMIT decides (latest_step, restore)") from exc
-    if not won:
-        retire(store, attempt)
-        delete_data(store, attempt)
-        raise CommitConflictError(
-            f"{store.url} was committed by another attempt; attempt {attempt} lost")
+        won = store.write_if_absent(COMMIT, record)
+    except StorageError as exc:
+        # The create may have been applied with its answer lost: COMMIT tells. If it names
+        # nobody, the request may still land, so the attempt stays claimed.
+        holder = committed_attempt(store)
+        if holder is None:
+            raise CommitOutcomeUnknownError(
+                f"creating {store.describe(COMMIT)} failed ({exc}) and it names no attempt "
+                f"yet; the request may still land: whether attempt {attempt} committed, the "
+                f"checkpoint's COMMIT decides (latest_step, restore)") from exc
+        won = holder == attempt
+    if won:
+        _check_still_claimed(store, attempt)
+        return
+    retire(store, attempt)
+    delete_data(store, attempt)
+    raise CommitConflictError(
+        f"{store.url} was committed by another attempt; attempt {attempt} lost")
 
 
 def committed_attempt(store: Store) -> str | None:

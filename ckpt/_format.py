@@ -285,6 +285,8 @@ def _check_chunk_sizes(leaf: LeafRecord, what: str) -> None:
     """Every chunk's recorded size is its box's: readers size buffers from the shape, so a
     shape the chunks do not bear out must fail here, before anything is allocated from it.
     The chunk count was checked against the lists, which bounds the work."""
+    if not leaf.chunk_nbytes:  # a zero-size dimension: no chunks, nothing to size
+        return
     itemsize = DTYPE_SIZES[leaf.dtype]
     extents = [[min(c, n - i) for i in range(0, n, c)]
                for n, c in zip(leaf.shape, leaf.chunk_shape)]

@@ -47,7 +47,7 @@ from ckpt.errors import (
     SaveError,
     StepOrderError,
 )
-from ckpt.storage import open_store
+from ckpt.storage import Deadline, DeadlineStore, open_store
 
 log = logging.getLogger("ckpt")
 
@@ -362,16 +362,21 @@ class CheckpointManager:
 
     def restore(self, step: int | None = None, target: Any = None, mesh: Any = None, *,
                 timeout_s: float | None = None) -> Any:
-        """Restores ``step`` (default: the latest committed one); see `ckpt.restore`."""
+        """Restores ``step`` (default: the latest committed one); see `ckpt.restore`.
+        ``timeout_s`` bounds finding the step too."""
+        store = self._store
+        deadline = None
+        if timeout_s is not None:
+            deadline = Deadline(timeout_s, f"restoring from {self.root_url}")
+            store = DeadlineStore(store, deadline)
         if step is None:
-            step = self.latest_step()
+            step = latest_committed_step(store)
             if step is None:
                 raise CheckpointNotFoundError(f"no committed step under {self.root_url}")
-        elif is_abandoned(self._store, step, abandoned(self._store)):
+        elif is_abandoned(store, step, abandoned(store)):
             raise CheckpointNotFoundError(f"step {step} under {self.root_url} was abandoned "
                                           "by a rewind")
-        return restore_from(self._store.child(str(step)), target, mesh=mesh,
-                            timeout_s=timeout_s)
+        return restore_from(store.child(str(step)), target, mesh=mesh, deadline=deadline)
 
     # -- lifetime --------------------------------------------------------------------------
 

@@ -40,7 +40,14 @@ from ckpt.errors import (
     UnsupportedFormatError,
 )
 from ckpt.restore import chunk_sizes
-from ckpt.storage import ObjectNotFoundError, StorageError, Store, UnreadableObjectError, check_key
+from ckpt.storage import (
+    DeadlineExceededError,
+    ObjectNotFoundError,
+    StorageError,
+    Store,
+    UnreadableObjectError,
+    check_key,
+)
 
 TREE_METADATA = "_METADATA"
 STEP_METADATA = "_CHECKPOINT_METADATA"
@@ -269,7 +276,9 @@ def open_orbax(store: Store) -> OrbaxItem | None:
     for rec, name, vtype, fut in opening:
         what = f"leaf {keystr(rec.path)} of {item.url}"
         try:
-            arr = fut.result()
+            arr = item.wait(fut, f"opening {what}")
+        except DeadlineExceededError:
+            raise
         except Exception as exc:
             if "NOT_FOUND" in str(exc) or "FAILED_PRECONDITION" in str(exc):
                 raise CorruptCheckpointError(f"{what}: its array is missing or unreadable: "
@@ -291,7 +300,9 @@ def open_orbax(store: Store) -> OrbaxItem | None:
                 shardings.get(name), len(rec.shape), item.describe(SHARDING))
     for rec, fut in scalars:
         try:
-            value = fut.result()
+            value = item.wait(fut, f"reading leaf {keystr(rec.path)}")
+        except DeadlineExceededError:
+            raise
         except Exception as exc:
             raise CorruptCheckpointError(
                 f"leaf {keystr(rec.path)} of {item.url}: cannot read it: {exc}") from None

@@ -356,15 +356,14 @@ def _cast(host: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
 
 
 def restore_from(store: Store, target: Any = None, *, mesh: Any = None,
-                 memory_budget: int | None = None, timeout_s: float | None = None) -> Any:
+                 memory_budget: int | None = None, deadline: Deadline | None = None) -> Any:
     """Restores the checkpoint in ``store``; see `ckpt.restore`.
 
     Called on every process that needs the state; each reads only the boxes its own
-    devices hold (or the whole arrays, for a host-numpy restore).
+    devices hold (or the whole arrays, for a host-numpy restore). With a ``deadline``,
+    ``store`` is bound by it too (a `DeadlineStore`, made here if it is not one).
     """
-    deadline = None
-    if timeout_s is not None:
-        deadline = Deadline(timeout_s, f"restoring {store.url}")
+    if deadline is not None and not isinstance(store, DeadlineStore):
         store = DeadlineStore(store, deadline)
     source = open_readable(store)
     for _ in range(OVERWRITE_RETRIES):
@@ -473,4 +472,5 @@ def restore(url: str | os.PathLike[str], target: Any = None, *, mesh: Any = None
             (the message names the file that shows it).
         DeadlineExceededError: ``timeout_s`` passed first (nothing is returned).
     """
-    return restore_from(open_store(url), target, mesh=mesh, timeout_s=timeout_s)
+    deadline = None if timeout_s is None else Deadline(timeout_s, f"restoring {url}")
+    return restore_from(open_store(url), target, mesh=mesh, deadline=deadline)

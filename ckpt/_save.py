@@ -563,8 +563,8 @@ def save_async(url: str | os.PathLike[str], tree: Any, *, metadata: Any = None,
             processes end with it (a process that does not arrive fails the save on the
             others with an error naming it), and so do storage requests (one under way is
             abandoned): the save fails with `DeadlineExceededError` naming the URL and what
-            was under way, or, if time ran out while COMMIT was being created,
-            `CommitOutcomeUnknownError` (the checkpoint's COMMIT decides).
+            was under way. Creating COMMIT, once begun, is never abandoned: it ends within
+            its own request deadlines (docs/protocol.md, "Deadlines").
         overwrite: replace a committed checkpoint at ``url``. The old one stays readable
             until the new one commits; then COMMIT is replaced atomically and the old
             attempt deleted.

@@ -215,6 +215,11 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def _kvstore_spec(self, prefix: str) -> dict[str, Any]: ...
 
+    def wait(self, future: Any, doing: str) -> Any:
+        """The result of a TensorStore ``future`` on this store's data (``doing`` names it
+        for errors); a `DeadlineStore` waits only until its deadline."""
+        return future.result()
+
     def tensorstore_context(self) -> ts.Context:
         """The TensorStore context arrays of this store are opened with.
 

@@ -115,6 +115,9 @@ class DeadlineStore(Store):
     def tensorstore_context(self) -> Any:
         return self.inner.tensorstore_context()
 
+    def wait(self, future: Any, doing: str) -> Any:
+        return self.deadline.result(future, f"{doing} ({self.url})")
+
     def _kvstore_spec(self, prefix: str) -> dict[str, Any]:
         return self.inner._kvstore_spec(prefix)
 

@@ -242,9 +242,10 @@ DEADLINE_RUN = """
 import json, sys, time
 import numpy as np
 import ckpt
-scheme, endpoint, url, op = sys.argv[1:5]
-# Each request may take its default 60 s: only the end-to-end timeout_s can end these.
-ckpt.configure_storage(scheme, endpoint_url=endpoint, max_retries=1)
+scheme, endpoint, url, op, request_timeout_s = sys.argv[1:6]
+# By default each request may take 60 s: only the end-to-end timeout_s can end these.
+ckpt.configure_storage(scheme, endpoint_url=endpoint, max_retries=1,
+                       request_timeout_s=float(request_timeout_s))
 t = time.monotonic()
 try:
     if op == "save":
@@ -279,7 +280,7 @@ def test_timeout_s_bounds_a_save_and_a_restore_end_to_end(request, tmp_path, pro
     proxy.hang = (stalled,)
     env = {**os.environ, "TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS": "600"}
     run = subprocess.run([sys.executable, "-c", DEADLINE_RUN, SCHEME[backend], proxy.endpoint,
-                          url, op], capture_output=True, text=True, timeout=240, env=env)
+                          url, op, "60"], capture_output=True, text=True, timeout=240, env=env)
     assert run.stdout.strip(), run.stderr[-2000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out["type"] == "DeadlineExceededError", out
@@ -298,20 +299,25 @@ def _creates_commit(method, path, body):
 
 
 @pytest.mark.parametrize("backend", ["s3", "gcs"])
-def test_a_commit_create_past_the_deadline_is_reported_as_unknown(request, tmp_path, proxied,
-                                                                  backend):
-    """COMMIT's create is under way when ``timeout_s`` passes: the save cannot know whether
-    it will land, says so, and COMMIT decides."""
+def test_a_commit_create_that_never_answers_is_reported_as_unknown(request, tmp_path, proxied,
+                                                                   backend):
+    """COMMIT's create is accepted and never answered. It is not abandoned at ``timeout_s``
+    (a COMMIT write left running could land after a later save); it ends with its own
+    request deadline, and then the save cannot know whether it will land: it says so, and
+    COMMIT decides."""
     import json
 
     proxy = proxied(backend, stall=_creates_commit)
     url = f"{backend_url(request, tmp_path, backend)}/ck"
     env = {**os.environ, "TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS": "600"}
     run = subprocess.run([sys.executable, "-c", DEADLINE_RUN, SCHEME[backend], proxy.endpoint,
-                          url, "save"], capture_output=True, text=True, timeout=240, env=env)
+                          url, "save", "2"], capture_output=True, text=True, timeout=240, env=env)
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out["type"] == "CommitOutcomeUnknownError", out
-    assert "COMMIT decides" in out["error"] and out["after"] < 4 + 6, out
+    assert "COMMIT decides" in out["error"] and "COMMIT" in out["error"], out
+    # Bounded by the request deadline times the retries of botocore and s3fs (which
+    # multiply), never by the server.
+    assert out["after"] < 150, out
 
 
 def test_a_gcs_server_that_never_answers_fails_in_bounded_time(request, tmp_path, proxied):

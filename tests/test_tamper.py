@@ -409,3 +409,22 @@ def test_array_folder_check_does_not_follow_linked_folders(tmp_path, mesh24, tar
     os.symlink(target, os.path.join(folder, "link"))
     with pytest.raises(CorruptCheckpointError, match=r"\['b'\].*link is not a regular file"):
         ckpt.restore(url)
+
+
+def test_a_zero_size_array_with_a_huge_other_dimension_costs_nothing(tmp_path, mesh24):
+    """Shape [2**40, 0] is 0 bytes and 0 chunks: valid, and checking it must not build
+    anything per chunk row of the other dimension."""
+    import resource
+
+    url = str(tmp_path / "ck")
+    ckpt.save(url, _tree(mesh24))
+    store = open_store(url)
+    attempt = CommitRecord.decode(store.read(COMMIT), COMMIT).attempt
+    doc = msgpack.unpackb(store.read(f"{attempt}/{MANIFEST}"), strict_map_key=False)
+    _leaf(doc, "b").update(shape=[2**40, 0], chunk_shape=[1, 1],
+                           chunks={"writer": [], "nbytes": [], "crc32c": []})
+    _resign(store, msgpack.packb(doc))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    info = ckpt.metadata(url)
+    assert [leaf.shape for leaf in info.leaves if "b" in str(leaf.path)] == [(2**40, 0)]
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 64 << 10  # KiB
