@@ -17,10 +17,15 @@ See docs/format.md for the on-disk format and docs/protocol.md for the commit pr
 from __future__ import annotations
 
 import inspect as _inspect
+import logging as _logging
 from importlib import metadata as _metadata
 import sys as _sys
 import types as _types
 from typing import Any as _Any
+
+# A library logs; the application decides what is shown (nothing, until it configures
+# logging: no "last resort" output on stderr).
+_logging.getLogger("ckpt").addHandler(_logging.NullHandler())
 
 try:
     __version__ = _metadata.version("shardckpt")
@@ -30,7 +35,7 @@ except _metadata.PackageNotFoundError:  # run from a source tree that is not ins
 from ckpt import errors
 from ckpt._info import CheckpointInfo, LeafInfo, metadata
 from ckpt._manager import CheckpointManager
-from ckpt._save import SaveHandle, save, save_async
+from ckpt._save import SaveHandle, SaveTimings, save, save_async
 from ckpt.storage import configure as configure_storage
 from ckpt.errors import (
     AttemptRemovedError,
@@ -65,10 +70,9 @@ _sys.modules["ckpt.restore"].__signature__ = _inspect.signature(_restore_fn)  # 
 restore = _sys.modules["ckpt.restore"]  # type: ignore[assignment]  # noqa: F811
 
 __all__ = [
-    "AttemptRemovedError", "CheckpointExistsError", "CheckpointInfo", "CheckpointManager",
-    "CheckpointNotFoundError", "CkptError", "CorruptCheckpointError", "DeadlineExceededError",
-    "LeafInfo",
-    "ReadOnlyError", "SaveError", "SaveHandle", "StepOrderError", "TargetMismatchError",
-    "UnsupportedLeafError", "configure_storage", "errors", "metadata", "restore", "save",
-    "save_async", "__version__",
+    "__version__", "AttemptRemovedError", "CheckpointExistsError", "CheckpointInfo",
+    "CheckpointManager", "CheckpointNotFoundError", "CkptError", "configure_storage",
+    "CorruptCheckpointError", "DeadlineExceededError", "errors", "LeafInfo", "metadata",
+    "ReadOnlyError", "restore", "save", "save_async", "SaveError", "SaveHandle",
+    "SaveTimings", "StepOrderError", "TargetMismatchError", "UnsupportedLeafError",
 ]

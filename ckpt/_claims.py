@@ -31,7 +31,7 @@ from ckpt._format import CLAIMS, MAX_COMMIT_BYTES, pack, read_object, unpack
 from ckpt.errors import AttemptRemovedError, CkptError
 from ckpt.storage import ObjectNotFoundError, Store
 
-log = logging.getLogger("ckpt")
+log = logging.getLogger("ckpt.claims")
 
 COMMITTING = "commit"
 REMOVING = "remove"

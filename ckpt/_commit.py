@@ -8,6 +8,7 @@ by offline rewrites (`ckpt reshard`). See docs/protocol.md.
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from importlib import metadata as dist_metadata
 from typing import Any
@@ -26,6 +27,9 @@ from ckpt._format import (
 from ckpt._claims import REMOVING, claim_commit, claim_kind, delete_data, forget, retire
 from ckpt.errors import AttemptRemovedError, CommitConflictError, CommitOutcomeUnknownError
 from ckpt.storage import DeadlineStore, ObjectNotFoundError, StorageError, Store
+
+
+log = logging.getLogger("ckpt.commit")
 
 
 @functools.cache
@@ -65,6 +69,7 @@ def commit(store: Store, *, attempt: str, records: list[LeafRecord], metadata: A
                         leaves=records, metrics=dict(metrics or {}))
     data = encode_manifest(manifest)
     store.write(f"{attempt}/{MANIFEST}", data)
+    log.debug("%s: manifest written", store.describe(attempt))
     claim_commit(store, attempt)
     record = CommitRecord(attempt=attempt, manifest_sha256=sha256(data),
                           committed_at=manifest.committed_at).encode()
@@ -91,6 +96,7 @@ def commit(store: Store, *, attempt: str, records: list[LeafRecord], metadata: A
         won = holder == attempt
     if won:
         _check_still_claimed(store, attempt)
+        log.debug("%s: COMMIT created", store.describe(attempt))
         return
     retire(store, attempt)
     delete_data(store, attempt)

@@ -27,7 +27,7 @@ from ckpt._format import (
 from ckpt.errors import CorruptCheckpointError
 from ckpt.storage import ObjectNotFoundError, Store
 
-log = logging.getLogger("ckpt")
+log = logging.getLogger("ckpt.housekeeping")
 
 
 def step_folders(store: Store) -> list[int]:

@@ -49,7 +49,7 @@ from ckpt.errors import (
 )
 from ckpt.storage import Deadline, DeadlineStore, open_store
 
-log = logging.getLogger("ckpt")
+log = logging.getLogger("ckpt.manager")
 
 
 class CheckpointManager:
@@ -266,6 +266,7 @@ class CheckpointManager:
         for step in retention_victims(steps, self.keep_last, self.keep_every, best):
             delete_checkpoint(self._store.child(str(step)))
             self._metrics.pop(step, None)
+            log.info("retention: deleted step %d under %s", step, self.root_url)
 
     def _metric(self, step: int, name: str) -> float | None:
         """``name`` of a committed step (from its manifest if this manager did not save it);
@@ -297,8 +298,12 @@ class CheckpointManager:
                 # Asked per attempt after it was listed, not once per step before: a save of
                 # this step that starts meanwhile registers before it writes anything, so
                 # any attempt of it that the listing saw is kept.
-                remove_debris(self._store.child(str(step)), grace_s=self.debris_grace_s,
-                              keep=functools.partial(self._keeps, step))
+                removed = remove_debris(self._store.child(str(step)),
+                                        grace_s=self.debris_grace_s,
+                                        keep=functools.partial(self._keeps, step))
+                if removed:
+                    log.info("clean-up: removed uncommitted attempts %s of step %d under %s",
+                             removed, step, self.root_url)
         except CkptError as exc:
             # Best effort: debris is invisible to readers; the next start or `ckpt gc`.
             log.warning("debris removal under %s stopped: %s", self.root_url, exc)

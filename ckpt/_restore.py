@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from typing import Any
 
 import jax
@@ -65,7 +66,7 @@ from ckpt.storage import (
     open_store,
 )
 
-log = logging.getLogger("ckpt")
+log = logging.getLogger("ckpt.restore")
 
 
 def open_checkpoint(store: Store) -> tuple[CommitRecord, Manifest]:
@@ -164,6 +165,8 @@ def open_readable(store: Store) -> Readable:
     item = open_orbax(store)
     if item is None:
         raise not_ours
+    log.info("%s is an orbax-checkpoint checkpoint (%s, %d leaves)", item.store.url,
+             item.layout, len(item.manifest.leaves))
     return Readable(item.store, item.manifest, f"orbax-checkpoint ({item.layout})", item)
 
 
@@ -435,9 +438,15 @@ def _restore_source(source: Readable, target: Any, mesh: Any,
                                      rec.chunk_crc32c or None,
                                      crc32c_in_chunk_tail=source.orbax is None))
             job_wants.append(i)
-    for i, job, host in zip(job_wants, jobs, read_arrays(jobs, memory_budget=memory_budget,
-                                                         deadline=deadline)):
+    started = time.monotonic()
+    hosts = read_arrays(jobs, memory_budget=memory_budget, deadline=deadline)
+    read = sum(box.nbytes for host in hosts for box in host)
+    for i, job, host in zip(job_wants, jobs, hosts):
         values[i] = _assemble(wants[i], host, job.targets)
+    seconds = time.monotonic() - started
+    log.info("restored %s (%s): %d leaves, read %.1f MiB in %.3f s (%.0f MiB/s)",
+             source.store.url, source.layout, len(wants), read / 2**20, seconds,
+             read / max(seconds, 1e-9) / 2**20)
     if treedef is None:
         return nest([(w.record.path, v) for w, v in zip(wants, values)])
     return unflatten(treedef, values)

@@ -75,7 +75,36 @@ DEFAULT_INFLIGHT_BYTES = 1 << 30
 _SAVE_SEQ = itertools.count()
 _REFUSED = "!refused:"
 
-log = logging.getLogger("ckpt")
+log = logging.getLogger("ckpt.save")
+
+
+@dataclasses.dataclass(frozen=True)
+class SaveTimings:
+    """How one save went on this process (`SaveHandle.timings`, once it committed).
+
+    Attributes:
+        blocked_s: inside `save_async` (validation, planning, the snapshot).
+        write_s: this process's chunk writes and host report, after `save_async` returned.
+        commit_s: from the end of those writes to the commit (waiting for the other
+            processes, process 0's checks, manifest and COMMIT).
+        total_s: from the call to the commit.
+        nbytes: the checkpoint's bytes (arrays and inline leaves, all processes).
+        written_bytes: the chunk bytes this process wrote.
+        leaves: the number of leaves saved.
+    """
+
+    blocked_s: float
+    write_s: float
+    commit_s: float
+    total_s: float
+    nbytes: int
+    written_bytes: int
+    leaves: int
+
+    @property
+    def mib_per_s(self) -> float:
+        """The checkpoint's bytes over the whole save's time, in MiB/s."""
+        return self.nbytes / max(self.total_s, 1e-9) / 2**20
 
 
 class SaveHandle:
@@ -89,6 +118,7 @@ class SaveHandle:
         self.url = url
         self.step = step
         self.attempt = ""
+        self.timings: SaveTimings | None = None  # set once committed
         self._event = threading.Event()
         self._exc: BaseException | None = None
         self.observed_by_user = False
@@ -222,6 +252,8 @@ class _Job:
     overwrite: bool
     metrics: dict[str, float]
     digests: tuple[str, dict[str, int]]  # `ckpt._agreement`; empty for one process
+    started: float = 0.0   # time.monotonic() when save_async was called
+    blocked_s: float = 0.0
 
 
 def new_attempt_id() -> str:
@@ -284,6 +316,7 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
     """
     coord = _coord.current()
     created_at = time.time()
+    started = time.monotonic()
     deadline = Deadline(timeout_s, f"saving {store.url}")
     store = DeadlineStore(store, deadline)
     pairs, _ = flatten(tree)
@@ -357,6 +390,9 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
     job = _Job(store, coord, seq, attempt, created_at, metadata, records, plans, writes,
                timeout_s, deadline, inflight_bytes, on_commit, overwrite, dict(metrics or {}),
                agreement)
+    job.started, job.blocked_s = started, time.monotonic() - started
+    log.info("saving %s: %d leaves, %.1f MiB; blocked %.3f s", handle.describe(),
+             len(records), sum(r.nbytes for r in records) / 2**20, job.blocked_s)
     threading.Thread(target=_run, args=(job, handle), name=f"ckpt-save-{attempt}").start()
     return handle
 
@@ -499,15 +535,18 @@ def _run(job: _Job, handle: SaveHandle) -> None:
         try:
             rows = _write_chunks(job)
             job.writes.clear()  # release the snapshot as early as possible
+            log.debug("%s: chunks written (%d)", handle.describe(), len(rows))
             tree, values = job.digests
             job.store.write(host_report_key(job.attempt, me), encode_host_report(
                 job.attempt, HostReport(me, rows, tree, values)))
+            written = time.monotonic()
         except BaseException as exc:
             job.coord.publish(f"{prefix}/failed/{me}", f"{type(exc).__name__}: {exc}")
             with contextlib.suppress(CkptError):  # this process's own error is the one to see
                 job.coord.barrier(f"{prefix}/written", job.deadline.remaining())
             raise
         job.coord.barrier(f"{prefix}/written", job.deadline.remaining())
+        log.debug("%s: every process wrote its chunks", handle.describe())
         if me == 0:
             try:
                 failures = job.coord.collect(f"{prefix}/failed/")
@@ -526,6 +565,16 @@ def _run(job: _Job, handle: SaveHandle) -> None:
                 raise CommitOutcomeUnknownError(f"process 0 reported: {outcome}")
             if outcome != "ok":
                 raise SaveError(f"process 0 did not commit {job.store.url}: {outcome}")
+        done = time.monotonic()
+        handle.timings = timings = SaveTimings(
+            blocked_s=job.blocked_s, write_s=written - job.started - job.blocked_s,
+            commit_s=done - written, total_s=done - job.started,
+            nbytes=sum(r.nbytes for r in job.records),
+            written_bytes=sum(row[2] for row in rows), leaves=len(job.records))
+        log.info("committed %s: %.1f MiB in %d leaves; blocked %.3f s, write %.3f s, "
+                 "commit %.3f s, total %.3f s (%.0f MiB/s)", handle.describe(),
+                 timings.nbytes / 2**20, timings.leaves, timings.blocked_s, timings.write_s,
+                 timings.commit_s, timings.total_s, timings.mib_per_s)
         if job.on_commit is not None:
             try:
                 job.on_commit()

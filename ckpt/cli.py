@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -309,6 +310,13 @@ def _rewrite_args(p: argparse.ArgumentParser, *, mesh_help: str, mesh_required: 
     p.set_defaults(func=_rewrite)
 
 
+def _global_flags(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help="show tracebacks on errors")
+    parser.add_argument("-v", "--verbose", action="store_true", default=default,
+                        help="log what the library does (INFO) on stderr")
+
+
 def _version() -> str:
     import ckpt
 
@@ -319,9 +327,19 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ckpt", epilog=EPILOG,
         description="Inspect, check, convert and clean up JAX checkpoints.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    _global_flags(parser, False)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_parser = sub.add_parser
+
+    def sub_parser(*args: Any, **kwargs: Any) -> argparse.ArgumentParser:
+        # Global flags are accepted after the subcommand too; SUPPRESS keeps a flag given
+        # before it from being reset by the subcommand's default.
+        p = add_parser(*args, **kwargs)
+        _global_flags(p, argparse.SUPPRESS)
+        return p
+
+    sub.add_parser = sub_parser  # type: ignore[method-assign]
 
     p = sub.add_parser("inspect", epilog=EPILOG,
                        help="describe one checkpoint (reads its manifest only)",
@@ -394,6 +412,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "keep_last", None) is not None and args.keep_last < 1:
         parser.error("--keep-last must be at least 1")
+    logger, level = logging.getLogger("ckpt"), logging.getLogger("ckpt").level
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    if args.verbose:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    try:
+        return _run(args)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args))
     except (CkptError, ValueError) as exc:

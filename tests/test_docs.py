@@ -111,8 +111,25 @@ def guide_read_only(tmp_path):
         names["evaluator"].delete(3)
 
 
-RUN = {("README.md", 0): readme_loop, ("docs/guide.md", 0): guide_loop,
-       ("docs/guide.md", 1): guide_rewind, ("docs/guide.md", 2): guide_read_only}
+def readme_logging(tmp_path):
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        names = _run("README.md", 2, {}, {"/tmp/ckpt-logging-example": tmp_path / "ex"})
+    finally:  # basicConfig in the example must not leak into other tests
+        for h in root.handlers[:]:
+            if h not in handlers:
+                root.removeHandler(h)
+        root.setLevel(level)
+    t = names["handle"].timings
+    assert isinstance(t, ckpt.SaveTimings) and t.nbytes == 8000 and t.total_s >= t.blocked_s
+
+
+RUN = {("README.md", 0): readme_loop, ("README.md", 2): readme_logging,
+       ("docs/guide.md", 0): guide_loop, ("docs/guide.md", 1): guide_rewind,
+       ("docs/guide.md", 2): guide_read_only}
 
 
 @pytest.mark.parametrize("example", sorted(RUN), ids=lambda e: f"{e[0]}#{e[1]}")

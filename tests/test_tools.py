@@ -17,7 +17,7 @@ import ckpt
 from ckpt._housekeeping import committed_steps
 from ckpt.cli import main
 from ckpt.storage import open_store
-from tests.conftest import backend_url, cli_extra_rss, make_mesh
+from tests.conftest import RSS_OVERHEAD, backend_url, cli_extra_rss, make_mesh
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -144,7 +144,7 @@ def test_reshard_memory_stays_within_budget(tmp_path):
     extra = cli_extra_rss(["reshard", "-q", src, str(tmp_path / "dst"), "--mesh", "a=4,b=2",
                            "--spec", "*=b,a", "--memory-budget", "64M"])
     assert sum(v.nbytes for v in tree.values()) >= 4 * budget
-    assert extra <= budget, f"resident memory rose {extra / 2**20:.0f} MiB"
+    assert extra <= budget + RSS_OVERHEAD, f"resident memory rose {extra / 2**20:.0f} MiB"
     out = ckpt.restore(str(tmp_path / "dst"), target={"w3": np.zeros((2048, 4096), np.float32)})
     assert out["w3"].tobytes() == tree["w3"].tobytes()
 
