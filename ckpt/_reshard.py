@@ -38,7 +38,12 @@ from ckpt._restore import open_readable
 from ckpt._save import ChunkWriter, new_attempt_id
 from ckpt._tree import KeyPath, keystr
 from ckpt._verify import verify
-from ckpt.errors import CheckpointExistsError, CorruptCheckpointError, MeshMismatchError
+from ckpt.errors import (
+    CheckpointExistsError,
+    CorruptCheckpointError,
+    MeshMismatchError,
+    MissingLeafError,
+)
 from ckpt.restore import (
     ArrayReadJob,
     chunk_box,
@@ -100,6 +105,22 @@ def slash_path(path: KeyPath) -> str:
     return "/".join(str(value) for _, value in path)
 
 
+def path_matches(pattern: str, path: str) -> bool:
+    """Whether slash ``path`` matches ``pattern`` segment by segment: ``*``, ``?`` and
+    ``[...]`` match within one segment (never across ``/``); a ``**`` segment matches any
+    number of whole segments, none included."""
+    return _segments_match(pattern.split("/"), path.split("/"))
+
+
+def _segments_match(pattern: list[str], parts: list[str]) -> bool:
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(_segments_match(pattern[1:], parts[i:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and \
+        _segments_match(pattern[1:], parts[1:])
+
+
 @dataclasses.dataclass(frozen=True)
 class ReshardResult:
     """What `reshard` wrote."""
@@ -114,13 +135,16 @@ class ReshardResult:
 def _plan(manifest_leaves: list[LeafRecord], mesh: dict[str, int],
           rules: Sequence[tuple[str, Spec]], max_chunk: int) -> list[LeafRecord]:
     records, errors = [], []
+    unused = {pattern for pattern, _ in rules}
     for rec in manifest_leaves:
         new = dataclasses.replace(rec)
         records.append(new)
         if rec.kind not in ("array", "inline"):
             continue
         spec: Spec = ()
-        matched = [s for pattern, s in rules if fnmatch.fnmatchcase(slash_path(rec.path), pattern)]
+        matched = [s for pattern, s in rules if path_matches(pattern, slash_path(rec.path))]
+        unused -= {pattern for pattern, _ in rules
+                   if path_matches(pattern, slash_path(rec.path))}
         if matched:
             spec = matched[-1]
         else:
@@ -139,6 +163,11 @@ def _plan(manifest_leaves: list[LeafRecord], mesh: dict[str, int],
             new.chunk_nbytes = [n * itemsize for n in chunk_sizes(rec.shape, new.chunk_shape)]
             new.writers = [0] * len(new.chunk_nbytes)
             new.chunk_crc32c = [0] * len(new.chunk_nbytes)
+    if unused:
+        arrays = [slash_path(r.path) for r in manifest_leaves if r.kind in ("array", "inline")]
+        raise MissingLeafError(
+            f"--spec rule(s) {sorted(unused)} match no array leaf (key paths look like "
+            f"{', '.join(arrays[:3]) or 'nothing: no arrays'}; `ckpt inspect` lists them)")
     if errors:
         raise MeshMismatchError(f"cannot lay out on mesh {mesh}: " + "; ".join(errors))
     return records
@@ -152,8 +181,9 @@ def reshard(src_url: str | os.PathLike[str], dst_url: str | os.PathLike[str], *,
 
     Args:
         mesh: axis name -> size, in mesh order; None for the mesh the source was saved on.
-        rules: (glob over ``slash_path``, spec) pairs; the last match wins; leaves no rule
-            matches keep their saved PartitionSpec (unsharded if they had none).
+        rules: (pattern over ``slash_path``, see `path_matches`; spec) pairs; the last
+            match wins; leaves no rule matches keep their saved PartitionSpec (unsharded if
+            they had none); a rule that matches no array leaf is a `MissingLeafError`.
         memory_budget: bound on host memory for chunk data in flight and cached.
         overwrite: replace a committed checkpoint at ``dst_url`` (atomically).
 

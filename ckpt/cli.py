@@ -1,8 +1,9 @@
 """The ``ckpt`` command line: inspect, list, verify, reshard, convert and gc checkpoints on
 any URL.
 
-Each subcommand is a thin layer over the library. Errors print one line on stderr and exit
-with status 1 (2 for bad usage); ``--debug`` shows the traceback instead.
+Each subcommand is a thin layer over the library. Errors print one line on stderr; the exit
+status is 0 (all well), 1 (a checkpoint is damaged), 2 (bad usage) or 3 (any other
+failure); ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -30,7 +31,16 @@ from ckpt._housekeeping import (
 from ckpt._info import CheckpointInfo, metadata
 from ckpt._reshard import convert, parse_mesh, parse_spec, reshard
 from ckpt._verify import verify
-from ckpt.errors import CkptError
+from ckpt._reshard import slash_path
+from ckpt.errors import (
+    CheckpointNotFoundError,
+    CkptError,
+    CorruptCheckpointError,
+    InvalidKeyError,
+    NotACheckpointError,
+    TargetMismatchError,
+    UnsupportedURLError,
+)
 from ckpt.storage import open_store
 
 EPILOG = "URLs: a path, file://PATH, s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, memory://NAME/PREFIX."
@@ -67,26 +77,37 @@ def _parse_bytes(text: str) -> int:
     return value
 
 
+def _progress(what: str, quiet: bool) -> _Progress | None:
+    """A progress bar for a long command, only when stderr is a terminal."""
+    return None if quiet or not sys.stderr.isatty() else _Progress(what)
+
+
 class _Progress:
-    """A progress bar on a terminal, a line per 10% otherwise (on stderr)."""
+    """A progress bar on stderr (a terminal): bytes done, rate and time left, redrawn in
+    place (the rest of the line cleared) at most ten times a second."""
 
     def __init__(self, what: str) -> None:
         self.what = what
-        self.tty = sys.stderr.isatty()
-        self.last = -1
+        self.started = time.monotonic()
+        self.drawn = 0.0
+
+    def line(self, done: int, total: int, now: float) -> str:
+        pct = 100 if total == 0 else int(100 * done / total)
+        bar = "#" * (pct // 4) + "." * (25 - pct // 4)
+        rate = done / max(now - self.started, 1e-9)
+        left = "-" if rate <= 0 or done >= total else _age((total - done) / rate)
+        return (f"{self.what} [{bar}] {pct:3d}% {_size(done)}/{_size(total)} "
+                f"{_size(rate)}/s, {left} left")
 
     def __call__(self, done: int, total: int) -> None:
-        pct = 100 if total == 0 else int(100 * done / total)
-        if self.tty:
-            bar = "#" * (pct // 4) + "." * (25 - pct // 4)
-            print(f"\r{self.what} [{bar}] {pct:3d}% {_size(done)}/{_size(total)}", end="",
-                  file=sys.stderr, flush=True)
-            if done >= total:
-                print(file=sys.stderr)
-        elif pct // 10 > self.last // 10 or done >= total:
-            self.last = pct
-            print(f"{self.what}: {pct}% ({_size(done)} of {_size(total)})", file=sys.stderr,
-                  flush=True)
+        now = time.monotonic()
+        if done < total and now - self.drawn < 0.1:
+            return
+        self.drawn = now
+        # "\x1b[K" clears what a longer earlier line left behind.
+        print(f"\r{self.line(done, total, now)}\x1b[K", end="", file=sys.stderr, flush=True)
+        if done >= total:
+            print(file=sys.stderr)
 
 
 # -- inspect --------------------------------------------------------------------------------
@@ -107,7 +128,7 @@ def _info_json(info: CheckpointInfo) -> dict[str, Any]:
         "created_at": info.created_at, "committed_at": info.committed_at,
         "process_count": info.process_count, "versions": info.versions, "metadata": meta,
         "nbytes": info.nbytes,
-        "leaves": [{"path": leaf.keystr, "kind": leaf.kind, "shape": list(leaf.shape),
+        "leaves": [{"path": leaf.keystr, "spec_path": slash_path(leaf.path), "kind": leaf.kind, "shape": list(leaf.shape),
                     "dtype": leaf.dtype, "nbytes": leaf.nbytes, "mesh": leaf.mesh,
                     "spec": _spec_json(leaf.spec), "chunk_shape": list(leaf.chunk_shape)}
                    for leaf in info.leaves],
@@ -115,7 +136,17 @@ def _info_json(info: CheckpointInfo) -> dict[str, Any]:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    info = metadata(args.url)
+    try:
+        info = metadata(args.url)
+    except CheckpointNotFoundError as exc:
+        store = open_store(args.url)
+        steps = committed_steps(store)
+        if not steps:
+            raise
+        shown = ", ".join(map(str, steps[-10:]))
+        raise NotACheckpointError(
+            f"{store.url} is a run with steps {'..., ' if len(steps) > 10 else ''}{shown}: "
+            f"inspect {store.url.rstrip('/')}/{steps[-1]}") from exc
     if args.json:
         print(json.dumps(_info_json(info), indent=2))
         return 0
@@ -131,11 +162,12 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"committed   {stamp}, written by {info.process_count} process(es)")
     print(f"saved mesh  {', '.join(meshes) or '-'}")
     print(f"metadata    {info.metadata!r}")
-    rows = [(leaf.keystr, leaf.kind, "x".join(map(str, leaf.shape)) or "()",
+    rows = [(slash_path(leaf.path), leaf.kind, "x".join(map(str, leaf.shape)) or "()",
              leaf.dtype or "-", _size(leaf.nbytes),
              "-" if leaf.spec is None else str(tuple(leaf.spec)),
              "x".join(map(str, leaf.chunk_shape)) or "-") for leaf in info.leaves]
-    header = ("key path", "kind", "shape", "dtype", "bytes", "spec", "chunks")
+    header = ("key path (as --spec takes it)", "kind", "shape", "dtype", "bytes", "spec",
+              "chunks")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     print()
     for row in [header, *rows]:
@@ -146,8 +178,18 @@ def _inspect(args: argparse.Namespace) -> int:
 
 # -- list -----------------------------------------------------------------------------------
 
+def _existing_root(url: str) -> Any:
+    """The store at ``url``, which must hold something (a missing bucket, a missing folder
+    or a mistyped prefix is an error naming it, not an empty answer)."""
+    store = open_store(url)
+    store.verify_access()
+    if not store.list_children():
+        raise CheckpointNotFoundError(f"nothing is stored at {store.url} (a typo?)")
+    return store
+
+
 def _list(args: argparse.Namespace) -> int:
-    store = open_store(args.root)
+    store = _existing_root(args.root)
     now = time.time()
     gone = abandoned(store)
     entries = []
@@ -185,7 +227,14 @@ def _list(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     report = verify(args.url, memory_budget=args.memory_budget,
-                    progress=_Progress("verifying") if not args.quiet else None)
+                    progress=_progress("verifying", args.quiet or args.json))
+    if args.json:
+        print(json.dumps({"url": report.url, "ok": report.ok, "chunks": report.chunks,
+                          "nbytes": report.nbytes,
+                          "problems": [{"leaf": p.leaf, "chunk": None if p.chunk is None
+                                        else list(p.chunk), "what": p.what}
+                                       for p in report.problems]}, indent=2))
+        return 0 if report.ok else 1
     for problem in report.problems:
         print(f"BAD  {problem}")
     state = "OK" if report.ok else f"{len(report.problems)} problem(s)"
@@ -225,7 +274,7 @@ def _rewrite(args: argparse.Namespace) -> int:
     run = convert if args.command == "convert" else reshard
     result = run(args.src, args.dst, mesh=mesh, rules=rules,
                  memory_budget=args.memory_budget, overwrite=args.overwrite,
-                 progress=None if args.quiet else _Progress(f"{args.command}ing"))
+                 progress=_progress(f"{args.command}ing", args.quiet))
     laid = ",".join(f"{k}={v}" for k, v in result.mesh.items()) or "no mesh (unsharded)"
     print(f"wrote {result.url}: {result.chunks} chunks, {_size(result.nbytes)}, "
           f"laid out for mesh {laid}" + (f"; from {result.source_layout}, verified"
@@ -240,17 +289,31 @@ def _is_checkpoint(store: Any) -> bool:
     return any(n == COMMIT or n.startswith(ATTEMPT_PREFIX) for n in store.list_children())
 
 
+class _Actions:
+    """What `gc` does, printed as lines, or collected for ``--json``."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self.actions: list[dict[str, Any]] = []
+
+    def __call__(self, action: str, what: str, target: str, line: str) -> None:
+        self.actions.append({"action": action, "what": what, "target": target})
+        if not self.as_json:
+            print(line)
+
+
 def _gc(args: argparse.Namespace) -> int:
-    store = open_store(args.root)
+    store = _existing_root(args.root)
     verb = "would remove" if args.dry_run else "removing"
+    say = _Actions(args.json)
     single = _is_checkpoint(store)
-    did = 0
     if not single and (gone := abandoned(store)):
-        print(f"{verb} what a rewind abandoned in steps {sorted(gone)}")
+        say("remove", "abandoned steps", ",".join(map(str, sorted(gone))),
+            f"{verb} what a rewind abandoned in steps {sorted(gone)}")
         if not args.dry_run and (kept := finish_rewind(store)):
-            print(f"keeping attempts claimed for commit in steps {sorted(kept)}: their "
-                  "committer may still commit them (they stay hidden)")
-        did += 1
+            say("keep", "claimed attempts", ",".join(map(str, sorted(kept))),
+                f"keeping attempts claimed for commit in steps {sorted(kept)}: their "
+                "committer may still commit them (they stay hidden)")
     targets = ([("", store)] if single else
                [(f"{s}/", store.child(str(s))) for s in step_folders(store)])
     now, young = time.time(), 0
@@ -259,36 +322,44 @@ def _gc(args: argparse.Namespace) -> int:
             age = a.age_s(now)
             where = f"{label}{a.name}"
             if a.state == "claimed" and not args.claimed:
-                print(f"keeping {where}: claimed for commit but not committed (its committer "
-                      "may still commit it, or died between claim and COMMIT; --claimed "
-                      "removes it once no job can be writing here)")
+                say("keep", "claimed attempt", where,
+                    f"keeping {where}: claimed for commit but not committed (its committer "
+                    "may still commit it, or died between claim and COMMIT; --claimed "
+                    "removes it once no job can be writing here)")
             elif a.state not in ("incomplete", "claimed"):
                 continue
             elif age is not None and age < args.grace:
                 young += 1
             else:
-                print(f"{verb} incomplete attempt {where} ({_age(age)} old)")
-                did += 1
-                if args.dry_run:
-                    continue
-                if a.state == "claimed":
+                if args.dry_run or a.state == "claimed" or \
+                        remove_uncommitted(ckpt_store, a.name):
+                    say("remove", f"{a.state} attempt", where,
+                        f"{verb} {a.state} attempt {where} ({_age(age)} old)")
+                else:
+                    say("keep", "attempt claimed meanwhile", where,
+                        f"kept {where}: its committer claimed it first")
+                if a.state == "claimed" and not args.dry_run:
                     retire(ckpt_store, a.name)  # the user vouches that its committer is dead
                     delete_data(ckpt_store, a.name)
-                elif not remove_uncommitted(ckpt_store, a.name):
-                    print(f"kept {where}: its committer claimed it first")
     if young:
-        print(f"keeping {young} incomplete attempt(s) younger than --grace {args.grace:g} s: "
-              "a save may still be running")
+        say("keep", "young attempts", str(young),
+            f"keeping {young} incomplete attempt(s) younger than --grace {args.grace:g} s: "
+            "a save may still be running")
     victims = retention_victims(committed_steps(store), args.keep_last, None) \
         if args.keep_last and not single else []
     for step in victims:
-        print(f"{verb} committed step {step} (keeping the newest {args.keep_last})")
+        say("remove", "committed step", str(step),
+            f"{verb} committed step {step} (keeping the newest {args.keep_last})")
         if not args.dry_run:
             for name in delete_checkpoint(store.child(str(step))):
-                print(f"keeping {step}/{name}: claimed for commit by a job that may still "
-                      "be running")
-    if not did and not victims:
+                say("keep", "claimed attempt", f"{step}/{name}",
+                    f"keeping {step}/{name}: claimed for commit by a job that may still "
+                    "be running")
+    if not any(a["action"] == "remove" for a in say.actions) and not args.json:
         print("nothing to remove")
+    if args.json:
+        print(json.dumps({"root": store.url, "dry_run": args.dry_run,
+                          "actions": say.actions}, indent=2))
     return 0
 
 
@@ -306,7 +377,7 @@ def _rewrite_args(p: argparse.ArgumentParser, *, mesh_help: str, mesh_required: 
                    help="host memory for chunk data (default 1G)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a committed checkpoint at DST (atomically)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_rewrite)
 
 
@@ -365,7 +436,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("url", help="the checkpoint")
     p.add_argument("--memory-budget", type=_parse_bytes, default="256M",
                    help="bytes of chunks read at once (default 256M)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the documented JSON document")
     p.set_defaults(func=_verify)
 
     p = sub.add_parser("reshard", epilog=EPILOG,
@@ -402,6 +474,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--grace", type=float, default=3600.0, metavar="SECONDS",
                    help="leave incomplete attempts younger than this alone: a save may still "
                    "be running (default 3600)")
+    p.add_argument("--json", action="store_true", help="print the documented JSON document")
     p.set_defaults(func=_gc)
     return parser
 
@@ -425,6 +498,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.setLevel(level)
 
 
+# Exit statuses (docs/tools.md).
+EXIT_OK, EXIT_DAMAGED, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
+# Errors that mean the command line asked for what cannot be (a plain ValueError comes from
+# parsing --mesh or --spec).
+_USAGE_ERRORS = (TargetMismatchError, UnsupportedURLError, InvalidKeyError)
+
+
 def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args))
@@ -433,7 +513,11 @@ def _run(args: argparse.Namespace) -> int:
             raise
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"ckpt {args.command}: error: {text}", file=sys.stderr)
-        return 1
+        if isinstance(exc, CorruptCheckpointError):
+            return EXIT_DAMAGED
+        if isinstance(exc, _USAGE_ERRORS) or not isinstance(exc, CkptError):
+            return EXIT_USAGE
+        return EXIT_FAILED
     except KeyboardInterrupt:
         hint = (f"; `ckpt gc {args.dst} --grace 0` removes what it wrote"
                 if args.command in ("reshard", "convert") else "")

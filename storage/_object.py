@@ -174,6 +174,10 @@ def _filesystem(scheme: str, s: dict[str, Any]) -> Any:
         # TensorStore's gcs driver reads its endpoint from the environment only (when a
         # kvstore is opened), so the configured endpoint is published there.
         os.environ["TENSORSTORE_GCS_HTTP_URL"] = s["endpoint_url"]
+        # An emulator takes no credentials, but TensorStore looks for Google's and logs an
+        # error line on stderr when there are none: a fixed token (its documented way to
+        # skip the lookup) keeps the user's terminal clean. Never for real GCS.
+        os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
     gcsfs = _client_module("gs")
     import aiohttp
 

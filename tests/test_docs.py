@@ -135,3 +135,63 @@ RUN = {("README.md", 0): readme_loop, ("README.md", 2): readme_logging,
 @pytest.mark.parametrize("example", sorted(RUN), ids=lambda e: f"{e[0]}#{e[1]}")
 def test_example_runs(example, tmp_path):
     RUN[example](tmp_path)
+
+
+CLI_BLOCK = re.compile(r"```bash\n(.*?)```", re.S)
+
+
+def _cli_commands(doc):
+    """Every `ckpt ...` line of the document's bash blocks, a `for` loop expanded, optional
+    [parts] taken, placeholders left for the caller."""
+    import shlex
+
+    out = []
+    for block in CLI_BLOCK.findall((REPO / doc).read_text()):
+        for line in block.splitlines():
+            loop = re.match(r"for (\w+) in ([^;]+); do (.*); done", line.strip())
+            bodies = ([loop.group(3).replace(f"${loop.group(1)}", v)
+                       for v in loop.group(2).split()] if loop else [line])
+            for body in bodies:
+                words = shlex.split(body.replace("[", "").replace("]", ""), comments=True)
+                if words[:1] == ["ckpt"]:
+                    out.append(words[1:])
+    return out
+
+
+def test_every_documented_cli_example_runs(tmp_path, capsys):
+    import orbax.checkpoint as ocp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from ckpt.cli import main
+    from tests.conftest import make_mesh
+
+    mesh = make_mesh((2, 4))
+    tree = {"params": {"w": jax.device_put(np.arange(64 * 128, dtype=np.float32).reshape(64, 128),
+                                           NamedSharding(mesh, P("data", "model")))},
+            "step": 7}
+    orbax_run = tmp_path / "orbax-run-6"
+    with ocp.CheckpointManager(str(orbax_run)) as manager:
+        for step in (40000, 41000):
+            manager.save(step, args=ocp.args.StandardSave(tree))
+        manager.wait_until_finished()
+    places = {"gs://bucket/run-6-ckpt": str(tmp_path / "run-6-ckpt"),
+              "gs://bucket/run-6": str(orbax_run), "s3://new/run-6": str(tmp_path / "new-6"),
+              "OLD": str(orbax_run / "41000"), "NEW": str(tmp_path / "new-relaid"),
+              "URL": str(tmp_path / "run-6-ckpt" / "41000"),
+              "ROOT": str(tmp_path / "run-6-ckpt"), "SRC": str(tmp_path / "run-6-ckpt" / "40000"),
+              "DST": str(tmp_path / "resharded"), "N": "1"}
+    ran = 0
+    for doc in ("README.md",):
+        for words in _cli_commands(doc):
+            argv = []
+            for w in words:
+                for name, value in places.items():
+                    w = value if w == name else w.replace(name, value)
+                argv.append(w)
+            assert main(argv) == 0, (doc, words, capsys.readouterr().err)
+            ran += 1
+    assert ran >= 9
+    # The converted steps are a run of ours; `gc --dry-run --keep-last 1` removed nothing.
+    assert ckpt.CheckpointManager(places["ROOT"], read_only=True).steps() == [40000, 41000]
+    assert ckpt.metadata(places["DST"]).leaves  # reshard wrote a checkpoint

@@ -329,3 +329,24 @@ def test_a_gcs_server_that_never_answers_fails_in_bounded_time(request, tmp_path
     finally:
         storage.configure("gs", request_timeout_s=None)
     assert proxy.counts["GET"] >= 1
+
+
+GCS_INSPECT = """
+import sys
+import numpy as np
+import ckpt
+ckpt.configure_storage("gs", endpoint_url=sys.argv[2])
+ckpt.save(sys.argv[1], {"w": np.arange(50_000, dtype=np.float32)})
+print(ckpt.restore(sys.argv[1])["w"][-1])
+"""
+
+
+def test_no_credential_lookup_noise_against_a_gcs_emulator(request, tmp_path, gcs_server):
+    """TensorStore logs "Could not find the credentials file" on stderr when it looks for
+    Google credentials; against an emulator none are needed, and nothing is printed."""
+    url = f"{backend_url(request, tmp_path, 'gcs')}/quiet"
+    env = {k: v for k, v in os.environ.items() if k != "GOOGLE_AUTH_TOKEN_FOR_TESTING"}
+    run = subprocess.run([sys.executable, "-c", GCS_INSPECT, url, gcs_server.endpoint],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 0 and run.stdout.strip() == "49999.0", run.stderr[-2000:]
+    assert "credentials" not in run.stderr, run.stderr

@@ -45,7 +45,7 @@ def test_inspect_reports_everything(saved, capsys):
     assert main(["inspect", url]) == 0
     out = capsys.readouterr().out
     for text in ("step        4", "format      v1", "written by 1 process", "'data': 2",
-                 "{'lr': 0.1}", "['params']['w']", "256x1024", "float32", "('data', 'model')",
+                 "{'lr': 0.1}", "params/w ", "256x1024", "float32", "('data', 'model')",
                  "128x256", "total       3 leaves"):
         assert text in out, text
     assert main(["inspect", "--json", url]) == 0
@@ -54,6 +54,7 @@ def test_inspect_reports_everything(saved, capsys):
                         "metadata", "leaves", "nbytes"}
     assert doc["nbytes"] == 256 * 1024 * 4 + 512 * 64 * 2
     leaf = next(x for x in doc["leaves"] if x["path"] == "['params']['w']")
+    assert leaf["spec_path"] == "params/w"
     assert leaf["shape"] == [256, 1024] and leaf["spec"] == ["data", "model"]
     assert leaf["mesh"] == {"data": 2, "model": 4} and leaf["chunk_shape"] == [128, 256]
 
@@ -149,14 +150,35 @@ def test_reshard_memory_stays_within_budget(tmp_path):
     assert out["w3"].tobytes() == tree["w3"].tobytes()
 
 
-def test_reshard_progress_is_plain_lines_off_a_terminal(saved, tmp_path):
+def test_reshard_progress_only_on_a_terminal(saved, tmp_path):
+    import pty
+
     url, _ = saved
-    run = subprocess.run([sys.executable, "-m", "ckpt.cli", "reshard", url,
+    run = subprocess.run([sys.executable, "-m", "ckpt", "reshard", url,
                           str(tmp_path / "dst"), "--mesh", "data=2,model=4"],
                          capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
-    assert "\r" not in run.stderr and "resharding: 100%" in run.stderr
+    assert run.returncode == 0 and run.stderr == "", run.stderr  # off a terminal: nothing
     assert "wrote" in run.stdout
+    leader, follower = pty.openpty()
+    run = subprocess.run([sys.executable, "-m", "ckpt", "reshard", url,
+                          str(tmp_path / "dst2"), "--mesh", "data=2,model=4"],
+                         stdout=subprocess.PIPE, stderr=follower, timeout=120)
+    os.close(follower)
+    err = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal's other end closed: all read
+            break
+        if not chunk:
+            break
+        err += chunk
+    os.close(leader)
+    text = err.decode()
+    assert run.returncode == 0, text
+    last = text.rstrip().split("\r")[-1]
+    assert "resharding [" in last and "100%" in last and "/s" in last and "left" in last, text
+    assert "\x1b[K" in text  # each redraw clears what a longer line left behind
 
 
 @pytest.mark.parametrize("args, message", [
@@ -170,7 +192,7 @@ def test_reshard_bad_input_is_one_line_and_writes_nothing(saved, tmp_path, capsy
                                                           message):
     url, _ = saved
     dst = tmp_path / "dst"
-    assert main(["reshard", "-q", url, str(dst), *args]) == 1
+    assert main(["reshard", "-q", url, str(dst), *args]) == 2  # usage
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
     assert not dst.exists()
@@ -181,7 +203,7 @@ def test_reshard_refuses_committed_destination_unless_overwrite(saved, tmp_path,
     dst = str(tmp_path / "dst")
     assert main(["reshard", "-q", url, dst, "--mesh", "data=2,model=4"]) == 0
     first = ckpt.metadata(dst).attempt
-    assert main(["reshard", "-q", url, dst, "--mesh", "data=2,model=4"]) == 1
+    assert main(["reshard", "-q", url, dst, "--mesh", "data=2,model=4"]) == 3
     assert "already holds a committed checkpoint" in capsys.readouterr().err
     assert ckpt.metadata(dst).attempt == first
     assert main(["reshard", "-q", url, dst, "--mesh", "data=4,model=2", "--overwrite"]) == 0
@@ -195,7 +217,7 @@ def test_reshard_refuses_committed_destination_unless_overwrite(saved, tmp_path,
 def test_not_a_checkpoint_is_one_line(tmp_path, capsys):
     for argv in (["inspect", str(tmp_path)], ["verify", str(tmp_path / "x")],
                  ["reshard", str(tmp_path / "x"), str(tmp_path / "y"), "--mesh", "a=1"]):
-        assert main(argv) == 1
+        assert main(argv) == 3
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and ("no checkpoint" in err or "not a checkpoint" in err)
     assert not (tmp_path / "y").exists()
@@ -230,3 +252,70 @@ def test_help_reads_well(command):
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and "usage: ckpt " + command in run.stdout
     assert "URLs:" in run.stdout
+
+
+def test_spec_patterns_match_whole_segments_and_a_rule_matching_nothing_is_an_error(
+        tmp_path, capsys):
+    from ckpt._reshard import path_matches
+
+    assert path_matches("params/*", "params/w") and not path_matches("params/*", "params/d/b")
+    assert path_matches("params/**/b", "params/d/e/b") and path_matches("params/**/b", "params/b")
+    assert path_matches("**", "a/b/c") and not path_matches("params/w?", "params/w/x")
+    src = str(tmp_path / "src")
+    ckpt.save(src, {"params": {"w": np.ones((64, 128), np.float32),
+                               "dense": {"bias": np.ones(4096 * 2, np.float32)}}})
+    # The README's rule: `*` no longer reaches the 1-d bias, which could not take it.
+    assert main(["reshard", "-q", src, str(tmp_path / "a"), "--mesh", "data=2,model=4",
+                 "--spec", "params/*=-,model"]) == 0
+    leaves = {leaf.keystr: leaf for leaf in ckpt.metadata(str(tmp_path / "a")).leaves}
+    assert leaves["['params']['w']"].chunk_shape == (64, 32)  # as (-, model)
+    assert main(["reshard", "-q", src, str(tmp_path / "b"), "--mesh", "data=2,model=4",
+                 "--spec", "params/**/bias=model"]) == 0
+    leaves = {leaf.keystr: leaf for leaf in ckpt.metadata(str(tmp_path / "b")).leaves}
+    assert leaves["['params']['dense']['bias']"].chunk_shape == (2048,)  # as (model,)
+    capsys.readouterr()
+    assert main(["reshard", "-q", src, str(tmp_path / "c"), "--mesh", "data=2,model=4",
+                 "--spec", "parms/*=-,model"]) == 2
+    err = capsys.readouterr().err
+    assert "parms/*" in err and "match no array leaf" in err and "params/w" in err, err
+    assert not (tmp_path / "c").exists()
+
+
+def test_inspect_on_a_run_root_names_its_steps(tmp_path, capsys):
+    root = tmp_path / "run"
+    with ckpt.CheckpointManager(str(root), watch_preemption=False) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, {"x": np.arange(4)})
+    assert main(["inspect", str(root)]) == 3
+    err = capsys.readouterr().err
+    assert "a run with steps 1, 2, 3" in err and f"inspect {root}/3" in err, err
+
+
+@pytest.mark.parametrize("command", ["list", "gc"])
+def test_list_and_gc_fail_on_a_missing_root(request, tmp_path, capsys, command):
+    assert main([command, str(tmp_path / "no-such-run")]) == 3
+    assert "no-such-run" in capsys.readouterr().err
+    missing_bucket = backend_url(request, tmp_path, "s3").replace("ckpt-tests", "no-bucket")
+    assert main([command, missing_bucket]) == 3
+    assert "no-bucket" in capsys.readouterr().err
+
+
+def test_verify_and_gc_json(saved, tmp_path, capsys):
+    url, _ = saved
+    assert main(["verify", "--json", url]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ok"] is True and doc["problems"] == [] and doc["chunks"] > 0, doc
+    _damage(url, "params.w", "flip")
+    assert main(["verify", "--json", url]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ok"] is False and doc["problems"][0]["leaf"] == "['params']['w']"
+    assert isinstance(doc["problems"][0]["chunk"], list)
+    root = os.path.dirname(url)
+    debris = os.path.join(root, "5", "attempt-20260101T000000-000000000000")
+    os.makedirs(debris)
+    open(os.path.join(debris, "x"), "wb").write(b"1")
+    assert main(["gc", root, "--grace", "0", "--dry-run", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["dry_run"] is True and doc["root"] == root
+    assert {"action": "remove", "what": "incomplete attempt",
+            "target": "5/attempt-20260101T000000-000000000000"} in doc["actions"], doc
