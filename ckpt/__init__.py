@@ -16,6 +16,7 @@ See docs/format.md for the on-disk format and docs/protocol.md for the commit pr
 
 from __future__ import annotations
 
+import importlib as _importlib
 import inspect as _inspect
 import logging as _logging
 from importlib import metadata as _metadata
@@ -63,10 +64,17 @@ class _RestorePackage(_types.ModuleType):
     def __call__(self, *args: _Any, **kwargs: _Any) -> _Any:
         return _restore_fn(*args, **kwargs)
 
+    def __reduce__(self) -> tuple[_Any, ...]:
+        # Pickled by name (a function handed to a process pool, a deepcopy of a config).
+        return (_importlib.import_module, (self.__name__,))
+
 
 _restore_fn = restore
 _sys.modules["ckpt.restore"].__class__ = _RestorePackage
 _sys.modules["ckpt.restore"].__signature__ = _inspect.signature(_restore_fn)  # type: ignore[attr-defined]
+_sys.modules["ckpt.restore"].__doc__ = (
+    f"{_sys.modules['ckpt.restore'].__doc__}\n"
+    f"ckpt.restore{_inspect.signature(_restore_fn)}\n\n{_inspect.getdoc(_restore_fn)}")
 restore = _sys.modules["ckpt.restore"]  # type: ignore[assignment]  # noqa: F811
 
 __all__ = [

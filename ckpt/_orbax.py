@@ -280,7 +280,8 @@ def open_orbax(store: Store) -> OrbaxItem | None:
         except DeadlineExceededError:
             raise
         except Exception as exc:
-            if "NOT_FOUND" in str(exc) or "FAILED_PRECONDITION" in str(exc):
+            if any(code in str(exc) for code in ("NOT_FOUND", "FAILED_PRECONDITION",
+                                                 "DATA_LOSS")):
                 raise CorruptCheckpointError(f"{what}: its array is missing or unreadable: "
                                              f"{exc}") from None
             raise StorageError(errno.EIO, f"{what}: opening its array failed: {exc}") from None

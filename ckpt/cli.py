@@ -12,7 +12,9 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
+import traceback
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -93,11 +95,16 @@ class _Progress:
 
     def line(self, done: int, total: int, now: float) -> str:
         pct = 100 if total == 0 else int(100 * done / total)
-        bar = "#" * (pct // 4) + "." * (25 - pct // 4)
-        rate = done / max(now - self.started, 1e-9)
-        left = "-" if rate <= 0 or done >= total else _age((total - done) / rate)
-        return (f"{self.what} [{bar}] {pct:3d}% {_size(done)}/{_size(total)} "
+        bar = "#" * (pct // 5) + "." * (20 - pct // 5)
+        elapsed = now - self.started
+        rate = done / max(elapsed, 1e-9)
+        # The first second's rate says nothing about the rest.
+        left = "-" if elapsed < 1 or rate <= 0 or done >= total \
+            else _age((total - done) / rate)
+        text = (f"{self.what} [{bar}] {pct:3d}% {_size(done)}/{_size(total)} "
                 f"{_size(rate)}/s, {left} left")
+        # One terminal row: a wrapped line could not be redrawn in place.
+        return text[:shutil.get_terminal_size().columns - 1]
 
     def __call__(self, done: int, total: int) -> None:
         now = time.monotonic()
@@ -119,7 +126,7 @@ def _spec_json(spec: Any) -> Any:
 def _info_json(info: CheckpointInfo) -> dict[str, Any]:
     meta = info.metadata
     try:
-        json.dumps(meta)
+        json.dumps(meta, allow_nan=False)  # strict JSON: no NaN or Infinity
     except (TypeError, ValueError):
         meta = repr(meta)
     return {
@@ -264,13 +271,17 @@ def _limit_malloc_retention() -> None:
 def _rewrite(args: argparse.Namespace) -> int:
     """``reshard`` and ``convert``: the same streaming rewrite; convert also verifies."""
     _limit_malloc_retention()
-    mesh = parse_mesh(args.mesh) if args.mesh else None
     rules = []
-    for rule in args.spec:
-        pattern, eq, spec = rule.partition("=")
-        if not eq or not pattern:
-            raise ValueError(f"--spec {rule!r}: expected GLOB=SPEC, e.g. 'params/*/w=data,model'")
-        rules.append((pattern, parse_spec(spec)))
+    try:
+        mesh = parse_mesh(args.mesh) if args.mesh else None
+        for rule in args.spec:
+            pattern, eq, spec = rule.partition("=")
+            if not eq or not pattern:
+                raise ValueError(f"--spec {rule!r}: expected PATTERN=SPEC, e.g. "
+                                 "'params/**/kernel=-,model'")
+            rules.append((pattern, parse_spec(spec)))
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
     run = convert if args.command == "convert" else reshard
     result = run(args.src, args.dst, mesh=mesh, rules=rules,
                  memory_budget=args.memory_budget, overwrite=args.overwrite,
@@ -369,10 +380,12 @@ def _rewrite_args(p: argparse.ArgumentParser, *, mesh_help: str, mesh_required: 
     p.add_argument("src", help="the checkpoint to read")
     p.add_argument("dst", help="where to write the new checkpoint")
     p.add_argument("--mesh", required=mesh_required, help=mesh_help)
-    p.add_argument("--spec", action="append", default=[], metavar="GLOB=SPEC",
-                   help="PartitionSpec for leaves whose slash path (params/dense/kernel) "
-                   "matches GLOB; SPEC like data,model or -,model ('-' unsharded, a+b for "
-                   "two axes, '-' alone replicated). Repeatable; the last match wins.")
+    p.add_argument("--spec", action="append", default=[], metavar="PATTERN=SPEC",
+                   help="PartitionSpec for leaves whose path as `inspect` prints it "
+                   "(params/dense/kernel) matches PATTERN: * within one segment, ** across "
+                   "segments; SPEC like data,model or -,model ('-' unsharded, a+b for two "
+                   "axes, '-' alone replicated). Repeatable; the last match wins; a rule "
+                   "matching no leaf is an error.")
     p.add_argument("--memory-budget", type=_parse_bytes, default="1G",
                    help="host memory for chunk data (default 1G)")
     p.add_argument("--overwrite", action="store_true",
@@ -396,7 +409,7 @@ def _version() -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ckpt", epilog=EPILOG,
+        prog="ckpt", epilog=EPILOG, allow_abbrev=False,
         description="Inspect, check, convert and clean up JAX checkpoints.")
     _global_flags(parser, False)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -406,7 +419,7 @@ def _parser() -> argparse.ArgumentParser:
     def sub_parser(*args: Any, **kwargs: Any) -> argparse.ArgumentParser:
         # Global flags are accepted after the subcommand too; SUPPRESS keeps a flag given
         # before it from being reset by the subcommand's default.
-        p = add_parser(*args, **kwargs)
+        p = add_parser(*args, allow_abbrev=False, **kwargs)
         _global_flags(p, argparse.SUPPRESS)
         return p
 
@@ -500,27 +513,51 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # Exit statuses (docs/tools.md).
 EXIT_OK, EXIT_DAMAGED, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
-# Errors that mean the command line asked for what cannot be (a plain ValueError comes from
-# parsing --mesh or --spec).
-_USAGE_ERRORS = (TargetMismatchError, UnsupportedURLError, InvalidKeyError)
+
+
+class _UsageError(ValueError):
+    """An argument the command cannot use (a --mesh or --spec that does not parse)."""
+
+
+# Errors that mean the command line asked for what cannot be.
+_USAGE_ERRORS = (_UsageError, TargetMismatchError, UnsupportedURLError, InvalidKeyError)
+
+
+def _exit_status(exc: BaseException) -> int:
+    if isinstance(exc, CorruptCheckpointError):
+        return EXIT_DAMAGED
+    return EXIT_USAGE if isinstance(exc, _USAGE_ERRORS) else EXIT_FAILED
+
+
+def _clear_progress_line() -> None:
+    """Ends a progress bar drawn on the terminal, so a message gets a line of its own."""
+    if sys.stderr.isatty():
+        print("\r\x1b[K", end="", file=sys.stderr, flush=True)
+
+
+def _wrote_something(url: str) -> bool:
+    try:
+        return bool(open_store(url).list_children())
+    except (CkptError, OSError):
+        return True  # cannot tell: say how to clean up
 
 
 def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args))
     except (CkptError, ValueError) as exc:
+        _clear_progress_line()
         if args.debug:
-            raise
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"ckpt {args.command}: error: {text}", file=sys.stderr)
-        if isinstance(exc, CorruptCheckpointError):
-            return EXIT_DAMAGED
-        if isinstance(exc, _USAGE_ERRORS) or not isinstance(exc, CkptError):
-            return EXIT_USAGE
-        return EXIT_FAILED
+            traceback.print_exc()
+        else:
+            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            print(f"ckpt {args.command}: error: {text}", file=sys.stderr)
+        return _exit_status(exc)
     except KeyboardInterrupt:
-        hint = (f"; `ckpt gc {args.dst} --grace 0` removes what it wrote"
-                if args.command in ("reshard", "convert") else "")
+        _clear_progress_line()
+        hint = ""
+        if args.command in ("reshard", "convert") and _wrote_something(args.dst):
+            hint = f"; `ckpt gc {args.dst} --grace 0` removes what it wrote"
         print(f"ckpt {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     except BrokenPipeError:

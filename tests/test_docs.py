@@ -167,9 +167,12 @@ def test_every_documented_cli_example_runs(tmp_path, capsys):
     from tests.conftest import make_mesh
 
     mesh = make_mesh((2, 4))
-    tree = {"params": {"w": jax.device_put(np.arange(64 * 128, dtype=np.float32).reshape(64, 128),
-                                           NamedSharding(mesh, P("data", "model")))},
-            "step": 7}
+    # Flax-like: nested, and a 1-d bias that a rule for every leaf could not lay out.
+    kernel = np.arange(64 * 128, dtype=np.float32).reshape(64, 128)
+    tree = {"params": {"dense": {
+        "kernel": jax.device_put(kernel, NamedSharding(mesh, P("data", "model"))),
+        "bias": jax.device_put(np.ones(8192, np.float32), NamedSharding(mesh, P()))}},
+        "step": 7}
     orbax_run = tmp_path / "orbax-run-6"
     with ocp.CheckpointManager(str(orbax_run)) as manager:
         for step in (40000, 41000):

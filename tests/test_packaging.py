@@ -142,3 +142,14 @@ def test_an_object_store_url_without_its_extra_names_the_extra(module, url, extr
     line = run.stdout.strip()
     assert line.startswith("MissingDependencyError |"), (line, run.stderr[-2000:])
     assert f"shardckpt[{extra}]" in line and "\n" not in line, line
+
+
+def test_restore_pickles_by_name_and_the_main_module_imports_quietly():
+    import copy
+    import importlib
+    import pickle
+
+    assert pickle.loads(pickle.dumps(ckpt.restore)) is ckpt.restore
+    assert copy.deepcopy({"f": ckpt.restore})["f"] is ckpt.restore
+    assert "target" in ckpt.restore.__doc__ and "Raises" in ckpt.restore.__doc__
+    importlib.import_module("ckpt.__main__")  # tools that import every module: no exit

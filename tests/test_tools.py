@@ -186,7 +186,7 @@ def test_reshard_progress_only_on_a_terminal(saved, tmp_path):
     (["--mesh", "data=2,model=4", "--spec", "params/w=data,batch"],
      "axis 'batch' is not in the mesh"),
     (["--mesh", "data=3,model=4"], "dimension 0 of size 256 is not divisible by 3"),
-    (["--mesh", "data=2,model=4", "--spec", "nonsense"], "expected GLOB=SPEC"),
+    (["--mesh", "data=2,model=4", "--spec", "nonsense"], "expected PATTERN=SPEC"),
 ])
 def test_reshard_bad_input_is_one_line_and_writes_nothing(saved, tmp_path, capsys, args,
                                                           message):
@@ -319,3 +319,29 @@ def test_verify_and_gc_json(saved, tmp_path, capsys):
     assert doc["dry_run"] is True and doc["root"] == root
     assert {"action": "remove", "what": "incomplete attempt",
             "target": "5/attempt-20260101T000000-000000000000"} in doc["actions"], doc
+
+
+def test_exit_status_by_kind_of_failure_also_with_debug(saved, tmp_path, capsys):
+    url, _ = saved
+    blocker = tmp_path / "a-file"
+    blocker.write_bytes(b"x")
+    # A storage failure (TensorStore cannot make a folder under a file): 3, not "usage".
+    argv = ["reshard", "-q", url, str(blocker / "dst"), "--mesh", "data=2,model=4"]
+    assert main(argv) == 3
+    assert main([*argv, "--debug"]) == 3
+    assert "Traceback" in capsys.readouterr().err
+    assert main(["list", str(tmp_path / "nope"), "--debug"]) == 3
+    with pytest.raises(SystemExit) as exit_:
+        main(["gc", str(tmp_path), "--d"])  # never abbreviated: --debug or --dry-run?
+    assert exit_.value.code == 2
+
+
+def test_progress_line_fits_one_terminal_row(monkeypatch):
+    from ckpt.cli import _Progress
+
+    monkeypatch.setenv("COLUMNS", "60")
+    bar = _Progress("resharding")
+    line = bar.line(500 << 30, 1000 << 30, bar.started + 3000)
+    assert len(line) <= 59 and line.startswith("resharding [")
+    monkeypatch.setenv("COLUMNS", "200")
+    assert "- left" in bar.line(1, 1000, bar.started + 0.01)  # no estimate from 10 ms
