@@ -498,6 +498,15 @@ def test_cli_ctrl_c_prints_one_line_and_exits_130(tmp_path, monkeypatch, capsys)
 
     monkeypatch.setattr(cli, "reshard", interrupted)
     assert cli.main(["reshard", src, dst, "--mesh", "data=1"]) == 130
+    err = capsys.readouterr().err  # nothing was written: nothing to clean up
+    assert err.count("\n") == 1 and "interrupted" in err and "ckpt gc" not in err
+
+    def interrupted_after_writing(*args, **kwargs):
+        open_store(dst).write("attempt-20260101T000000-000000000000/x", b"1")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "reshard", interrupted_after_writing)
+    assert cli.main(["reshard", src, dst, "--mesh", "data=1"]) == 130
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "interrupted" in err and f"ckpt gc {dst}" in err
 
