@@ -414,16 +414,6 @@ def _parser() -> argparse.ArgumentParser:
     _global_flags(parser, False)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_parser = sub.add_parser
-
-    def sub_parser(*args: Any, **kwargs: Any) -> argparse.ArgumentParser:
-        # Global flags are accepted after the subcommand too; SUPPRESS keeps a flag given
-        # before it from being reset by the subcommand's default.
-        p = add_parser(*args, allow_abbrev=False, **kwargs)
-        _global_flags(p, argparse.SUPPRESS)
-        return p
-
-    sub.add_parser = sub_parser  # type: ignore[method-assign]
 
     p = sub.add_parser("inspect", epilog=EPILOG,
                        help="describe one checkpoint (reads its manifest only)",
@@ -489,6 +479,11 @@ def _parser() -> argparse.ArgumentParser:
                    "be running (default 3600)")
     p.add_argument("--json", action="store_true", help="print the documented JSON document")
     p.set_defaults(func=_gc)
+    for p in sub.choices.values():
+        p.allow_abbrev = False
+        # Global flags are accepted after the subcommand too; SUPPRESS keeps a flag given
+        # before it from being reset by the subcommand's default.
+        _global_flags(p, argparse.SUPPRESS)
     return parser
 
 

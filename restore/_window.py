@@ -11,7 +11,7 @@ import collections
 from collections.abc import Callable
 from typing import Any
 
-from ckpt.storage import Deadline, DeadlineExceededError
+from ckpt.storage import Deadline
 
 
 class Window:
@@ -54,12 +54,7 @@ class Window:
     def _finish_one(self) -> None:
         future, cost, done = self._pending[0]
         if self._deadline is not None:
-            try:
-                self._deadline.result(future, self._doing)
-            except DeadlineExceededError:
-                raise
-            except Exception:  # the operation's own error: `done` reports it
-                pass
+            self._deadline.wait_ready(future, self._doing)  # `done` takes its own error
         self._pending.popleft()
         self._cost -= cost
         done(future)

@@ -61,15 +61,22 @@ class Deadline:
         if self.remaining() <= 0:
             raise self.error(doing)
 
-    def result(self, future: Any, doing: str) -> Any:
-        """``future.result()`` of a TensorStore future, waiting at most the time left."""
+    def wait_ready(self, future: Any, doing: str) -> None:
+        """Waits at most the time left for a TensorStore ``future`` to finish, whether it
+        succeeded or failed (its own error is left to whoever takes its result); cancels it
+        and raises `DeadlineExceededError` if it has not."""
         try:
-            return future.result(timeout=self.remaining())
+            future.exception(timeout=self.remaining())
         except TimeoutError as exc:
-            if future.done():  # an error of the operation itself, not our wait
-                raise
+            if future.done():  # the operation's own error, not our wait
+                return
             future.cancel()
             raise self.error(doing) from exc
+
+    def result(self, future: Any, doing: str) -> Any:
+        """``future.result()`` of a TensorStore future, waiting at most the time left."""
+        self.wait_ready(future, doing)
+        return future.result()
 
     def call(self, doing: str, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)``, abandoned (left running on a daemon thread) when time runs out."""
