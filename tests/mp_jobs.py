@@ -309,7 +309,13 @@ def orbax_save(path, use_ocdbt, use_zarr3):
     """Saves `device_tree(1, (2, 4))` with orbax-checkpoint itself, from every process."""
     import orbax.checkpoint as ocp
 
-    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt, use_zarr3=use_zarr3)
-    with ocp.Checkpointer(handler) as checkpointer:
+    # Naming every process makes Orbax's barriers go through the coordination service: its
+    # default barrier is a cross-process computation, which on jax 0.6.0's CPU collectives
+    # fails now and then with "Gloo context initialization failed: ... Config key cpu:gloo/...
+    # already exists" (a race in that jax release, not in what Orbax writes).
+    every = ocp.options.MultiprocessingOptions(active_processes=set(range(jax.process_count())))
+    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt, use_zarr3=use_zarr3,
+                                          multiprocessing_options=every)
+    with ocp.Checkpointer(handler, multiprocessing_options=every) as checkpointer:
         checkpointer.save(path, args=ocp.args.PyTreeSave(device_tree(1, (2, 4))))
     return jax.process_index()
