@@ -43,7 +43,7 @@ from ckpt.errors import (
     TargetMismatchError,
     UnsupportedURLError,
 )
-from ckpt.storage import open_store
+from ckpt.storage import open_store, settle_google_credentials
 
 EPILOG = "URLs: a path, file://PATH, s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, memory://NAME/PREFIX."
 
@@ -497,12 +497,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
     if args.verbose:
-        logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+    # What the storage clients log (gcsfs's "default credentials were not found" on a public
+    # bucket, each retry of a failing request) is for --debug: without it a failure is said
+    # once, in the command's own error line. The root's handler prints ckpt's records too.
+    root, quiet = logging.getLogger(), logging.NullHandler()
+    if args.debug:
+        root.addHandler(handler)
+    else:
+        root.addHandler(quiet)
+        if args.verbose:
+            logger.addHandler(handler)
+    if any(arg.startswith("gs://") for arg in (sys.argv[1:] if argv is None else argv)):
+        settle_google_credentials()
     try:
         return _run(args)
     finally:
-        logger.removeHandler(handler)
+        for owner in (root, logger):
+            owner.removeHandler(handler)
+        root.removeHandler(quiet)
         logger.setLevel(level)
 
 

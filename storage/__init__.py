@@ -24,7 +24,7 @@ from ckpt.storage._errors import (
 )
 from ckpt.storage._local import LocalStore
 from ckpt.storage._memory import MemoryStore, memory_context
-from ckpt.storage._object import ObjectStore, configure
+from ckpt.storage._object import ObjectStore, configure, settle_google_credentials
 from ckpt.storage._url import SCHEMES, Location, parse_url
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "MemoryStore", "MissingDependencyError", "ObjectNotFoundError", "ObjectStore",
     "SCHEMES", "StorageError", "Store", "UnreadableObjectError", "UnsupportedURLError",
     "check_key", "configure", "join", "memory_context", "open_store", "parse_url",
+    "settle_google_credentials",
 ]
 
 

@@ -193,6 +193,51 @@ def _filesystem(scheme: str, s: dict[str, Any]) -> Any:
     return gcsfs.GCSFileSystem(**options)
 
 
+def _google_credentials_exist() -> bool:
+    """Whether TensorStore's lookup would find a credentials file (the places it looks)."""
+    named = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+    folder = os.environ.get("CLOUDSDK_CONFIG") or os.path.join(
+        os.path.expanduser("~"), ".config", "gcloud")
+    return any(p and os.path.isfile(p) for p in
+               (named, os.path.join(folder, "application_default_credentials.json")))
+
+
+def settle_google_credentials() -> None:
+    """Has TensorStore look for Google credentials now, with its stderr line discarded.
+
+    Called by the ``ckpt`` command, once, before any other work and while it is the only
+    thread, when a ``gs://`` URL is among its arguments; not for library use (fd 2 is pointed
+    at /dev/null for the moment of the lookup, which would swallow other threads' output).
+    TensorStore looks for credentials at the first GCS request of a process and keeps what it
+    found; with none (a public bucket read anonymously) it logs an error line, "Could not find
+    the credentials file ...", and then goes on without, which is what the user wanted. That
+    first request is made here, to a local port that refuses it. Nothing is done when an
+    emulator is set (no lookup happens then) or a credentials file exists (nothing is logged).
+    """
+    if (_settings("gs")["endpoint_url"] or "GOOGLE_AUTH_TOKEN_FOR_TESTING" in os.environ
+            or _google_credentials_exist()):
+        return
+    import socket
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: a connection is refused
+        os.environ["TENSORSTORE_GCS_HTTP_URL"] = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, 2)
+            once = ts.Context({"gcs_request_retries": {"max_retries": 0}})
+            store = ts.KvStore.open({"driver": "gcs", "bucket": "credential-lookup"},
+                                    context=once).result(timeout=10)
+            store.read("key").exception(timeout=10)
+        except (TimeoutError, ValueError):
+            pass  # the lookup happened or never will; either way the command goes on
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(null)
+            del os.environ["TENSORSTORE_GCS_HTTP_URL"]
+
+
 class ObjectStore(Store):
     """A bucket prefix on S3 or GCS (which one: ``location.scheme``)."""
 

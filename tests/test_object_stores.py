@@ -350,3 +350,34 @@ def test_no_credential_lookup_noise_against_a_gcs_emulator(request, tmp_path, gc
                          capture_output=True, text=True, timeout=120, env=env)
     assert run.returncode == 0 and run.stdout.strip() == "49999.0", run.stderr[-2000:]
     assert "credentials" not in run.stderr, run.stderr
+
+
+SETTLED_READ = """
+import os, sys
+import tensorstore as ts
+from ckpt.storage import parse_url, settle_google_credentials
+if sys.argv[1] == "settle":
+    settle_google_credentials()
+assert "TENSORSTORE_GCS_HTTP_URL" not in os.environ
+os.environ["TENSORSTORE_GCS_HTTP_URL"] = sys.argv[3]  # the server, once the lookup is done
+kv = ts.KvStore.open({"driver": "gcs", "bucket": parse_url(sys.argv[2]).bucket}).result()
+kv.write("settled/probe", b"anonymous").result()
+print(kv.read("settled/probe").result().value.decode())
+"""
+
+
+def test_the_cli_looks_up_missing_google_credentials_quietly(request, tmp_path, gcs_server):
+    """With no Google credentials anywhere (a public bucket read anonymously), TensorStore's
+    first GCS request logs "Could not find the credentials file" and goes on without; the
+    `ckpt` command has that lookup done first, quietly, and TensorStore then reads as usual."""
+    url = backend_url(request, tmp_path, "gcs")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "CLOUDSDK_"))
+           and k not in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")}
+    env["HOME"] = str(tmp_path)  # no gcloud folder there
+    runs = {how: subprocess.run([sys.executable, "-c", SETTLED_READ, how, url,
+                                 gcs_server.endpoint], capture_output=True, text=True,
+                                timeout=120, env=env) for how in ("plain", "settle")}
+    for run in runs.values():
+        assert run.returncode == 0 and run.stdout.strip() == "anonymous", run.stderr[-2000:]
+    assert "Could not find the credentials file" in runs["plain"].stderr
+    assert "credentials" not in runs["settle"].stderr, runs["settle"].stderr

@@ -138,6 +138,18 @@ def test_restore_pickles_by_name_and_the_main_module_imports_quietly():
     importlib.import_module("ckpt.__main__")  # tools that import every module: no exit
 
 
+TYPED_USE = """
+import numpy as np
+
+import ckpt
+
+tree = ckpt.restore("ck", target={"w": np.zeros(3)}, timeout_s=5.0)
+ckpt.save("ck2", tree, metadata={"step": 1})
+with ckpt.CheckpointManager("run", keep_last=2) as manager:
+    step: int | None = manager.latest_step()
+info: ckpt.CheckpointInfo = ckpt.metadata("ck")
+"""
+
 def test_the_wheel_installs_into_a_clean_venv_with_what_it_needs(wheel, tmp_path):
     """What a user gets from `pip install shardckpt`: a fresh virtual environment, pip
     resolving the dependencies the wheel declares (no extras: local disk only), the console
@@ -165,3 +177,17 @@ def test_the_wheel_installs_into_a_clean_venv_with_what_it_needs(wheel, tmp_path
     run = subprocess.run([py, "-c", "import ckpt; ckpt.metadata('s3://b/ck')"], cwd=work,
                          capture_output=True, text=True, timeout=120)
     assert "shardckpt[s3]" in run.stderr, run.stderr[-2000:]  # no extra: named, not crashed
+    # The annotations reach a user's type checker (py.typed): a good call passes, a wrong
+    # argument type is named.
+    (work / "mypy.ini").write_text("[mypy]\nfollow_imports = silent\n"
+                                   "[mypy-jax.*,jaxlib.*,numpy.*,tensorstore.*]\n"
+                                   "follow_imports = skip\n")
+    (work / "good.py").write_text(TYPED_USE)
+    (work / "bad.py").write_text('import ckpt\nckpt.restore("ck", timeout_s="soon")\n')
+    checks = {name: subprocess.run(
+        [sys.executable, "-m", "mypy", "--config-file", "mypy.ini", "--cache-dir", os.devnull,
+         "--python-executable", py, name], cwd=work, capture_output=True, text=True,
+        timeout=300) for name in ("good.py", "bad.py")}
+    assert checks["good.py"].returncode == 0, checks["good.py"].stdout
+    assert checks["bad.py"].returncode == 1 and '"timeout_s" to "restore"' in \
+        checks["bad.py"].stdout, checks["bad.py"].stdout

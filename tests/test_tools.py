@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -300,8 +301,20 @@ def test_list_and_gc_fail_on_a_missing_root(request, tmp_path, capsys, command):
     assert "no-bucket" in capsys.readouterr().err
 
 
+def _documented_json():
+    """The --json documents of docs/tools.md, in order: inspect, verify, gc."""
+    text = open(os.path.join(os.path.dirname(__file__), "..", "docs", "tools.md")).read()
+    return [json.loads(block) for block in re.findall(r"```json\n(.*?)```", text, re.S)]
+
+
 def test_verify_and_gc_json(saved, tmp_path, capsys):
+    """--json documents hold the fields docs/tools.md shows, and no others."""
+    inspect_doc, verify_doc, gc_doc = _documented_json()
     url, _ = saved
+    assert main(["inspect", "--json", url]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert set(doc) == set(inspect_doc), set(doc) ^ set(inspect_doc)
+    assert set(doc["leaves"][0]) == set(inspect_doc["leaves"][0])
     assert main(["verify", "--json", url]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["ok"] is True and doc["problems"] == [] and doc["chunks"] > 0, doc
@@ -310,6 +323,8 @@ def test_verify_and_gc_json(saved, tmp_path, capsys):
     doc = json.loads(capsys.readouterr().out)
     assert doc["ok"] is False and doc["problems"][0]["leaf"] == "['params']['w']"
     assert isinstance(doc["problems"][0]["chunk"], list)
+    assert set(doc) == set(verify_doc) and set(doc["problems"][0]) == set(
+        verify_doc["problems"][0]), doc
     root = os.path.dirname(url)
     debris = os.path.join(root, "5", "attempt-20260101T000000-000000000000")
     os.makedirs(debris)
@@ -317,6 +332,8 @@ def test_verify_and_gc_json(saved, tmp_path, capsys):
     assert main(["gc", root, "--grace", "0", "--dry-run", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["dry_run"] is True and doc["root"] == root
+    assert set(doc) == set(gc_doc) and all(set(a) == set(gc_doc["actions"][0])
+                                           for a in doc["actions"]), doc
     assert {"action": "remove", "what": "incomplete attempt",
             "target": "5/attempt-20260101T000000-000000000000"} in doc["actions"], doc
 
