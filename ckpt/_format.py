@@ -387,6 +387,11 @@ def host_report_key(attempt: str, process: int) -> str:
     return f"{attempt}/{HOSTS}/{process}.msgpack"
 
 
+def array_key(attempt: str, name: str) -> str:
+    """The folder of array leaf ``name``'s zarr array in ``attempt``."""
+    return f"{attempt}/{ARRAYS}/{name}"
+
+
 @dataclasses.dataclass(frozen=True)
 class HostReport:
     """What one process of a save wrote, and what it saved, for process 0 to compare.

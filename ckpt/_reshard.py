@@ -20,26 +20,21 @@ import os
 import time
 from collections.abc import Callable, Sequence
 
-import tensorstore as ts
-
-from ckpt._commit import commit
-from ckpt._format import (
-    ARRAYS,
-    COMMIT,
-    LeafRecord,
-    HostReport,
-    encode_host_report,
-    host_report_key,
-    zarr_spec,
+from ckpt._attempt import (
+    ChunkWriter,
+    commit_attempt,
+    new_attempt_id,
+    open_arrays,
+    refusal_if_committed,
+    write_report,
 )
+from ckpt._format import LeafRecord
 from ckpt._leaves import dtype_from_name
 from ckpt._ownership import choose_chunk_shape
 from ckpt._restore import open_readable
-from ckpt._save import ChunkWriter, new_attempt_id
 from ckpt._tree import KeyPath, keystr
 from ckpt._verify import verify
 from ckpt.errors import (
-    CheckpointExistsError,
     CorruptCheckpointError,
     MeshMismatchError,
     MissingLeafError,
@@ -201,11 +196,11 @@ def reshard(src_url: str | os.PathLike[str], dst_url: str | os.PathLike[str], *,
     max_chunk = max(1 << 20, min(16 << 20, memory_budget // 8))
     records = _plan(manifest.leaves, mesh, rules, max_chunk)
     dst.verify_access()
-    if not overwrite and dst.exists(COMMIT):
-        raise CheckpointExistsError(f"{dst.url} already holds a committed checkpoint "
-                                    "(use --overwrite to replace it)")
+    refusal = refusal_if_committed(dst, overwrite=overwrite, how="use --overwrite")
+    if refusal is not None:
+        raise refusal
     attempt = new_attempt_id()
-    src_ctx, dst_ctx = source.context(), dst.tensorstore_context()
+    src_ctx = source.context()
     # Budget split: a quarter for the boxes of a batch, a quarter for the reader's chunks in
     # flight, a quarter for writes in flight (a write holds the chunk and its encoded copy).
     writer = ChunkWriter(memory_budget // 8)
@@ -215,8 +210,7 @@ def reshard(src_url: str | os.PathLike[str], dst_url: str | os.PathLike[str], *,
     for old, new in zip(manifest.leaves, records):
         if new.kind != "array":
             continue
-        target = ts.open(zarr_spec(dst.kvstore_spec(f"{attempt}/{ARRAYS}/{new.name}"), new,
-                                   create=True), context=dst_ctx).result()
+        [target] = open_arrays(dst, attempt, {0: new}, create=True).values()
         grid = grid_shape(new.shape, new.chunk_shape)
         boxes = [chunk_box(unflat_index(flat, grid), new.chunk_shape, new.shape)
                  for flat in range(len(new.chunk_nbytes))]
@@ -233,13 +227,9 @@ def reshard(src_url: str | os.PathLike[str], dst_url: str | os.PathLike[str], *,
                 chunks += 1
                 if progress is not None:
                     progress(done, total)
-    rows = writer.finish()
-    by_name = {r.name: r for r in records if r.kind == "array"}
-    for name, flat, _, crc in rows:
-        by_name[name].chunk_crc32c[flat] = crc
-    dst.write(host_report_key(attempt, 0), encode_host_report(attempt, HostReport(0, rows)))
-    commit(dst, attempt=attempt, records=records, metadata=manifest.metadata,
-           created_at=time.time(), process_count=1, overwrite=overwrite)
+    write_report(dst, attempt, 0, writer.finish())
+    commit_attempt(dst, attempt, records, process_count=1, metadata=manifest.metadata,
+                   created_at=time.time(), overwrite=overwrite)
     return ReshardResult(dst.url, chunks, done, dict(mesh), source.layout)
 
 

@@ -20,7 +20,6 @@ import jax
 import numpy as np
 
 from ckpt._format import (
-    ARRAYS,
     ATTEMPT_PREFIX,
     COMMIT,
     MANIFEST,
@@ -28,6 +27,7 @@ from ckpt._format import (
     LeafRecord,
     Manifest,
     MAX_COMMIT_BYTES,
+    array_key,
     array_read_spec,
     decode_manifest,
     read_object,
@@ -133,7 +133,7 @@ class Readable:
         was checked to hold only regular files (a FIFO would block TensorStore forever)."""
         if self.orbax is not None:
             return self.orbax.specs[rec.path]
-        folder = f"{self.manifest.attempt}/{ARRAYS}/{rec.name}"
+        folder = array_key(self.manifest.attempt, rec.name)
         try:
             self.store.check_plain_files(folder)
         except UnreadableObjectError as exc:

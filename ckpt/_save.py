@@ -19,46 +19,37 @@ import concurrent.futures
 import concurrent.futures.thread  # noqa: F401  (registers its exit hook before ours; see below)
 import contextlib
 import dataclasses
-import functools
 import itertools
 import logging
 import os
-import secrets
 import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-import google_crc32c
 import jax
 import numpy as np
-import tensorstore as ts
 
 from ckpt import _coord
-from ckpt._agreement import check_agreement, digests
-from ckpt._format import (
-    ARRAYS,
-    ATTEMPT_PREFIX,
-    COMMIT,
-    HostReport,
-    LeafRecord,
-    decode_host_report,
-    encode_host_report,
-    host_report_key,
-    pack,
-    read_object,
-    unpack,
-    zarr_spec,
+from ckpt._agreement import digests
+from ckpt._attempt import (
+    ChunkWriter,
+    Row,
+    commit_attempt,
+    new_attempt_id,
+    open_arrays,
+    refusal_if_committed,
+    write_report,
 )
+from ckpt._format import LeafRecord, pack, unpack
 from ckpt._claims import COMMITTING, claim_kind
-from ckpt._commit import commit, committed_attempt
+from ckpt._commit import committed_attempt
 from ckpt._leaves import classify, encode_inline, is_typed_key
 from ckpt._ownership import ArrayInput, ArrayPlan, plan
 from ckpt._tree import flatten, keystr
 from ckpt import errors as _errors
 from ckpt.errors import (
-    CheckpointExistsError,
     CkptError,
     CommitOutcomeUnknownError,
     CoordinationError,
@@ -66,7 +57,7 @@ from ckpt.errors import (
     SaveError,
     UnsupportedLeafError,
 )
-from ckpt.restore import Window, box_size, to_slices
+from ckpt.restore import box_size, to_slices
 from ckpt.storage import Deadline, DeadlineStore, Store, open_store
 
 # Bytes of chunk writes handed to TensorStore and not yet durable, per process.
@@ -256,12 +247,6 @@ class _Job:
     blocked_s: float = 0.0
 
 
-def new_attempt_id() -> str:
-    """A fresh, unique, sortable attempt id."""
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-    return f"{ATTEMPT_PREFIX}{stamp}-{secrets.token_hex(6)}"
-
-
 def _host_array(leaf: jax.Array) -> np.ndarray:
     if leaf.sharding.is_fully_replicated:
         return np.array(leaf.addressable_shards[0].data, copy=True)
@@ -348,10 +333,9 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
         try:
             store.verify_access()
             refusal = refuse() if refuse is not None else None
-            if refusal is None and not overwrite and store.exists(COMMIT):
-                refusal = CheckpointExistsError(
-                    f"{store.url} already holds a committed checkpoint (pass overwrite=True "
-                    "to replace it)")
+            if refusal is None:
+                refusal = refusal_if_committed(store, overwrite=overwrite,
+                                               how="pass overwrite=True")
         except CkptError as exc:
             refusal = exc
         proposal = (new_attempt_id() if refusal is None
@@ -397,41 +381,12 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
     return handle
 
 
-class ChunkWriter:
-    """Writes chunks through TensorStore with at most ``limit`` bytes in flight, and keeps
-    the host-report row (leaf name, flat index, bytes, crc32c) of each.
-
-    Used by the save path's background thread and by offline rewrites.
-    """
-
-    def __init__(self, limit: int, deadline: Deadline | None = None) -> None:
-        self.rows: list[tuple[str, int, int, int]] = []
-        self._window = Window(limit, deadline, "writing chunks")
-
-    def put(self, array: Any, slices: tuple[slice, ...], data: np.ndarray, name: str,
-            flat: int) -> None:
-        self._window.add(array[slices].write(data), data.nbytes, lambda fut: fut.result())
-        # The crc32c of the chunk's C-order little-endian bytes (what the format stores),
-        # computed while TensorStore writes them.
-        little = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<"))
-        crc = google_crc32c.value(little.view(np.uint8))
-        self.rows.append((name, flat, data.nbytes, crc))
-
-    def finish(self) -> list[tuple[str, int, int, int]]:
-        """Waits until every chunk is durable; returns the rows."""
-        self._window.drain()
-        return self.rows
-
-
-def _write_chunks(job: _Job) -> list[tuple[str, int, int, int]]:
+def _write_chunks(job: _Job) -> list[Row]:
     """Writes this process's chunks; returns its host-report rows."""
-    ctx = job.store.tensorstore_context()
     create = job.coord.process_index == 0
-    opening = {r: ts.open(zarr_spec(job.store.kvstore_spec(
-        f"{job.attempt}/{ARRAYS}/{job.records[r].name}"), job.records[r], create=create),
-        context=ctx) for r in job.plans if create or job.plans[r].owned}
-    arrays = {r: job.deadline.result(fut, f"opening leaf {keystr(job.records[r].path)}")
-              for r, fut in opening.items()}
+    arrays = open_arrays(job.store, job.attempt,
+                         {r: job.records[r] for r in job.plans if create or job.plans[r].owned},
+                         create=create, deadline=job.deadline)
     writer = ChunkWriter(job.inflight_bytes, job.deadline)
     for w in job.writes:
         writer.put(arrays[w.record], w.slices, w.data, job.records[w.record].name, w.flat)
@@ -441,58 +396,6 @@ def _write_chunks(job: _Job) -> list[tuple[str, int, int, int]]:
 # How long past their deadline processes other than 0 wait for process 0's verdict, which
 # comes at its own deadline at the latest (the deadlines start within one broadcast).
 OUTCOME_GRACE_S = 5.0
-
-# Host reports process 0 reads at once: at thousands of processes the reads are latency
-# bound, so they overlap.
-REPORT_READERS = 32
-
-
-def _check_reports(job: _Job) -> None:
-    """Process 0: every planned chunk reported once, by its planned writer, at its size.
-
-    Also copies each chunk's crc32c into the manifest records, so that every restore can
-    check each chunk it reads against the manifest.
-    """
-    by_name = {job.records[r].name: job.records[r] for r in job.plans}
-    seen: set[tuple[str, int]] = set()
-    keys = [host_report_key(job.attempt, p) for p in range(job.coord.process_count)]
-    with concurrent.futures.ThreadPoolExecutor(min(REPORT_READERS, len(keys))) as pool:
-        raw = list(pool.map(functools.partial(read_object, job.store), keys))
-    reports = [decode_host_report(data, job.store.describe(key)) for key, data in zip(keys, raw)]
-    for p, (key, report) in enumerate(zip(keys, reports)):
-        if report.process != p:
-            raise SaveError(f"{job.store.describe(key)} claims to be from process "
-                            f"{report.process}")
-    # Before the chunk rows: processes that saved different trees report different chunks.
-    check_agreement(reports)
-    for p, (key, report) in enumerate(zip(keys, reports)):
-        what = job.store.describe(key)
-        for name, flat, nbytes, crc in report.chunks:
-            rec = by_name.get(name)
-            if rec is None or not 0 <= flat < len(rec.writers):
-                raise SaveError(f"{what} reports unknown chunk {flat} of {name!r}")
-            if rec.writers[flat] != p or (name, flat) in seen:
-                raise SaveError(f"{what} reports chunk {flat} of {keystr(rec.path)}, which "
-                                f"process {rec.writers[flat]} owns")
-            if nbytes != rec.chunk_nbytes[flat]:
-                raise SaveError(f"{what} reports {nbytes} bytes for chunk {flat} of "
-                                f"{keystr(rec.path)}, expected {rec.chunk_nbytes[flat]}")
-            seen.add((name, flat))
-            rec.chunk_crc32c[flat] = crc
-    for rec in by_name.values():
-        for flat, writer in enumerate(rec.writers):
-            if (rec.name, flat) not in seen:
-                raise SaveError(f"chunk {flat} of leaf {keystr(rec.path)} was not reported by "
-                                f"its writer, process {writer}")
-
-
-def _commit(job: _Job) -> None:
-    """Process 0: check the reports, then manifest and COMMIT (see `ckpt._commit`)."""
-    _check_reports(job)
-    commit(job.store, attempt=job.attempt, records=job.records, metadata=job.metadata,
-           created_at=job.created_at, process_count=job.coord.process_count,
-           overwrite=job.overwrite, metrics=job.metrics)
-
 
 def _outcome(job: _Job, prefix: str) -> str:
     """Processes other than 0: the outcome process 0 published, ``ok`` if it committed.
@@ -536,9 +439,7 @@ def _run(job: _Job, handle: SaveHandle) -> None:
             rows = _write_chunks(job)
             job.writes.clear()  # release the snapshot as early as possible
             log.debug("%s: chunks written (%d)", handle.describe(), len(rows))
-            tree, values = job.digests
-            job.store.write(host_report_key(job.attempt, me), encode_host_report(
-                job.attempt, HostReport(me, rows, tree, values)))
+            write_report(job.store, job.attempt, me, rows, job.digests)
             written = time.monotonic()
         except BaseException as exc:
             job.coord.publish(f"{prefix}/failed/{me}", f"{type(exc).__name__}: {exc}")
@@ -554,7 +455,10 @@ def _run(job: _Job, handle: SaveHandle) -> None:
                     raise SaveError("; ".join(
                         f"process {k.rsplit('/', 1)[-1]} failed to write: {v}"
                         for k, v in sorted(failures.items())))
-                _commit(job)
+                commit_attempt(job.store, job.attempt, job.records,
+                               process_count=job.coord.process_count, metadata=job.metadata,
+                               created_at=job.created_at, overwrite=job.overwrite,
+                               metrics=job.metrics)
             except BaseException as exc:
                 job.coord.publish(f"{prefix}/outcome", f"{type(exc).__name__}: {exc}")
                 raise

@@ -17,7 +17,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ckpt  # noqa: E402
-import ckpt._save as save_mod  # noqa: E402
+import ckpt._attempt as attempt_mod  # noqa: E402
 from ckpt.storage import Store  # noqa: E402
 from tests.crash_state import make_state  # noqa: E402
 
@@ -29,7 +29,7 @@ def die():
 def inject(point):
     if point.startswith("chunk:"):
         limit, count = int(point.split(":")[1]), [0]
-        real_crc = save_mod.google_crc32c.value
+        real_crc = attempt_mod.google_crc32c.value
 
         class Crc:
             @staticmethod
@@ -39,7 +39,7 @@ def inject(point):
                     die()
                 return real_crc(data)
 
-        save_mod.google_crc32c = Crc
+        attempt_mod.google_crc32c = Crc
     elif point in ("after_report", "after_manifest"):
         suffix = "hosts/0.msgpack" if point == "after_report" else "manifest.msgpack"
         real_write = Store.write

@@ -146,21 +146,21 @@ def test_commit_checks_host_reports_against_plan(tmp_path, mesh24, monkeypatch, 
 def test_overwrite_is_atomic_old_readable_until_new_commits(tmp_path, monkeypatch):
     import threading
 
-    import ckpt._save as save_mod
+    import ckpt._attempt as attempt_mod
     from ckpt.storage import open_store
 
     url = tmp_path / "c"
     ckpt.save(url, {"x": np.full(50000, 1.0)})
     old_attempt = ckpt.metadata(url).attempt
     reached, release = threading.Event(), threading.Event()
-    real = save_mod.commit
+    real = attempt_mod.commit
 
     def paused_commit(*args, **kwargs):
         reached.set()
         release.wait()
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(save_mod, "commit", paused_commit)
+    monkeypatch.setattr(attempt_mod, "commit", paused_commit)
     handle = ckpt.save_async(url, {"x": np.full(50000, 2.0)}, overwrite=True)
     reached.wait()
     # The new data is written, its COMMIT not yet: readers still get the old checkpoint.

@@ -1,0 +1,173 @@
+"""Writing one attempt folder of a checkpoint: the one owner of what goes into it, and when.
+
+Two kinds of callers drive it, in this order (docs/protocol.md):
+
+- the save path (`ckpt._save`): process 0 asks `refusal_if_committed` and draws
+  `new_attempt_id`; every process opens its arrays (`open_arrays`, process 0 creating
+  them), writes the chunks it owns through a `ChunkWriter` and its host report
+  (`write_report`); after a barrier, process 0 alone calls `commit_attempt`;
+- offline rewrites (`ckpt._reshard`: ``reshard``, ``convert``): one process does all of it,
+  as process 0 of a job of one.
+
+`commit_attempt` checks every host report against the plan (each chunk reported once, by its
+planned writer, at its planned size; the processes' tree digests agree), copies each chunk's
+crc32c into the records, then writes the manifest, claims the attempt and creates or
+replaces COMMIT (`ckpt._commit`). Nothing else writes into an attempt folder.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import secrets
+import time
+from typing import Any
+
+import google_crc32c
+import numpy as np
+import tensorstore as ts
+
+from ckpt._agreement import check_agreement
+from ckpt._commit import commit
+from ckpt._format import (
+    ATTEMPT_PREFIX,
+    COMMIT,
+    HostReport,
+    LeafRecord,
+    array_key,
+    decode_host_report,
+    encode_host_report,
+    host_report_key,
+    read_object,
+    zarr_spec,
+)
+from ckpt._tree import keystr
+from ckpt.errors import CheckpointExistsError, SaveError
+from ckpt.restore import Window
+from ckpt.storage import Deadline, Store
+
+# A host-report row: leaf name, flat chunk index, bytes, crc32c of the stored bytes.
+Row = tuple[str, int, int, int]
+
+# Host reports process 0 reads at once: at thousands of processes the reads are latency
+# bound, so they overlap.
+REPORT_READERS = 32
+
+
+def new_attempt_id() -> str:
+    """A fresh, unique, sortable attempt id (process 0 of a save, or a rewrite)."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    return f"{ATTEMPT_PREFIX}{stamp}-{secrets.token_hex(6)}"
+
+
+def refusal_if_committed(store: Store, *, overwrite: bool,
+                         how: str) -> CheckpointExistsError | None:
+    """Why no attempt may be written at ``store``: it holds a committed checkpoint and
+    ``overwrite`` was not asked (``how`` says how to ask), else None. Checked by process 0
+    of a save, or by a rewrite, before an attempt id is drawn."""
+    if overwrite or not store.exists(COMMIT):
+        return None
+    return CheckpointExistsError(f"{store.url} already holds a committed checkpoint ({how} "
+                                 "to replace it)")
+
+
+def open_arrays(store: Store, attempt: str, records: dict[int, LeafRecord], *, create: bool,
+                deadline: Deadline | None = None) -> dict[int, Any]:
+    """Opens the zarr arrays of ``records`` (index -> ``array`` record) in ``attempt`` for
+    writing; ``create`` writes each ``zarr.json`` (process 0 only: other processes write
+    chunks into arrays they assume, so that no writer waits for another)."""
+    ctx = store.tensorstore_context()
+    opening = {i: ts.open(zarr_spec(store.kvstore_spec(array_key(attempt, rec.name)), rec,
+                                    create=create), context=ctx)
+               for i, rec in records.items()}
+    if deadline is None:
+        return {i: fut.result() for i, fut in opening.items()}
+    return {i: deadline.result(fut, f"opening leaf {keystr(records[i].path)}")
+            for i, fut in opening.items()}
+
+
+class ChunkWriter:
+    """Writes chunks through TensorStore with at most ``limit`` bytes in flight, and keeps
+    the host-report row of each.
+
+    Used by each process of a save on its background thread, and by offline rewrites.
+    """
+
+    def __init__(self, limit: int, deadline: Deadline | None = None) -> None:
+        self.rows: list[Row] = []
+        self._window = Window(limit, deadline, "writing chunks")
+
+    def put(self, array: Any, slices: tuple[slice, ...], data: np.ndarray, name: str,
+            flat: int) -> None:
+        self._window.add(array[slices].write(data), data.nbytes, lambda fut: fut.result())
+        # The crc32c of the chunk's C-order little-endian bytes (what the format stores),
+        # computed while TensorStore writes them.
+        little = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<"))
+        crc = google_crc32c.value(little.view(np.uint8))
+        self.rows.append((name, flat, data.nbytes, crc))
+
+    def finish(self) -> list[Row]:
+        """Waits until every chunk is durable; returns the rows."""
+        self._window.drain()
+        return self.rows
+
+
+def write_report(store: Store, attempt: str, process: int, rows: list[Row],
+                 digests: tuple[str, dict[str, int]] = ("", {})) -> None:
+    """Writes ``process``'s host report, once its chunks are durable (`ChunkWriter.finish`).
+    ``digests``: the tree and value digests of `ckpt._agreement` (empty for one process)."""
+    tree, values = digests
+    store.write(host_report_key(attempt, process),
+                encode_host_report(attempt, HostReport(process, rows, tree, values)))
+
+
+def check_reports(store: Store, attempt: str, records: list[LeafRecord],
+                  process_count: int) -> None:
+    """Every planned chunk reported once, by its planned writer, at its size; copies each
+    chunk's crc32c into its record, so that every restore checks each chunk it reads against
+    the manifest. Called by `commit_attempt`.
+
+    Raises:
+        SaveError: naming the report and the chunk that disagree with the plan.
+    """
+    by_name = {rec.name: rec for rec in records if rec.kind == "array"}
+    seen: set[tuple[str, int]] = set()
+    keys = [host_report_key(attempt, p) for p in range(process_count)]
+    with concurrent.futures.ThreadPoolExecutor(min(REPORT_READERS, len(keys))) as pool:
+        raw = list(pool.map(functools.partial(read_object, store), keys))
+    reports = [decode_host_report(data, store.describe(key)) for key, data in zip(keys, raw)]
+    for p, (key, report) in enumerate(zip(keys, reports)):
+        if report.process != p:
+            raise SaveError(f"{store.describe(key)} claims to be from process "
+                            f"{report.process}")
+    # Before the chunk rows: processes that saved different trees report different chunks.
+    check_agreement(reports)
+    for p, (key, report) in enumerate(zip(keys, reports)):
+        what = store.describe(key)
+        for name, flat, nbytes, crc in report.chunks:
+            rec = by_name.get(name)
+            if rec is None or not 0 <= flat < len(rec.writers):
+                raise SaveError(f"{what} reports unknown chunk {flat} of {name!r}")
+            if rec.writers[flat] != p or (name, flat) in seen:
+                raise SaveError(f"{what} reports chunk {flat} of {keystr(rec.path)}, which "
+                                f"process {rec.writers[flat]} owns")
+            if nbytes != rec.chunk_nbytes[flat]:
+                raise SaveError(f"{what} reports {nbytes} bytes for chunk {flat} of "
+                                f"{keystr(rec.path)}, expected {rec.chunk_nbytes[flat]}")
+            seen.add((name, flat))
+            rec.chunk_crc32c[flat] = crc
+    for rec in by_name.values():
+        for flat, writer in enumerate(rec.writers):
+            if (rec.name, flat) not in seen:
+                raise SaveError(f"chunk {flat} of leaf {keystr(rec.path)} was not reported by "
+                                f"its writer, process {writer}")
+
+
+def commit_attempt(store: Store, attempt: str, records: list[LeafRecord], *,
+                   process_count: int, metadata: Any, created_at: float,
+                   overwrite: bool = False, metrics: dict[str, float] | None = None) -> None:
+    """Process 0 (or a rewrite), once every process wrote its report: `check_reports`, then
+    manifest, commit claim and COMMIT (`ckpt._commit.commit`, whose errors it raises)."""
+    check_reports(store, attempt, records, process_count)
+    commit(store, attempt=attempt, records=records, metadata=metadata, created_at=created_at,
+           process_count=process_count, overwrite=overwrite, metrics=metrics)
