@@ -11,7 +11,7 @@ import jax
 
 from ckpt._format import Manifest
 from ckpt._leaves import decode_value, dtype_from_name
-from ckpt._restore import open_readable
+from ckpt._reader import open_readable
 from ckpt._tree import KeyPath, keystr, nest
 from ckpt.storage import open_store
 

@@ -35,7 +35,8 @@ from ckpt._housekeeping import (
     rewind_root,
 )
 from ckpt._policy import SavePolicy
-from ckpt._restore import open_checkpoint, restore_from
+from ckpt._reader import open_checkpoint
+from ckpt._restore import restore_from
 from ckpt._tree import is_text
 from ckpt._save import SaveHandle, start_save
 from ckpt.errors import (

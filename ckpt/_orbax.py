@@ -1,6 +1,6 @@
 """Reading checkpoints written by orbax-checkpoint, as if they were this library's.
 
-Called by `ckpt._restore.open_readable` when a URL holds no COMMIT, on every process that
+Called by `ckpt._reader.open_readable` when a URL holds no COMMIT, on every process that
 restores, inspects or converts. An Orbax checkpoint is recognised from its files, never from
 its name:
 
@@ -200,7 +200,7 @@ def _mesh_fields(sharding: dict[str, Any] | None, ndim: int, where: str
 def open_orbax(store: Store) -> OrbaxItem | None:
     """Opens the Orbax checkpoint at ``store`` (item or single-item step folder).
 
-    Called by `ckpt._restore.open_readable` on any process; reads ``_METADATA``,
+    Called by `ckpt._reader.open_readable` on any process; reads ``_METADATA``,
     ``_sharding``, ``_strings.json`` and each array's zarr metadata (and its value, for
     scalars), never array chunks.
 

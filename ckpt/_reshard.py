@@ -31,7 +31,7 @@ from ckpt._attempt import (
 from ckpt._format import LeafRecord
 from ckpt._leaves import dtype_from_name
 from ckpt._ownership import choose_chunk_shape
-from ckpt._restore import open_readable
+from ckpt._reader import open_readable
 from ckpt._tree import KeyPath, keystr
 from ckpt._verify import verify
 from ckpt.errors import (
@@ -40,7 +40,6 @@ from ckpt.errors import (
     MissingLeafError,
 )
 from ckpt.restore import (
-    ArrayReadJob,
     chunk_box,
     chunk_sizes,
     grid_shape,
@@ -200,7 +199,6 @@ def reshard(src_url: str | os.PathLike[str], dst_url: str | os.PathLike[str], *,
     if refusal is not None:
         raise refusal
     attempt = new_attempt_id()
-    src_ctx = source.context()
     # Budget split: a quarter for the boxes of a batch, a quarter for the reader's chunks in
     # flight, a quarter for writes in flight (a write holds the chunk and its encoded copy).
     writer = ChunkWriter(memory_budget // 8)
@@ -214,12 +212,9 @@ def reshard(src_url: str | os.PathLike[str], dst_url: str | os.PathLike[str], *,
         grid = grid_shape(new.shape, new.chunk_shape)
         boxes = [chunk_box(unflat_index(flat, grid), new.chunk_shape, new.shape)
                  for flat in range(len(new.chunk_nbytes))]
-        spec = source.array_spec(old)  # checks the source folder: once per array
+        whole = source.read_job(old, [])  # checks the source folder: once per array
         for start, stop in _batches(new.chunk_nbytes, batch_limit):
-            job = ArrayReadJob(keystr(old.path), spec, src_ctx, old.shape,
-                               old.chunk_shape, dtype_from_name(old.dtype, keystr(old.path)),
-                               boxes[start:stop], old.chunk_crc32c or None,
-                               crc32c_in_chunk_tail=source.orbax is None)
+            job = dataclasses.replace(whole, targets=boxes[start:stop])
             [host] = read_arrays([job], memory_budget=batch_limit)
             for flat, data in zip(range(start, stop), host):
                 writer.put(target, to_slices(boxes[flat]), data, new.name, flat)

@@ -1,11 +1,9 @@
-"""Reading committed checkpoints: resolving COMMIT, matching a target, building arrays.
+"""Restoring a committed checkpoint onto a target: matching, reading, building arrays.
 
-`open_checkpoint` is the only way anything reads one of this library's checkpoints: it finds
-COMMIT, reads the manifest it names and checks its sha256 before anything else is trusted.
-`open_readable` accepts an Orbax checkpoint too (`ckpt._orbax`), as the same manifest of
-leaf records plus where each array lives. `restore` then matches the target tree to the
-manifest by key path, plans which boxes each of this process's devices needs, reads them
-through `restore.read_arrays` and assembles arrays.
+The checkpoint is opened through `ckpt._reader` (this library's format or Orbax's, the same
+interface). `restore` matches the target tree to the manifest by key path, plans which boxes
+each of this process's devices needs, reads them through `ckpt.restore.read_arrays` and
+assembles arrays.
 """
 
 from __future__ import annotations
@@ -19,34 +17,18 @@ from typing import Any
 import jax
 import numpy as np
 
-from ckpt._format import (
-    ATTEMPT_PREFIX,
-    COMMIT,
-    MANIFEST,
-    CommitRecord,
-    LeafRecord,
-    Manifest,
-    MAX_COMMIT_BYTES,
-    array_key,
-    array_read_spec,
-    decode_manifest,
-    read_object,
-    sha256,
-)
+from ckpt._format import LeafRecord, Manifest
 from ckpt._leaves import decode_inline, decode_value, dtype_from_name, is_typed_key
-from ckpt._orbax import OrbaxItem, open_orbax
+from ckpt._reader import Readable, open_readable
 from ckpt._tree import KeyPath, flatten, keystr, nest, unflatten
 from ckpt.errors import (
     CheckpointNotFoundError,
-    CkptError,
     CorruptCheckpointError,
     DtypeMismatchError,
     MeshMismatchError,
     MissingLeafError,
-    NotACheckpointError,
     ShapeMismatchError,
     TargetMismatchError,
-    UncommittedCheckpointError,
 )
 from ckpt.restore import (
     ArrayReadJob,
@@ -60,114 +42,11 @@ from ckpt.restore import (
 from ckpt.storage import (
     Deadline,
     DeadlineStore,
-    ObjectNotFoundError,
     Store,
-    UnreadableObjectError,
     open_store,
 )
 
 log = logging.getLogger("ckpt.restore")
-
-
-def open_checkpoint(store: Store) -> tuple[CommitRecord, Manifest]:
-    """Reads COMMIT and the manifest it names, checking the manifest's digest.
-
-    Called on any process, before any array byte is read.
-
-    Raises:
-        CheckpointNotFoundError: nothing at the URL.
-        UncommittedCheckpointError: attempts but no COMMIT.
-        NotACheckpointError: something else is there.
-        CorruptCheckpointError: COMMIT or manifest unreadable, or the digest differs.
-    """
-    try:
-        data = read_object(store, COMMIT, MAX_COMMIT_BYTES)
-    except ObjectNotFoundError:
-        children = store.list_children()
-        if not children:
-            raise CheckpointNotFoundError(f"no checkpoint at {store.url}: nothing is there") from None
-        if any(c.startswith(ATTEMPT_PREFIX) for c in children):
-            raise UncommittedCheckpointError(
-                f"{store.url} holds an uncommitted checkpoint (a save that was interrupted or "
-                "is still running): no COMMIT") from None
-        shown = ", ".join(children[:5]) + (", ..." if len(children) > 5 else "")
-        raise NotACheckpointError(
-            f"{store.url} is not a checkpoint (no COMMIT; it holds {shown})") from None
-    commit = CommitRecord.decode(data, store.describe(COMMIT))
-    key = f"{commit.attempt}/{MANIFEST}"
-    try:
-        manifest_bytes = read_object(store, key)
-    except ObjectNotFoundError:
-        raise CorruptCheckpointError(
-            f"{store.describe(COMMIT)} names a manifest that is missing: "
-            f"{store.describe(key)}") from None
-    if sha256(manifest_bytes) != commit.manifest_sha256:
-        raise CorruptCheckpointError(
-            f"{store.describe(key)} does not match the sha256 recorded in "
-            f"{store.describe(COMMIT)}: the manifest was modified or damaged")
-    manifest = decode_manifest(manifest_bytes, store.describe(key))
-    if manifest.attempt != commit.attempt:
-        raise CorruptCheckpointError(f"{store.describe(key)} belongs to attempt "
-                                     f"{manifest.attempt!r}, not {commit.attempt!r}")
-    return commit, manifest
-
-
-@dataclasses.dataclass
-class Readable:
-    """A committed checkpoint opened for reading: this library's format or Orbax's.
-
-    Attributes:
-        store: where it is.
-        manifest: its leaves (for Orbax, records built from its metadata; no checksums).
-        layout: ``ckpt format 1``, or ``orbax-checkpoint (OCDBT, zarr v2)`` and the like.
-        orbax: the Orbax item, or None for this library's own format.
-    """
-
-    store: Store
-    manifest: Manifest
-    layout: str
-    orbax: OrbaxItem | None = None
-
-    def array_spec(self, rec: LeafRecord) -> dict[str, Any]:
-        """The TensorStore spec that opens array leaf ``rec`` for reading, once its folder
-        was checked to hold only regular files (a FIFO would block TensorStore forever)."""
-        if self.orbax is not None:
-            return self.orbax.specs[rec.path]
-        folder = array_key(self.manifest.attempt, rec.name)
-        try:
-            self.store.check_plain_files(folder)
-        except UnreadableObjectError as exc:
-            raise CorruptCheckpointError(f"leaf {keystr(rec.path)}: {exc}") from None
-        return array_read_spec(self.store.kvstore_spec(folder), rec)
-
-    def context(self) -> Any:
-        """The TensorStore context to open arrays in."""
-        return self.orbax.context if self.orbax is not None else \
-            self.store.tensorstore_context()
-
-
-def open_readable(store: Store) -> Readable:
-    """Opens the checkpoint at ``store``: this library's, else an Orbax one.
-
-    Called on any process by restore, `ckpt.metadata` and the offline tools. Orbax files
-    are only looked for when there is no COMMIT, so reading this library's checkpoints costs
-    nothing more.
-
-    Raises:
-        The errors of `open_checkpoint` when nothing there is Orbax's either, and those of
-        `ckpt._orbax.open_orbax` for Orbax checkpoints this library cannot read.
-    """
-    try:
-        _, manifest = open_checkpoint(store)
-        return Readable(store, manifest, f"ckpt format {manifest.format_version}")
-    except CheckpointNotFoundError as exc:
-        not_ours = exc
-    item = open_orbax(store)
-    if item is None:
-        raise not_ours
-    log.info("%s is an orbax-checkpoint checkpoint (%s, %d leaves)", item.store.url,
-             item.layout, len(item.manifest.leaves))
-    return Readable(item.store, item.manifest, f"orbax-checkpoint ({item.layout})", item)
 
 
 @dataclasses.dataclass
@@ -373,17 +252,12 @@ def restore_from(store: Store, target: Any = None, *, mesh: Any = None,
         try:
             return _restore_source(source, target, mesh, memory_budget, deadline)
         except CorruptCheckpointError as exc:
-            if source.orbax is not None:
-                raise
             # Overwritten while read (`overwrite=True`, `ckpt reshard --overwrite`): its old
             # attempt is deleted once COMMIT names the new one. Then read the new one whole;
-            # an attempt COMMIT still names is really damaged.
-            try:
-                again = open_readable(store)
-            except CkptError:
+            # a checkpoint nothing replaced is really damaged.
+            again = source.replacement()
+            if again is None:
                 raise exc from None
-            if again.manifest.attempt == source.manifest.attempt:
-                raise
             if jax.process_count() > 1:
                 # Each process would switch on its own: some could return the old
                 # checkpoint's shards and others the new one's, in one global array.
@@ -405,7 +279,6 @@ def _restore_source(source: Readable, target: Any, mesh: Any,
                     memory_budget: int | None, deadline: Deadline | None) -> Any:
     manifest = source.manifest
     wants, treedef = _match(manifest, target, mesh, source.store.url)
-    ctx = source.context()
     jobs: list[ArrayReadJob] = []
     job_wants: list[int] = []
     values: list[Any] = [None] * len(wants)
@@ -431,12 +304,7 @@ def _restore_source(source: Readable, target: Any, mesh: Any,
             boxes = _boxes(want)
             values[i] = _assemble(want, [whole[to_slices(b)] for b in boxes], boxes)
         elif rec.kind == "array":
-            boxes = _boxes(want)
-            # This format's chunks end with their crc32c (docs/format.md); Orbax's do not.
-            jobs.append(ArrayReadJob(keystr(rec.path), source.array_spec(rec), ctx, rec.shape,
-                                     rec.chunk_shape, dtype_from_name(rec.dtype, what), boxes,
-                                     rec.chunk_crc32c or None,
-                                     crc32c_in_chunk_tail=source.orbax is None))
+            jobs.append(source.read_job(rec, _boxes(want)))
             job_wants.append(i)
     started = time.monotonic()
     hosts = read_arrays(jobs, memory_budget=memory_budget, deadline=deadline)

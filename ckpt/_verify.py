@@ -22,7 +22,7 @@ from ckpt._format import (
     read_object,
 )
 from ckpt._leaves import decode_inline, dtype_from_name
-from ckpt._restore import open_readable
+from ckpt._reader import open_readable
 from ckpt._tree import keystr
 from ckpt.errors import CorruptCheckpointError, UnsupportedFormatError
 from ckpt.restore import Window, box_size, chunk_box, to_slices, unflat_index
@@ -88,11 +88,11 @@ def verify(url: str | os.PathLike[str], *, memory_budget: int = DEFAULT_BUDGET,
     """
     store = open_store(url)
     source = open_readable(store)
-    if source.orbax is not None:
+    if not source.checksummed:
         raise UnsupportedFormatError(
-            f"{store.url} is an Orbax checkpoint: verify checks this library's per-chunk "
-            "checksums, which Orbax does not record; `ckpt convert` it (the result is "
-            "verified) or restore it")
+            f"{store.url} is an {source.kind} checkpoint ({source.layout}): verify checks "
+            f"this library's per-chunk checksums, which {source.kind} does not record; "
+            "`ckpt convert` it (the result is verified) or restore it")
     manifest = source.manifest
     report = VerifyReport(store.url)
     expected = _reports(store, manifest.attempt, manifest.process_count, report)

@@ -43,7 +43,7 @@ def test_four_processes_write_each_chunk_once_balanced(saved4):
     info = ckpt.metadata(saved4)
     assert info.process_count == 4
     per_process, seen = _report_bytes(saved4)
-    expected = {(leaf.name, i) for leaf in ckpt._restore.open_checkpoint(
+    expected = {(leaf.name, i) for leaf in ckpt._reader.open_checkpoint(
         ckpt._restore.open_store(saved4))[1].leaves if leaf.kind == "array"
         for i in range(len(leaf.writers))}
     assert seen == expected

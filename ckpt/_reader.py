@@ -1,0 +1,207 @@
+"""Reading a committed checkpoint: the one owner of how its bytes are found and checked.
+
+`open_readable` opens what is at a URL as a `Readable`: one of this library's checkpoints
+(`open_checkpoint`: COMMIT, then the manifest it names, whose sha256 is checked before
+anything else is trusted; arrays at their keys in the attempt folder; every chunk checked
+against the manifest's crc32c and its own stored tail), else an orbax-checkpoint one
+(`ckpt._orbax`: its metadata as the same leaf records, arrays where Orbax put them, no
+checksums to check). Restore, `ckpt.metadata`, verify, reshard and convert read through
+this interface and never ask which format it is.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from ckpt._format import (
+    ATTEMPT_PREFIX,
+    COMMIT,
+    MANIFEST,
+    MAX_COMMIT_BYTES,
+    CommitRecord,
+    LeafRecord,
+    Manifest,
+    array_key,
+    array_read_spec,
+    decode_manifest,
+    read_object,
+    sha256,
+)
+from ckpt._leaves import dtype_from_name
+from ckpt._orbax import OrbaxItem, open_orbax
+from ckpt._tree import keystr
+from ckpt.errors import (
+    CheckpointNotFoundError,
+    CkptError,
+    CorruptCheckpointError,
+    NotACheckpointError,
+    UncommittedCheckpointError,
+)
+from ckpt.restore import ArrayReadJob, Box
+from ckpt.storage import ObjectNotFoundError, Store, UnreadableObjectError
+
+log = logging.getLogger("ckpt.restore")
+
+
+def open_checkpoint(store: Store) -> tuple[CommitRecord, Manifest]:
+    """Reads COMMIT and the manifest it names, checking the manifest's digest.
+
+    Called on any process, before any array byte is read.
+
+    Raises:
+        CheckpointNotFoundError: nothing at the URL.
+        UncommittedCheckpointError: attempts but no COMMIT.
+        NotACheckpointError: something else is there.
+        CorruptCheckpointError: COMMIT or manifest unreadable, or the digest differs.
+    """
+    try:
+        data = read_object(store, COMMIT, MAX_COMMIT_BYTES)
+    except ObjectNotFoundError:
+        children = store.list_children()
+        if not children:
+            raise CheckpointNotFoundError(f"no checkpoint at {store.url}: nothing is there") from None
+        if any(c.startswith(ATTEMPT_PREFIX) for c in children):
+            raise UncommittedCheckpointError(
+                f"{store.url} holds an uncommitted checkpoint (a save that was interrupted or "
+                "is still running): no COMMIT") from None
+        shown = ", ".join(children[:5]) + (", ..." if len(children) > 5 else "")
+        raise NotACheckpointError(
+            f"{store.url} is not a checkpoint (no COMMIT; it holds {shown})") from None
+    commit = CommitRecord.decode(data, store.describe(COMMIT))
+    key = f"{commit.attempt}/{MANIFEST}"
+    try:
+        manifest_bytes = read_object(store, key)
+    except ObjectNotFoundError:
+        raise CorruptCheckpointError(
+            f"{store.describe(COMMIT)} names a manifest that is missing: "
+            f"{store.describe(key)}") from None
+    if sha256(manifest_bytes) != commit.manifest_sha256:
+        raise CorruptCheckpointError(
+            f"{store.describe(key)} does not match the sha256 recorded in "
+            f"{store.describe(COMMIT)}: the manifest was modified or damaged")
+    manifest = decode_manifest(manifest_bytes, store.describe(key))
+    if manifest.attempt != commit.attempt:
+        raise CorruptCheckpointError(f"{store.describe(key)} belongs to attempt "
+                                     f"{manifest.attempt!r}, not {commit.attempt!r}")
+    return commit, manifest
+
+
+class Readable(abc.ABC):
+    """A committed checkpoint opened for reading.
+
+    Attributes:
+        store: where it is.
+        manifest: its leaves (for a format without checksums, records with none).
+        layout: ``ckpt format 1``, or ``orbax-checkpoint (OCDBT, zarr v2)`` and the like.
+        kind: the format's name in messages (``ckpt``, ``Orbax``).
+        checksummed: whether every chunk carries checksums a reader checks (what
+            ``ckpt verify`` needs).
+    """
+
+    kind: str
+    checksummed: bool
+
+    def __init__(self, store: Store, manifest: Manifest, layout: str) -> None:
+        self.store, self.manifest, self.layout = store, manifest, layout
+
+    @abc.abstractmethod
+    def array_spec(self, rec: LeafRecord) -> dict[str, Any]:
+        """The TensorStore spec that opens array leaf ``rec`` for reading."""
+
+    @abc.abstractmethod
+    def context(self) -> Any:
+        """The TensorStore context to open arrays in."""
+
+    @abc.abstractmethod
+    def _chunks_end_with_crc32c(self) -> bool:
+        """Whether each stored chunk ends with its own crc32c (docs/format.md)."""
+
+    def read_job(self, rec: LeafRecord, boxes: Sequence[Box]) -> ArrayReadJob:
+        """What `ckpt.restore.read_arrays` needs to read ``boxes`` of array leaf ``rec``,
+        with every check this format allows on each chunk it reads."""
+        what = f"{self.store.url} leaf {keystr(rec.path)}"
+        return ArrayReadJob(keystr(rec.path), self.array_spec(rec), self.context(), rec.shape,
+                            rec.chunk_shape, dtype_from_name(rec.dtype, what), list(boxes),
+                            rec.chunk_crc32c or None,
+                            crc32c_in_chunk_tail=self._chunks_end_with_crc32c())
+
+    def replacement(self) -> Readable | None:
+        """After a read found damage: the checkpoint that replaced this one meanwhile (an
+        overwrite commits a new attempt, then deletes the old one), or None when it was not
+        replaced, so that the damage is real."""
+        return None
+
+
+class _Ours(Readable):
+    """One of this library's checkpoints."""
+
+    kind, checksummed = "ckpt", True
+
+    def array_spec(self, rec: LeafRecord) -> dict[str, Any]:
+        """Checks first that the array's folder holds only regular files: TensorStore would
+        block forever on a FIFO."""
+        folder = array_key(self.manifest.attempt, rec.name)
+        try:
+            self.store.check_plain_files(folder)
+        except UnreadableObjectError as exc:
+            raise CorruptCheckpointError(f"leaf {keystr(rec.path)}: {exc}") from None
+        return array_read_spec(self.store.kvstore_spec(folder), rec)
+
+    def context(self) -> Any:
+        return self.store.tensorstore_context()
+
+    def _chunks_end_with_crc32c(self) -> bool:
+        return True
+
+    def replacement(self) -> Readable | None:
+        try:
+            again = open_readable(self.store)
+        except CkptError:
+            return None
+        return None if again.manifest.attempt == self.manifest.attempt else again
+
+
+class _Orbax(Readable):
+    """An orbax-checkpoint item (`ckpt._orbax`)."""
+
+    kind, checksummed = "Orbax", False
+
+    def __init__(self, item: OrbaxItem) -> None:
+        super().__init__(item.store, item.manifest, f"orbax-checkpoint ({item.layout})")
+        self._item = item
+
+    def array_spec(self, rec: LeafRecord) -> dict[str, Any]:
+        return self._item.specs[rec.path]
+
+    def context(self) -> Any:
+        return self._item.context
+
+    def _chunks_end_with_crc32c(self) -> bool:
+        return False
+
+
+def open_readable(store: Store) -> Readable:
+    """Opens the checkpoint at ``store``: this library's, else an Orbax one.
+
+    Called on any process by restore, `ckpt.metadata` and the offline tools. Orbax files
+    are only looked for when there is no COMMIT, so reading this library's checkpoints costs
+    nothing more.
+
+    Raises:
+        The errors of `open_checkpoint` when nothing there is Orbax's either, and those of
+        `ckpt._orbax.open_orbax` for Orbax checkpoints this library cannot read.
+    """
+    try:
+        _, manifest = open_checkpoint(store)
+        return _Ours(store, manifest, f"ckpt format {manifest.format_version}")
+    except CheckpointNotFoundError as exc:
+        not_ours = exc
+    item = open_orbax(store)
+    if item is None:
+        raise not_ours
+    log.info("%s is an orbax-checkpoint checkpoint (%s, %d leaves)", item.store.url,
+             item.layout, len(item.manifest.leaves))
+    return _Orbax(item)
