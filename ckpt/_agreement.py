@@ -17,7 +17,7 @@ from typing import Any
 import google_crc32c
 import numpy as np
 
-from ckpt._format import HostReport, LeafRecord, pack
+from ckpt._format import HostReport, LeafKind, LeafRecord, pack
 from ckpt._tree import keystr
 from ckpt.errors import SaveError
 
@@ -30,7 +30,7 @@ def digests(records: Sequence[LeafRecord], leaves: Sequence[Any]) -> tuple[str, 
                   for r in records])
     values: dict[str, int] = {}
     for rec, leaf in zip(records, leaves):
-        if rec.kind == "value":
+        if rec.kind == LeafKind.VALUE:
             values[keystr(rec.path)] = google_crc32c.value(pack(rec.value))
         elif rec.source in ("numpy", "numpy_scalar"):
             array = np.asarray(leaf)

@@ -18,6 +18,7 @@ replaces COMMIT (`ckpt._commit`). Nothing else writes into an attempt folder.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import functools
 import secrets
 import time
@@ -33,6 +34,7 @@ from ckpt._format import (
     ATTEMPT_PREFIX,
     COMMIT,
     HostReport,
+    LeafKind,
     LeafRecord,
     array_key,
     decode_host_report,
@@ -122,15 +124,16 @@ def write_report(store: Store, attempt: str, process: int, rows: list[Row],
 
 
 def check_reports(store: Store, attempt: str, records: list[LeafRecord],
-                  process_count: int) -> None:
-    """Every planned chunk reported once, by its planned writer, at its size; copies each
-    chunk's crc32c into its record, so that every restore checks each chunk it reads against
-    the manifest. Called by `commit_attempt`.
+                  process_count: int) -> list[LeafRecord]:
+    """Every planned chunk reported once, by its planned writer, at its size. Returns the
+    records with each chunk's reported crc32c in its layout, so that every restore checks
+    each chunk it reads against the manifest. Called by `commit_attempt`.
 
     Raises:
         SaveError: naming the report and the chunk that disagree with the plan.
     """
-    by_name = {rec.name: rec for rec in records if rec.kind == "array"}
+    by_name = {rec.name: rec for rec in records if rec.kind == LeafKind.ARRAY}
+    crcs = {name: list(rec.chunk_crc32c) for name, rec in by_name.items()}
     seen: set[tuple[str, int]] = set()
     keys = [host_report_key(attempt, p) for p in range(process_count)]
     with concurrent.futures.ThreadPoolExecutor(min(REPORT_READERS, len(keys))) as pool:
@@ -155,12 +158,14 @@ def check_reports(store: Store, attempt: str, records: list[LeafRecord],
                 raise SaveError(f"{what} reports {nbytes} bytes for chunk {flat} of "
                                 f"{keystr(rec.path)}, expected {rec.chunk_nbytes[flat]}")
             seen.add((name, flat))
-            rec.chunk_crc32c[flat] = crc
+            crcs[name][flat] = crc
     for rec in by_name.values():
         for flat, writer in enumerate(rec.writers):
             if (rec.name, flat) not in seen:
                 raise SaveError(f"chunk {flat} of leaf {keystr(rec.path)} was not reported by "
                                 f"its writer, process {writer}")
+    return [dataclasses.replace(rec, layout=rec.layout.with_crc32c(crcs[rec.name]))
+            if rec.kind == LeafKind.ARRAY else rec for rec in records]
 
 
 def commit_attempt(store: Store, attempt: str, records: list[LeafRecord], *,
@@ -168,6 +173,6 @@ def commit_attempt(store: Store, attempt: str, records: list[LeafRecord], *,
                    overwrite: bool = False, metrics: dict[str, float] | None = None) -> None:
     """Process 0 (or a rewrite), once every process wrote its report: `check_reports`, then
     manifest, commit claim and COMMIT (`ckpt._commit.commit`, whose errors it raises)."""
-    check_reports(store, attempt, records, process_count)
-    commit(store, attempt=attempt, records=records, metadata=metadata, created_at=created_at,
+    checked = check_reports(store, attempt, records, process_count)
+    commit(store, attempt=attempt, records=checked, metadata=metadata, created_at=created_at,
            process_count=process_count, overwrite=overwrite, metrics=metrics)

@@ -9,9 +9,11 @@ never construct an object or run code. Decoding validates every field it uses an
 from __future__ import annotations
 
 import dataclasses
+import enum
 import hashlib
 import itertools
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import msgpack
@@ -35,7 +37,6 @@ ATTEMPT_PREFIX = "attempt-"
 MAX_OBJECT_BYTES = 1 << 30
 MAX_COMMIT_BYTES = 1 << 16
 
-LEAF_KINDS = ("array", "inline", "value", "none")
 MAX_NDIM = 64
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_%@#~.-")
 SOURCES = ("jax", "numpy", "numpy_scalar")
@@ -47,16 +48,42 @@ DTYPE_SIZES = {
 }
 
 
-@dataclasses.dataclass
-class LeafRecord:
-    """One leaf of the saved tree, as the manifest records it.
+class LeafKind(enum.StrEnum):
+    """How a leaf is stored (docs/format.md): ``array`` (a zarr array under
+    ``arrays/<name>/``), ``inline`` (a small array whose bytes are in the manifest), ``value``
+    (a Python scalar or string) or ``none``."""
 
-    ``kind``: ``array`` (a zarr array under ``arrays/<name>/``), ``inline`` (a small array whose
-    bytes are in the manifest), ``value`` (a Python scalar or string) or ``none``.
+    ARRAY = "array"
+    INLINE = "inline"
+    VALUE = "value"
+    NONE = "none"
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkLayout:
+    """How an ``array`` leaf is stored: its regular chunk grid, and per chunk (C order of the
+    grid) the process that writes it, its bytes and the crc32c of its bytes.
+
+    Planned by a save (`ckpt._ownership`) or a rewrite with zero checksums; the checksums
+    come from the host reports at commit (`with_crc32c`).
     """
 
+    chunk_shape: tuple[int, ...] = ()
+    writers: tuple[int, ...] = ()
+    nbytes: tuple[int, ...] = ()
+    crc32c: tuple[int, ...] = ()
+
+    def with_crc32c(self, crc32c: Sequence[int]) -> ChunkLayout:
+        return dataclasses.replace(self, crc32c=tuple(crc32c))
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafRecord:
+    """One leaf of the saved tree, as the manifest records it (immutable: a changed record
+    is a new one, `dataclasses.replace`)."""
+
     path: KeyPath
-    kind: str
+    kind: LeafKind
     source: str = "numpy"
     shape: tuple[int, ...] = ()
     dtype: str = ""
@@ -64,10 +91,7 @@ class LeafRecord:
     mesh_axes: tuple[str, ...] | None = None
     spec: list[Any] | None = None
     name: str = ""
-    chunk_shape: tuple[int, ...] = ()
-    writers: list[int] = dataclasses.field(default_factory=list)
-    chunk_nbytes: list[int] = dataclasses.field(default_factory=list)
-    chunk_crc32c: list[int] = dataclasses.field(default_factory=list)
+    layout: ChunkLayout = ChunkLayout()
     data: bytes = b""
     value: Any = None
     vtype: str = ""
@@ -80,9 +104,25 @@ class LeafRecord:
                      for e in (self.spec or ()))
 
     @property
+    def chunk_shape(self) -> tuple[int, ...]:
+        return self.layout.chunk_shape
+
+    @property
+    def writers(self) -> tuple[int, ...]:
+        return self.layout.writers
+
+    @property
+    def chunk_nbytes(self) -> tuple[int, ...]:
+        return self.layout.nbytes
+
+    @property
+    def chunk_crc32c(self) -> tuple[int, ...]:
+        return self.layout.crc32c
+
+    @property
     def nbytes(self) -> int:
         """Bytes of array data this leaf holds (0 for values)."""
-        return sum(self.chunk_nbytes) if self.kind == "array" else len(self.data)
+        return sum(self.chunk_nbytes) if self.kind == LeafKind.ARRAY else len(self.data)
 
 
 @dataclasses.dataclass
@@ -132,21 +172,21 @@ def unpack(data: bytes, what: str) -> Any:
 
 
 def _leaf_to_dict(leaf: LeafRecord) -> dict[str, Any]:
-    out: dict[str, Any] = {"path": [list(e) for e in leaf.path], "kind": leaf.kind}
-    if leaf.kind in ("array", "inline"):
+    out: dict[str, Any] = {"path": [list(e) for e in leaf.path], "kind": str(leaf.kind)}
+    if leaf.kind in (LeafKind.ARRAY, LeafKind.INLINE):
         out.update(source=leaf.source, shape=list(leaf.shape), dtype=leaf.dtype)
         if leaf.prng_impl:
             out["prng_impl"] = leaf.prng_impl
         if leaf.mesh_shape is not None:
             out.update(mesh={"shape": list(leaf.mesh_shape), "axis_names": list(leaf.mesh_axes or ())},
                        spec=leaf.spec)
-    if leaf.kind == "array":
+    if leaf.kind == LeafKind.ARRAY:
         out.update(name=leaf.name, chunk_shape=list(leaf.chunk_shape),
-                   chunks={"writer": leaf.writers, "nbytes": leaf.chunk_nbytes,
-                           "crc32c": leaf.chunk_crc32c})
-    elif leaf.kind == "inline":
+                   chunks={"writer": list(leaf.writers), "nbytes": list(leaf.chunk_nbytes),
+                           "crc32c": list(leaf.chunk_crc32c)})
+    elif leaf.kind == LeafKind.INLINE:
         out["data"] = leaf.data
-    elif leaf.kind == "value":
+    elif leaf.kind == LeafKind.VALUE:
         out.update(value=leaf.value, vtype=leaf.vtype)
     return out
 
@@ -207,77 +247,80 @@ def _decode_path(raw: Any, what: str) -> KeyPath:
 _ARRAY_FIELDS = {"path", "kind", "source", "shape", "dtype", "prng_impl", "mesh", "spec"}
 # The fields `_leaf_to_dict` writes for each kind, and no others.
 _LEAF_FIELDS = {
-    "array": _ARRAY_FIELDS | {"name", "chunk_shape", "chunks"},
-    "inline": _ARRAY_FIELDS | {"data"},
-    "value": {"path", "kind", "value", "vtype"},
-    "none": {"path", "kind"},
+    LeafKind.ARRAY: _ARRAY_FIELDS | {"name", "chunk_shape", "chunks"},
+    LeafKind.INLINE: _ARRAY_FIELDS | {"data"},
+    LeafKind.VALUE: {"path", "kind", "value", "vtype"},
+    LeafKind.NONE: {"path", "kind"},
 }
 
 
 def _decode_leaf(raw: Any, index: int, what: str) -> LeafRecord:
     r = _Reader(raw, f"{what} leaf {index}")
-    leaf = LeafRecord(path=_decode_path(r.get("path", list), r.what), kind=r.get("kind", str))
-    if leaf.kind not in LEAF_KINDS:
-        raise CorruptCheckpointError(f"{r.what} has unknown kind {leaf.kind!r:.40}")
-    extra = set(r.obj) - _LEAF_FIELDS[leaf.kind]
+    path = _decode_path(r.get("path", list), r.what)
+    kind_name = r.get("kind", str)
+    if kind_name not in set(LeafKind):
+        raise CorruptCheckpointError(f"{r.what} has unknown kind {kind_name!r:.40}")
+    kind = LeafKind(kind_name)
+    extra = set(r.obj) - _LEAF_FIELDS[kind]
     if extra:
         # A record that says one kind and carries another's fields was not written by this
         # format: trusting its kind could turn a saved array into None.
         shown = sorted(map(repr, extra))
-        raise CorruptCheckpointError(f"{r.what} ({keystr(leaf.path)}) is a {leaf.kind!r} "
+        raise CorruptCheckpointError(f"{r.what} ({keystr(path)}) is a {kind_name!r} "
                                      f"leaf with fields it cannot have: {shown}")
-    if leaf.kind in ("array", "inline"):
-        leaf.source = r.get("source", str)
-        if leaf.source not in SOURCES:
-            raise CorruptCheckpointError(f"{r.what} has unknown source {leaf.source!r:.40}")
-        leaf.shape = r.ints("shape")
-        leaf.dtype = r.get("dtype", str)
-        leaf.prng_impl = r.get("prng_impl", str, "")
+    fields: dict[str, Any] = {}
+    if kind in (LeafKind.ARRAY, LeafKind.INLINE):
+        fields["source"] = source = r.get("source", str)
+        if source not in SOURCES:
+            raise CorruptCheckpointError(f"{r.what} has unknown source {source!r:.40}")
+        fields["shape"] = shape = r.ints("shape")
+        fields["dtype"] = dtype = r.get("dtype", str)
+        fields["prng_impl"] = r.get("prng_impl", str, "")
+        if len(shape) > MAX_NDIM:
+            raise CorruptCheckpointError(f"{r.what} has {len(shape)} dimensions")
+        if dtype not in DTYPE_SIZES:
+            raise CorruptCheckpointError(f"{r.what} ({keystr(path)}) has unsupported "
+                                         f"dtype {dtype!r:.40}")
         mesh = r.get("mesh", dict, None)
         if mesh is not None:
             mr = _Reader(mesh, f"{r.what} mesh")
-            leaf.mesh_shape = mr.ints("shape")
+            fields["mesh_shape"] = mesh_shape = mr.ints("shape")
             axes = mr.get("axis_names", list)
-            if not all(isinstance(a, str) for a in axes) or len(axes) != len(leaf.mesh_shape):
+            if not all(isinstance(a, str) for a in axes) or len(axes) != len(mesh_shape):
                 raise CorruptCheckpointError(f"{r.what} mesh axis names are malformed")
-            leaf.mesh_axes = tuple(axes)
-            leaf.spec = r.get("spec", (list, type(None)))
-    if leaf.kind == "array":
-        leaf.name = r.get("name", str)
-        leaf.chunk_shape = r.ints("chunk_shape")
+            fields["mesh_axes"] = tuple(axes)
+            fields["spec"] = r.get("spec", (list, type(None)))
+    if kind == LeafKind.ARRAY:
+        fields["name"] = name = r.get("name", str)
+        chunk_shape = r.ints("chunk_shape")
         chunks = _Reader(r.get("chunks", dict), f"{r.what} chunks")
-        leaf.writers = list(chunks.ints("writer"))
-        leaf.chunk_nbytes = list(chunks.ints("nbytes"))
-        leaf.chunk_crc32c = list(chunks.ints("crc32c"))
-        if not leaf.name or leaf.name[0] == "." or not set(leaf.name) <= _NAME_CHARS:
-            raise CorruptCheckpointError(f"{r.what} has an unsafe array name {leaf.name!r:.80}")
-        if len(leaf.chunk_shape) != len(leaf.shape) or 0 in leaf.chunk_shape:
+        layout = ChunkLayout(chunk_shape, chunks.ints("writer"), chunks.ints("nbytes"),
+                             chunks.ints("crc32c"))
+        if not name or name[0] == "." or not set(name) <= _NAME_CHARS:
+            raise CorruptCheckpointError(f"{r.what} has an unsafe array name {name!r:.80}")
+        if len(chunk_shape) != len(shape) or 0 in chunk_shape:
             raise CorruptCheckpointError(f"{r.what} chunk shape does not fit its shape")
         count = 1
-        for n, c in zip(leaf.shape, leaf.chunk_shape):
+        for n, c in zip(shape, chunk_shape):
             count *= -(-n // c)
-        if not count == len(leaf.writers) == len(leaf.chunk_nbytes) == len(leaf.chunk_crc32c):
+        if not count == len(layout.writers) == len(layout.nbytes) == len(layout.crc32c):
             raise CorruptCheckpointError(
-                f"{r.what} ({keystr(leaf.path)}) lists {len(leaf.writers)} chunks; its shape "
+                f"{r.what} ({keystr(path)}) lists {len(layout.writers)} chunks; its shape "
                 f"and chunk shape make {count}")
-    if leaf.kind in ("array", "inline"):
-        if len(leaf.shape) > MAX_NDIM:
-            raise CorruptCheckpointError(f"{r.what} has {len(leaf.shape)} dimensions")
-        if leaf.dtype not in DTYPE_SIZES:
-            raise CorruptCheckpointError(f"{r.what} ({keystr(leaf.path)}) has unsupported "
-                                         f"dtype {leaf.dtype!r:.40}")
-    if leaf.kind == "array":
-        _check_chunk_sizes(leaf, r.what)
-    elif leaf.kind == "inline":
-        leaf.data = r.get("data", bytes)
-        need = math.prod(leaf.shape) * DTYPE_SIZES[leaf.dtype]
-        if len(leaf.data) != need:
+        fields["layout"] = layout
+    elif kind == LeafKind.INLINE:
+        fields["data"] = data = r.get("data", bytes)
+        need = math.prod(shape) * DTYPE_SIZES[dtype]
+        if len(data) != need:
             raise CorruptCheckpointError(
-                f"{r.what} ({keystr(leaf.path)}) holds {len(leaf.data)} bytes; its shape and "
+                f"{r.what} ({keystr(path)}) holds {len(data)} bytes; its shape and "
                 f"dtype need {need}")
-    elif leaf.kind == "value":
-        leaf.vtype = r.get("vtype", str)
-        leaf.value = r.obj.get("value")
+    elif kind == LeafKind.VALUE:
+        fields["vtype"] = r.get("vtype", str)
+        fields["value"] = r.obj.get("value")
+    leaf = LeafRecord(path=path, kind=kind, **fields)
+    if kind == LeafKind.ARRAY:
+        _check_chunk_sizes(leaf, r.what)
     return leaf
 
 
@@ -329,7 +372,7 @@ def decode_manifest(data: bytes, what: str) -> Manifest:
         if rec.path in paths:
             raise CorruptCheckpointError(f"{what} lists leaf {keystr(rec.path)} twice")
         paths.add(rec.path)
-        if rec.kind == "array":
+        if rec.kind == LeafKind.ARRAY:
             if rec.name in names:
                 raise CorruptCheckpointError(
                     f"{what}: leaf {keystr(rec.path)} names array {rec.name!r}, which another "

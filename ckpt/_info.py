@@ -9,7 +9,7 @@ from typing import Any
 
 import jax
 
-from ckpt._format import Manifest
+from ckpt._format import LeafKind, Manifest
 from ckpt._leaves import decode_value, dtype_from_name
 from ckpt._reader import open_readable
 from ckpt._tree import KeyPath, keystr, nest
@@ -78,12 +78,12 @@ def _info(url: str, manifest: Manifest, layout: str) -> CheckpointInfo:
         spec = None
         if rec.spec is not None:
             spec = jax.sharding.PartitionSpec(*rec.spec_entries())
-        leaves.append(LeafInfo(rec.path, rec.kind, rec.shape, rec.dtype, rec.nbytes, mesh, spec,
-                               rec.chunk_shape))
+        leaves.append(LeafInfo(rec.path, str(rec.kind), rec.shape, rec.dtype, rec.nbytes,
+                               mesh, spec, rec.chunk_shape))
         what = f"{url} leaf {keystr(rec.path)}"
-        if rec.kind in ("array", "inline"):
+        if rec.kind in (LeafKind.ARRAY, LeafKind.INLINE):
             value: Any = jax.ShapeDtypeStruct(rec.shape, dtype_from_name(rec.dtype, what))
-        elif rec.kind == "value":
+        elif rec.kind == LeafKind.VALUE:
             value = decode_value(rec, what)
         else:
             value = None

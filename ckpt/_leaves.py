@@ -6,6 +6,7 @@ by restore (`decode_inline`, `decode_value`) on every process.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -13,7 +14,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from ckpt._format import DTYPE_SIZES, LeafRecord
+from ckpt._format import DTYPE_SIZES, LeafKind, LeafRecord
 from ckpt._tree import KeyPath, check_text, keystr, leaf_name
 from ckpt.errors import CorruptCheckpointError, UnsupportedLeafError
 
@@ -71,7 +72,7 @@ def is_typed_key(leaf: Any) -> bool:
 def classify(path: KeyPath, leaf: Any, process_count: int) -> LeafRecord:
     """Decides how ``leaf`` is stored; raises `UnsupportedLeafError` naming its key path."""
     if leaf is None:
-        return LeafRecord(path=path, kind="none")
+        return LeafRecord(path=path, kind=LeafKind.NONE)
     if isinstance(leaf, jax.Array):
         if leaf.is_deleted():
             raise UnsupportedLeafError(f"leaf {keystr(path)} is a deleted (donated) jax.Array")
@@ -79,14 +80,15 @@ def classify(path: KeyPath, leaf: Any, process_count: int) -> LeafRecord:
             # Stored as its key data (uint32, trailing implementation dimensions) with the
             # implementation's name; the spec is the key array's own.
             rec = classify(path, jax.random.key_data(leaf), process_count)
-            rec.prng_impl = str(jax.random.key_impl(leaf))
-            rec.mesh_shape, rec.mesh_axes, rec.spec = mesh_and_spec(leaf.sharding)
-            return rec
+            mesh_shape, mesh_axes, spec = mesh_and_spec(leaf.sharding)
+            return dataclasses.replace(rec, prng_impl=str(jax.random.key_impl(leaf)),
+                                       mesh_shape=mesh_shape, mesh_axes=mesh_axes, spec=spec)
         dtype = _check_dtype(leaf.dtype, path)
         mesh_shape, mesh_axes, spec = mesh_and_spec(leaf.sharding)
         small = leaf.nbytes <= INLINE_LIMIT and (
             process_count == 1 or leaf.sharding.is_fully_replicated)
-        return LeafRecord(path=path, kind="inline" if small else "array", source="jax",
+        return LeafRecord(path=path, kind=LeafKind.INLINE if small else LeafKind.ARRAY,
+                          source="jax",
                           shape=tuple(leaf.shape), dtype=dtype, mesh_shape=mesh_shape,
                           mesh_axes=mesh_axes, spec=spec,
                           name="" if small else leaf_name(path))
@@ -94,7 +96,8 @@ def classify(path: KeyPath, leaf: Any, process_count: int) -> LeafRecord:
         dtype = _check_dtype(leaf.dtype, path)
         small = leaf.nbytes <= INLINE_LIMIT
         source = "numpy_scalar" if isinstance(leaf, np.generic) else "numpy"
-        return LeafRecord(path=path, kind="inline" if small else "array", source=source,
+        return LeafRecord(path=path, kind=LeafKind.INLINE if small else LeafKind.ARRAY,
+                          source=source,
                           shape=tuple(np.shape(leaf)), dtype=dtype,
                           name="" if small else leaf_name(path))
     vtype = _VALUE_TYPES.get(type(leaf))
@@ -105,7 +108,7 @@ def classify(path: KeyPath, leaf: Any, process_count: int) -> LeafRecord:
             "bool/int/float/complex/str/bytes, or None")
     if isinstance(leaf, str):
         check_text(leaf, f"leaf {keystr(path)}")
-    return LeafRecord(path=path, kind="value", vtype=vtype, value=encode_value(leaf))
+    return LeafRecord(path=path, kind=LeafKind.VALUE, vtype=vtype, value=encode_value(leaf))
 
 
 def encode_value(value: Any) -> Any:

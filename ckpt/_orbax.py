@@ -30,7 +30,7 @@ from typing import Any
 
 import tensorstore as ts
 
-from ckpt._format import LeafRecord, Manifest, read_object
+from ckpt._format import ChunkLayout, LeafKind, LeafRecord, Manifest, read_object
 from ckpt._leaves import SUPPORTED_DTYPES, encode_value
 from ckpt._tree import KeyPath, keystr, leaf_name
 from ckpt.errors import (
@@ -237,8 +237,8 @@ def open_orbax(store: Store) -> OrbaxItem | None:
 
     records: list[LeafRecord] = []
     specs: dict[KeyPath, dict[str, Any]] = {}
-    scalars: list[tuple[LeafRecord, Any]] = []
-    opening: list[tuple[LeafRecord, str, str, Any]] = []
+    scalars: list[tuple[int, Any]] = []  # (index in records, read future)
+    opening: list[tuple[int, str, str, Any]] = []
     seen: set[KeyPath] = set()
     for entry_key, entry in tree.items():
         where = f"{meta_where} entry {entry_key!r:.120}"
@@ -252,7 +252,7 @@ def open_orbax(store: Store) -> OrbaxItem | None:
         if vtype in _EMPTY_TYPES:
             continue
         if vtype == "None":
-            records.append(LeafRecord(path=path, kind="none"))
+            records.append(LeafRecord(path=path, kind=LeafKind.NONE))
             continue
         if vtype == "string":
             if strings is None:
@@ -261,19 +261,19 @@ def open_orbax(store: Store) -> OrbaxItem | None:
             if not isinstance(text, str):
                 raise CorruptCheckpointError(
                     f"{item.describe(STRINGS)} holds no string for leaf {keystr(path)}")
-            records.append(LeafRecord(path=path, kind="value", vtype="str", value=text))
+            records.append(LeafRecord(path=path, kind=LeafKind.VALUE, vtype="str", value=text))
             continue
         if vtype not in _ARRAY_TYPES and vtype != "scalar":
             raise UnsupportedFormatError(
                 f"{where}: leaf {keystr(path)} has Orbax value type {vtype!r:.60}, which this "
                 "library cannot read (it reads jax.Array, np.ndarray, scalar, string, None)")
         spec = _array_spec(item, name, ocdbt=ocdbt, zarr3=zarr3, fill_missing=fill_missing)
-        rec = LeafRecord(path=path, kind="array", source=_ARRAY_TYPES.get(vtype, "numpy"),
-                         name=leaf_name(path))
-        records.append(rec)
-        opening.append((rec, name, vtype, ts.open(spec, context=context)))
+        opening.append((len(records), name, vtype, ts.open(spec, context=context)))
+        records.append(LeafRecord(path=path, kind=LeafKind.ARRAY,
+                                  source=_ARRAY_TYPES.get(vtype, "numpy"), name=leaf_name(path)))
         specs[path] = spec
-    for rec, name, vtype, fut in opening:
+    for index, name, vtype, fut in opening:
+        rec = records[index]
         what = f"leaf {keystr(rec.path)} of {item.url}"
         try:
             arr = item.wait(fut, f"opening {what}")
@@ -285,21 +285,27 @@ def open_orbax(store: Store) -> OrbaxItem | None:
                 raise CorruptCheckpointError(f"{what}: its array is missing or unreadable: "
                                              f"{exc}") from None
             raise StorageError(errno.EIO, f"{what}: opening its array failed: {exc}") from None
-        rec.shape, rec.dtype = tuple(arr.shape), arr.dtype.name
-        if rec.dtype not in SUPPORTED_DTYPES:
+        shape, dtype = tuple(arr.shape), arr.dtype.name
+        if dtype not in SUPPORTED_DTYPES:
             raise UnsupportedFormatError(
-                f"{what} has dtype {rec.dtype} (zarr metadata of {item.describe(name)}), "
+                f"{what} has dtype {dtype} (zarr metadata of {item.describe(name)}), "
                 "which this library cannot read")
         chunk = arr.chunk_layout.read_chunk.shape
-        rec.chunk_shape = tuple(chunk) if chunk is not None else rec.shape  # None for 0-d
+        chunk_shape = tuple(chunk) if chunk is not None else shape  # None for 0-d
         itemsize = arr.dtype.numpy_dtype.itemsize
-        rec.chunk_nbytes = [n * itemsize for n in chunk_sizes(rec.shape, rec.chunk_shape)]
+        # Orbax records no writers or checksums: only the grid and each chunk's size.
+        grid = ChunkLayout(chunk_shape, nbytes=tuple(
+            n * itemsize for n in chunk_sizes(shape, chunk_shape)))
+        rec = records[index] = dataclasses.replace(rec, shape=shape, dtype=dtype, layout=grid)
         if vtype == "scalar":
-            scalars.append((rec, arr.read()))
+            scalars.append((index, arr.read()))
         elif rec.source == "jax":
-            rec.mesh_shape, rec.mesh_axes, rec.spec = _mesh_fields(
-                shardings.get(name), len(rec.shape), item.describe(SHARDING))
-    for rec, fut in scalars:
+            mesh_shape, mesh_axes, saved_spec = _mesh_fields(
+                shardings.get(name), len(shape), item.describe(SHARDING))
+            records[index] = dataclasses.replace(rec, mesh_shape=mesh_shape,
+                                                 mesh_axes=mesh_axes, spec=saved_spec)
+    for index, fut in scalars:
+        rec = records[index]
         try:
             value = item.wait(fut, f"reading leaf {keystr(rec.path)}")
         except DeadlineExceededError:
@@ -313,8 +319,8 @@ def open_orbax(store: Store) -> OrbaxItem | None:
             raise UnsupportedFormatError(f"leaf {keystr(rec.path)} of {item.url}: a scalar "
                                          f"stored as {value.dtype}{list(value.shape)}")
         specs.pop(rec.path)
-        rec.kind, rec.vtype, rec.value = "value", vkind, encode_value(py)
-        rec.shape, rec.dtype, rec.chunk_shape, rec.chunk_nbytes = (), "", (), []
+        records[index] = LeafRecord(path=rec.path, kind=LeafKind.VALUE, source=rec.source,
+                                    name=rec.name, vtype=vkind, value=encode_value(py))
     created, committed = _timestamps(item, store)
     custom = meta.get("custom_metadata")
     layout = f"{'OCDBT' if ocdbt else 'one folder per array'}, zarr v{3 if zarr3 else 2}"

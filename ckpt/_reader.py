@@ -125,7 +125,7 @@ class Readable(abc.ABC):
         what = f"{self.store.url} leaf {keystr(rec.path)}"
         return ArrayReadJob(keystr(rec.path), self.array_spec(rec), self.context(), rec.shape,
                             rec.chunk_shape, dtype_from_name(rec.dtype, what), list(boxes),
-                            rec.chunk_crc32c or None,
+                            list(rec.chunk_crc32c) or None,
                             crc32c_in_chunk_tail=self._chunks_end_with_crc32c())
 
     def replacement(self) -> Readable | None:

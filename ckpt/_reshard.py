@@ -19,6 +19,7 @@ import fnmatch
 import os
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from ckpt._attempt import (
     ChunkWriter,
@@ -28,7 +29,7 @@ from ckpt._attempt import (
     refusal_if_committed,
     write_report,
 )
-from ckpt._format import LeafRecord
+from ckpt._format import ChunkLayout, LeafKind, LeafRecord
 from ckpt._leaves import dtype_from_name
 from ckpt._ownership import choose_chunk_shape
 from ckpt._reader import open_readable
@@ -131,9 +132,8 @@ def _plan(manifest_leaves: list[LeafRecord], mesh: dict[str, int],
     records, errors = [], []
     unused = {pattern for pattern, _ in rules}
     for rec in manifest_leaves:
-        new = dataclasses.replace(rec)
-        records.append(new)
-        if rec.kind not in ("array", "inline"):
+        records.append(rec)
+        if rec.kind not in (LeafKind.ARRAY, LeafKind.INLINE):
             continue
         spec: Spec = ()
         matched = [s for pattern, s in rules if path_matches(pattern, slash_path(rec.path))]
@@ -148,17 +148,22 @@ def _plan(manifest_leaves: list[LeafRecord], mesh: dict[str, int],
         except ValueError as exc:
             errors.append(f"{keystr(rec.path)} {list(rec.shape)}: {exc}")
             continue
+        changes: dict[str, Any] = {}
         if rec.source == "jax":
-            new.mesh_shape, new.mesh_axes = tuple(mesh.values()), tuple(mesh)
-            new.spec = [e if e is None or isinstance(e, str) else list(e) for e in spec]
-        if rec.kind == "array":
+            changes.update(mesh_shape=tuple(mesh.values()), mesh_axes=tuple(mesh),
+                           spec=[e if e is None or isinstance(e, str) else list(e)
+                                 for e in spec])
+        if rec.kind == LeafKind.ARRAY:
             itemsize = dtype_from_name(rec.dtype, keystr(rec.path)).itemsize
-            new.chunk_shape = choose_chunk_shape(shard, itemsize, 1, max_chunk_bytes=max_chunk)
-            new.chunk_nbytes = [n * itemsize for n in chunk_sizes(rec.shape, new.chunk_shape)]
-            new.writers = [0] * len(new.chunk_nbytes)
-            new.chunk_crc32c = [0] * len(new.chunk_nbytes)
+            chunk_shape = choose_chunk_shape(shard, itemsize, 1, max_chunk_bytes=max_chunk)
+            nbytes = tuple(n * itemsize for n in chunk_sizes(rec.shape, chunk_shape))
+            # One writer (this process); the checksums come from its report, at commit.
+            changes["layout"] = ChunkLayout(chunk_shape, (0,) * len(nbytes), nbytes,
+                                            (0,) * len(nbytes))
+        records[-1] = dataclasses.replace(rec, **changes)
     if unused:
-        arrays = [slash_path(r.path) for r in manifest_leaves if r.kind in ("array", "inline")]
+        arrays = [slash_path(r.path) for r in manifest_leaves
+                  if r.kind in (LeafKind.ARRAY, LeafKind.INLINE)]
         raise MissingLeafError(
             f"--spec rule(s) {sorted(unused)} match no array leaf (key paths look like "
             f"{', '.join(arrays[:3]) or 'nothing: no arrays'}; `ckpt inspect` lists them)")
@@ -203,10 +208,10 @@ def reshard(src_url: str | os.PathLike[str], dst_url: str | os.PathLike[str], *,
     # flight, a quarter for writes in flight (a write holds the chunk and its encoded copy).
     writer = ChunkWriter(memory_budget // 8)
     batch_limit = memory_budget // 4
-    total = sum(r.nbytes for r in records if r.kind == "array")
+    total = sum(r.nbytes for r in records if r.kind == LeafKind.ARRAY)
     done = chunks = 0
     for old, new in zip(manifest.leaves, records):
-        if new.kind != "array":
+        if new.kind != LeafKind.ARRAY:
             continue
         [target] = open_arrays(dst, attempt, {0: new}, create=True).values()
         grid = grid_shape(new.shape, new.chunk_shape)

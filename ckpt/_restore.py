@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ckpt._format import LeafRecord, Manifest
+from ckpt._format import LeafKind, LeafRecord, Manifest
 from ckpt._leaves import decode_inline, decode_value, dtype_from_name, is_typed_key
 from ckpt._reader import Readable, open_readable
 from ckpt._tree import KeyPath, flatten, keystr, nest, unflatten
@@ -137,10 +137,10 @@ def _match(manifest: Manifest, target: Any, mesh: Any, what: str) -> tuple[list[
         rec = found
         want = _Want(rec)
         wants.append(want)
-        if rec.kind in ("value", "none"):
+        if rec.kind in (LeafKind.VALUE, LeafKind.NONE):
             if t is None or not (hasattr(t, "shape") and hasattr(t, "dtype")):
                 continue
-            if rec.kind == "value" and rec.vtype in _NUMBERS and tuple(t.shape) == ():
+            if rec.kind == LeafKind.VALUE and rec.vtype in _NUMBERS and tuple(t.shape) == ():
                 # A Python number under a 0-d array target (what `jax.eval_shape` makes of a
                 # step counter) restores as that array.
                 want.dtype = np.dtype(t.dtype)
@@ -285,7 +285,7 @@ def _restore_source(source: Readable, target: Any, mesh: Any,
     for i, want in enumerate(wants):
         rec = want.record
         what = f"{source.store.url} leaf {keystr(rec.path)}"
-        if rec.kind == "value":
+        if rec.kind == LeafKind.VALUE:
             values[i] = decode_value(rec, what)
             if want.dtype is not None:  # a number restored as a 0-d array
                 # numpy 1.x wraps an out-of-range integer around (2.x raises): check first.
@@ -299,11 +299,11 @@ def _restore_source(source: Readable, target: Any, mesh: Any,
                     raise DtypeMismatchError(f"{what}: {values[i]} does not fit "
                                              f"{want.dtype}") from None
                 values[i] = _assemble(want, [number], [full_box(())])
-        elif rec.kind == "inline":
+        elif rec.kind == LeafKind.INLINE:
             whole = decode_inline(rec, what)
             boxes = _boxes(want)
             values[i] = _assemble(want, [whole[to_slices(b)] for b in boxes], boxes)
-        elif rec.kind == "array":
+        elif rec.kind == LeafKind.ARRAY:
             jobs.append(source.read_job(rec, _boxes(want)))
             job_wants.append(i)
     started = time.monotonic()

@@ -42,7 +42,7 @@ from ckpt._attempt import (
     refusal_if_committed,
     write_report,
 )
-from ckpt._format import LeafRecord, pack, unpack
+from ckpt._format import ChunkLayout, LeafKind, LeafRecord, pack, unpack
 from ckpt._claims import COMMITTING, claim_kind
 from ckpt._commit import committed_attempt
 from ckpt._leaves import classify, encode_inline, is_typed_key
@@ -317,7 +317,7 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
             f"numbers, bool, None): {exc}") from exc
     names: dict[str, LeafRecord] = {}
     for rec in records:
-        if rec.kind == "array":
+        if rec.kind == LeafKind.ARRAY:
             other = names.setdefault(rec.name, rec)
             if other is not rec:
                 raise UnsupportedLeafError(
@@ -348,24 +348,24 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
         cls = getattr(_errors, name, None)
         raise (cls if isinstance(cls, type) and issubclass(cls, CkptError) else CkptError)(message)
 
-    array_ids = [i for i, rec in enumerate(records) if rec.kind == "array"]
+    array_ids = [i for i, rec in enumerate(records) if rec.kind == LeafKind.ARRAY]
     inputs = [ArrayInput(records[i].shape, np.dtype(leaves[i].dtype).itemsize,
                          leaves[i].sharding if isinstance(leaves[i], jax.Array) else None)
               for i in array_ids]
     plans = dict(zip(array_ids, plan(inputs, coord.process_index, coord.process_count)))
     for i, arr, p in zip(array_ids, inputs, plans.values()):
-        records[i].chunk_shape = p.chunk_shape
-        records[i].writers = list(p.writers)
-        records[i].chunk_nbytes = [box_size(p.chunk_box(f)) * arr.itemsize
-                                   for f in range(len(p.writers))]
-        records[i].chunk_crc32c = [0] * len(p.writers)  # from the host reports, at commit
+        # The checksums come from the host reports, at commit.
+        records[i] = dataclasses.replace(records[i], layout=ChunkLayout(
+            p.chunk_shape, tuple(p.writers),
+            tuple(box_size(p.chunk_box(f)) * arr.itemsize for f in range(len(p.writers))),
+            (0,) * len(p.writers)))
     writes = _snapshot(leaves, plans)
     agreement = digests(records, leaves) if coord.process_count > 1 else ("", {})
     if coord.process_index == 0:
-        for rec, leaf in zip(records, leaves):
-            if rec.kind == "inline":
+        for i, (rec, leaf) in enumerate(zip(records, leaves)):
+            if rec.kind == LeafKind.INLINE:
                 host = _host_array(leaf) if isinstance(leaf, jax.Array) else np.asarray(leaf)
-                rec.data = encode_inline(host)
+                records[i] = dataclasses.replace(rec, data=encode_inline(host))
 
     handle = SaveHandle(store.url, step)
     handle.attempt = attempt

@@ -17,6 +17,7 @@ import numpy as np
 import tensorstore as ts
 
 from ckpt._format import (
+    LeafKind,
     decode_host_report,
     host_report_key,
     read_object,
@@ -97,17 +98,17 @@ def verify(url: str | os.PathLike[str], *, memory_budget: int = DEFAULT_BUDGET,
     report = VerifyReport(store.url)
     expected = _reports(store, manifest.attempt, manifest.process_count, report)
     ctx = store.tensorstore_context()
-    total = sum(leaf.nbytes for leaf in manifest.leaves if leaf.kind == "array")
+    total = sum(leaf.nbytes for leaf in manifest.leaves if leaf.kind == LeafKind.ARRAY)
     done = 0
     for leaf in manifest.leaves:
         name = keystr(leaf.path)
-        if leaf.kind == "inline":
+        if leaf.kind == LeafKind.INLINE:
             try:
                 decode_inline(leaf, f"{store.url} leaf {name}")
             except CorruptCheckpointError as exc:
                 report.problems.append(Problem(name, None, str(exc)))
             continue
-        if leaf.kind != "array":
+        if leaf.kind != LeafKind.ARRAY:
             continue
         dtype = dtype_from_name(leaf.dtype, f"{store.url} leaf {name}")
         try:

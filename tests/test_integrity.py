@@ -125,8 +125,7 @@ def _valid_manifest():
 
     leaf = fmt.LeafRecord(path=(("key", "w"),), kind="array", source="jax", shape=(8, 4),
                           dtype="float32", mesh_shape=(2,), mesh_axes=("d",), spec=["d"],
-                          name="w", chunk_shape=(4, 4), writers=[0, 0],
-                          chunk_nbytes=[64, 64], chunk_crc32c=[1, 2])
+                          name="w", layout=fmt.ChunkLayout((4, 4), (0, 0), (64, 64), (1, 2)))
     inline = fmt.LeafRecord(path=(("key", "b"), ("index", 0)), kind="inline", source="numpy",
                             shape=(2,), dtype="int8", data=b"\x01\x02")
     value = fmt.LeafRecord(path=(("attr", "s"),), kind="value", vtype="str", value="hi")
