@@ -47,6 +47,7 @@ from ckpt.storage import (
     Store,
     UnreadableObjectError,
     check_key,
+    tensorstore_code,
 )
 
 TREE_METADATA = "_METADATA"
@@ -280,8 +281,7 @@ def open_orbax(store: Store) -> OrbaxItem | None:
         except DeadlineExceededError:
             raise
         except Exception as exc:
-            if any(code in str(exc) for code in ("NOT_FOUND", "FAILED_PRECONDITION",
-                                                 "DATA_LOSS")):
+            if tensorstore_code(exc) in ("NOT_FOUND", "FAILED_PRECONDITION", "DATA_LOSS"):
                 raise CorruptCheckpointError(f"{what}: its array is missing or unreadable: "
                                              f"{exc}") from None
             raise StorageError(errno.EIO, f"{what}: opening its array failed: {exc}") from None

@@ -27,7 +27,7 @@ from ckpt._reader import open_readable
 from ckpt._tree import keystr
 from ckpt.errors import CorruptCheckpointError, UnsupportedFormatError
 from ckpt.restore import Window, box_size, chunk_box, to_slices, unflat_index
-from ckpt.storage import ObjectNotFoundError, open_store
+from ckpt.storage import ObjectNotFoundError, open_store, tensorstore_code
 
 DEFAULT_BUDGET = 256 << 20
 
@@ -131,8 +131,8 @@ def verify(url: str | os.PathLike[str], *, memory_budget: int = DEFAULT_BUDGET,
             try:
                 data = fut.result()
             except Exception as exc:
-                text = str(exc)
-                what = "missing" if "NOT_FOUND" in text else f"unreadable: {text[:300]}"
+                what = "missing" if tensorstore_code(exc) == "NOT_FOUND" else \
+                    f"unreadable: {str(exc)[:300]}"
                 report.problems.append(Problem(name, coord, what))
                 return
             raw = np.ascontiguousarray(data).view(np.uint8)

@@ -37,7 +37,7 @@ from ckpt.restore._plan import (
     plan_reads,
     to_slices,
 )
-from ckpt.storage import Deadline, DeadlineExceededError, StorageError
+from ckpt.storage import Deadline, DeadlineExceededError, StorageError, tensorstore_code
 
 MIN_MEMORY_BUDGET = 64 << 20
 MAX_MEMORY_BUDGET = 1 << 30
@@ -114,13 +114,13 @@ def _chunk_key(coord: Sequence[int]) -> str:
 
 def _classify(exc: Exception, job: ArrayReadJob, coord: Sequence[int] | None) -> Exception:
     """``coord`` None: opening the array failed (its metadata), else reading that chunk."""
-    text = str(exc)
+    text, code = str(exc), tensorstore_code(exc)
     where = f"leaf {job.name}" + ("" if coord is None else f" chunk {tuple(coord)}")
-    if coord is None and text.startswith("FAILED_PRECONDITION"):
+    if coord is None and code == "FAILED_PRECONDITION":
         return CorruptCheckpointError(
             f"{where}: its stored zarr.json disagrees with the checkpoint's manifest, which "
             f"fixes how it is decoded: {text[:400]}")
-    if any(text.startswith(code) or f" {code}:" in text for code in _INTEGRITY_CODES):
+    if code in _INTEGRITY_CODES:
         return CorruptCheckpointError(f"{where}: {text}")
     return StorageError(errno.EIO, f"reading {where} failed: {text}")
 

@@ -21,6 +21,7 @@ from ckpt.storage._errors import (
     StorageError,
     UnreadableObjectError,
     UnsupportedURLError,
+    tensorstore_code,
 )
 from ckpt.storage._local import LocalStore
 from ckpt.storage._memory import MemoryStore, memory_context
@@ -33,7 +34,7 @@ __all__ = [
     "MemoryStore", "MissingDependencyError", "ObjectNotFoundError", "ObjectStore",
     "SCHEMES", "StorageError", "Store", "UnreadableObjectError", "UnsupportedURLError",
     "check_key", "configure", "join", "memory_context", "open_store", "parse_url",
-    "settle_google_credentials",
+    "settle_google_credentials", "tensorstore_code",
 ]
 
 

@@ -1,8 +1,10 @@
-"""Errors raised by the storage layer.
+"""Errors raised by the storage layer, and the one place TensorStore's errors are told
+apart (`tensorstore_code`).
 
 The root of the project's error hierarchy lives here, in the lowest layer, so that every
 layer above can subclass it without importing upwards. `ckpt.errors` re-exports all of them
-and draws the whole hierarchy.
+and draws the whole hierarchy. The object-store clients' errors are mapped in
+`ckpt.storage._object`.
 """
 
 from __future__ import annotations
@@ -44,3 +46,26 @@ class AccessDeniedError(StorageError, PermissionError):
 
 class BucketNotFoundError(ObjectNotFoundError):
     """The bucket of a ``gs://`` or ``s3://`` URL does not exist."""
+
+
+# TensorStore reports every failure as a ValueError whose message starts with the status
+# code's name (absl's), possibly after a prefix naming the operation.
+_TS_CODES = ("CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+             "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+             "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE",
+             "DATA_LOSS", "UNAUTHENTICATED")
+
+
+def tensorstore_code(exc: BaseException) -> str | None:
+    """The status code of a TensorStore error (``NOT_FOUND``, ``DATA_LOSS``, ...), None
+    for anything else. The one place TensorStore's errors are told apart: its Python
+    binding raises them all as ValueError, the code first in the message."""
+    if not isinstance(exc, ValueError):
+        return None
+    text = str(exc)
+    head = text.split(":", 1)[0].strip()
+    if head in _TS_CODES:
+        return head
+    # Wrapped ("Error opening ...: NOT_FOUND: ..."): the outermost code that is named.
+    found = [(text.find(f" {code}:"), code) for code in _TS_CODES if f" {code}:" in text]
+    return min(found)[1] if found else None

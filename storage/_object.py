@@ -193,6 +193,40 @@ def _filesystem(scheme: str, s: dict[str, Any]) -> Any:
     return gcsfs.GCSFileSystem(**options)
 
 
+# S3 error codes for a credential the server rejects or a permission it lacks.
+_S3_DENIED = frozenset({"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                        "InvalidToken", "ExpiredToken", "AllAccessDisabled", "Forbidden"})
+# botocore's exceptions for no usable credentials at all (named: botocore is optional).
+_NO_CREDENTIALS = frozenset({"NoCredentialsError", "PartialCredentialsError"})
+
+
+def client_error_kind(exc: BaseException) -> str | None:
+    """What an object-store client's error means: ``denied`` (credentials missing, wrong or
+    without permission), ``no-bucket``, or None (any other failure). Decided by type and
+    status, through the chain of causes, since s3fs and gcsfs re-raise the server's answer
+    as a built-in error (s3fs keeps botocore's error, with its code, as the cause)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, PermissionError) or type(current).__name__ in _NO_CREDENTIALS:
+            return "denied"
+        response = getattr(current, "response", None)  # botocore's ClientError
+        if isinstance(response, dict):
+            code = (response.get("Error") or {}).get("Code")
+            status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+            if code == "NoSuchBucket":
+                return "no-bucket"
+            if code in _S3_DENIED or status in (401, 403):
+                return "denied"
+        if type(current).__name__ == "HttpError" and getattr(current, "code", None) in (401, 403):
+            return "denied"  # gcsfs's error for a status it has no built-in for
+        if type(current) is OSError and str(current).startswith("Forbidden:"):
+            return "denied"  # gcsfs answers a 403 with a bare OSError so worded, nothing else
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def _google_credentials_exist() -> bool:
     """Whether TensorStore's lookup would find a credentials file (the places it looks)."""
     named = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
@@ -254,18 +288,16 @@ class ObjectStore(Store):
         return "/".join(p for p in (self.location.bucket, self.location.path, key) if p)
 
     def _error(self, exc: BaseException, key: str, what: str) -> StorageError:
-        """Maps an fsspec/botocore/gcsfs error to ours, naming the bucket and object."""
+        """Maps an fsspec/botocore/gcsfs error to ours (`client_error_kind`), naming the
+        bucket and object."""
         text = f"{type(exc).__name__}: {exc}".strip()
-        name = type(exc).__name__
-        if isinstance(exc, PermissionError) or name in ("NoCredentialsError",
-                                                         "PartialCredentialsError") \
-                or "Forbidden" in text or "AccessDenied" in text or "InvalidAccessKeyId" in text \
-                or "SignatureDoesNotMatch" in text or "401" in text.split(":")[0]:
+        kind = client_error_kind(exc)
+        if kind == "denied":
             return AccessDeniedError(
                 errno.EACCES, f"access to bucket {self.bucket!r} denied while {what} "
                 f"{self.describe(key)}: credentials are missing, wrong or lack permission "
                 f"({text[:300]})")
-        if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
+        if kind == "no-bucket":
             return BucketNotFoundError(errno.ENOENT, f"bucket {self.bucket!r} does not exist "
                                                      f"({what} {self.describe(key)})")
         return StorageError(errno.EIO, f"{what} {self.describe(key)} failed: {text[:500]}")

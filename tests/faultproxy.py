@@ -5,7 +5,9 @@ a seeded probability, answers 503 without forwarding, forwards and then answers 
 server applied the request; the client cannot know), resets the connection, or delays.
 It counts requests by method, and can be taken down (connections refused) and brought back.
 Requests whose path contains one of ``hang``, or for which ``stall(method, path, body)`` is
-true, are accepted and never answered (a server that stalls). On request it answers the next conditional S3 creates (``If-None-Match``) with 409
+true, are accepted and never answered (a server that stalls). With ``deny`` (401 or 403) it
+answers every request with that status and a GCS-style JSON error, as a server that rejects
+the credentials. On request it answers the next conditional S3 creates (``If-None-Match``) with 409
 ConditionalRequestConflict or with a bare 412 (no ``Condition`` element), without
 forwarding them.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import collections
 import http.client
 import http.server
+import json
 import random
 import socket
 import threading
@@ -33,7 +36,8 @@ class FaultProxy:
     def __init__(self, upstream: str, *, fault_rate: float = 0.0, seed: int = 0,
                  delay_s: float = 0.05, kinds: tuple[str, ...] = KINDS,
                  hang: tuple[str, ...] = (),
-                 stall: Callable[[str, str, bytes], bool] | None = None) -> None:
+                 stall: Callable[[str, str, bytes], bool] | None = None,
+                 deny: int | None = None) -> None:
         up = urllib.parse.urlsplit(upstream)
         self.upstream = (up.hostname, up.port)
         self.fault_rate = fault_rate
@@ -41,6 +45,7 @@ class FaultProxy:
         self.kinds = kinds
         self.hang = hang
         self.stall = stall
+        self.deny = deny
         self.released = threading.Event()  # set when the proxy goes down: hung handlers end
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
@@ -119,6 +124,12 @@ class FaultProxy:
                     proxy.released.wait()  # a stalled server: no byte ever comes back
                     self.close_connection = True
                     return None
+                if proxy.deny is not None:
+                    reason = "Anonymous caller does not have storage.objects.list access"
+                    error = {"error": {"code": proxy.deny, "message": reason,
+                                       "errors": [{"message": reason, "reason": "forbidden"}]}}
+                    return self._reply(proxy.deny, [("Content-Type", "application/json")],
+                                       json.dumps(error).encode())
                 fault = proxy._fault()
                 if self.command == "PUT" and "If-None-Match" in self.headers:
                     with proxy.lock:

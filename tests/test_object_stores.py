@@ -209,6 +209,16 @@ def test_wrong_s3_credentials_are_named_before_training():
             storage.configure("s3", endpoint_url=None)
 
 
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_gcs_server_that_rejects_the_credentials_is_named_before_training(proxied, status):
+    """gcsfs re-raises a 403 as a bare OSError and a 401 as its HttpError: both are
+    `AccessDeniedError` naming the bucket, before anything is written."""
+    proxied("gcs", deny=status)
+    with pytest.raises(AccessDeniedError, match="guarded-bucket") as err:
+        ckpt.CheckpointManager("gs://guarded-bucket/run")
+    assert isinstance(err.value, PermissionError)
+
+
 STALLED_SAVE = """
 import sys, time
 import numpy as np
