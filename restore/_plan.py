@@ -116,8 +116,6 @@ class ChunkRead:
     coord: tuple[int, ...]
     box: Box
     pieces: tuple[Piece, ...]
-    exact_target: int | None = None
-    """The target box equal to this chunk's box, which the chunk can become without a copy."""
 
 
 def plan_reads(shape: Sequence[int], chunk_shape: Sequence[int],
@@ -134,7 +132,6 @@ def plan_reads(shape: Sequence[int], chunk_shape: Sequence[int],
         its pieces exactly tile the overlap of that chunk with each target.
     """
     needed: dict[tuple[int, ...], list[Piece]] = {}
-    exact: dict[tuple[int, ...], int] = {}
     for t, target in enumerate(targets):
         if box_size(target) == 0:
             continue
@@ -145,10 +142,7 @@ def plan_reads(shape: Sequence[int], chunk_shape: Sequence[int],
                 continue
             needed.setdefault(tuple(coord), []).append(
                 Piece(t, to_slices(overlap, cbox), to_slices(overlap, target)))
-            if cbox == target:
-                exact[tuple(coord)] = t
-    return [ChunkRead(c, chunk_box(c, chunk_shape, shape), tuple(needed[c]),
-                      exact.get(c) if len(needed[c]) == 1 else None)
+    return [ChunkRead(c, chunk_box(c, chunk_shape, shape), tuple(needed[c]))
             for c in sorted(needed)]
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from ckpt.storage._base import Store, check_key, join
+from ckpt.storage._base import Store, check_key
 from ckpt.storage._deadline import Deadline, DeadlineExceededError, DeadlineStore
 from ckpt.storage._errors import (
     AccessDeniedError,
@@ -33,7 +33,7 @@ __all__ = [
     "DeadlineExceededError", "DeadlineStore", "InvalidKeyError", "LocalStore", "Location",
     "MemoryStore", "MissingDependencyError", "ObjectNotFoundError", "ObjectStore",
     "SCHEMES", "StorageError", "Store", "UnreadableObjectError", "UnsupportedURLError",
-    "check_key", "configure", "join", "memory_context", "open_store", "parse_url",
+    "check_key", "configure", "memory_context", "open_store", "parse_url",
     "settle_google_credentials", "tensorstore_code",
 ]
 

@@ -23,7 +23,22 @@ from ckpt.storage._errors import InvalidKeyError, UnreadableObjectError
 from ckpt.storage._url import Location
 
 _CONTEXT_LOCK = threading.Lock()
-_SHARED_CONTEXT: ts.Context | None = None
+_CONTEXTS: dict[str, ts.Context] = {}
+
+
+def shared_context(name: str, spec: dict[str, Any] | None = None) -> ts.Context:
+    """The one TensorStore context of this process called ``name``, made from ``spec`` the
+    first time it is asked for; every store of a backend (and of its settings, which the
+    name includes) asks for the same one.
+
+    The one policy for contexts: sharing one per backend shares TensorStore's concurrency
+    limits, connection pools and caches, and for ``memory://`` the data itself, which lives
+    in the context.
+    """
+    with _CONTEXT_LOCK:
+        if name not in _CONTEXTS:
+            _CONTEXTS[name] = ts.Context(spec or {})
+        return _CONTEXTS[name]
 
 
 # `Store.list` shadows the built-in inside the class body.
@@ -52,11 +67,6 @@ def check_key(key: str, *, allow_empty: bool = False) -> str:
         raise InvalidKeyError(f"invalid storage key {key!r}: keys are relative, '/'-separated, "
                               "with no empty, '.' or '..' segments, NUL or backslash")
     return key
-
-
-def join(*parts: str) -> str:
-    """Joins key parts with ``/``, skipping empty ones."""
-    return "/".join(p for p in parts if p)
 
 
 class Store(abc.ABC):
@@ -223,11 +233,7 @@ class Store(abc.ABC):
     def tensorstore_context(self) -> ts.Context:
         """The TensorStore context arrays of this store are opened with.
 
-        One context per process is shared by every store of a backend, so TensorStore's
-        concurrency limits and connection pools are shared too.
+        One context per process is shared by every store of a backend (`shared_context`);
+        backends with settings of their own override this.
         """
-        global _SHARED_CONTEXT
-        with _CONTEXT_LOCK:
-            if _SHARED_CONTEXT is None:
-                _SHARED_CONTEXT = ts.Context()
-            return _SHARED_CONTEXT
+        return shared_context(self.location.scheme)

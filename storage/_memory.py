@@ -7,16 +7,13 @@ namespace, exactly as on the real backends. Nothing survives the process.
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import tensorstore as ts
 
-from ckpt.storage._base import Store
+from ckpt.storage._base import Store, shared_context
 from ckpt.storage._errors import ObjectNotFoundError
 
-_CONTEXT_LOCK = threading.Lock()
-_CONTEXT: ts.Context | None = None
 
 # TensorStore's generation meaning "no value is stored": a write conditioned on it only
 # succeeds when the key is absent. (An empty generation would mean "unconditional".)
@@ -24,12 +21,9 @@ _NO_VALUE = b"\x02"
 
 
 def memory_context() -> ts.Context:
-    """The one TensorStore context every memory:// store and array of this process shares."""
-    global _CONTEXT
-    with _CONTEXT_LOCK:
-        if _CONTEXT is None:
-            _CONTEXT = ts.Context()
-        return _CONTEXT
+    """The one TensorStore context every memory:// store and array of this process shares:
+    the data lives in it."""
+    return shared_context("memory")
 
 
 def _successor(prefix: str) -> str:

@@ -28,7 +28,7 @@ from typing import Any
 
 import tensorstore as ts
 
-from ckpt.storage._base import Keys, Store
+from ckpt.storage._base import Keys, Store, shared_context
 from ckpt.storage._errors import (
     AccessDeniedError,
     BucketNotFoundError,
@@ -45,7 +45,6 @@ _OPTIONS: dict[str, frozenset[str]] = {
 }
 _overrides: dict[str, dict[str, Any]] = {"s3": {}, "gs": {}}
 _lock = threading.Lock()
-_contexts: dict[tuple[str, int], ts.Context] = {}
 _verified: set[tuple[str, str]] = set()
 
 DEFAULT_MAX_RETRIES = 12
@@ -446,12 +445,9 @@ class ObjectStore(Store):
         return spec
 
     def tensorstore_context(self) -> ts.Context:
+        """Shared per scheme and retry budget (`shared_context`)."""
         retries = self._settings["max_retries"]
-        key = (self.location.scheme, retries)
-        with _lock:
-            if key not in _contexts:
-                policy = {"max_retries": retries, "initial_delay": "0.1s", "max_delay": "8s"}
-                name = "s3_request_retries" if self.location.scheme == "s3" else \
-                    "gcs_request_retries"
-                _contexts[key] = ts.Context({name: policy})
-            return _contexts[key]
+        policy = {"max_retries": retries, "initial_delay": "0.1s", "max_delay": "8s"}
+        resource = "s3_request_retries" if self.location.scheme == "s3" else \
+            "gcs_request_retries"
+        return shared_context(f"{self.location.scheme}:retries={retries}", {resource: policy})

@@ -123,7 +123,7 @@ def test_reshard_to_new_mesh_restores_reading_each_chunk_once(
     reads = []
     real = rr.plan_reads
     monkeypatch.setattr(rr, "plan_reads",
-                        lambda *a: reads.append(real(*a)) or reads[-1])
+                        lambda *a: reads.append((a[2], real(*a))) or reads[-1][1])
     mesh = make_mesh((4, 2))
     out = ckpt.restore(dst, mesh=mesh)
     assert out["params"]["w"].sharding.spec == P("model", "data")
@@ -131,10 +131,11 @@ def test_reshard_to_new_mesh_restores_reading_each_chunk_once(
     for k, v in host.items():
         assert np.asarray(out["params"][k]).tobytes() == v.tobytes()
     assert out["step"] == 4
-    for plan, leaf in zip(reads, ("w", "e")):
+    for (targets, plan), leaf in zip(reads, ("w", "e")):
         coords = [r.coord for r in plan]
         assert len(coords) == len(set(coords))  # each chunk read exactly once
-        assert all(r.exact_target is not None for r in plan)  # chunk == device shard
+        # Each chunk is one device's shard, whole.
+        assert all(len(r.pieces) == 1 and targets[r.pieces[0].target] == r.box for r in plan)
 
 
 def test_reshard_memory_stays_within_budget(tmp_path):
