@@ -11,7 +11,6 @@ commit a step that does not restore. Every process may list and restore.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -116,7 +115,7 @@ class CheckpointManager:
                                   watch_preemption and not read_only)
         self._metrics: dict[int, dict[str, float]] = {}
         self._lock = threading.Lock()
-        self._saving: set[int] = set()
+        self._saving: set[str] = set()  # attempt ids of this manager's saves in flight
         self._handle: SaveHandle | None = None
         self._gc: threading.Thread | None = None
         self._closed = False
@@ -199,16 +198,22 @@ class CheckpointManager:
             if bad:
                 raise ValueError(f"metrics must map names to numbers; bad entries: {bad}")
             metrics = {k: float(v) for k, v in metrics.items()}  # a snapshot, like the tree
-        with self._lock:
-            self._saving.add(step)
+        drawn: list[str] = []
+
+        def draw(attempt: str) -> None:
+            with self._lock:
+                self._saving.add(attempt)
+            drawn.append(attempt)
+
         try:
             handle = start_save(self._store.child(str(step)), tree, metadata=metadata,
-                                on_commit=lambda: self._committed(step, metrics),
+                                on_commit=lambda: self._committed(step, metrics, drawn),
                                 timeout_s=self.timeout_s, metrics=metrics,
-                                refuse=lambda: self._refusal(step), step=step)
+                                refuse=lambda: self._refusal(step), on_attempt=draw,
+                                step=step)
         except BaseException:
             with self._lock:
-                self._saving.discard(step)
+                self._saving.difference_update(drawn)
             raise
         self._policy.saved()
         self._handle = handle
@@ -232,10 +237,11 @@ class CheckpointManager:
             f"{self.root_url}; to continue the run from an earlier step (e.g. after a loss "
             f"spike), call mgr.rewind(<that step>) first: it removes the steps above it")
 
-    def _committed(self, step: int, metrics: dict[str, float] | None) -> None:
+    def _committed(self, step: int, metrics: dict[str, float] | None,
+                   drawn: list[str]) -> None:
         """Every process, after ``step`` committed: rank it; process 0: retention."""
         with self._lock:
-            self._saving.discard(step)
+            self._saving.difference_update(drawn)
         self._metrics[step] = dict(metrics or {})
         if _coord.current().process_index == 0:
             self._apply_retention()
@@ -286,22 +292,23 @@ class CheckpointManager:
         value = self._metrics[step].get(name)
         return None if value is None or math.isnan(value) else value
 
-    def _keeps(self, step: int, attempt: Attempt) -> bool:
-        """Whether start-up clean-up must leave ``attempt`` of ``step``: this manager saves
-        that step now (`save` registers the step before it writes anything)."""
+    def _keeps(self, attempt: Attempt) -> bool:
+        """Whether start-up clean-up must leave ``attempt``: it is a save of this manager's
+        (process 0 registers each attempt id before any process writes under it). Older
+        debris of a step this manager saves again goes like any other."""
         with self._lock:
-            return step in self._saving
+            return attempt.name in self._saving
 
     def _remove_debris(self) -> None:
         """Process 0, at start-up, in the background: removes uncommitted attempts."""
         try:
             for step in step_folders(self._store):
-                # Asked per attempt after it was listed, not once per step before: a save of
-                # this step that starts meanwhile registers before it writes anything, so
-                # any attempt of it that the listing saw is kept.
+                # Asked per attempt after it was listed: a save that starts meanwhile
+                # registers its attempt id before anything is written under it, so an
+                # attempt of it that the listing saw is registered by then and kept.
                 removed = remove_debris(self._store.child(str(step)),
                                         grace_s=self.debris_grace_s,
-                                        keep=functools.partial(self._keeps, step))
+                                        keep=self._keeps)
                 if removed:
                     log.info("clean-up: removed uncommitted attempts %s of step %d under %s",
                              removed, step, self.root_url)

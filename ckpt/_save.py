@@ -290,14 +290,17 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
                overwrite: bool = False,
                metrics: dict[str, float] | None = None,
                refuse: Callable[[], CkptError | None] | None = None,
+               on_attempt: Callable[[str], None] | None = None,
                step: int | None = None) -> SaveHandle:
     """Runs the blocking part of a save and starts its background part.
 
     Called by `ckpt.save_async` and `CheckpointManager.save`, on every process of the job, in
     the same order with trees of the same structure and shardings. ``refuse`` runs on
     process 0 only, before an attempt id is proposed; an error it returns is raised on every
-    process. ``on_commit`` runs on every process once the save is committed; its errors are
-    logged, never raised: the checkpoint is committed whatever it does.
+    process. ``on_attempt`` runs on process 0 with the attempt id before it is sent to any
+    process, so before anything is written under it. ``on_commit`` runs on every process
+    once the save is committed; its errors are logged, never raised: the checkpoint is
+    committed whatever it does.
     """
     coord = _coord.current()
     created_at = time.time()
@@ -340,6 +343,8 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
             refusal = exc
         proposal = (new_attempt_id() if refusal is None
                     else f"{_REFUSED}{type(refusal).__name__}:{refusal}")
+        if refusal is None and on_attempt is not None:
+            on_attempt(proposal)  # before any process can write under it
     attempt = coord.broadcast(f"save/{seq}/attempt", proposal, timeout_s)
     if refusal is not None:
         raise refusal

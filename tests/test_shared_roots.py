@@ -23,7 +23,6 @@ from ckpt.errors import (
     AttemptRemovedError,
     CheckpointExistsError,
     CheckpointNotFoundError,
-    CommitConflictError,
     ReadOnlyError,
     StepOrderError,
     StorageError,
@@ -388,7 +387,9 @@ def test_keep_best_skips_retention_when_a_metric_cannot_be_read(tmp_path, monkey
 
 def test_start_up_clean_up_never_removes_the_managers_own_new_save(tmp_path, monkeypatch):
     """Debris of a crashed run sits in step 0; the clean-up thread lists step 0 before the
-    new save of step 0 registers, and its attempts after that save wrote everything."""
+    new save of step 0 registers, and its attempts after that save wrote everything. The new
+    save's attempt is kept; the debris is removed all the same (its writer, woken later,
+    finds it removed)."""
     root = str(tmp_path / "run")
     crashed = _Gate(monkeypatch, after=False)
     handle = ckpt.save_async(f"{root}/0", _tree(0))
@@ -410,12 +411,13 @@ def test_start_up_clean_up_never_removes_the_managers_own_new_save(tmp_path, mon
     assert ours.reached.wait(60)  # our attempt is written, not yet claimed
     go.set()
     mgr._gc.join()
+    assert os.listdir(os.path.join(root, "0")).count(handle.attempt) == 0  # debris gone
     ours.release.set()
     new.wait()  # not removed from under us
     assert float(mgr.restore(0)["w"][0]) == 100.0
     mgr.close()
     crashed.release.set()
-    with pytest.raises(CommitConflictError):
+    with pytest.raises(AttemptRemovedError):
         handle.wait()
 
 
