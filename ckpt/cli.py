@@ -500,14 +500,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.setLevel(logging.INFO)
     # What the storage clients log (gcsfs's "default credentials were not found" on a public
     # bucket, each retry of a failing request) is for --debug: without it a failure is said
-    # once, in the command's own error line. The root's handler prints ckpt's records too.
+    # once, in the command's own error line. The library's own warnings are always shown,
+    # its INFO lines with -v; under --debug the root's handler prints ckpt's records too.
     root, quiet = logging.getLogger(), logging.NullHandler()
     if args.debug:
         root.addHandler(handler)
     else:
         root.addHandler(quiet)
-        if args.verbose:
-            logger.addHandler(handler)
+        logger.addHandler(handler)
+        handler.setLevel(logging.INFO if args.verbose else logging.WARNING)
     if any(arg.startswith("gs://") for arg in (sys.argv[1:] if argv is None else argv)):
         settle_google_credentials()
     try:

@@ -86,3 +86,20 @@ def test_verbose_flag_before_or_after_the_subcommand(tmp_path, capsys):
     assert main(["convert", "-q", item, str(tmp_path / "c")]) == 0
     assert "orbax-checkpoint" not in capsys.readouterr().err
     assert not logging.getLogger("ckpt").handlers[1:]  # -v's handler was removed again
+
+
+def test_the_cli_shows_the_librarys_warnings_without_verbose(tmp_path, capsys):
+    """A warning of the library (here: an unreadable claim, treated as a commit claim) is
+    shown by the command line without -v; its INFO lines are not."""
+    root = tmp_path / "run"
+    with ckpt.CheckpointManager(str(root)) as mgr:
+        mgr.save(1, {"w": np.arange(8.0)})
+    attempt = "attempt-20260101T000000-000000000000"
+    (root / "2" / attempt).mkdir(parents=True)
+    (root / "2" / attempt / "x").write_bytes(b"1")
+    (root / "2" / "claims").mkdir()
+    (root / "2" / "claims" / attempt).write_bytes(b"\xc1 not msgpack")
+    assert main(["list", str(root)]) == 0
+    err = capsys.readouterr().err
+    assert "cannot read the claim" in err and "treating it as a commit claim" in err, err
+    assert "clean-up" not in err  # INFO lines need -v
