@@ -73,6 +73,13 @@ class ChunkLayout:
     nbytes: tuple[int, ...] = ()
     crc32c: tuple[int, ...] = ()
 
+    @classmethod
+    def planned(cls, chunk_shape: Sequence[int], writers: Sequence[int],
+                nbytes: Sequence[int]) -> ChunkLayout:
+        """A layout as planned, before any chunk is written: its checksums are zero until
+        the host reports fill them in at commit."""
+        return cls(tuple(chunk_shape), tuple(writers), tuple(nbytes), (0,) * len(writers))
+
     def with_crc32c(self, crc32c: Sequence[int]) -> ChunkLayout:
         return dataclasses.replace(self, crc32c=tuple(crc32c))
 

@@ -135,14 +135,10 @@ def _plan(manifest_leaves: list[LeafRecord], mesh: dict[str, int],
         records.append(rec)
         if rec.kind not in (LeafKind.ARRAY, LeafKind.INLINE):
             continue
-        spec: Spec = ()
-        matched = [s for pattern, s in rules if path_matches(pattern, slash_path(rec.path))]
-        unused -= {pattern for pattern, _ in rules
-                   if path_matches(pattern, slash_path(rec.path))}
-        if matched:
-            spec = matched[-1]
-        else:
-            spec = rec.spec_entries()
+        hits = [(pattern, s) for pattern, s in rules
+                if path_matches(pattern, slash_path(rec.path))]
+        unused -= {pattern for pattern, _ in hits}
+        spec: Spec = hits[-1][1] if hits else rec.spec_entries()
         try:
             shard = spec_shard_shape(rec.shape, mesh, spec)
         except ValueError as exc:
@@ -156,10 +152,9 @@ def _plan(manifest_leaves: list[LeafRecord], mesh: dict[str, int],
         if rec.kind == LeafKind.ARRAY:
             itemsize = dtype_from_name(rec.dtype, keystr(rec.path)).itemsize
             chunk_shape = choose_chunk_shape(shard, itemsize, 1, max_chunk_bytes=max_chunk)
-            nbytes = tuple(n * itemsize for n in chunk_sizes(rec.shape, chunk_shape))
-            # One writer (this process); the checksums come from its report, at commit.
-            changes["layout"] = ChunkLayout(chunk_shape, (0,) * len(nbytes), nbytes,
-                                            (0,) * len(nbytes))
+            nbytes = [n * itemsize for n in chunk_sizes(rec.shape, chunk_shape)]
+            # One writer: this process.
+            changes["layout"] = ChunkLayout.planned(chunk_shape, [0] * len(nbytes), nbytes)
         records[-1] = dataclasses.replace(rec, **changes)
     if unused:
         arrays = [slash_path(r.path) for r in manifest_leaves

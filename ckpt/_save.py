@@ -359,11 +359,9 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
               for i in array_ids]
     plans = dict(zip(array_ids, plan(inputs, coord.process_index, coord.process_count)))
     for i, arr, p in zip(array_ids, inputs, plans.values()):
-        # The checksums come from the host reports, at commit.
-        records[i] = dataclasses.replace(records[i], layout=ChunkLayout(
-            p.chunk_shape, tuple(p.writers),
-            tuple(box_size(p.chunk_box(f)) * arr.itemsize for f in range(len(p.writers))),
-            (0,) * len(p.writers)))
+        records[i] = dataclasses.replace(records[i], layout=ChunkLayout.planned(
+            p.chunk_shape, p.writers,
+            [box_size(p.chunk_box(f)) * arr.itemsize for f in range(len(p.writers))]))
     writes = _snapshot(leaves, plans)
     agreement = digests(records, leaves) if coord.process_count > 1 else ("", {})
     if coord.process_index == 0:
