@@ -25,13 +25,15 @@ from ckpt.storage._errors import (
 )
 from ckpt.storage._local import LocalStore
 from ckpt.storage._memory import MemoryStore, memory_context
-from ckpt.storage._object import ObjectStore, configure, settle_google_credentials
+from ckpt.storage._object import ObjectStore, settle_google_credentials
+from ckpt.storage._settings import ObjectSettings, configure
 from ckpt.storage._url import SCHEMES, Location, parse_url
 
 __all__ = [
     "AccessDeniedError", "BucketNotFoundError", "CkptError", "Deadline",
     "DeadlineExceededError", "DeadlineStore", "InvalidKeyError", "LocalStore", "Location",
-    "MemoryStore", "MissingDependencyError", "ObjectNotFoundError", "ObjectStore",
+    "MemoryStore", "MissingDependencyError", "ObjectNotFoundError", "ObjectSettings",
+    "ObjectStore",
     "SCHEMES", "StorageError", "Store", "UnreadableObjectError", "UnsupportedURLError",
     "check_key", "configure", "memory_context", "open_store", "parse_url",
     "settle_google_credentials", "tensorstore_code",

@@ -5,13 +5,9 @@ through TensorStore's ``s3`` and ``gcs`` kvstore drivers with the spec from `kvs
 on the very same objects. COMMIT uses a real precondition: S3 ``If-None-Match: *`` and GCS
 ``ifGenerationMatch=0`` (fsspec's ``mode="create"``), so exactly one creator wins.
 
-Configuration comes from the usual environment, overridable per scheme with `configure`:
-
-- S3: ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, ``AWS_REGION`` / ``AWS_DEFAULT_REGION``,
-  credentials from ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN``,
-  else the AWS default chain (profile files, instance metadata).
-- GCS: ``STORAGE_EMULATOR_HOST`` (or ``TENSORSTORE_GCS_HTTP_URL``) for an emulator, else
-  Google application default credentials.
+Each store is opened with its own frozen `ObjectSettings` (endpoint, region, credentials,
+retries, deadlines), resolved from `configure` and the usual environment
+(``ckpt.storage._settings``).
 
 Both libraries retry transient failures (5xx, resets, timeouts) with backoff; TensorStore's
 retry budget is set by ``max_retries``.
@@ -22,7 +18,6 @@ from __future__ import annotations
 import errno
 import importlib
 import os
-import threading
 import time
 from typing import Any
 
@@ -35,27 +30,10 @@ from ckpt.storage._errors import (
     MissingDependencyError,
     ObjectNotFoundError,
     StorageError,
-    UnsupportedURLError,
 )
+from ckpt.storage._settings import ObjectSettings, publish_for_tensorstore, resolve
 
-_OPTIONS: dict[str, frozenset[str]] = {
-    "s3": frozenset({"endpoint_url", "region", "anonymous", "profile", "max_retries",
-                     "request_timeout_s"}),
-    "gs": frozenset({"endpoint_url", "anonymous", "max_retries", "request_timeout_s"}),
-}
-_overrides: dict[str, dict[str, Any]] = {"s3": {}, "gs": {}}
-_lock = threading.Lock()
-_verified: set[tuple[str, str]] = set()
-
-DEFAULT_MAX_RETRIES = 12
-# A request that has moved no byte for this long is abandoned (then retried): a server that
-# accepts a request and never answers must not hold a save or a restore forever.
-DEFAULT_REQUEST_TIMEOUT_S = 60
-
-# TensorStore's HTTP transport has no request deadline of its own; its curl low-speed watchdog
-# is set through the environment, read when the transport starts. The user's values win.
-os.environ.setdefault("TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS", str(DEFAULT_REQUEST_TIMEOUT_S))
-os.environ.setdefault("TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES", "1")
+_verified: set[tuple[ObjectSettings, str]] = set()
 CONFLICT_RETRIES = 6
 
 
@@ -77,64 +55,6 @@ def _http_status(exc: BaseException) -> int | None:
     return None
 
 
-def configure(scheme: str, **options: Any) -> None:
-    """Overrides the environment's settings for every later ``s3://`` or ``gs://`` store.
-
-    Call before creating stores (or managers), on every process.
-
-    Args:
-        scheme: ``"s3"`` or ``"gs"``.
-        **options: for S3 ``endpoint_url``, ``region``, ``anonymous`` (bool), ``profile``;
-            for GCS ``endpoint_url`` (an emulator) and ``anonymous``; for both
-            ``max_retries`` (TensorStore's retries of a failed request) and
-            ``request_timeout_s`` (s3fs's and gcsfs's deadline per request, default 60;
-            TensorStore's is the environment's ``TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS``,
-            set to the same default). None removes one.
-
-    Raises:
-        UnsupportedURLError: an unknown scheme.
-        TypeError: an unknown option.
-    """
-    if scheme not in _OPTIONS:
-        raise UnsupportedURLError(f"configure: unknown scheme {scheme!r}; use 's3' or 'gs'")
-    unknown = set(options) - _OPTIONS[scheme]
-    if unknown:
-        raise TypeError(f"configure({scheme!r}): unknown options {sorted(unknown)}; "
-                        f"known: {sorted(_OPTIONS[scheme])}")
-    with _lock:
-        for key, value in options.items():
-            if value is None:
-                _overrides[scheme].pop(key, None)
-            else:
-                _overrides[scheme][key] = value
-        _verified.clear()
-
-
-def _settings(scheme: str) -> dict[str, Any]:
-    env = os.environ
-    with _lock:
-        over = dict(_overrides[scheme])
-    if scheme == "s3":
-        return {
-            "endpoint_url": over.get("endpoint_url") or env.get("AWS_ENDPOINT_URL_S3")
-            or env.get("AWS_ENDPOINT_URL"),
-            "region": over.get("region") or env.get("AWS_REGION")
-            or env.get("AWS_DEFAULT_REGION") or "us-east-1",
-            "anonymous": bool(over.get("anonymous", False)),
-            "profile": over.get("profile"),
-            "max_retries": int(over.get("max_retries", DEFAULT_MAX_RETRIES)),
-            "request_timeout_s": float(over.get("request_timeout_s",
-                                                DEFAULT_REQUEST_TIMEOUT_S)),
-        }
-    endpoint = over.get("endpoint_url") or env.get("STORAGE_EMULATOR_HOST") \
-        or env.get("TENSORSTORE_GCS_HTTP_URL")
-    if endpoint and "://" not in endpoint:
-        endpoint = f"http://{endpoint}"
-    return {"endpoint_url": endpoint, "anonymous": bool(over.get("anonymous", False))
-            or bool(endpoint), "max_retries": int(over.get("max_retries", DEFAULT_MAX_RETRIES)),
-            "request_timeout_s": float(over.get("request_timeout_s", DEFAULT_REQUEST_TIMEOUT_S))}
-
-
 # The fsspec client each scheme needs, and the extra of this distribution that installs it.
 _CLIENTS = {"s3": ("s3fs", "s3"), "gs": ("gcsfs", "gcs")}
 
@@ -150,33 +70,21 @@ def _client_module(scheme: str) -> Any:
             f"pip install 'shardckpt[{extra}]'") from exc
 
 
-def _filesystem(scheme: str, s: dict[str, Any]) -> Any:
-    if scheme == "s3":
+def _filesystem(s: ObjectSettings) -> Any:
+    """The fsspec filesystem for one store's settings (a new client per store)."""
+    if s.scheme == "s3":
         s3fs = _client_module("s3")
-
         kwargs: dict[str, Any] = {
-            "anon": s["anonymous"], "use_listings_cache": False,
-            "client_kwargs": {"region_name": s["region"]},
+            "anon": s.anonymous, "use_listings_cache": False,
+            "client_kwargs": {"region_name": s.region},
             "config_kwargs": {"retries": {"max_attempts": 4, "mode": "standard"},
-                              "connect_timeout": 10,
-                              "read_timeout": s["request_timeout_s"]},
+                              "connect_timeout": 10, "read_timeout": s.request_timeout_s},
         }
-        if s["endpoint_url"]:
-            kwargs["client_kwargs"]["endpoint_url"] = s["endpoint_url"]
-        if s["profile"]:
-            kwargs["profile"] = s["profile"]
+        if s.endpoint_url:
+            kwargs["client_kwargs"]["endpoint_url"] = s.endpoint_url
+        if s.profile:
+            kwargs["profile"] = s.profile
         return s3fs.S3FileSystem(**kwargs)
-    if s["endpoint_url"]:
-        # gcsfs probes a gRPC/TLS API per bucket unless told not to; an HTTP emulator
-        # has none, and every first access would stall for a minute.
-        os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-        # TensorStore's gcs driver reads its endpoint from the environment only (when a
-        # kvstore is opened), so the configured endpoint is published there.
-        os.environ["TENSORSTORE_GCS_HTTP_URL"] = s["endpoint_url"]
-        # An emulator takes no credentials, but TensorStore looks for Google's and logs an
-        # error line on stderr when there are none: a fixed token (its documented way to
-        # skip the lookup) keeps the user's terminal clean. Never for real GCS.
-        os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
     gcsfs = _client_module("gs")
     import aiohttp
 
@@ -184,11 +92,14 @@ def _filesystem(scheme: str, s: dict[str, Any]) -> Any:
     # read deadline, not a total one: a large upload on a slow link may take longer.
     options: dict[str, Any] = {"use_listings_cache": False, "requests_timeout":
                                aiohttp.ClientTimeout(total=None, sock_connect=10,
-                                                     sock_read=s["request_timeout_s"])}
-    if s["endpoint_url"]:
-        options["endpoint_url"] = s["endpoint_url"]
-    if s["anonymous"]:
+                                                     sock_read=s.request_timeout_s)}
+    if s.anonymous:
         options["token"] = "anon"
+    if s.endpoint_url:
+        # The plain client: gcsfs's default one probes a gRPC/TLS API per bucket, which an
+        # HTTP emulator has not, and every first access would stall for a minute.
+        plain = importlib.import_module("gcsfs.core").GCSFileSystem
+        return plain(endpoint_url=s.endpoint_url, **options)
     return gcsfs.GCSFileSystem(**options)
 
 
@@ -247,7 +158,7 @@ def settle_google_credentials() -> None:
     first request is made here, to a local port that refuses it. Nothing is done when an
     emulator is set (no lookup happens then) or a credentials file exists (nothing is logged).
     """
-    if (_settings("gs")["endpoint_url"] or "GOOGLE_AUTH_TOKEN_FOR_TESTING" in os.environ
+    if (resolve("gs").endpoint_url or "GOOGLE_AUTH_TOKEN_FOR_TESTING" in os.environ
             or _google_credentials_exist()):
         return
     import socket
@@ -276,8 +187,8 @@ class ObjectStore(Store):
 
     def __init__(self, location: Any) -> None:
         super().__init__(location)
-        self._settings = _settings(location.scheme)
-        self._fs = _filesystem(location.scheme, self._settings)
+        self.settings = resolve(location.scheme)
+        self._fs = _filesystem(self.settings)
 
     @property
     def bucket(self) -> str:
@@ -310,7 +221,7 @@ class ObjectStore(Store):
             raise self._error(exc, key, what) from exc
 
     def verify_access(self) -> None:
-        key = (self.location.scheme, self.bucket)
+        key = (self.settings, self.bucket)
         if key in _verified:
             return
         try:
@@ -427,26 +338,25 @@ class ObjectStore(Store):
                                           f"were not deleted (first: {keys[0]})")
 
     def _kvstore_spec(self, prefix: str) -> dict[str, Any]:
+        publish_for_tensorstore(self.settings)
         path = "/".join(p for p in (self.location.path, prefix) if p)
         path = path + "/" if path else ""
         if self.location.scheme == "gs":
             return {"driver": "gcs", "bucket": self.bucket, "path": path}
-        s = self._settings
+        s = self.settings
         spec: dict[str, Any] = {"driver": "s3", "bucket": self.bucket, "path": path,
-                                "aws_region": s["region"]}
-        if s["endpoint_url"]:
-            spec["endpoint"] = s["endpoint_url"]
-        if s["anonymous"]:
-            spec["aws_credentials"] = {"type": "anonymous"}
-        elif s["profile"]:
-            spec["aws_credentials"] = {"type": "profile", "profile": s["profile"]}
-        elif os.environ.get("AWS_ACCESS_KEY_ID"):
-            spec["aws_credentials"] = {"type": "environment"}
+                                "aws_region": s.region}
+        if s.endpoint_url:
+            spec["endpoint"] = s.endpoint_url
+        if s.credentials == "profile":
+            spec["aws_credentials"] = {"type": "profile", "profile": s.profile}
+        elif s.credentials in ("anonymous", "environment"):
+            spec["aws_credentials"] = {"type": s.credentials}
         return spec
 
     def tensorstore_context(self) -> ts.Context:
         """Shared per scheme and retry budget (`shared_context`)."""
-        retries = self._settings["max_retries"]
+        retries = self.settings.max_retries
         policy = {"max_retries": retries, "initial_delay": "0.1s", "max_delay": "8s"}
         resource = "s3_request_retries" if self.location.scheme == "s3" else \
             "gcs_request_retries"

@@ -41,8 +41,55 @@ def proxied(request):
         proxy.down()
         server = _server(request, backend)
         storage.configure(SCHEME[backend], endpoint_url=None, max_retries=None)
-        if backend == "gcs":
-            os.environ["TENSORSTORE_GCS_HTTP_URL"] = server.endpoint
+
+
+_TS_VARS = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING")
+
+
+def test_each_store_keeps_the_settings_it_was_opened_with(monkeypatch):
+    """Settings are resolved into the store when it is opened: a later `configure` or a
+    changed environment does not reach it, opening writes no environment variable, and what
+    TensorStore can only read from the environment is published for the store about to use
+    it, the user's own values coming back for a store without an emulator."""
+    for name in _TS_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "from-the-environment")
+    try:
+        storage.configure("gs", endpoint_url="http://127.0.0.1:1")
+        storage.configure("s3", endpoint_url="http://127.0.0.1:3", region="eu-west-3")
+        before = dict(os.environ)
+        emulated, s3 = open_store("gs://bucket-a/run"), open_store("s3://bucket-s/run")
+        storage.configure("gs", endpoint_url="http://127.0.0.1:2")
+        other = open_store("gs://bucket-b/run")
+        assert dict(os.environ) == before
+        monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+        assert (emulated.settings.endpoint_url, other.settings.endpoint_url) == (
+            "http://127.0.0.1:1", "http://127.0.0.1:2")
+        assert s3.settings.credentials == "environment" and s3.settings.region == "eu-west-3"
+        assert s3.kvstore_spec("x")["aws_credentials"] == {"type": "environment"}
+        assert s3.kvstore_spec("x")["endpoint"] == "http://127.0.0.1:3"
+
+        emulated.kvstore_spec("x")
+        assert os.environ["TENSORSTORE_GCS_HTTP_URL"] == "http://127.0.0.1:1"
+        assert os.environ["GOOGLE_AUTH_TOKEN_FOR_TESTING"] == "emulator"
+        storage.configure("gs", endpoint_url=None, anonymous=True)
+        real = open_store("gs://bucket-c/run")
+        assert real.settings.endpoint_url is None and real.settings.anonymous
+        real.kvstore_spec("x")
+        assert not {"TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING"} & set(os.environ)
+
+        monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", "http://users-own:9")
+        assert open_store("gs://bucket-d/run").settings.endpoint_url == "http://users-own:9"
+        storage.configure("gs", endpoint_url="http://127.0.0.1:1", anonymous=None)
+        open_store("gs://bucket-a/run").kvstore_spec("x")
+        assert os.environ["TENSORSTORE_GCS_HTTP_URL"] == "http://127.0.0.1:1"
+        storage.configure("gs", endpoint_url=None)
+        open_store("gs://bucket-d/run").kvstore_spec("x")
+        assert os.environ["TENSORSTORE_GCS_HTTP_URL"] == "http://users-own:9"
+        assert "GOOGLE_AUTH_TOKEN_FOR_TESTING" in os.environ  # an endpoint: the emulator's
+    finally:
+        storage.configure("gs", endpoint_url=None, anonymous=None)
+        storage.configure("s3", endpoint_url=None, region=None)
 
 
 def _tree(i, n=200_000):

@@ -103,8 +103,7 @@ def gcs_server() -> Iterator[Server]:
     try:
         _wait_listening(port, proc, "fake-gcs-server")
         endpoint = f"http://127.0.0.1:{port}"
-        env = {"STORAGE_EMULATOR_HOST": endpoint, "TENSORSTORE_GCS_HTTP_URL": endpoint,
-               "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+        env = {"STORAGE_EMULATOR_HOST": endpoint, "TENSORSTORE_GCS_HTTP_URL": endpoint}
         yield Server(endpoint, env, proc, "gcs")
     finally:
         Server("", {}, proc, "gcs").stop()
