@@ -45,8 +45,7 @@ from ckpt._format import (
 )
 from ckpt._tree import keystr
 from ckpt.errors import CheckpointExistsError, SaveError
-from ckpt.restore import Window
-from ckpt.storage import Deadline, Store
+from ckpt.storage import Deadline, Store, Window
 
 # A host-report row: leaf name, flat chunk index, bytes, crc32c of the stored bytes.
 Row = tuple[str, int, int, int]

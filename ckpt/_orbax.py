@@ -39,7 +39,7 @@ from ckpt.errors import (
     UncommittedCheckpointError,
     UnsupportedFormatError,
 )
-from ckpt.restore import chunk_sizes
+from ckpt.restore.boxes import chunk_sizes
 from ckpt.storage import (
     DeadlineExceededError,
     ObjectNotFoundError,

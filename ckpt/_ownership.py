@@ -16,7 +16,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from ckpt.restore import (
+from ckpt.restore.boxes import (
     Box,
     box_of_index,
     box_shape,

@@ -40,7 +40,8 @@ from ckpt.errors import (
     NotACheckpointError,
     UncommittedCheckpointError,
 )
-from ckpt.restore import ArrayReadJob, Box
+from ckpt.restore import ArrayReadJob
+from ckpt.restore.boxes import Box
 from ckpt.storage import ObjectNotFoundError, Store, UnreadableObjectError
 
 log = logging.getLogger("ckpt.restore")

@@ -40,15 +40,8 @@ from ckpt.errors import (
     MeshMismatchError,
     MissingLeafError,
 )
-from ckpt.restore import (
-    chunk_box,
-    chunk_sizes,
-    grid_shape,
-    read_arrays,
-    spec_shard_shape,
-    to_slices,
-    unflat_index,
-)
+from ckpt.restore import read_arrays, spec_shard_shape
+from ckpt.restore.boxes import chunk_box, chunk_sizes, grid_shape, to_slices, unflat_index
 from ckpt.storage import open_store
 
 DEFAULT_BUDGET = 1 << 30

@@ -30,15 +30,8 @@ from ckpt.errors import (
     ShapeMismatchError,
     TargetMismatchError,
 )
-from ckpt.restore import (
-    ArrayReadJob,
-    Box,
-    aligned_empty,
-    box_of_index,
-    full_box,
-    read_arrays,
-    to_slices,
-)
+from ckpt.restore import ArrayReadJob, aligned_empty, read_arrays
+from ckpt.restore.boxes import Box, box_of_index, full_box, to_slices
 from ckpt.storage import (
     Deadline,
     DeadlineStore,

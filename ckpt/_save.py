@@ -57,7 +57,7 @@ from ckpt.errors import (
     SaveError,
     UnsupportedLeafError,
 )
-from ckpt.restore import box_size, to_slices
+from ckpt.restore.boxes import box_size, to_slices
 from ckpt.storage import Deadline, DeadlineStore, Store, open_store
 
 # Bytes of chunk writes handed to TensorStore and not yet durable, per process.

@@ -26,8 +26,8 @@ from ckpt._leaves import decode_inline, dtype_from_name
 from ckpt._reader import open_readable
 from ckpt._tree import keystr
 from ckpt.errors import CorruptCheckpointError, UnsupportedFormatError
-from ckpt.restore import Window, box_size, chunk_box, to_slices, unflat_index
-from ckpt.storage import ObjectNotFoundError, open_store, tensorstore_code
+from ckpt.restore.boxes import box_size, chunk_box, to_slices, unflat_index
+from ckpt.storage import ObjectNotFoundError, Window, open_store, tensorstore_code
 
 DEFAULT_BUDGET = 256 << 20
 

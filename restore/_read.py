@@ -26,18 +26,15 @@ import numpy as np
 import tensorstore as ts
 
 from ckpt.restore._errors import CorruptCheckpointError
-from ckpt.restore._window import Window
-from ckpt.restore._plan import (
-    Box,
-    ChunkRead,
-    box_shape,
-    box_size,
-    flat_index,
-    grid_shape,
-    plan_reads,
-    to_slices,
+from ckpt.restore._plan import ChunkRead, plan_reads
+from ckpt.restore.boxes import Box, box_shape, box_size, flat_index, grid_shape, to_slices
+from ckpt.storage import (
+    Deadline,
+    DeadlineExceededError,
+    StorageError,
+    Window,
+    tensorstore_code,
 )
-from ckpt.storage import Deadline, DeadlineExceededError, StorageError, tensorstore_code
 
 MIN_MEMORY_BUDGET = 64 << 20
 MAX_MEMORY_BUDGET = 1 << 30

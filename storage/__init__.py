@@ -1,4 +1,5 @@
-"""Storage: URL parsing and one small `Store` interface over local disk, memory, GCS and S3.
+"""Storage: URL parsing and one small `Store` interface over local disk, memory, GCS and S3,
+with the deadlines and the bounded window of in-flight requests that every caller waits under.
 
 Imported as ``ckpt.storage`` (the folder ``storage/`` is mapped there at install). It knows
 nothing about arrays or checkpoints and imports only its own modules. `open_store` is the
@@ -28,13 +29,14 @@ from ckpt.storage._memory import MemoryStore, memory_context
 from ckpt.storage._object import ObjectStore, settle_google_credentials
 from ckpt.storage._settings import ObjectSettings, configure
 from ckpt.storage._url import SCHEMES, Location, parse_url
+from ckpt.storage._window import Window
 
 __all__ = [
     "AccessDeniedError", "BucketNotFoundError", "CkptError", "Deadline",
     "DeadlineExceededError", "DeadlineStore", "InvalidKeyError", "LocalStore", "Location",
     "MemoryStore", "MissingDependencyError", "ObjectNotFoundError", "ObjectSettings",
     "ObjectStore",
-    "SCHEMES", "StorageError", "Store", "UnreadableObjectError", "UnsupportedURLError",
+    "SCHEMES", "StorageError", "Store", "UnreadableObjectError", "UnsupportedURLError", "Window",
     "check_key", "configure", "memory_context", "open_store", "parse_url",
     "settle_google_credentials", "tensorstore_code",
 ]

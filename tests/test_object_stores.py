@@ -39,7 +39,6 @@ def proxied(request):
     yield make
     for backend, proxy in made:
         proxy.down()
-        server = _server(request, backend)
         storage.configure(SCHEME[backend], endpoint_url=None, max_retries=None)
 
 

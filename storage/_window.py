@@ -1,8 +1,9 @@
-"""A window of asynchronous operations whose total byte cost is bounded.
+"""A window of in-flight storage operations whose total byte cost is bounded.
 
-Every streaming loop in the project (restore reads, save writes, verify, reshard) issues
-TensorStore futures in order and must not hold more than a memory budget of them at once;
-this is that loop's one implementation.
+Every streaming loop above the storage layer (save's chunk writes, restore's and verify's
+chunk reads) issues TensorStore futures in order and must not hold more than a memory
+budget of them at once; this is that loop's one implementation, beside the `Deadline` it
+waits under.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import collections
 from collections.abc import Callable
 from typing import Any
 
-from ckpt.storage import Deadline
+from ckpt.storage._deadline import Deadline
 
 
 class Window:
