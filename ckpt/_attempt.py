@@ -45,7 +45,7 @@ from ckpt._format import (
 )
 from ckpt._tree import keystr
 from ckpt.errors import CheckpointExistsError, SaveError
-from ckpt.storage import Deadline, Store, Window
+from ckpt.storage import Store, Window
 
 # A host-report row: leaf name, flat chunk index, bytes, crc32c of the stored bytes.
 Row = tuple[str, int, int, int]
@@ -72,35 +72,38 @@ def refusal_if_committed(store: Store, *, overwrite: bool,
                                  "to replace it)")
 
 
-def open_arrays(store: Store, attempt: str, records: dict[int, LeafRecord], *, create: bool,
-                deadline: Deadline | None = None) -> dict[int, Any]:
+def open_arrays(store: Store, attempt: str, records: dict[int, LeafRecord], *,
+                create: bool) -> dict[int, Any]:
     """Opens the zarr arrays of ``records`` (index -> ``array`` record) in ``attempt`` for
     writing; ``create`` writes each ``zarr.json`` (process 0 only: other processes write
-    chunks into arrays they assume, so that no writer waits for another)."""
+    chunks into arrays they assume, so that no writer waits for another). Waits through
+    ``store.wait`` (a `DeadlineStore` bounds it)."""
     ctx = store.tensorstore_context()
     opening = {i: ts.open(zarr_spec(store.kvstore_spec(array_key(attempt, rec.name)), rec,
                                     create=create), context=ctx)
                for i, rec in records.items()}
-    if deadline is None:
-        return {i: fut.result() for i, fut in opening.items()}
-    return {i: deadline.result(fut, f"opening leaf {keystr(records[i].path)}")
+    return {i: store.wait(fut, f"opening leaf {keystr(records[i].path)}")
             for i, fut in opening.items()}
 
 
 class ChunkWriter:
-    """Writes chunks through TensorStore with at most ``limit`` bytes in flight, and keeps
-    the host-report row of each.
+    """Writes chunks of arrays opened on ``store`` through TensorStore, with at most
+    ``limit`` bytes in flight, and keeps the host-report row of each. Each write is waited
+    for through ``store.wait`` (a `DeadlineStore` bounds it; a wrapper store sees each
+    chunk become durable).
 
     Used by each process of a save on its background thread, and by offline rewrites.
     """
 
-    def __init__(self, limit: int, deadline: Deadline | None = None) -> None:
+    def __init__(self, store: Store, limit: int) -> None:
         self.rows: list[Row] = []
-        self._window = Window(limit, deadline, "writing chunks")
+        self._store = store
+        self._window = Window(limit)
 
     def put(self, array: Any, slices: tuple[slice, ...], data: np.ndarray, name: str,
             flat: int) -> None:
-        self._window.add(array[slices].write(data), data.nbytes, lambda fut: fut.result())
+        self._window.add(array[slices].write(data), data.nbytes,
+                         lambda fut: self._store.wait(fut, "writing chunks"))
         # The crc32c of the chunk's C-order little-endian bytes (what the format stores),
         # computed while TensorStore writes them.
         little = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<"))

@@ -4,7 +4,6 @@ Orbax checkpoint, from its metadata files and each array's zarr metadata)."""
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import jax
@@ -13,7 +12,7 @@ from ckpt._format import LeafKind, Manifest
 from ckpt._leaves import decode_value, dtype_from_name
 from ckpt._reader import open_readable
 from ckpt._tree import KeyPath, keystr, nest
-from ckpt.storage import open_store
+from ckpt.storage import StoreLike, open_store
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +92,7 @@ def _info(url: str, manifest: Manifest, layout: str) -> CheckpointInfo:
                           manifest.metadata, leaves, nest(items) if items else {}, layout)
 
 
-def metadata(url: str | os.PathLike[str]) -> CheckpointInfo:
+def metadata(url: StoreLike) -> CheckpointInfo:
     """Describes the committed checkpoint at ``url``; reads COMMIT and the manifest only.
 
     ``url`` may also hold an Orbax checkpoint (see `ckpt.restore`); then its metadata files

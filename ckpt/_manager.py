@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 from types import TracebackType
 from typing import Any
@@ -47,7 +46,7 @@ from ckpt.errors import (
     SaveError,
     StepOrderError,
 )
-from ckpt.storage import Deadline, DeadlineStore, open_store
+from ckpt.storage import Deadline, DeadlineStore, StoreLike, open_store
 
 log = logging.getLogger("ckpt.manager")
 
@@ -89,7 +88,7 @@ class CheckpointManager:
                 break  # step is committed; exit and let the job be restarted
     """
 
-    def __init__(self, root_url: str | os.PathLike[str], keep_last: int | None = None,
+    def __init__(self, root_url: StoreLike, keep_last: int | None = None,
                  keep_every: int | None = None, *, read_only: bool = False,
                  keep_best: int | None = None, best_metric: str | None = None,
                  best_mode: str = "min", save_every: int | None = None,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -42,7 +41,7 @@ from ckpt.errors import (
 )
 from ckpt.restore import read_arrays, spec_shard_shape
 from ckpt.restore.boxes import chunk_box, chunk_sizes, grid_shape, to_slices, unflat_index
-from ckpt.storage import open_store
+from ckpt.storage import StoreLike, open_store
 
 DEFAULT_BUDGET = 1 << 30
 Spec = tuple[str | tuple[str, ...] | None, ...]
@@ -160,7 +159,7 @@ def _plan(manifest_leaves: list[LeafRecord], mesh: dict[str, int],
     return records
 
 
-def reshard(src_url: str | os.PathLike[str], dst_url: str | os.PathLike[str], *,
+def reshard(src_url: StoreLike, dst_url: StoreLike, *,
             mesh: dict[str, int] | None, rules: Sequence[tuple[str, Spec]] = (),
             memory_budget: int = DEFAULT_BUDGET, overwrite: bool = False,
             progress: Callable[[int, int], None] | None = None) -> ReshardResult:
@@ -194,7 +193,7 @@ def reshard(src_url: str | os.PathLike[str], dst_url: str | os.PathLike[str], *,
     attempt = new_attempt_id()
     # Budget split: a quarter for the boxes of a batch, a quarter for the reader's chunks in
     # flight, a quarter for writes in flight (a write holds the chunk and its encoded copy).
-    writer = ChunkWriter(memory_budget // 8)
+    writer = ChunkWriter(dst, memory_budget // 8)
     batch_limit = memory_budget // 4
     total = sum(r.nbytes for r in records if r.kind == LeafKind.ARRAY)
     done = chunks = 0
@@ -249,7 +248,7 @@ def saved_mesh(leaves: list[LeafRecord], url: str) -> dict[str, int]:
     return dict(meshes.pop()) if meshes else {}
 
 
-def convert(src_url: str | os.PathLike[str], dst_url: str | os.PathLike[str], *,
+def convert(src_url: StoreLike, dst_url: StoreLike, *,
             mesh: dict[str, int] | None = None, rules: Sequence[tuple[str, Spec]] = (),
             memory_budget: int = DEFAULT_BUDGET, overwrite: bool = False,
             progress: Callable[[int, int], None] | None = None) -> ReshardResult:

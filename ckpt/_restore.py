@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from typing import Any
 
@@ -36,6 +35,7 @@ from ckpt.storage import (
     Deadline,
     DeadlineStore,
     Store,
+    StoreLike,
     open_store,
 )
 
@@ -313,7 +313,7 @@ def _restore_source(source: Readable, target: Any, mesh: Any,
     return unflatten(treedef, values)
 
 
-def restore(url: str | os.PathLike[str], target: Any = None, *, mesh: Any = None,
+def restore(url: StoreLike, target: Any = None, *, mesh: Any = None,
             timeout_s: float | None = None) -> Any:
     """Restores the committed checkpoint at ``url``.
 

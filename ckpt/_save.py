@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import itertools
 import logging
-import os
 import sys
 import threading
 import time
@@ -58,7 +57,7 @@ from ckpt.errors import (
     UnsupportedLeafError,
 )
 from ckpt.restore.boxes import box_size, to_slices
-from ckpt.storage import Deadline, DeadlineStore, Store, open_store
+from ckpt.storage import Deadline, DeadlineStore, Store, StoreLike, open_store
 
 # Bytes of chunk writes handed to TensorStore and not yet durable, per process.
 DEFAULT_INFLIGHT_BYTES = 1 << 30
@@ -389,8 +388,8 @@ def _write_chunks(job: _Job) -> list[Row]:
     create = job.coord.process_index == 0
     arrays = open_arrays(job.store, job.attempt,
                          {r: job.records[r] for r in job.plans if create or job.plans[r].owned},
-                         create=create, deadline=job.deadline)
-    writer = ChunkWriter(job.inflight_bytes, job.deadline)
+                         create=create)
+    writer = ChunkWriter(job.store, job.inflight_bytes)
     for w in job.writes:
         writer.put(arrays[w.record], w.slices, w.data, job.records[w.record].name, w.flat)
     return writer.finish()
@@ -502,7 +501,7 @@ def _run(job: _Job, handle: SaveHandle) -> None:
         job.writes.clear()
 
 
-def save_async(url: str | os.PathLike[str], tree: Any, *, metadata: Any = None,
+def save_async(url: StoreLike, tree: Any, *, metadata: Any = None,
                timeout_s: float = _coord.DEFAULT_TIMEOUT_S,
                overwrite: bool = False) -> "SaveHandle":
     """Starts saving ``tree`` to ``url``; returns once the snapshot is taken.
@@ -534,7 +533,7 @@ def save_async(url: str | os.PathLike[str], tree: Any, *, metadata: Any = None,
                       overwrite=overwrite)
 
 
-def save(url: str | os.PathLike[str], tree: Any, *, metadata: Any = None,
+def save(url: StoreLike, tree: Any, *, metadata: Any = None,
          timeout_s: float = _coord.DEFAULT_TIMEOUT_S, overwrite: bool = False) -> None:
     """Saves ``tree`` to ``url`` and returns once it is committed: `save_async` then `wait`."""
     save_async(url, tree, metadata=metadata, timeout_s=timeout_s, overwrite=overwrite).wait()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +26,7 @@ from ckpt._reader import open_readable
 from ckpt._tree import keystr
 from ckpt.errors import CorruptCheckpointError, UnsupportedFormatError
 from ckpt.restore.boxes import box_size, chunk_box, to_slices, unflat_index
-from ckpt.storage import ObjectNotFoundError, Window, open_store, tensorstore_code
+from ckpt.storage import ObjectNotFoundError, StoreLike, Window, open_store, tensorstore_code
 
 DEFAULT_BUDGET = 256 << 20
 
@@ -74,7 +73,7 @@ def _reports(store: Any, attempt: str, processes: int,
     return rows
 
 
-def verify(url: str | os.PathLike[str], *, memory_budget: int = DEFAULT_BUDGET,
+def verify(url: StoreLike, *, memory_budget: int = DEFAULT_BUDGET,
            progress: Callable[[int, int], None] | None = None) -> VerifyReport:
     """Reads every chunk of the checkpoint at ``url`` and checks it.
 

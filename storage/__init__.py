@@ -30,24 +30,34 @@ from ckpt.storage._object import ObjectStore, settle_google_credentials
 from ckpt.storage._settings import ObjectSettings, configure
 from ckpt.storage._url import SCHEMES, Location, parse_url
 from ckpt.storage._window import Window
+from ckpt.storage._wrapper import WrapperStore
 
 __all__ = [
     "AccessDeniedError", "BucketNotFoundError", "CkptError", "Deadline",
     "DeadlineExceededError", "DeadlineStore", "InvalidKeyError", "LocalStore", "Location",
     "MemoryStore", "MissingDependencyError", "ObjectNotFoundError", "ObjectSettings",
     "ObjectStore",
-    "SCHEMES", "StorageError", "Store", "UnreadableObjectError", "UnsupportedURLError", "Window",
+    "SCHEMES", "StorageError", "Store", "StoreLike", "UnreadableObjectError",
+    "UnsupportedURLError", "Window", "WrapperStore",
     "check_key", "configure", "memory_context", "open_store", "parse_url",
     "settle_google_credentials", "tensorstore_code",
 ]
 
 
-def open_store(url: str | os.PathLike[str]) -> Store:
-    """Returns the store for ``url``; performs no I/O (credentials are checked lazily).
+# What every public entry point takes where it names a checkpoint or a root: a URL, a path,
+# or a store already opened (wrapped, for instance, by the caller's own `WrapperStore`).
+StoreLike = str | os.PathLike[str] | Store
+
+
+def open_store(url: StoreLike) -> Store:
+    """Returns the store for ``url`` (a `Store` is returned as it is); performs no I/O
+    (credentials are checked lazily).
 
     Raises:
         UnsupportedURLError: the scheme has no backend (yet) or the URL is malformed.
     """
+    if isinstance(url, Store):
+        return url
     location = parse_url(url)
     if location.scheme == "file":
         return LocalStore(location)

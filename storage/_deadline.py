@@ -22,8 +22,9 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ckpt.storage._base import Keys, Store
+from ckpt.storage._base import Store
 from ckpt.storage._errors import StorageError
+from ckpt.storage._wrapper import WrapperStore
 
 T = TypeVar("T")
 
@@ -100,7 +101,7 @@ class Deadline:
         raise value
 
 
-class DeadlineStore(Store):
+class DeadlineStore(WrapperStore):
     """``inner`` with every call bounded by ``deadline``: once it passes, calls fail at once
     with `DeadlineExceededError` and a call under way is abandoned.
 
@@ -109,57 +110,15 @@ class DeadlineStore(Store):
     """
 
     def __init__(self, inner: Store, deadline: Deadline) -> None:
-        super().__init__(inner.location)
-        self.inner = inner
+        super().__init__(inner)
         self.deadline = deadline
 
-    def child(self, prefix: str) -> Store:
-        return DeadlineStore(self.inner.child(prefix), self.deadline)
-
-    def verify_access(self) -> None:
-        self.deadline.call(f"checking access to {self.url}", self.inner.verify_access)
-
-    def tensorstore_context(self) -> Any:
-        return self.inner.tensorstore_context()
-
     def wait(self, future: Any, doing: str) -> Any:
-        return self.deadline.result(future, f"{doing} ({self.url})")
+        self.deadline.wait_ready(future, f"{doing} ({self.url})")
+        return self.inner.wait(future, doing)
 
     def _kvstore_spec(self, prefix: str) -> dict[str, Any]:
-        return self.inner._kvstore_spec(prefix)
+        return self.inner._kvstore_spec(prefix)  # no I/O: nothing to bound
 
-    def _bounded(self, doing: str, key: str, fn: Callable[..., T], *args: Any) -> T:
+    def _delegate(self, doing: str, key: str, fn: Callable[..., T], *args: Any) -> T:
         return self.deadline.call(f"{doing} {self.describe(key)}", fn, *args)
-
-    def _read(self, key: str, max_bytes: int | None) -> bytes:
-        return self._bounded("reading", key, self.inner._read, key, max_bytes)
-
-    def _check_plain_files(self, prefix: str) -> None:
-        self._bounded("listing", prefix, self.inner._check_plain_files, prefix)
-
-    def _write(self, key: str, data: bytes) -> None:
-        self._bounded("writing", key, self.inner._write, key, data)
-
-    def _write_if_absent(self, key: str, data: bytes) -> bool:
-        return self._bounded("creating", key, self.inner._write_if_absent, key, data)
-
-    def _exists(self, key: str) -> bool:
-        return self._bounded("looking up", key, self.inner._exists, key)
-
-    def _list(self, prefix: str) -> Keys:
-        return self._bounded("listing", prefix, self.inner._list, prefix)
-
-    def _list_sizes(self, prefix: str) -> dict[str, int]:
-        return self._bounded("listing", prefix, self.inner._list_sizes, prefix)
-
-    def _list_children(self, prefix: str) -> Keys:
-        return self._bounded("listing", prefix, self.inner._list_children, prefix)
-
-    def _delete(self, key: str) -> None:
-        self._bounded("deleting", key, self.inner._delete, key)
-
-    def _delete_prefix(self, prefix: str) -> None:
-        self._bounded("deleting", prefix, self.inner._delete_prefix, prefix)
-
-    def _prune(self, prefix: str) -> None:
-        self._bounded("removing", prefix, self.inner._prune, prefix)

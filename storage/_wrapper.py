@@ -1,0 +1,89 @@
+"""Stores that add behaviour around another store.
+
+`WrapperStore` passes every call to ``inner`` through one method, `WrapperStore._delegate`
+(and TensorStore futures through `Store.wait`), so that a wrapper adds its behaviour in one
+place: `DeadlineStore` bounds each call by a deadline; a caller's own wrapper may count,
+log, slow or fail calls (the test suite injects its faults this way). Every public entry
+point that takes a URL also takes a `Store`, wrapped or not (`open_store`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import tensorstore as ts
+
+from ckpt.storage._base import Keys, Store
+
+T = TypeVar("T")
+
+
+class WrapperStore(Store):
+    """``inner``, with every I/O call made through `_delegate`.
+
+    Subclasses override `_delegate` (and `wait`, for TensorStore's futures on this store's
+    data: chunks written and read). `child` copies the wrapper, so a wrapper's state (a
+    deadline, a fault plan) covers the whole tree below its root.
+    """
+
+    def __init__(self, inner: Store) -> None:
+        super().__init__(inner.location)
+        self.inner = inner
+
+    def _delegate(self, doing: str, key: str, fn: Callable[..., T], *args: Any) -> T:
+        """Runs ``fn(*args)``, the inner store's ``doing`` of ``key`` (e.g. ``writing``,
+        ``manifest.msgpack``). Called on whichever thread made the call."""
+        return fn(*args)
+
+    def child(self, prefix: str) -> Store:
+        wrapped = copy.copy(self)
+        wrapped.inner = self.inner.child(prefix)
+        wrapped.location = wrapped.inner.location
+        return wrapped
+
+    def verify_access(self) -> None:
+        self._delegate("checking access to", "", self.inner.verify_access)
+
+    def tensorstore_context(self) -> ts.Context:
+        return self.inner.tensorstore_context()
+
+    def wait(self, future: Any, doing: str) -> Any:
+        return self.inner.wait(future, doing)
+
+    def _kvstore_spec(self, prefix: str) -> dict[str, Any]:
+        return self._delegate("opening", prefix, self.inner._kvstore_spec, prefix)
+
+    def _read(self, key: str, max_bytes: int | None) -> bytes:
+        return self._delegate("reading", key, self.inner._read, key, max_bytes)
+
+    def _check_plain_files(self, prefix: str) -> None:
+        self._delegate("listing", prefix, self.inner._check_plain_files, prefix)
+
+    def _write(self, key: str, data: bytes) -> None:
+        self._delegate("writing", key, self.inner._write, key, data)
+
+    def _write_if_absent(self, key: str, data: bytes) -> bool:
+        return self._delegate("creating", key, self.inner._write_if_absent, key, data)
+
+    def _exists(self, key: str) -> bool:
+        return self._delegate("looking up", key, self.inner._exists, key)
+
+    def _list(self, prefix: str) -> Keys:
+        return self._delegate("listing", prefix, self.inner._list, prefix)
+
+    def _list_sizes(self, prefix: str) -> dict[str, int]:
+        return self._delegate("listing", prefix, self.inner._list_sizes, prefix)
+
+    def _list_children(self, prefix: str) -> Keys:
+        return self._delegate("listing", prefix, self.inner._list_children, prefix)
+
+    def _delete(self, key: str) -> None:
+        self._delegate("deleting", key, self.inner._delete, key)
+
+    def _delete_prefix(self, prefix: str) -> None:
+        self._delegate("deleting", prefix, self.inner._delete_prefix, prefix)
+
+    def _prune(self, prefix: str) -> None:
+        self._delegate("removing", prefix, self.inner._prune, prefix)
