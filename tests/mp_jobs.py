@@ -142,16 +142,17 @@ def hang_one(url, timeout_s, hung):
     import threading
     import time
 
-    import ckpt._save as save_mod
+    from tests.faults import FaultyStore, is_background
 
     if jax.process_index() == hung:
-        pause = timeout_s * 2
+        pause, stalled = timeout_s * 2, []
 
-        def stuck(job):
-            threading.Event().wait(pause)  # a hung write: returns too late
-            return []
+        def stuck(doing, key, args):
+            if is_background(doing, key) and not stalled:
+                stalled.append(key)
+                threading.Event().wait(pause)  # a hung write: goes on too late
 
-        save_mod._write_chunks = stuck
+        url = FaultyStore(url, before=stuck)
         timeout_s *= 4
     tree = device_tree(0, (jax.process_count(), 4))
     t0 = time.monotonic()
@@ -166,13 +167,10 @@ def hang_one(url, timeout_s, hung):
 
 def fail_one(url, failing):
     """Process ``failing`` cannot write; every process's save fails at once, naming it."""
-    import ckpt._save as save_mod
+    from tests.faults import FaultyStore, fail_background
 
     if jax.process_index() == failing:
-        def broken(job):
-            raise OSError(28, "No space left on device")
-
-        save_mod._write_chunks = broken
+        url = FaultyStore(url, before=fail_background(OSError(28, "No space left on device")))
     try:
         ckpt.save(url, device_tree(0, (jax.process_count(), 4)), timeout_s=120)
     except ckpt.CkptError as exc:
@@ -205,13 +203,17 @@ def slow_commit(url, timeout_s, where):
     time runs out: it is not abandoned (a COMMIT write left running could land after a later
     save), so process 0 commits late; process 1, which gave up, says the outcome is unknown
     (COMMIT decides), never that nothing was committed."""
-    import ckpt._commit as commit_mod
     from jax._src.distributed import global_state
-    from ckpt.storage._local import LocalStore
+
+    from tests.faults import FaultyStore
 
     client = global_state.client
     me = jax.process_index()
     if me == 0 and where == "claim":
+        # Process 0 itself stalls (descheduled, paging) between two store calls: no store
+        # wrapper can stage that, as the deadline bounds every store call.
+        import ckpt._commit as commit_mod
+
         real_claim = commit_mod.claim_commit
 
         def slow_claim(store, attempt):
@@ -220,14 +222,11 @@ def slow_commit(url, timeout_s, where):
 
         commit_mod.claim_commit = slow_claim
     if me == 0 and where == "commit":
-        real_create = LocalStore._write_if_absent
-
-        def slow_create(self, key, data):
-            if key.endswith("COMMIT"):
+        def slow_create(doing, key, args):
+            if doing == "creating" and key.endswith("COMMIT"):
                 client.blocking_key_value_get("test/p1-gave-up", 120_000)
-            return real_create(self, key, data)
 
-        LocalStore._write_if_absent = slow_create
+        url = FaultyStore(url, before=slow_create)
     try:
         ckpt.save(url, device_tree(0, (jax.process_count(), 4)), timeout_s=timeout_s)
         result = {"error": None}

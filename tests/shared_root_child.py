@@ -28,26 +28,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 import ckpt  # noqa: E402
-import ckpt._commit as commit_mod  # noqa: E402
 from tests.crash_state import make_state  # noqa: E402
+from tests.faults import FaultyStore, fail_background, is_commit_claim  # noqa: E402
 
 
-def stop_around_claim(after):
-    real = commit_mod.claim_commit
-
-    def claim(store, attempt):
+def stop_around_claim(url, after):
+    """``url``'s store, whose committer stops just before (or after) its commit claim."""
+    def stop(doing, key, args):
         # Stopped, then held until the parent says go on stdin: a stray SIGCONT (the kernel
         # sends one to stopped processes of a process group that becomes orphaned) must not
         # let the paused job run early.
-        if not after:
-            os.kill(os.getpid(), signal.SIGSTOP)
-            sys.stdin.readline()
-        real(store, attempt)
-        if after:
+        if is_commit_claim(doing, key, args):
             os.kill(os.getpid(), signal.SIGSTOP)
             sys.stdin.readline()
 
-    commit_mod.claim_commit = claim
+    return FaultyStore(url, **{"after" if after else "before": stop})
 
 
 def sigterm_report():
@@ -90,8 +85,7 @@ def sigterm_report():
 def main():
     mode, url = sys.argv[1], sys.argv[2]
     if mode.startswith("save-stop-"):
-        stop_around_claim(after=mode.endswith("after-claim"))
-        mgr = ckpt.CheckpointManager(url)
+        mgr = ckpt.CheckpointManager(stop_around_claim(url, after=mode.endswith("after-claim")))
         try:
             mgr.save(int(sys.argv[3]), make_state(int(sys.argv[3])))
             mgr.wait()
@@ -104,24 +98,16 @@ def main():
         if mode == "sys-exit":
             sys.exit(0)
     elif mode == "exit-failing":
-        import ckpt._save as save_mod
-
-        def broken(job):
-            raise OSError("disk on fire")
-
-        save_mod._write_chunks = broken
-        ckpt.save_async(url, {"x": np.arange(1000)})
+        ckpt.save_async(FaultyStore(url, before=fail_background(OSError("disk on fire"))),
+                        {"x": np.arange(1000)})
     elif mode == "interrupt-wait":
         gate = threading.Event()
         signal.signal(signal.SIGUSR1, lambda *_: gate.set())
-        real = commit_mod.claim_commit
+        def hold(doing, key, args):
+            if is_commit_claim(doing, key, args):
+                gate.wait()
 
-        def claim(store, attempt):
-            gate.wait()
-            real(store, attempt)
-
-        commit_mod.claim_commit = claim
-        handle = ckpt.save_async(url, {"x": np.arange(1000)})
+        handle = ckpt.save_async(FaultyStore(url, before=hold), {"x": np.arange(1000)})
         print("WAITING", flush=True)
         handle.wait()
     elif mode == "sigterm":

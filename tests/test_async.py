@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 import ckpt
 from ckpt.errors import CheckpointExistsError, SaveError, UnsupportedLeafError
+from tests.faults import FaultyStore, fail_background, hold_background, tamper_reports
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -19,22 +20,18 @@ def _update(params):
     return jax.tree.map(lambda p: p * 3.0 + 1.0, params)
 
 
-def test_donating_arrays_right_after_save_async_keeps_saved_values(tmp_path, mesh24,
-                                                                    monkeypatch):
+def test_donating_arrays_right_after_save_async_keeps_saved_values(tmp_path, mesh24):
     import threading
-
-    import ckpt._save as save_mod
 
     # Hold the background writes until the arrays have been donated and overwritten, so the
     # snapshot is certainly still pending when the donation happens.
     gate = threading.Event()
-    real = save_mod._write_chunks
-    monkeypatch.setattr(save_mod, "_write_chunks", lambda job: (gate.wait(), real(job))[1])
+    held = FaultyStore(tmp_path / "c", before=hold_background(gate))
     rng = np.random.default_rng(1)
     host = {f"w{i}": rng.standard_normal((256, 512)).astype(np.float32) for i in range(4)}
     params = {k: jax.device_put(v, NamedSharding(mesh24, P("data", "model")))
               for k, v in host.items()}
-    handle = ckpt.save_async(tmp_path / "c", params)
+    handle = ckpt.save_async(held, params)
     params = _update(params)  # donates every saved buffer
     params = _update(params)
     jax.block_until_ready(params)
@@ -60,14 +57,9 @@ def test_deleting_arrays_and_mutating_numpy_after_save_async(tmp_path, mesh24):
     np.testing.assert_array_equal(out["n"], np.arange(100000))
 
 
-def test_handle_reports_background_failure(tmp_path, mesh24, monkeypatch):
-    import ckpt._save as save_mod
-
-    def fail(job):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(save_mod, "_write_chunks", fail)
-    handle = ckpt.save_async(tmp_path / "c", {"x": jnp.ones(10000)})
+def test_handle_reports_background_failure(tmp_path, mesh24):
+    full = FaultyStore(tmp_path / "c", before=fail_background(OSError(28, "No space left on device")))
+    handle = ckpt.save_async(full, {"x": jnp.ones(10000)})
     exc = handle.exception()
     assert isinstance(exc, SaveError) and "No space left" in str(exc)
     assert handle.done()
@@ -78,20 +70,12 @@ def test_handle_reports_background_failure(tmp_path, mesh24, monkeypatch):
         ckpt.restore(tmp_path / "c")
 
 
-def test_wait_timeout_raises_timeout_error(tmp_path, monkeypatch):
+def test_wait_timeout_raises_timeout_error(tmp_path):
     import threading
 
-    import ckpt._save as save_mod
-
     gate = threading.Event()
-    real = save_mod._write_chunks
-
-    def slow(job):
-        gate.wait()
-        return real(job)
-
-    monkeypatch.setattr(save_mod, "_write_chunks", slow)
-    handle = ckpt.save_async(tmp_path / "c", {"x": np.ones(10000)})
+    slow = FaultyStore(tmp_path / "c", before=hold_background(gate))
+    handle = ckpt.save_async(slow, {"x": np.ones(10000)})
     with pytest.raises(TimeoutError):
         handle.wait(timeout=0.05)
     assert not handle.done()
@@ -132,36 +116,30 @@ def test_metadata_must_be_plain_data(tmp_path):
     (lambda rows: [[r[0], r[1], r[2] + 1, r[3]] for r in rows], r"bytes for chunk 0 of \['x'\]"),
     (lambda rows: [["nope", 0, 4, 0]], "unknown chunk 0 of 'nope'"),
 ])
-def test_commit_checks_host_reports_against_plan(tmp_path, mesh24, monkeypatch, tamper, message):
-    import ckpt._save as save_mod
-
-    real = save_mod._write_chunks
-    monkeypatch.setattr(save_mod, "_write_chunks", lambda job: tamper(real(job)))
+def test_commit_checks_host_reports_against_plan(tmp_path, mesh24, tamper, message):
     x = jax.device_put(jnp.ones((64, 1024)), NamedSharding(mesh24, P("data", "model")))
     with pytest.raises(SaveError, match=message):
-        ckpt.save(tmp_path / "c", {"x": x})
+        ckpt.save(FaultyStore(tmp_path / "c", before=tamper_reports(tamper)), {"x": x})
     assert not (tmp_path / "c" / "COMMIT").exists()
 
 
-def test_overwrite_is_atomic_old_readable_until_new_commits(tmp_path, monkeypatch):
+def test_overwrite_is_atomic_old_readable_until_new_commits(tmp_path):
     import threading
 
-    import ckpt._attempt as attempt_mod
     from ckpt.storage import open_store
 
     url = tmp_path / "c"
     ckpt.save(url, {"x": np.full(50000, 1.0)})
     old_attempt = ckpt.metadata(url).attempt
     reached, release = threading.Event(), threading.Event()
-    real = attempt_mod.commit
 
-    def paused_commit(*args, **kwargs):
-        reached.set()
-        release.wait()
-        return real(*args, **kwargs)
+    def pause_commit(doing, key, args):
+        if doing == "writing" and key.endswith("/manifest.msgpack"):  # commit's first write
+            reached.set()
+            release.wait()
 
-    monkeypatch.setattr(attempt_mod, "commit", paused_commit)
-    handle = ckpt.save_async(url, {"x": np.full(50000, 2.0)}, overwrite=True)
+    paused = FaultyStore(url, before=pause_commit)
+    handle = ckpt.save_async(paused, {"x": np.full(50000, 2.0)}, overwrite=True)
     reached.wait()
     # The new data is written, its COMMIT not yet: readers still get the old checkpoint.
     assert (ckpt.restore(url)["x"] == 1.0).all()

@@ -11,6 +11,7 @@ from jax.sharding import PartitionSpec as P
 import ckpt
 from ckpt.errors import SaveError
 from ckpt.storage import open_store
+from tests.faults import FaultyStore, fail_background, is_background
 
 
 def _state(step, mesh):
@@ -64,20 +65,16 @@ def test_uncommitted_step_is_invisible_and_debris_removed_on_start(root_url, mes
     assert float(mgr.restore()["w"][0, 0]) == 1.0
 
 
-def test_one_save_in_flight_and_failed_save_surfaces_on_next(tmp_path, mesh24, monkeypatch):
-    import ckpt._save as save_mod
+def test_one_save_in_flight_and_failed_save_surfaces_on_next(tmp_path, mesh24):
+    attempts = []
 
-    real = save_mod._write_chunks
-    calls = []
+    def flaky(doing, key, args):  # the second save fails before writing its chunks
+        if is_background(doing, key) and key.split("/")[0] not in attempts:
+            attempts.append(key.split("/")[0])
+            if len(attempts) == 2:
+                raise OSError(5, "injected I/O error")
 
-    def flaky(job):
-        calls.append(job.attempt)
-        if len(calls) == 2:
-            raise OSError(5, "injected I/O error")
-        return real(job)
-
-    monkeypatch.setattr(save_mod, "_write_chunks", flaky)
-    mgr = ckpt.CheckpointManager(tmp_path / "run")
+    mgr = ckpt.CheckpointManager(FaultyStore(tmp_path / "run", before=flaky))
     mgr.save(1, _state(1, mesh24))
     mgr.save(2, _state(2, mesh24))
     with pytest.raises(SaveError, match="injected I/O error"):
@@ -88,11 +85,9 @@ def test_one_save_in_flight_and_failed_save_surfaces_on_next(tmp_path, mesh24, m
     assert mgr.steps() == [1, 4]
 
 
-def test_wait_raises_failed_save(tmp_path, monkeypatch):
-    import ckpt._save as save_mod
-
-    monkeypatch.setattr(save_mod, "_write_chunks", lambda job: (_ for _ in ()).throw(OSError(5, "boom")))
-    mgr = ckpt.CheckpointManager(tmp_path / "run")
+def test_wait_raises_failed_save(tmp_path):
+    mgr = ckpt.CheckpointManager(FaultyStore(tmp_path / "run",
+                                             before=fail_background(OSError(5, "boom"))))
     mgr.save(1, {"x": np.ones(100000)})
     with pytest.raises(SaveError, match="boom"):
         mgr.wait()
@@ -129,11 +124,9 @@ def test_memory_backend_works_like_local(mesh24):
     mgr.close()
 
 
-def test_error_seen_through_handle_is_not_raised_again(tmp_path, monkeypatch):
-    import ckpt._save as save_mod
-
-    monkeypatch.setattr(save_mod, "_write_chunks", lambda job: (_ for _ in ()).throw(OSError(5, "boom")))
-    mgr = ckpt.CheckpointManager(tmp_path / "run")
+def test_error_seen_through_handle_is_not_raised_again(tmp_path):
+    mgr = ckpt.CheckpointManager(FaultyStore(tmp_path / "run",
+                                             before=fail_background(OSError(5, "boom"))))
     with pytest.raises(SaveError, match="boom"):
         mgr.save(1, {"x": np.ones(100000)}).wait()
     mgr.close()  # already reported: closing does not raise it a second time

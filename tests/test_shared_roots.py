@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 import ckpt
-import ckpt._commit as commit_mod
 import ckpt._housekeeping as housekeeping_mod
 import ckpt._manager as manager_mod
 from ckpt import cli
@@ -30,6 +29,7 @@ from ckpt.errors import (
 from ckpt.storage import open_store
 from tests.conftest import backend_url
 from tests.crash_state import host_state, make_state
+from tests.faults import FaultyStore, is_commit_claim
 
 CHILD = os.path.join(os.path.dirname(__file__), "shared_root_child.py")
 
@@ -158,27 +158,26 @@ def test_trainer_and_read_only_evaluator(run_root):
 # -- claims on every backend, in one process ------------------------------------------------
 
 class _Gate:
-    """Holds a save's committer just before (or after) its claim until released."""
+    """Holds a save's committer just before (or after) its commit claim until released:
+    `store` wraps the store that save is given."""
 
-    def __init__(self, monkeypatch, after):
+    def __init__(self, after):
         self.reached, self.release = threading.Event(), threading.Event()
-        self.real = real = commit_mod.claim_commit
+        self.after = after
 
-        def claim(store, attempt):
-            if after:
-                real(store, attempt)
+    def _hold(self, doing, key, args):
+        if is_commit_claim(doing, key, args):
             self.reached.set()
             assert self.release.wait(60)
-            if not after:
-                real(store, attempt)
 
-        monkeypatch.setattr(commit_mod, "claim_commit", claim)
+    def store(self, url):
+        return FaultyStore(url, **{"after" if self.after else "before": self._hold})
 
 
 def test_gc_on_one_checkpoint_url_during_a_save(root_url, monkeypatch, capsys):
     url = f"{root_url}/one"
-    gate = _Gate(monkeypatch, after=False)
-    handle = ckpt.save_async(url, {"x": np.arange(5000)})
+    gate = _Gate(after=False)
+    handle = ckpt.save_async(gate.store(url), {"x": np.arange(5000)})
     assert gate.reached.wait(60)
     assert cli.main(["gc", url, "--grace", "0"]) == 0
     assert "removing incomplete attempt attempt-" in capsys.readouterr().out
@@ -191,20 +190,15 @@ def test_gc_on_one_checkpoint_url_during_a_save(root_url, monkeypatch, capsys):
     assert "nothing to remove" in capsys.readouterr().out
 
 
-def test_interrupted_one_off_save_is_removed_by_gc(root_url, monkeypatch, capsys):
-    import ckpt._save as save_mod
-
+def test_interrupted_one_off_save_is_removed_by_gc(root_url, capsys):
     url = f"{root_url}/one"
 
-    real = save_mod._write_chunks
+    def interrupted(doing, key, args):  # the chunks are written, then Ctrl-C arrives
+        if doing == "writing" and "/hosts/" in key:
+            raise KeyboardInterrupt
 
-    def interrupted(job):
-        real(job)  # the chunks are written, then Ctrl-C arrives
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(save_mod, "_write_chunks", interrupted)
     with pytest.raises(ckpt.SaveError):
-        ckpt.save(url, {"x": np.arange(5000)})
+        ckpt.save(FaultyStore(url, before=interrupted), {"x": np.arange(5000)})
     assert open_store(url).list()  # debris: the attempt's arrays
     assert cli.main(["gc", url]) == 0  # default grace: a save may still be running
     assert "keeping 1 incomplete attempt" in capsys.readouterr().out
@@ -283,11 +277,10 @@ def test_rewind_past_a_paused_committer_keeps_its_step_hidden(root_url, monkeypa
     with ckpt.CheckpointManager(root_url) as mgr:
         for step in range(1, 4):
             mgr.save(step, _tree(step))
-    gate = _Gate(monkeypatch, after=True)
-    old = ckpt.CheckpointManager(root_url)
+    gate = _Gate(after=True)
+    old = ckpt.CheckpointManager(gate.store(root_url))
     handle = old.save(4, _tree(4))
     assert gate.reached.wait(60)
-    monkeypatch.setattr(commit_mod, "claim_commit", gate.real)
     other = ckpt.CheckpointManager(root_url)
     other.rewind(2)
     assert other.steps() == [1, 2]
@@ -391,10 +384,9 @@ def test_start_up_clean_up_never_removes_the_managers_own_new_save(tmp_path, mon
     save's attempt is kept; the debris is removed all the same (its writer, woken later,
     finds it removed)."""
     root = str(tmp_path / "run")
-    crashed = _Gate(monkeypatch, after=False)
-    handle = ckpt.save_async(f"{root}/0", _tree(0))
+    crashed = _Gate(after=False)
+    handle = ckpt.save_async(crashed.store(f"{root}/0"), _tree(0))
     assert crashed.reached.wait(60)  # a complete attempt, never claimed: the crash's debris
-    monkeypatch.setattr(commit_mod, "claim_commit", crashed.real)
     listing, go = threading.Event(), threading.Event()
     real_debris = housekeeping_mod.debris
 
@@ -404,8 +396,8 @@ def test_start_up_clean_up_never_removes_the_managers_own_new_save(tmp_path, mon
         return real_debris(store, **kw)
 
     monkeypatch.setattr(housekeeping_mod, "debris", slow_debris)
-    ours = _Gate(monkeypatch, after=False)
-    mgr = ckpt.CheckpointManager(root)
+    ours = _Gate(after=False)
+    mgr = ckpt.CheckpointManager(ours.store(root))
     assert listing.wait(60)  # the clean-up has listed step 0 and is about to list attempts
     new = mgr.save(0, _tree(100))
     assert ours.reached.wait(60)  # our attempt is written, not yet claimed

@@ -1,9 +1,12 @@
+import math
 import os
 import secrets
 
 import pytest
 
 from ckpt.storage import (
+    Deadline,
+    DeadlineStore,
     LocalStore,
     MemoryStore,
     ObjectNotFoundError,
@@ -11,6 +14,7 @@ from ckpt.storage import (
     open_store,
     parse_url,
 )
+from tests.faults import FaultyStore
 from tests.storage_conformance import StoreConformance
 
 
@@ -98,3 +102,45 @@ class TestGcsStore(StoreConformance):
         from tests.conftest import backend_url
 
         return open_store(backend_url(request, tmp_path, "gcs"))
+
+
+class TestDeadlineStore(StoreConformance):
+    """A wrapper store behaves as the store it wraps (here with a deadline far away)."""
+
+    @pytest.fixture
+    def store(self, tmp_path):
+        return DeadlineStore(open_store(str(tmp_path / "root")), Deadline(3600, "testing"))
+
+
+class TestCountingWrapper(StoreConformance):
+    @pytest.fixture
+    def store(self):
+        return FaultyStore(f"memory://test-{secrets.token_hex(4)}/root")
+
+
+def test_every_entry_point_takes_a_store_and_a_wrapper_sees_each_chunk_and_read(tmp_path):
+    """A `WrapperStore` given in place of a URL carries the whole save, restore, verify and
+    manager: its `_delegate` sees every object written, and its `wait` every chunk."""
+    import jax
+    import numpy as np
+
+    import ckpt
+    from ckpt._verify import verify
+
+    calls: list[tuple[str, str]] = []
+    seen = FaultyStore(tmp_path / "c", after=lambda doing, key, args: calls.append((doing, key)))
+    x = np.arange(4 * 2**20, dtype=np.float32).reshape(2048, 2048)  # 16 MiB: several chunks
+    ckpt.save(seen, {"x": x, "n": 3})
+    chunks = [c for c in calls if c[0] == "writing chunks"]
+    [leaf] = [leaf for leaf in ckpt.metadata(tmp_path / "c").leaves if leaf.keystr == "['x']"]
+    assert len(chunks) == math.prod(-(-n // c) for n, c in zip(x.shape, leaf.chunk_shape))
+    written = {key.split("/", 1)[1] for doing, key in calls if doing == "writing"}
+    assert {"hosts/0.msgpack", "manifest.msgpack"} <= written
+    assert any(doing == "creating" and key == "COMMIT" for doing, key in calls)
+    calls.clear()
+    out = ckpt.restore(seen)
+    assert np.array_equal(out["x"], x) and out["n"] == 3
+    assert ("reading", "COMMIT") in calls and verify(seen).ok
+    with ckpt.CheckpointManager(FaultyStore(tmp_path / "run")) as mgr:
+        mgr.save(1, {"x": jax.numpy.ones(8)}).wait()
+        assert mgr.latest_step() == 1 and mgr.restore()["x"].sum() == 8

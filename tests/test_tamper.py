@@ -244,20 +244,14 @@ def test_big_endian_numpy_leaves_round_trip(root_url):
     assert verify(url).ok
 
 
-def test_metadata_changed_after_save_async_returns_is_not_saved(tmp_path, monkeypatch):
-    import ckpt._commit as commit_mod
+def test_metadata_changed_after_save_async_returns_is_not_saved(tmp_path):
+    from tests.faults import FaultyStore, hold_background
 
     url = str(tmp_path / "m")
     meta = {"lr": 0.1, "tags": ["a"]}
     gate = __import__("threading").Event()
-    real = commit_mod.claim_commit
-
-    def held(store, attempt):
-        assert gate.wait(60)
-        real(store, attempt)
-
-    monkeypatch.setattr(commit_mod, "claim_commit", held)
-    handle = ckpt.save_async(url, {"x": np.arange(5)}, metadata=meta)
+    handle = ckpt.save_async(FaultyStore(url, before=hold_background(gate)), {"x": np.arange(5)},
+                             metadata=meta)
     meta["lr"] = 99.0
     meta["tags"].append("b")
     gate.set()

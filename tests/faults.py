@@ -1,0 +1,82 @@
+"""A store that injects faults or observes calls, for tests: the library's own seam
+(`ckpt.storage.WrapperStore`), passed to any entry point in place of a URL.
+
+``before(doing, key, args)`` runs before each call of the wrapped store and may block,
+raise, or return replacement ``args`` (to tamper with what is written); ``after(doing, key,
+args)`` runs once it returned. ``doing`` is the wrapper's word for the call (``reading``,
+``writing``, ``creating``, ``opening`` for an array's TensorStore spec, ``listing`` ...);
+TensorStore futures waited for through the store come with the waiter's words (``writing
+chunks`` for each chunk written) and an empty key.
+"""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from ckpt._claims import COMMITTING
+from ckpt._format import CLAIMS, decode_host_report, encode_host_report, unpack
+from ckpt.storage import StoreLike, WrapperStore, open_store
+
+Before = Callable[[str, str, tuple], "tuple | None"]
+After = Callable[[str, str, tuple], None]
+
+
+class FaultyStore(WrapperStore):
+    def __init__(self, inner: StoreLike, before: Before | None = None,
+                 after: After | None = None) -> None:
+        super().__init__(open_store(inner))
+        self.before, self.after = before, after
+
+    def _delegate(self, doing, key, fn, *args):
+        if self.before is not None:
+            replaced = self.before(doing, key, args)
+            args = replaced if isinstance(replaced, tuple) else args
+        result = fn(*args)
+        if self.after is not None:
+            self.after(doing, key, args)
+        return result
+
+    def wait(self, future, doing):
+        return self._delegate(doing, "", self.inner.wait, future, doing)
+
+
+def is_background(doing: str, key: str) -> bool:
+    """A step of a save's background part that comes before its chunks are written (an
+    array of the attempt being opened) or, for a save without array chunks, before its host
+    report is."""
+    return (doing == "opening" and "/arrays/" in key) or (doing == "writing"
+                                                          and "/hosts/" in key)
+
+
+def fail_background(error: BaseException) -> Before:
+    """Fails every save at its background part, before any chunk is written."""
+    def before(doing, key, args):
+        if is_background(doing, key):
+            raise error
+    return before
+
+
+def is_commit_claim(doing: str, key: str, args: tuple) -> bool:
+    """A committer's claim on its attempt, being created (a cleaner's claim is not one)."""
+    return (doing == "creating" and key.startswith(f"{CLAIMS}/")
+            and unpack(args[1], key).get("claim") == COMMITTING)
+
+
+def hold_background(gate: Any) -> Before:
+    """Holds every save at its background part, before any chunk is written, until ``gate``
+    (a `threading.Event`) is set."""
+    def before(doing, key, args):
+        if is_background(doing, key):
+            gate.wait()
+    return before
+
+
+def tamper_reports(change: Callable[[list], list]) -> Before:
+    """Rewrites the rows of each host report as it is written."""
+    def before(doing, key, args):
+        if doing == "writing" and "/hosts/" in key:
+            _, data = args
+            report = decode_host_report(data, key)
+            report = dataclasses.replace(report, chunks=change([list(r) for r in report.chunks]))
+            return key, encode_host_report(key.split("/")[0], report)
+    return before
