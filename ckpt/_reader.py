@@ -127,7 +127,8 @@ class Readable(abc.ABC):
         return ArrayReadJob(keystr(rec.path), self.array_spec(rec), self.context(), rec.shape,
                             rec.chunk_shape, dtype_from_name(rec.dtype, what), list(boxes),
                             list(rec.chunk_crc32c) or None,
-                            crc32c_in_chunk_tail=self._chunks_end_with_crc32c())
+                            crc32c_in_chunk_tail=self._chunks_end_with_crc32c(),
+                            store=self.store)
 
     def replacement(self) -> Readable | None:
         """After a read found damage: the checkpoint that replaced this one meanwhile (an

@@ -32,6 +32,7 @@ from ckpt.storage import (
     Deadline,
     DeadlineExceededError,
     StorageError,
+    Store,
     Window,
     tensorstore_code,
 )
@@ -68,6 +69,8 @@ class ArrayReadJob:
             little-endian C-order bytes (zarr v3, default key encoding, ``crc32c`` as the
             last codec, which TensorStore verifies on read): for a whole chunk that equals
             ``crc32c``'s entry, so a 4-byte read checks it without hashing the data again.
+        store: the store the array lives in; each chunk read is waited for through its
+            `Store.wait` (``reading chunk (i, j) of <name>``), so a wrapper store sees it.
     """
 
     name: str
@@ -79,6 +82,7 @@ class ArrayReadJob:
     targets: list[Box]
     crc32c: list[int] | None = None
     crc32c_in_chunk_tail: bool = False
+    store: Store | None = None
 
 
 ALIGNMENT = 64
@@ -165,8 +169,10 @@ def read_arrays(jobs: Sequence[ArrayReadJob], *, memory_budget: int | None = Non
     plans = [plan_reads(job.shape, job.chunk_shape, job.targets) for job in jobs]
 
     def land(j: int, cr: ChunkRead, tail: Any, fut: Any) -> None:
+        store = jobs[j].store
         try:
-            result = fut.result()
+            result = fut.result() if store is None else \
+                store.wait(fut, f"reading chunk {tuple(cr.coord)} of {jobs[j].name}")
             stored = _wait(tail, deadline, "reading chunk checksums") if tail is not None \
                 else None
         except DeadlineExceededError:

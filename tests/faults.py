@@ -80,3 +80,21 @@ def tamper_reports(change: Callable[[list], list]) -> Before:
             report = dataclasses.replace(report, chunks=change([list(r) for r in report.chunks]))
             return key, encode_host_report(key.split("/")[0], report)
     return before
+
+
+class ChunkReads:
+    """Records every chunk a restore reads through the store it wraps: ``reads[leaf]`` is
+    the list of chunk grid coordinates read of that leaf (its key path, e.g.
+    ``['params']['w']``), in the order they landed."""
+
+    def __init__(self) -> None:
+        self.reads: dict[str, list[tuple[int, ...]]] = {}
+
+    def _after(self, doing, key, args):
+        if doing.startswith("reading chunk ("):
+            coord, _, leaf = doing[len("reading chunk "):].partition(") of ")
+            self.reads.setdefault(leaf, []).append(
+                tuple(int(i) for i in coord.strip("(").split(",") if i.strip()))
+
+    def store(self, url: StoreLike) -> FaultyStore:
+        return FaultyStore(url, after=self._after)

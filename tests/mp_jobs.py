@@ -68,48 +68,37 @@ def save(url, step, mesh_shape):
 
 def restore_on(url, step, mesh_shape):
     """Restores onto ``mesh_shape`` with the saved specs; counts the chunk bytes read."""
-    import ckpt.restore._read as rr
+    from ckpt.restore.boxes import box_size, chunk_box
+    from tests.faults import ChunkReads
 
-    read = [0]
-    real = rr.plan_reads
-
-    def counting(shape, chunk_shape, targets):
-        plan = real(shape, chunk_shape, targets)
-        itemsize = 4
-        read[0] += sum(int(np.prod([b - a for a, b in r.box])) * itemsize for r in plan)
-        return plan
-
-    rr.plan_reads = counting
-    out = ckpt.restore(url, mesh=mesh_of(tuple(mesh_shape)))
+    seen = ChunkReads()
+    out = ckpt.restore(seen.store(url), mesh=mesh_of(tuple(mesh_shape)))
+    layout = {leaf.keystr: leaf for leaf in ckpt.metadata(url).leaves}
+    read = [sum(box_size(chunk_box(c, layout[name].chunk_shape, layout[name].shape))
+                * jax.numpy.dtype(layout[name].dtype).itemsize for c in coords)
+            for name, coords in seen.reads.items()]
     exact(out, step)
     # Bytes of the distinct boxes this process's devices hold (replicas counted once).
     needed = sum(sum({str(s.index): s.data.nbytes for s in out[k].addressable_shards}.values())
                  for k in SPECS)
-    return {"read": read[0], "needed": needed}
+    return {"read": sum(read), "needed": needed}
 
 
 def save_then_kill(url, step, mesh_shape, victim, point):
     """Saves ``step``; process ``victim`` SIGKILLs itself at ``point`` (or the parent kills)."""
-    from ckpt.storage import LocalStore
+    from tests.faults import FaultyStore
 
-    me = jax.process_index()
-    if me == victim and point != "parent":
-        real_write, real_create = LocalStore._write, LocalStore._write_if_absent
+    def before(doing, key, args):
+        if doing == "creating" and point == "before_commit":
+            os.kill(os.getpid(), signal.SIGKILL)
 
-        def write(self, key, data):
-            real_write(self, key, data)
-            if key.endswith(point):
-                os.kill(os.getpid(), signal.SIGKILL)
+    def after(doing, key, args):
+        if (doing == "writing" and key.endswith(point)) or (
+                doing == "creating" and point == "after_commit" and key.endswith("COMMIT")):
+            os.kill(os.getpid(), signal.SIGKILL)
 
-        def create(self, key, data):
-            if point == "before_commit":
-                os.kill(os.getpid(), signal.SIGKILL)
-            created = real_create(self, key, data)
-            if point == "after_commit" and key.endswith("COMMIT"):
-                os.kill(os.getpid(), signal.SIGKILL)
-            return created
-
-        LocalStore._write, LocalStore._write_if_absent = write, create
+    if jax.process_index() == victim and point != "parent":
+        url = FaultyStore(url, before=before, after=after)
     mgr = ckpt.CheckpointManager(url, keep_last=None)
     tree = device_tree(step, tuple(mesh_shape))
     print("SAVING", flush=True)

@@ -109,7 +109,7 @@ def test_verify_names_each_bad_chunk(saved, capsys, how):
 @pytest.mark.parametrize("src_backend, dst_backend", [("local", "local"), ("local", "memory"),
                                                       ("s3", "gcs")])
 def test_reshard_to_new_mesh_restores_reading_each_chunk_once(
-        request, tmp_path, saved, src_backend, dst_backend, monkeypatch):
+        request, tmp_path, saved, src_backend, dst_backend):
     url, host = saved
     if src_backend != "local":
         src = backend_url(request, tmp_path, src_backend) + "/4"
@@ -118,24 +118,26 @@ def test_reshard_to_new_mesh_restores_reading_each_chunk_once(
     dst = backend_url(request, tmp_path, dst_backend) + "/new"
     assert main(["reshard", "-q", url, dst, "--mesh", "data=4,model=2",
                  "--spec", "params/w=model,data"]) == 0
-    import ckpt.restore._read as rr
+    from tests.faults import ChunkReads
 
-    reads = []
-    real = rr.plan_reads
-    monkeypatch.setattr(rr, "plan_reads",
-                        lambda *a: reads.append((a[2], real(*a))) or reads[-1][1])
+    seen = ChunkReads()
     mesh = make_mesh((4, 2))
-    out = ckpt.restore(dst, mesh=mesh)
+    out = ckpt.restore(seen.store(dst), mesh=mesh)
     assert out["params"]["w"].sharding.spec == P("model", "data")
     assert out["params"]["e"].sharding.spec == P("model")
     for k, v in host.items():
         assert np.asarray(out["params"][k]).tobytes() == v.tobytes()
     assert out["step"] == 4
-    for (targets, plan), leaf in zip(reads, ("w", "e")):
-        coords = [r.coord for r in plan]
+    from ckpt.restore.boxes import box_of_index, chunk_box
+
+    layout = {leaf.keystr: leaf for leaf in ckpt.metadata(dst).leaves}
+    for leaf in ("w", "e"):
+        name, arr = f"['params']['{leaf}']", out["params"][leaf]
+        coords = seen.reads[name]
         assert len(coords) == len(set(coords))  # each chunk read exactly once
-        # Each chunk is one device's shard, whole.
-        assert all(len(r.pieces) == 1 and targets[r.pieces[0].target] == r.box for r in plan)
+        # Each chunk is one device's shard, whole: the chunks read are the shards' boxes.
+        shards = {box_of_index(s.index, arr.shape) for s in arr.addressable_shards}
+        assert {chunk_box(c, layout[name].chunk_shape, arr.shape) for c in coords} == shards
 
 
 def test_reshard_memory_stays_within_budget(tmp_path):
