@@ -1,7 +1,9 @@
 """A store that injects faults or observes calls, for tests: the library's own seam
 (`ckpt.storage.WrapperStore`), passed to any entry point in place of a URL.
 
-``before(doing, key, args)`` runs before each call of the wrapped store and may block,
+``before(doing, key, args)`` runs before each call of the wrapped store (``key`` relative
+to the root the wrapper was made for, also in the stores below it: ``2/COMMIT`` for step 2
+of a manager's root) and may block,
 raise, or return replacement ``args`` (to tamper with what is written); ``after(doing, key,
 args)`` runs once it returned. ``doing`` is the wrapper's word for the call (``reading``,
 ``writing``, ``creating``, ``opening`` for an array's TensorStore spec, ``listing`` ...);
@@ -26,8 +28,15 @@ class FaultyStore(WrapperStore):
                  after: After | None = None) -> None:
         super().__init__(open_store(inner))
         self.before, self.after = before, after
+        self.prefix = ""
+
+    def child(self, prefix):
+        wrapped = super().child(prefix)
+        wrapped.prefix = f"{self.prefix}{prefix.strip('/')}/"
+        return wrapped
 
     def _delegate(self, doing, key, fn, *args):
+        key = f"{self.prefix}{key}" if key else self.prefix.rstrip("/")
         if self.before is not None:
             replaced = self.before(doing, key, args)
             args = replaced if isinstance(replaced, tuple) else args
@@ -58,7 +67,7 @@ def fail_background(error: BaseException) -> Before:
 
 def is_commit_claim(doing: str, key: str, args: tuple) -> bool:
     """A committer's claim on its attempt, being created (a cleaner's claim is not one)."""
-    return (doing == "creating" and key.startswith(f"{CLAIMS}/")
+    return (doing == "creating" and f"/{CLAIMS}/" in f"/{key}"
             and unpack(args[1], key).get("claim") == COMMITTING)
 
 
@@ -78,7 +87,8 @@ def tamper_reports(change: Callable[[list], list]) -> Before:
             _, data = args
             report = decode_host_report(data, key)
             report = dataclasses.replace(report, chunks=change([list(r) for r in report.chunks]))
-            return key, encode_host_report(key.split("/")[0], report)
+            attempt = next(p for p in key.split("/") if p.startswith("attempt-"))
+            return args[0], encode_host_report(attempt, report)
     return before
 
 

@@ -6,27 +6,23 @@ import time
 import numpy as np
 
 import ckpt
-from ckpt.storage._local import LocalStore
+from tests.faults import FaultyStore
 
 
-def test_an_overwrite_whose_commit_write_outlasts_the_deadline_is_finished(tmp_path,
-                                                                          monkeypatch):
+def test_an_overwrite_whose_commit_write_outlasts_the_deadline_is_finished(tmp_path):
     """The overwrite's COMMIT write is slower than ``timeout_s``. Abandoned, it could land
     after the next save and bring the older checkpoint back; it must run to its end."""
     url = str(tmp_path / "ck")
     ckpt.save(url, {"v": np.zeros(4)})
-    real = LocalStore._write
     started = {}
 
-    def slow(self, key, data):
-        if key == "COMMIT" and "t0" in started:
+    def slow(doing, key, args):
+        if doing == "writing" and key == "COMMIT" and "t0" in started:
             while time.monotonic() < started["t0"] + 1.5:  # past the save's deadline
                 threading.Event().wait(0.05)
-        return real(self, key, data)
 
-    monkeypatch.setattr(LocalStore, "_write", slow)
     started["t0"] = time.monotonic()
-    ckpt.save(url, {"v": np.ones(4)}, timeout_s=1, overwrite=True)
+    ckpt.save(FaultyStore(url, before=slow), {"v": np.ones(4)}, timeout_s=1, overwrite=True)
     assert ckpt.restore(url)["v"].tolist() == [1.0] * 4
     started.clear()
     ckpt.save(url, {"v": np.full(4, 2.0)}, overwrite=True)

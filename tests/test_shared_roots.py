@@ -15,8 +15,6 @@ import numpy as np
 import pytest
 
 import ckpt
-import ckpt._housekeeping as housekeeping_mod
-import ckpt._manager as manager_mod
 from ckpt import cli
 from ckpt.errors import (
     AttemptRemovedError,
@@ -242,27 +240,22 @@ def test_loss_spike_rewind(root_url):
     again.close()
 
 
-def test_interrupted_rewind_is_finished_by_the_next_manager(root_url, monkeypatch):
+def test_interrupted_rewind_is_finished_by_the_next_manager(root_url):
     with ckpt.CheckpointManager(root_url) as mgr:
         for step in range(1, 5):
             mgr.save(step, _tree(step))
-    real, calls = housekeeping_mod.delete_checkpoint, []
 
-    def crash(store, **kw):
-        calls.append(1)
-        if len(calls) == 2:  # step 4 is gone, step 3 is not: the job dies here
+    def crash(doing, key, args):
+        if doing == "deleting" and key.startswith("3/"):  # step 4 is gone, 3 is not: it dies
             raise StorageError(5, "the job died here")
-        return real(store, **kw)
 
-    monkeypatch.setattr(housekeeping_mod, "delete_checkpoint", crash)
-    mgr = ckpt.CheckpointManager(root_url)
+    mgr = ckpt.CheckpointManager(FaultyStore(root_url, before=crash))
     with pytest.raises(StorageError):
         mgr.rewind(2)
     mgr.close()
     # The record is written: listings already leave the abandoned step 3 out.
     assert ckpt.CheckpointManager(root_url, read_only=True).steps() == [1, 2]
     assert "3" in open_store(root_url).list_children()
-    monkeypatch.setattr(housekeeping_mod, "delete_checkpoint", real)
     with ckpt.CheckpointManager(root_url) as mgr:
         assert mgr.steps() == [1, 2]
         mgr.save(3, _tree(33))
@@ -298,27 +291,24 @@ def test_rewind_past_a_paused_committer_keeps_its_step_hidden(root_url, monkeypa
     assert not open_store(root_url).exists("REWIND")
 
 
-def test_a_commit_recreated_by_a_late_retry_after_a_delete_is_undone(root_url, monkeypatch):
+def test_a_commit_recreated_by_a_late_retry_after_a_delete_is_undone(root_url):
     """The server applies the create of COMMIT but its answer is lost; the committer pauses;
     the step is deleted meanwhile; the client's retry then creates COMMIT again. The
     committer finds its claim gone, removes that COMMIT and fails loudly."""
-    from ckpt.storage._base import Store
-
     with ckpt.CheckpointManager(root_url) as mgr:
         mgr.save(1, _tree(1))
-    real = Store.write_if_absent
     reached, release = threading.Event(), threading.Event()
 
-    def lost_answer_then_retry(self, key, data):
-        if key != "COMMIT" or reached.is_set():
-            return real(self, key, data)
-        assert real(self, key, data)  # applied; the answer never arrives
-        reached.set()
-        assert release.wait(60)
-        return real(self, key, data)  # the retry, after the delete below
+    class LostAnswer(FaultyStore):
+        def _delegate(self, doing, key, fn, *args):
+            if doing != "creating" or not key.endswith("COMMIT") or reached.is_set():
+                return super()._delegate(doing, key, fn, *args)
+            assert fn(*args)  # applied; the answer never arrives
+            reached.set()
+            assert release.wait(60)
+            return fn(*args)  # the retry, after the delete below
 
-    monkeypatch.setattr(Store, "write_if_absent", lost_answer_then_retry)
-    writer = ckpt.CheckpointManager(root_url)
+    writer = ckpt.CheckpointManager(LostAnswer(root_url))
     handle = writer.save(2, _tree(2))
     assert reached.wait(60)
     other = ckpt.CheckpointManager(root_url)
@@ -353,23 +343,22 @@ def test_keep_best_ignores_nan_and_refused_saves(tmp_path):
         assert mgr.steps() == [3, 6]
 
 
-def test_keep_best_skips_retention_when_a_metric_cannot_be_read(tmp_path, monkeypatch, caplog):
+def test_keep_best_skips_retention_when_a_metric_cannot_be_read(tmp_path, caplog):
     """A restarted manager reads the best step's metric from its manifest; if that read
     fails now, retention waits for the next commit instead of deleting the best step."""
     root = str(tmp_path / "run")
     with ckpt.CheckpointManager(root, keep_last=1, keep_best=1, best_metric="loss") as mgr:
         mgr.save(1, _tree(1), metrics={"loss": 0.1})
         mgr.save(2, _tree(2), metrics={"loss": 0.9})
-    real, fail = manager_mod.open_checkpoint, [True]
+    fail = [True]
 
-    def flaky(store):
-        if fail[0] and store.url.endswith("/1"):
+    def flaky(doing, key, args):  # the best step's manifest cannot be read, once
+        if fail[0] and doing == "reading" and key.startswith("1/attempt-"):
             fail[0] = False
             raise StorageError(5, "503 from the server, once")
-        return real(store)
 
-    monkeypatch.setattr(manager_mod, "open_checkpoint", flaky)
-    with ckpt.CheckpointManager(root, keep_last=1, keep_best=1, best_metric="loss") as mgr:
+    with ckpt.CheckpointManager(FaultyStore(root, before=flaky), keep_last=1, keep_best=1,
+                                best_metric="loss") as mgr:
         with caplog.at_level(logging.ERROR, logger="ckpt"):
             mgr.save(3, _tree(3), metrics={"loss": 0.5}).wait()
         assert "housekeeping failed" in caplog.text and not fail[0]
@@ -388,16 +377,14 @@ def test_start_up_clean_up_never_removes_the_managers_own_new_save(tmp_path, mon
     handle = ckpt.save_async(crashed.store(f"{root}/0"), _tree(0))
     assert crashed.reached.wait(60)  # a complete attempt, never claimed: the crash's debris
     listing, go = threading.Event(), threading.Event()
-    real_debris = housekeeping_mod.debris
 
-    def slow_debris(store, **kw):
-        listing.set()
-        assert go.wait(60)
-        return real_debris(store, **kw)
+    def slow_listing(doing, key, args):  # the clean-up, about to list step 0's attempts
+        if doing == "listing" and key == "0" and not listing.is_set():
+            listing.set()
+            assert go.wait(60)
 
-    monkeypatch.setattr(housekeeping_mod, "debris", slow_debris)
     ours = _Gate(after=False)
-    mgr = ckpt.CheckpointManager(ours.store(root))
+    mgr = ckpt.CheckpointManager(FaultyStore(ours.store(root), before=slow_listing))
     assert listing.wait(60)  # the clean-up has listed step 0 and is about to list attempts
     new = mgr.save(0, _tree(100))
     assert ours.reached.wait(60)  # our attempt is written, not yet claimed
@@ -413,18 +400,16 @@ def test_start_up_clean_up_never_removes_the_managers_own_new_save(tmp_path, mon
         handle.wait()
 
 
-def test_retention_failure_does_not_fail_the_committed_save(tmp_path, monkeypatch, caplog):
+def test_retention_failure_does_not_fail_the_committed_save(tmp_path, caplog):
     root = str(tmp_path / "run")
-    real, fail = manager_mod.delete_checkpoint, [True]
+    fail = [True]
 
-    def flaky(store):
-        if fail[0]:
+    def flaky(doing, key, args):
+        if fail[0] and doing == "deleting" and key.startswith("1/"):
             fail[0] = False
             raise StorageError(5, "delete refused")
-        real(store)
 
-    monkeypatch.setattr(manager_mod, "delete_checkpoint", flaky)
-    with ckpt.CheckpointManager(root, keep_last=1) as mgr:
+    with ckpt.CheckpointManager(FaultyStore(root, before=flaky), keep_last=1) as mgr:
         mgr.save(1, _tree(1)).wait()
         with caplog.at_level(logging.ERROR, logger="ckpt"):
             mgr.save(2, _tree(2)).wait()  # committed; retention of step 1 fails
