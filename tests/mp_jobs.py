@@ -246,23 +246,24 @@ def restore_while_overwritten(url):
     import subprocess
     import sys
 
-    import ckpt._restore as restore_mod
+    from tests.faults import FaultyStore
 
+    source = url
     if jax.process_index() == 0:
-        real = restore_mod.read_arrays
+        done = []
 
-        def overwritten_first(jobs, **kw):
-            restore_mod.read_arrays = real
-            code = ("import sys, numpy as np, ckpt; "
-                    "ckpt.save(sys.argv[1], {'w': np.full(50_000, 2.0, np.float32)}, "
-                    "overwrite=True)")
-            subprocess.run([sys.executable, "-c", code, url], check=True,
-                           env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
-            return real(jobs, **kw)
+        def overwritten_first(doing, key, args):  # the manifest is read, no chunk yet
+            if doing == "opening" and "/arrays/" in key and not done:
+                done.append(key)
+                code = ("import sys, numpy as np, ckpt; "
+                        "ckpt.save(sys.argv[1], {'w': np.full(50_000, 2.0, np.float32)}, "
+                        "overwrite=True)")
+                subprocess.run([sys.executable, "-c", code, url], check=True,
+                               env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
 
-        restore_mod.read_arrays = overwritten_first
+        source = FaultyStore(url, before=overwritten_first)
     try:
-        out = ckpt.restore(url)
+        out = ckpt.restore(source)
         return {"error": None, "w": float(np.asarray(out["w"])[0])}
     except ckpt.CkptError as exc:
         return {"error": str(exc), "type": type(exc).__name__}

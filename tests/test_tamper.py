@@ -356,26 +356,25 @@ def test_commit_linked_to_dev_zero_is_refused(tmp_path, mesh24):
         ckpt.restore(url)
 
 
-def test_a_restore_during_an_overwrite_gets_one_checkpoint_whole(root_url, monkeypatch):
+def test_a_restore_during_an_overwrite_gets_one_checkpoint_whole(root_url):
     """The overwrite commits and deletes the old attempt after the reader opened the old
     manifest and before it read a chunk: the reader gets the new checkpoint, whole."""
-    import ckpt._restore as restore_mod
+    from tests.faults import FaultyStore
 
     url = f"{root_url}/ow"
     old = {"w": np.full(20_000, 1.0, np.float32), "n": 1}
     new = {"w": np.full(20_000, 2.0, np.float32), "n": 2}
     ckpt.save(url, old)
-    real, calls = restore_mod.read_arrays, []
+    opened = []  # the attempts whose arrays the reader opened
 
-    def overwritten_first(jobs, **kw):
-        if not calls:
-            ckpt.save(url, new, overwrite=True)
-        calls.append(1)
-        return real(jobs, **kw)
+    def overwritten_first(doing, key, args):
+        if doing == "opening" and "/arrays/" in key:
+            if not opened:
+                ckpt.save(url, new, overwrite=True)
+            opened.append(key.split("/")[0])
 
-    monkeypatch.setattr(restore_mod, "read_arrays", overwritten_first)
-    out = ckpt.restore(url)
-    assert len(calls) == 2 and out["n"] == 2 and np.all(out["w"] == 2.0)
+    out = ckpt.restore(FaultyStore(url, before=overwritten_first))
+    assert len(set(opened)) == 2 and out["n"] == 2 and np.all(out["w"] == 2.0)
     # Damage that no overwrite explains is still reported, not retried forever.
     store = open_store(url)
     chunk = next(k for k in store.list() if "/arrays/w/c/" in k)
