@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -93,13 +94,30 @@ def _loose(path: KeyPath) -> KeyPath:
     return tuple(("index", v) if k == "index" else ("key", str(v)) for k, v in path)
 
 
-def _match(manifest: Manifest, target: Any, mesh: Any, what: str) -> tuple[list[_Want], Any]:
-    """Pairs target leaves with saved leaves; raises listing every mismatch at once.
+class _Mismatches:
+    """What is wrong between a target and a checkpoint, by kind, reported all at once."""
 
-    A target path matches the saved leaf with the same path; failing that, the one saved
-    leaf it equals under `_loose` (Orbax, and checkpoints converted from Orbax, record
-    namedtuple fields and integer dict keys as string dict keys).
-    """
+    _KINDS = ((TargetMismatchError, "kind"), (ShapeMismatchError, "shape"),
+              (DtypeMismatchError, "dtype"), (MeshMismatchError, "mesh"))
+
+    def __init__(self) -> None:
+        self.found: dict[str, list[str]] = {title: [] for _, title in self._KINDS}
+
+    def add(self, title: str, error: str | None) -> None:
+        if error:
+            self.found[title].append(error)
+
+    def raise_any(self, what: str) -> None:
+        for cls, title in self._KINDS:
+            if self.found[title]:
+                raise cls(f"target {title} mismatch against {what}: "
+                          + "; ".join(self.found[title]))
+
+
+def _saved_leaves(manifest: Manifest) -> Callable[[KeyPath], LeafRecord | None]:
+    """Finds the saved leaf of a target path: the same path, else the one saved leaf equal
+    to it under `_loose` (Orbax, and checkpoints converted from Orbax, record namedtuple
+    fields and integer dict keys as string dict keys)."""
     by_path: dict[KeyPath, LeafRecord] = {rec.path: rec for rec in manifest.leaves}
     by_loose: dict[KeyPath, list[LeafRecord]] = {}
     for rec in manifest.leaves:
@@ -111,8 +129,80 @@ def _match(manifest: Manifest, target: Any, mesh: Any, what: str) -> tuple[list[
             found = by_loose[_loose(path)][0]
         return found
 
+    return lookup
+
+
+def _is_array_like(t: Any) -> bool:
+    return hasattr(t, "shape") and hasattr(t, "dtype")
+
+
+def _want_value(want: _Want, path: KeyPath, t: Any, what: str, bad: _Mismatches) -> None:
+    """A saved value or None, against its target (which may ask for a 0-d array)."""
+    rec = want.record
+    if t is None or not _is_array_like(t):
+        return
+    if rec.kind == LeafKind.VALUE and rec.vtype in _NUMBERS and tuple(t.shape) == ():
+        # A Python number under a 0-d array target (what `jax.eval_shape` makes of a step
+        # counter) restores as that array.
+        want.dtype = np.dtype(t.dtype)
+        value = decode_value(rec, f"{what} leaf {keystr(path)}")
+        bad.add("dtype", _cast_check(rec, np.asarray(value).dtype, want.dtype))
+        _target_placement(want, t)
+    else:
+        bad.add("kind", f"{keystr(path)}: saved a {rec.kind}, target is an array")
+
+
+def _want_as_saved(want: _Want, mesh: Any, bad: _Mismatches) -> None:
+    """A saved array with no target leaf: as saved, onto ``mesh`` with its saved spec."""
+    rec = want.record
+    if mesh is None or rec.source != "jax":
+        return
+    sharding, err = _spec_sharding(rec, mesh)
+    bad.add("mesh", err)
+    if err:
+        return
+    if rec.prng_impl:
+        want.key, want.key_sharding = True, sharding
+    else:
+        want.sharding = sharding
+
+
+def _want_key(want: _Want, path: KeyPath, t: Any, bad: _Mismatches) -> None:
+    """A typed PRNG key target: the saved key data, with the saved implementation."""
+    rec = want.record
+    key_shape = rec.shape[:len(t.shape)]
+    if not rec.prng_impl:
+        bad.add("kind", f"{keystr(path)}: target is a PRNG key, saved {rec.dtype}")
+    elif tuple(t.shape) != key_shape:
+        bad.add("shape", f"{keystr(path)}: saved keys {list(key_shape)}, target "
+                         f"{list(t.shape)}")
+    want.key, want.key_sharding = True, getattr(t, "sharding", None)
+
+
+def _want_array(want: _Want, path: KeyPath, t: Any, saved: np.dtype[Any], mesh: Any,
+                bad: _Mismatches) -> None:
+    """A saved array against an array target: its shape, dtype (cast) and placement."""
+    rec = want.record
+    if not _is_array_like(t):
+        bad.add("kind", f"{keystr(path)}: saved an array, target is {type(t).__name__}")
+        return
+    if tuple(t.shape) != rec.shape:
+        bad.add("shape", f"{keystr(path)}: saved {list(rec.shape)}, target {list(t.shape)}")
+    want.dtype = np.dtype(t.dtype)
+    bad.add("dtype", _cast_check(rec, saved, want.dtype))
+    want.sharding = getattr(t, "sharding", None)
+    if want.sharding is None and mesh is not None and rec.source == "jax":
+        want.sharding, err = _spec_sharding(rec, mesh)
+        bad.add("mesh", err)
+    _target_placement(want, t)
+
+
+def _match(manifest: Manifest, target: Any, mesh: Any, what: str) -> tuple[list[_Want], Any]:
+    """Pairs target leaves with saved leaves (`_saved_leaves`) and says how each is
+    restored; raises listing every mismatch at once."""
+    lookup = _saved_leaves(manifest)
     if target is None:
-        pairs = [(rec.path, None) for rec in manifest.leaves]
+        pairs: list[tuple[KeyPath, Any]] = [(rec.path, None) for rec in manifest.leaves]
         treedef = None
     else:
         pairs, treedef = flatten(target)
@@ -121,73 +211,22 @@ def _match(manifest: Manifest, target: Any, mesh: Any, what: str) -> tuple[list[
     if missing:
         raise MissingLeafError(f"target leaves absent from {what}: {', '.join(missing)}")
     wants: list[_Want] = []
-    shape_errors: list[str] = []
-    dtype_errors: list[str] = []
-    mesh_errors: list[str] = []
-    kind_errors: list[str] = []
-    for (path, t), found in zip(pairs, records):
-        assert found is not None
-        rec = found
+    bad = _Mismatches()
+    for (path, t), rec in zip(pairs, records):
+        assert rec is not None
         want = _Want(rec)
         wants.append(want)
         if rec.kind in (LeafKind.VALUE, LeafKind.NONE):
-            if t is None or not (hasattr(t, "shape") and hasattr(t, "dtype")):
-                continue
-            if rec.kind == LeafKind.VALUE and rec.vtype in _NUMBERS and tuple(t.shape) == ():
-                # A Python number under a 0-d array target (what `jax.eval_shape` makes of a
-                # step counter) restores as that array.
-                want.dtype = np.dtype(t.dtype)
-                value = decode_value(rec, f"{what} leaf {keystr(path)}")
-                err = _cast_check(rec, np.asarray(value).dtype, want.dtype)
-                if err:
-                    dtype_errors.append(err)
-                _target_placement(want, t)
-            else:
-                kind_errors.append(f"{keystr(path)}: saved a {rec.kind}, target is an array")
+            _want_value(want, path, t, what, bad)
             continue
         saved = dtype_from_name(rec.dtype, f"{what} leaf {keystr(path)}")
         if t is None:
-            if mesh is not None and rec.source == "jax":
-                sharding, err = _spec_sharding(rec, mesh)
-                if err:
-                    mesh_errors.append(err)
-                elif rec.prng_impl:
-                    want.key, want.key_sharding = True, sharding
-                else:
-                    want.sharding = sharding
-            continue
-        if is_typed_key(t):
-            key_shape = rec.shape[:len(t.shape)]
-            if not rec.prng_impl:
-                kind_errors.append(f"{keystr(path)}: target is a PRNG key, saved {rec.dtype}")
-            elif tuple(t.shape) != key_shape:
-                shape_errors.append(f"{keystr(path)}: saved keys {list(key_shape)}, target "
-                                    f"{list(t.shape)}")
-            want.key, want.key_sharding = True, getattr(t, "sharding", None)
-            continue
-        if not (hasattr(t, "shape") and hasattr(t, "dtype")):
-            kind_errors.append(f"{keystr(path)}: saved an array, target is "
-                               f"{type(t).__name__}")
-            continue
-        if tuple(t.shape) != rec.shape:
-            shape_errors.append(f"{keystr(path)}: saved {list(rec.shape)}, target "
-                                f"{list(t.shape)}")
-        want.dtype = np.dtype(t.dtype)
-        err = _cast_check(rec, saved, want.dtype)
-        if err:
-            dtype_errors.append(err)
-        want.sharding = getattr(t, "sharding", None)
-        if want.sharding is None and mesh is not None and rec.source == "jax":
-            want.sharding, err = _spec_sharding(rec, mesh)
-            if err:
-                mesh_errors.append(err)
-        _target_placement(want, t)
-    for errors, cls, title in ((kind_errors, TargetMismatchError, "kind"),
-                               (shape_errors, ShapeMismatchError, "shape"),
-                               (dtype_errors, DtypeMismatchError, "dtype"),
-                               (mesh_errors, MeshMismatchError, "mesh")):
-        if errors:
-            raise cls(f"target {title} mismatch against {what}: " + "; ".join(errors))
+            _want_as_saved(want, mesh, bad)
+        elif is_typed_key(t):
+            _want_key(want, path, t, bad)
+        else:
+            _want_array(want, path, t, saved, mesh, bad)
+    bad.raise_any(what)
     return wants, treedef
 
 

@@ -282,6 +282,72 @@ def _snapshot(leaves: list[Any], plans: dict[int, ArrayPlan]) -> list[_ChunkWrit
     return writes
 
 
+def _classify(tree: Any, process_count: int) -> tuple[list[LeafRecord], list[Any]]:
+    """The tree's leaf records (`classify`) and the leaves to save, typed PRNG keys as
+    their key data. Raises `UnsupportedLeafError` for two leaves that map to one array."""
+    pairs, _ = flatten(tree)
+    records = [classify(path, leaf, process_count) for path, leaf in pairs]
+    leaves = [jax.random.key_data(leaf) if is_typed_key(leaf) else leaf for _, leaf in pairs]
+    names: dict[str, LeafRecord] = {}
+    for rec in records:
+        if rec.kind == LeafKind.ARRAY:
+            other = names.setdefault(rec.name, rec)
+            if other is not rec:
+                raise UnsupportedLeafError(
+                    f"leaves {keystr(other.path)} and {keystr(rec.path)} map to the same "
+                    f"array name {rec.name!r}")
+    return records, leaves
+
+
+def _agree_on_attempt(store: Store, coord: _coord.Coordinator, seq: int, timeout_s: float, *,
+                      overwrite: bool, refuse: Callable[[], CkptError | None] | None,
+                      on_attempt: Callable[[str], None] | None) -> str:
+    """The attempt id every process of save ``seq`` writes under, drawn by process 0.
+
+    Every reason not to save is decided by process 0 and sent to all processes in place of
+    the id, so that no process waits for a save process 0 refused: each raises it.
+    """
+    proposal = None
+    refusal: CkptError | None = None
+    if coord.process_index == 0:
+        try:
+            store.verify_access()
+            refusal = refuse() if refuse is not None else None
+            if refusal is None:
+                refusal = refusal_if_committed(store, overwrite=overwrite,
+                                               how="pass overwrite=True")
+        except CkptError as exc:
+            refusal = exc
+        proposal = (new_attempt_id() if refusal is None
+                    else f"{_REFUSED}{type(refusal).__name__}:{refusal}")
+        if refusal is None and on_attempt is not None:
+            on_attempt(proposal)  # before any process can write under it
+    attempt: str = coord.broadcast(f"save/{seq}/attempt", proposal, timeout_s)
+    if refusal is not None:
+        raise refusal
+    if attempt.startswith(_REFUSED):
+        name, _, message = attempt[len(_REFUSED):].partition(":")
+        cls = getattr(_errors, name, None)
+        raise (cls if isinstance(cls, type) and issubclass(cls, CkptError) else CkptError)(message)
+    return attempt
+
+
+def _plan_chunks(records: list[LeafRecord], leaves: list[Any],
+                 coord: _coord.Coordinator) -> dict[int, ArrayPlan]:
+    """Plans every array leaf's chunks and writers (`plan`, the same on every process) and
+    attaches each plan's layout to its record, in place."""
+    array_ids = [i for i, rec in enumerate(records) if rec.kind == LeafKind.ARRAY]
+    inputs = [ArrayInput(records[i].shape, np.dtype(leaves[i].dtype).itemsize,
+                         leaves[i].sharding if isinstance(leaves[i], jax.Array) else None)
+              for i in array_ids]
+    plans = dict(zip(array_ids, plan(inputs, coord.process_index, coord.process_count)))
+    for i, arr, p in zip(array_ids, inputs, plans.values()):
+        records[i] = dataclasses.replace(records[i], layout=ChunkLayout.planned(
+            p.chunk_shape, p.writers,
+            [box_size(p.chunk_box(f)) * arr.itemsize for f in range(len(p.writers))]))
+    return plans
+
+
 def start_save(store: Store, tree: Any, *, metadata: Any = None,
                on_commit: Callable[[], None] | None = None,
                timeout_s: float = _coord.DEFAULT_TIMEOUT_S,
@@ -306,10 +372,7 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
     started = time.monotonic()
     deadline = Deadline(timeout_s, f"saving {store.url}")
     store = DeadlineStore(store, deadline)
-    pairs, _ = flatten(tree)
-    records = [classify(path, leaf, coord.process_count) for path, leaf in pairs]
-    # Typed PRNG keys are saved as their key data (see `classify`).
-    leaves = [jax.random.key_data(leaf) if is_typed_key(leaf) else leaf for _, leaf in pairs]
+    records, leaves = _classify(tree, coord.process_count)
     try:
         # A snapshot, like the tree: changes the caller makes after this returns are not saved.
         metadata = unpack(pack(metadata), "metadata")
@@ -317,50 +380,10 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
         raise InvalidMetadataError(
             f"metadata for {store.url} is not plain msgpack data (dicts, lists, str, bytes, "
             f"numbers, bool, None): {exc}") from exc
-    names: dict[str, LeafRecord] = {}
-    for rec in records:
-        if rec.kind == LeafKind.ARRAY:
-            other = names.setdefault(rec.name, rec)
-            if other is not rec:
-                raise UnsupportedLeafError(
-                    f"leaves {keystr(other.path)} and {keystr(rec.path)} map to the same "
-                    f"array name {rec.name!r}")
-
     seq = next(_SAVE_SEQ)
-    proposal = None
-    refusal: CkptError | None = None
-    if coord.process_index == 0:
-        # Every reason not to save is decided here and sent to all processes in place of the
-        # attempt id, so that no process waits for a save process 0 refused.
-        try:
-            store.verify_access()
-            refusal = refuse() if refuse is not None else None
-            if refusal is None:
-                refusal = refusal_if_committed(store, overwrite=overwrite,
-                                               how="pass overwrite=True")
-        except CkptError as exc:
-            refusal = exc
-        proposal = (new_attempt_id() if refusal is None
-                    else f"{_REFUSED}{type(refusal).__name__}:{refusal}")
-        if refusal is None and on_attempt is not None:
-            on_attempt(proposal)  # before any process can write under it
-    attempt = coord.broadcast(f"save/{seq}/attempt", proposal, timeout_s)
-    if refusal is not None:
-        raise refusal
-    if attempt.startswith(_REFUSED):
-        name, _, message = attempt[len(_REFUSED):].partition(":")
-        cls = getattr(_errors, name, None)
-        raise (cls if isinstance(cls, type) and issubclass(cls, CkptError) else CkptError)(message)
-
-    array_ids = [i for i, rec in enumerate(records) if rec.kind == LeafKind.ARRAY]
-    inputs = [ArrayInput(records[i].shape, np.dtype(leaves[i].dtype).itemsize,
-                         leaves[i].sharding if isinstance(leaves[i], jax.Array) else None)
-              for i in array_ids]
-    plans = dict(zip(array_ids, plan(inputs, coord.process_index, coord.process_count)))
-    for i, arr, p in zip(array_ids, inputs, plans.values()):
-        records[i] = dataclasses.replace(records[i], layout=ChunkLayout.planned(
-            p.chunk_shape, p.writers,
-            [box_size(p.chunk_box(f)) * arr.itemsize for f in range(len(p.writers))]))
+    attempt = _agree_on_attempt(store, coord, seq, timeout_s, overwrite=overwrite,
+                                refuse=refuse, on_attempt=on_attempt)
+    plans = _plan_chunks(records, leaves, coord)
     writes = _snapshot(leaves, plans)
     agreement = digests(records, leaves) if coord.process_count > 1 else ("", {})
     if coord.process_index == 0:

@@ -130,6 +130,70 @@ def _wait(future: Any, deadline: Deadline | None, doing: str) -> Any:
     return future.result() if deadline is None else deadline.result(future, doing)
 
 
+def _open(jobs: Sequence[ArrayReadJob], deadline: Deadline | None) -> list[Any]:
+    """Opens every job's array, checking its stored shape and dtype against the job's."""
+    opened = [ts.open(job.spec, context=job.context) for job in jobs]
+    arrays = []
+    for job, fut in zip(jobs, opened):
+        try:
+            arr = _wait(fut, deadline, f"opening leaf {job.name}")
+        except DeadlineExceededError:
+            raise
+        except Exception as exc:
+            raise _classify(exc, job, None) from exc
+        if tuple(arr.shape) != tuple(job.shape) or arr.dtype.numpy_dtype != job.dtype:
+            raise CorruptCheckpointError(
+                f"leaf {job.name}: stored array is {arr.dtype.name}{list(arr.shape)}, the "
+                f"manifest says {job.dtype}{list(job.shape)}")
+        arrays.append(arr)
+    return arrays
+
+
+def _check_crc32c(job: ArrayReadJob, cr: ChunkRead, data: np.ndarray, stored: Any) -> None:
+    """Compares a chunk read with the manifest's crc32c for its position: from the 4 bytes
+    that end the stored chunk (``stored``, a read result) when those were read, else by
+    hashing ``data``. The zarr codec proves the chunk is the one stored under its key; this
+    proves it is the one written for this position (not a chunk moved or swapped)."""
+    assert job.crc32c is not None
+    flat = flat_index(cr.coord, grid_shape(job.shape, job.chunk_shape))
+    if stored is not None:
+        crc = int.from_bytes(stored.value, "little") if stored.state == "value" \
+            and len(stored.value) == 4 else -1
+    else:
+        crc = _crc32c(data)
+    if crc != job.crc32c[flat]:
+        raise CorruptCheckpointError(
+            f"leaf {job.name} chunk {tuple(cr.coord)}: crc32c differs from the manifest (the "
+            "chunk was replaced or moved)")
+
+
+def _land(job: ArrayReadJob, outputs: list[np.ndarray], cr: ChunkRead, tail: Any,
+          deadline: Deadline | None, fut: Any) -> None:
+    """Finishes one chunk read, in issue order on `read_arrays`' thread: waits for it
+    (through its store, so that a wrapper sees it), checks it, and places a chunk that
+    spans several target boxes into each."""
+    try:
+        result = fut.result() if job.store is None else \
+            job.store.wait(fut, f"reading chunk {tuple(cr.coord)} of {job.name}")
+        stored = _wait(tail, deadline, "reading chunk checksums") if tail is not None else None
+    except DeadlineExceededError:
+        raise
+    except Exception as exc:
+        raise _classify(exc, job, cr.coord) from exc
+    direct = len(cr.pieces) == 1
+    data = outputs[cr.pieces[0].target][cr.pieces[0].dst] if direct else result
+    if job.crc32c is not None:
+        _check_crc32c(job, cr, data, stored)
+    if not direct:
+        # Copied by TensorStore's threads: on a small machine the main thread is otherwise
+        # the bottleneck of a resharded restore.
+        source = ts.array(data, copy=False)
+        copies = [ts.array(outputs[piece.target], copy=False, write=True)[piece.dst]
+                  .write(source[piece.src]) for piece in cr.pieces]
+        for copy in copies:
+            copy.result()
+
+
 def read_arrays(jobs: Sequence[ArrayReadJob], *, memory_budget: int | None = None,
                 deadline: Deadline | None = None) -> list[list[np.ndarray]]:
     """Reads every job's target boxes.
@@ -149,61 +213,10 @@ def read_arrays(jobs: Sequence[ArrayReadJob], *, memory_budget: int | None = Non
         StorageError: the store could not be read.
         DeadlineExceededError: ``deadline`` passed first.
     """
-    opened = [ts.open(job.spec, context=job.context) for job in jobs]
-    arrays = []
-    for job, fut in zip(jobs, opened):
-        try:
-            arr = _wait(fut, deadline, f"opening leaf {job.name}")
-        except DeadlineExceededError:
-            raise
-        except Exception as exc:
-            raise _classify(exc, job, None) from exc
-        if tuple(arr.shape) != tuple(job.shape) or arr.dtype.numpy_dtype != job.dtype:
-            raise CorruptCheckpointError(
-                f"leaf {job.name}: stored array is {arr.dtype.name}{list(arr.shape)}, the "
-                f"manifest says {job.dtype}{list(job.shape)}")
-        arrays.append(arr)
-
+    arrays = _open(jobs, deadline)
     outputs = [[aligned_empty(box_shape(box), job.dtype) for box in job.targets]
                for job in jobs]
     plans = [plan_reads(job.shape, job.chunk_shape, job.targets) for job in jobs]
-
-    def land(j: int, cr: ChunkRead, tail: Any, fut: Any) -> None:
-        store = jobs[j].store
-        try:
-            result = fut.result() if store is None else \
-                store.wait(fut, f"reading chunk {tuple(cr.coord)} of {jobs[j].name}")
-            stored = _wait(tail, deadline, "reading chunk checksums") if tail is not None \
-                else None
-        except DeadlineExceededError:
-            raise
-        except Exception as exc:
-            raise _classify(exc, jobs[j], cr.coord) from exc
-        direct = len(cr.pieces) == 1
-        data = outputs[j][cr.pieces[0].target][cr.pieces[0].dst] if direct else result
-        crcs = jobs[j].crc32c
-        if crcs is not None:
-            # The zarr codec proves the chunk is the one stored under this key; this proves
-            # it is the one written for this position (not a chunk moved or swapped).
-            flat = flat_index(cr.coord, grid_shape(jobs[j].shape, jobs[j].chunk_shape))
-            if stored is not None:
-                crc = int.from_bytes(stored.value, "little") if stored.state == "value" \
-                    and len(stored.value) == 4 else -1
-            else:
-                crc = _crc32c(data)
-            if crc != crcs[flat]:
-                raise CorruptCheckpointError(
-                    f"leaf {jobs[j].name} chunk {tuple(cr.coord)}: crc32c differs from the "
-                    "manifest (the chunk was replaced or moved)")
-        if not direct:
-            # Copied by TensorStore's threads: on a small machine the main thread is
-            # otherwise the bottleneck of a resharded restore.
-            source = ts.array(data, copy=False)
-            copies = [ts.array(outputs[j][piece.target], copy=False, write=True)[piece.dst]
-                      .write(source[piece.src]) for piece in cr.pieces]
-            for copy in copies:
-                copy.result()
-
     if memory_budget is None:
         memory_budget = default_memory_budget(sum(
             box_size(box) * job.dtype.itemsize for job in jobs for box in job.targets))
@@ -211,19 +224,18 @@ def read_arrays(jobs: Sequence[ArrayReadJob], *, memory_budget: int | None = Non
                 if job.crc32c is not None and job.crc32c_in_chunk_tail else None for job in jobs]
     window = Window(memory_budget, deadline, "reading chunks")
     try:
-        for j, (job, plan) in enumerate(zip(jobs, plans)):
-            opening = kvstores[j]
+        for job, array, out, plan, opening in zip(jobs, arrays, outputs, plans, kvstores):
             kvstore = _wait(opening, deadline, f"opening leaf {job.name}") \
                 if opening is not None else None
             for cr in plan:
-                source = arrays[j][to_slices(cr.box)]
+                source = array[to_slices(cr.box)]
                 tail = None
                 if len(cr.pieces) == 1:
                     # A chunk inside one target box is decoded and placed by TensorStore's
                     # threads: no array comes back, nothing is copied on this thread.
                     piece = cr.pieces[0]
-                    target = outputs[j][piece.target][piece.dst]
-                    pending: Any = ts.array(outputs[j][piece.target], copy=False,
+                    target = out[piece.target][piece.dst]
+                    pending: Any = ts.array(out[piece.target], copy=False,
                                             write=True)[piece.dst].write(source)
                     if (kvstore is not None and not target.flags.c_contiguous
                             and box_shape(cr.box) == tuple(job.chunk_shape)):
@@ -234,7 +246,7 @@ def read_arrays(jobs: Sequence[ArrayReadJob], *, memory_budget: int | None = Non
                 # The stored bytes and the decoded chunk (TensorStore decodes into a chunk
                 # buffer of its own even when it then copies into our target).
                 window.add(pending, 2 * box_size(cr.box) * job.dtype.itemsize,
-                           functools.partial(land, j, cr, tail))
+                           functools.partial(_land, job, out, cr, tail, deadline))
         window.drain()
     finally:
         window.cancel()
