@@ -198,6 +198,118 @@ def _mesh_fields(sharding: dict[str, Any] | None, ndim: int, where: str
     return tuple(shape), tuple(axes), list(spec)
 
 
+# An array leaf being opened: (index in the records, its array name, Orbax value type,
+# TensorStore's open future).
+_Opening = tuple[int, str, str, Any]
+
+
+def _leaf_records(item: Store, tree: dict[str, Any], meta_where: str, context: ts.Context, *,
+                  ocdbt: bool, zarr3: bool, fill_missing: bool
+                  ) -> tuple[list[LeafRecord], dict[KeyPath, dict[str, Any]], list[_Opening]]:
+    """A record per entry of Orbax's tree metadata, in its order: values complete, arrays
+    with only their path (their arrays are being opened: `_add_array_layouts`)."""
+    strings: dict[str, Any] | None = None
+    records: list[LeafRecord] = []
+    specs: dict[KeyPath, dict[str, Any]] = {}
+    opening: list[_Opening] = []
+    seen: set[KeyPath] = set()
+    for entry_key, entry in tree.items():
+        where = f"{meta_where} entry {entry_key!r:.120}"
+        path = _key_path(entry, where)
+        if path in seen:
+            raise CorruptCheckpointError(f"{where}: key path {keystr(path)} appears twice")
+        seen.add(path)
+        value_meta = entry.get("value_metadata")
+        vtype = value_meta.get("value_type") if isinstance(value_meta, dict) else None
+        name = ".".join(str(v) for _, v in path)
+        if vtype in _EMPTY_TYPES:
+            continue
+        if vtype == "None":
+            records.append(LeafRecord(path=path, kind=LeafKind.NONE))
+            continue
+        if vtype == "string":
+            if strings is None:
+                strings = _read_json(item, STRINGS) if item.exists(STRINGS) else {}
+            text = strings.get(name) if isinstance(strings, dict) else None
+            if not isinstance(text, str):
+                raise CorruptCheckpointError(
+                    f"{item.describe(STRINGS)} holds no string for leaf {keystr(path)}")
+            records.append(LeafRecord(path=path, kind=LeafKind.VALUE, vtype="str", value=text))
+            continue
+        if vtype not in _ARRAY_TYPES and vtype != "scalar":
+            raise UnsupportedFormatError(
+                f"{where}: leaf {keystr(path)} has Orbax value type {vtype!r:.60}, which this "
+                "library cannot read (it reads jax.Array, np.ndarray, scalar, string, None)")
+        spec = _array_spec(item, name, ocdbt=ocdbt, zarr3=zarr3, fill_missing=fill_missing)
+        opening.append((len(records), name, vtype, ts.open(spec, context=context)))
+        records.append(LeafRecord(path=path, kind=LeafKind.ARRAY,
+                                  source=_ARRAY_TYPES.get(vtype, "numpy"), name=leaf_name(path)))
+        specs[path] = spec
+    return records, specs, opening
+
+
+def _add_array_layouts(item: Store, records: list[LeafRecord], opening: list[_Opening],
+                       shardings: dict[str, Any]) -> list[tuple[int, Any]]:
+    """Completes each opened array's record (shape, dtype, chunk grid, saved sharding) in
+    place; returns the reads started for the scalars Orbax stores as 0-d arrays."""
+    scalars: list[tuple[int, Any]] = []  # (index in records, read future)
+    for index, name, vtype, fut in opening:
+        rec = records[index]
+        what = f"leaf {keystr(rec.path)} of {item.url}"
+        try:
+            arr = item.wait(fut, f"opening {what}")
+        except DeadlineExceededError:
+            raise
+        except Exception as exc:
+            if tensorstore_code(exc) in ("NOT_FOUND", "FAILED_PRECONDITION", "DATA_LOSS"):
+                raise CorruptCheckpointError(f"{what}: its array is missing or unreadable: "
+                                             f"{exc}") from None
+            raise StorageError(errno.EIO, f"{what}: opening its array failed: {exc}") from None
+        shape, dtype = tuple(arr.shape), arr.dtype.name
+        if dtype not in SUPPORTED_DTYPES:
+            raise UnsupportedFormatError(
+                f"{what} has dtype {dtype} (zarr metadata of {item.describe(name)}), "
+                "which this library cannot read")
+        chunk = arr.chunk_layout.read_chunk.shape
+        chunk_shape = tuple(chunk) if chunk is not None else shape  # None for 0-d
+        itemsize = arr.dtype.numpy_dtype.itemsize
+        # Orbax records no writers or checksums: only the grid and each chunk's size.
+        grid = ChunkLayout(chunk_shape, nbytes=tuple(
+            n * itemsize for n in chunk_sizes(shape, chunk_shape)))
+        rec = records[index] = dataclasses.replace(rec, shape=shape, dtype=dtype, layout=grid)
+        if vtype == "scalar":
+            scalars.append((index, arr.read()))
+        elif rec.source == "jax":
+            mesh_shape, mesh_axes, saved_spec = _mesh_fields(
+                shardings.get(name), len(shape), item.describe(SHARDING))
+            records[index] = dataclasses.replace(rec, mesh_shape=mesh_shape,
+                                                 mesh_axes=mesh_axes, spec=saved_spec)
+    return scalars
+
+
+def _add_scalar_values(item: Store, records: list[LeafRecord],
+                       specs: dict[KeyPath, dict[str, Any]],
+                       scalars: list[tuple[int, Any]]) -> None:
+    """Turns each scalar's record into a value leaf holding what was read, in place."""
+    for index, fut in scalars:
+        rec = records[index]
+        try:
+            value = item.wait(fut, f"reading leaf {keystr(rec.path)}")
+        except DeadlineExceededError:
+            raise
+        except Exception as exc:
+            raise CorruptCheckpointError(
+                f"leaf {keystr(rec.path)} of {item.url}: cannot read it: {exc}") from None
+        py = value.item() if value.ndim == 0 else None
+        vkind = _SCALAR_KINDS.get(value.dtype.kind)
+        if py is None or vkind is None:
+            raise UnsupportedFormatError(f"leaf {keystr(rec.path)} of {item.url}: a scalar "
+                                         f"stored as {value.dtype}{list(value.shape)}")
+        specs.pop(rec.path)
+        records[index] = LeafRecord(path=rec.path, kind=LeafKind.VALUE, source=rec.source,
+                                    name=rec.name, vtype=vkind, value=encode_value(py))
+
+
 def open_orbax(store: Store) -> OrbaxItem | None:
     """Opens the Orbax checkpoint at ``store`` (item or single-item step folder).
 
@@ -233,94 +345,10 @@ def open_orbax(store: Store) -> OrbaxItem | None:
     fill_missing = not meta.get("store_array_data_equal_to_fill_value", False)
     context = ts.Context({"cache_pool#ocdbt": {"total_bytes_limit": _OCDBT_CACHE}},
                          parent=item.tensorstore_context())
-    shardings = _shardings(item)
-    strings: dict[str, Any] | None = None
-
-    records: list[LeafRecord] = []
-    specs: dict[KeyPath, dict[str, Any]] = {}
-    scalars: list[tuple[int, Any]] = []  # (index in records, read future)
-    opening: list[tuple[int, str, str, Any]] = []
-    seen: set[KeyPath] = set()
-    for entry_key, entry in tree.items():
-        where = f"{meta_where} entry {entry_key!r:.120}"
-        path = _key_path(entry, where)
-        if path in seen:
-            raise CorruptCheckpointError(f"{where}: key path {keystr(path)} appears twice")
-        seen.add(path)
-        value_meta = entry.get("value_metadata")
-        vtype = value_meta.get("value_type") if isinstance(value_meta, dict) else None
-        name = ".".join(str(v) for _, v in path)
-        if vtype in _EMPTY_TYPES:
-            continue
-        if vtype == "None":
-            records.append(LeafRecord(path=path, kind=LeafKind.NONE))
-            continue
-        if vtype == "string":
-            if strings is None:
-                strings = _read_json(item, STRINGS) if item.exists(STRINGS) else {}
-            text = strings.get(name) if isinstance(strings, dict) else None
-            if not isinstance(text, str):
-                raise CorruptCheckpointError(
-                    f"{item.describe(STRINGS)} holds no string for leaf {keystr(path)}")
-            records.append(LeafRecord(path=path, kind=LeafKind.VALUE, vtype="str", value=text))
-            continue
-        if vtype not in _ARRAY_TYPES and vtype != "scalar":
-            raise UnsupportedFormatError(
-                f"{where}: leaf {keystr(path)} has Orbax value type {vtype!r:.60}, which this "
-                "library cannot read (it reads jax.Array, np.ndarray, scalar, string, None)")
-        spec = _array_spec(item, name, ocdbt=ocdbt, zarr3=zarr3, fill_missing=fill_missing)
-        opening.append((len(records), name, vtype, ts.open(spec, context=context)))
-        records.append(LeafRecord(path=path, kind=LeafKind.ARRAY,
-                                  source=_ARRAY_TYPES.get(vtype, "numpy"), name=leaf_name(path)))
-        specs[path] = spec
-    for index, name, vtype, fut in opening:
-        rec = records[index]
-        what = f"leaf {keystr(rec.path)} of {item.url}"
-        try:
-            arr = item.wait(fut, f"opening {what}")
-        except DeadlineExceededError:
-            raise
-        except Exception as exc:
-            if tensorstore_code(exc) in ("NOT_FOUND", "FAILED_PRECONDITION", "DATA_LOSS"):
-                raise CorruptCheckpointError(f"{what}: its array is missing or unreadable: "
-                                             f"{exc}") from None
-            raise StorageError(errno.EIO, f"{what}: opening its array failed: {exc}") from None
-        shape, dtype = tuple(arr.shape), arr.dtype.name
-        if dtype not in SUPPORTED_DTYPES:
-            raise UnsupportedFormatError(
-                f"{what} has dtype {dtype} (zarr metadata of {item.describe(name)}), "
-                "which this library cannot read")
-        chunk = arr.chunk_layout.read_chunk.shape
-        chunk_shape = tuple(chunk) if chunk is not None else shape  # None for 0-d
-        itemsize = arr.dtype.numpy_dtype.itemsize
-        # Orbax records no writers or checksums: only the grid and each chunk's size.
-        grid = ChunkLayout(chunk_shape, nbytes=tuple(
-            n * itemsize for n in chunk_sizes(shape, chunk_shape)))
-        rec = records[index] = dataclasses.replace(rec, shape=shape, dtype=dtype, layout=grid)
-        if vtype == "scalar":
-            scalars.append((index, arr.read()))
-        elif rec.source == "jax":
-            mesh_shape, mesh_axes, saved_spec = _mesh_fields(
-                shardings.get(name), len(shape), item.describe(SHARDING))
-            records[index] = dataclasses.replace(rec, mesh_shape=mesh_shape,
-                                                 mesh_axes=mesh_axes, spec=saved_spec)
-    for index, fut in scalars:
-        rec = records[index]
-        try:
-            value = item.wait(fut, f"reading leaf {keystr(rec.path)}")
-        except DeadlineExceededError:
-            raise
-        except Exception as exc:
-            raise CorruptCheckpointError(
-                f"leaf {keystr(rec.path)} of {item.url}: cannot read it: {exc}") from None
-        py = value.item() if value.ndim == 0 else None
-        vkind = _SCALAR_KINDS.get(value.dtype.kind)
-        if py is None or vkind is None:
-            raise UnsupportedFormatError(f"leaf {keystr(rec.path)} of {item.url}: a scalar "
-                                         f"stored as {value.dtype}{list(value.shape)}")
-        specs.pop(rec.path)
-        records[index] = LeafRecord(path=rec.path, kind=LeafKind.VALUE, source=rec.source,
-                                    name=rec.name, vtype=vkind, value=encode_value(py))
+    records, specs, opening = _leaf_records(item, tree, meta_where, context, ocdbt=ocdbt,
+                                            zarr3=zarr3, fill_missing=fill_missing)
+    scalars = _add_array_layouts(item, records, opening, _shardings(item))
+    _add_scalar_values(item, records, specs, scalars)
     created, committed = _timestamps(item, store)
     custom = meta.get("custom_metadata")
     layout = f"{'OCDBT' if ocdbt else 'one folder per array'}, zarr v{3 if zarr3 else 2}"
