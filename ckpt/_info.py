@@ -50,6 +50,7 @@ class CheckpointInfo:
             build a restore target.
         layout: ``ckpt format 1``, or for an Orbax checkpoint ``orbax-checkpoint (OCDBT,
             zarr v2)`` and the like (``attempt`` is then empty).
+        metrics: the metrics a `CheckpointManager` saved with the step (name -> number).
     """
 
     url: str
@@ -63,6 +64,7 @@ class CheckpointInfo:
     leaves: list[LeafInfo]
     tree: Any
     layout: str = ""
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
@@ -89,7 +91,8 @@ def _info(url: str, manifest: Manifest, layout: str) -> CheckpointInfo:
         items.append((rec.path, value))
     return CheckpointInfo(url, manifest.attempt, manifest.format_version, manifest.created_at,
                           manifest.committed_at, manifest.process_count, manifest.versions,
-                          manifest.metadata, leaves, nest(items) if items else {}, layout)
+                          manifest.metadata, leaves, nest(items) if items else {}, layout,
+                          dict(manifest.metrics))
 
 
 def metadata(url: StoreLike) -> CheckpointInfo:

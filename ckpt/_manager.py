@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import threading
 from types import TracebackType
 from typing import Any
+
+import numpy as np
 
 from ckpt import _coord
 from ckpt._format import REWIND
@@ -51,6 +54,51 @@ from ckpt.storage import Deadline, DeadlineStore, StoreLike, open_store
 log = logging.getLogger("ckpt.manager")
 
 
+def as_step(step: Any) -> int:
+    """A step number from what training loops hold: an int, a numpy integer, or a 0-d
+    integer array (numpy or jax, e.g. an optimizer's step count).
+
+    Raises:
+        ValueError: anything else (a bool, a float, a negative number), naming it.
+    """
+    value: int | None = None
+    if not isinstance(step, (bool, np.bool_)):
+        try:
+            value = operator.index(step)
+        except TypeError:
+            if getattr(step, "shape", None) == () and getattr(step, "dtype", None) is not None \
+                    and np.dtype(step.dtype).kind in "iu":
+                value = int(np.asarray(step))
+    if value is None or value < 0:
+        raise ValueError(f"step must be a non-negative integer, got {step!r}")
+    return value
+
+
+def as_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """A snapshot of ``metrics`` as plain floats: Python, numpy and 0-d jax numbers alike.
+
+    Raises:
+        ValueError: a name that is not text, or a value that is not a real number (bools,
+            arrays of more than one element, strings), listing every bad entry.
+    """
+    def number(v: Any) -> float | None:
+        if isinstance(v, (bool, np.bool_)):
+            return None
+        if isinstance(v, (int, float)):
+            return float(v)
+        if getattr(v, "shape", None) == () and getattr(v, "dtype", None) is not None \
+                and np.dtype(v.dtype).kind in "iuf":
+            return float(np.asarray(v))
+        return None
+
+    out = {k: number(v) for k, v in metrics.items() if is_text(k)}
+    bad = [k for k in metrics if not is_text(k) or out.get(k) is None]
+    if bad:
+        raise ValueError(f"metrics must map names to real numbers (Python, numpy or 0-d "
+                         f"jax); bad entries: {bad}")
+    return {k: v for k, v in out.items() if v is not None}
+
+
 class CheckpointManager:
     """Saves and restores numbered steps of one training run under ``root_url``.
 
@@ -66,11 +114,12 @@ class CheckpointManager:
             (for evaluators and notebooks opened on a live run's root).
         keep_best: also keep the N best steps by ``best_metric`` (a metric passed to `save`;
             NaN or missing never ranks as best).
-        best_metric: the metric `keep_best` ranks by.
+        best_metric: the metric `keep_best` and `best_step` rank by.
         best_mode: ``"min"`` (lower is better) or ``"max"``.
         save_every: `should_save` is True at steps divisible by this.
         save_every_seconds: `should_save` is True once this long has passed since the last
-            save (decided on process 0 and shared, so all processes agree).
+            save (decided on process 0 and shared, so all processes agree). With either
+            set, `save` saves only the steps `should_save` says (unless ``force=True``).
         watch_preemption: notice SIGTERM (and JAX's preemption notices in multi-process
             jobs); `should_save` and `reached_preemption` then agree on one step to stop at.
         timeout_s: the bound on each save, end to end, in seconds (see `ckpt.save_async`).
@@ -99,8 +148,8 @@ class CheckpointManager:
             raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
         if keep_every is not None and keep_every < 1:
             raise ValueError(f"keep_every must be >= 1 or None, got {keep_every}")
-        if (keep_best is None) != (best_metric is None) or (keep_best or 1) < 1:
-            raise ValueError("keep_best (>= 1) and best_metric go together")
+        if keep_best is not None and (best_metric is None or keep_best < 1):
+            raise ValueError("keep_best must be >= 1 and needs best_metric")
         if best_mode not in ("min", "max"):
             raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
         self.keep_best, self.best_metric, self.best_mode = keep_best, best_metric, best_mode
@@ -144,8 +193,9 @@ class CheckpointManager:
 
     def should_save(self, step: int) -> bool:
         """Whether the loop should save ``step``: by ``save_every``, ``save_every_seconds``,
-        or because it is the agreed preemption step. The same answer on every process."""
-        return self._policy.should_save(step)
+        or because it is the agreed preemption step. The same answer on every process, and
+        the same answer `save` acts on for that step (asking both is fine)."""
+        return self._policy.should_save(as_step(step))
 
     def reached_preemption(self, step: int) -> bool:
         """True, on every process at the same step, when the job is being preempted.
@@ -153,7 +203,7 @@ class CheckpointManager:
         Call once per step after saving (``should_save`` is True at that step). Returns
         only once the save in flight is committed, so the loop can exit at once.
         """
-        if not self._policy.preempted_at(step):
+        if not self._policy.preempted_at(as_step(step)):
             return False
         self.wait()
         return True
@@ -172,12 +222,16 @@ class CheckpointManager:
                 raise SaveError(f"the previous save ({previous.url}) failed: {exc}") from exc
 
     def save(self, step: int, tree: Any, *, metadata: Any = None,
-             metrics: dict[str, float] | None = None) -> SaveHandle:
+             metrics: dict[str, float] | None = None,
+             force: bool = False) -> SaveHandle | None:
         """Starts saving ``tree`` as ``step``; returns after the snapshot (see `save_async`).
 
-        ``metrics`` (name -> number) are stored in the manifest; ``keep_best`` ranks by them.
-        ``step`` must be above the newest committed step: to go back (after a loss spike),
-        `rewind` first.
+        With a save policy (``save_every``, ``save_every_seconds``), a step the policy does
+        not pick (`should_save`) is not saved and None is returned, unless ``force``; without
+        one, every call saves. ``step`` may be a numpy or 0-d jax integer. ``metrics`` (name
+        -> Python, numpy or 0-d jax number) are stored in the manifest; ``keep_best`` and
+        `best_step` rank by them, `metrics` reads them back. ``step`` must be above the
+        newest committed step: to go back (after a loss spike), `rewind` first.
 
         Waits first for the previous save of this manager; if that one failed and its error
         was never observed through its handle, raises that error now instead of saving.
@@ -188,15 +242,11 @@ class CheckpointManager:
             ReadOnlyError: the manager is read-only.
         """
         self._writable(f"save step {step}")
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        step = as_step(step)
+        metrics = as_metrics(metrics) if metrics is not None else None
+        if not force and self._policy.scheduled and not self._policy.should_save(step):
+            return None
         self._previous_failure()
-        if metrics is not None:
-            bad = [k for k, v in metrics.items() if not is_text(k)
-                   or isinstance(v, bool) or not isinstance(v, (int, float))]
-            if bad:
-                raise ValueError(f"metrics must map names to numbers; bad entries: {bad}")
-            metrics = {k: float(v) for k, v in metrics.items()}  # a snapshot, like the tree
         drawn: list[str] = []
 
         def draw(attempt: str) -> None:
@@ -282,14 +332,48 @@ class CheckpointManager:
             StorageError: the manifest could not be read now; retention skips this round
                 rather than delete a step whose rank it does not know.
         """
-        if step not in self._metrics:
-            try:
-                _, manifest = open_checkpoint(self._store.child(str(step)))
-            except (CorruptCheckpointError, CheckpointNotFoundError):
-                return None  # damaged, or deleted meanwhile: nothing to rank
-            self._metrics[step] = manifest.metrics
-        value = self._metrics[step].get(name)
+        try:
+            value = self._step_metrics(step).get(name)
+        except (CorruptCheckpointError, CheckpointNotFoundError):
+            return None  # damaged, or deleted meanwhile: nothing to rank
         return None if value is None or math.isnan(value) else value
+
+    def _step_metrics(self, step: int) -> dict[str, float]:
+        """The metrics saved with committed ``step``: remembered from this manager's own
+        saves, else read from the step's manifest once."""
+        if step not in self._metrics:
+            _, manifest = open_checkpoint(self._store.child(str(step)))
+            self._metrics[step] = manifest.metrics
+        return self._metrics[step]
+
+    def metrics(self, step: int) -> dict[str, float]:
+        """The metrics saved with committed ``step`` (empty if none were given).
+
+        Raises:
+            CheckpointNotFoundError: ``step`` is not a committed step.
+        """
+        step = as_step(step)
+        if step not in self.steps():
+            raise CheckpointNotFoundError(
+                f"step {step} is not a committed step under {self.root_url}")
+        return dict(self._step_metrics(step))
+
+    def best_step(self) -> int | None:
+        """The committed step with the best ``best_metric`` (by ``best_mode``; the newest
+        of equals), or None when no committed step has that metric (NaN never counts).
+
+        Raises:
+            ValueError: the manager was made without ``best_metric``.
+        """
+        if self.best_metric is None:
+            raise ValueError("best_step needs a metric to rank by: "
+                             "CheckpointManager(..., best_metric='loss', best_mode='min')")
+        scored = [(v, s) for s in self.steps()
+                  if (v := self._metric(s, self.best_metric)) is not None]
+        if not scored:
+            return None
+        sign = -1.0 if self.best_mode == "max" else 1.0
+        return min(scored, key=lambda vs: (sign * vs[0], -vs[1]))[1]
 
     def _keeps(self, attempt: Attempt) -> bool:
         """Whether start-up clean-up must leave ``attempt``: it is a save of this manager's
@@ -325,6 +409,7 @@ class CheckpointManager:
             ReadOnlyError: the manager is read-only.
         """
         self._writable(f"delete step {step}")
+        step = as_step(step)
         self._previous_failure()
 
         def run() -> None:
@@ -352,6 +437,7 @@ class CheckpointManager:
             ReadOnlyError: the manager is read-only.
         """
         self._writable(f"rewind to step {step}")
+        step = as_step(step)
         self._previous_failure()
         def run() -> None:
             steps = self.steps()
@@ -385,7 +471,7 @@ class CheckpointManager:
             step = latest_committed_step(store)
             if step is None:
                 raise CheckpointNotFoundError(f"no committed step under {self.root_url}")
-        elif is_abandoned(store, step, abandoned(store)):
+        elif is_abandoned(store, step := as_step(step), abandoned(store)):
             raise CheckpointNotFoundError(f"step {step} under {self.root_url} was abandoned "
                                           "by a rewind")
         return restore_from(store.child(str(step)), target, mesh=mesh, deadline=deadline)

@@ -38,6 +38,7 @@ class SavePolicy:
         self.watching = _coord.watch_sigterm() if watch_preemption else False
         self.last_save = time.monotonic()
         self._checked: tuple[int, bool] | None = None
+        self._decided: tuple[int, bool] | None = None
         self._clock_calls = 0
         # Every process creates its managers in the same order, so the n-th policy of the
         # job has the same id everywhere and two managers never share an answer.
@@ -53,8 +54,22 @@ class SavePolicy:
         self._checked = (step, hit)
         return hit
 
+    @property
+    def scheduled(self) -> bool:
+        """Whether a schedule is configured (then `CheckpointManager.save` follows it)."""
+        return self.save_every is not None or self.save_every_seconds is not None
+
     def should_save(self, step: int) -> bool:
-        """Whether to save ``step``; identical on every process."""
+        """Whether to save ``step``; identical on every process. Decided once per step:
+        asked again for the same step (`should_save`, then `save`) it gives the same answer
+        and asks no other process."""
+        if self._decided is not None and self._decided[0] == step:
+            return self._decided[1]
+        answer = self._decide(step)
+        self._decided = (step, answer)
+        return answer
+
+    def _decide(self, step: int) -> bool:
         if self.preempted_at(step):
             return True
         if self.save_every is not None and step % self.save_every == 0:

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import sys
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +32,7 @@ from ckpt.errors import (
     MissingLeafError,
     ShapeMismatchError,
     TargetMismatchError,
+    UnshardedTargetWarning,
 )
 from ckpt.restore import ArrayReadJob, aligned_empty, read_arrays
 from ckpt.restore.boxes import Box, box_of_index, full_box, to_slices
@@ -53,6 +57,7 @@ class _Want:
     uncommitted: bool = False                # a jax.Array JAX may move (like the target's)
     key: bool = False                        # rebuild a typed PRNG key array
     key_sharding: Any = None                 # ... placed with this sharding
+    defaulted: bool = False                  # the target had no placement: default device
 
 
 def _cast_check(rec: LeafRecord, saved: np.dtype[Any], dtype: np.dtype[Any]) -> str | None:
@@ -87,6 +92,34 @@ def _target_placement(want: _Want, t: Any) -> None:
         # An array created without a placement (e.g. optax's step count) may be moved
         # next to committed arrays by jit; restoring it committed would forbid that.
         want.sharding, want.uncommitted = None, True
+    elif want.sharding is None and isinstance(t, jax.ShapeDtypeStruct):
+        # A target that says "an array" but not where (jax.eval_shape makes these): an
+        # array on this process's first device, said once (`_warn_defaulted`).
+        want.sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        want.defaulted = True
+
+
+def _warn_defaulted(wants: list[_Want], what: str) -> None:
+    names = [keystr(w.record.path) for w in wants if w.defaulted]
+    if names:
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        warnings.warn(
+            f"restoring {what}: {len(names)} target leaves have no sharding (as jax.eval_shape "
+            f"makes them): {shown}; restored as jax.Arrays on {jax.local_devices()[0]} (give "
+            "the target shardings, or pass mesh=, to place them)", UnshardedTargetWarning,
+            stacklevel=_user_frame())
+
+
+def _user_frame() -> int:
+    """The ``stacklevel`` of the first caller outside this package, so that a warning
+    names the user's line whichever entry point (`ckpt.restore`, a manager) it came in by."""
+    level, frame = 1, sys._getframe(1)
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 def _loose(path: KeyPath) -> KeyPath:
@@ -311,6 +344,7 @@ def _restore_source(source: Readable, target: Any, mesh: Any,
                     memory_budget: int | None, deadline: Deadline | None) -> Any:
     manifest = source.manifest
     wants, treedef = _match(manifest, target, mesh, source.store.url)
+    _warn_defaulted(wants, source.store.url)
     jobs: list[ArrayReadJob] = []
     job_wants: list[int] = []
     values: list[Any] = [None] * len(wants)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -134,6 +135,7 @@ def _info_json(info: CheckpointInfo) -> dict[str, Any]:
         "attempt": info.attempt,
         "created_at": info.created_at, "committed_at": info.committed_at,
         "process_count": info.process_count, "versions": info.versions, "metadata": meta,
+        "metrics": {k: v if math.isfinite(v) else str(v) for k, v in info.metrics.items()},
         "nbytes": info.nbytes,
         "leaves": [{"path": leaf.keystr, "spec_path": slash_path(leaf.path), "kind": leaf.kind, "shape": list(leaf.shape),
                     "dtype": leaf.dtype, "nbytes": leaf.nbytes, "mesh": leaf.mesh,
@@ -169,6 +171,8 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"committed   {stamp}, written by {info.process_count} process(es)")
     print(f"saved mesh  {', '.join(meshes) or '-'}")
     print(f"metadata    {info.metadata!r}")
+    if info.metrics:
+        print("metrics     " + ", ".join(f"{k}={v:g}" for k, v in sorted(info.metrics.items())))
     rows = [(slash_path(leaf.path), leaf.kind, "x".join(map(str, leaf.shape)) or "()",
              leaf.dtype or "-", _size(leaf.nbytes),
              "-" if leaf.spec is None else str(tuple(leaf.spec)),

@@ -37,6 +37,9 @@ exported here::
         └── CoordinationError (TimeoutError)    processes did not meet in time
             └── CommitOutcomeUnknownError       whether the save committed is not known in
                                                 time: its COMMIT decides
+
+One warning: `UnshardedTargetWarning` (UserWarning), a restore target leaf without a sharding
+(as `jax.eval_shape` makes them) restored onto the default device.
 """
 
 from __future__ import annotations
@@ -149,3 +152,8 @@ class InvalidMetadataError(CkptError, TypeError):
 
 class DtypeMismatchError(TargetMismatchError):
     """A target dtype the saved dtype cannot be cast to within its kind (e.g. float to int)."""
+
+
+class UnshardedTargetWarning(UserWarning):
+    """Restore target leaves without a sharding (a `jax.ShapeDtypeStruct` from
+    `jax.eval_shape`) were restored as `jax.Array`s on this process's first device."""

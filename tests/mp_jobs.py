@@ -226,6 +226,23 @@ def slow_commit(url, timeout_s, where):
     return result
 
 
+def save_by_schedule(root):
+    """`save` on every step, a schedule deciding (every 3 steps, or an hour): each process
+    must get the same answer, save together, and a forced save must go through."""
+    mgr = ckpt.CheckpointManager(root, save_every=3, save_every_seconds=3600,
+                                 watch_preemption=False)
+    saved = []
+    for step in range(1, 7):
+        asked = mgr.should_save(step) if step % 2 else None  # some steps asked twice
+        handle = mgr.save(step, device_tree(step, (jax.process_count(), 4)))
+        assert asked is None or asked == (handle is not None)
+        saved.append(handle is not None)
+    forced = mgr.save(7, device_tree(7, (jax.process_count(), 4)), force=True) is not None
+    mgr.close()
+    return {"saved": saved, "forced": forced,
+            "steps": ckpt.CheckpointManager(root, read_only=True).steps()}
+
+
 def policy_keys(root, calls):
     """``should_save`` with a wall-clock interval, ``calls`` times, with the processes as far
     apart as they like: the coordination service must keep none of the answers."""

@@ -134,6 +134,13 @@ def test_a_multi_process_restore_never_mixes_two_checkpoints(tmp_path):
     assert p1["error"] is not None or p1["w"] == 1.0, p1  # never the new one silently
 
 
+def test_save_follows_the_schedule_on_every_process_alike(tmp_path):
+    results = launch("tests.mp_jobs:save_by_schedule", 2, args=[str(tmp_path / "r")])
+    for r in results:
+        assert r == {"saved": [False, False, True, False, False, True], "forced": True,
+                     "steps": [3, 6, 7]}, r
+
+
 def test_wall_clock_policy_keeps_few_coordination_keys(tmp_path):
     results = launch("tests.mp_jobs:policy_keys", 2, args=[str(tmp_path / "r"), 300])
     for r in results:

@@ -365,3 +365,15 @@ def test_progress_line_fits_one_terminal_row(monkeypatch):
     assert len(line) <= 59 and line.startswith("resharding [")
     monkeypatch.setenv("COLUMNS", "200")
     assert "- left" in bar.line(1, 1000, bar.started + 0.01)  # no estimate from 10 ms
+
+
+def test_inspect_shows_the_metrics_saved_with_a_step(tmp_path, capsys):
+    with ckpt.CheckpointManager(tmp_path / "run") as mgr:
+        mgr.save(3, {"x": np.arange(4)}, metrics={"loss": 0.25, "grad_norm": float("inf")})
+        mgr.save(4, {"x": np.arange(4)})
+    assert main(["inspect", str(tmp_path / "run" / "3")]) == 0
+    assert "metrics     grad_norm=inf, loss=0.25" in capsys.readouterr().out
+    assert main(["inspect", "--json", str(tmp_path / "run" / "3")]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"] == {"loss": 0.25, "grad_norm": "inf"}
+    assert main(["inspect", "--json", str(tmp_path / "run" / "4")]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"] == {}

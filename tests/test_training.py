@@ -127,3 +127,85 @@ def test_keep_best_by_metric_with_keep_last(tmp_path):
     assert ckpt.CheckpointManager(tmp_path / "run").steps() == [8]
     with pytest.raises(ValueError, match="keep_best"):
         ckpt.CheckpointManager(tmp_path / "run", keep_best=2)
+
+
+def test_save_follows_the_schedule_unless_forced(tmp_path):
+    """With a schedule, `save` saves the steps `should_save` picks and returns None for the
+    others (as Orbax's `save` does); `force=True` saves anyway; asking both agrees."""
+    with ckpt.CheckpointManager(tmp_path / "run", save_every=2) as mgr:
+        handles = {step: mgr.save(step, {"x": step}) for step in range(5)}
+        assert [s for s, h in handles.items() if h is not None] == [0, 2, 4]
+        assert mgr.should_save(5) is False and mgr.save(5, {"x": 5}) is None
+        assert mgr.save(5, {"x": 5}, force=True) is not None
+    assert ckpt.CheckpointManager(tmp_path / "run").steps() == [0, 2, 4, 5]
+    with ckpt.CheckpointManager(tmp_path / "timed", save_every_seconds=3600) as mgr:
+        assert mgr.save(1, {"x": 1}) is None  # an hour has not passed
+        assert mgr.save(2, {"x": 2}, force=True) is not None
+    with ckpt.CheckpointManager(tmp_path / "plain") as mgr:  # no schedule: every call saves
+        assert all(mgr.save(step, {"x": step}) is not None for step in range(3))
+
+
+def test_numpy_and_jax_steps_and_metrics_are_accepted(tmp_path):
+    import jax.numpy as jnp
+
+    with ckpt.CheckpointManager(tmp_path / "run", best_metric="loss") as mgr:
+        mgr.save(np.int64(3), {"x": 3}, metrics={"loss": np.float32(0.5), "acc": jnp.array(0.75)})
+        mgr.save(jnp.array(4), {"x": 4}, metrics={"loss": jnp.float32(0.25), "n": np.int32(7)})
+        mgr.save(np.array(5, np.uint16), {"x": 5}, metrics={"loss": 0.375})
+        mgr.wait()
+        assert mgr.steps() == [3, 4, 5]
+        assert mgr.metrics(np.int64(3)) == {"loss": 0.5, "acc": 0.75}
+        assert mgr.metrics(4) == {"loss": 0.25, "n": 7.0}
+        assert mgr.restore(jnp.array(4)) == {"x": 4}
+        for bad in (True, np.bool_(True), 3.0, -1, jnp.ones(2, jnp.int32), "6"):
+            with pytest.raises(ValueError, match="step"):
+                mgr.save(bad, {"x": 0})
+        for bad in ({"loss": True}, {"loss": jnp.ones(2)}, {"loss": "0.1"}, {1: 0.1}):
+            with pytest.raises(ValueError, match="metrics"):
+                mgr.save(6, {"x": 6}, metrics=bad)
+        assert mgr.steps() == [3, 4, 5]
+        with pytest.raises(ckpt.CheckpointNotFoundError):
+            mgr.metrics(6)
+
+
+def test_best_step_and_metrics_read_back_after_a_restart(tmp_path):
+    losses = {1: 0.4, 2: 0.1, 3: float("nan"), 4: 0.1, 5: 0.3}
+    with ckpt.CheckpointManager(tmp_path / "run", best_metric="loss") as mgr:
+        assert mgr.best_step() is None
+        for step, loss in losses.items():
+            mgr.save(step, {"x": step}, metrics={"loss": loss, "acc": 1 - step / 10})
+        mgr.save(6, {"x": 6})  # no metrics: never the best
+        mgr.wait()
+        assert mgr.best_step() == 4  # the newest of the two best (NaN never ranks)
+    # A new manager reads the metrics back from the manifests.
+    again = ckpt.CheckpointManager(tmp_path / "run", best_metric="acc", best_mode="max")
+    assert again.best_step() == 1
+    assert again.metrics(2) == {"loss": 0.1, "acc": 0.8} and again.metrics(6) == {}
+    assert ckpt.metadata(tmp_path / "run" / "2").metrics == {"loss": 0.1, "acc": 0.8}
+    with pytest.raises(ValueError, match="best_metric"):
+        ckpt.CheckpointManager(tmp_path / "run").best_step()
+    again.close()
+
+
+def test_an_eval_shape_target_restores_jax_arrays_with_one_warning(tmp_path):
+    import jax
+    import jax.numpy as jnp
+
+    from ckpt.errors import UnshardedTargetWarning
+
+    url = tmp_path / "c"
+    ckpt.save(url, {"w": jnp.arange(12.0).reshape(3, 4), "step": 7, "host": np.arange(3)})
+    abstract = jax.eval_shape(lambda: {"w": jnp.zeros((3, 4)), "step": jnp.int32(0),
+                                       "host": jnp.zeros(3, jnp.int32)})
+    with pytest.warns(UnshardedTargetWarning, match=r"3 target leaves have no sharding") as seen:
+        out = ckpt.restore(url, abstract)
+    assert len(seen) == 1 and seen[0].filename == __file__  # names the caller's line
+    for name in ("w", "step", "host"):
+        assert isinstance(out[name], jax.Array), name
+        assert out[name].sharding == jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    assert out["w"].tolist() == np.arange(12.0).reshape(3, 4).tolist() and int(out["step"]) == 7
+    # A numpy target stays numpy, and a sharded one needs no warning.
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert isinstance(ckpt.restore(url, {"host": np.zeros(3, np.int64)})["host"], np.ndarray)
