@@ -51,12 +51,18 @@ DTYPE_SIZES = {
 class LeafKind(enum.StrEnum):
     """How a leaf is stored (docs/format.md): ``array`` (a zarr array under
     ``arrays/<name>/``), ``inline`` (a small array whose bytes are in the manifest), ``value``
-    (a Python scalar or string) or ``none``."""
+    (a Python scalar or string), ``none``, or ``empty`` (an empty container, so that it
+    round-trips: ``vtype`` ``dict`` or ``list``)."""
 
     ARRAY = "array"
     INLINE = "inline"
     VALUE = "value"
     NONE = "none"
+    EMPTY = "empty"
+
+
+# What an empty container comes back as without a target (`LeafKind.EMPTY`'s vtype).
+EMPTY_VTYPES = ("dict", "list")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,6 +201,8 @@ def _leaf_to_dict(leaf: LeafRecord) -> dict[str, Any]:
         out["data"] = leaf.data
     elif leaf.kind == LeafKind.VALUE:
         out.update(value=leaf.value, vtype=leaf.vtype)
+    elif leaf.kind == LeafKind.EMPTY:
+        out["vtype"] = leaf.vtype
     return out
 
 
@@ -258,6 +266,7 @@ _LEAF_FIELDS = {
     LeafKind.INLINE: _ARRAY_FIELDS | {"data"},
     LeafKind.VALUE: {"path", "kind", "value", "vtype"},
     LeafKind.NONE: {"path", "kind"},
+    LeafKind.EMPTY: {"path", "kind", "vtype"},
 }
 
 
@@ -325,6 +334,11 @@ def _decode_leaf(raw: Any, index: int, what: str) -> LeafRecord:
     elif kind == LeafKind.VALUE:
         fields["vtype"] = r.get("vtype", str)
         fields["value"] = r.obj.get("value")
+    elif kind == LeafKind.EMPTY:
+        fields["vtype"] = vtype = r.get("vtype", str)
+        if vtype not in EMPTY_VTYPES:
+            raise CorruptCheckpointError(f"{r.what} ({keystr(path)}) is an empty container of "
+                                         f"unknown type {vtype!r:.40}")
     leaf = LeafRecord(path=path, kind=kind, **fields)
     if kind == LeafKind.ARRAY:
         _check_chunk_sizes(leaf, r.what)

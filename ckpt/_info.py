@@ -86,6 +86,8 @@ def _info(url: str, manifest: Manifest, layout: str) -> CheckpointInfo:
             value: Any = jax.ShapeDtypeStruct(rec.shape, dtype_from_name(rec.dtype, what))
         elif rec.kind == LeafKind.VALUE:
             value = decode_value(rec, what)
+        elif rec.kind == LeafKind.EMPTY:
+            value = {} if rec.vtype == "dict" else []
         else:
             value = None
         items.append((rec.path, value))

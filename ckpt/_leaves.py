@@ -15,7 +15,7 @@ import ml_dtypes
 import numpy as np
 
 from ckpt._format import DTYPE_SIZES, LeafKind, LeafRecord
-from ckpt._tree import KeyPath, check_text, keystr, leaf_name
+from ckpt._tree import KeyPath, check_text, is_empty_container, keystr, leaf_name
 from ckpt.errors import CorruptCheckpointError, UnsupportedLeafError
 
 # Arrays at most this large are stored in the manifest instead of as a zarr array: one
@@ -69,10 +69,19 @@ def is_typed_key(leaf: Any) -> bool:
         jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
 
 
+def empty_record(path: KeyPath, leaf: Any) -> LeafRecord:
+    """The record of an empty container: a dict (or a namedtuple, whose fields come back as
+    dict keys) restores as ``{}``, a list or tuple as ``[]``, without a target."""
+    mapping = isinstance(leaf, dict) or hasattr(type(leaf), "_fields")
+    return LeafRecord(path=path, kind=LeafKind.EMPTY, vtype="dict" if mapping else "list")
+
+
 def classify(path: KeyPath, leaf: Any, process_count: int) -> LeafRecord:
     """Decides how ``leaf`` is stored; raises `UnsupportedLeafError` naming its key path."""
     if leaf is None:
         return LeafRecord(path=path, kind=LeafKind.NONE)
+    if is_empty_container(leaf):
+        return empty_record(path, leaf)
     if isinstance(leaf, jax.Array):
         if leaf.is_deleted():
             raise UnsupportedLeafError(f"leaf {keystr(path)} is a deleted (donated) jax.Array")

@@ -60,7 +60,8 @@ TMP_MARK = ".orbax-checkpoint-tmp"  # Orbax writes under this name and renames o
 MAX_JSON_BYTES = 256 << 20
 
 _ARRAY_TYPES = {"jax.Array": "jax", "np.ndarray": "numpy"}
-_EMPTY_TYPES = ("Dict", "List", "Tuple", "NamedTuple")
+# Orbax's value types of empty containers, and what each comes back as without a target.
+_EMPTY_TYPES = {"Dict": "dict", "NamedTuple": "dict", "List": "list", "Tuple": "list"}
 _SCALAR_KINDS = {"b": "bool", "i": "int", "u": "int", "f": "float", "c": "complex"}
 # Decoded OCDBT b-tree nodes are cached, or every array open would re-read them.
 _OCDBT_CACHE = 64 << 20
@@ -223,6 +224,7 @@ def _leaf_records(item: Store, tree: dict[str, Any], meta_where: str, context: t
         vtype = value_meta.get("value_type") if isinstance(value_meta, dict) else None
         name = ".".join(str(v) for _, v in path)
         if vtype in _EMPTY_TYPES:
+            records.append(LeafRecord(path=path, kind=LeafKind.EMPTY, vtype=_EMPTY_TYPES[vtype]))
             continue
         if vtype == "None":
             records.append(LeafRecord(path=path, kind=LeafKind.NONE))

@@ -21,9 +21,15 @@ import jax
 import numpy as np
 
 from ckpt._format import LeafKind, LeafRecord, Manifest
-from ckpt._leaves import decode_inline, decode_value, dtype_from_name, is_typed_key
+from ckpt._leaves import (
+    decode_inline,
+    decode_value,
+    dtype_from_name,
+    empty_record,
+    is_typed_key,
+)
 from ckpt._reader import Readable, open_readable
-from ckpt._tree import KeyPath, flatten, keystr, nest, unflatten
+from ckpt._tree import KeyPath, flatten, is_empty_container, keystr, nest, unflatten
 from ckpt.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -58,6 +64,7 @@ class _Want:
     key: bool = False                        # rebuild a typed PRNG key array
     key_sharding: Any = None                 # ... placed with this sharding
     defaulted: bool = False                  # the target had no placement: default device
+    keep: Any = None                         # an empty container of the target, returned
 
 
 def _cast_check(rec: LeafRecord, saved: np.dtype[Any], dtype: np.dtype[Any]) -> str | None:
@@ -239,7 +246,10 @@ def _match(manifest: Manifest, target: Any, mesh: Any, what: str) -> tuple[list[
         treedef = None
     else:
         pairs, treedef = flatten(target)
-    records = [lookup(path) for path, _ in pairs]
+    # An empty container of the target needs nothing saved (checkpoints from before empty
+    # containers were recorded, Orbax's): it comes back as it is.
+    records = [lookup(path) or (empty_record(path, t) if is_empty_container(t) else None)
+               for path, t in pairs]
     missing = [keystr(path) for (path, _), rec in zip(pairs, records) if rec is None]
     if missing:
         raise MissingLeafError(f"target leaves absent from {what}: {', '.join(missing)}")
@@ -249,8 +259,16 @@ def _match(manifest: Manifest, target: Any, mesh: Any, what: str) -> tuple[list[
         assert rec is not None
         want = _Want(rec)
         wants.append(want)
+        if is_empty_container(t) and rec.kind in (LeafKind.EMPTY, LeafKind.NONE):
+            want.keep = t  # Orbax records some empty containers (optax's EmptyState) as None
+            continue
         if rec.kind in (LeafKind.VALUE, LeafKind.NONE):
             _want_value(want, path, t, what, bad)
+            continue
+        if rec.kind == LeafKind.EMPTY:
+            if t is not None:
+                bad.add("kind", f"{keystr(path)}: saved an empty {rec.vtype}, target is "
+                                f"{type(t).__name__}")
             continue
         saved = dtype_from_name(rec.dtype, f"{what} leaf {keystr(path)}")
         if t is None:
@@ -351,7 +369,11 @@ def _restore_source(source: Readable, target: Any, mesh: Any,
     for i, want in enumerate(wants):
         rec = want.record
         what = f"{source.store.url} leaf {keystr(rec.path)}"
-        if rec.kind == LeafKind.VALUE:
+        if want.keep is not None:
+            values[i] = want.keep
+        elif rec.kind == LeafKind.EMPTY:
+            values[i] = {} if rec.vtype == "dict" else []
+        elif rec.kind == LeafKind.VALUE:
             values[i] = decode_value(rec, what)
             if want.dtype is not None:  # a number restored as a 0-d array
                 # numpy 1.x wraps an out-of-range integer around (2.x raises): check first.

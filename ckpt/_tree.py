@@ -25,8 +25,14 @@ _MAX_NAME = 120
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 
 
-def _is_none(x: Any) -> bool:
-    return x is None
+def is_empty_container(x: Any) -> bool:
+    """An empty dict, list or tuple (namedtuples included): kept as a leaf by `flatten`,
+    so that it round-trips (Grain's iterator states hold some)."""
+    return isinstance(x, (dict, list, tuple)) and len(x) == 0
+
+
+def _is_leaf(x: Any) -> bool:
+    return x is None or is_empty_container(x)
 
 
 def _storable(key: str | int, where: str) -> str | int:
@@ -78,12 +84,13 @@ def _entry(raw: Any, where: str) -> Entry:
 
 
 def flatten(tree: Any) -> tuple[list[tuple[KeyPath, Any]], Any]:
-    """Flattens ``tree`` with `None` kept as a leaf, so it round-trips.
+    """Flattens ``tree`` with `None` and empty containers kept as leaves, so they
+    round-trip.
 
     Returns:
         The (key path, leaf) pairs in JAX's canonical order, and the treedef.
     """
-    pairs, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_none)
+    pairs, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_leaf)
     out = []
     for raw_path, leaf in pairs:
         where = jax.tree_util.keystr(raw_path) or "the root"

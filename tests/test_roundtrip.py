@@ -196,3 +196,38 @@ def test_python_numbers_restore_into_zero_dim_array_targets(tmp_path, mesh24):
         ckpt.restore(url, {"big": jax.ShapeDtypeStruct((), jnp.int32)})
     with pytest.raises(ckpt.errors.TargetMismatchError, match=r"\['step'\]"):
         ckpt.restore(url, {"step": np.zeros(3, np.int32)})
+
+
+def test_empty_containers_round_trip_with_and_without_a_target(tmp_path):
+    """Empty dicts, lists and tuples (Grain's prefetch state holds some; optax's EmptyState is
+    an empty namedtuple) come back where they were: without a target as {} or [], with one
+    as the target's own container; a target's empty container needs nothing saved."""
+    import collections
+
+    import optax
+
+    nothing = collections.namedtuple("Nothing", [])
+    grain_like = {"mp_prefetch": {"workers_state": {}, "iterations_to_skip": {}},
+                  "last_seen_indices": {"0": 4}, "queue": [], "pair": (), "mark": nothing()}
+    tree = {"loader": grain_like, "opt": optax.sgd(0.1).init({"w": jnp.ones(2)}),
+            "w": np.arange(3)}
+    ckpt.save(tmp_path / "c", tree)
+    out = ckpt.restore(tmp_path / "c")
+    assert out["loader"] == {"mp_prefetch": {"workers_state": {}, "iterations_to_skip": {}},
+                             "last_seen_indices": {"0": 4}, "queue": [], "pair": [],
+                             "mark": {}}
+    assert out["opt"] == [{}, {}]
+    assert ckpt.metadata(tmp_path / "c").tree["loader"]["mp_prefetch"] == {
+        "workers_state": {}, "iterations_to_skip": {}}
+    back = ckpt.restore(tmp_path / "c", tree)
+    assert jax.tree.structure(back) == jax.tree.structure(tree)
+    assert type(back["opt"][0]) is optax.EmptyState and back["loader"]["mark"] == nothing()
+    ckpt.save(tmp_path / "root", {})
+    assert ckpt.restore(tmp_path / "root") == {}
+    # A checkpoint without those records (an older one, Orbax's) restores onto a target
+    # that has them; a saved empty container under an array target is a mismatch.
+    ckpt.save(tmp_path / "old", {"w": np.arange(3)})
+    again = ckpt.restore(tmp_path / "old", {"w": np.zeros(3, np.int64), "extra": {}, "q": []})
+    assert again["extra"] == {} and again["q"] == [] and again["w"].tolist() == [0, 1, 2]
+    with pytest.raises(ckpt.errors.TargetMismatchError, match=r"\['loader'\]\['queue'\]"):
+        ckpt.restore(tmp_path / "c", {"loader": {"queue": np.zeros(2)}})

@@ -421,3 +421,23 @@ def test_a_zero_size_array_with_a_huge_other_dimension_costs_nothing(tmp_path, m
     info = ckpt.metadata(url)
     assert [leaf.shape for leaf in info.leaves if "b" in str(leaf.path)] == [(2**40, 0)]
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 64 << 10  # KiB
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"kind": "empty", "vtype": "set"}, "unknown type 'set'"),
+    ({"kind": "empty", "vtype": "dict", "value": 1}, "fields it cannot have"),
+    ({"kind": "empty"}, "vtype"),
+])
+def test_a_malformed_empty_container_record_is_refused(tmp_path, record, message):
+    url = str(tmp_path / "e")
+    ckpt.save(url, {"a": {}, "n": 1})
+    store = open_store(url)
+    attempt = CommitRecord.decode(store.read(COMMIT), COMMIT).attempt
+    doc = msgpack.unpackb(store.read(f"{attempt}/{MANIFEST}"), strict_map_key=False)
+    leaf = next(x for x in doc["leaves"] if x["path"] == [["key", "a"]])
+    assert leaf == {"path": [["key", "a"]], "kind": "empty", "vtype": "dict"}
+    leaf.clear()
+    leaf.update(path=[["key", "a"]], **record)
+    _resign(store, msgpack.packb(doc))
+    with pytest.raises(CorruptCheckpointError, match=message):
+        ckpt.restore(url)
