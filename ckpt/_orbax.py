@@ -180,6 +180,43 @@ def _shardings(store: Store) -> dict[str, dict[str, Any]]:
     return out
 
 
+ARRAY_METADATAS = "array_metadatas"
+
+
+def _key_impls(store: Store) -> dict[str, str]:
+    """Parameter name -> the PRNG key implementation of each typed key array Orbax saved
+    (its key data is the array; ``array_metadatas/process_<i>`` names the implementation).
+
+    Every process records every array it holds, which is every array: process 0's file is
+    read (else the first one listed), not one per process.
+    """
+    names = store.list_children(ARRAY_METADATAS)
+    if not names:
+        return {}
+    key = f"{ARRAY_METADATAS}/{'process_0' if 'process_0' in names else names[0]}"
+    raw = _read_json(store, key)
+    entries = raw.get("array_metadatas") if isinstance(raw, dict) else None
+    if not isinstance(entries, list):
+        raise CorruptCheckpointError(f"{store.describe(key)} has no array_metadatas list")
+    out = {}
+    for entry in entries:
+        meta = entry.get("array_metadata") if isinstance(entry, dict) else None
+        ext = meta.get("ext_metadata") if isinstance(meta, dict) else None
+        impl = ext.get("random_key_impl") if isinstance(ext, dict) else None
+        name = meta.get("param_name") if isinstance(meta, dict) else None
+        if impl is not None:
+            if not (isinstance(impl, str) and isinstance(name, str) and impl in _KEY_IMPLS):
+                raise UnsupportedFormatError(
+                    f"{store.describe(key)}: array {name!r:.80} is a PRNG key of "
+                    f"implementation {impl!r:.40}, which this library cannot rebuild")
+            out[name] = impl
+    return out
+
+
+# The key implementations JAX ships (what `jax.random.key_impl` names).
+_KEY_IMPLS = frozenset({"threefry2x32", "rbg", "unsafe_rbg"})
+
+
 def _mesh_fields(sharding: dict[str, Any] | None, ndim: int, where: str
                  ) -> tuple[tuple[int, ...] | None, tuple[str, ...] | None, list[Any] | None]:
     if sharding is None:
@@ -251,9 +288,11 @@ def _leaf_records(item: Store, tree: dict[str, Any], meta_where: str, context: t
 
 
 def _add_array_layouts(item: Store, records: list[LeafRecord], opening: list[_Opening],
-                       shardings: dict[str, Any]) -> list[tuple[int, Any]]:
-    """Completes each opened array's record (shape, dtype, chunk grid, saved sharding) in
-    place; returns the reads started for the scalars Orbax stores as 0-d arrays."""
+                       shardings: dict[str, Any],
+                       key_impls: dict[str, str]) -> list[tuple[int, Any]]:
+    """Completes each opened array's record (shape, dtype, chunk grid, saved sharding, PRNG
+    key implementation) in place; returns the reads started for the scalars Orbax stores
+    as 0-d arrays."""
     scalars: list[tuple[int, Any]] = []  # (index in records, read future)
     for index, name, vtype, fut in opening:
         rec = records[index]
@@ -278,7 +317,8 @@ def _add_array_layouts(item: Store, records: list[LeafRecord], opening: list[_Op
         # Orbax records no writers or checksums: only the grid and each chunk's size.
         grid = ChunkLayout(chunk_shape, nbytes=tuple(
             n * itemsize for n in chunk_sizes(shape, chunk_shape)))
-        rec = records[index] = dataclasses.replace(rec, shape=shape, dtype=dtype, layout=grid)
+        rec = records[index] = dataclasses.replace(rec, shape=shape, dtype=dtype, layout=grid,
+                                                   prng_impl=key_impls.get(name, ""))
         if vtype == "scalar":
             scalars.append((index, arr.read()))
         elif rec.source == "jax":
@@ -349,7 +389,7 @@ def open_orbax(store: Store) -> OrbaxItem | None:
                          parent=item.tensorstore_context())
     records, specs, opening = _leaf_records(item, tree, meta_where, context, ocdbt=ocdbt,
                                             zarr3=zarr3, fill_missing=fill_missing)
-    scalars = _add_array_layouts(item, records, opening, _shardings(item))
+    scalars = _add_array_layouts(item, records, opening, _shardings(item), _key_impls(item))
     _add_scalar_values(item, records, specs, scalars)
     created, committed = _timestamps(item, store)
     custom = meta.get("custom_metadata")

@@ -5,6 +5,7 @@ what cannot be read."""
 import json
 import os
 import shutil
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,7 @@ from ckpt.errors import (
     NotACheckpointError,
     UncommittedCheckpointError,
     UnsupportedFormatError,
+    UnshardedTargetWarning,
 )
 from ckpt.storage import open_store
 from tests.conftest import RSS_OVERHEAD, backend_url, cli_extra_rss, make_mesh
@@ -444,3 +446,33 @@ def test_a_fifo_in_an_orbax_checkpoint_fails_instead_of_blocking(orbax_ckpt, tmp
     os.mkfifo(victim)
     with pytest.raises(CorruptCheckpointError, match="not a regular file"):
         ckpt.restore(str(copy))
+
+
+def test_typed_prng_keys_written_by_orbax_restore_as_keys_and_survive_convert(tmp_path, mesh24):
+    """Orbax saves a typed key array as its key data and names the implementation in
+    array_metadatas/ (every MaxText checkpoint has such leaves): it restores as keys of
+    that implementation, on the target's sharding, and `ckpt convert` keeps it a key."""
+    keys = jax.device_put(jax.random.split(jax.random.key(3, impl="unsafe_rbg"), 8),
+                          NamedSharding(mesh24, P(("data", "model"))))
+    state = {"rngs": {"aqt": {"key": keys}, "params": {"key": jax.random.key(4)}},
+             "w": jax.device_put(jnp.arange(16.0), NamedSharding(mesh24, P("model")))}
+    root = str(tmp_path / "orbax")
+    with ocp.CheckpointManager(root) as manager:
+        manager.save(7, args=ocp.args.StandardSave(state))
+        manager.wait_until_finished()
+    converted = str(tmp_path / "ours" / "7")
+    assert cli(["convert", "-q", os.path.join(root, "7"), converted]) == 0
+    for url in (os.path.join(root, "7"), converted):
+        for target in (state, jax.eval_shape(lambda: state)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UnshardedTargetWarning)
+                out = ckpt.restore(url, target)
+            for path in (("aqt", "key"), ("params", "key")):
+                got, want = out["rngs"][path[0]][path[1]], state["rngs"][path[0]][path[1]]
+                assert jax.random.key_impl(got) == jax.random.key_impl(want), (url, path)
+                assert (jax.random.key_data(got) == jax.random.key_data(want)).all()
+            if target is state:
+                assert out["rngs"]["aqt"]["key"].sharding == keys.sharding
+        # Without a target, a key is its key data (as this library's own checkpoints give it).
+        raw = ckpt.restore(url)["rngs"]["aqt"]["key"]
+        assert raw.dtype == np.uint32 and raw.shape == jax.random.key_data(keys).shape
