@@ -26,6 +26,7 @@ import base64
 import dataclasses
 import errno
 import json
+import logging
 from typing import Any
 
 import tensorstore as ts
@@ -34,6 +35,7 @@ from ckpt._format import ChunkLayout, LeafKind, LeafRecord, Manifest, read_objec
 from ckpt._leaves import SUPPORTED_DTYPES, encode_value
 from ckpt._tree import KeyPath, keystr, leaf_name
 from ckpt.errors import (
+    CkptError,
     CorruptCheckpointError,
     NotACheckpointError,
     UncommittedCheckpointError,
@@ -49,6 +51,8 @@ from ckpt.storage import (
     check_key,
     tensorstore_code,
 )
+
+log = logging.getLogger("ckpt.orbax")
 
 TREE_METADATA = "_METADATA"
 STEP_METADATA = "_CHECKPOINT_METADATA"
@@ -118,6 +122,7 @@ def find_item(store: Store) -> Store | None:
     if store.exists(STEP_METADATA):
         items = [c for c in store.list_children() if store.exists(f"{c}/{TREE_METADATA}")]
         if len(items) == 1:
+            _warn_unread_items(store, items[0])
             return store.child(items[0])
         if items:
             raise NotACheckpointError(
@@ -140,6 +145,21 @@ def find_item(store: Store) -> Store | None:
             f"{store.url} is an Orbax CheckpointManager root (steps {steps[0]}..{steps[-1]}): "
             f"restore or convert one step, e.g. {store.child(str(steps[-1])).url}")
     return None
+
+
+def _warn_unread_items(step: Store, chosen: str) -> None:
+    """Says which items of an Orbax step are left out when its one pytree item is read
+    (a JSON item such as Orbax's ``metrics``, a Grain iterator item): never silently."""
+    try:
+        handlers = _read_json(step, STEP_METADATA).get("item_handlers")
+    except (CkptError, AttributeError):
+        return  # unreadable here; the item's own reading reports what matters
+    # The manager's own `metrics` item is read: into the step's metrics (`_step_metrics`).
+    others = sorted(k for k in handlers if k not in (chosen, METRICS_ITEM)) \
+        if isinstance(handlers, dict) else []
+    if others:
+        log.warning("%s: reading its pytree item %r; its other items (%s) are not read by this "
+                    "library", step.url, chosen, ", ".join(others))
 
 
 def _key_path(entry: Any, where: str) -> KeyPath:
@@ -391,13 +411,19 @@ def open_orbax(store: Store) -> OrbaxItem | None:
                                             zarr3=zarr3, fill_missing=fill_missing)
     scalars = _add_array_layouts(item, records, opening, _shardings(item), _key_impls(item))
     _add_scalar_values(item, records, specs, scalars)
-    created, committed = _timestamps(item, store)
+    step = _step_metadata(item, store)
+    created, committed = _timestamps(step)
+    # The item's own custom metadata, else the step's (CheckpointManager.save's, which
+    # MaxText checks on load).
     custom = meta.get("custom_metadata")
+    if custom in ({}, None):
+        custom = step.get("custom_metadata")
     layout = f"{'OCDBT' if ocdbt else 'one folder per array'}, zarr v{3 if zarr3 else 2}"
     manifest = Manifest(attempt="", process_count=_process_count(item),
                         created_at=created, committed_at=committed,
                         versions={"writer": "orbax-checkpoint"},
-                        metadata=custom if custom not in ({}, None) else None, leaves=records)
+                        metadata=custom if custom not in ({}, None) else None, leaves=records,
+                        metrics=_step_metrics(step, store))
     return OrbaxItem(item, manifest, specs, context, layout)
 
 
@@ -416,17 +442,45 @@ def _array_spec(item: Store, name: str, *, ocdbt: bool, zarr3: bool,
             "fill_missing_data_reads": fill_missing}
 
 
-def _timestamps(item: Store, given: Store) -> tuple[float, float]:
+def _step_metadata(item: Store, given: Store) -> dict[str, Any]:
+    """``_CHECKPOINT_METADATA`` of the item (a `StandardCheckpointer` folder) or of the step
+    folder given (a manager step); empty when neither has one."""
     for store in (item, given):
         try:
             meta = _read_json(store, STEP_METADATA)
         except ObjectNotFoundError:
             continue
         if isinstance(meta, dict):
-            init, done = meta.get("init_timestamp_nsecs"), meta.get("commit_timestamp_nsecs")
-            if isinstance(init, int) and isinstance(done, int):
-                return init / 1e9, done / 1e9
+            return meta
+    return {}
+
+
+def _timestamps(step: dict[str, Any]) -> tuple[float, float]:
+    init, done = step.get("init_timestamp_nsecs"), step.get("commit_timestamp_nsecs")
+    if isinstance(init, int) and isinstance(done, int):
+        return init / 1e9, done / 1e9
     return 0.0, 0.0
+
+
+# The item a CheckpointManager writes the ``metrics=`` of a save into (``metrics/metrics``).
+METRICS_ITEM = "metrics"
+
+
+def _step_metrics(step: dict[str, Any], given: Store) -> dict[str, float]:
+    """The metrics `CheckpointManager.save(..., metrics=)` recorded, from the step's
+    ``metrics`` item (when ``given`` is the step folder) or its metadata: the numbers among
+    them (Orbax accepts any tree; only name -> number pairs rank and show here)."""
+    metrics = step.get("metrics")
+    handlers = step.get("item_handlers")
+    if isinstance(handlers, dict) and METRICS_ITEM in handlers:
+        try:
+            metrics = _read_json(given, f"{METRICS_ITEM}/{METRICS_ITEM}")
+        except ObjectNotFoundError:
+            pass  # given the item folder: the step's metrics are out of reach
+    if not isinstance(metrics, dict):
+        return {}
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _process_count(item: Store) -> int:

@@ -216,7 +216,7 @@ def reshard(src_url: StoreLike, dst_url: StoreLike, *,
                     progress(done, total)
     write_report(dst, attempt, 0, writer.finish())
     commit_attempt(dst, attempt, records, process_count=1, metadata=manifest.metadata,
-                   created_at=time.time(), overwrite=overwrite)
+                   created_at=time.time(), overwrite=overwrite, metrics=manifest.metrics)
     return ReshardResult(dst.url, chunks, done, dict(mesh), source.layout)
 
 

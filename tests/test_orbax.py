@@ -476,3 +476,31 @@ def test_typed_prng_keys_written_by_orbax_restore_as_keys_and_survive_convert(tm
         # Without a target, a key is its key data (as this library's own checkpoints give it).
         raw = ckpt.restore(url)["rngs"]["aqt"]["key"]
         assert raw.dtype == np.uint32 and raw.shape == jax.random.key_data(keys).shape
+
+
+def test_a_managers_custom_metadata_and_metrics_are_read_and_converted(tmp_path, mesh24, caplog):
+    """A step's custom_metadata (MaxText checks {"scan_layers": true} on load) and the
+    metrics given to CheckpointManager.save show in metadata and inspect and survive convert;
+    an item that is not read (a JSON item) is named, never dropped in silence."""
+    import logging
+
+    state = {"w": jax.device_put(jnp.arange(32.0).reshape(4, 8),
+                                 NamedSharding(mesh24, P("data", "model")))}
+    root = str(tmp_path / "orbax")
+    options = ocp.CheckpointManagerOptions(best_fn=lambda m: m["loss"])
+    with ocp.CheckpointManager(root, options=options) as manager:
+        manager.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                extra=ocp.args.JsonSave({"note": "hi"})),
+                     metrics={"loss": 0.25}, custom_metadata={"scan_layers": True})
+        manager.wait_until_finished()
+    step = os.path.join(root, "3")
+    with caplog.at_level(logging.WARNING, logger="ckpt"):
+        info = ckpt.metadata(step)
+    assert "other items (extra)" in caplog.text
+    assert info.metadata == {"scan_layers": True} and info.metrics == {"loss": 0.25}
+    converted = str(tmp_path / "ours" / "3")
+    assert cli(["convert", "-q", step, converted]) == 0
+    again = ckpt.metadata(converted)
+    assert again.metadata == {"scan_layers": True} and again.metrics == {"loss": 0.25}
+    with ckpt.CheckpointManager(str(tmp_path / "ours"), best_metric="loss") as mgr:
+        assert mgr.metrics(3) == {"loss": 0.25} and mgr.best_step() == 3
