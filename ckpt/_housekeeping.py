@@ -24,6 +24,7 @@ from ckpt._format import (
     read_object,
     unpack,
 )
+from ckpt._orbax import ORBAX_STEP, STEP_METADATA, delete_orbax_step, is_orbax_step
 from ckpt.errors import CorruptCheckpointError
 from ckpt.storage import ObjectNotFoundError, Store
 
@@ -59,8 +60,8 @@ def _read_rewind(store: Store) -> tuple[int | None, Abandoned]:
     pairs = raw.get("abandoned") if isinstance(raw, dict) else None
     to = raw.get("to") if isinstance(raw, dict) else None
     if (not isinstance(pairs, list) or not isinstance(to, int) or not all(
-            isinstance(p, list) and len(p) == 2 and isinstance(p[0], int)
-            and isinstance(p[1], str) and p[1].startswith(ATTEMPT_PREFIX) for p in pairs)):
+            isinstance(p, list) and len(p) == 2 and isinstance(p[0], int) and isinstance(p[1], str)
+            and (p[1].startswith(ATTEMPT_PREFIX) or p[1] == ORBAX_STEP) for p in pairs)):
         raise CorruptCheckpointError(f"{store.describe(REWIND)} is not a rewind record")
     out: Abandoned = {}
     for step, attempt in pairs:
@@ -74,9 +75,12 @@ def abandoned(store: Store) -> Abandoned:
 
 
 def is_abandoned(store: Store, step: int, gone: Abandoned) -> bool:
-    """Whether ``step``'s COMMIT names an attempt in ``gone`` (from `abandoned`)."""
+    """Whether ``step``'s COMMIT names an attempt in ``gone`` (from `abandoned`), or ``step``
+    is an Orbax step folder the rewind abandoned."""
     if step not in gone:
         return False
+    if ORBAX_STEP in gone[step] and not store.exists(f"{step}/{COMMIT}"):
+        return True
     try:
         return committed_attempt(store.child(str(step))) in gone[step]
     except CorruptCheckpointError:
@@ -94,7 +98,10 @@ def rewind_root(store: Store, to_step: int, steps: Iterable[int]) -> Abandoned:
     Process 0 of a manager."""
     _, gone = _read_rewind(store)
     for step in steps:
-        names = attempt_names(store.child(str(step)))
+        folder = store.child(str(step))
+        names = attempt_names(folder)
+        if folder.exists(STEP_METADATA):
+            names.append(ORBAX_STEP)  # an Orbax step of the run: it goes too
         if names:
             gone.setdefault(step, set()).update(names)
     if gone:
@@ -124,18 +131,25 @@ def finish_rewind(store: Store) -> Abandoned:
     return kept
 
 
+def _is_committed(store: Store, step: int, gone: Abandoned) -> bool:
+    """Whether ``step`` is a committed step of the root: this library's (COMMIT) or one an
+    Orbax CheckpointManager wrote (a run that switched over continues in place)."""
+    committed = store.exists(f"{step}/{COMMIT}") or is_orbax_step(store.child(str(step)))
+    return committed and not is_abandoned(store, step, gone)
+
+
 def committed_steps(store: Store) -> list[int]:
-    """Committed steps under a manager root, ascending (one existence check per folder)."""
+    """Committed steps under a manager root, ascending (one existence check per folder of
+    this library's; two or three for an Orbax step)."""
     gone = abandoned(store)
-    return [s for s in step_folders(store)
-            if store.exists(f"{s}/{COMMIT}") and not is_abandoned(store, s, gone)]
+    return [s for s in step_folders(store) if _is_committed(store, s, gone)]
 
 
 def latest_committed_step(store: Store) -> int | None:
     """The newest committed step: one listing, then existence checks newest first."""
     gone = abandoned(store)
     for step in reversed(step_folders(store)):
-        if store.exists(f"{step}/{COMMIT}") and not is_abandoned(store, step, gone):
+        if _is_committed(store, step, gone):
             return step
     return None
 
@@ -246,8 +260,13 @@ def delete_checkpoint(store: Store, *, only: set[str] | None = None) -> list[str
     With ``only``, touches only those attempts (and COMMIT only if it names one of them).
 
     Returns the attempts it left because a committer claimed them (it may still commit: then
-    the checkpoint reappears, whole). Crash-safe and idempotent.
+    the checkpoint reappears, whole). Crash-safe and idempotent. An Orbax step folder (no
+    COMMIT, Orbax's step metadata) is deleted whole, its commit marker first.
     """
+    if (only is None or ORBAX_STEP in only) and not store.exists(COMMIT) \
+            and store.exists(STEP_METADATA):
+        delete_orbax_step(store)
+        return []
     try:
         winner = committed_attempt(store)
     except CorruptCheckpointError:

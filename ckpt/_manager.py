@@ -36,7 +36,8 @@ from ckpt._housekeeping import (
     rewind_root,
 )
 from ckpt._policy import SavePolicy
-from ckpt._reader import open_checkpoint
+from ckpt._orbax import holds_orbax
+from ckpt._reader import open_readable
 from ckpt._restore import restore_from
 from ckpt._tree import is_text
 from ckpt._save import SaveHandle, start_save
@@ -275,6 +276,12 @@ class CheckpointManager:
             # abandoned branch since: remove it so that the new branch can save the step.
             finish_rewind(self._store)
         newest = self.latest_step()
+        if (newest is None or step > newest) and holds_orbax(self._store.child(str(step))):
+            return CheckpointExistsError(
+                f"step {step} under {self.root_url} is a folder Orbax wrote into but never "
+                f"committed (an interrupted Orbax save, or one still running): this library "
+                f"never writes into an Orbax folder; once no Orbax job writes there, remove "
+                f"{self._store.child(str(step)).url} and save again")
         if newest is None or step > newest:
             return None
         if step == newest:
@@ -342,8 +349,8 @@ class CheckpointManager:
         """The metrics saved with committed ``step``: remembered from this manager's own
         saves, else read from the step's manifest once."""
         if step not in self._metrics:
-            _, manifest = open_checkpoint(self._store.child(str(step)))
-            self._metrics[step] = manifest.metrics
+            # This library's step or an Orbax one (whose metrics Orbax's manager recorded).
+            self._metrics[step] = open_readable(self._store.child(str(step))).manifest.metrics
         return self._metrics[step]
 
     def metrics(self, step: int) -> dict[str, float]:

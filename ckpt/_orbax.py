@@ -147,6 +147,46 @@ def find_item(store: Store) -> Store | None:
     return None
 
 
+# Orbax's commit marker of a step (written last; on a local file system Orbax commits by
+# renaming its temporary folder instead, and may not write it).
+COMMIT_SUCCESS = "commit_success.txt"
+# What a rewind record names for an Orbax step it abandons (an Orbax step has no attempts).
+ORBAX_STEP = "orbax-step"
+
+
+def holds_orbax(store: Store) -> bool:
+    """Whether Orbax wrote into the folder at ``store`` (a step or an item, committed or
+    not): this library never writes into such a folder."""
+    return store.exists(STEP_METADATA) or store.exists(TREE_METADATA)
+
+
+def is_orbax_step(store: Store) -> bool:
+    """Whether ``store`` is a committed Orbax `CheckpointManager` step folder (v0 or v1
+    API): its ``_CHECKPOINT_METADATA`` and, except on a local file system, its commit
+    marker. Called for step folders without a COMMIT of this library's: one listing of the
+    folder (one request on an object store), not an existence check per file."""
+    names = set(store.list_children())
+    if STEP_METADATA not in names:
+        return False
+    return store.location.scheme == "file" or COMMIT_SUCCESS in names
+
+
+def orbax_step_committed_at(store: Store) -> float:
+    """When Orbax committed the step at ``store`` (0.0 when it did not record it)."""
+    return _timestamps(_step_metadata(store, store))[1]
+
+
+def delete_orbax_step(store: Store) -> None:
+    """Deletes the Orbax step folder at ``store``: its commit marker and step metadata
+    first, so that it is no committed step from the first delete on; then the rest.
+    Idempotent: a crash part-way leaves an invisible folder the next delete finishes."""
+    store.delete(COMMIT_SUCCESS)
+    store.delete(STEP_METADATA)
+    for name in store.list_children():
+        store.delete_prefix(name)
+    store.prune()
+
+
 def _warn_unread_items(step: Store, chosen: str) -> None:
     """Says which items of an Orbax step are left out when its one pytree item is read
     (a JSON item such as Orbax's ``metrics``, a Grain iterator item): never silently."""

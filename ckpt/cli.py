@@ -28,10 +28,12 @@ from ckpt._housekeeping import (
     committed_steps,
     delete_checkpoint,
     finish_rewind,
+    is_abandoned,
     retention_victims,
     step_folders,
 )
 from ckpt._info import CheckpointInfo, metadata
+from ckpt._orbax import is_orbax_step, orbax_step_committed_at
 from ckpt._reshard import convert, parse_mesh, parse_spec, reshard
 from ckpt._verify import verify
 from ckpt._reshard import slash_path
@@ -207,11 +209,16 @@ def _list(args: argparse.Namespace) -> int:
     for step in sorted(step_folders(store), reverse=True):
         sizes = store.list_sizes(str(step))
         found = sorted(attempts(store.child(str(step))), key=lambda a: a.name, reverse=True)
+        if not found and is_orbax_step(store.child(str(step))):
+            entries.append({"step": step, "attempt": "", "bytes": sum(sizes.values()),
+                            "state": "abandoned" if is_abandoned(store, step, gone)
+                            else "committed", "layout": "orbax-checkpoint",
+                            "committed_at": orbax_step_committed_at(store.child(str(step)))})
         for a in found:
             nbytes = sum(v for k, v in sizes.items() if k.startswith(f"{step}/{a.name}/"))
             state = "abandoned" if a.committed and a.name in gone.get(step, ()) else a.state
             entry: dict[str, Any] = {"step": step, "attempt": a.name, "bytes": nbytes,
-                                     "state": state}
+                                     "state": state, "layout": "ckpt"}
             if a.committed:
                 rec = CommitRecord.decode(read_object(store, f"{step}/{COMMIT}", MAX_COMMIT_BYTES),
                                           f"{step}/{COMMIT}")
@@ -227,7 +234,8 @@ def _list(args: argparse.Namespace) -> int:
     for e in entries:
         if "committed_at" in e:
             when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(e["committed_at"]))
-            print(f"{e['step']:>10}  {e['state']:<10}  {_size(e['bytes']):>10}  {when}")
+            print(f"{e['step']:>10}  {e['state']:<10}  {_size(e['bytes']):>10}  {when}"
+                  + ("  (orbax-checkpoint)" if e["layout"] != "ckpt" else ""))
         else:
             print(f"{e['step']:>10}  {e['state']:<10}  {_size(e['bytes']):>10}  "
                   f"{_age(e['age_s'])} old  {e['attempt']}")

@@ -105,10 +105,28 @@ def guide_read_only(tmp_path):
     with ckpt.CheckpointManager(root) as mgr:
         mgr.save(3, {"params": {"w": np.arange(4.0)}, "opt": {"mu": np.zeros(4)}})
     abstract = {"params": {"w": jax.ShapeDtypeStruct((4,), jnp.float32)}}
-    names = _run("docs/guide.md", 2, {"trainer_root": root, "abstract_state": abstract}, {})
+    names = _run("docs/guide.md", 3, {"trainer_root": root, "abstract_state": abstract}, {})
     assert np.array_equal(names["params"]["w"], np.arange(4.0))
     with pytest.raises(ckpt.errors.ReadOnlyError):
         names["evaluator"].delete(3)
+
+
+def guide_orbax_move(tmp_path):
+    import orbax.checkpoint as ocp
+
+    root = str(tmp_path / "orbax-run")
+    state = {"params": {"w": jnp.zeros(4)}, "step": jnp.array(0)}
+    with ocp.CheckpointManager(root) as manager:
+        for step in (1, 2):
+            manager.save(step, args=ocp.args.StandardSave(
+                {"params": {"w": jnp.full(4, float(step))}, "step": jnp.array(step)}))
+        manager.wait_until_finished()
+    names = _run("docs/guide.md", 2, {}, {})
+    mgr, resumed = names["resume"](root, state)
+    assert int(resumed["step"]) == 2 and float(resumed["params"]["w"][0]) == 2.0
+    assert mgr.save(1_000, resumed) is not None  # this library's step beside Orbax's
+    mgr.close()
+    assert ckpt.CheckpointManager(root, read_only=True).steps() == [1, 2, 1_000]
 
 
 def readme_logging(tmp_path):
@@ -129,7 +147,7 @@ def readme_logging(tmp_path):
 
 RUN = {("README.md", 0): readme_loop, ("README.md", 2): readme_logging,
        ("docs/guide.md", 0): guide_loop, ("docs/guide.md", 1): guide_rewind,
-       ("docs/guide.md", 2): guide_read_only}
+       ("docs/guide.md", 2): guide_orbax_move, ("docs/guide.md", 3): guide_read_only}
 
 
 @pytest.mark.parametrize("example", sorted(RUN), ids=lambda e: f"{e[0]}#{e[1]}")

@@ -504,3 +504,76 @@ def test_a_managers_custom_metadata_and_metrics_are_read_and_converted(tmp_path,
     assert again.metadata == {"scan_layers": True} and again.metrics == {"loss": 0.25}
     with ckpt.CheckpointManager(str(tmp_path / "ours"), best_metric="loss") as mgr:
         assert mgr.metrics(3) == {"loss": 0.25} and mgr.best_step() == 3
+
+
+def _run_state(step, mesh):
+    return {"w": jax.device_put(jnp.full((8, 16), float(step)),
+                                NamedSharding(mesh, P("data", "model"))),
+            "step": jnp.array(step)}
+
+
+def test_an_orbax_run_directory_continues_in_place(tmp_path, mesh24, capsys):
+    """A run Orbax's CheckpointManager wrote goes on under this library's manager, in place:
+    its steps are listed, restored and ranked; new steps are written beside them; retention
+    and rewind treat them as steps of the run; an Orbax folder is never written into."""
+    from ckpt.errors import CheckpointExistsError, StepOrderError
+
+    root = str(tmp_path / "run")
+    # (Orbax records a save's metrics only when its manager has a best_fn.)
+    options = ocp.CheckpointManagerOptions(best_fn=lambda m: m["loss"], best_mode="min")
+    with ocp.CheckpointManager(root, options=options) as manager:
+        for step in (1, 2, 3):
+            manager.save(step, args=ocp.args.StandardSave(_run_state(step, mesh24)),
+                         metrics={"loss": 1.0 / step})
+        manager.wait_until_finished()
+    mgr = ckpt.CheckpointManager(root, keep_last=3, best_metric="loss")
+    assert mgr.steps() == [1, 2, 3] and mgr.latest_step() == 3
+    out = mgr.restore(target=_run_state(0, mesh24))
+    assert float(out["w"][0, 0]) == 3.0 and int(out["step"]) == 3
+    assert mgr.metrics(2) == {"loss": 0.5} and mgr.best_step() == 3
+    with pytest.raises(StepOrderError):
+        mgr.save(2, _run_state(2, mesh24))
+    with pytest.raises(CheckpointExistsError):
+        mgr.save(3, _run_state(3, mesh24))
+    for step in (4, 5):  # the loop goes on in this library's format
+        mgr.save(step, _run_state(step, mesh24), metrics={"loss": 1.0 / step})
+    mgr.wait()
+    assert mgr.steps() == [3, 4, 5]  # keep_last=3: Orbax's steps 1 and 2 went, whole
+    assert sorted(os.listdir(root)) == ["3", "4", "5"]
+    assert os.path.exists(os.path.join(root, "3", "_CHECKPOINT_METADATA"))  # untouched
+    assert not os.path.exists(os.path.join(root, "3", "COMMIT"))
+    assert cli(["list", root]) == 0
+    listed = capsys.readouterr().out
+    assert "(orbax-checkpoint)" in listed.splitlines()[-1] and listed.count("committed") == 3
+    mgr.close()
+    # Rewinding to the Orbax step removes this library's steps; restarting reads Orbax's.
+    with ckpt.CheckpointManager(root) as mgr:
+        mgr.rewind(3)
+        assert mgr.steps() == [3]
+    assert int(ckpt.CheckpointManager(root, read_only=True).restore()["step"]) == 3
+    # An Orbax folder that never committed is never written into.
+    shutil.copytree(os.path.join(root, "3", "default"), os.path.join(root, "9"))
+    with ckpt.CheckpointManager(root) as mgr:
+        with pytest.raises(CheckpointExistsError, match="never writes into an Orbax folder"):
+            mgr.save(9, _run_state(9, mesh24))
+        assert mgr.steps() == [3]
+
+
+def test_a_rewind_across_orbax_steps_of_the_v1_api(tmp_path, mesh24):
+    from orbax.checkpoint.experimental import v1 as ocp1
+
+    root = str(tmp_path / "run")
+    with ocp1.training.Checkpointer(root) as checkpointer:
+        for step in (1, 2, 3):
+            checkpointer.save_pytree(step, _run_state(step, mesh24))
+    with ckpt.CheckpointManager(root) as mgr:
+        assert mgr.steps() == [1, 2, 3]
+        mgr.save(4, _run_state(4, mesh24))
+        mgr.wait()
+        mgr.rewind(1)  # Orbax steps 2, 3 and this library's 4 leave the run
+        assert mgr.steps() == [1] and sorted(os.listdir(root)) == ["1"]
+        out = mgr.restore(target=_run_state(0, mesh24))
+        assert float(out["w"][0, 0]) == 1.0
+        mgr.save(2, _run_state(22, mesh24))  # the new branch
+    with ckpt.CheckpointManager(root) as mgr:
+        assert mgr.steps() == [1, 2] and int(mgr.restore(2, target=_run_state(0, mesh24))["step"]) == 22
