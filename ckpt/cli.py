@@ -146,6 +146,20 @@ def _info_json(info: CheckpointInfo) -> dict[str, Any]:
     }
 
 
+def _step_of(given: str, found: str, orbax_item: bool) -> str:
+    """The step number a checkpoint URL names: its folder's, or for an Orbax item (a
+    manager step's, which the reader may have gone into) its step folder's; ``-`` when
+    none does."""
+    urls = [given, found]
+    if orbax_item:
+        urls.append(found.rstrip("/").rsplit("/", 1)[0])
+    for url in urls:
+        name = os.path.basename(url.rstrip("/"))
+        if name.isascii() and name.isdigit():
+            return name
+    return "-"
+
+
 def _inspect(args: argparse.Namespace) -> int:
     try:
         info = metadata(args.url)
@@ -161,11 +175,12 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(_info_json(info), indent=2))
         return 0
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(info.committed_at))
-    step = os.path.basename(info.url.rstrip("/"))
+    # Not recorded (an Orbax item folder given without its step folder): said, not 1970.
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(info.committed_at)) \
+        if info.committed_at > 0 else "- (not recorded)"
     meshes = sorted({str(leaf.mesh) for leaf in info.leaves if leaf.mesh})
     print(f"checkpoint  {info.url}")
-    print(f"step        {step if step.isascii() and step.isdigit() else '-'}")
+    print(f"step        {_step_of(str(args.url), info.url, orbax_item=not info.attempt)}")
     if info.attempt:  # this library's format
         print(f"format      v{info.format_version}, attempt {info.attempt}")
     else:

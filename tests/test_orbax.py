@@ -577,3 +577,16 @@ def test_a_rewind_across_orbax_steps_of_the_v1_api(tmp_path, mesh24):
         mgr.save(2, _run_state(22, mesh24))  # the new branch
     with ckpt.CheckpointManager(root) as mgr:
         assert mgr.steps() == [1, 2] and int(mgr.restore(2, target=_run_state(0, mesh24))["step"]) == 22
+
+
+def test_inspect_names_an_orbax_steps_number_and_its_commit_time(tmp_path, capsys):
+    root = str(tmp_path / "run")
+    with ocp.CheckpointManager(root) as manager:
+        manager.save(12, args=ocp.args.StandardSave({"w": jnp.ones(4)}))
+        manager.wait_until_finished()
+    assert cli(["inspect", os.path.join(root, "12")]) == 0
+    out = capsys.readouterr().out
+    assert "step        12" in out and "1970" not in out and "not recorded" not in out
+    assert cli(["inspect", os.path.join(root, "12", "default")]) == 0
+    out = capsys.readouterr().out  # the item alone: its step is its folder's; no time there
+    assert "step        12" in out and "committed   - (not recorded)" in out
