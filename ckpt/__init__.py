@@ -6,6 +6,7 @@ Public API::
     ckpt.save(url, tree, *, metadata=None)
     ckpt.restore(url, target=None, *, mesh=None)
     ckpt.metadata(url) -> CheckpointInfo
+    ckpt.PerProcess(value)                              # a leaf whose value differs per process
     ckpt.CheckpointManager(root_url, keep_last=None, keep_every=None, *, read_only=False)
         .save(step, tree, metrics=None) .restore(step=None, target=None, mesh=None)
         .delete(step) .rewind(step) .latest_step() .steps() .wait() .close()
@@ -35,6 +36,7 @@ except _metadata.PackageNotFoundError:  # run from a source tree that is not ins
 
 from ckpt import errors
 from ckpt._info import CheckpointInfo, LeafInfo, metadata
+from ckpt._leaves import PerProcess
 from ckpt._manager import CheckpointManager
 from ckpt._save import SaveHandle, SaveTimings, save, save_async
 from ckpt.storage import configure as configure_storage
@@ -81,6 +83,7 @@ __all__ = [
     "__version__", "AttemptRemovedError", "CheckpointExistsError", "CheckpointInfo",
     "CheckpointManager", "CheckpointNotFoundError", "CkptError", "configure_storage",
     "CorruptCheckpointError", "DeadlineExceededError", "errors", "LeafInfo", "metadata",
+    "PerProcess",
     "ReadOnlyError", "restore", "save", "save_async", "SaveError", "SaveHandle",
     "SaveTimings", "StepOrderError", "TargetMismatchError", "UnsupportedLeafError",
 ]

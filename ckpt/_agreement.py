@@ -32,7 +32,9 @@ def digests(records: Sequence[LeafRecord], leaves: Sequence[Any]) -> tuple[str, 
     for rec, leaf in zip(records, leaves):
         if rec.kind == LeafKind.VALUE:
             values[keystr(rec.path)] = google_crc32c.value(pack(rec.value))
-        elif rec.source in ("numpy", "numpy_scalar"):
+        elif rec.kind in (LeafKind.ARRAY, LeafKind.INLINE) and \
+                rec.source in ("numpy", "numpy_scalar"):
+            # (Per-process leaves differ by design; None and empty containers hold nothing.)
             array = np.asarray(leaf)
             little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
             values[keystr(rec.path)] = google_crc32c.value(little.reshape(-1).view(np.uint8))

@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import secrets
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import google_crc32c
@@ -117,12 +118,14 @@ class ChunkWriter:
 
 
 def write_report(store: Store, attempt: str, process: int, rows: list[Row],
-                 digests: tuple[str, dict[str, int]] = ("", {})) -> None:
+                 digests: tuple[str, dict[str, int]] = ("", {}),
+                 per_process: Sequence[tuple[int, Any]] = ()) -> None:
     """Writes ``process``'s host report, once its chunks are durable (`ChunkWriter.finish`).
-    ``digests``: the tree and value digests of `ckpt._agreement` (empty for one process)."""
+    ``digests``: the tree and value digests of `ckpt._agreement` (empty for one process);
+    ``per_process``: this process's value of each per-process leaf, by leaf position."""
     tree, values = digests
-    store.write(host_report_key(attempt, process),
-                encode_host_report(attempt, HostReport(process, rows, tree, values)))
+    store.write(host_report_key(attempt, process), encode_host_report(
+        attempt, HostReport(process, rows, tree, values, list(per_process))))
 
 
 def check_reports(store: Store, attempt: str, records: list[LeafRecord],
@@ -167,7 +170,26 @@ def check_reports(store: Store, attempt: str, records: list[LeafRecord],
                 raise SaveError(f"chunk {flat} of leaf {keystr(rec.path)} was not reported by "
                                 f"its writer, process {writer}")
     return [dataclasses.replace(rec, layout=rec.layout.with_crc32c(crcs[rec.name]))
-            if rec.kind == LeafKind.ARRAY else rec for rec in records]
+            if rec.kind == LeafKind.ARRAY else rec for rec in _gather_per_process(
+                records, reports, keys, store)]
+
+
+def _gather_per_process(records: list[LeafRecord], reports: list[HostReport],
+                        keys: list[str], store: Store) -> list[LeafRecord]:
+    """The records with each ``per_process`` leaf a save left open (value None) holding
+    every report's value of it, by process index (what the manifest stores). A rewrite's
+    records already hold theirs."""
+    owned = [dict(report.per_process) for report in reports]
+    out = []
+    for i, rec in enumerate(records):
+        if rec.kind == LeafKind.PER_PROCESS and rec.value is None:
+            lacking = [p for p, values in enumerate(owned) if i not in values]
+            if lacking:
+                raise SaveError(f"{store.describe(keys[lacking[0]])} holds no value for the "
+                                f"per-process leaf {keystr(rec.path)}")
+            rec = dataclasses.replace(rec, value=[values[i] for values in owned])
+        out.append(rec)
+    return out
 
 
 def commit_attempt(store: Store, attempt: str, records: list[LeafRecord], *,

@@ -51,18 +51,24 @@ DTYPE_SIZES = {
 class LeafKind(enum.StrEnum):
     """How a leaf is stored (docs/format.md): ``array`` (a zarr array under
     ``arrays/<name>/``), ``inline`` (a small array whose bytes are in the manifest), ``value``
-    (a Python scalar or string), ``none``, or ``empty`` (an empty container, so that it
-    round-trips: ``vtype`` ``dict`` or ``list``)."""
+    (a Python scalar or string), ``none``, ``empty`` (an empty container, so that it
+    round-trips: ``vtype`` ``dict`` or ``list``), or ``per_process`` (a value each process
+    saved for itself: ``vtype`` ``value`` for `ckpt.PerProcess`, ``state`` for an object's
+    ``get_state()``; ``value`` the list of them, by process index)."""
 
     ARRAY = "array"
     INLINE = "inline"
     VALUE = "value"
     NONE = "none"
     EMPTY = "empty"
+    PER_PROCESS = "per_process"
 
 
 # What an empty container comes back as without a target (`LeafKind.EMPTY`'s vtype).
 EMPTY_VTYPES = ("dict", "list")
+# What a per-process leaf was (`LeafKind.PER_PROCESS`'s vtype): a `ckpt.PerProcess`, or an
+# object with get_state()/set_state() (a Grain iterator).
+PER_PROCESS_VTYPES = ("value", "state")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,6 +209,8 @@ def _leaf_to_dict(leaf: LeafRecord) -> dict[str, Any]:
         out.update(value=leaf.value, vtype=leaf.vtype)
     elif leaf.kind == LeafKind.EMPTY:
         out["vtype"] = leaf.vtype
+    elif leaf.kind == LeafKind.PER_PROCESS:
+        out.update(vtype=leaf.vtype, values=list(leaf.value))
     return out
 
 
@@ -267,6 +275,7 @@ _LEAF_FIELDS = {
     LeafKind.VALUE: {"path", "kind", "value", "vtype"},
     LeafKind.NONE: {"path", "kind"},
     LeafKind.EMPTY: {"path", "kind", "vtype"},
+    LeafKind.PER_PROCESS: {"path", "kind", "vtype", "values"},
 }
 
 
@@ -339,6 +348,12 @@ def _decode_leaf(raw: Any, index: int, what: str) -> LeafRecord:
         if vtype not in EMPTY_VTYPES:
             raise CorruptCheckpointError(f"{r.what} ({keystr(path)}) is an empty container of "
                                          f"unknown type {vtype!r:.40}")
+    elif kind == LeafKind.PER_PROCESS:
+        fields["vtype"] = vtype = r.get("vtype", str)
+        fields["value"] = values = r.get("values", list)
+        if vtype not in PER_PROCESS_VTYPES or not values:
+            raise CorruptCheckpointError(f"{r.what} ({keystr(path)}) is a malformed "
+                                         f"per-process leaf")
     leaf = LeafRecord(path=path, kind=kind, **fields)
     if kind == LeafKind.ARRAY:
         _check_chunk_sizes(leaf, r.what)
@@ -463,19 +478,23 @@ class HostReport:
     ``chunks``: ``(leaf name, flat chunk index, nbytes, crc32c)`` rows. ``tree``: a digest
     of the tree's structure (every leaf's path, kind, dtype and shape) and ``values``: the
     crc32c of each numpy leaf and Python value, by key path; both empty for a job of one
-    process, which has nothing to compare.
+    process, which has nothing to compare. ``per_process``: this process's own value of each
+    ``per_process`` leaf, by its position in the tree's leaves (process 0 gathers them into
+    the manifest).
     """
 
     process: int
     chunks: list[tuple[str, int, int, int]]
     tree: str = ""
     values: dict[str, int] = dataclasses.field(default_factory=dict)
+    per_process: list[tuple[int, Any]] = dataclasses.field(default_factory=list)
 
 
 def encode_host_report(attempt: str, report: HostReport) -> bytes:
     return pack({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "attempt": attempt,
                  "process": report.process, "chunks": [list(r) for r in report.chunks],
-                 "tree": report.tree, "values": report.values})
+                 "tree": report.tree, "values": report.values,
+                 "per_process": [[i, v] for i, v in report.per_process]})
 
 
 def decode_host_report(data: bytes, what: str) -> HostReport:
@@ -490,7 +509,12 @@ def decode_host_report(data: bytes, what: str) -> HostReport:
     values = r.get("values", dict, {})
     if not all(isinstance(k, str) and isinstance(v, int) for k, v in values.items()):
         raise CorruptCheckpointError(f"{what} has malformed value digests")
-    return HostReport(r.get("process", int), rows, r.get("tree", str, ""), values)
+    own = r.get("per_process", list, [])
+    if not all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], int)
+               and not isinstance(p[0], bool) for p in own):
+        raise CorruptCheckpointError(f"{what} has malformed per-process values")
+    return HostReport(r.get("process", int), rows, r.get("tree", str, ""), values,
+                      [(p[0], p[1]) for p in own])
 
 
 def zarr_spec(kvstore: dict[str, Any], rec: LeafRecord, *, create: bool) -> dict[str, Any]:

@@ -88,6 +88,8 @@ def _info(url: str, manifest: Manifest, layout: str) -> CheckpointInfo:
             value = decode_value(rec, what)
         elif rec.kind == LeafKind.EMPTY:
             value = {} if rec.vtype == "dict" else []
+        elif rec.kind == LeafKind.PER_PROCESS:
+            value = list(rec.value)  # every process's, by process index
         else:
             value = None
         items.append((rec.path, value))

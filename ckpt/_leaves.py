@@ -14,7 +14,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from ckpt._format import DTYPE_SIZES, LeafKind, LeafRecord
+from ckpt._format import DTYPE_SIZES, LeafKind, LeafRecord, pack, unpack
 from ckpt._tree import KeyPath, check_text, is_empty_container, keystr, leaf_name
 from ckpt.errors import CorruptCheckpointError, UnsupportedLeafError
 
@@ -69,6 +69,50 @@ def is_typed_key(leaf: Any) -> bool:
         jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
 
 
+class PerProcess:
+    """A leaf whose value differs per process (a host's data-loader position, its shard of
+    a sampler's seed): each process saves its own ``value`` (plain msgpack data), and a
+    restore gives each process the value it saved, as a `PerProcess` (or as the plain value
+    under a plain target leaf). Restoring onto a different process count is an error
+    naming the leaf, unless the target leaves it out."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"PerProcess({self.value!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PerProcess) and bool(self.value == other.value)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def is_stateful(leaf: Any) -> bool:
+    """Whether ``leaf`` follows the state protocol (Grain's iterators, a user's class):
+    ``get_state()`` returns plain data, ``set_state(state)`` restores it. Saved per process."""
+    return (callable(getattr(leaf, "get_state", None))
+            and callable(getattr(leaf, "set_state", None))
+            and not isinstance(leaf, (jax.Array, np.ndarray, type)))
+
+
+def per_process_record(path: KeyPath, leaf: Any) -> LeafRecord:
+    """The record of a `PerProcess` or stateful leaf, holding (for now) this process's own
+    value, snapshotted: ``get_state()`` is called here, in `save_async`'s blocking part."""
+    stateful = not isinstance(leaf, PerProcess)
+    value = leaf.get_state() if stateful else leaf.value
+    what = f"{'get_state() of ' if stateful else 'the PerProcess value of '}leaf {keystr(path)}"
+    try:
+        value = unpack(pack(value), what)  # a copy: later changes are not saved
+    except (TypeError, ValueError, OverflowError, CorruptCheckpointError) as exc:
+        raise UnsupportedLeafError(f"{what} is not plain msgpack data (dicts, lists, str, "
+                                   f"bytes, numbers, bool, None): {exc}") from exc
+    return LeafRecord(path=path, kind=LeafKind.PER_PROCESS,
+                      vtype="state" if stateful else "value", value=value)
+
+
 def empty_record(path: KeyPath, leaf: Any) -> LeafRecord:
     """The record of an empty container: a dict (or a namedtuple, whose fields come back as
     dict keys) restores as ``{}``, a list or tuple as ``[]``, without a target."""
@@ -82,6 +126,8 @@ def classify(path: KeyPath, leaf: Any, process_count: int) -> LeafRecord:
         return LeafRecord(path=path, kind=LeafKind.NONE)
     if is_empty_container(leaf):
         return empty_record(path, leaf)
+    if isinstance(leaf, PerProcess) or is_stateful(leaf):
+        return per_process_record(path, leaf)
     if isinstance(leaf, jax.Array):
         if leaf.is_deleted():
             raise UnsupportedLeafError(f"leaf {keystr(path)} is a deleted (donated) jax.Array")

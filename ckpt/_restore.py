@@ -22,10 +22,12 @@ import numpy as np
 
 from ckpt._format import LeafKind, LeafRecord, Manifest
 from ckpt._leaves import (
+    PerProcess,
     decode_inline,
     decode_value,
     dtype_from_name,
     empty_record,
+    is_stateful,
     is_typed_key,
 )
 from ckpt._reader import Readable, open_readable
@@ -65,6 +67,7 @@ class _Want:
     key_sharding: Any = None                 # ... placed with this sharding
     defaulted: bool = False                  # the target had no placement: default device
     keep: Any = None                         # an empty container of the target, returned
+    target: Any = None                       # a per-process leaf's target leaf
 
 
 def _cast_check(rec: LeafRecord, saved: np.dtype[Any], dtype: np.dtype[Any]) -> str | None:
@@ -138,7 +141,8 @@ class _Mismatches:
     """What is wrong between a target and a checkpoint, by kind, reported all at once."""
 
     _KINDS = ((TargetMismatchError, "kind"), (ShapeMismatchError, "shape"),
-              (DtypeMismatchError, "dtype"), (MeshMismatchError, "mesh"))
+              (DtypeMismatchError, "dtype"), (MeshMismatchError, "mesh"),
+              (TargetMismatchError, "process count"))
 
     def __init__(self) -> None:
         self.found: dict[str, list[str]] = {title: [] for _, title in self._KINDS}
@@ -219,6 +223,32 @@ def _want_key(want: _Want, path: KeyPath, t: Any, bad: _Mismatches) -> None:
     want.key, want.key_sharding = True, getattr(t, "sharding", None)
 
 
+def _want_per_process(want: _Want, path: KeyPath, t: Any, bad: _Mismatches) -> None:
+    """A per-process leaf: this process's saved value, which needs the saved process count."""
+    saved, now = len(want.record.value), jax.process_count()
+    if saved != now:
+        bad.add("process count", f"{keystr(path)} holds the values of {saved} processes, "
+                                 f"and {now} are restoring (leave it out of the target to "
+                                 f"restore the rest)")
+    elif _is_array_like(t) and not is_stateful(t):
+        bad.add("kind", f"{keystr(path)}: saved a per-process value, target is an array")
+    want.target = t
+
+
+def _per_process_value(want: _Want, setters: list[tuple[Any, Any]]) -> Any:
+    """What a per-process leaf restores as: the target object itself, its state to be set
+    once the whole restore succeeded (``setters``); a `PerProcess` for a `PerProcess` target
+    (or none, if one was saved); else the plain value."""
+    rec, t = want.record, want.target
+    value = rec.value[jax.process_index()]
+    if is_stateful(t):
+        setters.append((t, value))
+        return t
+    if isinstance(t, PerProcess) or (t is None and rec.vtype == "value"):
+        return PerProcess(value)
+    return value
+
+
 def _want_array(want: _Want, path: KeyPath, t: Any, saved: np.dtype[Any], mesh: Any,
                 bad: _Mismatches) -> None:
     """A saved array against an array target: its shape, dtype (cast) and placement."""
@@ -259,6 +289,9 @@ def _match(manifest: Manifest, target: Any, mesh: Any, what: str) -> tuple[list[
         assert rec is not None
         want = _Want(rec)
         wants.append(want)
+        if rec.kind == LeafKind.PER_PROCESS:
+            _want_per_process(want, path, t, bad)
+            continue
         if is_empty_container(t) and rec.kind in (LeafKind.EMPTY, LeafKind.NONE):
             want.keep = t  # Orbax records some empty containers (optax's EmptyState) as None
             continue
@@ -366,10 +399,13 @@ def _restore_source(source: Readable, target: Any, mesh: Any,
     jobs: list[ArrayReadJob] = []
     job_wants: list[int] = []
     values: list[Any] = [None] * len(wants)
+    setters: list[tuple[Any, Any]] = []  # (stateful target leaf, its state): set last
     for i, want in enumerate(wants):
         rec = want.record
         what = f"{source.store.url} leaf {keystr(rec.path)}"
-        if want.keep is not None:
+        if rec.kind == LeafKind.PER_PROCESS:
+            values[i] = _per_process_value(want, setters)
+        elif want.keep is not None:
             values[i] = want.keep
         elif rec.kind == LeafKind.EMPTY:
             values[i] = {} if rec.vtype == "dict" else []
@@ -403,6 +439,9 @@ def _restore_source(source: Readable, target: Any, mesh: Any,
     log.info("restored %s (%s): %d leaves, read %.1f MiB in %.3f s (%.0f MiB/s)",
              source.store.url, source.layout, len(wants), read / 2**20, seconds,
              read / max(seconds, 1e-9) / 2**20)
+    # Only now, with every leaf read and checked: a failed restore changes no object.
+    for obj, state in setters:
+        obj.set_state(state)
     if treedef is None:
         return nest([(w.record.path, v) for w, v in zip(wants, values)])
     return unflatten(treedef, values)

@@ -242,6 +242,8 @@ class _Job:
     overwrite: bool
     metrics: dict[str, float]
     digests: tuple[str, dict[str, int]]  # `ckpt._agreement`; empty for one process
+    # This process's value of each per-process leaf, by leaf position (its host report's).
+    per_process: list[tuple[int, Any]] = dataclasses.field(default_factory=list)
     started: float = 0.0   # time.monotonic() when save_async was called
     blocked_s: float = 0.0
 
@@ -373,6 +375,12 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
     deadline = Deadline(timeout_s, f"saving {store.url}")
     store = DeadlineStore(store, deadline)
     records, leaves = _classify(tree, coord.process_count)
+    # Each process's own values of per-process leaves travel in its host report; process 0
+    # gathers them into the manifest (`ckpt._attempt.check_reports`).
+    per_process = [(i, rec.value) for i, rec in enumerate(records)
+                   if rec.kind == LeafKind.PER_PROCESS]
+    for i, _ in per_process:
+        records[i] = dataclasses.replace(records[i], value=None)
     try:
         # A snapshot, like the tree: changes the caller makes after this returns are not saved.
         metadata = unpack(pack(metadata), "metadata")
@@ -398,7 +406,7 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
         _LIVE.add(handle)
     job = _Job(store, coord, seq, attempt, created_at, metadata, records, plans, writes,
                timeout_s, deadline, inflight_bytes, on_commit, overwrite, dict(metrics or {}),
-               agreement)
+               agreement, per_process)
     job.started, job.blocked_s = started, time.monotonic() - started
     log.info("saving %s: %d leaves, %.1f MiB; blocked %.3f s", handle.describe(),
              len(records), sum(r.nbytes for r in records) / 2**20, job.blocked_s)
@@ -464,7 +472,7 @@ def _run(job: _Job, handle: SaveHandle) -> None:
             rows = _write_chunks(job)
             job.writes.clear()  # release the snapshot as early as possible
             log.debug("%s: chunks written (%d)", handle.describe(), len(rows))
-            write_report(job.store, job.attempt, me, rows, job.digests)
+            write_report(job.store, job.attempt, me, rows, job.digests, job.per_process)
             written = time.monotonic()
         except BaseException as exc:
             job.coord.publish(f"{prefix}/failed/{me}", f"{type(exc).__name__}: {exc}")

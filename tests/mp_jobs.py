@@ -243,6 +243,31 @@ def save_by_schedule(root):
             "steps": ckpt.CheckpointManager(root, read_only=True).steps()}
 
 
+def per_process_states(root):
+    """Each process's Grain iterator is at its own position, and its PerProcess value its
+    own: after a save and a restore into fresh iterators, each gets its own back."""
+    import grain
+
+    def fresh():
+        return iter(grain.MapDataset.range(100).shuffle(seed=5).batch(2))
+
+    me = jax.process_index()
+    loader = fresh()
+    for _ in range(me + 1):
+        next(loader)
+    expected = np.asarray(next(fresh_iter := fresh()))  # the batch after me + 1 of them
+    for _ in range(me + 1):
+        expected = np.asarray(next(fresh_iter))
+    with ckpt.CheckpointManager(root) as mgr:
+        mgr.save(3, {"loader": loader, "who": ckpt.PerProcess({"process": me}), "step": 3})
+    again = fresh()
+    with ckpt.CheckpointManager(root, read_only=True) as mgr:
+        out = mgr.restore(target={"loader": again, "who": ckpt.PerProcess(None), "step": 0})
+    assert out["loader"] is again and out["step"] == 3
+    return {"value": out["who"].value, "resumed": np.asarray(next(again)).tolist(),
+            "expected": expected.tolist()}
+
+
 def policy_keys(root, calls):
     """``should_save`` with a wall-clock interval, ``calls`` times, with the processes as far
     apart as they like: the coordination service must keep none of the answers."""

@@ -105,10 +105,23 @@ def guide_read_only(tmp_path):
     with ckpt.CheckpointManager(root) as mgr:
         mgr.save(3, {"params": {"w": np.arange(4.0)}, "opt": {"mu": np.zeros(4)}})
     abstract = {"params": {"w": jax.ShapeDtypeStruct((4,), jnp.float32)}}
-    names = _run("docs/guide.md", 3, {"trainer_root": root, "abstract_state": abstract}, {})
+    names = _run("docs/guide.md", 4, {"trainer_root": root, "abstract_state": abstract}, {})
     assert np.array_equal(names["params"]["w"], np.arange(4.0))
     with pytest.raises(ckpt.errors.ReadOnlyError):
         names["evaluator"].delete(3)
+
+
+def guide_per_host(tmp_path):
+    names = _run("docs/guide.md", 2, {}, {})
+    root = str(tmp_path / "run")
+    params = {"w": jnp.ones(4)}
+    first = names["run"](root, params)
+    assert first["step"] == 3
+    again = names["run"](root, params)  # resumes: the iterator continues where it was
+    assert again["step"] == 6 and again["host_seed"] == ckpt.PerProcess(1234)
+    straight = iter(__import__("grain").MapDataset.range(10_000).shuffle(seed=0).batch(32))
+    expected = [next(straight) for _ in range(7)][-1]
+    assert np.array_equal(next(again["loader"]), expected)
 
 
 def guide_orbax_move(tmp_path):
@@ -121,7 +134,7 @@ def guide_orbax_move(tmp_path):
             manager.save(step, args=ocp.args.StandardSave(
                 {"params": {"w": jnp.full(4, float(step))}, "step": jnp.array(step)}))
         manager.wait_until_finished()
-    names = _run("docs/guide.md", 2, {}, {})
+    names = _run("docs/guide.md", 3, {}, {})
     mgr, resumed = names["resume"](root, state)
     assert int(resumed["step"]) == 2 and float(resumed["params"]["w"][0]) == 2.0
     assert mgr.save(1_000, resumed) is not None  # this library's step beside Orbax's
@@ -147,7 +160,8 @@ def readme_logging(tmp_path):
 
 RUN = {("README.md", 0): readme_loop, ("README.md", 2): readme_logging,
        ("docs/guide.md", 0): guide_loop, ("docs/guide.md", 1): guide_rewind,
-       ("docs/guide.md", 2): guide_orbax_move, ("docs/guide.md", 3): guide_read_only}
+       ("docs/guide.md", 2): guide_per_host, ("docs/guide.md", 3): guide_orbax_move,
+       ("docs/guide.md", 4): guide_read_only}
 
 
 @pytest.mark.parametrize("example", sorted(RUN), ids=lambda e: f"{e[0]}#{e[1]}")

@@ -1,0 +1,113 @@
+"""Per-process state: objects with get_state()/set_state() (Grain's iterators) and
+`ckpt.PerProcess` values, saved by each process for itself and given back to it."""
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import pytest
+
+import ckpt
+from ckpt.errors import TargetMismatchError, UnsupportedLeafError
+from tools.launch import launch
+
+CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stateful_child.py")
+
+
+class Position:
+    """A user class following the state protocol."""
+
+    def __init__(self, n=0):
+        self.n, self.sets = n, 0
+
+    def get_state(self):
+        return {"n": self.n, "raw": b"\x00\x01"}
+
+    def set_state(self, state):
+        self.n, self.sets = state["n"], self.sets + 1
+
+
+def test_a_stateful_object_and_a_per_process_value_round_trip(tmp_path):
+    url = tmp_path / "c"
+    pos = Position(7)
+    ckpt.save(url, {"pos": pos, "seed": ckpt.PerProcess([1, 2]), "w": jnp.ones(3)})
+    pos.n = 100  # after the save: not saved (get_state ran in save_async)
+    fresh = Position()
+    out = ckpt.restore(url, {"pos": fresh, "seed": ckpt.PerProcess(None), "w": jnp.zeros(3)})
+    assert out["pos"] is fresh and fresh.n == 7 and fresh.sets == 1
+    assert out["seed"] == ckpt.PerProcess([1, 2])
+    # Without a target: the state, and the PerProcess; under a plain leaf, the plain value.
+    plain = ckpt.restore(url)
+    assert plain["pos"] == {"n": 7, "raw": b"\x00\x01"} and plain["seed"] == ckpt.PerProcess([1, 2])
+    assert ckpt.restore(url, {"seed": 0})["seed"] == [1, 2]
+    assert ckpt.metadata(url).tree["pos"] == [{"n": 7, "raw": b"\x00\x01"}]
+    # A restore that fails sets no state.
+    untouched = Position(3)
+    with pytest.raises(ckpt.errors.ShapeMismatchError):
+        ckpt.restore(url, {"pos": untouched, "w": jnp.zeros(4)})
+    assert untouched.n == 3 and untouched.sets == 0
+
+
+def test_state_that_is_not_plain_data_is_refused_naming_the_leaf(tmp_path):
+    class Bad(Position):
+        def get_state(self):
+            return {"f": object()}
+
+    with pytest.raises(UnsupportedLeafError, match=r"get_state\(\) of leaf \['it'\]"):
+        ckpt.save(tmp_path / "c", {"it": Bad()})
+    with pytest.raises(UnsupportedLeafError, match=r"PerProcess value of leaf \['p'\]"):
+        ckpt.save(tmp_path / "d", {"p": ckpt.PerProcess({1, 2})})
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+
+
+def _batches(lines):
+    return {int(line.split()[1]): line.split(maxsplit=2)[2] for line in lines
+            if line.startswith("BATCH")}
+
+
+def _child(root, kind, last, kill_at=None):
+    """Runs the loop in a process group of its own and, once the loop's process is gone,
+    ends the group: a DataLoader's worker processes outlive a SIGKILLed parent."""
+    args = [sys.executable, CHILD, str(root), kind, str(last)]
+    args += [str(kill_at)] if kill_at else []
+    out, err = root.parent / f"{root.name}-{last}.out", root.parent / f"{root.name}-{last}.err"
+    with open(out, "w") as o, open(err, "w") as e:
+        proc = subprocess.Popen(args, stdout=o, stderr=e, start_new_session=True)
+        try:
+            code = proc.wait(timeout=300)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    return code, out.read_text().splitlines(), err.read_text()
+
+
+@pytest.mark.parametrize("kind", ["map", "loader0", "loader2"])
+def test_a_grain_iterator_resumes_bit_for_bit_after_sigkill(tmp_path, kind):
+    code, straight, err = _child(tmp_path / "straight", kind, 8)
+    assert code == 0 and len(_batches(straight)) == 8, err[-2000:]
+    code, first, err = _child(tmp_path / "run", kind, 8, kill_at=5)
+    assert code == -9, err[-2000:]  # killed right after step 5 committed
+    assert sorted(_batches(first)) == [1, 2, 3, 4, 5]
+    code, second, err = _child(tmp_path / "run", kind, 8)
+    assert code == 0 and "RESUMED 5" in second, err[-2000:]
+    resumed = _batches(second)
+    assert sorted(resumed) == [6, 7, 8]
+    assert all(resumed[s] == _batches(straight)[s] for s in (6, 7, 8)), (resumed, straight)
+
+
+def test_two_processes_each_get_their_own_state_back(tmp_path):
+    root = str(tmp_path / "run")
+    results = launch("tests.mp_jobs:per_process_states", 2, args=[root])
+    for p, r in enumerate(results):
+        assert r["value"] == {"process": p} and r["resumed"] == r["expected"], r
+    # One process cannot take two processes' state: an error naming the leaf and the
+    # counts, unless the target leaves the per-process leaves out.
+    with pytest.raises(TargetMismatchError, match=r"\['loader'\] holds the values of 2 "
+                                                  r"processes, and 1 are restoring"):
+        ckpt.CheckpointManager(root, read_only=True).restore(target={"loader": Position(),
+                                                                      "step": 0})
+    rest = ckpt.CheckpointManager(root, read_only=True).restore(target={"step": 0})
+    assert rest == {"step": 3}
