@@ -263,10 +263,13 @@ def delete_checkpoint(store: Store, *, only: set[str] | None = None) -> list[str
     the checkpoint reappears, whole). Crash-safe and idempotent. An Orbax step folder (no
     COMMIT, Orbax's step metadata) is deleted whole, its commit marker first.
     """
-    if (only is None or ORBAX_STEP in only) and not store.exists(COMMIT) \
-            and store.exists(STEP_METADATA):
+    # An Orbax step: named by a rewind record (what is left of it after a crash too, which
+    # no longer has its step metadata), or a committed one retention or delete removes.
+    if (only is not None and ORBAX_STEP in only) or (
+            only is None and not store.exists(COMMIT) and store.exists(STEP_METADATA)):
         delete_orbax_step(store)
-        return []
+        if only is None or only == {ORBAX_STEP}:
+            return []
     try:
         winner = committed_attempt(store)
     except CorruptCheckpointError:

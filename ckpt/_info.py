@@ -9,7 +9,7 @@ from typing import Any
 import jax
 
 from ckpt._format import LeafKind, Manifest
-from ckpt._leaves import decode_value, dtype_from_name
+from ckpt._leaves import PerProcess, decode_value, dtype_from_name
 from ckpt._reader import open_readable
 from ckpt._tree import KeyPath, keystr, nest
 from ckpt.storage import StoreLike, open_store
@@ -89,7 +89,10 @@ def _info(url: str, manifest: Manifest, layout: str) -> CheckpointInfo:
         elif rec.kind == LeafKind.EMPTY:
             value = {} if rec.vtype == "dict" else []
         elif rec.kind == LeafKind.PER_PROCESS:
-            value = list(rec.value)  # every process's, by process index
+            # This process's, as a `PerProcess` (a leaf: usable in a restore target, where
+            # an object's state would be a subtree); None if no value was saved for it.
+            value = PerProcess(rec.value[jax.process_index()]
+                               if jax.process_index() < len(rec.value) else None)
         else:
             value = None
         items.append((rec.path, value))

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ckpt import _coord
-from ckpt._format import REWIND
+from ckpt._format import COMMIT, REWIND
 from ckpt._housekeeping import (
     Attempt,
     abandoned,
@@ -36,8 +36,8 @@ from ckpt._housekeeping import (
     rewind_root,
 )
 from ckpt._policy import SavePolicy
-from ckpt._orbax import holds_orbax
-from ckpt._reader import open_readable
+from ckpt._orbax import holds_orbax, orbax_step_metrics
+from ckpt._reader import open_checkpoint
 from ckpt._restore import restore_from
 from ckpt._tree import is_text
 from ckpt._save import SaveHandle, start_save
@@ -245,9 +245,11 @@ class CheckpointManager:
         self._writable(f"save step {step}")
         step = as_step(step)
         metrics = as_metrics(metrics) if metrics is not None else None
-        if not force and self._policy.scheduled and not self._policy.should_save(step):
-            return None
         self._previous_failure()
+        if not force and self._policy.scheduled and not self._policy.should_save(step):
+            log.debug("step %d not saved: the schedule does not pick it (force=True saves "
+                      "it)", step)
+            return None
         drawn: list[str] = []
 
         def draw(attempt: str) -> None:
@@ -278,10 +280,10 @@ class CheckpointManager:
         newest = self.latest_step()
         if (newest is None or step > newest) and holds_orbax(self._store.child(str(step))):
             return CheckpointExistsError(
-                f"step {step} under {self.root_url} is a folder Orbax wrote into but never "
-                f"committed (an interrupted Orbax save, or one still running): this library "
-                f"never writes into an Orbax folder; once no Orbax job writes there, remove "
-                f"{self._store.child(str(step)).url} and save again")
+                f"step {step} under {self.root_url} holds files this library did not write "
+                f"(an Orbax save that never committed or is still running, or what is left "
+                f"of a deleted one): it never writes into an Orbax folder; once no Orbax job "
+                f"writes there, remove {self._store.child(str(step)).url} and save again")
         if newest is None or step > newest:
             return None
         if step == newest:
@@ -349,8 +351,11 @@ class CheckpointManager:
         """The metrics saved with committed ``step``: remembered from this manager's own
         saves, else read from the step's manifest once."""
         if step not in self._metrics:
-            # This library's step or an Orbax one (whose metrics Orbax's manager recorded).
-            self._metrics[step] = open_readable(self._store.child(str(step))).manifest.metrics
+            folder = self._store.child(str(step))
+            if folder.exists(COMMIT):
+                self._metrics[step] = open_checkpoint(folder)[1].metrics
+            else:  # an Orbax step: what its manager recorded, without opening its items
+                self._metrics[step] = orbax_step_metrics(folder)
         return self._metrics[step]
 
     def metrics(self, step: int) -> dict[str, float]:

@@ -31,7 +31,16 @@ from typing import Any
 
 import tensorstore as ts
 
-from ckpt._format import ChunkLayout, LeafKind, LeafRecord, Manifest, read_object
+from ckpt._format import (
+    ATTEMPT_PREFIX,
+    CLAIMS,
+    COMMIT,
+    ChunkLayout,
+    LeafKind,
+    LeafRecord,
+    Manifest,
+    read_object,
+)
 from ckpt._leaves import SUPPORTED_DTYPES, encode_value
 from ckpt._tree import KeyPath, keystr, leaf_name
 from ckpt.errors import (
@@ -155,9 +164,11 @@ ORBAX_STEP = "orbax-step"
 
 
 def holds_orbax(store: Store) -> bool:
-    """Whether Orbax wrote into the folder at ``store`` (a step or an item, committed or
-    not): this library never writes into such a folder."""
-    return store.exists(STEP_METADATA) or store.exists(TREE_METADATA)
+    """Whether the step folder at ``store`` holds anything this library does not write
+    there (Orbax's files, committed or not, or what a crashed deletion left of them): it
+    never writes into such a folder. One listing."""
+    return any(not (name.startswith((ATTEMPT_PREFIX, ".")) or name in (COMMIT, CLAIMS))
+               for name in store.list_children())
 
 
 def is_orbax_step(store: Store) -> bool:
@@ -169,6 +180,13 @@ def is_orbax_step(store: Store) -> bool:
     if STEP_METADATA not in names:
         return False
     return store.location.scheme == "file" or COMMIT_SUCCESS in names
+
+
+def orbax_step_metrics(store: Store) -> dict[str, float]:
+    """The metrics Orbax's manager recorded for the step at ``store``, from its step
+    metadata and ``metrics`` item only: its items are not opened (a step of several items,
+    or of a value type this library cannot read, still ranks)."""
+    return _step_metrics(_step_metadata(store, store), store)
 
 
 def orbax_step_committed_at(store: Store) -> float:

@@ -47,6 +47,13 @@ _users: dict[str, str | None] = {}
 _GCS_URL = "TENSORSTORE_GCS_HTTP_URL"
 _TOKEN = "GOOGLE_AUTH_TOKEN_FOR_TESTING"
 
+# TensorStore's HTTP transport has no request deadline of its own; its curl low-speed
+# watchdog is read from the environment once, when the transport starts, which may be
+# before any store of ours exists (Orbax, a TensorStore data pipeline): so it is set when
+# this package is imported. The user's values win.
+os.environ.setdefault("TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS", str(DEFAULT_REQUEST_TIMEOUT_S))
+os.environ.setdefault("TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES", "1")
+
 
 def _user_value(name: str) -> str | None:
     """The user's value of an environment variable this module may have replaced."""
@@ -99,9 +106,9 @@ def configure(scheme: str, **options: Any) -> None:
             for GCS ``endpoint_url`` (an emulator) and ``anonymous``; for both
             ``max_retries`` (TensorStore's retries of a failed request) and
             ``request_timeout_s`` (the deadline of a request that moves no byte, default
-            60: s3fs's and gcsfs's per store; TensorStore's per process, from the first
-            object store it is given, unless the environment's
-            ``TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS`` says otherwise). None removes one.
+            60: s3fs's and gcsfs's per store; TensorStore's is per process, the
+            environment's ``TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS``, 60 unless set before
+            this package is imported). None removes one.
 
     Raises:
         UnsupportedURLError: an unknown scheme.
@@ -154,12 +161,9 @@ def resolve(scheme: str) -> ObjectSettings:
 def publish_for_tensorstore(settings: ObjectSettings) -> None:
     """Writes what TensorStore reads only from the environment, for a kvstore about to be
     opened with ``settings``. Called by `ObjectStore.kvstore_spec`, before the caller opens
-    the spec; TensorStore reads the GCS endpoint when it opens a gcs kvstore, and its HTTP
-    deadline when its transport starts (once per process; the user's value always wins).
+    the spec; TensorStore reads the GCS endpoint when it opens a gcs kvstore. (Its HTTP
+    deadline is set at import, above: TensorStore reads it once per process.)
     """
-    os.environ.setdefault("TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS",
-                          str(max(1, round(settings.request_timeout_s))))
-    os.environ.setdefault("TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES", "1")
     if settings.scheme != "gs":
         return
     with _lock:

@@ -437,3 +437,16 @@ def test_the_cli_looks_up_missing_google_credentials_quietly(request, tmp_path, 
         assert run.returncode == 0 and run.stdout.strip() == "anonymous", run.stderr[-2000:]
     assert "Could not find the credentials file" in runs["plain"].stderr
     assert "credentials" not in runs["settle"].stderr, runs["settle"].stderr
+
+
+def test_tensorstores_request_deadline_is_set_on_import():
+    """TensorStore reads its curl deadline once, when its HTTP transport starts, which may
+    come before any store of ours (Orbax, a data pipeline): importing ckpt sets it, and a
+    value the user set wins."""
+    code = "import os, ckpt; print(os.environ['TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS'])"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TENSORSTORE_CURL_")}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert run.stdout.strip() == "60", run.stderr[-2000:]
+    env["TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS"] = "7"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert run.stdout.strip() == "7", run.stderr[-2000:]

@@ -590,3 +590,48 @@ def test_inspect_names_an_orbax_steps_number_and_its_commit_time(tmp_path, capsy
     assert cli(["inspect", os.path.join(root, "12", "default")]) == 0
     out = capsys.readouterr().out  # the item alone: its step is its folder's; no time there
     assert "step        12" in out and "committed   - (not recorded)" in out
+
+
+def test_orbax_steps_of_several_items_rank_by_their_managers_metrics(tmp_path, mesh24):
+    """Ranking an Orbax step reads only what its manager recorded: a step of several
+    items (which restore cannot take whole) is still the best step, and retention keeps it."""
+    root = str(tmp_path / "run")
+    options = ocp.CheckpointManagerOptions(best_fn=lambda m: m["loss"], best_mode="min")
+    with ocp.CheckpointManager(root, options=options) as manager:
+        for step, loss in ((1, 0.1), (2, 5.0)):
+            state = _run_state(step, mesh24)
+            manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(state),
+                                                       opt=ocp.args.StandardSave(state)),
+                         metrics={"loss": loss})
+        manager.wait_until_finished()
+    with ckpt.CheckpointManager(root, keep_last=1, keep_best=1, best_metric="loss") as mgr:
+        assert mgr.metrics(1) == {"loss": 0.1} and mgr.best_step() == 1
+        mgr.save(3, _run_state(3, mesh24), metrics={"loss": 9.0})
+        mgr.wait()
+        assert mgr.steps() == [1, 3]  # the best (Orbax's step 1) and the newest
+
+
+def test_what_a_crashed_rewind_left_of_an_orbax_step_is_finished_and_never_written_into(
+        tmp_path, mesh24):
+    from ckpt._format import REWIND, pack
+    from ckpt.errors import CheckpointExistsError
+
+    root = str(tmp_path / "run")
+    with ocp.CheckpointManager(root) as manager:
+        for step in (1, 2):
+            manager.save(step, args=ocp.args.StandardSave(_run_state(step, mesh24)))
+        manager.wait_until_finished()
+    # A rewind to 1 died after removing step 2's commit marker and step metadata.
+    store = open_store(root)
+    store.write(REWIND, pack({"to": 1, "abandoned": [[2, "orbax-step"]], "at": 0.0}))
+    for name in ("commit_success.txt", "_CHECKPOINT_METADATA"):
+        os.remove(os.path.join(root, "2", name))
+    assert ckpt.CheckpointManager(root, read_only=True).steps() == [1]
+    with ckpt.CheckpointManager(root) as mgr:  # finishes the rewind first
+        assert sorted(os.listdir(root)) == ["1"]
+        mgr.save(2, _run_state(22, mesh24))
+    # What a crashed deletion left without a record is never written into.
+    os.makedirs(os.path.join(root, "5", "default"))
+    with ckpt.CheckpointManager(root) as mgr:
+        with pytest.raises(CheckpointExistsError, match="holds files this library did not"):
+            mgr.save(5, _run_state(5, mesh24))

@@ -43,7 +43,7 @@ def test_a_stateful_object_and_a_per_process_value_round_trip(tmp_path):
     plain = ckpt.restore(url)
     assert plain["pos"] == {"n": 7, "raw": b"\x00\x01"} and plain["seed"] == ckpt.PerProcess([1, 2])
     assert ckpt.restore(url, {"seed": 0})["seed"] == [1, 2]
-    assert ckpt.metadata(url).tree["pos"] == [{"n": 7, "raw": b"\x00\x01"}]
+    assert ckpt.metadata(url).tree["pos"] == ckpt.PerProcess({"n": 7, "raw": b"\x00\x01"})
     # A restore that fails sets no state.
     untouched = Position(3)
     with pytest.raises(ckpt.errors.ShapeMismatchError):
@@ -111,3 +111,12 @@ def test_two_processes_each_get_their_own_state_back(tmp_path):
                                                                       "step": 0})
     rest = ckpt.CheckpointManager(root, read_only=True).restore(target={"step": 0})
     assert rest == {"step": 3}
+
+
+def test_metadata_tree_is_a_target_for_per_process_leaves(tmp_path):
+    url = tmp_path / "c"
+    ckpt.save(url, {"seed": ckpt.PerProcess(5), "pos": Position(4), "n": 1})
+    tree = ckpt.metadata(url).tree
+    state = ckpt.PerProcess({"n": 4, "raw": b"\x00\x01"})
+    assert tree["seed"] == ckpt.PerProcess(5) and tree["pos"] == state
+    assert ckpt.restore(url, tree) == {"seed": ckpt.PerProcess(5), "n": 1, "pos": state}

@@ -209,3 +209,15 @@ def test_an_eval_shape_target_restores_jax_arrays_with_one_warning(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert isinstance(ckpt.restore(url, {"host": np.zeros(3, np.int64)})["host"], np.ndarray)
+
+
+def test_a_failed_save_surfaces_at_the_next_save_even_a_skipped_one(tmp_path):
+    from ckpt.errors import SaveError
+    from tests.faults import FaultyStore, fail_background
+
+    failing = FaultyStore(tmp_path / "run", before=fail_background(OSError(5, "disk gone")))
+    with ckpt.CheckpointManager(failing, save_every=2) as mgr:
+        assert mgr.save(2, {"x": np.arange(10)}) is not None  # fails in the background
+        with pytest.raises(SaveError, match="disk gone"):
+            mgr.save(3, {"x": 3})  # not a step to save, but the failure is reported now
+        assert mgr.save(5, {"x": 5}) is None
