@@ -547,7 +547,10 @@ def zarr_spec(kvstore: dict[str, Any], rec: LeafRecord, *, create: bool) -> dict
         "store_data_equal_to_fill_value": True,
     }
     if create:
-        spec["create"] = True
+        # Open as well: the attempt folder is new, so a zarr.json already there is this
+        # create's own, from a request whose answer a flaky network lost before its retry
+        # (TensorStore then checks it equals this metadata). Create alone fails that retry.
+        spec.update(create=True, open=True)
     else:
         spec.update(open=True, assume_metadata=True)
     return spec

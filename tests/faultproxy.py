@@ -54,6 +54,9 @@ class FaultProxy:
         self.port = 0
         self.conflicts = 0    # conditional creates still to answer 409
         self.bare_412 = 0     # conditional creates still to answer a bare 412
+        # Writes whose URL contains this are applied upstream, then answered 500 (the answer
+        # lost), once each, while the budget lasts: a client's retry meets its own object.
+        self.lose_answer: tuple[str, int] | None = None
         self.connections: set[socket.socket] = set()
         self._server: http.server.ThreadingHTTPServer | None = None
         self.up()
@@ -131,6 +134,12 @@ class FaultProxy:
                     return self._reply(proxy.deny, [("Content-Type", "application/json")],
                                        json.dumps(error).encode())
                 fault = proxy._fault()
+                with proxy.lock:
+                    lose = proxy.lose_answer
+                    if (lose is not None and lose[1] > 0 and lose[0] in self.path
+                            and self.command in ("PUT", "POST")):
+                        proxy.lose_answer = (lose[0], lose[1] - 1)
+                        fault = "500-after"
                 if self.command == "PUT" and "If-None-Match" in self.headers:
                     with proxy.lock:
                         if proxy.conflicts > 0:

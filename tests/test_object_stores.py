@@ -450,3 +450,17 @@ def test_tensorstores_request_deadline_is_set_on_import():
     env["TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS"] = "7"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert run.stdout.strip() == "7", run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("backend", REMOTES)
+def test_an_array_created_with_its_answer_lost_is_opened_on_the_retry(request, tmp_path,
+                                                                      proxied, backend):
+    """Process 0 creates each array's zarr.json; the server applies the request and the
+    answer is lost (500 after the write); the client's retry finds the object it made. The
+    save must go on (the attempt folder is new: that zarr.json can only be its own)."""
+    proxy = proxied(backend)
+    proxy.lose_answer = ("zarr.json", 1)
+    url = backend_url(request, tmp_path, backend) + "/lost"
+    ckpt.save(url, {"x": np.arange(300_000, dtype=np.float32)})
+    assert proxy.lose_answer[1] == 0  # the fault happened
+    assert np.array_equal(ckpt.restore(url)["x"], np.arange(300_000, dtype=np.float32))
