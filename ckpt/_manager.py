@@ -36,7 +36,7 @@ from ckpt._housekeeping import (
     rewind_root,
 )
 from ckpt._policy import SavePolicy
-from ckpt._orbax import holds_orbax, orbax_step_metrics
+from ckpt._orbax import holds_foreign_files, orbax_step_metrics
 from ckpt._reader import open_checkpoint
 from ckpt._restore import restore_from
 from ckpt._tree import is_text
@@ -278,7 +278,7 @@ class CheckpointManager:
             # abandoned branch since: remove it so that the new branch can save the step.
             finish_rewind(self._store)
         newest = self.latest_step()
-        if (newest is None or step > newest) and holds_orbax(self._store.child(str(step))):
+        if (newest is None or step > newest) and holds_foreign_files(self._store.child(str(step))):
             return CheckpointExistsError(
                 f"step {step} under {self.root_url} holds files this library did not write "
                 f"(an Orbax save that never committed or is still running, or what is left "

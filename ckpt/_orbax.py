@@ -163,7 +163,7 @@ COMMIT_SUCCESS = "commit_success.txt"
 ORBAX_STEP = "orbax-step"
 
 
-def holds_orbax(store: Store) -> bool:
+def holds_foreign_files(store: Store) -> bool:
     """Whether the step folder at ``store`` holds anything this library does not write
     there (Orbax's files, committed or not, or what a crashed deletion left of them): it
     never writes into such a folder. One listing."""
@@ -197,7 +197,9 @@ def orbax_step_committed_at(store: Store) -> float:
 def delete_orbax_step(store: Store) -> None:
     """Deletes the Orbax step folder at ``store``: its commit marker and step metadata
     first, so that it is no committed step from the first delete on; then the rest.
-    Idempotent: a crash part-way leaves an invisible folder the next delete finishes."""
+    Idempotent. A crash part-way leaves an invisible folder: a rewind's record finishes
+    it; after retention or `delete` it stays (and is never written into:
+    `holds_foreign_files`)."""
     store.delete(COMMIT_SUCCESS)
     store.delete(STEP_METADATA)
     for name in store.list_children():
@@ -544,6 +546,6 @@ def _step_metrics(step: dict[str, Any], given: Store) -> dict[str, float]:
 def _process_count(item: Store) -> int:
     """How many processes wrote the item: each leaves ``array_metadatas/process_N`` (and,
     with OCDBT, ``ocdbt.process_N/``)."""
-    found = [c for c in item.child("array_metadatas").list() if c.startswith("process_")] \
+    found = [c for c in item.child(ARRAY_METADATAS).list() if c.startswith("process_")] \
         or [c for c in item.list_children() if c.startswith("ocdbt.process_")]
     return max(1, len(found))
