@@ -637,3 +637,17 @@ def test_what_a_crashed_rewind_left_of_an_orbax_step_is_finished_and_never_writt
     with ckpt.CheckpointManager(root) as mgr:
         with pytest.raises(CheckpointExistsError, match="holds files this library did not"):
             mgr.save(5, _run_state(5, mesh24))
+
+
+def test_a_prng_key_of_an_unknown_implementation_is_named(tmp_path):
+    item = str(tmp_path / "item")
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(item, {"rng": jax.random.key(0), "w": jnp.ones(2)})
+    path = os.path.join(item, "array_metadatas", "process_0")
+    doc = json.load(open(path))
+    for entry in doc["array_metadatas"]:
+        if entry["array_metadata"]["param_name"] == "rng":
+            entry["array_metadata"]["ext_metadata"]["random_key_impl"] = "philox9"
+    json.dump(doc, open(path, "w"))
+    with pytest.raises(UnsupportedFormatError, match=r"'rng'.*'philox9'"):
+        ckpt.restore(item)

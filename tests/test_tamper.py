@@ -441,3 +441,26 @@ def test_a_malformed_empty_container_record_is_refused(tmp_path, record, message
     _resign(store, msgpack.packb(doc))
     with pytest.raises(CorruptCheckpointError, match=message):
         ckpt.restore(url)
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"kind": "per_process", "vtype": "state", "values": []}, "malformed per-process leaf"),
+    ({"kind": "per_process", "vtype": "guess", "values": [1]}, "malformed per-process leaf"),
+    ({"kind": "per_process", "vtype": "value", "values": [1], "value": 2},
+     "fields it cannot have"),
+])
+def test_a_malformed_per_process_record_is_refused(tmp_path, record, message):
+    url = str(tmp_path / "p")
+    ckpt.save(url, {"seed": ckpt.PerProcess(4), "n": 1})
+    store = open_store(url)
+    attempt = CommitRecord.decode(store.read(COMMIT), COMMIT).attempt
+    doc = msgpack.unpackb(store.read(f"{attempt}/{MANIFEST}"), strict_map_key=False)
+    leaf = next(x for x in doc["leaves"] if x["path"] == [["key", "seed"]])
+    assert leaf == {"path": [["key", "seed"]], "kind": "per_process", "vtype": "value",
+                    "values": [4]}
+    leaf.clear()
+    leaf.update(path=[["key", "seed"]], **record)
+    _resign(store, msgpack.packb(doc))
+    with pytest.raises(CorruptCheckpointError, match=message) as err:
+        ckpt.restore(url)
+    assert "['seed']" in str(err.value)
