@@ -19,7 +19,7 @@ from typing import Any
 import msgpack
 
 from ckpt._tree import KeyPath, keystr
-from ckpt.errors import CorruptCheckpointError, UnsupportedFormatError
+from ckpt.errors import CorruptCheckpointError, MissingLeafError, UnsupportedFormatError
 from ckpt.storage import Store, UnreadableObjectError
 
 FORMAT_VERSION = 1
@@ -54,7 +54,8 @@ class LeafKind(enum.StrEnum):
     (a Python scalar or string), ``none``, ``empty`` (an empty container, so that it
     round-trips: ``vtype`` ``dict`` or ``list``), or ``per_process`` (a value each process
     saved for itself: ``vtype`` ``value`` for `ckpt.PerProcess`, ``state`` for an object's
-    ``get_state()``; ``value`` the list of them, by process index)."""
+    ``get_state()``, ``json`` for an iterator state Grain's checkpoint handler wrote as JSON
+    text (read from Orbax steps); ``value`` the list of them, by process index)."""
 
     ARRAY = "array"
     INLINE = "inline"
@@ -66,9 +67,10 @@ class LeafKind(enum.StrEnum):
 
 # What an empty container comes back as without a target (`LeafKind.EMPTY`'s vtype).
 EMPTY_VTYPES = ("dict", "list")
-# What a per-process leaf was (`LeafKind.PER_PROCESS`'s vtype): a `ckpt.PerProcess`, or an
-# object with get_state()/set_state() (a Grain iterator).
-PER_PROCESS_VTYPES = ("value", "state")
+# What a per-process leaf was (`LeafKind.PER_PROCESS`'s vtype): a `ckpt.PerProcess`, an
+# object with get_state()/set_state() (a Grain iterator), or such an object's state as the
+# JSON text Grain's own checkpoint handler writes (`ckpt._orbax_items`).
+PER_PROCESS_VTYPES = ("value", "state", "json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +159,22 @@ class Manifest:
     leaves: list[LeafRecord]
     format_version: int = FORMAT_VERSION
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def subtree(self, item: str, url: str) -> Manifest:
+        """This manifest's leaves under the top-level key ``item``, that key dropped from
+        their paths: what ``item=`` reads of a checkpoint that is one tree.
+
+        Raises:
+            MissingLeafError: no leaf is under ``item`` (the message lists the keys there are).
+        """
+        head = ("key", item)
+        leaves = [dataclasses.replace(r, path=r.path[1:]) for r in self.leaves
+                  if r.path[:1] == (head,)]
+        if not leaves:
+            keys = sorted({str(r.path[0][1]) for r in self.leaves if r.path})
+            raise MissingLeafError(f"{url} has no item {item!r} (its top-level keys: "
+                                   f"{', '.join(keys) or 'none'})")
+        return dataclasses.replace(self, leaves=leaves)
 
 
 def pack(obj: Any) -> bytes:
@@ -351,7 +369,8 @@ def _decode_leaf(raw: Any, index: int, what: str) -> LeafRecord:
     elif kind == LeafKind.PER_PROCESS:
         fields["vtype"] = vtype = r.get("vtype", str)
         fields["value"] = values = r.get("values", list)
-        if vtype not in PER_PROCESS_VTYPES or not values:
+        if vtype not in PER_PROCESS_VTYPES or not values or (
+                vtype == "json" and not all(isinstance(v, str) for v in values)):
             raise CorruptCheckpointError(f"{r.what} ({keystr(path)}) is a malformed "
                                          f"per-process leaf")
     leaf = LeafRecord(path=path, kind=kind, **fields)

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 
 from ckpt._format import LeafKind, Manifest
-from ckpt._leaves import PerProcess, decode_value, dtype_from_name
+from ckpt._leaves import PerProcess, decode_value, dtype_from_name, saved_state
 from ckpt._reader import open_readable
 from ckpt._tree import KeyPath, keystr, nest
 from ckpt.storage import StoreLike, open_store
@@ -91,8 +91,7 @@ def _info(url: str, manifest: Manifest, layout: str) -> CheckpointInfo:
         elif rec.kind == LeafKind.PER_PROCESS:
             # This process's, as a `PerProcess` (a leaf: usable in a restore target, where
             # an object's state would be a subtree); None if no value was saved for it.
-            value = PerProcess(rec.value[jax.process_index()]
-                               if jax.process_index() < len(rec.value) else None)
+            value = PerProcess(saved_state(rec, jax.process_index(), None, what))
         else:
             value = None
         items.append((rec.path, value))

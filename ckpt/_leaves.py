@@ -7,6 +7,7 @@ by restore (`decode_inline`, `decode_value`) on every process.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import Any
 
@@ -111,6 +112,27 @@ def per_process_record(path: KeyPath, leaf: Any) -> LeafRecord:
                                    f"bytes, numbers, bool, None): {exc}") from exc
     return LeafRecord(path=path, kind=LeafKind.PER_PROCESS,
                       vtype="state" if stateful else "value", value=value)
+
+
+def saved_state(rec: LeafRecord, index: int, target: Any, what: str) -> Any:
+    """Process ``index``'s value of the per-process leaf ``rec``, as it is handed back.
+
+    A state Grain's checkpoint handler wrote as JSON text (vtype ``json``, from an Orbax
+    step) is given as Grain's own handler gives it: the text's bytes to an object whose
+    ``get_state()`` returns bytes (a `DataLoader`'s iterator), else the parsed JSON (a
+    dataset iterator's dict, and what a restore without a target returns).
+    Called by restore and `ckpt.metadata` on any process.
+    """
+    value = rec.value[index] if index < len(rec.value) else None
+    if rec.vtype != "json" or value is None:
+        return value
+    if is_stateful(target) and isinstance(target.get_state(), (bytes, bytearray)):
+        return value.encode("utf-8")
+    try:
+        return json.loads(value)
+    except (ValueError, RecursionError) as exc:
+        raise CorruptCheckpointError(f"{what}: process {index}'s saved state is not JSON: "
+                                     f"{exc}"[:300]) from None
 
 
 def empty_record(path: KeyPath, leaf: Any) -> LeafRecord:

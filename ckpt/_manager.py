@@ -471,8 +471,9 @@ class CheckpointManager:
     # -- restoring -------------------------------------------------------------------------
 
     def restore(self, step: int | None = None, target: Any = None, mesh: Any = None, *,
-                timeout_s: float | None = None) -> Any:
-        """Restores ``step`` (default: the latest committed one); see `ckpt.restore`.
+                item: str | None = None, timeout_s: float | None = None) -> Any:
+        """Restores ``step`` (default: the latest committed one); see `ckpt.restore`
+        (``item``: one item of an Orbax step, or one top-level key of this library's).
         ``timeout_s`` bounds finding the step too."""
         store = self._store
         deadline = None
@@ -486,7 +487,8 @@ class CheckpointManager:
         elif is_abandoned(store, step := as_step(step), abandoned(store)):
             raise CheckpointNotFoundError(f"step {step} under {self.root_url} was abandoned "
                                           "by a rewind")
-        return restore_from(store.child(str(step)), target, mesh=mesh, deadline=deadline)
+        return restore_from(store.child(str(step)), target, mesh=mesh, item=item,
+                            deadline=deadline)
 
     # -- lifetime --------------------------------------------------------------------------
 

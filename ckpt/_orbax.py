@@ -1,8 +1,9 @@
-"""Reading checkpoints written by orbax-checkpoint, as if they were this library's.
+"""Reading checkpoints written by orbax-checkpoint, as if they were this library's: what
+Orbax wrote at a URL (`recognise`), its pytree items, its step metadata.
 
-Called by `ckpt._reader.open_readable` when a URL holds no COMMIT, on every process that
-restores, inspects or converts. An Orbax checkpoint is recognised from its files, never from
-its name:
+Called through `ckpt._orbax_items.open_orbax` when a URL holds no COMMIT, on every process
+that restores, inspects or converts. An Orbax checkpoint is recognised from its files, never
+from its name:
 
 - an *item folder* (what `StandardCheckpointer`, `PyTreeCheckpointer` and each item of a
   `CheckpointManager` step write) holds ``_METADATA``: the JSON tree of key paths and value
@@ -10,12 +11,12 @@ its name:
   sub-folders (``params.w/.zarray``) or inside an OCDBT database (``manifest.ocdbt``,
   ``d/``, ``ocdbt.process_N/``). ``_sharding`` holds each jax.Array's NamedSharding,
   ``_strings.json`` the strings; scalars are 0-d arrays.
-- a `CheckpointManager` *step folder* holds ``_CHECKPOINT_METADATA`` and item folders; it is
-  read as its item when it has exactly one.
+- a `CheckpointManager` *step folder* holds ``_CHECKPOINT_METADATA`` and item folders
+  (pytree, JSON and Grain iterator items: `ckpt._orbax_items`).
 
 The result is a `Manifest` of ordinary format-v1 leaf records (scalars, strings and None
-already decoded into records; Orbax's empty dicts, lists and tuples are dropped, as this
-library's own save drops them) plus a TensorStore spec per array leaf, so restore, inspect
+already decoded into records, empty dicts, lists and tuples as ``empty`` records, as this
+library's own save records them) plus a TensorStore spec per array leaf, so restore, inspect
 and convert need nothing Orbax-specific past this module. Nothing is imported from Orbax.
 Every name from the checkpoint goes through the store's key checks before it is used.
 """
@@ -44,7 +45,6 @@ from ckpt._format import (
 from ckpt._leaves import SUPPORTED_DTYPES, encode_value
 from ckpt._tree import KeyPath, keystr, leaf_name
 from ckpt.errors import (
-    CkptError,
     CorruptCheckpointError,
     NotACheckpointError,
     UncommittedCheckpointError,
@@ -109,15 +109,12 @@ def _read_json(store: Store, key: str) -> Any:
         raise CorruptCheckpointError(f"{store.describe(key)} nests JSON too deeply") from None
 
 
-def find_item(store: Store) -> Store | None:
-    """The Orbax item folder at ``store``: itself, or a step folder's only item.
-
-    Returns:
-        None when nothing there says Orbax.
+def recognise(store: Store) -> str | None:
+    """What Orbax wrote at ``store``: ``"item"`` (an item folder), ``"step"`` (a
+    `CheckpointManager` step folder), or None when nothing there says Orbax.
 
     Raises:
-        NotACheckpointError: a step folder with several items (names them) or none; a
-            manager root (names its newest step).
+        NotACheckpointError: a manager root (names its newest step).
         UncommittedCheckpointError: an Orbax save still in its temporary folder.
         UnsupportedFormatError: an Orbax layout this library does not read (names the file).
     """
@@ -127,19 +124,9 @@ def find_item(store: Store) -> Store | None:
                 f"{store.url} is an Orbax save that has not committed (its folder still has "
                 f"the temporary {TMP_MARK} name): it was interrupted or is still running")
     if store.exists(TREE_METADATA):
-        return store
+        return "item"
     if store.exists(STEP_METADATA):
-        items = [c for c in store.list_children() if store.exists(f"{c}/{TREE_METADATA}")]
-        if len(items) == 1:
-            _warn_unread_items(store, items[0])
-            return store.child(items[0])
-        if items:
-            raise NotACheckpointError(
-                f"{store.url} is an Orbax CheckpointManager step with several items "
-                f"({', '.join(sorted(items))}): restore one of them, e.g. "
-                f"{store.child(sorted(items)[0]).url}")
-        raise NotACheckpointError(f"{store.describe(STEP_METADATA)} marks an Orbax step, but "
-                                  "no item folder in it holds a _METADATA file")
+        return "step"
     if store.exists(LEGACY_MSGPACK):
         raise UnsupportedFormatError(
             f"{store.describe(LEGACY_MSGPACK)}: an Orbax checkpoint in the legacy msgpack "
@@ -186,12 +173,12 @@ def orbax_step_metrics(store: Store) -> dict[str, float]:
     """The metrics Orbax's manager recorded for the step at ``store``, from its step
     metadata and ``metrics`` item only: its items are not opened (a step of several items,
     or of a value type this library cannot read, still ranks)."""
-    return _step_metrics(_step_metadata(store, store), store)
+    return step_metrics(step_metadata(store, store), store)
 
 
 def orbax_step_committed_at(store: Store) -> float:
     """When Orbax committed the step at ``store`` (0.0 when it did not record it)."""
-    return _timestamps(_step_metadata(store, store))[1]
+    return timestamps(step_metadata(store, store))[1]
 
 
 def delete_orbax_step(store: Store) -> None:
@@ -205,21 +192,6 @@ def delete_orbax_step(store: Store) -> None:
     for name in store.list_children():
         store.delete_prefix(name)
     store.prune()
-
-
-def _warn_unread_items(step: Store, chosen: str) -> None:
-    """Says which items of an Orbax step are left out when its one pytree item is read
-    (a JSON item such as Orbax's ``metrics``, a Grain iterator item): never silently."""
-    try:
-        handlers = _read_json(step, STEP_METADATA).get("item_handlers")
-    except (CkptError, AttributeError):
-        return  # unreadable here; the item's own reading reports what matters
-    # The manager's own `metrics` item is read: into the step's metrics (`_step_metrics`).
-    others = sorted(k for k in handlers if k not in (chosen, METRICS_ITEM)) \
-        if isinstance(handlers, dict) else []
-    if others:
-        log.warning("%s: reading its pytree item %r; its other items (%s) are not read by this "
-                    "library", step.url, chosen, ", ".join(others))
 
 
 def _key_path(entry: Any, where: str) -> KeyPath:
@@ -432,24 +404,26 @@ def _add_scalar_values(item: Store, records: list[LeafRecord],
                                     name=rec.name, vtype=vkind, value=encode_value(py))
 
 
-def open_orbax(store: Store) -> OrbaxItem | None:
-    """Opens the Orbax checkpoint at ``store`` (item or single-item step folder).
+def new_context(store: Store) -> ts.Context:
+    """The TensorStore context to open the arrays of one Orbax checkpoint (every item of a
+    step) in: the store's, plus a cache of decoded OCDBT nodes."""
+    return ts.Context({"cache_pool#ocdbt": {"total_bytes_limit": _OCDBT_CACHE}},
+                      parent=store.tensorstore_context())
 
-    Called by `ckpt._reader.open_readable` on any process; reads ``_METADATA``,
+
+def open_pytree_item(item: Store, given: Store, context: ts.Context) -> OrbaxItem:
+    """Opens the Orbax pytree item folder at ``item`` (``given`` is what the caller named:
+    the item itself, or the step folder holding it, whose metadata then applies).
+
+    Called through `ckpt._orbax_items.open_orbax` on any process; reads ``_METADATA``,
     ``_sharding``, ``_strings.json`` and each array's zarr metadata (and its value, for
     scalars), never array chunks.
-
-    Returns:
-        None when nothing at ``store`` says Orbax.
 
     Raises:
         UnsupportedFormatError: a value type or dtype this library cannot read; the message
             names the leaf and the file that shows it.
         CorruptCheckpointError: a metadata file that does not parse, or an array missing.
     """
-    item = find_item(store)
-    if item is None:
-        return None
     try:
         # TensorStore opens the array and OCDBT files here itself: a FIFO or device among
         # them would block it forever (one listing of the item folder).
@@ -465,14 +439,12 @@ def open_orbax(store: Store) -> OrbaxItem | None:
     zarr3 = bool(meta.get("use_zarr3", False))
     # Without this flag (older Orbax), chunks equal to the fill value were not written.
     fill_missing = not meta.get("store_array_data_equal_to_fill_value", False)
-    context = ts.Context({"cache_pool#ocdbt": {"total_bytes_limit": _OCDBT_CACHE}},
-                         parent=item.tensorstore_context())
     records, specs, opening = _leaf_records(item, tree, meta_where, context, ocdbt=ocdbt,
                                             zarr3=zarr3, fill_missing=fill_missing)
     scalars = _add_array_layouts(item, records, opening, _shardings(item), _key_impls(item))
     _add_scalar_values(item, records, specs, scalars)
-    step = _step_metadata(item, store)
-    created, committed = _timestamps(step)
+    step = step_metadata(item, given)
+    created, committed = timestamps(step)
     # The item's own custom metadata, else the step's (CheckpointManager.save's, which
     # MaxText checks on load).
     custom = meta.get("custom_metadata")
@@ -483,7 +455,7 @@ def open_orbax(store: Store) -> OrbaxItem | None:
                         created_at=created, committed_at=committed,
                         versions={"writer": "orbax-checkpoint"},
                         metadata=custom if custom not in ({}, None) else None, leaves=records,
-                        metrics=_step_metrics(step, store))
+                        metrics=step_metrics(step, given))
     return OrbaxItem(item, manifest, specs, context, layout)
 
 
@@ -502,7 +474,7 @@ def _array_spec(item: Store, name: str, *, ocdbt: bool, zarr3: bool,
             "fill_missing_data_reads": fill_missing}
 
 
-def _step_metadata(item: Store, given: Store) -> dict[str, Any]:
+def step_metadata(item: Store, given: Store) -> dict[str, Any]:
     """``_CHECKPOINT_METADATA`` of the item (a `StandardCheckpointer` folder) or of the step
     folder given (a manager step); empty when neither has one."""
     for store in (item, given):
@@ -515,7 +487,7 @@ def _step_metadata(item: Store, given: Store) -> dict[str, Any]:
     return {}
 
 
-def _timestamps(step: dict[str, Any]) -> tuple[float, float]:
+def timestamps(step: dict[str, Any]) -> tuple[float, float]:
     init, done = step.get("init_timestamp_nsecs"), step.get("commit_timestamp_nsecs")
     if isinstance(init, int) and isinstance(done, int):
         return init / 1e9, done / 1e9
@@ -526,7 +498,7 @@ def _timestamps(step: dict[str, Any]) -> tuple[float, float]:
 METRICS_ITEM = "metrics"
 
 
-def _step_metrics(step: dict[str, Any], given: Store) -> dict[str, float]:
+def step_metrics(step: dict[str, Any], given: Store) -> dict[str, float]:
     """The metrics `CheckpointManager.save(..., metrics=)` recorded, from the step's
     ``metrics`` item (when ``given`` is the step folder) or its metadata: the numbers among
     them (Orbax accepts any tree; only name -> number pairs rank and show here)."""

@@ -12,6 +12,7 @@ this interface and never ask which format it is.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -31,7 +32,8 @@ from ckpt._format import (
     sha256,
 )
 from ckpt._leaves import dtype_from_name
-from ckpt._orbax import OrbaxItem, open_orbax
+from ckpt._orbax import OrbaxItem
+from ckpt._orbax_items import open_orbax
 from ckpt._tree import keystr
 from ckpt.errors import (
     CheckpointNotFoundError,
@@ -97,6 +99,7 @@ class Readable(abc.ABC):
         store: where it is.
         manifest: its leaves (for a format without checksums, records with none).
         layout: ``ckpt format 1``, or ``orbax-checkpoint (OCDBT, zarr v2)`` and the like.
+        item: the item opened (``item=``), None for the whole checkpoint.
         kind: the format's name in messages (``ckpt``, ``Orbax``).
         checksummed: whether every chunk carries checksums a reader checks (what
             ``ckpt verify`` needs).
@@ -105,8 +108,9 @@ class Readable(abc.ABC):
     kind: str
     checksummed: bool
 
-    def __init__(self, store: Store, manifest: Manifest, layout: str) -> None:
-        self.store, self.manifest, self.layout = store, manifest, layout
+    def __init__(self, store: Store, manifest: Manifest, layout: str,
+                 item: str | None = None) -> None:
+        self.store, self.manifest, self.layout, self.item = store, manifest, layout, item
 
     @abc.abstractmethod
     def array_spec(self, rec: LeafRecord) -> dict[str, Any]:
@@ -150,6 +154,8 @@ class _Ours(Readable):
             self.store.check_plain_files(folder)
         except UnreadableObjectError as exc:
             raise CorruptCheckpointError(f"leaf {keystr(rec.path)}: {exc}") from None
+        if self.item is not None:  # stored under its whole path, which its metadata names
+            rec = dataclasses.replace(rec, path=(("key", self.item),) + rec.path)
         return array_read_spec(self.store.kvstore_spec(folder), rec)
 
     def context(self) -> Any:
@@ -160,7 +166,7 @@ class _Ours(Readable):
 
     def replacement(self) -> Readable | None:
         try:
-            again = open_readable(self.store)
+            again = open_readable(self.store, self.item)
         except CkptError:
             return None
         return None if again.manifest.attempt == self.manifest.attempt else again
@@ -185,25 +191,33 @@ class _Orbax(Readable):
         return False
 
 
-def open_readable(store: Store) -> Readable:
+def open_readable(store: Store, item: str | None = None) -> Readable:
     """Opens the checkpoint at ``store``: this library's, else an Orbax one.
 
     Called on any process by restore, `ckpt.metadata` and the offline tools. Orbax files
     are only looked for when there is no COMMIT, so reading this library's checkpoints costs
     nothing more.
 
+    Args:
+        item: None for the whole checkpoint; else one item of an Orbax step by its name, or
+            (one of this library's checkpoints, an Orbax item folder) the subtree under one
+            top-level key, read as a checkpoint of its own.
+
     Raises:
+        MissingLeafError: no such item; the message lists those there are.
         The errors of `open_checkpoint` when nothing there is Orbax's either, and those of
-        `ckpt._orbax.open_orbax` for Orbax checkpoints this library cannot read.
+        `ckpt._orbax_items.open_orbax` for Orbax checkpoints this library cannot read.
     """
     try:
         _, manifest = open_checkpoint(store)
-        return _Ours(store, manifest, f"ckpt format {manifest.format_version}")
+        if item is not None:
+            manifest = manifest.subtree(item, store.url)
+        return _Ours(store, manifest, f"ckpt format {manifest.format_version}", item)
     except CheckpointNotFoundError as exc:
         not_ours = exc
-    item = open_orbax(store)
-    if item is None:
+    orbax = open_orbax(store, item)
+    if orbax is None:
         raise not_ours
-    log.info("%s is an orbax-checkpoint checkpoint (%s, %d leaves)", item.store.url,
-             item.layout, len(item.manifest.leaves))
-    return _Orbax(item)
+    log.info("%s is an orbax-checkpoint checkpoint (%s, %d leaves)", orbax.store.url,
+             orbax.layout, len(orbax.manifest.leaves))
+    return _Orbax(orbax)

@@ -29,6 +29,7 @@ from ckpt._leaves import (
     empty_record,
     is_stateful,
     is_typed_key,
+    saved_state,
 )
 from ckpt._reader import Readable, open_readable
 from ckpt._tree import KeyPath, flatten, is_empty_container, keystr, nest, unflatten
@@ -240,7 +241,7 @@ def _per_process_value(want: _Want, setters: list[tuple[Any, Any]]) -> Any:
     once the whole restore succeeded (``setters``); a `PerProcess` for a `PerProcess` target
     (or none, if one was saved); else the plain value."""
     rec, t = want.record, want.target
-    value = rec.value[jax.process_index()]
+    value = saved_state(rec, jax.process_index(), t, keystr(rec.path))
     if is_stateful(t):
         setters.append((t, value))
         return t
@@ -354,7 +355,8 @@ def _cast(host: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
 
 
 def restore_from(store: Store, target: Any = None, *, mesh: Any = None,
-                 memory_budget: int | None = None, deadline: Deadline | None = None) -> Any:
+                 item: str | None = None, memory_budget: int | None = None,
+                 deadline: Deadline | None = None) -> Any:
     """Restores the checkpoint in ``store``; see `ckpt.restore`.
 
     Called on every process that needs the state; each reads only the boxes its own
@@ -363,7 +365,7 @@ def restore_from(store: Store, target: Any = None, *, mesh: Any = None,
     """
     if deadline is not None and not isinstance(store, DeadlineStore):
         store = DeadlineStore(store, deadline)
-    source = open_readable(store)
+    source = open_readable(store, item)
     for _ in range(OVERWRITE_RETRIES):
         try:
             return _restore_source(source, target, mesh, memory_budget, deadline)
@@ -448,18 +450,23 @@ def _restore_source(source: Readable, target: Any, mesh: Any,
 
 
 def restore(url: StoreLike, target: Any = None, *, mesh: Any = None,
-            timeout_s: float | None = None) -> Any:
+            item: str | None = None, timeout_s: float | None = None) -> Any:
     """Restores the committed checkpoint at ``url``.
 
     Args:
         url: the checkpoint's path or URL: one of this library's checkpoints, or one written
-            by orbax-checkpoint (an item folder, or a CheckpointManager step folder with a
-            single item), recognised from its files.
+            by orbax-checkpoint (an item folder, or a CheckpointManager step folder),
+            recognised from its files. An Orbax step of one item restores as that item,
+            one of several items as ``{item name: item}`` (pytree, JSON and Grain iterator
+            items; the manager's ``metrics`` item is the step's metrics instead).
         target: None, or a pytree whose leaves are `jax.ShapeDtypeStruct` (with
             ``.sharding``), `jax.Array` (its sharding and dtype are used) or numpy arrays
             (restored as host numpy arrays of their dtype). It may cover part of the saved
             tree: only its leaves are read. A different dtype casts within its kind.
         mesh: restore arrays with their saved PartitionSpecs on this mesh (same axis names).
+        item: restore one item only: an Orbax step's item by name (its other items are not
+            opened), or the subtree under one top-level key of any other checkpoint; the
+            target (if any) is then that item's.
         timeout_s: bound on the whole restore, in seconds (None: none beyond each storage
             request's own deadline, ``request_timeout_s``). A request still under way then
             is abandoned and `DeadlineExceededError` names the URL and what was being read.
@@ -471,10 +478,11 @@ def restore(url: StoreLike, target: Any = None, *, mesh: Any = None,
     Raises:
         CheckpointNotFoundError: no committed checkpoint at ``url`` (nothing is written).
         TargetMismatchError: the target disagrees; the message names the leaves.
+        MissingLeafError: no item ``item`` (the message lists those there are).
         CorruptCheckpointError: a digest or checksum failed; no wrong data is returned.
         UnsupportedFormatError: an Orbax checkpoint using what this library cannot read
             (the message names the file that shows it).
         DeadlineExceededError: ``timeout_s`` passed first (nothing is returned).
     """
     deadline = None if timeout_s is None else Deadline(timeout_s, f"restoring {url}")
-    return restore_from(open_store(url), target, mesh=mesh, deadline=deadline)
+    return restore_from(open_store(url), target, mesh=mesh, item=item, deadline=deadline)

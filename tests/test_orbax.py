@@ -393,16 +393,25 @@ def test_corrupt_metadata_and_missing_arrays_are_named(small_orbax):
         ckpt.metadata(path)
 
 
-def test_a_step_with_several_items_asks_for_one(tmp_path, mesh24):
+def test_a_step_of_several_items_restores_whole_or_one_item(tmp_path, mesh24):
     root = str(tmp_path / "mgr")
     state = {"w": jax.device_put(np.ones((8, 8), np.float32), NamedSharding(mesh24, P()))}
     with ocp.CheckpointManager(root, item_names=("state", "extra")) as manager:
         manager.save(2, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                extra=ocp.args.StandardSave(state)))
+                                                extra=ocp.args.StandardSave({"v": 7})))
         manager.wait_until_finished()
-    with pytest.raises(NotACheckpointError, match="extra, state"):
-        ckpt.restore(os.path.join(root, "2"))
-    _same(ckpt.restore(os.path.join(root, "2", "state"))["w"], np.ones((8, 8), np.float32))
+    step = os.path.join(root, "2")
+    whole = ckpt.restore(step)
+    assert sorted(whole) == ["extra", "state"] and whole["extra"] == {"v": 7}
+    _same(whole["state"]["w"], np.ones((8, 8), np.float32))
+    _same(ckpt.restore(step, item="state")["w"], np.ones((8, 8), np.float32))
+    _same(ckpt.restore(os.path.join(step, "state"))["w"], np.ones((8, 8), np.float32))
+    with pytest.raises(MissingLeafError, match=r"no item 'nope' \(its items: extra, state\)"):
+        ckpt.restore(step, item="nope")
+    # A whole-step target names the items; the manager reads Orbax steps the same way.
+    with ckpt.CheckpointManager(root, read_only=True) as mgr:
+        assert mgr.restore(target={"extra": {"v": 0}}) == {"extra": {"v": 7}}
+        assert mgr.restore(2, item="extra") == {"v": 7}
 
 
 def test_target_leaves_missing_from_an_orbax_checkpoint_are_named(small_orbax):
@@ -479,12 +488,9 @@ def test_typed_prng_keys_written_by_orbax_restore_as_keys_and_survive_convert(tm
         assert raw.dtype == np.uint32 and raw.shape == jax.random.key_data(keys).shape
 
 
-def test_a_managers_custom_metadata_and_metrics_are_read_and_converted(tmp_path, mesh24, caplog):
-    """A step's custom_metadata (MaxText checks {"scan_layers": true} on load) and the
-    metrics given to CheckpointManager.save show in metadata and inspect and survive convert;
-    an item that is not read (a JSON item) is named, never dropped in silence."""
-    import logging
-
+def test_a_managers_custom_metadata_and_metrics_are_read_and_converted(tmp_path, mesh24):
+    """A step's custom_metadata (MaxText checks {"scan_layers": true} on load), the metrics
+    given to CheckpointManager.save and a JSON item show in metadata and survive convert."""
     state = {"w": jax.device_put(jnp.arange(32.0).reshape(4, 8),
                                  NamedSharding(mesh24, P("data", "model")))}
     root = str(tmp_path / "orbax")
@@ -495,14 +501,14 @@ def test_a_managers_custom_metadata_and_metrics_are_read_and_converted(tmp_path,
                      metrics={"loss": 0.25}, custom_metadata={"scan_layers": True})
         manager.wait_until_finished()
     step = os.path.join(root, "3")
-    with caplog.at_level(logging.WARNING, logger="ckpt"):
-        info = ckpt.metadata(step)
-    assert "other items (extra)" in caplog.text
+    info = ckpt.metadata(step)
     assert info.metadata == {"scan_layers": True} and info.metrics == {"loss": 0.25}
+    assert info.tree["extra"] == {"note": "hi"}
     converted = str(tmp_path / "ours" / "3")
     assert cli(["convert", "-q", step, converted]) == 0
     again = ckpt.metadata(converted)
     assert again.metadata == {"scan_layers": True} and again.metrics == {"loss": 0.25}
+    assert ckpt.restore(converted, item="extra") == {"note": "hi"}
     with ckpt.CheckpointManager(str(tmp_path / "ours"), best_metric="loss") as mgr:
         assert mgr.metrics(3) == {"loss": 0.25} and mgr.best_step() == 3
 

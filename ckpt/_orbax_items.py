@@ -1,0 +1,235 @@
+"""The items of an orbax-checkpoint step, read whole or one at a time.
+
+Called by `ckpt._reader.open_readable` when a URL holds no COMMIT, on every process that
+restores, inspects or converts. A `CheckpointManager` step folder (``_CHECKPOINT_METADATA``,
+v0 and v1 APIs alike) holds one folder per item, each recognised from its files:
+
+- a *pytree item* (``_METADATA``): arrays, scalars and strings (`ckpt._orbax`);
+- a *JSON item* (one JSON file: ``metadata`` from `args.JsonSave`, ``data.json`` from the
+  v1 API's JSON handler, ``metrics`` from the manager's own metrics item): its value, as a
+  tree of value leaves;
+- a *Grain iterator item* (``process_<i>-of-<n>.json``, one per process, from Grain's
+  checkpoint handler): one per-process leaf (vtype ``json``) holding each process's state.
+
+A step of one item reads as that item; a step of several as ``{item name: item}``; the
+manager's own ``metrics`` item is the step's metrics (`CheckpointInfo.metrics`), not an item
+of the tree, unless asked for by name. ``item=`` picks one item (on an item folder, or on one
+of this library's checkpoints, one top-level key). An item of any other kind is an
+`UnsupportedFormatError` naming it whenever it would be read: never left out in silence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from typing import Any
+
+import jax
+
+from ckpt._format import LeafKind, LeafRecord, Manifest, read_object
+from ckpt._leaves import classify
+from ckpt._orbax import (
+    COMMIT_SUCCESS,
+    MAX_JSON_BYTES,
+    METRICS_ITEM,
+    STEP_METADATA,
+    TREE_METADATA,
+    OrbaxItem,
+    new_context,
+    open_pytree_item,
+    recognise,
+    step_metadata,
+    step_metrics,
+    timestamps,
+)
+from ckpt._tree import KeyPath, flatten
+from ckpt.errors import (
+    CorruptCheckpointError,
+    MissingLeafError,
+    NotACheckpointError,
+    UnsupportedFormatError,
+    UnsupportedLeafError,
+)
+from ckpt.storage import InvalidKeyError, Store, check_key
+
+_GRAIN_STATE = re.compile(r"process_(\d{1,9})-of-(\d{1,9})\.json")
+# Iterator states are small; this bounds what an edited file can make a reader hold.
+_MAX_STATE_BYTES = 64 << 20
+
+
+def open_orbax(store: Store, item: str | None = None) -> OrbaxItem | None:
+    """Opens what Orbax wrote at ``store``: an item folder, or a step folder's items.
+
+    Args:
+        item: None for everything (a step of several items as ``{name: item}``); else one
+            step item by name, or, on an item folder, one top-level key of its tree.
+
+    Returns:
+        None when nothing at ``store`` says Orbax.
+
+    Raises:
+        MissingLeafError: no item (or key) ``item``; the message lists what there is.
+        UnsupportedFormatError: an item this library cannot read, named, when it is read.
+        The errors of `ckpt._orbax.recognise` and `ckpt._orbax.open_pytree_item`.
+    """
+    found = recognise(store)
+    if found is None:
+        return None
+    context = new_context(store)
+    if found == "item":
+        opened = open_pytree_item(store, store, context)
+        return opened if item is None else select_item(opened, item)
+    names = step_items(store)
+    if item is not None:
+        if item not in names and not (item == METRICS_ITEM and _is_metrics_item(store)):
+            raise MissingLeafError(f"{store.url} has no item {item!r} (its items: "
+                                   f"{', '.join(names) or 'none'})")
+        return _open_item(store, item, context, prefix=())
+    if not names:
+        raise NotACheckpointError(f"{store.describe(STEP_METADATA)} marks an Orbax step, but "
+                                  "no item folder in it holds anything this library reads")
+    if len(names) == 1:
+        return _open_item(store, names[0], context, prefix=())
+    return _merge(store, [_open_item(store, n, context, prefix=(("key", n),)) for n in names])
+
+
+def step_items(step: Store) -> list[str]:
+    """The names of the items of the Orbax step at ``step``, sorted, without the manager's
+    own metrics item: those its step metadata lists (``item_handlers``), else its folders."""
+    meta = step_metadata(step, step)
+    handlers = meta.get("item_handlers")
+    if isinstance(handlers, dict) and handlers:
+        names = list(handlers)
+    else:
+        names = [c for c in step.list_children()
+                 if c not in (STEP_METADATA, COMMIT_SUCCESS) and not c.startswith(".")]
+    out = []
+    for name in names:
+        try:
+            check_key(name)
+        except InvalidKeyError as exc:
+            raise CorruptCheckpointError(f"{step.describe(STEP_METADATA)} names an item "
+                                         f"{name!r} that is not a folder name: {exc}") from None
+        if "/" in name:
+            raise CorruptCheckpointError(f"{step.describe(STEP_METADATA)} names an item "
+                                         f"{name!r} that is not a folder name")
+        if not (name == METRICS_ITEM and _is_metrics_item(step)):
+            out.append(name)
+    return sorted(out)
+
+
+def _is_metrics_item(step: Store) -> bool:
+    return step.exists(f"{METRICS_ITEM}/{METRICS_ITEM}")
+
+
+def select_item(opened: OrbaxItem, item: str) -> OrbaxItem:
+    """The part of an opened item folder under its top-level key ``item``, as its own tree."""
+    head = ("key", item)
+    specs = {p[1:]: s for p, s in opened.specs.items() if p[:1] == (head,)}
+    return dataclasses.replace(opened, manifest=opened.manifest.subtree(item, opened.store.url),
+                               specs=specs)
+
+
+def _open_item(step: Store, name: str, context: Any, prefix: KeyPath) -> OrbaxItem:
+    """Opens item ``name`` of ``step``, its leaves' paths under ``prefix``."""
+    folder = step.child(name)
+    if folder.exists(TREE_METADATA):
+        opened = open_pytree_item(folder, step, context)
+    else:
+        opened = _open_file_item(step, name, folder, context)
+    if not prefix:
+        return opened
+    leaves = [dataclasses.replace(r, path=prefix + r.path) for r in opened.manifest.leaves]
+    return dataclasses.replace(
+        opened, manifest=dataclasses.replace(opened.manifest, leaves=leaves),
+        specs={prefix + p: s for p, s in opened.specs.items()})
+
+
+def _open_file_item(step: Store, name: str, folder: Store, context: Any) -> OrbaxItem:
+    """A JSON item or a Grain iterator item, recognised from its files."""
+    files = [f for f in folder.list() if f != COMMIT_SUCCESS]
+    grain = [_GRAIN_STATE.fullmatch(f) for f in files]
+    if files and all(grain):
+        records = [_grain_record(folder, [m for m in grain if m])]
+        layout = "Grain iterator state"
+    elif len(files) == 1 and "/" not in files[0]:
+        value = _read_json(folder, files[0])
+        records = [_json_record(path, leaf, folder.describe(files[0]))
+                   for path, leaf in flatten(value)[0]]
+        layout = "JSON"
+    else:
+        handler = step_metadata(step, step).get("item_handlers") or {}
+        kind = handler.get(name) if isinstance(handler, dict) else None
+        shown = ", ".join(files[:5]) + (", ..." if len(files) > 5 else "") or "nothing"
+        raise UnsupportedFormatError(
+            f"item {name!r} of the Orbax step {step.url} (written by "
+            f"{kind or 'an unnamed handler'}; it holds {shown}) is not one this library "
+            "reads (pytree, JSON or Grain iterator items); restore another with item=")
+    meta = step_metadata(step, step)
+    created, committed = timestamps(meta)
+    count = len(records[0].value) if records[0].kind == LeafKind.PER_PROCESS else 1
+    manifest = Manifest(attempt="", process_count=count, created_at=created,
+                        committed_at=committed, versions={"writer": "orbax-checkpoint"},
+                        metadata=meta.get("custom_metadata") or None, leaves=records,
+                        metrics=step_metrics(meta, step))
+    return OrbaxItem(folder, manifest, {}, context, layout)
+
+
+def _read_json(folder: Store, key: str, limit: int = MAX_JSON_BYTES) -> Any:
+    data = read_object(folder, key, limit)
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise UnsupportedFormatError(f"{folder.describe(key)} is not a JSON item this library "
+                                     f"reads: {exc}"[:500]) from None
+
+
+def _json_record(path: KeyPath, leaf: Any, where: str) -> LeafRecord:
+    try:
+        return classify(path, leaf, 1)
+    except UnsupportedLeafError as exc:  # a lone surrogate in a string, say
+        raise UnsupportedFormatError(f"{where}: {exc}") from None
+
+
+def _grain_record(folder: Store, found: list[re.Match[str]]) -> LeafRecord:
+    """The per-process leaf of a Grain iterator item: every process's JSON text when one
+    process reads (a conversion, an inspection), else this process's own only (a restart of
+    a job of N processes, each reading one file, not N)."""
+    counts = {int(m.group(2)) for m in found}
+    indices = {int(m.group(1)) for m in found}
+    n = max(counts)
+    if len(counts) != 1 or indices != set(range(n)):
+        missing = sorted(set(range(n)) - indices)
+        raise CorruptCheckpointError(
+            f"{folder.url} is a Grain iterator item with an inconsistent set of per-process "
+            f"files ({len(found)} files for {n} processes; missing processes: "
+            f"{missing[:10] or 'none'})")
+    me, count = jax.process_index(), jax.process_count()
+    wanted = range(n) if count == 1 else [me] if count == n else []
+    texts: list[Any] = [None] * n
+    for i in wanted:
+        key = f"process_{i}-of-{n}.json"
+        data = read_object(folder, key, _MAX_STATE_BYTES)
+        try:
+            texts[i] = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise CorruptCheckpointError(f"{folder.describe(key)} is not UTF-8 text") from None
+    return LeafRecord(path=(), kind=LeafKind.PER_PROCESS, vtype="json", value=texts)
+
+
+def _merge(step: Store, items: list[OrbaxItem]) -> OrbaxItem:
+    """The items of one step as one tree under their names."""
+    meta = step_metadata(step, step)
+    created, committed = timestamps(meta)
+    custom = meta.get("custom_metadata") or next(
+        (i.manifest.metadata for i in items if i.manifest.metadata), None)
+    manifest = Manifest(attempt="", process_count=max(i.manifest.process_count for i in items),
+                        created_at=created, committed_at=committed,
+                        versions={"writer": "orbax-checkpoint"}, metadata=custom,
+                        leaves=[r for i in items for r in i.manifest.leaves],
+                        metrics=step_metrics(meta, step))
+    specs = {p: s for i in items for p, s in i.specs.items()}
+    layout = f"{len(items)} items: " + ", ".join(
+        f"{i.store.url.rstrip('/').rsplit('/', 1)[-1]} ({i.layout})" for i in items)
+    return OrbaxItem(step, manifest, specs, items[0].context, layout)

@@ -1,0 +1,174 @@
+"""The items of an Orbax step beside its pytree: JSON items and Grain iterator items, written
+by orbax-checkpoint's own managers (v0 and v1 APIs) and Grain's own checkpoint handler, read
+whole or one at a time, resumed bit for bit, carried by convert; and ``item=`` on this
+library's checkpoints."""
+
+import os
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from absl import flags
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import ckpt
+from ckpt.cli import main as cli
+from ckpt.errors import CorruptCheckpointError, MissingLeafError, UnsupportedFormatError
+
+flags.FLAGS.mark_as_parsed()  # grain reads absl flags
+
+
+def _dataset_iter():
+    return iter(grain.MapDataset.range(500).shuffle(seed=3).map(lambda x: x * 5).batch(4))
+
+
+def _loader_iter():
+    sampler = grain.samplers.IndexSampler(num_records=200, shuffle=True, seed=9, num_epochs=1,
+                                          shard_options=grain.sharding.NoSharding())
+    return iter(grain.DataLoader(data_source=list(range(200)), sampler=sampler,
+                                 operations=[grain.transforms.Batch(batch_size=4)],
+                                 worker_count=0))
+
+
+def _advanced(make, n):
+    it = make()
+    for _ in range(n):
+        next(it)
+    return it
+
+
+def _next(it, n=3):
+    return [np.asarray(next(it)).tolist() for _ in range(n)]
+
+
+def _save_step(root, api, mesh):
+    """An Orbax step of four items: a pytree, a JSON config, a dataset iterator and a
+    DataLoader iterator (each iterator a few batches in). Returns the step folder and the
+    batches each iterator gives next."""
+    state = {"w": jax.device_put(jnp.arange(64.0).reshape(8, 8),
+                                 NamedSharding(mesh, P("data", "model")))}
+    data, loader = _advanced(_dataset_iter, 3), _advanced(_loader_iter, 2)
+    config = {"lr": 0.5, "layers": [4, 8], "name": "tiny"}
+    if api == "v0":
+        with ocp.CheckpointManager(root, item_names=("state", "config", "data", "loader")) as m:
+            m.save(7, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config),
+                data=grain.checkpoint.CheckpointSave(data),
+                loader=grain.checkpoint.CheckpointSave(loader)))
+            m.wait_until_finished()
+    else:
+        from orbax.checkpoint import v1
+
+        with v1.training.Checkpointer(root) as c:
+            c.save_checkpointables(7, dict(state=state, config=config, data=data,
+                                           loader=loader), metrics={"loss": 1.25})
+    return os.path.join(root, "7"), {"data": _next(data), "loader": _next(loader)}
+
+
+@pytest.mark.parametrize("api", ["v0", "v1"])
+def test_json_and_grain_items_resume_bit_for_bit_and_survive_convert(tmp_path, mesh24, api,
+                                                                    capsys):
+    step, expected = _save_step(str(tmp_path / "orbax"), api, mesh24)
+    # A whole-step restore returns every item under its name; iterators in the target get
+    # their state back and continue where the saved ones would have.
+    data, loader = _dataset_iter(), _loader_iter()
+    out = ckpt.restore(step, {"state": {"w": np.zeros((8, 8), np.float32)}, "data": data,
+                              "loader": loader, "config": {"lr": 0.0, "layers": [0, 0],
+                                                           "name": ""}})
+    assert out["data"] is data and out["loader"] is loader
+    assert out["config"] == {"lr": 0.5, "layers": [4, 8], "name": "tiny"}
+    assert out["state"]["w"].tobytes() == np.arange(64.0, dtype=np.float32).tobytes()
+    assert {"data": _next(data), "loader": _next(loader)} == expected
+    # Without a target: each iterator's state as Grain wrote it (parsed JSON).
+    bare = ckpt.restore(step)
+    assert sorted(bare) == ["config", "data", "loader", "state"]
+    assert bare["data"] == _advanced(_dataset_iter, 3).get_state()
+    # One item, by name; the others are not opened.
+    data = _dataset_iter()
+    assert ckpt.restore(step, data, item="data") is data and _next(data) == expected["data"]
+    with pytest.raises(MissingLeafError, match=r"its items: config, data, loader, state"):
+        ckpt.restore(step, item="metrics" if api == "v0" else "nope")
+    # inspect lists every item; convert carries them all into this library's format.
+    assert cli(["inspect", step]) == 0
+    shown = capsys.readouterr().out
+    assert "data  " in shown and "per_process" in shown and "config/layers/1" in shown
+    converted = str(tmp_path / "ours")
+    assert cli(["convert", "-q", step, converted]) == 0
+    data, loader = _dataset_iter(), _loader_iter()
+    again = ckpt.restore(converted, {"data": data, "loader": loader})
+    assert again["data"] is data and {"data": _next(data), "loader": _next(loader)} == expected
+    assert ckpt.restore(converted, item="config") == out["config"]
+    if api == "v1":  # the manager's metrics item is the step's metrics, not an item
+        assert ckpt.metadata(step).metrics == {"loss": 1.25}
+        assert ckpt.metadata(converted).metrics == {"loss": 1.25}
+        assert ckpt.restore(step, item="metrics") == {"loss": 1.25}
+
+
+def test_a_manager_resumes_an_orbax_runs_items_then_saves_its_own(tmp_path, mesh24):
+    """The switch, with a data iterator: an Orbax run's step of several items resumes
+    through this library's manager, whose own next step restores the same way."""
+    root = str(tmp_path / "run")
+    _, expected = _save_step(root, "v0", mesh24)
+    with ckpt.CheckpointManager(root) as mgr:
+        data = _dataset_iter()
+        state = mgr.restore(target={"state": {"w": jax.ShapeDtypeStruct(
+            (8, 8), jnp.float32, sharding=NamedSharding(mesh24, P("data", "model")))},
+            "data": data})
+        assert _next(data) == expected["data"]
+        mgr.save(8, state).wait()
+        assert mgr.steps() == [7, 8]
+    fresh = _dataset_iter()
+    ckpt.CheckpointManager(root, read_only=True).restore(8, {"data": fresh})
+    assert _next(fresh, 1) == _next(_advanced(_dataset_iter, 6), 1)
+
+
+def test_an_item_this_library_cannot_read_is_named_and_the_others_still_restore(tmp_path,
+                                                                                 mesh24):
+    step, _ = _save_step(str(tmp_path / "orbax"), "v0", mesh24)
+    with open(os.path.join(step, "config", "more.bin"), "wb") as f:
+        f.write(b"\0\1")  # two files: neither a JSON item nor a Grain item
+    for read in (lambda: ckpt.restore(step), lambda: ckpt.metadata(step),
+                 lambda: ckpt.restore(step, item="config")):
+        with pytest.raises(UnsupportedFormatError, match=r"item 'config' of the Orbax step .*"
+                                                         r"JsonCheckpointHandler.*more\.bin"):
+            read()
+    assert ckpt.restore(step, item="data") == _advanced(_dataset_iter, 3).get_state()
+
+
+@pytest.mark.parametrize("edit, error, named", [
+    ("remove", CorruptCheckpointError, "missing processes: \\[1\\]"),
+    ("not json", CorruptCheckpointError, "saved state is not JSON"),
+    ("json garbage", UnsupportedFormatError, "config/metadata is not a JSON item"),
+])
+def test_damaged_item_files_are_named(tmp_path, mesh24, edit, error, named):
+    step, _ = _save_step(str(tmp_path / "orbax"), "v0", mesh24)
+    data = os.path.join(step, "data")
+    if edit == "remove":  # a job of two processes whose second file is gone
+        os.rename(os.path.join(data, "process_0-of-1.json"),
+                  os.path.join(data, "process_0-of-2.json"))
+    elif edit == "not json":
+        with open(os.path.join(data, "process_0-of-1.json"), "w") as f:
+            f.write("{not json")
+    else:
+        with open(os.path.join(step, "config", "metadata"), "w") as f:
+            f.write("[1, 2")
+    with pytest.raises(error, match=named):
+        ckpt.restore(step, {"data": _dataset_iter(), "config": {}} if edit != "remove"
+                     else None)
+
+
+def test_item_picks_one_top_level_key_of_this_librarys_checkpoints(tmp_path, mesh24):
+    w = jax.device_put(jnp.arange(32.0).reshape(4, 8), NamedSharding(mesh24, P("data")))
+    tree = {"params": {"w": w, "b": np.arange(3)}, "step": 4, "data": ckpt.PerProcess(7)}
+    with ckpt.CheckpointManager(str(tmp_path / "run")) as mgr:
+        mgr.save(4, tree).wait()
+        params = mgr.restore(item="params", target={"w": w})
+        assert params["w"].sharding == w.sharding and params["w"].tobytes() == w.tobytes()
+        assert mgr.restore(item="data") == ckpt.PerProcess(7)
+        with pytest.raises(MissingLeafError, match=r"top-level keys: data, params, step"):
+            mgr.restore(item="opt")
+    assert ckpt.restore(str(tmp_path / "run" / "4"), item="step") == 4
