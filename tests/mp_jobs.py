@@ -350,3 +350,86 @@ def orbax_save(path, use_ocdbt, use_zarr3):
     with ocp.Checkpointer(handler, multiprocessing_options=every) as checkpointer:
         checkpointer.save(path, args=ocp.args.PyTreeSave(device_tree(1, (2, 4))))
     return jax.process_index()
+
+
+def _grain_iterator(kind):
+    """This process's iterator over its own shard of the data: ``map`` (a MapDataset
+    iterator), ``loader0`` / ``loader2`` (a DataLoader with 0 or 2 worker processes)."""
+    import grain
+    from absl import flags
+
+    flags.FLAGS.mark_as_parsed()  # grain reads absl flags; this is not an absl program
+    me, n = jax.process_index(), jax.process_count()
+    if kind == "map":
+        return iter(grain.MapDataset.range(1000).shuffle(seed=7)[me::n].map(lambda x: x * 3)
+                    .batch(4))
+    sampler = grain.samplers.IndexSampler(
+        num_records=400, shuffle=True, seed=11, num_epochs=1,
+        shard_options=grain.sharding.ShardOptions(shard_index=me, shard_count=n))
+    return iter(grain.DataLoader(data_source=list(range(400)), sampler=sampler,
+                                 operations=[grain.transforms.Batch(batch_size=4)],
+                                 worker_count=int(kind[-1])))
+
+
+def grain_loop(root, kind, last, pause_at):
+    """A training loop whose state holds each process's Grain iterator and a global array:
+    resumes from ``root``'s latest step, saves every step up to ``last``, and returns the
+    batches this process saw. With ``pause_at``, once step ``pause_at`` is committed on
+    every process, prints ``SAVED`` and waits to be SIGKILLed (by the test)."""
+    import threading
+
+    from jax._src.distributed import global_state
+    from jax.experimental import multihost_utils
+
+    mesh = mesh_of((2, 4))
+    w = jax.device_put(np.zeros((8, 8), np.float32), NamedSharding(mesh, P("data", "model")))
+    state = {"loader": _grain_iterator(kind), "w": w, "step": 0}
+    resumed = None
+    batches = {}
+    with ckpt.CheckpointManager(root) as mgr:
+        if (resumed := mgr.latest_step()) is not None:
+            state = mgr.restore(resumed, target=state)
+        for step in range(state["step"] + 1, last + 1):
+            batch = np.asarray(next(state["loader"]))
+            batches[step] = batch.tolist()
+            print(f"BATCH {step} {batch.tolist()}", flush=True)
+            state["w"] = state["w"] + float(batch.sum())
+            state["step"] = step
+            mgr.save(step, state).wait()
+            if step == pause_at:
+                global_state.client.wait_at_barrier(f"test/saved-{step}", 60_000)
+                print(f"SAVED {step}", flush=True)
+                threading.Event().wait()
+        total = float(np.asarray(multihost_utils.process_allgather(
+            state["w"], tiled=True))[0, 0])
+    return {"resumed": resumed, "batches": batches, "w": total}
+
+
+def orbax_grain_items(root):
+    """Orbax's own manager saves a step of two items from two processes: a global array and
+    each process's Grain iterator (Grain's checkpoint handler: one JSON file per process).
+    Each process then restores its own iterator through this library."""
+    import grain
+    import orbax.checkpoint as ocp
+
+    every = ocp.options.MultiprocessingOptions(active_processes=set(range(jax.process_count())))
+    options = ocp.CheckpointManagerOptions(multiprocessing_options=every, create=False)
+    os.makedirs(root, exist_ok=True)  # Orbax does not, with active_processes named
+    me = jax.process_index()
+    it = _grain_iterator("map")
+    for _ in range(me + 1):
+        next(it)
+    mesh = mesh_of((2, 4))
+    w = jax.device_put(np.arange(64, dtype=np.float32).reshape(8, 8),
+                       NamedSharding(mesh, P("data", "model")))
+    with ocp.CheckpointManager(root, item_names=("state", "data"), options=options) as mgr:
+        mgr.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave({"w": w}),
+                                            data=grain.checkpoint.CheckpointSave(it)))
+        mgr.wait_until_finished()
+    expected = np.asarray(next(it)).tolist()
+    fresh = _grain_iterator("map")
+    with ckpt.CheckpointManager(root, read_only=True) as mine:
+        out = mine.restore(target={"data": fresh, "state": {"w": w}})
+    assert out["data"] is fresh and out["state"]["w"].sharding == w.sharding
+    return {"next": np.asarray(next(fresh)).tolist(), "expected": expected,
+            "state": ckpt.restore(os.path.join(root, "5"), item="data")}
