@@ -172,3 +172,70 @@ def test_item_picks_one_top_level_key_of_this_librarys_checkpoints(tmp_path, mes
         with pytest.raises(MissingLeafError, match=r"top-level keys: data, params, step"):
             mgr.restore(item="opt")
     assert ckpt.restore(str(tmp_path / "run" / "4"), item="step") == 4
+
+
+# -- a MaxText-shaped checkpoint --------------------------------------------------------------
+
+def _maxtext_like_state(mesh):
+    """What MaxText checkpoints: the NNX state of a model whose nnx.Rngs hold typed keys
+    (an ``unsafe_rbg`` stream, as MaxText's AQT one) and whose params carry logical
+    partitioning; returns the state and the abstract state MaxText restores onto (an
+    ``eval_shape`` of the jitted init with the state's shardings)."""
+    from flax import nnx
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            init = nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, "model"))
+            self.dense = nnx.Linear(16, 32, kernel_init=init, rngs=rngs)
+            self.drop = nnx.Dropout(0.1, rngs=rngs)
+
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.embed = nnx.Embed(64, 16, rngs=rngs)
+            self.block = Block(rngs)
+            self.rngs = rngs
+
+    def create():
+        rngs = nnx.Rngs(params=0, dropout=1, aqt=jax.random.key(2, impl="unsafe_rbg"))
+        return nnx.state(Model(rngs))
+
+    with jax.set_mesh(mesh):  # flax places annotated params on the mesh in context
+        shardings = nnx.get_named_sharding(jax.eval_shape(create), mesh)
+        init = jax.jit(create, out_shardings=shardings)
+        return init(), init.eval_shape()
+
+
+def _leaf_bytes(x):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return str(jax.random.key_impl(x)), np.asarray(jax.random.key_data(x)).tobytes()
+    return str(x.dtype), np.asarray(x).tobytes()
+
+
+def test_a_maxtext_shaped_checkpoint_restores_onto_its_abstract_state_and_converts(tmp_path,
+                                                                                   mesh24):
+    """Orbax's v1 training.Checkpointer writes the step as MaxText does
+    (``<run>/checkpoints/<step>/items/``, custom_metadata ``{"scan_layers": true}``); this
+    library's manager resumes it onto MaxText's own abstract state bit for bit (typed keys as
+    keys of their implementation, every leaf on the target's sharding), and so does the
+    converted step."""
+    from orbax.checkpoint import v1
+
+    state, abstract = _maxtext_like_state(mesh24)
+    run = str(tmp_path / "run" / "checkpoints")
+    with v1.training.Checkpointer(run) as checkpointer:
+        checkpointer.save_checkpointables(12, {"items": state},
+                                          custom_metadata={"scan_layers": True})
+    want = jax.tree.leaves(state)
+    assert sum(_leaf_bytes(x)[0] == "unsafe_rbg" for x in want) == 1  # the aqt stream's key
+    converted = str(tmp_path / "ours")
+    assert cli(["convert", "-q", os.path.join(run, "12"), os.path.join(converted, "12")]) == 0
+    for root in (run, converted):
+        with ckpt.CheckpointManager(root, read_only=True) as mgr:
+            assert mgr.latest_step() == 12
+            got = mgr.restore(target=abstract)
+            assert ckpt.metadata(os.path.join(root, "12")).metadata == {"scan_layers": True}
+        leaves = jax.tree.leaves(got)
+        assert len(leaves) == len(want) and jax.tree.structure(got) == jax.tree.structure(state)
+        for g, w, a in zip(leaves, want, jax.tree.leaves(abstract)):
+            assert _leaf_bytes(g) == _leaf_bytes(w), root
+            assert g.sharding == a.sharding, root
