@@ -105,7 +105,7 @@ def guide_read_only(tmp_path):
     with ckpt.CheckpointManager(root) as mgr:
         mgr.save(3, {"params": {"w": np.arange(4.0)}, "opt": {"mu": np.zeros(4)}})
     abstract = {"params": {"w": jax.ShapeDtypeStruct((4,), jnp.float32)}}
-    names = _run("docs/guide.md", 4, {"trainer_root": root, "abstract_state": abstract}, {})
+    names = _run("docs/guide.md", 5, {"trainer_root": root, "abstract_state": abstract}, {})
     assert np.array_equal(names["params"]["w"], np.arange(4.0))
     with pytest.raises(ckpt.errors.ReadOnlyError):
         names["evaluator"].delete(3)
@@ -142,6 +142,51 @@ def guide_orbax_move(tmp_path):
     assert ckpt.CheckpointManager(root, read_only=True).steps() == [1, 2, 1_000]
 
 
+def _leaf_bytes(tree):
+    def raw(x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return str(jax.random.key_impl(x)), np.asarray(jax.random.key_data(x)).tobytes()
+        return np.asarray(x).tobytes()
+    return [raw(x) for x in jax.tree.leaves(tree)]
+
+
+def guide_whole_run(tmp_path):
+    """The whole run: interrupted and resumed, and moved over from an Orbax run of the same
+    loop, it ends bit for bit where the uninterrupted run ends; a rewind starts a branch."""
+    import grain
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    names = _run("docs/guide.md", 4, {}, {})
+    train = names["train"]
+    straight = _leaf_bytes(nnx.state(train(str(tmp_path / "straight"), 400)))
+    root = str(tmp_path / "run")
+    train(root, 250)  # ends at step 250, as a preempted job would
+    assert _leaf_bytes(nnx.state(train(root, 400))) == straight
+    mgr = ckpt.CheckpointManager(root, read_only=True, best_metric="loss")
+    assert mgr.steps() == [250, 300, 400] and mgr.best_step() in mgr.steps()
+    train(root, 450, rewind_to=300, skip_batches=5)
+    assert ckpt.CheckpointManager(root, read_only=True).steps() == [300, 400, 450]
+    # Orbax ran the first 250 steps of the same loop; the guide's code takes over.
+    config = {"lr": 1e-3, "batch_size": 8, "seed": 0}
+    model = names["Model"](nnx.Rngs(params=0, dropout=1))
+    optimizer = nnx.Optimizer(model, names["optax"].adamw(config["lr"]), wrt=nnx.Param)
+    loader = iter(grain.MapDataset.range(1_000_000).shuffle(seed=0)[0::1]
+                  .map(lambda i: np.float32([i % 3, i % 5, i % 7, i % 11]) / 10).batch(8))
+    for _ in range(250):
+        names["train_step"](model, optimizer, next(loader))
+    orbax_root = str(tmp_path / "orbax-run")
+    with ocp.CheckpointManager(orbax_root) as manager:
+        manager.save(250, args=ocp.args.Composite(
+            model=ocp.args.StandardSave(nnx.state(model)),
+            opt=ocp.args.StandardSave(nnx.state(optimizer)),
+            loader=grain.checkpoint.CheckpointSave(loader),
+            config=ocp.args.JsonSave(config), step=ocp.args.JsonSave(250)))
+        manager.wait_until_finished()
+    assert _leaf_bytes(nnx.state(train(orbax_root, 400))) == straight
+    assert ckpt.CheckpointManager(orbax_root, read_only=True).steps() == [250, 300, 400]
+
+
 def readme_logging(tmp_path):
     import logging
 
@@ -161,7 +206,7 @@ def readme_logging(tmp_path):
 RUN = {("README.md", 0): readme_loop, ("README.md", 2): readme_logging,
        ("docs/guide.md", 0): guide_loop, ("docs/guide.md", 1): guide_rewind,
        ("docs/guide.md", 2): guide_per_host, ("docs/guide.md", 3): guide_orbax_move,
-       ("docs/guide.md", 4): guide_read_only}
+       ("docs/guide.md", 4): guide_whole_run, ("docs/guide.md", 5): guide_read_only}
 
 
 @pytest.mark.parametrize("example", sorted(RUN), ids=lambda e: f"{e[0]}#{e[1]}")
