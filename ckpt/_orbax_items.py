@@ -101,9 +101,9 @@ def step_items(step: Store) -> list[str]:
     handlers = meta.get("item_handlers")
     if isinstance(handlers, dict) and handlers:
         names = list(handlers)
-    else:
-        names = [c for c in step.list_children()
-                 if c not in (STEP_METADATA, COMMIT_SUCCESS) and not c.startswith(".")]
+    else:  # the step's folders (an object of that name is a file, not an item)
+        names = [c for c in step.list_children() if c not in (STEP_METADATA, COMMIT_SUCCESS)
+                 and not c.startswith(".") and not step.exists(c)]
     out = []
     for name in names:
         try:

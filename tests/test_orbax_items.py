@@ -139,6 +139,19 @@ def test_an_item_this_library_cannot_read_is_named_and_the_others_still_restore(
     assert ckpt.restore(step, item="data") == _advanced(_dataset_iter, 3).get_state()
 
 
+def test_a_step_whose_metadata_names_no_items_is_read_from_its_folders(tmp_path, mesh24):
+    import json
+
+    step, _ = _save_step(str(tmp_path / "orbax"), "v0", mesh24)
+    meta_file = os.path.join(step, "_CHECKPOINT_METADATA")
+    with open(meta_file) as f:
+        meta = json.load(f)
+    meta.pop("item_handlers")
+    with open(meta_file, "w") as f:
+        json.dump(meta, f)
+    assert sorted(ckpt.restore(step)) == ["config", "data", "loader", "state"]
+
+
 @pytest.mark.parametrize("edit, error, named", [
     ("remove", CorruptCheckpointError, "missing processes: \\[1\\]"),
     ("not json", CorruptCheckpointError, "saved state is not JSON"),
