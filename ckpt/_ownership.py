@@ -11,6 +11,7 @@ Chunks are assigned largest first to the least-loaded process among those holdin
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -33,6 +34,10 @@ MAX_CHUNK_BYTES = 16 << 20
 # Shards replicated on several processes are split into at least one chunk per process, but
 # not into chunks smaller than this.
 MIN_SPLIT_BYTES = 1 << 20
+# An array smaller than this that one process holds whole (every shard of it on its
+# devices) is one chunk, gathered from its shards: one object instead of one per shard, and
+# a resharded restore of so few bytes reads little it does not need anyway.
+WHOLE_ARRAY_BYTES = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,14 +65,17 @@ class ArrayPlan:
         writers: writer process of each chunk, in C order of the chunk grid.
         owned: for each chunk this process writes: flat chunk index -> (device or None, the
             global box of the shard holding it on that device).
+        gathered: the array is one chunk gathered from the shards this process holds
+            (`WHOLE_ARRAY_BYTES`): ``shards`` lists (device, box) of one replica of each.
     """
 
     shape: tuple[int, ...]
     chunk_shape: tuple[int, ...]
     writers: list[int]
     owned: dict[int, tuple[Any, Box]]
+    shards: list[tuple[Any, Box]] = dataclasses.field(default_factory=list)
 
-    @property
+    @functools.cached_property
     def grid(self) -> tuple[int, ...]:
         return grid_shape(self.shape, self.chunk_shape)
 
@@ -112,6 +120,49 @@ def _holders(arr: ArrayInput, process_count: int) -> dict[Box, list[tuple[int, i
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """What the plan of an array depends on only through its shape, item size and
+    sharding: computed once for the many leaves that share them (an unscanned model's)."""
+
+    chunk_shape: tuple[int, ...]
+    chunks: int
+    # (negative bytes, flat chunk index, holders, shard box) of each chunk of each shard.
+    work: tuple[tuple[int, int, tuple[tuple[int, int, Any], ...], Box], ...]
+    # For a gathered array: the one replica (holder, box) of each shard, by process.
+    shards: dict[int, tuple[tuple[Any, Box], ...]]
+
+
+def _layout(arr: ArrayInput, process_count: int) -> _Layout:
+    holders = _holders(arr, process_count)
+    nbytes = math.prod(arr.shape) * arr.itemsize
+    whole = [p for p in sorted({h[0] for hs in holders.values() for h in hs})
+             if all(any(h[0] == p for h in hs) for hs in holders.values())]
+    if len(holders) > 1 and whole and nbytes < WHOLE_ARRAY_BYTES:
+        everyone = tuple(h for h in holders[next(iter(holders))] if h[0] in whole)
+        shards = {p: tuple((next(h for h in hs if h[0] == p)[2], box)
+                           for box, hs in holders.items()) for p in whole}
+        return _Layout(tuple(arr.shape), 1, ((-nbytes, 0, everyone, full_box(arr.shape)),),
+                       shards)
+    shard_shape = box_shape(next(iter(holders)))
+    for box in holders:
+        shard_shape = tuple(max(x, y) for x, y in zip(shard_shape, box_shape(box)))
+    procs = max(len({h[0] for h in hs}) for hs in holders.values())
+    chunk_shape = choose_chunk_shape(shard_shape, arr.itemsize, procs)
+    grid = grid_shape(arr.shape, chunk_shape)
+    work = []
+    for box, hs in holders.items():
+        # Shard boxes are aligned to the chunk grid because the chunk shape divides the
+        # shard shape and shards start at multiples of it.
+        starts = [lo // c for (lo, _), c in zip(box, chunk_shape)]
+        stops = [-(-hi // c) for (_, hi), c in zip(box, chunk_shape)]
+        for coord in itertools.product(*(range(s, e) for s, e in zip(starts, stops))):
+            cbox = chunk_box(coord, chunk_shape, arr.shape)
+            work.append((-math.prod(box_shape(cbox)) * arr.itemsize, flat_index(coord, grid),
+                         tuple(hs), box))
+    return _Layout(chunk_shape, math.prod(grid), tuple(work), {})
+
+
 def plan(arrays: Sequence[ArrayInput], process_index: int, process_count: int) -> list[ArrayPlan]:
     """Computes the chunk layout and writer of every chunk of every array.
 
@@ -121,26 +172,14 @@ def plan(arrays: Sequence[ArrayInput], process_index: int, process_count: int) -
     process_load = [0] * process_count
     device_load: dict[int, int] = {}
     plans: list[ArrayPlan] = []
-    work: list[tuple[int, int, int, list[tuple[int, int, Any]], Box]] = []
+    layouts: dict[tuple[Any, ...], _Layout] = {}
+    work: list[tuple[int, int, int, tuple[tuple[int, int, Any], ...], Box]] = []
     for a, arr in enumerate(arrays):
-        holders = _holders(arr, process_count)
-        shard_shape = box_shape(next(iter(holders)))
-        for box in holders:
-            shard_shape = tuple(max(x, y) for x, y in zip(shard_shape, box_shape(box)))
-        procs = max(len({h[0] for h in hs}) for hs in holders.values())
-        chunk_shape = choose_chunk_shape(shard_shape, arr.itemsize, procs)
-        grid = grid_shape(arr.shape, chunk_shape)
-        p = ArrayPlan(arr.shape, chunk_shape, [-1] * math.prod(grid), {})
-        plans.append(p)
-        for box, hs in holders.items():
-            # Shard boxes are aligned to the chunk grid because the chunk shape divides the
-            # shard shape and shards start at multiples of it.
-            starts = [lo // c for (lo, _), c in zip(box, chunk_shape)]
-            stops = [-(-hi // c) for (_, hi), c in zip(box, chunk_shape)]
-            for coord in itertools.product(*(range(s, e) for s, e in zip(starts, stops))):
-                cbox = chunk_box(coord, chunk_shape, arr.shape)
-                nbytes = math.prod(box_shape(cbox)) * arr.itemsize
-                work.append((-nbytes, a, flat_index(coord, grid), hs, box))
+        key = (arr.shape, arr.itemsize, arr.sharding)
+        if (lay := layouts.get(key)) is None:
+            lay = layouts[key] = _layout(arr, process_count)
+        plans.append(ArrayPlan(arr.shape, lay.chunk_shape, [-1] * lay.chunks, {}))
+        work.extend((neg, a, flat, hs, box) for neg, flat, hs, box in lay.work)
     work.sort(key=lambda w: (w[0], w[1], w[2]))
     for neg_bytes, a, flat, hs, box in work:
         if plans[a].writers[flat] != -1:
@@ -153,4 +192,6 @@ def plan(arrays: Sequence[ArrayInput], process_index: int, process_count: int) -
         plans[a].writers[flat] = proc
         if proc == process_index:
             plans[a].owned[flat] = (dev[2], box)
+            lay = layouts[(arrays[a].shape, arrays[a].itemsize, arrays[a].sharding)]
+            plans[a].shards = list(lay.shards.get(proc, ()))
     return plans

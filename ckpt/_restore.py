@@ -9,6 +9,7 @@ assembles arrays.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import sys
@@ -315,13 +316,21 @@ def _match(manifest: Manifest, target: Any, mesh: Any, what: str) -> tuple[list[
     return wants, treedef
 
 
+@functools.lru_cache(maxsize=256)
+def _placement(sharding: Any, shape: tuple[int, ...]) -> tuple[list[Any], list[Box], list[Box]]:
+    """This process's devices of ``sharding`` for ``shape``, the box each holds, and the
+    distinct boxes: asked of JAX once for the many leaves that share a sharding and shape."""
+    devmap = sharding.addressable_devices_indices_map(shape)
+    boxes = [box_of_index(idx, shape) for idx in devmap.values()]
+    return list(devmap), boxes, list(dict.fromkeys(boxes))
+
+
 def _boxes(want: _Want) -> list[Box]:
     """The distinct boxes this process needs of a leaf: its devices' shards, or everything."""
     shape = want.record.shape
     if want.sharding is None:
         return [full_box(shape)]
-    devmap = want.sharding.addressable_devices_indices_map(shape)
-    return list(dict.fromkeys(box_of_index(idx, shape) for idx in devmap.values()))
+    return _placement(want.sharding, tuple(shape))[2]
 
 
 def _assemble(want: _Want, host: list[np.ndarray], boxes: list[Any]) -> Any:
@@ -338,12 +347,11 @@ def _assemble(want: _Want, host: list[np.ndarray], boxes: list[Any]) -> Any:
         value = host[0]
         return value[()] if rec.source == "numpy_scalar" and want.dtype is None else value
     index = {box: i for i, box in enumerate(boxes)}
-    devmap = want.sharding.addressable_devices_indices_map(rec.shape)
+    devices, device_boxes, _ = _placement(want.sharding, tuple(rec.shape))
     # JAX's CPU client adopts an aligned host buffer rather than copying it, so replicas
     # of a box share one buffer: XLA never writes into an adopted buffer, not even when
     # the array is donated (tests/test_restore_memory.py holds JAX to that).
-    buffers = [host[index[box_of_index(idx, rec.shape)]] for idx in devmap.values()]
-    arrays = jax.device_put(buffers, list(devmap))
+    arrays = jax.device_put([host[index[box]] for box in device_boxes], devices)
     return jax.make_array_from_single_device_arrays(rec.shape, want.sharding, arrays)
 
 

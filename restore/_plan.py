@@ -9,6 +9,7 @@ boxes need it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 from ckpt.restore.boxes import Box, box_size, chunk_box, chunks_in, intersect, to_slices
@@ -51,6 +52,14 @@ def plan_reads(shape: Sequence[int], chunk_shape: Sequence[int],
         One `ChunkRead` per chunk that overlaps any target, in C order of the chunk grid;
         its pieces exactly tile the overlap of that chunk with each target.
     """
+    return list(_plan_reads(tuple(shape), tuple(chunk_shape), tuple(targets)))
+
+
+# The many leaves of one shape, chunking and target boxes (an unscanned model's) share one
+# plan: it is computed once (its records are frozen).
+@functools.lru_cache(maxsize=1024)
+def _plan_reads(shape: tuple[int, ...], chunk_shape: tuple[int, ...],
+                targets: tuple[Box, ...]) -> tuple[ChunkRead, ...]:
     needed: dict[tuple[int, ...], list[Piece]] = {}
     for t, target in enumerate(targets):
         if box_size(target) == 0:
@@ -62,8 +71,8 @@ def plan_reads(shape: Sequence[int], chunk_shape: Sequence[int],
                 continue
             needed.setdefault(tuple(coord), []).append(
                 Piece(t, to_slices(overlap, cbox), to_slices(overlap, target)))
-    return [ChunkRead(c, chunk_box(c, chunk_shape, shape), tuple(needed[c]))
-            for c in sorted(needed)]
+    return tuple(ChunkRead(c, chunk_box(c, chunk_shape, shape), tuple(needed[c]))
+                 for c in sorted(needed))
 
 
 def spec_shard_shape(shape: Sequence[int], mesh: dict[str, int],

@@ -11,6 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from ckpt import _ownership as own
 from ckpt.restore import box_shape, box_size, chunk_box, grid_shape, intersect, plan_reads
+from ckpt.restore.boxes import box_of_index
 from tests.conftest import make_mesh
 
 
@@ -109,11 +110,22 @@ def test_ownership_covers_every_chunk_once_from_a_holder(arrays, processes):
                 assert flat not in owned
                 owned[flat] = p
                 assert dev.process_index == p == writers[flat]
+                if plans[p][a].shards:
+                    # A small array gathered into one chunk by a process holding all of it:
+                    # one replica of each distinct shard, all on that process.
+                    boxes = {box_of_index(i, arr.shape)
+                             for i in arr.sharding.devices_indices_map(arr.shape).values()}
+                    assert len(writers) == 1 and plans[p][a].chunk_shape == arr.shape
+                    assert sorted(b for _, b in plans[p][a].shards) == sorted(boxes)
+                    assert all(d.process_index == p for d, _ in plans[p][a].shards)
+                    assert math.prod(arr.shape) * arr.itemsize < own.WHOLE_ARRAY_BYTES
+                    continue
                 cbox = plans[p][a].chunk_box(flat)
                 assert intersect(cbox, shard_box) == cbox  # chunk inside the writer's shard
         assert sorted(owned) == list(range(len(writers)))
-        shard = arr.sharding.shard_shape(arr.shape)
-        assert all(s % c == 0 for s, c in zip(shard, plans[0][a].chunk_shape))
+        if not any(plans[p][a].shards for p in range(processes)):
+            shard = arr.sharding.shard_shape(arr.shape)
+            assert all(s % c == 0 for s, c in zip(shard, plans[0][a].chunk_shape))
 
 
 def test_replicated_bytes_spread_over_processes():

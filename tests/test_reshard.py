@@ -141,12 +141,17 @@ def test_each_process_reads_only_needed_chunks(saved):
     # chunks overlapping the boxes those devices hold.
     from tests.faults import ChunkReads
 
-    url, host = saved
+    url, _ = saved
+    # An array of 1 MiB: smaller ones are gathered into one chunk when one process holds
+    # them whole (`WHOLE_ARRAY_BYTES`).
+    w = np.arange(256 * 1024, dtype=np.float32).reshape(256, 1024)
+    ckpt.save(f"{url}-big", {"params": {"w": jax.device_put(
+        w, NamedSharding(make_mesh((2, 4)), P("data", "model")))}})
     seen = ChunkReads()
     mesh = make_mesh((1, 2))
-    target = {"params": {"w": jax.ShapeDtypeStruct((64, 256), np.float32,
+    target = {"params": {"w": jax.ShapeDtypeStruct((256, 1024), np.float32,
                                                    sharding=NamedSharding(mesh, P("data", "model")))}}
-    ckpt.restore(seen.store(url), target)
+    ckpt.restore(seen.store(f"{url}-big"), target)
     # w was saved as 2x4 chunks; a (1, 2) mesh needs all 8 once each, never more.
     assert list(seen.reads) == ["['params']['w']"]
     assert sorted(seen.reads["['params']['w']"]) == [(i, j) for i in range(2) for j in range(4)]

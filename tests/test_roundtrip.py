@@ -178,6 +178,51 @@ def test_each_chunk_written_once_balanced_over_replicas(tmp_path, mesh24):
     assert all(w == 0 for p in plans for w in p.writers)
 
 
+def test_small_arrays_one_process_holds_are_one_chunk_each(tmp_path, mesh24, devices):
+    """Arrays under 1 MiB whose every shard this process holds are gathered into one chunk
+    (one object instead of one per shard), whatever their sharding (uneven, partially
+    replicated, a typed key array); the values are those at the call even when the caller
+    deletes its arrays at once, and they restore onto any mesh."""
+    rng = np.random.default_rng(3)
+    mesh8 = make_mesh((8,), ("x",))
+    tree = {
+        "w": jax.device_put(rng.standard_normal((128, 64), dtype=np.float32),
+                            NamedSharding(mesh24, P("data", "model"))),
+        "pr": jax.device_put(rng.standard_normal((64, 256)).astype(jnp.bfloat16),
+                             NamedSharding(mesh24, P(None, "data"))),
+        "uneven": jax.device_put(np.arange(10 * 1000.0).reshape(10, 1000),
+                                 NamedSharding(mesh8, P(None, "x"))),
+        "keys": jax.device_put(jax.random.split(jax.random.key(1), 4096),
+                               NamedSharding(mesh8, P("x"))),
+        "big": jax.device_put(np.ones((512, 512), np.float32),
+                              NamedSharding(mesh24, P("data", "model"))),  # 1 MiB: per shard
+    }
+    want = {k: np.asarray(jax.random.key_data(v) if k == "keys" else v) for k, v in tree.items()}
+    handle = ckpt.save_async(tmp_path / "c", tree)
+    for k in ("w", "pr", "uneven"):
+        tree[k].delete()
+    handle.wait()
+    info = ckpt.metadata(tmp_path / "c")
+    chunks = {leaf.path[0][1]: leaf.chunk_shape for leaf in info.leaves}
+    assert {k: chunks[k] == want[k].shape for k in want} == {
+        "w": True, "pr": True, "uneven": True, "keys": True, "big": False}
+    mesh42 = make_mesh((4, 2))
+    other = {"w": NamedSharding(mesh42, P("model", "data")), "pr": NamedSharding(mesh42, P("data")),
+             "uneven": jax.sharding.SingleDeviceSharding(devices[5]),
+             "keys": NamedSharding(make_mesh((2,), ("x",)), P("x")),
+             "big": NamedSharding(mesh42, P())}
+    target = {k: jax.ShapeDtypeStruct(v.shape, jax.random.key(0).dtype if k == "keys"
+                                      else v.dtype, sharding=other[k])
+              for k, v in want.items()}
+    target["keys"] = jax.ShapeDtypeStruct((4096,), jax.random.key(0).dtype,
+                                          sharding=other["keys"])
+    for out in (ckpt.restore(tmp_path / "c"), ckpt.restore(tmp_path / "c", target)):
+        for k, v in want.items():
+            got = jax.random.key_data(out[k]) if k == "keys" and not isinstance(
+                out[k], np.ndarray) else out[k]
+            assert np.asarray(got).tobytes() == v.tobytes(), k
+
+
 def test_python_numbers_restore_into_zero_dim_array_targets(tmp_path, mesh24):
     """`jax.eval_shape` turns a step counter into a 0-d ShapeDtypeStruct; such a target gets
     the saved number as an array of its dtype and sharding, a float into an int is refused."""

@@ -219,7 +219,9 @@ def test_rewrites_never_launder_a_damaged_source(root_url, mesh24, rewrite):
     from ckpt._reshard import convert
 
     url = f"{root_url}/ck"
-    ckpt.save(url, _tree(mesh24))
+    # 1 MiB: a smaller array one process holds whole is one chunk (`WHOLE_ARRAY_BYTES`).
+    w = np.arange(512 * 512, dtype=np.float32).reshape(512, 512)
+    ckpt.save(url, {"w": jax.device_put(w, NamedSharding(mesh24, P("data", "model")))})
     store = open_store(url)
     keys = sorted(k for k in store.list() if "/arrays/w/c/" in k)
     a, b = store.read(keys[0]), store.read(keys[1])
