@@ -38,6 +38,15 @@ class ChunkRead:
     box: Box
     pieces: tuple[Piece, ...]
 
+    @property
+    def into_one_box(self) -> bool:
+        """Whether the whole chunk lands inside one target box (so it can be decoded
+        straight into its place there), not only a part of it or parts in several."""
+        if len(self.pieces) != 1:
+            return False
+        return all(s.start == 0 and s.stop == hi - lo
+                   for s, (lo, hi) in zip(self.pieces[0].src, self.box))
+
 
 def plan_reads(shape: Sequence[int], chunk_shape: Sequence[int],
                targets: Sequence[Box]) -> list[ChunkRead]:

@@ -180,7 +180,7 @@ def _land(job: ArrayReadJob, outputs: list[np.ndarray], cr: ChunkRead, tail: Any
         raise
     except Exception as exc:
         raise _classify(exc, job, cr.coord) from exc
-    direct = len(cr.pieces) == 1
+    direct = cr.into_one_box
     data = outputs[cr.pieces[0].target][cr.pieces[0].dst] if direct else result
     if job.crc32c is not None:
         _check_crc32c(job, cr, data, stored)
@@ -230,7 +230,7 @@ def read_arrays(jobs: Sequence[ArrayReadJob], *, memory_budget: int | None = Non
             for cr in plan:
                 source = array[to_slices(cr.box)]
                 tail = None
-                if len(cr.pieces) == 1:
+                if cr.into_one_box:
                     # A chunk inside one target box is decoded and placed by TensorStore's
                     # threads: no array comes back, nothing is copied on this thread.
                     piece = cr.pieces[0]

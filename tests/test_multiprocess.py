@@ -67,6 +67,19 @@ def test_restore_on_other_process_counts_reads_only_needed_bytes(saved4, nprocs,
     assert sum(r["read"] for r in results) >= total
 
 
+def test_a_checkpoint_of_one_process_restores_on_two(tmp_path):
+    """One process saved it, each small array as one chunk gathered from its shards: two
+    processes restore it, each reading the chunks under its shards and placing only the
+    part of each chunk its devices hold."""
+    path = str(tmp_path / "one")
+    ckpt.save(path, mp_jobs.device_tree(5, (2, 4)))
+    layout = {leaf.keystr: leaf for leaf in ckpt.metadata(path).leaves}
+    assert layout["['pr']"].chunk_shape == layout["['pr']"].shape  # 256 KiB: one chunk
+    assert layout["['v']"].chunk_shape != layout["['v']"].shape    # 2 MiB: per shard
+    for r in launch("tests.mp_jobs:restore_on", 2, args=[path, 5, [2, 4]]):
+        assert r["needed"] <= r["read"] < 2 * r["needed"], r
+
+
 def test_restore_as_numpy_in_one_process(saved4):
     out = ckpt.restore(saved4)
     for k, v in mp_jobs.host_tree(3).items():
