@@ -4,11 +4,11 @@ Public API::
 
     ckpt.save_async(url, tree, *, metadata=None) -> SaveHandle
     ckpt.save(url, tree, *, metadata=None)
-    ckpt.restore(url, target=None, *, mesh=None)
+    ckpt.restore(url, target=None, *, mesh=None, item=None)
     ckpt.metadata(url) -> CheckpointInfo
     ckpt.PerProcess(value)                              # a leaf whose value differs per process
     ckpt.CheckpointManager(root_url, keep_last=None, keep_every=None, *, read_only=False)
-        .save(step, tree, metrics=None) .restore(step=None, target=None, mesh=None)
+        .save(step, tree, metrics=None) .restore(step=None, target=None, mesh=None, item=None)
         .delete(step) .rewind(step) .latest_step() .steps() .wait() .close()
     ckpt.configure_storage("s3" | "gs", **options)   # override endpoint/credential settings
 

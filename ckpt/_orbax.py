@@ -511,8 +511,14 @@ def step_metrics(step: dict[str, Any], given: Store) -> dict[str, float]:
             pass  # given the item folder: the step's metrics are out of reach
     if not isinstance(metrics, dict):
         return {}
-    return {k: float(v) for k, v in metrics.items()
-            if isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool):
+            try:
+                out[k] = float(v)
+            except OverflowError:  # an integer beyond any float: no number to rank by
+                continue
+    return out
 
 
 def _process_count(item: Store) -> int:

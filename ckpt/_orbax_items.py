@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Collection
 from typing import Any
 
 import jax
@@ -43,7 +44,7 @@ from ckpt._orbax import (
     step_metrics,
     timestamps,
 )
-from ckpt._tree import KeyPath, flatten
+from ckpt._tree import KeyPath, flatten, leaf_name
 from ckpt.errors import (
     CorruptCheckpointError,
     MissingLeafError,
@@ -53,17 +54,25 @@ from ckpt.errors import (
 )
 from ckpt.storage import InvalidKeyError, Store, check_key
 
-_GRAIN_STATE = re.compile(r"process_(\d{1,9})-of-(\d{1,9})\.json")
+# Grain's per-process state files; indices in ASCII without leading zeros, as Grain writes them.
+_GRAIN_STATE = re.compile(r"process_(0|[1-9][0-9]*)-of-([1-9][0-9]*)\.json", re.ASCII)
+# More processes than any job has: a file name claiming more is damage, and would make a
+# reader build per-process lists of that length.
+_MAX_PROCESSES = 1 << 20
 # Iterator states are small; this bounds what an edited file can make a reader hold.
 _MAX_STATE_BYTES = 64 << 20
 
 
-def open_orbax(store: Store, item: str | None = None) -> OrbaxItem | None:
+def open_orbax(store: Store, item: str | None = None,
+               wanted: Collection[str] | None = None) -> OrbaxItem | None:
     """Opens what Orbax wrote at ``store``: an item folder, or a step folder's items.
 
     Args:
         item: None for everything (a step of several items as ``{name: item}``); else one
             step item by name, or, on an item folder, one top-level key of its tree.
+        wanted: the top-level keys of a restore's target: of a step of several items, only
+            the items it names are opened (one it leaves out, unreadable or damaged, does
+            not stop the restore); None, or naming none of them, opens every item.
 
     Returns:
         None when nothing at ``store`` says Orbax.
@@ -91,7 +100,8 @@ def open_orbax(store: Store, item: str | None = None) -> OrbaxItem | None:
                                   "no item folder in it holds anything this library reads")
     if len(names) == 1:
         return _open_item(store, names[0], context, prefix=())
-    return _merge(store, [_open_item(store, n, context, prefix=(("key", n),)) for n in names])
+    chosen = [n for n in names if wanted is not None and n in wanted] or names
+    return _merge(store, [_open_item(store, n, context, prefix=(("key", n),)) for n in chosen])
 
 
 def step_items(step: Store) -> list[str]:
@@ -108,12 +118,12 @@ def step_items(step: Store) -> list[str]:
     for name in names:
         try:
             check_key(name)
-        except InvalidKeyError as exc:
+        except InvalidKeyError:
             raise CorruptCheckpointError(f"{step.describe(STEP_METADATA)} names an item "
-                                         f"{name!r} that is not a folder name: {exc}") from None
-        if "/" in name:
+                                         f"{name!r:.80} that is not a folder name") from None
+        if "/" in name or name in (STEP_METADATA, COMMIT_SUCCESS):
             raise CorruptCheckpointError(f"{step.describe(STEP_METADATA)} names an item "
-                                         f"{name!r} that is not a folder name")
+                                         f"{name!r:.80} that is not a folder name")
         if not (name == METRICS_ITEM and _is_metrics_item(step)):
             out.append(name)
     return sorted(out)
@@ -140,7 +150,11 @@ def _open_item(step: Store, name: str, context: Any, prefix: KeyPath) -> OrbaxIt
         opened = _open_file_item(step, name, folder, context)
     if not prefix:
         return opened
-    leaves = [dataclasses.replace(r, path=prefix + r.path) for r in opened.manifest.leaves]
+    # Array names follow the key path (`leaf_name`): two items holding the same keys
+    # (params and ema_params) must not share an array folder once converted.
+    leaves = [dataclasses.replace(r, path=prefix + r.path,
+                                  name=leaf_name(prefix + r.path) if r.name else "")
+              for r in opened.manifest.leaves]
     return dataclasses.replace(
         opened, manifest=dataclasses.replace(opened.manifest, leaves=leaves),
         specs={prefix + p: s for p, s in opened.specs.items()})
@@ -149,21 +163,26 @@ def _open_item(step: Store, name: str, context: Any, prefix: KeyPath) -> OrbaxIt
 def _open_file_item(step: Store, name: str, folder: Store, context: Any) -> OrbaxItem:
     """A JSON item or a Grain iterator item, recognised from its files."""
     files = [f for f in folder.list() if f != COMMIT_SUCCESS]
+    if not files:
+        raise CorruptCheckpointError(f"item {name!r:.80} of the Orbax step {step.url} is "
+                                     "listed in its metadata, but its folder holds nothing")
     grain = [_GRAIN_STATE.fullmatch(f) for f in files]
-    if files and all(grain):
+    if all(grain):
         records = [_grain_record(folder, [m for m in grain if m])]
         layout = "Grain iterator state"
+    elif any(f.startswith("process_") and f.endswith(".json") for f in files):
+        raise CorruptCheckpointError(
+            f"{folder.url} looks like a Grain iterator item, but not every file is named "
+            f"process_<i>-of-<n>.json: {', '.join(files[:4])[:300]}")
     elif len(files) == 1 and "/" not in files[0]:
-        value = _read_json(folder, files[0])
-        records = [_json_record(path, leaf, folder.describe(files[0]))
-                   for path, leaf in flatten(value)[0]]
+        records = _json_records(folder, files[0])
         layout = "JSON"
     else:
         handler = step_metadata(step, step).get("item_handlers") or {}
         kind = handler.get(name) if isinstance(handler, dict) else None
         shown = ", ".join(files[:5]) + (", ..." if len(files) > 5 else "") or "nothing"
         raise UnsupportedFormatError(
-            f"item {name!r} of the Orbax step {step.url} (written by "
+            f"item {name!r:.80} of the Orbax step {step.url} (written by "
             f"{kind or 'an unnamed handler'}; it holds {shown}) is not one this library "
             "reads (pytree, JSON or Grain iterator items); restore another with item=")
     meta = step_metadata(step, step)
@@ -185,11 +204,33 @@ def _read_json(folder: Store, key: str, limit: int = MAX_JSON_BYTES) -> Any:
                                      f"reads: {exc}"[:500]) from None
 
 
-def _json_record(path: KeyPath, leaf: Any, where: str) -> LeafRecord:
+# Deeper JSON than any config holds; restore rebuilds trees recursively.
+_MAX_JSON_DEPTH = 100
+
+
+def _depth(value: Any) -> int:
+    """How deeply ``value`` nests, counted without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+    return deepest
+
+
+def _json_records(folder: Store, key: str) -> list[LeafRecord]:
+    """The value leaves of the JSON item file ``key``."""
+    value = _read_json(folder, key)
+    where = folder.describe(key)
+    if _depth(value) > _MAX_JSON_DEPTH:
+        raise UnsupportedFormatError(f"{where} nests deeper than {_MAX_JSON_DEPTH} levels")
     try:
-        return classify(path, leaf, 1)
-    except UnsupportedLeafError as exc:  # a lone surrogate in a string, say
-        raise UnsupportedFormatError(f"{where}: {exc}") from None
+        return [classify(path, leaf, 1) for path, leaf in flatten(value)[0]]
+    except UnsupportedLeafError as exc:  # a lone surrogate in a key or a string, say
+        raise UnsupportedFormatError(f"{where}: {exc}"[:500]) from None
 
 
 def _grain_record(folder: Store, found: list[re.Match[str]]) -> LeafRecord:
@@ -197,24 +238,27 @@ def _grain_record(folder: Store, found: list[re.Match[str]]) -> LeafRecord:
     process reads (a conversion, an inspection), else this process's own only (a restart of
     a job of N processes, each reading one file, not N)."""
     counts = {int(m.group(2)) for m in found}
-    indices = {int(m.group(1)) for m in found}
     n = max(counts)
-    if len(counts) != 1 or indices != set(range(n)):
-        missing = sorted(set(range(n)) - indices)
+    indices = {int(m.group(1)) for m in found}
+    # Sizes are checked before any per-process list is built: a name may claim any count.
+    if len(counts) != 1 or n > _MAX_PROCESSES or len(found) != n or max(indices) >= n \
+            or len(indices) != n:
+        shown = ", ".join(sorted(m.group(0) for m in found)[:4])
         raise CorruptCheckpointError(
-            f"{folder.url} is a Grain iterator item with an inconsistent set of per-process "
-            f"files ({len(found)} files for {n} processes; missing processes: "
-            f"{missing[:10] or 'none'})")
+            f"{folder.url} is a Grain iterator item whose per-process files do not make one "
+            f"whole job ({len(found)} files: {shown}{', ...' if len(found) > 4 else ''}; "
+            f"missing processes: {sorted(set(range(min(n, 10))) - indices)[:10] or 'none'})")
     me, count = jax.process_index(), jax.process_count()
     wanted = range(n) if count == 1 else [me] if count == n else []
+    names = {int(m.group(1)): m.group(0) for m in found}
     texts: list[Any] = [None] * n
     for i in wanted:
-        key = f"process_{i}-of-{n}.json"
-        data = read_object(folder, key, _MAX_STATE_BYTES)
+        data = read_object(folder, names[i], _MAX_STATE_BYTES)
         try:
             texts[i] = data.decode("utf-8")
         except UnicodeDecodeError:
-            raise CorruptCheckpointError(f"{folder.describe(key)} is not UTF-8 text") from None
+            raise CorruptCheckpointError(
+                f"{folder.describe(names[i])} is not UTF-8 text") from None
     return LeafRecord(path=(), kind=LeafKind.PER_PROCESS, vtype="json", value=texts)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from ckpt._format import (
@@ -191,7 +191,8 @@ class _Orbax(Readable):
         return False
 
 
-def open_readable(store: Store, item: str | None = None) -> Readable:
+def open_readable(store: Store, item: str | None = None,
+                  wanted: Collection[str] | None = None) -> Readable:
     """Opens the checkpoint at ``store``: this library's, else an Orbax one.
 
     Called on any process by restore, `ckpt.metadata` and the offline tools. Orbax files
@@ -202,6 +203,9 @@ def open_readable(store: Store, item: str | None = None) -> Readable:
         item: None for the whole checkpoint; else one item of an Orbax step by its name, or
             (one of this library's checkpoints, an Orbax item folder) the subtree under one
             top-level key, read as a checkpoint of its own.
+
+        wanted: the top-level keys a restore's target holds: of an Orbax step of several
+            items, only those items are opened.
 
     Raises:
         MissingLeafError: no such item; the message lists those there are.
@@ -215,7 +219,7 @@ def open_readable(store: Store, item: str | None = None) -> Readable:
         return _Ours(store, manifest, f"ckpt format {manifest.format_version}", item)
     except CheckpointNotFoundError as exc:
         not_ours = exc
-    orbax = open_orbax(store, item)
+    orbax = open_orbax(store, item, wanted)
     if orbax is None:
         raise not_ours
     log.info("%s is an orbax-checkpoint checkpoint (%s, %d leaves)", orbax.store.url,

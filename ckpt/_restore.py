@@ -15,7 +15,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -373,7 +373,10 @@ def restore_from(store: Store, target: Any = None, *, mesh: Any = None,
     """
     if deadline is not None and not isinstance(store, DeadlineStore):
         store = DeadlineStore(store, deadline)
-    source = open_readable(store, item)
+    # A target names the items of an Orbax step it wants by its top-level keys.
+    wanted = {k for k in target if isinstance(k, str)} \
+        if item is None and isinstance(target, Mapping) else None
+    source = open_readable(store, item, wanted)
     for _ in range(OVERWRITE_RETRIES):
         try:
             return _restore_source(source, target, mesh, memory_budget, deadline)

@@ -480,8 +480,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", epilog=EPILOG,
                        help="convert an Orbax checkpoint into this format, streaming, verified",
-                       description="Convert SRC (an orbax-checkpoint item or single-item step "
-                       "folder; OCDBT or not, zarr v2 or v3) into this library's format at "
+                       description="Convert SRC (an orbax-checkpoint item folder, or a step "
+                       "folder with every item: pytrees, JSON, Grain iterator states; OCDBT or "
+                       "not, zarr v2 or v3) into this library's format at "
                        "DST, chunk by chunk with bounded memory, between any two backends, "
                        "then read every written chunk back to verify it.")
     _rewrite_args(p, mesh_help="lay out for this mesh, e.g. data=2,model=4 (default: the "

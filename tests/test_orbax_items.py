@@ -128,7 +128,7 @@ def test_a_manager_resumes_an_orbax_runs_items_then_saves_its_own(tmp_path, mesh
 
 def test_an_item_this_library_cannot_read_is_named_and_the_others_still_restore(tmp_path,
                                                                                  mesh24):
-    step, _ = _save_step(str(tmp_path / "orbax"), "v0", mesh24)
+    step, expected = _save_step(str(tmp_path / "orbax"), "v0", mesh24)
     with open(os.path.join(step, "config", "more.bin"), "wb") as f:
         f.write(b"\0\1")  # two files: neither a JSON item nor a Grain item
     for read in (lambda: ckpt.restore(step), lambda: ckpt.metadata(step),
@@ -137,6 +137,26 @@ def test_an_item_this_library_cannot_read_is_named_and_the_others_still_restore(
                                                          r"JsonCheckpointHandler.*more\.bin"):
             read()
     assert ckpt.restore(step, item="data") == _advanced(_dataset_iter, 3).get_state()
+    # A target that leaves the item out does not open it.
+    data = _dataset_iter()
+    out = ckpt.restore(step, {"data": data, "state": {"w": np.zeros((8, 8), np.float32)}})
+    assert sorted(out) == ["data", "state"] and _next(data) == expected["data"]
+
+
+def test_two_items_holding_the_same_keys_convert_to_separate_arrays(tmp_path, mesh24):
+    """params and ema_params of one shape: after convert each is its own array."""
+    w = jax.device_put(jnp.arange(64.0).reshape(8, 8), NamedSharding(mesh24, P("data")))
+    root = str(tmp_path / "orbax")
+    with ocp.CheckpointManager(root, item_names=("params", "ema")) as m:
+        m.save(1, args=ocp.args.Composite(params=ocp.args.StandardSave({"w": w}),
+                                          ema=ocp.args.StandardSave({"w": w * 2})))
+        m.wait_until_finished()
+    converted = str(tmp_path / "ours")
+    assert cli(["convert", "-q", os.path.join(root, "1"), converted]) == 0
+    for url in (os.path.join(root, "1"), converted):
+        out = ckpt.restore(url)
+        assert out["params"]["w"].tobytes() == np.arange(64.0, dtype=np.float32).tobytes()
+        assert out["ema"]["w"].tobytes() == (2 * np.arange(64.0, dtype=np.float32)).tobytes()
 
 
 def test_a_step_whose_metadata_names_no_items_is_read_from_its_folders(tmp_path, mesh24):
@@ -152,26 +172,51 @@ def test_a_step_whose_metadata_names_no_items_is_read_from_its_folders(tmp_path,
     assert sorted(ckpt.restore(step)) == ["config", "data", "loader", "state"]
 
 
+def _rename_state(step, name):
+    data = os.path.join(step, "data")
+    os.rename(os.path.join(data, "process_0-of-1.json"), os.path.join(data, name))
+
+
 @pytest.mark.parametrize("edit, error, named", [
-    ("remove", CorruptCheckpointError, "missing processes: \\[1\\]"),
-    ("not json", CorruptCheckpointError, "saved state is not JSON"),
-    ("json garbage", UnsupportedFormatError, "config/metadata is not a JSON item"),
-])
+    # a job of two processes whose second file is gone
+    (lambda s: _rename_state(s, "process_0-of-2.json"), CorruptCheckpointError,
+     r"missing processes: \[1\]"),
+    # a name claiming a billion processes is refused before anything of that size is built
+    (lambda s: _rename_state(s, "process_0-of-999999999.json"), CorruptCheckpointError,
+     "do not make one whole job"),
+    (lambda s: _rename_state(s, "process_00-of-1.json"), CorruptCheckpointError,
+     "not every file is named"),
+    (lambda s: open(os.path.join(s, "data", "process_0-of-1.json"), "w").write("{not json"),
+     CorruptCheckpointError, "saved state is not JSON"),
+    (lambda s: open(os.path.join(s, "config", "metadata"), "w").write("[1, 2"),
+     UnsupportedFormatError, "config/metadata is not a JSON item"),
+    (lambda s: open(os.path.join(s, "config", "metadata"), "w").write("[" * 150 + "]" * 150),
+     UnsupportedFormatError, "nests deeper than 100 levels"),
+    (lambda s: open(os.path.join(s, "config", "metadata"), "w").write('{"\\ud800": 1}'),
+     UnsupportedFormatError, "config/metadata: dict key"),
+], ids=["missing", "huge-count", "leading-zero", "state-not-json", "item-not-json",
+        "too-deep", "lone-surrogate"])
 def test_damaged_item_files_are_named(tmp_path, mesh24, edit, error, named):
     step, _ = _save_step(str(tmp_path / "orbax"), "v0", mesh24)
-    data = os.path.join(step, "data")
-    if edit == "remove":  # a job of two processes whose second file is gone
-        os.rename(os.path.join(data, "process_0-of-1.json"),
-                  os.path.join(data, "process_0-of-2.json"))
-    elif edit == "not json":
-        with open(os.path.join(data, "process_0-of-1.json"), "w") as f:
-            f.write("{not json")
-    else:
-        with open(os.path.join(step, "config", "metadata"), "w") as f:
-            f.write("[1, 2")
+    edit(step)
     with pytest.raises(error, match=named):
-        ckpt.restore(step, {"data": _dataset_iter(), "config": {}} if edit != "remove"
-                     else None)
+        ckpt.restore(step, {"data": _dataset_iter(), "config": {}})
+    # Left out of the target, the damaged item is not read.
+    assert ckpt.restore(step, {"state": {"w": np.zeros((8, 8), np.float32)}})["state"]["w"][
+        0, 1] == 1
+
+
+def test_an_orbax_metric_beyond_any_float_is_left_out(tmp_path, mesh24):
+    import json
+
+    step, _ = _save_step(str(tmp_path / "orbax"), "v0", mesh24)
+    meta_file = os.path.join(step, "_CHECKPOINT_METADATA")
+    with open(meta_file) as f:
+        meta = json.load(f)
+    meta["metrics"] = {"loss": 10 ** 400, "acc": 0.5}
+    with open(meta_file, "w") as f:
+        json.dump(meta, f)
+    assert ckpt.metadata(step).metrics == {"acc": 0.5}
 
 
 def test_item_picks_one_top_level_key_of_this_librarys_checkpoints(tmp_path, mesh24):
