@@ -536,6 +536,10 @@ def decode_host_report(data: bytes, what: str) -> HostReport:
                       [(p[0], p[1]) for p in own])
 
 
+# The metadata object of a zarr v3 array, in its folder.
+ZARR_JSON = "zarr.json"
+
+
 def zarr_spec(kvstore: dict[str, Any], rec: LeafRecord, *, create: bool) -> dict[str, Any]:
     """The TensorStore spec of an ``array`` leaf's zarr v3 array at ``kvstore``.
 

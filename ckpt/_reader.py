@@ -22,7 +22,9 @@ from ckpt._format import (
     COMMIT,
     MANIFEST,
     MAX_COMMIT_BYTES,
+    ZARR_JSON,
     CommitRecord,
+    LeafKind,
     LeafRecord,
     Manifest,
     array_key,
@@ -43,7 +45,7 @@ from ckpt.errors import (
     UncommittedCheckpointError,
 )
 from ckpt.restore import ArrayReadJob
-from ckpt.restore.boxes import Box
+from ckpt.restore.boxes import Box, chunk_key, grid_shape, unflat_index
 from ckpt.storage import ObjectNotFoundError, Store, UnreadableObjectError
 
 log = logging.getLogger("ckpt.restore")
@@ -134,6 +136,11 @@ class Readable(abc.ABC):
                             crc32c_in_chunk_tail=self._chunks_end_with_crc32c(),
                             store=self.store)
 
+    def check_files(self, records: Sequence[LeafRecord]) -> None:
+        """Called by restore, on any process, before `read_job` for many ``records``: a
+        format may check what its arrays' reads will open all at once. Nothing by default."""
+        return None
+
     def replacement(self) -> Readable | None:
         """After a read found damage: the checkpoint that replaced this one meanwhile (an
         overwrite commits a new attempt, then deletes the old one), or None when it was not
@@ -141,19 +148,52 @@ class Readable(abc.ABC):
         return None
 
 
+# Arrays of at most this many chunks have each file checked by name instead of a listing.
+_STAT_CHUNKS = 4
+
+
 class _Ours(Readable):
     """One of this library's checkpoints."""
 
     kind, checksummed = "ckpt", True
 
-    def array_spec(self, rec: LeafRecord) -> dict[str, Any]:
-        """Checks first that the array's folder holds only regular files: TensorStore would
-        block forever on a FIFO."""
-        folder = array_key(self.manifest.attempt, rec.name)
+    def __init__(self, store: Store, manifest: Manifest, layout: str,
+                 item: str | None = None) -> None:
+        super().__init__(store, manifest, layout, item)
+        self._checked: set[str] = set()  # arrays whose files `check_files` found plain
+
+    @staticmethod
+    def _file_keys(rec: LeafRecord) -> list[str] | None:
+        """The files TensorStore may open in an array's folder, for an array of few
+        chunks (each is looked at: a stat); None for a larger one (its folder is listed)."""
+        if len(rec.chunk_nbytes) > _STAT_CHUNKS:
+            return None
+        grid = grid_shape(rec.shape, rec.chunk_shape)
+        return [ZARR_JSON] + [chunk_key(unflat_index(f, grid))
+                              for f in range(len(rec.chunk_nbytes))]
+
+    def check_files(self, records: Sequence[LeafRecord]) -> None:
+        """Checks the files of every array of few chunks among ``records`` at once (the
+        store may look at them concurrently: on a cold cache each look is a disk read)."""
+        few = [r for r in records if r.kind == LeafKind.ARRAY and r.name not in self._checked
+               and self._file_keys(r) is not None]
+        keys = [f"{r.name}/{k}" for r in few for k in self._file_keys(r) or ()]
         try:
-            self.store.check_plain_files(folder)
-        except UnreadableObjectError as exc:
-            raise CorruptCheckpointError(f"leaf {keystr(rec.path)}: {exc}") from None
+            self.store.check_plain_files(array_key(self.manifest.attempt, "").rstrip("/"),
+                                         keys)
+        except UnreadableObjectError:
+            return  # `array_spec` checks each again and names the leaf
+        self._checked.update(r.name for r in few)
+
+    def array_spec(self, rec: LeafRecord) -> dict[str, Any]:
+        """Checks first that the files TensorStore may open in the array's folder are
+        regular files: it would block forever on a FIFO."""
+        folder = array_key(self.manifest.attempt, rec.name)
+        if rec.name not in self._checked:
+            try:
+                self.store.check_plain_files(folder, self._file_keys(rec))
+            except UnreadableObjectError as exc:
+                raise CorruptCheckpointError(f"leaf {keystr(rec.path)}: {exc}") from None
         if self.item is not None:  # stored under its whole path, which its metadata names
             rec = dataclasses.replace(rec, path=(("key", self.item),) + rec.path)
         return array_read_spec(self.store.kvstore_spec(folder), rec)

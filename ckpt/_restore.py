@@ -413,6 +413,7 @@ def _restore_source(source: Readable, target: Any, mesh: Any,
     job_wants: list[int] = []
     values: list[Any] = [None] * len(wants)
     setters: list[tuple[Any, Any]] = []  # (stateful target leaf, its state): set last
+    source.check_files([w.record for w in wants if w.record.kind == LeafKind.ARRAY])
     for i, want in enumerate(wants):
         rec = want.record
         what = f"{source.store.url} leaf {keystr(rec.path)}"

@@ -27,7 +27,15 @@ import tensorstore as ts
 
 from ckpt.restore._errors import CorruptCheckpointError
 from ckpt.restore._plan import ChunkRead, plan_reads
-from ckpt.restore.boxes import Box, box_shape, box_size, flat_index, grid_shape, to_slices
+from ckpt.restore.boxes import (
+    Box,
+    box_shape,
+    box_size,
+    chunk_key,
+    flat_index,
+    grid_shape,
+    to_slices,
+)
 from ckpt.storage import (
     Deadline,
     DeadlineExceededError,
@@ -106,11 +114,6 @@ def _crc32c(data: np.ndarray) -> int:
     """crc32c of ``data``'s bytes in C order. A strided view is copied first: one memcpy
     costs half as much as hashing it row by row from Python."""
     return int(google_crc32c.value(np.ascontiguousarray(data).reshape(-1).view(np.uint8)))
-
-
-def _chunk_key(coord: Sequence[int]) -> str:
-    """The key of a chunk under zarr v3's default chunk key encoding."""
-    return "/".join(["c", *map(str, coord)])
 
 
 def _classify(exc: Exception, job: ArrayReadJob, coord: Sequence[int] | None) -> Exception:
@@ -240,7 +243,7 @@ def read_arrays(jobs: Sequence[ArrayReadJob], *, memory_budget: int | None = Non
                     if (kvstore is not None and not target.flags.c_contiguous
                             and box_shape(cr.box) == tuple(job.chunk_shape)):
                         # Hashing a strided region would need a copy of it first.
-                        tail = kvstore.read(_chunk_key(cr.coord), byte_range=slice(-4, None))
+                        tail = kvstore.read(chunk_key(cr.coord), byte_range=slice(-4, None))
                 else:
                     pending = source.read()
                 # The stored bytes and the decoded chunk (TensorStore decodes into a chunk

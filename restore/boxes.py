@@ -98,3 +98,9 @@ def chunks_in(box: Box, chunk_shape: Sequence[int]) -> Iterator[tuple[int, ...]]
     """Grid coordinates of every chunk overlapping ``box`` (in C order)."""
     ranges = [range(a // c, -(-b // c)) for (a, b), c in zip(box, chunk_shape)]
     return itertools.product(*ranges)
+
+
+def chunk_key(coord: Sequence[int]) -> str:
+    """The key of a chunk in its array's folder, under zarr v3's default chunk key encoding
+    (``c/i/j``; ``c`` for a 0-d array)."""
+    return "/".join(["c", *map(str, coord)])

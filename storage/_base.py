@@ -15,6 +15,7 @@ from __future__ import annotations
 import abc
 import errno
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import tensorstore as ts
@@ -128,14 +129,17 @@ class Store(abc.ABC):
         return UnreadableObjectError(errno.EFBIG, f"{self.describe(key)} is over {max_bytes} "
                                                   "bytes, the most a reader takes for it")
 
-    def check_plain_files(self, prefix: str) -> None:
+    def check_plain_files(self, prefix: str, keys: Sequence[str] | None = None) -> None:
         """Raises `UnreadableObjectError` if anything below ``prefix`` is not a regular file
         (a FIFO, socket or device in a checkpoint folder would block a reader forever).
         Called by readers before TensorStore opens files there; only file systems can hold
-        such things, so other backends do nothing."""
-        self._check_plain_files(check_key(prefix, allow_empty=True))
+        such things, so other backends do nothing. ``keys`` (relative to ``prefix``): check
+        only these, each where it exists (what a reader will open: one ``stat`` each
+        instead of a listing of every folder below ``prefix``)."""
+        self._check_plain_files(check_key(prefix, allow_empty=True),
+                                None if keys is None else [check_key(k) for k in keys])
 
-    def _check_plain_files(self, prefix: str) -> None:
+    def _check_plain_files(self, prefix: str, keys: list[str] | None) -> None:
         return None
 
     def write(self, key: str, data: bytes) -> None:

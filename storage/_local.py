@@ -8,7 +8,9 @@ one, or a hidden temporary file that listing ignores.
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
+import functools
 import os
 import secrets
 import shutil
@@ -23,6 +25,10 @@ _TMP_MARK = ".ckpt-tmp-"
 
 def _is_tmp(name: str) -> bool:
     return name.startswith(".") and _TMP_MARK in name
+
+
+# Files looked at concurrently by `check_plain_files` with a list of keys.
+_STATS_AT_ONCE = 16
 
 
 def _fsync_dir(path: str) -> None:
@@ -86,7 +92,29 @@ class LocalStore(Store):
         finally:
             os.close(fd)
 
-    def _check_plain_files(self, prefix: str) -> None:
+    def _check_plain(self, prefix: str, key: str) -> None:
+        path = self._path(f"{prefix}/{key}" if prefix else key)
+        try:
+            mode = os.stat(path).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            return  # absent: the reader reports that itself
+        except OSError as exc:
+            raise self._error(exc, key, "checking") from exc
+        if not stat.S_ISREG(mode):
+            raise UnreadableObjectError(
+                errno.EINVAL, f"{self.describe(f'{prefix}/{key}')} is not a regular file")
+
+    def _check_plain_files(self, prefix: str, keys: list[str] | None) -> None:
+        if keys is not None and len(keys) <= _STATS_AT_ONCE:
+            for key in keys:
+                self._check_plain(prefix, key)
+            return
+        if keys is not None:
+            # On a cold cache each stat is a disk read: many run at once.
+            with concurrent.futures.ThreadPoolExecutor(_STATS_AT_ONCE) as pool:
+                for _ in pool.map(functools.partial(self._check_plain, prefix), keys):
+                    pass
+            return
         stack = [self._path(prefix)]
         while stack:
             folder = stack.pop()

@@ -58,8 +58,8 @@ class WrapperStore(Store):
     def _read(self, key: str, max_bytes: int | None) -> bytes:
         return self._delegate("reading", key, self.inner._read, key, max_bytes)
 
-    def _check_plain_files(self, prefix: str) -> None:
-        self._delegate("listing", prefix, self.inner._check_plain_files, prefix)
+    def _check_plain_files(self, prefix: str, keys: list[str] | None) -> None:
+        self._delegate("listing", prefix, self.inner._check_plain_files, prefix, keys)
 
     def _write(self, key: str, data: bytes) -> None:
         self._delegate("writing", key, self.inner._write, key, data)

@@ -399,10 +399,15 @@ def test_array_folder_check_does_not_follow_linked_folders(tmp_path, mesh24, tar
     is refused as what it is, at once, not followed."""
     import os
 
-    url, _ = _local_checkpoint(tmp_path, mesh24)
-    folder = os.path.join(url, ckpt.metadata(url).attempt, "arrays", "b")
-    os.symlink(target, os.path.join(folder, "link"))
-    with pytest.raises(CorruptCheckpointError, match=r"\['b'\].*link is not a regular file"):
+    url = str(tmp_path / "ck")
+    w = np.arange(512 * 512, dtype=np.float32).reshape(512, 512)  # 8 chunks: its folder is
+    ckpt.save(url, {"w": jax.device_put(w, NamedSharding(mesh24, P("data", "model"))),
+                    "b": np.arange(6000, dtype=np.float32)})  # listed; b's files are stat'ed
+    arrays = os.path.join(url, ckpt.metadata(url).attempt, "arrays")
+    os.symlink(target, os.path.join(arrays, "b", "link"))
+    assert ckpt.restore(url)["b"][-1] == 5999  # a file no reader opens is not looked at
+    os.symlink(target, os.path.join(arrays, "w", "link"))
+    with pytest.raises(CorruptCheckpointError, match=r"\['w'\].*link is not a regular file"):
         ckpt.restore(url)
 
 

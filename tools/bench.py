@@ -122,6 +122,50 @@ def make_many_leaves(count: int) -> dict[str, Any]:
     return state
 
 
+def _per_leaf_floor(base: str, r: int, state: Any) -> tuple[float, float]:
+    """What the format's layout costs by itself: one metadata file and one data file per
+    array leaf, as one zarr array of one chunk each would be, written by plain Python (16
+    threads) and made durable by one syncfs of the file system (the least any per-file
+    layout needs); then a cold read of the data files (16 threads)."""
+    import concurrent.futures
+
+    import jax
+    import numpy as np
+
+    folder = os.path.join(base, f"floor-leaves-{r}")
+    data = [np.asarray(x).tobytes() for x in jax.tree.leaves(state) if isinstance(x, jax.Array)]
+
+    def write(i: int) -> None:
+        leaf = os.path.join(folder, str(i))
+        os.makedirs(os.path.join(leaf, "c"))
+        for name, payload in (("zarr.json", b"{}" * 200), ("c/0", data[i])):
+            with open(os.path.join(leaf, name), "wb") as f:
+                f.write(payload)
+
+    def write_all() -> None:
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            list(pool.map(write, range(len(data))))
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).syncfs(fd)
+        finally:
+            os.close(fd)
+
+    def read(i: int) -> None:
+        with open(os.path.join(folder, str(i), "c", "0"), "rb") as f:
+            f.read()
+
+    def read_all() -> None:
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            list(pool.map(read, range(len(data))))
+
+    t_write, _, _ = measure(write_all)
+    drop_caches()
+    t_read, _, _ = measure(read_all)
+    shutil.rmtree(folder, ignore_errors=True)
+    return t_write, t_read
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="1G", help="state size, e.g. 256M, 1G, 4G")
@@ -263,6 +307,9 @@ def main() -> int:
             t, _, _ = measure(read_one)
             record("floor", "cold_read_one_s", t)
             os.remove(one)
+            t_write, t_read = _per_leaf_floor(base, r, state)
+            record("floor", "write_sync_leaf_s", t_write)
+            record("floor", "cold_read_leaf_s", t_read)
 
     med = {who: {k: statistics.median(v) for k, v in d.items()} for who, d in results.items()}
     ours, orbax, floor = med["ours"], med["orbax"], med["floor"]
@@ -292,6 +339,10 @@ def main() -> int:
               f"{ours['commit_s'] / floor['write_fsync_one_s']:.1f}x that write floor, blocked "
               f"{ours['blocked_s'] / leaves * 1000:.3f} s per 1000 leaves, restore (same) "
               f"{ours['restore_same_s'] / floor['cold_read_one_s']:.1f}x that read floor")
+        print(f"per-leaf floors (two files a leaf, plain Python, one syncfs): write "
+              f"{floor['write_sync_leaf_s']:.3f} s, cold read {floor['cold_read_leaf_s']:.3f} s;"
+              f" ours: commit {ours['commit_s'] / floor['write_sync_leaf_s']:.1f}x, restore "
+              f"{ours['restore_same_s'] / floor['cold_read_leaf_s']:.1f}x")
     print("peak extra memory / state bytes: save "
           f"{ours['save_peak_MiB'] / mib:.2f}x (orbax {orbax['save_peak_MiB'] / mib:.2f}x), restore "
           + ", ".join(f"{ours[f'restore_{k}_peak_MiB'] / mib:.2f}x ({k}; orbax "
