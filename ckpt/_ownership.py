@@ -138,7 +138,7 @@ def _layout(arr: ArrayInput, process_count: int) -> _Layout:
     nbytes = math.prod(arr.shape) * arr.itemsize
     whole = [p for p in sorted({h[0] for hs in holders.values() for h in hs})
              if all(any(h[0] == p for h in hs) for hs in holders.values())]
-    if len(holders) > 1 and whole and nbytes < WHOLE_ARRAY_BYTES:
+    if len(holders) > 1 and whole and 0 < nbytes < WHOLE_ARRAY_BYTES:
         everyone = tuple(h for h in holders[next(iter(holders))] if h[0] in whole)
         shards = {p: tuple((next(h for h in hs if h[0] == p)[2], box)
                            for box, hs in holders.items()) for p in whole}

@@ -99,7 +99,7 @@ class LocalStore(Store):
         except (FileNotFoundError, NotADirectoryError):
             return  # absent: the reader reports that itself
         except OSError as exc:
-            raise self._error(exc, key, "checking") from exc
+            raise self._error(exc, f"{prefix}/{key}" if prefix else key, "checking") from exc
         if not stat.S_ISREG(mode):
             raise UnreadableObjectError(
                 errno.EINVAL, f"{self.describe(f'{prefix}/{key}')} is not a regular file")

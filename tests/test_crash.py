@@ -73,14 +73,15 @@ def _settle(root):
     attempt's folder, and the next start removes them. Waiting for the listing to stop
     changing makes "debris removed" a deterministic check.
     """
-    store, previous = open_store(root), None
+    store, previous, quiet = open_store(root), None, 0
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         current = store.list("2")
-        if current == previous:
+        quiet = quiet + 1 if current == previous else 0
+        if quiet == 3:  # unchanged for 1.5 s (a busy machine delays the server's last PUTs)
             return
         previous = current
-        threading.Event().wait(0.5)  # two equal listings half a second apart: settled
+        threading.Event().wait(0.5)
 
 
 def _check_after_crash(root, claimed=False):

@@ -128,6 +128,19 @@ def test_ownership_covers_every_chunk_once_from_a_holder(arrays, processes):
             assert all(s % c == 0 for s, c in zip(shard, plans[0][a].chunk_shape))
 
 
+def test_a_zero_size_array_held_whole_by_one_process_is_not_gathered():
+    # Model parallel inside each of two processes: process p holds every shard of an array
+    # sharded over its local devices only. A zero-size one keeps a chunk shape of no zeros
+    # (readers refuse a zero in it) and has no chunk to write.
+    mesh = make_mesh((2, 4))
+    sharding = OnProcesses(NamedSharding(mesh, P(None, "model")), lambda i: 0 if i < 4 else 1)
+    for shape in ((0, 8), (16, 8)):
+        plans = [own.plan([own.ArrayInput(shape, 4, sharding)], p, 2)[0] for p in range(2)]
+        assert all(0 not in p.chunk_shape for p in plans)
+        assert plans[0].writers == plans[1].writers and len(plans[0].writers) == (
+            0 if 0 in shape else 1)
+
+
 def test_replicated_bytes_spread_over_processes():
     mesh = make_mesh((2, 4))
 
