@@ -87,19 +87,31 @@ def _settle(root):
 def _check_after_crash(root, claimed=False):
     """``claimed``: the dead save had claimed its attempt for commit, so no clean-up may
     remove it (it could still commit, as far as anyone can tell); `ckpt gc --claimed` does."""
-    _settle(root)
-    mgr = ckpt.CheckpointManager(root, keep_last=None)
-    mgr.close()  # waits for start-up debris removal
-    steps = mgr.steps()
-    assert steps in ([0, 1], [0, 1, 2])
+    store = open_store(root)
+
+    def leftovers(steps):
+        out = {}
+        for step in store.list_children():
+            attempts = [n for n in store.list_children(step) if n.startswith("attempt-")]
+            kept = 1 if int(step) in steps or (claimed and step == "2") else 0
+            if len(attempts) != kept:
+                out[step] = (attempts, [store.list(f"{step}/{a}") for a in attempts])
+        return out
+
+    # A server that completes a dead client's PUT after a start-up listed the debris leaves
+    # those objects for the next start to remove (see `_settle`): at most two more starts.
+    for _ in range(3):
+        _settle(root)
+        mgr = ckpt.CheckpointManager(root, keep_last=None)
+        mgr.close()  # waits for start-up debris removal
+        steps = mgr.steps()
+        assert steps in ([0, 1], [0, 1, 2])
+        left = leftovers(steps)
+        if not left:
+            break
+    assert not left, left
     for step in steps:
         _assert_exact(mgr.restore(step), step)
-    store = open_store(root)
-    for step in store.list_children():
-        attempts = [n for n in store.list_children(step) if n.startswith("attempt-")]
-        kept = 1 if int(step) in steps or (claimed and step == "2") else 0
-        assert len(attempts) == kept, \
-            (step, attempts, [store.list(f"{step}/{a}") for a in attempts])
     if claimed:
         assert cli.main(["gc", str(root), "--claimed", "--grace", "0"]) == 0
         assert [n for n in store.list_children("2") if n.startswith("attempt-")] == []
