@@ -21,6 +21,7 @@ of this library's checkpoints, one top-level key). An item of any other kind is 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 from collections.abc import Collection
@@ -89,25 +90,50 @@ def open_orbax(store: Store, item: str | None = None,
     if found == "item":
         opened = open_pytree_item(store, store, context)
         return opened if item is None else select_item(opened, item)
-    names = step_items(store)
+    step = _Step(store, context, step_metadata(store, store))
+    names = step_items(store, step.meta)
     if item is not None:
         if item not in names and not (item == METRICS_ITEM and _is_metrics_item(store)):
             raise MissingLeafError(f"{store.url} has no item {item!r} (its items: "
                                    f"{', '.join(names) or 'none'})")
-        return _open_item(store, item, context, prefix=())
+        return _open_item(step, item, prefix=())
     if not names:
         raise NotACheckpointError(f"{store.describe(STEP_METADATA)} marks an Orbax step, but "
                                   "no item folder in it holds anything this library reads")
     if len(names) == 1:
-        return _open_item(store, names[0], context, prefix=())
+        return _open_item(step, names[0], prefix=())
     chosen = [n for n in names if wanted is not None and n in wanted] or names
-    return _merge(store, [_open_item(store, n, context, prefix=(("key", n),)) for n in chosen])
+    return _merge(step, [_open_item(step, n, prefix=(("key", n),)) for n in chosen])
 
 
-def step_items(step: Store) -> list[str]:
+@dataclasses.dataclass
+class _Step:
+    """A step folder being opened, with its ``_CHECKPOINT_METADATA`` read once for all its
+    items (and its metrics, read when first asked for)."""
+
+    store: Store
+    context: Any
+    meta: dict[str, Any]
+
+    @functools.cached_property
+    def metrics(self) -> dict[str, float]:
+        return step_metrics(self.meta, self.store)
+
+    def manifest(self, leaves: list[LeafRecord], process_count: int,
+                 metadata: Any = None) -> Manifest:
+        """A manifest of ``leaves`` with the step's times, metrics and custom metadata (else
+        ``metadata``)."""
+        created, committed = timestamps(self.meta)
+        return Manifest(attempt="", process_count=process_count, created_at=created,
+                        committed_at=committed, versions={"writer": "orbax-checkpoint"},
+                        metadata=self.meta.get("custom_metadata") or metadata, leaves=leaves,
+                        metrics=self.metrics)
+
+
+def step_items(step: Store, meta: dict[str, Any]) -> list[str]:
     """The names of the items of the Orbax step at ``step``, sorted, without the manager's
-    own metrics item: those its step metadata lists (``item_handlers``), else its folders."""
-    meta = step_metadata(step, step)
+    own metrics item: those its step metadata ``meta`` lists (``item_handlers``), else its
+    folders."""
     handlers = meta.get("item_handlers")
     if isinstance(handlers, dict) and handlers:
         names = list(handlers)
@@ -141,13 +167,13 @@ def select_item(opened: OrbaxItem, item: str) -> OrbaxItem:
                                specs=specs)
 
 
-def _open_item(step: Store, name: str, context: Any, prefix: KeyPath) -> OrbaxItem:
+def _open_item(step: _Step, name: str, prefix: KeyPath) -> OrbaxItem:
     """Opens item ``name`` of ``step``, its leaves' paths under ``prefix``."""
-    folder = step.child(name)
+    folder = step.store.child(name)
     if folder.exists(TREE_METADATA):
-        opened = open_pytree_item(folder, step, context)
+        opened = open_pytree_item(folder, step.store, step.context)
     else:
-        opened = _open_file_item(step, name, folder, context)
+        opened = _open_file_item(step, name, folder)
     if not prefix:
         return opened
     # Array names follow the key path (`leaf_name`): two items holding the same keys
@@ -160,11 +186,11 @@ def _open_item(step: Store, name: str, context: Any, prefix: KeyPath) -> OrbaxIt
         specs={prefix + p: s for p, s in opened.specs.items()})
 
 
-def _open_file_item(step: Store, name: str, folder: Store, context: Any) -> OrbaxItem:
+def _open_file_item(step: _Step, name: str, folder: Store) -> OrbaxItem:
     """A JSON item or a Grain iterator item, recognised from its files."""
     files = [f for f in folder.list() if f != COMMIT_SUCCESS]
     if not files:
-        raise CorruptCheckpointError(f"item {name!r:.80} of the Orbax step {step.url} is "
+        raise CorruptCheckpointError(f"item {name!r:.80} of the Orbax step {step.store.url} is "
                                      "listed in its metadata, but its folder holds nothing")
     grain = [_GRAIN_STATE.fullmatch(f) for f in files]
     if all(grain):
@@ -178,21 +204,15 @@ def _open_file_item(step: Store, name: str, folder: Store, context: Any) -> Orba
         records = _json_records(folder, files[0])
         layout = "JSON"
     else:
-        handler = step_metadata(step, step).get("item_handlers") or {}
+        handler = step.meta.get("item_handlers") or {}
         kind = handler.get(name) if isinstance(handler, dict) else None
         shown = ", ".join(files[:5]) + (", ..." if len(files) > 5 else "") or "nothing"
         raise UnsupportedFormatError(
-            f"item {name!r:.80} of the Orbax step {step.url} (written by "
+            f"item {name!r:.80} of the Orbax step {step.store.url} (written by "
             f"{kind or 'an unnamed handler'}; it holds {shown}) is not one this library "
             "reads (pytree, JSON or Grain iterator items); restore another with item=")
-    meta = step_metadata(step, step)
-    created, committed = timestamps(meta)
     count = len(records[0].value) if records[0].kind == LeafKind.PER_PROCESS else 1
-    manifest = Manifest(attempt="", process_count=count, created_at=created,
-                        committed_at=committed, versions={"writer": "orbax-checkpoint"},
-                        metadata=meta.get("custom_metadata") or None, leaves=records,
-                        metrics=step_metrics(meta, step))
-    return OrbaxItem(folder, manifest, {}, context, layout)
+    return OrbaxItem(folder, step.manifest(records, count), {}, step.context, layout)
 
 
 def _read_json(folder: Store, key: str, limit: int = MAX_JSON_BYTES) -> Any:
@@ -262,18 +282,12 @@ def _grain_record(folder: Store, found: list[re.Match[str]]) -> LeafRecord:
     return LeafRecord(path=(), kind=LeafKind.PER_PROCESS, vtype="json", value=texts)
 
 
-def _merge(step: Store, items: list[OrbaxItem]) -> OrbaxItem:
+def _merge(step: _Step, items: list[OrbaxItem]) -> OrbaxItem:
     """The items of one step as one tree under their names."""
-    meta = step_metadata(step, step)
-    created, committed = timestamps(meta)
-    custom = meta.get("custom_metadata") or next(
-        (i.manifest.metadata for i in items if i.manifest.metadata), None)
-    manifest = Manifest(attempt="", process_count=max(i.manifest.process_count for i in items),
-                        created_at=created, committed_at=committed,
-                        versions={"writer": "orbax-checkpoint"}, metadata=custom,
-                        leaves=[r for i in items for r in i.manifest.leaves],
-                        metrics=step_metrics(meta, step))
+    custom = next((i.manifest.metadata for i in items if i.manifest.metadata), None)
+    manifest = step.manifest([r for i in items for r in i.manifest.leaves],
+                             max(i.manifest.process_count for i in items), custom)
     specs = {p: s for i in items for p, s in i.specs.items()}
     layout = f"{len(items)} items: " + ", ".join(
         f"{i.store.url.rstrip('/').rsplit('/', 1)[-1]} ({i.layout})" for i in items)
-    return OrbaxItem(step, manifest, specs, items[0].context, layout)
+    return OrbaxItem(step.store, manifest, specs, step.context, layout)

@@ -173,11 +173,13 @@ def plan(arrays: Sequence[ArrayInput], process_index: int, process_count: int) -
     device_load: dict[int, int] = {}
     plans: list[ArrayPlan] = []
     layouts: dict[tuple[Any, ...], _Layout] = {}
+    of_array: list[_Layout] = []
     work: list[tuple[int, int, int, tuple[tuple[int, int, Any], ...], Box]] = []
     for a, arr in enumerate(arrays):
         key = (arr.shape, arr.itemsize, arr.sharding)
         if (lay := layouts.get(key)) is None:
             lay = layouts[key] = _layout(arr, process_count)
+        of_array.append(lay)
         plans.append(ArrayPlan(arr.shape, lay.chunk_shape, [-1] * lay.chunks, {}))
         work.extend((neg, a, flat, hs, box) for neg, flat, hs, box in lay.work)
     work.sort(key=lambda w: (w[0], w[1], w[2]))
@@ -192,6 +194,5 @@ def plan(arrays: Sequence[ArrayInput], process_index: int, process_count: int) -
         plans[a].writers[flat] = proc
         if proc == process_index:
             plans[a].owned[flat] = (dev[2], box)
-            lay = layouts[(arrays[a].shape, arrays[a].itemsize, arrays[a].sharding)]
-            plans[a].shards = list(lay.shards.get(proc, ()))
+            plans[a].shards = list(of_array[a].shards.get(proc, ()))
     return plans

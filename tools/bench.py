@@ -122,6 +122,30 @@ def make_many_leaves(count: int) -> dict[str, Any]:
     return state
 
 
+def _file_floor(files: list[tuple[str, list[Any]]]) -> tuple[float, float]:
+    """Seconds to write each file of ``files`` (path, the arrays it holds, in order) and
+    fsync it, one after another; then, page cache dropped, to read them all back."""
+    import numpy as np
+
+    def write_all() -> None:
+        for path, parts in files:
+            with open(path, "wb") as f:
+                for part in parts:
+                    f.write(np.ascontiguousarray(part).view(np.uint8))
+                f.flush()
+                os.fsync(f.fileno())
+
+    def read_all() -> None:
+        for path, _ in files:
+            with open(path, "rb") as f:
+                f.read()
+
+    t_write, _, _ = measure(write_all)
+    drop_caches()
+    t_read, _, _ = measure(read_all)
+    return t_write, t_read
+
+
 def _per_leaf_floor(base: str, r: int, state: Any) -> tuple[float, float]:
     """What the format's layout costs by itself: one metadata file and one data file per
     array leaf, as one zarr array of one chunk each would be, written by plain Python (16
@@ -264,48 +288,18 @@ def main() -> int:
         record("floor", "numpy_copy_s", t)
         folder = os.path.join(base, f"floor-{r}")
         os.makedirs(folder)
-
-        def write_all(copies: list[Any] = copies) -> None:
-            for i, c in enumerate(copies):
-                with open(os.path.join(folder, str(i)), "wb") as f:
-                    f.write(c.view(np.uint8))
-                    f.flush()
-                    os.fsync(f.fileno())
-
-        t, _, _ = measure(write_all)
-        record("floor", "write_fsync_s", t)
-        drop_caches()
-
-        def read_all(count: int = len(copies)) -> None:
-            for i in range(count):
-                with open(os.path.join(folder, str(i)), "rb") as f:
-                    f.read()
-
-        t, _, _ = measure(read_all)
-        record("floor", "cold_read_s", t)
+        t_write, t_read = _file_floor([(os.path.join(folder, str(i)), [c])
+                                       for i, c in enumerate(copies)])
+        record("floor", "write_fsync_s", t_write)
+        record("floor", "cold_read_s", t_read)
         shutil.rmtree(folder, ignore_errors=True)
         if args.case == "many-leaves":
             # The same bytes as one file: the disk's own floor, which no layout of one
             # object per leaf reaches.
             one = os.path.join(base, f"floor-one-{r}")
-
-            def write_one(copies: list[Any] = copies) -> None:
-                with open(one, "wb") as f:
-                    for c in copies:
-                        f.write(c.view(np.uint8))
-                    f.flush()
-                    os.fsync(f.fileno())
-
-            t, _, _ = measure(write_one)
-            record("floor", "write_fsync_one_s", t)
-            drop_caches()
-
-            def read_one() -> None:
-                with open(one, "rb") as f:
-                    f.read()
-
-            t, _, _ = measure(read_one)
-            record("floor", "cold_read_one_s", t)
+            t_write, t_read = _file_floor([(one, copies)])
+            record("floor", "write_fsync_one_s", t_write)
+            record("floor", "cold_read_one_s", t_read)
             os.remove(one)
             t_write, t_read = _per_leaf_floor(base, r, state)
             record("floor", "write_sync_leaf_s", t_write)
