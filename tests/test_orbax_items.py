@@ -206,6 +206,30 @@ def test_damaged_item_files_are_named(tmp_path, mesh24, edit, error, named):
         0, 1] == 1
 
 
+def test_an_edited_list_of_items_is_named(tmp_path, mesh24):
+    """Item names come from _CHECKPOINT_METADATA: one naming a file of the step, or a
+    listed item whose folder holds nothing, is a corrupt step naming the item."""
+    import json
+    import re
+    import shutil
+
+    step, _ = _save_step(str(tmp_path / "orbax"), "v0", mesh24)
+    meta_file = os.path.join(step, "_CHECKPOINT_METADATA")
+    with open(meta_file) as f:
+        meta = json.load(f)
+    for name in ("_CHECKPOINT_METADATA", "../state"):
+        with open(meta_file, "w") as f:
+            json.dump({**meta, "item_handlers": {**meta["item_handlers"], name: "x"}}, f)
+        with pytest.raises(CorruptCheckpointError, match=f"names an item {re.escape(repr(name))}"):
+            ckpt.restore(step)
+    with open(meta_file, "w") as f:
+        json.dump(meta, f)
+    shutil.rmtree(os.path.join(step, "config"))
+    with pytest.raises(CorruptCheckpointError, match=r"item 'config' of the Orbax step .* "
+                                                     r"its folder holds nothing"):
+        ckpt.restore(step)
+
+
 def test_an_orbax_metric_beyond_any_float_is_left_out(tmp_path, mesh24):
     import json
 

@@ -411,6 +411,21 @@ def test_array_folder_check_does_not_follow_linked_folders(tmp_path, mesh24, tar
         ckpt.restore(url)
 
 
+def test_a_file_that_cannot_be_looked_at_is_named_by_its_whole_path(tmp_path):
+    """A chunk file replaced by a link to itself: looking at it fails (ELOOP), and the error
+    names the file inside the checkpoint, not a path relative to the array's folder."""
+    import os
+
+    url = str(tmp_path / "ck")
+    ckpt.save(url, {"b": np.arange(6000, dtype=np.float32)})
+    attempt = ckpt.metadata(url).attempt
+    chunk = os.path.join(url, attempt, "arrays", "b", "c", "0")
+    os.remove(chunk)
+    os.symlink(chunk, chunk)
+    with pytest.raises(ckpt.errors.StorageError, match=f"{attempt}/arrays/b/c/0"):
+        ckpt.restore(url)
+
+
 def test_a_zero_size_array_with_a_huge_other_dimension_costs_nothing(tmp_path, mesh24):
     """Shape [2**40, 0] is 0 bytes and 0 chunks: valid, and checking it must not build
     anything per chunk row of the other dimension."""
