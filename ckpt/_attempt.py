@@ -22,7 +22,7 @@ import dataclasses
 import functools
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import google_crc32c
@@ -102,14 +102,23 @@ class ChunkWriter:
         self._window = Window(limit)
 
     def put(self, array: Any, slices: tuple[slice, ...], data: np.ndarray, name: str,
-            flat: int) -> None:
-        self._window.add(array[slices].write(data), data.nbytes,
-                         lambda fut: self._store.wait(fut, "writing chunks"))
+            flat: int, durable: Callable[[], None] | None = None) -> None:
+        """Starts writing one chunk; ``durable`` runs (on this thread) once it is."""
+        def done(fut: Any) -> None:
+            self._store.wait(fut, "writing chunks")
+            if durable is not None:
+                durable()
+
+        self._window.add(array[slices].write(data), data.nbytes, done)
         # The crc32c of the chunk's C-order little-endian bytes (what the format stores),
         # computed while TensorStore writes them.
         little = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<"))
         crc = google_crc32c.value(little.view(np.uint8))
         self.rows.append((name, flat, data.nbytes, crc))
+
+    def finish_oldest(self) -> bool:
+        """Waits until the oldest chunk in flight is durable; False if none is in flight."""
+        return self._window.finish_oldest()
 
     def finish(self) -> list[Row]:
         """Waits until every chunk is durable; returns the rows."""

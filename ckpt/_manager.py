@@ -41,6 +41,7 @@ from ckpt._reader import open_checkpoint
 from ckpt._restore import restore_from
 from ckpt._tree import is_text
 from ckpt._save import SaveHandle, start_save
+from ckpt._snapshot import DEFAULT_MEMORY_BUDGET, MODES
 from ckpt.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -127,6 +128,8 @@ class CheckpointManager:
         debris_grace_s: at start-up, remove uncommitted attempts at least this old (default
             0: all of them; a save of another job caught mid-way fails loudly, see
             docs/protocol.md).
+        snapshot, memory_budget: how each save copies the arrays off the devices and the
+            host memory it may use for them (see `ckpt.save_async`).
 
     A training loop::
 
@@ -144,7 +147,8 @@ class CheckpointManager:
                  best_mode: str = "min", save_every: int | None = None,
                  save_every_seconds: float | None = None, watch_preemption: bool = True,
                  timeout_s: float = _coord.DEFAULT_TIMEOUT_S,
-                 debris_grace_s: float = 0.0) -> None:
+                 debris_grace_s: float = 0.0, snapshot: str = "auto",
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET) -> None:
         if keep_last is not None and keep_last < 1:
             raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
         if keep_every is not None and keep_every < 1:
@@ -160,6 +164,9 @@ class CheckpointManager:
         self.root_url = self._store.url
         self.keep_last, self.keep_every, self.timeout_s = keep_last, keep_every, timeout_s
         self.debris_grace_s = debris_grace_s
+        if snapshot not in MODES:
+            raise ValueError(f"snapshot must be one of {', '.join(MODES)}, got {snapshot!r}")
+        self.snapshot, self.memory_budget = snapshot, memory_budget
         self._policy = SavePolicy(save_every, save_every_seconds,
                                   watch_preemption and not read_only)
         self._metrics: dict[int, dict[str, float]] = {}
@@ -262,7 +269,8 @@ class CheckpointManager:
                                 on_commit=lambda: self._committed(step, metrics, drawn),
                                 timeout_s=self.timeout_s, metrics=metrics,
                                 refuse=lambda: self._refusal(step), on_attempt=draw,
-                                step=step)
+                                step=step, snapshot=self.snapshot,
+                                memory_budget=self.memory_budget)
         except BaseException:
             with self._lock:
                 self._saving.difference_update(drawn)

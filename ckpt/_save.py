@@ -19,12 +19,14 @@ import concurrent.futures
 import concurrent.futures.thread  # noqa: F401  (registers its exit hook before ours; see below)
 import contextlib
 import dataclasses
+import functools
+import gc
 import itertools
 import logging
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -46,6 +48,7 @@ from ckpt._claims import COMMITTING, claim_kind
 from ckpt._commit import committed_attempt
 from ckpt._leaves import classify, encode_inline, is_typed_key
 from ckpt._ownership import ArrayInput, ArrayPlan, plan
+from ckpt._snapshot import DEFAULT_MEMORY_BUDGET, MODES, Snapshot, start_fetching, take
 from ckpt._tree import flatten, keystr
 from ckpt import errors as _errors
 from ckpt.errors import (
@@ -56,11 +59,8 @@ from ckpt.errors import (
     SaveError,
     UnsupportedLeafError,
 )
-from ckpt.restore.boxes import Box, box_size, full_box, to_slices
+from ckpt.restore.boxes import box_size
 from ckpt.storage import Deadline, DeadlineStore, Store, StoreLike, open_store
-
-# Bytes of chunk writes handed to TensorStore and not yet durable, per process.
-DEFAULT_INFLIGHT_BYTES = 1 << 30
 
 _SAVE_SEQ = itertools.count()
 _REFUSED = "!refused:"
@@ -81,6 +81,11 @@ class SaveTimings:
         nbytes: the checkpoint's bytes (arrays and inline leaves, all processes).
         written_bytes: the chunk bytes this process wrote.
         leaves: the number of leaves saved.
+        snapshot: how the snapshot was taken: ``view``, ``device`` or ``host``
+            (`ckpt.save_async`'s ``snapshot``).
+        host_peak_bytes: the most bytes of chunk data fetched from devices and not yet
+            durable at once (0 for ``view``, which fetches nothing); at most
+            ``memory_budget``, or one shard where a shard is larger.
     """
 
     blocked_s: float
@@ -90,6 +95,8 @@ class SaveTimings:
     nbytes: int
     written_bytes: int
     leaves: int
+    snapshot: str = "view"
+    host_peak_bytes: int = 0
 
     @property
     def mib_per_s(self) -> float:
@@ -217,29 +224,6 @@ except AttributeError:  # an interpreter without it: atexit runs after threads a
 
 
 @dataclasses.dataclass
-class _ChunkWrite:
-    """One chunk this process writes: ``data``, or, for an array gathered into one chunk
-    (`ArrayPlan.shards`), the host views of its shards (global box, data), copied into one
-    buffer on the background thread (`array`)."""
-
-    record: int
-    flat: int
-    slices: tuple[slice, ...]
-    data: np.ndarray | None
-    parts: list[tuple[Box, np.ndarray]] = dataclasses.field(default_factory=list)
-    shape: tuple[int, ...] = ()
-
-    def array(self) -> np.ndarray:
-        if self.data is not None:
-            return self.data
-        first = self.parts[0][1]
-        out = np.empty(self.shape, dtype=first.dtype)
-        for box, part in self.parts:
-            out[to_slices(box)] = part
-        return out
-
-
-@dataclasses.dataclass
 class _Job:
     store: DeadlineStore
     coord: _coord.Coordinator
@@ -249,10 +233,10 @@ class _Job:
     metadata: Any
     records: list[LeafRecord]
     plans: dict[int, ArrayPlan]
-    writes: list[_ChunkWrite]
+    snapshot: Snapshot
     timeout_s: float
     deadline: Deadline  # from `timeout_s`; `store` is bound by it
-    inflight_bytes: int
+    memory_budget: int
     on_commit: Callable[[], None] | None
     overwrite: bool
     metrics: dict[str, float]
@@ -261,6 +245,7 @@ class _Job:
     per_process: list[tuple[int, Any]] = dataclasses.field(default_factory=list)
     started: float = 0.0   # time.monotonic() when save_async was called
     blocked_s: float = 0.0
+    blocked: threading.Event = dataclasses.field(default_factory=threading.Event)  # returned
 
 
 def _host_array(leaf: jax.Array) -> np.ndarray:
@@ -269,54 +254,18 @@ def _host_array(leaf: jax.Array) -> np.ndarray:
     return np.array(leaf, copy=True)
 
 
-def _device_indices(leaf: jax.Array, cache: dict[Any, dict[Any, int]]) -> dict[Any, int]:
-    """Device -> index of its shard in ``leaf.addressable_data``, the same for every array
-    of one sharding: asked of JAX once per sharding, not once per leaf (building
-    ``addressable_shards`` costs tens of microseconds an array)."""
-    found = cache.get(leaf.sharding)
-    if found is None:
-        found = cache[leaf.sharding] = {s.device: i for i, s in
-                                        enumerate(leaf.addressable_shards)}
-    return found
-
-
-def _snapshot(leaves: list[Any], plans: dict[int, ArrayPlan]) -> list[_ChunkWrite]:
-    """Host data of every chunk this process owns, independent of the caller's arrays."""
-    shards: dict[tuple[int, Any], Any] = {}
-    indices: dict[Any, dict[Any, int]] = {}
-    for r, p in plans.items():
-        leaf = leaves[r]
-        if isinstance(leaf, jax.Array) and p.owned:
-            where = _device_indices(leaf, indices)
-            devices = [d for d, _ in p.shards] if p.shards else \
-                [d for d, _ in p.owned.values()]
-            for device in devices:
-                shards[(r, device)] = leaf.addressable_data(where[device])
-    # On accelerators start every device-to-host copy before waiting on any. On the CPU
-    # backend a numpy view shares the buffer, and JAX keeps that buffer alive (skipping a
-    # donation) while the view exists, so the view is already an independent snapshot.
-    for (_, device), data in shards.items():
-        if device.platform != "cpu":
-            data.copy_to_host_async()
-    host = {key: np.asarray(data) for key, data in shards.items()}
-    writes = []
-    for r, p in plans.items():
-        if p.shards and p.owned:
-            parts = [(box, host[(r, device)]) for device, box in p.shards]
-            writes.append(_ChunkWrite(r, 0, to_slices(full_box(p.shape)), None, parts,
-                                      p.shape))
-            continue
-        for flat, (device, shard_box) in sorted(p.owned.items()):
-            box = p.chunk_box(flat)
-            if device is None:
-                # numpy leaves are mutable: copy the owned chunks now, in native byte order
-                # (a big-endian leaf is written and checksummed as the format's bytes).
-                part = leaves[r][to_slices(box)]
-                data = np.array(part, dtype=part.dtype.newbyteorder("="), copy=True)
-            else:
-                data = host[(r, device)][to_slices(box, shard_box)]
-            writes.append(_ChunkWrite(r, flat, to_slices(box), data))
-    return writes
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside: the blocking part of a save allocates tens of
+    objects a leaf and none of them cyclic, so a collection there (~0.1 s with a large
+    heap, triggered by the allocations alone) would only lengthen the caller's wait."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _classify(tree: Any, process_count: int) -> tuple[list[LeafRecord], list[Any]]:
@@ -388,7 +337,8 @@ def _plan_chunks(records: list[LeafRecord], leaves: list[Any],
 def start_save(store: Store, tree: Any, *, metadata: Any = None,
                on_commit: Callable[[], None] | None = None,
                timeout_s: float = _coord.DEFAULT_TIMEOUT_S,
-               inflight_bytes: int = DEFAULT_INFLIGHT_BYTES,
+               memory_budget: int = DEFAULT_MEMORY_BUDGET,
+               snapshot: str = "auto",
                overwrite: bool = False,
                metrics: dict[str, float] | None = None,
                refuse: Callable[[], CkptError | None] | None = None,
@@ -404,12 +354,18 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
     once the save is committed; its errors are logged, never raised: the checkpoint is
     committed whatever it does.
     """
+    if snapshot not in MODES:
+        raise ValueError(f"snapshot must be one of {', '.join(MODES)}, got {snapshot!r}")
+    if not isinstance(memory_budget, int) or memory_budget < 1:
+        raise ValueError(f"memory_budget must be a positive number of bytes, got "
+                         f"{memory_budget!r}")
     coord = _coord.current()
     created_at = time.time()
     started = time.monotonic()
     deadline = Deadline(timeout_s, f"saving {store.url}")
     store = DeadlineStore(store, deadline)
-    records, leaves = _classify(tree, coord.process_count)
+    with _gc_paused():
+        records, leaves = _classify(tree, coord.process_count)
     # Each process's own values of per-process leaves travel in its host report; process 0
     # gathers them into the manifest (`ckpt._attempt.check_reports`).
     per_process = [(i, rec.value) for i, rec in enumerate(records)
@@ -426,8 +382,9 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
     seq = next(_SAVE_SEQ)
     attempt = _agree_on_attempt(store, coord, seq, timeout_s, overwrite=overwrite,
                                 refuse=refuse, on_attempt=on_attempt)
-    plans = _plan_chunks(records, leaves, coord)
-    writes = _snapshot(leaves, plans)
+    with _gc_paused():
+        plans = _plan_chunks(records, leaves, coord)
+        taken = take(leaves, plans, snapshot, memory_budget)
     agreement = digests(records, leaves) if coord.process_count > 1 else ("", {})
     if coord.process_index == 0:
         for i, (rec, leaf) in enumerate(zip(records, leaves)):
@@ -439,13 +396,21 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
     handle.attempt = attempt
     with _LIVE_LOCK:
         _LIVE.add(handle)
-    job = _Job(store, coord, seq, attempt, created_at, metadata, records, plans, writes,
-               timeout_s, deadline, inflight_bytes, on_commit, overwrite, dict(metrics or {}),
+    job = _Job(store, coord, seq, attempt, created_at, metadata, records, plans, taken,
+               timeout_s, deadline, memory_budget, on_commit, overwrite, dict(metrics or {}),
                agreement, per_process)
-    job.started, job.blocked_s = started, time.monotonic() - started
-    log.info("saving %s: %d leaves, %.1f MiB; blocked %.3f s", handle.describe(),
-             len(records), sum(r.nbytes for r in records) / 2**20, job.blocked_s)
+    job.started = started
     threading.Thread(target=_run, args=(job, handle), name=f"ckpt-save-{attempt}").start()
+    try:
+        if taken.mode == "host":
+            # The caller's shards go to host now, as the budget lets the writes make room;
+            # an error doing so fails the save through its handle.
+            taken.fetch()
+    finally:
+        job.blocked_s = time.monotonic() - started
+        job.blocked.set()
+    log.info("saving %s: %d leaves, %.1f MiB; snapshot %s; blocked %.3f s", handle.describe(),
+             len(records), sum(r.nbytes for r in records) / 2**20, taken.mode, job.blocked_s)
     return handle
 
 
@@ -455,9 +420,16 @@ def _write_chunks(job: _Job) -> list[Row]:
     arrays = open_arrays(job.store, job.attempt,
                          {r: job.records[r] for r in job.plans if create or job.plans[r].owned},
                          create=create)
-    writer = ChunkWriter(job.store, job.inflight_bytes)
-    for w in job.writes:
-        writer.put(arrays[w.record], w.slices, w.array(), job.records[w.record].name, w.flat)
+    writer = ChunkWriter(job.store, job.memory_budget)
+    feed = job.snapshot.feed
+    for unit, host in job.snapshot.items(job.deadline, writer.finish_oldest):
+        last = len(unit.chunks) - 1
+        for i, c in enumerate(unit.chunks):
+            release = (functools.partial(feed.release, unit.nbytes)
+                       if feed is not None and i == last else None)
+            writer.put(arrays[c.record], c.slices, c.data(host), job.records[c.record].name,
+                       c.flat, release)
+        del host  # the unit's host copies go once TensorStore holds its own
     return writer.finish()
 
 
@@ -503,9 +475,21 @@ def _run(job: _Job, handle: SaveHandle) -> None:
     me = job.coord.process_index
     prefix = f"save/{job.seq}"
     try:
+        join = start_fetching(job.snapshot, f"ckpt-fetch-{job.attempt}")
         try:
-            rows = _write_chunks(job)
-            job.writes.clear()  # release the snapshot as early as possible
+            try:
+                rows = _write_chunks(job)
+            except BaseException as exc:
+                if job.snapshot.feed is not None:
+                    job.snapshot.feed.cancel(exc)
+                raise
+            finally:
+                # Whoever fetches (a thread of ours, or the caller's on the host path) stops
+                # before the snapshot is released.
+                if join is not None:
+                    join()
+                job.blocked.wait()
+            job.snapshot.release()
             log.debug("%s: chunks written (%d)", handle.describe(), len(rows))
             write_report(job.store, job.attempt, me, rows, job.digests, job.per_process)
             written = time.monotonic()
@@ -542,7 +526,9 @@ def _run(job: _Job, handle: SaveHandle) -> None:
             blocked_s=job.blocked_s, write_s=written - job.started - job.blocked_s,
             commit_s=done - written, total_s=done - job.started,
             nbytes=sum(r.nbytes for r in job.records),
-            written_bytes=sum(row[2] for row in rows), leaves=len(job.records))
+            written_bytes=sum(row[2] for row in rows), leaves=len(job.records),
+            snapshot=job.snapshot.mode,
+            host_peak_bytes=job.snapshot.feed.peak if job.snapshot.feed is not None else 0)
         log.info("committed %s: %.1f MiB in %d leaves; blocked %.3f s, write %.3f s, "
                  "commit %.3f s, total %.3f s (%.0f MiB/s)", handle.describe(),
                  timings.nbytes / 2**20, timings.leaves, timings.blocked_s, timings.write_s,
@@ -564,12 +550,13 @@ def _run(job: _Job, handle: SaveHandle) -> None:
     finally:
         # A failed save's error (kept until someone sees it) holds this frame through its
         # traceback: the snapshot must not stay alive with it.
-        job.writes.clear()
+        job.snapshot.release()
 
 
 def save_async(url: StoreLike, tree: Any, *, metadata: Any = None,
                timeout_s: float = _coord.DEFAULT_TIMEOUT_S,
-               overwrite: bool = False) -> "SaveHandle":
+               overwrite: bool = False, snapshot: str = "auto",
+               memory_budget: int = DEFAULT_MEMORY_BUDGET) -> "SaveHandle":
     """Starts saving ``tree`` to ``url``; returns once the snapshot is taken.
 
     Call on every process of the job with the same URL and a tree of the same structure.
@@ -589,6 +576,16 @@ def save_async(url: StoreLike, tree: Any, *, metadata: Any = None,
         overwrite: replace a committed checkpoint at ``url``. The old one stays readable
             until the new one commits; then COMMIT is replaced atomically and the old
             attempt deleted.
+        snapshot: how the arrays are copied before this returns (docs/performance.md,
+            "The snapshot on accelerators"). ``"auto"``: on CPU a zero-copy view; on
+            accelerators an on-device copy of the owned shards when every device has the
+            memory for it (this returns once the copies are made, and they go to host in
+            the background), else ``"host"``. ``"device"``: the on-device copy, unchecked.
+            ``"host"``: device-to-host copies, made before this returns, within
+            ``memory_budget`` (a larger state waits here for writes to make room).
+        memory_budget: bytes of host memory for chunk data fetched from devices or handed
+            to storage and not yet durable (one shard is always let through, however
+            large). Default 1 GiB.
 
     Raises:
         UnsupportedLeafError: a leaf cannot be saved (its key path is named).
@@ -596,10 +593,12 @@ def save_async(url: StoreLike, tree: Any, *, metadata: Any = None,
             ``overwrite``).
     """
     return start_save(open_store(url), tree, metadata=metadata, timeout_s=timeout_s,
-                      overwrite=overwrite)
+                      overwrite=overwrite, snapshot=snapshot, memory_budget=memory_budget)
 
 
 def save(url: StoreLike, tree: Any, *, metadata: Any = None,
-         timeout_s: float = _coord.DEFAULT_TIMEOUT_S, overwrite: bool = False) -> None:
+         timeout_s: float = _coord.DEFAULT_TIMEOUT_S, overwrite: bool = False,
+         snapshot: str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET) -> None:
     """Saves ``tree`` to ``url`` and returns once it is committed: `save_async` then `wait`."""
-    save_async(url, tree, metadata=metadata, timeout_s=timeout_s, overwrite=overwrite).wait()
+    save_async(url, tree, metadata=metadata, timeout_s=timeout_s, overwrite=overwrite,
+               snapshot=snapshot, memory_budget=memory_budget).wait()

@@ -45,6 +45,13 @@ class Window:
         while self._pending:
             self._finish_one()
 
+    def finish_oldest(self) -> bool:
+        """Finishes the oldest future in flight; False if there is none."""
+        if not self._pending:
+            return False
+        self._finish_one()
+        return True
+
     def cancel(self) -> None:
         """Cancels what is still in flight (after an error)."""
         for future, _, _ in self._pending:

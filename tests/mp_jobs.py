@@ -433,3 +433,15 @@ def orbax_grain_items(root):
     assert out["data"] is fresh and out["state"]["w"].sharding == w.sharding
     return {"next": np.asarray(next(fresh)).tolist(), "expected": expected,
             "state": ckpt.restore(os.path.join(root, "5"), item="data")}
+
+
+def save_snapshot(url, step, mesh_shape, mode, budget):
+    """Saves with ``snapshot=mode`` and deletes the arrays as soon as `save_async` returns;
+    returns how the snapshot was taken and its peak host bytes."""
+    tree = device_tree(step, tuple(mesh_shape))
+    handle = ckpt.save_async(url, tree, snapshot=mode, memory_budget=budget)
+    for v in tree.values():
+        if isinstance(v, jax.Array):
+            v.delete()
+    handle.wait()
+    return [handle.timings.snapshot, handle.timings.host_peak_bytes]
