@@ -12,6 +12,13 @@ running as root); peak resident memory above the phase's start (VmHWM reset via
 block), write + fsync of the same bytes into files, and a cold read of those files.
 ``--profile DIR`` also writes a pyinstrument report of each of this library's phases of the
 first round (docs/performance.md says what they showed).
+
+``--device gpu`` runs the same on this machine's accelerators (mesh 2x(n/2); the state made
+on the devices; use ``--size 10G`` or as large as the devices hold twice), adding the floors
+an accelerator snapshot is measured against: one on-device copy of the owned shards and
+their transfer to host. ``--snapshot`` and ``--memory-budget`` set this library's save
+options; the save's peak chunk data on host (`SaveTimings.host_peak_bytes`) and its rise in
+resident memory are printed beside the budget.
 """
 
 from __future__ import annotations
@@ -29,8 +36,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# ``--device gpu`` runs on the machine's accelerators; otherwise 8 CPU devices. Decided before
+# jax is imported, which reads these variables once.
+GPU = "--device=gpu" in sys.argv or any(a == "--device" and b == "gpu"
+                                        for a, b in zip(sys.argv, sys.argv[1:]))
+if not GPU:
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -73,14 +85,26 @@ def drop_caches() -> bool:
         return False
 
 
+def bench_mesh() -> Any:
+    """The benchmark's ("data", "model") mesh: 2x4 of the 8 CPU devices, or 2x(n/2) (1xn when
+    n is odd) of the n accelerators."""
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh
+
+    devices = jax.devices()
+    shape = (2, len(devices) // 2) if len(devices) % 2 == 0 else (1, len(devices))
+    return Mesh(np.array(devices).reshape(shape), ("data", "model"))
+
+
 def make_state(total: int) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+    mesh = bench_mesh()
     rng = np.random.default_rng(0)
     state: dict[str, Any] = {"params": {}, "opt": {}}
     big = total * 3 // 4 // 6  # six large arrays: 3/4 of the bytes
@@ -88,9 +112,15 @@ def make_state(total: int) -> dict[str, Any]:
     for i in range(6):
         dtype = np.float32 if i % 2 == 0 else jnp.bfloat16
         spec = [P("data", "model"), P("model", "data"), P(None, "model")][i % 3]
-        host = rng.standard_normal((rows, 4096 if dtype == np.float32 else 8192),
-                                   dtype=np.float32).astype(dtype)
-        state["params"][f"dense{i}"] = jax.device_put(host, NamedSharding(mesh, spec))
+        shape = (rows, 4096 if dtype == np.float32 else 8192)
+        sharding = NamedSharding(mesh, spec)
+        if GPU:  # made on the devices: tens of GiB of random numbers on host would take minutes
+            state["params"][f"dense{i}"] = jax.jit(
+                lambda k, shape=shape, dtype=dtype: jax.random.normal(k, shape, dtype),
+                out_shardings=sharding)(jax.random.key(i))
+            continue
+        host = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
+        state["params"][f"dense{i}"] = jax.device_put(host, sharding)
     small = total // 4 // 200  # two hundred small arrays: the rest
     n = max(64, small // 4 // 64 * 64)
     for i in range(200):
@@ -107,10 +137,10 @@ def make_many_leaves(count: int) -> dict[str, Any]:
     and their optimizer moments)."""
     import jax
     import numpy as np
-    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+    mesh = bench_mesh()
     rng = np.random.default_rng(0)
     sharded, replicated = NamedSharding(mesh, P("data", "model")), NamedSharding(mesh, P())
     state: dict[str, Any] = {"params": {}, "opt": {}}
@@ -199,13 +229,25 @@ def main() -> int:
                              "many-leaves: --leaves arrays of 32 KiB")
     parser.add_argument("--leaves", type=int, default=4000)
     parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                        help="cpu: 8 CPU devices; gpu: this machine's accelerators, with the "
+                             "on-device-copy and device-to-host floors (use --size 10G or more)")
+    parser.add_argument("--snapshot", choices=("auto", "device", "host"), default="auto",
+                        help="this library's snapshot= (device/host force the accelerator "
+                             "paths, also on CPU)")
+    parser.add_argument("--memory-budget", default="1G",
+                        help="this library's memory_budget= for saves, e.g. 512M, 2G")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="also profile this library's phases of the first round with "
                              "pyinstrument, writing one text report per phase into DIR")
     args = parser.parse_args()
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    total = int(float(args.size[:-1]) * units[args.size[-1].upper()]) \
-        if args.size[-1].upper() in units else int(args.size)
+
+    def size(text: str) -> int:
+        unit = units.get(text[-1].upper())
+        return int(float(text[:-1]) * unit) if unit else int(text)
+
+    total, budget = size(args.size), size(args.memory_budget)
 
     import jax
     import numpy as np
@@ -218,12 +260,12 @@ def main() -> int:
     nbytes = sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, "nbytes"))
     base = args.dir or tempfile.mkdtemp(prefix="ckpt-bench-")
     devices = jax.devices()
-    meshes = {
-        "same": lambda s: s,
-        "4x2": lambda s: NamedSharding(Mesh(np.array(devices).reshape(4, 2),
-                                            ("data", "model")), s.spec),
-        "1dev": lambda s: SingleDeviceSharding(devices[0]),
-    }
+    meshes: dict[str, Callable[[Any], Any]] = {"same": lambda s: s}
+    if len(devices) == 8:
+        meshes["4x2"] = lambda s: NamedSharding(Mesh(np.array(devices).reshape(4, 2),
+                                                     ("data", "model")), s.spec)
+    if len(devices) > 1:
+        meshes["1dev"] = lambda s: SingleDeviceSharding(devices[0])
 
     def target(kind: str) -> Any:
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
@@ -256,9 +298,11 @@ def main() -> int:
         for who in order:
             path = os.path.join(base, f"{who}-{r}")
             if who == "ours":
-                t_block, m_block, handle = run("save_blocked", r,
-                                               lambda: ckpt.save_async(path, state))
+                t_block, m_block, handle = run("save_blocked", r, lambda: ckpt.save_async(
+                    path, state, snapshot=args.snapshot, memory_budget=budget))
                 t_rest, m_rest, _ = run("save_commit", r, handle.wait)
+                snapshot_mode = handle.timings.snapshot
+                record("ours", "host_peak_MiB", handle.timings.host_peak_bytes / 2**20)
             else:
                 mgr = ocp.CheckpointManager(path)
                 t_block, m_block, _ = measure(
@@ -281,9 +325,28 @@ def main() -> int:
             if who == "orbax":
                 mgr.close()
             shutil.rmtree(path, ignore_errors=True)
+        if GPU:
+            # What an accelerator snapshot cannot beat: a copy of the owned shards on the
+            # devices, and their transfer to host.
+            on_device = [s.data for x in jax.tree.leaves(state) if isinstance(x, jax.Array)
+                         for s in x.addressable_shards if s.replica_id == 0]
+            t, _, copied = measure(lambda: jax.block_until_ready(jax.device_put(
+                on_device, [d.sharding for d in on_device], may_alias=False)))
+            record("floor", "device_copy_s", t)
+
+            def to_host(arrays: list[Any]) -> list[Any]:
+                for a in arrays:
+                    a.copy_to_host_async()
+                return [np.asarray(a) for a in arrays]
+
+            t, m, shards = measure(lambda: to_host(copied))
+            record("floor", "d2h_s", t)
+            del copied
+        else:
+            shards = [np.asarray(s.data) for x in jax.tree.leaves(state)
+                      if isinstance(x, jax.Array) for s in x.addressable_shards
+                      if s.replica_id == 0]
         # Floors, same bytes: a numpy copy, write + fsync into files, a cold read.
-        shards = [np.asarray(s.data) for x in jax.tree.leaves(state) if isinstance(x, jax.Array)
-                  for s in x.addressable_shards if s.replica_id == 0]
         t, _, copies = measure(lambda: [np.array(s, copy=True) for s in shards])
         record("floor", "numpy_copy_s", t)
         folder = os.path.join(base, f"floor-{r}")
@@ -308,13 +371,15 @@ def main() -> int:
     med = {who: {k: statistics.median(v) for k, v in d.items()} for who, d in results.items()}
     ours, orbax, floor = med["ours"], med["orbax"], med["floor"]
     mib = nbytes / 2**20
-    print(f"state {mib:.0f} MiB ({len(jax.tree.leaves(state))} leaves), mesh 2x4 of 8 CPU "
-          f"devices, one process; medians of {args.rounds} rounds; page cache "
-          f"{'dropped before each restore' if cold else 'NOT dropped (needs root)'}")
+    shape = "x".join(str(n) for n in bench_mesh().devices.shape)
+    print(f"state {mib:.0f} MiB ({len(jax.tree.leaves(state))} leaves), mesh {shape} of "
+          f"{len(devices)} {devices[0].platform} devices ({devices[0].device_kind}), one "
+          f"process; medians of {args.rounds} rounds; page cache "
+          f"{'dropped before each restore' if cold else 'NOT dropped (needs root)'}; our "
+          f"snapshot {snapshot_mode}, memory budget {budget / 2**20:.0f} MiB")
     print(f"{'':24}{'ours':>10}{'orbax':>10}{'ours/orbax':>12}   ours min-max over rounds")
-    for key in ("blocked_s", "commit_s", "restore_same_s", "restore_4x2_s", "restore_1dev_s",
-                "save_peak_MiB", "restore_same_peak_MiB", "restore_4x2_peak_MiB",
-                "restore_1dev_peak_MiB"):
+    for key in ("blocked_s", "commit_s", *(f"restore_{k}_s" for k in meshes), "save_peak_MiB",
+                *(f"restore_{k}_peak_MiB" for k in meshes)):
         spread = f"{min(results['ours'][key]):.3f}-{max(results['ours'][key]):.3f}"
         print(f"{key:24}{ours[key]:10.3f}{orbax[key]:10.3f}{ours[key] / orbax[key]:12.2f}"
               f"   {spread}")
@@ -326,6 +391,15 @@ def main() -> int:
           f"{floor['write_fsync_s'] / ours['commit_s']:.0%} of write+fsync throughput; restore "
           "at " + ", ".join(f"{floor['cold_read_s'] / ours[f'restore_{k}_s']:.0%} ({k})"
                             for k in meshes) + " of cold-read throughput")
+    print(f"save's chunk data on host at once: {ours['host_peak_MiB']:.0f} MiB (budget "
+          f"{budget / 2**20:.0f} MiB); save's resident memory rose {ours['save_peak_MiB']:.0f} "
+          "MiB")
+    if GPU:
+        print(f"accelerator floors: on-device copy {floor['device_copy_s']:.3f} s, "
+              f"device-to-host {floor['d2h_s']:.3f} s ({mib / floor['d2h_s']:.0f} MiB/s); ours "
+              f"blocked {ours['blocked_s'] / floor['device_copy_s']:.2f}x the on-device copy, "
+              f"{ours['blocked_s'] / floor['d2h_s']:.2f}x the transfer (orbax "
+              f"{orbax['blocked_s'] / floor['d2h_s']:.2f}x the transfer)")
     if args.case == "many-leaves":
         leaves = len(jax.tree.leaves(state))
         print(f"one-file floors: write+fsync {floor['write_fsync_one_s']:.3f} s, cold read "
