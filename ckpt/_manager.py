@@ -41,7 +41,7 @@ from ckpt._reader import open_checkpoint
 from ckpt._restore import restore_from
 from ckpt._tree import is_text
 from ckpt._save import SaveHandle, start_save
-from ckpt._snapshot import DEFAULT_MEMORY_BUDGET, MODES
+from ckpt._snapshot import DEFAULT_MEMORY_BUDGET, checked_options
 from ckpt.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -164,9 +164,7 @@ class CheckpointManager:
         self.root_url = self._store.url
         self.keep_last, self.keep_every, self.timeout_s = keep_last, keep_every, timeout_s
         self.debris_grace_s = debris_grace_s
-        if snapshot not in MODES:
-            raise ValueError(f"snapshot must be one of {', '.join(MODES)}, got {snapshot!r}")
-        self.snapshot, self.memory_budget = snapshot, memory_budget
+        self.snapshot, self.memory_budget = snapshot, checked_options(snapshot, memory_budget)
         self._policy = SavePolicy(save_every, save_every_seconds,
                                   watch_preemption and not read_only)
         self._metrics: dict[int, dict[str, float]] = {}

@@ -48,7 +48,7 @@ from ckpt._claims import COMMITTING, claim_kind
 from ckpt._commit import committed_attempt
 from ckpt._leaves import classify, encode_inline, is_typed_key
 from ckpt._ownership import ArrayInput, ArrayPlan, plan
-from ckpt._snapshot import DEFAULT_MEMORY_BUDGET, MODES, Snapshot, start_fetching, take
+from ckpt._snapshot import DEFAULT_MEMORY_BUDGET, Snapshot, checked_options, start_fetching, take
 from ckpt._tree import flatten, keystr
 from ckpt import errors as _errors
 from ckpt.errors import (
@@ -354,11 +354,7 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
     once the save is committed; its errors are logged, never raised: the checkpoint is
     committed whatever it does.
     """
-    if snapshot not in MODES:
-        raise ValueError(f"snapshot must be one of {', '.join(MODES)}, got {snapshot!r}")
-    if not isinstance(memory_budget, int) or memory_budget < 1:
-        raise ValueError(f"memory_budget must be a positive number of bytes, got "
-                         f"{memory_budget!r}")
+    memory_budget = checked_options(snapshot, memory_budget)
     coord = _coord.current()
     created_at = time.time()
     started = time.monotonic()
@@ -400,8 +396,8 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
                timeout_s, deadline, memory_budget, on_commit, overwrite, dict(metrics or {}),
                agreement, per_process)
     job.started = started
-    threading.Thread(target=_run, args=(job, handle), name=f"ckpt-save-{attempt}").start()
     try:
+        threading.Thread(target=_run, args=(job, handle), name=f"ckpt-save-{attempt}").start()
         if taken.mode == "host":
             # The caller's shards go to host now, as the budget lets the writes make room;
             # an error doing so fails the save through its handle.
@@ -422,14 +418,18 @@ def _write_chunks(job: _Job) -> list[Row]:
                          create=create)
     writer = ChunkWriter(job.store, job.memory_budget)
     feed = job.snapshot.feed
-    for unit, host in job.snapshot.items(job.deadline, writer.finish_oldest):
-        last = len(unit.chunks) - 1
-        for i, c in enumerate(unit.chunks):
-            release = (functools.partial(feed.release, unit.nbytes)
-                       if feed is not None and i == last else None)
-            writer.put(arrays[c.record], c.slices, c.data(host), job.records[c.record].name,
-                       c.flat, release)
-        del host  # the unit's host copies go once TensorStore holds its own
+    try:
+        for unit, host in job.snapshot.items(job.deadline, writer.finish_oldest):
+            last = len(unit.chunks) - 1
+            for i, c in enumerate(unit.chunks):
+                release = (functools.partial(feed.release, unit.nbytes)
+                           if feed is not None and i == last else None)
+                writer.put(arrays[c.record], c.slices, c.data(host),
+                           job.records[c.record].name, c.flat, release)
+            del host  # the unit's host copies go once TensorStore holds its own
+    except BaseException:
+        host = None  # noqa: F841  (the error keeps this frame alive, not its host copies)
+        raise
     return writer.finish()
 
 

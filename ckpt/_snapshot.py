@@ -27,7 +27,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
+import math
+import operator
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -37,7 +40,7 @@ import numpy as np
 
 from ckpt._ownership import ArrayPlan
 from ckpt.errors import CkptError
-from ckpt.restore.boxes import Box, full_box, to_slices
+from ckpt.restore.boxes import Box, box_shape, full_box, to_slices
 from ckpt.storage import Deadline
 
 MODES = ("auto", "device", "host")
@@ -49,6 +52,21 @@ DEFAULT_MEMORY_BUDGET = 1 << 30
 DEVICE_FILL = 0.9
 
 log = logging.getLogger("ckpt.save")
+
+
+def checked_options(snapshot: str, memory_budget: Any) -> int:
+    """Validates `save_async`'s (and the manager's) ``snapshot`` and ``memory_budget``;
+    returns the budget as an int. Raises ValueError naming the bad value."""
+    if snapshot not in MODES:
+        raise ValueError(f"snapshot must be one of {', '.join(MODES)}, got {snapshot!r}")
+    try:
+        budget = None if isinstance(memory_budget, bool) else operator.index(memory_budget)
+    except TypeError:
+        budget = None
+    if budget is None or budget < 1:
+        raise ValueError(f"memory_budget must be a positive whole number of bytes, got "
+                         f"{memory_budget!r}")
+    return budget
 
 
 def choose_mode(requested: str, platform: str, room: dict[Any, int | None],
@@ -89,14 +107,14 @@ def free_bytes(device: Any) -> int | None:
 @dataclasses.dataclass
 class ChunkWrite:
     """One chunk this process writes, made from its unit's host sources: ``source``'s
-    ``local`` slices, or, for an array gathered into one chunk, ``parts`` (global box,
+    ``local`` index, or, for an array gathered into one chunk, ``parts`` (global box,
     source index) copied into one buffer of ``shape``."""
 
     record: int
     flat: int
     slices: tuple[slice, ...]
     source: int = 0
-    local: tuple[slice, ...] = ()
+    local: tuple[Any, ...] = ()  # slices of the shard, or (i,): chunk i of gathered chunks
     parts: list[tuple[Box, int]] = dataclasses.field(default_factory=list)
     shape: tuple[int, ...] = ()
 
@@ -109,46 +127,77 @@ class ChunkWrite:
         return out
 
 
+@functools.partial(jax.jit, static_argnums=2)
+def _chunks_of(shard: jax.Array, starts: jax.Array, size: tuple[int, ...]) -> jax.Array:
+    """The chunks of ``shard`` starting at each row of ``starts``, stacked, on its device:
+    one dispatch (and one compilation per shard shape, chunk shape and count) for all the
+    chunks a process writes of a shard."""
+    return jax.vmap(lambda start: jax.lax.dynamic_slice(shard, tuple(start), size))(starts)
+
+
 @dataclasses.dataclass
 class Unit:
     """What is fetched to host at once: ``sources`` (numpy arrays already on host, or
     single-device jax.Arrays: on-device copies, or the caller's shards on the ``host``
-    path) and the chunks written from them. ``nbytes``: host bytes once fetched (0 for
-    sources already on host)."""
+    path) and the chunks written from them. ``devices``: each source's (None: on host);
+    ``own``: each source is a buffer of the save's own, deleted once fetched. ``gather``:
+    (starts, chunk shape) where the chunks cover only part of the one shard, to be taken
+    by `_chunks_of` on the device. ``nbytes``: host bytes once fetched."""
 
     sources: list[Any]
     chunks: list[ChunkWrite]
-    devices: list[Any] = dataclasses.field(default_factory=list)  # each source's; None: host
+    devices: list[Any]
+    own: list[bool] = dataclasses.field(default_factory=list)
+    gather: tuple[np.ndarray, tuple[int, ...]] | None = None
     nbytes: int = 0
 
+    def __post_init__(self) -> None:
+        if not self.own:
+            self.own = [False] * len(self.sources)
+
+    def take_chunks(self) -> None:
+        """Replaces the one shard by its owned chunks, copied on its device."""
+        assert self.gather is not None
+        starts, size = self.gather
+        self.sources, self.own, self.gather = [_chunks_of(self.sources[0], starts, size)], \
+            [True], None
+
     def start(self) -> None:
-        for s in self.sources:
+        """Starts the transfers to host (fetching side)."""
+        if self.gather is not None:
+            self.take_chunks()
+        for i, (s, own) in enumerate(zip(self.sources, self.own)):
             if isinstance(s, jax.Array):
+                if not own and self.devices[i].platform != "cpu":
+                    # JAX keeps a fetched host copy on the array object it fetched through:
+                    # through the caller's own shard object, that copy would live as long as
+                    # the caller's array. A private alias of the buffer keeps it ours.
+                    s = self.sources[i] = jax.make_array_from_single_device_arrays(
+                        s.shape, s.sharding, [s])
                 s.copy_to_host_async()
 
-    def fetch(self, mode: str) -> list[np.ndarray]:
-        """The sources on host, independent of the device buffers; on the ``device`` path
-        each on-device copy is deleted once its bytes are on host."""
+    def fetch(self) -> list[np.ndarray]:
+        """The sources on host, independent of the device buffers; each buffer of the
+        save's own is deleted once its bytes are on host."""
         host = []
-        for s, device in zip(self.sources, self.devices):
+        for s, device, own in zip(self.sources, self.devices, self.own):
             if not isinstance(s, jax.Array):
                 host.append(s)
                 continue
             # A CPU device's np.asarray is a view of the buffer: the caller's shards must be
-            # copied (an on-device copy is ours, and JAX keeps it alive for the view).
-            copy = mode == "host" and device.platform == "cpu"
+            # copied (a buffer of our own is kept alive by JAX for the view).
+            copy = not own and device.platform == "cpu"
             host.append(np.array(s, copy=True) if copy else np.asarray(s))
-            if mode == "device":
+            if own:
                 s.delete()
         self.sources = []
         return host
 
-    def drop(self, mode: str) -> None:
+    def drop(self) -> None:
         """Frees what this unit still holds (a save that failed before fetching it)."""
-        if mode == "device":
-            for s in self.sources:
-                if isinstance(s, jax.Array) and not s.is_deleted():
-                    s.delete()
+        for s, own in zip(self.sources, self.own):
+            if own and isinstance(s, jax.Array) and not s.is_deleted():
+                s.delete()
         self.sources = []
 
 
@@ -188,8 +237,11 @@ class Feed:
                 self._cond.wait()
 
     def put(self, unit: Unit, host: list[np.ndarray]) -> None:
+        """Fetching side: a unit on host. Dropped once the writing side gave up, so that a
+        failed save (kept with its error) holds no host copies."""
         with self._cond:
-            self._ready.append((unit, host))
+            if self._cancelled is None:
+                self._ready.append((unit, host))
             self._cond.notify_all()
 
     def close(self, error: BaseException | None = None) -> None:
@@ -233,6 +285,7 @@ class Feed:
                 else:
                     return
             yield item
+            del item  # its host copies go with the writer's, not at the next unit
 
 
 @dataclasses.dataclass
@@ -248,7 +301,7 @@ class Snapshot:
         """Writing side: each unit with its host sources, in order (`Feed.items`)."""
         if self.feed is None:
             for unit in self.units:
-                yield unit, unit.fetch(self.mode)
+                yield unit, unit.fetch()
         else:
             yield from self.feed.items(deadline, idle)
 
@@ -257,20 +310,20 @@ class Snapshot:
         unit to host in order, starting the transfers of as many units as the budget
         allows before waiting for the first, and hands them to the feed."""
         assert self.feed is not None
-        feed, mode = self.feed, self.mode
+        feed = self.feed
         transit: collections.deque[Unit] = collections.deque()
         try:
             for unit in self.units:
                 while transit and not feed.reserve(unit.nbytes, block=False):
                     done = transit.popleft()
-                    feed.put(done, done.fetch(mode))
+                    feed.put(done, done.fetch())
                 if not transit:
                     feed.reserve(unit.nbytes)
                 unit.start()
                 transit.append(unit)
             while transit:
                 done = transit.popleft()
-                feed.put(done, done.fetch(mode))
+                feed.put(done, done.fetch())
         except BaseException as exc:
             # The writing side raises it (the save fails through its handle); here it would
             # be lost on a thread, or end `save_async` with a save still under way.
@@ -282,10 +335,13 @@ class Snapshot:
         feed.close()
 
     def release(self) -> None:
-        """Frees every device copy still held (a save that ended early) and the rest."""
+        """Frees every device copy still held (a save that ended early) and the rest,
+        fetched or not."""
         for unit in self.units:
-            unit.drop(self.mode)
+            unit.drop()
         self.units = []
+        if self.feed is not None:
+            self.feed.cancel(Cancelled("the snapshot was released"))
 
 
 def _device_indices(leaf: jax.Array, cache: dict[Any, dict[Any, int]]) -> dict[Any, int]:
@@ -304,6 +360,10 @@ def take(leaves: list[Any], plans: dict[int, ArrayPlan], requested: str,
     """The snapshot of the chunks this process owns (caller's thread, after planning).
     Returns once the caller may change, donate or delete its arrays, except on the ``host``
     path, whose caller then runs `Snapshot.fetch` before returning."""
+    first = next((leaves[r] for r, p in plans.items()
+                  if p.owned and isinstance(leaves[r], jax.Array)), None)
+    platform = next(iter(first.sharding.device_set)).platform if first is not None else "cpu"
+    views = requested == "auto" and platform == "cpu"
     indices: dict[Any, dict[Any, int]] = {}
     units: list[Unit] = []
     # (record, device) -> the unit of that shard, and the chunks it holds.
@@ -322,64 +382,88 @@ def take(leaves: list[Any], plans: dict[int, ArrayPlan], requested: str,
                 units.append(Unit([data], [ChunkWrite(r, flat, to_slices(box))], [None]))
             continue
         where = _device_indices(leaf, indices)
+        if views:
+            # Any replica's buffer is as good for a view (addressable_data is the cheap way
+            # in, and gives the first device's of a fully replicated array).
+            shard_on = lambda d, leaf=leaf, where=where: leaf.addressable_data(where[d])  # noqa: E731
+        else:
+            # The planned device's own buffer: copies and transfers spread over the devices.
+            shard_on = lambda d, leaf=leaf, where=where: leaf.addressable_shards[where[d]].data  # noqa: E731
         if p.shards:
-            sources = [leaf.addressable_data(where[d]) for d, _ in p.shards]
             parts = [(box, i) for i, (_, box) in enumerate(p.shards)]
-            units.append(Unit(sources, [ChunkWrite(r, 0, to_slices(full_box(p.shape)),
-                                                   parts=parts, shape=p.shape)],
+            units.append(Unit([shard_on(d) for d, _ in p.shards],
+                              [ChunkWrite(r, 0, to_slices(full_box(p.shape)), parts=parts,
+                                          shape=p.shape)],
                               [d for d, _ in p.shards]))
             continue
         for flat, (device, shard_box) in sorted(p.owned.items()):
             unit = by_shard.get((r, device))
             if unit is None:
-                unit = by_shard[(r, device)] = Unit([leaf.addressable_data(where[device])], [],
-                                                    [device])
+                unit = by_shard[(r, device)] = Unit([shard_on(device)], [], [device])
                 units.append(unit)
             box = p.chunk_box(flat)
             unit.chunks.append(ChunkWrite(r, flat, to_slices(box),
                                           local=to_slices(box, shard_box)))
-    device = next((d for u in units for d in u.devices if d is not None), None)
-    platform = device.platform if device is not None else "cpu"
-    need: dict[Any, int] = collections.Counter()
-    if requested != "auto" or platform != "cpu":  # views need no room: skip the sums
+    if views:
         for u in units:
-            for s, d in zip(u.sources, u.devices):
-                if d is not None:
-                    need[d] += s.nbytes
+            # Made now, before the caller can donate or delete: the views are the snapshot.
+            u.sources = [np.asarray(s) for s in u.sources]
+        return Snapshot("view", units)
+    need: dict[Any, int] = collections.Counter()
+    for u in units:
+        if u.devices[0] is None:
+            continue
+        _plan_gather(u)
+        if u.gather is not None:
+            u.nbytes = sum(math.prod(box_shape(_box(c.slices))) for c in u.chunks) \
+                * u.sources[0].dtype.itemsize
+            need[u.devices[0]] += u.nbytes
+        else:
+            for src, d in zip(u.sources, u.devices):
+                need[d] += src.nbytes
+                u.nbytes += src.nbytes
     mode = choose_mode(requested, platform, {d: free_bytes(d) for d in need}, need)
     if requested == "auto" and mode == "host":
         log.warning("saving with direct device-to-host copies: a device lacks the memory for "
                     "on-device copies of its shards (%s)", ", ".join(
                         f"{d}: needs {n / 2**20:.0f} MiB" for d, n in need.items()))
-    if mode == "view":
-        for u in units:
-            # Made now, before the caller can donate or delete: the views are the snapshot.
-            u.sources = [np.asarray(s) for s in u.sources]
-        return Snapshot(mode, units)
     if mode == "device":
         _copy_on_device(units)
-    for u in units:
-        u.nbytes = sum(s.nbytes for s in u.sources if isinstance(s, jax.Array))
     return Snapshot(mode, units, Feed(budget))
 
 
+def _box(slices: tuple[slice, ...]) -> Box:
+    return tuple((sl.start, sl.stop) for sl in slices)
+
+
+def _plan_gather(unit: Unit) -> None:
+    """Sets ``unit.gather`` when its chunks, all of one shape, cover only part of its one
+    shard (a replicated shard whose chunks are spread over devices or processes): only
+    those bytes are then copied and moved. Each chunk becomes its index in the stack."""
+    if unit.chunks[0].parts:
+        return
+    shard = unit.sources[0]
+    shapes = {box_shape(_box(c.local)) for c in unit.chunks}
+    covered = sum(math.prod(box_shape(_box(c.local))) for c in unit.chunks)
+    if covered >= shard.size or len(shapes) != 1:
+        return  # the whole shard (or, rarely, uneven chunks: the whole shard too)
+    starts = np.array([[sl.start for sl in c.local] for c in unit.chunks], dtype=np.int32)
+    unit.gather = (starts, shapes.pop())
+    for i, c in enumerate(unit.chunks):
+        c.local = (i,)
+
+
 def _copy_on_device(units: list[Unit]) -> None:
-    """Replaces every unit's device sources by copies on the same device, made in one
-    batched call and waited for: the caller's buffers are then free to go. A unit that
-    writes only some chunks of its shard (a replicated shard split over processes) copies
-    just those chunks."""
+    """Replaces every unit's device sources by copies on the same device, the whole shards
+    in one batched call, the partly owned ones by their chunks, all waited for: the
+    caller's buffers are then free to go."""
     jobs: list[tuple[Unit, int]] = []
     arrays: list[jax.Array] = []
     for u in units:
-        if not u.sources or not isinstance(u.sources[0], jax.Array):
+        if not u.sources or u.devices[0] is None:
             continue
-        if not u.chunks[0].parts and _partial(u):
-            # Slicing on the device is a copy of just the owned bytes.
-            shard = u.sources[0]
-            u.sources = [shard[c.local] for c in u.chunks]
-            u.devices = u.devices[:1] * len(u.chunks)
-            for i, c in enumerate(u.chunks):
-                c.source, c.local = i, ()
+        if u.gather is not None:
+            u.take_chunks()
             continue
         for i, s in enumerate(u.sources):
             jobs.append((u, i))
@@ -388,19 +472,8 @@ def _copy_on_device(units: list[Unit]) -> None:
         copies = jax.device_put(arrays, [a.sharding for a in arrays], may_alias=False)
         for (u, i), c in zip(jobs, copies):
             u.sources[i] = c
+            u.own[i] = True
     jax.block_until_ready([s for u in units for s in u.sources if isinstance(s, jax.Array)])
-
-
-def _partial(unit: Unit) -> bool:
-    """Whether the unit's chunks cover less than its one shard."""
-    shard = unit.sources[0]
-    size = 0
-    for c in unit.chunks:
-        n = 1
-        for sl, dim in zip(c.local, shard.shape):
-            n *= len(range(*sl.indices(dim)))
-        size += n
-    return size < shard.size
 
 
 def start_fetching(snapshot: Snapshot, name: str) -> Callable[[], None] | None:

@@ -141,6 +141,82 @@ def test_a_failure_mid_stream_fails_the_save_and_frees_the_copies(tmp_path, mesh
     _check(url, host, np.arange(1000.0))
 
 
+def test_a_failed_save_keeps_no_host_copies_with_its_error(tmp_path, mesh24):
+    """The handle keeps the error, and the error its traceback: none of the chunks fetched
+    for the writer may stay alive with it."""
+    import tracemalloc
+
+    state, _ = _state(mesh24)
+
+    def before(doing, key, args):
+        if doing == "writing chunks":
+            raise OSError(5, "Input/output error")
+
+    # First, the same save succeeding: what JAX and TensorStore cache on first use is not
+    # what this test looks for.
+    ckpt.save(tmp_path / "warm", state, snapshot="host", memory_budget=4 << 20)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        handle = ckpt.save_async(FaultyStore(tmp_path / "c", before=before), state,
+                                 snapshot="host", memory_budget=4 << 20)
+        assert isinstance(handle.exception(timeout=60), SaveError)
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert held < 1 << 20, f"{held / 2**20:.1f} MiB held after the failed save"
+
+
+def test_the_feed_holds_nothing_once_the_writer_gave_up():
+    """A unit fetched after the writer failed (the fetcher learns of it at its next
+    reservation) is dropped, and releasing the snapshot empties the feed."""
+    from ckpt._snapshot import Cancelled, Feed, Snapshot, Unit
+
+    feed = Feed(1 << 20)
+    feed.put(Unit([np.ones(4)], [], [None]), [np.ones(1 << 16)])
+    snap = Snapshot("host", [], feed)
+    snap.release()
+    assert not feed._ready
+    feed.put(Unit([np.ones(4)], [], [None]), [np.ones(1 << 16)])
+    assert not feed._ready
+    with pytest.raises(Cancelled):
+        feed.reserve(1)
+
+
+def test_replicated_shards_are_copied_on_their_planned_devices_and_only_the_owned_chunks(
+        mesh24):
+    """A fully replicated array's chunks are spread over the devices: each device copies
+    the chunks planned for it (not the first device copying the whole array each time)."""
+    from ckpt._save import _classify, _plan_chunks
+    from ckpt._coord import current
+    from ckpt._snapshot import start_fetching, take
+    from ckpt.storage import Deadline
+
+    value = np.arange(16 << 20, dtype=np.float32).reshape(4096, 4096)  # 64 MiB
+    tree = {"r": jax.device_put(value, NamedSharding(mesh24, P()))}
+    records, leaves = _classify(tree, 1)
+    plans = _plan_chunks(records, leaves, current())
+    planned = {d for d, _ in plans[0].owned.values()}
+    assert len(planned) > 1
+    snap = take(leaves, plans, "device", 1 << 30)
+    try:
+        copied = [(u.sources[0], u.devices[0]) for u in snap.units]
+        assert {next(iter(s.devices())) for s, _ in copied} == planned
+        assert all(next(iter(s.devices())) == d for s, d in copied)
+        assert sum(s.nbytes for s, _ in copied) == value.nbytes
+        out = np.empty_like(value)
+        join = start_fetching(snap, "test-fetch")
+        for unit, host in snap.items(Deadline(60, "test"), lambda: False):
+            for c in unit.chunks:
+                out[c.slices] = c.data(host)
+        join()
+        assert np.array_equal(out, value)
+    finally:
+        snap.release()
+
+
 def test_host_path_returns_when_the_writes_fail_while_it_waits_for_room(tmp_path, mesh24):
     """The caller's thread fetching under a full budget is woken by the writer's failure
     instead of waiting for room that never comes."""
@@ -172,8 +248,12 @@ def test_the_manager_passes_the_snapshot_options(tmp_path, mesh24):
         ckpt.CheckpointManager(tmp_path / "run", snapshot="gpu")
     with pytest.raises(ValueError, match="'nope'"):
         ckpt.save_async(tmp_path / "x", state, snapshot="nope")
+    for bad in (0, -1, True, 1.5, "1G"):
+        with pytest.raises(ValueError, match="memory_budget must be a positive whole"):
+            ckpt.save_async(tmp_path / "x", state, memory_budget=bad)
     with pytest.raises(ValueError, match="memory_budget"):
-        ckpt.save_async(tmp_path / "x", state, memory_budget=0)
+        ckpt.CheckpointManager(tmp_path / "run", memory_budget=0)
+    ckpt.save(tmp_path / "y", state, snapshot="host", memory_budget=np.int64(1 << 20))
 
 
 def test_auto_chooses_by_platform_and_device_memory():
