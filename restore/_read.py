@@ -2,8 +2,8 @@
 
 Called by ``ckpt.restore`` (on every process, for the boxes its devices need) and by the
 offline tools. Each chunk a process needs is read once, verified by the zarr crc32c codec
-and the manifest's crc32c (hashed, or, for a whole chunk in a strided region or on a local
-file system, compared with the codec's checksum at the end of the stored chunk), and copied into every target box it
+and the manifest's crc32c (hashed, or, for a whole chunk in a strided region or of 1 MiB or
+more on a local file system, compared with the codec's checksum at the end of the stored chunk), and copied into every target box it
 overlaps; a chunk that is inside one target box is decoded by TensorStore straight into
 its place in that box's buffer. Chunk data in flight (stored and decoded bytes) is bounded
 by a memory budget, on top of the target buffers: by default an eighth of the bytes
@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,6 +46,9 @@ from ckpt.storage import (
     tensorstore_code,
 )
 
+# Whole chunks at least this large, on a local file system, are checked by their stored
+# crc32c tail rather than hashed again (`read_arrays`).
+TAIL_INSTEAD_OF_HASH_BYTES = 1 << 20
 MIN_MEMORY_BUDGET = 64 << 20
 MAX_MEMORY_BUDGET = 1 << 30
 
@@ -230,10 +234,13 @@ def read_arrays(jobs: Sequence[ArrayReadJob], *, memory_budget: int | None = Non
         for job, array, out, plan, opening in zip(jobs, arrays, outputs, plans, kvstores):
             kvstore = _wait(opening, deadline, f"opening leaf {job.name}") \
                 if opening is not None else None
-            # On a local file system the 4-byte tail costs less than hashing the chunk
-            # again on this thread (which bounded a same-mesh restore at ~75% of the disk's
-            # read speed); on an object store it is one more request per chunk.
-            tail_always = kvstore is not None and job.spec["kvstore"].get("driver") == "file"
+            # On a local file system the 4-byte tail of a large chunk costs less than hashing
+            # it again on this thread (which bounded a same-mesh restore at ~75% of the
+            # disk's read speed); a small chunk hashes faster than a read, and on an object
+            # store a tail is one more request per chunk.
+            tail_always = (kvstore is not None and job.spec["kvstore"].get("driver") == "file"
+                           and math.prod(job.chunk_shape) * job.dtype.itemsize
+                           >= TAIL_INSTEAD_OF_HASH_BYTES)
             for cr in plan:
                 source = array[to_slices(cr.box)]
                 tail = None

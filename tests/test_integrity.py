@@ -71,6 +71,33 @@ def test_damaged_chunk_fails_restore_and_verify_naming_leaf_and_chunk(damaged, h
     assert out["b"].tobytes() == _tree()["b"].tobytes()
 
 
+@pytest.mark.parametrize("how", ["swap", "flip"])
+def test_damaged_large_chunk_fails_a_same_mesh_restore(tmp_path, mesh24, how):
+    """Chunks of 1 MiB and more restored into their own shard on a local disk are checked
+    by their stored checksum tail instead of hashed: a swapped chunk (each intact, in the
+    wrong place) and a flipped bit are still caught."""
+    rng = np.random.default_rng(5)
+    sharding = NamedSharding(mesh24, P("data", "model"))
+    w = jax.device_put(rng.standard_normal((2048, 2048)).astype(np.float32), sharding)
+    url = str(tmp_path / "ck")
+    ckpt.save(url, {"w": w})
+    store = open_store(url)
+    keys = sorted(store.list(f"{ckpt.metadata(url).attempt}/arrays/w/c"))
+    assert len(keys) == 8 and len(store.read(keys[0])) >= 1 << 20
+    target = {"w": jax.ShapeDtypeStruct(w.shape, w.dtype, sharding=sharding)}
+    assert np.asarray(ckpt.restore(url, target)["w"]).tobytes() == np.asarray(w).tobytes()
+    if how == "swap":
+        a, b = store.read(keys[0]), store.read(keys[1])
+        store.write(keys[0], b)
+        store.write(keys[1], a)
+    else:
+        data = bytearray(store.read(keys[1]))
+        data[len(data) // 3] ^= 0x10
+        store.write(keys[1], bytes(data))
+    with pytest.raises(CorruptCheckpointError, match=r"\['w'\] chunk \(\d+, \d+\)"):
+        ckpt.restore(url, target)
+
+
 def test_edited_manifest_fails_before_any_chunk_is_read(damaged):
     url, store, attempt, _ = damaged
     raw = store.read(f"{attempt}/{MANIFEST}")
