@@ -382,16 +382,9 @@ def take(leaves: list[Any], plans: dict[int, ArrayPlan], requested: str,
                 units.append(Unit([data], [ChunkWrite(r, flat, to_slices(box))], [None]))
             continue
         where = _device_indices(leaf, indices)
-        if views:
-            # Any replica's buffer is as good for a view (addressable_data is the cheap way
-            # in, and gives the first device's of a fully replicated array).
-            shard_on = lambda d, leaf=leaf, where=where: leaf.addressable_data(where[d])  # noqa: E731
-        else:
-            # The planned device's own buffer: copies and transfers spread over the devices.
-            shard_on = lambda d, leaf=leaf, where=where: leaf.addressable_shards[where[d]].data  # noqa: E731
         if p.shards:
             parts = [(box, i) for i, (_, box) in enumerate(p.shards)]
-            units.append(Unit([shard_on(d) for d, _ in p.shards],
+            units.append(Unit([_shard_on(leaf, where, d, views) for d, _ in p.shards],
                               [ChunkWrite(r, 0, to_slices(full_box(p.shape)), parts=parts,
                                           shape=p.shape)],
                               [d for d, _ in p.shards]))
@@ -399,7 +392,8 @@ def take(leaves: list[Any], plans: dict[int, ArrayPlan], requested: str,
         for flat, (device, shard_box) in sorted(p.owned.items()):
             unit = by_shard.get((r, device))
             if unit is None:
-                unit = by_shard[(r, device)] = Unit([shard_on(device)], [], [device])
+                unit = by_shard[(r, device)] = Unit([_shard_on(leaf, where, device, views)],
+                                                    [], [device])
                 units.append(unit)
             box = p.chunk_box(flat)
             unit.chunks.append(ChunkWrite(r, flat, to_slices(box),
@@ -430,6 +424,16 @@ def take(leaves: list[Any], plans: dict[int, ArrayPlan], requested: str,
     if mode == "device":
         _copy_on_device(units)
     return Snapshot(mode, units, Feed(budget))
+
+
+def _shard_on(leaf: jax.Array, where: dict[Any, int], device: Any, views: bool) -> jax.Array:
+    """``leaf``'s shard on ``device``. For views any replica's buffer serves, and
+    `addressable_data` is the cheap way in (it gives the first device's for a fully
+    replicated array); copies and transfers take the planned device's own buffer, so that
+    they spread over the devices as planned."""
+    if views:
+        return leaf.addressable_data(where[device])
+    return leaf.addressable_shards[where[device]].data
 
 
 def _box(slices: tuple[slice, ...]) -> Box:
