@@ -8,8 +8,9 @@ snapshot on accelerators"):
   buffer a view references alive and skips donating it, so the view is already a snapshot;
   nothing is copied.
 - ``device`` (accelerators under ``auto``, when every device has room): an on-device copy of
-  each owned shard (or owned chunk, where this process writes only part of a shard), all in
-  one batched call; `save_async` returns once the copies are made. A fetching thread then
+  each owned shard, all in one batched call (where this process writes only some chunks of
+  a shard, those chunks, by one gather per shard); `save_async` returns once the copies are
+  made. A fetching thread then
   moves them to host in waves, at most ``budget`` bytes fetched and not yet durable, and
   frees each device copy as soon as it is on host.
 - ``host`` (accelerators under ``auto`` when a device lacks room for the copies): the
