@@ -13,19 +13,10 @@ import jax  # noqa: E402,F401
 import tensorstore  # noqa: E402,F401
 
 from ckpt.cli import main  # noqa: E402
+from tests.proc_status import reset_peak, status_bytes  # noqa: E402
 
-
-def status(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
-
-
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # reset the peak resident set size (VmHWM) to the current one
-base = status("VmRSS")
+reset_peak()
+base = status_bytes("VmRSS") // 1024
 code = main(sys.argv[1:])
-print(f"EXTRA_RSS_KIB {status('VmHWM') - base}", file=sys.stderr)
+print(f"EXTRA_RSS_KIB {status_bytes('VmHWM') // 1024 - base}", file=sys.stderr)
 sys.exit(code)

@@ -17,14 +17,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, SingleDeviceSharding  # noqa: E402
 
 import ckpt  # noqa: E402
-
-
-def status(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
+from tests.proc_status import reset_peak, status_bytes  # noqa: E402
 
 
 url, kind = sys.argv[1], sys.argv[2]
@@ -43,9 +36,8 @@ else:
 jax.block_until_ready(ckpt.restore(url, target, mesh=mesh))
 gc.collect()
 ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap must not hide new allocations
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # reset the peak resident set size (VmHWM) to the current one
-base = status("VmRSS")
+reset_peak()
+base = status_bytes("VmRSS")
 out = jax.block_until_ready(ckpt.restore(url, target, mesh=mesh))
-extra = status("VmHWM") - base
+extra = status_bytes("VmHWM") - base
 print(f"EXTRA_RSS_BYTES {extra} STATE_BYTES {info.nbytes}")

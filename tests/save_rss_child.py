@@ -16,14 +16,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import ckpt  # noqa: E402
-
-
-def status(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
+from tests.proc_status import reset_peak, status_bytes  # noqa: E402
 
 
 url, mode = sys.argv[1], sys.argv[2]
@@ -37,12 +30,11 @@ for i in range(8):
                              out_shardings=sharding)()
 jax.block_until_ready(state)
 ckpt.save(url + "-warm", {"x": np.ones(4)})  # first-use imports and thread pools
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # reset the peak resident set size (VmHWM) to the current one
-base = status("VmRSS")
+reset_peak()
+base = status_bytes("VmRSS")
 handle = ckpt.save_async(url, state, snapshot=mode, memory_budget=budget)
 handle.wait()
-extra = status("VmHWM") - base
+extra = status_bytes("VmHWM") - base
 nbytes = sum(v.nbytes for v in state.values())
 print(f"EXTRA_RSS_BYTES {extra} STATE_BYTES {nbytes} BUDGET {budget} "
       f"PEAK {handle.timings.host_peak_bytes}")

@@ -306,6 +306,12 @@ t = time.monotonic()
 try:
     if op == "save":
         ckpt.save(url, {"x": np.arange(300_000, dtype=np.float32)}, timeout_s=4)
+    elif op == "save-host":
+        # Direct device-to-host copies, eight shards through a budget of about one: the
+        # caller's thread waits for the stalled writes to make room.
+        import jax
+        tree = {f"x{i}": jax.numpy.full(300_000, i, "float32") for i in range(8)}
+        ckpt.save(url, tree, timeout_s=4, snapshot="host", memory_budget=1_500_000)
     else:
         ckpt.restore(url, timeout_s=4)
     out = {"error": None}
@@ -318,6 +324,7 @@ print(json.dumps(out), flush=True)
 @pytest.mark.parametrize("backend,op,stalled,doing", [
     ("s3", "save", "arrays", "opening leaf ['x']"),      # TensorStore's requests
     ("s3", "save", "/c/", "writing chunks"),
+    ("s3", "save-host", "/c/", "writing chunks"),  # the caller's thread waits for room
     ("gcs", "save", "hosts", "hosts/0.msgpack"),         # fsspec's requests
     ("gcs", "restore", "arrays", "leaf"),
     ("s3", "restore", "manifest", "reading"),
@@ -343,7 +350,7 @@ def test_timeout_s_bounds_a_save_and_a_restore_end_to_end(request, tmp_path, pro
     assert out["after"] < 4 + 6, out
     assert url in out["error"] and "timeout_s=4" in out["error"] and doing in out["error"], out
     proxy.hang = ()
-    if op == "save":
+    if op.startswith("save"):
         assert not open_store(url).exists("COMMIT")
 
 
