@@ -4,15 +4,17 @@ Public API::
 
     ckpt.save_async(url, tree, *, metadata=None) -> SaveHandle
     ckpt.save(url, tree, *, metadata=None)
-    ckpt.restore(url, target=None, *, mesh=None, item=None)
+    ckpt.restore(url, target=None, *, mesh=None, item=None)   # ours, Orbax, safetensors
     ckpt.metadata(url) -> CheckpointInfo
+    ckpt.export_safetensors(url, dst, *, dtype=None, max_shard_size="5GB", names=None, ...)
     ckpt.PerProcess(value)                              # a leaf whose value differs per process
     ckpt.CheckpointManager(root_url, keep_last=None, keep_every=None, *, read_only=False)
         .save(step, tree, metrics=None) .restore(step=None, target=None, mesh=None, item=None)
         .delete(step) .rewind(step) .latest_step() .steps() .wait() .close()
     ckpt.configure_storage("s3" | "gs", **options)   # override endpoint/credential settings
 
-See docs/format.md for the on-disk format and docs/protocol.md for the commit protocol.
+See docs/format.md for the on-disk format, docs/protocol.md for the commit protocol and
+docs/safetensors.md for export and import of safetensors.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ except _metadata.PackageNotFoundError:  # run from a source tree that is not ins
     __version__ = "0+unknown"
 
 from ckpt import errors
+from ckpt._export import ExportResult, export_safetensors
 from ckpt._info import CheckpointInfo, LeafInfo, metadata
 from ckpt._leaves import PerProcess
 from ckpt._manager import CheckpointManager
@@ -82,7 +85,8 @@ restore = _sys.modules["ckpt.restore"]  # type: ignore[assignment]  # noqa: F811
 __all__ = [
     "__version__", "AttemptRemovedError", "CheckpointExistsError", "CheckpointInfo",
     "CheckpointManager", "CheckpointNotFoundError", "CkptError", "configure_storage",
-    "CorruptCheckpointError", "DeadlineExceededError", "errors", "LeafInfo", "metadata",
+    "CorruptCheckpointError", "DeadlineExceededError", "errors", "ExportResult",
+    "export_safetensors", "LeafInfo", "metadata",
     "PerProcess",
     "ReadOnlyError", "restore", "save", "save_async", "SaveError", "SaveHandle",
     "SaveTimings", "StepOrderError", "TargetMismatchError", "UnsupportedLeafError",

@@ -5,7 +5,8 @@
 anything else is trusted; arrays at their keys in the attempt folder; every chunk checked
 against the manifest's crc32c and its own stored tail), else an orbax-checkpoint one
 (`ckpt._orbax`: its metadata as the same leaf records, arrays where Orbax put them, no
-checksums to check). Restore, `ckpt.metadata`, verify, reshard and convert read through
+checksums to check), else safetensors (`ckpt._safetensors`: a file or a Hugging Face
+folder, each tensor an array record read by byte ranges). Restore, `ckpt.metadata`, verify, reshard and convert read through
 this interface and never ask which format it is.
 """
 
@@ -34,9 +35,11 @@ from ckpt._format import (
     sha256,
 )
 from ckpt._leaves import dtype_from_name
+from ckpt._names import NameRules
 from ckpt._orbax import OrbaxItem
 from ckpt._orbax_items import open_orbax
-from ckpt._tree import keystr
+from ckpt._safetensors import SafetensorsFiles, bind, open_safetensors
+from ckpt._tree import KeyPath, keystr
 from ckpt.errors import (
     CheckpointNotFoundError,
     CkptError,
@@ -44,7 +47,7 @@ from ckpt.errors import (
     NotACheckpointError,
     UncommittedCheckpointError,
 )
-from ckpt.restore import ArrayReadJob
+from ckpt.restore import ArrayReadJob, RawLayout
 from ckpt.restore.boxes import Box, chunk_key, grid_shape, unflat_index
 from ckpt.storage import ObjectNotFoundError, Store, UnreadableObjectError
 
@@ -147,6 +150,18 @@ class Readable(abc.ABC):
         replaced, so that the damage is real."""
         return None
 
+    def for_target(self, pairs: Sequence[tuple[KeyPath, Any]] | None,
+                   names: NameRules | None) -> Readable:
+        """Called by restore before matching, with a target's (key path, leaf) pairs (None
+        without a target): a format whose leaves are found by name (safetensors) returns
+        itself with a leaf record at each target path; a checkpoint with a tree of its own
+        is matched by path and returns itself. ``names``: the name rules a restore was
+        given, for formats that name leaves."""
+        if names is not None:
+            raise ValueError(f"{self.store.url} is a {self.kind} checkpoint: name rules "
+                             "(names=) apply to safetensors only")
+        return self
+
 
 # Arrays of at most this many chunks have each file checked by name instead of a listing.
 _STAT_CHUNKS = 4
@@ -231,6 +246,42 @@ class _Orbax(Readable):
         return False
 
 
+class _SafeTensors(Readable):
+    """Safetensors files (`ckpt._safetensors`): each tensor read by byte ranges."""
+
+    kind, checksummed = "safetensors", False
+
+    def __init__(self, files: SafetensorsFiles) -> None:
+        super().__init__(files.store, files.manifest, files.layout)
+        self._files = files
+
+    def array_spec(self, rec: LeafRecord) -> dict[str, Any]:
+        return {"kvstore": self.store.kvstore_spec()}
+
+    def context(self) -> Any:
+        return self.store.tensorstore_context()
+
+    def _chunks_end_with_crc32c(self) -> bool:
+        return False
+
+    def read_job(self, rec: LeafRecord, boxes: Sequence[Box]) -> ArrayReadJob:
+        t = self._files.tensors[rec.name]
+        job = super().read_job(rec, boxes)
+        job.raw = RawLayout(t.file, t.begin)
+        job.name = f"{keystr(rec.path)} (tensor {t.name!r} of {t.file})"
+        return job
+
+    def for_target(self, pairs: Sequence[tuple[KeyPath, Any]] | None,
+                   names: NameRules | None) -> Readable:
+        bound = _SafeTensors(self._files)
+        if pairs is not None:
+            bound.manifest = bind(self._files, pairs, names or NameRules())
+        elif names is not None:  # without a target, names are kept as stored: drops only
+            bound.manifest = dataclasses.replace(self.manifest, leaves=[
+                r for r in self.manifest.leaves if not names.ignores(r.name)])
+        return bound
+
+
 def open_readable(store: Store, item: str | None = None,
                   wanted: Collection[str] | None = None) -> Readable:
     """Opens the checkpoint at ``store``: this library's, else an Orbax one.
@@ -252,6 +303,10 @@ def open_readable(store: Store, item: str | None = None,
         The errors of `open_checkpoint` when nothing there is Orbax's either, and those of
         `ckpt._orbax_items.open_orbax` for Orbax checkpoints this library cannot read.
     """
+    if store.location.path.endswith(".safetensors"):  # a file, named by the URL
+        files = open_safetensors(store)
+        if files is not None:
+            return _safetensors(files, item)
     try:
         _, manifest = open_checkpoint(store)
         if item is not None:
@@ -261,7 +316,19 @@ def open_readable(store: Store, item: str | None = None,
         not_ours = exc
     orbax = open_orbax(store, item, wanted)
     if orbax is None:
-        raise not_ours
+        files = open_safetensors(store)
+        if files is None:
+            raise not_ours
+        return _safetensors(files, item)
     log.info("%s is an orbax-checkpoint checkpoint (%s, %d leaves)", orbax.store.url,
              orbax.layout, len(orbax.manifest.leaves))
     return _Orbax(orbax)
+
+
+def _safetensors(files: SafetensorsFiles, item: str | None) -> Readable:
+    if item is not None:
+        raise ValueError(f"{files.store.url} holds safetensors, which have no items "
+                         f"(item={item!r})")
+    log.info("%s holds safetensors (%s, %d tensors)", files.store.url, files.layout,
+             len(files.tensors))
+    return _SafeTensors(files)

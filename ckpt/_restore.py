@@ -32,6 +32,7 @@ from ckpt._leaves import (
     is_typed_key,
     saved_state,
 )
+from ckpt._names import NameRules, NamesLike
 from ckpt._reader import Readable, open_readable
 from ckpt._tree import KeyPath, flatten, is_empty_container, keystr, nest, unflatten
 from ckpt.errors import (
@@ -366,7 +367,7 @@ def _cast(host: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
 
 def restore_from(store: Store, target: Any = None, *, mesh: Any = None,
                  item: str | None = None, memory_budget: int | None = None,
-                 deadline: Deadline | None = None) -> Any:
+                 deadline: Deadline | None = None, names: NamesLike = None) -> Any:
     """Restores the checkpoint in ``store``; see `ckpt.restore`.
 
     Called on every process that needs the state; each reads only the boxes its own
@@ -379,6 +380,8 @@ def restore_from(store: Store, target: Any = None, *, mesh: Any = None,
     wanted = {k for k in target if isinstance(k, str)} \
         if item is None and isinstance(target, Mapping) else None
     source = open_readable(store, item, wanted)
+    rules = None if names is None else NameRules(names)
+    source = source.for_target(None if target is None else flatten(target)[0], rules)
     for _ in range(OVERWRITE_RETRIES):
         try:
             return _restore_source(source, target, mesh, memory_budget, deadline)
@@ -464,13 +467,17 @@ def _restore_source(source: Readable, target: Any, mesh: Any,
 
 
 def restore(url: StoreLike, target: Any = None, *, mesh: Any = None,
-            item: str | None = None, timeout_s: float | None = None) -> Any:
+            item: str | None = None, timeout_s: float | None = None,
+            names: NamesLike = None) -> Any:
     """Restores the committed checkpoint at ``url``.
 
     Args:
-        url: the checkpoint's path or URL: one of this library's checkpoints, or one written
-            by orbax-checkpoint (an item folder, or a CheckpointManager step folder),
-            recognised from its files. An Orbax step of one item restores as that item,
+        url: the checkpoint's path or URL: one of this library's checkpoints, one written
+            by orbax-checkpoint (an item folder, or a CheckpointManager step folder), or
+            safetensors (a ``.safetensors`` file, or a folder of them with or without a
+            Hugging Face index), recognised from its files. Each process reads only the
+            byte ranges of a tensor its devices need; a safetensors tensor must match its
+            target leaf's shape and dtype exactly, and every tensor needs a target leaf. An Orbax step of one item restores as that item,
             one of several items as ``{item name: item}`` (pytree, JSON and Grain iterator
             items; the manager's ``metrics`` item is the step's metrics instead).
         target: None, or a pytree whose leaves are `jax.ShapeDtypeStruct` (with
@@ -484,6 +491,9 @@ def restore(url: StoreLike, target: Any = None, *, mesh: Any = None,
         timeout_s: bound on the whole restore, in seconds (None: none beyond each storage
             request's own deadline, ``request_timeout_s``). A request still under way then
             is abandoned and `DeadlineExceededError` names the URL and what was being read.
+        names: for safetensors, name rules after the defaults (`ckpt._names`; docs/
+            safetensors.md): how each target leaf's key path names its tensor, and which
+            tensors of the files to leave out. Other formats refuse them.
 
     Returns:
         With a target: a tree of its structure, shardings and dtypes. Without one: nested
@@ -499,4 +509,5 @@ def restore(url: StoreLike, target: Any = None, *, mesh: Any = None,
         DeadlineExceededError: ``timeout_s`` passed first (nothing is returned).
     """
     deadline = None if timeout_s is None else Deadline(timeout_s, f"restoring {url}")
-    return restore_from(open_store(url), target, mesh=mesh, item=item, deadline=deadline)
+    return restore_from(open_store(url), target, mesh=mesh, item=item, deadline=deadline,
+                        names=names)

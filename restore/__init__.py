@@ -12,6 +12,7 @@ package makes it callable).
 
 from ckpt.restore._errors import CorruptCheckpointError
 from ckpt.restore._plan import ChunkRead, Piece, plan_reads, spec_shard_shape
+from ckpt.restore._raw import RawLayout
 from ckpt.restore._read import ArrayReadJob, aligned_empty, read_arrays
 from ckpt.restore.boxes import (
     Box,
@@ -30,7 +31,7 @@ from ckpt.restore.boxes import (
 )
 
 __all__ = [
-    "ArrayReadJob", "Box", "ChunkRead", "CorruptCheckpointError", "Piece", "aligned_empty",
+    "ArrayReadJob", "Box", "ChunkRead", "CorruptCheckpointError", "Piece", "RawLayout", "aligned_empty",
     "box_of_index", "box_shape", "box_size", "chunk_box", "chunk_sizes", "chunks_in",
     "flat_index", "full_box", "grid_shape", "intersect", "plan_reads", "read_arrays",
     "spec_shard_shape", "to_slices", "unflat_index",

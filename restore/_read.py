@@ -28,6 +28,7 @@ import tensorstore as ts
 
 from ckpt.restore._errors import CorruptCheckpointError
 from ckpt.restore._plan import ChunkRead, plan_reads
+from ckpt.restore._raw import RawLayout, read_raw
 from ckpt.restore.boxes import (
     Box,
     box_shape,
@@ -83,6 +84,8 @@ class ArrayReadJob:
             ``crc32c``'s entry, so a 4-byte read checks it without hashing the data again.
         store: the store the array lives in; each chunk read is waited for through its
             `Store.wait` (``reading chunk (i, j) of <name>``), so a wrapper store sees it.
+        raw: for an array stored as plain bytes in one object (`ckpt.restore._raw`), where
+            they are; ``spec`` then holds only the ``kvstore`` and ``chunk_shape`` is unused.
     """
 
     name: str
@@ -95,6 +98,7 @@ class ArrayReadJob:
     crc32c: list[int] | None = None
     crc32c_in_chunk_tail: bool = False
     store: Store | None = None
+    raw: RawLayout | None = None
 
 
 ALIGNMENT = 64
@@ -138,10 +142,15 @@ def _wait(future: Any, deadline: Deadline | None, doing: str) -> Any:
 
 
 def _open(jobs: Sequence[ArrayReadJob], deadline: Deadline | None) -> list[Any]:
-    """Opens every job's array, checking its stored shape and dtype against the job's."""
-    opened = [ts.open(job.spec, context=job.context) for job in jobs]
+    """Opens every job's array, checking its stored shape and dtype against the job's
+    (a raw job's kvstore instead: its bytes have no metadata to check)."""
+    opened = [ts.KvStore.open(job.spec["kvstore"], context=job.context) if job.raw else
+              ts.open(job.spec, context=job.context) for job in jobs]
     arrays = []
     for job, fut in zip(jobs, opened):
+        if job.raw is not None:
+            arrays.append(_wait(fut, deadline, f"opening the store of {job.name}"))
+            continue
         try:
             arr = _wait(fut, deadline, f"opening leaf {job.name}")
         except DeadlineExceededError:
@@ -223,15 +232,21 @@ def read_arrays(jobs: Sequence[ArrayReadJob], *, memory_budget: int | None = Non
     arrays = _open(jobs, deadline)
     outputs = [[aligned_empty(box_shape(box), job.dtype) for box in job.targets]
                for job in jobs]
-    plans = [plan_reads(job.shape, job.chunk_shape, job.targets) for job in jobs]
+    plans = [[] if job.raw else plan_reads(job.shape, job.chunk_shape, job.targets)
+             for job in jobs]
     if memory_budget is None:
         memory_budget = default_memory_budget(sum(
             box_size(box) * job.dtype.itemsize for job in jobs for box in job.targets))
     kvstores = [ts.KvStore.open(job.spec["kvstore"], context=job.context)
-                if job.crc32c is not None and job.crc32c_in_chunk_tail else None for job in jobs]
+                if job.crc32c is not None and job.crc32c_in_chunk_tail and not job.raw
+                else None for job in jobs]
     window = Window(memory_budget, deadline, "reading chunks")
     try:
         for job, array, out, plan, opening in zip(jobs, arrays, outputs, plans, kvstores):
+            if job.raw is not None:
+                read_raw(job.name, array, job.raw, job.shape, job.dtype, out, job.targets,
+                         window, job.store)
+                continue
             kvstore = _wait(opening, deadline, f"opening leaf {job.name}") \
                 if opening is not None else None
             # On a local file system the 4-byte tail of a large chunk costs less than hashing

@@ -15,11 +15,10 @@ from __future__ import annotations
 import abc
 import errno
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import tensorstore as ts
-
 from ckpt.storage._errors import InvalidKeyError, UnreadableObjectError
 from ckpt.storage._url import Location
 
@@ -92,6 +91,12 @@ class Store(abc.ABC):
         """A store of the same backend rooted at ``prefix`` below this root."""
         return type(self)(self.location.child(check_key(prefix)))
 
+    def parent(self) -> "Store | None":
+        """A store of the same backend rooted one level up (None at the top): where a
+        reader of a single file (a ``.safetensors`` URL) finds it by name."""
+        up = self.location.parent()
+        return None if up is None else type(self)(up)
+
     def describe(self, key: str) -> str:
         """A human-readable name of ``key`` for error messages."""
         return f"{self.url.rstrip('/')}/{key}" if key else self.url
@@ -145,6 +150,25 @@ class Store(abc.ABC):
     def write(self, key: str, data: bytes) -> None:
         """Creates or atomically replaces the object at ``key``."""
         self._write(check_key(key), bytes(data))
+
+    def write_stream(self, key: str, parts: Iterable[bytes | memoryview]) -> int:
+        """Creates or atomically replaces the object at ``key`` with the concatenation of
+        ``parts``, written as they come: an object larger than memory is never held whole.
+        Called by offline exports (`ckpt.export_safetensors`), on one process.
+
+        Readers see the old object (or none) until every part is written and durable, then
+        the new one. If iterating ``parts`` raises, or a write fails, nothing is created or
+        replaced and the error propagates.
+
+        Returns:
+            The bytes written.
+        """
+        return self._write_stream(check_key(key), parts)
+
+    def _write_stream(self, key: str, parts: Iterable[bytes | memoryview]) -> int:
+        data = b"".join(bytes(p) for p in parts)  # backends that can stream override this
+        self._write(key, data)
+        return len(data)
 
     def write_if_absent(self, key: str, data: bytes) -> bool:
         """Creates ``key`` only if no object is there, atomically.

@@ -15,10 +15,15 @@ import os
 import secrets
 import shutil
 import stat
+from collections.abc import Iterable
 from typing import Any
 
 from ckpt.storage._base import Store
-from ckpt.storage._errors import ObjectNotFoundError, StorageError, UnreadableObjectError
+from ckpt.storage._errors import (
+    ObjectNotFoundError,
+    StorageError,
+    UnreadableObjectError,
+)
 
 _TMP_MARK = ".ckpt-tmp-"
 
@@ -161,6 +166,37 @@ class LocalStore(Store):
             _fsync_dir(os.path.dirname(path))
         except OSError as exc:
             raise self._error(exc, key, "writing") from exc
+
+    def _write_stream(self, key: str, parts: Iterable[bytes | memoryview]) -> int:
+        path = self._path(key)
+        written = 0
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = os.path.join(os.path.dirname(path),
+                               f".{os.path.basename(path)}{_TMP_MARK}{secrets.token_hex(6)}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as exc:
+            raise self._error(exc, key, "writing") from exc
+        try:
+            for part in parts:
+                view = memoryview(part).cast("B")
+                written += len(view)
+                while view:
+                    view = view[os.write(fd, view):]
+            os.fsync(fd)
+            os.close(fd)
+            fd = -1
+            os.replace(tmp, path)
+            _fsync_dir(os.path.dirname(path))
+        except BaseException as exc:
+            if fd >= 0:
+                os.close(fd)
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            if isinstance(exc, OSError) and not isinstance(exc, StorageError):
+                raise self._error(exc, key, "writing") from exc
+            raise
+        return written
 
     def _write_if_absent(self, key: str, data: bytes) -> bool:
         try:

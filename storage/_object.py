@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import errno
 import importlib
+import logging
 import os
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import tensorstore as ts
-
 from ckpt.storage._base import Keys, Store, shared_context
 from ckpt.storage._errors import (
     AccessDeniedError,
@@ -34,7 +35,10 @@ from ckpt.storage._errors import (
 from ckpt.storage._settings import ObjectSettings, publish_for_tensorstore, resolve
 
 _verified: set[tuple[ObjectSettings, str]] = set()
+# Part size of streamed uploads (S3 allows 5 MiB to 5 GiB per part, 10000 parts).
+STREAM_PART_BYTES = 16 << 20
 CONFLICT_RETRIES = 6
+log = logging.getLogger("ckpt.storage")
 
 
 def _http_status(exc: BaseException) -> int | None:
@@ -250,6 +254,26 @@ class ObjectStore(Store):
             self._call("writing", key, self._fs.pipe_file, self._path(key), data)
         except FileNotFoundError as exc:
             raise self._error(exc, key, "writing") from exc
+
+    def _write_stream(self, key: str, parts: Iterable[bytes | memoryview]) -> int:
+        # An upload in parts (S3 multipart, GCS resumable): the object appears only when
+        # the last part is sent and the upload completed; an error discards the upload.
+        # Never `with`: its exit would complete the upload of what was written so far.
+        f = self._call("writing", key, self._fs.open, self._path(key), "wb",
+                       block_size=STREAM_PART_BYTES)
+        written = 0
+        try:
+            for part in parts:
+                written += self._call("writing", key, f.write, part)
+            self._call("writing", key, f.close)
+        except BaseException:
+            try:
+                f.discard()
+            except Exception:
+                log.warning("could not abort the upload of %s", self.describe(key))
+            f.closed = True
+            raise
+        return written
 
     def _write_if_absent(self, key: str, data: bytes) -> bool:
         for attempt in range(CONFLICT_RETRIES + 1):

@@ -46,6 +46,16 @@ class Location:
         return Location(self.scheme, self.bucket, path)
 
 
+    def parent(self) -> "Location | None":
+        """The location one level up, or None at a file system's or bucket's root."""
+        if self.scheme == "file":
+            up = os.path.dirname(self.path)
+            return None if up == self.path else Location("file", "", up)
+        if not self.path:
+            return None
+        return Location(self.scheme, self.bucket, self.path.rpartition("/")[0])
+
+
 def parse_url(url: str | os.PathLike[str]) -> Location:
     """Parses a checkpoint URL.
 

@@ -10,11 +10,10 @@ point that takes a URL also takes a `Store`, wrapped or not (`open_store`).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import tensorstore as ts
-
 from ckpt.storage._base import Keys, Store
 
 T = TypeVar("T")
@@ -43,6 +42,15 @@ class WrapperStore(Store):
         wrapped.location = wrapped.inner.location
         return wrapped
 
+    def parent(self) -> Store | None:
+        up = self.inner.parent()
+        if up is None:
+            return None
+        wrapped = copy.copy(self)
+        wrapped.inner = up
+        wrapped.location = up.location
+        return wrapped
+
     def verify_access(self) -> None:
         self._delegate("checking access to", "", self.inner.verify_access)
 
@@ -63,6 +71,9 @@ class WrapperStore(Store):
 
     def _write(self, key: str, data: bytes) -> None:
         self._delegate("writing", key, self.inner._write, key, data)
+
+    def _write_stream(self, key: str, parts: Iterable[bytes | memoryview]) -> int:
+        return self._delegate("writing", key, self.inner._write_stream, key, parts)
 
     def _write_if_absent(self, key: str, data: bytes) -> bool:
         return self._delegate("creating", key, self.inner._write_if_absent, key, data)

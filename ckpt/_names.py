@@ -1,0 +1,123 @@
+"""Tensor names: how a leaf's key path becomes a safetensors tensor name, both ways.
+
+One owner for the rules that export (`ckpt._export`) and import (`ckpt._safetensors`) share,
+so that a model exported and imported with the same rules lands on the same leaves.
+
+The default name joins the key path's entries with ``.`` (``['params']['layers'][0]['w']``
+is ``params.layers.0.w``), leaving out a last ``.value`` attribute (what a Flax NNX
+``Variable`` adds). Then the rules run in order on that name:
+
+- ``drop REGEX``: a name REGEX matches (``re.search``) is left out;
+- ``keep REGEX``: a name REGEX matches is kept again (undoes an earlier ``drop``);
+- ``REGEX => REPLACEMENT``: ``re.sub`` on the name (``\\1`` for groups).
+
+`DEFAULT_RULES` come first: optimizer state and RNG state are dropped (neither belongs in
+deployed weights); ``keep`` rules bring them back. Typed PRNG key arrays and values that are
+not arrays are never tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable, Sequence
+
+from ckpt._tree import KeyPath
+
+DEFAULT_RULES = (
+    r"drop (^|\.)(opt_state|optimizer|optimizer_state|opt)(\.|$)",
+    r"drop (^|\.)rngs(\.|$)",
+)
+
+NamesLike = str | Iterable[str] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+    text: str
+    action: str                 # "drop", "keep" or "rename"
+    pattern: re.Pattern[str]
+    replacement: str = ""
+
+
+def _parse(text: str) -> _Rule:
+    line = text.strip()
+    try:
+        for action in ("drop", "keep"):
+            if line.startswith(action + " "):
+                return _Rule(text, action, re.compile(line[len(action):].strip()))
+        if "=>" in line:
+            pattern, _, replacement = line.partition("=>")
+            rule = _Rule(text, "rename", re.compile(pattern.strip()), replacement.strip())
+            rule.pattern.sub(rule.replacement, "")  # a bad group reference fails here
+            return rule
+    except re.error as exc:
+        raise ValueError(f"name rule {text!r}: {exc}") from None
+    raise ValueError(f"name rule {text!r} is none of 'drop REGEX', 'keep REGEX', "
+                     "'REGEX => REPLACEMENT'")
+
+
+def default_name(path: KeyPath) -> str:
+    """The dot-joined name of a key path, without a last ``.value`` attribute."""
+    if len(path) > 1 and path[-1] == ("attr", "value"):
+        path = path[:-1]
+    return ".".join(str(value) for _, value in path)
+
+
+class NameRules:
+    """The rules that name tensors, parsed once.
+
+    Args:
+        rules: rule lines after `DEFAULT_RULES` (a str is one rule per line; blank lines and
+            lines starting with ``#`` are skipped).
+        only: keep only tensors whose final name this regex matches (``re.search``).
+
+    Raises:
+        ValueError: a rule or ``only`` that does not parse (names it).
+    """
+
+    def __init__(self, rules: NamesLike = None, only: str | None = None) -> None:
+        if isinstance(rules, str):
+            rules = rules.splitlines()
+        lines = [r for r in (*DEFAULT_RULES, *(rules or ()))
+                 if r.strip() and not r.strip().startswith("#")]
+        self.rules = [_parse(r) for r in lines]
+        try:
+            self.only = re.compile(only) if only is not None else None
+        except re.error as exc:
+            raise ValueError(f"--only {only!r}: {exc}") from None
+
+    def name(self, path: KeyPath) -> str | None:
+        """The tensor name of the leaf at ``path``, or None when the rules leave it out."""
+        return self.apply(default_name(path))
+
+    def apply(self, name: str) -> str | None:
+        kept = True
+        for rule in self.rules:
+            if rule.action == "rename":
+                name = rule.pattern.sub(rule.replacement, name)
+            elif rule.pattern.search(name):
+                kept = rule.action == "keep"
+        if not kept or (self.only is not None and not self.only.search(name)):
+            return None
+        return name
+
+    def ignores(self, tensor: str) -> bool:
+        """Whether a tensor of a file being imported is meant to be left out: the ``drop``
+        and ``keep`` rules (and ``only``), matched against its name as stored."""
+        kept = True
+        for rule in self.rules:
+            if rule.action != "rename" and rule.pattern.search(tensor):
+                kept = rule.action == "keep"
+        return not kept or (self.only is not None and not self.only.search(tensor))
+
+
+def rules_from(names: NamesLike | NameRules, only: str | None = None) -> NameRules:
+    """``names`` as `NameRules` (one already parsed is returned as it is)."""
+    if isinstance(names, NameRules):
+        return names
+    return NameRules(names, only)
+
+
+def describe(rules: Sequence[str]) -> str:
+    return "; ".join(rules) if rules else "the default rules"

@@ -1,0 +1,145 @@
+"""Reading boxes of an array stored as plain bytes: little-endian, C order, uncompressed, at
+a byte offset of one object (a safetensors tensor is one).
+
+Called by `ckpt.restore.read_arrays` for a job with a `RawLayout`, on every process that
+restores, for the boxes its devices need. Pure geometry (`byte_runs`, `coalesce`) says which
+byte ranges of the object hold a box; each range is read with one ranged request through
+TensorStore's kvstore (the same for local files, S3, GCS and memory) and scattered into the
+box's buffer. Ranges are read exactly, except that two ranges separated by a gap of at most
+`HOLE_BYTES` are read as one (Apache Arrow's default for the same trade-off: a small hole
+costs less than another request), and no request is longer than `MAX_REQUEST_BYTES`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from ckpt.restore._errors import CorruptCheckpointError
+from ckpt.restore.boxes import Box, box_shape
+from ckpt.storage import (
+    DeadlineExceededError,
+    StorageError,
+    Store,
+    Window,
+    tensorstore_code,
+)
+
+HOLE_BYTES = 8 << 10
+MAX_REQUEST_BYTES = 32 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class RawLayout:
+    """Where an array's bytes are: the object ``key`` in the job's kvstore, from byte
+    ``offset``, ``prod(shape) * itemsize`` bytes in C order, little-endian."""
+
+    key: str
+    offset: int
+
+
+def byte_runs(shape: Sequence[int], box: Box) -> tuple[np.ndarray, int]:
+    """The element offsets at which the runs of ``box`` start in a C-order array of
+    ``shape``, in the C order of the box, and the elements each run holds (every run holds
+    the same number: the box's extent along its last partial dimension times the whole
+    dimensions after it)."""
+    extents = box_shape(box)
+    if any(e == 0 for e in extents):
+        return np.zeros(0, np.int64), 0
+    partial = [d for d, (lo, hi) in enumerate(box) if (lo, hi) != (0, shape[d])]
+    if not partial:
+        return np.zeros(1, np.int64), math.prod(shape)
+    last = partial[-1]
+    strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+    run = extents[last] * strides[last]
+    starts = np.full((), box[last][0] * strides[last], np.int64)
+    for d in range(last):
+        starts = starts[..., None] + (np.arange(box[d][0], box[d][1], dtype=np.int64)
+                                      * strides[d])
+    return starts.reshape(-1), run
+
+
+def coalesce(starts: np.ndarray, run_bytes: int, itemsize: int) -> list[tuple[int, int]]:
+    """Groups runs (``starts`` in elements, ascending) into requests: the [first, last) run
+    positions each request covers. Neighbours separated by at most `HOLE_BYTES` share a
+    request while it stays within `MAX_REQUEST_BYTES` (a longer run is still one request)."""
+    groups: list[tuple[int, int]] = []
+    if len(starts) == 0:
+        return groups
+    gaps = (np.diff(starts) * itemsize) - run_bytes
+    first = 0
+    for i in range(1, len(starts)):
+        span = (int(starts[i]) - int(starts[first])) * itemsize + run_bytes
+        if gaps[i - 1] > HOLE_BYTES or span > MAX_REQUEST_BYTES:
+            groups.append((first, i))
+            first = i
+    groups.append((first, len(starts)))
+    return groups
+
+
+def _scatter(out2d: np.ndarray, rows: slice, data: np.ndarray, rel: np.ndarray,
+             run: int) -> None:
+    """Copies runs of ``data`` (starting at element offsets ``rel``) into ``out2d[rows]``."""
+    if len(rel) > 1 and (np.diff(rel) == rel[1] - rel[0]).all():
+        step = int(rel[1] - rel[0])
+        view = np.lib.stride_tricks.as_strided(
+            data[int(rel[0]):], shape=(len(rel), run),
+            strides=(step * data.itemsize, data.itemsize), writeable=False)
+        out2d[rows] = view
+        return
+    for row, at in zip(range(rows.start, rows.stop), rel):
+        out2d[row] = data[int(at):int(at) + run]
+
+
+def _land(name: str, key: str, out2d: np.ndarray, rows: slice, rel: np.ndarray, run: int,
+          dtype: np.dtype[Any], want: int, store: Store | None, fut: Any) -> None:
+    doing = f"reading {name} from {key}"
+    try:
+        result = fut.result() if store is None else store.wait(fut, doing)
+    except DeadlineExceededError:
+        raise
+    except Exception as exc:
+        if tensorstore_code(exc) in ("NOT_FOUND", "OUT_OF_RANGE", "DATA_LOSS"):
+            raise CorruptCheckpointError(f"tensor {name}: {key} is missing or shorter than "
+                                         f"its header says: {exc}") from None
+        raise StorageError(errno.EIO, f"{doing} failed: {exc}") from exc
+    if result.state != "value" or len(result.value) != want:
+        got = len(result.value) if result.state == "value" else 0
+        raise CorruptCheckpointError(f"tensor {name}: {key} is shorter than its header says "
+                                     f"(read {got} of {want} bytes)")
+    data = np.frombuffer(result.value, dtype=dtype)
+    _scatter(out2d, rows, data, rel, run)
+
+
+def read_raw(name: str, kvstore: Any, layout: RawLayout, shape: Sequence[int],
+             dtype: np.dtype[Any], outputs: Sequence[np.ndarray], targets: Sequence[Box],
+             window: Window, store: Store | None = None) -> None:
+    """Issues the reads that fill each of ``outputs`` (the buffers of ``targets``) through
+    ``window``; they land as the window finishes them, on the calling thread.
+
+    Raises (from the window, as reads land):
+        CorruptCheckpointError: the object is missing or shorter than ``layout`` says.
+        StorageError: it could not be read.
+    """
+    little = dtype.newbyteorder("<")
+    itemsize = dtype.itemsize
+    for out, box in zip(outputs, targets):
+        starts, run = byte_runs(shape, box)
+        if run == 0:
+            continue
+        out2d = out.reshape(len(starts), run)
+        for first, last in coalesce(starts, run * itemsize, itemsize):
+            lo = int(starts[first])
+            hi = int(starts[last - 1]) + run
+            begin = layout.offset + lo * itemsize
+            want = (hi - lo) * itemsize
+            fut = kvstore.read(layout.key, byte_range=slice(begin, begin + want))
+            window.add(fut, want, functools.partial(
+                _land, name, layout.key, out2d, slice(first, last), starts[first:last] - lo,
+                run, little, want, store))
+
