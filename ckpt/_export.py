@@ -170,6 +170,11 @@ def _slabs(shape: tuple[int, ...], chunk_shape: tuple[int, ...], itemsize: int,
             yield tuple((i, i + 1) for i in lead) + ((start, min(start + step, shape[d])),) + tail
 
 
+def _bytes_of(array: np.ndarray) -> memoryview:
+    """The bytes of a C-contiguous array, without a copy, little-endian as written."""
+    return memoryview(array.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+
+
 def _tensor_bytes(source: Readable, out: _Out, slab_limit: int,
                   read_budget: int) -> Iterator[memoryview]:
     """The bytes of one tensor, slab by slab, checked as they are read."""
@@ -177,9 +182,8 @@ def _tensor_bytes(source: Readable, out: _Out, slab_limit: int,
     what = f"{source.store.url} leaf {keystr(rec.path)}"
     target = dtype_from_name(out.dtype, what)
     if rec.kind == LeafKind.INLINE:
-        whole = decode_inline(rec, what)
-        yield memoryview(np.ascontiguousarray(whole.astype(target, copy=False))
-                         .reshape(-1).view(np.uint8))
+        small = decode_inline(rec, what)
+        yield _bytes_of(np.ascontiguousarray(small.astype(target, copy=False)))
         return
     itemsize = max(dtype_from_name(rec.dtype, what).itemsize, target.itemsize)
     whole = source.read_job(rec, [])
@@ -188,7 +192,7 @@ def _tensor_bytes(source: Readable, out: _Out, slab_limit: int,
                                memory_budget=read_budget)
         if slab.dtype != target:
             slab = slab.astype(target)
-        yield memoryview(slab.reshape(-1).view(np.uint8))
+        yield _bytes_of(slab)
         del slab
 
 

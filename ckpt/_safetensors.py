@@ -234,7 +234,8 @@ def tensor_record(path: KeyPath, t: Tensor) -> LeafRecord:
 
 
 def _natural_paths(names: Sequence[str]) -> dict[str, KeyPath]:
-    split = {n: tuple(("key", part) for part in n.split(".")) for n in names}
+    split: dict[str, KeyPath] = {n: tuple(("key", part) for part in n.split("."))
+                                 for n in names}
     prefixes = {p[:i] for p in split.values() for i in range(1, len(p))}
     if any(p in prefixes for p in split.values()):
         return {n: (("key", n),) for n in names}
@@ -283,7 +284,7 @@ def open_safetensors(store: Store) -> SafetensorsFiles | None:
         folder = store.parent()
         if folder is None or not folder.exists(base):
             return None
-        files, weights, index_meta = [base], None, {}
+        files, weights, index_meta = [base], None, dict[str, Any]()
     else:
         folder = store
         files, weights, index_meta = _files(store)

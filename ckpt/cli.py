@@ -1,5 +1,5 @@
-"""The ``ckpt`` command line: inspect, list, verify, reshard, convert and gc checkpoints on
-any URL.
+"""The ``ckpt`` command line: inspect, list, verify, reshard, convert, export and gc
+checkpoints on any URL.
 
 Each subcommand is a thin layer over the library. Errors print one line on stderr; the exit
 status is 0 (all well), 1 (a checkpoint is damaged), 2 (bad usage) or 3 (any other
@@ -9,6 +9,7 @@ failure); ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -22,6 +23,7 @@ from typing import Any
 
 from ckpt._format import ATTEMPT_PREFIX, COMMIT, MAX_COMMIT_BYTES, CommitRecord, read_object
 from ckpt._claims import delete_data, remove_uncommitted, retire
+from ckpt._export import export_safetensors, parse_size
 from ckpt._housekeeping import (
     abandoned,
     attempts,
@@ -320,6 +322,46 @@ def _rewrite(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- export ---------------------------------------------------------------------------------
+
+def _rules(values: Sequence[str]) -> list[str]:
+    """``--names`` values: a rule each, or ``@FILE`` for a file of rules, one per line."""
+    rules: list[str] = []
+    for value in values:
+        if value.startswith("@"):
+            try:
+                with open(value[1:], encoding="utf-8") as f:
+                    rules.extend(f.read().splitlines())
+            except OSError as exc:
+                raise _UsageError(f"--names {value}: {exc.strerror or exc}") from None
+        else:
+            rules.append(value)
+    return rules
+
+
+def _export(args: argparse.Namespace) -> int:
+    _limit_malloc_retention()
+    try:
+        size = parse_size(args.max_shard_size)
+        result = export_safetensors(
+            args.src, args.dst, dtype=args.dtype, max_shard_size=size,
+            names=_rules(args.names), only=args.only, item=args.item,
+            memory_budget=args.memory_budget, overwrite=args.overwrite,
+            progress=_progress("exporting", args.quiet or args.json))
+    except ValueError as exc:
+        if isinstance(exc, CkptError):
+            raise
+        raise _UsageError(str(exc)) from None
+    if args.json:
+        print(json.dumps(dataclasses.asdict(result), indent=2))
+        return 0
+    print(f"wrote {result.url}: {len(result.tensors)} tensors, {_size(result.nbytes)} in "
+          f"{len(result.files)} file(s)")
+    for path, why in result.left_out.items():
+        print(f"  left out {path}: {why}")
+    return 0
+
+
 # -- gc -------------------------------------------------------------------------------------
 
 def _is_checkpoint(store: Any) -> bool:
@@ -437,7 +479,7 @@ def _version() -> str:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ckpt", epilog=EPILOG, allow_abbrev=False,
-        description="Inspect, check, convert and clean up JAX checkpoints.")
+        description="Inspect, check, convert, export and clean up JAX checkpoints.")
     _global_flags(parser, False)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -487,6 +529,38 @@ def _parser() -> argparse.ArgumentParser:
                        "then read every written chunk back to verify it.")
     _rewrite_args(p, mesh_help="lay out for this mesh, e.g. data=2,model=4 (default: the "
                   "mesh SRC was saved on, with its PartitionSpecs)", mesh_required=False)
+
+    p = sub.add_parser("export", epilog=EPILOG,
+                       help="write a checkpoint's weights as safetensors, streaming",
+                       description="Write the array leaves of SRC (this library's checkpoint or "
+                       "Orbax's) as safetensors at DST, laid out as Hugging Face lays them out "
+                       "(model.safetensors, or model-0000i-of-0000N.safetensors and "
+                       "model.safetensors.index.json), with bounded memory and no "
+                       "accelerators, each chunk checked as it is read. Tensor names join key "
+                       "paths with '.'; optimizer and RNG state are left out (docs/"
+                       "safetensors.md).")
+    p.add_argument("src", help="the checkpoint to read")
+    p.add_argument("dst", help="a folder, or a path ending in .safetensors for one file")
+    p.add_argument("--format", choices=["safetensors"], default="safetensors",
+                   help="the format to write (default safetensors)")
+    p.add_argument("--dtype", default=None,
+                   help="cast floating-point tensors to this dtype (e.g. bfloat16)")
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="most bytes per file: 5GB (10^9), 2GiB (2^30) (default 5GB)")
+    p.add_argument("--names", action="append", default=[], metavar="RULES",
+                   help="a name rule ('drop REGEX', 'keep REGEX', 'REGEX => REPLACEMENT'), "
+                   "or @FILE for a file of them, one per line; repeatable, applied in order "
+                   "after the defaults")
+    p.add_argument("--only", default=None, metavar="PATTERN",
+                   help="write only tensors whose name this regex matches")
+    p.add_argument("--item", default=None, help="export one item of an Orbax step")
+    p.add_argument("--memory-budget", type=_parse_bytes, default="256M",
+                   help="host memory for tensor data (default 256M)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace safetensors files already at DST")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print what was written as JSON")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("gc", epilog=EPILOG, help="remove debris and apply retention",
                        description="Remove incomplete attempts older than the grace period "

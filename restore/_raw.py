@@ -97,8 +97,9 @@ def _scatter(out2d: np.ndarray, rows: slice, data: np.ndarray, rel: np.ndarray,
 
 
 def _land(name: str, key: str, out2d: np.ndarray, rows: slice, rel: np.ndarray, run: int,
-          dtype: np.dtype[Any], want: int, store: Store | None, fut: Any) -> None:
-    doing = f"reading {name} from {key}"
+          dtype: np.dtype[Any], begin: int, want: int, store: Store | None, fut: Any) -> None:
+    # What a wrapper store sees (`Store.wait`): the exact byte range.
+    doing = f"reading bytes {begin}-{begin + want} of {key} for {name}"
     try:
         result = fut.result() if store is None else store.wait(fut, doing)
     except DeadlineExceededError:
@@ -141,5 +142,5 @@ def read_raw(name: str, kvstore: Any, layout: RawLayout, shape: Sequence[int],
             fut = kvstore.read(layout.key, byte_range=slice(begin, begin + want))
             window.add(fut, want, functools.partial(
                 _land, name, layout.key, out2d, slice(first, last), starts[first:last] - lo,
-                run, little, want, store))
+                run, little, begin, want, store))
 

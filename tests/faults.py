@@ -95,12 +95,18 @@ def tamper_reports(change: Callable[[list], list]) -> Before:
 class ChunkReads:
     """Records every chunk a restore reads through the store it wraps: ``reads[leaf]`` is
     the list of chunk grid coordinates read of that leaf (its key path, e.g.
-    ``['params']['w']``), in the order they landed."""
+    ``['params']['w']``), in the order they landed; ``ranges`` the byte ranges read of
+    files stored as plain bytes (safetensors)."""
 
     def __init__(self) -> None:
         self.reads: dict[str, list[tuple[int, ...]]] = {}
+        self.ranges: list[tuple[str, int, int]] = []  # (file, begin, end) of raw reads
 
     def _after(self, doing, key, args):
+        if doing.startswith("reading bytes "):
+            span, _, rest = doing[len("reading bytes "):].partition(" of ")
+            begin, _, end = span.partition("-")
+            self.ranges.append((rest.partition(" for ")[0], int(begin), int(end)))
         if doing.startswith("reading chunk ("):
             coord, _, leaf = doing[len("reading chunk "):].partition(") of ")
             self.reads.setdefault(leaf, []).append(
