@@ -445,3 +445,26 @@ def save_snapshot(url, step, mesh_shape, mode, budget):
             v.delete()
     handle.wait()
     return [handle.timings.snapshot, handle.timings.host_peak_bytes]
+
+
+def restore_safetensors(path):
+    """Restores the tensors of the safetensors file at ``path`` onto a 2x4 mesh across the
+    processes; returns the bytes of tensor data this process read and needed."""
+    from safetensors.numpy import load_file
+
+    from tests.faults import ChunkReads
+
+    host = load_file(path)
+    mesh = mesh_of((2, 4))
+    specs = {"w": P("data", None), "v": P(None, "data"), "r": P()}
+    target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(mesh, specs[k]))
+              for k, v in host.items()}
+    seen = ChunkReads()
+    out = ckpt.restore(seen.store(path), target)
+    needed = 0
+    for k, v in host.items():
+        boxes = {str(s.index): s for s in out[k].addressable_shards}
+        for shard in boxes.values():
+            assert np.asarray(shard.data).tobytes() == v[shard.index].tobytes(), k
+            needed += shard.data.nbytes
+    return {"read": sum(e - b for _, b, e in seen.ranges), "needed": needed}

@@ -35,6 +35,31 @@ class StoreConformance:
         with pytest.raises(ObjectNotFoundError):
             store.read("a/missing", max_bytes=10)
 
+    def test_write_stream(self, store: Store):
+        # Parts larger than an object store's upload part (16 MiB) so that a real
+        # multipart / resumable upload is made.
+        part = np.arange(5 << 20, dtype=np.int32).tobytes()
+        assert store.write_stream("s/big", (memoryview(part) for _ in range(4))) == 4 * len(part)
+        assert store.read("s/big") == part * 4
+        assert store.write_stream("s/empty", iter(())) == 0
+        assert store.read("s/empty") == b""
+
+    def test_failed_write_stream_leaves_the_old_object(self, store: Store):
+        store.write("s/obj", b"old")
+        part = b"n" * (17 << 20)
+
+        def parts():
+            yield part  # a first part is uploaded before the failure
+            yield part
+            raise RuntimeError("the source failed")
+
+        for key in ("s/obj", "s/new"):
+            with pytest.raises(RuntimeError, match="the source failed"):
+                store.write_stream(key, parts())
+        assert store.read("s/obj") == b"old"
+        assert not store.exists("s/new")
+        assert store.list("s") == ["s/obj"]
+
     def test_write_if_absent_creates_once(self, store: Store):
         assert store.write_if_absent("x/COMMIT", b"first") is True
         assert store.write_if_absent("x/COMMIT", b"second") is False

@@ -247,3 +247,22 @@ def test_zombie_writer_cannot_change_the_new_commit(template, tmp_path):
     mgr = ckpt.CheckpointManager(root, keep_last=None)
     mgr.close()
     _debris_free(root, {0, 1, 2})
+
+
+def test_each_process_reads_only_its_byte_ranges_of_safetensors(tmp_path):
+    """Two processes restore a safetensors file onto one 2x4 mesh: each reads exactly its
+    half of a tensor split by rows and of one split by columns (16 KiB runs, 16 KiB
+    holes: each run is its own range), and all of a replicated one."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    tensors = {"w": rng.standard_normal((512, 256)).astype(np.float32),   # rows by process
+               "v": rng.standard_normal((128, 8192)).astype(np.float32),  # columns
+               "r": rng.standard_normal((64, 64)).astype(np.float32)}     # replicated
+    path = str(tmp_path / "model.safetensors")
+    save_file(tensors, path)
+    results = launch("tests.mp_jobs:restore_safetensors", 2, args=[path])
+    for r in results:
+        assert r["needed"] == (tensors["w"].nbytes + tensors["v"].nbytes) // 2 \
+            + tensors["r"].nbytes
+        assert r["read"] == r["needed"], r

@@ -18,6 +18,7 @@ from safetensors.numpy import load_file, save_file
 
 import ckpt
 from ckpt._names import NameRules, default_name
+from ckpt._tree import flatten
 from ckpt.errors import (
     CheckpointExistsError,
     CorruptCheckpointError,
@@ -452,3 +453,67 @@ def _walk(tree, prefix=()):
             yield from _walk(v, prefix + (k,))
     else:
         yield prefix, tree
+
+
+# -- a Flax NNX model, out and back -------------------------------------------------------
+
+def test_flax_nnx_model_exported_loaded_and_imported_onto_2x4_and_one_device(tmp_path,
+                                                                              devices):
+    import optax
+    from flax import nnx
+    from safetensors.flax import load_file as load_flax
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.up = nnx.Linear(16, 32, rngs=rngs, param_dtype=jnp.bfloat16)
+            self.down = nnx.Linear(32, 16, rngs=rngs)
+
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.embed = nnx.Embed(64, 16, rngs=rngs)
+            self.layers = nnx.List([Block(rngs) for _ in range(2)])
+            self.norm = nnx.LayerNorm(16, rngs=rngs)
+            self.drop = nnx.Dropout(0.1, rngs=rngs)
+
+    model = Model(nnx.Rngs(params=1, dropout=2))
+    optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+    url = str(tmp_path / "step-100")
+    ckpt.save(url, {"model": nnx.state(model), "optimizer": nnx.state(optimizer), "step": 100})
+
+    out = str(tmp_path / "hf")
+    result = ckpt.export_safetensors(url, out, names=[r"^model\. => "])
+    params = {default_name(path): value
+              for path, value in flatten(nnx.state(model, nnx.Param))[0]}
+    assert set(result.tensors) == set(params)  # optimizer and RNG state left out
+    loaded = load_flax(os.path.join(out, "model.safetensors"))
+    assert set(loaded) == set(params)
+    for name, value in params.items():
+        assert loaded[name].dtype == value.dtype, name
+        assert np.asarray(loaded[name]).tobytes() == np.asarray(value).tobytes(), name
+    assert loaded["layers.0.up.kernel"].dtype == jnp.bfloat16
+
+    mesh = make_mesh((2, 4))
+
+    def place(spec_of):
+        abstract = nnx.eval_shape(lambda: Model(nnx.Rngs(0)))
+        state = nnx.state(abstract, nnx.Param)
+        return abstract, jax.tree.map(lambda s: jax.ShapeDtypeStruct(
+            s.shape, s.dtype, sharding=spec_of(s)), state)
+
+    def on_mesh(s):
+        spec = P("data", "model") if len(s.shape) == 2 else P("model")
+        return NamedSharding(mesh, spec)
+
+    for spec_of in (on_mesh, lambda s: SingleDeviceSharding(devices[5])):
+        abstract, target = place(spec_of)
+        restored = ckpt.restore(out, target)
+        fresh = Model(nnx.Rngs(params=9, dropout=9))
+        nnx.update(fresh, restored)
+        for name, value in params.items():
+            got = fresh
+            for part in name.split("."):
+                got = got[int(part)] if part.isdigit() else getattr(got, part)
+            array = got[...]
+            assert array.sharding == spec_of(array), name
+            assert array.dtype == value.dtype
+            assert np.asarray(array).tobytes() == np.asarray(value).tobytes(), name
