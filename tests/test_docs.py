@@ -6,6 +6,7 @@ folder, and its outcome checked. A new example must be added to RUN (with a chec
 ILLUSTRATIVE (with the test that covers it instead).
 """
 
+import os
 import pathlib
 import re
 
@@ -193,7 +194,7 @@ def readme_logging(tmp_path):
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     try:
-        names = _run("README.md", 2, {}, {"/tmp/ckpt-logging-example": tmp_path / "ex"})
+        names = _run("README.md", 4, {}, {"/tmp/ckpt-logging-example": tmp_path / "ex"})
     finally:  # basicConfig in the example must not leak into other tests
         for h in root.handlers[:]:
             if h not in handlers:
@@ -203,7 +204,85 @@ def readme_logging(tmp_path):
     assert isinstance(t, ckpt.SaveTimings) and t.nbytes == 8000 and t.total_s >= t.blocked_s
 
 
-RUN = {("README.md", 0): readme_loop, ("README.md", 2): readme_logging,
+def _exported(tmp_path):
+    """A run's step with params and optimizer state, exported by README's example."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 4)).astype(np.float32)
+    step = tmp_path / "runs" / "exp7" / "2000"
+    ckpt.save(str(step), {"params": {"layers": [{"w": w}]}, "opt_state": {"mu": w}})
+    urls = {"gs://my-bucket/runs/exp7/2000": step, "gs://my-bucket/deploy/exp7":
+            tmp_path / "deploy"}
+    names = _run("README.md", 2, {}, urls)
+    assert names["result"].files == ["model.safetensors"]
+    assert set(names["result"].tensors) == {"model.layers.0.w"}  # optimizer state left out
+    return names, urls, w
+
+
+def readme_export(tmp_path):
+    from safetensors.numpy import load_file
+
+    _, urls, w = _exported(tmp_path)
+    loaded = load_file(str(urls["gs://my-bucket/deploy/exp7"] / "model.safetensors"))
+    assert loaded["model.layers.0.w"].tobytes() == w.astype(jnp.bfloat16).tobytes()
+
+
+def readme_import(tmp_path):
+    names, urls, w = _exported(tmp_path)
+    names["abstract_params"] = {"params": {"layers": [
+        {"w": jax.ShapeDtypeStruct((8, 4), jnp.bfloat16)}]}}
+    deploy = {"gs://my-bucket/deploy/exp7": urls["gs://my-bucket/deploy/exp7"]}
+    with pytest.warns(ckpt.errors.UnshardedTargetWarning):
+        _run("README.md", 3, names, deploy)
+    got = names["params"]["params"]["layers"][0]["w"]
+    assert np.asarray(got).tobytes() == w.astype(jnp.bfloat16).tobytes()
+
+
+def safetensors_export(tmp_path):
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((8, 4)).astype(np.float32)
+    step = tmp_path / "2000"
+    ckpt.save(str(step), {"params": {"w": w, "b": np.zeros(4, np.float32)},
+                          "opt_state": {"mu": w}, "step": 2000})
+    names = _run("docs/safetensors.md", 0, {}, {"gs://my-bucket/runs/exp7/2000": step,
+                                                "gs://my-bucket/deploy/exp7": tmp_path / "d"})
+    assert set(names["result"].tensors) == {"model.w", "model.b"}
+    assert names["result"].left_out == {"['opt_state']['mu']": "left out by the name rules",
+                                        "['step']": "not an array (value)"}
+
+
+def safetensors_import(tmp_path):
+    from flax import nnx
+    from safetensors.numpy import save_file
+
+    from tests.conftest import make_mesh
+
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.up = nnx.Linear(8, 16, rngs=rngs)
+            self.norm = nnx.LayerNorm(16, rngs=rngs)
+
+    published = Model(nnx.Rngs(5))
+    weights = {"up.kernel": np.asarray(published.up.kernel[...]),
+               "up.bias": np.asarray(published.up.bias[...]),
+               "norm.scale": np.asarray(published.norm.scale[...]),
+               "norm.bias": np.asarray(published.norm.bias[...])}
+    folder = tmp_path / "tiny-model"
+    folder.mkdir()
+    save_file(weights, str(folder / "model.safetensors"))
+    names = _run("docs/safetensors.md", 1, {"Model": Model, "mesh": make_mesh((2, 4))},
+                 {"s3://weights/tiny-model": folder})
+    model = names["model"]
+    assert model.up.kernel[...].sharding.spec == jax.sharding.PartitionSpec("data", "model")
+    for name, value in weights.items():
+        layer, field = name.split(".")
+        assert np.asarray(getattr(getattr(model, layer), field)[...]).tobytes() == \
+            value.tobytes(), name
+
+
+RUN = {("README.md", 0): readme_loop, ("README.md", 2): readme_export,
+       ("README.md", 3): readme_import, ("README.md", 4): readme_logging,
+       ("docs/safetensors.md", 0): safetensors_export,
+       ("docs/safetensors.md", 1): safetensors_import,
        ("docs/guide.md", 0): guide_loop, ("docs/guide.md", 1): guide_rewind,
        ("docs/guide.md", 2): guide_per_host, ("docs/guide.md", 3): guide_orbax_move,
        ("docs/guide.md", 4): guide_whole_run, ("docs/guide.md", 5): guide_read_only}
@@ -255,7 +334,9 @@ def test_every_documented_cli_example_runs(tmp_path, capsys):
         for step in (40000, 41000):
             manager.save(step, args=ocp.args.StandardSave(tree))
         manager.wait_until_finished()
-    places = {"gs://bucket/run-6-ckpt": str(tmp_path / "run-6-ckpt"),
+    places = {"gs://bucket/deploy": str(tmp_path / "deploy"),
+              "HF_DIR": str(tmp_path / "hf"), "RULE": "drop bias$", "PATTERN": "kernel",
+              "gs://bucket/run-6-ckpt": str(tmp_path / "run-6-ckpt"),
               "gs://bucket/run-6": str(orbax_run), "s3://new/run-6": str(tmp_path / "new-6"),
               "OLD": str(orbax_run / "41000"), "NEW": str(tmp_path / "new-relaid"),
               "URL": str(tmp_path / "run-6-ckpt" / "41000"),
@@ -275,3 +356,6 @@ def test_every_documented_cli_example_runs(tmp_path, capsys):
     # The converted steps are a run of ours; `gc --dry-run --keep-last 1` removed nothing.
     assert ckpt.CheckpointManager(places["ROOT"], read_only=True).steps() == [40000, 41000]
     assert ckpt.metadata(places["DST"]).leaves  # reshard wrote a checkpoint
+    assert sorted(ckpt.metadata(places["HF_DIR"]).tree["params"]["dense"]) == ["kernel"]
+    assert os.path.exists(os.path.join(places["gs://bucket/deploy"], "run-6",
+                                       "model.safetensors"))
