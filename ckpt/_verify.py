@@ -90,7 +90,8 @@ def verify(url: StoreLike, *, memory_budget: int = DEFAULT_BUDGET,
     source = open_readable(store)
     if not source.checksummed:
         raise UnsupportedFormatError(
-            f"{store.url} holds {source.layout}: verify checks this library's per-chunk "
+            f"{store.url} is {'an' if source.kind[0] in 'AEIOU' else 'a'} {source.kind} "
+            f"checkpoint ({source.layout}): verify checks this library's per-chunk "
             f"checksums, which {source.kind} does not record; "
             "`ckpt convert` it (the result is verified) or restore it")
     manifest = source.manifest
