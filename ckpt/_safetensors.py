@@ -228,7 +228,7 @@ def tensor_record(path: KeyPath, t: Tensor) -> LeafRecord:
     """A leaf record for tensor ``t`` at ``path``: one chunk (the reader reads byte ranges
     of the file, not chunks), no checksums (safetensors has none)."""
     nbytes = math.prod(t.shape) * ITEMSIZE[t.dtype]
-    return LeafRecord(path, LeafKind.ARRAY, source="numpy", shape=t.shape, dtype=t.dtype,
+    return LeafRecord(path, LeafKind.ARRAY, source="jax", shape=t.shape, dtype=t.dtype,
                       name=t.name,
                       layout=ChunkLayout(tuple(max(1, n) for n in t.shape), (0,), (nbytes,)))
 

@@ -517,3 +517,24 @@ def test_flax_nnx_model_exported_loaded_and_imported_onto_2x4_and_one_device(tmp
             assert array.sharding == spec_of(array), name
             assert array.dtype == value.dtype
             assert np.asarray(array).tobytes() == np.asarray(value).tobytes(), name
+
+
+def test_inspect_convert_and_restore_with_a_mesh_only(tmp_path, mesh24):
+    from ckpt.cli import main
+
+    tensors = {"a.w": np.arange(64, dtype=np.float32).reshape(8, 8),
+               "a.b": np.arange(8).astype(BF16)}
+    path = str(tmp_path / "w.safetensors")
+    save_file(tensors, path, metadata={"source": "test"})
+    info = ckpt.metadata(path)
+    assert {leaf.keystr: (leaf.shape, leaf.dtype) for leaf in info.leaves} == \
+        {"['a']['w']": ((8, 8), "float32"), "['a']['b']": ((8,), "bfloat16")}
+    assert info.metadata == {"source": "test"}
+    assert main(["convert", "-q", path, str(tmp_path / "conv")]) == 0
+    converted = ckpt.restore(str(tmp_path / "conv"))
+    assert converted["a"]["w"].tobytes() == tensors["a.w"].tobytes()
+    assert converted["a"]["b"].dtype == BF16
+    # mesh= without a target: replicated on it (safetensors record no shardings).
+    out = ckpt.restore(path, mesh=mesh24)
+    assert out["a"]["w"].sharding == NamedSharding(mesh24, P())
+    assert np.asarray(out["a"]["b"]).tobytes() == tensors["a.b"].tobytes()
