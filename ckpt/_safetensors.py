@@ -278,12 +278,10 @@ def open_safetensors(store: Store) -> SafetensorsFiles | None:
         CorruptCheckpointError: a header or index is malformed (names the file); a tensor
             is in two files, or the index names one its file lacks.
     """
-    location = store.location
-    base = location.path.rstrip("/").rsplit("/", 1)[-1]
-    if base.endswith(SUFFIX) and not base.endswith(INDEX_SUFFIX):
-        folder = store.parent()
-        if folder is None or not folder.exists(base):
-            return None
+    base = store.location.path.rstrip("/").rsplit("/", 1)[-1]
+    parent = store.parent() if base.endswith(SUFFIX) else None
+    if parent is not None and parent.exists(base):  # the URL names a file
+        folder: Store = parent
         files, weights, index_meta = [base], None, dict[str, Any]()
     else:
         folder = store
