@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import re
+import secrets
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -29,8 +30,8 @@ from ckpt._leaves import decode_inline, dtype_from_name
 from ckpt._names import NameRules, NamesLike, rules_from
 from ckpt._reader import Readable, open_readable
 from ckpt._safetensors import (
+    EXPORT_ID,
     INDEX,
-    INDEX_SUFFIX,
     ITEMSIZE,
     NAMES,
     SINGLE_FILE,
@@ -120,6 +121,9 @@ def _select(source: Readable, rules: NameRules, dtype: str | None
         if name is None:
             left_out[path] = "left out by the name rules"
             continue
+        if name in ("", "__metadata__"):
+            raise ValueError(f"leaf {path} would be tensor {name!r}, a name safetensors "
+                             "cannot hold: add a rename rule")
         if rec.dtype not in NAMES:
             raise UnsupportedLeafError(f"leaf {path} is {rec.dtype}, which safetensors cannot "
                                        "hold: leave it out with a 'drop' name rule")
@@ -164,6 +168,8 @@ def _slabs(shape: tuple[int, ...], chunk_shape: tuple[int, ...], itemsize: int,
     chunk = chunk_shape[d] if d < len(chunk_shape) else 1
     if step >= chunk:
         step = step // chunk * chunk
+    elif chunk * inner <= 2 * limit:
+        step = chunk  # a slab of up to twice the limit beats reading each chunk twice
     tail = tuple((0, n) for n in shape[d + 1:])
     for lead in itertools.product(*(range(n) for n in shape[:d])):
         for start in range(0, shape[d], step):
@@ -212,13 +218,16 @@ def _file_parts(source: Readable, tensors: Sequence[_Out], metadata: dict[str, s
             done(len(part))
 
 
+_OURS = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
+
+
 def _existing(folder: Store, single: str | None) -> list[str]:
-    """What an export into ``folder`` would replace or leave stale: safetensors files and
-    indexes (only ``single`` itself for a one-file destination)."""
+    """What an export into ``folder`` would replace or leave stale: the files of an earlier
+    export (``model.safetensors``, ``model-0000i-of-0000N.safetensors``, the index; never
+    another model's files beside them, e.g. an adapter's), or ``single`` itself."""
     if single is not None:
         return [single] if folder.exists(single) else []
-    return [c for c in folder.list_children()
-            if c.endswith(SUFFIX) or c.endswith(INDEX_SUFFIX)]
+    return [c for c in folder.list_children() if _OURS.fullmatch(c)]
 
 
 def export_safetensors(url: StoreLike, dst: StoreLike, *, dtype: str | None = None,
@@ -263,6 +272,10 @@ def export_safetensors(url: StoreLike, dst: StoreLike, *, dtype: str | None = No
             file being written: it is never created).
     """
     limit = parse_size(max_shard_size)
+    if metadata is not None and not (isinstance(metadata, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+        raise ValueError(f"metadata={metadata!r:.100}: safetensors metadata maps strings to "
+                         "strings")
     if dtype is not None and dtype not in FLOATS:
         raise ValueError(f"dtype {dtype!r}: floating-point tensors can be cast to "
                          f"{', '.join(sorted(FLOATS))}")
@@ -288,7 +301,7 @@ def export_safetensors(url: StoreLike, dst: StoreLike, *, dtype: str | None = No
         files = [SINGLE_FILE]
     else:
         files = [f"model-{i + 1:05d}-of-{len(shards):05d}{SUFFIX}" for i in range(len(shards))]
-    meta = {"format": "pt", **(metadata or {})}
+    meta = {"format": "pt", **(metadata or {}), EXPORT_ID: secrets.token_hex(8)}
     total = sum(o.nbytes for o in outs)
     written = 0
 
@@ -298,18 +311,22 @@ def export_safetensors(url: StoreLike, dst: StoreLike, *, dtype: str | None = No
         if progress is not None:
             progress(written, total)
 
+    if INDEX in before:
+        # First, so that no reader takes the old index for a description of a folder whose
+        # files are being replaced; until the new index is written, the files' export ids
+        # tell an interrupted overwrite (`ckpt._safetensors`).
+        folder.delete(INDEX)
     kv = store_kvstore(folder)
     for file, shard in zip(files, shards or [[]]):
         folder.write_stream(file, _file_parts(source, shard, meta, memory_budget, done))
         read_file_header(folder, kv, file)  # the file is whole: its header and last byte
         log.info("wrote %s (%d tensors)", folder.describe(file), len(shard))
     if len(files) > 1:
-        index = {"metadata": {"total_size": total},
+        index = {"metadata": {"total_size": total, EXPORT_ID: meta[EXPORT_ID]},
                  "weight_map": {o.name: f for f, shard in zip(files, shards) for o in shard}}
         folder.write(INDEX, json.dumps(index, indent=2, sort_keys=True).encode())
-    # An old index first: until it goes, it names a complete set of old files.
-    for stale in sorted(before, key=lambda f: not f.endswith(INDEX_SUFFIX)):
-        if stale not in files and not (stale == INDEX and len(files) > 1):
+    for stale in before:
+        if stale not in files and stale != INDEX:
             folder.delete(stale)
     return ExportResult(dst_store.url if single is not None else folder.url, files,
                         {o.name: keystr(o.record.path) for o in outs}, left_out, written)

@@ -6,8 +6,8 @@ anything else is trusted; arrays at their keys in the attempt folder; every chun
 against the manifest's crc32c and its own stored tail), else an orbax-checkpoint one
 (`ckpt._orbax`: its metadata as the same leaf records, arrays where Orbax put them, no
 checksums to check), else safetensors (`ckpt._safetensors`: a file or a Hugging Face
-folder, each tensor an array record read by byte ranges). Restore, `ckpt.metadata`, verify, reshard and convert read through
-this interface and never ask which format it is.
+folder, each tensor an array record read by byte ranges). Restore, `ckpt.metadata`, verify,
+reshard and convert read through this interface and never ask which format it is.
 """
 
 from __future__ import annotations

@@ -53,6 +53,12 @@ INDEX = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100_000_000
 MAX_INDEX_BYTES = 64 << 20
 MAX_DIMS = 64
+# Bound on any tensor's bytes and any offset in a file (and on the product of a zero-size
+# shape's other dimensions, which numpy must still be able to index).
+MAX_OFFSET = 2**62
+# `__metadata__` key of files an export writes, and of its index's ``metadata``: one id per
+# export, so that files of two exports are never read as one.
+EXPORT_ID = "ckpt_export_id"
 
 # safetensors dtype names and this library's (numpy / ml_dtypes) names.
 DTYPES = {
@@ -122,6 +128,10 @@ def _tensor(name: str, info: Any, file: str, data_start: int, what: str) -> Tens
         raise CorruptCheckpointError(f"{where} has data_offsets {offsets!r:.80}: not [begin, "
                                      "end] with 0 <= begin <= end")
     ours = DTYPES[dtype]
+    if math.prod(n for n in shape if n) * ITEMSIZE[ours] >= MAX_OFFSET or \
+            data_start + offsets[1] >= MAX_OFFSET:
+        raise CorruptCheckpointError(f"{where} ({dtype}{shape}, data_offsets {offsets}) "
+                                     f"is over the {MAX_OFFSET} bytes a reader takes")
     nbytes = math.prod(shape) * ITEMSIZE[ours]
     if offsets[1] - offsets[0] != nbytes:
         raise CorruptCheckpointError(
@@ -234,18 +244,23 @@ def tensor_record(path: KeyPath, t: Tensor) -> LeafRecord:
 
 
 def _natural_paths(names: Sequence[str]) -> dict[str, KeyPath]:
+    """Each name split at ``.``, except names whose split path would hold another's as a
+    prefix (``a`` and ``a.b``): those stay whole keys, which hold a ``.`` and so meet no
+    split path."""
     split: dict[str, KeyPath] = {n: tuple(("key", part) for part in n.split("."))
                                  for n in names}
-    prefixes = {p[:i] for p in split.values() for i in range(1, len(p))}
-    if any(p in prefixes for p in split.values()):
-        return {n: (("key", n),) for n in names}
-    return split
+    paths = set(split.values())
+    prefixes = {p[:i] for p in paths for i in range(1, len(p))}
+    clash = {n for n, p in split.items()
+             if p in prefixes or any(p[:i] in paths for i in range(1, len(p)))}
+    return {n: (("key", n),) if n in clash else p for n, p in split.items()}
 
 
 def _files(store: Store) -> tuple[list[str], dict[str, str] | None, dict[str, Any]]:
     """The files of a folder, the index's weight map (None without one) and its metadata.
     Empty when nothing there is safetensors."""
-    children = store.list_children()
+    # Plain objects directly in the folder only: a sub-folder named x.safetensors is not one.
+    children = sorted(k for k in store.list_sizes() if "/" not in k)
     indexes = [c for c in children if c.endswith(INDEX_SUFFIX)]
     if len(indexes) > 1 and INDEX in indexes:
         indexes = [INDEX]
@@ -254,6 +269,12 @@ def _files(store: Store) -> tuple[list[str], dict[str, str] | None, dict[str, An
                                   f"({', '.join(indexes[:4])}): name the one to read")
     if not indexes:
         return sorted(c for c in children if c.endswith(SUFFIX)), None, {}
+    if SINGLE_FILE in children and indexes == [INDEX]:
+        # Loaders disagree on which wins (transformers takes model.safetensors): an export
+        # was interrupted between the two, or someone mixed them.
+        raise CorruptCheckpointError(
+            f"{store.url} holds both {SINGLE_FILE} and {INDEX}: which one is the model is "
+            "ambiguous (remove the stale one)")
     what = store.describe(indexes[0])
     data = store.read(indexes[0], max_bytes=MAX_INDEX_BYTES)
     doc = _json(data, what)
@@ -291,8 +312,20 @@ def open_safetensors(store: Store) -> SafetensorsFiles | None:
     kv = store_kvstore(folder)
     tensors: dict[str, Tensor] = {}
     metadata: dict[str, Any] = dict(index_meta)
+    index_id = index_meta.get(EXPORT_ID)
+    exports: set[Any] = {index_id} if isinstance(index_id, str) else set()
     for file in files:
-        meta, found = read_file_header(folder, kv, file)
+        try:
+            meta, found = read_file_header(folder, kv, file)
+        except ObjectNotFoundError:
+            raise CorruptCheckpointError(f"{folder.describe(file)}, which the index names, is "
+                                         "missing") from None
+        if EXPORT_ID in meta:
+            exports.add(meta[EXPORT_ID])
+        if len(exports) > 1:
+            raise CorruptCheckpointError(
+                f"{folder.url}: {file} was written by another export than the other files "
+                f"(an interrupted overwrite): {EXPORT_ID} differs")
         metadata.update(meta)
         for t in found:
             if weights is not None and weights.get(t.name) != file:
@@ -342,6 +375,9 @@ def bind(files: SafetensorsFiles, pairs: Sequence[tuple[KeyPath, Any]],
     records, dropped, missing, wrong_kind = [], [], [], []
     shapes, dtypes, used = [], [], set()
     for path, leaf in pairs:
+        if leaf is None:
+            records.append(LeafRecord(path, LeafKind.NONE))
+            continue
         if is_empty_container(leaf):
             continue  # needs nothing stored: comes back as it is
         name = rules.name(path)
@@ -357,11 +393,12 @@ def bind(files: SafetensorsFiles, pairs: Sequence[tuple[KeyPath, Any]],
             continue
         used.add(name)
         if tuple(leaf.shape) != t.shape:
-            shapes.append(f"tensor {name!r} is {list(t.shape)}, target {keystr(path)} is "
-                          f"{list(leaf.shape)}")
+            shapes.append(f"tensor {name!r} ({t.file}) is {list(t.shape)}, target "
+                          f"{keystr(path)} is {list(leaf.shape)}")
         dtype = getattr(leaf.dtype, "name", str(leaf.dtype))
         if dtype != t.dtype:
-            dtypes.append(f"tensor {name!r} is {t.dtype}, target {keystr(path)} is {dtype}")
+            dtypes.append(f"tensor {name!r} ({t.file}) is {t.dtype}, target {keystr(path)} "
+                          f"is {dtype}")
         records.append(tensor_record(path, t))
     if wrong_kind:
         raise TargetMismatchError(f"{url} holds only tensors; target leaves that are not "

@@ -7,7 +7,8 @@ byte ranges of the object hold a box; each range is read with one ranged request
 TensorStore's kvstore (the same for local files, S3, GCS and memory) and scattered into the
 box's buffer. Ranges are read exactly, except that two ranges separated by a gap of at most
 `HOLE_BYTES` are read as one (Apache Arrow's default for the same trade-off: a small hole
-costs less than another request), and no request is longer than `MAX_REQUEST_BYTES`.
+costs less than another request), and no request is longer than `MAX_REQUEST_BYTES` (a
+longer run is read in parts).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import dataclasses
 import errno
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -82,8 +83,8 @@ def coalesce(starts: np.ndarray, run_bytes: int, itemsize: int) -> list[tuple[in
     return groups
 
 
-def _scatter(out2d: np.ndarray, rows: slice, data: np.ndarray, rel: np.ndarray,
-             run: int) -> None:
+def _scatter(out2d: np.ndarray, rows: slice, rel: np.ndarray, run: int,
+             data: np.ndarray) -> None:
     """Copies runs of ``data`` (starting at element offsets ``rel``) into ``out2d[rows]``."""
     if len(rel) > 1 and (np.diff(rel) == rel[1] - rel[0]).all():
         step = int(rel[1] - rel[0])
@@ -96,8 +97,12 @@ def _scatter(out2d: np.ndarray, rows: slice, data: np.ndarray, rel: np.ndarray,
         out2d[row] = data[int(at):int(at) + run]
 
 
-def _land(name: str, key: str, out2d: np.ndarray, rows: slice, rel: np.ndarray, run: int,
-          dtype: np.dtype[Any], begin: int, want: int, store: Store | None, fut: Any) -> None:
+def _into(view: np.ndarray, data: np.ndarray) -> None:
+    view[...] = data
+
+
+def _land(name: str, key: str, begin: int, want: int, dtype: np.dtype[Any],
+          store: Store | None, place: Callable[[np.ndarray], None], fut: Any) -> None:
     # What a wrapper store sees (`Store.wait`): the exact byte range.
     doing = f"reading bytes {begin}-{begin + want} of {key} for {name}"
     try:
@@ -114,7 +119,11 @@ def _land(name: str, key: str, out2d: np.ndarray, rows: slice, rel: np.ndarray, 
         raise CorruptCheckpointError(f"tensor {name}: {key} is shorter than its header says "
                                      f"(read {got} of {want} bytes)")
     data = np.frombuffer(result.value, dtype=dtype)
-    _scatter(out2d, rows, data, rel, run)
+    if dtype == np.bool_ and (data.view(np.uint8) > 1).any():
+        # numpy and XLA take a bool byte as it is: 7 would count as 7 in a sum.
+        raise CorruptCheckpointError(f"tensor {name}: bytes {begin}-{begin + want} of {key} "
+                                     "hold bool values other than 0 and 1")
+    place(data)
 
 
 def read_raw(name: str, kvstore: Any, layout: RawLayout, shape: Sequence[int],
@@ -124,11 +133,19 @@ def read_raw(name: str, kvstore: Any, layout: RawLayout, shape: Sequence[int],
     ``window``; they land as the window finishes them, on the calling thread.
 
     Raises (from the window, as reads land):
-        CorruptCheckpointError: the object is missing or shorter than ``layout`` says.
+        CorruptCheckpointError: the object is missing or shorter than ``layout`` says, or a
+            bool tensor holds a byte other than 0 or 1.
         StorageError: it could not be read.
     """
     little = dtype.newbyteorder("<")
     itemsize = dtype.itemsize
+    piece = max(1, MAX_REQUEST_BYTES // itemsize)
+
+    def read(begin: int, want: int, place: Callable[[np.ndarray], None]) -> None:
+        fut = kvstore.read(layout.key, byte_range=slice(begin, begin + want))
+        window.add(fut, want, functools.partial(_land, name, layout.key, begin, want, little,
+                                                store, place))
+
     for out, box in zip(outputs, targets):
         starts, run = byte_runs(shape, box)
         if run == 0:
@@ -136,11 +153,14 @@ def read_raw(name: str, kvstore: Any, layout: RawLayout, shape: Sequence[int],
         out2d = out.reshape(len(starts), run)
         for first, last in coalesce(starts, run * itemsize, itemsize):
             lo = int(starts[first])
+            if last == first + 1 and run > piece:
+                # One long run: in requests of at most MAX_REQUEST_BYTES, each landing in
+                # its part of the row (no request holds a whole large tensor at once).
+                for at in range(0, run, piece):
+                    stop = min(run, at + piece)
+                    read(layout.offset + (lo + at) * itemsize, (stop - at) * itemsize,
+                         functools.partial(_into, out2d[first, at:stop]))
+                continue
             hi = int(starts[last - 1]) + run
-            begin = layout.offset + lo * itemsize
-            want = (hi - lo) * itemsize
-            fut = kvstore.read(layout.key, byte_range=slice(begin, begin + want))
-            window.add(fut, want, functools.partial(
-                _land, name, layout.key, out2d, slice(first, last), starts[first:last] - lo,
-                run, little, begin, want, store))
-
+            read(layout.offset + lo * itemsize, (hi - lo) * itemsize, functools.partial(
+                _scatter, out2d, slice(first, last), starts[first:last] - lo, run))

@@ -80,7 +80,8 @@ def test_export_is_read_bit_exactly_by_the_safetensors_package(saved, tmp_path):
     for name, value in expected.items():
         assert loaded[name].dtype == value.dtype and loaded[name].tobytes() == value.tobytes()
     with safe_open(path, "flax") as f:  # the flax loader, bfloat16 included
-        assert f.metadata() == {"format": "pt"}
+        meta = f.metadata()
+        assert meta["format"] == "pt" and len(meta["ckpt_export_id"]) == 16
         b = f.get_tensor("params.layers.0.b")
         assert b.dtype == jnp.bfloat16
         assert np.asarray(b).tobytes() == expected["params.layers.0.b"].tobytes()
@@ -109,7 +110,8 @@ def test_export_shards_like_hugging_face(saved, tmp_path):
     assert back["params"]["layers"]["0"]["w"].tobytes() == expected["params.layers.0.w"].tobytes()
     # An export into one named file ignores sharding.
     one = ckpt.export_safetensors(url, str(tmp_path / "one.safetensors"), max_shard_size=limit)
-    assert one.files == ["one.safetensors"] and len(load_file(str(tmp_path / "one.safetensors"))) == 4
+    assert one.files == ["one.safetensors"]
+    assert len(load_file(str(tmp_path / "one.safetensors"))) == 4
 
 
 def test_export_casts_floats_only(saved, tmp_path):
@@ -320,9 +322,11 @@ def test_import_errors_name_the_tensor(tmp_path, mesh24):
         ckpt.restore(url, {"a": {"w": ok["a"]["w"]}})
     assert set(ckpt.restore(url, {"a": {"w": ok["a"]["w"]}}, names=[r"drop \.b$"])["a"]) \
         == {"w"}
-    with pytest.raises(ShapeMismatchError, match=r"'a.w' is \[4, 8\].*\[8, 4\]"):
+    with pytest.raises(ShapeMismatchError,
+                       match=r"'a.w' \(model.safetensors\) is \[4, 8\].*\[8, 4\]"):
         ckpt.restore(url, {"a": dict(ok["a"], w=np.zeros((8, 4), np.float32))})
-    with pytest.raises(DtypeMismatchError, match="'a.b' is float32.*bfloat16"):
+    with pytest.raises(DtypeMismatchError,
+                       match=r"'a.b' \(model.safetensors\) is float32.*bfloat16"):
         ckpt.restore(url, {"a": dict(ok["a"], b=np.zeros(8, BF16))})
     with pytest.raises(TargetMismatchError, match="not arrays"):
         ckpt.restore(url, {"a": dict(ok["a"], n=3)})
@@ -385,6 +389,12 @@ BAD = {
                                 "x": 1}}, b"\0" * 4),
     "metadata not strings": _file({"__metadata__": {"a": 1}}),
     "deep": _file(b"[" * 100000 + b"]" * 100000),
+    "huge empty": _file({"a": {"dtype": "F32", "shape": [2**62, 2**62, 0],
+                               "data_offsets": [0, 0]}}),
+    "offset near 2**63": _file({"a": {"dtype": "U8", "shape": [0],
+                                      "data_offsets": [2**63 - 1, 2**63 - 1]}}),
+    "bool not 0 or 1": _file({"a": {"dtype": "BOOL", "shape": [3], "data_offsets": [0, 3]}},
+                             b"\x00\x01\x07"),
 }
 
 
@@ -538,3 +548,78 @@ def test_inspect_convert_and_restore_with_a_mesh_only(tmp_path, mesh24):
     out = ckpt.restore(path, mesh=mesh24)
     assert out["a"]["w"].sharding == NamedSharding(mesh24, P())
     assert np.asarray(out["a"]["b"]).tobytes() == tensors["a.b"].tobytes()
+
+
+# -- what an adversarial reading found ---------------------------------------------------
+
+def test_an_interrupted_overwrite_is_never_read_as_one_model(saved, tmp_path):
+    from tests.faults import FaultyStore
+
+    url, expected = saved
+    out = str(tmp_path / "out")
+    ckpt.export_safetensors(url, out, max_shard_size=8000)
+    (tmp_path / "out" / "adapter_model.safetensors").write_bytes(
+        (tmp_path / "out" / "model-00001-of-00002.safetensors").read_bytes())
+
+    def fail_second(doing, key, args):
+        if doing == "writing" and key.endswith("-00002-of-00002.safetensors"):
+            raise OSError("the disk filled up")
+
+    with pytest.raises(OSError, match="filled up"):
+        ckpt.export_safetensors(url, FaultyStore(out, before=fail_second), overwrite=True,
+                                max_shard_size=8000, dtype="bfloat16")
+    # Shard 1 is the new export's, shard 2 the old one's, and the old index is gone first.
+    assert not os.path.exists(tmp_path / "out" / "model.safetensors.index.json")
+    os.remove(tmp_path / "out" / "adapter_model.safetensors")
+    with pytest.raises(CorruptCheckpointError, match="another export"):
+        ckpt.restore(out)
+    (tmp_path / "out" / "adapter_model.safetensors").write_bytes(b"not ours")
+    ckpt.export_safetensors(url, out, overwrite=True)
+    assert sorted(os.listdir(out)) == ["adapter_model.safetensors", "model.safetensors"]
+
+
+def test_what_an_export_cannot_write_is_refused_before_writing(tmp_path):
+    url = str(tmp_path / "c")
+    ckpt.save(url, {"a": np.ones(3, np.float32)})
+    with pytest.raises(ValueError, match="strings to strings"):
+        ckpt.export_safetensors(url, str(tmp_path / "o1"), metadata={"step": 5})
+    with pytest.raises(ValueError, match="cannot hold"):
+        ckpt.export_safetensors(url, str(tmp_path / "o2"), names=["^a$ => "])
+    with pytest.raises(ValueError, match="cannot hold"):
+        ckpt.export_safetensors(url, str(tmp_path / "o3"), names=["^a$ => __metadata__"])
+    assert not any(os.path.exists(tmp_path / o) and os.listdir(tmp_path / o)
+                   for o in ("o1", "o2", "o3"))
+
+
+def test_folder_edge_cases(tmp_path):
+    save_file({"a.b": np.ones(2, np.float32), "a": np.zeros(1, np.float32),
+               "x.y": np.ones(1, np.int8)}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "extra.safetensors").mkdir()  # a folder with the name of a file: ignored
+    out = ckpt.restore(str(tmp_path))
+    # Only the names that clash stay whole keys.
+    assert set(out) == {"a", "a.b", "x"} and out["x"]["y"].tolist() == [1]
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "model.safetensors"}}))
+    with pytest.raises(CorruptCheckpointError, match="ambiguous"):
+        ckpt.restore(str(tmp_path))
+    os.remove(tmp_path / "model.safetensors")
+    with pytest.raises(CorruptCheckpointError, match="missing"):
+        ckpt.restore(str(tmp_path))
+
+
+def test_a_none_leaf_of_the_target_comes_back_none(tmp_path):
+    save_file({"w": np.ones(2, np.float32)}, str(tmp_path / "model.safetensors"))
+    out = ckpt.restore(str(tmp_path), {"w": np.zeros(2, np.float32), "bias": None})
+    assert out["bias"] is None and out["w"].tolist() == [1.0, 1.0]
+
+
+def test_a_long_run_is_read_in_bounded_requests(tmp_path):
+    from ckpt.restore._raw import MAX_REQUEST_BYTES
+
+    w = np.arange(10 << 20, dtype=np.float32)  # 40 MiB, one run
+    save_file({"w": w}, str(tmp_path / "model.safetensors"))
+    seen = ChunkReads()
+    out = ckpt.restore(seen.store(str(tmp_path)))
+    assert out["w"].tobytes() == w.tobytes()
+    sizes = [e - b for _, b, e in seen.ranges]
+    assert sum(sizes) == w.nbytes and max(sizes) <= MAX_REQUEST_BYTES and len(sizes) == 2
