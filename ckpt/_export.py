@@ -22,6 +22,7 @@ import math
 import re
 import secrets
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -30,6 +31,7 @@ from ckpt._leaves import decode_inline, dtype_from_name
 from ckpt._names import NameRules, NamesLike, rules_from
 from ckpt._reader import Readable, open_readable
 from ckpt._safetensors import (
+    DTYPES,
     EXPORT_ID,
     INDEX,
     ITEMSIZE,
@@ -54,11 +56,28 @@ DEFAULT_MEMORY_BUDGET = 256 << 20
 FLOATS = frozenset({"float16", "bfloat16", "float32", "float64", "float8_e4m3fn",
                     "float8_e5m2"})
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-               "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
+               "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40,
+               "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _dtype_name(dtype: Any) -> str | None:
+    """``dtype=`` as this library names it: ``"bfloat16"``, ``jnp.bfloat16``,
+    ``np.float16`` or safetensors' ``"BF16"``; only floating-point dtypes."""
+    if dtype is None:
+        return None
+    try:
+        name = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else np.dtype(dtype).name
+    except TypeError:
+        name = str(dtype)
+    if name not in FLOATS:
+        raise ValueError(f"dtype {dtype!r}: floating-point tensors can be cast to "
+                         f"{', '.join(sorted(FLOATS))}")
+    return str(name)
 
 
 def parse_size(size: int | str) -> int:
-    """``5GB`` (10^9 bytes, as Hugging Face counts), ``512MiB`` (2^20), or bytes."""
+    """``5GB`` (10^9 bytes, as Hugging Face counts), ``512MiB`` or ``512M`` (2^20, as
+    ``--memory-budget`` counts), or bytes."""
     if isinstance(size, int) and not isinstance(size, bool):
         value = size
     else:
@@ -230,7 +249,7 @@ def _existing(folder: Store, single: str | None) -> list[str]:
     return [c for c in folder.list_children() if _OURS.fullmatch(c)]
 
 
-def export_safetensors(url: StoreLike, dst: StoreLike, *, dtype: str | None = None,
+def export_safetensors(url: StoreLike, dst: StoreLike, *, dtype: Any = None,
                        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
                        names: NamesLike | NameRules = None, only: str | None = None,
                        item: str | None = None, metadata: dict[str, str] | None = None,
@@ -246,8 +265,8 @@ def export_safetensors(url: StoreLike, dst: StoreLike, *, dtype: str | None = No
         dst: a folder (Hugging Face layout: ``model.safetensors``, or sharded files and
             ``model.safetensors.index.json``), or a path ending in ``.safetensors`` for
             exactly that one file.
-        dtype: cast floating-point tensors to this dtype (``bfloat16``, ``float16``...);
-            integer and bool tensors are written as they are.
+        dtype: cast floating-point tensors to this dtype (``"bfloat16"``, ``jnp.bfloat16``,
+            ``"BF16"``, ``np.float16``...); integer and bool tensors are written as they are.
         max_shard_size: most bytes of tensors per file (``5GB``, ``500MB``, bytes); a
             tensor larger than that gets a file of its own.
         names: name rules after the defaults (docs/safetensors.md): how key paths become
@@ -276,9 +295,7 @@ def export_safetensors(url: StoreLike, dst: StoreLike, *, dtype: str | None = No
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
         raise ValueError(f"metadata={metadata!r:.100}: safetensors metadata maps strings to "
                          "strings")
-    if dtype is not None and dtype not in FLOATS:
-        raise ValueError(f"dtype {dtype!r}: floating-point tensors can be cast to "
-                         f"{', '.join(sorted(FLOATS))}")
+    dtype = _dtype_name(dtype)
     rules = rules_from(names, only)
     source = open_readable(open_store(url), item)
     outs, left_out = _select(source, rules, dtype)

@@ -249,11 +249,16 @@ def test_zombie_writer_cannot_change_the_new_commit(template, tmp_path):
     _debris_free(root, {0, 1, 2})
 
 
-def test_each_process_reads_only_its_byte_ranges_of_safetensors(tmp_path):
+@pytest.mark.parametrize("backend", ["local", "s3", "gcs"])
+def test_each_process_reads_only_its_byte_ranges_of_safetensors(request, tmp_path, backend):
     """Two processes restore a safetensors file onto one 2x4 mesh: each reads exactly its
     half of a tensor split by rows and of one split by columns (16 KiB runs, 16 KiB
-    holes: each run is its own range), and all of a replicated one."""
+    holes: each run is its own range), and all of a replicated one; on local disk, S3 and
+    GCS alike."""
     from safetensors.numpy import save_file
+
+    from ckpt.storage import open_store
+    from tests.conftest import backend_url
 
     rng = np.random.default_rng(0)
     tensors = {"w": rng.standard_normal((512, 256)).astype(np.float32),   # rows by process
@@ -261,6 +266,11 @@ def test_each_process_reads_only_its_byte_ranges_of_safetensors(tmp_path):
                "r": rng.standard_normal((64, 64)).astype(np.float32)}     # replicated
     path = str(tmp_path / "model.safetensors")
     save_file(tensors, path)
+    if backend != "local":
+        folder = backend_url(request, tmp_path, backend)
+        with open(path, "rb") as f:
+            open_store(folder).write("model.safetensors", f.read())
+        path = f"{folder}/model.safetensors"
     results = launch("tests.mp_jobs:restore_safetensors", 2, args=[path])
     for r in results:
         assert r["needed"] == (tensors["w"].nbytes + tensors["v"].nbytes) // 2 \

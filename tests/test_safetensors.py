@@ -124,6 +124,10 @@ def test_export_casts_floats_only(saved, tmp_path):
         assert np.asarray(f.get_tensor("params.emb")).dtype == np.int32
     with pytest.raises(ValueError, match="int8"):
         ckpt.export_safetensors(url, str(tmp_path / "bad"), dtype="int8")
+    for same in (jnp.bfloat16, "BF16", np.dtype(BF16)):
+        again = ckpt.export_safetensors(url, str(tmp_path / "again"), dtype=same,
+                                        overwrite=True, max_shard_size="1G")
+        assert again.nbytes < sum(v.nbytes for v in expected.values())
 
 
 def test_name_rules(saved, tmp_path):
