@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 from ckpt._tree import KeyPath
 
@@ -118,6 +118,3 @@ def rules_from(names: NamesLike | NameRules, only: str | None = None) -> NameRul
         return names
     return NameRules(names, only)
 
-
-def describe(rules: Sequence[str]) -> str:
-    return "; ".join(rules) if rules else "the default rules"

@@ -475,11 +475,12 @@ def restore(url: StoreLike, target: Any = None, *, mesh: Any = None,
         url: the checkpoint's path or URL: one of this library's checkpoints, one written
             by orbax-checkpoint (an item folder, or a CheckpointManager step folder), or
             safetensors (a ``.safetensors`` file, or a folder of them with or without a
-            Hugging Face index), recognised from its files. Each process reads only the
-            byte ranges of a tensor its devices need; a safetensors tensor must match its
-            target leaf's shape and dtype exactly, and every tensor needs a target leaf. An Orbax step of one item restores as that item,
-            one of several items as ``{item name: item}`` (pytree, JSON and Grain iterator
-            items; the manager's ``metrics`` item is the step's metrics instead).
+            Hugging Face index), recognised from its files. An Orbax step of one item
+            restores as that item, one of several items as ``{item name: item}`` (pytree,
+            JSON and Grain iterator items; the manager's ``metrics`` item is the step's
+            metrics instead). From safetensors each process reads only the byte ranges of
+            a tensor its devices need; each tensor must match its target leaf's shape and
+            dtype exactly, and every tensor needs a target leaf.
         target: None, or a pytree whose leaves are `jax.ShapeDtypeStruct` (with
             ``.sharding``), `jax.Array` (its sharding and dtype are used) or numpy arrays
             (restored as host numpy arrays of their dtype). It may cover part of the saved

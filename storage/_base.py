@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import tensorstore as ts
+
 from ckpt.storage._errors import InvalidKeyError, UnreadableObjectError
 from ckpt.storage._url import Location
 

@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import tensorstore as ts
+
 from ckpt.storage._base import Keys, Store, shared_context
 from ckpt.storage._errors import (
     AccessDeniedError,

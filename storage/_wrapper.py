@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import tensorstore as ts
+
 from ckpt.storage._base import Keys, Store
 
 T = TypeVar("T")
