@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from ckpt._tree import KeyPath
 
@@ -29,7 +29,8 @@ DEFAULT_RULES = (
     r"drop (^|\.)rngs(\.|$)",
 )
 
-NamesLike = str | Iterable[str] | None
+# Rule lines; or a mapping of REGEX to REPLACEMENT (None: drop what REGEX matches).
+NamesLike = str | Iterable[str] | Mapping[str, str | None] | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +70,8 @@ class NameRules:
 
     Args:
         rules: rule lines after `DEFAULT_RULES` (a str is one rule per line; blank lines and
-            lines starting with ``#`` are skipped).
+            lines starting with ``#`` are skipped), or ``{REGEX: REPLACEMENT}`` (a None
+            replacement drops what REGEX matches), applied in the mapping's order.
         only: keep only tensors whose final name this regex matches (``re.search``).
 
     Raises:
@@ -79,6 +81,8 @@ class NameRules:
     def __init__(self, rules: NamesLike = None, only: str | None = None) -> None:
         if isinstance(rules, str):
             rules = rules.splitlines()
+        elif isinstance(rules, Mapping):
+            rules = [f"drop {k}" if v is None else f"{k} => {v}" for k, v in rules.items()]
         lines = [r for r in (*DEFAULT_RULES, *(rules or ()))
                  if r.strip() and not r.strip().startswith("#")]
         self.rules = [_parse(r) for r in lines]

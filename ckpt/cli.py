@@ -325,12 +325,14 @@ def _rewrite(args: argparse.Namespace) -> int:
 # -- export ---------------------------------------------------------------------------------
 
 def _rules(values: Sequence[str]) -> list[str]:
-    """``--names`` values: a rule each, or ``@FILE`` for a file of rules, one per line."""
+    """``--names`` values: a rule each, or a file of rules, one per line (``@FILE``, or the
+    path of a file that exists)."""
     rules: list[str] = []
     for value in values:
-        if value.startswith("@"):
+        path = value[1:] if value.startswith("@") else value
+        if value.startswith("@") or os.path.isfile(path):
             try:
-                with open(value[1:], encoding="utf-8") as f:
+                with open(path, encoding="utf-8") as f:
                     rules.extend(f.read().splitlines())
             except OSError as exc:
                 raise _UsageError(f"--names {value}: {exc.strerror or exc}") from None
@@ -549,7 +551,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="most bytes per file: 5GB (10^9), 2GiB (2^30) (default 5GB)")
     p.add_argument("--names", action="append", default=[], metavar="RULES",
                    help="a name rule ('drop REGEX', 'keep REGEX', 'REGEX => REPLACEMENT'), "
-                   "or @FILE for a file of them, one per line; repeatable, applied in order "
+                   "or a file of them (PATH or @PATH), one per line; repeatable, applied in order "
                    "after the defaults")
     p.add_argument("--only", default=None, metavar="PATTERN",
                    help="write only tensors whose name this regex matches")

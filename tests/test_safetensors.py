@@ -137,6 +137,9 @@ def test_name_rules(saved, tmp_path):
         "drop flag$", r"keep ^opt_state\."])
     assert set(result.tensors) == {"model.layers.0.w", "model.layers.0.b", "model.emb",
                                    "opt_state.mu"}
+    mapped = ckpt.export_safetensors(url, str(tmp_path / "m"), names={
+        r"^params\.": "model.", r"flag$": None})
+    assert set(mapped.tensors) == {"model.layers.0.w", "model.layers.0.b", "model.emb"}
     only = ckpt.export_safetensors(url, str(tmp_path / "b"), only=r"\.w$")
     assert set(only.tensors) == {"params.layers.0.w"}
     with pytest.raises(ValueError, match="would both be tensor"):
@@ -228,6 +231,11 @@ def test_cli_export(saved, tmp_path):
     doc = json.loads(run.stdout)
     assert set(doc["tensors"]) == {"layers.0.w", "layers.0.b", "emb"}
     assert load_file(str(tmp_path / "out" / "model.safetensors"))["layers.0.w"].dtype == BF16
+    plain = subprocess.run([sys.executable, "-m", "ckpt", "export", url, str(tmp_path / "p"),
+                            "--names", str(rules)], capture_output=True, text=True)
+    assert plain.returncode == 0, plain.stderr  # a rules file by its path, without '@'
+    assert set(load_file(str(tmp_path / "p" / "model.safetensors"))) == \
+        {"layers.0.w", "layers.0.b", "emb"}
     bad = subprocess.run([sys.executable, "-m", "ckpt", "export", url, str(tmp_path / "x"),
                           "--names", "drop ("], capture_output=True, text=True)
     assert bad.returncode == 2 and "drop (" in bad.stderr
