@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ckpt._format import LeafKind, LeafRecord
+from ckpt._format import DTYPE_SIZES, LeafKind, LeafRecord
 from ckpt._leaves import decode_inline, dtype_from_name
 from ckpt._names import NameRules, NamesLike, rules_from
 from ckpt._reader import Readable, open_readable
@@ -34,7 +34,6 @@ from ckpt._safetensors import (
     DTYPES,
     EXPORT_ID,
     INDEX,
-    ITEMSIZE,
     NAMES,
     SINGLE_FILE,
     SUFFIX,
@@ -120,7 +119,7 @@ class _Out:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.record.shape) * ITEMSIZE[self.dtype]
+        return math.prod(self.record.shape) * DTYPE_SIZES[self.dtype]
 
 
 def _select(source: Readable, rules: NameRules, dtype: str | None
@@ -225,7 +224,7 @@ def _file_parts(source: Readable, tensors: Sequence[_Out], metadata: dict[str, s
                 budget: int, done: Callable[[int], None]) -> Iterator[memoryview | bytes]:
     # Larger items first, so that every tensor starts aligned to its item size (the
     # header is padded to a multiple of 8), as the safetensors package orders them.
-    order = sorted(tensors, key=lambda o: -ITEMSIZE[o.dtype])
+    order = sorted(tensors, key=lambda o: -DTYPE_SIZES[o.dtype])
     placed, at = [], 0
     for out in order:
         placed.append(Tensor(out.name, out.dtype, out.record.shape, "", at, at + out.nbytes))

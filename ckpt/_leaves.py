@@ -91,6 +91,12 @@ class PerProcess:
     __hash__ = None  # type: ignore[assignment]
 
 
+def is_array_like(leaf: Any) -> bool:
+    """Whether a restore target's leaf asks for an array (it has a shape and a dtype: a
+    `jax.Array`, `jax.ShapeDtypeStruct` or numpy array)."""
+    return hasattr(leaf, "shape") and hasattr(leaf, "dtype")
+
+
 def is_stateful(leaf: Any) -> bool:
     """Whether ``leaf`` follows the state protocol (Grain's iterators, a user's class):
     ``get_state()`` returns plain data, ``set_state(state)`` restores it. Saved per process."""

@@ -95,11 +95,14 @@ class NameRules:
         """The tensor name of the leaf at ``path``, or None when the rules leave it out."""
         return self.apply(default_name(path))
 
-    def apply(self, name: str) -> str | None:
+    def apply(self, name: str, *, rename: bool = True) -> str | None:
+        """``name`` through the rules (without ``rename``, the ``drop``/``keep`` rules and
+        ``only`` alone), or None when they leave it out."""
         kept = True
         for rule in self.rules:
             if rule.action == "rename":
-                name = rule.pattern.sub(rule.replacement, name)
+                if rename:
+                    name = rule.pattern.sub(rule.replacement, name)
             elif rule.pattern.search(name):
                 kept = rule.action == "keep"
         if not kept or (self.only is not None and not self.only.search(name)):
@@ -109,12 +112,7 @@ class NameRules:
     def ignores(self, tensor: str) -> bool:
         """Whether a tensor of a file being imported is meant to be left out: the ``drop``
         and ``keep`` rules (and ``only``), matched against its name as stored."""
-        kept = True
-        for rule in self.rules:
-            if rule.action != "rename" and rule.pattern.search(tensor):
-                kept = rule.action == "keep"
-        return not kept or (self.only is not None and not self.only.search(tensor))
-
+        return self.apply(tensor, rename=False) is None
 
 def rules_from(names: NamesLike | NameRules, only: str | None = None) -> NameRules:
     """``names`` as `NameRules` (one already parsed is returned as it is)."""

@@ -28,6 +28,7 @@ from ckpt._leaves import (
     decode_value,
     dtype_from_name,
     empty_record,
+    is_array_like,
     is_stateful,
     is_typed_key,
     saved_state,
@@ -179,14 +180,10 @@ def _saved_leaves(manifest: Manifest) -> Callable[[KeyPath], LeafRecord | None]:
     return lookup
 
 
-def _is_array_like(t: Any) -> bool:
-    return hasattr(t, "shape") and hasattr(t, "dtype")
-
-
 def _want_value(want: _Want, path: KeyPath, t: Any, what: str, bad: _Mismatches) -> None:
     """A saved value or None, against its target (which may ask for a 0-d array)."""
     rec = want.record
-    if t is None or not _is_array_like(t):
+    if t is None or not is_array_like(t):
         return
     if rec.kind == LeafKind.VALUE and rec.vtype in _NUMBERS and tuple(t.shape) == ():
         # A Python number under a 0-d array target (what `jax.eval_shape` makes of a step
@@ -233,7 +230,7 @@ def _want_per_process(want: _Want, path: KeyPath, t: Any, bad: _Mismatches) -> N
         bad.add("process count", f"{keystr(path)} holds the values of {saved} processes, "
                                  f"and {now} are restoring (leave it out of the target to "
                                  f"restore the rest)")
-    elif _is_array_like(t) and not is_stateful(t):
+    elif is_array_like(t) and not is_stateful(t):
         bad.add("kind", f"{keystr(path)}: saved a per-process value, target is an array")
     want.target = t
 
@@ -256,7 +253,7 @@ def _want_array(want: _Want, path: KeyPath, t: Any, saved: np.dtype[Any], mesh: 
                 bad: _Mismatches) -> None:
     """A saved array against an array target: its shape, dtype (cast) and placement."""
     rec = want.record
-    if not _is_array_like(t):
+    if not is_array_like(t):
         bad.add("kind", f"{keystr(path)}: saved an array, target is {type(t).__name__}")
         return
     if tuple(t.shape) != rec.shape:

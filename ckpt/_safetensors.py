@@ -25,7 +25,8 @@ from typing import Any
 
 import tensorstore as ts
 
-from ckpt._format import ChunkLayout, LeafKind, LeafRecord, Manifest
+from ckpt._format import DTYPE_SIZES, ChunkLayout, LeafKind, LeafRecord, Manifest
+from ckpt._leaves import is_array_like
 from ckpt._names import NameRules
 from ckpt._tree import KeyPath, is_empty_container, is_text, keystr
 from ckpt.errors import (
@@ -68,9 +69,6 @@ DTYPES = {
     "F8_E5M2": "float8_e5m2",
 }
 NAMES = {ours: theirs for theirs, ours in DTYPES.items()}
-ITEMSIZE = {"bool": 1, "uint8": 1, "int8": 1, "uint16": 2, "int16": 2, "uint32": 4,
-            "int32": 4, "uint64": 8, "int64": 8, "float16": 2, "bfloat16": 2, "float32": 4,
-            "float64": 8, "float8_e4m3fn": 1, "float8_e5m2": 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,11 +126,11 @@ def _tensor(name: str, info: Any, file: str, data_start: int, what: str) -> Tens
         raise CorruptCheckpointError(f"{where} has data_offsets {offsets!r:.80}: not [begin, "
                                      "end] with 0 <= begin <= end")
     ours = DTYPES[dtype]
-    if math.prod(n for n in shape if n) * ITEMSIZE[ours] >= MAX_OFFSET or \
+    if math.prod(n for n in shape if n) * DTYPE_SIZES[ours] >= MAX_OFFSET or \
             data_start + offsets[1] >= MAX_OFFSET:
         raise CorruptCheckpointError(f"{where} ({dtype}{shape}, data_offsets {offsets}) "
                                      f"is over the {MAX_OFFSET} bytes a reader takes")
-    nbytes = math.prod(shape) * ITEMSIZE[ours]
+    nbytes = math.prod(shape) * DTYPE_SIZES[ours]
     if offsets[1] - offsets[0] != nbytes:
         raise CorruptCheckpointError(
             f"{where} ({dtype}{shape}) needs {nbytes} bytes, and its data_offsets "
@@ -237,7 +235,7 @@ class SafetensorsFiles:
 def tensor_record(path: KeyPath, t: Tensor) -> LeafRecord:
     """A leaf record for tensor ``t`` at ``path``: one chunk (the reader reads byte ranges
     of the file, not chunks), no checksums (safetensors has none)."""
-    nbytes = math.prod(t.shape) * ITEMSIZE[t.dtype]
+    nbytes = math.prod(t.shape) * DTYPE_SIZES[t.dtype]
     return LeafRecord(path, LeafKind.ARRAY, source="jax", shape=t.shape, dtype=t.dtype,
                       name=t.name,
                       layout=ChunkLayout(tuple(max(1, n) for n in t.shape), (0,), (nbytes,)))
@@ -355,10 +353,6 @@ def store_kvstore(store: Store) -> Any:
                       f"opening {store.url}")
 
 
-def _is_array_like(t: Any) -> bool:
-    return hasattr(t, "shape") and hasattr(t, "dtype")
-
-
 def bind(files: SafetensorsFiles, pairs: Sequence[tuple[KeyPath, Any]],
          rules: NameRules) -> Manifest:
     """The manifest that restores ``pairs`` (a target's key paths and leaves) from
@@ -381,7 +375,7 @@ def bind(files: SafetensorsFiles, pairs: Sequence[tuple[KeyPath, Any]],
         if is_empty_container(leaf):
             continue  # needs nothing stored: comes back as it is
         name = rules.name(path)
-        if not _is_array_like(leaf):
+        if not is_array_like(leaf):
             wrong_kind.append(f"{keystr(path)} is {type(leaf).__name__}")
             continue
         if name is None:

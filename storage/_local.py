@@ -141,42 +141,16 @@ class LocalStore(Store):
                         errno.EINVAL, f"{self.describe(rel.replace(os.sep, '/'))} is not a "
                                       "regular file")
 
-    def _write_tmp(self, key: str, data: bytes) -> tuple[str, str]:
+    def _write_tmp(self, key: str, parts: Iterable[bytes | memoryview]) -> tuple[str, str, int]:
+        """Writes ``parts`` into a fresh temporary file beside ``key``'s, fsynced: its path,
+        ``key``'s path and the bytes written. Removes it again if anything raises (a write,
+        or the source of ``parts``)."""
         path = self._path(key)
         folder = os.path.dirname(path)
         os.makedirs(folder, exist_ok=True)
         tmp = os.path.join(folder, f".{os.path.basename(path)}{_TMP_MARK}{secrets.token_hex(6)}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            os.unlink(tmp)
-            raise
-        os.close(fd)
-        return tmp, path
-
-    def _write(self, key: str, data: bytes) -> None:
-        try:
-            tmp, path = self._write_tmp(key, data)
-            os.replace(tmp, path)
-            _fsync_dir(os.path.dirname(path))
-        except OSError as exc:
-            raise self._error(exc, key, "writing") from exc
-
-    def _write_stream(self, key: str, parts: Iterable[bytes | memoryview]) -> int:
-        path = self._path(key)
         written = 0
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = os.path.join(os.path.dirname(path),
-                               f".{os.path.basename(path)}{_TMP_MARK}{secrets.token_hex(6)}")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except OSError as exc:
-            raise self._error(exc, key, "writing") from exc
         try:
             for part in parts:
                 view = memoryview(part).cast("B")
@@ -184,23 +158,34 @@ class LocalStore(Store):
                 while view:
                     view = view[os.write(fd, view):]
             os.fsync(fd)
+        except BaseException:
             os.close(fd)
-            fd = -1
-            os.replace(tmp, path)
-            _fsync_dir(os.path.dirname(path))
-        except BaseException as exc:
-            if fd >= 0:
-                os.close(fd)
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            if isinstance(exc, OSError) and not isinstance(exc, StorageError):
-                raise self._error(exc, key, "writing") from exc
+            os.unlink(tmp)
             raise
+        os.close(fd)
+        return tmp, path, written
+
+    def _write(self, key: str, data: bytes) -> None:
+        self._write_stream(key, (data,))
+
+    def _write_stream(self, key: str, parts: Iterable[bytes | memoryview]) -> int:
+        try:
+            tmp, path, written = self._write_tmp(key, parts)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+            _fsync_dir(os.path.dirname(path))
+        except StorageError:
+            raise  # from the source of ``parts`` (a read): its own words
+        except OSError as exc:
+            raise self._error(exc, key, "writing") from exc
         return written
 
     def _write_if_absent(self, key: str, data: bytes) -> bool:
         try:
-            tmp, path = self._write_tmp(key, data)
+            tmp, path, _ = self._write_tmp(key, (data,))
             try:
                 # link(2) fails with EEXIST if the name exists, on every POSIX file system,
                 # and publishes a fully written, fsynced file under the new name at once.
