@@ -267,7 +267,7 @@ class _SafeTensors(Readable):
     def read_job(self, rec: LeafRecord, boxes: Sequence[Box]) -> ArrayReadJob:
         t = self._files.tensors[rec.name]
         job = super().read_job(rec, boxes)
-        job.raw = RawLayout(t.file, t.begin)
+        job.raw = RawLayout(t.file, t.begin, t.generation)
         job.name = f"{keystr(rec.path)} (tensor {t.name!r} of {t.file})"
         return job
 

@@ -74,7 +74,9 @@ NAMES = {ours: theirs for theirs, ours in DTYPES.items()}
 @dataclasses.dataclass(frozen=True)
 class Tensor:
     """One tensor of a file: its dtype (this library's name), shape, and where its bytes
-    are (``begin``/``end``: absolute byte offsets in ``file``)."""
+    are (``begin``/``end``: absolute byte offsets in ``file``; ``generation``: the storage
+    generation of the file its header was read from, which every read of its bytes must
+    find again)."""
 
     name: str
     dtype: str
@@ -82,6 +84,7 @@ class Tensor:
     file: str
     begin: int
     end: int
+    generation: bytes = b""
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -177,8 +180,10 @@ def encode_header(tensors: Sequence[Tensor], metadata: dict[str, str]) -> bytes:
     return len(body).to_bytes(8, "little") + body
 
 
-def _read_range(store: Store, kv: Any, key: str, begin: int, end: int, what: str) -> bytes:
-    """Bytes [begin, end) of ``key``; a file that ends before is corrupt."""
+def _read_range(store: Store, kv: Any, key: str, begin: int, end: int,
+                what: str) -> tuple[bytes, bytes]:
+    """Bytes [begin, end) of ``key`` and the file's storage generation; a file that ends
+    before is corrupt."""
     try:
         result = store.wait(kv.read(key, byte_range=slice(begin, end)), f"reading {what}")
     except DeadlineExceededError:
@@ -193,22 +198,26 @@ def _read_range(store: Store, kv: Any, key: str, begin: int, end: int, what: str
         raise ObjectNotFoundError(f"{what} does not exist")
     if len(result.value) != end - begin:
         raise CorruptCheckpointError(f"{what} is shorter than its header says")
-    return bytes(result.value)
+    return bytes(result.value), bytes(result.stamp.generation)
 
 
 def read_file_header(store: Store, kv: Any, key: str) -> tuple[dict[str, str], list[Tensor]]:
     """Reads and checks the header of the file ``key`` of ``store``, and that the file is
     as long as the header says (its last data byte is read)."""
     what = store.describe(key)
-    length = int.from_bytes(_read_range(store, kv, key, 0, 8, what), "little")
+    prefix, generation = _read_range(store, kv, key, 0, 8, what)
+    length = int.from_bytes(prefix, "little")
     if length > MAX_HEADER_BYTES:
         raise CorruptCheckpointError(f"{what}: its header claims {length} bytes, over the "
                                      f"{MAX_HEADER_BYTES} a reader takes")
-    meta, tensors = parse_header(_read_range(store, kv, key, 8, 8 + length, what), key, what)
+    header, again = _read_range(store, kv, key, 8, 8 + length, what)
+    meta, tensors = parse_header(header, key, what)
     last = max((t.end for t in tensors), default=0)
-    if last > 8 + length:
-        _read_range(store, kv, key, last - 1, last, what)
-    return meta, tensors
+    if again == generation and last > 8 + length:
+        again = _read_range(store, kv, key, last - 1, last, what)[1]
+    if again != generation:
+        raise CorruptCheckpointError(f"{what} was replaced while its header was read")
+    return meta, [dataclasses.replace(t, generation=generation) for t in tensors]
 
 
 @dataclasses.dataclass

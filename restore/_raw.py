@@ -38,10 +38,13 @@ MAX_REQUEST_BYTES = 32 << 20
 @dataclasses.dataclass(frozen=True)
 class RawLayout:
     """Where an array's bytes are: the object ``key`` in the job's kvstore, from byte
-    ``offset``, ``prod(shape) * itemsize`` bytes in C order, little-endian."""
+    ``offset``, ``prod(shape) * itemsize`` bytes in C order, little-endian. ``generation``
+    (if not empty): the object's storage generation when its layout was read; a read that
+    finds another (the object was replaced meanwhile) is an error, never other bytes."""
 
     key: str
     offset: int
+    generation: bytes = b""
 
 
 def byte_runs(shape: Sequence[int], box: Box) -> tuple[np.ndarray, int]:
@@ -101,8 +104,9 @@ def _into(view: np.ndarray, data: np.ndarray) -> None:
     view[...] = data
 
 
-def _land(name: str, key: str, begin: int, want: int, dtype: np.dtype[Any],
+def _land(name: str, layout: RawLayout, begin: int, want: int, dtype: np.dtype[Any],
           store: Store | None, place: Callable[[np.ndarray], None], fut: Any) -> None:
+    key = layout.key
     # What a wrapper store sees (`Store.wait`): the exact byte range.
     doing = f"reading bytes {begin}-{begin + want} of {key} for {name}"
     try:
@@ -118,6 +122,9 @@ def _land(name: str, key: str, begin: int, want: int, dtype: np.dtype[Any],
         got = len(result.value) if result.state == "value" else 0
         raise CorruptCheckpointError(f"tensor {name}: {key} is shorter than its header says "
                                      f"(read {got} of {want} bytes)")
+    if layout.generation and bytes(result.stamp.generation) != layout.generation:
+        raise CorruptCheckpointError(f"tensor {name}: {key} was replaced while it was read "
+                                     "(its header no longer describes it)")
     data = np.frombuffer(result.value, dtype=dtype)
     if dtype == np.bool_ and (data.view(np.uint8) > 1).any():
         # numpy and XLA take a bool byte as it is: 7 would count as 7 in a sum.
@@ -143,7 +150,7 @@ def read_raw(name: str, kvstore: Any, layout: RawLayout, shape: Sequence[int],
 
     def read(begin: int, want: int, place: Callable[[np.ndarray], None]) -> None:
         fut = kvstore.read(layout.key, byte_range=slice(begin, begin + want))
-        window.add(fut, want, functools.partial(_land, name, layout.key, begin, want, little,
+        window.add(fut, want, functools.partial(_land, name, layout, begin, want, little,
                                                 store, place))
 
     for out, box in zip(outputs, targets):

@@ -414,8 +414,28 @@ BAD = {
 def test_malformed_headers_are_corrupt_checkpoints(tmp_path, case):
     path = tmp_path / "model.safetensors"
     path.write_bytes(BAD[case])
-    with pytest.raises(CorruptCheckpointError):
+    with pytest.raises(CorruptCheckpointError, match="model.safetensors"):  # names the file
         ckpt.restore(str(path))
+
+
+def test_a_file_replaced_while_it_is_read_is_an_error_not_other_bytes(tmp_path):
+    """An export overwriting a file between a restore's header read and its data reads:
+    the file's storage generation changed, so the restore fails instead of reading the new
+    file's bytes at the old header's offsets."""
+    from ckpt._reader import open_readable
+    from ckpt.restore import read_arrays
+    from ckpt.restore.boxes import full_box
+
+    path = str(tmp_path / "model.safetensors")
+    save_file({"w": np.zeros(1024, np.float32)}, path)
+    source = open_readable(open_store(path))
+    [rec] = source.manifest.leaves
+    job = source.read_job(rec, [full_box(rec.shape)])
+    save_file({"w": np.ones(1024, np.float32)}, path + ".new")
+    os.replace(path + ".new", path)
+    with pytest.raises(CorruptCheckpointError, match="model.safetensors was replaced"):
+        read_arrays([job])
+    assert ckpt.restore(path)["w"].tolist() == [1.0] * 1024  # read afresh: the new file
 
 
 def test_index_names_stay_in_the_folder(tmp_path):
