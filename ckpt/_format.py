@@ -159,6 +159,8 @@ class Manifest:
     leaves: list[LeafRecord]
     format_version: int = FORMAT_VERSION
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    # A local-tier copy's (`ckpt._local`): {"process": writer's index, "step": step}.
+    local: dict[str, int] | None = None
 
     def subtree(self, item: str, url: str) -> Manifest:
         """This manifest's leaves under the top-level key ``item``, that key dropped from
@@ -240,6 +242,7 @@ def encode_manifest(m: Manifest) -> bytes:
         "committed_at": m.committed_at, "versions": m.versions, "metadata": m.metadata,
         "metrics": m.metrics,
         "leaves": [_leaf_to_dict(leaf) for leaf in m.leaves],
+        **({} if m.local is None else {"local": m.local}),
     })
 
 
@@ -261,10 +264,10 @@ class _Reader:
             raise CorruptCheckpointError(f"{self.what} field {key!r} has the wrong type")
         return value
 
-    def ints(self, key: str) -> tuple[int, ...]:
+    def ints(self, key: str, low: int = 0) -> tuple[int, ...]:
         values = self.get(key, list)
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
-            raise CorruptCheckpointError(f"{self.what} field {key!r} must hold integers >= 0")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= low for v in values):
+            raise CorruptCheckpointError(f"{self.what} field {key!r} must hold integers >= {low}")
         return tuple(values)
 
 
@@ -297,7 +300,7 @@ _LEAF_FIELDS = {
 }
 
 
-def _decode_leaf(raw: Any, index: int, what: str) -> LeafRecord:
+def _decode_leaf(raw: Any, index: int, what: str, local: bool = False) -> LeafRecord:
     r = _Reader(raw, f"{what} leaf {index}")
     path = _decode_path(r.get("path", list), r.what)
     kind_name = r.get("kind", str)
@@ -337,8 +340,11 @@ def _decode_leaf(raw: Any, index: int, what: str) -> LeafRecord:
         fields["name"] = name = r.get("name", str)
         chunk_shape = r.ints("chunk_shape")
         chunks = _Reader(r.get("chunks", dict), f"{r.what} chunks")
-        layout = ChunkLayout(chunk_shape, chunks.ints("writer"), chunks.ints("nbytes"),
-                             chunks.ints("crc32c"))
+        if local:  # a local copy: writer -1 marks a chunk the copy does not hold
+            writers = tuple(chunks.ints("writer", low=-1))
+        else:
+            writers = chunks.ints("writer")
+        layout = ChunkLayout(chunk_shape, writers, chunks.ints("nbytes"), chunks.ints("crc32c"))
         if not name or name[0] == "." or not set(name) <= _NAME_CHARS:
             raise CorruptCheckpointError(f"{r.what} has an unsafe array name {name!r:.80}")
         if len(chunk_shape) != len(shape) or 0 in chunk_shape:
@@ -418,7 +424,11 @@ def decode_manifest(data: bytes, what: str) -> Manifest:
     if not all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
                for k, v in metrics.items()):
         raise CorruptCheckpointError(f"{what} has malformed metrics")
-    records = [_decode_leaf(leaf, i, what) for i, leaf in enumerate(leaves)]
+    local = r.get("local", (dict, type(None)), None)
+    if local is not None and (set(local) != {"process", "step"} or not all(
+            type(v) is int and v >= 0 for v in local.values())):
+        raise CorruptCheckpointError(f"{what} has a malformed local-copy record")
+    records = [_decode_leaf(leaf, i, what, local is not None) for i, leaf in enumerate(leaves)]
     paths: set[KeyPath] = set()
     names: set[str] = set()
     for rec in records:
@@ -440,7 +450,7 @@ def decode_manifest(data: bytes, what: str) -> Manifest:
         versions={str(k): str(v) for k, v in versions.items()},
         metadata=r.obj.get("metadata"),
         leaves=records, format_version=version,
-        metrics={k: float(v) for k, v in metrics.items()})
+        metrics={k: float(v) for k, v in metrics.items()}, local=local)
 
 
 @dataclasses.dataclass(frozen=True)

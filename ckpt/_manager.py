@@ -11,9 +11,11 @@ commit a step that does not restore. Every process may list and restore.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import operator
+import os
 import threading
 from types import TracebackType
 from typing import Any
@@ -35,6 +37,7 @@ from ckpt._housekeeping import (
     step_folders,
     rewind_root,
 )
+from ckpt._local import Persist, start_local_save, start_persist
 from ckpt._policy import SavePolicy
 from ckpt._orbax import holds_foreign_files, orbax_step_metrics
 from ckpt._reader import open_checkpoint
@@ -42,6 +45,7 @@ from ckpt._restore import restore_from
 from ckpt._tree import is_text
 from ckpt._save import SaveHandle, start_save
 from ckpt._snapshot import DEFAULT_MEMORY_BUDGET, checked_options
+from ckpt._tiers import LocalTier, Tiered
 from ckpt.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -130,6 +134,16 @@ class CheckpointManager:
             docs/protocol.md).
         snapshot, memory_budget: how each save copies the arrays off the devices and the
             host memory it may use for them (see `ckpt.save_async`).
+        local_dir: a path on each host's own disk (or RAM disk), the same on every host
+            (``{process}`` in it is replaced by the process index): every save is committed
+            there first, each process writing every shard its devices hold, and `restore`
+            reads from it whatever it holds (docs/tiers.md). With it, `latest_step`,
+            `steps` and `restore` cover both tiers, and the manager must be made on every
+            process (they compare their local copies at start-up).
+        local_keep: local steps kept (the newest; at least 1).
+        persist_every: with ``local_dir``, only steps divisible by this (and a preemption
+            step) are also committed to ``root_url``, in the background from the local
+            copy; None: every step.
 
     A training loop::
 
@@ -148,7 +162,9 @@ class CheckpointManager:
                  save_every_seconds: float | None = None, watch_preemption: bool = True,
                  timeout_s: float = _coord.DEFAULT_TIMEOUT_S,
                  debris_grace_s: float = 0.0, snapshot: str = "auto",
-                 memory_budget: int = DEFAULT_MEMORY_BUDGET) -> None:
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                 local_dir: str | os.PathLike[str] | None = None, local_keep: int = 2,
+                 persist_every: int | None = None) -> None:
         if keep_last is not None and keep_last < 1:
             raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
         if keep_every is not None and keep_every < 1:
@@ -173,6 +189,15 @@ class CheckpointManager:
         self._handle: SaveHandle | None = None
         self._gc: threading.Thread | None = None
         self._closed = False
+        self._persist: SaveHandle | None = None  # the commit to the root under way
+        if local_dir is None and persist_every is not None:
+            raise ValueError("persist_every needs local_dir (without a local tier every "
+                             "save goes to root_url)")
+        # Before an interrupted rewind is finished below: each process drops its copies of
+        # the steps the rewind abandoned while the record still names them.
+        self._tier = None if local_dir is None else LocalTier(
+            os.fspath(local_dir), local_keep, persist_every, self._store,
+            read_only=read_only, timeout_s=timeout_s)
         if not read_only and _coord.current().process_index == 0:
             if self._store.exists(REWIND):
                 # A rewind was interrupted: finish it before any save can land on its branch.
@@ -188,12 +213,21 @@ class CheckpointManager:
     # -- listing ---------------------------------------------------------------------------
 
     def steps(self) -> list[int]:
-        """All committed steps, ascending (one existence check per step folder)."""
-        return committed_steps(self._store)
+        """All committed steps, ascending (one existence check per step folder); with a
+        local tier, also the steps every process holds a local copy of."""
+        steps = committed_steps(self._store)
+        if self._tier is not None:
+            steps = sorted(set(steps) | set(self._tier.complete))
+        return steps
 
     def latest_step(self) -> int | None:
-        """The newest committed step, or None; checks step folders newest first."""
-        return latest_committed_step(self._store)
+        """The newest committed step, or None; checks step folders newest first. With a
+        local tier: the newest step restorable from the tiers (the root's newest, or a
+        newer one every process holds a local copy of)."""
+        newest = latest_committed_step(self._store)
+        if self._tier is not None and (local := self._tier.newest()) is not None:
+            newest = local if newest is None else max(newest, local)
+        return newest
 
     # -- saving ----------------------------------------------------------------------------
 
@@ -218,10 +252,12 @@ class CheckpointManager:
         if self.read_only:
             raise ReadOnlyError(f"cannot {what}: {self.root_url} was opened read_only=True")
 
-    def _previous_failure(self) -> None:
-        """Waits for the save in flight; raises its error if nobody has seen it yet."""
-        previous = self._handle
-        if previous is not None:
+    def _previous_failure(self, previous: SaveHandle | None | bool = False) -> None:
+        """Waits for the save in flight (or ``previous``); raises its error if nobody has
+        seen it yet."""
+        if previous is False:
+            previous = self._handle
+        if isinstance(previous, SaveHandle):
             exc = previous.outcome()
             if exc is not None and not previous.observed_by_user:
                 previous.mark_observed()
@@ -263,12 +299,14 @@ class CheckpointManager:
             drawn.append(attempt)
 
         try:
-            handle = start_save(self._store.child(str(step)), tree, metadata=metadata,
-                                on_commit=lambda: self._committed(step, metrics, drawn),
-                                timeout_s=self.timeout_s, metrics=metrics,
-                                refuse=lambda: self._refusal(step), on_attempt=draw,
-                                step=step, snapshot=self.snapshot,
-                                memory_budget=self.memory_budget)
+            if self._tier is not None:
+                handle = self._save_tiered(step, tree, metadata, metrics, draw, drawn)
+            else:
+                handle = start_save(self._store.child(str(step)), tree, metadata=metadata,
+                    on_commit=lambda: self._committed(step, metrics, drawn),
+                    timeout_s=self.timeout_s, metrics=metrics,
+                    refuse=lambda: self._refusal(step), on_attempt=draw,
+                    step=step, snapshot=self.snapshot, memory_budget=self.memory_budget)
         except BaseException:
             with self._lock:
                 self._saving.difference_update(drawn)
@@ -276,6 +314,45 @@ class CheckpointManager:
         self._policy.saved()
         self._handle = handle
         return handle
+
+    def _save_tiered(self, step: int, tree: Any, metadata: Any,
+                     metrics: dict[str, float] | None, draw: Any,
+                     drawn: list[str]) -> SaveHandle:
+        """`save` with a local tier: the local commit now; the root's, if this step is
+        persisted, started by it in the background (one at a time: a persisted step first
+        waits for the previous one's, and raises its error if nobody saw it)."""
+        tier = self._tier
+        assert tier is not None
+        persist = tier.persists(step) or self._policy.preempted_at(step)
+        if persist:
+            self._previous_failure(self._persist)
+
+        def committed(saved: Persist, drop: list[int]) -> SaveHandle | None:
+            # Every process, on the local save's thread, once every copy is committed.
+            tier.committed(step, saved.attempt, drop)
+            if not persist:
+                with self._lock:
+                    self._saving.difference_update(drawn)
+                return None
+            tier.pinned.add(step)
+            self._persist = start_persist(
+                self._store.child(str(step)), step, saved, tier.store.child(str(step)),
+                timeout_s=self.timeout_s, memory_budget=self.memory_budget,
+                on_commit=lambda: self._committed(step, metrics, drawn, saved.attempt),
+                on_done=lambda: self._persist_done(step, drawn))
+            return self._persist
+
+        return start_local_save(tier.store, tree, step=step, metadata=metadata,
+                                metrics=dict(metrics or {}), timeout_s=self.timeout_s,
+                                snapshot=self.snapshot, memory_budget=self.memory_budget,
+                                refuse=lambda: self._refusal(step), on_attempt=draw,
+                                victims=lambda: tier.victims(step), on_commit=committed)
+
+    def _persist_done(self, step: int, drawn: list[str]) -> None:
+        assert self._tier is not None
+        self._tier.pinned.discard(step)
+        with self._lock:
+            self._saving.difference_update(drawn)
 
     def _refusal(self, step: int) -> CkptError | None:
         """Process 0, before a save: the error that stops saving ``step``, if any."""
@@ -302,39 +379,62 @@ class CheckpointManager:
             f"spike), call mgr.rewind(<that step>) first: it removes the steps above it")
 
     def _committed(self, step: int, metrics: dict[str, float] | None,
-                   drawn: list[str]) -> None:
-        """Every process, after ``step`` committed: rank it; process 0: retention."""
+                   drawn: list[str], attempt: str | None = None) -> None:
+        """Every process, after ``step`` committed to the root: rank it; process 0:
+        retention. With a local tier (``attempt``: the save's), every process first
+        removes its local copies of the steps process 0 is about to delete from the root,
+        so that no local copy outlives the root's as the only copy of a removed step."""
         with self._lock:
             self._saving.difference_update(drawn)
         self._metrics[step] = dict(metrics or {})
-        if _coord.current().process_index == 0:
-            self._apply_retention()
+        coord = _coord.current()
+        if self._tier is None or attempt is None:
+            if coord.process_index == 0:
+                self._apply_retention(self._retention_victims())
+            return
+        victims: list[int] = []
+        if coord.process_index == 0:
+            try:
+                victims = self._retention_victims()
+            except CkptError as exc:
+                log.warning("retention under %s skipped this round: %s", self.root_url, exc)
+        victims = json.loads(coord.broadcast(f"persist/{attempt}/retention",
+                                             json.dumps(victims), self.timeout_s))
+        self._tier.drop(victims, "retention removes it from the persistent root")
+        if coord.process_index == 0:
+            self._apply_retention(victims)
 
     def wait(self) -> None:
-        """Blocks until the save in flight (if any) is committed.
+        """Blocks until the save in flight (if any) is committed; with a local tier, also
+        the commit to the persistent root under way.
 
         Raises:
             The save's error, unless it was already raised to the caller (by its handle's
             `wait`/`exception`, or by a later `save`): each failure is reported once.
         """
-        handle = self._handle
-        if handle is not None:
-            exc = handle.outcome()
-            if exc is not None and not handle.observed_by_user:
-                handle.mark_observed()
-                raise exc
+        for which in ("_handle", "_persist"):  # the local save starts the root's commit
+            handle = getattr(self, which)
+            if handle is not None:
+                exc = handle.outcome()
+                if exc is not None and not handle.observed_by_user:
+                    handle.mark_observed()
+                    raise exc
 
-    def _apply_retention(self) -> None:
-        """Process 0, after each commit. A failure is logged by the caller and the same
-        victims are found again after the next commit."""
-        steps = self.steps()
+    def _retention_victims(self) -> list[int]:
+        """Process 0, after each commit: the root's steps retention removes."""
+        steps = committed_steps(self._store)
         best: list[int] = []
         if self.keep_best and self.best_metric:
             scored = [(v, s) for s in steps
                       if (v := self._metric(s, self.best_metric)) is not None]
             scored.sort(reverse=self.best_mode == "max")
             best = [s for _, s in scored[:self.keep_best]]
-        for step in retention_victims(steps, self.keep_last, self.keep_every, best):
+        return retention_victims(steps, self.keep_last, self.keep_every, best)
+
+    def _apply_retention(self, victims: list[int]) -> None:
+        """Process 0, after each commit. A failure is logged by the caller and the same
+        victims are found again after the next commit."""
+        for step in victims:
             delete_checkpoint(self._store.child(str(step)))
             self._metrics.pop(step, None)
             log.info("retention: deleted step %d under %s", step, self.root_url)
@@ -358,6 +458,9 @@ class CheckpointManager:
         saves, else read from the step's manifest once."""
         if step not in self._metrics:
             folder = self._store.child(str(step))
+            if self._tier is not None and step in self._tier.complete \
+                    and not folder.exists(COMMIT):
+                folder = self._tier.store.child(str(step))  # a step of the local tier alone
             if folder.exists(COMMIT):
                 self._metrics[step] = open_checkpoint(folder)[1].metrics
             else:  # an Orbax step: what its manager recorded, without opening its items
@@ -429,9 +532,17 @@ class CheckpointManager:
         self._writable(f"delete step {step}")
         step = as_step(step)
         self._previous_failure()
+        self._previous_failure(self._persist)
+        local = self._tier is not None and step in self.steps()
+        if self._tier is not None and local:
+            # Local copies first (process 0's among them, before the root's below): a
+            # crash in between leaves the root's copy, never only local ones.
+            self._tier.drop([step], "deleted")
 
         def run() -> None:
             if step not in self.steps():
+                if local:
+                    return  # a step the local tier alone held
                 raise CheckpointNotFoundError(
                     f"step {step} is not a committed step under {self.root_url}")
             if kept := delete_checkpoint(self._store.child(str(step))):
@@ -457,6 +568,17 @@ class CheckpointManager:
         self._writable(f"rewind to step {step}")
         step = as_step(step)
         self._previous_failure()
+        self._previous_failure(self._persist)
+        if self._tier is not None:
+            if step not in self.steps():
+                raise CheckpointNotFoundError(
+                    f"cannot rewind to step {step}: it is not a committed step under "
+                    f"{self.root_url} or in the local tier")
+            # Every process drops its newer copies (process 0 before it touches the root):
+            # a newer step then is on no tier whole, whatever happens to the rewind below.
+            self._tier.drop(sorted(s for s in set(self._tier.copies) | set(self._tier.complete)
+                                   if s > step), "rewound")
+
         def run() -> None:
             steps = self.steps()
             if step not in steps:
@@ -488,13 +610,29 @@ class CheckpointManager:
             store = DeadlineStore(store, deadline)
         if step is None:
             step = latest_committed_step(store)
+            if self._tier is not None and (local := self._tier.newest()) is not None:
+                step = local if step is None else max(step, local)
             if step is None:
-                raise CheckpointNotFoundError(f"no committed step under {self.root_url}")
+                raise CheckpointNotFoundError(f"no committed step under {self.root_url}"
+                                              + (" or in its local tier" if self._tier else ""))
         elif is_abandoned(store, step := as_step(step), abandoned(store)):
             raise CheckpointNotFoundError(f"step {step} under {self.root_url} was abandoned "
                                           "by a rewind")
-        return restore_from(store.child(str(step)), target, mesh=mesh, item=item,
-                            deadline=deadline)
+        if self._tier is None:
+            return restore_from(store.child(str(step)), target, mesh=mesh, item=item,
+                                deadline=deadline)
+        source = self._tier.readable(step, store, item)
+        restored = restore_from(store.child(str(step)), target, mesh=mesh, item=item,
+                                deadline=deadline, opened=source)
+        if isinstance(source, Tiered):
+            log.info("restored step %d on process %d: %.1f MiB from the local tier %s, "
+                     "%.1f MiB from the persistent root %s", step,
+                     _coord.current().process_index, source.served["local"] / 2**20,
+                     self._tier.store.url, source.served["root"] / 2**20, self.root_url)
+        else:
+            log.info("restored step %d on process %d from the persistent root %s alone (no "
+                     "local copy of it)", step, _coord.current().process_index, self.root_url)
+        return restored
 
     # -- lifetime --------------------------------------------------------------------------
 

@@ -196,3 +196,35 @@ def plan(arrays: Sequence[ArrayInput], process_index: int, process_count: int) -
             plans[a].owned[flat] = (dev[2], box)
             plans[a].shards = list(of_array[a].shards.get(proc, ()))
     return plans
+
+
+def held_plan(arr: ArrayInput, planned: ArrayPlan, process_index: int,
+              process_count: int) -> ArrayPlan:
+    """The chunks a process's local copy holds (`ckpt._local`): every chunk of every shard
+    its devices hold, one replica each, on ``planned``'s chunk grid; ``writers`` is
+    ``process_index`` where held and -1 elsewhere. An array ``planned`` gathers into one
+    chunk is held shard by shard instead: a process holding part of it could not write it.
+
+    Called by a save with a local tier, on every process, after `plan`.
+    """
+    holders = _holders(arr, process_count)
+    chunk_shape = planned.chunk_shape
+    if len(planned.writers) == 1 and len(holders) > 1:
+        shard = box_shape(next(iter(holders)))
+        for box in holders:
+            shard = tuple(max(x, y) for x, y in zip(shard, box_shape(box)))
+        chunk_shape = tuple(max(1, n) for n in shard)
+    grid = grid_shape(arr.shape, chunk_shape)
+    writers = [-1] * math.prod(grid)
+    owned: dict[int, tuple[Any, Box]] = {}
+    for box, hs in holders.items():
+        mine = [h for h in hs if h[0] == process_index]
+        if not mine:
+            continue
+        starts = [lo // c for (lo, _), c in zip(box, chunk_shape)]
+        stops = [-(-hi // c) for (_, hi), c in zip(box, chunk_shape)]
+        for coord in itertools.product(*(range(s, e) for s, e in zip(starts, stops))):
+            flat = flat_index(coord, grid)
+            owned[flat] = (mine[0][2], box)
+            writers[flat] = process_index
+    return ArrayPlan(tuple(arr.shape), tuple(chunk_shape), writers, owned)

@@ -139,6 +139,11 @@ class Readable(abc.ABC):
                             crc32c_in_chunk_tail=self._chunks_end_with_crc32c(),
                             store=self.store)
 
+    def read_jobs(self, rec: LeafRecord, boxes: Sequence[Box]) -> list[ArrayReadJob]:
+        """The reads of ``boxes`` of ``rec``: one `read_job`, except where a checkpoint's
+        boxes come from several places (`ckpt._tiers.Tiered`). Called by restore."""
+        return [self.read_job(rec, boxes)]
+
     def check_files(self, records: Sequence[LeafRecord]) -> None:
         """Called by restore, on any process, before `read_job` for many ``records``: a
         format may check what its arrays' reads will open all at once. Nothing by default."""

@@ -364,8 +364,10 @@ def _cast(host: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
 
 def restore_from(store: Store, target: Any = None, *, mesh: Any = None,
                  item: str | None = None, memory_budget: int | None = None,
-                 deadline: Deadline | None = None, names: NamesLike = None) -> Any:
-    """Restores the checkpoint in ``store``; see `ckpt.restore`.
+                 deadline: Deadline | None = None, names: NamesLike = None,
+                 opened: Readable | None = None) -> Any:
+    """Restores the checkpoint in ``store``; see `ckpt.restore`. ``opened``: the
+    checkpoint already opened (a manager's `ckpt._tiers.Tiered`), read instead.
 
     Called on every process that needs the state; each reads only the boxes its own
     devices hold (or the whole arrays, for a host-numpy restore). With a ``deadline``,
@@ -376,7 +378,7 @@ def restore_from(store: Store, target: Any = None, *, mesh: Any = None,
     # A target names the items of an Orbax step it wants by its top-level keys.
     wanted = {k for k in target if isinstance(k, str)} \
         if item is None and isinstance(target, Mapping) else None
-    source = open_readable(store, item, wanted)
+    source = open_readable(store, item, wanted) if opened is None else opened
     rules = None if names is None else NameRules(names)
     source = source.for_target(None if target is None else flatten(target)[0], rules)
     for _ in range(OVERWRITE_RETRIES):
@@ -444,13 +446,19 @@ def _restore_source(source: Readable, target: Any, mesh: Any,
             boxes = _boxes(want)
             values[i] = _assemble(want, [whole[to_slices(b)] for b in boxes], boxes)
         elif rec.kind == LeafKind.ARRAY:
-            jobs.append(source.read_job(rec, _boxes(want)))
-            job_wants.append(i)
+            for job in source.read_jobs(rec, _boxes(want)):
+                jobs.append(job)
+                job_wants.append(i)
     started = time.monotonic()
     hosts = read_arrays(jobs, memory_budget=memory_budget, deadline=deadline)
     read = sum(box.nbytes for host in hosts for box in host)
+    pieces: dict[int, tuple[list[np.ndarray], list[Box]]] = {}
     for i, job, host in zip(job_wants, jobs, hosts):
-        values[i] = _assemble(wants[i], host, job.targets)
+        got = pieces.setdefault(i, ([], []))
+        got[0].extend(host)
+        got[1].extend(job.targets)
+    for i, (host, boxes) in pieces.items():
+        values[i] = _assemble(wants[i], host, boxes)
     seconds = time.monotonic() - started
     log.info("restored %s (%s): %d leaves, read %.1f MiB in %.3f s (%.0f MiB/s)",
              source.store.url, source.layout, len(wants), read / 2**20, seconds,

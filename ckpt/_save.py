@@ -116,6 +116,9 @@ class SaveHandle:
         self.step = step
         self.attempt = ""
         self.timings: SaveTimings | None = None  # set once committed
+        # A manager with a local tier: this step's commit to the persistent root, set once
+        # the local commit (this handle) started it; None for a step kept locally only.
+        self.remote: SaveHandle | None = None
         self._event = threading.Event()
         self._exc: BaseException | None = None
         self.observed_by_user = False
@@ -243,6 +246,7 @@ class _Job:
     digests: tuple[str, dict[str, int]]  # `ckpt._agreement`; empty for one process
     # This process's value of each per-process leaf, by leaf position (its host report's).
     per_process: list[tuple[int, Any]] = dataclasses.field(default_factory=list)
+    prefix: str = ""  # of its coordination keys: the same on every process
     started: float = 0.0   # time.monotonic() when save_async was called
     blocked_s: float = 0.0
     blocked: threading.Event = dataclasses.field(default_factory=threading.Event)  # returned
@@ -395,7 +399,7 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
     job = _Job(store, coord, seq, attempt, created_at, metadata, records, plans, taken,
                timeout_s, deadline, memory_budget, on_commit, overwrite, dict(metrics or {}),
                agreement, per_process)
-    job.started = started
+    job.started, job.prefix = started, f"save/{seq}"
     try:
         threading.Thread(target=_run, args=(job, handle), name=f"ckpt-save-{attempt}").start()
         if taken.mode == "host":
@@ -410,9 +414,10 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
     return handle
 
 
-def _write_chunks(job: _Job) -> list[Row]:
-    """Writes this process's chunks; returns its host-report rows."""
-    create = job.coord.process_index == 0
+def _write_chunks(job: _Job, create: bool) -> list[Row]:
+    """Writes this process's chunks; returns its host-report rows. ``create``: this
+    process writes each array's ``zarr.json`` (process 0 of a save; each process of a
+    local copy, which is its alone)."""
     arrays = open_arrays(job.store, job.attempt,
                          {r: job.records[r] for r in job.plans if create or job.plans[r].owned},
                          create=create)
@@ -473,12 +478,12 @@ def _run(job: _Job, handle: SaveHandle) -> None:
     so that process 0 fails the save at once, naming it, instead of waiting for a timeout.
     """
     me = job.coord.process_index
-    prefix = f"save/{job.seq}"
+    prefix = job.prefix
     try:
         join = start_fetching(job.snapshot, f"ckpt-fetch-{job.attempt}")
         try:
             try:
-                rows = _write_chunks(job)
+                rows = _write_chunks(job, create=me == 0)
             except BaseException as exc:
                 if job.snapshot.feed is not None:
                     job.snapshot.feed.cancel(exc)

@@ -1,0 +1,256 @@
+"""The local tier beside a manager's persistent root: what each process's copies are, which
+steps every process holds, and reading each box from the nearest copy (docs/tiers.md).
+
+`LocalTier` is held by a `CheckpointManager` made with ``local_dir``, on every process. At
+start-up every process scans its own folder (`ckpt._local.scan`), drops copies a root
+rewind abandoned, and publishes what it holds through the coordination service; every
+process then computes the same set of *complete* steps: those every process of this job
+holds a committed copy of, from the same save (attempt id), written by the process of its
+own index in a job of the same size. Only a complete step can be restored from the local
+tier alone; a copy of a step the root also holds serves whatever boxes it has. The set is
+kept the same on every process afterwards: a local commit adds its step on every process
+once all committed, and every removal (retention, delete, rewind) is decided on process 0
+or from that same set.
+
+`Tiered` is the `Readable` one process restores a step through: its local copy for every
+box the copy holds, the persistent root for the rest (opened only if needed).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from ckpt import _coord
+from ckpt._commit import committed_attempt
+from ckpt._format import DTYPE_SIZES, LeafKind, LeafRecord
+from ckpt._housekeeping import abandoned
+from ckpt._local import LocalCopy, local_store, remove_copy, remove_debris, scan
+from ckpt._reader import Readable, open_readable
+from ckpt.errors import CheckpointNotFoundError, CkptError
+from ckpt.restore import ArrayReadJob
+from ckpt.restore.boxes import Box, box_size, chunks_in, flat_index, grid_shape
+from ckpt.storage import Store
+
+log = logging.getLogger("ckpt.local")
+
+# Every process makes its managers in the same order: the n-th tier's coordination keys
+# are the same everywhere.
+_TIERS = itertools.count()
+
+
+class LocalTier:
+    """This process's local tier (module docstring). Made by `CheckpointManager.__init__`
+    on every process, which must all call it (the start-up exchange is collective)."""
+
+    def __init__(self, local_dir: str, local_keep: int, persist_every: int | None,
+                 root: Store, *, read_only: bool, timeout_s: float) -> None:
+        if isinstance(local_keep, bool) or not isinstance(local_keep, int) or local_keep < 1:
+            raise ValueError(f"local_keep must be an integer >= 1, got {local_keep!r}")
+        if persist_every is not None and (isinstance(persist_every, bool) or not isinstance(
+                persist_every, int) or persist_every < 1):
+            raise ValueError(f"persist_every must be an integer >= 1 or None, got "
+                             f"{persist_every!r}")
+        coord = _coord.current()
+        self.me, self.count = coord.process_index, coord.process_count
+        self.keep, self.persist_every, self.read_only = local_keep, persist_every, read_only
+        self.store = local_store(local_dir, self.me)
+        self.root = root
+        # Steps whose commit to the root is under way (process 0 decides retention by them).
+        self.pinned: set[int] = set()
+        self.copies = scan(self.store)
+        gone = abandoned(root)
+        if not read_only:
+            for step, copy in list(self.copies.items()):
+                if copy.attempt in gone.get(step, ()):
+                    remove_copy(self.store, step)
+                    del self.copies[step]
+        self.complete = self._exchange(coord, timeout_s)
+        if not read_only:
+            self._clean()
+        log.info("local tier %s: copies of steps %s; complete on every process: %s",
+                 self.store.url, sorted(self.copies), sorted(self.complete))
+
+    def _exchange(self, coord: _coord.Coordinator, timeout_s: float) -> dict[int, str]:
+        """Every process's copies, through the coordination service: the complete steps
+        (step -> attempt), the same on every process."""
+        mine = [[c.step, c.attempt, c.process, c.process_count] for c in self.copies.values()]
+        found: dict[str, list[list[Any]]]
+        if self.count == 1:
+            found = {"0": mine}
+        else:
+            key = f"tier/{next(_TIERS)}"
+            coord.publish(f"{key}/copies/{self.me}", json.dumps(mine))
+            coord.barrier(f"{key}/scanned", timeout_s)
+            found = {k.rsplit("/", 1)[-1]: json.loads(v)
+                     for k, v in coord.collect(f"{key}/copies/").items()}
+        held: dict[int, dict[int, LocalCopy]] = {}
+        for p, rows in found.items():
+            for step, attempt, writer, count in rows:
+                held.setdefault(step, {})[int(p)] = LocalCopy(step, attempt, writer, count)
+        complete = {}
+        for step, by_process in held.items():
+            attempts = {c.attempt for c in by_process.values()}
+            if (len(by_process) == self.count and len(attempts) == 1 and all(
+                    c.process == p and c.process_count == self.count
+                    for p, c in by_process.items())):
+                complete[step] = attempts.pop()
+        return complete
+
+    def _clean(self) -> None:
+        """Start-up: keeps the newest ``local_keep`` complete steps, and of the others the
+        newest ``local_keep`` copies of steps the root holds from the same save (they serve
+        the boxes they hold after a change of topology); removes everything else."""
+        complete = sorted(self.complete)[-self.keep:]
+        partial: list[int] = []
+        for step in sorted(set(self.copies) - set(self.complete), reverse=True):
+            if len(partial) == self.keep:
+                break
+            try:
+                if committed_attempt(self.root.child(str(step))) == self.copies[step].attempt:
+                    partial.append(step)
+            except CkptError:
+                continue
+        keep = set(complete) | set(partial)
+        removed = remove_debris(self.store, keep)
+        for step in removed:
+            self.copies.pop(step, None)
+        self.complete = {s: a for s, a in self.complete.items() if s in keep}
+        if removed:
+            log.info("local tier %s: removed %s (incomplete, superseded or debris)",
+                     self.store.url, removed)
+
+    # -- what the manager asks -------------------------------------------------------------
+
+    def persists(self, step: int) -> bool:
+        """Whether a save of ``step`` is also committed to the persistent root."""
+        return self.persist_every is None or step % self.persist_every == 0
+
+    def newest(self) -> int | None:
+        return max(self.complete, default=None)
+
+    def victims(self, step: int) -> list[int]:
+        """Process 0, deciding a local commit of ``step``: the complete steps to remove
+        once it is committed everywhere (all but the newest ``local_keep``, never one whose
+        commit to the root is under way)."""
+        steps = sorted(set(self.complete) | {step})
+        return [s for s in steps[:-self.keep] if s not in self.pinned]
+
+    def committed(self, step: int, attempt: str, drop: Sequence[int]) -> None:
+        """Every process, once every process committed its copy of ``step``."""
+        self.complete[step] = attempt
+        self.copies[step] = LocalCopy(step, attempt, self.me, self.count)
+        self.drop(drop, "retention")
+
+    def drop(self, steps: Sequence[int], why: str) -> None:
+        """Every process: removes its copies of ``steps`` (retention, delete, rewind)."""
+        for step in steps:
+            self.complete.pop(step, None)
+            if self.copies.pop(step, None) is not None or self.store.exists(f"{step}"):
+                remove_copy(self.store, step)
+                log.info("local tier %s: removed step %d (%s)", self.store.url, step, why)
+
+    def readable(self, step: int, root: Store, item: str | None) -> Readable:
+        """What this process restores ``step`` from: its copy where it holds the step (a
+        `Tiered`), else the root's checkpoint.
+
+        Raises:
+            CheckpointNotFoundError: no tier holds ``step`` for this process.
+        """
+        folder = root.child(str(step))
+        copy = self.copies.get(step)
+        local: Readable | None = None
+        if copy is not None:
+            try:
+                local = open_readable(self.store.child(str(step)), item)
+            except CkptError as exc:
+                log.warning("local copy of step %d unreadable (%s): reading the root", step,
+                            exc)
+        if local is not None and step in self.complete and copy is not None \
+                and copy.attempt == self.complete[step]:
+            return Tiered(local, folder, None, item)
+        if local is not None and copy is not None:
+            try:
+                holder = committed_attempt(folder)
+            except CkptError:
+                holder = None
+            if holder == copy.attempt:
+                return Tiered(local, folder, open_readable(folder, item), item)
+        try:
+            return open_readable(folder, item)
+        except CheckpointNotFoundError as exc:
+            raise CheckpointNotFoundError(
+                f"step {step} is on no tier for process {self.me}: no local copy of it in "
+                f"{self.store.url} and no committed copy at {folder.url}") from exc
+
+
+class Tiered(Readable):
+    """One process's view of a step held by its local copy and perhaps the root: each box
+    of a leaf the copy holds whole is read from the copy, the rest from the root. The
+    leaves' records come from the copy when it was written by this process of a job of
+    this size (its per-process values are this process's), else from the root's manifest.
+    ``served`` counts the bytes each tier served."""
+
+    kind, checksummed = "ckpt", True
+
+    def __init__(self, local: Readable, root: Store, opened: Readable | None,
+                 item: str | None) -> None:
+        manifest = local.manifest if opened is None else opened.manifest
+        super().__init__(root, manifest, f"{local.layout}, local tier", item)
+        self._local, self._opened, self._item = local, opened, item
+        self._held = {r.name: r for r in local.manifest.leaves if r.kind == LeafKind.ARRAY}
+        self.served = {"local": 0, "root": 0}
+
+    def _root(self, rec: LeafRecord) -> Readable:
+        if self._opened is None:
+            try:
+                self._opened = open_readable(self.store, self._item)
+            except CheckpointNotFoundError as exc:
+                raise CheckpointNotFoundError(
+                    f"leaf {rec.path} of step {self.store.url}: the local copy "
+                    f"{self._local.store.url} does not hold every box this process needs and "
+                    f"the persistent root has no copy of the step") from exc
+            if self._opened.manifest.attempt != self._local.manifest.attempt:
+                raise CheckpointNotFoundError(
+                    f"{self.store.url} holds attempt {self._opened.manifest.attempt}, not "
+                    f"{self._local.manifest.attempt} of the local copy: restore again")
+        return self._opened
+
+    def read_jobs(self, rec: LeafRecord, boxes: Sequence[Box]) -> list[ArrayReadJob]:
+        held = self._held.get(rec.name)
+        here = [b for b in boxes if held is not None and _holds(held, b)]
+        there = [b for b in boxes if held is None or not _holds(held, b)]
+        itemsize = DTYPE_SIZES[rec.dtype]
+        jobs = []
+        if here:
+            assert held is not None
+            jobs.append(self._local.read_job(held, here))
+            self.served["local"] += sum(box_size(b) for b in here) * itemsize
+        if there:
+            root = self._root(rec)
+            saved = next(r for r in root.manifest.leaves if r.path == rec.path)
+            jobs.append(root.read_job(saved, there))
+            self.served["root"] += sum(box_size(b) for b in there) * itemsize
+        return jobs
+
+    def read_job(self, rec: LeafRecord, boxes: Sequence[Box]) -> ArrayReadJob:
+        raise AssertionError("Tiered reads through read_jobs")
+
+    def array_spec(self, rec: LeafRecord) -> dict[str, Any]:
+        raise AssertionError("Tiered reads through read_jobs")
+
+    def context(self) -> Any:
+        return self._local.context()
+
+    def _chunks_end_with_crc32c(self) -> bool:
+        return True
+
+
+def _holds(rec: LeafRecord, box: Box) -> bool:
+    """Whether a local copy's record holds every chunk ``box`` touches."""
+    grid = grid_shape(rec.shape, rec.chunk_shape)
+    return all(rec.writers[flat_index(c, grid)] >= 0 for c in chunks_in(box, rec.chunk_shape))
+
