@@ -221,7 +221,7 @@ def start_local_save(local: Store, tree: Any, *, step: int, metadata: Any,
     job.started, job.prefix = started, f"local/{attempt}"
     try:
         threading.Thread(target=_run_local,
-                         args=(job, handle, step, persist, victims, on_commit),
+                         args=(job, handle, local, step, persist, victims, on_commit),
                          name=f"ckpt-local-{attempt}").start()
         if taken.mode == "host":
             taken.fetch()
@@ -287,7 +287,7 @@ def _verdict(job: _Job, me: int, mine: str, victims: Callable[[], list[int]]) ->
     return [int(s) for s in drop]
 
 
-def _run_local(job: _Job, handle: SaveHandle, step: int, persist: Persist,
+def _run_local(job: _Job, handle: SaveHandle, local: Store, step: int, persist: Persist,
                victims: Callable[[], list[int]],
                on_commit: Callable[[Persist, list[int]], SaveHandle | None]) -> None:
     """The background part of a local save, on every process (module docstring)."""
@@ -296,9 +296,6 @@ def _run_local(job: _Job, handle: SaveHandle, step: int, persist: Persist,
         try:
             join = start_fetching(job.snapshot, f"ckpt-fetch-{job.attempt}")
             try:
-                # An earlier copy of this step that never became complete (no step that
-                # is complete anywhere is saved again) goes first: COMMIT is then ours.
-                _clear(job.store)
                 rows = _write_chunks(job, create=True)
             except BaseException as exc:
                 if job.snapshot.feed is not None:
@@ -339,6 +336,9 @@ def _run_local(job: _Job, handle: SaveHandle, step: int, persist: Persist,
         others = {k.rsplit("/", 1)[-1]: v for k, v in
                   job.coord.collect(f"{job.prefix}/committed/").items() if v != "ok"}
         if others:
+            # Not a step of the tier: this process's copy goes, so that saving the step
+            # again can create its COMMIT.
+            remove_copy(local, step)
             raise SaveError(f"step {step} is not committed to the local tier: " + "; ".join(
                 f"process {p} failed to commit its copy: {v}" for p, v in sorted(others.items())))
         done = time.monotonic()
@@ -363,14 +363,6 @@ def _run_local(job: _Job, handle: SaveHandle, step: int, persist: Persist,
         handle._finish(error)
     finally:
         job.snapshot.release()
-
-
-def _clear(folder: Store) -> None:
-    """Removes an earlier copy of this step folder's step (never a complete one: the
-    manager refuses to save a step the tiers hold)."""
-    folder.delete(COMMIT)
-    for name in folder.list_children():
-        folder.delete_prefix(name)
 
 
 class _suppress_coordination:

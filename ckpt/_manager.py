@@ -622,8 +622,21 @@ class CheckpointManager:
             return restore_from(store.child(str(step)), target, mesh=mesh, item=item,
                                 deadline=deadline)
         source = self._tier.readable(step, store, item)
-        restored = restore_from(store.child(str(step)), target, mesh=mesh, item=item,
-                                deadline=deadline, opened=source)
+        try:
+            restored = restore_from(store.child(str(step)), target, mesh=mesh, item=item,
+                                    deadline=deadline, opened=source)
+        except CorruptCheckpointError as exc:
+            if not isinstance(source, Tiered):
+                raise
+            # Damage in this host's copy (each of its chunks is checked): the root's copy
+            # of the same save serves this process instead, if there is one.
+            log.warning("step %d: the local copy in %s failed its checks (%s); reading the "
+                        "persistent root instead", step, self._tier.store.url, exc)
+            try:
+                return restore_from(store.child(str(step)), target, mesh=mesh, item=item,
+                                    deadline=deadline)
+            except CheckpointNotFoundError:
+                raise exc from None
         if isinstance(source, Tiered):
             log.info("restored step %d on process %d: %.1f MiB from the local tier %s, "
                      "%.1f MiB from the persistent root %s", step,

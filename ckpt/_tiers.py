@@ -173,12 +173,17 @@ class LocalTier:
                 and copy.attempt == self.complete[step]:
             return Tiered(local, folder, None, item)
         if local is not None and copy is not None:
+            # Not every process holds the step: this copy serves only if the root's copy is
+            # of the same save (its COMMIT, ~200 bytes, is all this reads of the root unless
+            # the copy lacks a box). Its records serve too if this process wrote it.
             try:
                 holder = committed_attempt(folder)
             except CkptError:
                 holder = None
             if holder == copy.attempt:
-                return Tiered(local, folder, open_readable(folder, item), item)
+                mine = copy.process == self.me and copy.process_count == self.count
+                return Tiered(local, folder, None if mine else open_readable(folder, item),
+                              item)
         try:
             return open_readable(folder, item)
         except CheckpointNotFoundError as exc:

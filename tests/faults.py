@@ -114,3 +114,23 @@ class ChunkReads:
 
     def store(self, url: StoreLike) -> FaultyStore:
         return FaultyStore(url, after=self._after)
+
+
+class ReadCounter(FaultyStore):
+    """Counts what is read through it (its children share the counts): ``bytes`` of
+    objects read, ``chunks`` read by TensorStore (restore waits on each chunk or byte range
+    through its store), ``opened`` arrays or files TensorStore was pointed at."""
+
+    def __init__(self, inner: StoreLike) -> None:
+        super().__init__(inner)
+        self.counts = {"bytes": 0, "chunks": 0, "opened": 0}
+
+    def _delegate(self, doing, key, fn, *args):
+        result = super()._delegate(doing, key, fn, *args)
+        if doing == "reading":
+            self.counts["bytes"] += len(result)
+        elif doing.startswith(("reading chunk", "reading bytes")):
+            self.counts["chunks"] += 1
+        elif doing == "opening":
+            self.counts["opened"] += 1
+        return result

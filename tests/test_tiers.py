@@ -1,0 +1,245 @@
+"""The local tier (`CheckpointManager(local_dir=...)`): one process on 8 CPU devices here,
+then real multi-process jobs (2 and 4 processes) with a folder per process and a persistent
+root on local disk, S3 and GCS, killed at every phase."""
+
+import logging
+import os
+import shutil
+import signal
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import ckpt
+from ckpt.errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    SaveError,
+    StepOrderError,
+)
+from tests import mp_jobs
+from tests.conftest import backend_url, make_mesh
+from tests.faults import ReadCounter
+from tools.launch import launch, start
+
+
+def _tree(mesh, step):
+    """A state with sharded, replicated, small-gathered and host leaves."""
+    rng = np.random.default_rng(step)
+    w = rng.standard_normal((64, 256)).astype(np.float32)
+    small = rng.standard_normal(16).astype(np.float32)
+    return {
+        "w": jax.device_put(w, NamedSharding(mesh, P("data", "model"))),
+        "r": jax.device_put(w[:8], NamedSharding(mesh, P())),
+        "small": jax.device_put(small, NamedSharding(mesh, P("model"))),
+        "host": rng.integers(0, 9, 7),
+        "step": step,
+        "name": f"s{step}",
+    }
+
+
+def _same(got, want):
+    for k, v in want.items():
+        if isinstance(v, (jax.Array, np.ndarray)):
+            assert np.asarray(got[k]).tobytes() == np.asarray(v).tobytes(), k
+            if isinstance(v, jax.Array):
+                assert got[k].sharding == v.sharding, k
+        else:
+            assert got[k] == v, k
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    return str(tmp_path / "root"), str(tmp_path / "local")
+
+
+def _steps_in(folder):
+    return sorted(int(s) for s in os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+def test_every_step_local_and_persisted_steps_at_the_root(dirs, mesh24):
+    root, local = dirs
+    with ckpt.CheckpointManager(root, local_dir=local, local_keep=2, persist_every=2) as mgr:
+        for step in range(1, 6):
+            handle = mgr.save(step, _tree(mesh24, step))
+            handle.wait()
+            assert (handle.remote is not None) == (step % 2 == 0)
+            if handle.remote is not None:
+                handle.remote.wait()
+        assert mgr.steps() == [2, 4, 5] and mgr.latest_step() == 5
+    assert _steps_in(root) == [2, 4]
+    assert _steps_in(local) == [4, 5]
+    with ckpt.CheckpointManager(root, local_dir=local, persist_every=2) as mgr:
+        assert mgr.latest_step() == 5
+        for step in (5, 4, 2):
+            _same(mgr.restore(step, target=_tree(mesh24, 0)), _tree(mesh24, step))
+    # The root's copies are ordinary checkpoints: readable without the manager.
+    _same(ckpt.restore(os.path.join(root, "4"), target=_tree(mesh24, 0)), _tree(mesh24, 4))
+
+
+def test_restart_reads_nothing_from_the_root(dirs, mesh24, caplog):
+    root, local = dirs
+    with ckpt.CheckpointManager(root, local_dir=local) as mgr:
+        mgr.save(1, _tree(mesh24, 1))
+    counter = ReadCounter(root)
+    caplog.set_level(logging.INFO, logger="ckpt.manager")
+    with ckpt.CheckpointManager(counter, local_dir=local) as mgr:
+        _same(mgr.restore(target=_tree(mesh24, 0)), _tree(mesh24, 1))
+    assert counter.counts == {"bytes": 0, "chunks": 0, "opened": 0}
+    line = next(r.getMessage() for r in caplog.records
+                if r.getMessage().startswith("restored step 1"))
+    assert "0.0 MiB from the persistent root" in line and " 0.0 MiB from the local" not in line
+
+
+def test_a_lost_local_folder_reads_the_root(dirs, mesh24):
+    root, local = dirs
+    with ckpt.CheckpointManager(root, local_dir=local) as mgr:
+        mgr.save(1, _tree(mesh24, 1))
+    shutil.rmtree(local)
+    counter = ReadCounter(root)
+    with ckpt.CheckpointManager(counter, local_dir=local) as mgr:
+        assert mgr.latest_step() == 1
+        _same(mgr.restore(target=_tree(mesh24, 0)), _tree(mesh24, 1))
+    assert counter.counts["chunks"] > 0
+
+
+def test_a_damaged_local_chunk_is_read_from_the_root_instead(dirs, mesh24, caplog):
+    root, local = dirs
+    with ckpt.CheckpointManager(root, local_dir=local) as mgr:
+        mgr.save(1, _tree(mesh24, 1))
+    chunk = next(os.path.join(d, f) for d, _, fs in os.walk(os.path.join(local, "1"))
+                 for f in fs if "/arrays/" in d and f != "zarr.json" and "w" in d.split("/"))
+    data = bytearray(open(chunk, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(chunk, "wb").write(bytes(data))
+    with ckpt.CheckpointManager(root, local_dir=local) as mgr:
+        _same(mgr.restore(target=_tree(mesh24, 0)), _tree(mesh24, 1))
+    assert any("failed its checks" in r.getMessage() for r in caplog.records)
+
+
+def test_a_damaged_local_only_step_is_an_error_not_wrong_data(dirs, mesh24):
+    root, local = dirs
+    with ckpt.CheckpointManager(root, local_dir=local, persist_every=10) as mgr:
+        mgr.save(1, _tree(mesh24, 1))
+    chunk = next(os.path.join(d, f) for d, _, fs in os.walk(os.path.join(local, "1"))
+                 for f in fs if "/arrays/" in d and f != "zarr.json" and "w" in d.split("/"))
+    data = bytearray(open(chunk, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(chunk, "wb").write(bytes(data))
+    with ckpt.CheckpointManager(root, local_dir=local, persist_every=10) as mgr:
+        with pytest.raises(ckpt.errors.CorruptCheckpointError, match="leaf"):
+            mgr.restore(target=_tree(mesh24, 0))
+
+
+def test_a_step_on_no_tier_is_a_clear_error(dirs, mesh24):
+    root, local = dirs
+    with ckpt.CheckpointManager(root, local_dir=local, persist_every=10) as mgr:
+        mgr.save(1, _tree(mesh24, 1))
+        with pytest.raises(CheckpointNotFoundError, match="step 7 is on no tier"):
+            mgr.restore(7)
+    shutil.rmtree(local)
+    with ckpt.CheckpointManager(root, local_dir=local, persist_every=10) as mgr:
+        assert mgr.latest_step() is None and mgr.steps() == []
+        with pytest.raises(CheckpointNotFoundError, match="local tier"):
+            mgr.restore()
+
+
+def test_saving_a_step_the_tiers_hold_is_refused(dirs, mesh24):
+    root, local = dirs
+    with ckpt.CheckpointManager(root, local_dir=local, persist_every=10) as mgr:
+        mgr.save(3, _tree(mesh24, 3))
+        mgr.wait()
+        with pytest.raises(CheckpointExistsError):
+            mgr.save(3, _tree(mesh24, 3))
+        with pytest.raises(StepOrderError):
+            mgr.save(2, _tree(mesh24, 2))
+
+
+def test_root_retention_removes_the_local_copy_first(dirs, mesh24):
+    root, local = dirs
+    with ckpt.CheckpointManager(root, keep_last=1, local_dir=local, local_keep=3) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, _tree(mesh24, step))
+            mgr.wait()
+        # keep_last=1 removed 1 and 2 from the root; no local copy outlives them.
+        assert _steps_in(root) == [3] and _steps_in(local) == [3]
+        assert mgr.steps() == [3]
+
+
+def test_delete_and_rewind_cover_both_tiers(dirs, mesh24):
+    root, local = dirs
+    with ckpt.CheckpointManager(root, local_dir=local, local_keep=4, persist_every=2) as mgr:
+        for step in (1, 2, 3, 4):
+            mgr.save(step, _tree(mesh24, step), metrics={"loss": float(step)})
+        mgr.wait()
+        assert mgr.metrics(3) == {"loss": 3.0}  # a step of the local tier alone
+        mgr.delete(4)
+        assert mgr.steps() == [1, 2, 3] and _steps_in(root) == [2]
+        mgr.rewind(1)
+        assert mgr.steps() == [1] and _steps_in(local) == [1] and _steps_in(root) == []
+        mgr.save(2, _tree(mesh24, 22))
+        mgr.wait()
+    with ckpt.CheckpointManager(root, local_dir=local, persist_every=2) as mgr:
+        assert mgr.steps() == [1, 2]
+        _same(mgr.restore(2, target=_tree(mesh24, 0)), _tree(mesh24, 22))
+
+
+def test_start_up_removes_local_debris(dirs, mesh24):
+    root, local = dirs
+    with ckpt.CheckpointManager(root, local_dir=local, persist_every=10) as mgr:
+        mgr.save(1, _tree(mesh24, 1))
+    os.makedirs(os.path.join(local, "1", "attempt-20260101T000000-aaaaaaaaaaaa", "x"))
+    os.makedirs(os.path.join(local, "5", "attempt-20260101T000000-bbbbbbbbbbbb"))
+    with ckpt.CheckpointManager(root, local_dir=local, persist_every=10) as mgr:
+        assert mgr.steps() == [1]
+    assert _steps_in(local) == [1]
+    assert len([n for n in os.listdir(os.path.join(local, "1")) if n.startswith("attempt-")]) == 1
+
+
+def test_read_only_manager_lists_and_restores_both_tiers(dirs, mesh24):
+    root, local = dirs
+    with ckpt.CheckpointManager(root, local_dir=local, persist_every=10) as mgr:
+        mgr.save(1, _tree(mesh24, 1))
+    os.makedirs(os.path.join(local, "9"))
+    with ckpt.CheckpointManager(root, local_dir=local, read_only=True) as mgr:
+        assert mgr.latest_step() == 1
+        _same(mgr.restore(target=_tree(mesh24, 0)), _tree(mesh24, 1))
+    assert _steps_in(local) == [1, 9]  # read-only: nothing removed
+
+
+def test_a_process_placeholder_and_bad_options(dirs, tmp_path):
+    root, _ = dirs
+    with ckpt.CheckpointManager(root, local_dir=str(tmp_path / "l-{process}")) as mgr:
+        mgr.save(1, {"a": np.arange(3)})
+    assert _steps_in(str(tmp_path / "l-0")) == [1]
+    with pytest.raises(ValueError, match="local_keep"):
+        ckpt.CheckpointManager(root, local_dir=str(tmp_path / "l"), local_keep=0)
+    with pytest.raises(ValueError, match="persist_every needs local_dir"):
+        ckpt.CheckpointManager(root, persist_every=2)
+    with pytest.raises(ValueError, match="persist_every"):
+        ckpt.CheckpointManager(root, local_dir=str(tmp_path / "l"), persist_every=0)
+    with pytest.raises(ValueError, match="own disk"):
+        ckpt.CheckpointManager(root, local_dir="s3://bucket/x")
+
+
+def test_a_failed_root_commit_is_reported_and_the_step_stays_local(dirs, mesh24):
+    from tests.faults import FaultyStore
+
+    root, local = dirs
+
+    def before(doing, key, args):
+        if doing == "writing" and key.endswith("manifest.msgpack") and key.startswith("2/"):
+            raise OSError(28, "No space left on device")
+
+    with ckpt.CheckpointManager(FaultyStore(root, before=before), local_dir=local) as mgr:
+        mgr.save(1, _tree(mesh24, 1))
+        handle = mgr.save(2, _tree(mesh24, 2))
+        handle.wait()  # the local commit
+        with pytest.raises(SaveError, match="No space left"):
+            handle.remote.wait()
+        assert mgr.latest_step() == 2  # from the local tier
+        _same(mgr.restore(2, target=_tree(mesh24, 0)), _tree(mesh24, 2))
+    assert _steps_in(local) == [1, 2]

@@ -1,0 +1,119 @@
+"""Functions the local-tier tests (tests/test_tiers.py) run in every process of a
+`tools.launch` job. ``local`` holds ``{process}``: each process has its own folder."""
+
+import logging
+import os
+import signal
+
+import jax
+
+import ckpt
+from ckpt import _tiers
+from tests.faults import FaultyStore, ReadCounter
+from tests.mp_jobs import device_tree, exact, mesh_of
+
+
+def _own(local):
+    return local.replace("{process}", str(jax.process_index()))
+
+
+def _manager(root, local, persist_every, **kw):
+    return ckpt.CheckpointManager(root, keep_last=None, local_dir=local,
+                                  persist_every=persist_every, timeout_s=60, **kw)
+
+
+def save_steps(root, local, steps, mesh_shape, persist_every):
+    """Saves ``steps``; returns the step folders of this process's local tier."""
+    with _manager(root, local, persist_every) as mgr:
+        for step in steps:
+            mgr.save(step, device_tree(step, tuple(mesh_shape)))
+    return sorted(os.listdir(_own(local)))
+
+
+class _Served(logging.Handler):
+    """The manager's "restored step ..." record: MiB each tier served."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.value = None
+
+    def emit(self, record):
+        if record.getMessage().startswith("restored step"):
+            args = record.args
+            self.value = {"local": args[2], "root": args[4]} if len(args) == 6 else "root"
+
+
+def restore_latest(root, local, mesh_shape, persist_every=None, values_of=None):
+    """Restores the newest step onto ``mesh_shape`` (saved specs) and checks it exactly
+    (against the values of step ``values_of``, default the step); returns what was read
+    of the persistent root (`ReadCounter`) and what each tier served."""
+    counter = ReadCounter(root)
+    served = _Served()
+    logger = logging.getLogger("ckpt.manager")
+    logger.addHandler(served)
+    logger.setLevel(logging.INFO)
+    with _manager(counter, local, persist_every) as mgr:
+        latest = mgr.latest_step()
+        exact(mgr.restore(latest, mesh=mesh_of(tuple(mesh_shape))),
+              latest if values_of is None else values_of)
+        steps = mgr.steps()
+    return {"latest": latest, "steps": steps, "root": counter.counts, "served": served.value}
+
+
+def save_and_die(root, local, mesh_shape, victim, phase):
+    """Saves step 3 (local only) and step 4 (persisted too: persist_every=2) after a
+    template of steps 1 and 2, then restores step 4; process ``victim`` SIGKILLs itself at
+    ``phase`` (``stop-local-write``: stops itself there instead, to be a zombie)."""
+    me = jax.process_index()
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def local_after(doing, key, args):
+        if phase == "local-write" and doing == "writing chunks" and key == "3":
+            die()
+        if phase == "stop-local-write" and doing == "writing chunks" and key == "3":
+            print("PAUSED", flush=True)
+            os.kill(os.getpid(), signal.SIGSTOP)
+        if phase == "local-commit" and doing == "creating" and key == "3/COMMIT":
+            die()
+        if phase == "retention" and doing == "deleting" and key == "1/COMMIT":
+            die()
+        if phase == "restore" and doing.startswith("reading chunk") and key == "4":
+            die()
+
+    def root_after(doing, key, args):
+        if phase == "remote-write" and doing == "writing chunks" and key == "4":
+            die()
+        if phase == "remote-commit" and doing == "creating" and key == "4/COMMIT":
+            die()
+
+    if me == victim or (victim == -1 and me == 1):
+        real = _tiers.local_store
+        _tiers.local_store = lambda path, p: FaultyStore(real(path, p), after=local_after)
+        root = FaultyStore(root, after=root_after)
+    with _manager(root, local, 2) as mgr:
+        print("SAVING", flush=True)
+        for step in (3, 4):
+            mgr.save(step, device_tree(step, tuple(mesh_shape)))
+        mgr.wait()
+        exact(mgr.restore(4, mesh=mesh_of(tuple(mesh_shape))), 4)
+    print("DONE", flush=True)
+    return "done"
+
+
+def resume(root, local, mesh_shape, next_step, values_of=None):
+    """The restarted job: restores every step the tiers hold exactly, saves ``next_step``
+    (with the values of step ``values_of``, default ``next_step``) and restores it."""
+    mesh = mesh_of(tuple(mesh_shape))
+    with _manager(root, local, 2) as mgr:
+        latest, steps = mgr.latest_step(), mgr.steps()
+        for step in steps:
+            exact(mgr.restore(step, mesh=mesh), step)
+        values = next_step if values_of is None else values_of
+        mgr.save(next_step, device_tree(values, tuple(mesh_shape)))
+        mgr.wait()
+        exact(mgr.restore(next_step, mesh=mesh), values)
+        after = mgr.steps()
+    return {"latest": latest, "steps": steps, "after": after,
+            "local": sorted(os.listdir(_own(local)))}
