@@ -330,11 +330,11 @@ def _run_local(job: _Job, handle: SaveHandle, local: Store, step: int, persist: 
             failure = f"{type(exc).__name__}: {exc}"
             raise
         finally:
-            job.coord.publish(f"{job.prefix}/committed/{me}", failure or "ok")
+            job.coord.publish(f"{job.prefix}/commit-state/{me}", failure or "ok")
             with _suppress_coordination(bool(failure)):
                 job.coord.barrier(f"{job.prefix}/committed", job.deadline.remaining())
         others = {k.rsplit("/", 1)[-1]: v for k, v in
-                  job.coord.collect(f"{job.prefix}/committed/").items() if v != "ok"}
+                  job.coord.collect(f"{job.prefix}/commit-state/").items() if v != "ok"}
         if others:
             # Not a step of the tier: this process's copy goes, so that saving the step
             # again can create its COMMIT.

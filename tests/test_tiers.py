@@ -243,3 +243,142 @@ def test_a_failed_root_commit_is_reported_and_the_step_stays_local(dirs, mesh24)
         assert mgr.latest_step() == 2  # from the local tier
         _same(mgr.restore(2, target=_tree(mesh24, 0)), _tree(mesh24, 2))
     assert _steps_in(local) == [1, 2]
+
+
+# -- multi-process jobs ----------------------------------------------------------------------
+
+def _local_of(local, process):
+    return local.replace("{process}", str(process))
+
+
+def _root_steps(root):
+    with ckpt.CheckpointManager(root) as plain:  # the root alone, as any reader sees it
+        return plain.steps()
+
+
+@pytest.mark.parametrize("backend", ["local", "s3", "gcs"])
+def test_restart_on_the_same_hosts_reads_nothing_from_the_root(request, tmp_path, backend):
+    """Two processes save steps 1-3 (step 2 also to the root); restarted, they restore
+    step 3 from their own folders: not one byte, chunk or array of the root is read."""
+    root = backend_url(request, tmp_path, backend)
+    local = str(tmp_path / "local-{process}")
+    kept = launch("tests.tier_jobs:save_steps", 2, args=[root, local, [1, 2, 3], [2, 4], 2])
+    assert kept == [["2", "3"], ["2", "3"]]
+    assert _root_steps(root) == [2]
+    for r in launch("tests.tier_jobs:restore_latest", 2, args=[root, local, [2, 4], 2]):
+        assert r["latest"] == 3 and r["steps"] == [2, 3], r
+        assert r["root"] == {"bytes": 0, "chunks": 0, "opened": 0}, r
+        assert r["served"]["local"] > 0 and r["served"]["root"] == 0, r
+
+
+def test_a_replaced_host_alone_reads_the_root(tmp_path):
+    """Four processes; process 2's folder is lost (a replaced machine): it reads the root
+    on its own, the others read their copies and only the step's COMMIT of the root (to
+    know their copy is of the same save)."""
+    root, local = str(tmp_path / "root"), str(tmp_path / "local-{process}")
+    launch("tests.tier_jobs:save_steps", 4, args=[root, local, [1, 2], [4, 4], None])
+    shutil.rmtree(_local_of(local, 2))
+    results = launch("tests.tier_jobs:restore_latest", 4, args=[root, local, [4, 4]])
+    for p, r in enumerate(results):
+        assert r["latest"] == 2, r
+        if p == 2:
+            assert r["root"]["chunks"] > 0 and r["served"] == "root", r
+        else:
+            assert r["root"]["chunks"] == 0 and r["root"]["opened"] == 0, r
+            assert 0 < r["root"]["bytes"] < 1024, r  # COMMIT only
+            assert r["served"]["root"] == 0 and r["served"]["local"] > 0, r
+
+
+def test_another_process_count_reads_what_still_matches_locally(tmp_path):
+    """Saved by four processes on a 4x4 mesh, restored by two on a 2x4 mesh: each reads
+    the boxes its (old) folder holds from it and the rest from the root. A step only the
+    local tier held is not offered: the new job cannot know it is whole."""
+    root, local = str(tmp_path / "root"), str(tmp_path / "local-{process}")
+    launch("tests.tier_jobs:save_steps", 4, args=[root, local, [2, 3], [4, 4], 2])
+    results = launch("tests.tier_jobs:restore_latest", 2, args=[root, local, [2, 4], 2])
+    for r in results:
+        assert r["latest"] == 2 and r["steps"] == [2], r
+        assert r["served"]["local"] > 0 and r["served"]["root"] > 0, r
+
+
+PHASES = [(1, "local-write"), (1, "local-commit"), (0, "retention"), (1, "remote-read"),
+          (1, "remote-write"), (0, "remote-commit"), (1, "restore")]
+
+
+@pytest.fixture(scope="module")
+def tier_template(tmp_path_factory):
+    """Steps 1 (local tier only) and 2 (both tiers), saved by two processes."""
+    base = tmp_path_factory.mktemp("tiers")
+    root, local = str(base / "root"), str(base / "local-{process}")
+    launch("tests.tier_jobs:save_steps", 2, args=[root, local, [1, 2], [2, 4], 2])
+    return base
+
+
+def _copy_template(template, tmp_path):
+    for name in os.listdir(template):
+        shutil.copytree(os.path.join(template, name), tmp_path / name)
+    return str(tmp_path / "root"), str(tmp_path / "local-{process}")
+
+
+def _tiers_clean(root, local, processes):
+    """Every local step folder holds COMMIT and the one attempt it names; the root holds
+    committed steps and nothing uncommitted (`_debris_free`)."""
+    from ckpt._housekeeping import attempts
+    from ckpt.storage import open_store
+
+    for p in range(processes):
+        folder = _local_of(local, p)
+        for step in os.listdir(folder):
+            names = sorted(os.listdir(os.path.join(folder, step)))
+            assert "COMMIT" in names, (p, step, names)
+            assert len([n for n in names if n.startswith("attempt-")]) == 1, (p, step, names)
+    committed = _root_steps(root)
+    for step in os.listdir(root):
+        states = sorted(a.state for a in attempts(open_store(os.path.join(root, step))))
+        assert states.count("committed") == (int(step) in committed), (step, states)
+        assert set(states) <= {"committed", "claimed"}, (step, states)
+
+
+@pytest.mark.parametrize("victim, phase", PHASES, ids=[f"p{v}-{p}" for v, p in PHASES])
+def test_sigkill_in_every_phase_leaves_both_tiers_consistent(tier_template, tmp_path,
+                                                             victim, phase):
+    root, local = _copy_template(tier_template, tmp_path)
+    with start("tests.tier_jobs:save_and_die", 2, args=[root, local, [2, 4], victim, phase],
+               heartbeat_s=5) as job:
+        job.wait_for_line(victim, "SAVING")
+        job.procs[victim].wait(timeout=120)
+        assert job.procs[victim].returncode == -signal.SIGKILL, job.stderr[victim][-5:]
+        job.kill_all()  # the scheduler restarts the job whole
+    allowed = {"local-write": {2}, "local-commit": {2, 3}, "retention": {3},
+               "remote-read": {4}, "remote-write": {4}, "remote-commit": {4},
+               "restore": {4}}[phase]
+    results = launch("tests.tier_jobs:resume", 2, args=[root, local, [4, 2], 5])
+    latest = results[0]["latest"]
+    assert latest in allowed, results
+    assert all(r["latest"] == latest and r["steps"] == results[0]["steps"] for r in results)
+    assert results[0]["after"][-1] == 5
+    _tiers_clean(root, local, 2)
+    # The root alone is a consistent run too: every step it lists restores exactly.
+    for step in _root_steps(root):
+        mp_jobs.exact(ckpt.restore(os.path.join(root, str(step))), step)
+
+
+def test_a_zombie_never_joins_a_later_runs_step(tier_template, tmp_path):
+    """Process 1 stops in the middle of writing its copy of step 3; the job is restarted
+    and saves step 3 with other values; then the zombie wakes and writes on. Step 3 stays
+    the new run's, read from the local tier on both processes."""
+    root, local = _copy_template(tier_template, tmp_path)
+    with start("tests.tier_jobs:save_and_die", 2,
+               args=[root, local, [2, 4], -1, "stop-local-write"], heartbeat_s=60) as old:
+        old.wait_for_line(1, "PAUSED")
+        old.kill(0)
+        old.procs[0].wait()
+        launch("tests.tier_jobs:resume", 2, args=[root, local, [2, 4], 3, 77])
+        old.kill(1, signal.SIGCONT)  # the zombie writes on, then finds its job gone
+        try:
+            old.procs[1].wait(timeout=90)
+        except Exception:
+            pass
+    for r in launch("tests.tier_jobs:restore_latest", 2, args=[root, local, [2, 4], 2, 77]):
+        assert r["latest"] == 3 and r["root"]["chunks"] == 0, r
+    _tiers_clean(root, local, 2)

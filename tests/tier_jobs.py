@@ -65,6 +65,7 @@ def save_and_die(root, local, mesh_shape, victim, phase):
     template of steps 1 and 2, then restores step 4; process ``victim`` SIGKILLs itself at
     ``phase`` (``stop-local-write``: stops itself there instead, to be a zombie)."""
     me = jax.process_index()
+    restoring = False
 
     def die():
         os.kill(os.getpid(), signal.SIGKILL)
@@ -79,8 +80,9 @@ def save_and_die(root, local, mesh_shape, victim, phase):
             die()
         if phase == "retention" and doing == "deleting" and key == "1/COMMIT":
             die()
-        if phase == "restore" and doing.startswith("reading chunk") and key == "4":
-            die()
+        if doing.startswith("reading chunk") and key == "4" and (
+                phase == "remote-read" or (phase == "restore" and restoring)):
+            die()  # reading its copy back for the root, or for a restore
 
     def root_after(doing, key, args):
         if phase == "remote-write" and doing == "writing chunks" and key == "4":
@@ -97,6 +99,7 @@ def save_and_die(root, local, mesh_shape, victim, phase):
         for step in (3, 4):
             mgr.save(step, device_tree(step, tuple(mesh_shape)))
         mgr.wait()
+        restoring = True
         exact(mgr.restore(4, mesh=mesh_of(tuple(mesh_shape))), 4)
     print("DONE", flush=True)
     return "done"
