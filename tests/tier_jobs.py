@@ -66,6 +66,7 @@ def save_and_die(root, local, mesh_shape, victim, phase):
     ``phase`` (``stop-local-write``: stops itself there instead, to be a zombie)."""
     me = jax.process_index()
     restoring = False
+    paused = []
 
     def die():
         os.kill(os.getpid(), signal.SIGKILL)
@@ -73,9 +74,8 @@ def save_and_die(root, local, mesh_shape, victim, phase):
     def local_after(doing, key, args):
         if phase == "local-write" and doing == "writing chunks" and key == "3":
             die()
-        if phase == "stop-local-write" and doing == "writing chunks" and key == "3":
-            print("PAUSED", flush=True)
-            os.kill(os.getpid(), signal.SIGSTOP)
+        if phase == "stop-local-write" and doing == "writing chunks" and key == "3" and paused:
+            print("WROTE", flush=True)
         if phase == "local-commit" and doing == "creating" and key == "3/COMMIT":
             die()
         if phase == "retention" and doing == "deleting" and key == "1/COMMIT":
@@ -83,6 +83,13 @@ def save_and_die(root, local, mesh_shape, victim, phase):
         if doing.startswith("reading chunk") and key == "4" and (
                 phase == "remote-read" or (phase == "restore" and restoring)):
             die()  # reading its copy back for the root, or for a restore
+
+    def local_before(doing, key, args):
+        if phase == "stop-local-write" and doing == "opening" and key.startswith("3/") \
+                and not paused:
+            paused.append(True)  # stopped before it opens its arrays: all its writes come late
+            print("PAUSED", flush=True)
+            os.kill(os.getpid(), signal.SIGSTOP)
 
     def root_after(doing, key, args):
         if phase == "remote-write" and doing == "writing chunks" and key == "4":
@@ -92,7 +99,8 @@ def save_and_die(root, local, mesh_shape, victim, phase):
 
     if me == victim or (victim == -1 and me == 1):
         real = _tiers.local_store
-        _tiers.local_store = lambda path, p: FaultyStore(real(path, p), after=local_after)
+        _tiers.local_store = lambda path, p: FaultyStore(real(path, p), before=local_before,
+                                                         after=local_after)
         root = FaultyStore(root, after=root_after)
     with _manager(root, local, 2) as mgr:
         print("SAVING", flush=True)
