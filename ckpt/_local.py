@@ -352,7 +352,13 @@ def _run_local(job: _Job, handle: SaveHandle, local: Store, step: int, persist: 
         log.info("committed step %d to the local tier %s: wrote %.1f MiB; blocked %.3f s, "
                  "total %.3f s", step, job.store.url, handle.timings.written_bytes / 2**20,
                  job.blocked_s, handle.timings.total_s)
-        handle.remote = on_commit(persist, drop)
+        try:
+            handle.remote = on_commit(persist, drop)
+        except Exception:
+            # The step is committed on every process whatever this does (retention, the
+            # root commit's start): logged, and retried by the next save's retention.
+            log.exception("after committing step %d to the local tier %s: housekeeping "
+                          "failed", step, job.store.url)
         handle._finish(None)
     except CkptError as exc:
         handle._finish(exc)

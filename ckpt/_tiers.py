@@ -149,8 +149,9 @@ class LocalTier:
         """Every process: removes its copies of ``steps`` (retention, delete, rewind)."""
         for step in steps:
             self.complete.pop(step, None)
-            if self.copies.pop(step, None) is not None or self.store.exists(f"{step}"):
-                remove_copy(self.store, step)
+            held = self.copies.pop(step, None) is not None
+            remove_copy(self.store, step)  # what a failed save left, too
+            if held:
                 log.info("local tier %s: removed step %d (%s)", self.store.url, step, why)
 
     def readable(self, step: int, root: Store, item: str | None) -> Readable:

@@ -259,10 +259,12 @@ def _root_steps(root):
 @pytest.mark.parametrize("backend", ["local", "s3", "gcs"])
 def test_restart_on_the_same_hosts_reads_nothing_from_the_root(request, tmp_path, backend):
     """Two processes save steps 1-3 (step 2 also to the root); restarted, they restore
-    step 3 from their own folders: not one byte, chunk or array of the root is read."""
+    step 3 from their own folders: not one byte, chunk or array of the root is read, and
+    each process gets its own per-process value back."""
     root = backend_url(request, tmp_path, backend)
     local = str(tmp_path / "local-{process}")
-    kept = launch("tests.tier_jobs:save_steps", 2, args=[root, local, [1, 2, 3], [2, 4], 2])
+    kept = launch("tests.tier_jobs:save_steps", 2,
+                  args=[root, local, [1, 2, 3], [2, 4], 2, True])
     assert kept == [["2", "3"], ["2", "3"]]
     assert _root_steps(root) == [2]
     for r in launch("tests.tier_jobs:restore_latest", 2, args=[root, local, [2, 4], 2]):

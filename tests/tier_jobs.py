@@ -22,11 +22,20 @@ def _manager(root, local, persist_every, **kw):
                                   persist_every=persist_every, timeout_s=60, **kw)
 
 
-def save_steps(root, local, steps, mesh_shape, persist_every):
-    """Saves ``steps``; returns the step folders of this process's local tier."""
+def _mine(step):
+    """A per-process leaf's value (a data loader's position): differs on every process."""
+    return 1000 * jax.process_index() + step
+
+
+def save_steps(root, local, steps, mesh_shape, persist_every, per_process=False):
+    """Saves ``steps`` (with a per-process leaf ``mine`` if ``per_process``); returns the
+    step folders of this process's local tier."""
     with _manager(root, local, persist_every) as mgr:
         for step in steps:
-            mgr.save(step, device_tree(step, tuple(mesh_shape)))
+            tree = device_tree(step, tuple(mesh_shape))
+            if per_process:
+                tree["mine"] = ckpt.PerProcess(_mine(step))
+            mgr.save(step, tree)
     return sorted(os.listdir(_own(local)))
 
 
@@ -54,8 +63,10 @@ def restore_latest(root, local, mesh_shape, persist_every=None, values_of=None):
     logger.setLevel(logging.INFO)
     with _manager(counter, local, persist_every) as mgr:
         latest = mgr.latest_step()
-        exact(mgr.restore(latest, mesh=mesh_of(tuple(mesh_shape))),
-              latest if values_of is None else values_of)
+        restored = mgr.restore(latest, mesh=mesh_of(tuple(mesh_shape)))
+        exact(restored, latest if values_of is None else values_of)
+        if "mine" in restored:  # this process's own value, from its own copy
+            assert restored["mine"].value == _mine(latest), restored["mine"]
         steps = mgr.steps()
     return {"latest": latest, "steps": steps, "root": counter.counts, "served": served.value}
 
