@@ -279,13 +279,28 @@ def safetensors_import(tmp_path):
             value.tobytes(), name
 
 
+def guide_local_tier(tmp_path):
+    names = _loop_names(tmp_path)
+    names["train_step"] = names["guide_train_step"]
+    names["state"] = {"params": names["params"], "step": 0}
+    root, local = tmp_path / "exp8", tmp_path / "local-ssd"
+    _run("docs/guide.md", 6, names, {"gs://my-bucket/runs/exp8": root,
+                                     "/mnt/local-ssd/ckpt": local})
+    assert sorted(os.listdir(root)) == ["10", "5"]
+    assert sorted(os.listdir(local)) == ["10", "9"]
+    with ckpt.CheckpointManager(str(root), local_dir=str(local), persist_every=5) as mgr:
+        assert mgr.steps() == [5, 9, 10]
+        assert mgr.restore(9, target=names["state"])["params"]["b"][0] == 9.0
+
+
 RUN = {("README.md", 0): readme_loop, ("README.md", 2): readme_export,
        ("README.md", 3): readme_import, ("README.md", 4): readme_logging,
        ("docs/safetensors.md", 0): safetensors_export,
        ("docs/safetensors.md", 1): safetensors_import,
        ("docs/guide.md", 0): guide_loop, ("docs/guide.md", 1): guide_rewind,
        ("docs/guide.md", 2): guide_per_host, ("docs/guide.md", 3): guide_orbax_move,
-       ("docs/guide.md", 4): guide_whole_run, ("docs/guide.md", 5): guide_read_only}
+       ("docs/guide.md", 4): guide_whole_run, ("docs/guide.md", 5): guide_read_only,
+       ("docs/guide.md", 6): guide_local_tier}
 
 
 @pytest.mark.parametrize("example", sorted(RUN), ids=lambda e: f"{e[0]}#{e[1]}")

@@ -21,7 +21,7 @@ from ckpt.errors import (
     StepOrderError,
 )
 from tests import mp_jobs
-from tests.conftest import backend_url, make_mesh
+from tests.conftest import backend_url
 from tests.faults import ReadCounter
 from tools.launch import launch, start
 
@@ -387,3 +387,32 @@ def test_a_zombie_never_joins_a_later_runs_step(tier_template, tmp_path):
     for r in launch("tests.tier_jobs:restore_latest", 2, args=[root, local, [2, 4], 2, 77]):
         assert r["latest"] == 3 and r["root"]["chunks"] == 0, r
     _tiers_clean(root, local, 2)
+
+
+def test_a_chunk_marked_absent_is_only_valid_in_a_local_copy(dirs, mesh24):
+    """Writer -1 (a chunk a local copy does not hold) decodes only in a manifest whose
+    ``local`` field says it is a local copy; the field itself is checked."""
+    import dataclasses
+
+    from ckpt._format import decode_manifest, encode_manifest
+    from ckpt._reader import open_checkpoint
+    from ckpt.errors import CorruptCheckpointError
+    from ckpt.storage import open_store
+
+    root, local = dirs
+    with ckpt.CheckpointManager(root, local_dir=local) as mgr:
+        mgr.save(1, _tree(mesh24, 1))
+    _, manifest = open_checkpoint(open_store(os.path.join(local, "1")))
+    assert manifest.local == {"process": 0, "step": 1}
+    rec = next(r for r in manifest.leaves if r.kind == "array")
+    absent = dataclasses.replace(rec, layout=dataclasses.replace(
+        rec.layout, writers=(-1,) + rec.writers[1:]))
+    leaves = [absent if r is rec else r for r in manifest.leaves]
+    as_copy = dataclasses.replace(manifest, leaves=leaves)
+    decoded = decode_manifest(encode_manifest(as_copy), "m")
+    assert next(r for r in decoded.leaves if r.path == rec.path).writers[0] == -1
+    with pytest.raises(CorruptCheckpointError, match="writer"):
+        decode_manifest(encode_manifest(dataclasses.replace(as_copy, local=None)), "m")
+    with pytest.raises(CorruptCheckpointError, match="local-copy record"):
+        decode_manifest(encode_manifest(dataclasses.replace(as_copy, local={"process": -1,
+                                                                            "step": 1})), "m")
