@@ -47,7 +47,7 @@ def versions() -> dict[str, str]:
 def commit(store: Store, *, attempt: str, records: list[LeafRecord], metadata: Any,
            created_at: float, process_count: int, overwrite: bool = False,
            metrics: dict[str, float] | None = None,
-           local: dict[str, int] | None = None) -> None:
+           local: dict[str, Any] | None = None) -> None:
     """Writes ``<attempt>/manifest.msgpack``, claims the attempt, then makes it the checkpoint.
 
     Without ``overwrite``, COMMIT is created only if absent: of concurrent attempts exactly

@@ -27,6 +27,7 @@ FORMAT_NAME = "ckpt"
 COMMIT = "COMMIT"
 CLAIMS = "claims"    # claims/<attempt>: who may act on an attempt (see ckpt/_claims.py)
 REWIND = "REWIND"    # <root>/REWIND: a manager rewind in progress (see ckpt/_manager.py)
+LINEAGE = "LINEAGE"  # <root>/LINEAGE: the rewinds and deletes local copies must not outlive
 MANIFEST = "manifest.msgpack"
 HOSTS = "hosts"
 ARRAYS = "arrays"
@@ -159,8 +160,9 @@ class Manifest:
     leaves: list[LeafRecord]
     format_version: int = FORMAT_VERSION
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
-    # A local-tier copy's (`ckpt._local`): {"process": writer's index, "step": step}.
-    local: dict[str, int] | None = None
+    # A local-tier copy's (`ckpt._local`): {"process": writer's index, "step": step,
+    # "root": the persistent root's URL, "lineage": the root's newest lineage event id}.
+    local: dict[str, Any] | None = None
 
     def subtree(self, item: str, url: str) -> Manifest:
         """This manifest's leaves under the top-level key ``item``, that key dropped from
@@ -425,8 +427,9 @@ def decode_manifest(data: bytes, what: str) -> Manifest:
                for k, v in metrics.items()):
         raise CorruptCheckpointError(f"{what} has malformed metrics")
     local = r.get("local", (dict, type(None)), None)
-    if local is not None and (set(local) != {"process", "step"} or not all(
-            type(v) is int and v >= 0 for v in local.values())):
+    if local is not None and (set(local) != {"process", "step", "root", "lineage"} or not all(
+            type(local[k]) is int and local[k] >= 0 for k in ("process", "step"))
+            or not isinstance(local["root"], str) or not isinstance(local["lineage"], str)):
         raise CorruptCheckpointError(f"{what} has a malformed local-copy record")
     records = [_decode_leaf(leaf, i, what, local is not None) for i, leaf in enumerate(leaves)]
     paths: set[KeyPath] = set()

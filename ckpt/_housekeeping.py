@@ -11,6 +11,7 @@ from __future__ import annotations
 import calendar
 import dataclasses
 import logging
+import secrets
 import time
 from collections.abc import Callable, Iterable
 
@@ -19,6 +20,7 @@ from ckpt._commit import committed_attempt
 from ckpt._format import (
     ATTEMPT_PREFIX,
     COMMIT,
+    LINEAGE,
     REWIND,
     pack,
     read_object,
@@ -92,10 +94,61 @@ def write_rewind(store: Store, to_step: int, gone: Abandoned) -> None:
     store.write(REWIND, pack({"to": to_step, "abandoned": pairs, "at": time.time()}))
 
 
+# -- lineage record --------------------------------------------------------------------------
+# <root>/LINEAGE lists the newest rewinds and deletes, each with a random id. A local-tier
+# copy records the id of the newest event when it was saved; a copy is offered only while
+# no later event removed its step (`survives`), so a copy of a step that a rewind or delete
+# removed, by any manager or `ckpt gc`, never comes back from a host's disk.
+
+LineageEvent = tuple[str, str, int]  # (id, "rewind" or "delete", step)
+MAX_LINEAGE = 1000  # older events are forgotten: copies made before them no longer count
+
+
+def read_lineage(store: Store) -> list[LineageEvent]:
+    """The root's lineage events, oldest first (empty when there never was one)."""
+    try:
+        raw = unpack(read_object(store, LINEAGE), store.describe(LINEAGE))
+    except ObjectNotFoundError:
+        return []
+    events = raw.get("events") if isinstance(raw, dict) else None
+    if not isinstance(events, list) or not all(
+            isinstance(e, list) and len(e) == 3 and isinstance(e[0], str)
+            and e[1] in ("rewind", "delete") and type(e[2]) is int for e in events):
+        raise CorruptCheckpointError(f"{store.describe(LINEAGE)} is not a lineage record")
+    return [(e[0], e[1], e[2]) for e in events]
+
+
+def record_lineage(store: Store, kind: str, *steps: int) -> None:
+    """Appends a rewind to a step or deletes of ``steps`` to the lineage, before they
+    happen. Process 0 of a manager, and `ckpt gc`."""
+    events = read_lineage(store)
+    events.extend((secrets.token_hex(8), kind, step) for step in steps)
+    events = events[-MAX_LINEAGE:]
+    store.write(LINEAGE, pack({"events": [list(e) for e in events]}))
+
+
+def lineage_id(events: list[LineageEvent]) -> str:
+    """What a local copy saved now records: the newest event's id ("" for none)."""
+    return events[-1][0] if events else ""
+
+
+def survives(events: list[LineageEvent], since: str, step: int) -> bool:
+    """Whether a copy of ``step`` saved after event ``since`` ("": before any) is still a
+    step of the run: no later rewind went below it and no later delete removed it."""
+    ids = [e[0] for e in events]
+    if since and since not in ids:
+        return False  # forgotten or foreign history: nothing says it survives
+    for _, kind, at in events[ids.index(since) + 1 if since else 0:]:
+        if (kind == "rewind" and step > at) or (kind == "delete" and step == at):
+            return False
+    return True
+
+
 def rewind_root(store: Store, to_step: int, steps: Iterable[int]) -> Abandoned:
     """Abandons every attempt of ``steps`` (those above ``to_step``): records them, then
     deletes them; returns the attempts that stay because a committer claimed them.
     Process 0 of a manager."""
+    record_lineage(store, "rewind", to_step)
     _, gone = _read_rewind(store)
     for step in steps:
         folder = store.child(str(step))

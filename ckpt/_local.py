@@ -12,11 +12,15 @@ One local save (`start_local_save`, called by `CheckpointManager.save` on every 
 1. Caller's thread: what a save does (classify, attempt id drawn by process 0 with every
    refusal, ownership plan), then the snapshot of every chunk this process holds
    (`ckpt._ownership.held_plan`), not only those it owns.
-2. Background thread: remove what an earlier, unfinished copy of the step left, write every
-   held chunk, meet every process (``written``: each publishes its failure or its tree
-   digest; process 0 checks them and publishes the verdict), then write the manifest and the
-   local COMMIT, and meet again (``committed``). Only a step every process agreed to commit is
-   ever committed anywhere, so a COMMIT in a local folder never names a failed save.
+2. Background thread: write every held chunk into the save's own attempt folder (never
+   removing anything there: a zombie of an earlier run could otherwise remove a later
+   run's copy; the manager's start-up removes what earlier runs left), meet every process
+   (``written``: each publishes its failure or its tree digest; process 0 checks them and
+   publishes the verdict), then write the manifest and create the local COMMIT if absent,
+   and meet again (``committed``). Only a step every process agreed to commit is ever
+   committed anywhere; a save that fails after that removes its own attempt and the COMMIT
+   naming it, so a COMMIT in a local folder names a failed save only after a crash, and
+   then only on some processes (the step is not complete; start-up removes it).
 
 `ReadBack` is the other direction: the chunks a process owns in the persistent root's plan,
 read back from its local copy (each checked against the copy's crc32c) for the background
@@ -92,12 +96,15 @@ class LocalCopy:
     attempt: str
     process: int        # the index of the process that wrote it
     process_count: int  # of the job that wrote it
+    lineage: str = ""   # the root's newest lineage event when it was saved
 
 
-def scan(store: Store) -> dict[int, LocalCopy]:
-    """This process's committed local copies by step (COMMIT and a manifest whose sha256
-    COMMIT records, naming that step). Anything else is debris, for `remove_debris`."""
-    found = {}
+def scan(store: Store, root: str) -> tuple[dict[int, LocalCopy], dict[int, str]]:
+    """This process's committed local copies of steps of ``root`` (the persistent root's
+    URL) by step (COMMIT and a manifest whose sha256 COMMIT records, naming that step), and
+    the steps of copies another root's manager wrote (by step: that root). Anything else is
+    debris, for `remove_debris`."""
+    found, foreign = {}, {}
     for step in step_folders(store):
         try:
             _, manifest = open_checkpoint(store.child(str(step)))
@@ -105,9 +112,12 @@ def scan(store: Store) -> dict[int, LocalCopy]:
             continue
         if manifest.local is None or manifest.local["step"] != step:
             continue
+        if manifest.local["root"] != root:
+            foreign[step] = manifest.local["root"]
+            continue
         found[step] = LocalCopy(step, manifest.attempt, manifest.local["process"],
-                                manifest.process_count)
-    return found
+                                manifest.process_count, manifest.local["lineage"])
+    return found, foreign
 
 
 def remove_copy(store: Store, step: int) -> None:
@@ -161,7 +171,8 @@ class Persist:
     created_at: float
 
 
-def start_local_save(local: Store, tree: Any, *, step: int, metadata: Any,
+def start_local_save(local: Store, root: str, lineage: str, tree: Any, *, step: int,
+                     metadata: Any,
                      metrics: dict[str, float], timeout_s: float, snapshot: str,
                      memory_budget: int, refuse: Callable[[], CkptError | None],
                      on_attempt: Callable[[str], None],
@@ -172,7 +183,9 @@ def start_local_save(local: Store, tree: Any, *, step: int, metadata: Any,
     ``local`` (this process's local tier) as ``step`` in the background.
 
     Called by `CheckpointManager.save` on every process in the same order. ``refuse`` and
-    ``on_attempt`` are `ckpt._save.start_save`'s. ``victims`` runs on process 0 when every
+    ``on_attempt`` are `ckpt._save.start_save`'s; ``root`` (the persistent root's URL) and
+    ``lineage`` (its newest lineage event, `ckpt._housekeeping.lineage_id`) are recorded in
+    the copy. ``victims`` runs on process 0 when every
     process has written its chunks: the older local steps to remove once this one is
     committed (every process removes the same). ``on_commit`` runs on every process's save
     thread once every process committed its copy, with what the commit to the persistent
@@ -221,7 +234,8 @@ def start_local_save(local: Store, tree: Any, *, step: int, metadata: Any,
     job.started, job.prefix = started, f"local/{attempt}"
     try:
         threading.Thread(target=_run_local,
-                         args=(job, handle, local, step, persist, victims, on_commit),
+                         args=(job, handle, local, {"root": root, "lineage": lineage}, step,
+                               persist, victims, on_commit),
                          name=f"ckpt-local-{attempt}").start()
         if taken.mode == "host":
             taken.fetch()
@@ -287,7 +301,8 @@ def _verdict(job: _Job, me: int, mine: str, victims: Callable[[], list[int]]) ->
     return [int(s) for s in drop]
 
 
-def _run_local(job: _Job, handle: SaveHandle, local: Store, step: int, persist: Persist,
+def _run_local(job: _Job, handle: SaveHandle, local: Store, origin: dict[str, str],
+               step: int, persist: Persist,
                victims: Callable[[], list[int]],
                on_commit: Callable[[Persist, list[int]], SaveHandle | None]) -> None:
     """The background part of a local save, on every process (module docstring)."""
@@ -308,6 +323,10 @@ def _run_local(job: _Job, handle: SaveHandle, local: Store, step: int, persist: 
             job.snapshot.release()
         except BaseException as exc:
             job.coord.publish(f"{job.prefix}/state/{me}", f"failed:{type(exc).__name__}: {exc}")
+            if me == 0:  # the others would wait for a verdict until their deadline
+                job.coord.publish(f"{job.prefix}/verdict", json.dumps(
+                    [f"process 0 failed to write its local copy: {type(exc).__name__}: {exc}",
+                     []]))
             with _suppress_coordination():
                 job.coord.barrier(f"{job.prefix}/written", job.deadline.remaining())
             raise
@@ -325,7 +344,7 @@ def _run_local(job: _Job, handle: SaveHandle, local: Store, step: int, persist: 
             commit(job.store, attempt=job.attempt, records=records,
                    process_count=job.coord.process_count, metadata=job.metadata,
                    created_at=job.created_at, metrics=job.metrics,
-                   local={"process": me, "step": step})
+                   local={"process": me, "step": step, **origin})
         except BaseException as exc:
             failure = f"{type(exc).__name__}: {exc}"
             raise
@@ -336,9 +355,6 @@ def _run_local(job: _Job, handle: SaveHandle, local: Store, step: int, persist: 
         others = {k.rsplit("/", 1)[-1]: v for k, v in
                   job.coord.collect(f"{job.prefix}/commit-state/").items() if v != "ok"}
         if others:
-            # Not a step of the tier: this process's copy goes, so that saving the step
-            # again can create its COMMIT.
-            remove_copy(local, step)
             raise SaveError(f"step {step} is not committed to the local tier: " + "; ".join(
                 f"process {p} failed to commit its copy: {v}" for p, v in sorted(others.items())))
         done = time.monotonic()
@@ -360,13 +376,23 @@ def _run_local(job: _Job, handle: SaveHandle, local: Store, step: int, persist: 
             log.exception("after committing step %d to the local tier %s: housekeeping "
                           "failed", step, job.store.url)
         handle._finish(None)
-    except CkptError as exc:
-        handle._finish(exc)
     except BaseException as exc:
-        error = SaveError(f"saving step {step} to {job.store.url} (attempt {job.attempt}, "
-                          f"process {me}) failed: {type(exc).__name__}: {exc}")
-        error.__cause__ = exc
-        handle._finish(error)
+        # Not a step of the tier: what this save wrote goes now (its COMMIT first, if it
+        # made one), so that neither its bytes nor its COMMIT outlive the failure; a crash
+        # leaves them to the next start-up.
+        try:
+            delete_checkpoint(local.child(str(step)), only={job.attempt})
+        except Exception as cleanup:
+            log.warning("removing what failed step %d left in %s: %s", step, local.url,
+                        cleanup)
+        if isinstance(exc, CkptError):
+            handle._finish(exc)
+        else:
+            error = SaveError(f"saving step {step} to {job.store.url} (attempt "
+                              f"{job.attempt}, process {me}) failed: {type(exc).__name__}: "
+                              f"{exc}")
+            error.__cause__ = exc
+            handle._finish(error)
     finally:
         job.snapshot.release()
 

@@ -32,6 +32,9 @@ from ckpt._housekeeping import (
     finish_rewind,
     is_abandoned,
     latest_committed_step,
+    lineage_id,
+    read_lineage,
+    record_lineage,
     remove_debris,
     retention_victims,
     step_folders,
@@ -40,7 +43,7 @@ from ckpt._housekeeping import (
 from ckpt._local import Persist, start_local_save, start_persist
 from ckpt._policy import SavePolicy
 from ckpt._orbax import holds_foreign_files, orbax_step_metrics
-from ckpt._reader import open_checkpoint
+from ckpt._reader import open_checkpoint, open_readable
 from ckpt._restore import restore_from
 from ckpt._tree import is_text
 from ckpt._save import SaveHandle, start_save
@@ -217,7 +220,7 @@ class CheckpointManager:
         local tier, also the steps every process holds a local copy of."""
         steps = committed_steps(self._store)
         if self._tier is not None:
-            steps = sorted(set(steps) | set(self._tier.complete))
+            steps = sorted(set(steps) | set(self._tier.steps()))
         return steps
 
     def latest_step(self) -> int | None:
@@ -335,14 +338,21 @@ class CheckpointManager:
                     self._saving.difference_update(drawn)
                 return None
             tier.pinned.add(step)
-            self._persist = start_persist(
-                self._store.child(str(step)), step, saved, tier.store.child(str(step)),
-                timeout_s=self.timeout_s, memory_budget=self.memory_budget,
-                on_commit=lambda: self._committed(step, metrics, drawn, saved.attempt),
-                on_done=lambda: self._persist_done(step, drawn))
+            try:
+                self._persist = start_persist(
+                    self._store.child(str(step)), step, saved, tier.store.child(str(step)),
+                    timeout_s=self.timeout_s, memory_budget=self.memory_budget,
+                    on_commit=lambda: self._committed(step, metrics, drawn, saved.attempt),
+                    on_done=lambda: self._persist_done(step, drawn))
+            except Exception as exc:  # reported like a failed root commit, never lost
+                self._persist_done(step, drawn)
+                self._persist = SaveHandle(self._store.child(str(step)).url, step)
+                self._persist._finish(SaveError(f"the commit of step {step} to "
+                                                f"{self.root_url} did not start: {exc}"))
             return self._persist
 
-        return start_local_save(tier.store, tree, step=step, metadata=metadata,
+        return start_local_save(tier.store, self.root_url, tier.lineage, tree, step=step,
+                                metadata=metadata,
                                 metrics=dict(metrics or {}), timeout_s=self.timeout_s,
                                 snapshot=self.snapshot, memory_budget=self.memory_budget,
                                 refuse=lambda: self._refusal(step), on_attempt=draw,
@@ -401,7 +411,9 @@ class CheckpointManager:
         victims = json.loads(coord.broadcast(f"persist/{attempt}/retention",
                                              json.dumps(victims), self.timeout_s))
         self._tier.drop(victims, "retention removes it from the persistent root")
-        if coord.process_index == 0:
+        if coord.process_index == 0 and victims:
+            # A copy some process could not remove never comes back (`LocalTier`).
+            record_lineage(self._store, "delete", *victims)
             self._apply_retention(victims)
 
     def wait(self) -> None:
@@ -533,18 +545,26 @@ class CheckpointManager:
         step = as_step(step)
         self._previous_failure()
         self._previous_failure(self._persist)
-        local = self._tier is not None and step in self.steps()
-        if self._tier is not None and local:
-            # Local copies first (process 0's among them, before the root's below): a
-            # crash in between leaves the root's copy, never only local ones.
+
+        def check() -> None:
+            if step not in self.steps():
+                raise CheckpointNotFoundError(
+                    f"step {step} is not a committed step under {self.root_url}"
+                    + (" or in its local tier" if self._tier is not None else ""))
+            # Before anything goes: copies of the step on any host's disk never come back.
+            record_lineage(self._store, "delete", step)
+
+        if self._tier is not None:
+            # Decided on process 0, then the local copies go (process 0's among them,
+            # before the root's below): a crash in between leaves the root's copy.
+            _coord.run_on_process_zero(f"check delete step {step}", check, self.timeout_s)
             self._tier.drop([step], "deleted")
 
         def run() -> None:
-            if step not in self.steps():
-                if local:
-                    return  # a step the local tier alone held
-                raise CheckpointNotFoundError(
-                    f"step {step} is not a committed step under {self.root_url}")
+            if self._tier is None:
+                check()
+            elif step not in committed_steps(self._store):
+                return  # a step the local tier alone held
             if kept := delete_checkpoint(self._store.child(str(step))):
                 log.warning("deleted step %d under %s, but left %s: claimed for commit by a "
                             "job that may still be running (if it commits, the step comes "
@@ -552,6 +572,8 @@ class CheckpointManager:
 
         _coord.run_on_process_zero(f"delete step {step}", run, self.timeout_s)
         self._metrics.pop(step, None)
+        if self._tier is not None:
+            self._tier.lineage = lineage_id(read_lineage(self._store))
 
     def rewind(self, step: int) -> None:
         """Makes ``step`` the newest committed step: every committed step above it leaves
@@ -570,13 +592,16 @@ class CheckpointManager:
         self._previous_failure()
         self._previous_failure(self._persist)
         if self._tier is not None:
-            if step not in self.steps():
-                raise CheckpointNotFoundError(
-                    f"cannot rewind to step {step}: it is not a committed step under "
-                    f"{self.root_url} or in the local tier")
+            def check() -> None:
+                if step not in self.steps():
+                    raise CheckpointNotFoundError(
+                        f"cannot rewind to step {step}: it is not a committed step under "
+                        f"{self.root_url} or in the local tier")
+
+            _coord.run_on_process_zero(f"check rewind to step {step}", check, self.timeout_s)
             # Every process drops its newer copies (process 0 before it touches the root):
             # a newer step then is on no tier whole, whatever happens to the rewind below.
-            self._tier.drop(sorted(s for s in set(self._tier.copies) | set(self._tier.complete)
+            self._tier.drop(sorted(s for s in set(self._tier.copies) | set(self._tier.steps())
                                    if s > step), "rewound")
 
         def run() -> None:
@@ -595,6 +620,8 @@ class CheckpointManager:
         for s in list(self._metrics):
             if s > step:
                 del self._metrics[s]
+        if self._tier is not None:
+            self._tier.lineage = lineage_id(read_lineage(self._store))
 
     # -- restoring -------------------------------------------------------------------------
 
@@ -633,10 +660,15 @@ class CheckpointManager:
             log.warning("step %d: the local copy in %s failed its checks (%s); reading the "
                         "persistent root instead", step, self._tier.store.url, exc)
             try:
-                return restore_from(store.child(str(step)), target, mesh=mesh, item=item,
-                                    deadline=deadline)
+                root = open_readable(store.child(str(step)), item)
             except CheckpointNotFoundError:
                 raise exc from None
+            if root.manifest.attempt != source.attempt:
+                # Another save's step (the root's was replaced): mixing the two in one
+                # restore could return a state that never existed.
+                raise exc
+            return restore_from(store.child(str(step)), target, mesh=mesh, item=item,
+                                deadline=deadline, opened=root)
         if isinstance(source, Tiered):
             log.info("restored step %d on process %d: %.1f MiB from the local tier %s, "
                      "%.1f MiB from the persistent root %s", step,

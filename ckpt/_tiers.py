@@ -21,16 +21,17 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import threading
 from collections.abc import Sequence
 from typing import Any
 
 from ckpt import _coord
 from ckpt._commit import committed_attempt
 from ckpt._format import DTYPE_SIZES, LeafKind, LeafRecord
-from ckpt._housekeeping import abandoned
+from ckpt._housekeeping import abandoned, lineage_id, read_lineage, survives
 from ckpt._local import LocalCopy, local_store, remove_copy, remove_debris, scan
 from ckpt._reader import Readable, open_readable
-from ckpt.errors import CheckpointNotFoundError, CkptError
+from ckpt.errors import CheckpointExistsError, CheckpointNotFoundError, CkptError
 from ckpt.restore import ArrayReadJob
 from ckpt.restore.boxes import Box, box_size, chunks_in, flat_index, grid_shape
 from ckpt.storage import Store
@@ -61,34 +62,58 @@ class LocalTier:
         self.root = root
         # Steps whose commit to the root is under way (process 0 decides retention by them).
         self.pinned: set[int] = set()
-        self.copies = scan(self.store)
+        # `complete` and `copies` change on the manager's thread, the local saves' and the
+        # root commits' (retention); every read of more than one entry holds this.
+        self._lock = threading.RLock()
+        events = read_lineage(root)
+        self.lineage = lineage_id(events)  # what this run's copies record
+        self.copies, foreign = scan(self.store, root.url)
         gone = abandoned(root)
-        if not read_only:
-            for step, copy in list(self.copies.items()):
-                if copy.attempt in gone.get(step, ()):
+        for step, copy in list(self.copies.items()):
+            # A step a rewind abandoned (still in progress, or done since this copy was
+            # saved, by any manager), or deleted since: never offered again.
+            if copy.attempt in gone.get(step, ()) or not survives(events, copy.lineage, step):
+                del self.copies[step]
+                if not read_only:
                     remove_copy(self.store, step)
-                    del self.copies[step]
-        self.complete = self._exchange(coord, timeout_s)
+                    log.info("local tier %s: removed step %d (rewound or deleted at %s since "
+                             "it was saved)", self.store.url, step, root.url)
+        self.complete = self._exchange(coord, timeout_s, foreign)
         if not read_only:
             self._clean()
         log.info("local tier %s: copies of steps %s; complete on every process: %s",
                  self.store.url, sorted(self.copies), sorted(self.complete))
 
-    def _exchange(self, coord: _coord.Coordinator, timeout_s: float) -> dict[int, str]:
+    def _exchange(self, coord: _coord.Coordinator, timeout_s: float,
+                  foreign: dict[int, str]) -> dict[int, str]:
         """Every process's copies, through the coordination service: the complete steps
-        (step -> attempt), the same on every process."""
+        (step -> attempt), the same on every process.
+
+        Raises:
+            CheckpointExistsError: on every process, when any process's folder holds copies
+                another root's manager wrote (restoring them would be another run's state;
+                removing them could lose it).
+        """
         mine = [[c.step, c.attempt, c.process, c.process_count] for c in self.copies.values()]
-        found: dict[str, list[list[Any]]]
+        found: dict[str, list[Any]]
         if self.count == 1:
-            found = {"0": mine}
+            found = {"0": [mine, foreign]}
         else:
             key = f"tier/{next(_TIERS)}"
-            coord.publish(f"{key}/copies/{self.me}", json.dumps(mine))
+            coord.publish(f"{key}/copies/{self.me}", json.dumps([mine, foreign]))
             coord.barrier(f"{key}/scanned", timeout_s)
             found = {k.rsplit("/", 1)[-1]: json.loads(v)
                      for k, v in coord.collect(f"{key}/copies/").items()}
+        others = {int(p): rows[1] for p, rows in found.items() if rows[1]}
+        if others:
+            who, steps = min(others.items())
+            raise CheckpointExistsError(
+                f"the local tier of process {who} holds copies of steps "
+                f"{sorted(int(s) for s in steps)} that a manager of another root wrote "
+                f"({sorted(set(steps.values()))[0]}), not of {self.root.url}: give each run "
+                f"its own local_dir, or remove those copies")
         held: dict[int, dict[int, LocalCopy]] = {}
-        for p, rows in found.items():
+        for p, (rows, _) in found.items():
             for step, attempt, writer, count in rows:
                 held.setdefault(step, {})[int(p)] = LocalCopy(step, attempt, writer, count)
         complete = {}
@@ -129,28 +154,44 @@ class LocalTier:
         """Whether a save of ``step`` is also committed to the persistent root."""
         return self.persist_every is None or step % self.persist_every == 0
 
+    def steps(self) -> list[int]:
+        """The complete steps, ascending."""
+        with self._lock:
+            return sorted(self.complete)
+
     def newest(self) -> int | None:
-        return max(self.complete, default=None)
+        with self._lock:
+            return max(self.complete, default=None)
 
     def victims(self, step: int) -> list[int]:
         """Process 0, deciding a local commit of ``step``: the complete steps to remove
         once it is committed everywhere (all but the newest ``local_keep``, never one whose
         commit to the root is under way)."""
-        steps = sorted(set(self.complete) | {step})
-        return [s for s in steps[:-self.keep] if s not in self.pinned]
+        with self._lock:
+            steps = sorted(set(self.complete) | {step})
+            return [s for s in steps[:-self.keep] if s not in self.pinned]
 
     def committed(self, step: int, attempt: str, drop: Sequence[int]) -> None:
         """Every process, once every process committed its copy of ``step``."""
-        self.complete[step] = attempt
-        self.copies[step] = LocalCopy(step, attempt, self.me, self.count)
+        with self._lock:
+            self.complete[step] = attempt
+            self.copies[step] = LocalCopy(step, attempt, self.me, self.count, self.lineage)
         self.drop(drop, "retention")
 
     def drop(self, steps: Sequence[int], why: str) -> None:
-        """Every process: removes its copies of ``steps`` (retention, delete, rewind)."""
+        """Every process: removes its copies of ``steps`` (retention, delete, rewind). A
+        copy that cannot be removed now is left to the next start-up (its step is no longer
+        offered; the lineage record keeps a deleted or rewound step from coming back)."""
         for step in steps:
-            self.complete.pop(step, None)
-            held = self.copies.pop(step, None) is not None
-            remove_copy(self.store, step)  # what a failed save left, too
+            with self._lock:
+                self.complete.pop(step, None)
+                held = self.copies.pop(step, None) is not None
+            try:
+                remove_copy(self.store, step)  # what a failed save left, too
+            except CkptError as exc:
+                log.warning("local tier %s: could not remove step %d (%s): %s",
+                            self.store.url, step, why, exc)
+                continue
             if held:
                 log.info("local tier %s: removed step %d (%s)", self.store.url, step, why)
 
@@ -162,7 +203,8 @@ class LocalTier:
             CheckpointNotFoundError: no tier holds ``step`` for this process.
         """
         folder = root.child(str(step))
-        copy = self.copies.get(step)
+        with self._lock:
+            copy, agreed = self.copies.get(step), self.complete.get(step)
         local: Readable | None = None
         if copy is not None:
             try:
@@ -170,8 +212,7 @@ class LocalTier:
             except CkptError as exc:
                 log.warning("local copy of step %d unreadable (%s): reading the root", step,
                             exc)
-        if local is not None and step in self.complete and copy is not None \
-                and copy.attempt == self.complete[step]:
+        if local is not None and copy is not None and copy.attempt == agreed:
             return Tiered(local, folder, None, item)
         if local is not None and copy is not None:
             # Not every process holds the step: this copy serves only if the root's copy is
@@ -209,6 +250,11 @@ class Tiered(Readable):
         self._local, self._opened, self._item = local, opened, item
         self._held = {r.name: r for r in local.manifest.leaves if r.kind == LeafKind.ARRAY}
         self.served = {"local": 0, "root": 0}
+
+    @property
+    def attempt(self) -> str:
+        """The save the local copy is of."""
+        return self._local.manifest.attempt
 
     def _root(self, rec: LeafRecord) -> Readable:
         if self._opened is None:

@@ -31,6 +31,7 @@ from ckpt._housekeeping import (
     delete_checkpoint,
     finish_rewind,
     is_abandoned,
+    record_lineage,
     retention_victims,
     step_folders,
 )
@@ -433,6 +434,7 @@ def _gc(args: argparse.Namespace) -> int:
         say("remove", "committed step", str(step),
             f"{verb} committed step {step} (keeping the newest {args.keep_last})")
         if not args.dry_run:
+            record_lineage(store, "delete", step)  # no host's local copy of it comes back
             for name in delete_checkpoint(store.child(str(step))):
                 say("keep", "claimed attempt", f"{step}/{name}",
                     f"keeping {step}/{name}: claimed for commit by a job that may still "

@@ -578,7 +578,7 @@ def test_a_rewind_across_orbax_steps_of_the_v1_api(tmp_path, mesh24):
         mgr.save(4, _run_state(4, mesh24))
         mgr.wait()
         mgr.rewind(1)  # Orbax steps 2, 3 and this library's 4 leave the run
-        assert mgr.steps() == [1] and sorted(os.listdir(root)) == ["1"]
+        assert mgr.steps() == [1] and sorted(os.listdir(root)) == ["1", "LINEAGE"]
         out = mgr.restore(target=_run_state(0, mesh24))
         assert float(out["w"][0, 0]) == 1.0
         mgr.save(2, _run_state(22, mesh24))  # the new branch

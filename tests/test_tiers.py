@@ -57,7 +57,8 @@ def dirs(tmp_path):
 
 
 def _steps_in(folder):
-    return sorted(int(s) for s in os.listdir(folder)) if os.path.isdir(folder) else []
+    return sorted(int(s) for s in os.listdir(folder) if s.isdigit()) \
+        if os.path.isdir(folder) else []
 
 
 def test_every_step_local_and_persisted_steps_at_the_root(dirs, mesh24):
@@ -245,6 +246,91 @@ def test_a_failed_root_commit_is_reported_and_the_step_stays_local(dirs, mesh24)
     assert _steps_in(local) == [1, 2]
 
 
+def test_a_local_tier_of_another_root_is_refused(dirs, mesh24, tmp_path):
+    root, local = dirs
+    with ckpt.CheckpointManager(root, local_dir=local) as mgr:
+        mgr.save(1, _tree(mesh24, 1))
+    other = str(tmp_path / "other-root")
+    with pytest.raises(CheckpointExistsError, match="another root") as info:
+        ckpt.CheckpointManager(other, local_dir=local)
+    assert root in str(info.value) and other in str(info.value)
+    assert _steps_in(local) == [1]  # nothing of the other run's copies removed
+
+
+def _values(step, scale):
+    return {"w": np.full((64, 64), float(step * scale)), "step": step}  # chunks, not inline
+
+
+@pytest.mark.parametrize("other_tier", [False, True], ids=["plain", "other-hosts"])
+def test_a_rewind_elsewhere_keeps_old_copies_from_coming_back(dirs, tmp_path, other_tier):
+    """Run 1 (hosts A) saves 2-5 with the local tier; run 2 (a manager without it, or one
+    on other hosts) rewinds to 2 and saves 3 and 4 anew; run 3 back on hosts A must see the
+    new branch: A's copies of 3-5 were made before the rewind."""
+    root, local = dirs
+    with ckpt.CheckpointManager(root, local_dir=local, local_keep=4, persist_every=2) as mgr:
+        for step in (2, 3, 4, 5):
+            mgr.save(step, _values(step, 1))
+    kw = {"local_dir": str(tmp_path / "hosts-b"), "persist_every": 2} if other_tier else {}
+    with ckpt.CheckpointManager(root, **kw) as mgr:
+        mgr.rewind(2)
+        for step in (3, 4):
+            mgr.save(step, _values(step, 10))
+    with ckpt.CheckpointManager(root, local_dir=local, persist_every=2) as mgr:
+        assert mgr.latest_step() == 4
+        assert mgr.restore(4)["w"][0, 0] == 40.0
+        assert _steps_in(local) == [2]  # 3, 4, 5 of the abandoned branch are gone
+
+
+def test_a_delete_elsewhere_keeps_the_copy_from_coming_back(dirs):
+    root, local = dirs
+    with ckpt.CheckpointManager(root, local_dir=local, local_keep=3) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, _values(step, 1))
+    with ckpt.CheckpointManager(root) as mgr:
+        mgr.delete(2)
+    with ckpt.CheckpointManager(root, local_dir=local) as mgr:
+        assert mgr.steps() == [1, 3] and _steps_in(local) == [1, 3]
+
+
+def test_gc_retention_keeps_copies_of_what_it_removed_from_coming_back(dirs):
+    from ckpt import cli
+
+    root, local = dirs
+    with ckpt.CheckpointManager(root, local_dir=local, local_keep=3) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, _values(step, 1))
+    assert cli.main(["gc", root, "--keep-last", "1", "--grace", "0"]) == 0
+    with ckpt.CheckpointManager(root, local_dir=local) as mgr:
+        assert mgr.steps() == [3] and _steps_in(local) == [3]
+
+
+def test_a_failed_local_save_leaves_nothing_and_the_step_can_be_saved_again(dirs, monkeypatch):
+    from ckpt import _tiers
+    from tests.faults import FaultyStore
+
+    root, local = dirs
+    failing = [True]
+
+    def before(doing, key, args):
+        if failing[0] and doing == "writing chunks" and key == "2":
+            raise OSError(28, "No space left on device")
+
+    real = _tiers.local_store
+    monkeypatch.setattr(_tiers, "local_store",
+                        lambda path, p: FaultyStore(real(path, p), before=before))
+    with ckpt.CheckpointManager(root, local_dir=local) as mgr:
+        mgr.save(1, _values(1, 1))
+        with pytest.raises(SaveError, match="No space left"):
+            mgr.save(2, _values(2, 1)).wait()
+        assert not [n for n in os.listdir(os.path.join(local, "2"))
+                    if n.startswith("attempt-")] if os.path.isdir(os.path.join(local, "2")) \
+            else True
+        assert mgr.steps() == [1]
+        failing[0] = False
+        mgr.save(2, _values(2, 7)).wait()
+        assert mgr.restore(2)["w"][0, 0] == 14.0
+
+
 # -- multi-process jobs ----------------------------------------------------------------------
 
 def _local_of(local, process):
@@ -307,19 +393,12 @@ PHASES = [(1, "local-write"), (1, "local-commit"), (0, "retention"), (1, "remote
           (1, "remote-write"), (0, "remote-commit"), (1, "restore")]
 
 
-@pytest.fixture(scope="module")
-def tier_template(tmp_path_factory):
-    """Steps 1 (local tier only) and 2 (both tiers), saved by two processes."""
-    base = tmp_path_factory.mktemp("tiers")
-    root, local = str(base / "root"), str(base / "local-{process}")
+def _start(tmp_path):
+    """Steps 1 (local tier only) and 2 (both tiers), saved by two processes. (Not copied
+    from a template: a local copy names its root, and a copy's root is another.)"""
+    root, local = str(tmp_path / "root"), str(tmp_path / "local-{process}")
     launch("tests.tier_jobs:save_steps", 2, args=[root, local, [1, 2], [2, 4], 2])
-    return base
-
-
-def _copy_template(template, tmp_path):
-    for name in os.listdir(template):
-        shutil.copytree(os.path.join(template, name), tmp_path / name)
-    return str(tmp_path / "root"), str(tmp_path / "local-{process}")
+    return root, local
 
 
 def _tiers_clean(root, local, processes):
@@ -335,16 +414,15 @@ def _tiers_clean(root, local, processes):
             assert "COMMIT" in names, (p, step, names)
             assert len([n for n in names if n.startswith("attempt-")]) == 1, (p, step, names)
     committed = _root_steps(root)
-    for step in os.listdir(root):
-        states = sorted(a.state for a in attempts(open_store(os.path.join(root, step))))
-        assert states.count("committed") == (int(step) in committed), (step, states)
+    for step in _steps_in(root):
+        states = sorted(a.state for a in attempts(open_store(os.path.join(root, str(step)))))
+        assert states.count("committed") == (step in committed), (step, states)
         assert set(states) <= {"committed", "claimed"}, (step, states)
 
 
 @pytest.mark.parametrize("victim, phase", PHASES, ids=[f"p{v}-{p}" for v, p in PHASES])
-def test_sigkill_in_every_phase_leaves_both_tiers_consistent(tier_template, tmp_path,
-                                                             victim, phase):
-    root, local = _copy_template(tier_template, tmp_path)
+def test_sigkill_in_every_phase_leaves_both_tiers_consistent(tmp_path, victim, phase):
+    root, local = _start(tmp_path)
     with start("tests.tier_jobs:save_and_die", 2, args=[root, local, [2, 4], victim, phase],
                heartbeat_s=5) as job:
         job.wait_for_line(victim, "SAVING")
@@ -365,11 +443,11 @@ def test_sigkill_in_every_phase_leaves_both_tiers_consistent(tier_template, tmp_
         mp_jobs.exact(ckpt.restore(os.path.join(root, str(step))), step)
 
 
-def test_a_zombie_never_joins_a_later_runs_step(tier_template, tmp_path):
+def test_a_zombie_never_joins_a_later_runs_step(tmp_path):
     """Process 1 stops in the middle of writing its copy of step 3; the job is restarted
     and saves step 3 with other values; then the zombie wakes and writes on. Step 3 stays
     the new run's, read from the local tier on both processes."""
-    root, local = _copy_template(tier_template, tmp_path)
+    root, local = _start(tmp_path)
     with start("tests.tier_jobs:save_and_die", 2,
                args=[root, local, [2, 4], -1, "stop-local-write"], heartbeat_s=60) as old:
         old.wait_for_line(1, "PAUSED")
@@ -403,7 +481,7 @@ def test_a_chunk_marked_absent_is_only_valid_in_a_local_copy(dirs, mesh24):
     with ckpt.CheckpointManager(root, local_dir=local) as mgr:
         mgr.save(1, _tree(mesh24, 1))
     _, manifest = open_checkpoint(open_store(os.path.join(local, "1")))
-    assert manifest.local == {"process": 0, "step": 1}
+    assert manifest.local == {"process": 0, "step": 1, "root": root, "lineage": ""}
     rec = next(r for r in manifest.leaves if r.kind == "array")
     absent = dataclasses.replace(rec, layout=dataclasses.replace(
         rec.layout, writers=(-1,) + rec.writers[1:]))
@@ -414,5 +492,5 @@ def test_a_chunk_marked_absent_is_only_valid_in_a_local_copy(dirs, mesh24):
     with pytest.raises(CorruptCheckpointError, match="writer"):
         decode_manifest(encode_manifest(dataclasses.replace(as_copy, local=None)), "m")
     with pytest.raises(CorruptCheckpointError, match="local-copy record"):
-        decode_manifest(encode_manifest(dataclasses.replace(as_copy, local={"process": -1,
-                                                                            "step": 1})), "m")
+        decode_manifest(encode_manifest(dataclasses.replace(
+            as_copy, local={**manifest.local, "process": -1})), "m")
