@@ -44,7 +44,7 @@ import numpy as np
 from ckpt import _coord
 from ckpt._agreement import digests
 from ckpt._commit import commit
-from ckpt._format import COMMIT, DTYPE_SIZES, ChunkLayout, LeafKind, LeafRecord, pack, unpack
+from ckpt._format import COMMIT, DTYPE_SIZES, ChunkLayout, LeafKind, LeafRecord
 from ckpt._housekeeping import delete_checkpoint, step_folders
 from ckpt._leaves import encode_inline
 from ckpt._ownership import ArrayInput, ArrayPlan, held_plan
@@ -63,10 +63,12 @@ from ckpt._save import (
     _Job,
     _plan_chunks,
     _run,
-    _write_chunks,
+    plain_metadata,
+    start_background,
+    write_snapshot,
 )
-from ckpt._snapshot import ChunkWrite, Snapshot, Unit, start_fetching, take
-from ckpt.errors import CkptError, InvalidMetadataError, SaveError
+from ckpt._snapshot import ChunkWrite, Snapshot, Unit, take
+from ckpt.errors import CkptError, SaveError
 from ckpt.restore import read_arrays
 from ckpt.restore.boxes import box_size, chunk_box, grid_shape, to_slices, unflat_index
 from ckpt.storage import Deadline, DeadlineStore, Store, open_store
@@ -199,12 +201,7 @@ def start_local_save(local: Store, root: str, lineage: str, tree: Any, *, step: 
         records, leaves = _classify(tree, coord.process_count)
     per_process = [(i, rec.value) for i, rec in enumerate(records)
                    if rec.kind == LeafKind.PER_PROCESS]
-    try:
-        metadata = unpack(pack(metadata), "metadata")
-    except (TypeError, ValueError, OverflowError, CkptError) as exc:
-        raise InvalidMetadataError(
-            f"metadata for step {step} is not plain msgpack data (dicts, lists, str, bytes, "
-            f"numbers, bool, None): {exc}") from exc
+    metadata = plain_metadata(metadata, f"step {step}")
     seq = next(_SAVE_SEQ)  # shared with ckpt.save_async: one key space for attempt ids
     folder = DeadlineStore(local.child(str(step)), deadline)
     attempt = _agree_on_attempt(folder, coord, seq, timeout_s, overwrite=True,
@@ -227,21 +224,13 @@ def start_local_save(local: Store, root: str, lineage: str, tree: Any, *, step: 
     mine = _local_records(records, held, coord.process_index, coord.process_count)
     handle = SaveHandle(folder.url, step)
     handle.attempt = attempt
-    with _LIVE_LOCK:
-        _LIVE.add(handle)
     job = _Job(folder, coord, seq, attempt, created_at, metadata, mine, held, taken,
                timeout_s, deadline, memory_budget, None, True, dict(metrics), agreement)
     job.started, job.prefix = started, f"local/{attempt}"
-    try:
-        threading.Thread(target=_run_local,
-                         args=(job, handle, local, {"root": root, "lineage": lineage}, step,
-                               persist, victims, on_commit),
-                         name=f"ckpt-local-{attempt}").start()
-        if taken.mode == "host":
-            taken.fetch()
-    finally:
-        job.blocked_s = time.monotonic() - started
-        job.blocked.set()
+    origin = {"root": root, "lineage": lineage}
+    start_background(job, handle, lambda: _run_local(job, handle, local, origin, step, persist,
+                                                     victims, on_commit),
+                     f"ckpt-local-{attempt}")
     log.info("saving step %d to the local tier %s: %d leaves; blocked %.3f s", step,
              local.url, len(records), job.blocked_s)
     return handle
@@ -309,18 +298,7 @@ def _run_local(job: _Job, handle: SaveHandle, local: Store, origin: dict[str, st
     me = job.coord.process_index
     try:
         try:
-            join = start_fetching(job.snapshot, f"ckpt-fetch-{job.attempt}")
-            try:
-                rows = _write_chunks(job, create=True)
-            except BaseException as exc:
-                if job.snapshot.feed is not None:
-                    job.snapshot.feed.cancel(exc)
-                raise
-            finally:
-                if join is not None:
-                    join()
-                job.blocked.wait()
-            job.snapshot.release()
+            rows = write_snapshot(job, create=True)
         except BaseException as exc:
             job.coord.publish(f"{job.prefix}/state/{me}", f"failed:{type(exc).__name__}: {exc}")
             if me == 0:  # the others would wait for a verdict until their deadline
@@ -357,14 +335,8 @@ def _run_local(job: _Job, handle: SaveHandle, local: Store, origin: dict[str, st
         if others:
             raise SaveError(f"step {step} is not committed to the local tier: " + "; ".join(
                 f"process {p} failed to commit its copy: {v}" for p, v in sorted(others.items())))
-        done = time.monotonic()
-        handle.timings = SaveTimings(
-            blocked_s=job.blocked_s, write_s=written - job.started - job.blocked_s,
-            commit_s=done - written, total_s=done - job.started,
-            nbytes=sum(r.nbytes for r in persist.records),
-            written_bytes=sum(row[2] for row in rows), leaves=len(job.records),
-            snapshot=job.snapshot.mode,
-            host_peak_bytes=job.snapshot.feed.peak if job.snapshot.feed is not None else 0)
+        handle.timings = SaveTimings.of(job, written, rows,
+                                        sum(r.nbytes for r in persist.records))
         log.info("committed step %d to the local tier %s: wrote %.1f MiB; blocked %.3f s, "
                  "total %.3f s", step, job.store.url, handle.timings.written_bytes / 2**20,
                  job.blocked_s, handle.timings.total_s)

@@ -98,6 +98,16 @@ class SaveTimings:
     snapshot: str = "view"
     host_peak_bytes: int = 0
 
+    @classmethod
+    def of(cls, job: "_Job", written: float, rows: list[Row], nbytes: int) -> "SaveTimings":
+        """A committed save's timings, now (``written``: when its writes ended)."""
+        done = time.monotonic()
+        return cls(blocked_s=job.blocked_s, write_s=written - job.started - job.blocked_s,
+                   commit_s=done - written, total_s=done - job.started, nbytes=nbytes,
+                   written_bytes=sum(row[2] for row in rows), leaves=len(job.records),
+                   snapshot=job.snapshot.mode, host_peak_bytes=job.snapshot.feed.peak
+                   if job.snapshot.feed is not None else 0)
+
     @property
     def mib_per_s(self) -> float:
         """The checkpoint's bytes over the whole save's time, in MiB/s."""
@@ -372,13 +382,7 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
                    if rec.kind == LeafKind.PER_PROCESS]
     for i, _ in per_process:
         records[i] = dataclasses.replace(records[i], value=None)
-    try:
-        # A snapshot, like the tree: changes the caller makes after this returns are not saved.
-        metadata = unpack(pack(metadata), "metadata")
-    except (TypeError, ValueError, OverflowError, CkptError) as exc:
-        raise InvalidMetadataError(
-            f"metadata for {store.url} is not plain msgpack data (dicts, lists, str, bytes, "
-            f"numbers, bool, None): {exc}") from exc
+    metadata = plain_metadata(metadata, store.url)
     seq = next(_SAVE_SEQ)
     attempt = _agree_on_attempt(store, coord, seq, timeout_s, overwrite=overwrite,
                                 refuse=refuse, on_attempt=on_attempt)
@@ -394,24 +398,67 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
 
     handle = SaveHandle(store.url, step)
     handle.attempt = attempt
-    with _LIVE_LOCK:
-        _LIVE.add(handle)
     job = _Job(store, coord, seq, attempt, created_at, metadata, records, plans, taken,
                timeout_s, deadline, memory_budget, on_commit, overwrite, dict(metrics or {}),
                agreement, per_process)
     job.started, job.prefix = started, f"save/{seq}"
-    try:
-        threading.Thread(target=_run, args=(job, handle), name=f"ckpt-save-{attempt}").start()
-        if taken.mode == "host":
-            # The caller's shards go to host now, as the budget lets the writes make room;
-            # an error doing so fails the save through its handle.
-            taken.fetch()
-    finally:
-        job.blocked_s = time.monotonic() - started
-        job.blocked.set()
+    start_background(job, handle, lambda: _run(job, handle), f"ckpt-save-{attempt}")
     log.info("saving %s: %d leaves, %.1f MiB; snapshot %s; blocked %.3f s", handle.describe(),
              len(records), sum(r.nbytes for r in records) / 2**20, taken.mode, job.blocked_s)
     return handle
+
+
+def plain_metadata(metadata: Any, where: str) -> Any:
+    """A copy of a save's ``metadata`` (changes the caller makes after the save returns are
+    not saved, like the tree's), checked to be plain msgpack data.
+
+    Raises:
+        InvalidMetadataError: naming ``where`` and what is not plain data.
+    """
+    try:
+        return unpack(pack(metadata), "metadata")
+    except (TypeError, ValueError, OverflowError, CkptError) as exc:
+        raise InvalidMetadataError(
+            f"metadata for {where} is not plain msgpack data (dicts, lists, str, bytes, "
+            f"numbers, bool, None): {exc}") from exc
+
+
+def start_background(job: _Job, handle: SaveHandle, run: Callable[[], None],
+                     name: str) -> None:
+    """The caller's thread, last step of a save (`start_save`, a local tier's save): lists
+    the handle as live, starts ``run`` (the background part) on its own thread and, on the
+    ``host`` path, moves the caller's shards to host now, as the budget lets the writes make
+    room (an error doing so fails the save through its handle)."""
+    with _LIVE_LOCK:
+        _LIVE.add(handle)
+    try:
+        threading.Thread(target=run, name=name).start()
+        if job.snapshot.mode == "host":
+            job.snapshot.fetch()
+    finally:
+        job.blocked_s = time.monotonic() - job.started
+        job.blocked.set()
+
+
+def write_snapshot(job: _Job, create: bool) -> list[Row]:
+    """The background part's writes, on every process: the snapshot's chunks (fetched by a
+    thread of their own on the ``device`` path), then the snapshot released; returns the
+    host-report rows. A failed write cancels the fetching; whoever fetches (a thread of
+    ours, or the caller's on the host path) stops before the snapshot is released."""
+    join = start_fetching(job.snapshot, f"ckpt-fetch-{job.attempt}")
+    try:
+        try:
+            rows = _write_chunks(job, create)
+        except BaseException as exc:
+            if job.snapshot.feed is not None:
+                job.snapshot.feed.cancel(exc)
+            raise
+    finally:
+        if join is not None:
+            join()
+        job.blocked.wait()
+    job.snapshot.release()
+    return rows
 
 
 def _write_chunks(job: _Job, create: bool) -> list[Row]:
@@ -480,21 +527,8 @@ def _run(job: _Job, handle: SaveHandle) -> None:
     me = job.coord.process_index
     prefix = job.prefix
     try:
-        join = start_fetching(job.snapshot, f"ckpt-fetch-{job.attempt}")
         try:
-            try:
-                rows = _write_chunks(job, create=me == 0)
-            except BaseException as exc:
-                if job.snapshot.feed is not None:
-                    job.snapshot.feed.cancel(exc)
-                raise
-            finally:
-                # Whoever fetches (a thread of ours, or the caller's on the host path) stops
-                # before the snapshot is released.
-                if join is not None:
-                    join()
-                job.blocked.wait()
-            job.snapshot.release()
+            rows = write_snapshot(job, create=me == 0)
             log.debug("%s: chunks written (%d)", handle.describe(), len(rows))
             write_report(job.store, job.attempt, me, rows, job.digests, job.per_process)
             written = time.monotonic()
@@ -526,14 +560,8 @@ def _run(job: _Job, handle: SaveHandle) -> None:
                 raise CommitOutcomeUnknownError(f"process 0 reported: {outcome}")
             if outcome != "ok":
                 raise SaveError(f"process 0 did not commit {job.store.url}: {outcome}")
-        done = time.monotonic()
-        handle.timings = timings = SaveTimings(
-            blocked_s=job.blocked_s, write_s=written - job.started - job.blocked_s,
-            commit_s=done - written, total_s=done - job.started,
-            nbytes=sum(r.nbytes for r in job.records),
-            written_bytes=sum(row[2] for row in rows), leaves=len(job.records),
-            snapshot=job.snapshot.mode,
-            host_peak_bytes=job.snapshot.feed.peak if job.snapshot.feed is not None else 0)
+        handle.timings = timings = SaveTimings.of(job, written, rows,
+                                                  sum(r.nbytes for r in job.records))
         log.info("committed %s: %.1f MiB in %d leaves; blocked %.3f s, write %.3f s, "
                  "commit %.3f s, total %.3f s (%.0f MiB/s)", handle.describe(),
                  timings.nbytes / 2**20, timings.leaves, timings.blocked_s, timings.write_s,

@@ -107,15 +107,20 @@ def test_a_lost_local_folder_reads_the_root(dirs, mesh24):
     assert counter.counts["chunks"] > 0
 
 
-def test_a_damaged_local_chunk_is_read_from_the_root_instead(dirs, mesh24, caplog):
-    root, local = dirs
-    with ckpt.CheckpointManager(root, local_dir=local) as mgr:
-        mgr.save(1, _tree(mesh24, 1))
-    chunk = next(os.path.join(d, f) for d, _, fs in os.walk(os.path.join(local, "1"))
+def _damage_a_chunk_of_w(folder):
+    """Flips a byte in the middle of one stored chunk of leaf ``w`` under ``folder``."""
+    chunk = next(os.path.join(d, f) for d, _, fs in os.walk(folder)
                  for f in fs if "/arrays/" in d and f != "zarr.json" and "w" in d.split("/"))
     data = bytearray(open(chunk, "rb").read())
     data[len(data) // 2] ^= 0xFF
     open(chunk, "wb").write(bytes(data))
+
+
+def test_a_damaged_local_chunk_is_read_from_the_root_instead(dirs, mesh24, caplog):
+    root, local = dirs
+    with ckpt.CheckpointManager(root, local_dir=local) as mgr:
+        mgr.save(1, _tree(mesh24, 1))
+    _damage_a_chunk_of_w(os.path.join(local, "1"))
     with ckpt.CheckpointManager(root, local_dir=local) as mgr:
         _same(mgr.restore(target=_tree(mesh24, 0)), _tree(mesh24, 1))
     assert any("failed its checks" in r.getMessage() for r in caplog.records)
@@ -125,11 +130,7 @@ def test_a_damaged_local_only_step_is_an_error_not_wrong_data(dirs, mesh24):
     root, local = dirs
     with ckpt.CheckpointManager(root, local_dir=local, persist_every=10) as mgr:
         mgr.save(1, _tree(mesh24, 1))
-    chunk = next(os.path.join(d, f) for d, _, fs in os.walk(os.path.join(local, "1"))
-                 for f in fs if "/arrays/" in d and f != "zarr.json" and "w" in d.split("/"))
-    data = bytearray(open(chunk, "rb").read())
-    data[len(data) // 2] ^= 0xFF
-    open(chunk, "wb").write(bytes(data))
+    _damage_a_chunk_of_w(os.path.join(local, "1"))
     with ckpt.CheckpointManager(root, local_dir=local, persist_every=10) as mgr:
         with pytest.raises(ckpt.errors.CorruptCheckpointError, match="leaf"):
             mgr.restore(target=_tree(mesh24, 0))
