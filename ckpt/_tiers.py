@@ -78,6 +78,9 @@ class LocalTier:
                     remove_copy(self.store, step)
                     log.info("local tier %s: removed step %d (rewound or deleted at %s since "
                              "it was saved)", self.store.url, step, root.url)
+        # The root's attempt of each step some process holds a copy of but not every
+        # process: read once by process 0 and shared, so no other process reads the root.
+        self.root_attempts: dict[int, str | None] = {}
         self.complete = self._exchange(coord, timeout_s, foreign)
         if not read_only:
             self._clean()
@@ -87,7 +90,7 @@ class LocalTier:
     def _exchange(self, coord: _coord.Coordinator, timeout_s: float,
                   foreign: dict[int, str]) -> dict[int, str]:
         """Every process's copies, through the coordination service: the complete steps
-        (step -> attempt), the same on every process.
+        (step -> attempt), the same on every process; and `root_attempts`.
 
         Raises:
             CheckpointExistsError: on every process, when any process's folder holds copies
@@ -96,10 +99,10 @@ class LocalTier:
         """
         mine = [[c.step, c.attempt, c.process, c.process_count] for c in self.copies.values()]
         found: dict[str, list[Any]]
+        key = f"tier/{next(_TIERS)}"
         if self.count == 1:
             found = {"0": [mine, foreign]}
         else:
-            key = f"tier/{next(_TIERS)}"
             coord.publish(f"{key}/copies/{self.me}", json.dumps([mine, foreign]))
             coord.barrier(f"{key}/scanned", timeout_s)
             found = {k.rsplit("/", 1)[-1]: json.loads(v)
@@ -123,6 +126,18 @@ class LocalTier:
                     c.process == p and c.process_count == self.count
                     for p, c in by_process.items())):
                 complete[step] = attempts.pop()
+        partial = {}
+        if self.me == 0:
+            for step in sorted(set(held) - set(complete)):
+                try:
+                    partial[step] = committed_attempt(self.root.child(str(step)))
+                except CkptError:
+                    partial[step] = None  # unreadable now: its copies are not trusted
+        if self.count > 1:
+            shared = coord.broadcast(f"{key}/root", json.dumps(partial) if self.me == 0
+                                     else None, timeout_s)
+            partial = {int(s): a for s, a in json.loads(shared).items()}
+        self.root_attempts = partial
         return complete
 
     def _clean(self) -> None:
@@ -134,11 +149,8 @@ class LocalTier:
         for step in sorted(set(self.copies) - set(self.complete), reverse=True):
             if len(partial) == self.keep:
                 break
-            try:
-                if committed_attempt(self.root.child(str(step))) == self.copies[step].attempt:
-                    partial.append(step)
-            except CkptError:
-                continue
+            if self.root_attempts.get(step) == self.copies[step].attempt:
+                partial.append(step)
         keep = set(complete) | set(partial)
         removed = remove_debris(self.store, keep)
         for step in removed:
@@ -216,13 +228,10 @@ class LocalTier:
             return Tiered(local, folder, None, item)
         if local is not None and copy is not None:
             # Not every process holds the step: this copy serves only if the root's copy is
-            # of the same save (its COMMIT, ~200 bytes, is all this reads of the root unless
-            # the copy lacks a box). Its records serve too if this process wrote it.
-            try:
-                holder = committed_attempt(folder)
-            except CkptError:
-                holder = None
-            if holder == copy.attempt:
+            # of the same save (its COMMIT, read by process 0 at start-up); the root is
+            # read only for boxes the copy lacks. Its records serve too if this process
+            # wrote it.
+            if self.root_attempts.get(step) == copy.attempt:
                 mine = copy.process == self.me and copy.process_count == self.count
                 return Tiered(local, folder, None if mine else open_readable(folder, item),
                               item)

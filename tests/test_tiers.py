@@ -356,14 +356,14 @@ def test_restart_on_the_same_hosts_reads_nothing_from_the_root(request, tmp_path
     assert _root_steps(root) == [2]
     for r in launch("tests.tier_jobs:restore_latest", 2, args=[root, local, [2, 4], 2]):
         assert r["latest"] == 3 and r["steps"] == [2, 3], r
-        assert r["root"] == {"bytes": 0, "chunks": 0, "opened": 0}, r
+        assert r["start"] == r["root"] == {"bytes": 0, "chunks": 0, "opened": 0}, r
         assert r["served"]["local"] > 0 and r["served"]["root"] == 0, r
 
 
 def test_a_replaced_host_alone_reads_the_root(tmp_path):
     """Four processes; process 2's folder is lost (a replaced machine): it reads the root
-    on its own, the others read their copies and only the step's COMMIT of the root (to
-    know their copy is of the same save)."""
+    on its own; the others read nothing of the root (process 0 read the step's COMMIT at
+    start-up, to know the copies are of the root's save, and told the others)."""
     root, local = str(tmp_path / "root"), str(tmp_path / "local-{process}")
     launch("tests.tier_jobs:save_steps", 4, args=[root, local, [1, 2], [4, 4], None])
     shutil.rmtree(_local_of(local, 2))
@@ -373,9 +373,9 @@ def test_a_replaced_host_alone_reads_the_root(tmp_path):
         if p == 2:
             assert r["root"]["chunks"] > 0 and r["served"] == "root", r
         else:
-            assert r["root"]["chunks"] == 0 and r["root"]["opened"] == 0, r
-            assert 0 < r["root"]["bytes"] < 1024, r  # COMMIT only
+            assert r["root"] == {"bytes": 0, "chunks": 0, "opened": 0}, r
             assert r["served"]["root"] == 0 and r["served"]["local"] > 0, r
+        assert (0 < r["start"]["bytes"] < 1024) == (p == 0), r  # process 0: COMMIT only
 
 
 def test_another_process_count_reads_what_still_matches_locally(tmp_path):

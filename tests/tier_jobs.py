@@ -55,20 +55,24 @@ class _Served(logging.Handler):
 def restore_latest(root, local, mesh_shape, persist_every=None, values_of=None):
     """Restores the newest step onto ``mesh_shape`` (saved specs) and checks it exactly
     (against the values of step ``values_of``, default the step); returns what was read
-    of the persistent root (`ReadCounter`) and what each tier served."""
+    of the persistent root (`ReadCounter`) while the manager started (``start``) and while
+    it restored (``root``), and what each tier served."""
     counter = ReadCounter(root)
     served = _Served()
     logger = logging.getLogger("ckpt.manager")
     logger.addHandler(served)
     logger.setLevel(logging.INFO)
     with _manager(counter, local, persist_every) as mgr:
+        start = dict(counter.counts)
+        counter.counts.update(bytes=0, chunks=0, opened=0)
         latest = mgr.latest_step()
         restored = mgr.restore(latest, mesh=mesh_of(tuple(mesh_shape)))
         exact(restored, latest if values_of is None else values_of)
         if "mine" in restored:  # this process's own value, from its own copy
             assert restored["mine"].value == _mine(latest), restored["mine"]
         steps = mgr.steps()
-    return {"latest": latest, "steps": steps, "root": counter.counts, "served": served.value}
+    return {"latest": latest, "steps": steps, "start": start, "root": counter.counts,
+            "served": served.value}
 
 
 def save_and_die(root, local, mesh_shape, victim, phase):
