@@ -100,7 +100,7 @@ def write_rewind(store: Store, to_step: int, gone: Abandoned) -> None:
 # no later event removed its step (`survives`), so a copy of a step that a rewind or delete
 # removed, by any manager or `ckpt gc`, never comes back from a host's disk.
 
-LineageEvent = tuple[str, str, int]  # (id, "rewind" or "delete", step)
+LineageEvent = tuple[str, str, int]  # (id, "origin", "rewind" or "delete", step)
 MAX_LINEAGE = 1000  # older events are forgotten: copies made before them no longer count
 
 
@@ -113,18 +113,32 @@ def read_lineage(store: Store) -> list[LineageEvent]:
     events = raw.get("events") if isinstance(raw, dict) else None
     if not isinstance(events, list) or not all(
             isinstance(e, list) and len(e) == 3 and isinstance(e[0], str)
-            and e[1] in ("rewind", "delete") and type(e[2]) is int for e in events):
+            and e[1] in ("origin", "rewind", "delete") and type(e[2]) is int
+            for e in events):
         raise CorruptCheckpointError(f"{store.describe(LINEAGE)} is not a lineage record")
     return [(e[0], e[1], e[2]) for e in events]
 
 
-def record_lineage(store: Store, kind: str, *steps: int) -> None:
+def record_lineage(store: Store, kind: str, *steps: int) -> str:
     """Appends a rewind to a step or deletes of ``steps`` to the lineage, before they
-    happen. Process 0 of a manager, and `ckpt gc`."""
+    happen; returns the newest id. Process 0 of a manager, and `ckpt gc`."""
     events = read_lineage(store)
     events.extend((secrets.token_hex(8), kind, step) for step in steps)
     events = events[-MAX_LINEAGE:]
     store.write(LINEAGE, pack({"events": [list(e) for e in events]}))
+    return lineage_id(events)
+
+
+def ensure_lineage(store: Store) -> list[LineageEvent]:
+    """The lineage, begun with an ``origin`` event if the root has none: every local copy
+    then records an id of this root's own history, so that a root emptied and reused (a
+    new record, a new origin) never takes back copies of its old life. Process 0 of a
+    manager with a local tier, at start-up."""
+    events = read_lineage(store)
+    if not events:
+        record_lineage(store, "origin", 0)
+        events = read_lineage(store)
+    return events
 
 
 def lineage_id(events: list[LineageEvent]) -> str:
@@ -133,12 +147,13 @@ def lineage_id(events: list[LineageEvent]) -> str:
 
 
 def survives(events: list[LineageEvent], since: str, step: int) -> bool:
-    """Whether a copy of ``step`` saved after event ``since`` ("": before any) is still a
-    step of the run: no later rewind went below it and no later delete removed it."""
+    """Whether a copy of ``step`` saved after event ``since`` is still a step of the run:
+    ``since`` is in the record (not forgotten, not another history's) and no later rewind
+    went below the step and no later delete removed it."""
     ids = [e[0] for e in events]
-    if since and since not in ids:
+    if since not in ids:
         return False  # forgotten or foreign history: nothing says it survives
-    for _, kind, at in events[ids.index(since) + 1 if since else 0:]:
+    for _, kind, at in events[ids.index(since) + 1:]:
         if (kind == "rewind" and step > at) or (kind == "delete" and step == at):
             return False
     return True

@@ -456,6 +456,9 @@ def start_persist(root_step: Store, step: int, persist: Persist, copy: Store, *,
     def run() -> None:
         try:
             _run(job, handle)
+            if handle._exc is not None:
+                log.error("step %d was not committed to %s (it stays in the local tier): %s",
+                          step, root_step.url, handle._exc)
         finally:
             on_done()
 

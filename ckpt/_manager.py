@@ -266,6 +266,14 @@ class CheckpointManager:
                 previous.mark_observed()
                 raise SaveError(f"the previous save ({previous.url}) failed: {exc}") from exc
 
+    def _await_persist(self) -> None:
+        """Waits for the root commit under way (local tier), without raising its error:
+        processes can see its outcome differently (one may not learn whether process 0
+        committed), and what follows (a save, a delete) must start on all of them. Its
+        failure is logged, and raised by `handle.remote.wait()`, `wait` and `close`."""
+        if self._persist is not None:
+            self._persist.outcome()
+
     def save(self, step: int, tree: Any, *, metadata: Any = None,
              metrics: dict[str, float] | None = None,
              force: bool = False) -> SaveHandle | None:
@@ -328,7 +336,7 @@ class CheckpointManager:
         assert tier is not None
         persist = tier.persists(step) or self._policy.preempted_at(step)
         if persist:
-            self._previous_failure(self._persist)
+            self._await_persist()
 
         def committed(saved: Persist, drop: list[int]) -> SaveHandle | None:
             # Every process, on the local save's thread, once every copy is committed.
@@ -402,18 +410,20 @@ class CheckpointManager:
             if coord.process_index == 0:
                 self._apply_retention(self._retention_victims())
             return
-        victims: list[int] = []
+        decided: list[Any] = [[], self._tier.lineage]
         if coord.process_index == 0:
             try:
                 victims = self._retention_victims()
+                if victims:
+                    # Recorded before any copy or step goes: a copy some process cannot
+                    # remove never comes back (`LocalTier`); later copies record the new id.
+                    decided = [victims, record_lineage(self._store, "delete", *victims)]
             except CkptError as exc:
                 log.warning("retention under %s skipped this round: %s", self.root_url, exc)
-        victims = json.loads(coord.broadcast(f"persist/{attempt}/retention",
-                                             json.dumps(victims), self.timeout_s))
+        victims, self._tier.lineage = json.loads(coord.broadcast(
+            f"persist/{attempt}/retention", json.dumps(decided), self.timeout_s))
         self._tier.drop(victims, "retention removes it from the persistent root")
         if coord.process_index == 0 and victims:
-            # A copy some process could not remove never comes back (`LocalTier`).
-            record_lineage(self._store, "delete", *victims)
             self._apply_retention(victims)
 
     def wait(self) -> None:
@@ -544,7 +554,7 @@ class CheckpointManager:
         self._writable(f"delete step {step}")
         step = as_step(step)
         self._previous_failure()
-        self._previous_failure(self._persist)
+        self._await_persist()
 
         def check() -> None:
             if step not in self.steps():
@@ -553,12 +563,6 @@ class CheckpointManager:
                     + (" or in its local tier" if self._tier is not None else ""))
             # Before anything goes: copies of the step on any host's disk never come back.
             record_lineage(self._store, "delete", step)
-
-        if self._tier is not None:
-            # Decided on process 0, then the local copies go (process 0's among them,
-            # before the root's below): a crash in between leaves the root's copy.
-            _coord.run_on_process_zero(f"check delete step {step}", check, self.timeout_s)
-            self._tier.drop([step], "deleted")
 
         def run() -> None:
             if self._tier is None:
@@ -570,10 +574,16 @@ class CheckpointManager:
                             "job that may still be running (if it commits, the step comes "
                             "back whole)", step, self.root_url, kept)
 
-        _coord.run_on_process_zero(f"delete step {step}", run, self.timeout_s)
+        try:
+            if self._tier is not None:
+                # Decided on process 0, then the local copies go (process 0's among them,
+                # before the root's below): a crash in between leaves the root's copy.
+                _coord.run_on_process_zero(f"check delete step {step}", check, self.timeout_s)
+                self._tier.drop([step], "deleted")
+            _coord.run_on_process_zero(f"delete step {step}", run, self.timeout_s)
+        finally:
+            self._refresh_lineage()
         self._metrics.pop(step, None)
-        if self._tier is not None:
-            self._tier.lineage = lineage_id(read_lineage(self._store))
 
     def rewind(self, step: int) -> None:
         """Makes ``step`` the newest committed step: every committed step above it leaves
@@ -590,19 +600,12 @@ class CheckpointManager:
         self._writable(f"rewind to step {step}")
         step = as_step(step)
         self._previous_failure()
-        self._previous_failure(self._persist)
-        if self._tier is not None:
-            def check() -> None:
-                if step not in self.steps():
-                    raise CheckpointNotFoundError(
-                        f"cannot rewind to step {step}: it is not a committed step under "
-                        f"{self.root_url} or in the local tier")
-
-            _coord.run_on_process_zero(f"check rewind to step {step}", check, self.timeout_s)
-            # Every process drops its newer copies (process 0 before it touches the root):
-            # a newer step then is on no tier whole, whatever happens to the rewind below.
-            self._tier.drop(sorted(s for s in set(self._tier.copies) | set(self._tier.steps())
-                                   if s > step), "rewound")
+        self._await_persist()
+        def check() -> None:
+            if step not in self.steps():
+                raise CheckpointNotFoundError(
+                    f"cannot rewind to step {step}: it is not a committed step under "
+                    f"{self.root_url} or in the local tier")
 
         def run() -> None:
             steps = self.steps()
@@ -616,12 +619,29 @@ class CheckpointManager:
             rewind_root(self._store, step, above)
             log.info("rewound %s to step %d; removed steps %s", self.root_url, step, above)
 
-        _coord.run_on_process_zero(f"rewind to step {step}", run, self.timeout_s)
+        try:
+            if self._tier is not None:
+                _coord.run_on_process_zero(f"check rewind to step {step}", check,
+                                           self.timeout_s)
+                # Every process drops its newer copies (process 0 before it touches the
+                # root): a newer step is then on no tier whole, whatever happens below.
+                self._tier.drop(sorted(s for s in set(self._tier.copies)
+                                       | set(self._tier.steps()) if s > step), "rewound")
+            _coord.run_on_process_zero(f"rewind to step {step}", run, self.timeout_s)
+        finally:
+            self._refresh_lineage()
         for s in list(self._metrics):
             if s > step:
                 del self._metrics[s]
+
+    def _refresh_lineage(self) -> None:
+        """Every process, after a delete or rewind (done or not: its event may be recorded):
+        later local copies record the root's newest lineage event."""
         if self._tier is not None:
-            self._tier.lineage = lineage_id(read_lineage(self._store))
+            try:
+                self._tier.lineage = lineage_id(read_lineage(self._store))
+            except CkptError as exc:
+                log.warning("could not read the lineage record of %s: %s", self.root_url, exc)
 
     # -- restoring -------------------------------------------------------------------------
 

@@ -28,7 +28,14 @@ from typing import Any
 from ckpt import _coord
 from ckpt._commit import committed_attempt
 from ckpt._format import DTYPE_SIZES, LeafKind, LeafRecord
-from ckpt._housekeeping import abandoned, lineage_id, read_lineage, survives
+from ckpt._housekeeping import (
+    LineageEvent,
+    abandoned,
+    ensure_lineage,
+    lineage_id,
+    read_lineage,
+    survives,
+)
 from ckpt._local import LocalCopy, local_store, remove_copy, remove_debris, scan
 from ckpt._reader import Readable, open_readable
 from ckpt.errors import CheckpointExistsError, CheckpointNotFoundError, CkptError
@@ -65,30 +72,67 @@ class LocalTier:
         # `complete` and `copies` change on the manager's thread, the local saves' and the
         # root commits' (retention); every read of more than one entry holds this.
         self._lock = threading.RLock()
-        events = read_lineage(root)
+        key = f"tier/{next(_TIERS)}"
+        events = self._lineage(coord, key, timeout_s)
         self.lineage = lineage_id(events)  # what this run's copies record
-        self.copies, foreign = scan(self.store, root.url)
-        gone = abandoned(root)
-        for step, copy in list(self.copies.items()):
-            # A step a rewind abandoned (still in progress, or done since this copy was
-            # saved, by any manager), or deleted since: never offered again.
-            if copy.attempt in gone.get(step, ()) or not survives(events, copy.lineage, step):
-                del self.copies[step]
-                if not read_only:
-                    remove_copy(self.store, step)
-                    log.info("local tier %s: removed step %d (rewound or deleted at %s since "
-                             "it was saved)", self.store.url, step, root.url)
+        self.copies: dict[int, LocalCopy] = {}
+        foreign: dict[int, str] = {}
+        failure = ""
+        try:
+            self.copies, foreign = scan(self.store, root.url)
+            gone = abandoned(root)
+            for step, copy in list(self.copies.items()):
+                # A step a rewind abandoned (still in progress, or done since this copy was
+                # saved, by any manager), or deleted since: never offered again.
+                if copy.attempt in gone.get(step, ()) or not survives(events, copy.lineage,
+                                                                      step):
+                    del self.copies[step]
+                    if not read_only:
+                        remove_copy(self.store, step)
+                        log.info("local tier %s: removed step %d (rewound or deleted at %s "
+                                 "since it was saved)", self.store.url, step, root.url)
+        except CkptError as exc:  # told to every process in the exchange, raised on all
+            failure = f"process {self.me}: {exc}"
         # The root's attempt of each step some process holds a copy of but not every
         # process: read once by process 0 and shared, so no other process reads the root.
         self.root_attempts: dict[int, str | None] = {}
-        self.complete = self._exchange(coord, timeout_s, foreign)
+        self.complete = self._exchange(coord, key, timeout_s, foreign, failure)
         if not read_only:
-            self._clean()
+            try:
+                self._clean()
+            except CkptError as exc:  # what is left is removed by a later start-up
+                log.warning("local tier %s: start-up clean-up stopped: %s", self.store.url,
+                            exc)
         log.info("local tier %s: copies of steps %s; complete on every process: %s",
                  self.store.url, sorted(self.copies), sorted(self.complete))
 
-    def _exchange(self, coord: _coord.Coordinator, timeout_s: float,
-                  foreign: dict[int, str]) -> dict[int, str]:
+    def _lineage(self, coord: _coord.Coordinator, key: str,
+                 timeout_s: float) -> list[LineageEvent]:
+        """The root's lineage as process 0 read it (begun by it if the root has none and
+        the manager may write), the same on every process.
+
+        Raises:
+            CkptError: on every process, when process 0 could not read it.
+        """
+        failure, events = "", []
+        if self.me == 0:
+            try:
+                events = read_lineage(self.root) if self.read_only \
+                    else ensure_lineage(self.root)
+            except CkptError as exc:
+                failure = f"process 0 could not read the lineage record of {self.root.url}: " \
+                    f"{exc}"
+        if self.count > 1:
+            failure, rows = json.loads(coord.broadcast(
+                f"{key}/lineage", json.dumps([failure, events]) if self.me == 0 else None,
+                timeout_s))
+            events = [(e[0], e[1], e[2]) for e in rows]
+        if failure:
+            raise CkptError(failure)
+        return events
+
+    def _exchange(self, coord: _coord.Coordinator, key: str, timeout_s: float,
+                  foreign: dict[int, str], failure: str) -> dict[int, str]:
         """Every process's copies, through the coordination service: the complete steps
         (step -> attempt), the same on every process; and `root_attempts`.
 
@@ -96,17 +140,21 @@ class LocalTier:
             CheckpointExistsError: on every process, when any process's folder holds copies
                 another root's manager wrote (restoring them would be another run's state;
                 removing them could lose it).
+            CkptError: on every process, when any process failed to scan its folder.
         """
         mine = [[c.step, c.attempt, c.process, c.process_count] for c in self.copies.values()]
         found: dict[str, list[Any]]
-        key = f"tier/{next(_TIERS)}"
         if self.count == 1:
-            found = {"0": [mine, foreign]}
+            found = {"0": [mine, foreign, failure]}
         else:
-            coord.publish(f"{key}/copies/{self.me}", json.dumps([mine, foreign]))
+            coord.publish(f"{key}/copies/{self.me}", json.dumps([mine, foreign, failure]))
             coord.barrier(f"{key}/scanned", timeout_s)
             found = {k.rsplit("/", 1)[-1]: json.loads(v)
                      for k, v in coord.collect(f"{key}/copies/").items()}
+        failed = sorted(rows[2] for rows in found.values() if rows[2])
+        if failed:
+            raise CkptError(f"the local tier {self.store.url} could not be read: "
+                            + "; ".join(failed))
         others = {int(p): rows[1] for p, rows in found.items() if rows[1]}
         if others:
             who, steps = min(others.items())
@@ -116,7 +164,7 @@ class LocalTier:
                 f"({sorted(set(steps.values()))[0]}), not of {self.root.url}: give each run "
                 f"its own local_dir, or remove those copies")
         held: dict[int, dict[int, LocalCopy]] = {}
-        for p, (rows, _) in found.items():
+        for p, (rows, _, _) in found.items():
             for step, attempt, writer, count in rows:
                 held.setdefault(step, {})[int(p)] = LocalCopy(step, attempt, writer, count)
         complete = {}
@@ -236,11 +284,18 @@ class LocalTier:
                 return Tiered(local, folder, None if mine else open_readable(folder, item),
                               item)
         try:
-            return open_readable(folder, item)
+            whole = open_readable(folder, item)
         except CheckpointNotFoundError as exc:
             raise CheckpointNotFoundError(
                 f"step {step} is on no tier for process {self.me}: no local copy of it in "
                 f"{self.store.url} and no committed copy at {folder.url}") from exc
+        if agreed is not None and whole.manifest.attempt != agreed:
+            # The other processes read their copies of save ``agreed``: this one must not
+            # read another save of the step.
+            raise CheckpointNotFoundError(
+                f"step {step}: process {self.me}'s local copy is unreadable and {folder.url} "
+                f"holds another save of it ({whole.manifest.attempt}, not {agreed})")
+        return whole
 
 
 class Tiered(Readable):

@@ -88,6 +88,10 @@ def test_restart_reads_nothing_from_the_root(dirs, mesh24, caplog):
     counter = ReadCounter(root)
     caplog.set_level(logging.INFO, logger="ckpt.manager")
     with ckpt.CheckpointManager(counter, local_dir=local) as mgr:
+        # Starting, it read the root's lineage record and nothing else.
+        assert counter.counts == {"bytes": os.path.getsize(os.path.join(root, "LINEAGE")),
+                                  "chunks": 0, "opened": 0}
+        counter.counts.update(bytes=0)
         _same(mgr.restore(target=_tree(mesh24, 0)), _tree(mesh24, 1))
     assert counter.counts == {"bytes": 0, "chunks": 0, "opened": 0}
     line = next(r.getMessage() for r in caplog.records
@@ -282,6 +286,23 @@ def test_a_rewind_elsewhere_keeps_old_copies_from_coming_back(dirs, tmp_path, ot
         assert _steps_in(local) == [2]  # 3, 4, 5 of the abandoned branch are gone
 
 
+def test_a_root_emptied_and_reused_does_not_take_back_old_copies(dirs):
+    """The root's folder is wiped and a new run starts at the same URL with the same local
+    folders: the old run's copies (of another history: the root's lineage began anew) are
+    not offered, and the new run saves from step 1."""
+    root, local = dirs
+    with ckpt.CheckpointManager(root, local_dir=local, persist_every=10) as mgr:
+        for step in (10, 11, 12):
+            mgr.save(step, _values(step, 1))
+    shutil.rmtree(root)
+    with ckpt.CheckpointManager(root, local_dir=local, persist_every=10) as mgr:
+        assert mgr.latest_step() is None and mgr.steps() == []
+        mgr.save(1, _values(1, 5))
+        mgr.wait()
+        assert mgr.restore()["w"][0, 0] == 5.0
+    assert _steps_in(local) == [1]
+
+
 def test_a_delete_elsewhere_keeps_the_copy_from_coming_back(dirs):
     root, local = dirs
     with ckpt.CheckpointManager(root, local_dir=local, local_keep=3) as mgr:
@@ -354,9 +375,13 @@ def test_restart_on_the_same_hosts_reads_nothing_from_the_root(request, tmp_path
                   args=[root, local, [1, 2, 3], [2, 4], 2, True])
     assert kept == [["2", "3"], ["2", "3"]]
     assert _root_steps(root) == [2]
-    for r in launch("tests.tier_jobs:restore_latest", 2, args=[root, local, [2, 4], 2]):
+    results = launch("tests.tier_jobs:restore_latest", 2, args=[root, local, [2, 4], 2])
+    for r in results:
         assert r["latest"] == 3 and r["steps"] == [2, 3], r
-        assert r["start"] == r["root"] == {"bytes": 0, "chunks": 0, "opened": 0}, r
+        assert r["root"] == {"bytes": 0, "chunks": 0, "opened": 0}, r
+        # Starting, process 0 read the root's lineage record (tens of bytes), no other.
+        assert r["start"]["chunks"] == r["start"]["opened"] == 0, r
+        assert (0 < r["start"]["bytes"] < 200) == (r is results[0]), r
         assert r["served"]["local"] > 0 and r["served"]["root"] == 0, r
 
 
@@ -482,7 +507,9 @@ def test_a_chunk_marked_absent_is_only_valid_in_a_local_copy(dirs, mesh24):
     with ckpt.CheckpointManager(root, local_dir=local) as mgr:
         mgr.save(1, _tree(mesh24, 1))
     _, manifest = open_checkpoint(open_store(os.path.join(local, "1")))
-    assert manifest.local == {"process": 0, "step": 1, "root": root, "lineage": ""}
+    assert {k: v for k, v in manifest.local.items() if k != "lineage"} == \
+        {"process": 0, "step": 1, "root": root}
+    assert manifest.local["lineage"]  # the root's origin event, made at the first start
     rec = next(r for r in manifest.leaves if r.kind == "array")
     absent = dataclasses.replace(rec, layout=dataclasses.replace(
         rec.layout, writers=(-1,) + rec.writers[1:]))
