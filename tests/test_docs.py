@@ -286,7 +286,7 @@ def guide_local_tier(tmp_path):
     root, local = tmp_path / "exp8", tmp_path / "local-ssd"
     _run("docs/guide.md", 6, names, {"gs://my-bucket/runs/exp8": root,
                                      "/mnt/local-ssd/ckpt": local})
-    assert sorted(os.listdir(root)) == ["10", "5"]
+    assert sorted(os.listdir(root)) == ["10", "5", "LINEAGE"]  # LINEAGE: docs/format.md
     assert sorted(os.listdir(local)) == ["10", "9"]
     with ckpt.CheckpointManager(str(root), local_dir=str(local), persist_every=5) as mgr:
         assert mgr.steps() == [5, 9, 10]
