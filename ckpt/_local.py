@@ -70,7 +70,7 @@ from ckpt._save import (
 from ckpt._snapshot import ChunkWrite, Snapshot, Unit, take
 from ckpt.errors import CkptError, SaveError
 from ckpt.restore import read_arrays
-from ckpt.restore.boxes import box_size, chunk_box, grid_shape, to_slices, unflat_index
+from ckpt.restore.boxes import box_size, to_slices
 from ckpt.storage import Deadline, DeadlineStore, Store, open_store
 
 log = logging.getLogger("ckpt.local")
@@ -244,11 +244,8 @@ def _local_records(records: list[LeafRecord], held: dict[int, ArrayPlan], me: in
     for i, rec in enumerate(records):
         if i in held:
             hp = held[i]
-            grid = grid_shape(hp.shape, hp.chunk_shape)
-            nbytes = [box_size(chunk_box(unflat_index(f, grid), hp.chunk_shape, hp.shape))
-                      * DTYPE_SIZES[rec.dtype] for f in range(len(hp.writers))]
-            rec = dataclasses.replace(rec, layout=ChunkLayout.planned(hp.chunk_shape,
-                                                                      hp.writers, nbytes))
+            rec = dataclasses.replace(rec, layout=ChunkLayout.planned(
+                hp.chunk_shape, hp.writers, hp.chunk_nbytes(DTYPE_SIZES[rec.dtype])))
         elif rec.kind == LeafKind.PER_PROCESS:
             values: list[Any] = [None] * count
             values[me] = rec.value

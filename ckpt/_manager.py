@@ -58,7 +58,7 @@ from ckpt.errors import (
     SaveError,
     StepOrderError,
 )
-from ckpt.storage import Deadline, DeadlineStore, StoreLike, open_store
+from ckpt.storage import Deadline, DeadlineStore, Store, StoreLike, open_store
 
 log = logging.getLogger("ckpt.manager")
 
@@ -227,7 +227,11 @@ class CheckpointManager:
         """The newest committed step, or None; checks step folders newest first. With a
         local tier: the newest step restorable from the tiers (the root's newest, or a
         newer one every process holds a local copy of)."""
-        newest = latest_committed_step(self._store)
+        return self._newest(self._store)
+
+    def _newest(self, store: Store) -> int | None:
+        """`latest_step` through ``store`` (the root, or it bound by a restore's deadline)."""
+        newest = latest_committed_step(store)
         if self._tier is not None and (local := self._tier.newest()) is not None:
             newest = local if newest is None else max(newest, local)
         return newest
@@ -656,9 +660,7 @@ class CheckpointManager:
             deadline = Deadline(timeout_s, f"restoring from {self.root_url}")
             store = DeadlineStore(store, deadline)
         if step is None:
-            step = latest_committed_step(store)
-            if self._tier is not None and (local := self._tier.newest()) is not None:
-                step = local if step is None else max(step, local)
+            step = self._newest(store)
             if step is None:
                 raise CheckpointNotFoundError(f"no committed step under {self.root_url}"
                                               + (" or in its local tier" if self._tier else ""))

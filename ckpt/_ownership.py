@@ -21,6 +21,7 @@ from ckpt.restore.boxes import (
     Box,
     box_of_index,
     box_shape,
+    box_size,
     chunk_box,
     flat_index,
     full_box,
@@ -81,6 +82,10 @@ class ArrayPlan:
 
     def chunk_box(self, flat: int) -> Box:
         return chunk_box(unflat_index(flat, self.grid), self.chunk_shape, self.shape)
+
+    def chunk_nbytes(self, itemsize: int) -> list[int]:
+        """Each chunk's bytes (edge chunks are smaller), in C order of the grid."""
+        return [box_size(self.chunk_box(f)) * itemsize for f in range(len(self.writers))]
 
 
 def choose_chunk_shape(shard_shape: Sequence[int], itemsize: int, replica_processes: int,

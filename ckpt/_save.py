@@ -59,7 +59,6 @@ from ckpt.errors import (
     SaveError,
     UnsupportedLeafError,
 )
-from ckpt.restore.boxes import box_size
 from ckpt.storage import Deadline, DeadlineStore, Store, StoreLike, open_store
 
 _SAVE_SEQ = itertools.count()
@@ -343,8 +342,7 @@ def _plan_chunks(records: list[LeafRecord], leaves: list[Any],
     plans = dict(zip(array_ids, plan(inputs, coord.process_index, coord.process_count)))
     for i, arr, p in zip(array_ids, inputs, plans.values()):
         records[i] = dataclasses.replace(records[i], layout=ChunkLayout.planned(
-            p.chunk_shape, p.writers,
-            [box_size(p.chunk_box(f)) * arr.itemsize for f in range(len(p.writers))]))
+            p.chunk_shape, p.writers, p.chunk_nbytes(arr.itemsize)))
     return plans
 
 

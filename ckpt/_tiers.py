@@ -29,6 +29,7 @@ from ckpt import _coord
 from ckpt._commit import committed_attempt
 from ckpt._format import DTYPE_SIZES, LeafKind, LeafRecord
 from ckpt._housekeeping import (
+    Abandoned,
     LineageEvent,
     abandoned,
     ensure_lineage,
@@ -73,14 +74,13 @@ class LocalTier:
         # root commits' (retention); every read of more than one entry holds this.
         self._lock = threading.RLock()
         key = f"tier/{next(_TIERS)}"
-        events = self._lineage(coord, key, timeout_s)
+        events, gone = self._root_records(coord, key, timeout_s)
         self.lineage = lineage_id(events)  # what this run's copies record
         self.copies: dict[int, LocalCopy] = {}
         foreign: dict[int, str] = {}
         failure = ""
         try:
             self.copies, foreign = scan(self.store, root.url)
-            gone = abandoned(root)
             for step, copy in list(self.copies.items()):
                 # A step a rewind abandoned (still in progress, or done since this copy was
                 # saved, by any manager), or deleted since: never offered again.
@@ -106,30 +106,34 @@ class LocalTier:
         log.info("local tier %s: copies of steps %s; complete on every process: %s",
                  self.store.url, sorted(self.copies), sorted(self.complete))
 
-    def _lineage(self, coord: _coord.Coordinator, key: str,
-                 timeout_s: float) -> list[LineageEvent]:
-        """The root's lineage as process 0 read it (begun by it if the root has none and
-        the manager may write), the same on every process.
+    def _root_records(self, coord: _coord.Coordinator, key: str,
+                      timeout_s: float) -> tuple[list[LineageEvent], Abandoned]:
+        """The root's lineage (begun by process 0 if the root has none and the manager may
+        write) and the attempts an interrupted rewind abandoned, as process 0 read them:
+        the same on every process, and one read of the root, not one per process.
 
         Raises:
-            CkptError: on every process, when process 0 could not read it.
+            CkptError: on every process, when process 0 could not read them.
         """
-        failure, events = "", []
+        failure, events, gone = "", [], {}
         if self.me == 0:
             try:
                 events = read_lineage(self.root) if self.read_only \
                     else ensure_lineage(self.root)
+                gone = abandoned(self.root)
             except CkptError as exc:
-                failure = f"process 0 could not read the lineage record of {self.root.url}: " \
-                    f"{exc}"
+                failure = f"process 0 could not read the lineage and rewind records of " \
+                    f"{self.root.url}: {exc}"
         if self.count > 1:
-            failure, rows = json.loads(coord.broadcast(
-                f"{key}/lineage", json.dumps([failure, events]) if self.me == 0 else None,
+            failure, rows, named = json.loads(coord.broadcast(
+                f"{key}/lineage", json.dumps([failure, events, {
+                    s: sorted(a) for s, a in gone.items()}]) if self.me == 0 else None,
                 timeout_s))
             events = [(e[0], e[1], e[2]) for e in rows]
+            gone = {int(s): set(a) for s, a in named.items()}
         if failure:
             raise CkptError(failure)
-        return events
+        return events, gone
 
     def _exchange(self, coord: _coord.Coordinator, key: str, timeout_s: float,
                   foreign: dict[int, str], failure: str) -> dict[int, str]:
