@@ -46,6 +46,9 @@ from ckpt.storage import Store
 
 log = logging.getLogger("ckpt.local")
 
+# Written and deleted at start-up to prove each process can write its folder.
+PROBE = "PROBE"
+
 # Every process makes its managers in the same order: the n-th tier's coordination keys
 # are the same everywhere.
 _TIERS = itertools.count()
@@ -80,6 +83,11 @@ class LocalTier:
         foreign: dict[int, str] = {}
         failure = ""
         try:
+            if not read_only:
+                # Fail now, not at the first save: a path that is a file, a disk mounted
+                # read-only, a folder without permission.
+                self.store.write(PROBE, b"")
+                self.store.delete(PROBE)
             self.copies, foreign = scan(self.store, root.url)
             for step, copy in list(self.copies.items()):
                 # A step a rewind abandoned (still in progress, or done since this copy was

@@ -251,6 +251,23 @@ def test_a_failed_root_commit_is_reported_and_the_step_stays_local(dirs, mesh24)
     assert _steps_in(local) == [1, 2]
 
 
+def test_an_unwritable_local_folder_or_a_damaged_lineage_record_fails_at_start_up(dirs):
+    from ckpt.errors import CkptError
+
+    root, local = dirs
+    open(local, "w").write("a file, not a folder")
+    with pytest.raises(CkptError, match=r"process 0: .*local") as info:
+        ckpt.CheckpointManager(root, local_dir=local)
+    assert local in str(info.value)
+    os.remove(local)
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "LINEAGE"), "wb") as f:
+        f.write(b"\x93 not a record")
+    with pytest.raises(CkptError, match="lineage") as info:
+        ckpt.CheckpointManager(root, local_dir=local)
+    assert os.path.join(root, "LINEAGE") in str(info.value)
+
+
 def test_a_local_tier_of_another_root_is_refused(dirs, mesh24, tmp_path):
     root, local = dirs
     with ckpt.CheckpointManager(root, local_dir=local) as mgr:
@@ -342,8 +359,9 @@ def test_a_failed_local_save_leaves_nothing_and_the_step_can_be_saved_again(dirs
                         lambda path, p: FaultyStore(real(path, p), before=before))
     with ckpt.CheckpointManager(root, local_dir=local) as mgr:
         mgr.save(1, _values(1, 1))
-        with pytest.raises(SaveError, match="No space left"):
+        with pytest.raises(SaveError, match="No space left") as info:
             mgr.save(2, _values(2, 1)).wait()
+        assert os.path.join(local, "2") in str(info.value) and "process 0" in str(info.value)
         assert not [n for n in os.listdir(os.path.join(local, "2"))
                     if n.startswith("attempt-")] if os.path.isdir(os.path.join(local, "2")) \
             else True
