@@ -7,7 +7,9 @@ Two kinds of callers drive it, in this order (docs/protocol.md):
   them), writes the chunks it owns through a `ChunkWriter` and its host report
   (`write_report`); after a barrier, process 0 alone calls `commit_attempt`;
 - offline rewrites (`ckpt._reshard`: ``reshard``, ``convert``): one process does all of it,
-  as process 0 of a job of one.
+  as process 0 of a job of one;
+- a local-tier copy (`ckpt._local`): each process writes every chunk it holds into its own
+  copy and commits it with `commit_copy`.
 
 `commit_attempt` checks every host report against the plan (each chunk reported once, by its
 planned writer, at its planned size; the processes' tree digests agree), copies each chunk's
@@ -209,3 +211,19 @@ def commit_attempt(store: Store, attempt: str, records: list[LeafRecord], *,
     checked = check_reports(store, attempt, records, process_count)
     commit(store, attempt=attempt, records=checked, metadata=metadata, created_at=created_at,
            process_count=process_count, overwrite=overwrite, metrics=metrics)
+
+
+def commit_copy(store: Store, attempt: str, records: list[LeafRecord], rows: list[Row], *,
+                process_count: int, metadata: Any, created_at: float, metrics: dict[str, float],
+                local: dict[str, Any]) -> None:
+    """One process's own copy of a step (the local tier: `ckpt._local.LocalTierCopy`),
+    every chunk of which it wrote itself: each chunk's crc32c from ``rows`` into the
+    records, then manifest, commit claim and COMMIT created if absent (`ckpt._commit.commit`,
+    whose errors it raises). ``local`` is the manifest's ``local`` record."""
+    crcs = {(name, flat): crc for name, flat, _, crc in rows}
+    checked = [dataclasses.replace(rec, layout=rec.layout.with_crc32c(
+        [crcs.get((rec.name, f), 0) for f in range(len(rec.writers))]))
+        if rec.kind == LeafKind.ARRAY else rec for rec in records]
+    commit(store, attempt=attempt, records=checked, metadata=metadata, created_at=created_at,
+           process_count=process_count, metrics=metrics,
+           local=local)

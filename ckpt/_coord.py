@@ -2,23 +2,83 @@
 
 Processes of a multi-process job meet here: a process-0 value broadcast to all (the attempt
 id), barriers with timeouts that name the processes that did not arrive, and small published
-values (the commit outcome). No device collectives are used, so all of it is safe from a
-background thread. A single-process job gets a trivial local implementation.
+values. No device collectives are used, so all of it is safe from a background thread. A
+single-process job gets a trivial local implementation.
+
+Every cross-process decision goes through two failure-aware collectives built on those
+(the model is PyTorch DCP's ``_DistWrapper``): `Coordinator.gather` (every process
+publishes a value or its error; all learn every outcome) and `Coordinator.decide`
+(process 0 decides; every process returns the decision or raises process 0's error).
+Errors cross processes as `Failure` records (process, error class, message) and are raised
+again as the same `ckpt.errors` class, never parsed back from text.
 """
 
 from __future__ import annotations
 
 import abc
+import dataclasses
 import itertools
+import json
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import jax
 
+from ckpt import errors as _errors
 from ckpt.errors import CkptError, CoordinationError
 
 DEFAULT_TIMEOUT_S = 600.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    """One process's error as it crosses to the others (`Coordinator.gather`, `decide`)."""
+
+    process: int
+    kind: str      # the error's class name (a `ckpt.errors` class is raised again as itself)
+    message: str
+
+    @classmethod
+    def of(cls, process: int, exc: BaseException) -> "Failure":
+        return cls(process, type(exc).__name__, str(exc))
+
+    def describe(self) -> str:
+        return f"process {self.process}: {self.kind}: {self.message}"
+
+    def error(self, context: str = "") -> CkptError:
+        """The error to raise on another process: the same class when it is one of
+        `ckpt.errors` (a `CkptError`), else `SaveError`; the message names the process.
+        ``context`` goes before it."""
+        cls = getattr(_errors, self.kind, None)
+        if not (isinstance(cls, type) and issubclass(cls, CkptError)):
+            cls = _errors.SaveError
+        what = self.message if cls.__name__ == self.kind else f"{self.kind}: {self.message}"
+        try:
+            return cls(f"{context}process {self.process}: {what}")
+        except TypeError:  # a class whose constructor takes more than a message
+            return _errors.SaveError(f"{context}{self.describe()}")
+
+
+def errors_of(outcomes: dict[int, Any]) -> list[Failure]:
+    """The failures among `Coordinator.gather`'s outcomes, by process."""
+    return [v for _, v in sorted(outcomes.items()) if isinstance(v, Failure)]
+
+
+def _encode(process: int, value: Any) -> str:
+    if isinstance(value, BaseException):
+        f = Failure.of(process, value)
+        return json.dumps({"failed": [f.process, f.kind, f.message]})
+    return json.dumps({"ok": value})
+
+
+def _decode(raw: str) -> Any:
+    out = json.loads(raw)
+    if "failed" in out:
+        process, kind, message = out["failed"]
+        return Failure(int(process), str(kind), str(message))
+    return out["ok"]
 
 
 class Coordinator(abc.ABC):
@@ -59,6 +119,60 @@ class Coordinator(abc.ABC):
     def broadcast_once(self, key: str, value: str | None, timeout_s: float) -> str:
         """`broadcast` of a value read once by each process, then deleted by the last
         reader (the service keeps every key for the life of the job otherwise)."""
+
+    def gather(self, key: str, value: Any, timeout_s: float) -> dict[int, Any]:
+        """Every process passes a JSON value, or the exception it failed with; every process
+        returns every process's outcome by index (a value, or a `Failure`).
+
+        Call on every process with the same ``key``. A process that passes its own failure
+        never raises for a process that did not arrive (its own error is the one to report:
+        it gets the outcomes that did arrive).
+
+        Raises:
+            CoordinationError: (a process that did not fail) not every process arrived
+                within ``timeout_s``, naming those that did not.
+        """
+        mine = _encode(self.process_index, value)
+        if self.process_count == 1:
+            return {0: _decode(mine)}
+        self.publish(f"{key}/from/{self.process_index}", mine)
+        try:
+            self.barrier(f"{key}/met", timeout_s)
+        except CoordinationError:
+            if not isinstance(value, BaseException):
+                raise
+        return {int(k.rsplit("/", 1)[-1]): _decode(v)
+                for k, v in self.collect(f"{key}/from/").items()}
+
+    def decide(self, key: str, fn: Callable[[], Any], timeout_s: float, *,
+               unknown: Callable[[CoordinationError], Any] | None = None) -> Any:
+        """Process 0 runs ``fn`` (returning a JSON value); every process returns its value,
+        or raises its error: process 0 the error itself, the others the same `ckpt.errors`
+        class naming process 0 (`Failure.error`).
+
+        ``unknown`` runs on a process other than 0 that waited ``timeout_s`` in vain, with
+        the `CoordinationError`: what it returns is the decision (it may raise instead).
+        """
+        if self.process_index == 0:
+            try:
+                value = fn()
+            except BaseException as exc:
+                if self.process_count > 1:
+                    self.publish(key, _encode(0, exc))
+                raise
+            if self.process_count > 1:
+                self.publish(key, _encode(0, value))
+            return value
+        try:
+            raw = self.wait_for(key, timeout_s)
+        except CoordinationError as exc:
+            if unknown is None:
+                raise
+            return unknown(exc)
+        out = _decode(raw)
+        if isinstance(out, Failure):
+            raise out.error()
+        return out
 
     @abc.abstractmethod
     def preemption_point(self, step: int) -> bool:
@@ -246,26 +360,14 @@ def unwatch_sigterm() -> None:
 _OPS = itertools.count()
 
 
-def run_on_process_zero(what: str, fn: Any, timeout_s: float) -> None:
-    """Runs ``fn()`` on process 0 while every other process waits for its outcome.
+def run_on_process_zero(what: str, fn: Callable[[], Any], timeout_s: float) -> Any:
+    """`Coordinator.decide` under a key of its own: ``fn`` on process 0, its value (or its
+    error) on every process.
 
     Called by `CheckpointManager.delete` and `rewind` on every process in the same order, so
-    the n-th call has the same coordination key everywhere. Raises the error of ``fn`` on
-    process 0, and on the others a `CkptError` naming it.
+    the n-th call has the same coordination key everywhere.
     """
-    coord = current()
-    key = f"op/{next(_OPS)}/{what}"
-    if coord.process_index == 0:
-        try:
-            fn()
-        except BaseException as exc:
-            coord.publish(key, f"{type(exc).__name__}: {exc}")
-            raise
-        coord.publish(key, "ok")
-        return
-    outcome = coord.wait_for(key, timeout_s)
-    if outcome != "ok":
-        raise CkptError(f"process 0 failed to {what}: {outcome}")
+    return current().decide(f"op/{next(_OPS)}/{what}", fn, timeout_s)
 
 
 _LOCAL = LocalCoordinator()

@@ -7,24 +7,22 @@ leaf of the step with a chunk grid in which each chunk this process's devices ho
 names the process and the step. The attempt id is the save's, the same on every process and
 in the persistent root's copy of the step.
 
-One local save (`start_local_save`, called by `CheckpointManager.save` on every process):
-
-1. Caller's thread: what a save does (classify, attempt id drawn by process 0 with every
-   refusal, ownership plan), then the snapshot of every chunk this process holds
-   (`ckpt._ownership.held_plan`), not only those it owns.
-2. Background thread: write every held chunk into the save's own attempt folder (never
-   removing anything there: a zombie of an earlier run could otherwise remove a later
-   run's copy; the manager's start-up removes what earlier runs left), meet every process
-   (``written``: each publishes its failure or its tree digest; process 0 checks them and
-   publishes the verdict), then write the manifest and create the local COMMIT if absent,
-   and meet again (``committed``). Only a step every process agreed to commit is ever
-   committed anywhere; a save that fails after that removes its own attempt and the COMMIT
-   naming it, so a COMMIT in a local folder names a failed save only after a crash, and
-   then only on some processes (the step is not complete; start-up removes it).
+A local save is the one save pipeline (`ckpt._save.start_save`) with `LocalTierCopy` as its
+copy: every process snapshots and writes every chunk its devices hold
+(`ckpt._ownership.held_plan`), not only those it owns; every process publishes its tree
+digest (or its failure), process 0 decides (the local steps retention removes once this
+one is committed, or why it is not committed), then every process commits its own copy
+(`ckpt._attempt.commit_copy`: manifest, commit claim, COMMIT created if absent) and all
+learn whether every copy committed. A save that fails removes its own attempt (and the
+COMMIT naming it) through `ckpt._housekeeping.delete_checkpoint`, under the same removal
+claims as the root's: a copy is never removed without a claim, and a committer that finds
+its attempt claimed for removal gives up, so a zombie of an earlier run can never commit a
+copy that start-up clean-up emptied.
 
 `ReadBack` is the other direction: the chunks a process owns in the persistent root's plan,
-read back from its local copy (each checked against the copy's crc32c) for the background
-commit to the root, so that no second snapshot is held in memory.
+read back from its local copy (each checked against the copy's crc32c) for the commit to the
+root (`start_persist`: the same pipeline, the persistent `ckpt._save.Copy`), so that no second
+snapshot is held in memory.
 """
 
 from __future__ import annotations
@@ -33,41 +31,20 @@ import dataclasses
 import hashlib
 import json
 import logging
-import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import jax
 import numpy as np
 
 from ckpt import _coord
-from ckpt._agreement import digests
-from ckpt._commit import commit
-from ckpt._format import COMMIT, DTYPE_SIZES, ChunkLayout, LeafKind, LeafRecord
+from ckpt._attempt import Row, commit_copy
+from ckpt._format import DTYPE_SIZES, ChunkLayout, LeafKind, LeafRecord
+from ckpt._handle import SaveHandle
 from ckpt._housekeeping import delete_checkpoint, step_folders
-from ckpt._leaves import encode_inline
 from ckpt._ownership import ArrayInput, ArrayPlan, held_plan
 from ckpt._reader import Readable, open_checkpoint, open_readable
-from ckpt._save import (
-    _LIVE,
-    _LIVE_LOCK,
-    _SAVE_SEQ,
-    OUTCOME_GRACE_S,
-    SaveHandle,
-    SaveTimings,
-    _agree_on_attempt,
-    _classify,
-    _gc_paused,
-    _host_array,
-    _Job,
-    _plan_chunks,
-    _run,
-    plain_metadata,
-    start_background,
-    write_snapshot,
-)
-from ckpt._snapshot import ChunkWrite, Snapshot, Unit, take
+from ckpt._save import Copy, Job, start_commit, start_save
+from ckpt._snapshot import ChunkWrite, Snapshot, Unit
 from ckpt.errors import CkptError, SaveError
 from ckpt.restore import read_arrays
 from ckpt.restore.boxes import box_size, to_slices
@@ -122,10 +99,12 @@ def scan(store: Store, root: str) -> tuple[dict[int, LocalCopy], dict[int, str]]
     return found, foreign
 
 
-def remove_copy(store: Store, step: int) -> None:
-    """Deletes the local copy of ``step`` (COMMIT first: never half there). Idempotent."""
-    store.delete(f"{step}/{COMMIT}")
-    store.delete_prefix(str(step))
+def remove_copy(store: Store, step: int) -> list[str]:
+    """Deletes the local copy of ``step`` as the root's steps are deleted
+    (`ckpt._housekeeping.delete_checkpoint`: COMMIT first, every attempt under a removal
+    claim). Returns the attempts it left because a committer claimed them (a paused save
+    of this or an earlier run: if it commits, its copy is whole). Idempotent."""
+    return delete_checkpoint(store.child(str(step)))
 
 
 def remove_debris(store: Store, keep: set[int]) -> list[int]:
@@ -173,10 +152,95 @@ class Persist:
     created_at: float
 
 
-def start_local_save(local: Store, root: str, lineage: str, tree: Any, *, step: int,
-                     metadata: Any,
-                     metrics: dict[str, float], timeout_s: float, snapshot: str,
-                     memory_budget: int, refuse: Callable[[], CkptError | None],
+class LocalTierCopy(Copy):
+    """The local tier's copy of a step, as the save pipeline's plug (module docstring).
+
+    ``origin`` is the copy's ``local`` record less the process (root URL, step, lineage
+    mark, parents); ``victims`` runs on process 0 when every process has written its
+    chunks: the older local steps to remove once this one is committed. After the commit,
+    `persist` holds what the root's commit needs and `dropped` those steps."""
+
+    def __init__(self, origin: dict[str, Any], victims: Callable[[], list[int]]) -> None:
+        self.origin = origin
+        self.victims = victims
+        self.dropped: list[int] = []
+        self.persist: Persist | None = None
+        self._root: tuple[list[LeafRecord], dict[int, ArrayPlan]] = ([], {})
+
+    def layout(self, records: list[LeafRecord], leaves: list[Any],
+               plans: dict[int, ArrayPlan], per_process: list[tuple[int, Any]],
+               coord: _coord.Coordinator) -> tuple[list[LeafRecord], dict[int, ArrayPlan]]:
+        self._root = (list(records), plans)
+        me, count = coord.process_index, coord.process_count
+        held = {i: held_plan(ArrayInput(records[i].shape, np.dtype(leaves[i].dtype).itemsize,
+                                        getattr(leaves[i], "sharding", None)), p, me, count)
+                for i, p in plans.items()}
+        values = dict(per_process)
+        out = []
+        for i, rec in enumerate(records):
+            if i in held:
+                hp = held[i]
+                rec = dataclasses.replace(rec, layout=ChunkLayout.planned(
+                    hp.chunk_shape, hp.writers, hp.chunk_nbytes(DTYPE_SIZES[rec.dtype])))
+            elif rec.kind == LeafKind.PER_PROCESS:
+                mine: list[Any] = [None] * count
+                mine[me] = values[i]
+                rec = dataclasses.replace(rec, value=mine)
+            out.append(rec)
+        return out, held
+
+    def writes_manifest(self, process: int) -> bool:
+        return True  # each process's copy is its alone
+
+    def written(self, job: Job, rows: list[Row]) -> Any:
+        return tree_digest(job.digests)
+
+    def verdict(self, job: Job, outcomes: dict[int, Any]) -> Any:
+        differ = sorted(p for p, digest in outcomes.items() if digest != outcomes[0])
+        if differ:
+            raise SaveError(f"step {self.origin['step']} not committed to the local tier: "
+                            f"processes {differ} saved a tree whose structure or values "
+                            "differ from process 0's: every process must save the same tree")
+        return self.victims()
+
+    def unknown(self, job: Job, exc: _coord.CoordinationError) -> Any:
+        raise exc  # no COMMIT of process 0 to ask: each process's copy is its own
+
+    def after(self, job: Job, rows: list[Row], verdict: Any) -> None:
+        me = job.coord.process_index
+        failure: BaseException | None = None
+        try:
+            commit_copy(job.store, job.attempt, job.records, rows,
+                        process_count=job.coord.process_count, metadata=job.metadata,
+                        created_at=job.created_at, metrics=job.metrics,
+                        local={"process": me, **self.origin})
+        except BaseException as exc:
+            failure = exc
+        outcomes = job.coord.gather(f"{job.prefix}/committed", failure,
+                                    job.deadline.remaining())
+        if failure is not None:
+            raise failure
+        others = _coord.errors_of(outcomes)
+        if others:
+            raise SaveError(f"step {self.origin['step']} is not committed to the local tier: "
+                            + "; ".join(f"process {f.process} failed to commit its copy: "
+                                        f"{f.kind}: {f.message}" for f in others))
+        records, plans = self._root
+        self.dropped = [int(s) for s in verdict]
+        self.persist = Persist(job.attempt, records, plans, job.digests, job.per_process,
+                               job.metadata, dict(job.metrics), job.created_at)
+
+    def abandon(self, job: Job) -> None:
+        # Not a step of the tier: what this save wrote goes now (its COMMIT first, if it
+        # made one), so that neither its bytes nor its COMMIT outlive the failure; a crash
+        # leaves them to the next start-up.
+        delete_checkpoint(job.store.inner, only={job.attempt})
+
+
+def start_local_save(local: Store, tree: Any, *, step: int, origin: dict[str, Any],
+                     metadata: Any, metrics: dict[str, float], timeout_s: float,
+                     snapshot: str, memory_budget: int,
+                     refuse: Callable[[], CkptError | None],
                      on_attempt: Callable[[str], None],
                      victims: Callable[[], list[int]],
                      on_commit: Callable[[Persist, list[int]], SaveHandle | None]
@@ -185,199 +249,23 @@ def start_local_save(local: Store, root: str, lineage: str, tree: Any, *, step: 
     ``local`` (this process's local tier) as ``step`` in the background.
 
     Called by `CheckpointManager.save` on every process in the same order. ``refuse`` and
-    ``on_attempt`` are `ckpt._save.start_save`'s; ``root`` (the persistent root's URL) and
-    ``lineage`` (its newest lineage event, `ckpt._housekeeping.lineage_id`) are recorded in
-    the copy. ``victims`` runs on process 0 when every
-    process has written its chunks: the older local steps to remove once this one is
-    committed (every process removes the same). ``on_commit`` runs on every process's save
-    thread once every process committed its copy, with what the commit to the persistent
-    root needs and those steps; what it returns (the root commit's handle, or None) becomes
-    the handle's ``remote``, and the handle is finished after it returns.
+    ``on_attempt`` are `ckpt._save.start_save`'s; ``origin`` goes into each copy's ``local``
+    record (`LocalTierCopy`); ``victims`` is `LocalTierCopy`'s. ``on_commit`` runs on every
+    process's save thread once every process committed its copy, with what the commit to
+    the persistent root needs and the steps retention removes; what it returns (the root
+    commit's handle, or None) becomes the handle's ``remote``, and the handle is finished
+    after it returns.
     """
-    coord = _coord.current()
-    created_at, started = time.time(), time.monotonic()
-    deadline = Deadline(timeout_s, f"saving step {step} to {local.url}")
-    with _gc_paused():
-        records, leaves = _classify(tree, coord.process_count)
-    per_process = [(i, rec.value) for i, rec in enumerate(records)
-                   if rec.kind == LeafKind.PER_PROCESS]
-    metadata = plain_metadata(metadata, f"step {step}")
-    seq = next(_SAVE_SEQ)  # shared with ckpt.save_async: one key space for attempt ids
-    folder = DeadlineStore(local.child(str(step)), deadline)
-    attempt = _agree_on_attempt(folder, coord, seq, timeout_s, overwrite=True,
-                                refuse=refuse, on_attempt=on_attempt)
-    with _gc_paused():
-        plans = _plan_chunks(records, leaves, coord)
-        held = {i: held_plan(ArrayInput(records[i].shape, np.dtype(leaves[i].dtype).itemsize,
-                                        getattr(leaves[i], "sharding", None)),
-                             p, coord.process_index, coord.process_count)
-                for i, p in plans.items()}
-        taken = take(leaves, held, snapshot, memory_budget)
-    agreement = digests(records, leaves) if coord.process_count > 1 else ("", {})
-    for i, (rec, leaf) in enumerate(zip(records, leaves)):
-        if rec.kind == LeafKind.INLINE:
-            host = _host_array(leaf) if isinstance(leaf, jax.Array) else np.asarray(leaf)
-            records[i] = dataclasses.replace(rec, data=encode_inline(host))
-    persist = Persist(attempt, [dataclasses.replace(r, value=None) if
-                                r.kind == LeafKind.PER_PROCESS else r for r in records],
-                      plans, agreement, per_process, metadata, dict(metrics), created_at)
-    mine = _local_records(records, held, coord.process_index, coord.process_count)
-    handle = SaveHandle(folder.url, step)
-    handle.attempt = attempt
-    job = _Job(folder, coord, seq, attempt, created_at, metadata, mine, held, taken,
-               timeout_s, deadline, memory_budget, None, True, dict(metrics), agreement)
-    job.started, job.prefix = started, f"local/{attempt}"
-    origin = {"root": root, "lineage": lineage}
-    start_background(job, handle, lambda: _run_local(job, handle, local, origin, step, persist,
-                                                     victims, on_commit),
-                     f"ckpt-local-{attempt}")
-    log.info("saving step %d to the local tier %s: %d leaves; blocked %.3f s", step,
-             local.url, len(records), job.blocked_s)
-    return handle
+    copy = LocalTierCopy({"step": step, **origin}, victims)
 
+    def committed(handle: SaveHandle) -> None:
+        assert copy.persist is not None
+        handle.remote = on_commit(copy.persist, copy.dropped)
 
-def _local_records(records: list[LeafRecord], held: dict[int, ArrayPlan], me: int,
-                   count: int) -> list[LeafRecord]:
-    """The records of this process's copy: held layouts (checksums filled in at commit),
-    and each per-process leaf with this process's value only."""
-    out = []
-    for i, rec in enumerate(records):
-        if i in held:
-            hp = held[i]
-            rec = dataclasses.replace(rec, layout=ChunkLayout.planned(
-                hp.chunk_shape, hp.writers, hp.chunk_nbytes(DTYPE_SIZES[rec.dtype])))
-        elif rec.kind == LeafKind.PER_PROCESS:
-            values: list[Any] = [None] * count
-            values[me] = rec.value
-            rec = dataclasses.replace(rec, value=values)
-        out.append(rec)
-    return out
-
-
-def _verdict(job: _Job, me: int, mine: str, victims: Callable[[], list[int]]) -> list[int]:
-    """Every process: after ``written``, process 0 compares every process's outcome
-    (a failure, or its tree digest) and publishes the verdict: the local steps to remove
-    once this one is committed, or why it is not; the others wait for it.
-
-    Raises:
-        SaveError: some process failed, or saved a different tree.
-    """
-    drop: list[int] = []
-    if me == 0:
-        found = job.coord.collect(f"{job.prefix}/state/")
-        bad = sorted((int(k.rsplit("/", 1)[-1]), v[len("failed:"):])
-                     for k, v in found.items() if v.startswith("failed:"))
-        differ = sorted(int(k.rsplit("/", 1)[-1]) for k, v in found.items()
-                        if not v.startswith("failed:") and v != mine)
-        verdict = "ok"
-        if not bad and not differ:
-            drop = victims()
-        if bad:
-            verdict = "; ".join(f"process {p} failed to write its local copy: {why}"
-                                for p, why in bad)
-        elif differ:
-            verdict = (f"processes {differ} saved a tree whose structure or values differ "
-                       "from process 0's: every process must save the same tree")
-        job.coord.publish(f"{job.prefix}/verdict", json.dumps([verdict, drop]))
-    else:
-        verdict, drop = json.loads(job.coord.wait_for(
-            f"{job.prefix}/verdict", job.deadline.remaining() + OUTCOME_GRACE_S))
-    if verdict != "ok":
-        raise SaveError(f"step not committed to the local tier: {verdict}")
-    return [int(s) for s in drop]
-
-
-def _run_local(job: _Job, handle: SaveHandle, local: Store, origin: dict[str, str],
-               step: int, persist: Persist,
-               victims: Callable[[], list[int]],
-               on_commit: Callable[[Persist, list[int]], SaveHandle | None]) -> None:
-    """The background part of a local save, on every process (module docstring)."""
-    me = job.coord.process_index
-    try:
-        try:
-            rows = write_snapshot(job, create=True)
-        except BaseException as exc:
-            job.coord.publish(f"{job.prefix}/state/{me}", f"failed:{type(exc).__name__}: {exc}")
-            if me == 0:  # the others would wait for a verdict until their deadline
-                job.coord.publish(f"{job.prefix}/verdict", json.dumps(
-                    [f"process 0 failed to write its local copy: {type(exc).__name__}: {exc}",
-                     []]))
-            with _suppress_coordination():
-                job.coord.barrier(f"{job.prefix}/written", job.deadline.remaining())
-            raise
-        mine = tree_digest(job.digests)
-        job.coord.publish(f"{job.prefix}/state/{me}", mine)
-        job.coord.barrier(f"{job.prefix}/written", job.deadline.remaining())
-        written = time.monotonic()
-        drop = _verdict(job, me, mine, victims)
-        crcs = {(name, flat): crc for name, flat, _, crc in rows}
-        records = [dataclasses.replace(rec, layout=rec.layout.with_crc32c(
-            [crcs.get((rec.name, f), 0) for f in range(len(rec.writers))]))
-            if rec.kind == LeafKind.ARRAY else rec for rec in job.records]
-        failure = ""
-        try:
-            commit(job.store, attempt=job.attempt, records=records,
-                   process_count=job.coord.process_count, metadata=job.metadata,
-                   created_at=job.created_at, metrics=job.metrics,
-                   local={"process": me, "step": step, **origin})
-        except BaseException as exc:
-            failure = f"{type(exc).__name__}: {exc}"
-            raise
-        finally:
-            job.coord.publish(f"{job.prefix}/commit-state/{me}", failure or "ok")
-            with _suppress_coordination(bool(failure)):
-                job.coord.barrier(f"{job.prefix}/committed", job.deadline.remaining())
-        others = {k.rsplit("/", 1)[-1]: v for k, v in
-                  job.coord.collect(f"{job.prefix}/commit-state/").items() if v != "ok"}
-        if others:
-            raise SaveError(f"step {step} is not committed to the local tier: " + "; ".join(
-                f"process {p} failed to commit its copy: {v}" for p, v in sorted(others.items())))
-        handle.timings = SaveTimings.of(job, written, rows,
-                                        sum(r.nbytes for r in persist.records))
-        log.info("committed step %d to the local tier %s: wrote %.1f MiB; blocked %.3f s, "
-                 "total %.3f s", step, job.store.url, handle.timings.written_bytes / 2**20,
-                 job.blocked_s, handle.timings.total_s)
-        try:
-            handle.remote = on_commit(persist, drop)
-        except Exception:
-            # The step is committed on every process whatever this does (retention, the
-            # root commit's start): logged, and retried by the next save's retention.
-            log.exception("after committing step %d to the local tier %s: housekeeping "
-                          "failed", step, job.store.url)
-        handle._finish(None)
-    except BaseException as exc:
-        # Not a step of the tier: what this save wrote goes now (its COMMIT first, if it
-        # made one), so that neither its bytes nor its COMMIT outlive the failure; a crash
-        # leaves them to the next start-up.
-        try:
-            delete_checkpoint(local.child(str(step)), only={job.attempt})
-        except Exception as cleanup:
-            log.warning("removing what failed step %d left in %s: %s", step, local.url,
-                        cleanup)
-        if isinstance(exc, CkptError):
-            handle._finish(exc)
-        else:
-            error = SaveError(f"saving step {step} to {job.store.url} (attempt "
-                              f"{job.attempt}, process {me}) failed: {type(exc).__name__}: "
-                              f"{exc}")
-            error.__cause__ = exc
-            handle._finish(error)
-    finally:
-        job.snapshot.release()
-
-
-class _suppress_coordination:
-    """Suppresses a `CoordinationError` (when ``active``): a process that failed still
-    meets the others, and its own error is the one to report."""
-
-    def __init__(self, active: bool = True) -> None:
-        self.active = active
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
-        return self.active and exc_type is not None and issubclass(exc_type, CkptError)
+    return start_save(local.child(str(step)), tree, metadata=metadata, on_commit=committed,
+                      timeout_s=timeout_s, memory_budget=memory_budget, snapshot=snapshot,
+                      overwrite=True, metrics=metrics, refuse=refuse, on_attempt=on_attempt,
+                      step=step, copy=copy)
 
 
 # -- reading a copy back for the persistent root --------------------------------------------
@@ -427,37 +315,34 @@ class ReadBack(Snapshot):
 
 
 def start_persist(root_step: Store, step: int, persist: Persist, copy: Store, *,
-                  timeout_s: float, memory_budget: int, on_commit: Callable[[], None],
+                  timeout_s: float, memory_budget: int,
+                  on_commit: Callable[[SaveHandle], None],
                   on_done: Callable[[], None]) -> SaveHandle:
     """Starts committing locally committed ``step`` to the persistent root, from this
-    process's local copy (``copy``), with the save's plan and protocol (`ckpt._save._run`:
-    owned chunks, host report, process 0 commits). Called on every process by the manager
-    once the local commit is agreed; ``on_commit`` is the save's, ``on_done`` runs on the
-    thread when the commit finished or failed."""
-    coord = _coord.current()
+    process's local copy (``copy``), with the save's plan and protocol (the persistent
+    `ckpt._save.Copy`: owned chunks, host report, process 0 commits). Called on every
+    process by the manager once the local commit is agreed; ``on_commit`` is the save's,
+    ``on_done`` runs on the thread when the commit finished or failed."""
     deadline = Deadline(timeout_s, f"saving step {step} to {root_step.url}")
     store = DeadlineStore(root_step, deadline)
     handle = SaveHandle(store.url, step)
     handle.attempt = persist.attempt
-    with _LIVE_LOCK:
-        _LIVE.add(handle)
     owned = {r: p for r, p in persist.plans.items() if p.owned}
-    job = _Job(store, coord, -1, persist.attempt, persist.created_at, persist.metadata,
-               persist.records, persist.plans, ReadBack(copy, persist.records, owned,
-                                                        memory_budget),
-               timeout_s, deadline, memory_budget, on_commit, False, persist.metrics,
-               persist.agreement, persist.per_process)
-    job.started, job.prefix = time.monotonic(), f"persist/{persist.attempt}"
-    job.blocked.set()
+    job = Job(store=store, coord=_coord.current(), copy=Copy(), attempt=persist.attempt,
+              created_at=persist.created_at, metadata=persist.metadata,
+              records=persist.records, plans=persist.plans,
+              snapshot=ReadBack(copy, persist.records, owned, memory_budget),
+              timeout_s=timeout_s, deadline=deadline, memory_budget=memory_budget,
+              metrics=persist.metrics, digests=persist.agreement,
+              per_process=persist.per_process, on_commit=on_commit,
+              prefix=f"persist/{persist.attempt}")
 
-    def run() -> None:
-        try:
-            _run(job, handle)
-            if handle._exc is not None:
-                log.error("step %d was not committed to %s (it stays in the local tier): %s",
-                          step, root_step.url, handle._exc)
-        finally:
-            on_done()
+    def done() -> None:
+        failure = handle.outcome()  # finished by now: returns at once
+        if failure is not None:
+            log.error("step %d was not committed to %s (it stays in the local tier): %s",
+                      step, root_step.url, failure)
+        on_done()
 
-    threading.Thread(target=run, name=f"ckpt-persist-{persist.attempt}").start()
+    start_commit(job, handle, done)
     return handle

@@ -46,7 +46,8 @@ from ckpt._orbax import holds_foreign_files, orbax_step_metrics
 from ckpt._reader import open_checkpoint, open_readable
 from ckpt._restore import restore_from
 from ckpt._tree import is_text
-from ckpt._save import SaveHandle, start_save
+from ckpt._handle import SaveHandle
+from ckpt._save import start_save
 from ckpt._snapshot import DEFAULT_MEMORY_BUDGET, checked_options
 from ckpt._tiers import LocalTier, Tiered
 from ckpt.errors import (
@@ -318,7 +319,7 @@ class CheckpointManager:
                 handle = self._save_tiered(step, tree, metadata, metrics, draw, drawn)
             else:
                 handle = start_save(self._store.child(str(step)), tree, metadata=metadata,
-                    on_commit=lambda: self._committed(step, metrics, drawn),
+                    on_commit=lambda _: self._committed(step, metrics, drawn),
                     timeout_s=self.timeout_s, metrics=metrics,
                     refuse=lambda: self._refusal(step), on_attempt=draw,
                     step=step, snapshot=self.snapshot, memory_budget=self.memory_budget)
@@ -354,7 +355,7 @@ class CheckpointManager:
                 self._persist = start_persist(
                     self._store.child(str(step)), step, saved, tier.store.child(str(step)),
                     timeout_s=self.timeout_s, memory_budget=self.memory_budget,
-                    on_commit=lambda: self._committed(step, metrics, drawn, saved.attempt),
+                    on_commit=lambda _: self._committed(step, metrics, drawn, saved.attempt),
                     on_done=lambda: self._persist_done(step, drawn))
             except Exception as exc:  # reported like a failed root commit, never lost
                 self._persist_done(step, drawn)
@@ -363,7 +364,8 @@ class CheckpointManager:
                                                 f"{self.root_url} did not start: {exc}"))
             return self._persist
 
-        return start_local_save(tier.store, self.root_url, tier.lineage, tree, step=step,
+        return start_local_save(tier.store, tree, step=step,
+                                origin={"root": self.root_url, "lineage": tier.lineage},
                                 metadata=metadata,
                                 metrics=dict(metrics or {}), timeout_s=self.timeout_s,
                                 snapshot=self.snapshot, memory_budget=self.memory_budget,

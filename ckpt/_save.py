@@ -1,29 +1,33 @@
-"""Asynchronous save: snapshot on the caller's thread, write and commit in the background.
+"""Asynchronous save: one pipeline for every copy of a step.
 
 Order of work for one save (every process runs the same code; see docs/protocol.md):
 
 1. Caller's thread (`start_save`): flatten and classify the tree, agree on the attempt id
-   (process 0 proposes it; it also refuses a URL that already holds a COMMIT), plan chunk
-   ownership from the shardings, and take the snapshot: host views (CPU) or device-to-host
-   copies (accelerators, all started before any is awaited) of the chunks this process owns.
-   The caller may donate or delete its arrays as soon as this returns.
-2. Background thread (`_run`): write owned chunks with TensorStore (bounded bytes in flight),
-   write ``hosts/<p>.msgpack``, meet at a barrier; process 0 checks every expected chunk was
-   reported by its planned writer, writes the manifest, then creates COMMIT if absent and
-   publishes the outcome, which the other processes wait for.
+   (process 0 proposes it, or the reason not to save, which every process raises), plan
+   chunk ownership from the shardings, and take the snapshot of the chunks this process
+   writes: host views (CPU) or device-to-host copies (accelerators, all started before any
+   is awaited). The caller may donate or delete its arrays as soon as this returns.
+2. Background thread (`run`): write the chunks with TensorStore (bounded bytes in flight),
+   then every process publishes its outcome (`Coordinator.gather`), process 0 decides
+   (`Coordinator.decide`), and every process learns the decision.
+
+What differs between the copies of a step is a `Copy`, the pipeline's plug point: which
+chunks this process writes and into which store, and who commits. `Copy` itself is the
+persistent copy (each chunk written once by its owner, process 0 checks the host reports
+and commits); the local tier's copy (`ckpt._local.LocalCopy`) has every process write every
+chunk its devices hold and commit its own copy; the commit of a local step to the
+persistent root (`ckpt._local.start_persist`) is a `Copy` whose snapshot is read back from
+the local copy. Nothing else about claiming, fencing or committing an attempt differs.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import concurrent.futures.thread  # noqa: F401  (registers its exit hook before ours; see below)
 import contextlib
 import dataclasses
 import functools
 import gc
 import itertools
 import logging
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -43,14 +47,14 @@ from ckpt._attempt import (
     refusal_if_committed,
     write_report,
 )
-from ckpt._format import ChunkLayout, LeafKind, LeafRecord, pack, unpack
 from ckpt._claims import COMMITTING, claim_kind
 from ckpt._commit import committed_attempt
+from ckpt._format import ChunkLayout, LeafKind, LeafRecord, pack, unpack
+from ckpt._handle import SaveHandle, SaveTimings, track
 from ckpt._leaves import classify, encode_inline, is_typed_key
 from ckpt._ownership import ArrayInput, ArrayPlan, plan
 from ckpt._snapshot import DEFAULT_MEMORY_BUDGET, Snapshot, checked_options, start_fetching, take
 from ckpt._tree import flatten, keystr
-from ckpt import errors as _errors
 from ckpt.errors import (
     CkptError,
     CommitOutcomeUnknownError,
@@ -61,204 +65,131 @@ from ckpt.errors import (
 )
 from ckpt.storage import Deadline, DeadlineStore, Store, StoreLike, open_store
 
+__all__ = ["Copy", "Job", "SaveHandle", "SaveTimings", "save", "save_async", "start_save",
+           "start_commit", "plain_metadata", "OUTCOME_GRACE_S"]
+
+# Every save of this process (any copy) draws its coordination keys from one counter: every
+# process starts saves in the same order, so the n-th save has the same keys everywhere.
 _SAVE_SEQ = itertools.count()
-_REFUSED = "!refused:"
+
+# How long past their deadline processes other than 0 wait for process 0's decision, which
+# comes at its own deadline at the latest (the deadlines start within one broadcast).
+OUTCOME_GRACE_S = 5.0
 
 log = logging.getLogger("ckpt.save")
 
 
-@dataclasses.dataclass(frozen=True)
-class SaveTimings:
-    """How one save went on this process (`SaveHandle.timings`, once it committed).
+@dataclasses.dataclass(kw_only=True)
+class Job:
+    """One save in flight on one process: what the background part needs. Built by
+    `start_save` (and by `ckpt._local.start_persist`) by keyword; read by `run` and the
+    job's `Copy`."""
 
-    Attributes:
-        blocked_s: inside `save_async` (validation, planning, the snapshot).
-        write_s: this process's chunk writes and host report, after `save_async` returned.
-        commit_s: from the end of those writes to the commit (waiting for the other
-            processes, process 0's checks, manifest and COMMIT).
-        total_s: from the call to the commit.
-        nbytes: the checkpoint's bytes (arrays and inline leaves, all processes).
-        written_bytes: the chunk bytes this process wrote.
-        leaves: the number of leaves saved.
-        snapshot: how the snapshot was taken: ``view``, ``device`` or ``host``
-            (`ckpt.save_async`'s ``snapshot``).
-        host_peak_bytes: the most bytes of chunk data fetched from devices and not yet
-            durable at once (0 for ``view``, which fetches nothing); at most
-            ``memory_budget``, or one shard where a shard is larger.
-    """
-
-    blocked_s: float
-    write_s: float
-    commit_s: float
-    total_s: float
-    nbytes: int
-    written_bytes: int
-    leaves: int
-    snapshot: str = "view"
-    host_peak_bytes: int = 0
-
-    @classmethod
-    def of(cls, job: "_Job", written: float, rows: list[Row], nbytes: int) -> "SaveTimings":
-        """A committed save's timings, now (``written``: when its writes ended)."""
-        done = time.monotonic()
-        return cls(blocked_s=job.blocked_s, write_s=written - job.started - job.blocked_s,
-                   commit_s=done - written, total_s=done - job.started, nbytes=nbytes,
-                   written_bytes=sum(row[2] for row in rows), leaves=len(job.records),
-                   snapshot=job.snapshot.mode, host_peak_bytes=job.snapshot.feed.peak
-                   if job.snapshot.feed is not None else 0)
-
-    @property
-    def mib_per_s(self) -> float:
-        """The checkpoint's bytes over the whole save's time, in MiB/s."""
-        return self.nbytes / max(self.total_s, 1e-9) / 2**20
-
-
-class SaveHandle:
-    """The outcome of one asynchronous save.
-
-    Returned by `ckpt.save_async` and `CheckpointManager.save` on every process. The save is
-    committed once `wait` returns without raising on any process.
-    """
-
-    def __init__(self, url: str, step: int | None = None) -> None:
-        self.url = url
-        self.step = step
-        self.attempt = ""
-        self.timings: SaveTimings | None = None  # set once committed
-        # A manager with a local tier: this step's commit to the persistent root, set once
-        # the local commit (this handle) started it; None for a step kept locally only.
-        self.remote: SaveHandle | None = None
-        self._event = threading.Event()
-        self._exc: BaseException | None = None
-        self.observed_by_user = False
-
-    def _finish(self, exc: BaseException | None) -> None:
-        self._exc = exc
-        self._event.set()
-        if exc is None:  # a failure stays listed until someone sees it, or until exit
-            self._forget()
-
-    def _forget(self) -> None:
-        with _LIVE_LOCK:
-            _LIVE.discard(self)
-
-    def mark_observed(self) -> None:
-        """Records that the save's outcome reached the user (its error is not reported
-        again, at exit or by a manager). Called by `wait`, `exception` and the manager."""
-        self.observed_by_user = True
-        self._forget()
-
-    def describe(self) -> str:
-        return f"step {self.step} ({self.url})" if self.step is not None else self.url
-
-    def _await(self, timeout: float | None) -> bool:
-        """Waits until the save has finished; False if ``timeout`` passed first."""
-        if threading.current_thread() is not threading.main_thread():
-            return self._event.wait(timeout)
-        # Ctrl-C raises KeyboardInterrupt on the main thread inside whatever runs there;
-        # inside Event.wait it can leave the event's internal lock held, after which
-        # neither the save thread (finishing) nor the exit hook (waiting) ever gets it.
-        # Polling is_set() holds no lock.
-        deadline = None if timeout is None else time.monotonic() + timeout
-        pause = 0.001
-        while not self._event.is_set():
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                return False
-            time.sleep(pause if left is None else min(pause, left))
-            pause = min(2 * pause, 0.02)
-        return True
-
-    def outcome(self) -> BaseException | None:
-        """Waits for the save and returns its error without marking it as seen by the user."""
-        self._await(None)
-        return self._exc
-
-    def done(self) -> bool:
-        """Whether the save has committed or failed."""
-        return self._event.is_set()
-
-    def wait(self, timeout: float | None = None) -> None:
-        """Blocks until the checkpoint is committed.
-
-        Raises:
-            TimeoutError: still running after ``timeout`` seconds.
-            SaveError (or another CkptError): the save failed; nothing was committed.
-        """
-        if not self._await(timeout):
-            raise TimeoutError(f"save to {self.url} still running after {timeout} s")
-        self.mark_observed()
-        if self._exc is not None:
-            raise self._exc
-
-    def exception(self, timeout: float | None = None) -> BaseException | None:
-        """Blocks like `wait`, then returns the save's error instead of raising it."""
-        if not self._await(timeout):
-            raise TimeoutError(f"save to {self.url} still running after {timeout} s")
-        self.mark_observed()
-        return self._exc
-
-
-_LIVE: set[SaveHandle] = set()
-_LIVE_LOCK = threading.Lock()
-
-
-def _finish_saves_at_exit() -> None:
-    """Lets every save in flight commit before the interpreter shuts down.
-
-    Registered with `threading._register_atexit`, after `concurrent.futures` registered its
-    own hook: such hooks run newest first, so this one runs while thread pools (which the
-    storage clients use) still accept work, and before non-daemon threads are joined. A save
-    that fails or is interrupted here (a second Ctrl-C) gets one line on stderr naming it;
-    this is the one place the library writes to stderr, because logging may be gone by now.
-    """
-    with _LIVE_LOCK:
-        pending = sorted(_LIVE, key=lambda h: h.url)
-    for handle in pending:
-        try:
-            exc = handle.outcome()
-        except KeyboardInterrupt:
-            sys.stderr.write(f"ckpt: exiting before {handle.describe()} was committed: it is "
-                             "not a checkpoint; `ckpt gc` removes what it wrote\n")
-            continue
-        if exc is not None and not handle.observed_by_user:
-            handle.mark_observed()
-            sys.stderr.write(f"ckpt: {handle.describe()} was not committed: "
-                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}\n")
-
-
-try:
-    threading._register_atexit(_finish_saves_at_exit)  # type: ignore[attr-defined]
-except AttributeError:  # an interpreter without it: atexit runs after threads are joined
-    import atexit
-
-    atexit.register(_finish_saves_at_exit)
-
-
-@dataclasses.dataclass
-class _Job:
     store: DeadlineStore
     coord: _coord.Coordinator
-    seq: int
+    copy: "Copy"
     attempt: str
     created_at: float
     metadata: Any
-    records: list[LeafRecord]
-    plans: dict[int, ArrayPlan]
+    records: list[LeafRecord]    # this copy's manifest records (checksums filled at commit)
+    plans: dict[int, ArrayPlan]  # the chunks of each array leaf this process writes
     snapshot: Snapshot
     timeout_s: float
     deadline: Deadline  # from `timeout_s`; `store` is bound by it
     memory_budget: int
-    on_commit: Callable[[], None] | None
-    overwrite: bool
     metrics: dict[str, float]
     digests: tuple[str, dict[str, int]]  # `ckpt._agreement`; empty for one process
+    overwrite: bool = False
     # This process's value of each per-process leaf, by leaf position (its host report's).
     per_process: list[tuple[int, Any]] = dataclasses.field(default_factory=list)
+    on_commit: Callable[[SaveHandle], None] | None = None
     prefix: str = ""  # of its coordination keys: the same on every process
-    started: float = 0.0   # time.monotonic() when save_async was called
+    started: float = 0.0   # time.monotonic() when the save was called
     blocked_s: float = 0.0
     blocked: threading.Event = dataclasses.field(default_factory=threading.Event)  # returned
+
+    def timings(self, written: float, rows: list[Row], nbytes: int) -> SaveTimings:
+        """A committed save's timings, now (``written``: when its writes ended)."""
+        done = time.monotonic()
+        return SaveTimings(
+            blocked_s=self.blocked_s, write_s=written - self.started - self.blocked_s,
+            commit_s=done - written, total_s=done - self.started, nbytes=nbytes,
+            written_bytes=sum(row[2] for row in rows), leaves=len(self.records),
+            snapshot=self.snapshot.mode,
+            host_peak_bytes=self.snapshot.feed.peak if self.snapshot.feed is not None else 0)
+
+
+class Copy:
+    """Which copy of a step a save writes and who commits it: the plug point of the one
+    save pipeline. This base class is the persistent copy (`ckpt.save_async`, a manager's
+    root): each chunk written once, by the process that owns it; every process writes its
+    host report; process 0 checks them all and commits. `run` calls the methods below in
+    the order they are listed, on every process."""
+
+    def layout(self, records: list[LeafRecord], leaves: list[Any],
+               plans: dict[int, ArrayPlan], per_process: list[tuple[int, Any]],
+               coord: _coord.Coordinator) -> tuple[list[LeafRecord], dict[int, ArrayPlan]]:
+        """Caller's thread, after the ownership plan: the records this copy's manifest
+        starts from, and the plans of the chunks this process writes (its snapshot).
+        ``leaves`` are the tree's leaves (typed keys as key data), ``per_process`` this
+        process's values of per-process leaves by position."""
+        return records, plans
+
+    def writes_manifest(self, process: int) -> bool:
+        """Whether ``process`` creates each array's ``zarr.json`` and writes a manifest (so
+        needs inline leaves encoded)."""
+        return process == 0
+
+    def written(self, job: Job, rows: list[Row]) -> Any:
+        """Background thread, once this process's chunks are durable: what it tells the
+        others (a JSON value, `Coordinator.gather`). Here: its host report is written."""
+        write_report(job.store, job.attempt, job.coord.process_index, rows, job.digests,
+                     job.per_process)
+        return None
+
+    def verdict(self, job: Job, outcomes: dict[int, Any]) -> Any:
+        """Process 0, once every process reported (none failed): the decision every
+        process learns (a JSON value); raising fails the save everywhere. Here: the commit
+        (`ckpt._attempt.commit_attempt`)."""
+        commit_attempt(job.store, job.attempt, job.records,
+                       process_count=job.coord.process_count, metadata=job.metadata,
+                       created_at=job.created_at, overwrite=job.overwrite,
+                       metrics=job.metrics)
+        return "ok"
+
+    def unknown(self, job: Job, exc: CoordinationError) -> Any:
+        """A process other than 0 that waited in vain for the verdict: the decision it can
+        still tell, or an error.
+
+        Process 0's commit can outlast ``timeout_s`` (a slow store); processes must not then
+        disagree about whether the save committed. So a process that stops waiting asks
+        COMMIT: if it names this attempt, the save committed; if not, it cannot know
+        (process 0 may still create it) and says so.
+        """
+        store = job.store.inner  # past the deadline: each request's own deadline bounds these
+        try:
+            holder = committed_attempt(store)
+        except CkptError:  # no COMMIT, or none readable now: nothing says it committed
+            holder = None
+        if holder == job.attempt and claim_kind(store, job.attempt) == COMMITTING:
+            log.warning("process 0 did not report within %.0f s, but %s is committed",
+                        job.timeout_s, job.store.url)
+            return "ok"
+        raise CommitOutcomeUnknownError(
+            f"process 0 did not report the outcome of saving {job.store.url} within "
+            f"{job.timeout_s:.0f} s and COMMIT does not name attempt {job.attempt} yet; "
+            f"process 0 may still commit it: the checkpoint's COMMIT decides (latest_step, "
+            f"restore)") from exc
+
+    def after(self, job: Job, rows: list[Row], verdict: Any) -> None:
+        """Every process, once the verdict is known and was not a failure."""
+        return None
+
+    def abandon(self, job: Job) -> None:
+        """This process, after the save failed on it: what it must undo before the handle
+        reports the failure. The persistent copy leaves an uncommitted attempt to the
+        cleaners (its writers on other processes may still be writing)."""
+        return None
 
 
 def _host_array(leaf: jax.Array) -> np.ndarray:
@@ -303,32 +234,23 @@ def _agree_on_attempt(store: Store, coord: _coord.Coordinator, seq: int, timeout
                       on_attempt: Callable[[str], None] | None) -> str:
     """The attempt id every process of save ``seq`` writes under, drawn by process 0.
 
-    Every reason not to save is decided by process 0 and sent to all processes in place of
-    the id, so that no process waits for a save process 0 refused: each raises it.
+    Every reason not to save is decided by process 0 and raised on every process (the same
+    error class, naming process 0), so that no process waits for a save process 0 refused.
     """
-    proposal = None
-    refusal: CkptError | None = None
-    if coord.process_index == 0:
-        try:
-            store.verify_access()
-            refusal = refuse() if refuse is not None else None
-            if refusal is None:
-                refusal = refusal_if_committed(store, overwrite=overwrite,
-                                               how="pass overwrite=True")
-        except CkptError as exc:
-            refusal = exc
-        proposal = (new_attempt_id() if refusal is None
-                    else f"{_REFUSED}{type(refusal).__name__}:{refusal}")
-        if refusal is None and on_attempt is not None:
-            on_attempt(proposal)  # before any process can write under it
-    attempt: str = coord.broadcast(f"save/{seq}/attempt", proposal, timeout_s)
-    if refusal is not None:
-        raise refusal
-    if attempt.startswith(_REFUSED):
-        name, _, message = attempt[len(_REFUSED):].partition(":")
-        cls = getattr(_errors, name, None)
-        raise (cls if isinstance(cls, type) and issubclass(cls, CkptError) else CkptError)(message)
-    return attempt
+    def draw() -> str:
+        store.verify_access()
+        refusal = refuse() if refuse is not None else None
+        if refusal is None:
+            refusal = refusal_if_committed(store, overwrite=overwrite,
+                                           how="pass overwrite=True")
+        if refusal is not None:
+            raise refusal
+        attempt = new_attempt_id()
+        if on_attempt is not None:
+            on_attempt(attempt)  # before any process can write under it
+        return attempt
+
+    return str(coord.decide(f"save/{seq}/attempt", draw, timeout_s))
 
 
 def _plan_chunks(records: list[LeafRecord], leaves: list[Any],
@@ -347,7 +269,7 @@ def _plan_chunks(records: list[LeafRecord], leaves: list[Any],
 
 
 def start_save(store: Store, tree: Any, *, metadata: Any = None,
-               on_commit: Callable[[], None] | None = None,
+               on_commit: Callable[[SaveHandle], None] | None = None,
                timeout_s: float = _coord.DEFAULT_TIMEOUT_S,
                memory_budget: int = DEFAULT_MEMORY_BUDGET,
                snapshot: str = "auto",
@@ -355,18 +277,21 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
                metrics: dict[str, float] | None = None,
                refuse: Callable[[], CkptError | None] | None = None,
                on_attempt: Callable[[str], None] | None = None,
-               step: int | None = None) -> SaveHandle:
+               step: int | None = None, copy: Copy | None = None) -> SaveHandle:
     """Runs the blocking part of a save and starts its background part.
 
-    Called by `ckpt.save_async` and `CheckpointManager.save`, on every process of the job, in
+    Called by `ckpt.save_async`, `CheckpointManager.save` and the local tier
+    (`ckpt._local.start_local_save`, with its ``copy``), on every process of the job, in
     the same order with trees of the same structure and shardings. ``refuse`` runs on
     process 0 only, before an attempt id is proposed; an error it returns is raised on every
     process. ``on_attempt`` runs on process 0 with the attempt id before it is sent to any
     process, so before anything is written under it. ``on_commit`` runs on every process
-    once the save is committed; its errors are logged, never raised: the checkpoint is
-    committed whatever it does.
+    once the save is committed, with its handle; its errors are logged, never raised: the checkpoint is
+    committed whatever it does. ``copy`` is the copy of the step it writes (default: the
+    persistent copy, `Copy`).
     """
     memory_budget = checked_options(snapshot, memory_budget)
+    copy = Copy() if copy is None else copy
     coord = _coord.current()
     created_at = time.time()
     started = time.monotonic()
@@ -386,24 +311,55 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
                                 refuse=refuse, on_attempt=on_attempt)
     with _gc_paused():
         plans = _plan_chunks(records, leaves, coord)
+        agreement = digests(records, leaves) if coord.process_count > 1 else ("", {})
+        if copy.writes_manifest(coord.process_index):
+            for i, (rec, leaf) in enumerate(zip(records, leaves)):
+                if rec.kind == LeafKind.INLINE:
+                    host = _host_array(leaf) if isinstance(leaf, jax.Array) \
+                        else np.asarray(leaf)
+                    records[i] = dataclasses.replace(rec, data=encode_inline(host))
+        records, plans = copy.layout(records, leaves, plans, per_process, coord)
         taken = take(leaves, plans, snapshot, memory_budget)
-    agreement = digests(records, leaves) if coord.process_count > 1 else ("", {})
-    if coord.process_index == 0:
-        for i, (rec, leaf) in enumerate(zip(records, leaves)):
-            if rec.kind == LeafKind.INLINE:
-                host = _host_array(leaf) if isinstance(leaf, jax.Array) else np.asarray(leaf)
-                records[i] = dataclasses.replace(rec, data=encode_inline(host))
 
     handle = SaveHandle(store.url, step)
     handle.attempt = attempt
-    job = _Job(store, coord, seq, attempt, created_at, metadata, records, plans, taken,
-               timeout_s, deadline, memory_budget, on_commit, overwrite, dict(metrics or {}),
-               agreement, per_process)
-    job.started, job.prefix = started, f"save/{seq}"
-    start_background(job, handle, lambda: _run(job, handle), f"ckpt-save-{attempt}")
+    job = Job(store=store, coord=coord, copy=copy, attempt=attempt, created_at=created_at,
+              metadata=metadata, records=records, plans=plans, snapshot=taken,
+              timeout_s=timeout_s, deadline=deadline, memory_budget=memory_budget,
+              metrics=dict(metrics or {}), digests=agreement, overwrite=overwrite,
+              per_process=per_process, on_commit=on_commit, prefix=f"save/{seq}",
+              started=started)
+    track(handle)
+    try:
+        threading.Thread(target=run, args=(job, handle), name=f"ckpt-save-{attempt}").start()
+        if job.snapshot.mode == "host":
+            # The direct path: the caller's shards move to host now, as the budget lets the
+            # writes make room (an error doing so fails the save through its handle).
+            job.snapshot.fetch()
+    finally:
+        job.blocked_s = time.monotonic() - job.started
+        job.blocked.set()
     log.info("saving %s: %d leaves, %.1f MiB; snapshot %s; blocked %.3f s", handle.describe(),
              len(records), sum(r.nbytes for r in records) / 2**20, taken.mode, job.blocked_s)
     return handle
+
+
+def start_commit(job: Job, handle: SaveHandle, on_done: Callable[[], None]) -> None:
+    """Starts the background part of a save whose snapshot needs no caller (the commit of
+    a local step to the persistent root, read back from the local copy): ``job`` has no
+    blocking part. ``on_done`` runs on its thread once the save committed or failed. Called
+    on every process in the same order; ``job.prefix`` must be the same everywhere."""
+    job.started = time.monotonic()
+    job.blocked.set()
+    track(handle)
+
+    def body() -> None:
+        try:
+            run(job, handle)
+        finally:
+            on_done()
+
+    threading.Thread(target=body, name=f"ckpt-commit-{job.attempt}").start()
 
 
 def plain_metadata(metadata: Any, where: str) -> Any:
@@ -421,24 +377,7 @@ def plain_metadata(metadata: Any, where: str) -> Any:
             f"numbers, bool, None): {exc}") from exc
 
 
-def start_background(job: _Job, handle: SaveHandle, run: Callable[[], None],
-                     name: str) -> None:
-    """The caller's thread, last step of a save (`start_save`, a local tier's save): lists
-    the handle as live, starts ``run`` (the background part) on its own thread and, on the
-    ``host`` path, moves the caller's shards to host now, as the budget lets the writes make
-    room (an error doing so fails the save through its handle)."""
-    with _LIVE_LOCK:
-        _LIVE.add(handle)
-    try:
-        threading.Thread(target=run, name=name).start()
-        if job.snapshot.mode == "host":
-            job.snapshot.fetch()
-    finally:
-        job.blocked_s = time.monotonic() - job.started
-        job.blocked.set()
-
-
-def write_snapshot(job: _Job, create: bool) -> list[Row]:
+def write_snapshot(job: Job, create: bool) -> list[Row]:
     """The background part's writes, on every process: the snapshot's chunks (fetched by a
     thread of their own on the ``device`` path), then the snapshot released; returns the
     host-report rows. A failed write cancels the fetching; whoever fetches (a thread of
@@ -459,7 +398,7 @@ def write_snapshot(job: _Job, create: bool) -> list[Row]:
     return rows
 
 
-def _write_chunks(job: _Job, create: bool) -> list[Row]:
+def _write_chunks(job: Job, create: bool) -> list[Row]:
     """Writes this process's chunks; returns its host-report rows. ``create``: this
     process writes each array's ``zarr.json`` (process 0 of a save; each process of a
     local copy, which is its alone)."""
@@ -483,100 +422,67 @@ def _write_chunks(job: _Job, create: bool) -> list[Row]:
     return writer.finish()
 
 
-# How long past their deadline processes other than 0 wait for process 0's verdict, which
-# comes at its own deadline at the latest (the deadlines start within one broadcast).
-OUTCOME_GRACE_S = 5.0
-
-def _outcome(job: _Job, prefix: str) -> str:
-    """Processes other than 0: the outcome process 0 published, ``ok`` if it committed.
-
-    Process 0's commit can outlast ``timeout_s`` (a slow store); processes must not then
-    disagree about whether the save committed. So a process that stops waiting asks COMMIT:
-    if it names this attempt, the save committed; if not, it cannot know (process 0 may still
-    create it) and says so.
-    """
-    try:
-        # Process 0 runs to the same deadline: the grace lets its verdict arrive.
-        return job.coord.wait_for(f"{prefix}/outcome",
-                                  job.deadline.remaining() + OUTCOME_GRACE_S)
-    except CoordinationError as exc:
-        store = job.store.inner  # past the deadline: each request's own deadline bounds these
-        try:
-            holder = committed_attempt(store)
-        except CkptError:  # no COMMIT, or none readable now: nothing says it committed
-            holder = None
-        if holder == job.attempt and claim_kind(store, job.attempt) == COMMITTING:
-            log.warning("process 0 did not report within %.0f s, but %s is committed",
-                        job.timeout_s, job.store.url)
-            return "ok"
-        raise CommitOutcomeUnknownError(
-            f"process 0 did not report the outcome of saving {job.store.url} within "
-            f"{job.timeout_s:.0f} s and COMMIT does not name attempt {job.attempt} yet; "
-            f"process 0 may still commit it: the checkpoint's COMMIT decides (latest_step, "
-            f"restore)") from exc
-
-
-def _run(job: _Job, handle: SaveHandle) -> None:
-    """The background part of a save, on its own thread, on every process.
-
-    A process whose writes fail still arrives at the barrier, having published its error,
-    so that process 0 fails the save at once, naming it, instead of waiting for a timeout.
-    """
+def run(job: Job, handle: SaveHandle) -> None:
+    """The background part of a save, on its own thread, on every process (module
+    docstring). A process whose writes fail still meets the others, having published its
+    error, so that the save fails everywhere at once, naming it, instead of waiting for a
+    timeout. The handle is finished only once this process has stopped touching storage
+    for this save."""
     me = job.coord.process_index
-    prefix = job.prefix
+    copy = job.copy
     try:
+        mine: Any
         try:
-            rows = write_snapshot(job, create=me == 0)
+            rows = write_snapshot(job, create=copy.writes_manifest(me))
             log.debug("%s: chunks written (%d)", handle.describe(), len(rows))
-            write_report(job.store, job.attempt, me, rows, job.digests, job.per_process)
+            mine = copy.written(job, rows)
             written = time.monotonic()
         except BaseException as exc:
-            job.coord.publish(f"{prefix}/failed/{me}", f"{type(exc).__name__}: {exc}")
-            with contextlib.suppress(CkptError):  # this process's own error is the one to see
-                job.coord.barrier(f"{prefix}/written", job.deadline.remaining())
-            raise
-        job.coord.barrier(f"{prefix}/written", job.deadline.remaining())
+            mine = exc
+        outcomes = job.coord.gather(f"{job.prefix}/written", mine, job.deadline.remaining())
+        failed = _coord.errors_of(outcomes)
+
+        def decide() -> Any:
+            if failed:
+                raise SaveError(f"{job.store.url} was not committed: " + "; ".join(
+                    f"process {f.process} failed to write its chunks: {f.kind}: {f.message}"
+                    for f in failed))
+            return copy.verdict(job, outcomes)
+
+        if isinstance(mine, BaseException):
+            if me == 0:  # the others wait for process 0's decision: it is the failure
+                with contextlib.suppress(BaseException):
+                    job.coord.decide(f"{job.prefix}/verdict", decide, 0)
+            raise mine
         log.debug("%s: every process wrote its chunks", handle.describe())
-        if me == 0:
-            try:
-                failures = job.coord.collect(f"{prefix}/failed/")
-                if failures:
-                    raise SaveError("; ".join(
-                        f"process {k.rsplit('/', 1)[-1]} failed to write: {v}"
-                        for k, v in sorted(failures.items())))
-                commit_attempt(job.store, job.attempt, job.records,
-                               process_count=job.coord.process_count, metadata=job.metadata,
-                               created_at=job.created_at, overwrite=job.overwrite,
-                               metrics=job.metrics)
-            except BaseException as exc:
-                job.coord.publish(f"{prefix}/outcome", f"{type(exc).__name__}: {exc}")
-                raise
-            job.coord.publish(f"{prefix}/outcome", "ok")
-        else:
-            outcome = _outcome(job, prefix)
-            if outcome.startswith(f"{CommitOutcomeUnknownError.__name__}:"):
-                raise CommitOutcomeUnknownError(f"process 0 reported: {outcome}")
-            if outcome != "ok":
-                raise SaveError(f"process 0 did not commit {job.store.url}: {outcome}")
-        handle.timings = timings = SaveTimings.of(job, written, rows,
-                                                  sum(r.nbytes for r in job.records))
+        verdict = job.coord.decide(
+            f"{job.prefix}/verdict", decide, job.deadline.remaining() + OUTCOME_GRACE_S,
+            unknown=functools.partial(copy.unknown, job))
+        copy.after(job, rows, verdict)
+        handle.timings = timings = job.timings(written, rows,
+                                               sum(r.nbytes for r in job.records))
         log.info("committed %s: %.1f MiB in %d leaves; blocked %.3f s, write %.3f s, "
                  "commit %.3f s, total %.3f s (%.0f MiB/s)", handle.describe(),
                  timings.nbytes / 2**20, timings.leaves, timings.blocked_s, timings.write_s,
                  timings.commit_s, timings.total_s, timings.mib_per_s)
         if job.on_commit is not None:
             try:
-                job.on_commit()
+                job.on_commit(handle)
             except Exception:
                 log.exception("after committing %s: housekeeping failed (the checkpoint is "
                               "committed; it is retried after the next commit)", job.store.url)
         handle._finish(None)
-    except CkptError as exc:
-        handle._finish(exc)
     except BaseException as exc:
-        error = SaveError(f"saving {job.store.url} (attempt {job.attempt}, process {me}) "
-                          f"failed: {type(exc).__name__}: {exc}")
-        error.__cause__ = exc
+        error = exc
+        if not isinstance(exc, CkptError):
+            error = SaveError(f"saving {job.store.url} (attempt {job.attempt}, process {me}) "
+                              f"failed: {type(exc).__name__}: {exc}")
+            error.__cause__ = exc
+        try:
+            copy.abandon(job)
+        except Exception as cleanup:
+            log.warning("removing what the failed save of %s left: %s", job.store.url,
+                        cleanup)
         handle._finish(error)
     finally:
         # A failed save's error (kept until someone sees it) holds this frame through its

@@ -1,0 +1,193 @@
+"""The handle of a save, the registry of saves in flight and the exit hook that lets them
+commit.
+
+Every save the library starts (`ckpt.save_async`, a manager's save, a local-tier copy, the
+commit of a local step to the persistent root) gets a `SaveHandle` and is listed in the
+registry (`track`) before its background part starts, until it commits or its failure is
+seen. At interpreter exit `_finish_saves_at_exit` waits for every listed save, including
+saves that another save starts while it waits (a local commit starts the root's), before
+the storage clients' thread pools shut down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import threading
+import time
+
+import concurrent.futures.thread  # noqa: F401  (registers its exit hook before ours; see below)
+
+
+@dataclasses.dataclass(frozen=True)
+class SaveTimings:
+    """How one save went on this process (`SaveHandle.timings`, once it committed).
+
+    Attributes:
+        blocked_s: inside `save_async` (validation, planning, the snapshot).
+        write_s: this process's chunk writes and host report, after `save_async` returned.
+        commit_s: from the end of those writes to the commit (waiting for the other
+            processes, process 0's checks, manifest and COMMIT).
+        total_s: from the call to the commit.
+        nbytes: the checkpoint's bytes (arrays and inline leaves, all processes).
+        written_bytes: the chunk bytes this process wrote.
+        leaves: the number of leaves saved.
+        snapshot: how the snapshot was taken: ``view``, ``device`` or ``host``
+            (`ckpt.save_async`'s ``snapshot``).
+        host_peak_bytes: the most bytes of chunk data fetched from devices and not yet
+            durable at once (0 for ``view``, which fetches nothing); at most
+            ``memory_budget``, or one shard where a shard is larger.
+    """
+
+    blocked_s: float
+    write_s: float
+    commit_s: float
+    total_s: float
+    nbytes: int
+    written_bytes: int
+    leaves: int
+    snapshot: str = "view"
+    host_peak_bytes: int = 0
+
+    @property
+    def mib_per_s(self) -> float:
+        """The checkpoint's bytes over the whole save's time, in MiB/s."""
+        return self.nbytes / max(self.total_s, 1e-9) / 2**20
+
+
+class SaveHandle:
+    """The outcome of one asynchronous save.
+
+    Returned by `ckpt.save_async` and `CheckpointManager.save` on every process. The save is
+    committed once `wait` returns without raising on any process.
+    """
+
+    def __init__(self, url: str, step: int | None = None) -> None:
+        self.url = url
+        self.step = step
+        self.attempt = ""
+        self.timings: SaveTimings | None = None  # set once committed
+        # A manager with a local tier: this step's commit to the persistent root, set once
+        # the local commit (this handle) started it; None for a step kept locally only.
+        self.remote: SaveHandle | None = None
+        self._event = threading.Event()
+        self._exc: BaseException | None = None
+        self.observed_by_user = False
+
+    def _finish(self, exc: BaseException | None) -> None:
+        """Called once, by the thread that ran the save, when it has stopped touching
+        storage."""
+        self._exc = exc
+        self._event.set()
+        if exc is None:  # a failure stays listed until someone sees it, or until exit
+            self._forget()
+
+    def _forget(self) -> None:
+        with _LIVE_LOCK:
+            _LIVE.discard(self)
+
+    def mark_observed(self) -> None:
+        """Records that the save's outcome reached the user (its error is not reported
+        again, at exit or by a manager). Called by `wait`, `exception` and the manager."""
+        self.observed_by_user = True
+        self._forget()
+
+    def describe(self) -> str:
+        return f"step {self.step} ({self.url})" if self.step is not None else self.url
+
+    def _await(self, timeout: float | None) -> bool:
+        """Waits until the save has finished; False if ``timeout`` passed first."""
+        if threading.current_thread() is not threading.main_thread():
+            return self._event.wait(timeout)
+        # Ctrl-C raises KeyboardInterrupt on the main thread inside whatever runs there;
+        # inside Event.wait it can leave the event's internal lock held, after which
+        # neither the save thread (finishing) nor the exit hook (waiting) ever gets it.
+        # Polling is_set() holds no lock.
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.001
+        while not self._event.is_set():
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            time.sleep(pause if left is None else min(pause, left))
+            pause = min(2 * pause, 0.02)
+        return True
+
+    def outcome(self) -> BaseException | None:
+        """Waits for the save and returns its error without marking it as seen by the user."""
+        self._await(None)
+        return self._exc
+
+    def done(self) -> bool:
+        """Whether the save has committed or failed."""
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Blocks until the checkpoint is committed.
+
+        Raises:
+            TimeoutError: still running after ``timeout`` seconds.
+            SaveError (or another CkptError): the save failed; nothing was committed.
+        """
+        if not self._await(timeout):
+            raise TimeoutError(f"save to {self.url} still running after {timeout} s")
+        self.mark_observed()
+        if self._exc is not None:
+            raise self._exc
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """Blocks like `wait`, then returns the save's error instead of raising it."""
+        if not self._await(timeout):
+            raise TimeoutError(f"save to {self.url} still running after {timeout} s")
+        self.mark_observed()
+        return self._exc
+
+
+_LIVE: set[SaveHandle] = set()
+_LIVE_LOCK = threading.Lock()
+
+
+def track(handle: SaveHandle) -> None:
+    """Lists ``handle`` as a save in flight (the exit hook waits for it). Called by whoever
+    starts a save's background part, before it starts."""
+    with _LIVE_LOCK:
+        _LIVE.add(handle)
+
+
+def _finish_saves_at_exit() -> None:
+    """Lets every save in flight commit before the interpreter shuts down.
+
+    Registered with `threading._register_atexit`, after `concurrent.futures` registered its
+    own hook: such hooks run newest first, so this one runs while thread pools (which the
+    storage clients use) still accept work, and before non-daemon threads are joined. It
+    waits until no save is listed, so a save started by another one meanwhile (a local
+    tier's commit to the persistent root) is waited for too. A save that fails or is
+    interrupted here (a second Ctrl-C) gets one line on stderr naming it; this is the one
+    place the library writes to stderr, because logging may be gone by now.
+    """
+    seen: set[int] = set()
+    while True:
+        with _LIVE_LOCK:
+            pending = sorted((h for h in _LIVE if id(h) not in seen), key=lambda h: h.url)
+        if not pending:
+            return
+        for handle in pending:
+            seen.add(id(handle))
+            try:
+                exc = handle.outcome()
+            except KeyboardInterrupt:
+                sys.stderr.write(f"ckpt: exiting before {handle.describe()} was committed: it "
+                                 "is not a checkpoint; `ckpt gc` removes what it wrote\n")
+                continue
+            if exc is not None and not handle.observed_by_user:
+                handle.mark_observed()
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                sys.stderr.write(f"ckpt: {handle.describe()} was not committed: {first}\n")
+
+
+try:
+    threading._register_atexit(_finish_saves_at_exit)  # type: ignore[attr-defined]
+except AttributeError:  # an interpreter without it: atexit runs after threads are joined
+    import atexit
+
+    atexit.register(_finish_saves_at_exit)
