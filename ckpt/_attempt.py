@@ -205,17 +205,19 @@ def _gather_per_process(records: list[LeafRecord], reports: list[HostReport],
 
 def commit_attempt(store: Store, attempt: str, records: list[LeafRecord], *,
                    process_count: int, metadata: Any, created_at: float,
-                   overwrite: bool = False, metrics: dict[str, float] | None = None) -> None:
+                   overwrite: bool = False, metrics: dict[str, float] | None = None,
+                   parents: list[list[Any]] | None = None) -> None:
     """Process 0 (or a rewrite), once every process wrote its report: `check_reports`, then
     manifest, commit claim and COMMIT (`ckpt._commit.commit`, whose errors it raises)."""
     checked = check_reports(store, attempt, records, process_count)
     commit(store, attempt=attempt, records=checked, metadata=metadata, created_at=created_at,
-           process_count=process_count, overwrite=overwrite, metrics=metrics)
+           process_count=process_count, overwrite=overwrite, metrics=metrics,
+           parents=parents)
 
 
 def commit_copy(store: Store, attempt: str, records: list[LeafRecord], rows: list[Row], *,
                 process_count: int, metadata: Any, created_at: float, metrics: dict[str, float],
-                local: dict[str, Any]) -> None:
+                local: dict[str, Any], parents: list[list[Any]] | None = None) -> None:
     """One process's own copy of a step (the local tier: `ckpt._local.LocalTierCopy`),
     every chunk of which it wrote itself: each chunk's crc32c from ``rows`` into the
     records, then manifest, commit claim and COMMIT created if absent (`ckpt._commit.commit`,
@@ -225,5 +227,4 @@ def commit_copy(store: Store, attempt: str, records: list[LeafRecord], rows: lis
         [crcs.get((rec.name, f), 0) for f in range(len(rec.writers))]))
         if rec.kind == LeafKind.ARRAY else rec for rec in records]
     commit(store, attempt=attempt, records=checked, metadata=metadata, created_at=created_at,
-           process_count=process_count, metrics=metrics,
-           local=local)
+           process_count=process_count, metrics=metrics, local=local, parents=parents)

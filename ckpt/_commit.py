@@ -47,7 +47,8 @@ def versions() -> dict[str, str]:
 def commit(store: Store, *, attempt: str, records: list[LeafRecord], metadata: Any,
            created_at: float, process_count: int, overwrite: bool = False,
            metrics: dict[str, float] | None = None,
-           local: dict[str, Any] | None = None) -> None:
+           local: dict[str, Any] | None = None,
+           parents: list[list[Any]] | None = None) -> None:
     """Writes ``<attempt>/manifest.msgpack``, claims the attempt, then makes it the checkpoint.
 
     Without ``overwrite``, COMMIT is created only if absent: of concurrent attempts exactly
@@ -67,7 +68,8 @@ def commit(store: Store, *, attempt: str, records: list[LeafRecord], metadata: A
     """
     manifest = Manifest(attempt=attempt, process_count=process_count, created_at=created_at,
                         committed_at=time.time(), versions=versions(), metadata=metadata,
-                        leaves=records, metrics=dict(metrics or {}), local=local)
+                        leaves=records, metrics=dict(metrics or {}), local=local,
+                        parents=parents)
     data = encode_manifest(manifest)
     store.write(f"{attempt}/{MANIFEST}", data)
     log.debug("%s: manifest written", store.describe(attempt))

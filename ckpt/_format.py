@@ -161,8 +161,12 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     # A local-tier copy's (`ckpt._local`): {"process": writer's index, "step": step,
-    # "root": the persistent root's URL, "lineage": the root's newest lineage event id}.
+    # "root": the persistent root's URL, "lineage": the root's lineage mark}.
     local: dict[str, Any] | None = None
+    # A manager step's ancestry (a manager with a local tier writes it, on both tiers): the
+    # [step, attempt] of each save of the run this one descends from, oldest first, since
+    # the newest step the persistent root held when the run reached it.
+    parents: list[list[Any]] | None = None
 
     def subtree(self, item: str, url: str) -> Manifest:
         """This manifest's leaves under the top-level key ``item``, that key dropped from
@@ -245,6 +249,7 @@ def encode_manifest(m: Manifest) -> bytes:
         "metrics": m.metrics,
         "leaves": [_leaf_to_dict(leaf) for leaf in m.leaves],
         **({} if m.local is None else {"local": m.local}),
+        **({} if m.parents is None else {"parents": m.parents}),
     })
 
 
@@ -431,6 +436,11 @@ def decode_manifest(data: bytes, what: str) -> Manifest:
             type(local[k]) is int and local[k] >= 0 for k in ("process", "step"))
             or not isinstance(local["root"], str) or not isinstance(local["lineage"], str)):
         raise CorruptCheckpointError(f"{what} has a malformed local-copy record")
+    parents = r.get("parents", (list, type(None)), None)
+    if parents is not None and not all(
+            isinstance(p, list) and len(p) == 2 and type(p[0]) is int and p[0] >= 0
+            and isinstance(p[1], str) and p[1].startswith(ATTEMPT_PREFIX) for p in parents):
+        raise CorruptCheckpointError(f"{what} has a malformed parents record")
     records = [_decode_leaf(leaf, i, what, local is not None) for i, leaf in enumerate(leaves)]
     paths: set[KeyPath] = set()
     names: set[str] = set()
@@ -453,7 +463,7 @@ def decode_manifest(data: bytes, what: str) -> Manifest:
         versions={str(k): str(v) for k, v in versions.items()},
         metadata=r.obj.get("metadata"),
         leaves=records, format_version=version,
-        metrics={k: float(v) for k, v in metrics.items()}, local=local)
+        metrics={k: float(v) for k, v in metrics.items()}, local=local, parents=parents)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from ckpt._claims import REMOVING, claim_kind, forget, remove_uncommitted, retire
 from ckpt._commit import committed_attempt
@@ -94,69 +95,156 @@ def write_rewind(store: Store, to_step: int, gone: Abandoned) -> None:
     store.write(REWIND, pack({"to": to_step, "abandoned": pairs, "at": time.time()}))
 
 
-# -- lineage record --------------------------------------------------------------------------
-# <root>/LINEAGE lists the newest rewinds and deletes, each with a random id. A local-tier
-# copy records the id of the newest event when it was saved; a copy is offered only while
-# no later event removed its step (`survives`), so a copy of a step that a rewind or delete
-# removed, by any manager or `ckpt gc`, never comes back from a host's disk.
+# -- lineage record ---------------------------------------------------------------------------
+# <root>/LINEAGE records every rewind and delete of the run, numbered in order. A local-tier
+# copy records the record's mark (origin and number) when it was saved; a copy is offered
+# only while no later event removed its step (`Lineage.survives`), so a copy of a step that a
+# rewind or delete removed, by any manager or `ckpt gc`, never comes back from a host's disk.
+# The record is compacted, never truncated: only events that can no longer decide anything
+# are dropped (a delete of a step a later rewind went below; a rewind a later rewind to a
+# lower step covers), so it never forgets what start-up needs.
 
-LineageEvent = tuple[str, str, int]  # (id, "origin", "rewind" or "delete", step)
-MAX_LINEAGE = 1000  # older events are forgotten: copies made before them no longer count
+
+@dataclasses.dataclass(frozen=True)
+class Lineage:
+    """The root's lineage record (docs/format.md, LINEAGE): ``origin`` (a random id: a
+    root emptied and reused begins another history), ``seq`` (the number of the newest
+    event), the newest delete of each step (step -> number), the rewinds still deciding
+    something ((number, to step), ascending in both), and the ids of a record written in
+    the earlier event-list form (id -> number), so that copies that recorded one keep
+    their place."""
+
+    origin: str = ""
+    seq: int = 0
+    deletes: dict[int, int] = dataclasses.field(default_factory=dict)
+    rewinds: tuple[tuple[int, int], ...] = ()
+    legacy: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def mark(self) -> str:
+        """What a local copy saved now records (empty for no record)."""
+        return f"{self.origin}:{self.seq}" if self.origin else ""
+
+    def position(self, mark: str) -> int | None:
+        """The event number a copy's ``mark`` stands for; None when it is of another
+        history (another origin) or unknown."""
+        origin, sep, seq = mark.rpartition(":")
+        if sep and origin == self.origin and seq.isascii() and seq.isdigit():
+            number = int(seq)
+            return number if number <= self.seq else None
+        return self.legacy.get(mark)
+
+    def survives(self, mark: str, step: int) -> bool:
+        """Whether a copy of ``step`` saved at ``mark`` is still a step of the run: the mark
+        is of this history and no later rewind went below the step and no later delete
+        removed it."""
+        at = self.position(mark)
+        if at is None:
+            return False
+        if self.deletes.get(step, -1) > at:
+            return False
+        return not any(seq > at and to < step for seq, to in self.rewinds)
+
+    def add(self, kind: str, step: int) -> "Lineage":
+        """The record with one more event (``rewind`` to ``step``, ``delete`` of it),
+        compacted."""
+        seq = self.seq + 1
+        origin = self.origin or secrets.token_hex(8)
+        if kind == "delete":
+            return dataclasses.replace(self, origin=origin, seq=seq,
+                                       deletes={**self.deletes, step: seq})
+        if kind != "rewind":
+            raise ValueError(f"unknown lineage event {kind!r}")
+        # What this rewind covers can no longer decide anything: every copy a delete of a
+        # higher step, or an earlier rewind to a step at or above this one, removes, this
+        # rewind removes too.
+        return dataclasses.replace(
+            self, origin=origin, seq=seq,
+            deletes={s: n for s, n in self.deletes.items() if s <= step},
+            rewinds=tuple((n, to) for n, to in self.rewinds if to < step) + ((seq, step),))
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as JSON/msgpack data (its on-disk form, and what process 0 shares)."""
+        return {"origin": self.origin, "seq": self.seq,
+                "deletes": [[s, n] for s, n in sorted(self.deletes.items())],
+                "rewinds": [[n, to] for n, to in self.rewinds],
+                **({"legacy": dict(self.legacy)} if self.legacy else {})}
+
+    @classmethod
+    def from_json(cls, raw: Any, what: str) -> "Lineage":
+        """Parses ``to_json``'s form, or the earlier ``{"events": [[id, kind, step]]}``.
+
+        Raises:
+            CorruptCheckpointError: naming ``what``.
+        """
+        bad = CorruptCheckpointError(f"{what} is not a lineage record")
+        if not isinstance(raw, dict):
+            raise bad
+        if "events" in raw:
+            return cls._from_events(raw["events"], bad)
+
+        def pairs(value: Any) -> list[tuple[int, int]]:
+            if not isinstance(value, list) or not all(
+                    isinstance(p, list) and len(p) == 2 and all(type(x) is int and x >= 0
+                                                                for x in p) for p in value):
+                raise bad
+            return [(p[0], p[1]) for p in value]
+
+        origin, seq, legacy = raw.get("origin"), raw.get("seq"), raw.get("legacy", {})
+        if not isinstance(origin, str) or type(seq) is not int or seq < 0 or not isinstance(
+                legacy, dict) or not all(isinstance(k, str) and type(v) is int
+                                         for k, v in legacy.items()):
+            raise bad
+        return cls(origin, seq, dict(pairs(raw.get("deletes"))),
+                   tuple(pairs(raw.get("rewinds"))), dict(legacy))
+
+    @classmethod
+    def _from_events(cls, events: Any, bad: CorruptCheckpointError) -> "Lineage":
+        if not isinstance(events, list) or not all(
+                isinstance(e, list) and len(e) == 3 and isinstance(e[0], str)
+                and e[1] in ("origin", "rewind", "delete") and type(e[2]) is int
+                for e in events):
+            raise bad
+        out = cls(origin=secrets.token_hex(8))
+        legacy = {}
+        for eid, kind, step in events:
+            out = out.add(kind, step) if kind != "origin" else dataclasses.replace(
+                out, seq=out.seq + 1)
+            legacy[eid] = out.seq
+        return dataclasses.replace(out, legacy=legacy)
 
 
-def read_lineage(store: Store) -> list[LineageEvent]:
-    """The root's lineage events, oldest first (empty when there never was one)."""
+def read_lineage(store: Store) -> Lineage:
+    """The root's lineage record (empty when there never was one)."""
     try:
         raw = unpack(read_object(store, LINEAGE), store.describe(LINEAGE))
     except ObjectNotFoundError:
-        return []
-    events = raw.get("events") if isinstance(raw, dict) else None
-    if not isinstance(events, list) or not all(
-            isinstance(e, list) and len(e) == 3 and isinstance(e[0], str)
-            and e[1] in ("origin", "rewind", "delete") and type(e[2]) is int
-            for e in events):
-        raise CorruptCheckpointError(f"{store.describe(LINEAGE)} is not a lineage record")
-    return [(e[0], e[1], e[2]) for e in events]
+        return Lineage()
+    return Lineage.from_json(raw, store.describe(LINEAGE))
 
 
 def record_lineage(store: Store, kind: str, *steps: int) -> str:
-    """Appends a rewind to a step or deletes of ``steps`` to the lineage, before they
-    happen; returns the newest id. Process 0 of a manager, and `ckpt gc`."""
-    events = read_lineage(store)
-    events.extend((secrets.token_hex(8), kind, step) for step in steps)
-    events = events[-MAX_LINEAGE:]
-    store.write(LINEAGE, pack({"events": [list(e) for e in events]}))
-    return lineage_id(events)
+    """Records a rewind to a step, or deletes of ``steps``, before they happen; returns the
+    record's new mark. Called by `remove_steps` and `rewind_root` only."""
+    lineage = read_lineage(store)
+    for step in steps:
+        lineage = lineage.add(kind, step)
+    if not lineage.origin:
+        lineage = dataclasses.replace(lineage, origin=secrets.token_hex(8))
+    store.write(LINEAGE, pack(lineage.to_json()))
+    return lineage.mark
 
 
-def ensure_lineage(store: Store) -> list[LineageEvent]:
-    """The lineage, begun with an ``origin`` event if the root has none: every local copy
-    then records an id of this root's own history, so that a root emptied and reused (a
-    new record, a new origin) never takes back copies of its old life. Process 0 of a
-    manager with a local tier, at start-up."""
-    events = read_lineage(store)
-    if not events:
-        record_lineage(store, "origin", 0)
-        events = read_lineage(store)
-    return events
-
-
-def lineage_id(events: list[LineageEvent]) -> str:
-    """What a local copy saved now records: the newest event's id ("" for none)."""
-    return events[-1][0] if events else ""
-
-
-def survives(events: list[LineageEvent], since: str, step: int) -> bool:
-    """Whether a copy of ``step`` saved after event ``since`` is still a step of the run:
-    ``since`` is in the record (not forgotten, not another history's) and no later rewind
-    went below the step and no later delete removed it."""
-    ids = [e[0] for e in events]
-    if since not in ids:
-        return False  # forgotten or foreign history: nothing says it survives
-    for _, kind, at in events[ids.index(since) + 1:]:
-        if (kind == "rewind" and step > at) or (kind == "delete" and step == at):
-            return False
-    return True
+def ensure_lineage(store: Store) -> Lineage:
+    """The lineage record, begun (a fresh origin) if the root has none: every local copy
+    then records a mark of this root's own history, so that a root emptied and reused
+    never takes back copies of its old life. Process 0 of a manager with a local tier, at
+    start-up."""
+    lineage = read_lineage(store)
+    if not lineage.origin:
+        lineage = Lineage(origin=secrets.token_hex(8))
+        store.write(LINEAGE, pack(lineage.to_json()))
+    return lineage
 
 
 def rewind_root(store: Store, to_step: int, steps: Iterable[int]) -> Abandoned:
@@ -320,6 +408,29 @@ def retention_victims(steps: list[int], keep_last: int | None, keep_every: int |
     if keep_every:
         keep.update(s for s in steps if s % keep_every == 0)
     return [s for s in steps if s not in keep]
+
+
+def remove_steps(root: Store, steps: Iterable[int], *,
+                 then: Callable[[str], None] | None = None) -> dict[int, list[str]]:
+    """The one way committed steps leave a run (`CheckpointManager.delete`, retention, and
+    ``ckpt gc --keep-last``): records their deletes in LINEAGE (so that no host's local
+    copy of them comes back), runs ``then`` with the record's new mark (a manager with a
+    local tier removes every host's copies there), then deletes each step folder
+    (`delete_checkpoint`: COMMIT first, every attempt under a removal claim). Returns, by
+    step, the attempts left because a committer claimed them. Process 0 of a manager, or
+    ``ckpt gc``."""
+    steps = sorted(steps)
+    if not steps:
+        return {}
+    mark = record_lineage(root, "delete", *steps)
+    if then is not None:
+        then(mark)
+    kept = {}
+    for step in steps:
+        left = delete_checkpoint(root.child(str(step)))
+        if left:
+            kept[step] = left
+    return kept
 
 
 def delete_checkpoint(store: Store, *, only: set[str] | None = None) -> list[str]:

@@ -75,7 +75,10 @@ class LocalCopy:
     attempt: str
     process: int        # the index of the process that wrote it
     process_count: int  # of the job that wrote it
-    lineage: str = ""   # the root's newest lineage event when it was saved
+    lineage: str = ""   # the root's lineage mark when it was saved
+    # The manifest's ancestry ([step, attempt] pairs, `ckpt._format.Manifest.parents`);
+    # None for a copy written before ancestry was recorded.
+    parents: list[list[Any]] | None = None
 
 
 def scan(store: Store, root: str) -> tuple[dict[int, LocalCopy], dict[int, str]]:
@@ -95,7 +98,8 @@ def scan(store: Store, root: str) -> tuple[dict[int, LocalCopy], dict[int, str]]
             foreign[step] = manifest.local["root"]
             continue
         found[step] = LocalCopy(step, manifest.attempt, manifest.local["process"],
-                                manifest.process_count, manifest.local["lineage"])
+                                manifest.process_count, manifest.local["lineage"],
+                                manifest.parents)
     return found, foreign
 
 
@@ -150,6 +154,7 @@ class Persist:
     metadata: Any
     metrics: dict[str, float]
     created_at: float
+    parents: list[list[Any]] | None
 
 
 class LocalTierCopy(Copy):
@@ -213,7 +218,7 @@ class LocalTierCopy(Copy):
             commit_copy(job.store, job.attempt, job.records, rows,
                         process_count=job.coord.process_count, metadata=job.metadata,
                         created_at=job.created_at, metrics=job.metrics,
-                        local={"process": me, **self.origin})
+                        local={"process": me, **self.origin}, parents=job.parents)
         except BaseException as exc:
             failure = exc
         outcomes = job.coord.gather(f"{job.prefix}/committed", failure,
@@ -228,7 +233,7 @@ class LocalTierCopy(Copy):
         records, plans = self._root
         self.dropped = [int(s) for s in verdict]
         self.persist = Persist(job.attempt, records, plans, job.digests, job.per_process,
-                               job.metadata, dict(job.metrics), job.created_at)
+                               job.metadata, dict(job.metrics), job.created_at, job.parents)
 
     def abandon(self, job: Job) -> None:
         # Not a step of the tier: what this save wrote goes now (its COMMIT first, if it
@@ -238,7 +243,7 @@ class LocalTierCopy(Copy):
 
 
 def start_local_save(local: Store, tree: Any, *, step: int, origin: dict[str, Any],
-                     metadata: Any, metrics: dict[str, float], timeout_s: float,
+                     parents: list[list[Any]], metadata: Any, metrics: dict[str, float], timeout_s: float,
                      snapshot: str, memory_budget: int,
                      refuse: Callable[[], CkptError | None],
                      on_attempt: Callable[[str], None],
@@ -250,7 +255,7 @@ def start_local_save(local: Store, tree: Any, *, step: int, origin: dict[str, An
 
     Called by `CheckpointManager.save` on every process in the same order. ``refuse`` and
     ``on_attempt`` are `ckpt._save.start_save`'s; ``origin`` goes into each copy's ``local``
-    record (`LocalTierCopy`); ``victims`` is `LocalTierCopy`'s. ``on_commit`` runs on every
+    record (`LocalTierCopy`), ``parents`` into its manifest (and the root's, if persisted); ``victims`` is `LocalTierCopy`'s. ``on_commit`` runs on every
     process's save thread once every process committed its copy, with what the commit to
     the persistent root needs and the steps retention removes; what it returns (the root
     commit's handle, or None) becomes the handle's ``remote``, and the handle is finished
@@ -265,7 +270,7 @@ def start_local_save(local: Store, tree: Any, *, step: int, origin: dict[str, An
     return start_save(local.child(str(step)), tree, metadata=metadata, on_commit=committed,
                       timeout_s=timeout_s, memory_budget=memory_budget, snapshot=snapshot,
                       overwrite=True, metrics=metrics, refuse=refuse, on_attempt=on_attempt,
-                      step=step, copy=copy)
+                      step=step, copy=copy, parents=parents)
 
 
 # -- reading a copy back for the persistent root --------------------------------------------
@@ -335,7 +340,7 @@ def start_persist(root_step: Store, step: int, persist: Persist, copy: Store, *,
               timeout_s=timeout_s, deadline=deadline, memory_budget=memory_budget,
               metrics=persist.metrics, digests=persist.agreement,
               per_process=persist.per_process, on_commit=on_commit,
-              prefix=f"persist/{persist.attempt}")
+              parents=persist.parents, prefix=f"persist/{persist.attempt}")
 
     def done() -> None:
         failure = handle.outcome()  # finished by now: returns at once

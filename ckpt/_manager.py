@@ -17,25 +17,25 @@ import math
 import operator
 import os
 import threading
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
 import numpy as np
 
 from ckpt import _coord
+from ckpt._commit import committed_attempt
 from ckpt._format import COMMIT, REWIND
 from ckpt._housekeeping import (
     Attempt,
     abandoned,
     committed_steps,
-    delete_checkpoint,
     finish_rewind,
     is_abandoned,
     latest_committed_step,
-    lineage_id,
     read_lineage,
-    record_lineage,
     remove_debris,
+    remove_steps,
     retention_victims,
     step_folders,
     rewind_root,
@@ -345,7 +345,7 @@ class CheckpointManager:
 
         def committed(saved: Persist, drop: list[int]) -> SaveHandle | None:
             # Every process, on the local save's thread, once every copy is committed.
-            tier.committed(step, saved.attempt, drop)
+            tier.committed(step, saved.attempt, parents, drop)
             if not persist:
                 with self._lock:
                     self._saving.difference_update(drawn)
@@ -364,9 +364,10 @@ class CheckpointManager:
                                                 f"{self.root_url} did not start: {exc}"))
             return self._persist
 
+        parents = [list(p) for p in tier.ancestry]
         return start_local_save(tier.store, tree, step=step,
                                 origin={"root": self.root_url, "lineage": tier.lineage},
-                                metadata=metadata,
+                                parents=parents, metadata=metadata,
                                 metrics=dict(metrics or {}), timeout_s=self.timeout_s,
                                 snapshot=self.snapshot, memory_budget=self.memory_budget,
                                 refuse=lambda: self._refusal(step), on_attempt=draw,
@@ -405,32 +406,46 @@ class CheckpointManager:
     def _committed(self, step: int, metrics: dict[str, float] | None,
                    drawn: list[str], attempt: str | None = None) -> None:
         """Every process, after ``step`` committed to the root: rank it; process 0:
-        retention. With a local tier (``attempt``: the save's), every process first
-        removes its local copies of the steps process 0 is about to delete from the root,
-        so that no local copy outlives the root's as the only copy of a removed step."""
+        retention (`ckpt._housekeeping.remove_steps`, which records the removals first).
+        With a local tier (``attempt``: the save's), every process also removes its local
+        copies of the steps process 0 removes from the root, before the root's go, so that
+        no local copy outlives the root's as the only copy of a removed step."""
         with self._lock:
             self._saving.difference_update(drawn)
         self._metrics[step] = dict(metrics or {})
         coord = _coord.current()
-        if self._tier is None or attempt is None:
+        tier = self._tier
+        if tier is None or attempt is None:
             if coord.process_index == 0:
                 self._apply_retention(self._retention_victims())
             return
-        decided: list[Any] = [[], self._tier.lineage]
-        if coord.process_index == 0:
+        tier.root_committed(step, attempt)
+        key = f"persist/{attempt}/retention"
+        if coord.process_index != 0:
+            removed, tier.lineage = json.loads(coord.broadcast(key, None, self.timeout_s))
+            tier.drop(removed, "retention removes it from the persistent root")
+            return
+
+        sent = False
+
+        def then(mark: str) -> None:
+            nonlocal sent
+            coord.broadcast(key, json.dumps([victims, mark]), self.timeout_s)
+            sent = True
+            tier.lineage = mark
+            tier.drop(victims, "retention removes it from the persistent root")
+
+        victims: list[int] = []
+        try:
             try:
                 victims = self._retention_victims()
-                if victims:
-                    # Recorded before any copy or step goes: a copy some process cannot
-                    # remove never comes back (`LocalTier`); later copies record the new id.
-                    decided = [victims, record_lineage(self._store, "delete", *victims)]
             except CkptError as exc:
                 log.warning("retention under %s skipped this round: %s", self.root_url, exc)
-        victims, self._tier.lineage = json.loads(coord.broadcast(
-            f"persist/{attempt}/retention", json.dumps(decided), self.timeout_s))
-        self._tier.drop(victims, "retention removes it from the persistent root")
-        if coord.process_index == 0 and victims:
-            self._apply_retention(victims)
+            if victims:
+                self._apply_retention(victims, then=then)
+        finally:
+            if not sent:  # the others wait for the broadcast, whatever failed here
+                coord.broadcast(key, json.dumps([[], tier.lineage]), self.timeout_s)
 
     def wait(self) -> None:
         """Blocks until the save in flight (if any) is committed; with a local tier, also
@@ -459,13 +474,16 @@ class CheckpointManager:
             best = [s for _, s in scored[:self.keep_best]]
         return retention_victims(steps, self.keep_last, self.keep_every, best)
 
-    def _apply_retention(self, victims: list[int]) -> None:
-        """Process 0, after each commit. A failure is logged by the caller and the same
+    def _apply_retention(self, victims: list[int],
+                         then: Callable[[str], None] | None = None) -> None:
+        """Process 0, after each commit: removes ``victims`` (`remove_steps`; ``then`` runs
+        between the record and the deletes). A failure is logged by the caller and the same
         victims are found again after the next commit."""
+        kept = remove_steps(self._store, victims, then=then)
         for step in victims:
-            delete_checkpoint(self._store.child(str(step)))
             self._metrics.pop(step, None)
-            log.info("retention: deleted step %d under %s", step, self.root_url)
+            log.info("retention: deleted step %d under %s%s", step, self.root_url,
+                     f" (left {kept[step]}: claimed for commit)" if step in kept else "")
 
     def _metric(self, step: int, name: str) -> float | None:
         """``name`` of a committed step (from its manifest if this manager did not save it);
@@ -562,33 +580,25 @@ class CheckpointManager:
         self._previous_failure()
         self._await_persist()
 
-        def check() -> None:
+        def run() -> str:  # process 0
             if step not in self.steps():
                 raise CheckpointNotFoundError(
                     f"step {step} is not a committed step under {self.root_url}"
                     + (" or in its local tier" if self._tier is not None else ""))
-            # Before anything goes: copies of the step on any host's disk never come back.
-            record_lineage(self._store, "delete", step)
-
-        def run() -> None:
-            if self._tier is None:
-                check()
-            elif step not in committed_steps(self._store):
-                return  # a step the local tier alone held
-            if kept := delete_checkpoint(self._store.child(str(step))):
+            marks: list[str] = []
+            kept = remove_steps(self._store, [step], then=marks.append)
+            if kept:
                 log.warning("deleted step %d under %s, but left %s: claimed for commit by a "
                             "job that may still be running (if it commits, the step comes "
-                            "back whole)", step, self.root_url, kept)
+                            "back whole)", step, self.root_url, kept[step])
+            return marks[0]
 
-        try:
-            if self._tier is not None:
-                # Decided on process 0, then the local copies go (process 0's among them,
-                # before the root's below): a crash in between leaves the root's copy.
-                _coord.run_on_process_zero(f"check delete step {step}", check, self.timeout_s)
-                self._tier.drop([step], "deleted")
-            _coord.run_on_process_zero(f"delete step {step}", run, self.timeout_s)
-        finally:
-            self._refresh_lineage()
+        mark = _coord.run_on_process_zero(f"delete step {step}", run, self.timeout_s)
+        if self._tier is not None:
+            # Recorded before the root's copy went: a copy some process cannot remove now
+            # is never offered again.
+            self._tier.lineage = mark
+            self._tier.drop([step], "deleted")
         self._metrics.pop(step, None)
 
     def rewind(self, step: int) -> None:
@@ -607,11 +617,17 @@ class CheckpointManager:
         step = as_step(step)
         self._previous_failure()
         self._await_persist()
-        def check() -> None:
+        def check() -> list[list[Any]]:  # process 0: the ancestry the run goes on from
             if step not in self.steps():
                 raise CheckpointNotFoundError(
                     f"cannot rewind to step {step}: it is not a committed step under "
                     f"{self.root_url} or in the local tier")
+            assert self._tier is not None
+            if step in committed_steps(self._store):
+                attempt = committed_attempt(self._store.child(str(step)))
+                return [[step, attempt]] if attempt is not None else []
+            copy = self._tier.copies[step]
+            return [*(copy.parents or []), [step, copy.attempt]]
 
         def run() -> None:
             steps = self.steps()
@@ -627,12 +643,13 @@ class CheckpointManager:
 
         try:
             if self._tier is not None:
-                _coord.run_on_process_zero(f"check rewind to step {step}", check,
-                                           self.timeout_s)
+                ancestry = _coord.run_on_process_zero(f"check rewind to step {step}", check,
+                                                      self.timeout_s)
                 # Every process drops its newer copies (process 0 before it touches the
                 # root): a newer step is then on no tier whole, whatever happens below.
                 self._tier.drop(sorted(s for s in set(self._tier.copies)
                                        | set(self._tier.steps()) if s > step), "rewound")
+                self._tier.ancestry = ancestry
             _coord.run_on_process_zero(f"rewind to step {step}", run, self.timeout_s)
         finally:
             self._refresh_lineage()
@@ -641,11 +658,11 @@ class CheckpointManager:
                 del self._metrics[s]
 
     def _refresh_lineage(self) -> None:
-        """Every process, after a delete or rewind (done or not: its event may be recorded):
-        later local copies record the root's newest lineage event."""
+        """Every process, after a rewind (done or not: its event may be recorded): later
+        local copies record the root's lineage mark."""
         if self._tier is not None:
             try:
-                self._tier.lineage = lineage_id(read_lineage(self._store))
+                self._tier.lineage = read_lineage(self._store).mark
             except CkptError as exc:
                 log.warning("could not read the lineage record of %s: %s", self.root_url, exc)
 

@@ -103,6 +103,7 @@ class Job:
     # This process's value of each per-process leaf, by leaf position (its host report's).
     per_process: list[tuple[int, Any]] = dataclasses.field(default_factory=list)
     on_commit: Callable[[SaveHandle], None] | None = None
+    parents: list[list[Any]] | None = None  # the manifest's ancestry (a tiered manager's)
     prefix: str = ""  # of its coordination keys: the same on every process
     started: float = 0.0   # time.monotonic() when the save was called
     blocked_s: float = 0.0
@@ -154,7 +155,7 @@ class Copy:
         commit_attempt(job.store, job.attempt, job.records,
                        process_count=job.coord.process_count, metadata=job.metadata,
                        created_at=job.created_at, overwrite=job.overwrite,
-                       metrics=job.metrics)
+                       metrics=job.metrics, parents=job.parents)
         return "ok"
 
     def unknown(self, job: Job, exc: CoordinationError) -> Any:
@@ -277,7 +278,8 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
                metrics: dict[str, float] | None = None,
                refuse: Callable[[], CkptError | None] | None = None,
                on_attempt: Callable[[str], None] | None = None,
-               step: int | None = None, copy: Copy | None = None) -> SaveHandle:
+               step: int | None = None, copy: Copy | None = None,
+               parents: list[list[Any]] | None = None) -> SaveHandle:
     """Runs the blocking part of a save and starts its background part.
 
     Called by `ckpt.save_async`, `CheckpointManager.save` and the local tier
@@ -288,7 +290,7 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
     process, so before anything is written under it. ``on_commit`` runs on every process
     once the save is committed, with its handle; its errors are logged, never raised: the checkpoint is
     committed whatever it does. ``copy`` is the copy of the step it writes (default: the
-    persistent copy, `Copy`).
+    persistent copy, `Copy`); ``parents`` the manifest's ancestry (docs/format.md).
     """
     memory_budget = checked_options(snapshot, memory_budget)
     copy = Copy() if copy is None else copy
@@ -327,8 +329,8 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
               metadata=metadata, records=records, plans=plans, snapshot=taken,
               timeout_s=timeout_s, deadline=deadline, memory_budget=memory_budget,
               metrics=dict(metrics or {}), digests=agreement, overwrite=overwrite,
-              per_process=per_process, on_commit=on_commit, prefix=f"save/{seq}",
-              started=started)
+              per_process=per_process, on_commit=on_commit, parents=parents,
+              prefix=f"save/{seq}", started=started)
     track(handle)
     try:
         threading.Thread(target=run, args=(job, handle), name=f"ckpt-save-{attempt}").start()

@@ -18,9 +18,11 @@ box the copy holds, the persistent root for the rest (opened only if needed).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-import json
 import logging
+import os
+import secrets
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -30,15 +32,14 @@ from ckpt._commit import committed_attempt
 from ckpt._format import DTYPE_SIZES, LeafKind, LeafRecord
 from ckpt._housekeeping import (
     Abandoned,
-    LineageEvent,
+    Lineage,
     abandoned,
+    committed_steps,
     ensure_lineage,
-    lineage_id,
     read_lineage,
-    survives,
 )
 from ckpt._local import LocalCopy, local_store, remove_copy, remove_debris, scan
-from ckpt._reader import Readable, open_readable
+from ckpt._reader import Readable, open_checkpoint, open_readable
 from ckpt.errors import CheckpointExistsError, CheckpointNotFoundError, CkptError
 from ckpt.restore import ArrayReadJob
 from ckpt.restore.boxes import Box, box_size, chunks_in, flat_index, grid_shape
@@ -70,6 +71,7 @@ class LocalTier:
         self.me, self.count = coord.process_index, coord.process_count
         self.keep, self.persist_every, self.read_only = local_keep, persist_every, read_only
         self.store = local_store(local_dir, self.me)
+        _refuse_inside(self.store, root)
         self.root = root
         # Steps whose commit to the root is under way (process 0 decides retention by them).
         self.pinned: set[int] = set()
@@ -77,34 +79,57 @@ class LocalTier:
         # root commits' (retention); every read of more than one entry holds this.
         self._lock = threading.RLock()
         key = f"tier/{next(_TIERS)}"
-        events, gone = self._root_records(coord, key, timeout_s)
-        self.lineage = lineage_id(events)  # what this run's copies record
+        lineage, gone = self._root_records(coord, key, timeout_s)
+        self.lineage = lineage.mark  # what this run's copies record
         self.copies: dict[int, LocalCopy] = {}
-        foreign: dict[int, str] = {}
-        failure = ""
+        mine: Any
+        probe = f"{PROBE}-{self.me}-{secrets.token_hex(4)}"
         try:
             if not read_only:
                 # Fail now, not at the first save: a path that is a file, a disk mounted
-                # read-only, a folder without permission.
-                self.store.write(PROBE, b"")
-                self.store.delete(PROBE)
+                # read-only, a folder without permission. The probe stays until every
+                # process has looked for the others' (a folder shared by processes).
+                self.store.write(probe, b"")
             self.copies, foreign = scan(self.store, root.url)
             for step, copy in list(self.copies.items()):
                 # A step a rewind abandoned (still in progress, or done since this copy was
                 # saved, by any manager), or deleted since: never offered again.
-                if copy.attempt in gone.get(step, ()) or not survives(events, copy.lineage,
-                                                                      step):
+                if copy.attempt in gone.get(step, ()) or not lineage.survives(copy.lineage,
+                                                                              step):
                     del self.copies[step]
                     if not read_only:
                         remove_copy(self.store, step)
                         log.info("local tier %s: removed step %d (rewound or deleted at %s "
                                  "since it was saved)", self.store.url, step, root.url)
+            mine = {"copies": [[c.step, c.attempt, c.process, c.process_count, c.parents]
+                               for c in self.copies.values()], "foreign": foreign}
         except CkptError as exc:  # told to every process in the exchange, raised on all
-            failure = f"process {self.me}: {exc}"
+            mine = _coord.Failure.of(self.me, exc).error()
+            mine.__cause__ = exc
+        found = coord.gather(f"{key}/copies", mine, timeout_s)
+        try:
+            self._check(found, mine)
+            if not read_only:
+                self._check_not_shared(coord, key, timeout_s)
+        finally:
+            if not read_only:
+                with contextlib.suppress(CkptError):
+                    self.store.delete(probe)
+        # Which copies serve: decided by process 0, which alone reads the root for it.
+        decided = coord.decide(f"{key}/trust", lambda: self._trust(found), timeout_s)
+        self.complete: dict[int, str] = {int(s): a for s, a in decided["complete"].items()}
         # The root's attempt of each step some process holds a copy of but not every
-        # process: read once by process 0 and shared, so no other process reads the root.
-        self.root_attempts: dict[int, str | None] = {}
-        self.complete = self._exchange(coord, key, timeout_s, foreign, failure)
+        # process (its copies serve the boxes they hold only if it is the same save).
+        self.root_attempts: dict[int, str | None] = {
+            int(s): a for s, a in decided["root"].items()}
+        # The saves the newest step descends from (`ckpt._format.Manifest.parents`): what
+        # this run's next save records.
+        self.ancestry: list[list[Any]] = decided["ancestry"]
+        for step in set(self.copies) - set(self.complete):
+            if self.root_attempts.get(step) != self.copies[step].attempt:
+                log.info("local tier %s: step %d is not offered: its copy is not of a save "
+                         "the run at %s holds or descends from", self.store.url, step,
+                         root.url)
         if not read_only:
             try:
                 self._clean()
@@ -115,59 +140,44 @@ class LocalTier:
                  self.store.url, sorted(self.copies), sorted(self.complete))
 
     def _root_records(self, coord: _coord.Coordinator, key: str,
-                      timeout_s: float) -> tuple[list[LineageEvent], Abandoned]:
-        """The root's lineage (begun by process 0 if the root has none and the manager may
-        write) and the attempts an interrupted rewind abandoned, as process 0 read them:
-        the same on every process, and one read of the root, not one per process.
+                      timeout_s: float) -> tuple[Lineage, Abandoned]:
+        """The root's lineage record (begun by process 0 if the root has none and the
+        manager may write) and the attempts an interrupted rewind abandoned, as process 0
+        read them: the same on every process, and one read of the root, not one per process.
 
         Raises:
-            CkptError: on every process, when process 0 could not read them.
+            CkptError: on every process (the same class), when process 0 could not read them.
         """
-        failure, events, gone = "", [], {}
-        if self.me == 0:
+        def read() -> Any:
             try:
-                events = read_lineage(self.root) if self.read_only \
+                lineage = read_lineage(self.root) if self.read_only \
                     else ensure_lineage(self.root)
                 gone = abandoned(self.root)
             except CkptError as exc:
-                failure = f"process 0 could not read the lineage and rewind records of " \
-                    f"{self.root.url}: {exc}"
-        if self.count > 1:
-            failure, rows, named = json.loads(coord.broadcast(
-                f"{key}/lineage", json.dumps([failure, events, {
-                    s: sorted(a) for s, a in gone.items()}]) if self.me == 0 else None,
-                timeout_s))
-            events = [(e[0], e[1], e[2]) for e in rows]
-            gone = {int(s): set(a) for s, a in named.items()}
-        if failure:
-            raise CkptError(failure)
-        return events, gone
+                raise type(exc)(f"could not read the lineage and rewind records of "
+                                f"{self.root.url}: {exc}") from exc
+            return [lineage.to_json(), {s: sorted(a) for s, a in gone.items()}]
 
-    def _exchange(self, coord: _coord.Coordinator, key: str, timeout_s: float,
-                  foreign: dict[int, str], failure: str) -> dict[int, str]:
-        """Every process's copies, through the coordination service: the complete steps
-        (step -> attempt), the same on every process; and `root_attempts`.
+        record, named = coord.decide(f"{key}/records", read, timeout_s)
+        return (Lineage.from_json(record, f"{self.root.url} LINEAGE"),
+                {int(s): set(a) for s, a in named.items()})
+
+    def _check(self, found: dict[int, Any], mine: Any) -> None:
+        """Every process, after the exchange: raises the same error everywhere when any
+        process could not scan its folder or holds copies of another root's run.
 
         Raises:
-            CheckpointExistsError: on every process, when any process's folder holds copies
-                another root's manager wrote (restoring them would be another run's state;
-                removing them could lose it).
-            CkptError: on every process, when any process failed to scan its folder.
+            CheckpointExistsError: some process's folder holds copies another root's
+                manager wrote (restoring them would be another run's state; removing them
+                could lose it).
+            CkptError: some process failed to scan its folder (its error's class).
         """
-        mine = [[c.step, c.attempt, c.process, c.process_count] for c in self.copies.values()]
-        found: dict[str, list[Any]]
-        if self.count == 1:
-            found = {"0": [mine, foreign, failure]}
-        else:
-            coord.publish(f"{key}/copies/{self.me}", json.dumps([mine, foreign, failure]))
-            coord.barrier(f"{key}/scanned", timeout_s)
-            found = {k.rsplit("/", 1)[-1]: json.loads(v)
-                     for k, v in coord.collect(f"{key}/copies/").items()}
-        failed = sorted(rows[2] for rows in found.values() if rows[2])
+        failed = _coord.errors_of(found)
         if failed:
-            raise CkptError(f"the local tier {self.store.url} could not be read: "
-                            + "; ".join(failed))
-        others = {int(p): rows[1] for p, rows in found.items() if rows[1]}
+            if isinstance(mine, BaseException):
+                raise mine
+            raise failed[0].error(f"the local tier {self.store.url} could not be read: ")
+        others = {p: v["foreign"] for p, v in found.items() if v["foreign"]}
         if others:
             who, steps = min(others.items())
             raise CheckpointExistsError(
@@ -175,30 +185,69 @@ class LocalTier:
                 f"{sorted(int(s) for s in steps)} that a manager of another root wrote "
                 f"({sorted(set(steps.values()))[0]}), not of {self.root.url}: give each run "
                 f"its own local_dir, or remove those copies")
+
+    def _check_not_shared(self, coord: _coord.Coordinator, key: str,
+                          timeout_s: float) -> None:
+        """Every process, with its probe written: looks for the other processes' probes in
+        its folder. A folder two processes share (``local_dir`` without ``{process}`` on
+        one host, or on a shared file system) is refused on every process, naming it.
+
+        Raises:
+            CheckpointExistsError: processes share a local folder.
+        """
+        if self.count == 1:
+            return
+        seen = sorted({int(n.split("-")[1]) for n in self.store.list_children()
+                       if n.startswith(f"{PROBE}-") and n.count("-") == 2
+                       and n.split("-")[1].isdigit()} - {self.me})
+        shared = coord.gather(f"{key}/shared", seen, timeout_s)
+        pairs = sorted((p, q) for p, others in shared.items()
+                       if not isinstance(others, _coord.Failure) for q in others)
+        if pairs:
+            p, q = pairs[0]
+            raise CheckpointExistsError(
+                f"processes {p} and {q} share the local folder {self.store.url}: each "
+                f"process needs its own (put {{process}} in local_dir, replaced by each "
+                f"process's index)")
+
+    def _trust(self, found: dict[int, Any]) -> dict[str, Any]:
+        """Process 0: which copies serve (docs/tiers.md, "Which copies serve").
+
+        A step is *complete* when every process of this job holds a copy of one save,
+        written by the process of its index in a job of this size. A complete step serves
+        from the local tier alone only if the root holds that same save of the step, or the
+        root does not hold the step and the save descends from the root's history: every
+        step the root holds from the copy's oldest recorded ancestor up to it is the save
+        the copy's ancestry names, and (below the root's newest step) the root's next step
+        names the copy among its own ancestors. A step only some processes hold serves
+        the boxes a copy holds only if the root holds the same save of it.
+        """
         held: dict[int, dict[int, LocalCopy]] = {}
-        for p, (rows, _, _) in found.items():
-            for step, attempt, writer, count in rows:
-                held.setdefault(step, {})[int(p)] = LocalCopy(step, attempt, writer, count)
-        complete = {}
+        for p, value in found.items():
+            for step, attempt, writer, count, parents in value["copies"]:
+                held.setdefault(step, {})[p] = LocalCopy(step, attempt, writer, count, "",
+                                                         parents)
+        candidates: dict[int, LocalCopy] = {}
         for step, by_process in held.items():
             attempts = {c.attempt for c in by_process.values()}
             if (len(by_process) == self.count and len(attempts) == 1 and all(
                     c.process == p and c.process_count == self.count
                     for p, c in by_process.items())):
-                complete[step] = attempts.pop()
-        partial = {}
-        if self.me == 0:
-            for step in sorted(set(held) - set(complete)):
-                try:
-                    partial[step] = committed_attempt(self.root.child(str(step)))
-                except CkptError:
-                    partial[step] = None  # unreadable now: its copies are not trusted
-        if self.count > 1:
-            shared = coord.broadcast(f"{key}/root", json.dumps(partial) if self.me == 0
-                                     else None, timeout_s)
-            partial = {int(s): a for s, a in json.loads(shared).items()}
-        self.root_attempts = partial
-        return complete
+                candidates[step] = by_process[0]
+        view = _RootView(self.root)
+        complete = {s: c.attempt for s, c in candidates.items() if view.serves(c)}
+        partial = {s: view.attempt(s) for s in sorted(set(held) - set(complete))}
+        newest_root = view.newest()
+        newest = max([*complete, -1])
+        if newest > (newest_root if newest_root is not None else -1):
+            parents = candidates[newest].parents or []
+            ancestry = [*parents, [newest, complete[newest]]]
+        elif newest_root is not None:
+            ancestry = [[newest_root, view.attempt(newest_root)]] \
+                if view.attempt(newest_root) is not None else []
+        else:
+            ancestry = []
+        return {"complete": complete, "root": partial, "ancestry": ancestry}
 
     def _clean(self) -> None:
         """Start-up: keeps the newest ``local_keep`` complete steps, and of the others the
@@ -243,12 +292,23 @@ class LocalTier:
             steps = sorted(set(self.complete) | {step})
             return [s for s in steps[:-self.keep] if s not in self.pinned]
 
-    def committed(self, step: int, attempt: str, drop: Sequence[int]) -> None:
-        """Every process, once every process committed its copy of ``step``."""
+    def committed(self, step: int, attempt: str, parents: list[list[Any]],
+                  drop: Sequence[int]) -> None:
+        """Every process, once every process committed its copy of ``step`` (saved with
+        ``parents``): the next save descends from it."""
         with self._lock:
             self.complete[step] = attempt
-            self.copies[step] = LocalCopy(step, attempt, self.me, self.count, self.lineage)
+            self.copies[step] = LocalCopy(step, attempt, self.me, self.count, self.lineage,
+                                          parents)
+            self.ancestry = [*self.ancestry, [step, attempt]]
         self.drop(drop, "retention")
+
+    def root_committed(self, step: int, attempt: str) -> None:
+        """Every process, once the root committed ``step``: the ancestry later saves record
+        starts there (the root's step stands for everything before it)."""
+        with self._lock:
+            if [step, attempt] in self.ancestry:
+                self.ancestry = self.ancestry[self.ancestry.index([step, attempt]):]
 
     def drop(self, steps: Sequence[int], why: str) -> None:
         """Every process: removes its copies of ``steps`` (retention, delete, rewind). A
@@ -308,6 +368,73 @@ class LocalTier:
                 f"step {step}: process {self.me}'s local copy is unreadable and {folder.url} "
                 f"holds another save of it ({whole.manifest.attempt}, not {agreed})")
         return whole
+
+
+class _RootView:
+    """Process 0's reads of the persistent root while deciding which copies serve: its
+    committed steps (one listing) and the attempt each COMMIT names, each read once."""
+
+    def __init__(self, root: Store) -> None:
+        self.root = root
+        self.steps = committed_steps(root)
+        self._attempts: dict[int, str | None] = {}
+        self._parents: dict[int, list[list[Any]] | None] = {}
+
+    def newest(self) -> int | None:
+        return self.steps[-1] if self.steps else None
+
+    def attempt(self, step: int) -> str | None:
+        """The save the root holds of ``step`` (None: none of ours, or unreadable now)."""
+        if step not in self._attempts:
+            try:
+                self._attempts[step] = committed_attempt(self.root.child(str(step))) \
+                    if step in self.steps else None
+            except CkptError:
+                self._attempts[step] = None  # unreadable now: nothing is trusted against it
+        return self._attempts[step]
+
+    def parents(self, step: int) -> list[list[Any]] | None:
+        if step not in self._parents:
+            try:
+                self._parents[step] = open_checkpoint(self.root.child(str(step)))[1].parents
+            except CkptError:
+                self._parents[step] = None
+        return self._parents[step]
+
+    def serves(self, copy: LocalCopy) -> bool:
+        """Whether a complete step's copies serve from the local tier (`LocalTier._trust`)."""
+        if copy.step in self.steps:
+            return self.attempt(copy.step) == copy.attempt
+        if copy.parents is None:
+            return False  # written before ancestry was recorded: nothing says it descends
+        nodes = {int(s): a for s, a in copy.parents}
+        nodes[copy.step] = copy.attempt
+        low = min(nodes)
+        for step in self.steps:
+            if low <= step < copy.step and self.attempt(step) != nodes.get(step):
+                return False  # the root committed another save of an ancestor's step
+        above = [s for s in self.steps if s > copy.step]
+        if above:
+            # A step the root does not hold, below its newest: the run went on from it only
+            # if the root's next step descends from it.
+            return [copy.step, copy.attempt] in (self.parents(above[0]) or [])
+        return True
+
+
+def _refuse_inside(local: Store, root: Store) -> None:
+    """Refuses a local folder that is the persistent root or inside it (its copies would be
+    step folders of the root, cleaned and listed as the root's).
+
+    Raises:
+        ValueError: naming both folders.
+    """
+    if local.location.scheme != "file" or root.location.scheme != "file":
+        return
+    here = os.path.realpath(local.location.path)
+    there = os.path.realpath(root.location.path)
+    if here == there or here.startswith(there.rstrip(os.sep) + os.sep):
+        raise ValueError(f"local_dir {here} is {'the persistent root' if here == there else 'inside the persistent root ' + there}: "
+                         f"give the local tier a folder of its own on each host's disk")
 
 
 class Tiered(Readable):

@@ -28,10 +28,9 @@ from ckpt._housekeeping import (
     abandoned,
     attempts,
     committed_steps,
-    delete_checkpoint,
     finish_rewind,
     is_abandoned,
-    record_lineage,
+    remove_steps,
     retention_victims,
     step_folders,
 )
@@ -433,9 +432,11 @@ def _gc(args: argparse.Namespace) -> int:
     for step in victims:
         say("remove", "committed step", str(step),
             f"{verb} committed step {step} (keeping the newest {args.keep_last})")
-        if not args.dry_run:
-            record_lineage(store, "delete", step)  # no host's local copy of it comes back
-            for name in delete_checkpoint(store.child(str(step))):
+    if victims and not args.dry_run:
+        # The one way steps leave a run: recorded first, so that no host's local copy of
+        # them comes back.
+        for step, names in remove_steps(store, victims).items():
+            for name in names:
                 say("keep", "claimed attempt", f"{step}/{name}",
                     f"keeping {step}/{name}: claimed for commit by a job that may still "
                     "be running")
