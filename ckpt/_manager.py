@@ -21,6 +21,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
+import jax
 import numpy as np
 
 from ckpt import _coord
@@ -185,8 +186,9 @@ class CheckpointManager:
         self.keep_last, self.keep_every, self.timeout_s = keep_last, keep_every, timeout_s
         self.debris_grace_s = debris_grace_s
         self.snapshot, self.memory_budget = snapshot, checked_options(snapshot, memory_budget)
-        self._policy = SavePolicy(save_every, save_every_seconds,
-                                  watch_preemption and not read_only)
+        if local_dir is None and persist_every is not None:
+            raise ValueError("persist_every needs local_dir (without a local tier every "
+                             "save goes to root_url)")
         self._metrics: dict[int, dict[str, float]] = {}
         self._lock = threading.Lock()
         self._saving: set[str] = set()  # attempt ids of this manager's saves in flight
@@ -194,21 +196,28 @@ class CheckpointManager:
         self._gc: threading.Thread | None = None
         self._closed = False
         self._persist: SaveHandle | None = None  # the commit to the root under way
-        if local_dir is None and persist_every is not None:
-            raise ValueError("persist_every needs local_dir (without a local tier every "
-                             "save goes to root_url)")
-        # Before an interrupted rewind is finished below: each process drops its copies of
-        # the steps the rewind abandoned while the record still names them.
-        self._tier = None if local_dir is None else LocalTier(
-            os.fspath(local_dir), local_keep, persist_every, self._store,
-            read_only=read_only, timeout_s=timeout_s)
-        if not read_only and _coord.current().process_index == 0:
-            if self._store.exists(REWIND):
-                # A rewind was interrupted: finish it before any save can land on its branch.
-                finish_rewind(self._store)
-            self._gc = threading.Thread(target=self._remove_debris, name="ckpt-manager-gc",
-                                        daemon=True)
-            self._gc.start()
+        self._tier: LocalTier | None = None
+        self._policy = SavePolicy(save_every, save_every_seconds,
+                                  watch_preemption and not read_only)
+        try:
+            # Before an interrupted rewind is finished below: each process drops its copies
+            # of the steps the rewind abandoned while the record still names them.
+            if local_dir is not None:
+                self._tier = LocalTier(os.fspath(local_dir), local_keep, persist_every,
+                                       self._store, read_only=read_only, timeout_s=timeout_s)
+            if not read_only and _coord.current().process_index == 0:
+                if self._store.exists(REWIND):
+                    # A rewind was interrupted: finish it before any save can land on its
+                    # branch.
+                    finish_rewind(self._store)
+                self._gc = threading.Thread(target=self._remove_debris,
+                                            name="ckpt-manager-gc", daemon=True)
+                self._gc.start()
+        except BaseException:
+            # A manager that was never made must not keep SIGTERM from ending the process.
+            self._closed = True
+            self._policy.close()
+            raise
 
     def __repr__(self) -> str:
         return (f"CheckpointManager({self.root_url!r}, keep_last={self.keep_last}"
@@ -365,6 +374,15 @@ class CheckpointManager:
             return self._persist
 
         parents = [list(p) for p in tier.ancestry]
+        if not tier.room(step, jax.tree_util.tree_leaves(tree), self.timeout_s):
+            # A full local disk never stops persistence: this step goes to the root alone.
+            return start_save(self._store.child(str(step)), tree, metadata=metadata,
+                              on_commit=lambda h: self._root_only_committed(step, h, metrics,
+                                                                            drawn, parents),
+                              timeout_s=self.timeout_s, metrics=metrics,
+                              refuse=lambda: self._refusal(step), on_attempt=draw, step=step,
+                              snapshot=self.snapshot, memory_budget=self.memory_budget,
+                              parents=parents)
         return start_local_save(tier.store, tree, step=step,
                                 origin={"root": self.root_url, "lineage": tier.lineage},
                                 parents=parents, metadata=metadata,
@@ -372,6 +390,15 @@ class CheckpointManager:
                                 snapshot=self.snapshot, memory_budget=self.memory_budget,
                                 refuse=lambda: self._refusal(step), on_attempt=draw,
                                 victims=lambda: tier.victims(step), on_commit=committed)
+
+    def _root_only_committed(self, step: int, handle: SaveHandle,
+                             metrics: dict[str, float] | None, drawn: list[str],
+                             parents: list[list[Any]]) -> None:
+        """Every process, after a step the local tier had no room for committed to the
+        root alone: later saves descend from it."""
+        assert self._tier is not None
+        self._tier.ancestry = [*parents, [step, handle.attempt]]
+        self._committed(step, metrics, drawn, handle.attempt)
 
     def _persist_done(self, step: int, drawn: list[str]) -> None:
         assert self._tier is not None

@@ -78,7 +78,8 @@ class LocalTier:
         # `complete` and `copies` change on the manager's thread, the local saves' and the
         # root commits' (retention); every read of more than one entry holds this.
         self._lock = threading.RLock()
-        key = f"tier/{next(_TIERS)}"
+        key = self.key = f"tier/{next(_TIERS)}"
+        self._rooms = itertools.count()  # the n-th save's room check: same keys everywhere
         lineage, gone = self._root_records(coord, key, timeout_s)
         self.lineage = lineage.mark  # what this run's copies record
         self.copies: dict[int, LocalCopy] = {}
@@ -292,6 +293,58 @@ class LocalTier:
             steps = sorted(set(self.complete) | {step})
             return [s for s in steps[:-self.keep] if s not in self.pinned]
 
+    def room(self, step: int, tree_leaves: list[Any], timeout_s: float) -> bool:
+        """Every process, before a local save of ``step``: whether every process's disk has
+        room for its copy. Each process tells its free space, the bytes its copy needs
+        (every shard its devices hold) and the size of its copies of the steps retention
+        removes once this one is committed; process 0 decides. Where that room is short,
+        the steps the root also holds among those are removed now (each process's, on
+        every process), before the new copy is written; a step held only locally is never
+        removed early. False: some process still lacks room, and the step goes to the
+        root alone (`CheckpointManager.save` logs it).
+        """
+        victims = self.victims(step)
+        try:
+            free = _free_bytes(self.store)
+            mine: Any = {"need": _held_bytes(tree_leaves), "free": free, "sizes": {
+                str(v): sum(self.store.list_sizes(str(v)).values()) for v in victims}}
+        except (CkptError, OSError) as exc:
+            mine = exc
+        key = f"{self.key}/room/{next(self._rooms)}"
+        outcomes = _coord.current().gather(key, mine, timeout_s)
+
+        def decide() -> Any:
+            failed = _coord.errors_of(outcomes)
+            if failed:
+                raise failed[0].error("measuring the local tier's free space: ")
+            short = {p: v for p, v in outcomes.items()
+                     if v["free"] is not None and v["free"] < v["need"]}
+            if not short:
+                return []
+            on_root = set(committed_steps(self.root))
+            evict: list[int] = []
+            for v in victims:  # oldest first
+                if all(v_["free"] + sum(v_["sizes"].get(str(s), 0) for s in evict)
+                       >= v_["need"] for v_ in short.values()):
+                    break
+                if v in on_root:
+                    evict.append(v)
+            if all(v_["free"] + sum(v_["sizes"].get(str(s), 0) for s in evict) >= v_["need"]
+                   for v_ in short.values()):
+                return evict
+            who = ", ".join(f"process {p}: {v_['free']} bytes free, {v_['need']} needed"
+                            for p, v_ in sorted(short.items()))
+            log.warning("local tier %s is full (%s): step %d is saved to the persistent "
+                        "root alone", self.store.url, who, step)
+            return None
+
+        evict = _coord.current().decide(f"{key}/verdict", decide, timeout_s)
+        if evict is None:
+            return False
+        if evict:
+            self.drop(evict, "making room for step %d (the persistent root holds it)" % step)
+        return True
+
     def committed(self, step: int, attempt: str, parents: list[list[Any]],
                   drop: Sequence[int]) -> None:
         """Every process, once every process committed its copy of ``step`` (saved with
@@ -419,6 +472,38 @@ class _RootView:
             # if the root's next step descends from it.
             return [copy.step, copy.attempt] in (self.parents(above[0]) or [])
         return True
+
+
+def _free_bytes(store: Store) -> int | None:
+    """Bytes free on the disk of a local folder (None: not a file system, e.g. memory://)."""
+    if store.location.scheme != "file":
+        return None
+    path = store.location.path
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    stats = os.statvfs(path)
+    return stats.f_bavail * stats.f_frsize
+
+
+def _held_bytes(leaves: list[Any]) -> int:
+    """What a process's local copy of ``leaves`` needs on disk, about: every distinct shard
+    its devices hold of each array, every host array whole, and a margin for metadata."""
+    total = 0
+    for leaf in leaves:
+        shards = getattr(leaf, "addressable_shards", None)
+        if shards is not None:
+            seen: set[Any] = set()
+            for shard in shards:
+                index = tuple((s.start, s.stop) for s in shard.index)
+                if index not in seen:
+                    seen.add(index)
+                    try:
+                        total += int(shard.data.nbytes)
+                    except Exception:  # a leaf without a byte size: too small to matter
+                        pass
+        else:
+            total += int(getattr(leaf, "nbytes", 0))
+    return total + total // 50 + (1 << 20)
 
 
 def _refuse_inside(local: Store, root: Store) -> None:

@@ -143,3 +143,63 @@ def resume(root, local, mesh_shape, next_step, values_of=None):
         after = mgr.steps()
     return {"latest": latest, "steps": steps, "after": after,
             "local": sorted(os.listdir(_own(local)))}
+
+
+def save_values(root, local, steps, values, mesh_shape, persist_every):
+    """Saves each of ``steps`` with the state of ``values`` (a seed per step: two runs
+    saving one step with other values are told apart); returns the steps listed after."""
+    with _manager(root, local, persist_every) as mgr:
+        for step, value in zip(steps, values):
+            mgr.save(step, device_tree(value, tuple(mesh_shape)))
+        mgr.wait()
+        return mgr.steps()
+
+
+def check_values(root, local, mesh_shape, persist_every, values_by_step):
+    """Opens the run and restores every step it lists, checking each exactly against the
+    values ``values_by_step`` (str(step) -> seed) names; returns latest and steps."""
+    mesh = mesh_of(tuple(mesh_shape))
+    with _manager(root, local, persist_every) as mgr:
+        latest, steps = mgr.latest_step(), mgr.steps()
+        for step in steps:
+            exact(mgr.restore(step, mesh=mesh), values_by_step[str(step)])
+    return {"latest": latest, "steps": steps}
+
+
+def save_and_stop(root, local, mesh_shape, where):
+    """Saves step 3 (local only, after steps 1 and 2) and stops itself (SIGSTOP) just
+    before its local commit claim (``where`` = ``claim``) or its local COMMIT
+    (``commit``); once continued, reports how the save ended."""
+    def before(doing, key, args):
+        if key.startswith("3/") and doing in ("creating", "writing") and (
+                (where == "claim" and key.startswith("3/claims/"))
+                or (where == "commit" and key == "3/COMMIT")):
+            print("PAUSED", flush=True)
+            os.kill(os.getpid(), signal.SIGSTOP)
+
+    with _manager(root, local, 2) as mgr:
+        for step in (1, 2):
+            mgr.save(step, device_tree(step, tuple(mesh_shape))).wait()
+    real = _tiers.local_store
+    _tiers.local_store = lambda path, p: FaultyStore(real(path, p), before=before)
+    mgr = _manager(root, local, 2)
+    try:
+        mgr.save(3, device_tree(3, tuple(mesh_shape))).wait()
+        outcome = "committed"
+    except ckpt.CkptError as exc:
+        outcome = f"{type(exc).__name__}: {exc}"
+    finally:
+        _tiers.local_store = real
+    try:
+        mgr.close()
+    except ckpt.CkptError:
+        pass
+    return outcome
+
+
+def exit_with_a_save_in_flight(root, local, mesh_shape):
+    """Saves step 1 (persisted: persist_every=1) and returns without waiting: the exit
+    hook must see both the local commit and the root's through."""
+    mgr = _manager(root, local, 1)
+    mgr.save(1, device_tree(1, tuple(mesh_shape)))
+    return "returned"

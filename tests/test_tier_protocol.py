@@ -1,0 +1,256 @@
+"""The local tier on the root's protocol (docs/tiers.md): copies serve only saves of the
+run's history, removals go under claims, the LINEAGE record is compacted, the exit hook
+waits for every tier, a full local disk degrades to root-only saves, and bad set-ups are
+refused at construction. Real processes (`tools.launch`), real files, the S3 server the
+suite runs; then a randomized sequence of saves, host moves, restarts, deletes, rewinds and
+`ckpt gc`, checked after every operation."""
+
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import ckpt
+from ckpt import _tiers
+from ckpt._housekeeping import Lineage, read_lineage, remove_steps
+from ckpt.errors import AttemptRemovedError, CommitConflictError
+from ckpt.storage import open_store
+from tests.conftest import backend_url
+from tests.faults import FaultyStore
+from tools.launch import launch, start
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _state(mesh, value):
+    w = np.random.default_rng(value).standard_normal((16, 64)).astype(np.float32)
+    return {"w": jax.device_put(w, NamedSharding(mesh, P("data", "model"))), "id": value}
+
+
+def _id(mgr, step, mesh):
+    restored = mgr.restore(step, target=_state(mesh, 0))
+    w = np.random.default_rng(restored["id"]).standard_normal((16, 64)).astype(np.float32)
+    assert np.asarray(restored["w"]).tobytes() == w.tobytes(), step  # whole, not mixed
+    return restored["id"]
+
+
+# -- which copies serve ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_a_copy_of_an_abandoned_branch_never_serves(request, tmp_path, backend):
+    """Run 1 on hosts A saves step 5 to both tiers and 6, 7 on A's disks only; run 2 on
+    hosts B resumes from 5 and commits its own step 6 to the root; run 3 back on A must
+    serve the root's step 6, and never A's 6 or the 7 that descends from it."""
+    root = backend_url(request, tmp_path, backend)
+    a, b = str(tmp_path / "A-{process}"), str(tmp_path / "B-{process}")
+    launch("tests.tier_jobs:save_values", 2, args=[root, a, [5, 6, 7], [5, 6, 7], [2, 4], 5])
+    launch("tests.tier_jobs:save_values", 2, args=[root, b, [6], [106], [2, 4], 1])
+    results = launch("tests.tier_jobs:check_values", 2,
+                     args=[root, a, [2, 4], 5, {"5": 5, "6": 106}])
+    for r in results:
+        assert r == {"latest": 6, "steps": [5, 6]}, results
+    # A's copies of the abandoned branch went at start-up; what is left serves.
+    for p in (0, 1):
+        assert sorted(os.listdir(a.replace("{process}", str(p)))) <= ["5", "6", "7"]
+
+
+def test_a_local_step_newer_than_the_root_serves_only_if_it_descends(tmp_path, mesh24):
+    """One process, two hosts' folders: a local-only step of host A is offered after a
+    restart on A (it descends from the root's step), and no longer once host B committed
+    another save of a step between."""
+    root, a, b = str(tmp_path / "root"), str(tmp_path / "A"), str(tmp_path / "B")
+    with ckpt.CheckpointManager(root, local_dir=a, local_keep=3, persist_every=2) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, _state(mesh24, step))
+    with ckpt.CheckpointManager(root, local_dir=a, local_keep=3, persist_every=2) as mgr:
+        assert mgr.steps() == [1, 2, 3] and _id(mgr, 3, mesh24) == 3
+    with ckpt.CheckpointManager(root, local_dir=b, persist_every=1) as mgr:
+        assert mgr.latest_step() == 2
+        mgr.save(3, _state(mesh24, 103))
+    with ckpt.CheckpointManager(root, local_dir=a, local_keep=3, persist_every=2) as mgr:
+        assert mgr.steps() == [1, 2, 3] and _id(mgr, 3, mesh24) == 103
+        mgr.save(4, _state(mesh24, 4))  # local only, descends from the root's 3
+    with ckpt.CheckpointManager(root, local_dir=a, local_keep=3, persist_every=2) as mgr:
+        assert mgr.latest_step() == 4 and _id(mgr, 4, mesh24) == 4
+
+
+# -- fencing --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["claim", "commit"])
+def test_a_process_paused_before_its_local_commit_never_commits_over_a_restart(tmp_path,
+                                                                                 where):
+    """A process stops (SIGSTOP) just before its local commit claim, or just before its
+    local COMMIT; the restarted job cleans up and commits its own step 3; the old process
+    then continues: it commits nothing, and step 3 is the restarted job's, whole."""
+    root, local = str(tmp_path / "root"), str(tmp_path / "local-{process}")
+    with start("tests.tier_jobs:save_and_stop", 1, args=[root, local, [2, 2], where]) as job:
+        job.wait_for_line(0, "PAUSED")
+        steps = launch("tests.tier_jobs:save_values", 1,
+                       args=[root, local, [3], [303], [2, 2], 2])
+        assert steps == [[2, 3]]  # step 1 left the local tier (local_keep=2)
+        job.kill(0, signal.SIGCONT)
+        outcome = job.wait()[0]
+    expected = {"claim": AttemptRemovedError, "commit": CommitConflictError}[where]
+    assert outcome.startswith(expected.__name__), outcome
+    results = launch("tests.tier_jobs:check_values", 1,
+                     args=[root, local, [2, 2], 2, {"2": 2, "3": 303}])
+    assert results == [{"latest": 3, "steps": [2, 3]}]
+    names = sorted(os.listdir(os.path.join(local.replace("{process}", "0"), "3")))
+    assert len([n for n in names if n.startswith("attempt-")]) == 1 and "COMMIT" in names
+
+
+def test_a_second_manager_on_one_local_folder_never_lets_an_emptied_copy_commit(
+        tmp_path, mesh24, monkeypatch):
+    """Two writable managers on one local folder in one process: the second starts while
+    the first is about to claim its copy of step 2 for commit and cleans that copy up; the
+    first's save then fails, loudly, and nothing of step 2 is listed."""
+    root, local = str(tmp_path / "root"), str(tmp_path / "local")
+    with ckpt.CheckpointManager(root, local_dir=local, persist_every=10) as mgr:
+        mgr.save(1, _state(mesh24, 1))
+    second = []
+
+    def before(doing, key, args):
+        if key.startswith("2/claims/") and not second:
+            second.append(None)  # its own clean-up passes here too
+            second[0] = ckpt.CheckpointManager(root, local_dir=local, persist_every=10)
+
+    real = _tiers.local_store
+    monkeypatch.setattr(_tiers, "local_store",
+                        lambda path, p: FaultyStore(real(path, p), before=before))
+    first = ckpt.CheckpointManager(root, local_dir=local, persist_every=10)
+    with pytest.raises(AttemptRemovedError, match="claimed for removal"):
+        first.save(2, _state(mesh24, 2)).wait()
+    first.close()
+    second[0].close()
+    monkeypatch.setattr(_tiers, "local_store", real)
+    with ckpt.CheckpointManager(root, local_dir=local, persist_every=10) as mgr:
+        assert mgr.steps() == [1] and _id(mgr, 1, mesh24) == 1
+
+
+# -- exit -----------------------------------------------------------------------------------
+
+def test_a_script_returning_with_a_persisted_save_in_flight_commits_both_tiers(tmp_path):
+    root, local = str(tmp_path / "root"), str(tmp_path / "local-{process}")
+    with start("tests.tier_jobs:exit_with_a_save_in_flight", 1,
+               args=[root, local, [2, 2]]) as job:
+        assert job.wait() == ["returned"]
+        assert not [line for line in job.stderr[0] if line.startswith("ckpt:")], job.stderr
+    assert os.path.exists(os.path.join(root, "1", "COMMIT"))
+    assert os.path.exists(os.path.join(local.replace("{process}", "0"), "1", "COMMIT"))
+    from ckpt._housekeeping import attempts
+    assert [a.state for a in attempts(open_store(os.path.join(root, "1")))] == ["committed"]
+
+
+# -- LINEAGE --------------------------------------------------------------------------------
+
+def test_lineage_compacts_and_never_forgets_what_start_up_needs(tmp_path, mesh24):
+    """Thousands of removals (what `ckpt gc --keep-last` of a long run records): the
+    local-only step is still offered afterwards, the removed one never comes back, and the
+    record stays small."""
+    root, local = str(tmp_path / "root"), str(tmp_path / "local")
+    with ckpt.CheckpointManager(root, local_dir=local, local_keep=3, persist_every=2) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, _state(mesh24, step))
+    remove_steps(open_store(root), [1, *range(10_000, 12_500)])
+    with ckpt.CheckpointManager(root, local_dir=local, local_keep=3, persist_every=2) as mgr:
+        assert mgr.steps() == [2, 3] and _id(mgr, 3, mesh24) == 3
+    assert os.path.getsize(os.path.join(root, "LINEAGE")) < 64 * 1024
+    # A rewind below those removals folds them away.
+    with ckpt.CheckpointManager(root, local_dir=local, local_keep=3, persist_every=2) as mgr:
+        mgr.rewind(2)
+        assert mgr.steps() == [2]
+    lineage = read_lineage(open_store(root))
+    assert lineage.deletes == {1: 1} and [to for _, to in lineage.rewinds] == [2]
+
+
+def test_lineage_record_rules():
+    rec = Lineage(origin="o")
+    rec = rec.add("delete", 5)                 # 1
+    early = rec.mark
+    rec = rec.add("rewind", 8).add("rewind", 3)  # 2, 3: the rewind to 3 covers the one to 8
+    assert [to for _, to in rec.rewinds] == [3] and rec.deletes == {}  # 5 > 3: folded
+    assert not rec.survives(early, 5) and not rec.survives(early, 4)
+    assert rec.survives(early, 3) and rec.survives(rec.mark, 9)
+    assert not rec.survives("other:1", 3) and not rec.survives("o:99", 3)
+    old = Lineage.from_json({"events": [["aa", "origin", 0], ["bb", "delete", 4],
+                                        ["cc", "rewind", 2]]}, "x")
+    assert old.survives("cc", 7) and not old.survives("bb", 3) and old.survives("aa", 1)
+    assert Lineage.from_json(old.to_json(), "x") == old
+    with pytest.raises(ckpt.CorruptCheckpointError, match="x is not a lineage record"):
+        Lineage.from_json({"origin": "o", "seq": 1, "deletes": [[1, "a"]], "rewinds": []},
+                          "x")
+
+
+def test_retention_without_a_tier_records_what_it_removed(tmp_path, mesh24):
+    """A root reopened with a local tier never offers copies of steps that a manager
+    without one removed by retention."""
+    root, local = str(tmp_path / "root"), str(tmp_path / "local")
+    with ckpt.CheckpointManager(root, local_dir=local, persist_every=1) as mgr:
+        for step in (1, 2):
+            mgr.save(step, _state(mesh24, step))
+    with ckpt.CheckpointManager(root, keep_last=1) as mgr:
+        mgr.save(3, _state(mesh24, 3))
+    assert set(read_lineage(open_store(root)).deletes) == {1, 2}
+    with ckpt.CheckpointManager(root, local_dir=local, persist_every=1) as mgr:
+        assert mgr.steps() == [3] and _id(mgr, 3, mesh24) == 3
+
+
+# -- a full local disk ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("persist_every", [1, 2])
+def test_a_full_local_disk_degrades_to_root_only_saves(tmp_path, persist_every):
+    """An 8 MiB local disk, copies of 3 MiB: every save commits; with every step persisted
+    the oldest copy makes room before the new one is written, else (a local-only copy is
+    never removed early) the steps go to the root alone, logged."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    root = str(tmp_path / "root")
+    run = subprocess.run(["unshare", "-rm", sys.executable,
+                          os.path.join(HERE, "tier_full_disk_child.py"), str(mnt), root,
+                          str(persist_every)], capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert set(out["outcomes"].values()) == {"ok"}, out
+    assert out["steps"] == [1, 2, 3, 4, 5] and out["exact"], out
+    if persist_every == 1:
+        assert out["root"] == [1, 2, 3, 4, 5] and out["local"] == [4, 5], out
+    else:
+        assert out["root"] == [2, 3, 4, 5] and out["local"] == [1, 2], out
+        assert any("is full" in w and "root alone" in w for w in out["warnings"]), out
+
+
+# -- refused at construction ----------------------------------------------------------------
+
+def test_a_local_folder_at_or_inside_the_root_is_refused(tmp_path):
+    root = str(tmp_path / "root")
+    for local in (root, os.path.join(root, "local")):
+        with pytest.raises(ValueError, match="local_dir .* the persistent root"):
+            ckpt.CheckpointManager(root, local_dir=local)
+
+
+def test_processes_sharing_one_local_folder_are_refused_on_every_process(tmp_path):
+    root, local = str(tmp_path / "root"), str(tmp_path / "shared")
+    with start("tests.tier_jobs:save_values", 2, args=[root, local, [1], [1], [2, 4], 1]) \
+            as job:
+        job.wait(check=False)
+        for p in (0, 1):
+            assert any("share the local folder" in line and local in line
+                       for line in job.stderr[p]), job.stderr[p][-5:]
+
+
+def test_a_failed_constructor_gives_sigterm_back(tmp_path):
+    before = signal.getsignal(signal.SIGTERM)
+    root = str(tmp_path / "root")
+    with pytest.raises(ValueError):
+        ckpt.CheckpointManager(root, local_dir=root)
+    assert signal.getsignal(signal.SIGTERM) is before
