@@ -287,7 +287,7 @@ def finish_rewind(store: Store) -> Abandoned:
     return kept
 
 
-def _is_committed(store: Store, step: int, gone: Abandoned) -> bool:
+def is_committed(store: Store, step: int, gone: Abandoned) -> bool:
     """Whether ``step`` is a committed step of the root: this library's (COMMIT) or one an
     Orbax CheckpointManager wrote (a run that switched over continues in place)."""
     committed = store.exists(f"{step}/{COMMIT}") or is_orbax_step(store.child(str(step)))
@@ -298,14 +298,14 @@ def committed_steps(store: Store) -> list[int]:
     """Committed steps under a manager root, ascending (one existence check per folder of
     this library's; two or three for an Orbax step)."""
     gone = abandoned(store)
-    return [s for s in step_folders(store) if _is_committed(store, s, gone)]
+    return [s for s in step_folders(store) if is_committed(store, s, gone)]
 
 
 def latest_committed_step(store: Store) -> int | None:
     """The newest committed step: one listing, then existence checks newest first."""
     gone = abandoned(store)
     for step in reversed(step_folders(store)):
-        if _is_committed(store, step, gone):
+        if is_committed(store, step, gone):
             return step
     return None
 

@@ -1,5 +1,6 @@
 """`CheckpointManager`: numbered steps of one run under one root; one save in flight;
-retention; debris removal; delete and rewind.
+retention; debris removal; delete and rewind. Where the steps live (the root alone, or a
+local tier beside it) is its placement's business (`ckpt._placement`).
 
 Layout: ``<root>/<step>/`` is an ordinary checkpoint (decimal step, no padding). A step is
 committed when its COMMIT exists (and no interrupted rewind abandoned it); nothing else about
@@ -11,46 +12,37 @@ commit a step that does not restore. Every process may list and restore.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import operator
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
 
-import jax
 import numpy as np
 
 from ckpt import _coord
-from ckpt._commit import committed_attempt
 from ckpt._format import COMMIT, REWIND
+from ckpt._handle import SaveHandle
 from ckpt._housekeeping import (
     Attempt,
     abandoned,
     committed_steps,
     finish_rewind,
     is_abandoned,
-    latest_committed_step,
-    read_lineage,
     remove_debris,
-    remove_steps,
     retention_victims,
     step_folders,
-    rewind_root,
 )
-from ckpt._local import Persist, start_local_save, start_persist
-from ckpt._policy import SavePolicy
 from ckpt._orbax import holds_foreign_files, orbax_step_metrics
-from ckpt._reader import open_checkpoint, open_readable
-from ckpt._restore import restore_from
-from ckpt._tree import is_text
-from ckpt._handle import SaveHandle
-from ckpt._save import start_save
+from ckpt._placement import RootOnly, Setting, WithLocalTier
+from ckpt._policy import SavePolicy
+from ckpt._reader import open_checkpoint
 from ckpt._snapshot import DEFAULT_MEMORY_BUDGET, checked_options
-from ckpt._tiers import LocalTier, Tiered
+from ckpt._tiers import LocalTier
+from ckpt._tree import is_text
 from ckpt.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -60,7 +52,7 @@ from ckpt.errors import (
     SaveError,
     StepOrderError,
 )
-from ckpt.storage import Deadline, DeadlineStore, Store, StoreLike, open_store
+from ckpt.storage import Deadline, DeadlineStore, StoreLike, open_store
 
 log = logging.getLogger("ckpt.manager")
 
@@ -195,16 +187,20 @@ class CheckpointManager:
         self._handle: SaveHandle | None = None
         self._gc: threading.Thread | None = None
         self._closed = False
-        self._persist: SaveHandle | None = None  # the commit to the root under way
-        self._tier: LocalTier | None = None
+        setting = Setting(root=self._store, timeout_s=timeout_s, snapshot=snapshot,
+                          memory_budget=self.memory_budget, refuse=self._refusal,
+                          victims=self._retention_victims, saved=self._saved,
+                          finished=self._finished, removed=self._removed)
+        self._place: RootOnly = RootOnly(setting)
         self._policy = SavePolicy(save_every, save_every_seconds,
                                   watch_preemption and not read_only)
         try:
             # Before an interrupted rewind is finished below: each process drops its copies
             # of the steps the rewind abandoned while the record still names them.
             if local_dir is not None:
-                self._tier = LocalTier(os.fspath(local_dir), local_keep, persist_every,
-                                       self._store, read_only=read_only, timeout_s=timeout_s)
+                self._place = WithLocalTier(setting, LocalTier(
+                    os.fspath(local_dir), local_keep, persist_every, self._store,
+                    read_only=read_only, timeout_s=timeout_s))
             if not read_only and _coord.current().process_index == 0:
                 if self._store.exists(REWIND):
                     # A rewind was interrupted: finish it before any save can land on its
@@ -227,24 +223,14 @@ class CheckpointManager:
 
     def steps(self) -> list[int]:
         """All committed steps, ascending (one existence check per step folder); with a
-        local tier, also the steps every process holds a local copy of."""
-        steps = committed_steps(self._store)
-        if self._tier is not None:
-            steps = sorted(set(steps) | set(self._tier.steps()))
-        return steps
+        local tier, also the steps whose local copies serve on every process."""
+        return self._place.steps()
 
     def latest_step(self) -> int | None:
         """The newest committed step, or None; checks step folders newest first. With a
         local tier: the newest step restorable from the tiers (the root's newest, or a
-        newer one every process holds a local copy of)."""
-        return self._newest(self._store)
-
-    def _newest(self, store: Store) -> int | None:
-        """`latest_step` through ``store`` (the root, or it bound by a restore's deadline)."""
-        newest = latest_committed_step(store)
-        if self._tier is not None and (local := self._tier.newest()) is not None:
-            newest = local if newest is None else max(newest, local)
-        return newest
+        newer one whose local copies serve on every process)."""
+        return self._place.newest(self._store)
 
     # -- saving ----------------------------------------------------------------------------
 
@@ -279,14 +265,6 @@ class CheckpointManager:
             if exc is not None and not previous.observed_by_user:
                 previous.mark_observed()
                 raise SaveError(f"the previous save ({previous.url}) failed: {exc}") from exc
-
-    def _await_persist(self) -> None:
-        """Waits for the root commit under way (local tier), without raising its error:
-        processes can see its outcome differently (one may not learn whether process 0
-        committed), and what follows (a save, a delete) must start on all of them. Its
-        failure is logged, and raised by `handle.remote.wait()`, `wait` and `close`."""
-        if self._persist is not None:
-            self._persist.outcome()
 
     def save(self, step: int, tree: Any, *, metadata: Any = None,
              metrics: dict[str, float] | None = None,
@@ -324,14 +302,12 @@ class CheckpointManager:
             drawn.append(attempt)
 
         try:
-            if self._tier is not None:
-                handle = self._save_tiered(step, tree, metadata, metrics, draw, drawn)
+            if isinstance(self._place, WithLocalTier):
+                # The preemption step is always persisted.
+                handle = self._place.save(step, tree, metadata, metrics, draw, drawn,
+                                          persist=self._policy.preempted_at(step))
             else:
-                handle = start_save(self._store.child(str(step)), tree, metadata=metadata,
-                    on_commit=lambda _: self._committed(step, metrics, drawn),
-                    timeout_s=self.timeout_s, metrics=metrics,
-                    refuse=lambda: self._refusal(step), on_attempt=draw,
-                    step=step, snapshot=self.snapshot, memory_budget=self.memory_budget)
+                handle = self._place.save(step, tree, metadata, metrics, draw, drawn)
         except BaseException:
             with self._lock:
                 self._saving.difference_update(drawn)
@@ -339,72 +315,6 @@ class CheckpointManager:
         self._policy.saved()
         self._handle = handle
         return handle
-
-    def _save_tiered(self, step: int, tree: Any, metadata: Any,
-                     metrics: dict[str, float] | None, draw: Any,
-                     drawn: list[str]) -> SaveHandle:
-        """`save` with a local tier: the local commit now; the root's, if this step is
-        persisted, started by it in the background (one at a time: a persisted step first
-        waits for the previous one's, and raises its error if nobody saw it)."""
-        tier = self._tier
-        assert tier is not None
-        persist = tier.persists(step) or self._policy.preempted_at(step)
-        if persist:
-            self._await_persist()
-
-        def committed(saved: Persist, drop: list[int]) -> SaveHandle | None:
-            # Every process, on the local save's thread, once every copy is committed.
-            tier.committed(step, saved.attempt, parents, drop)
-            if not persist:
-                with self._lock:
-                    self._saving.difference_update(drawn)
-                return None
-            tier.pinned.add(step)
-            try:
-                self._persist = start_persist(
-                    self._store.child(str(step)), step, saved, tier.store.child(str(step)),
-                    timeout_s=self.timeout_s, memory_budget=self.memory_budget,
-                    on_commit=lambda _: self._committed(step, metrics, drawn, saved.attempt),
-                    on_done=lambda: self._persist_done(step, drawn))
-            except Exception as exc:  # reported like a failed root commit, never lost
-                self._persist_done(step, drawn)
-                self._persist = SaveHandle(self._store.child(str(step)).url, step)
-                self._persist._finish(SaveError(f"the commit of step {step} to "
-                                                f"{self.root_url} did not start: {exc}"))
-            return self._persist
-
-        parents = [list(p) for p in tier.ancestry]
-        if not tier.room(step, jax.tree_util.tree_leaves(tree), self.timeout_s):
-            # A full local disk never stops persistence: this step goes to the root alone.
-            return start_save(self._store.child(str(step)), tree, metadata=metadata,
-                              on_commit=lambda h: self._root_only_committed(step, h, metrics,
-                                                                            drawn, parents),
-                              timeout_s=self.timeout_s, metrics=metrics,
-                              refuse=lambda: self._refusal(step), on_attempt=draw, step=step,
-                              snapshot=self.snapshot, memory_budget=self.memory_budget,
-                              parents=parents)
-        return start_local_save(tier.store, tree, step=step,
-                                origin={"root": self.root_url, "lineage": tier.lineage},
-                                parents=parents, metadata=metadata,
-                                metrics=dict(metrics or {}), timeout_s=self.timeout_s,
-                                snapshot=self.snapshot, memory_budget=self.memory_budget,
-                                refuse=lambda: self._refusal(step), on_attempt=draw,
-                                victims=lambda: tier.victims(step), on_commit=committed)
-
-    def _root_only_committed(self, step: int, handle: SaveHandle,
-                             metrics: dict[str, float] | None, drawn: list[str],
-                             parents: list[list[Any]]) -> None:
-        """Every process, after a step the local tier had no room for committed to the
-        root alone: later saves descend from it."""
-        assert self._tier is not None
-        self._tier.ancestry = [*parents, [step, handle.attempt]]
-        self._committed(step, metrics, drawn, handle.attempt)
-
-    def _persist_done(self, step: int, drawn: list[str]) -> None:
-        assert self._tier is not None
-        self._tier.pinned.discard(step)
-        with self._lock:
-            self._saving.difference_update(drawn)
 
     def _refusal(self, step: int) -> CkptError | None:
         """Process 0, before a save: the error that stops saving ``step``, if any."""
@@ -430,49 +340,19 @@ class CheckpointManager:
             f"{self.root_url}; to continue the run from an earlier step (e.g. after a loss "
             f"spike), call mgr.rewind(<that step>) first: it removes the steps above it")
 
-    def _committed(self, step: int, metrics: dict[str, float] | None,
-                   drawn: list[str], attempt: str | None = None) -> None:
-        """Every process, after ``step`` committed to the root: rank it; process 0:
-        retention (`ckpt._housekeeping.remove_steps`, which records the removals first).
-        With a local tier (``attempt``: the save's), every process also removes its local
-        copies of the steps process 0 removes from the root, before the root's go, so that
-        no local copy outlives the root's as the only copy of a removed step."""
+    def _saved(self, step: int, metrics: dict[str, float] | None) -> None:
+        """Every process, once ``step`` committed to the root: its metrics (for ranking)."""
+        self._metrics[step] = dict(metrics or {})
+
+    def _finished(self, drawn: list[str]) -> None:
+        """Every process, once a save's attempts are no longer in flight."""
         with self._lock:
             self._saving.difference_update(drawn)
-        self._metrics[step] = dict(metrics or {})
-        coord = _coord.current()
-        tier = self._tier
-        if tier is None or attempt is None:
-            if coord.process_index == 0:
-                self._apply_retention(self._retention_victims())
-            return
-        tier.root_committed(step, attempt)
-        key = f"persist/{attempt}/retention"
-        if coord.process_index != 0:
-            removed, tier.lineage = json.loads(coord.broadcast(key, None, self.timeout_s))
-            tier.drop(removed, "retention removes it from the persistent root")
-            return
 
-        sent = False
-
-        def then(mark: str) -> None:
-            nonlocal sent
-            coord.broadcast(key, json.dumps([victims, mark]), self.timeout_s)
-            sent = True
-            tier.lineage = mark
-            tier.drop(victims, "retention removes it from the persistent root")
-
-        victims: list[int] = []
-        try:
-            try:
-                victims = self._retention_victims()
-            except CkptError as exc:
-                log.warning("retention under %s skipped this round: %s", self.root_url, exc)
-            if victims:
-                self._apply_retention(victims, then=then)
-        finally:
-            if not sent:  # the others wait for the broadcast, whatever failed here
-                coord.broadcast(key, json.dumps([[], tier.lineage]), self.timeout_s)
+    def _removed(self, steps: list[int]) -> None:
+        """Every process, once ``steps`` left the run."""
+        for step in steps:
+            self._metrics.pop(step, None)
 
     def wait(self) -> None:
         """Blocks until the save in flight (if any) is committed; with a local tier, also
@@ -482,8 +362,15 @@ class CheckpointManager:
             The save's error, unless it was already raised to the caller (by its handle's
             `wait`/`exception`, or by a later `save`): each failure is reported once.
         """
-        for which in ("_handle", "_persist"):  # the local save starts the root's commit
-            handle = getattr(self, which)
+        # The local save starts the root's commit once it committed: the placement is
+        # asked for it only after the save's handle finished.
+        def handles() -> Iterator[SaveHandle | None]:
+            yield self._handle
+            if self._handle is not None:
+                self._handle.outcome()
+            yield from self._place.pending()
+
+        for handle in handles():
             if handle is not None:
                 exc = handle.outcome()
                 if exc is not None and not handle.observed_by_user:
@@ -500,17 +387,6 @@ class CheckpointManager:
             scored.sort(reverse=self.best_mode == "max")
             best = [s for _, s in scored[:self.keep_best]]
         return retention_victims(steps, self.keep_last, self.keep_every, best)
-
-    def _apply_retention(self, victims: list[int],
-                         then: Callable[[str], None] | None = None) -> None:
-        """Process 0, after each commit: removes ``victims`` (`remove_steps`; ``then`` runs
-        between the record and the deletes). A failure is logged by the caller and the same
-        victims are found again after the next commit."""
-        kept = remove_steps(self._store, victims, then=then)
-        for step in victims:
-            self._metrics.pop(step, None)
-            log.info("retention: deleted step %d under %s%s", step, self.root_url,
-                     f" (left {kept[step]}: claimed for commit)" if step in kept else "")
 
     def _metric(self, step: int, name: str) -> float | None:
         """``name`` of a committed step (from its manifest if this manager did not save it);
@@ -530,10 +406,7 @@ class CheckpointManager:
         """The metrics saved with committed ``step``: remembered from this manager's own
         saves, else read from the step's manifest once."""
         if step not in self._metrics:
-            folder = self._store.child(str(step))
-            if self._tier is not None and step in self._tier.complete \
-                    and not folder.exists(COMMIT):
-                folder = self._tier.store.child(str(step))  # a step of the local tier alone
+            folder = self._place.folder(step)
             if folder.exists(COMMIT):
                 self._metrics[step] = open_checkpoint(folder)[1].metrics
             else:  # an Orbax step: what its manager recorded, without opening its items
@@ -596,7 +469,8 @@ class CheckpointManager:
     # -- deleting and rewinding ------------------------------------------------------------
 
     def delete(self, step: int) -> None:
-        """Deletes ``step`` (COMMIT first, so it is never half there). Call on every process.
+        """Deletes ``step`` (recorded in LINEAGE, then COMMIT first, so it is never half
+        there). Call on every process.
 
         Raises:
             CheckpointNotFoundError: ``step`` is not a committed step.
@@ -605,28 +479,8 @@ class CheckpointManager:
         self._writable(f"delete step {step}")
         step = as_step(step)
         self._previous_failure()
-        self._await_persist()
-
-        def run() -> str:  # process 0
-            if step not in self.steps():
-                raise CheckpointNotFoundError(
-                    f"step {step} is not a committed step under {self.root_url}"
-                    + (" or in its local tier" if self._tier is not None else ""))
-            marks: list[str] = []
-            kept = remove_steps(self._store, [step], then=marks.append)
-            if kept:
-                log.warning("deleted step %d under %s, but left %s: claimed for commit by a "
-                            "job that may still be running (if it commits, the step comes "
-                            "back whole)", step, self.root_url, kept[step])
-            return marks[0]
-
-        mark = _coord.run_on_process_zero(f"delete step {step}", run, self.timeout_s)
-        if self._tier is not None:
-            # Recorded before the root's copy went: a copy some process cannot remove now
-            # is never offered again.
-            self._tier.lineage = mark
-            self._tier.drop([step], "deleted")
-        self._metrics.pop(step, None)
+        self._place.settle()
+        self._place.delete(step)
 
     def rewind(self, step: int) -> None:
         """Makes ``step`` the newest committed step: every committed step above it leaves
@@ -643,55 +497,9 @@ class CheckpointManager:
         self._writable(f"rewind to step {step}")
         step = as_step(step)
         self._previous_failure()
-        self._await_persist()
-        def check() -> list[list[Any]]:  # process 0: the ancestry the run goes on from
-            if step not in self.steps():
-                raise CheckpointNotFoundError(
-                    f"cannot rewind to step {step}: it is not a committed step under "
-                    f"{self.root_url} or in the local tier")
-            assert self._tier is not None
-            if step in committed_steps(self._store):
-                attempt = committed_attempt(self._store.child(str(step)))
-                return [[step, attempt]] if attempt is not None else []
-            copy = self._tier.copies[step]
-            return [*(copy.parents or []), [step, copy.attempt]]
-
-        def run() -> None:
-            steps = self.steps()
-            if step not in steps:
-                raise CheckpointNotFoundError(
-                    f"cannot rewind to step {step}: it is not a committed step under "
-                    f"{self.root_url} (committed: {steps})")
-            # Uncommitted step folders above ``step`` go too: their debris would otherwise
-            # sit on the abandoned branch.
-            above = [s for s in step_folders(self._store) if s > step]
-            rewind_root(self._store, step, above)
-            log.info("rewound %s to step %d; removed steps %s", self.root_url, step, above)
-
-        try:
-            if self._tier is not None:
-                ancestry = _coord.run_on_process_zero(f"check rewind to step {step}", check,
-                                                      self.timeout_s)
-                # Every process drops its newer copies (process 0 before it touches the
-                # root): a newer step is then on no tier whole, whatever happens below.
-                self._tier.drop(sorted(s for s in set(self._tier.copies)
-                                       | set(self._tier.steps()) if s > step), "rewound")
-                self._tier.ancestry = ancestry
-            _coord.run_on_process_zero(f"rewind to step {step}", run, self.timeout_s)
-        finally:
-            self._refresh_lineage()
-        for s in list(self._metrics):
-            if s > step:
-                del self._metrics[s]
-
-    def _refresh_lineage(self) -> None:
-        """Every process, after a rewind (done or not: its event may be recorded): later
-        local copies record the root's lineage mark."""
-        if self._tier is not None:
-            try:
-                self._tier.lineage = read_lineage(self._store).mark
-            except CkptError as exc:
-                log.warning("could not read the lineage record of %s: %s", self.root_url, exc)
+        self._place.settle()
+        self._place.rewind(step)
+        self._removed([s for s in self._metrics if s > step])
 
     # -- restoring -------------------------------------------------------------------------
 
@@ -706,46 +514,16 @@ class CheckpointManager:
             deadline = Deadline(timeout_s, f"restoring from {self.root_url}")
             store = DeadlineStore(store, deadline)
         if step is None:
-            step = self._newest(store)
+            step = self._place.newest(store)
             if step is None:
-                raise CheckpointNotFoundError(f"no committed step under {self.root_url}"
-                                              + (" or in its local tier" if self._tier else ""))
+                raise CheckpointNotFoundError(
+                    f"no committed step under {self.root_url}"
+                    + (" or in its local tier" if isinstance(self._place, WithLocalTier)
+                       else ""))
         elif is_abandoned(store, step := as_step(step), abandoned(store)):
             raise CheckpointNotFoundError(f"step {step} under {self.root_url} was abandoned "
                                           "by a rewind")
-        if self._tier is None:
-            return restore_from(store.child(str(step)), target, mesh=mesh, item=item,
-                                deadline=deadline)
-        source = self._tier.readable(step, store, item)
-        try:
-            restored = restore_from(store.child(str(step)), target, mesh=mesh, item=item,
-                                    deadline=deadline, opened=source)
-        except CorruptCheckpointError as exc:
-            if not isinstance(source, Tiered):
-                raise
-            # Damage in this host's copy (each of its chunks is checked): the root's copy
-            # of the same save serves this process instead, if there is one.
-            log.warning("step %d: the local copy in %s failed its checks (%s); reading the "
-                        "persistent root instead", step, self._tier.store.url, exc)
-            try:
-                root = open_readable(store.child(str(step)), item)
-            except CheckpointNotFoundError:
-                raise exc from None
-            if root.manifest.attempt != source.attempt:
-                # Another save's step (the root's was replaced): mixing the two in one
-                # restore could return a state that never existed.
-                raise exc
-            return restore_from(store.child(str(step)), target, mesh=mesh, item=item,
-                                deadline=deadline, opened=root)
-        if isinstance(source, Tiered):
-            log.info("restored step %d on process %d: %.1f MiB from the local tier %s, "
-                     "%.1f MiB from the persistent root %s", step,
-                     _coord.current().process_index, source.served["local"] / 2**20,
-                     self._tier.store.url, source.served["root"] / 2**20, self.root_url)
-        else:
-            log.info("restored step %d on process %d from the persistent root %s alone (no "
-                     "local copy of it)", step, _coord.current().process_index, self.root_url)
-        return restored
+        return self._place.restore(step, store, target, mesh, item, deadline)
 
     # -- lifetime --------------------------------------------------------------------------
 

@@ -36,7 +36,9 @@ from ckpt._housekeeping import (
     abandoned,
     committed_steps,
     ensure_lineage,
+    is_committed,
     read_lineage,
+    step_folders,
 )
 from ckpt._local import LocalCopy, local_store, remove_copy, remove_debris, scan
 from ckpt._reader import Readable, open_checkpoint, open_readable
@@ -424,24 +426,35 @@ class LocalTier:
 
 
 class _RootView:
-    """Process 0's reads of the persistent root while deciding which copies serve: its
-    committed steps (one listing) and the attempt each COMMIT names, each read once."""
+    """Process 0's reads of the persistent root while deciding which copies serve: one
+    listing of its step folders, then, lazily and once each, whether a folder is a
+    committed step, the attempt its COMMIT names and its manifest's ancestry (only for the
+    few steps the copies held make it ask about)."""
 
     def __init__(self, root: Store) -> None:
         self.root = root
-        self.steps = committed_steps(root)
+        self.folders = step_folders(root)
+        self._gone = abandoned(root)
+        self._held: dict[int, bool] = {}
         self._attempts: dict[int, str | None] = {}
         self._parents: dict[int, list[list[Any]] | None] = {}
 
+    def holds(self, step: int) -> bool:
+        """Whether ``step`` is a committed step of the root."""
+        if step not in self._held:
+            self._held[step] = step in self.folders and is_committed(self.root, step,
+                                                                      self._gone)
+        return self._held[step]
+
     def newest(self) -> int | None:
-        return self.steps[-1] if self.steps else None
+        return next((s for s in reversed(self.folders) if self.holds(s)), None)
 
     def attempt(self, step: int) -> str | None:
         """The save the root holds of ``step`` (None: none of ours, or unreadable now)."""
         if step not in self._attempts:
             try:
                 self._attempts[step] = committed_attempt(self.root.child(str(step))) \
-                    if step in self.steps else None
+                    if self.holds(step) else None
             except CkptError:
                 self._attempts[step] = None  # unreadable now: nothing is trusted against it
         return self._attempts[step]
@@ -456,21 +469,22 @@ class _RootView:
 
     def serves(self, copy: LocalCopy) -> bool:
         """Whether a complete step's copies serve from the local tier (`LocalTier._trust`)."""
-        if copy.step in self.steps:
+        if self.holds(copy.step):
             return self.attempt(copy.step) == copy.attempt
         if copy.parents is None:
             return False  # written before ancestry was recorded: nothing says it descends
         nodes = {int(s): a for s, a in copy.parents}
         nodes[copy.step] = copy.attempt
         low = min(nodes)
-        for step in self.steps:
-            if low <= step < copy.step and self.attempt(step) != nodes.get(step):
+        for step in self.folders:
+            if low <= step < copy.step and self.holds(step) \
+                    and self.attempt(step) != nodes.get(step):
                 return False  # the root committed another save of an ancestor's step
-        above = [s for s in self.steps if s > copy.step]
-        if above:
+        above = next((s for s in self.folders if s > copy.step and self.holds(s)), None)
+        if above is not None:
             # A step the root does not hold, below its newest: the run went on from it only
             # if the root's next step descends from it.
-            return [copy.step, copy.attempt] in (self.parents(above[0]) or [])
+            return [copy.step, copy.attempt] in (self.parents(above) or [])
         return True
 
 

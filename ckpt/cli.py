@@ -21,21 +21,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ckpt._format import ATTEMPT_PREFIX, COMMIT, MAX_COMMIT_BYTES, CommitRecord, read_object
-from ckpt._claims import delete_data, remove_uncommitted, retire
 from ckpt._export import export_safetensors, parse_size
-from ckpt._housekeeping import (
-    abandoned,
-    attempts,
-    committed_steps,
-    finish_rewind,
-    is_abandoned,
-    remove_steps,
-    retention_victims,
-    step_folders,
-)
 from ckpt._info import CheckpointInfo, metadata
-from ckpt._orbax import is_orbax_step, orbax_step_committed_at
+from ckpt._housekeeping import committed_steps
+from ckpt._roots import age_text, collect_garbage, list_root
 from ckpt._reshard import convert, parse_mesh, parse_spec, reshard
 from ckpt._verify import verify
 from ckpt._reshard import slash_path
@@ -59,15 +48,6 @@ def _size(nbytes: float) -> str:
             return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
         nbytes /= 1024
     return ""
-
-
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "age unknown"
-    for unit, span in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= span:
-            return f"{seconds / span:.1f} {unit}"
-    return f"{seconds:.0f} s"
 
 
 def _parse_bytes(text: str) -> int:
@@ -105,7 +85,7 @@ class _Progress:
         rate = done / max(elapsed, 1e-9)
         # The first second's rate says nothing about the rest.
         left = "-" if elapsed < 1 or rate <= 0 or done >= total \
-            else _age((total - done) / rate)
+            else age_text((total - done) / rate)
         text = (f"{self.what} [{bar}] {pct:3d}% {_size(done)}/{_size(total)} "
                 f"{_size(rate)}/s, {left} left")
         # One terminal row: a wrapped line could not be redrawn in place.
@@ -220,29 +200,7 @@ def _existing_root(url: str) -> Any:
 
 def _list(args: argparse.Namespace) -> int:
     store = _existing_root(args.root)
-    now = time.time()
-    gone = abandoned(store)
-    entries = []
-    for step in sorted(step_folders(store), reverse=True):
-        sizes = store.list_sizes(str(step))
-        found = sorted(attempts(store.child(str(step))), key=lambda a: a.name, reverse=True)
-        if not found and is_orbax_step(store.child(str(step))):
-            entries.append({"step": step, "attempt": "", "bytes": sum(sizes.values()),
-                            "state": "abandoned" if is_abandoned(store, step, gone)
-                            else "committed", "layout": "orbax-checkpoint",
-                            "committed_at": orbax_step_committed_at(store.child(str(step)))})
-        for a in found:
-            nbytes = sum(v for k, v in sizes.items() if k.startswith(f"{step}/{a.name}/"))
-            state = "abandoned" if a.committed and a.name in gone.get(step, ()) else a.state
-            entry: dict[str, Any] = {"step": step, "attempt": a.name, "bytes": nbytes,
-                                     "state": state, "layout": "ckpt"}
-            if a.committed:
-                rec = CommitRecord.decode(read_object(store, f"{step}/{COMMIT}", MAX_COMMIT_BYTES),
-                                          f"{step}/{COMMIT}")
-                entry["committed_at"] = rec.committed_at
-            else:
-                entry["age_s"] = a.age_s(now)
-            entries.append(entry)
+    entries = list_root(store)
     if args.json:
         print(json.dumps(entries, indent=2))
         return 0
@@ -255,7 +213,7 @@ def _list(args: argparse.Namespace) -> int:
                   + ("  (orbax-checkpoint)" if e["layout"] != "ckpt" else ""))
         else:
             print(f"{e['step']:>10}  {e['state']:<10}  {_size(e['bytes']):>10}  "
-                  f"{_age(e['age_s'])} old  {e['attempt']}")
+                  f"{age_text(e['age_s'])} old  {e['attempt']}")
     return 0
 
 
@@ -366,85 +324,19 @@ def _export(args: argparse.Namespace) -> int:
 
 # -- gc -------------------------------------------------------------------------------------
 
-def _is_checkpoint(store: Any) -> bool:
-    """Whether the URL is one checkpoint (COMMIT or attempts in it), not a manager root."""
-    return any(n == COMMIT or n.startswith(ATTEMPT_PREFIX) for n in store.list_children())
-
-
-class _Actions:
-    """What `gc` does, printed as lines, or collected for ``--json``."""
-
-    def __init__(self, as_json: bool) -> None:
-        self.as_json = as_json
-        self.actions: list[dict[str, Any]] = []
-
-    def __call__(self, action: str, what: str, target: str, line: str) -> None:
-        self.actions.append({"action": action, "what": what, "target": target})
-        if not self.as_json:
-            print(line)
-
-
 def _gc(args: argparse.Namespace) -> int:
     store = _existing_root(args.root)
-    verb = "would remove" if args.dry_run else "removing"
-    say = _Actions(args.json)
-    single = _is_checkpoint(store)
-    if not single and (gone := abandoned(store)):
-        say("remove", "abandoned steps", ",".join(map(str, sorted(gone))),
-            f"{verb} what a rewind abandoned in steps {sorted(gone)}")
-        if not args.dry_run and (kept := finish_rewind(store)):
-            say("keep", "claimed attempts", ",".join(map(str, sorted(kept))),
-                f"keeping attempts claimed for commit in steps {sorted(kept)}: their "
-                "committer may still commit them (they stay hidden)")
-    targets = ([("", store)] if single else
-               [(f"{s}/", store.child(str(s))) for s in step_folders(store)])
-    now, young = time.time(), 0
-    for label, ckpt_store in targets:
-        for a in attempts(ckpt_store):
-            age = a.age_s(now)
-            where = f"{label}{a.name}"
-            if a.state == "claimed" and not args.claimed:
-                say("keep", "claimed attempt", where,
-                    f"keeping {where}: claimed for commit but not committed (its committer "
-                    "may still commit it, or died between claim and COMMIT; --claimed "
-                    "removes it once no job can be writing here)")
-            elif a.state not in ("incomplete", "claimed"):
-                continue
-            elif age is not None and age < args.grace:
-                young += 1
-            else:
-                if args.dry_run or a.state == "claimed" or \
-                        remove_uncommitted(ckpt_store, a.name):
-                    say("remove", f"{a.state} attempt", where,
-                        f"{verb} {a.state} attempt {where} ({_age(age)} old)")
-                else:
-                    say("keep", "attempt claimed meanwhile", where,
-                        f"kept {where}: its committer claimed it first")
-                if a.state == "claimed" and not args.dry_run:
-                    retire(ckpt_store, a.name)  # the user vouches that its committer is dead
-                    delete_data(ckpt_store, a.name)
-    if young:
-        say("keep", "young attempts", str(young),
-            f"keeping {young} incomplete attempt(s) younger than --grace {args.grace:g} s: "
-            "a save may still be running")
-    victims = retention_victims(committed_steps(store), args.keep_last, None) \
-        if args.keep_last and not single else []
-    for step in victims:
-        say("remove", "committed step", str(step),
-            f"{verb} committed step {step} (keeping the newest {args.keep_last})")
-    if victims and not args.dry_run:
-        # The one way steps leave a run: recorded first, so that no host's local copy of
-        # them comes back.
-        for step, names in remove_steps(store, victims).items():
-            for name in names:
-                say("keep", "claimed attempt", f"{step}/{name}",
-                    f"keeping {step}/{name}: claimed for commit by a job that may still "
-                    "be running")
-    if not any(a["action"] == "remove" for a in say.actions) and not args.json:
-        print("nothing to remove")
+    actions = collect_garbage(store, dry_run=args.dry_run, grace_s=args.grace,
+                              claimed=args.claimed, keep_last=args.keep_last)
     if args.json:
-        print(json.dumps({"root": store.url, "dry_run": args.dry_run,
-                          "actions": say.actions}, indent=2))
+        print(json.dumps({"root": store.url, "dry_run": args.dry_run, "actions": [
+            {"action": a.action, "what": a.what, "target": a.target} for a in actions]},
+            indent=2))
+        return 0
+    for a in actions:
+        print(a.line)
+    if not any(a.action == "remove" for a in actions):
+        print("nothing to remove")
     return 0
 
 
