@@ -24,6 +24,7 @@ from ckpt import _tiers
 from ckpt._housekeeping import Lineage, read_lineage, remove_steps
 from ckpt.errors import AttemptRemovedError, CommitConflictError
 from ckpt.storage import open_store
+from tests import mp_jobs
 from tests.conftest import backend_url
 from tests.faults import FaultyStore
 from tools.launch import launch, start
@@ -37,6 +38,7 @@ def _state(mesh, value):
 
 
 def _id(mgr, step, mesh):
+    """The values a step holds (a whole state of one save, checked)."""
     restored = mgr.restore(step, target=_state(mesh, 0))
     w = np.random.default_rng(restored["id"]).standard_normal((16, 64)).astype(np.float32)
     assert np.asarray(restored["w"]).tobytes() == w.tobytes(), step  # whole, not mixed
@@ -85,13 +87,15 @@ def test_a_local_step_newer_than_the_root_serves_only_if_it_descends(tmp_path, m
 
 # -- fencing --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("where", ["claim", "commit"])
-def test_a_process_paused_before_its_local_commit_never_commits_over_a_restart(tmp_path,
-                                                                                 where):
+@pytest.mark.parametrize("where, backend", [("claim", "local"), ("commit", "local"),
+                                             ("claim", "s3")])
+def test_a_process_paused_before_its_local_commit_never_commits_over_a_restart(
+        request, tmp_path, where, backend):
     """A process stops (SIGSTOP) just before its local commit claim, or just before its
     local COMMIT; the restarted job cleans up and commits its own step 3; the old process
     then continues: it commits nothing, and step 3 is the restarted job's, whole."""
-    root, local = str(tmp_path / "root"), str(tmp_path / "local-{process}")
+    root = backend_url(request, tmp_path, backend)
+    local = str(tmp_path / "local-{process}")
     with start("tests.tier_jobs:save_and_stop", 1, args=[root, local, [2, 2], where]) as job:
         job.wait_for_line(0, "PAUSED")
         steps = launch("tests.tier_jobs:save_values", 1,
@@ -138,16 +142,23 @@ def test_a_second_manager_on_one_local_folder_never_lets_an_emptied_copy_commit(
 
 # -- exit -----------------------------------------------------------------------------------
 
-def test_a_script_returning_with_a_persisted_save_in_flight_commits_both_tiers(tmp_path):
-    root, local = str(tmp_path / "root"), str(tmp_path / "local-{process}")
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_a_script_returning_with_a_persisted_save_in_flight_commits_both_tiers(
+        request, tmp_path, backend):
+    """The script returns right after `save` (persist_every=1): the exit hook waits for the
+    local commit and for the root commit it starts; nothing is said on stderr."""
+    from ckpt._housekeeping import attempts
+
+    root = backend_url(request, tmp_path, backend)
+    local = str(tmp_path / "local-{process}")
     with start("tests.tier_jobs:exit_with_a_save_in_flight", 1,
                args=[root, local, [2, 2]]) as job:
         assert job.wait() == ["returned"]
         assert not [line for line in job.stderr[0] if line.startswith("ckpt:")], job.stderr
-    assert os.path.exists(os.path.join(root, "1", "COMMIT"))
     assert os.path.exists(os.path.join(local.replace("{process}", "0"), "1", "COMMIT"))
-    from ckpt._housekeeping import attempts
-    assert [a.state for a in attempts(open_store(os.path.join(root, "1")))] == ["committed"]
+    step = open_store(root).child("1")
+    assert [a.state for a in attempts(step)] == ["committed"]
+    mp_jobs.exact(ckpt.restore(step), 1)
 
 
 # -- LINEAGE --------------------------------------------------------------------------------
