@@ -43,19 +43,9 @@ from ckpt._leaves import PerProcess
 from ckpt._manager import CheckpointManager
 from ckpt._save import SaveHandle, SaveTimings, save, save_async
 from ckpt.storage import configure as configure_storage
-from ckpt.errors import (
-    AttemptRemovedError,
-    CheckpointExistsError,
-    CheckpointNotFoundError,
-    CkptError,
-    CorruptCheckpointError,
-    DeadlineExceededError,
-    ReadOnlyError,
-    SaveError,
-    StepOrderError,
-    TargetMismatchError,
-    UnsupportedLeafError,
-)
+# Every error class of ckpt.errors, also at the top level (ckpt.ShapeMismatchError, ...).
+from ckpt.errors import *  # noqa: E402,F403
+from ckpt.errors import __all__ as _error_names
 
 from ckpt._restore import restore  # noqa: E402
 
@@ -83,11 +73,7 @@ _sys.modules["ckpt.restore"].__doc__ = (
 restore = _sys.modules["ckpt.restore"]  # type: ignore[assignment]  # noqa: F811
 
 __all__ = [
-    "__version__", "AttemptRemovedError", "CheckpointExistsError", "CheckpointInfo",
-    "CheckpointManager", "CheckpointNotFoundError", "CkptError", "configure_storage",
-    "CorruptCheckpointError", "DeadlineExceededError", "errors", "ExportResult",
-    "export_safetensors", "LeafInfo", "metadata",
-    "PerProcess",
-    "ReadOnlyError", "restore", "save", "save_async", "SaveError", "SaveHandle",
-    "SaveTimings", "StepOrderError", "TargetMismatchError", "UnsupportedLeafError",
+    "__version__", "CheckpointInfo", "CheckpointManager", "configure_storage", "errors",
+    "ExportResult", "export_safetensors", "LeafInfo", "metadata", "PerProcess", "restore",
+    "save", "save_async", "SaveHandle", "SaveTimings", *_error_names,
 ]

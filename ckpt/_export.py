@@ -43,7 +43,7 @@ from ckpt._safetensors import (
     store_kvstore,
 )
 from ckpt._tree import keystr
-from ckpt.errors import CheckpointExistsError, UnsupportedLeafError
+from ckpt.errors import CheckpointExistsError, InvalidArgumentError, UnsupportedLeafError
 from ckpt.restore import read_arrays
 from ckpt.restore.boxes import Box
 from ckpt.storage import Store, StoreLike, open_store
@@ -69,7 +69,7 @@ def _dtype_name(dtype: Any) -> str | None:
     except TypeError:
         name = str(dtype)
     if name not in FLOATS:
-        raise ValueError(f"dtype {dtype!r}: floating-point tensors can be cast to "
+        raise InvalidArgumentError(f"dtype {dtype!r}: floating-point tensors can be cast to "
                          f"{', '.join(sorted(FLOATS))}")
     return str(name)
 
@@ -83,10 +83,10 @@ def parse_size(size: int | str) -> int:
         found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(size))
         unit = found.group(2).upper() if found else "?"
         if found is None or unit not in _SIZE_UNITS:
-            raise ValueError(f"not a size: {size!r} (e.g. 5GB, 500MB, 2GiB)")
+            raise InvalidArgumentError(f"not a size: {size!r} (e.g. 5GB, 500MB, 2GiB)")
         value = int(float(found.group(1)) * _SIZE_UNITS[unit])
     if value <= 0:
-        raise ValueError(f"size must be positive: {size!r}")
+        raise InvalidArgumentError(f"size must be positive: {size!r}")
     return value
 
 
@@ -140,14 +140,16 @@ def _select(source: Readable, rules: NameRules, dtype: str | None
             left_out[path] = "left out by the name rules"
             continue
         if name in ("", "__metadata__"):
-            raise ValueError(f"leaf {path} would be tensor {name!r}, a name safetensors "
-                             "cannot hold: add a rename rule")
+            raise InvalidArgumentError(
+                f"leaf {path} would be tensor {name!r}, a name safetensors "
+                "cannot hold: add a rename rule")
         if rec.dtype not in NAMES:
             raise UnsupportedLeafError(f"leaf {path} is {rec.dtype}, which safetensors cannot "
                                        "hold: leave it out with a 'drop' name rule")
         if name in by_name:
-            raise ValueError(f"leaves {keystr(by_name[name].path)} and {path} would both be "
-                             f"tensor {name!r}: add a rename rule")
+            raise InvalidArgumentError(
+                f"leaves {keystr(by_name[name].path)} and {path} would both be "
+                f"tensor {name!r}: add a rename rule")
         by_name[name] = rec
         outs.append(_Out(rec, name, dtype if dtype is not None and rec.dtype in FLOATS
                          else rec.dtype))
@@ -292,8 +294,9 @@ def export_safetensors(url: StoreLike, dst: StoreLike, *, dtype: Any = None,
     limit = parse_size(max_shard_size)
     if metadata is not None and not (isinstance(metadata, dict) and all(
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
-        raise ValueError(f"metadata={metadata!r:.100}: safetensors metadata maps strings to "
-                         "strings")
+        raise InvalidArgumentError(
+            f"metadata={metadata!r:.100}: safetensors metadata maps strings to "
+            "strings")
     dtype = _dtype_name(dtype)
     rules = rules_from(names, only)
     source = open_readable(open_store(url), item)
@@ -303,7 +306,7 @@ def export_safetensors(url: StoreLike, dst: StoreLike, *, dtype: Any = None,
     single = base if base.endswith(SUFFIX) else None
     folder = dst_store.parent() if single is not None else dst_store
     if folder is None:
-        raise ValueError(f"{dst_store.url}: no folder to write the file in")
+        raise InvalidArgumentError(f"{dst_store.url}: no folder to write the file in")
     folder.verify_access()
     before = _existing(folder, single)
     if before and not overwrite:

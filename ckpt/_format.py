@@ -442,6 +442,7 @@ def decode_manifest(data: bytes, what: str) -> Manifest:
             and isinstance(p[1], str) and p[1].startswith(ATTEMPT_PREFIX) for p in parents):
         raise CorruptCheckpointError(f"{what} has a malformed parents record")
     records = [_decode_leaf(leaf, i, what, local is not None) for i, leaf in enumerate(leaves)]
+    _check_tree(records, what)
     paths: set[KeyPath] = set()
     names: set[str] = set()
     for rec in records:
@@ -464,6 +465,42 @@ def decode_manifest(data: bytes, what: str) -> Manifest:
         metadata=r.obj.get("metadata"),
         leaves=records, format_version=version,
         metrics={k: float(v) for k, v in metrics.items()}, local=local, parents=parents)
+
+
+def _check_tree(records: list[LeafRecord], what: str) -> None:
+    """The leaves' key paths must make one tree (what a restore without a target builds):
+    no leaf's path inside another leaf's, the children of each container all sequence
+    positions 0..n-1 or all names, no name twice.
+
+    Raises:
+        CorruptCheckpointError: naming the leaf that breaks it.
+    """
+    children: dict[KeyPath, dict[Any, str]] = {}
+    leaves = {rec.path for rec in records}
+    for rec in records:
+        path = rec.path
+        for depth, (kind, key) in enumerate(path):
+            parent = path[:depth]
+            if parent in leaves:
+                raise CorruptCheckpointError(
+                    f"{what}: leaf {keystr(path)} lies inside leaf {keystr(parent)}")
+            seen = children.setdefault(parent, {})
+            slot = ("index", key) if kind == "index" else ("name", key)
+            if any(k[0] != slot[0] for k in seen):
+                raise CorruptCheckpointError(
+                    f"{what}: leaf {keystr(path)} mixes sequence positions and names under "
+                    f"{keystr(parent) or 'the root'}")
+            if slot in seen and seen[slot] != kind:
+                raise CorruptCheckpointError(
+                    f"{what}: leaf {keystr(path)} names {key!r} twice under "
+                    f"{keystr(parent) or 'the root'}")
+            seen[slot] = kind
+    for parent, seen in children.items():
+        positions = sorted(k[1] for k in seen if k[0] == "index")
+        if positions and positions != list(range(len(positions))):
+            raise CorruptCheckpointError(
+                f"{what}: the sequence at {keystr(parent) or 'the root'} has positions "
+                f"{positions[:8]}, not 0..{len(positions) - 1}")
 
 
 @dataclasses.dataclass(frozen=True)

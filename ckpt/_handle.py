@@ -11,7 +11,10 @@ the storage clients' thread pools shut down.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import logging
+import os
 import sys
 import threading
 import time
@@ -147,6 +150,12 @@ _LIVE: set[SaveHandle] = set()
 _LIVE_LOCK = threading.Lock()
 
 
+def attempts_in_flight() -> set[str]:
+    """The attempt ids of the saves this process has in flight (any manager's)."""
+    with _LIVE_LOCK:
+        return {h.attempt for h in _LIVE if h.attempt and not h.done()}
+
+
 def track(handle: SaveHandle) -> None:
     """Lists ``handle`` as a save in flight (the exit hook waits for it). Called by whoever
     starts a save's background part, before it starts."""
@@ -162,9 +171,11 @@ def _finish_saves_at_exit() -> None:
     storage clients use) still accept work, and before non-daemon threads are joined. It
     waits until no save is listed, so a save started by another one meanwhile (a local
     tier's commit to the persistent root) is waited for too. A save that fails or is
-    interrupted here (a second Ctrl-C) gets one line on stderr naming it; this is the one
-    place the library writes to stderr, because logging may be gone by now.
+    interrupted here (a second Ctrl-C) gets one line on stderr naming it (the one place the
+    library writes to stderr, because logging may be gone by now), and the process then
+    exits with status 1 (`_exit_status`).
     """
+    global _LOST_AT_EXIT
     seen: set[int] = set()
     while True:
         with _LIVE_LOCK:
@@ -175,19 +186,39 @@ def _finish_saves_at_exit() -> None:
             seen.add(id(handle))
             try:
                 exc = handle.outcome()
-            except KeyboardInterrupt:
+            except KeyboardInterrupt:  # the interrupt sets the exit status itself
                 sys.stderr.write(f"ckpt: exiting before {handle.describe()} was committed: it "
                                  "is not a checkpoint; `ckpt gc` removes what it wrote\n")
                 continue
             if exc is not None and not handle.observed_by_user:
+                _LOST_AT_EXIT = True
                 handle.mark_observed()
                 first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 sys.stderr.write(f"ckpt: {handle.describe()} was not committed: {first}\n")
 
 
+# Set by the exit hook when a save it waited for was not committed: the process then exits
+# with status 1, so that a scheduler does not record the lost last checkpoint as success.
+_LOST_AT_EXIT = False
+
+
+def _exit_status() -> None:
+    """The last exit handler to run (registered when this module is first imported, and
+    `atexit` runs handlers newest first): ends the process with status 1 if a save the exit
+    hook waited for was not committed, after flushing logging and the standard streams."""
+    if _LOST_AT_EXIT:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(1)
+
+
+atexit.register(_exit_status)
+
 try:
     threading._register_atexit(_finish_saves_at_exit)  # type: ignore[attr-defined]
 except AttributeError:  # an interpreter without it: atexit runs after threads are joined
-    import atexit
-
     atexit.register(_finish_saves_at_exit)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import calendar
 import dataclasses
+import hashlib
 import logging
 import secrets
 import time
@@ -28,7 +29,7 @@ from ckpt._format import (
     unpack,
 )
 from ckpt._orbax import ORBAX_STEP, STEP_METADATA, delete_orbax_step, is_orbax_step
-from ckpt.errors import CorruptCheckpointError
+from ckpt.errors import CorruptCheckpointError, InvalidArgumentError
 from ckpt.storage import ObjectNotFoundError, Store
 
 log = logging.getLogger("ckpt.housekeeping")
@@ -154,7 +155,7 @@ class Lineage:
             return dataclasses.replace(self, origin=origin, seq=seq,
                                        deletes={**self.deletes, step: seq})
         if kind != "rewind":
-            raise ValueError(f"unknown lineage event {kind!r}")
+            raise InvalidArgumentError(f"unknown lineage event {kind!r}")
         # What this rewind covers can no longer decide anything: every copy a delete of a
         # higher step, or an earlier rewind to a step at or above this one, removes, this
         # rewind removes too.
@@ -205,7 +206,10 @@ class Lineage:
                 and e[1] in ("origin", "rewind", "delete") and type(e[2]) is int
                 for e in events):
             raise bad
-        out = cls(origin=secrets.token_hex(8))
+        # The same origin however often the record is read: copies recording a mark of
+        # it stay valid until the next event rewrites it in the new form.
+        ids = "".join(e[0] for e in events)
+        out = cls(origin=hashlib.sha256(ids.encode()).hexdigest()[:16])
         legacy = {}
         for eid, kind, step in events:
             out = out.add(kind, step) if kind != "origin" else dataclasses.replace(

@@ -39,13 +39,14 @@ import numpy as np
 from ckpt import _coord
 from ckpt._attempt import Row, commit_copy
 from ckpt._format import DTYPE_SIZES, ChunkLayout, LeafKind, LeafRecord
-from ckpt._handle import SaveHandle
+from ckpt._claims import delete_data, retire
+from ckpt._handle import SaveHandle, attempts_in_flight
 from ckpt._housekeeping import delete_checkpoint, step_folders
 from ckpt._ownership import ArrayInput, ArrayPlan, held_plan
 from ckpt._reader import Readable, open_checkpoint, open_readable
 from ckpt._save import Copy, Job, start_commit, start_save
 from ckpt._snapshot import ChunkWrite, Snapshot, Unit
-from ckpt.errors import CkptError, SaveError
+from ckpt.errors import CkptError, InvalidArgumentError, SaveError
 from ckpt.restore import read_arrays
 from ckpt.restore.boxes import box_size, to_slices
 from ckpt.storage import Deadline, DeadlineStore, Store, open_store
@@ -62,7 +63,7 @@ def local_store(local_dir: str, process: int) -> Store:
     """
     store = open_store(str(local_dir).replace("{process}", str(process)))
     if store.location.scheme not in ("file", "memory"):
-        raise ValueError(f"local_dir must be a path on each host's own disk, not "
+        raise InvalidArgumentError(f"local_dir must be a path on each host's own disk, not "
                          f"{store.url}: the persistent root is the place for a bucket")
     return store
 
@@ -113,14 +114,28 @@ def remove_copy(store: Store, step: int) -> list[str]:
 
 def remove_debris(store: Store, keep: set[int]) -> list[int]:
     """Removes every step folder but ``keep`` (a process's complete copies), and in those
-    every attempt their COMMIT does not name (a zombie's late writes, an interrupted save)."""
+    every attempt their COMMIT does not name (a zombie's late writes, an interrupted save).
+    Called at start-up by the process whose folder it is.
+
+    An attempt claimed for commit whose COMMIT never came is removed too, unless a save of
+    this process has it in flight (a second manager on the folder): its committer was a
+    process of an earlier run (the folder is this process's alone), dead or paused. A
+    paused one that resumes finds its claim turned into a removal claim after it creates
+    COMMIT, and removes that COMMIT again (`ckpt._commit`); its copy was never offered, since
+    copies serve only as the start-up scan found them."""
     removed = []
+    live = attempts_in_flight()
     for step in step_folders(store):
+        folder = store.child(str(step))
+        left = delete_checkpoint(folder) if step not in keep \
+            else delete_checkpoint(folder, only=set(_strays(store, step)))
+        for attempt in left:
+            if attempt not in live:
+                retire(folder, attempt)
+                delete_data(folder, attempt)
         if step not in keep:
-            remove_copy(store, step)
+            folder.prune()
             removed.append(step)
-        else:
-            delete_checkpoint(store.child(str(step)), only=set(_strays(store, step)))
     return removed
 
 
@@ -165,9 +180,11 @@ class LocalTierCopy(Copy):
     chunks: the older local steps to remove once this one is committed. After the commit,
     `persist` holds what the root's commit needs and `dropped` those steps."""
 
-    def __init__(self, origin: dict[str, Any], victims: Callable[[], list[int]]) -> None:
+    def __init__(self, origin: dict[str, Any], victims: Callable[[], list[int]],
+                 on_failure: Callable[[], None] = lambda: None) -> None:
         self.origin = origin
         self.victims = victims
+        self.on_failure = on_failure
         self.dropped: list[int] = []
         self.persist: Persist | None = None
         self._root: tuple[list[LeafRecord], dict[int, ArrayPlan]] = ([], {})
@@ -239,7 +256,10 @@ class LocalTierCopy(Copy):
         # Not a step of the tier: what this save wrote goes now (its COMMIT first, if it
         # made one), so that neither its bytes nor its COMMIT outlive the failure; a crash
         # leaves them to the next start-up.
-        delete_checkpoint(job.store.inner, only={job.attempt})
+        try:
+            delete_checkpoint(job.store.inner, only={job.attempt})
+        finally:
+            self.on_failure()
 
 
 def start_local_save(local: Store, tree: Any, *, step: int, origin: dict[str, Any],
@@ -248,8 +268,8 @@ def start_local_save(local: Store, tree: Any, *, step: int, origin: dict[str, An
                      refuse: Callable[[], CkptError | None],
                      on_attempt: Callable[[str], None],
                      victims: Callable[[], list[int]],
-                     on_commit: Callable[[Persist, list[int]], SaveHandle | None]
-                     ) -> SaveHandle:
+                     on_commit: Callable[[Persist, list[int]], SaveHandle | None],
+                     on_failure: Callable[[], None] = lambda: None) -> SaveHandle:
     """Takes the snapshot of every chunk this process holds and starts committing it to
     ``local`` (this process's local tier) as ``step`` in the background.
 
@@ -259,9 +279,10 @@ def start_local_save(local: Store, tree: Any, *, step: int, origin: dict[str, An
     process's save thread once every process committed its copy, with what the commit to
     the persistent root needs and the steps retention removes; what it returns (the root
     commit's handle, or None) becomes the handle's ``remote``, and the handle is finished
-    after it returns.
+    after it returns. ``on_failure`` runs on the save's thread when the local save failed
+    in the background (after its attempt was removed).
     """
-    copy = LocalTierCopy({"step": step, **origin}, victims)
+    copy = LocalTierCopy({"step": step, **origin}, victims, on_failure)
 
     def committed(handle: SaveHandle) -> None:
         assert copy.persist is not None
@@ -322,15 +343,18 @@ class ReadBack(Snapshot):
 def start_persist(root_step: Store, step: int, persist: Persist, copy: Store, *,
                   timeout_s: float, memory_budget: int,
                   on_commit: Callable[[SaveHandle], None],
-                  on_done: Callable[[], None]) -> SaveHandle:
+                  on_done: Callable[[], None],
+                  handle: SaveHandle | None = None) -> SaveHandle:
     """Starts committing locally committed ``step`` to the persistent root, from this
     process's local copy (``copy``), with the save's plan and protocol (the persistent
     `ckpt._save.Copy`: owned chunks, host report, process 0 commits). Called on every
     process by the manager once the local commit is agreed; ``on_commit`` is the save's,
-    ``on_done`` runs on the thread when the commit finished or failed."""
+    ``on_done`` runs on the thread when the commit finished or failed; ``handle`` is the
+    one to finish (the one `CheckpointManager.save` gave out as ``remote``), else a new one.
+    """
     deadline = Deadline(timeout_s, f"saving step {step} to {root_step.url}")
     store = DeadlineStore(root_step, deadline)
-    handle = SaveHandle(store.url, step)
+    handle = SaveHandle(store.url, step) if handle is None else handle
     handle.attempt = persist.attempt
     owned = {r: p for r, p in persist.plans.items() if p.owned}
     job = Job(store=store, coord=_coord.current(), copy=Copy(), attempt=persist.attempt,

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from ckpt import _coord
@@ -48,6 +49,8 @@ from ckpt.errors import (
     CheckpointNotFoundError,
     CkptError,
     CorruptCheckpointError,
+    InvalidArgumentError,
+    ManagerClosedError,
     ReadOnlyError,
     SaveError,
     StepOrderError,
@@ -73,7 +76,7 @@ def as_step(step: Any) -> int:
                     and np.dtype(step.dtype).kind in "iu":
                 value = int(np.asarray(step))
     if value is None or value < 0:
-        raise ValueError(f"step must be a non-negative integer, got {step!r}")
+        raise InvalidArgumentError(f"step must be a non-negative integer, got {step!r}")
     return value
 
 
@@ -81,24 +84,31 @@ def as_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """A snapshot of ``metrics`` as plain floats: Python, numpy and 0-d jax numbers alike.
 
     Raises:
-        ValueError: a name that is not text, or a value that is not a real number (bools,
-            arrays of more than one element, strings), listing every bad entry.
+        InvalidArgumentError: a name that is not text, or a value that is not a real number
+            (bools, arrays of more than one element, strings, ints beyond a float's range),
+            listing every bad entry.
     """
     def number(v: Any) -> float | None:
         if isinstance(v, (bool, np.bool_)):
             return None
-        if isinstance(v, (int, float)):
-            return float(v)
-        if getattr(v, "shape", None) == () and getattr(v, "dtype", None) is not None \
-                and np.dtype(v.dtype).kind in "iuf":
-            return float(np.asarray(v))
+        try:
+            if isinstance(v, (int, float)):
+                return float(v)
+            dtype = getattr(v, "dtype", None)
+            # bfloat16 and the float8 types have numpy kind "V": ask jax what they are.
+            if getattr(v, "shape", None) == () and dtype is not None and (
+                    jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
+                return float(np.asarray(v).astype(np.float64))
+        except (OverflowError, TypeError, ValueError):
+            return None  # an int beyond a float's range: not a number to rank by
         return None
 
     out = {k: number(v) for k, v in metrics.items() if is_text(k)}
     bad = [k for k in metrics if not is_text(k) or out.get(k) is None]
     if bad:
-        raise ValueError(f"metrics must map names to real numbers (Python, numpy or 0-d "
-                         f"jax); bad entries: {bad}")
+        raise InvalidArgumentError(
+            f"metrics must map names to real numbers (Python, numpy or 0-d "
+            f"jax); bad entries: {bad}")
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -163,24 +173,34 @@ class CheckpointManager:
                  local_dir: str | os.PathLike[str] | None = None, local_keep: int = 2,
                  persist_every: int | None = None) -> None:
         if keep_last is not None and keep_last < 1:
-            raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
+            raise InvalidArgumentError(f"keep_last must be >= 1 or None, got {keep_last}")
         if keep_every is not None and keep_every < 1:
-            raise ValueError(f"keep_every must be >= 1 or None, got {keep_every}")
+            raise InvalidArgumentError(f"keep_every must be >= 1 or None, got {keep_every}")
         if keep_best is not None and (best_metric is None or keep_best < 1):
-            raise ValueError("keep_best must be >= 1 and needs best_metric")
+            raise InvalidArgumentError("keep_best must be >= 1 and needs best_metric")
         if best_mode not in ("min", "max"):
-            raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
+            raise InvalidArgumentError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
         self.keep_best, self.best_metric, self.best_mode = keep_best, best_metric, best_mode
         self.read_only = read_only
         self._store = open_store(root_url)
-        self._store.verify_access()  # fail now, not after the first training steps
+        try:
+            self._store.verify_access()  # fail now, not after the first training steps
+        except CkptError as exc:
+            if local_dir is None:
+                raise
+            # The local tier's start-up is collective: the error reaches every process
+            # there instead of leaving the others waiting for this one.
+            access: CkptError | None = exc
+        else:
+            access = None
         self.root_url = self._store.url
         self.keep_last, self.keep_every, self.timeout_s = keep_last, keep_every, timeout_s
         self.debris_grace_s = debris_grace_s
         self.snapshot, self.memory_budget = snapshot, checked_options(snapshot, memory_budget)
         if local_dir is None and persist_every is not None:
-            raise ValueError("persist_every needs local_dir (without a local tier every "
-                             "save goes to root_url)")
+            raise InvalidArgumentError(
+                "persist_every needs local_dir (without a local tier every "
+                "save goes to root_url)")
         self._metrics: dict[int, dict[str, float]] = {}
         self._lock = threading.Lock()
         self._saving: set[str] = set()  # attempt ids of this manager's saves in flight
@@ -200,7 +220,7 @@ class CheckpointManager:
             if local_dir is not None:
                 self._place = WithLocalTier(setting, LocalTier(
                     os.fspath(local_dir), local_keep, persist_every, self._store,
-                    read_only=read_only, timeout_s=timeout_s))
+                    read_only=read_only, timeout_s=timeout_s, failure=access))
             if not read_only and _coord.current().process_index == 0:
                 if self._store.exists(REWIND):
                     # A rewind was interrupted: finish it before any save can land on its
@@ -252,6 +272,9 @@ class CheckpointManager:
         return True
 
     def _writable(self, what: str) -> None:
+        if self._closed:
+            raise ManagerClosedError(f"cannot {what}: the CheckpointManager of "
+                                     f"{self.root_url} was closed")
         if self.read_only:
             raise ReadOnlyError(f"cannot {what}: {self.root_url} was opened read_only=True")
 
@@ -262,7 +285,8 @@ class CheckpointManager:
             previous = self._handle
         if isinstance(previous, SaveHandle):
             exc = previous.outcome()
-            if exc is not None and not previous.observed_by_user:
+            if exc is not None and not previous.observed_by_user \
+                    and self._place.raised_by_next_save(previous):
                 previous.mark_observed()
                 raise SaveError(f"the previous save ({previous.url}) failed: {exc}") from exc
 
@@ -433,7 +457,7 @@ class CheckpointManager:
             ValueError: the manager was made without ``best_metric``.
         """
         if self.best_metric is None:
-            raise ValueError("best_step needs a metric to rank by: "
+            raise InvalidArgumentError("best_step needs a metric to rank by: "
                              "CheckpointManager(..., best_metric='loss', best_mode='min')")
         scored = [(v, s) for s in self.steps()
                   if (v := self._metric(s, self.best_metric)) is not None]

@@ -23,6 +23,7 @@ import re
 from collections.abc import Iterable, Mapping
 
 from ckpt._tree import KeyPath
+from ckpt.errors import InvalidArgumentError
 
 DEFAULT_RULES = (
     r"drop (^|\.)(opt_state|optimizer|optimizer_state|opt)(\.|$)",
@@ -53,8 +54,8 @@ def _parse(text: str) -> _Rule:
             rule.pattern.sub(rule.replacement, "")  # a bad group reference fails here
             return rule
     except re.error as exc:
-        raise ValueError(f"name rule {text!r}: {exc}") from None
-    raise ValueError(f"name rule {text!r} is none of 'drop REGEX', 'keep REGEX', "
+        raise InvalidArgumentError(f"name rule {text!r}: {exc}") from None
+    raise InvalidArgumentError(f"name rule {text!r} is none of 'drop REGEX', 'keep REGEX', "
                      "'REGEX => REPLACEMENT'")
 
 
@@ -89,7 +90,7 @@ class NameRules:
         try:
             self.only = re.compile(only) if only is not None else None
         except re.error as exc:
-            raise ValueError(f"--only {only!r}: {exc}") from None
+            raise InvalidArgumentError(f"--only {only!r}: {exc}") from None
 
     def name(self, path: KeyPath) -> str | None:
         """The tensor name of the leaf at ``path``, or None when the rules leave it out."""

@@ -129,6 +129,12 @@ class RootOnly:
         """Handles beyond the manager's last save that `wait` and `close` wait for."""
         return []
 
+    def raised_by_next_save(self, handle: SaveHandle) -> bool:
+        """Whether the next `save`, `delete` or `rewind` raises ``handle``'s unseen error
+        (the manager's last save); False for a commit to the root that processes may see
+        end differently, which only `wait`, `close` and the handle itself raise."""
+        return True
+
     def delete(self, step: int) -> None:
         """Deletes committed ``step`` (`remove_steps`, on process 0)."""
         def run() -> str:
@@ -183,6 +189,7 @@ class WithLocalTier(RootOnly):
         super().__init__(setting)
         self.tier = tier
         self._persist: SaveHandle | None = None  # the commit to the root under way
+        self._roots: list[SaveHandle] = []  # root commits not yet known to have succeeded
 
     def steps(self) -> list[int]:
         """The root's committed steps and the steps whose local copies serve, ascending."""
@@ -212,7 +219,19 @@ class WithLocalTier(RootOnly):
             self._persist.outcome()
 
     def pending(self) -> list[SaveHandle]:
-        return [self._persist] if self._persist is not None else []
+        """Every root commit whose failure nobody has seen yet, oldest first, then the one
+        under way: `wait` and `close` raise each failure once."""
+        self._roots = [h for h in self._roots if not h.done() or (
+            h.outcome() is not None and not h.observed_by_user)]
+        return list(self._roots)
+
+    def raised_by_next_save(self, handle: SaveHandle) -> bool:
+        return handle not in self._roots
+
+    def _root_commit(self, handle: SaveHandle) -> None:
+        """Every process: ``handle`` is the commit to the root now under way."""
+        self._persist = handle
+        self._roots.append(handle)
 
     def save(self, step: int, tree: Any, metadata: Any, metrics: dict[str, float] | None,
              draw: Callable[[str], None], drawn: list[str],
@@ -227,44 +246,67 @@ class WithLocalTier(RootOnly):
             self.settle()
         parents = [list(p) for p in tier.ancestry]
         if not tier.room(step, jax.tree_util.tree_leaves(tree), self.s.timeout_s):
-            # A full local disk never stops persistence: this step goes to the root alone.
+            # A full local disk never stops persistence: this step goes to the root alone,
+            # as a root commit like any other (one at a time, its error raised by `wait`,
+            # `close` and its handle, never by the next save).
+            self.settle()
+
             def root_only(handle: SaveHandle) -> None:
                 tier.ancestry = [*parents, [step, handle.attempt]]
                 self.committed(step, metrics, drawn, handle.attempt)
 
-            return start_save(self.root.child(str(step)), tree, metadata=metadata,
-                              on_commit=root_only, timeout_s=self.s.timeout_s,
-                              metrics=metrics, refuse=lambda: self.s.refuse(step),
-                              on_attempt=draw, step=step, snapshot=self.s.snapshot,
-                              memory_budget=self.s.memory_budget, parents=parents)
+            handle = start_save(self.root.child(str(step)), tree, metadata=metadata,
+                                on_commit=root_only, timeout_s=self.s.timeout_s,
+                                metrics=metrics, refuse=lambda: self.s.refuse(step),
+                                on_attempt=draw, step=step, snapshot=self.s.snapshot,
+                                memory_budget=self.s.memory_budget, parents=parents)
+            self._root_commit(handle)
+            return handle
+
+        # The root's commit of a persisted step has its handle from the start: `save`
+        # returns it as ``remote`` (None only for a step kept locally alone).
+        remote = SaveHandle(self.root.child(str(step)).url, step) if persist else None
 
         def locally(saved: Persist, drop: list[int]) -> SaveHandle | None:
             # Every process, on the local save's thread, once every copy is committed.
-            tier.committed(step, saved.attempt, parents, drop)
-            if not persist:
-                self.s.finished(drawn)
-                return None
-            tier.pinned.add(step)
+            started = False
             try:
-                self._persist = start_persist(
+                tier.committed(step, saved.attempt, parents, drop)
+                if remote is None:
+                    self.s.finished(drawn)
+                    return None
+                tier.pinned.add(step)
+                start_persist(
                     self.root.child(str(step)), step, saved, tier.store.child(str(step)),
                     timeout_s=self.s.timeout_s, memory_budget=self.s.memory_budget,
                     on_commit=lambda _: self.committed(step, metrics, drawn, saved.attempt),
-                    on_done=lambda: self._persist_done(step, drawn))
-            except Exception as exc:  # reported like a failed root commit, never lost
-                self._persist_done(step, drawn)
-                self._persist = SaveHandle(self.root.child(str(step)).url, step)
-                self._persist._finish(SaveError(f"the commit of step {step} to "
-                                                f"{self.root.url} did not start: {exc}"))
-            return self._persist
+                    on_done=lambda: self._persist_done(step, drawn), handle=remote)
+                started = True
+                return remote
+            finally:
+                if remote is not None and not started:  # reported, never left waiting
+                    self._persist_done(step, drawn)
+                    remote._finish(SaveError(f"the commit of step {step} to "
+                                             f"{self.root.url} did not start"))
 
-        return start_local_save(tier.store, tree, step=step,
-                                origin={"root": self.root.url, "lineage": tier.lineage},
-                                parents=parents, metadata=metadata,
-                                metrics=dict(metrics or {}), timeout_s=self.s.timeout_s,
-                                snapshot=self.s.snapshot, memory_budget=self.s.memory_budget,
-                                refuse=lambda: self.s.refuse(step), on_attempt=draw,
-                                victims=lambda: tier.victims(step), on_commit=locally)
+        def failed() -> None:
+            self.s.finished(drawn)
+            if remote is not None:
+                remote._finish(SaveError(f"step {step} was not committed to {self.root.url}: "
+                                         "its local commit failed (the save's own error "
+                                         "says why)"))
+
+        handle = start_local_save(
+            tier.store, tree, step=step, origin={"root": self.root.url, "lineage": tier.lineage},
+            parents=parents, metadata=metadata, metrics=dict(metrics or {}),
+            timeout_s=self.s.timeout_s, snapshot=self.s.snapshot,
+            memory_budget=self.s.memory_budget, refuse=lambda: self.s.refuse(step),
+            on_attempt=draw, victims=lambda: tier.victims(step), on_commit=locally,
+            on_failure=failed)
+        handle.remote = remote
+        if remote is not None:
+            self._root_commit(remote)
+        return handle
 
     def _persist_done(self, step: int, drawn: list[str]) -> None:
         self.tier.pinned.discard(step)
@@ -339,9 +381,12 @@ class WithLocalTier(RootOnly):
             tier.ancestry = ancestry
             super().rewind(step)
         finally:
-            # Done or not, its event may be recorded: later copies record the new mark.
+            # Done or not, its event may be recorded: later copies record the new mark, the
+            # one process 0 reads (the same on every process).
             try:
-                tier.lineage = read_lineage(self.root).mark
+                tier.lineage = _coord.run_on_process_zero(
+                    "read the lineage mark", lambda: read_lineage(self.root).mark,
+                    self.s.timeout_s)
             except CkptError as exc:
                 log.warning("could not read the lineage record of %s: %s", self.root.url,
                             exc)

@@ -12,6 +12,7 @@ import itertools
 import time
 
 from ckpt import _coord
+from ckpt.errors import InvalidArgumentError
 
 
 _POLICIES = itertools.count()
@@ -30,9 +31,10 @@ class SavePolicy:
     def __init__(self, save_every: int | None, save_every_seconds: float | None,
                  watch_preemption: bool) -> None:
         if save_every is not None and save_every < 1:
-            raise ValueError(f"save_every must be >= 1 or None, got {save_every}")
+            raise InvalidArgumentError(f"save_every must be >= 1 or None, got {save_every}")
         if save_every_seconds is not None and save_every_seconds <= 0:
-            raise ValueError(f"save_every_seconds must be > 0 or None, got {save_every_seconds}")
+            raise InvalidArgumentError(
+                f"save_every_seconds must be > 0 or None, got {save_every_seconds}")
         self.save_every = save_every
         self.save_every_seconds = save_every_seconds
         self.watching = _coord.watch_sigterm() if watch_preemption else False

@@ -44,6 +44,7 @@ from ckpt.errors import (
     CheckpointNotFoundError,
     CkptError,
     CorruptCheckpointError,
+    InvalidArgumentError,
     NotACheckpointError,
     UncommittedCheckpointError,
 )
@@ -163,8 +164,9 @@ class Readable(abc.ABC):
         is matched by path and returns itself. ``names``: the name rules a restore was
         given, for formats that name leaves."""
         if names is not None:
-            raise ValueError(f"{self.store.url} is a {self.kind} checkpoint: name rules "
-                             "(names=) apply to safetensors only")
+            raise InvalidArgumentError(
+                f"{self.store.url} is a {self.kind} checkpoint: name rules "
+                "(names=) apply to safetensors only")
         return self
 
 
@@ -332,7 +334,7 @@ def open_readable(store: Store, item: str | None = None,
 
 def _safetensors(files: SafetensorsFiles, item: str | None) -> Readable:
     if item is not None:
-        raise ValueError(f"{files.store.url} holds safetensors, which have no items "
+        raise InvalidArgumentError(f"{files.store.url} holds safetensors, which have no items "
                          f"(item={item!r})")
     log.info("%s holds safetensors (%s, %d tensors)", files.store.url, files.layout,
              len(files.tensors))

@@ -36,6 +36,7 @@ from ckpt._tree import KeyPath, keystr
 from ckpt._verify import verify
 from ckpt.errors import (
     CorruptCheckpointError,
+    InvalidArgumentError,
     MeshMismatchError,
     MissingLeafError,
 )
@@ -59,8 +60,9 @@ def parse_mesh(text: str) -> dict[str, int]:
         size = size.strip()
         if not eq or not name.isidentifier() or not (size.isascii() and size.isdigit()) \
                 or int(size) < 1 or name in mesh:
-            raise ValueError(f"mesh {text!r}: cannot parse {part.strip()!r}; expected "
-                             "NAME=SIZE,NAME=SIZE (e.g. data=2,model=4)")
+            raise InvalidArgumentError(
+                f"mesh {text!r}: cannot parse {part.strip()!r}; expected "
+                "NAME=SIZE,NAME=SIZE (e.g. data=2,model=4)")
         mesh[name] = int(size)
     return mesh
 
@@ -78,12 +80,12 @@ def parse_spec(text: str) -> Spec:
         elif "+" in entry:
             axes = tuple(a.strip() for a in entry.split("+"))
             if not all(a.isidentifier() for a in axes):
-                raise ValueError(f"spec {text!r}: bad axis list {entry!r}")
+                raise InvalidArgumentError(f"spec {text!r}: bad axis list {entry!r}")
             out.append(axes)
         elif entry.isidentifier():
             out.append(entry)
         else:
-            raise ValueError(f"spec {text!r}: bad entry {entry!r}")
+            raise InvalidArgumentError(f"spec {text!r}: bad entry {entry!r}")
     return tuple(out)
 
 

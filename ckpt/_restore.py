@@ -72,6 +72,8 @@ class _Want:
     defaulted: bool = False                  # the target had no placement: default device
     keep: Any = None                         # an empty container of the target, returned
     target: Any = None                       # a per-process leaf's target leaf
+    every: bool = False                      # ... without one, saved by another process
+                                             # count: every process's value, by index
 
 
 def _cast_check(rec: LeafRecord, saved: np.dtype[Any], dtype: np.dtype[Any]) -> str | None:
@@ -226,7 +228,9 @@ def _want_key(want: _Want, path: KeyPath, t: Any, bad: _Mismatches) -> None:
 def _want_per_process(want: _Want, path: KeyPath, t: Any, bad: _Mismatches) -> None:
     """A per-process leaf: this process's saved value, which needs the saved process count."""
     saved, now = len(want.record.value), jax.process_count()
-    if saved != now:
+    if t is None and saved != now:
+        want.every = True  # no target (inspection, a notebook): every process's value
+    elif saved != now:
         bad.add("process count", f"{keystr(path)} holds the values of {saved} processes, "
                                  f"and {now} are restoring (leave it out of the target to "
                                  f"restore the rest)")
@@ -238,8 +242,11 @@ def _want_per_process(want: _Want, path: KeyPath, t: Any, bad: _Mismatches) -> N
 def _per_process_value(want: _Want, setters: list[tuple[Any, Any]]) -> Any:
     """What a per-process leaf restores as: the target object itself, its state to be set
     once the whole restore succeeded (``setters``); a `PerProcess` for a `PerProcess` target
-    (or none, if one was saved); else the plain value."""
+    (or none, if one was saved); else the plain value. Without a target, in a job of
+    another size than the one that saved it: a list of every process's value, by index."""
     rec, t = want.record, want.target
+    if want.every:
+        return [saved_state(rec, p, None, keystr(rec.path)) for p in range(len(rec.value))]
     value = saved_state(rec, jax.process_index(), t, keystr(rec.path))
     if is_stateful(t):
         setters.append((t, value))
@@ -291,6 +298,13 @@ def _match(manifest: Manifest, target: Any, mesh: Any, what: str) -> tuple[list[
         wants.append(want)
         if rec.kind == LeafKind.PER_PROCESS:
             _want_per_process(want, path, t, bad)
+            continue
+        if is_stateful(t):
+            # Its set_state would never be called: the object would silently keep its
+            # own state while the restore reports success.
+            bad.add("kind", f"{keystr(path)}: the target is an object with get_state/"
+                            f"set_state (a data iterator), but the checkpoint holds a "
+                            f"{rec.kind.value} there, not a saved state")
             continue
         if is_empty_container(t) and rec.kind in (LeafKind.EMPTY, LeafKind.NONE):
             want.keep = t  # Orbax records some empty containers (optax's EmptyState) as None

@@ -58,6 +58,24 @@ def list_root(store: Store) -> list[dict[str, Any]]:
     return entries
 
 
+def switched_note(entries: list[dict[str, Any]]) -> str | None:
+    """For a root holding committed steps of both Orbax's layout and this library's (an
+    Orbax run continued by `ckpt.CheckpointManager`, `list_root`'s entries): what that means
+    for going back to Orbax. None for any other root."""
+    ours = sorted(e["step"] for e in entries
+                  if e["layout"] == "ckpt" and e["state"] == "committed")
+    theirs = sorted(e["step"] for e in entries
+                    if e["layout"] != "ckpt" and e["state"] == "committed")
+    if not ours or not theirs:
+        return None
+    return (f"note: steps {ours} were written by this library into an Orbax run: Orbax's "
+            f"own CheckpointManager lists them as its steps and cannot restore them (its "
+            f"retention would count and delete them too). To go back to Orbax, rewind the "
+            f"run to its newest Orbax step first (ckpt.CheckpointManager(root).rewind"
+            f"({max(theirs)}) removes the steps above it), or delete the others "
+            f"(docs/orbax.md)")
+
+
 @dataclasses.dataclass(frozen=True)
 class Action:
     """One thing ``ckpt gc`` did (or would do): ``action`` ``remove`` or ``keep``, what,

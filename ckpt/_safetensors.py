@@ -20,6 +20,7 @@ import dataclasses
 import errno
 import json
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,6 +33,7 @@ from ckpt._tree import KeyPath, is_empty_container, is_text, keystr
 from ckpt.errors import (
     CorruptCheckpointError,
     DtypeMismatchError,
+    InvalidArgumentError,
     MissingLeafError,
     NotACheckpointError,
     ShapeMismatchError,
@@ -42,6 +44,7 @@ from ckpt.storage import (
     ObjectNotFoundError,
     StorageError,
     Store,
+    UnreadableObjectError,
     check_key,
     tensorstore_code,
 )
@@ -91,7 +94,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise ValueError(f"the name {key!r:.80} appears twice")
+            raise InvalidArgumentError(f"the name {key!r:.80} appears twice")
         out[key] = value
     return out
 
@@ -298,6 +301,48 @@ def _files(store: Store) -> tuple[list[str], dict[str, str] | None, dict[str, An
     return sorted(set(weights.values())), weights, meta if isinstance(meta, dict) else {}
 
 
+_SHARD = re.compile(r"^(?P<stem>.+)-(?P<i>[0-9]+)-of-(?P<n>[0-9]+)\.safetensors$")
+
+
+def _check_named(folder: Store, files: list[str]) -> None:
+    """Nothing in a folder read as safetensors is named like a safetensors file without
+    being one (a folder, a link to nothing): it would be a part of the model left out.
+
+    Raises:
+        CorruptCheckpointError: naming it.
+    """
+    plain = set(files)
+    odd = sorted(n for n in folder.list_children() if n.endswith(SUFFIX) and n not in plain
+                 and not folder.exists(n))
+    if odd:
+        raise CorruptCheckpointError(
+            f"{folder.describe(odd[0])} is named like a safetensors file but is not one (a "
+            "folder, or a link to nothing): remove or rename it")
+
+
+def _check_whole(folder: Store, files: list[str]) -> None:
+    """The files a model is read from make a whole model: every shard of each
+    ``<stem>-0000i-of-0000N.safetensors`` series is there (an export killed before its last
+    file, or a copy that stopped, leaves a prefix of them).
+
+    Raises:
+        CorruptCheckpointError: naming what is missing.
+    """
+    series: dict[tuple[str, str], set[int]] = {}
+    for name in files:
+        if (m := _SHARD.match(name)) is not None:
+            series.setdefault((m["stem"], m["n"]), set()).add(int(m["i"]))
+    for (stem, count), found in sorted(series.items()):
+        want = set(range(1, int(count) + 1))
+        if found != want:
+            missing = [f"{stem}-{i:0{len(count)}d}-of-{count}{SUFFIX}"
+                       for i in sorted(want - found)]
+            raise CorruptCheckpointError(
+                f"{folder.url}: a model in {count} files lacks {len(missing)} of them "
+                f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): an "
+                "interrupted export or copy; nothing is read from a part of a model")
+
+
 def open_safetensors(store: Store) -> SafetensorsFiles | None:
     """Opens what is at ``store`` as safetensors: a ``.safetensors`` file (the URL names
     it), or a folder of them; None when there are none there.
@@ -314,8 +359,15 @@ def open_safetensors(store: Store) -> SafetensorsFiles | None:
     else:
         folder = store
         files, weights, index_meta = _files(store)
+        _check_named(folder, files)
         if not files:
             return None
+    _check_whole(folder, files)
+    try:
+        # A FIFO named like a file would block TensorStore's read forever.
+        folder.check_plain_files("", files)
+    except UnreadableObjectError as exc:
+        raise CorruptCheckpointError(str(exc)) from None
     kv = store_kvstore(folder)
     tensors: dict[str, Tensor] = {}
     metadata: dict[str, Any] = dict(index_meta)

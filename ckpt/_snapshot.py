@@ -40,7 +40,7 @@ import jax
 import numpy as np
 
 from ckpt._ownership import ArrayPlan
-from ckpt.errors import CkptError
+from ckpt.errors import CkptError, InvalidArgumentError
 from ckpt.restore.boxes import Box, box_shape, full_box, to_slices
 from ckpt.storage import Deadline
 
@@ -59,14 +59,16 @@ def checked_options(snapshot: str, memory_budget: Any) -> int:
     """Validates `save_async`'s (and the manager's) ``snapshot`` and ``memory_budget``;
     returns the budget as an int. Raises ValueError naming the bad value."""
     if snapshot not in MODES:
-        raise ValueError(f"snapshot must be one of {', '.join(MODES)}, got {snapshot!r}")
+        raise InvalidArgumentError(
+            f"snapshot must be one of {', '.join(MODES)}, got {snapshot!r}")
     try:
         budget = None if isinstance(memory_budget, bool) else operator.index(memory_budget)
     except TypeError:
         budget = None
     if budget is None or budget < 1:
-        raise ValueError(f"memory_budget must be a positive whole number of bytes, got "
-                         f"{memory_budget!r}")
+        raise InvalidArgumentError(
+            f"memory_budget must be a positive whole number of bytes, got "
+            f"{memory_budget!r}")
     return budget
 
 
@@ -81,7 +83,8 @@ def choose_mode(requested: str, platform: str, room: dict[Any, int | None],
     copies where every device says it has room for them, else the direct path.
     """
     if requested not in MODES:
-        raise ValueError(f"snapshot must be one of {', '.join(MODES)}, got {requested!r}")
+        raise InvalidArgumentError(
+            f"snapshot must be one of {', '.join(MODES)}, got {requested!r}")
     if requested != "auto":
         return requested
     if platform == "cpu":

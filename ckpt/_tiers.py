@@ -42,7 +42,12 @@ from ckpt._housekeeping import (
 )
 from ckpt._local import LocalCopy, local_store, remove_copy, remove_debris, scan
 from ckpt._reader import Readable, open_checkpoint, open_readable
-from ckpt.errors import CheckpointExistsError, CheckpointNotFoundError, CkptError
+from ckpt.errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CkptError,
+    InvalidArgumentError,
+)
 from ckpt.restore import ArrayReadJob
 from ckpt.restore.boxes import Box, box_size, chunks_in, flat_index, grid_shape
 from ckpt.storage import Store
@@ -62,14 +67,25 @@ class LocalTier:
     on every process, which must all call it (the start-up exchange is collective)."""
 
     def __init__(self, local_dir: str, local_keep: int, persist_every: int | None,
-                 root: Store, *, read_only: bool, timeout_s: float) -> None:
+                 root: Store, *, read_only: bool, timeout_s: float,
+                 failure: BaseException | None = None) -> None:
+        # Drawn first, on every process, whatever fails below: a manager made again after
+        # a failure then meets under the same keys everywhere.
+        key = self.key = f"tier/{next(_TIERS)}"
+        coord = _coord.current()
+        # A failure before this (the root unreachable from one host: ``failure``) reaches
+        # every process here, not only the one it happened on.
+        for f in _coord.errors_of(coord.gather(f"{key}/start", failure, timeout_s)):
+            if failure is not None:
+                raise failure
+            raise f.error("starting the local tier: ")
         if isinstance(local_keep, bool) or not isinstance(local_keep, int) or local_keep < 1:
-            raise ValueError(f"local_keep must be an integer >= 1, got {local_keep!r}")
+            raise InvalidArgumentError(
+                f"local_keep must be an integer >= 1, got {local_keep!r}")
         if persist_every is not None and (isinstance(persist_every, bool) or not isinstance(
                 persist_every, int) or persist_every < 1):
-            raise ValueError(f"persist_every must be an integer >= 1 or None, got "
+            raise InvalidArgumentError(f"persist_every must be an integer >= 1 or None, got "
                              f"{persist_every!r}")
-        coord = _coord.current()
         self.me, self.count = coord.process_index, coord.process_count
         self.keep, self.persist_every, self.read_only = local_keep, persist_every, read_only
         self.store = local_store(local_dir, self.me)
@@ -80,7 +96,6 @@ class LocalTier:
         # `complete` and `copies` change on the manager's thread, the local saves' and the
         # root commits' (retention); every read of more than one entry holds this.
         self._lock = threading.RLock()
-        key = self.key = f"tier/{next(_TIERS)}"
         self._rooms = itertools.count()  # the n-th save's room check: same keys everywhere
         lineage, gone = self._root_records(coord, key, timeout_s)
         self.lineage = lineage.mark  # what this run's copies record
@@ -200,10 +215,19 @@ class LocalTier:
         """
         if self.count == 1:
             return
-        seen = sorted({int(n.split("-")[1]) for n in self.store.list_children()
-                       if n.startswith(f"{PROBE}-") and n.count("-") == 2
-                       and n.split("-")[1].isdigit()} - {self.me})
+        seen: Any
+        try:
+            seen = sorted({int(n.split("-")[1]) for n in self.store.list_children()
+                           if n.startswith(f"{PROBE}-") and n.count("-") == 2
+                           and n.split("-")[1].isdigit()} - {self.me})
+        except CkptError as exc:
+            seen = exc
         shared = coord.gather(f"{key}/shared", seen, timeout_s)
+        if isinstance(seen, BaseException):
+            raise seen
+        failed = _coord.errors_of(shared)
+        if failed:
+            raise failed[0].error(f"checking the local folder {self.store.url}: ")
         pairs = sorted((p, q) for p, others in shared.items()
                        if not isinstance(others, _coord.Failure) for q in others)
         if pairs:
@@ -475,7 +499,13 @@ class _RootView:
             return False  # written before ancestry was recorded: nothing says it descends
         nodes = {int(s): a for s, a in copy.parents}
         nodes[copy.step] = copy.attempt
-        low = min(nodes)
+        # Checked from the oldest ancestor only when the root holds that save: it is then
+        # the root step the run went on from. Otherwise (a run begun on an empty root, or
+        # whose first ancestor the root no longer holds) every root step below the copy
+        # must be one of its ancestors.
+        first = copy.parents[0] if copy.parents else None
+        low = int(first[0]) if first is not None and self.holds(int(first[0])) \
+            and self.attempt(int(first[0])) == first[1] else 0
         for step in self.folders:
             if low <= step < copy.step and self.holds(step) \
                     and self.attempt(step) != nodes.get(step):
@@ -532,8 +562,10 @@ def _refuse_inside(local: Store, root: Store) -> None:
     here = os.path.realpath(local.location.path)
     there = os.path.realpath(root.location.path)
     if here == there or here.startswith(there.rstrip(os.sep) + os.sep):
-        raise ValueError(f"local_dir {here} is {'the persistent root' if here == there else 'inside the persistent root ' + there}: "
-                         f"give the local tier a folder of its own on each host's disk")
+        raise InvalidArgumentError(
+            f"local_dir {here} is "
+            f"{'the persistent root' if here == there else 'inside the persistent root ' + there}"
+            ": give the local tier a folder of its own on each host's disk")
 
 
 class Tiered(Readable):

@@ -24,7 +24,7 @@ from typing import Any
 from ckpt._export import export_safetensors, parse_size
 from ckpt._info import CheckpointInfo, metadata
 from ckpt._housekeeping import committed_steps
-from ckpt._roots import age_text, collect_garbage, list_root
+from ckpt._roots import age_text, collect_garbage, list_root, switched_note
 from ckpt._reshard import convert, parse_mesh, parse_spec, reshard
 from ckpt._verify import verify
 from ckpt._reshard import slash_path
@@ -32,6 +32,7 @@ from ckpt.errors import (
     CheckpointNotFoundError,
     CkptError,
     CorruptCheckpointError,
+    InvalidArgumentError,
     InvalidKeyError,
     NotACheckpointError,
     TargetMismatchError,
@@ -214,6 +215,8 @@ def _list(args: argparse.Namespace) -> int:
         else:
             print(f"{e['step']:>10}  {e['state']:<10}  {_size(e['bytes']):>10}  "
                   f"{age_text(e['age_s'])} old  {e['attempt']}")
+    if note := switched_note(entries):
+        print(note)
     return 0
 
 
@@ -264,7 +267,7 @@ def _rewrite(args: argparse.Namespace) -> int:
         for rule in args.spec:
             pattern, eq, spec = rule.partition("=")
             if not eq or not pattern:
-                raise ValueError(f"--spec {rule!r}: expected PATTERN=SPEC, e.g. "
+                raise InvalidArgumentError(f"--spec {rule!r}: expected PATTERN=SPEC, e.g. "
                                  "'params/**/kernel=-,model'")
             rules.append((pattern, parse_spec(spec)))
     except ValueError as exc:
@@ -528,7 +531,8 @@ class _UsageError(ValueError):
 
 
 # Errors that mean the command line asked for what cannot be.
-_USAGE_ERRORS = (_UsageError, TargetMismatchError, UnsupportedURLError, InvalidKeyError)
+_USAGE_ERRORS = (_UsageError, TargetMismatchError, UnsupportedURLError, InvalidKeyError,
+                 InvalidArgumentError)
 
 
 def _exit_status(exc: BaseException) -> int:

@@ -13,6 +13,8 @@ exported here::
     │   ├── UnreadableObjectError               over a reader's size limit, or not a file
     │   └── DeadlineExceededError (TimeoutError)  a save or restore ran past its timeout_s
     ├── UnsupportedURLError (ValueError)        unknown scheme, malformed URL
+    ├── InvalidArgumentError (ValueError)       an option, mesh, spec, size or rule that
+    │                                           is not acceptable (names the argument)
     ├── MissingDependencyError (ImportError)    an s3:// or gs:// URL without its extra
     ├── InvalidKeyError (ValueError)            a storage key that could leave its root
     ├── CheckpointNotFoundError (FileNotFoundError)   nothing committed at the URL
@@ -21,6 +23,7 @@ exported here::
     ├── CheckpointExistsError (FileExistsError) saving over a committed checkpoint
     ├── StepOrderError (ValueError)             a manager save below its newest step
     ├── ReadOnlyError (PermissionError)         a write through a read-only manager
+    ├── ManagerClosedError (RuntimeError)       a save, delete or rewind after close()
     ├── CorruptCheckpointError (ValueError)     digest, checksum or manifest mismatch
     ├── UnsupportedFormatError (ValueError)     a format version, or an Orbax layout or
     │                                           value type, this library cannot read
@@ -50,6 +53,7 @@ from ckpt.storage import (
     BucketNotFoundError,
     CkptError,
     DeadlineExceededError,
+    InvalidArgumentError,
     InvalidKeyError,
     MissingDependencyError,
     ObjectNotFoundError,
@@ -62,9 +66,10 @@ __all__ = [
     "AccessDeniedError", "AttemptRemovedError", "BucketNotFoundError",
     "CheckpointExistsError", "CheckpointNotFoundError", "CkptError", "CommitConflictError",
     "CommitOutcomeUnknownError", "CoordinationError", "CorruptCheckpointError",
-    "DeadlineExceededError", "DtypeMismatchError", "InvalidKeyError",
+    "DeadlineExceededError", "DtypeMismatchError", "InvalidArgumentError", "InvalidKeyError",
     "InvalidMetadataError", "MeshMismatchError", "MissingDependencyError",
-    "MissingLeafError", "NotACheckpointError", "ObjectNotFoundError", "ReadOnlyError",
+    "ManagerClosedError", "MissingLeafError", "NotACheckpointError", "ObjectNotFoundError",
+    "ReadOnlyError",
     "SaveError", "ShapeMismatchError", "StepOrderError", "StorageError",
     "TargetMismatchError", "UncommittedCheckpointError", "UnreadableObjectError",
     "UnsupportedFormatError", "UnsupportedLeafError", "UnsupportedURLError",
@@ -133,6 +138,10 @@ class StepOrderError(CkptError, ValueError):
 
 class ReadOnlyError(CkptError, PermissionError):
     """A save, delete or rewind through a ``read_only=True`` manager."""
+
+
+class ManagerClosedError(CkptError, RuntimeError):
+    """A save, delete or rewind through a `CheckpointManager` after its ``close()``."""
 
 
 class CoordinationError(SaveError, TimeoutError):

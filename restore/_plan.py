@@ -13,6 +13,7 @@ import functools
 from collections.abc import Sequence
 
 from ckpt.restore.boxes import Box, box_size, chunk_box, chunks_in, intersect, to_slices
+from ckpt.storage import InvalidArgumentError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +98,8 @@ def spec_shard_shape(shape: Sequence[int], mesh: dict[str, int],
             (the message says which).
     """
     if len(spec) > len(shape):
-        raise ValueError(f"spec {tuple(spec)} has {len(spec)} entries for {len(shape)} dims")
+        raise InvalidArgumentError(
+            f"spec {tuple(spec)} has {len(spec)} entries for {len(shape)} dims")
     seen: set[str] = set()
     out = []
     for dim, n in enumerate(shape):
@@ -106,13 +108,14 @@ def spec_shard_shape(shape: Sequence[int], mesh: dict[str, int],
         parts = 1
         for axis in axes:
             if axis not in mesh:
-                raise ValueError(f"axis {axis!r} is not in the mesh {mesh}")
+                raise InvalidArgumentError(f"axis {axis!r} is not in the mesh {mesh}")
             if axis in seen:
-                raise ValueError(f"axis {axis!r} is used twice in {tuple(spec)}")
+                raise InvalidArgumentError(f"axis {axis!r} is used twice in {tuple(spec)}")
             seen.add(axis)
             parts *= mesh[axis]
         if n % parts:
-            raise ValueError(f"dimension {dim} of size {n} is not divisible by {parts} "
-                             f"(axes {axes})")
+            raise InvalidArgumentError(
+                f"dimension {dim} of size {n} is not divisible by {parts} "
+                f"(axes {axes})")
         out.append(n // parts)
     return tuple(out)

@@ -279,5 +279,5 @@ def read_arrays(jobs: Sequence[ArrayReadJob], *, memory_budget: int | None = Non
                            functools.partial(_land, job, out, cr, tail, deadline))
         window.drain()
     finally:
-        window.cancel()
+        window.settle()
     return outputs

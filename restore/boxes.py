@@ -15,6 +15,8 @@ import itertools
 import math
 from collections.abc import Iterator, Sequence
 
+from ckpt.storage import InvalidArgumentError
+
 __all__ = [
     "Box", "box_of_index", "box_shape", "box_size", "chunk_box", "chunk_sizes", "chunks_in",
     "flat_index", "full_box", "grid_shape", "intersect", "to_slices", "unflat_index",
@@ -29,7 +31,7 @@ def box_of_index(index: Sequence[slice], shape: Sequence[int]) -> Box:
     for s, n in zip(index, shape):
         start, stop, step = s.indices(n)
         if step != 1:
-            raise ValueError(f"strided shard index {s} is not supported")
+            raise InvalidArgumentError(f"strided shard index {s} is not supported")
         out.append((start, stop))
     # JAX may give fewer slices than dimensions for trailing whole dimensions.
     out.extend((0, n) for n in shape[len(out):])

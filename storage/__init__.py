@@ -16,6 +16,7 @@ from ckpt.storage._errors import (
     AccessDeniedError,
     BucketNotFoundError,
     CkptError,
+    InvalidArgumentError,
     InvalidKeyError,
     MissingDependencyError,
     ObjectNotFoundError,
@@ -34,7 +35,8 @@ from ckpt.storage._wrapper import WrapperStore
 
 __all__ = [
     "AccessDeniedError", "BucketNotFoundError", "CkptError", "Deadline",
-    "DeadlineExceededError", "DeadlineStore", "InvalidKeyError", "LocalStore", "Location",
+    "DeadlineExceededError", "DeadlineStore", "InvalidArgumentError", "InvalidKeyError",
+    "LocalStore", "Location",
     "MemoryStore", "MissingDependencyError", "ObjectNotFoundError", "ObjectSettings",
     "ObjectStore",
     "SCHEMES", "StorageError", "Store", "StoreLike", "UnreadableObjectError",

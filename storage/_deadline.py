@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 from ckpt.storage._base import Store
 from ckpt.storage._errors import StorageError
 from ckpt.storage._wrapper import WrapperStore
+from ckpt.storage._errors import InvalidArgumentError
 
 T = TypeVar("T")
 
@@ -42,7 +43,8 @@ class Deadline:
 
     def __init__(self, seconds: float, what: str) -> None:
         if not seconds > 0:
-            raise ValueError(f"timeout_s must be a positive number of seconds, not {seconds!r}")
+            raise InvalidArgumentError(
+                f"timeout_s must be a positive number of seconds, not {seconds!r}")
         self.seconds = float(seconds)
         self.what = what
         self._end = time.monotonic() + self.seconds

@@ -31,6 +31,11 @@ class MissingDependencyError(CkptError, ImportError):
     extra to install, e.g. ``shardckpt[s3]``)."""
 
 
+class InvalidArgumentError(CkptError, ValueError):
+    """A call's argument that is not acceptable: an option out of range, a malformed
+    mesh, spec, size or name rule (the message names the argument and the value)."""
+
+
 class InvalidKeyError(CkptError, ValueError):
     """A storage key that could escape the store's root (``..``, absolute, NUL, empty part)."""
 

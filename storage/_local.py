@@ -220,7 +220,9 @@ class LocalStore(Store):
             try:
                 out[key] = os.stat(self._path(key)).st_size
             except FileNotFoundError:
-                pass  # deleted since it was listed
+                pass  # deleted since it was listed, or a link to nothing
+            except OSError as exc:  # a link loop, a file it may not look at
+                raise self._error(exc, key, "listing") from exc
         return out
 
     def _list_children(self, prefix: str) -> list[str]:

@@ -20,7 +20,8 @@ class Window:
 
     One future is always admitted, however large, so progress never stalls. With a
     ``deadline``, waiting for a future ends when it passes (`DeadlineExceededError`, saying
-    the window was ``doing`` that), and what is in flight is cancelled.
+    the window was ``doing`` that), and what is in flight is cancelled. After an error its
+    owner calls `settle`.
     """
 
     def __init__(self, limit: int, deadline: Deadline | None = None,
@@ -52,11 +53,22 @@ class Window:
         self._finish_one()
         return True
 
-    def cancel(self) -> None:
-        """Cancels what is still in flight (after an error)."""
-        for future, _, _ in self._pending:
-            future.cancel()
-        self._pending.clear()
+    def settle(self) -> None:
+        """After an error: waits for what is still in flight to finish, dropping its errors
+        and outcomes, so that nothing of the loop is still reading or writing when its
+        caller moves on (a failed restore or save never leaves requests running behind
+        it). With a deadline, what is left when it passes is cancelled."""
+        while self._pending:
+            future, _, _ = self._pending.popleft()
+            try:
+                if self._deadline is not None:
+                    self._deadline.wait_ready(future, self._doing)
+                else:
+                    future.exception()
+            except Exception:
+                for left, _, _ in self._pending:
+                    left.cancel()
+                self._pending.clear()
         self._cost = 0
 
     def _finish_one(self) -> None:

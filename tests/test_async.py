@@ -147,3 +147,35 @@ def test_overwrite_is_atomic_old_readable_until_new_commits(tmp_path):
     handle.wait()
     assert (ckpt.restore(url)["x"] == 2.0).all()
     assert old_attempt not in open_store(url).list_children()
+
+
+def test_a_save_that_fails_at_exit_makes_the_process_exit_non_zero(tmp_path):
+    """A script returns with a save in flight whose commit then fails (a full disk): one
+    line on stderr names it, and the exit status is 1, not 0 (a scheduler must not record
+    the lost last checkpoint as success). The same script with a save that commits exits
+    0."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = (
+        "import sys, numpy as np, ckpt\n"
+        "from tests.faults import FaultyStore, fail_background\n"
+        "fail = sys.argv[2] == 'fail'\n"
+        "store = FaultyStore(sys.argv[1], before=fail_background(\n"
+        "    OSError(28, 'No space left on device')) if fail else None)\n"
+        "ckpt.save_async(store, {'x': np.arange(10)})\n"
+        "print('returned', flush=True)\n")
+    for how, status in (("fail", 1), ("commit", 0)):
+        url = tmp_path / how
+        run = subprocess.run([sys.executable, "-c", script, str(url), how], cwd=repo,
+                             capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        assert run.returncode == status, (how, run.stderr[-2000:])
+        assert run.stdout.startswith("returned"), run.stdout
+        lost = [line for line in run.stderr.splitlines() if line.startswith("ckpt:")]
+        if how == "fail":
+            assert len(lost) == 1 and "was not committed" in lost[0] and str(url) in lost[0]
+            assert "No space left" in lost[0]
+        else:
+            assert not lost and os.path.exists(url / "COMMIT")

@@ -95,3 +95,18 @@ def test_missing_chunk_is_detected(tmp_path):
     next((tmp_path / "c").glob("attempt-*/arrays/*/c/0")).unlink()
     with pytest.raises(CorruptCheckpointError, match=r"\['w'\] chunk \(0,\)"):
         ckpt.restore(tmp_path / "c")
+
+
+def test_every_error_class_is_at_the_top_level_and_usage_errors_are_library_errors(tmp_path):
+    for name in ckpt.errors.__all__:
+        assert getattr(ckpt, name) is getattr(ckpt.errors, name), name
+    root = str(tmp_path / "root")
+    calls = [lambda: ckpt.CheckpointManager(root, keep_last=0),
+             lambda: ckpt.CheckpointManager(root, save_every=0),
+             lambda: ckpt.save_async(tmp_path / "c", {"x": np.zeros(2)}, snapshot="nope"),
+             lambda: ckpt.save(tmp_path / "c", {"x": np.zeros(2)}, timeout_s=-1)]
+    for call in calls:
+        with pytest.raises(ckpt.InvalidArgumentError) as err:
+            call()
+        assert isinstance(err.value, CkptError) and isinstance(err.value, ValueError)
+    assert not os.path.exists(tmp_path / "c")

@@ -138,3 +138,26 @@ def test_bad_metrics_are_refused_before_anything_is_written(tmp_path):
         with pytest.raises(ValueError, match="metrics.*'loss'"):
             mgr.save(1, {"x": 1}, metrics={"loss": "low"})
         assert mgr.steps() == [] and not (tmp_path / "run" / "1").exists()
+
+
+def test_metrics_take_a_bfloat16_loss_and_refuse_what_is_no_real_number(tmp_path):
+    with ckpt.CheckpointManager(tmp_path / "r", best_metric="loss") as mgr:
+        mgr.save(1, {"x": np.zeros(2)}, metrics={"loss": jnp.asarray(0.5, jnp.bfloat16),
+                                                  "acc": np.float16(0.25), "n": 7})
+        mgr.wait()
+        assert mgr.metrics(1) == {"loss": 0.5, "acc": 0.25, "n": 7.0}
+        with pytest.raises(ckpt.InvalidArgumentError, match=r"\['big'\]") as err:
+            mgr.save(2, {"x": np.zeros(2)}, metrics={"big": 10**400, "ok": 1.0})
+        assert isinstance(err.value, ValueError)
+        assert mgr.steps() == [1]
+
+
+def test_a_closed_manager_refuses_to_save_delete_or_rewind(tmp_path):
+    mgr = ckpt.CheckpointManager(tmp_path / "r")
+    mgr.save(1, {"x": np.zeros(2)})
+    mgr.close()
+    for call in (lambda: mgr.save(2, {"x": np.zeros(2)}), lambda: mgr.delete(1),
+                 lambda: mgr.rewind(1)):
+        with pytest.raises(ckpt.ManagerClosedError, match="closed"):
+            call()
+    assert mgr.steps() == [1] and mgr.latest_step() == 1  # reading still works

@@ -546,12 +546,16 @@ def test_an_orbax_run_directory_continues_in_place(tmp_path, mesh24, capsys):
         mgr.save(step, _run_state(step, mesh24), metrics={"loss": 1.0 / step})
     mgr.wait()
     assert mgr.steps() == [3, 4, 5]  # keep_last=3: Orbax's steps 1 and 2 went, whole
-    assert sorted(os.listdir(root)) == ["3", "4", "5"]
+    # Beside the steps, the record of what retention removed (docs/format.md, LINEAGE).
+    assert sorted(os.listdir(root)) == ["3", "4", "5", "LINEAGE"]
     assert os.path.exists(os.path.join(root, "3", "_CHECKPOINT_METADATA"))  # untouched
     assert not os.path.exists(os.path.join(root, "3", "COMMIT"))
     assert cli(["list", root]) == 0
-    listed = capsys.readouterr().out
-    assert "(orbax-checkpoint)" in listed.splitlines()[-1] and listed.count("committed") == 3
+    listed = capsys.readouterr().out.splitlines()
+    assert "(orbax-checkpoint)" in listed[2] and sum("committed" in x for x in listed[:3]) == 3
+    # The switch is one way, and the list says how to go back.
+    assert listed[3].startswith("note: steps [4, 5] were written by this library into an "
+                                "Orbax run") and ".rewind(3)" in listed[3]
     mgr.close()
     # Rewinding to the Orbax step removes this library's steps; restarting reads Orbax's.
     with ckpt.CheckpointManager(root) as mgr:

@@ -19,6 +19,7 @@ from safetensors.numpy import load_file, save_file
 import ckpt
 from ckpt._names import NameRules, default_name
 from ckpt._tree import flatten
+from ckpt.cli import main as cli
 from ckpt.errors import (
     CheckpointExistsError,
     CorruptCheckpointError,
@@ -626,10 +627,14 @@ def test_what_an_export_cannot_write_is_refused_before_writing(tmp_path):
 def test_folder_edge_cases(tmp_path):
     save_file({"a.b": np.ones(2, np.float32), "a": np.zeros(1, np.float32),
                "x.y": np.ones(1, np.int8)}, str(tmp_path / "model.safetensors"))
-    (tmp_path / "extra.safetensors").mkdir()  # a folder with the name of a file: ignored
     out = ckpt.restore(str(tmp_path))
     # Only the names that clash stay whole keys.
     assert set(out) == {"a", "a.b", "x"} and out["x"]["y"].tolist() == [1]
+    (tmp_path / "extra.safetensors").mkdir()  # a folder with the name of a file: an error
+    with pytest.raises(CorruptCheckpointError, match="extra.safetensors is named like a "
+                                                     "safetensors file but is not one"):
+        ckpt.restore(str(tmp_path))
+    os.rmdir(tmp_path / "extra.safetensors")
     (tmp_path / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {"a": "model.safetensors"}}))
     with pytest.raises(CorruptCheckpointError, match="ambiguous"):
@@ -655,3 +660,55 @@ def test_a_long_run_is_read_in_bounded_requests(tmp_path):
     assert out["w"].tobytes() == w.tobytes()
     sizes = [e - b for _, b, e in seen.ranges]
     assert sum(sizes) == w.nbytes and max(sizes) <= MAX_REQUEST_BYTES and len(sizes) == 2
+
+
+def _shards(folder, count, index):
+    """A model split into ``count`` files (with its index, if ``index``), as an export
+    writes it."""
+    weights = {}
+    for i in range(1, count + 1):
+        name = f"model-{i:05d}-of-{count:05d}.safetensors"
+        save_file({f"layer{i}.w": np.full(4, i, np.float32)}, str(folder / name))
+        weights[f"layer{i}.w"] = name
+    if index:
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weights}))
+
+
+@pytest.mark.parametrize("index", [False, True])
+def test_a_model_missing_one_of_its_files_is_refused_everywhere(tmp_path, index):
+    """An export killed before its last file (and its index) leaves 2 of 3 files: restore,
+    inspect and convert refuse it, naming the missing file, instead of reading a part."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    _shards(folder, 3, index)
+    os.remove(folder / "model-00003-of-00003.safetensors")
+    want = "model-00003-of-00003.safetensors" if not index else "missing"
+    for call in (lambda: ckpt.restore(str(folder)), lambda: ckpt.metadata(str(folder))):
+        with pytest.raises(CorruptCheckpointError, match=want):
+            call()
+    assert cli(["inspect", str(folder)]) == 1
+    assert cli(["convert", str(folder), str(tmp_path / "c")]) == 1
+    assert not os.path.exists(tmp_path / "c" / "COMMIT")
+
+
+@pytest.mark.parametrize("thing", ["dangling", "folder", "loop", "fifo"])
+def test_something_named_like_a_model_file_that_is_not_one_is_an_error(tmp_path, thing):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    _shards(folder, 2, index=False)
+    odd = folder / ("model.safetensors" if thing == "fifo"
+                    else "model-00002-of-00002.safetensors")
+    os.remove(folder / "model-00002-of-00002.safetensors")
+    if thing == "dangling":
+        os.symlink(folder / "gone", odd)
+    elif thing == "folder":
+        odd.mkdir()
+    elif thing == "loop":
+        os.symlink(odd, odd)
+    else:  # the only file of the folder, a FIFO
+        os.remove(folder / "model-00001-of-00002.safetensors")
+        os.mkfifo(odd)
+    with pytest.raises(ckpt.CkptError) as err:
+        ckpt.restore(str(folder))  # returns at once: never blocks, never reads a part
+    assert odd.name in str(err.value), err.value

@@ -113,6 +113,14 @@ def test_two_processes_each_get_their_own_state_back(tmp_path):
                                                                       "step": 0})
     rest = ckpt.CheckpointManager(root, read_only=True).restore(target={"step": 0})
     assert rest == {"step": 3}
+    # Without a target (inspection, a notebook): every process's value, by process index,
+    # and the same after a reshard of the checkpoint.
+    for url in (os.path.join(root, "3"), str(tmp_path / "resharded")):
+        if url.endswith("resharded"):
+            assert cli(["reshard", os.path.join(root, "3"), url, "--mesh", "x=1"]) == 0
+        whole = ckpt.restore(url)
+        assert whole["who"] == [{"process": 0}, {"process": 1}] and whole["step"] == 3
+        assert len(whole["loader"]) == 2 and whole["loader"][0] != whole["loader"][1]
 
 
 def test_metadata_tree_is_a_target_for_per_process_leaves(tmp_path):
@@ -165,3 +173,15 @@ def test_an_orbax_jobs_grain_items_restore_per_process(tmp_path):
     assert ckpt.metadata(converted).tree["data"] == ckpt.PerProcess(results[0]["state"])
     with pytest.raises(TargetMismatchError, match="holds the values of 2 processes"):
         ckpt.restore(converted, {"data": Position()})
+
+
+def test_a_stateful_target_meeting_a_plain_saved_value_is_refused_naming_the_leaf(tmp_path):
+    """A data iterator in the target whose leaf the checkpoint holds as a plain value (a
+    state saved by other code as a dict, a number): its set_state would never be called
+    and it would silently keep its own position."""
+    url = tmp_path / "c"
+    ckpt.save(url, {"it": {"n": 5}, "pos": 3})
+    fresh = Position(0)
+    with pytest.raises(TargetMismatchError, match=r"\['pos'\].*get_state/set_state") as err:
+        ckpt.restore(url, {"it": {"n": 0}, "pos": fresh})
+    assert isinstance(err.value, ckpt.CkptError) and fresh.sets == 0 and fresh.n == 0

@@ -486,3 +486,28 @@ def test_a_malformed_per_process_record_is_refused(tmp_path, record, message):
     with pytest.raises(CorruptCheckpointError, match=message) as err:
         ckpt.restore(url)
     assert "['seed']" in str(err.value)
+
+
+TREE_LIES = {
+    # A leaf inside another leaf: "b" moved under "w".
+    "inside": (lambda d: _leaf(d, "b").update(path=[["key", "w"], ["key", "x"]]), "w"),
+    # A sequence position beside names at the root.
+    "mixed": (lambda d: _leaf(d, "b").update(path=[["index", 0]]), "root"),
+    # The same name as a key and as an attribute.
+    "twice": (lambda d: _leaf(d, "b").update(path=[["attr", "w"]]), "twice"),
+}
+
+
+@pytest.mark.parametrize("lie", sorted(TREE_LIES))
+def test_leaf_paths_that_make_no_tree_are_a_corrupt_checkpoint(tmp_path, mesh24, lie):
+    url = str(tmp_path / "ck")
+    ckpt.save(url, _tree(mesh24))
+    store = open_store(url)
+    attempt = CommitRecord.decode(store.read(COMMIT), COMMIT).attempt
+    doc = msgpack.unpackb(store.read(f"{attempt}/{MANIFEST}"), strict_map_key=False)
+    edit, word = TREE_LIES[lie]
+    edit(doc)
+    _resign(store, msgpack.packb(doc))
+    for read in (ckpt.restore, ckpt.metadata, verify):
+        with pytest.raises(CorruptCheckpointError, match=word):
+            read(url)

@@ -361,3 +361,75 @@ def test_randomized_runs_never_lose_or_mix_a_committed_step(tmp_path, mesh24, se
     mgr.close()
     kinds = {op for op, _, _ in log}
     assert len(saves) >= 4 and "save" in kinds, log
+
+
+# -- from an adversarial review ---------------------------------------------------------------
+
+def test_copies_of_a_run_begun_on_an_empty_root_never_serve_over_another_runs_steps(
+        tmp_path, mesh24):
+    """Hosts A begin a run on an empty root and keep steps 5 and 6 locally; hosts B begin
+    their own run on the empty root and commit steps up to 3; back on A, steps 5 and 6 do
+    not descend from the root's history and are never offered."""
+    root, a, b = str(tmp_path / "root"), str(tmp_path / "A"), str(tmp_path / "B")
+    with ckpt.CheckpointManager(root, local_dir=a, persist_every=100) as mgr:
+        for step in (5, 6):
+            mgr.save(step, _state(mesh24, step))
+    with ckpt.CheckpointManager(root, local_dir=b, persist_every=3) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, _state(mesh24, 100 + step))
+    with ckpt.CheckpointManager(root, local_dir=a, persist_every=100) as mgr:
+        assert mgr.steps() == [3] and _id(mgr, 3, mesh24) == 103
+
+
+def test_a_lineage_record_of_the_earlier_form_keeps_local_steps_across_restarts(
+        tmp_path, mesh24):
+    """A root whose LINEAGE an earlier release wrote (the event list): copies saved under it
+    are still offered after restarts (its origin is the same at every reading)."""
+    import msgpack
+
+    root, local = str(tmp_path / "root"), str(tmp_path / "local")
+    os.makedirs(root)
+    with open(os.path.join(root, "LINEAGE"), "wb") as f:
+        f.write(msgpack.packb({"events": [["aa11", "origin", 0], ["bb22", "delete", 9]]}))
+    with ckpt.CheckpointManager(root, local_dir=local, persist_every=100) as mgr:
+        for step in (1, 2):
+            mgr.save(step, _state(mesh24, step))
+    for _ in range(2):
+        with ckpt.CheckpointManager(root, local_dir=local, persist_every=100) as mgr:
+            assert mgr.steps() == [1, 2] and _id(mgr, 2, mesh24) == 2
+
+
+def test_an_attempt_claimed_for_commit_that_never_committed_leaves_the_local_tier(
+        tmp_path, mesh24):
+    """A process killed between its local commit claim and its COMMIT leaves a whole copy
+    claimed for commit: the next start-up removes it (the folder is this process's, its
+    committer an earlier run's)."""
+    root, local = str(tmp_path / "root"), str(tmp_path / "local")
+    with ckpt.CheckpointManager(root, local_dir=local, persist_every=100) as mgr:
+        mgr.save(1, _state(mesh24, 1))
+        mgr.save(2, _state(mesh24, 2))
+    os.remove(os.path.join(local, "2", "COMMIT"))  # the claim stays, says "commit"
+    with ckpt.CheckpointManager(root, local_dir=local, persist_every=100) as mgr:
+        assert mgr.steps() == [1]
+    left = os.listdir(os.path.join(local, "2")) if os.path.isdir(os.path.join(local, "2")) \
+        else []
+    assert not [n for n in left if n.startswith("attempt-")], left
+
+
+def test_every_failed_root_commit_is_raised_by_wait_once(tmp_path, mesh24):
+    """Step 2's root commit fails, step 4's succeeds: `wait` raises step 2's failure (the
+    next save did not, as processes may see a root commit end differently), once."""
+    root, local = str(tmp_path / "root"), str(tmp_path / "local")
+
+    def before(doing, key, args):
+        if doing == "writing" and key.startswith("2/") and key.endswith("manifest.msgpack"):
+            raise OSError(28, "No space left on device")
+
+    with ckpt.CheckpointManager(FaultyStore(root, before=before), local_dir=local,
+                                persist_every=2) as mgr:
+        for step in (1, 2, 3, 4):
+            mgr.save(step, _state(mesh24, step))
+        with pytest.raises(ckpt.SaveError, match="No space left"):
+            mgr.wait()
+        mgr.wait()  # reported once
+        assert mgr.steps() == [3, 4] and _id(mgr, 4, mesh24) == 4

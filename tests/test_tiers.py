@@ -70,8 +70,9 @@ def test_every_step_local_and_persisted_steps_at_the_root(dirs, mesh24):
     with ckpt.CheckpointManager(root, local_dir=local, local_keep=2, persist_every=2) as mgr:
         for step in range(1, 6):
             handle = mgr.save(step, _tree(mesh24, step))
-            handle.wait()
+            # Known when save returns: the root's commit of a persisted step, else None.
             assert (handle.remote is not None) == (step % 2 == 0)
+            handle.wait()
             if handle.remote is not None:
                 handle.remote.wait()
         assert mgr.steps() == [2, 4, 5] and mgr.latest_step() == 5
@@ -365,9 +366,13 @@ def test_a_failed_local_save_leaves_nothing_and_the_step_can_be_saved_again(dirs
                         lambda path, p: FaultyStore(real(path, p), before=before))
     with ckpt.CheckpointManager(root, local_dir=local) as mgr:
         mgr.save(1, _values(1, 1))
+        failed = mgr.save(2, _values(2, 1))
         with pytest.raises(SaveError, match="No space left") as info:
-            mgr.save(2, _values(2, 1)).wait()
+            failed.wait()
         assert os.path.join(local, "2") in str(info.value) and "process 0" in str(info.value)
+        # The root's commit it would have started says so (never left waiting).
+        with pytest.raises(SaveError, match="its local commit failed"):
+            failed.remote.wait(timeout=60)
         assert not [n for n in os.listdir(os.path.join(local, "2"))
                     if n.startswith("attempt-")] if os.path.isdir(os.path.join(local, "2")) \
             else True
