@@ -35,7 +35,10 @@ from ckpt._agreement import check_agreement
 from ckpt._commit import commit
 from ckpt._format import (
     ATTEMPT_PREFIX,
+    CLAIMS,
     COMMIT,
+    LINEAGE,
+    REWIND,
     HostReport,
     LeafKind,
     LeafRecord,
@@ -46,8 +49,9 @@ from ckpt._format import (
     read_object,
     zarr_spec,
 )
+from ckpt._reader import open_readable
 from ckpt._tree import keystr
-from ckpt.errors import CheckpointExistsError, SaveError
+from ckpt.errors import CheckpointExistsError, CheckpointNotFoundError, CkptError, SaveError
 from ckpt.storage import Store, Window
 
 # A host-report row: leaf name, flat chunk index, bytes, crc32c of the stored bytes.
@@ -66,13 +70,46 @@ def new_attempt_id() -> str:
 
 def refusal_if_committed(store: Store, *, overwrite: bool,
                          how: str) -> CheckpointExistsError | None:
-    """Why no attempt may be written at ``store``: it holds a committed checkpoint and
-    ``overwrite`` was not asked (``how`` says how to ask), else None. Checked by process 0
-    of a save, or by a rewrite, before an attempt id is drawn."""
-    if overwrite or not store.exists(COMMIT):
+    """Why no attempt may be written at ``store``, else None. Checked by process 0 of a
+    save, or by a rewrite, before an attempt id is drawn (one listing of the folder; more
+    only when it holds something this library does not write there).
+
+    - It holds a committed checkpoint of this library and ``overwrite`` was not asked
+      (``how`` says how to ask).
+    - It is a `CheckpointManager` root (step folders, its records): a checkpoint there would
+      shadow the run (steps are saved with the manager), even with ``overwrite``.
+    - It holds a checkpoint of another kind this library reads (Orbax's, safetensors), or
+      the files of one it cannot read: a checkpoint written there would be read in its
+      place, so it is never written, even with ``overwrite``.
+    """
+    names = store.list_children()
+    if COMMIT in names:
+        return None if overwrite else CheckpointExistsError(
+            f"{store.url} already holds a committed checkpoint ({how} to replace it)")
+    others = [n for n in names if not n.startswith((ATTEMPT_PREFIX, ".")) and n != CLAIMS]
+    if not others:
         return None
-    return CheckpointExistsError(f"{store.url} already holds a committed checkpoint ({how} "
-                                 "to replace it)")
+    steps = [n for n in others if n.isascii() and n.isdigit()]
+    if steps or LINEAGE in others or REWIND in others:
+        return CheckpointExistsError(
+            f"{store.url} is the root of a CheckpointManager run (it holds "
+            + (f"step folders {', '.join(sorted(steps, key=int)[-3:])}" if steps
+               else "its records")
+            + "): save steps with CheckpointManager(root).save(step, ...), or give this "
+            "checkpoint a folder of its own")
+    try:
+        found = open_readable(store)
+    except CheckpointNotFoundError:
+        return None  # other files, not a checkpoint: the checkpoint goes beside them
+    except CkptError as exc:
+        return CheckpointExistsError(
+            f"{store.url} holds the files of a checkpoint this library cannot read ({exc}): "
+            "it never writes into such a folder; give this checkpoint a folder of its own")
+    return CheckpointExistsError(
+        f"{store.url} holds a checkpoint in {found.kind} format ({found.layout}): this "
+        "library never "
+        "writes into it, even with overwrite (the folder would then hold two checkpoints); "
+        "give this one a folder of its own, or convert that one (ckpt convert)")
 
 
 def open_arrays(store: Store, attempt: str, records: dict[int, LeafRecord], *,

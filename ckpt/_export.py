@@ -70,7 +70,7 @@ def _dtype_name(dtype: Any) -> str | None:
         name = str(dtype)
     if name not in FLOATS:
         raise InvalidArgumentError(f"dtype {dtype!r}: floating-point tensors can be cast to "
-                         f"{', '.join(sorted(FLOATS))}")
+                                   f"{', '.join(sorted(FLOATS))}")
     return str(name)
 
 

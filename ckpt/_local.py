@@ -63,8 +63,9 @@ def local_store(local_dir: str, process: int) -> Store:
     """
     store = open_store(str(local_dir).replace("{process}", str(process)))
     if store.location.scheme not in ("file", "memory"):
-        raise InvalidArgumentError(f"local_dir must be a path on each host's own disk, not "
-                         f"{store.url}: the persistent root is the place for a bucket")
+        raise InvalidArgumentError(
+            f"local_dir must be a path on each host's own disk, not {store.url}: the "
+            f"persistent root is the place for a bucket")
     return store
 
 

@@ -272,11 +272,11 @@ class CheckpointManager:
         return True
 
     def _writable(self, what: str) -> None:
+        if self.read_only:
+            raise ReadOnlyError(f"cannot {what}: {self.root_url} was opened read_only=True")
         if self._closed:
             raise ManagerClosedError(f"cannot {what}: the CheckpointManager of "
                                      f"{self.root_url} was closed")
-        if self.read_only:
-            raise ReadOnlyError(f"cannot {what}: {self.root_url} was opened read_only=True")
 
     def _previous_failure(self, previous: SaveHandle | None | bool = False) -> None:
         """Waits for the save in flight (or ``previous``); raises its error if nobody has
@@ -457,8 +457,9 @@ class CheckpointManager:
             ValueError: the manager was made without ``best_metric``.
         """
         if self.best_metric is None:
-            raise InvalidArgumentError("best_step needs a metric to rank by: "
-                             "CheckpointManager(..., best_metric='loss', best_mode='min')")
+            raise InvalidArgumentError(
+                "best_step needs a metric to rank by: "
+                "CheckpointManager(..., best_metric='loss', best_mode='min')")
         scored = [(v, s) for s in self.steps()
                   if (v := self._metric(s, self.best_metric)) is not None]
         if not scored:

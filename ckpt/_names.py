@@ -56,7 +56,7 @@ def _parse(text: str) -> _Rule:
     except re.error as exc:
         raise InvalidArgumentError(f"name rule {text!r}: {exc}") from None
     raise InvalidArgumentError(f"name rule {text!r} is none of 'drop REGEX', 'keep REGEX', "
-                     "'REGEX => REPLACEMENT'")
+                               "'REGEX => REPLACEMENT'")
 
 
 def default_name(path: KeyPath) -> str:

@@ -335,7 +335,7 @@ def open_readable(store: Store, item: str | None = None,
 def _safetensors(files: SafetensorsFiles, item: str | None) -> Readable:
     if item is not None:
         raise InvalidArgumentError(f"{files.store.url} holds safetensors, which have no items "
-                         f"(item={item!r})")
+                                   f"(item={item!r})")
     log.info("%s holds safetensors (%s, %d tensors)", files.store.url, files.layout,
              len(files.tensors))
     return _SafeTensors(files)

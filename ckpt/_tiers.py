@@ -85,7 +85,7 @@ class LocalTier:
         if persist_every is not None and (isinstance(persist_every, bool) or not isinstance(
                 persist_every, int) or persist_every < 1):
             raise InvalidArgumentError(f"persist_every must be an integer >= 1 or None, got "
-                             f"{persist_every!r}")
+                                       f"{persist_every!r}")
         self.me, self.count = coord.process_index, coord.process_count
         self.keep, self.persist_every, self.read_only = local_keep, persist_every, read_only
         self.store = local_store(local_dir, self.me)

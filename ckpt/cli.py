@@ -268,7 +268,7 @@ def _rewrite(args: argparse.Namespace) -> int:
             pattern, eq, spec = rule.partition("=")
             if not eq or not pattern:
                 raise InvalidArgumentError(f"--spec {rule!r}: expected PATTERN=SPEC, e.g. "
-                                 "'params/**/kernel=-,model'")
+                                           "'params/**/kernel=-,model'")
             rules.append((pattern, parse_spec(spec)))
     except ValueError as exc:
         raise _UsageError(str(exc)) from None

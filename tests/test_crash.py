@@ -119,6 +119,7 @@ def _check_after_crash(root, claimed=False):
 
 
 def _resume(mgr, steps):
+    mgr = ckpt.CheckpointManager(mgr.root_url, keep_last=None)  # the checking one is closed
     if 2 not in steps:
         mgr.save(2, make_state(2)).wait()
     _assert_exact(mgr.restore(), 2)

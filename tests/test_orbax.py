@@ -661,3 +661,43 @@ def test_a_prng_key_of_an_unknown_implementation_is_named(tmp_path):
     json.dump(doc, open(path, "w"))
     with pytest.raises(UnsupportedFormatError, match=r"'rng'.*'philox9'"):
         ckpt.restore(item)
+
+
+def test_a_save_never_shadows_another_checkpoint_or_a_run(tmp_path):
+    """`ckpt.save` into a folder that holds an Orbax checkpoint (a StandardCheckpointer
+    folder, a step of an Orbax run), safetensors or a manager root is refused, with
+    overwrite too, and writes nothing there; overwriting a checkpoint of this library's
+    stays as it is."""
+    from safetensors.numpy import save_file
+
+    tree = {"w": np.ones(4, np.float32)}
+    single = tmp_path / "single"
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(single, {"w": jnp.zeros(4)})
+    run = tmp_path / "run"
+    with ocp.CheckpointManager(run) as manager:
+        manager.save(3, args=ocp.args.StandardSave({"w": jnp.zeros(4)}))
+        manager.wait_until_finished()
+    files = tmp_path / "hf"
+    files.mkdir()
+    save_file({"w": np.zeros(4, np.float32)}, str(files / "model.safetensors"))
+    ours = tmp_path / "ours"
+    with ckpt.CheckpointManager(ours) as mgr:
+        mgr.save(1, tree)
+    cases = {single: "in Orbax format", run / "3": "in Orbax format",
+             files: "in safetensors format", ours: "root of a CheckpointManager run",
+             run: "root of a CheckpointManager run"}
+    for folder, why in cases.items():
+        before = sorted(os.listdir(folder))
+        for overwrite in (False, True):
+            with pytest.raises(CheckpointExistsError, match=why) as err:
+                ckpt.save(folder, tree, overwrite=overwrite)
+            assert str(folder) in str(err.value)
+        assert sorted(os.listdir(folder)) == before, folder
+    assert not os.path.exists(ours / "COMMIT")  # still a run, not a checkpoint
+    with ckpt.CheckpointManager(ours) as mgr:
+        assert mgr.steps() == [1]
+    with ckpt.CheckpointManager(run) as mgr:
+        assert mgr.steps() == [3]
+    ckpt.save(ours / "1", {"w": np.zeros(4, np.float32)}, overwrite=True)
+    assert ckpt.restore(ours / "1")["w"].tolist() == [0.0] * 4
