@@ -138,7 +138,8 @@ class ChunkWriter:
     def __init__(self, store: Store, limit: int) -> None:
         self.rows: list[Row] = []
         self._store = store
-        self._window = Window(limit)
+        # Bounded by the save's deadline when the store carries one (`DeadlineStore`).
+        self._window = Window(limit, getattr(store, "deadline", None), "writing chunks")
 
     def put(self, array: Any, slices: tuple[slice, ...], data: np.ndarray, name: str,
             flat: int, durable: Callable[[], None] | None = None) -> None:
@@ -163,6 +164,12 @@ class ChunkWriter:
         """Waits until every chunk is durable; returns the rows."""
         self._window.drain()
         return self.rows
+
+    def settle(self) -> None:
+        """After an error: waits until no write is in flight any more (their outcomes
+        dropped; past the store's deadline, what is left is cancelled), so that a failed
+        save has stopped touching storage when it reports its failure."""
+        self._window.settle()
 
 
 def write_report(store: Store, attempt: str, process: int, rows: list[Row],

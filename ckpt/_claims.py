@@ -72,9 +72,10 @@ def claim_commit(store: Store, attempt: str) -> None:
     """
     if not store.write_if_absent(claim_key(attempt), _record(COMMITTING)):
         raise AttemptRemovedError(
-            f"{store.describe(attempt)} was claimed for removal (by `ckpt gc`, or a "
-            f"CheckpointManager cleaning up debris on this root) before it could commit; "
-            f"nothing was committed")
+            f"{store.describe(attempt)} was claimed for removal before it could commit: "
+            f"another writable CheckpointManager opened on this root (or its local folder) "
+            f"cleaned it up, or `ckpt gc` did; nothing was committed. One writer per root: "
+            f"evaluators and notebooks open it with read_only=True")
 
 
 def claim_removal(store: Store, attempt: str) -> bool:

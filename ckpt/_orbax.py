@@ -26,10 +26,12 @@ from __future__ import annotations
 import base64
 import dataclasses
 import errno
+import functools
 import json
 import logging
 from typing import Any
 
+import jax
 import tensorstore as ts
 
 from ckpt._format import (
@@ -339,6 +341,18 @@ def _leaf_records(item: Store, tree: dict[str, Any], meta_where: str, context: t
     return records, specs, opening
 
 
+@functools.cache
+def _key_data_dims(impl: str) -> int:
+    """The trailing dimensions a key of ``impl`` adds to its key data (1 for the
+    implementations JAX has); 0 for one this JAX does not know (refused elsewhere, naming
+    the leaf)."""
+    try:
+        return len(jax.eval_shape(
+            lambda: jax.random.key_data(jax.random.key(0, impl=impl))).shape)
+    except Exception:
+        return 0
+
+
 def _add_array_layouts(item: Store, records: list[LeafRecord], opening: list[_Opening],
                        shardings: dict[str, Any],
                        key_impls: dict[str, str]) -> list[tuple[int, Any]]:
@@ -376,6 +390,11 @@ def _add_array_layouts(item: Store, records: list[LeafRecord], opening: list[_Op
         elif rec.source == "jax":
             mesh_shape, mesh_axes, saved_spec = _mesh_fields(
                 shardings.get(name), len(shape), item.describe(SHARDING))
+            if rec.prng_impl and saved_spec is not None:
+                # Orbax records the sharding of a key array's key data (its trailing
+                # implementation dimensions included); the format keeps the key array's
+                # own PartitionSpec (docs/format.md), one entry per key dimension.
+                saved_spec = saved_spec[:max(0, len(shape) - _key_data_dims(rec.prng_impl))]
             records[index] = dataclasses.replace(rec, mesh_shape=mesh_shape,
                                                  mesh_axes=mesh_axes, spec=saved_spec)
     return scalars

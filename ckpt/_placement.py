@@ -416,7 +416,7 @@ class WithLocalTier(RootOnly):
                 # restore could return a state that never existed.
                 raise exc
             return restore_from(store.child(str(step)), target, mesh=mesh, item=item,
-                                deadline=deadline, opened=root)
+                                deadline=deadline, opened=root, agree=False)
         me = _coord.current().process_index
         if isinstance(source, Tiered):
             log.info("restored step %d on process %d: %.1f MiB from the local tier %s, "

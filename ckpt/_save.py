@@ -47,7 +47,7 @@ from ckpt._attempt import (
     refusal_if_committed,
     write_report,
 )
-from ckpt._claims import COMMITTING, claim_kind
+from ckpt._claims import COMMITTING, REMOVING, claim_kind, remove_uncommitted
 from ckpt._commit import committed_attempt
 from ckpt._format import ChunkLayout, LeafKind, LeafRecord, pack, unpack
 from ckpt._handle import SaveHandle, SaveTimings, track
@@ -56,11 +56,13 @@ from ckpt._ownership import ArrayInput, ArrayPlan, plan
 from ckpt._snapshot import DEFAULT_MEMORY_BUDGET, Snapshot, checked_options, start_fetching, take
 from ckpt._tree import flatten, keystr
 from ckpt.errors import (
+    AttemptRemovedError,
     CkptError,
     CommitOutcomeUnknownError,
     CoordinationError,
     InvalidMetadataError,
     SaveError,
+    StorageError,
     UnsupportedLeafError,
 )
 from ckpt.storage import Deadline, DeadlineStore, Store, StoreLike, open_store
@@ -187,10 +189,14 @@ class Copy:
         return None
 
     def abandon(self, job: Job) -> None:
-        """This process, after the save failed on it: what it must undo before the handle
-        reports the failure. The persistent copy leaves an uncommitted attempt to the
-        cleaners (its writers on other processes may still be writing)."""
-        return None
+        """This process, after the save failed on it (its own writes have stopped): what
+        it must undo before the handle reports the failure. Here process 0 removes the
+        attempt under a removal claim (every process has met it after its writes; a writer
+        that never arrived is fenced by the claim, and what it still writes is debris). An
+        attempt claimed for commit is left: its COMMIT may still land
+        (`CommitOutcomeUnknownError`)."""
+        if job.coord.process_index == 0:
+            remove_uncommitted(job.store.inner, job.attempt)
 
 
 def _host_array(leaf: jax.Array) -> np.ndarray:
@@ -418,10 +424,28 @@ def _write_chunks(job: Job, create: bool) -> list[Row]:
                 writer.put(arrays[c.record], c.slices, c.data(host),
                            job.records[c.record].name, c.flat, release)
             del host  # the unit's host copies go once TensorStore holds its own
+        return writer.finish()
     except BaseException:
         host = None  # noqa: F841  (the error keeps this frame alive, not its host copies)
+        writer.settle()
         raise
-    return writer.finish()
+
+
+def _removed(job: Job) -> CkptError | None:
+    """A failed write's real cause when a cleaner removed the attempt under it (another
+    writable manager started on the root or folder, `ckpt gc`): the storage error alone
+    ("NOT_FOUND: Error writing local file") would not say."""
+    try:
+        removed = claim_kind(job.store.inner, job.attempt) == REMOVING
+    except CkptError:
+        return None
+    if not removed:
+        return None
+    return AttemptRemovedError(
+        f"attempt {job.attempt} of {job.store.url} was removed while it was being written: "
+        f"another writable CheckpointManager opened on this root (or its local folder) "
+        f"cleaned it up, or `ckpt gc` did; nothing was committed. One writer per root: "
+        f"evaluators and notebooks open it with read_only=True")
 
 
 def run(job: Job, handle: SaveHandle) -> None:
@@ -476,12 +500,19 @@ def run(job: Job, handle: SaveHandle) -> None:
         handle._finish(None)
     except BaseException as exc:
         error = exc
-        if not isinstance(exc, CkptError):
-            error = SaveError(f"saving {job.store.url} (attempt {job.attempt}, process {me}) "
-                              f"failed: {type(exc).__name__}: {exc}")
-            error.__cause__ = exc
+        if not isinstance(exc, CkptError) or isinstance(exc, StorageError):
+            # A storage error may only be the symptom of the attempt removed under it.
+            removed = _removed(job)
+            if removed is not None:
+                error = removed
+            elif not isinstance(exc, CkptError):
+                error = SaveError(f"saving {job.store.url} (attempt {job.attempt}, process "
+                                  f"{me}) failed: {type(exc).__name__}: {exc}")
+            if error is not exc:
+                error.__cause__ = exc
         try:
-            copy.abandon(job)
+            if isinstance(exc, Exception):  # an interrupt stops at once: debris for gc
+                copy.abandon(job)
         except Exception as cleanup:
             log.warning("removing what the failed save of %s left: %s", job.store.url,
                         cleanup)

@@ -470,3 +470,32 @@ def restore_safetensors(path):
             assert np.asarray(shard.data).tobytes() == v[shard.index].tobytes(), k
             needed += shard.data.nbytes
     return {"read": sum(e - b for _, b, e in seen.ranges), "needed": needed}
+
+
+def mixed_restores(root, mesh_shape):
+    """Steps 1 and 2 saved by every process; then each process asks for another step (or,
+    second, another dtype) onto the same global arrays: every process must fail, naming
+    what each process asked for. Then an agreed restore works."""
+    mesh = mesh_of(tuple(mesh_shape))
+    me = jax.process_index()
+    with ckpt.CheckpointManager(root) as mgr:
+        for step in (1, 2):
+            mgr.save(step, device_tree(step, tuple(mesh_shape)))
+    out = []
+    with ckpt.CheckpointManager(root, read_only=True) as mgr:
+        try:
+            mgr.restore(1 + me, mesh=mesh)  # config drift: each host its own step
+            out.append("restored")
+        except ckpt.TargetMismatchError as exc:
+            out.append(str(exc))
+        target = device_tree(0, tuple(mesh_shape))
+        if me == 1:
+            target["w"] = jax.ShapeDtypeStruct(target["w"].shape, np.float16,
+                                               sharding=target["w"].sharding)
+        try:
+            mgr.restore(2, target=target)
+            out.append("restored")
+        except ckpt.TargetMismatchError as exc:
+            out.append(str(exc))
+        exact(mgr.restore(2, mesh=mesh), 2)
+    return out

@@ -1,5 +1,6 @@
 """CheckpointManager: steps, retention, one save in flight, debris removal."""
 
+import os
 
 import jax
 import jax.numpy as jnp
@@ -161,3 +162,53 @@ def test_a_closed_manager_refuses_to_save_delete_or_rewind(tmp_path):
         with pytest.raises(ckpt.ManagerClosedError, match="closed"):
             call()
     assert mgr.steps() == [1] and mgr.latest_step() == 1  # reading still works
+
+
+def test_a_save_whose_attempt_another_manager_removed_says_so_and_leaves_nothing(tmp_path):
+    """A second writable manager opened on the root while a save writes cleans the
+    in-flight attempt up: the save fails with `AttemptRemovedError` saying what happened
+    (not a raw storage error), and by the time `wait` raises it has stopped writing and
+    nothing of its attempt is left."""
+    root = str(tmp_path / "r")
+    with ckpt.CheckpointManager(root) as mgr:
+        mgr.save(1, {"x": np.zeros(4)})
+    second = []
+
+    def before(doing, key, args):
+        if doing == "writing chunks" and key == "5" and not second:
+            second.append(None)
+            with ckpt.CheckpointManager(root, watch_preemption=False):
+                pass  # its start-up clean-up removes the attempt being written
+
+    mgr = ckpt.CheckpointManager(FaultyStore(root, before=before))
+    big = {f"w{i}": np.full((256, 256), i, np.float32) for i in range(8)}
+    with pytest.raises(ckpt.AttemptRemovedError,
+                       match="another writable CheckpointManager.*read_only=True") as err:
+        mgr.save(5, big).wait()
+    assert "NOT_FOUND" not in str(err.value)
+    folder = os.path.join(root, "5")
+    left = os.listdir(folder) if os.path.isdir(folder) else []
+    assert not [n for n in left if n.startswith("attempt-")], left
+    mgr.close()
+    with ckpt.CheckpointManager(root) as again:
+        assert again.steps() == [1]
+        again.save(5, {"x": np.ones(4)}).wait()
+        assert again.restore(5)["x"].tolist() == [1.0] * 4
+
+
+def test_a_failed_save_removes_its_own_attempt(tmp_path):
+    """A save whose writes fail (a full disk) removes what it wrote before `wait` raises:
+    no partial attempt stays until the next save or `close`."""
+    root = str(tmp_path / "r")
+
+    def before(doing, key, args):
+        if doing == "writing chunks" and key == "2":
+            raise OSError(28, "No space left on device")
+
+    with ckpt.CheckpointManager(FaultyStore(root, before=before)) as mgr:
+        mgr.save(1, {"x": np.zeros(4)})
+        with pytest.raises(SaveError, match="No space left"):
+            mgr.save(2, {"w": np.ones((256, 256), np.float32)}).wait()
+        names = os.listdir(os.path.join(root, "2"))
+        assert not [n for n in names if n.startswith("attempt-")], names
+        assert mgr.steps() == [1]

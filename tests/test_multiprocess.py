@@ -276,3 +276,14 @@ def test_each_process_reads_only_its_byte_ranges_of_safetensors(request, tmp_pat
         assert r["needed"] == (tensors["w"].nbytes + tensors["v"].nbytes) // 2 \
             + tensors["r"].nbytes
         assert r["read"] == r["needed"], r
+
+
+def test_processes_restoring_different_checkpoints_all_fail_naming_each(tmp_path):
+    """Config drift: process 0 restores step 1 and process 1 step 2 (or another dtype)
+    into the same global arrays. Every process fails, naming what each asked for, instead of
+    returning arrays holding shards of two states; then a restore they agree on works."""
+    results = launch("tests.mp_jobs:mixed_restores", 2, args=[str(tmp_path / "run"), [2, 4]])
+    for steps, target in results:
+        assert "process 0:" in steps and "process 1:" in steps, steps
+        assert "/1 (attempt" in steps and "/2 (attempt" in steps, steps
+        assert "process 0:" in target and "different checkpoints or targets" in target

@@ -486,6 +486,12 @@ def test_typed_prng_keys_written_by_orbax_restore_as_keys_and_survive_convert(tm
         # Without a target, a key is its key data (as this library's own checkpoints give it).
         raw = ckpt.restore(url)["rngs"]["aqt"]["key"]
         assert raw.dtype == np.uint32 and raw.shape == jax.random.key_data(keys).shape
+        # Onto a mesh with the saved specs: Orbax recorded the key data's spec, the key
+        # array's own applies (the reading and the conversion both).
+        placed = ckpt.restore(url, mesh=mesh24)["rngs"]["aqt"]["key"]
+        assert jax.random.key_impl(placed) == jax.random.key_impl(keys)
+        assert (jax.random.key_data(placed) == jax.random.key_data(keys)).all()
+        assert placed.sharding.spec == P(("data", "model")), (url, placed.sharding)
 
 
 def test_a_managers_custom_metadata_and_metrics_are_read_and_converted(tmp_path, mesh24):
