@@ -49,9 +49,16 @@ from ckpt._format import (
     read_object,
     zarr_spec,
 )
+from ckpt._orbax import STEP_METADATA
 from ckpt._reader import open_readable
 from ckpt._tree import keystr
-from ckpt.errors import CheckpointExistsError, CheckpointNotFoundError, CkptError, SaveError
+from ckpt.errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CkptError,
+    SaveError,
+    StorageError,
+)
 from ckpt.storage import Store, Window
 
 # A host-report row: leaf name, flat chunk index, bytes, crc32c of the stored bytes.
@@ -89,27 +96,40 @@ def refusal_if_committed(store: Store, *, overwrite: bool,
     others = [n for n in names if not n.startswith((ATTEMPT_PREFIX, ".")) and n != CLAIMS]
     if not others:
         return None
-    steps = [n for n in others if n.isascii() and n.isdigit()]
-    if steps or LINEAGE in others or REWIND in others:
+    steps = sorted((n for n in others if n.isascii() and n.isdigit()), key=int)
+    # A manager root: its records, or a numbered folder that is a committed step (the
+    # newest few are asked: one existence check each).
+    if LINEAGE in others or REWIND in others or any(
+            store.exists(f"{n}/{COMMIT}") or store.exists(f"{n}/{STEP_METADATA}")
+            for n in steps[-3:]):
         return CheckpointExistsError(
             f"{store.url} is the root of a CheckpointManager run (it holds "
-            + (f"step folders {', '.join(sorted(steps, key=int)[-3:])}" if steps
-               else "its records")
+            + (f"step folders {', '.join(steps[-3:])}" if steps else "its records")
             + "): save steps with CheckpointManager(root).save(step, ...), or give this "
             "checkpoint a folder of its own")
+    if not any(n in _FOREIGN_MARKERS or n.endswith(_SAFETENSORS_SUFFIXES) for n in others):
+        return None  # other files, no checkpoint: the checkpoint goes beside them
     try:
         found = open_readable(store)
     except CheckpointNotFoundError:
-        return None  # other files, not a checkpoint: the checkpoint goes beside them
+        return None
+    except StorageError:
+        raise  # could not look: no refusal to guess from that
     except CkptError as exc:
         return CheckpointExistsError(
             f"{store.url} holds the files of a checkpoint this library cannot read ({exc}): "
             "it never writes into such a folder; give this checkpoint a folder of its own")
     return CheckpointExistsError(
         f"{store.url} holds a checkpoint in {found.kind} format ({found.layout}): this "
-        "library never "
-        "writes into it, even with overwrite (the folder would then hold two checkpoints); "
-        "give this one a folder of its own, or convert that one (ckpt convert)")
+        "library never writes into it, even with overwrite (the folder would then hold two "
+        "checkpoints); give this one a folder of its own, or convert that one (ckpt convert)")
+
+
+# Names whose presence makes a folder another kind of checkpoint this library reads: Orbax's
+# metadata, commit marker and OCDBT manifest; safetensors files and indexes.
+_FOREIGN_MARKERS = frozenset({STEP_METADATA, "_METADATA", "_sharding", "manifest.ocdbt",
+                              "commit_success.txt"})
+_SAFETENSORS_SUFFIXES = (".safetensors", ".safetensors.index.json")
 
 
 def open_arrays(store: Store, attempt: str, records: dict[int, LeafRecord], *,

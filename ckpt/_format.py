@@ -442,7 +442,6 @@ def decode_manifest(data: bytes, what: str) -> Manifest:
             and isinstance(p[1], str) and p[1].startswith(ATTEMPT_PREFIX) for p in parents):
         raise CorruptCheckpointError(f"{what} has a malformed parents record")
     records = [_decode_leaf(leaf, i, what, local is not None) for i, leaf in enumerate(leaves)]
-    _check_tree(records, what)
     paths: set[KeyPath] = set()
     names: set[str] = set()
     for rec in records:
@@ -467,10 +466,13 @@ def decode_manifest(data: bytes, what: str) -> Manifest:
         metrics={k: float(v) for k, v in metrics.items()}, local=local, parents=parents)
 
 
-def _check_tree(records: list[LeafRecord], what: str) -> None:
-    """The leaves' key paths must make one tree (what a restore without a target builds):
-    no leaf's path inside another leaf's, the children of each container all sequence
-    positions 0..n-1 or all names, no name twice.
+def check_tree(records: Sequence[LeafRecord], what: str) -> None:
+    """The leaves' key paths must make one tree where a restore without a target builds it
+    (nested dicts and lists): no leaf's path inside another leaf's, the children of each
+    container all sequence positions or all names, no name twice. (Positions may have
+    gaps: a pytree node without children leaves one.) Called before such a tree is built
+    (`ckpt.restore` without a target, `ckpt.metadata`), not when a manifest is read: a
+    target names its leaves itself.
 
     Raises:
         CorruptCheckpointError: naming the leaf that breaks it.
@@ -495,12 +497,6 @@ def _check_tree(records: list[LeafRecord], what: str) -> None:
                     f"{what}: leaf {keystr(path)} names {key!r} twice under "
                     f"{keystr(parent) or 'the root'}")
             seen[slot] = kind
-    for parent, seen in children.items():
-        positions = sorted(k[1] for k in seen if k[0] == "index")
-        if positions and positions != list(range(len(positions))):
-            raise CorruptCheckpointError(
-                f"{what}: the sequence at {keystr(parent) or 'the root'} has positions "
-                f"{positions[:8]}, not 0..{len(positions) - 1}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -203,10 +203,13 @@ _LOST_AT_EXIT = False
 
 
 def _exit_status() -> None:
-    """The last exit handler to run (registered when this module is first imported, and
-    `atexit` runs handlers newest first): ends the process with status 1 if a save the exit
-    hook waited for was not committed, after flushing logging and the standard streams."""
-    if _LOST_AT_EXIT:
+    """An exit handler (registered when this module is first imported; `atexit` runs
+    handlers newest first): ends a single-process job with status 1 if a save the exit hook
+    waited for was not committed, after flushing logging and the standard streams. Handlers
+    registered before this module was imported are skipped then; in a multi-process job
+    one of them is JAX's distributed shutdown, which the other processes wait for, so there
+    the line on stderr is all (the process exits as it would)."""
+    if _LOST_AT_EXIT and _single_process():
         logging.shutdown()
         for stream in (sys.stdout, sys.stderr):
             try:
@@ -214,6 +217,15 @@ def _exit_status() -> None:
             except (OSError, ValueError):
                 pass
         os._exit(1)
+
+
+def _single_process() -> bool:
+    try:
+        import jax
+
+        return jax.process_count() == 1
+    except Exception:  # JAX already torn down: nothing to leave out
+        return True
 
 
 atexit.register(_exit_status)

@@ -8,7 +8,7 @@ from typing import Any
 
 import jax
 
-from ckpt._format import LeafKind, Manifest
+from ckpt._format import LeafKind, Manifest, check_tree
 from ckpt._leaves import PerProcess, decode_value, dtype_from_name, saved_state
 from ckpt._reader import open_readable
 from ckpt._tree import KeyPath, keystr, nest
@@ -73,6 +73,7 @@ class CheckpointInfo:
 
 def _info(url: str, manifest: Manifest, layout: str) -> CheckpointInfo:
     leaves, items = [], []
+    check_tree(manifest.leaves, url)  # `tree` is built from the leaves' paths
     for rec in manifest.leaves:
         mesh = (dict(zip(rec.mesh_axes or (), rec.mesh_shape))
                 if rec.mesh_shape is not None else None)

@@ -253,12 +253,14 @@ class LocalTierCopy(Copy):
         self.persist = Persist(job.attempt, records, plans, job.digests, job.per_process,
                                job.metadata, dict(job.metrics), job.created_at, job.parents)
 
-    def abandon(self, job: Job) -> None:
+    def abandon(self, job: Job, interrupted: bool = False) -> None:
         # Not a step of the tier: what this save wrote goes now (its COMMIT first, if it
         # made one), so that neither its bytes nor its COMMIT outlive the failure; a crash
-        # leaves them to the next start-up.
+        # or an interrupt leaves them to the next start-up. Whoever waits on the root's
+        # commit of the step learns it failed, whatever happens here.
         try:
-            delete_checkpoint(job.store.inner, only={job.attempt})
+            if not interrupted:
+                delete_checkpoint(job.store.inner, only={job.attempt})
         finally:
             self.on_failure()
 

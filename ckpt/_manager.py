@@ -12,6 +12,8 @@ commit a step that does not restore. Every process may list and restore.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import logging
 import math
 import operator
@@ -21,6 +23,7 @@ from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -54,8 +57,9 @@ from ckpt.errors import (
     ReadOnlyError,
     SaveError,
     StepOrderError,
+    TargetMismatchError,
 )
-from ckpt.storage import Deadline, DeadlineStore, StoreLike, open_store
+from ckpt.storage import Deadline, DeadlineStore, Store, StoreLike, open_store
 
 log = logging.getLogger("ckpt.manager")
 
@@ -110,6 +114,60 @@ def as_metrics(metrics: dict[str, Any]) -> dict[str, float]:
             f"metrics must map names to real numbers (Python, numpy or 0-d "
             f"jax); bad entries: {bad}")
     return {k: v for k, v in out.items() if v is not None}
+
+
+# Every process makes its collective restores in the same order: the n-th has the same
+# coordination key everywhere.
+_RESTORES = itertools.count()
+
+
+def _spans_processes(target: Any, mesh: Any) -> bool:
+    """Whether a restore builds arrays that span processes (then every process takes part)."""
+    me = jax.process_index()
+    if mesh is not None and any(d.process_index != me for d in mesh.devices.flat):
+        return True
+    return any(not sharding.is_fully_addressable for sharding in (
+        getattr(leaf, "sharding", None) for leaf in jax.tree_util.tree_leaves(target))
+        if sharding is not None)
+
+
+def _agree_on_restore(found: int | BaseException, target: Any, mesh: Any, item: str | None,
+                      root: str, timeout_s: float) -> int:
+    """`CheckpointManager.restore` on every process of a job whose restore builds arrays
+    that span processes: the processes compare the step each resolved and a digest of
+    their targets, and all fail together when they differ (config drift, or hosts resolving
+    "latest" at different moments: one global array would otherwise hold shards of two
+    states), or when one could not resolve its step. Returns the step.
+
+    Raises:
+        TargetMismatchError: on every process, naming what each process asked for.
+        The error of a process that could not find its step (on every process).
+    """
+    coord = _coord.current()
+    if coord.process_count == 1 or not _spans_processes(target, mesh):
+        if isinstance(found, BaseException):
+            raise found
+        return found
+    leaves = [(str(getattr(x, "shape", None)), str(getattr(x, "dtype", type(x).__name__)),
+               repr(getattr(getattr(x, "sharding", None), "spec", None)))
+              for x in jax.tree_util.tree_leaves(target)]
+    digest = hashlib.sha256(repr([leaves, str(jax.tree_util.tree_structure(target)), item,
+                                  None if mesh is None else repr(mesh.shape)]).encode())
+    mine: Any = found if isinstance(found, BaseException) else {
+        "step": found, "target": digest.hexdigest()[:16]}
+    asked = coord.gather(f"manager-restore/{next(_RESTORES)}", mine, timeout_s)
+    if isinstance(found, BaseException):
+        raise found
+    failed = _coord.errors_of(asked)
+    if failed:
+        raise failed[0].error(f"restoring from {root}: ")
+    if all(v == asked[0] for v in asked.values()):
+        return found
+    raise TargetMismatchError(
+        f"the processes of this job restore different steps or targets of {root} into the "
+        "same global arrays; each must restore the same step onto the same target: "
+        + "; ".join(f"process {p}: step {v['step']}, target {v['target']}"
+                    for p, v in sorted(asked.items())))
 
 
 class CheckpointManager:
@@ -538,17 +596,33 @@ class CheckpointManager:
         if timeout_s is not None:
             deadline = Deadline(timeout_s, f"restoring from {self.root_url}")
             store = DeadlineStore(store, deadline)
+        found: int | BaseException
+        try:
+            found = self._step_to_restore(store, step)
+        except CkptError as exc:
+            found = exc
+        step = _agree_on_restore(found, target, mesh, item, self.root_url,
+                                 deadline.remaining() if deadline else self.timeout_s)
+        return self._place.restore(step, store, target, mesh, item, deadline)
+
+    def _step_to_restore(self, store: Store, step: int | None) -> int:
+        """The step `restore` reads: ``step``, or the newest.
+
+        Raises:
+            CheckpointNotFoundError: no such committed step.
+        """
         if step is None:
-            step = self._place.newest(store)
-            if step is None:
+            newest = self._place.newest(store)
+            if newest is None:
                 raise CheckpointNotFoundError(
                     f"no committed step under {self.root_url}"
                     + (" or in its local tier" if isinstance(self._place, WithLocalTier)
                        else ""))
-        elif is_abandoned(store, step := as_step(step), abandoned(store)):
+            return newest
+        if is_abandoned(store, step := as_step(step), abandoned(store)):
             raise CheckpointNotFoundError(f"step {step} under {self.root_url} was abandoned "
                                           "by a rewind")
-        return self._place.restore(step, store, target, mesh, item, deadline)
+        return step
 
     # -- lifetime --------------------------------------------------------------------------
 

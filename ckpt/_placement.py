@@ -295,6 +295,7 @@ class WithLocalTier(RootOnly):
                 remote._finish(SaveError(f"step {step} was not committed to {self.root.url}: "
                                          "its local commit failed (the save's own error "
                                          "says why)"))
+                remote.mark_observed()  # the local save's error reports it, once
 
         handle = start_local_save(
             tier.store, tree, step=step, origin={"root": self.root.url, "lineage": tier.lineage},
@@ -416,7 +417,7 @@ class WithLocalTier(RootOnly):
                 # restore could return a state that never existed.
                 raise exc
             return restore_from(store.child(str(step)), target, mesh=mesh, item=item,
-                                deadline=deadline, opened=root, agree=False)
+                                deadline=deadline, opened=root)
         me = _coord.current().process_index
         if isinstance(source, Tiered):
             log.info("restored step %d on process %d: %.1f MiB from the local tier %s, "

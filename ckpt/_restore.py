@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import itertools
 import logging
 import os
 import sys
@@ -23,8 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ckpt import _coord
-from ckpt._format import LeafKind, LeafRecord, Manifest
+from ckpt._format import LeafKind, LeafRecord, Manifest, check_tree
 from ckpt._leaves import (
     PerProcess,
     decode_inline,
@@ -286,6 +283,7 @@ def _match(manifest: Manifest, target: Any, mesh: Any, what: str) -> tuple[list[
     restored; raises listing every mismatch at once."""
     lookup = _saved_leaves(manifest)
     if target is None:
+        check_tree(manifest.leaves, what)  # nested dicts and lists are built from the paths
         pairs: list[tuple[KeyPath, Any]] = [(rec.path, None) for rec in manifest.leaves]
         treedef = None
     else:
@@ -386,12 +384,9 @@ def _cast(host: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
 def restore_from(store: Store, target: Any = None, *, mesh: Any = None,
                  item: str | None = None, memory_budget: int | None = None,
                  deadline: Deadline | None = None, names: NamesLike = None,
-                 opened: Readable | None = None, agree: bool = True) -> Any:
+                 opened: Readable | None = None) -> Any:
     """Restores the checkpoint in ``store``; see `ckpt.restore`. ``opened``: the
     checkpoint already opened (a manager's `ckpt._tiers.Tiered`), read instead.
-    ``agree``: a restore into arrays that span processes first checks that every process
-    reads the same (`_agree`); False for one process's second read of what all agreed on
-    (a damaged local copy's fallback to the root's copy of the same save).
 
     Called on every process that needs the state; each reads only the boxes its own
     devices hold (or the whole arrays, for a host-numpy restore). With a ``deadline``,
@@ -407,7 +402,7 @@ def restore_from(store: Store, target: Any = None, *, mesh: Any = None,
     source = source.for_target(None if target is None else flatten(target)[0], rules)
     for _ in range(OVERWRITE_RETRIES):
         try:
-            return _restore_source(source, target, mesh, memory_budget, deadline, agree)
+            return _restore_source(source, target, mesh, memory_budget, deadline)
         except CorruptCheckpointError as exc:
             # Overwritten while read (`overwrite=True`, `ckpt reshard --overwrite`): its old
             # attempt is deleted once COMMIT names the new one. Then read the new one whole;
@@ -425,57 +420,17 @@ def restore_from(store: Store, target: Any = None, *, mesh: Any = None,
             log.info("%s was overwritten while it was read; reading the new checkpoint",
                      store.url)
             source = again
-    return _restore_source(source, target, mesh, memory_budget, deadline, agree)
+    return _restore_source(source, target, mesh, memory_budget, deadline)
 
 
 # Overwrites a single restore survives back to back before it gives up and reports.
 OVERWRITE_RETRIES = 3
 
 
-# Every process makes its collective restores in the same order: the n-th has the same
-# coordination key everywhere.
-_COLLECTIVE = itertools.count()
-
-
-def _agree(source: Readable, wants: list[_Want], deadline: Deadline | None) -> None:
-    """A restore into arrays that span processes is collective: every process must read
-    the same save of the same checkpoint into the same target, or the global arrays would
-    hold shards of two states (config drift, or hosts resolving "latest" at different
-    moments). Every process tells what it reads; all fail together when they differ.
-    Restores into arrays this process holds whole (numpy, one device) meet nobody.
-
-    Raises:
-        TargetMismatchError: on every process, naming each process and what it asked for.
-    """
-    coord = _coord.current()
-    if coord.process_count == 1 or not any(
-            w.sharding is not None and not w.sharding.is_fully_addressable for w in wants):
-        return
-    target = [[keystr(w.record.path), str(w.dtype), list(w.record.shape),
-               repr(getattr(w.sharding, "spec", None)),
-               repr(getattr(getattr(w.sharding, "mesh", None), "shape", None))]
-              for w in wants]
-    mine = {"url": source.store.url, "attempt": source.manifest.attempt,
-            "target": hashlib.sha256(repr(target).encode()).hexdigest()[:16]}
-    timeout = deadline.remaining() if deadline is not None else _coord.DEFAULT_TIMEOUT_S
-    asked = coord.gather(f"restore/{next(_COLLECTIVE)}", mine, timeout)
-    if all(v == asked[0] for v in asked.values()):
-        return
-    raise TargetMismatchError(
-        "the processes of this job restore different checkpoints or targets into the same "
-        "global arrays; each must restore the same step onto the same target: " + "; ".join(
-            f"process {p}: {v['url']} (attempt {v['attempt'] or '-'}, target {v['target']})"
-            if isinstance(v, dict) else f"process {p}: failed ({v.describe()})"
-            for p, v in sorted(asked.items())))
-
-
 def _restore_source(source: Readable, target: Any, mesh: Any,
-                    memory_budget: int | None, deadline: Deadline | None,
-                    agree: bool = True) -> Any:
+                    memory_budget: int | None, deadline: Deadline | None) -> Any:
     manifest = source.manifest
     wants, treedef = _match(manifest, target, mesh, source.store.url)
-    if agree:
-        _agree(source, wants, deadline)
     _warn_defaulted(wants, source.store.url)
     jobs: list[ArrayReadJob] = []
     job_wants: list[int] = []

@@ -362,7 +362,7 @@ def open_safetensors(store: Store) -> SafetensorsFiles | None:
         _check_named(folder, files)
         if not files:
             return None
-    _check_whole(folder, files)
+        _check_whole(folder, files)  # a folder is a whole model (a named file is one file)
     try:
         # A FIFO named like a file would block TensorStore's read forever.
         folder.check_plain_files("", files)

@@ -188,15 +188,18 @@ class Copy:
         """Every process, once the verdict is known and was not a failure."""
         return None
 
-    def abandon(self, job: Job) -> None:
+    def abandon(self, job: Job, interrupted: bool = False) -> None:
         """This process, after the save failed on it (its own writes have stopped): what
         it must undo before the handle reports the failure. Here process 0 removes the
         attempt under a removal claim (every process has met it after its writes; a writer
-        that never arrived is fenced by the claim, and what it still writes is debris). An
-        attempt claimed for commit is left: its COMMIT may still land
-        (`CommitOutcomeUnknownError`)."""
-        if job.coord.process_index == 0:
-            remove_uncommitted(job.store.inner, job.attempt)
+        that never arrived is fenced by the claim, and what it still writes is debris),
+        within the save's deadline. An attempt claimed for commit is left: its COMMIT may
+        still land (`CommitOutcomeUnknownError`). ``interrupted`` (a KeyboardInterrupt on
+        the save's thread): nothing more is written or removed."""
+        if job.coord.process_index == 0 and not interrupted:
+            # Through the save's deadline: past it (a server that stopped answering), the
+            # attempt is left to the cleaners rather than waited on.
+            remove_uncommitted(job.store, job.attempt)
 
 
 def _host_array(leaf: jax.Array) -> np.ndarray:
@@ -436,7 +439,8 @@ def _removed(job: Job) -> CkptError | None:
     writable manager started on the root or folder, `ckpt gc`): the storage error alone
     ("NOT_FOUND: Error writing local file") would not say."""
     try:
-        removed = claim_kind(job.store.inner, job.attempt) == REMOVING
+        # Within the save's deadline: past it, the storage error stands as it is.
+        removed = claim_kind(job.store, job.attempt) == REMOVING
     except CkptError:
         return None
     if not removed:
@@ -511,8 +515,8 @@ def run(job: Job, handle: SaveHandle) -> None:
             if error is not exc:
                 error.__cause__ = exc
         try:
-            if isinstance(exc, Exception):  # an interrupt stops at once: debris for gc
-                copy.abandon(job)
+            # An interrupt stops at once: what it wrote is debris for the cleaners.
+            copy.abandon(job, interrupted=not isinstance(exc, Exception))
         except Exception as cleanup:
             log.warning("removing what the failed save of %s left: %s", job.store.url,
                         cleanup)

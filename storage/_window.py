@@ -65,7 +65,9 @@ class Window:
                     self._deadline.wait_ready(future, self._doing)
                 else:
                     future.exception()
-            except Exception:
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException:  # past the deadline, or cancelled (a CancelledError)
                 for left, _, _ in self._pending:
                     left.cancel()
                 self._pending.clear()
