@@ -674,8 +674,6 @@ def test_a_save_never_shadows_another_checkpoint_or_a_run(tmp_path):
     folder, a step of an Orbax run), safetensors or a manager root is refused, with
     overwrite too, and writes nothing there; overwriting a checkpoint of this library's
     stays as it is."""
-    from safetensors.numpy import save_file
-
     tree = {"w": np.ones(4, np.float32)}
     single = tmp_path / "single"
     with ocp.StandardCheckpointer() as checkpointer:
@@ -684,9 +682,9 @@ def test_a_save_never_shadows_another_checkpoint_or_a_run(tmp_path):
     with ocp.CheckpointManager(run) as manager:
         manager.save(3, args=ocp.args.StandardSave({"w": jnp.zeros(4)}))
         manager.wait_until_finished()
-    files = tmp_path / "hf"
-    files.mkdir()
-    save_file({"w": np.zeros(4, np.float32)}, str(files / "model.safetensors"))
+    files = tmp_path / "hf"  # an export (what the safetensors package writes, too)
+    ckpt.save(tmp_path / "src", {"w": np.zeros(4, np.float32)})
+    ckpt.export_safetensors(tmp_path / "src", files)
     ours = tmp_path / "ours"
     with ckpt.CheckpointManager(ours) as mgr:
         mgr.save(1, tree)
