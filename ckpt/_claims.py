@@ -36,6 +36,12 @@ log = logging.getLogger("ckpt.claims")
 COMMITTING = "commit"
 REMOVING = "remove"
 
+# Who removes an attempt under its committer, and what to do about it: the end of every
+# error that reports one (`claim_commit`, a save whose writes failed under the removal).
+REMOVED_BY_ANOTHER = ("another writable CheckpointManager opened on this root (or its local "
+                      "folder) cleaned it up, or `ckpt gc` did; nothing was committed. One "
+                      "writer per root: evaluators and notebooks open it with read_only=True")
+
 
 def _record(kind: str) -> bytes:
     # A random token makes every claim unique, so that a store retrying a create-if-absent
@@ -73,9 +79,7 @@ def claim_commit(store: Store, attempt: str) -> None:
     if not store.write_if_absent(claim_key(attempt), _record(COMMITTING)):
         raise AttemptRemovedError(
             f"{store.describe(attempt)} was claimed for removal before it could commit: "
-            f"another writable CheckpointManager opened on this root (or its local folder) "
-            f"cleaned it up, or `ckpt gc` did; nothing was committed. One writer per root: "
-            f"evaluators and notebooks open it with read_only=True")
+            f"{REMOVED_BY_ANOTHER}")
 
 
 def claim_removal(store: Store, attempt: str) -> bool:

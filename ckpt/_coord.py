@@ -144,6 +144,18 @@ class Coordinator(abc.ABC):
         return {int(k.rsplit("/", 1)[-1]): _decode(v)
                 for k, v in self.collect(f"{key}/from/").items()}
 
+    def gather_all(self, key: str, value: Any, timeout_s: float, context: str) -> dict[int, Any]:
+        """`gather` for a step every process must pass: returns every process's value, or
+        raises on every process: this process's own error if ``value`` is one, else the
+        first other process's (`Failure.error`, after ``context``)."""
+        outcomes = self.gather(key, value, timeout_s)
+        if isinstance(value, BaseException):
+            raise value
+        failed = errors_of(outcomes)
+        if failed:
+            raise failed[0].error(context)
+        return outcomes
+
     def decide(self, key: str, fn: Callable[[], Any], timeout_s: float, *,
                unknown: Callable[[CoordinationError], Any] | None = None) -> Any:
         """Process 0 runs ``fn`` (returning a JSON value); every process returns its value,

@@ -155,12 +155,9 @@ def _agree_on_restore(found: int | BaseException, target: Any, mesh: Any, item: 
                                   None if mesh is None else repr(mesh.shape)]).encode())
     mine: Any = found if isinstance(found, BaseException) else {
         "step": found, "target": digest.hexdigest()[:16]}
-    asked = coord.gather(f"manager-restore/{next(_RESTORES)}", mine, timeout_s)
-    if isinstance(found, BaseException):
-        raise found
-    failed = _coord.errors_of(asked)
-    if failed:
-        raise failed[0].error(f"restoring from {root}: ")
+    asked = coord.gather_all(f"manager-restore/{next(_RESTORES)}", mine, timeout_s,
+                             f"restoring from {root}: ")
+    assert not isinstance(found, BaseException)
     if all(v == asked[0] for v in asked.values()):
         return found
     raise TargetMismatchError(

@@ -47,7 +47,13 @@ from ckpt._attempt import (
     refusal_if_committed,
     write_report,
 )
-from ckpt._claims import COMMITTING, REMOVING, claim_kind, remove_uncommitted
+from ckpt._claims import (
+    COMMITTING,
+    REMOVED_BY_ANOTHER,
+    REMOVING,
+    claim_kind,
+    remove_uncommitted,
+)
 from ckpt._commit import committed_attempt
 from ckpt._format import ChunkLayout, LeafKind, LeafRecord, pack, unpack
 from ckpt._handle import SaveHandle, SaveTimings, track
@@ -447,9 +453,7 @@ def _removed(job: Job) -> CkptError | None:
         return None
     return AttemptRemovedError(
         f"attempt {job.attempt} of {job.store.url} was removed while it was being written: "
-        f"another writable CheckpointManager opened on this root (or its local folder) "
-        f"cleaned it up, or `ckpt gc` did; nothing was committed. One writer per root: "
-        f"evaluators and notebooks open it with read_only=True")
+        f"{REMOVED_BY_ANOTHER}")
 
 
 def run(job: Job, handle: SaveHandle) -> None:

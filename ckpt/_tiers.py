@@ -75,10 +75,7 @@ class LocalTier:
         coord = _coord.current()
         # A failure before this (the root unreachable from one host: ``failure``) reaches
         # every process here, not only the one it happened on.
-        for f in _coord.errors_of(coord.gather(f"{key}/start", failure, timeout_s)):
-            if failure is not None:
-                raise failure
-            raise f.error("starting the local tier: ")
+        coord.gather_all(f"{key}/start", failure, timeout_s, "starting the local tier: ")
         if isinstance(local_keep, bool) or not isinstance(local_keep, int) or local_keep < 1:
             raise InvalidArgumentError(
                 f"local_keep must be an integer >= 1, got {local_keep!r}")
@@ -124,9 +121,10 @@ class LocalTier:
         except CkptError as exc:  # told to every process in the exchange, raised on all
             mine = _coord.Failure.of(self.me, exc).error()
             mine.__cause__ = exc
-        found = coord.gather(f"{key}/copies", mine, timeout_s)
         try:
-            self._check(found, mine)
+            found = coord.gather_all(f"{key}/copies", mine, timeout_s,
+                                     f"the local tier {self.store.url} could not be read: ")
+            self._check(found)
             if not read_only:
                 self._check_not_shared(coord, key, timeout_s)
         finally:
@@ -180,21 +178,16 @@ class LocalTier:
         return (Lineage.from_json(record, f"{self.root.url} LINEAGE"),
                 {int(s): set(a) for s, a in named.items()})
 
-    def _check(self, found: dict[int, Any], mine: Any) -> None:
-        """Every process, after the exchange: raises the same error everywhere when any
-        process could not scan its folder or holds copies of another root's run.
+    def _check(self, found: dict[int, Any]) -> None:
+        """Every process, after the exchange (which raised any process's failure to scan
+        its folder on every process): raises the same error everywhere when any process
+        holds copies of another root's run.
 
         Raises:
             CheckpointExistsError: some process's folder holds copies another root's
                 manager wrote (restoring them would be another run's state; removing them
                 could lose it).
-            CkptError: some process failed to scan its folder (its error's class).
         """
-        failed = _coord.errors_of(found)
-        if failed:
-            if isinstance(mine, BaseException):
-                raise mine
-            raise failed[0].error(f"the local tier {self.store.url} could not be read: ")
         others = {p: v["foreign"] for p, v in found.items() if v["foreign"]}
         if others:
             who, steps = min(others.items())
@@ -222,12 +215,8 @@ class LocalTier:
                            and n.split("-")[1].isdigit()} - {self.me})
         except CkptError as exc:
             seen = exc
-        shared = coord.gather(f"{key}/shared", seen, timeout_s)
-        if isinstance(seen, BaseException):
-            raise seen
-        failed = _coord.errors_of(shared)
-        if failed:
-            raise failed[0].error(f"checking the local folder {self.store.url}: ")
+        shared = coord.gather_all(f"{key}/shared", seen, timeout_s,
+                                  f"checking the local folder {self.store.url}: ")
         pairs = sorted((p, q) for p, others in shared.items()
                        if not isinstance(others, _coord.Failure) for q in others)
         if pairs:
