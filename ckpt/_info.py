@@ -12,7 +12,7 @@ from ckpt._format import LeafKind, Manifest, check_tree
 from ckpt._leaves import PerProcess, decode_value, dtype_from_name, saved_state
 from ckpt._reader import open_readable
 from ckpt._tree import KeyPath, keystr, nest
-from ckpt.storage import StoreLike, open_store
+from ckpt.storage import StoreLike, bounded, open_store
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,11 +102,16 @@ def _info(url: str, manifest: Manifest, layout: str) -> CheckpointInfo:
                           dict(manifest.metrics))
 
 
-def metadata(url: StoreLike) -> CheckpointInfo:
+def metadata(url: StoreLike, *, timeout_s: float | None = None) -> CheckpointInfo:
     """Describes the committed checkpoint at ``url``; reads COMMIT and the manifest only.
 
     ``url`` may also hold an Orbax checkpoint (see `ckpt.restore`); then its metadata files
     and each array's zarr metadata are read, and scalars' values.
+
+    ``timeout_s`` bounds the whole call (None: each request's own deadline,
+    ``request_timeout_s``, and its retries); past it `DeadlineExceededError` names the URL
+    and what was being read.
     """
-    source = open_readable(open_store(url))
+    store = open_store(url)
+    source = open_readable(bounded(store, timeout_s, "reading the metadata of"))
     return _info(source.store.url, source.manifest, source.layout)

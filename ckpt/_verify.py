@@ -26,7 +26,16 @@ from ckpt._reader import open_readable
 from ckpt._tree import keystr
 from ckpt.errors import CorruptCheckpointError, UnsupportedFormatError
 from ckpt.restore.boxes import box_size, chunk_box, to_slices, unflat_index
-from ckpt.storage import ObjectNotFoundError, StoreLike, Window, open_store, tensorstore_code
+from ckpt.storage import (
+    DeadlineExceededError,
+    DeadlineStore,
+    ObjectNotFoundError,
+    StoreLike,
+    Window,
+    bounded,
+    open_store,
+    tensorstore_code,
+)
 
 DEFAULT_BUDGET = 256 << 20
 
@@ -74,7 +83,8 @@ def _reports(store: Any, attempt: str, processes: int,
 
 
 def verify(url: StoreLike, *, memory_budget: int = DEFAULT_BUDGET,
-           progress: Callable[[int, int], None] | None = None) -> VerifyReport:
+           progress: Callable[[int, int], None] | None = None,
+           timeout_s: float | None = None) -> VerifyReport:
     """Reads every chunk of the checkpoint at ``url`` and checks it.
 
     Checks: COMMIT and the manifest's sha256 (a failure raises, as nothing else can be
@@ -85,8 +95,11 @@ def verify(url: StoreLike, *, memory_budget: int = DEFAULT_BUDGET,
     Raises:
         CheckpointNotFoundError, CorruptCheckpointError: when COMMIT or the manifest fail.
         UnsupportedFormatError: ``url`` holds an Orbax checkpoint.
+        DeadlineExceededError: ``timeout_s`` passed first (None: each request's own
+            deadline and retries bound it); the chunk reads under way are cancelled.
     """
-    store = open_store(url)
+    store = bounded(open_store(url), timeout_s, "verifying")
+    deadline = store.deadline if isinstance(store, DeadlineStore) else None
     source = open_readable(store)
     if not source.checksummed:
         raise UnsupportedFormatError(
@@ -112,7 +125,10 @@ def verify(url: StoreLike, *, memory_budget: int = DEFAULT_BUDGET,
             continue
         dtype = dtype_from_name(leaf.dtype, f"{store.url} leaf {name}")
         try:
-            arr = ts.open(source.array_spec(leaf), context=ctx).result()
+            arr = store.wait(ts.open(source.array_spec(leaf), context=ctx),
+                             f"opening leaf {name}")
+        except DeadlineExceededError:
+            raise
         except Exception as exc:  # TensorStore reports every failure as ValueError
             report.problems.append(Problem(name, None, f"array cannot be opened: {exc}"))
             continue
@@ -122,7 +138,7 @@ def verify(url: StoreLike, *, memory_budget: int = DEFAULT_BUDGET,
                                            f"{list(leaf.shape)}"))
             continue
         grid = tuple(-(-n // c) for n, c in zip(leaf.shape, leaf.chunk_shape))
-        window = Window(memory_budget)
+        window = Window(memory_budget, deadline, f"reading the chunks of leaf {name}")
 
         def check_one(flat: int, coord: tuple[int, ...], nbytes: int, fut: Any) -> None:
             nonlocal done
@@ -153,11 +169,15 @@ def verify(url: StoreLike, *, memory_budget: int = DEFAULT_BUDGET,
             if progress is not None:
                 progress(done, total)
 
-        for flat in range(len(leaf.writers)):
-            coord = unflat_index(flat, grid)
-            box = chunk_box(coord, leaf.chunk_shape, leaf.shape)
-            nbytes = box_size(box) * dtype.itemsize
-            window.add(arr[to_slices(box)].read(), nbytes,
-                       functools.partial(check_one, flat, coord, nbytes))
-        window.drain()
+        try:
+            for flat in range(len(leaf.writers)):
+                coord = unflat_index(flat, grid)
+                box = chunk_box(coord, leaf.chunk_shape, leaf.shape)
+                nbytes = box_size(box) * dtype.itemsize
+                window.add(arr[to_slices(box)].read(), nbytes,
+                           functools.partial(check_one, flat, coord, nbytes))
+            window.drain()
+        except BaseException:
+            window.settle()  # no read of this verify outlives it
+            raise
     return report

@@ -38,7 +38,7 @@ from ckpt.errors import (
     TargetMismatchError,
     UnsupportedURLError,
 )
-from ckpt.storage import open_store, settle_google_credentials
+from ckpt.storage import bounded, open_store, settle_google_credentials
 
 EPILOG = "URLs: a path, file://PATH, s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, memory://NAME/PREFIX."
 
@@ -143,11 +143,22 @@ def _step_of(given: str, found: str, orbax_item: bool) -> str:
     return "-"
 
 
+def _timeout_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="give up after this long (default: only each request's own deadline "
+                   "and retries bound the command)")
+
+
+def _bounded(url: str, args: argparse.Namespace | None, what: str) -> Any:
+    """The store at ``url``, under the command's ``--timeout`` if it has one."""
+    return bounded(open_store(url), getattr(args, "timeout", None), what, "--timeout")
+
+
 def _inspect(args: argparse.Namespace) -> int:
     try:
-        info = metadata(args.url)
+        info = metadata(_bounded(args.url, args, "inspecting"))
     except CheckpointNotFoundError as exc:
-        store = open_store(args.url)
+        store = _bounded(args.url, args, "listing")
         steps = committed_steps(store)
         if not steps:
             raise
@@ -189,10 +200,11 @@ def _inspect(args: argparse.Namespace) -> int:
 
 # -- list -----------------------------------------------------------------------------------
 
-def _existing_root(url: str) -> Any:
+def _existing_root(url: str, args: argparse.Namespace | None = None) -> Any:
     """The store at ``url``, which must hold something (a missing bucket, a missing folder
-    or a mistyped prefix is an error naming it, not an empty answer)."""
-    store = open_store(url)
+    or a mistyped prefix is an error naming it, not an empty answer); bound by
+    ``--timeout`` when the command has it."""
+    store = _bounded(url, args, "listing")
     store.verify_access()
     if not store.list_children():
         raise CheckpointNotFoundError(f"nothing is stored at {store.url} (a typo?)")
@@ -200,7 +212,7 @@ def _existing_root(url: str) -> Any:
 
 
 def _list(args: argparse.Namespace) -> int:
-    store = _existing_root(args.root)
+    store = _existing_root(args.root, args)
     entries = list_root(store)
     if args.json:
         print(json.dumps(entries, indent=2))
@@ -223,7 +235,7 @@ def _list(args: argparse.Namespace) -> int:
 # -- verify ---------------------------------------------------------------------------------
 
 def _verify(args: argparse.Namespace) -> int:
-    report = verify(args.url, memory_budget=args.memory_budget,
+    report = verify(_bounded(args.url, args, "verifying"), memory_budget=args.memory_budget,
                     progress=_progress("verifying", args.quiet or args.json))
     if args.json:
         print(json.dumps({"url": report.url, "ok": report.ok, "chunks": report.chunks,
@@ -390,6 +402,7 @@ def _parser() -> argparse.ArgumentParser:
                        "metadata and tree (key path, shape, dtype, bytes, spec, chunks).")
     p.add_argument("url", help="the checkpoint")
     p.add_argument("--json", action="store_true", help="print the documented JSON document")
+    _timeout_option(p)
     p.set_defaults(func=_inspect)
 
     p = sub.add_parser("list", epilog=EPILOG, help="list the steps under a manager root",
@@ -399,6 +412,7 @@ def _parser() -> argparse.ArgumentParser:
                        "rewind).")
     p.add_argument("root", help="a CheckpointManager root")
     p.add_argument("--json", action="store_true", help="print JSON")
+    _timeout_option(p)
     p.set_defaults(func=_list)
 
     p = sub.add_parser("verify", epilog=EPILOG, help="read and check every chunk",
@@ -410,6 +424,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="bytes of chunks read at once (default 256M)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the documented JSON document")
+    _timeout_option(p)
     p.set_defaults(func=_verify)
 
     p = sub.add_parser("reshard", epilog=EPILOG,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from ckpt.storage._base import Store, check_key
-from ckpt.storage._deadline import Deadline, DeadlineExceededError, DeadlineStore
+from ckpt.storage._deadline import Deadline, DeadlineExceededError, DeadlineStore, bounded
 from ckpt.storage._errors import (
     AccessDeniedError,
     BucketNotFoundError,
@@ -41,7 +41,7 @@ __all__ = [
     "ObjectStore",
     "SCHEMES", "StorageError", "Store", "StoreLike", "UnreadableObjectError",
     "UnsupportedURLError", "Window", "WrapperStore",
-    "check_key", "configure", "memory_context", "open_store", "parse_url",
+    "bounded", "check_key", "configure", "memory_context", "open_store", "parse_url",
     "settle_google_credentials", "tensorstore_code",
 ]
 

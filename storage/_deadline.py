@@ -41,12 +41,13 @@ class Deadline:
     Thread-safe: read by the thread that runs the operation and by the threads it starts.
     """
 
-    def __init__(self, seconds: float, what: str) -> None:
+    def __init__(self, seconds: float, what: str, option: str = "timeout_s") -> None:
         if not seconds > 0:
             raise InvalidArgumentError(
-                f"timeout_s must be a positive number of seconds, not {seconds!r}")
+                f"{option} must be a positive number of seconds, not {seconds!r}")
         self.seconds = float(seconds)
         self.what = what
+        self.option = option  # what the user set: a keyword, or the CLI's --timeout
         self._end = time.monotonic() + self.seconds
 
     def remaining(self) -> float:
@@ -56,7 +57,7 @@ class Deadline:
     def error(self, doing: str) -> DeadlineExceededError:
         """The error for running out of time while ``doing`` (e.g. "writing <url>/COMMIT")."""
         return DeadlineExceededError(
-            errno.ETIMEDOUT, f"{self.what} did not finish within timeout_s={self.seconds:g} s "
+            errno.ETIMEDOUT, f"{self.what} did not finish within {self.option}={self.seconds:g} s "
                              f"(still {doing})")
 
     def check(self, doing: str) -> None:
@@ -124,3 +125,14 @@ class DeadlineStore(WrapperStore):
 
     def _delegate(self, doing: str, key: str, fn: Callable[..., T], *args: Any) -> T:
         return self.deadline.call(f"{doing} {self.describe(key)}", fn, *args)
+
+
+def bounded(store: Store, timeout_s: float | None, what: str,
+            option: str = "timeout_s") -> Store:
+    """``store`` under a new deadline of ``timeout_s`` seconds for ``what`` (e.g. "reading
+    the metadata of"; the URL is added), or ``store`` itself when ``timeout_s`` is None.
+    Called by the read-only entry points (`ckpt.metadata`, `ckpt.verify`, the CLI's
+    ``--timeout``, named by ``option`` in errors) as they open their store."""
+    if timeout_s is None:
+        return store
+    return DeadlineStore(store, Deadline(timeout_s, f"{what} {store.url}", option))

@@ -9,13 +9,17 @@ Each store is opened with its own frozen `ObjectSettings` (endpoint, region, cre
 retries, deadlines), resolved from `configure` and the usual environment
 (``ckpt.storage._settings``).
 
-Both libraries retry transient failures (5xx, resets, timeouts) with backoff; TensorStore's
-retry budget is set by ``max_retries``.
+Both libraries retry transient failures (5xx, resets, timeouts) with backoff, each request
+``max_retries`` times at most: TensorStore through its retry policy, botocore through its
+``max_attempts``, gcsfs through its request wrapper. s3fs's own retry loop, which would run
+botocore's whole budget again for every try of its own, is turned off, so one request that
+is never answered costs at most ``(max_retries + 1) * request_timeout_s`` plus the backoff.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import importlib
 import logging
 import os
@@ -82,14 +86,19 @@ def _filesystem(s: ObjectSettings) -> Any:
         kwargs: dict[str, Any] = {
             "anon": s.anonymous, "use_listings_cache": False,
             "client_kwargs": {"region_name": s.region},
-            "config_kwargs": {"retries": {"max_attempts": 4, "mode": "standard"},
+            "config_kwargs": {"retries": {"max_attempts": s.max_retries + 1,
+                                          "mode": "standard"},
                               "connect_timeout": 10, "read_timeout": s.request_timeout_s},
         }
         if s.endpoint_url:
             kwargs["client_kwargs"]["endpoint_url"] = s.endpoint_url
         if s.profile:
             kwargs["profile"] = s.profile
-        return s3fs.S3FileSystem(**kwargs)
+        fs = s3fs.S3FileSystem(**kwargs)
+        # One retry layer (botocore's): s3fs would otherwise repeat botocore's whole
+        # budget five times over (a never-answering server: 20 timeouts per call).
+        fs.retries = 1
+        return fs
     gcsfs = _client_module("gs")
     import aiohttp
 
@@ -104,8 +113,19 @@ def _filesystem(s: ObjectSettings) -> Any:
         # The plain client: gcsfs's default one probes a gRPC/TLS API per bucket, which an
         # HTTP emulator has not, and every first access would stall for a minute.
         plain = importlib.import_module("gcsfs.core").GCSFileSystem
-        return plain(endpoint_url=s.endpoint_url, **options)
-    return gcsfs.GCSFileSystem(**options)
+        return _bounded_gcs(plain, s.max_retries + 1)(endpoint_url=s.endpoint_url, **options)
+    return _bounded_gcs(gcsfs.GCSFileSystem, s.max_retries + 1)(**options)
+
+
+@functools.cache
+def _bounded_gcs(base: type, tries: int) -> type:
+    """``base`` (a gcsfs filesystem class) making each request at most ``tries`` times:
+    gcsfs wraps its one request method in a fixed six tries, timeouts included, whatever
+    ``max_retries`` says."""
+    retry = importlib.import_module("gcsfs.retry").retry_request
+    once = base._request.__wrapped__  # type: ignore[attr-defined]
+    return type(f"{base.__name__}Tries{tries}", (base,),
+                {"_request": retry(retries=tries)(once), "__module__": __name__})
 
 
 # S3 error codes for a credential the server rejects or a permission it lacks.
@@ -113,6 +133,23 @@ _S3_DENIED = frozenset({"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotM
                         "InvalidToken", "ExpiredToken", "AllAccessDisabled", "Forbidden"})
 # botocore's exceptions for no usable credentials at all (named: botocore is optional).
 _NO_CREDENTIALS = frozenset({"NoCredentialsError", "PartialCredentialsError"})
+
+
+# botocore's request deadlines, which are not `TimeoutError`s (named: botocore is optional).
+_CLIENT_TIMEOUTS = frozenset({"ReadTimeoutError", "ConnectTimeoutError"})
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """Whether a client's error, through its chain of causes, is a request deadline that
+    passed (aiohttp's and fsspec's are `TimeoutError`s, botocore's are named above)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, TimeoutError) or type(current).__name__ in _CLIENT_TIMEOUTS:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def client_error_kind(exc: BaseException) -> str | None:
@@ -215,6 +252,13 @@ class ObjectStore(Store):
         if kind == "no-bucket":
             return BucketNotFoundError(errno.ENOENT, f"bucket {self.bucket!r} does not exist "
                                                      f"({what} {self.describe(key)})")
+        if _timed_out(exc):
+            tries = self.settings.max_retries + 1
+            return StorageError(
+                errno.ETIMEDOUT, f"{what} {self.describe(key)} failed: the server did not "
+                f"answer within request_timeout_s={self.settings.request_timeout_s:g} s, "
+                f"{tries} time{'s' if tries > 1 else ''} (max_retries="
+                f"{self.settings.max_retries}; {type(exc).__name__})")
         return StorageError(errno.EIO, f"{what} {self.describe(key)} failed: {text[:500]}")
 
     def _call(self, what: str, key: str, fn: Any, *args: Any, **kwargs: Any) -> Any:

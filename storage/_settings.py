@@ -104,9 +104,10 @@ def configure(scheme: str, **options: Any) -> None:
         scheme: ``"s3"`` or ``"gs"``.
         **options: for S3 ``endpoint_url``, ``region``, ``anonymous`` (bool), ``profile``;
             for GCS ``endpoint_url`` (an emulator) and ``anonymous``; for both
-            ``max_retries`` (TensorStore's retries of a failed request) and
-            ``request_timeout_s`` (the deadline of a request that moves no byte, default
-            60: s3fs's and gcsfs's per store; TensorStore's is per process, the
+            ``max_retries`` (how often each client, TensorStore, botocore or gcsfs, tries
+            a failed or unanswered request again; default 12) and ``request_timeout_s``
+            (the deadline of a request that moves no byte, default 60: s3fs's and
+            gcsfs's per store; TensorStore's is per process, the
             environment's ``TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS``, 60 unless set before
             this package is imported). None removes one.
 

@@ -354,6 +354,80 @@ def test_timeout_s_bounds_a_save_and_a_restore_end_to_end(request, tmp_path, pro
         assert not open_store(url).exists("COMMIT")
 
 
+@pytest.mark.parametrize("backend", ["s3", "gcs"])
+def test_a_read_without_timeout_s_is_bounded_by_the_request_settings(request, tmp_path,
+                                                                     proxied, backend):
+    """A server that accepts requests and never answers, with ``request_timeout_s=2`` and
+    ``max_retries=0``: `ckpt.metadata` and `ckpt.restore` fail after about one request's
+    deadline, each request tried once. (The clients' own retry layers used to stack on
+    ours: s3fs ran botocore's four tries five times over, and a metadata read waited
+    minutes.) The error names the object and the settings that ended it."""
+    import time
+
+    proxy = proxied(backend)
+    url = f"{backend_url(request, tmp_path, backend)}/ck"
+    ckpt.save(url, {"x": np.arange(1000, dtype=np.float32)})
+    storage.configure(SCHEME[backend], request_timeout_s=2, max_retries=0)
+    try:
+        proxy.hang = ("/",)
+        for read in (ckpt.metadata, ckpt.restore):
+            before, t = sum(proxy.counts.values()), time.monotonic()
+            with pytest.raises(StorageError) as err:
+                read(url)
+            assert time.monotonic() - t < 15, read
+            assert "request_timeout_s=2" in str(err.value) and "max_retries=0" in str(err.value)
+            assert f"{url}/COMMIT" in str(err.value)
+            assert sum(proxy.counts.values()) - before <= 2, dict(proxy.counts)
+    finally:
+        proxy.hang = ()
+        storage.configure(SCHEME[backend], request_timeout_s=None)
+
+
+@pytest.mark.parametrize("entry", ["metadata", "verify", "inspect", "list", "verify-cli",
+                                   "orbax-metadata"])
+def test_read_only_entry_points_take_a_timeout(request, tmp_path, proxied, capsys, entry):
+    """Each request may take its default 60 s against a server that never answers: the
+    read-only entry points' ``timeout_s`` (the CLI's ``--timeout``) still ends them in
+    about that long, with a `DeadlineExceededError` naming the URL and the option."""
+    import time
+
+    from ckpt._verify import verify
+    from ckpt.cli import EXIT_FAILED, main
+
+    proxy = proxied("s3")
+    root = backend_url(request, tmp_path, "s3")
+    url = f"{root}/7"
+    if entry == "orbax-metadata":
+        import orbax.checkpoint as ocp
+
+        with ocp.StandardCheckpointer() as saver:
+            saver.save(str(tmp_path / "orbax"), {"x": np.arange(1000, dtype=np.float32)})
+        fs = open_store(url)
+        for path in (tmp_path / "orbax").rglob("*"):
+            if path.is_file():
+                fs.write(str(path.relative_to(tmp_path / "orbax")), path.read_bytes())
+    else:
+        ckpt.save(url, {"x": np.arange(1000, dtype=np.float32)})
+    proxy.hang = ("/",)
+    t = time.monotonic()
+    try:
+        if entry in ("metadata", "verify", "orbax-metadata"):
+            with pytest.raises(ckpt.errors.DeadlineExceededError) as err:
+                (verify if entry == "verify" else ckpt.metadata)(url, timeout_s=3)
+            message = str(err.value)
+            assert "timeout_s=3" in message and url in message, message
+        else:
+            argv = {"inspect": ["inspect", url], "list": ["list", root],
+                    "verify-cli": ["verify", "-q", url]}[entry]
+            assert main([*argv, "--timeout", "3"]) == EXIT_FAILED
+            message = capsys.readouterr().err
+            assert "--timeout=3" in message and (root if entry == "list" else url) in message, \
+                message
+        assert time.monotonic() - t < 3 + 6
+    finally:
+        proxy.hang = ()
+
+
 def _creates_commit(method, path, body):
     # S3: a PUT of <ckpt>/COMMIT; GCS: an upload with ifGenerationMatch=0 naming it in its
     # multipart body.
