@@ -359,7 +359,7 @@ def test_a_read_without_timeout_s_is_bounded_by_the_request_settings(request, tm
                                                                      proxied, backend):
     """A server that accepts requests and never answers, with ``request_timeout_s=2`` and
     ``max_retries=0``: `ckpt.metadata` and `ckpt.restore` fail after about one request's
-    deadline, each request tried once. (The clients' own retry layers used to stack on
+    deadline, each request tried once, and so does a manager's start-up. (The clients' own retry layers used to stack on
     ours: s3fs ran botocore's four tries five times over, and a metadata read waited
     minutes.) The error names the object and the settings that ended it."""
     import time
@@ -370,13 +370,16 @@ def test_a_read_without_timeout_s_is_bounded_by_the_request_settings(request, tm
     storage.configure(SCHEME[backend], request_timeout_s=2, max_retries=0)
     try:
         proxy.hang = ("/",)
-        for read in (ckpt.metadata, ckpt.restore):
+        root = url.rsplit("/", 1)[0]
+        for read in (ckpt.metadata, ckpt.restore,
+                     lambda _: ckpt.CheckpointManager(root, read_only=True)):
             before, t = sum(proxy.counts.values()), time.monotonic()
             with pytest.raises(StorageError) as err:
                 read(url)
             assert time.monotonic() - t < 15, read
             assert "request_timeout_s=2" in str(err.value) and "max_retries=0" in str(err.value)
-            assert f"{url}/COMMIT" in str(err.value)
+            assert (root if read not in (ckpt.metadata, ckpt.restore) else f"{url}/COMMIT") \
+                in str(err.value)
             assert sum(proxy.counts.values()) - before <= 2, dict(proxy.counts)
     finally:
         proxy.hang = ()
