@@ -28,21 +28,66 @@ from ckpt._format import (
     read_object,
     unpack,
 )
-from ckpt._orbax import ORBAX_STEP, STEP_METADATA, delete_orbax_step, is_orbax_step
-from ckpt.errors import CorruptCheckpointError, InvalidArgumentError
+from ckpt._orbax import (
+    ORBAX_STEP,
+    STEP_METADATA,
+    delete_orbax_step,
+    is_orbax_step,
+    orbax_step_name,
+)
+from ckpt.errors import CorruptCheckpointError, InvalidArgumentError, UnsupportedFormatError
 from ckpt.storage import ObjectNotFoundError, Store
 
 log = logging.getLogger("ckpt.housekeeping")
 
 
-def step_folders(store: Store) -> list[int]:
-    """Steps that have a folder under a manager root (committed or not), ascending."""
-    steps = []
+def step_names(store: Store) -> dict[int, str]:
+    """The folder of each step under a manager root (committed or not): ``<step>`` in
+    decimal, and the committed steps of an Orbax run saved with ``step_prefix`` or
+    ``step_format_fixed_length`` (``ckpt_20``, ``00000020``) under their own names. One
+    listing, plus one per such named folder (`is_orbax_step`).
+
+    Raises:
+        UnsupportedFormatError: a run this library cannot understand: one step under two
+            folders, or Orbax steps named two ways (two runs in one root); names them.
+    """
+    plain: dict[int, str] = {}
+    named: dict[int, list[str]] = {}
+    prefixes: dict[str, str] = {}
     for name in store.list_children():
         # ASCII digits only: str.isdigit() also accepts "²" and other digits int() rejects.
         if name.isascii() and name.isdigit() and (name == "0" or not name.startswith("0")):
-            steps.append(int(name))
-    return sorted(steps)
+            plain[int(name)] = name
+        elif (parsed := orbax_step_name(name)) is not None and \
+                is_orbax_step(store.child(name)):
+            named.setdefault(parsed[1], []).append(name)
+            prefixes.setdefault(parsed[0], name)
+    if len(prefixes) > 1:
+        shown = ", ".join(f"{p or '(no prefix)'}: {n}" for p, n in sorted(prefixes.items()))
+        raise UnsupportedFormatError(
+            f"{store.url} holds Orbax steps named two ways ({shown}): the steps of two runs, "
+            "which no manager can order; give each run a root of its own")
+    for step, names in named.items():
+        both = sorted(names + ([plain[step]] if step in plain else []))
+        if len(both) > 1:
+            raise UnsupportedFormatError(
+                f"{store.url} holds step {step} twice ({', '.join(both)}): which one is "
+                "the run's cannot be told; remove the one that is not")
+        plain[step] = names[0]
+    return dict(sorted(plain.items()))
+
+
+def step_folders(store: Store) -> list[int]:
+    """Steps that have a folder under a manager root (committed or not), ascending."""
+    return list(step_names(store))
+
+
+def step_store(root: Store, step: int, names: dict[int, str] | None = None) -> Store:
+    """The folder of ``step`` under ``root``: its Orbax name if an Orbax run named it
+    (``names`` from `step_names`, listed here if not given), else ``<step>``, where a new
+    step is always written."""
+    folder = (step_names(root) if names is None else names).get(step, str(step))
+    return root.child(folder)
 
 
 # -- rewind record ---------------------------------------------------------------------------
@@ -78,15 +123,17 @@ def abandoned(store: Store) -> Abandoned:
     return _read_rewind(store)[1]
 
 
-def is_abandoned(store: Store, step: int, gone: Abandoned) -> bool:
+def is_abandoned(store: Store, step: int, gone: Abandoned,
+                 names: dict[int, str] | None = None) -> bool:
     """Whether ``step``'s COMMIT names an attempt in ``gone`` (from `abandoned`), or ``step``
     is an Orbax step folder the rewind abandoned."""
     if step not in gone:
         return False
-    if ORBAX_STEP in gone[step] and not store.exists(f"{step}/{COMMIT}"):
+    folder = step_store(store, step, names)
+    if ORBAX_STEP in gone[step] and not folder.exists(COMMIT):
         return True
     try:
-        return committed_attempt(store.child(str(step))) in gone[step]
+        return committed_attempt(folder) in gone[step]
     except CorruptCheckpointError:
         return True  # an abandoned step with an unreadable COMMIT is abandoned all the same
 
@@ -257,8 +304,9 @@ def rewind_root(store: Store, to_step: int, steps: Iterable[int]) -> Abandoned:
     Process 0 of a manager."""
     record_lineage(store, "rewind", to_step)
     _, gone = _read_rewind(store)
+    folders = step_names(store)
     for step in steps:
-        folder = store.child(str(step))
+        folder = step_store(store, step, folders)
         names = attempt_names(folder)
         if folder.exists(STEP_METADATA):
             names.append(ORBAX_STEP)  # an Orbax step of the run: it goes too
@@ -277,8 +325,9 @@ def finish_rewind(store: Store) -> Abandoned:
     if to is None:
         return {}
     kept: Abandoned = {}
+    folders = step_names(store)
     for step in sorted(gone, reverse=True):
-        left = delete_checkpoint(store.child(str(step)), only=gone[step])
+        left = delete_checkpoint(step_store(store, step, folders), only=gone[step])
         if left:
             kept[step] = set(left)
     if kept:
@@ -291,25 +340,27 @@ def finish_rewind(store: Store) -> Abandoned:
     return kept
 
 
-def is_committed(store: Store, step: int, gone: Abandoned) -> bool:
+def is_committed(store: Store, step: int, gone: Abandoned,
+                 names: dict[int, str] | None = None) -> bool:
     """Whether ``step`` is a committed step of the root: this library's (COMMIT) or one an
     Orbax CheckpointManager wrote (a run that switched over continues in place)."""
-    committed = store.exists(f"{step}/{COMMIT}") or is_orbax_step(store.child(str(step)))
-    return committed and not is_abandoned(store, step, gone)
+    folder = step_store(store, step, names)
+    committed = folder.exists(COMMIT) or is_orbax_step(folder)
+    return committed and not is_abandoned(store, step, gone, names)
 
 
 def committed_steps(store: Store) -> list[int]:
     """Committed steps under a manager root, ascending (one existence check per folder of
     this library's; two or three for an Orbax step)."""
-    gone = abandoned(store)
-    return [s for s in step_folders(store) if is_committed(store, s, gone)]
+    gone, names = abandoned(store), step_names(store)
+    return [s for s in names if is_committed(store, s, gone, names)]
 
 
 def latest_committed_step(store: Store) -> int | None:
     """The newest committed step: one listing, then existence checks newest first."""
-    gone = abandoned(store)
-    for step in reversed(step_folders(store)):
-        if is_committed(store, step, gone):
+    gone, names = abandoned(store), step_names(store)
+    for step in reversed(names):
+        if is_committed(store, step, gone, names):
             return step
     return None
 
@@ -430,8 +481,9 @@ def remove_steps(root: Store, steps: Iterable[int], *,
     if then is not None:
         then(mark)
     kept = {}
+    folders = step_names(root)
     for step in steps:
-        left = delete_checkpoint(root.child(str(step)))
+        left = delete_checkpoint(step_store(root, step, folders))
         if left:
             kept[step] = left
     return kept

@@ -38,7 +38,7 @@ from ckpt._housekeeping import (
     is_abandoned,
     remove_debris,
     retention_victims,
-    step_folders,
+    step_names,
 )
 from ckpt._orbax import holds_foreign_files, orbax_step_metrics
 from ckpt._placement import RootOnly, Setting, WithLocalTier
@@ -532,11 +532,11 @@ class CheckpointManager:
     def _remove_debris(self) -> None:
         """Process 0, at start-up, in the background: removes uncommitted attempts."""
         try:
-            for step in step_folders(self._store):
+            for step, name in step_names(self._store).items():
                 # Asked per attempt after it was listed: a save that starts meanwhile
                 # registers its attempt id before anything is written under it, so an
                 # attempt of it that the listing saw is registered by then and kept.
-                removed = remove_debris(self._store.child(str(step)),
+                removed = remove_debris(self._store.child(name),
                                         grace_s=self.debris_grace_s,
                                         keep=self._keeps)
                 if removed:

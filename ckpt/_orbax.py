@@ -137,11 +137,19 @@ def recognise(store: Store) -> str | None:
         raise UnsupportedFormatError(
             f"{store.describe(OCDBT_MANIFEST)} is there but {TREE_METADATA} is not: an "
             "Orbax save that never finished, or a layout this library does not read")
-    steps = sorted(int(c) for c in store.list_children() if c.isascii() and c.isdigit())
-    if steps and store.exists(f"{steps[-1]}/{STEP_METADATA}"):
+    # Plain, padded (``00000020``) or prefixed (``ckpt_20``) step folders.
+    steps = []
+    for name in store.list_children():
+        if name.isascii() and name.isdigit():
+            steps.append((int(name), name))
+        elif (named := orbax_step_name(name)) is not None:
+            steps.append((named[1], name))
+    steps.sort()
+    if steps and store.exists(f"{steps[-1][1]}/{STEP_METADATA}"):
         raise NotACheckpointError(
-            f"{store.url} is an Orbax CheckpointManager root (steps {steps[0]}..{steps[-1]}): "
-            f"restore or convert one step, e.g. {store.child(str(steps[-1])).url}")
+            f"{store.url} is an Orbax CheckpointManager root (steps {steps[0][0]}.."
+            f"{steps[-1][0]}): restore or convert one step, e.g. "
+            f"{store.child(steps[-1][1]).url}")
     return None
 
 
@@ -150,6 +158,22 @@ def recognise(store: Store) -> str | None:
 COMMIT_SUCCESS = "commit_success.txt"
 # What a rewind record names for an Orbax step it abandons (an Orbax step has no attempts).
 ORBAX_STEP = "orbax-step"
+
+
+def orbax_step_name(name: str) -> tuple[str, int] | None:
+    """The (prefix, step) an Orbax `CheckpointManager` folder name stands for, when it is
+    not this library's plain decimal name: ``ckpt_20`` (``step_prefix="ckpt"``),
+    ``00000020`` (``step_format_fixed_length=8``), ``ckpt_00020`` (both); None for any other
+    name. Orbax records neither option in its files, so the name is all there is; whether
+    the folder is a committed Orbax step is for `is_orbax_step` to say."""
+    prefix, sep, digits = name.rpartition("_")
+    if not (digits.isascii() and digits.isdigit()) or (sep and not prefix):
+        return None
+    if not sep and (digits == "0" or not digits.startswith("0")):
+        return None  # a plain decimal name: this library's, or Orbax's default
+    if TMP_MARK in name:
+        return None
+    return prefix, int(digits)
 
 
 def holds_foreign_files(store: Store) -> bool:

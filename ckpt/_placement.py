@@ -34,6 +34,7 @@ from ckpt._housekeeping import (
     remove_steps,
     rewind_root,
     step_folders,
+    step_store,
 )
 from ckpt._local import Persist, start_local_save, start_persist
 from ckpt._reader import open_readable
@@ -89,7 +90,7 @@ class RootOnly:
 
     def folder(self, step: int) -> Store:
         """Where committed ``step``'s manifest is (for its metrics)."""
-        return self.root.child(str(step))
+        return step_store(self.root, step)
 
     def save(self, step: int, tree: Any, metadata: Any, metrics: dict[str, float] | None,
              draw: Callable[[str], None], drawn: list[str]) -> SaveHandle:
@@ -177,7 +178,7 @@ class RootOnly:
     def restore(self, step: int, store: Store, target: Any, mesh: Any, item: str | None,
                 deadline: Deadline | None) -> Any:
         """Restores committed ``step`` through ``store`` (the root, maybe deadline-bound)."""
-        return restore_from(store.child(str(step)), target, mesh=mesh, item=item,
+        return restore_from(step_store(store, step), target, mesh=mesh, item=item,
                             deadline=deadline)
 
 
@@ -205,7 +206,7 @@ class WithLocalTier(RootOnly):
         return newest
 
     def folder(self, step: int) -> Store:
-        folder = self.root.child(str(step))
+        folder = step_store(self.root, step)
         if step in self.tier.complete and not folder.exists("COMMIT"):
             return self.tier.store.child(str(step))  # a step of the local tier alone
         return folder
@@ -367,7 +368,7 @@ class WithLocalTier(RootOnly):
                     f"cannot rewind to step {step}: it is not a committed step under "
                     f"{self.root.url} or in the local tier")
             if step in committed_steps(self.root):
-                attempt = committed_attempt(self.root.child(str(step)))
+                attempt = committed_attempt(step_store(self.root, step))
                 return [[step, attempt]] if attempt is not None else []
             copy = tier.copies[step]
             return [*(copy.parents or []), [step, copy.attempt]]
@@ -398,8 +399,9 @@ class WithLocalTier(RootOnly):
         copy that fails its checks falls back to the root's copy of the same save."""
         tier = self.tier
         source = tier.readable(step, store, item)
+        folder = step_store(store, step)
         try:
-            restored = restore_from(store.child(str(step)), target, mesh=mesh, item=item,
+            restored = restore_from(folder, target, mesh=mesh, item=item,
                                     deadline=deadline, opened=source)
         except CorruptCheckpointError as exc:
             if not isinstance(source, Tiered):
@@ -409,14 +411,14 @@ class WithLocalTier(RootOnly):
             log.warning("step %d: the local copy in %s failed its checks (%s); reading the "
                         "persistent root instead", step, tier.store.url, exc)
             try:
-                root = open_readable(store.child(str(step)), item)
+                root = open_readable(folder, item)
             except CheckpointNotFoundError:
                 raise exc from None
             if root.manifest.attempt != source.attempt:
                 # Another save's step (the root's was replaced): mixing the two in one
                 # restore could return a state that never existed.
                 raise exc
-            return restore_from(store.child(str(step)), target, mesh=mesh, item=item,
+            return restore_from(folder, target, mesh=mesh, item=item,
                                 deadline=deadline, opened=root)
         me = _coord.current().process_index
         if isinstance(source, Tiered):

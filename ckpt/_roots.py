@@ -22,7 +22,7 @@ from ckpt._housekeeping import (
     is_abandoned,
     remove_steps,
     retention_victims,
-    step_folders,
+    step_names,
 )
 from ckpt._orbax import is_orbax_step, orbax_step_committed_at
 from ckpt.storage import Store
@@ -35,22 +35,24 @@ def list_root(store: Store) -> list[dict[str, Any]]:
     now = time.time()
     gone = abandoned(store)
     entries = []
-    for step in sorted(step_folders(store), reverse=True):
-        sizes = store.list_sizes(str(step))
-        found = sorted(attempts(store.child(str(step))), key=lambda a: a.name, reverse=True)
-        if not found and is_orbax_step(store.child(str(step))):
+    names = step_names(store)
+    for step in sorted(names, reverse=True):
+        name, folder = names[step], store.child(names[step])
+        sizes = store.list_sizes(name)
+        found = sorted(attempts(folder), key=lambda a: a.name, reverse=True)
+        if not found and is_orbax_step(folder):
             entries.append({"step": step, "attempt": "", "bytes": sum(sizes.values()),
-                            "state": "abandoned" if is_abandoned(store, step, gone)
+                            "state": "abandoned" if is_abandoned(store, step, gone, names)
                             else "committed", "layout": "orbax-checkpoint",
-                            "committed_at": orbax_step_committed_at(store.child(str(step)))})
+                            "committed_at": orbax_step_committed_at(folder), "folder": name})
         for a in found:
-            nbytes = sum(v for k, v in sizes.items() if k.startswith(f"{step}/{a.name}/"))
+            nbytes = sum(v for k, v in sizes.items() if k.startswith(f"{name}/{a.name}/"))
             state = "abandoned" if a.committed and a.name in gone.get(step, ()) else a.state
             entry: dict[str, Any] = {"step": step, "attempt": a.name, "bytes": nbytes,
-                                     "state": state, "layout": "ckpt"}
+                                     "state": state, "layout": "ckpt", "folder": name}
             if a.committed:
-                rec = CommitRecord.decode(read_object(store, f"{step}/{COMMIT}",
-                                                      MAX_COMMIT_BYTES), f"{step}/{COMMIT}")
+                rec = CommitRecord.decode(read_object(folder, COMMIT, MAX_COMMIT_BYTES),
+                                          folder.describe(COMMIT))
                 entry["committed_at"] = rec.committed_at
             else:
                 entry["age_s"] = a.age_s(now)
@@ -124,7 +126,7 @@ def collect_garbage(store: Store, *, dry_run: bool, grace_s: float, claimed: boo
                 f"keeping attempts claimed for commit in steps {sorted(kept)}: their "
                 "committer may still commit them (they stay hidden)")
     targets = ([("", store)] if single else
-               [(f"{s}/", store.child(str(s))) for s in step_folders(store)])
+               [(f"{n}/", store.child(n)) for n in step_names(store).values()])
     now, young = time.time(), 0
     for label, ckpt_store in targets:
         for a in attempts(ckpt_store):

@@ -39,6 +39,7 @@ from ckpt._housekeeping import (
     is_committed,
     read_lineage,
     step_folders,
+    step_store,
 )
 from ckpt._local import LocalCopy, local_store, remove_copy, remove_debris, scan
 from ckpt._reader import Readable, open_checkpoint, open_readable
@@ -402,7 +403,7 @@ class LocalTier:
         Raises:
             CheckpointNotFoundError: no tier holds ``step`` for this process.
         """
-        folder = root.child(str(step))
+        folder = step_store(root, step)
         with self._lock:
             copy, agreed = self.copies.get(step), self.complete.get(step)
         local: Readable | None = None

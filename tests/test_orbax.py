@@ -576,6 +576,78 @@ def test_an_orbax_run_directory_continues_in_place(tmp_path, mesh24, capsys):
         assert mgr.steps() == [3]
 
 
+@pytest.mark.parametrize("naming, folder", [
+    ({"step_prefix": "ckpt"}, "ckpt_{}"),
+    ({"step_format_fixed_length": 8}, "{:08d}"),
+    ({"step_prefix": "run_a", "step_format_fixed_length": 5}, "run_a_{:05d}"),
+])
+def test_an_orbax_run_with_named_steps_continues(tmp_path, mesh24, capsys, naming, folder):
+    """An Orbax run saved with ``step_prefix`` or ``step_format_fixed_length`` (Orbax
+    records neither in its files) is continued from its newest step, not restarted from
+    scratch: its steps are listed, restored, ranked, retained, rewound to and deleted under
+    their own names; new steps are written as ``<step>``."""
+    root = str(tmp_path / "run")
+    options = ocp.CheckpointManagerOptions(best_fn=lambda m: m["loss"], best_mode="min",
+                                           **naming)
+    with ocp.CheckpointManager(root, options=options) as manager:
+        for step in (10, 20, 30):
+            manager.save(step, args=ocp.args.StandardSave(_run_state(step, mesh24)),
+                         metrics={"loss": 1.0 / step})
+        manager.wait_until_finished()
+    assert sorted(os.listdir(root)) == sorted(folder.format(s) for s in (10, 20, 30))
+    mgr = ckpt.CheckpointManager(root, keep_last=3, best_metric="loss")
+    assert mgr.steps() == [10, 20, 30] and mgr.latest_step() == 30
+    assert int(mgr.restore(target=_run_state(0, mesh24))["step"]) == 30
+    assert int(mgr.restore(20, target=_run_state(0, mesh24))["step"]) == 20
+    assert mgr.metrics(20) == {"loss": 0.05} and mgr.best_step() == 30
+    mgr.save(40, _run_state(40, mesh24), metrics={"loss": 0.025})
+    mgr.wait()
+    assert mgr.steps() == [20, 30, 40]  # keep_last=3: Orbax's step 10 went, whole
+    assert sorted(os.listdir(root)) == sorted(
+        [folder.format(20), folder.format(30), "40", "LINEAGE"])
+    assert cli(["list", root, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["step"], r["folder"], r["layout"]) for r in rows] == [
+        (40, "40", "ckpt"), (30, folder.format(30), "orbax-checkpoint"),
+        (20, folder.format(20), "orbax-checkpoint")]
+    assert cli(["inspect", os.path.join(root, folder.format(30))]) == 0
+    assert "step        30" in capsys.readouterr().out
+    mgr.rewind(30)
+    assert mgr.steps() == [20, 30]
+    mgr.delete(20)
+    mgr.close()
+    assert sorted(os.listdir(root)) == sorted([folder.format(30), "LINEAGE"])
+    with ckpt.CheckpointManager(root, read_only=True) as reader:
+        assert reader.steps() == [30]
+        assert int(reader.restore(target=_run_state(0, mesh24))["step"]) == 30
+    with pytest.raises(ckpt.errors.NotACheckpointError, match=folder.format(30)):
+        ckpt.restore(root)
+
+
+def test_an_orbax_run_that_cannot_be_understood_is_refused(tmp_path, mesh24):
+    """Two namings in one root (two runs), or one step under two folders: no order of
+    steps can be trusted, so every manager call that needs one fails naming the folders,
+    instead of continuing from the wrong step or from none."""
+    from ckpt.errors import UnsupportedFormatError
+
+    root = str(tmp_path / "run")
+    for prefix, step in (("ckpt", 10), ("best", 20)):
+        options = ocp.CheckpointManagerOptions(step_prefix=prefix)
+        with ocp.CheckpointManager(root, options=options) as manager:
+            manager.save(step, args=ocp.args.StandardSave(_run_state(step, mesh24)))
+            manager.wait_until_finished()
+    with ckpt.CheckpointManager(root) as mgr:
+        with pytest.raises(UnsupportedFormatError, match="best_20.*ckpt_10|ckpt_10.*best_20"):
+            mgr.latest_step()
+        with pytest.raises(UnsupportedFormatError, match="named two ways"):
+            mgr.save(30, _run_state(30, mesh24))
+    shutil.rmtree(os.path.join(root, "best_20"))
+    shutil.copytree(os.path.join(root, "ckpt_10"), os.path.join(root, "ckpt_0010"))
+    with ckpt.CheckpointManager(root, read_only=True) as mgr:
+        with pytest.raises(UnsupportedFormatError, match="step 10 twice .*ckpt_0010, ckpt_10"):
+            mgr.steps()
+
+
 def test_a_rewind_across_orbax_steps_of_the_v1_api(tmp_path, mesh24):
     from orbax.checkpoint.experimental import v1 as ocp1
 
