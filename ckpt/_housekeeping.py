@@ -43,37 +43,47 @@ log = logging.getLogger("ckpt.housekeeping")
 
 def step_names(store: Store) -> dict[int, str]:
     """The folder of each step under a manager root (committed or not): ``<step>`` in
-    decimal, and the committed steps of an Orbax run saved with ``step_prefix`` or
-    ``step_format_fixed_length`` (``ckpt_20``, ``00000020``) under their own names. One
-    listing, plus one per such named folder (`is_orbax_step`).
+    decimal, and under its own name a folder named as an Orbax run saved with
+    ``step_prefix`` or ``step_format_fixed_length`` names its steps (``ckpt_20``,
+    ``00000020``; whether it is a committed step is `is_committed`'s to say). One listing;
+    only where names are ambiguous, one more per named folder (`is_orbax_step`): folders
+    that are no committed Orbax step then drop out (a user's ``logs_2024``, an Orbax save
+    still in flight beside this library's step).
 
     Raises:
         UnsupportedFormatError: a run this library cannot understand: one step under two
-            folders, or Orbax steps named two ways (two runs in one root); names them.
+            folders, or committed Orbax steps named two ways (two runs in one root); names
+            them.
     """
     plain: dict[int, str] = {}
-    named: dict[int, list[str]] = {}
-    prefixes: dict[str, str] = {}
+    named: dict[int, list[tuple[str, str]]] = {}
     for name in store.list_children():
         # ASCII digits only: str.isdigit() also accepts "²" and other digits int() rejects.
         if name.isascii() and name.isdigit() and (name == "0" or not name.startswith("0")):
             plain[int(name)] = name
-        elif (parsed := orbax_step_name(name)) is not None and \
-                is_orbax_step(store.child(name)):
-            named.setdefault(parsed[1], []).append(name)
-            prefixes.setdefault(parsed[0], name)
+        elif (parsed := orbax_step_name(name)) is not None:
+            named.setdefault(parsed[1], []).append((parsed[0], name))
+
+    def ambiguous() -> bool:
+        return len({p for found in named.values() for p, _ in found}) > 1 or any(
+            len(found) + (step in plain) > 1 for step, found in named.items())
+
+    if ambiguous():
+        named = {step: kept for step, found in named.items()
+                 if (kept := [(p, n) for p, n in found if is_orbax_step(store.child(n))])}
+    prefixes = {p: n for step in sorted(named) for p, n in named[step]}
     if len(prefixes) > 1:
         shown = ", ".join(f"{p or '(no prefix)'}: {n}" for p, n in sorted(prefixes.items()))
         raise UnsupportedFormatError(
             f"{store.url} holds Orbax steps named two ways ({shown}): the steps of two runs, "
             "which no manager can order; give each run a root of its own")
-    for step, names in named.items():
-        both = sorted(names + ([plain[step]] if step in plain else []))
-        if len(both) > 1:
+    for step, found in named.items():
+        folders = sorted([n for _, n in found] + ([plain[step]] if step in plain else []))
+        if len(folders) > 1:
             raise UnsupportedFormatError(
-                f"{store.url} holds step {step} twice ({', '.join(both)}): which one is "
+                f"{store.url} holds step {step} twice ({', '.join(folders)}): which one is "
                 "the run's cannot be told; remove the one that is not")
-        plain[step] = names[0]
+        plain[step] = found[0][1]
     return dict(sorted(plain.items()))
 
 

@@ -461,13 +461,20 @@ class CheckpointManager:
         steps = committed_steps(self._store)
         best: list[int] = []
         if self.keep_best and self.best_metric:
+            names = self._names_for(steps)
             scored = [(v, s) for s in steps
-                      if (v := self._metric(s, self.best_metric)) is not None]
+                      if (v := self._metric(s, self.best_metric, names)) is not None]
             scored.sort(reverse=self.best_mode == "max")
             best = [s for _, s in scored[:self.keep_best]]
         return retention_victims(steps, self.keep_last, self.keep_every, best)
 
-    def _metric(self, step: int, name: str) -> float | None:
+    def _names_for(self, steps: list[int]) -> dict[int, str] | None:
+        """The root's step folders (one listing) when a step of ``steps`` has metrics not
+        yet read, so that reading them costs no listing per step."""
+        return step_names(self._store) if any(s not in self._metrics for s in steps) else None
+
+    def _metric(self, step: int, name: str,
+                names: dict[int, str] | None = None) -> float | None:
         """``name`` of a committed step (from its manifest if this manager did not save it);
         None when missing or NaN, or when the checkpoint is damaged: those never rank.
 
@@ -476,16 +483,17 @@ class CheckpointManager:
                 rather than delete a step whose rank it does not know.
         """
         try:
-            value = self._step_metrics(step).get(name)
+            value = self._step_metrics(step, names).get(name)
         except (CorruptCheckpointError, CheckpointNotFoundError):
             return None  # damaged, or deleted meanwhile: nothing to rank
         return None if value is None or math.isnan(value) else value
 
-    def _step_metrics(self, step: int) -> dict[str, float]:
+    def _step_metrics(self, step: int,
+                      names: dict[int, str] | None = None) -> dict[str, float]:
         """The metrics saved with committed ``step``: remembered from this manager's own
         saves, else read from the step's manifest once."""
         if step not in self._metrics:
-            folder = self._place.folder(step)
+            folder = self._place.folder(step, names)
             if folder.exists(COMMIT):
                 self._metrics[step] = open_checkpoint(folder)[1].metrics
             else:  # an Orbax step: what its manager recorded, without opening its items
@@ -515,8 +523,10 @@ class CheckpointManager:
             raise InvalidArgumentError(
                 "best_step needs a metric to rank by: "
                 "CheckpointManager(..., best_metric='loss', best_mode='min')")
-        scored = [(v, s) for s in self.steps()
-                  if (v := self._metric(s, self.best_metric)) is not None]
+        steps = self.steps()
+        names = self._names_for(steps)
+        scored = [(v, s) for s in steps
+                  if (v := self._metric(s, self.best_metric, names)) is not None]
         if not scored:
             return None
         sign = -1.0 if self.best_mode == "max" else 1.0

@@ -145,11 +145,14 @@ def recognise(store: Store) -> str | None:
         elif (named := orbax_step_name(name)) is not None:
             steps.append((named[1], name))
     steps.sort()
-    if steps and store.exists(f"{steps[-1][1]}/{STEP_METADATA}"):
-        raise NotACheckpointError(
-            f"{store.url} is an Orbax CheckpointManager root (steps {steps[0][0]}.."
-            f"{steps[-1][0]}): restore or convert one step, e.g. "
-            f"{store.child(steps[-1][1]).url}")
+    # The newest folder of each naming (a user's ``logs_2024`` beside the steps is none).
+    newest = {name.rpartition("_")[0] if "_" in name else "": (step, name)
+              for step, name in steps}
+    for step, name in sorted(newest.values(), reverse=True)[:3]:
+        if store.exists(f"{name}/{STEP_METADATA}"):
+            raise NotACheckpointError(
+                f"{store.url} is an Orbax CheckpointManager root (newest step {step}): "
+                f"restore or convert one step, e.g. {store.child(name).url}")
     return None
 
 

@@ -88,9 +88,10 @@ class RootOnly:
         restore's deadline)."""
         return latest_committed_step(store)
 
-    def folder(self, step: int) -> Store:
-        """Where committed ``step``'s manifest is (for its metrics)."""
-        return step_store(self.root, step)
+    def folder(self, step: int, names: dict[int, str] | None = None) -> Store:
+        """Where committed ``step``'s manifest is (for its metrics); ``names``: the root's
+        step folders (`step_names`), listed here if not given."""
+        return step_store(self.root, step, names)
 
     def save(self, step: int, tree: Any, metadata: Any, metrics: dict[str, float] | None,
              draw: Callable[[str], None], drawn: list[str]) -> SaveHandle:
@@ -205,8 +206,8 @@ class WithLocalTier(RootOnly):
             newest = local if newest is None else max(newest, local)
         return newest
 
-    def folder(self, step: int) -> Store:
-        folder = step_store(self.root, step)
+    def folder(self, step: int, names: dict[int, str] | None = None) -> Store:
+        folder = step_store(self.root, step, names)
         if step in self.tier.complete and not folder.exists("COMMIT"):
             return self.tier.store.child(str(step))  # a step of the local tier alone
         return folder

@@ -172,6 +172,11 @@ class Readable(abc.ABC):
 
 # Arrays of at most this many chunks have each file checked by name instead of a listing.
 _STAT_CHUNKS = 4
+# Arrays of at least this many bytes have their chunk objects' sizes checked against the
+# manifest before a restore allocates them (one listing each: small beside reading them).
+BACKED_BYTES = 64 << 20
+# What the crc32c codec appends to each chunk object.
+_CRC_TAIL = 4
 
 
 class _Ours(Readable):
@@ -200,12 +205,33 @@ class _Ours(Readable):
         few = [r for r in records if r.kind == LeafKind.ARRAY and r.name not in self._checked
                and self._file_keys(r) is not None]
         keys = [f"{r.name}/{k}" for r in few for k in self._file_keys(r) or ()]
+        for rec in records:
+            if rec.kind == LeafKind.ARRAY and rec.nbytes >= BACKED_BYTES:
+                self._check_backed(rec)
         try:
             self.store.check_plain_files(array_key(self.manifest.attempt, "").rstrip("/"),
                                          keys)
         except UnreadableObjectError:
             return  # `array_spec` checks each again and names the leaf
         self._checked.update(r.name for r in few)
+
+    def _check_backed(self, rec: LeafRecord) -> None:
+        """Raises `CorruptCheckpointError` unless every chunk of a large array is stored
+        with the size its manifest records: a manifest whose checksum holds may still
+        declare a shape its stored bytes do not back (an edited one, re-signed), and
+        restore must not allocate that before any chunk read could fail."""
+        folder = array_key(self.manifest.attempt, rec.name)
+        sizes = self.store.list_sizes(f"{folder}/c")
+        grid = grid_shape(rec.shape, rec.chunk_shape)
+        for flat, nbytes in enumerate(rec.chunk_nbytes):
+            key = f"{folder}/{chunk_key(unflat_index(flat, grid))}"
+            stored = sizes.get(key)
+            if stored != nbytes + _CRC_TAIL:
+                raise CorruptCheckpointError(
+                    f"leaf {keystr(rec.path)}: chunk {unflat_index(flat, grid)} "
+                    + ("is missing" if stored is None else f"holds {stored} bytes")
+                    + f" ({self.store.describe(key)}); the manifest records {nbytes} (+4 "
+                    f"for its checksum), {rec.nbytes} for the array: nothing is read")
 
     def array_spec(self, rec: LeafRecord) -> dict[str, Any]:
         """Checks first that the files TensorStore may open in the array's folder are

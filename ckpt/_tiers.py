@@ -38,7 +38,7 @@ from ckpt._housekeeping import (
     ensure_lineage,
     is_committed,
     read_lineage,
-    step_folders,
+    step_names,
     step_store,
 )
 from ckpt._local import LocalCopy, local_store, remove_copy, remove_debris, scan
@@ -447,7 +447,8 @@ class _RootView:
 
     def __init__(self, root: Store) -> None:
         self.root = root
-        self.folders = step_folders(root)
+        self.names = step_names(root)
+        self.folders = list(self.names)
         self._gone = abandoned(root)
         self._held: dict[int, bool] = {}
         self._attempts: dict[int, str | None] = {}
@@ -456,8 +457,8 @@ class _RootView:
     def holds(self, step: int) -> bool:
         """Whether ``step`` is a committed step of the root."""
         if step not in self._held:
-            self._held[step] = step in self.folders and is_committed(self.root, step,
-                                                                      self._gone)
+            self._held[step] = step in self.names and is_committed(self.root, step,
+                                                                    self._gone, self.names)
         return self._held[step]
 
     def newest(self) -> int | None:
@@ -467,8 +468,8 @@ class _RootView:
         """The save the root holds of ``step`` (None: none of ours, or unreadable now)."""
         if step not in self._attempts:
             try:
-                self._attempts[step] = committed_attempt(self.root.child(str(step))) \
-                    if self.holds(step) else None
+                self._attempts[step] = committed_attempt(
+                    step_store(self.root, step, self.names)) if self.holds(step) else None
             except CkptError:
                 self._attempts[step] = None  # unreadable now: nothing is trusted against it
         return self._attempts[step]
@@ -476,7 +477,8 @@ class _RootView:
     def parents(self, step: int) -> list[list[Any]] | None:
         if step not in self._parents:
             try:
-                self._parents[step] = open_checkpoint(self.root.child(str(step)))[1].parents
+                self._parents[step] = open_checkpoint(
+                    step_store(self.root, step, self.names))[1].parents
             except CkptError:
                 self._parents[step] = None
         return self._parents[step]

@@ -158,10 +158,10 @@ def _bounded(url: str, args: argparse.Namespace | None, what: str) -> Any:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    store = _bounded(args.url, args, "inspecting")  # one --timeout for the whole command
     try:
-        info = metadata(_bounded(args.url, args, "inspecting"))
+        info = metadata(store)
     except CheckpointNotFoundError as exc:
-        store = _bounded(args.url, args, "listing")
         steps = committed_steps(store)
         if not steps:
             raise

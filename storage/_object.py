@@ -102,8 +102,8 @@ def _filesystem(s: ObjectSettings) -> Any:
     gcsfs = _client_module("gs")
     import aiohttp
 
-    # gcsfs has no deadline unless given one (and does not retry a timed-out request). A
-    # read deadline, not a total one: a large upload on a slow link may take longer.
+    # gcsfs has no deadline unless given one. A read deadline, not a total one: a large
+    # upload on a slow link may take longer.
     options: dict[str, Any] = {"use_listings_cache": False, "requests_timeout":
                                aiohttp.ClientTimeout(total=None, sock_connect=10,
                                                      sock_read=s.request_timeout_s)}
@@ -139,17 +139,31 @@ _NO_CREDENTIALS = frozenset({"NoCredentialsError", "PartialCredentialsError"})
 _CLIENT_TIMEOUTS = frozenset({"ReadTimeoutError", "ConnectTimeoutError"})
 
 
-def _timed_out(exc: BaseException) -> bool:
-    """Whether a client's error, through its chain of causes, is a request deadline that
-    passed (aiohttp's and fsspec's are `TimeoutError`s, botocore's are named above)."""
+# What the clients raise when an answer's body ends before its length (named: optional).
+_BODY_BROKE = frozenset({"ClientPayloadError", "ContentLengthError", "IncompleteRead",
+                         "IncompleteReadError", "ResponseStreamingError"})
+
+
+def _causes(exc: BaseException) -> Iterable[BaseException]:
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, TimeoutError) or type(current).__name__ in _CLIENT_TIMEOUTS:
-            return True
+        yield current
         current = current.__cause__ or current.__context__
-    return False
+
+
+def _body_broke(exc: BaseException) -> bool:
+    """Whether a read failed because the answer's body broke off (a dropped connection
+    mid-transfer), not because the request failed or went unanswered."""
+    return any(type(c).__name__ in _BODY_BROKE for c in _causes(exc))
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """Whether a client's error, through its chain of causes, is a request deadline that
+    passed (aiohttp's and fsspec's are `TimeoutError`s, botocore's are named above)."""
+    return any(isinstance(c, TimeoutError) or type(c).__name__ in _CLIENT_TIMEOUTS
+               for c in _causes(exc))
 
 
 def client_error_kind(exc: BaseException) -> str | None:
@@ -255,10 +269,10 @@ class ObjectStore(Store):
         if _timed_out(exc):
             tries = self.settings.max_retries + 1
             return StorageError(
-                errno.ETIMEDOUT, f"{what} {self.describe(key)} failed: the server did not "
-                f"answer within request_timeout_s={self.settings.request_timeout_s:g} s, "
-                f"{tries} time{'s' if tries > 1 else ''} (max_retries="
-                f"{self.settings.max_retries}; {type(exc).__name__})")
+                errno.ETIMEDOUT, f"{what} {self.describe(key)} failed: timed out "
+                f"(request_timeout_s={self.settings.request_timeout_s:g} s, up to {tries} "
+                f"tr{'ies' if tries > 1 else 'y'}: max_retries={self.settings.max_retries}; "
+                f"{type(exc).__name__})")
         return StorageError(errno.EIO, f"{what} {self.describe(key)} failed: {text[:500]}")
 
     def _call(self, what: str, key: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -285,6 +299,22 @@ class ObjectStore(Store):
         # With a limit, one ranged GET of at most max_bytes + 1 bytes: an object of any
         # size costs no more memory than that, and no extra request.
         bounds = {} if max_bytes is None else {"start": 0, "end": max_bytes + 1}
+        tries = 0
+        while True:
+            try:
+                return self._read_once(key, bounds)
+            except StorageError as exc:
+                # An answer whose body broke off: no client retries that (botocore retries
+                # requests, not bodies; s3fs's loop that did is off), so it is done here,
+                # as often as a request is.
+                tries += 1
+                if tries > self.settings.max_retries or not _body_broke(exc):
+                    raise
+                log.debug("reading %s: the answer broke off (%s); reading again",
+                          self.describe(key), exc)
+                time.sleep(min(0.1 * 2 ** (tries - 1), 8.0))
+
+    def _read_once(self, key: str, bounds: dict[str, int]) -> bytes:
         try:
             return bytes(self._fs.cat_file(self._path(key), **bounds))
         except FileNotFoundError as exc:

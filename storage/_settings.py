@@ -25,7 +25,7 @@ import os
 import threading
 from typing import Any
 
-from ckpt.storage._errors import UnsupportedURLError
+from ckpt.storage._errors import InvalidArgumentError, UnsupportedURLError
 
 DEFAULT_MAX_RETRIES = 12
 # A request that has moved no byte for this long is abandoned (then retried): a server that
@@ -121,6 +121,15 @@ def configure(scheme: str, **options: Any) -> None:
     if unknown:
         raise TypeError(f"configure({scheme!r}): unknown options {sorted(unknown)}; "
                         f"known: {sorted(_OPTIONS[scheme])}")
+    for key in ("max_retries", "request_timeout_s"):
+        value = options.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not value >= (0 if key == "max_retries" else 1e-3)
+                                  or (key == "max_retries" and value != int(value))):
+            raise InvalidArgumentError(
+                f"configure({scheme!r}): {key} must be a "
+                f"{'whole number >= 0' if key == 'max_retries' else 'positive number'}, "
+                f"not {value!r}")
     with _lock:
         for key, value in options.items():
             if value is None:

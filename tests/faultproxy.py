@@ -9,7 +9,8 @@ true, are accepted and never answered (a server that stalls). With ``deny`` (401
 answers every request with that status and a GCS-style JSON error, as a server that rejects
 the credentials. On request it answers the next conditional S3 creates (``If-None-Match``) with 409
 ConditionalRequestConflict or with a bare 412 (no ``Condition`` element), without
-forwarding them.
+forwarding them; and it breaks off the body of the next ``cut_bodies`` GET answers halfway
+(a connection dropped mid-transfer).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class FaultProxy:
         self.counts: collections.Counter[str] = collections.Counter()
         self.faults: collections.Counter[str] = collections.Counter()
         self.port = 0
+        self.cut_bodies = 0   # GET answers still to break off halfway (then the connection)
         self.conflicts = 0    # conditional creates still to answer 409
         self.bare_412 = 0     # conditional creates still to answer a bare 412
         # Writes whose URL contains this are applied upstream, then answered 500 (the answer
@@ -174,6 +176,21 @@ class FaultProxy:
                 conn.close()
                 if fault == "500-after":
                     return self._reply(500, [("Content-Type", "text/plain")], b"injected 500")
+                with proxy.lock:
+                    cut = self.command == "GET" and len(data) > 1 and proxy.cut_bodies > 0
+                    proxy.cut_bodies -= cut
+                if cut:  # the whole length announced, half of the body sent, then gone
+                    self.send_response(resp.status)
+                    for k, v in resp.getheaders():
+                        if k.lower() not in HOP:
+                            self.send_header(k, v)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data[:len(data) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return None
                 return self._reply(resp.status, resp.getheaders(), data)
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = do_PATCH = _handle

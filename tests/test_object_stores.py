@@ -386,6 +386,35 @@ def test_a_read_without_timeout_s_is_bounded_by_the_request_settings(request, tm
         storage.configure(SCHEME[backend], request_timeout_s=None)
 
 
+@pytest.mark.parametrize("backend", ["s3", "gcs"])
+def test_an_answer_that_breaks_off_is_read_again(request, tmp_path, proxied, backend):
+    """A connection dropped halfway through an answer's body: no client retries a body
+    (botocore retries requests; s3fs's loop that did is off, it stacked on botocore's), so
+    the store reads again, as often as ``max_retries`` allows, and fails naming the object
+    once that is spent."""
+    proxy = proxied(backend)
+    store = open_store(backend_url(request, tmp_path, backend))
+    data = np.random.default_rng(0).bytes(100_000)
+    store.write("blob", data)
+    proxy.cut_bodies = 2
+    assert store.read("blob") == data and proxy.cut_bodies == 0
+    storage.configure(SCHEME[backend], max_retries=0)
+    try:
+        store = open_store(store.url)
+        proxy.cut_bodies = 1
+        with pytest.raises(StorageError, match="blob"):
+            store.read("blob")
+    finally:
+        storage.configure(SCHEME[backend], max_retries=6)
+
+
+def test_storage_settings_are_checked(request):
+    for option, value in [("max_retries", -1), ("max_retries", 1.5), ("max_retries", True),
+                          ("request_timeout_s", 0), ("request_timeout_s", "2")]:
+        with pytest.raises(ckpt.errors.InvalidArgumentError, match=option):
+            storage.configure("s3", **{option: value})
+
+
 @pytest.mark.parametrize("entry", ["metadata", "verify", "inspect", "list", "verify-cli",
                                    "orbax-metadata"])
 def test_read_only_entry_points_take_a_timeout(request, tmp_path, proxied, capsys, entry):

@@ -648,6 +648,29 @@ def test_an_orbax_run_that_cannot_be_understood_is_refused(tmp_path, mesh24):
             mgr.steps()
 
 
+def test_folders_named_like_steps_that_are_none_are_left_alone(tmp_path, mesh24, capsys):
+    """A user's ``logs_2024`` or ``backup_0003`` beside a run's steps looks like an Orbax
+    step name, but is no committed Orbax step: it is never a step, never read, never
+    removed, and two such namings are not taken for two runs."""
+    root = tmp_path / "run"
+    with ckpt.CheckpointManager(str(root), keep_last=2) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, _run_state(step, mesh24))
+        mgr.wait()
+        for stray in ("logs_2024", "backup_0003", "0002"):
+            (root / stray).mkdir()
+            (root / stray / "notes.txt").write_text("mine")
+        assert mgr.steps() == [2, 3] and mgr.latest_step() == 3
+        mgr.save(4, _run_state(4, mesh24))
+        mgr.wait()
+        mgr.rewind(3)
+        assert mgr.steps() == [3]
+    assert cli(["list", str(root), "--json"]) == 0
+    assert [r["folder"] for r in json.loads(capsys.readouterr().out)] == ["3"]
+    assert all((root / s / "notes.txt").read_text() == "mine"
+               for s in ("logs_2024", "backup_0003", "0002"))
+
+
 def test_a_rewind_across_orbax_steps_of_the_v1_api(tmp_path, mesh24):
     from orbax.checkpoint.experimental import v1 as ocp1
 

@@ -212,6 +212,33 @@ def test_sizes_in_a_resigned_manifest_are_checked_before_allocating(tmp_path, me
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 256 << 10  # KiB
 
 
+def test_a_consistent_forgery_of_a_huge_array_is_refused_before_allocating(tmp_path, mesh24):
+    """A manifest edited and re-signed so that every size in it agrees (a 1 PiB array of
+    one 1 PiB chunk), and the array's zarr.json edited to match: nothing in the manifest
+    contradicts itself, so only the stored bytes can tell. Restore compares each chunk
+    object's size with the manifest before it allocates anything, and names the chunk."""
+    import resource
+
+    url = str(tmp_path / "ck")
+    ckpt.save(url, _tree(mesh24))
+    store = open_store(url)
+    attempt = CommitRecord.decode(store.read(COMMIT), COMMIT).attempt
+    doc = msgpack.unpackb(store.read(f"{attempt}/{MANIFEST}"), strict_map_key=False)
+    leaf = _leaf(doc, "b")
+    leaf.update(shape=[2**48], chunk_shape=[2**48])
+    leaf["chunks"].update(writer=[0], nbytes=[2**50], crc32c=[0])
+    _resign(store, msgpack.packb(doc))
+    zarr_json = f"{attempt}/arrays/{leaf['name']}/zarr.json"
+    meta = json.loads(store.read(zarr_json))
+    meta["shape"] = [2**48]
+    meta["chunk_grid"]["configuration"]["chunk_shape"] = [2**48]
+    store.write(zarr_json, json.dumps(meta).encode())
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(CorruptCheckpointError, match=r"\['b'\]: chunk \(0,\) holds \d+ bytes"):
+        ckpt.restore(url)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 256 << 10  # KiB
+
+
 @pytest.mark.parametrize("rewrite", ["reshard", "convert"])
 def test_rewrites_never_launder_a_damaged_source(root_url, mesh24, rewrite):
     """Two swapped chunks: restore and verify reject the source, so reshard and convert
