@@ -1,8 +1,8 @@
 """The compatibility stage of `tools/dev test`: the core tests at both ends of the supported
 range, each in a virtual environment of its own.
 
-- oldest: Python 3.11 with the oldest supported jax (`OLDEST_JAX`, Orbax's floor) and
-  numpy 1.26;
+- oldest: Python 3.11 with the oldest supported jax (`OLDEST_JAX`, Orbax's floor),
+  numpy 1.26 and every other dependency at the floor pyproject.toml declares;
 - newest: the newest Python this machine has (on PATH, or under pyenv's versions folder)
   with the newest jax pip resolves for it.
 
@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import time
+import tomllib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENVS = os.path.join(ROOT, ".venv-compat")
@@ -101,12 +102,29 @@ def _run(py: str) -> tuple[bool, str]:
     return run.returncode == 0, f"{label}: {tail}"
 
 
+def _floors() -> list[str]:
+    """Every other dependency pyproject.toml declares, pinned at its declared floor
+    (``tensorstore>=0.1.86`` -> ``tensorstore==0.1.86``): the oldest stack is the oldest
+    that the distribution admits, not whatever pip picks beside the old jax."""
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        declared = tomllib.load(f)["project"]["dependencies"]
+    pins = []
+    for dep in declared:
+        name, sep, floor = dep.partition(">=")
+        if name not in ("jax", "numpy"):  # pinned above, with their extras and patches
+            if not sep or "," in floor:
+                raise SystemExit(f"tools/compat.py: {dep!r} in pyproject.toml has no "
+                                 "plain floor (>=X) to pin the oldest stack at")
+            pins.append(f"{name}=={floor}")
+    return pins
+
+
 def main() -> int:
     pythons = _interpreters()
     plan: list[tuple[str, str | None, list[str], str]] = []
     plan.append(("oldest", pythons.get((3, 11)),
                  [f"jax[cpu]=={OLDEST_JAX}", f"orbax-checkpoint=={OLDEST_ORBAX}",
-                  f"numpy=={OLDEST_NUMPY}"], "Python 3.11"))
+                  f"numpy=={OLDEST_NUMPY}", *_floors()], "Python 3.11"))
     newest = max(pythons) if pythons else None
     plan.append(("newest", pythons[newest] if newest else None,
                  ["jax[cpu]", "orbax-checkpoint"],
