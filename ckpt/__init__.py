@@ -5,7 +5,10 @@ Public API::
     ckpt.save_async(url, tree, *, metadata=None) -> SaveHandle
     ckpt.save(url, tree, *, metadata=None)
     ckpt.restore(url, target=None, *, mesh=None, item=None)   # ours, Orbax, safetensors
-    ckpt.metadata(url) -> CheckpointInfo
+    ckpt.metadata(url, *, timeout_s=None) -> CheckpointInfo
+    ckpt.verify(url, *, memory_budget=..., timeout_s=None) -> VerifyReport     # ckpt verify
+    ckpt.reshard(src, dst, *, mesh=None, rules=(), overwrite=False) -> ReshardResult
+    ckpt.convert(src, dst, *, mesh=None, rules=(), overwrite=False) -> ReshardResult
     ckpt.export_safetensors(url, dst, *, dtype=None, max_shard_size="5GB", names=None, ...)
     ckpt.PerProcess(value)                              # a leaf whose value differs per process
     ckpt.CheckpointManager(root_url, keep_last=None, keep_every=None, *, read_only=False)
@@ -41,6 +44,8 @@ from ckpt._export import ExportResult, export_safetensors
 from ckpt._info import CheckpointInfo, LeafInfo, metadata
 from ckpt._leaves import PerProcess
 from ckpt._manager import CheckpointManager
+from ckpt._reshard import ReshardResult, convert, reshard
+from ckpt._verify import VerifyReport, verify
 from ckpt._save import SaveHandle, SaveTimings, save, save_async
 from ckpt.storage import configure as configure_storage
 # Every error class of ckpt.errors, also at the top level (ckpt.ShapeMismatchError, ...).
@@ -74,6 +79,7 @@ restore = _sys.modules["ckpt.restore"]  # type: ignore[assignment]  # noqa: F811
 
 __all__ = [
     "__version__", "CheckpointInfo", "CheckpointManager", "configure_storage", "errors",
-    "ExportResult", "export_safetensors", "LeafInfo", "metadata", "PerProcess", "restore",
-    "save", "save_async", "SaveHandle", "SaveTimings", *_error_names,
+    "convert", "ExportResult", "export_safetensors", "LeafInfo", "metadata", "PerProcess",
+    "reshard", "ReshardResult", "restore", "save", "save_async", "SaveHandle", "SaveTimings",
+    "verify", "VerifyReport", *_error_names,
 ]

@@ -17,8 +17,10 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Union
+
+import jax
 
 from ckpt._attempt import (
     ChunkWriter,
@@ -87,6 +89,60 @@ def parse_spec(text: str) -> Spec:
         else:
             raise InvalidArgumentError(f"spec {text!r}: bad entry {entry!r}")
     return tuple(out)
+
+
+# What `reshard` and `convert` take for a mesh and for each rule's spec.
+MeshLike = Union[Mapping[str, int], str, jax.sharding.Mesh, None]
+SpecLike = Union[str, jax.sharding.PartitionSpec, Sequence[Union[str, Sequence[str], None]]]
+RulesLike = Union[Mapping[str, SpecLike], Sequence[tuple[str, SpecLike]]]
+
+
+def as_mesh(mesh: MeshLike) -> dict[str, int] | None:
+    """``mesh`` as axis name -> size in mesh order: a mapping, ``"data=2,model=4"``, or a
+    `jax.sharding.Mesh` (only its axis names and sizes count: no device is needed)."""
+    if mesh is None:
+        return None
+    if isinstance(mesh, str):
+        return parse_mesh(mesh)
+    shape = getattr(mesh, "shape", None)  # a jax Mesh: an ordered {axis: size}
+    axes = dict(shape) if isinstance(shape, Mapping) else dict(mesh)  # type: ignore[arg-type]
+    if not axes or not all(isinstance(k, str) and k.isidentifier() and isinstance(v, int)
+                           and not isinstance(v, bool) and v >= 1 for k, v in axes.items()):
+        raise InvalidArgumentError(
+            f"mesh {mesh!r}: expected axis name -> size (e.g. {{'data': 2, 'model': 4}}), "
+            "'data=2,model=4' or a jax.sharding.Mesh")
+    return axes
+
+
+def as_spec(spec: SpecLike) -> Spec:
+    """One rule's spec: ``"data,model"`` (as the CLI's --spec), a `PartitionSpec`, or a
+    tuple of axis names, tuples of them and None."""
+    if isinstance(spec, str):
+        return parse_spec(spec)
+    out: list[str | tuple[str, ...] | None] = []
+    for entry in tuple(spec):
+        if entry is None or (isinstance(entry, str) and entry.isidentifier()):
+            out.append(entry)
+        elif isinstance(entry, (tuple, list)) and entry and all(
+                isinstance(a, str) and a.isidentifier() for a in entry):
+            out.append(tuple(entry))
+        else:
+            raise InvalidArgumentError(f"spec {spec!r}: bad entry {entry!r}")
+    return tuple(out)
+
+
+def as_rules(rules: RulesLike) -> list[tuple[str, Spec]]:
+    """``rules`` as (pattern, spec) pairs, in order (the last match wins)."""
+    pairs = list(rules.items()) if isinstance(rules, Mapping) else list(rules)
+    out = []
+    for pair in pairs:
+        if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)
+                and pair[0]):
+            raise InvalidArgumentError(
+                f"rules: {pair!r} is not a (pattern, spec) pair, e.g. "
+                "('params/**/kernel', '-,model')")
+        out.append((pair[0], as_spec(pair[1])))
+    return out
 
 
 def slash_path(path: KeyPath) -> str:
@@ -161,17 +217,23 @@ def _plan(manifest_leaves: list[LeafRecord], mesh: dict[str, int],
     return records
 
 
-def reshard(src_url: StoreLike, dst_url: StoreLike, *,
-            mesh: dict[str, int] | None, rules: Sequence[tuple[str, Spec]] = (),
-            memory_budget: int = DEFAULT_BUDGET, overwrite: bool = False,
+def reshard(src_url: StoreLike, dst_url: StoreLike, *, mesh: MeshLike = None,
+            rules: RulesLike = (), memory_budget: int = DEFAULT_BUDGET,
+            overwrite: bool = False,
             progress: Callable[[int, int], None] | None = None) -> ReshardResult:
-    """Writes the checkpoint at ``src_url`` to ``dst_url`` in the layout of ``mesh``.
+    """Writes the checkpoint at ``src_url`` (any this library reads) to ``dst_url`` in
+    this library's format, laid out for ``mesh``, streaming chunk by chunk: no device is
+    needed and host memory stays within ``memory_budget``. `ckpt reshard` on the command
+    line; called on one process.
 
     Args:
-        mesh: axis name -> size, in mesh order; None for the mesh the source was saved on.
-        rules: (pattern over ``slash_path``, see `path_matches`; spec) pairs; the last
-            match wins; leaves no rule matches keep their saved PartitionSpec (unsharded if
-            they had none); a rule that matches no array leaf is a `MissingLeafError`.
+        mesh: axis name -> size in mesh order (a mapping, ``"data=2,model=4"`` or a
+            `jax.sharding.Mesh`); None for the mesh the source was saved on.
+        rules: pattern -> spec (a mapping, or (pattern, spec) pairs): patterns over key
+            paths as `ckpt inspect` prints them (``opt/*/mu/**/kernel``); specs as
+            ``"-,model"``, a `PartitionSpec` or a tuple; the last match wins; leaves no
+            rule matches keep their saved PartitionSpec (unsharded if they had none); a
+            rule that matches no array leaf is a `MissingLeafError`.
         memory_budget: bound on host memory for chunk data in flight and cached.
         overwrite: replace a committed checkpoint at ``dst_url`` (atomically).
 
@@ -181,6 +243,7 @@ def reshard(src_url: StoreLike, dst_url: StoreLike, *,
         MeshMismatchError: a spec names an axis the mesh lacks, or a dimension is not
             divisible; nothing is written.
     """
+    mesh, rules = as_mesh(mesh), as_rules(rules)
     src, dst = open_store(src_url), open_store(dst_url)
     source = open_readable(src)
     manifest = source.manifest
@@ -250,12 +313,13 @@ def saved_mesh(leaves: list[LeafRecord], url: str) -> dict[str, int]:
     return dict(meshes.pop()) if meshes else {}
 
 
-def convert(src_url: StoreLike, dst_url: StoreLike, *,
-            mesh: dict[str, int] | None = None, rules: Sequence[tuple[str, Spec]] = (),
-            memory_budget: int = DEFAULT_BUDGET, overwrite: bool = False,
+def convert(src_url: StoreLike, dst_url: StoreLike, *, mesh: MeshLike = None,
+            rules: RulesLike = (), memory_budget: int = DEFAULT_BUDGET,
+            overwrite: bool = False,
             progress: Callable[[int, int], None] | None = None) -> ReshardResult:
-    """Converts the checkpoint at ``src_url`` (an Orbax one, typically) into this library's
-    format at ``dst_url``, then verifies what was written.
+    """`reshard`, then `verify` of what was written: for a checkpoint of another kind
+    (Orbax, safetensors) that carries no checksums of this library's, the copy is read back
+    and checked before it is trusted. `ckpt convert` on the command line.
 
     Streams like `reshard`, between any two backends, with host memory bounded by
     ``memory_budget``. The layout is ``mesh`` (and ``rules``) if given, else the mesh the

@@ -293,6 +293,26 @@ def guide_local_tier(tmp_path):
         assert mgr.restore(9, target=names["state"])["params"]["b"][0] == 9.0
 
 
+def tools_from_python(tmp_path):
+    from tests.conftest import make_mesh
+
+    step = tmp_path / "2000"
+    kernel = np.arange(256 * 1024, dtype=np.float32).reshape(256, 1024)  # not inline
+    sharding = jax.sharding.NamedSharding(make_mesh((2, 4)), jax.sharding.PartitionSpec(
+        "data", "model"))
+    ckpt.save(str(step), {"params": {"dense": {"kernel": jax.device_put(kernel, sharding)}},
+                          "step": 2000})
+    names = _run("docs/tools.md", 0, {"jax": jax},
+                 {"gs://my-bucket/runs/exp7/2000": step,
+                  "gs://my-bucket/serve/exp7": tmp_path / "serve"})
+    assert names["report"].ok and names["result"].mesh == {"data": 4, "model": 2}
+    (leaf,) = [x for x in ckpt.metadata(str(tmp_path / "serve")).leaves if x.shape]
+    assert tuple(leaf.spec) == (None, "model")
+    assert np.array_equal(ckpt.restore(str(tmp_path / "serve"))["params"]["dense"]["kernel"],
+                          kernel)
+    assert ckpt.verify(str(tmp_path / "serve")).ok
+
+
 RUN = {("README.md", 0): readme_loop, ("README.md", 2): readme_export,
        ("README.md", 3): readme_import, ("README.md", 4): readme_logging,
        ("docs/safetensors.md", 0): safetensors_export,
@@ -300,7 +320,7 @@ RUN = {("README.md", 0): readme_loop, ("README.md", 2): readme_export,
        ("docs/guide.md", 0): guide_loop, ("docs/guide.md", 1): guide_rewind,
        ("docs/guide.md", 2): guide_per_host, ("docs/guide.md", 3): guide_orbax_move,
        ("docs/guide.md", 4): guide_whole_run, ("docs/guide.md", 5): guide_read_only,
-       ("docs/guide.md", 6): guide_local_tier}
+       ("docs/guide.md", 6): guide_local_tier, ("docs/tools.md", 0): tools_from_python}
 
 
 @pytest.mark.parametrize("example", sorted(RUN), ids=lambda e: f"{e[0]}#{e[1]}")

@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 
 import ckpt
 from ckpt._format import COMMIT, MANIFEST, CommitRecord, decode_manifest, sha256
-from ckpt._verify import verify
 from ckpt.errors import CorruptCheckpointError, UnsupportedFormatError
 from ckpt.storage import open_store
 from tests.mutation import mutate
@@ -63,7 +62,7 @@ def test_damaged_chunk_fails_restore_and_verify_naming_leaf_and_chunk(damaged, h
         ckpt.restore(url)
     with pytest.raises(CorruptCheckpointError, match=r"\['layer'\]\['w'\]"):
         ckpt.restore(url, target={"layer": {"w": np.zeros((256, 1024), np.float32)}})
-    report = verify(url)
+    report = ckpt.verify(url)
     assert not report.ok
     assert all(p.leaf == "['layer']['w']" and p.chunk is not None for p in report.problems)
     # The undamaged leaf still restores on its own.
@@ -104,7 +103,7 @@ def test_edited_manifest_fails_before_any_chunk_is_read(damaged):
     doc = msgpack.unpackb(raw)
     doc["leaves"][1]["shape"] = [5001]  # a plausible edit, still valid msgpack
     store.write(f"{attempt}/{MANIFEST}", msgpack.packb(doc))
-    for call in (ckpt.restore, ckpt.metadata, verify):
+    for call in (ckpt.restore, ckpt.metadata, ckpt.verify):
         with pytest.raises(CorruptCheckpointError, match="manifest.msgpack.*sha256"):
             call(url)
 

@@ -423,7 +423,6 @@ def test_read_only_entry_points_take_a_timeout(request, tmp_path, proxied, capsy
     about that long, with a `DeadlineExceededError` naming the URL and the option."""
     import time
 
-    from ckpt._verify import verify
     from ckpt.cli import EXIT_FAILED, main
 
     proxy = proxied("s3")
@@ -445,7 +444,7 @@ def test_read_only_entry_points_take_a_timeout(request, tmp_path, proxied, capsy
     try:
         if entry in ("metadata", "verify", "orbax-metadata"):
             with pytest.raises(ckpt.errors.DeadlineExceededError) as err:
-                (verify if entry == "verify" else ckpt.metadata)(url, timeout_s=3)
+                (ckpt.verify if entry == "verify" else ckpt.metadata)(url, timeout_s=3)
             message = str(err.value)
             assert "timeout_s=3" in message and url in message, message
         else:

@@ -125,7 +125,6 @@ def test_every_entry_point_takes_a_store_and_a_wrapper_sees_each_chunk_and_read(
     import numpy as np
 
     import ckpt
-    from ckpt._verify import verify
 
     calls: list[tuple[str, str]] = []
     seen = FaultyStore(tmp_path / "c", after=lambda doing, key, args: calls.append((doing, key)))
@@ -140,7 +139,7 @@ def test_every_entry_point_takes_a_store_and_a_wrapper_sees_each_chunk_and_read(
     calls.clear()
     out = ckpt.restore(seen)
     assert np.array_equal(out["x"], x) and out["n"] == 3
-    assert ("reading", "COMMIT") in calls and verify(seen).ok
+    assert ("reading", "COMMIT") in calls and ckpt.verify(seen).ok
     with ckpt.CheckpointManager(FaultyStore(tmp_path / "run")) as mgr:
         mgr.save(1, {"x": jax.numpy.ones(8)}).wait()
         assert mgr.latest_step() == 1 and mgr.restore()["x"].sum() == 8

@@ -16,8 +16,6 @@ from jax.sharding import PartitionSpec as P
 
 import ckpt
 from ckpt._format import COMMIT, MANIFEST, CommitRecord, sha256
-from ckpt._reshard import reshard
-from ckpt._verify import verify
 from ckpt.errors import CkptError, CorruptCheckpointError
 from ckpt.storage import open_store
 from tests.conftest import make_mesh
@@ -69,10 +67,10 @@ def test_an_edited_zarr_json_is_named_on_every_read_path(root_url, mesh24, edit)
                 lambda: ckpt.restore(url, mesh=mesh24)):
         with pytest.raises(CorruptCheckpointError, match=r"\['b'\].*zarr.json"):
             how()
-    report = verify(url)
+    report = ckpt.verify(url)
     assert not report.ok and any("['b']" in p.leaf for p in report.problems)
     with pytest.raises(CorruptCheckpointError):
-        reshard(url, f"{root_url}/copy", mesh={"data": 4, "model": 2})
+        ckpt.reshard(url, f"{root_url}/copy", mesh={"data": 4, "model": 2})
     assert not open_store(f"{root_url}/copy").exists(COMMIT)
 
 
@@ -206,7 +204,7 @@ def test_sizes_in_a_resigned_manifest_are_checked_before_allocating(tmp_path, me
     _resign(store, msgpack.packb(doc))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     name = {"huge-shape": "b", "chunk-size": "i", "inline-overflow": "s", "dtype": "w"}[lie]
-    for read in (ckpt.restore, ckpt.metadata, verify):
+    for read in (ckpt.restore, ckpt.metadata, ckpt.verify):
         with pytest.raises(CorruptCheckpointError, match=rf"\['{name}'\]"):
             read(url)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 256 << 10  # KiB
@@ -243,8 +241,6 @@ def test_a_consistent_forgery_of_a_huge_array_is_refused_before_allocating(tmp_p
 def test_rewrites_never_launder_a_damaged_source(root_url, mesh24, rewrite):
     """Two swapped chunks: restore and verify reject the source, so reshard and convert
     must refuse it too instead of writing a copy that passes verify."""
-    from ckpt._reshard import convert
-
     url = f"{root_url}/ck"
     # 1 MiB: a smaller array one process holds whole is one chunk (`WHOLE_ARRAY_BYTES`).
     w = np.arange(512 * 512, dtype=np.float32).reshape(512, 512)
@@ -254,7 +250,7 @@ def test_rewrites_never_launder_a_damaged_source(root_url, mesh24, rewrite):
     a, b = store.read(keys[0]), store.read(keys[1])
     store.write(keys[0], b)
     store.write(keys[1], a)
-    run = reshard if rewrite == "reshard" else convert
+    run = ckpt.reshard if rewrite == "reshard" else ckpt.convert
     with pytest.raises(CorruptCheckpointError, match=r"\['w'\] chunk"):
         run(url, f"{root_url}/copy", mesh={"data": 4, "model": 2})
     assert not open_store(f"{root_url}/copy").exists(COMMIT)
@@ -270,7 +266,7 @@ def test_big_endian_numpy_leaves_round_trip(root_url):
     out = ckpt.restore(url)
     assert np.array_equal(out["big"], big) and out["big"].dtype == np.float32
     assert np.array_equal(out["small"], small)
-    assert verify(url).ok
+    assert ckpt.verify(url).ok
 
 
 def test_metadata_changed_after_save_async_returns_is_not_saved(tmp_path):
@@ -337,7 +333,7 @@ def test_a_fifo_in_place_of_any_file_fails_instead_of_blocking(tmp_path, mesh24,
     path = os.path.join(url, *key.split("/"))
     os.unlink(path)
     os.mkfifo(path)
-    failing = verify if which == "report" else ckpt.restore
+    failing = ckpt.verify if which == "report" else ckpt.restore
     with pytest.raises(CorruptCheckpointError, match="not a regular file"):
         result = failing(url)
         if which == "report":  # verify reports problems instead of raising

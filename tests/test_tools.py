@@ -106,6 +106,35 @@ def test_verify_names_each_bad_chunk(saved, capsys, how):
     assert len(bad) == (2 if how == "swap" else 1)
 
 
+def test_the_tools_from_python_return_what_they_did(saved, tmp_path):
+    """`ckpt.reshard`, `ckpt.convert` and `ckpt.verify`, what the CLI calls: a mesh as a
+    mapping, a string or a `jax.sharding.Mesh`; rules as a mapping with string,
+    `PartitionSpec` or tuple specs; results returned, not printed."""
+    url, host = saved
+    mesh = make_mesh((4, 2))
+    for i, (as_mesh, spec) in enumerate([({"data": 4, "model": 2}, "model,data"),
+                                         ("data=4,model=2", P("model", "data")),
+                                         (mesh, ("model", "data"))]):
+        dst = str(tmp_path / f"r{i}")
+        result = ckpt.reshard(url, dst, mesh=as_mesh, rules={"params/w": spec})
+        assert isinstance(result, ckpt.ReshardResult)
+        assert result.url == dst and result.mesh == {"data": 4, "model": 2}
+        assert result.chunks > 0 and result.nbytes > 0
+        out = ckpt.restore(dst, mesh=mesh)
+        assert out["params"]["w"].sharding.spec == P("model", "data")
+        assert np.asarray(out["params"]["w"]).tobytes() == host["w"].tobytes()
+    report = ckpt.verify(dst)
+    assert isinstance(report, ckpt.VerifyReport) and report.ok and report.chunks > 0
+    converted = ckpt.convert(url, str(tmp_path / "c"), rules=[("params/w", "-,-")])
+    assert converted.url == str(tmp_path / "c") and ckpt.verify(converted.url).ok
+    for bad in ({"data": 0}, "data=two", {"data": True}, {}):
+        with pytest.raises(ckpt.InvalidArgumentError, match="mesh"):
+            ckpt.reshard(url, str(tmp_path / "bad"), mesh=bad)
+    with pytest.raises(ckpt.InvalidArgumentError, match="spec"):
+        ckpt.reshard(url, str(tmp_path / "bad"), rules={"params/w": ("model", 3)})
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.parametrize("src_backend, dst_backend", [("local", "local"), ("local", "memory"),
                                                       ("s3", "gcs")])
 def test_reshard_to_new_mesh_restores_reading_each_chunk_once(
