@@ -313,6 +313,31 @@ def tools_from_python(tmp_path):
     assert ckpt.verify(str(tmp_path / "serve")).ok
 
 
+def architecture_store_tests(tmp_path):
+    """The example is a test module: pytest runs it, and so the whole conformance suite
+    against the example's store; a store that loses writes fails it."""
+    import subprocess
+    import sys
+
+    from ckpt.storage.testing import StoreConformance
+
+    code = _blocks("docs/architecture.md")[0]
+    suite = len([n for n in dir(StoreConformance) if n.startswith("test_")])
+    for name, body, ok in [("good", code, True),
+                           ("lossy", code.replace("super()._write(key, data)", "pass"), False)]:
+        module = tmp_path / f"test_{name}_store.py"
+        module.write_text(body)
+        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                              str(module)], capture_output=True, text=True, cwd=tmp_path,
+                             timeout=600)
+        summary = run.stdout.strip().splitlines()[-1]
+        if ok:
+            assert run.returncode == 0 and " passed" in summary, run.stdout[-3000:]
+            assert int(summary.split(" passed")[0].split()[-1]) >= suite, summary
+        else:
+            assert run.returncode == 1 and " failed" in summary, run.stdout[-3000:]
+
+
 RUN = {("README.md", 0): readme_loop, ("README.md", 2): readme_export,
        ("README.md", 3): readme_import, ("README.md", 4): readme_logging,
        ("docs/safetensors.md", 0): safetensors_export,
@@ -320,7 +345,8 @@ RUN = {("README.md", 0): readme_loop, ("README.md", 2): readme_export,
        ("docs/guide.md", 0): guide_loop, ("docs/guide.md", 1): guide_rewind,
        ("docs/guide.md", 2): guide_per_host, ("docs/guide.md", 3): guide_orbax_move,
        ("docs/guide.md", 4): guide_whole_run, ("docs/guide.md", 5): guide_read_only,
-       ("docs/guide.md", 6): guide_local_tier, ("docs/tools.md", 0): tools_from_python}
+       ("docs/guide.md", 6): guide_local_tier, ("docs/tools.md", 0): tools_from_python,
+       ("docs/architecture.md", 0): architecture_store_tests}
 
 
 @pytest.mark.parametrize("example", sorted(RUN), ids=lambda e: f"{e[0]}#{e[1]}")

@@ -15,7 +15,7 @@ from ckpt.storage import (
     parse_url,
 )
 from tests.faults import FaultyStore
-from tests.storage_conformance import StoreConformance
+from ckpt.storage.testing import StoreConformance
 
 
 class TestLocalStore(StoreConformance):

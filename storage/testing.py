@@ -1,5 +1,22 @@
-"""The behaviour every `Store` backend must show. Each backend's test class subclasses
-`StoreConformance` and provides a `store` fixture rooted at a fresh, empty location."""
+"""The conformance suite of the storage seam: the behaviour every `Store` must show.
+
+Shipped with the package so that a store of your own (a backend, or a `WrapperStore` that
+counts, logs or throttles) can be checked with the very tests this library's backends run:
+subclass `StoreConformance` in a pytest test module and give it a ``store`` fixture that
+returns your store rooted at a fresh, empty location::
+
+    import pytest
+    from ckpt.storage.testing import StoreConformance
+
+    class TestMyStore(StoreConformance):
+        @pytest.fixture
+        def store(self, tmp_path):
+            return MyStore(...)
+
+Needs pytest (not a dependency of the library itself). docs/architecture.md, "Storage",
+says what a store must provide; tests/test_storage.py runs this suite for the local
+file system, memory, S3 and GCS and two wrapper stores.
+"""
 
 import threading
 
@@ -11,6 +28,8 @@ from ckpt.storage import InvalidKeyError, ObjectNotFoundError, Store, Unreadable
 
 
 class StoreConformance:
+    """Mix into a pytest test class that has a ``store`` fixture (a fresh, empty store)."""
+
     def test_read_missing_raises_not_found(self, store: Store):
         with pytest.raises(ObjectNotFoundError) as err:
             store.read("a/missing")
