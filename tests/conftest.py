@@ -60,8 +60,13 @@ def gcs_server():
 
 
 def backend_url(request, tmp_path, backend):
-    """A fresh, empty root URL on ``backend``."""
+    """A fresh, empty root URL on ``backend``. A test that starts a server this way must be
+    marked slow (the inner loop starts none): an unmarked one fails, naming itself."""
     import secrets
+
+    if backend in REMOTE_BACKENDS and request.node.get_closest_marker("slow") is None:
+        pytest.fail(f"{request.node.nodeid} starts the {backend} server: mark it "
+                    "@pytest.mark.slow (tests/conftest.py, speed)", pytrace=False)
 
     token = secrets.token_hex(6)
     if backend == "local":
@@ -97,3 +102,29 @@ def cli_extra_rss(args, timeout=300):
                          capture_output=True, text=True, timeout=timeout)
     assert run.returncode == 0, run.stderr
     return int(run.stderr.strip().splitlines()[-1].split()[1]) * 1024
+
+
+# -- speed ----------------------------------------------------------------------------------
+# `slow`: a test that starts a process or a protocol server, or waits on one. The inner loop
+# (`tools/dev test -m "not slow"`, CONTRIBUTING.md) leaves them out; `tools/dev test` runs
+# everything. Marked here by what a test uses (a process-starting module, a parameter naming
+# a remote backend, a server fixture), so that a new test is classed the same way; a test
+# elsewhere that starts a process carries `@pytest.mark.slow` itself.
+SLOW_MODULES = {"test_multiprocess", "test_crash", "test_tier_protocol", "test_shared_roots",
+                "test_object_stores", "test_packaging", "test_restore_memory", "test_deadlines"}
+SERVER_FIXTURES = {"s3_server", "gcs_server", "proxied"}
+REMOTE_BACKENDS = {"s3", "gcs"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: starts processes or servers, or trains a whole "
+                                       "run (left out of the inner loop: -m 'not slow')")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if (item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES
+                or SERVER_FIXTURES & set(getattr(item, "fixturenames", ()))
+                or any(isinstance(v, str) and v in REMOTE_BACKENDS for v in params.values())):
+            item.add_marker(pytest.mark.slow)

@@ -149,6 +149,7 @@ def test_overwrite_is_atomic_old_readable_until_new_commits(tmp_path):
     assert old_attempt not in open_store(url).list_children()
 
 
+@pytest.mark.slow  # starts processes
 def test_a_save_that_fails_at_exit_makes_the_process_exit_non_zero(tmp_path):
     """A script returns with a save in flight whose commit then fails (a full disk): one
     line on stderr names it, and the exit status is 1, not 0 (a scheduler must not record

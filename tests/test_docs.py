@@ -349,7 +349,13 @@ RUN = {("README.md", 0): readme_loop, ("README.md", 2): readme_export,
        ("docs/architecture.md", 0): architecture_store_tests}
 
 
-@pytest.mark.parametrize("example", sorted(RUN), ids=lambda e: f"{e[0]}#{e[1]}")
+# Examples that start a process, or train a whole run three times over.
+SLOW_EXAMPLES = {("docs/architecture.md", 0), ("docs/guide.md", 4)}
+
+
+@pytest.mark.parametrize("example", [
+    pytest.param(e, marks=[pytest.mark.slow] if e in SLOW_EXAMPLES else [],
+                 id=f"{e[0]}#{e[1]}") for e in sorted(RUN)])
 def test_example_runs(example, tmp_path):
     RUN[example](tmp_path)
 

@@ -213,6 +213,7 @@ def test_deep_nesting_and_huge_lengths_are_clean_errors():
 
 # -- full and read-only destinations -----------------------------------------------------
 
+@pytest.mark.slow  # starts processes
 def test_full_and_read_only_disk_fail_cleanly_keeping_earlier_steps(tmp_path):
     """In a private mount namespace: a 3 MiB tmpfs, then the same remounted read-only."""
     script = os.path.join(HERE, "fs_limits_child.py")

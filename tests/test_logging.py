@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import orbax.checkpoint as ocp
 
+import pytest
+
 import ckpt
 from ckpt.cli import main
 
@@ -68,6 +70,7 @@ with ckpt.CheckpointManager("run", keep_last=1, watch_preemption=False) as mgr:
 """
 
 
+@pytest.mark.slow  # starts processes
 def test_nothing_is_printed_unless_the_application_configures_logging(tmp_path):
     run = subprocess.run([sys.executable, "-c", QUIET], cwd=tmp_path, capture_output=True,
                          text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})

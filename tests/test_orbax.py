@@ -216,6 +216,7 @@ def test_standard_checkpointer_and_manager_folders_with_an_optax_target(tmp_path
         _same(got, want)
 
 
+@pytest.mark.slow  # starts processes
 def test_two_process_orbax_saves_restore_and_convert(tmp_path):
     from tests import mp_jobs
     from tools.launch import launch
@@ -420,6 +421,7 @@ def test_target_leaves_missing_from_an_orbax_checkpoint_are_named(small_orbax):
         ckpt.restore(path, {"params": {"nope": np.zeros(3)}})
 
 
+@pytest.mark.slow  # starts processes
 def test_convert_memory_stays_within_the_budget(tmp_path, mesh24):
     rng = np.random.default_rng(3)
     tree = {f"w{i}": jax.device_put(rng.standard_normal((1024, 4096), dtype=np.float32),

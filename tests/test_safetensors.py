@@ -202,6 +202,7 @@ def test_export_from_orbax(tmp_path, mesh24):
     assert loaded["params.b"].tobytes() == host["b"].tobytes()
 
 
+@pytest.mark.slow  # starts processes
 def test_export_memory_is_bounded_by_the_budget(tmp_path):
     """A 512 MiB checkpoint through a 64 MiB budget (the ratio of 2 GiB through 256 MiB;
     docs/safetensors.md has that run)."""
@@ -221,6 +222,7 @@ def test_export_memory_is_bounded_by_the_budget(tmp_path):
         assert f.get_tensor(key).tobytes() == tree[key].tobytes()
 
 
+@pytest.mark.slow  # starts processes
 def test_cli_export(saved, tmp_path):
     url, expected = saved
     rules = tmp_path / "rules.txt"
@@ -352,6 +354,7 @@ def test_import_errors_name_the_tensor(tmp_path, mesh24):
         ckpt.restore(str(tmp_path / "ours"), ok, names=["drop x"])
 
 
+@pytest.mark.slow  # servers
 def test_round_trip_on_object_stores(saved, request, tmp_path, devices):
     url, expected = saved
     for backend in ("s3", "gcs", "memory"):

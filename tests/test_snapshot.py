@@ -275,6 +275,7 @@ def test_auto_chooses_by_platform_and_device_memory():
 
 
 @pytest.mark.parametrize("mode", FORCED)
+@pytest.mark.slow  # starts processes
 def test_peak_resident_memory_stays_within_the_budget(tmp_path, mode):
     """In a fresh process: 256 MiB on 8 devices, saved through a 32 MiB budget. The direct
     path's host copies stay within the budget; the device path adds its on-device copies
@@ -295,6 +296,7 @@ def test_peak_resident_memory_stays_within_the_budget(tmp_path, mode):
 
 
 @pytest.mark.parametrize("mode", FORCED)
+@pytest.mark.slow  # starts processes
 def test_two_processes_save_through_the_forced_paths(tmp_path, mode):
     """Replicated arrays are split over both processes: each copies only its own chunks."""
     url = str(tmp_path / "c")

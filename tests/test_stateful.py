@@ -87,6 +87,7 @@ def _child(root, kind, last, kill_at=None):
 
 
 @pytest.mark.parametrize("kind", ["map", "loader0", "loader2"])
+@pytest.mark.slow  # starts processes
 def test_a_grain_iterator_resumes_bit_for_bit_after_sigkill(tmp_path, kind):
     code, straight, err = _child(tmp_path / "straight", kind, 8)
     assert code == 0 and len(_batches(straight)) == 8, err[-2000:]
@@ -100,6 +101,7 @@ def test_a_grain_iterator_resumes_bit_for_bit_after_sigkill(tmp_path, kind):
     assert all(resumed[s] == _batches(straight)[s] for s in (6, 7, 8)), (resumed, straight)
 
 
+@pytest.mark.slow  # starts processes
 def test_two_processes_each_get_their_own_state_back(tmp_path):
     root = str(tmp_path / "run")
     results = launch("tests.mp_jobs:per_process_states", 2, args=[root])
@@ -133,6 +135,7 @@ def test_metadata_tree_is_a_target_for_per_process_leaves(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["map", "loader0", "loader2"])
+@pytest.mark.slow  # starts processes
 def test_two_processes_resume_their_grain_iterators_bit_for_bit_after_sigkill(tmp_path, kind):
     """Each process iterates over its own shard; the job is SIGKILLed once step 4 is
     committed everywhere, and the restarted job's batches equal an uninterrupted run's, per
@@ -154,6 +157,7 @@ def test_two_processes_resume_their_grain_iterators_bit_for_bit_after_sigkill(tm
         assert resumed[p]["w"] == straight[p]["w"]
 
 
+@pytest.mark.slow  # starts processes
 def test_an_orbax_jobs_grain_items_restore_per_process(tmp_path):
     """Orbax's manager, two processes, a Grain item: each process restores its own
     iterator state through this library; one process cannot take two processes' states."""

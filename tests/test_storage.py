@@ -88,6 +88,7 @@ def test_bad_urls_are_rejected_by_name(url):
         assert url.split("://")[0] in str(err.value)
 
 
+@pytest.mark.slow  # a server
 class TestS3Store(StoreConformance):
     @pytest.fixture
     def store(self, request, tmp_path):
@@ -96,6 +97,7 @@ class TestS3Store(StoreConformance):
         return open_store(backend_url(request, tmp_path, "s3"))
 
 
+@pytest.mark.slow  # a server
 class TestGcsStore(StoreConformance):
     @pytest.fixture
     def store(self, request, tmp_path):

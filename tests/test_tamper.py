@@ -358,6 +358,7 @@ def test_oversized_objects_are_refused_while_reading(tmp_path, mesh24, which):
     assert grew_kib < 64 << 10 if which == "COMMIT" else grew_kib < (1 << 30) >> 10
 
 
+@pytest.mark.slow  # servers
 def test_oversized_objects_are_refused_on_object_stores(request, tmp_path):
     from tests.conftest import backend_url
 

@@ -394,6 +394,7 @@ def _root_steps(root):
 
 
 @pytest.mark.parametrize("backend", ["local", "s3", "gcs"])
+@pytest.mark.slow  # starts processes
 def test_restart_on_the_same_hosts_reads_nothing_from_the_root(request, tmp_path, backend):
     """Two processes save steps 1-3 (step 2 also to the root); restarted, they restore
     step 3 from their own folders: not one byte, chunk or array of the root is read, and
@@ -415,6 +416,7 @@ def test_restart_on_the_same_hosts_reads_nothing_from_the_root(request, tmp_path
         assert r["served"]["local"] > 0 and r["served"]["root"] == 0, r
 
 
+@pytest.mark.slow  # starts processes
 def test_a_replaced_host_alone_reads_the_root(tmp_path):
     """Four processes; process 2's folder is lost (a replaced machine): it reads the root
     on its own; the others read nothing of the root (process 0 read the step's COMMIT at
@@ -433,6 +435,7 @@ def test_a_replaced_host_alone_reads_the_root(tmp_path):
         assert (0 < r["start"]["bytes"] < 1024) == (p == 0), r  # process 0: COMMIT only
 
 
+@pytest.mark.slow  # starts processes
 def test_another_process_count_reads_what_still_matches_locally(tmp_path):
     """Saved by four processes on a 4x4 mesh, restored by two on a 2x4 mesh: each reads
     the boxes its (old) folder holds from it and the rest from the root. A step only the
@@ -479,6 +482,7 @@ def _tiers_clean(root, local, processes):
 
 
 @pytest.mark.parametrize("victim, phase", PHASES, ids=[f"p{v}-{p}" for v, p in PHASES])
+@pytest.mark.slow  # starts processes
 def test_sigkill_in_every_phase_leaves_both_tiers_consistent(tmp_path, victim, phase):
     root, local = _start(tmp_path)
     with start("tests.tier_jobs:save_and_die", 2, args=[root, local, [2, 4], victim, phase],
@@ -501,6 +505,7 @@ def test_sigkill_in_every_phase_leaves_both_tiers_consistent(tmp_path, victim, p
         mp_jobs.exact(ckpt.restore(os.path.join(root, str(step))), step)
 
 
+@pytest.mark.slow  # starts processes
 def test_a_zombie_never_joins_a_later_runs_step(tmp_path):
     """Process 1 stops in the middle of writing its copy of step 3; the job is restarted
     and saves step 3 with other values; then the zombie wakes and writes on. Step 3 stays

@@ -169,6 +169,7 @@ def test_reshard_to_new_mesh_restores_reading_each_chunk_once(
         assert {chunk_box(c, layout[name].chunk_shape, arr.shape) for c in coords} == shards
 
 
+@pytest.mark.slow  # starts processes
 def test_reshard_memory_stays_within_budget(tmp_path):
     tree = {f"w{i}": np.random.default_rng(i).standard_normal((2048, 4096)).astype(np.float32)
             for i in range(8)}  # 256 MiB: 4x the budget below
@@ -183,6 +184,7 @@ def test_reshard_memory_stays_within_budget(tmp_path):
     assert out["w3"].tobytes() == tree["w3"].tobytes()
 
 
+@pytest.mark.slow  # starts processes
 def test_reshard_progress_only_on_a_terminal(saved, tmp_path):
     import pty
 
@@ -280,6 +282,7 @@ def test_gc_dry_run_then_removes_debris_and_applies_retention(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command", ["inspect", "list", "verify", "reshard", "gc"])
+@pytest.mark.slow  # starts processes
 def test_help_reads_well(command):
     run = subprocess.run([sys.executable, "-m", "ckpt.cli", command, "--help"],
                          capture_output=True, text=True, timeout=60)
@@ -324,6 +327,7 @@ def test_inspect_on_a_run_root_names_its_steps(tmp_path, capsys):
     assert "a run with steps 1, 2, 3" in err and f"inspect {root}/3" in err, err
 
 
+@pytest.mark.slow  # a server
 @pytest.mark.parametrize("command", ["list", "gc"])
 def test_list_and_gc_fail_on_a_missing_root(request, tmp_path, capsys, command):
     assert main([command, str(tmp_path / "no-such-run")]) == 3

@@ -27,6 +27,7 @@ def _losses(lines):
     return {int(line.split()[1]): line.split()[2] for line in lines if line.startswith("LOSS")}
 
 
+@pytest.mark.slow  # starts processes
 def test_whole_training_state_resumes_in_a_fresh_process_with_identical_losses(tmp_path):
     straight = _losses(_run_loop(tmp_path / "a", 1, 9))
     first = _run_loop(tmp_path / "b", 1, 6)
@@ -38,6 +39,7 @@ def test_whole_training_state_resumes_in_a_fresh_process_with_identical_losses(t
     assert all(resumed[s] == straight[s] for s in (7, 8, 9)), (resumed, straight)
 
 
+@pytest.mark.slow  # starts processes
 def test_sigterm_saves_the_current_step_and_the_loop_exits(tmp_path):
     root = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, LOOP, str(root), "run", "1", "0"],
@@ -63,6 +65,7 @@ def test_sigterm_saves_the_current_step_and_the_loop_exits(tmp_path):
     assert sorted(_losses(again)) == [stopped + 1, stopped + 2]
 
 
+@pytest.mark.slow  # starts processes
 def test_sigterm_to_one_process_stops_every_process_at_one_committed_step(tmp_path):
     root = str(tmp_path / "run")
     with start("tests.mp_jobs:train_until_preempted", 2, args=[root, None]) as job:

@@ -79,13 +79,21 @@ def _environment(name: str, python: str, specs: list[str]) -> str:
     if os.path.exists(stamp) and open(stamp).read() == want.hexdigest():
         return py
     shutil.rmtree(venv, ignore_errors=True)
-    subprocess.run([python, "-m", "venv", venv], check=True)
+    _quietly([python, "-m", "venv", venv])
     pip = [py, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-    subprocess.run(pip + ["--upgrade", "pip"], check=True)
-    subprocess.run(pip + [*specs, "-e", ROOT, *TEST_DEPS], check=True)
+    _quietly(pip + ["--upgrade", "pip"])
+    _quietly(pip + [*specs, "-e", ROOT, *TEST_DEPS])
     with open(stamp, "w") as f:
         f.write(want.hexdigest())
     return py
+
+
+def _quietly(command: list[str]) -> None:
+    """Runs a set-up command, printing what it said only when it fails (then raises)."""
+    run = subprocess.run(command, capture_output=True, text=True)
+    if run.returncode != 0:
+        sys.stdout.write(run.stdout[-6000:] + run.stderr[-6000:])
+        raise subprocess.CalledProcessError(run.returncode, command)
 
 
 def _run(py: str) -> tuple[bool, str]:
