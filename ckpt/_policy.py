@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 
 from ckpt import _coord
 from ckpt.errors import InvalidArgumentError
@@ -26,10 +27,13 @@ class SavePolicy:
         save_every_seconds: save when this long has passed since the last save (or since
             the manager started).
         watch_preemption: notice SIGTERM / the runtime's preemption notice.
+        clock: seconds on a clock that never goes back (`time.monotonic`; a test gives its
+            own, so that no process-wide clock is ever replaced).
     """
 
     def __init__(self, save_every: int | None, save_every_seconds: float | None,
-                 watch_preemption: bool) -> None:
+                 watch_preemption: bool,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if save_every is not None and save_every < 1:
             raise InvalidArgumentError(f"save_every must be >= 1 or None, got {save_every}")
         if save_every_seconds is not None and save_every_seconds <= 0:
@@ -38,7 +42,8 @@ class SavePolicy:
         self.save_every = save_every
         self.save_every_seconds = save_every_seconds
         self.watching = _coord.watch_sigterm() if watch_preemption else False
-        self.last_save = time.monotonic()
+        self._clock = clock
+        self.last_save = clock()
         self._checked: tuple[int, bool] | None = None
         self._decided: tuple[int, bool] | None = None
         self._clock_calls = 0
@@ -79,7 +84,7 @@ class SavePolicy:
         if self.save_every_seconds is None:
             return False
         coord = _coord.current()
-        due = time.monotonic() - self.last_save >= self.save_every_seconds
+        due = self._clock() - self.last_save >= self.save_every_seconds
         if coord.process_count == 1:
             return due
         # Clocks differ between hosts: process 0 decides, everyone follows.
@@ -96,4 +101,4 @@ class SavePolicy:
 
     def saved(self) -> None:
         """Called when a save starts: restarts the wall-clock interval."""
-        self.last_save = time.monotonic()
+        self.last_save = self._clock()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import ckpt
-import ckpt._policy as policy_mod
+from ckpt._policy import SavePolicy
 from tests import mp_jobs
 from tools.launch import start
 
@@ -87,28 +87,41 @@ def test_sigterm_to_one_process_stops_every_process_at_one_committed_step(tmp_pa
     assert all(r["resumed_from"] == step for r in results)
 
 
-def test_save_every_steps_and_seconds(tmp_path, monkeypatch):
+def test_save_every_steps_and_seconds():
+    """Steps of 7 s on a clock of the test's own: every 10 steps, and whenever 20 s passed
+    since the last save. Both triggers fire (a policy that ignored either one, or that
+    did not restart the interval at each save, would choose other steps)."""
     clock = [1000.0]
-    monkeypatch.setattr(policy_mod.time, "monotonic", lambda: clock[0])
-    mgr = ckpt.CheckpointManager(tmp_path / "run", save_every=5, save_every_seconds=60)
-    decisions = []
-    for step in range(1, 13):
-        clock[0] += 7.0  # each step takes 7 s
-        decisions.append(mgr.should_save(step))
-        if decisions[-1]:
-            mgr.save(step, {"x": step})
-    mgr.close()
-    # every 5 steps, and whenever 60 s passed since the last save
-    saved = [s for s, d in zip(range(1, 13), decisions) if d]
-    assert 5 in saved and 10 in saved
-    times = {s: 1000.0 + 7.0 * s for s in saved}
-    last = 1000.0
-    for s in range(1, 13):
-        now = 1000.0 + 7.0 * s
-        expected = s % 5 == 0 or now - last >= 60
-        assert (s in saved) == expected, (s, saved)
-        if s in saved:
-            last = times[s]
+    policy = SavePolicy(10, 20, watch_preemption=False, clock=lambda: clock[0])
+    saved = []
+    for step in range(1, 25):
+        clock[0] += 7.0
+        if policy.should_save(step):
+            assert policy.should_save(step)  # asked again: the same answer
+            policy.saved()
+            saved.append(step)
+    # 21 s after start (3), after 3 (6), after 6 (9); step 10 by count restarts the
+    # interval: 13, 16, 19; 20 by count; 23.
+    assert saved == [3, 6, 9, 10, 13, 16, 19, 20, 23]
+    assert SavePolicy(10, None, False, clock=lambda: clock[0]).should_save(3) is False
+
+
+def test_a_manager_saves_when_its_interval_has_passed(tmp_path):
+    """On the real clock, with no step schedule: the manager's `should_save` turns true
+    once ``save_every_seconds`` passed, and `save` restarts the interval."""
+    import itertools
+    import time
+
+    began, first = time.monotonic(), None  # before the manager starts its interval
+    with ckpt.CheckpointManager(tmp_path / "run", save_every_seconds=0.5) as mgr:
+        for step in itertools.count(1):
+            assert time.monotonic() - began < 60, "the interval never passed"
+            if mgr.should_save(step):
+                first = step
+                break
+        assert time.monotonic() - began >= 0.5
+        mgr.save(first, {"x": first})
+        assert not mgr.should_save(first + 1)  # the interval restarted with the save
     with pytest.raises(ValueError, match="save_every"):
         ckpt.CheckpointManager(tmp_path / "x", save_every=0)
 
