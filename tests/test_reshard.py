@@ -136,23 +136,28 @@ def test_mesh_lacking_saved_axis_is_an_error(saved):
         ckpt.restore(url, mesh=mesh)
 
 
-def test_each_process_reads_only_needed_chunks(saved):
-    # Restoring onto one device of a 1x1 mesh and onto a partial 2-device mesh reads only
-    # chunks overlapping the boxes those devices hold.
+def test_a_restore_reads_each_needed_chunk_once_and_no_other(saved):
+    """A target of one leaf of two reads that leaf's chunks, each once, and not one chunk of
+    the other. (In one process every device is local, so a whole leaf is always needed;
+    that each process of a job reads only its own devices' boxes is
+    tests/test_multiprocess.py's `restore_on`.)"""
     from tests.faults import ChunkReads
 
     url, _ = saved
-    # An array of 1 MiB: smaller ones are gathered into one chunk when one process holds
+    # Arrays of 1 MiB: smaller ones are gathered into one chunk when one process holds
     # them whole (`WHOLE_ARRAY_BYTES`).
     w = np.arange(256 * 1024, dtype=np.float32).reshape(256, 1024)
-    ckpt.save(f"{url}-big", {"params": {"w": jax.device_put(
-        w, NamedSharding(make_mesh((2, 4)), P("data", "model")))}})
+    sharding = NamedSharding(make_mesh((2, 4)), P("data", "model"))
+    ckpt.save(f"{url}-big", {"params": {"w": jax.device_put(w, sharding),
+                                        "u": jax.device_put(w + 1, sharding)}})
     seen = ChunkReads()
     mesh = make_mesh((1, 2))
     target = {"params": {"w": jax.ShapeDtypeStruct((256, 1024), np.float32,
                                                    sharding=NamedSharding(mesh, P("data", "model")))}}
-    ckpt.restore(seen.store(f"{url}-big"), target)
-    # w was saved as 2x4 chunks; a (1, 2) mesh needs all 8 once each, never more.
+    out = ckpt.restore(seen.store(f"{url}-big"), target)
+    assert np.array_equal(np.asarray(out["params"]["w"]), w)
+    # w was saved as 2x4 chunks; its (1, 2) target needs all 8 once each, never more; u
+    # is not asked for, and nothing of it is read.
     assert list(seen.reads) == ["['params']['w']"]
     assert sorted(seen.reads["['params']['w']"]) == [(i, j) for i in range(2) for j in range(4)]
 
