@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import operator
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
@@ -106,12 +107,21 @@ def as_mesh(mesh: MeshLike) -> dict[str, int] | None:
         return parse_mesh(mesh)
     shape = getattr(mesh, "shape", None)  # a jax Mesh: an ordered {axis: size}
     axes = dict(shape) if isinstance(shape, Mapping) else dict(mesh)  # type: ignore[arg-type]
-    if not axes or not all(isinstance(k, str) and k.isidentifier() and isinstance(v, int)
-                           and not isinstance(v, bool) and v >= 1 for k, v in axes.items()):
+    out: dict[str, int] = {}
+    for name, size in axes.items():
+        try:  # ints of any kind (numpy's too), never a bool or a float
+            whole = -1 if isinstance(size, bool) else operator.index(size)
+        except TypeError:
+            whole = -1
+        if not (isinstance(name, str) and name.isidentifier() and whole >= 1):
+            out.clear()
+            break
+        out[name] = whole
+    if not out:
         raise InvalidArgumentError(
             f"mesh {mesh!r}: expected axis name -> size (e.g. {{'data': 2, 'model': 4}}), "
             "'data=2,model=4' or a jax.sharding.Mesh")
-    return axes
+    return out
 
 
 def as_spec(spec: SpecLike) -> Spec:
@@ -136,8 +146,9 @@ def as_rules(rules: RulesLike) -> list[tuple[str, Spec]]:
     pairs = list(rules.items()) if isinstance(rules, Mapping) else list(rules)
     out = []
     for pair in pairs:
-        if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)
-                and pair[0]):
+        # Tuples, or two-item lists as rules read from JSON or YAML come.
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2
+                and isinstance(pair[0], str) and pair[0]):
             raise InvalidArgumentError(
                 f"rules: {pair!r} is not a (pattern, spec) pair, e.g. "
                 "('params/**/kernel', '-,model')")

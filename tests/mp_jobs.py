@@ -85,12 +85,18 @@ def restore_on(url, step, mesh_shape):
 
 
 def save_then_kill(url, step, mesh_shape, victim, point):
-    """Saves ``step``; process ``victim`` SIGKILLs itself at ``point`` (or the parent kills)."""
+    """Saves ``step``; process ``victim`` SIGKILLs itself at ``point`` (or the parent kills;
+    ``stop_before_report``: it stops itself before writing its host report)."""
     from tests.faults import FaultyStore
 
     def before(doing, key, args):
         if doing == "creating" and point == "before_commit":
             os.kill(os.getpid(), signal.SIGKILL)
+        if doing == "writing" and point == "stop_before_report" and "/hosts/" in key:
+            # Frozen with its chunks written and its report not: the future zombie, which
+            # writes that report once it is woken.
+            print(f"ZOMBIE {key}", flush=True)
+            os.kill(os.getpid(), signal.SIGSTOP)
 
     def after(doing, key, args):
         if (doing == "writing" and key.endswith(point)) or (

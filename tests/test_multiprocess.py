@@ -226,27 +226,58 @@ def test_sigkill_any_process_then_restart_whole(template, tmp_path, victim, poin
 
 
 def test_zombie_writer_cannot_change_the_new_commit(template, tmp_path):
+    """Process 1 of a job stops itself mid-save (its chunks written, its host report not),
+    process 0 dies, and a restarted job commits step 2 with other values. Woken, the zombie
+    ends on its own (JAX's coordination client terminates a task whose leader is gone; a
+    write it makes first can only land in its own, removed attempt), and not one byte of
+    the new commit changes."""
     root = str(tmp_path / "root")
     shutil.copytree(template, root)
-    with start("tests.mp_jobs:save_then_kill", 2, args=[root, 2, [2, 4], -1, "parent"],
+    with start("tests.mp_jobs:save_then_kill", 2, args=[root, 2, [2, 4], 1,
+                                                         "stop_before_report"],
                heartbeat_s=60) as old:
-        old.wait_for_line(1, "SAVING")
-        old.kill(1, signal.SIGSTOP)  # process 1 freezes mid-save: the future zombie
+        old.wait_for_line(1, "ZOMBIE")
+        key = next(x for x in old.lines[1] if x.startswith("ZOMBIE")).split()[1]
+        zombie_attempt = key.split("/")[1]
+        _wait_until_stopped(old.procs[1].pid)
         old.kill(0)
         old.procs[0].wait()
         # The restarted job commits step 2 with other values while the zombie is frozen.
         launch("tests.mp_jobs:resume", 2, args=[root, [2, 4], 2, 77])
-        committed = open(os.path.join(root, "2", "COMMIT"), "rb").read()
-        old.kill(1, signal.SIGCONT)  # the zombie wakes and carries on writing
-        try:
-            old.procs[1].wait(timeout=60)
-        except Exception:
-            pass
-    assert open(os.path.join(root, "2", "COMMIT"), "rb").read() == committed
+        committed = _files(os.path.join(root, "2"), skip=zombie_attempt)
+        assert "COMMIT" in committed and len(committed) > 3
+        old.kill(1, signal.SIGCONT)  # the zombie wakes and carries on
+        old.procs[1].wait(timeout=120)  # it ends, on its own
+        assert old.procs[1].returncode != 0, old.lines[1][-20:]
+    assert _files(os.path.join(root, "2"), skip=zombie_attempt) == committed
     mp_jobs.exact(ckpt.restore(os.path.join(root, "2")), 77)
     mgr = ckpt.CheckpointManager(root, keep_last=None)
     mgr.close()
     _debris_free(root, {0, 1, 2})
+
+
+def _files(folder, skip):
+    """Every file under ``folder`` (but under ``skip``) and its bytes."""
+    out = {}
+    for path in glob.glob(os.path.join(folder, "**"), recursive=True):
+        rel = os.path.relpath(path, folder)
+        if os.path.isfile(path) and rel.split(os.sep)[0] != skip:
+            with open(path, "rb") as f:
+                out[rel] = f.read()
+    return out
+
+
+def _wait_until_stopped(pid, timeout=60):
+    """Waits until process ``pid`` is stopped (state T in /proc), with a deadline."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] in ("T", "t"):
+                return
+        threading.Event().wait(0.01)  # polling the condition, not waiting it out
+    raise AssertionError(f"process {pid} never stopped")
 
 
 @pytest.mark.parametrize("backend", ["local", "s3", "gcs"])

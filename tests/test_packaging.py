@@ -4,6 +4,7 @@ extras for the object stores."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -63,9 +64,17 @@ def test_version_everywhere():
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
+    # Built from a copy of the sources: a build writes build/ and *.egg-info beside them,
+    # and two test workers building in the checkout at once break each other's build.
+    src = tmp_path_factory.mktemp("src")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(os.path.join(ROOT, name), src / name)
+    for name in ("ckpt", "storage", "restore"):
+        shutil.copytree(os.path.join(ROOT, name), src / name,
+                        ignore=shutil.ignore_patterns("__pycache__"))
     out = tmp_path_factory.mktemp("wheel")
     run = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
-                          "--no-build-isolation", "-q", "-w", str(out), ROOT],
+                          "--no-build-isolation", "-q", "-w", str(out), str(src)],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     [path] = list(out.glob("shardckpt-*.whl"))

@@ -96,7 +96,10 @@ def test_a_process_paused_before_its_local_commit_never_commits_over_a_restart(
     then continues: it commits nothing, and step 3 is the restarted job's, whole."""
     root = backend_url(request, tmp_path, backend)
     local = str(tmp_path / "local-{process}")
-    with start("tests.tier_jobs:save_and_stop", 1, args=[root, local, [2, 2], where]) as job:
+    # Paused while the restarted job runs (longer on a loaded machine): a heartbeat shorter
+    # than the pause makes JAX's coordination service give the paused job up.
+    with start("tests.tier_jobs:save_and_stop", 1, args=[root, local, [2, 2], where],
+               heartbeat_s=120) as job:
         job.wait_for_line(0, "PAUSED")
         steps = launch("tests.tier_jobs:save_values", 1,
                        args=[root, local, [3], [303], [2, 2], 2])

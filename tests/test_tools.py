@@ -125,9 +125,10 @@ def test_the_tools_from_python_return_what_they_did(saved, tmp_path):
         assert np.asarray(out["params"]["w"]).tobytes() == host["w"].tobytes()
     report = ckpt.verify(dst)
     assert isinstance(report, ckpt.VerifyReport) and report.ok and report.chunks > 0
-    converted = ckpt.convert(url, str(tmp_path / "c"), rules=[("params/w", "-,-")])
+    converted = ckpt.convert(url, str(tmp_path / "c"), rules=[["params/w", "-,-"]],
+                             mesh={"data": np.int64(4), "model": 2})
     assert converted.url == str(tmp_path / "c") and ckpt.verify(converted.url).ok
-    for bad in ({"data": 0}, "data=two", {"data": True}, {}):
+    for bad in ({"data": 0}, "data=two", {"data": True}, {"data": 2.0}, {}):
         with pytest.raises(ckpt.InvalidArgumentError, match="mesh"):
             ckpt.reshard(url, str(tmp_path / "bad"), mesh=bad)
     with pytest.raises(ckpt.InvalidArgumentError, match="spec"):
