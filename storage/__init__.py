@@ -31,14 +31,14 @@ from ckpt.storage._object import ObjectStore, settle_google_credentials
 from ckpt.storage._settings import ObjectSettings, configure
 from ckpt.storage._url import SCHEMES, Location, parse_url
 from ckpt.storage._window import Window
-from ckpt.storage._wrapper import WrapperStore
+from ckpt.storage._wrapper import Op, WrapperStore
 
 __all__ = [
     "AccessDeniedError", "BucketNotFoundError", "CkptError", "Deadline",
     "DeadlineExceededError", "DeadlineStore", "InvalidArgumentError", "InvalidKeyError",
     "LocalStore", "Location",
     "MemoryStore", "MissingDependencyError", "ObjectNotFoundError", "ObjectSettings",
-    "ObjectStore",
+    "ObjectStore", "Op",
     "SCHEMES", "StorageError", "Store", "StoreLike", "UnreadableObjectError",
     "UnsupportedURLError", "Window", "WrapperStore",
     "bounded", "check_key", "configure", "memory_context", "open_store", "parse_url",

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from ckpt.storage._base import Store
 from ckpt.storage._errors import StorageError
-from ckpt.storage._wrapper import WrapperStore
+from ckpt.storage._wrapper import Op, WrapperStore
 from ckpt.storage._errors import InvalidArgumentError
 
 T = TypeVar("T")
@@ -123,7 +123,7 @@ class DeadlineStore(WrapperStore):
     def _kvstore_spec(self, prefix: str) -> dict[str, Any]:
         return self.inner._kvstore_spec(prefix)  # no I/O: nothing to bound
 
-    def _delegate(self, doing: str, key: str, fn: Callable[..., T], *args: Any) -> T:
+    def _delegate(self, doing: Op, key: str, fn: Callable[..., T], *args: Any) -> T:
         return self.deadline.call(f"{doing} {self.describe(key)}", fn, *args)
 
 

@@ -10,6 +10,7 @@ point that takes a URL also takes a `Store`, wrapped or not (`open_store`).
 from __future__ import annotations
 
 import copy
+import enum
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -18,6 +19,22 @@ import tensorstore as ts
 from ckpt.storage._base import Keys, Store
 
 T = TypeVar("T")
+
+
+class Op(enum.StrEnum):
+    """What a store call does, as `WrapperStore._delegate` is told: a wrapper matches these,
+    never the wording of a message. Each value is the words errors use for it."""
+
+    CHECK_ACCESS = "checking access to"
+    OPEN = "opening"  # an array's TensorStore spec
+    READ = "reading"
+    LIST = "listing"
+    CHECK_FILES = "looking at the files under"
+    WRITE = "writing"
+    CREATE = "creating"  # a conditional create (COMMIT, claims)
+    LOOK_UP = "looking up"
+    DELETE = "deleting"
+    PRUNE = "removing"  # empty folders
 
 
 class WrapperStore(Store):
@@ -32,8 +49,8 @@ class WrapperStore(Store):
         super().__init__(inner.location)
         self.inner = inner
 
-    def _delegate(self, doing: str, key: str, fn: Callable[..., T], *args: Any) -> T:
-        """Runs ``fn(*args)``, the inner store's ``doing`` of ``key`` (e.g. ``writing``,
+    def _delegate(self, doing: Op, key: str, fn: Callable[..., T], *args: Any) -> T:
+        """Runs ``fn(*args)``, the inner store's ``doing`` of ``key`` (e.g. `Op.WRITE`,
         ``manifest.msgpack``). Called on whichever thread made the call."""
         return fn(*args)
 
@@ -53,7 +70,7 @@ class WrapperStore(Store):
         return wrapped
 
     def verify_access(self) -> None:
-        self._delegate("checking access to", "", self.inner.verify_access)
+        self._delegate(Op.CHECK_ACCESS, "", self.inner.verify_access)
 
     def tensorstore_context(self) -> ts.Context:
         return self.inner.tensorstore_context()
@@ -62,40 +79,40 @@ class WrapperStore(Store):
         return self.inner.wait(future, doing)
 
     def _kvstore_spec(self, prefix: str) -> dict[str, Any]:
-        return self._delegate("opening", prefix, self.inner._kvstore_spec, prefix)
+        return self._delegate(Op.OPEN, prefix, self.inner._kvstore_spec, prefix)
 
     def _read(self, key: str, max_bytes: int | None) -> bytes:
-        return self._delegate("reading", key, self.inner._read, key, max_bytes)
+        return self._delegate(Op.READ, key, self.inner._read, key, max_bytes)
 
     def _check_plain_files(self, prefix: str, keys: list[str] | None) -> None:
-        self._delegate("listing", prefix, self.inner._check_plain_files, prefix, keys)
+        self._delegate(Op.CHECK_FILES, prefix, self.inner._check_plain_files, prefix, keys)
 
     def _write(self, key: str, data: bytes) -> None:
-        self._delegate("writing", key, self.inner._write, key, data)
+        self._delegate(Op.WRITE, key, self.inner._write, key, data)
 
     def _write_stream(self, key: str, parts: Iterable[bytes | memoryview]) -> int:
-        return self._delegate("writing", key, self.inner._write_stream, key, parts)
+        return self._delegate(Op.WRITE, key, self.inner._write_stream, key, parts)
 
     def _write_if_absent(self, key: str, data: bytes) -> bool:
-        return self._delegate("creating", key, self.inner._write_if_absent, key, data)
+        return self._delegate(Op.CREATE, key, self.inner._write_if_absent, key, data)
 
     def _exists(self, key: str) -> bool:
-        return self._delegate("looking up", key, self.inner._exists, key)
+        return self._delegate(Op.LOOK_UP, key, self.inner._exists, key)
 
     def _list(self, prefix: str) -> Keys:
-        return self._delegate("listing", prefix, self.inner._list, prefix)
+        return self._delegate(Op.LIST, prefix, self.inner._list, prefix)
 
     def _list_sizes(self, prefix: str) -> dict[str, int]:
-        return self._delegate("listing", prefix, self.inner._list_sizes, prefix)
+        return self._delegate(Op.LIST, prefix, self.inner._list_sizes, prefix)
 
     def _list_children(self, prefix: str) -> Keys:
-        return self._delegate("listing", prefix, self.inner._list_children, prefix)
+        return self._delegate(Op.LIST, prefix, self.inner._list_children, prefix)
 
     def _delete(self, key: str) -> None:
-        self._delegate("deleting", key, self.inner._delete, key)
+        self._delegate(Op.DELETE, key, self.inner._delete, key)
 
     def _delete_prefix(self, prefix: str) -> None:
-        self._delegate("deleting", prefix, self.inner._delete_prefix, prefix)
+        self._delegate(Op.DELETE, prefix, self.inner._delete_prefix, prefix)
 
     def _prune(self, prefix: str) -> None:
-        self._delegate("removing", prefix, self.inner._prune, prefix)
+        self._delegate(Op.PRUNE, prefix, self.inner._prune, prefix)

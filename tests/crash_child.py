@@ -18,6 +18,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ckpt  # noqa: E402
+from ckpt.storage import Op  # noqa: E402
 from tests.crash_state import make_state  # noqa: E402
 from tests.faults import FaultyStore  # noqa: E402
 
@@ -41,12 +42,12 @@ def dying_store(root, point):
     if point in ("after_report", "after_manifest"):
         suffix = "hosts/0.msgpack" if point == "after_report" else "manifest.msgpack"
         return FaultyStore(root, after=lambda doing, key, args:
-                           die() if doing == "writing" and key.endswith(suffix) else None)
+                           die() if doing == Op.WRITE and key.endswith(suffix) else None)
     if point == "before_commit":
         return FaultyStore(root, before=lambda doing, key, args:
-                           die() if doing == "creating" else None)
+                           die() if doing == Op.CREATE else None)
     if point in ("after_claim", "after_commit"):
-        return FaultyStore(root, after=lambda doing, key, args: die() if doing == "creating" and (
+        return FaultyStore(root, after=lambda doing, key, args: die() if doing == Op.CREATE and (
             point == "after_claim" or key.endswith("COMMIT")) else None)
     if point != "none":
         raise SystemExit(f"unknown point {point}")

@@ -5,10 +5,11 @@
 to the root the wrapper was made for, also in the stores below it: ``2/COMMIT`` for step 2
 of a manager's root) and may block,
 raise, or return replacement ``args`` (to tamper with what is written); ``after(doing, key,
-args)`` runs once it returned. ``doing`` is the wrapper's word for the call (``reading``,
-``writing``, ``creating``, ``opening`` for an array's TensorStore spec, ``listing`` ...);
-TensorStore futures waited for through the store come with the waiter's words (``writing
-chunks`` for each chunk written) and an empty key.
+args)`` runs once it returned. ``doing`` is the call's `ckpt.storage.Op` (`Op.READ`,
+`Op.WRITE`, `Op.CREATE`, `Op.OPEN` for an array's TensorStore spec, `Op.LIST` ...): a fault
+matches an operation, never a message's wording. TensorStore futures waited for through
+the store come with the waiter's words instead (``writing chunks`` for each chunk written)
+and an empty key.
 """
 
 import dataclasses
@@ -17,7 +18,7 @@ from typing import Any
 
 from ckpt._claims import COMMITTING
 from ckpt._format import CLAIMS, decode_host_report, encode_host_report, unpack
-from ckpt.storage import StoreLike, WrapperStore, open_store
+from ckpt.storage import Op, StoreLike, WrapperStore, open_store
 
 Before = Callable[[str, str, tuple], "tuple | None"]
 After = Callable[[str, str, tuple], None]
@@ -53,7 +54,7 @@ def is_background(doing: str, key: str) -> bool:
     """A step of a save's background part that comes before its chunks are written (an
     array of the attempt being opened) or, for a save without array chunks, before its host
     report is."""
-    return (doing == "opening" and "/arrays/" in key) or (doing == "writing"
+    return (doing == Op.OPEN and "/arrays/" in key) or (doing == Op.WRITE
                                                           and "/hosts/" in key)
 
 
@@ -67,7 +68,7 @@ def fail_background(error: BaseException) -> Before:
 
 def is_commit_claim(doing: str, key: str, args: tuple) -> bool:
     """A committer's claim on its attempt, being created (a cleaner's claim is not one)."""
-    return (doing == "creating" and f"/{CLAIMS}/" in f"/{key}"
+    return (doing == Op.CREATE and f"/{CLAIMS}/" in f"/{key}"
             and unpack(args[1], key).get("claim") == COMMITTING)
 
 
@@ -83,7 +84,7 @@ def hold_background(gate: Any) -> Before:
 def tamper_reports(change: Callable[[list], list]) -> Before:
     """Rewrites the rows of each host report as it is written."""
     def before(doing, key, args):
-        if doing == "writing" and "/hosts/" in key:
+        if doing == Op.WRITE and "/hosts/" in key:
             _, data = args
             report = decode_host_report(data, key)
             report = dataclasses.replace(report, chunks=change([list(r) for r in report.chunks]))
@@ -127,10 +128,10 @@ class ReadCounter(FaultyStore):
 
     def _delegate(self, doing, key, fn, *args):
         result = super()._delegate(doing, key, fn, *args)
-        if doing == "reading":
+        if doing == Op.READ:
             self.counts["bytes"] += len(result)
         elif doing.startswith(("reading chunk", "reading bytes")):
             self.counts["chunks"] += 1
-        elif doing == "opening":
+        elif doing == Op.OPEN:
             self.counts["opened"] += 1
         return result

@@ -12,6 +12,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import ckpt
+from ckpt.storage import Op
 
 SPECS = {"w": P("data", "model"), "v": P("model"), "r": P(), "pr": P(None, "data"),
          "e": P("model", "data")}
@@ -90,17 +91,17 @@ def save_then_kill(url, step, mesh_shape, victim, point):
     from tests.faults import FaultyStore
 
     def before(doing, key, args):
-        if doing == "creating" and point == "before_commit":
+        if doing == Op.CREATE and point == "before_commit":
             os.kill(os.getpid(), signal.SIGKILL)
-        if doing == "writing" and point == "stop_before_report" and "/hosts/" in key:
+        if doing == Op.WRITE and point == "stop_before_report" and "/hosts/" in key:
             # Frozen with its chunks written and its report not: the future zombie, which
             # writes that report once it is woken.
             print(f"ZOMBIE {key}", flush=True)
             os.kill(os.getpid(), signal.SIGSTOP)
 
     def after(doing, key, args):
-        if (doing == "writing" and key.endswith(point)) or (
-                doing == "creating" and point == "after_commit" and key.endswith("COMMIT")):
+        if (doing == Op.WRITE and key.endswith(point)) or (
+                doing == Op.CREATE and point == "after_commit" and key.endswith("COMMIT")):
             os.kill(os.getpid(), signal.SIGKILL)
 
     if jax.process_index() == victim and point != "parent":
@@ -218,7 +219,7 @@ def slow_commit(url, timeout_s, where):
         commit_mod.claim_commit = slow_claim
     if me == 0 and where == "commit":
         def slow_create(doing, key, args):
-            if doing == "creating" and key.endswith("COMMIT"):
+            if doing == Op.CREATE and key.endswith("COMMIT"):
                 client.blocking_key_value_get("test/p1-gave-up", 120_000)
 
         url = FaultyStore(url, before=slow_create)
@@ -301,7 +302,7 @@ def restore_while_overwritten(url):
         done = []
 
         def overwritten_first(doing, key, args):  # the manifest is read, no chunk yet
-            if doing == "opening" and "/arrays/" in key and not done:
+            if doing == Op.OPEN and "/arrays/" in key and not done:
                 done.append(key)
                 code = ("import sys, numpy as np, ckpt; "
                         "ckpt.save(sys.argv[1], {'w': np.full(50_000, 2.0, np.float32)}, "

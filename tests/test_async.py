@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 import ckpt
 from ckpt.errors import CheckpointExistsError, SaveError, UnsupportedLeafError
+from ckpt.storage import Op
 from tests.faults import FaultyStore, fail_background, hold_background, tamper_reports
 
 
@@ -134,7 +135,7 @@ def test_overwrite_is_atomic_old_readable_until_new_commits(tmp_path):
     reached, release = threading.Event(), threading.Event()
 
     def pause_commit(doing, key, args):
-        if doing == "writing" and key.endswith("/manifest.msgpack"):  # commit's first write
+        if doing == Op.WRITE and key.endswith("/manifest.msgpack"):  # commit's first write
             reached.set()
             release.wait()
 

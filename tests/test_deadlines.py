@@ -6,6 +6,7 @@ import time
 import numpy as np
 
 import ckpt
+from ckpt.storage import Op
 from tests.faults import FaultyStore
 
 
@@ -17,7 +18,7 @@ def test_an_overwrite_whose_commit_write_outlasts_the_deadline_is_finished(tmp_p
     started = {}
 
     def slow(doing, key, args):
-        if doing == "writing" and key == "COMMIT" and "t0" in started:
+        if doing == Op.WRITE and key == "COMMIT" and "t0" in started:
             started["slowed"] = time.monotonic()
             while time.monotonic() < started["t0"] + 1.5:  # past the save's deadline
                 threading.Event().wait(0.05)

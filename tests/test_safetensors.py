@@ -30,7 +30,7 @@ from ckpt.errors import (
     UnsupportedLeafError,
 )
 from ckpt.restore._raw import byte_runs, coalesce
-from ckpt.storage import open_store
+from ckpt.storage import Op, open_store
 from tests.conftest import RSS_OVERHEAD, backend_url, cli_extra_rss, make_mesh
 from tests.faults import ChunkReads
 
@@ -622,7 +622,7 @@ def test_an_interrupted_overwrite_is_never_read_as_one_model(saved, tmp_path):
         (tmp_path / "out" / "model-00001-of-00002.safetensors").read_bytes())
 
     def fail_second(doing, key, args):
-        if doing == "writing" and key.endswith("-00002-of-00002.safetensors"):
+        if doing == Op.WRITE and key.endswith("-00002-of-00002.safetensors"):
             raise OSError("the disk filled up")
 
     with pytest.raises(OSError, match="filled up"):

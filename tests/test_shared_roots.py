@@ -24,7 +24,7 @@ from ckpt.errors import (
     StepOrderError,
     StorageError,
 )
-from ckpt.storage import open_store
+from ckpt.storage import Op, open_store
 from tests.conftest import backend_url
 from tests.crash_state import host_state, make_state
 from tests.faults import FaultyStore, is_commit_claim
@@ -192,7 +192,7 @@ def test_interrupted_one_off_save_is_removed_by_gc(root_url, capsys):
     url = f"{root_url}/one"
 
     def interrupted(doing, key, args):  # the chunks are written, then Ctrl-C arrives
-        if doing == "writing" and "/hosts/" in key:
+        if doing == Op.WRITE and "/hosts/" in key:
             raise KeyboardInterrupt
 
     with pytest.raises(ckpt.SaveError):
@@ -246,7 +246,7 @@ def test_interrupted_rewind_is_finished_by_the_next_manager(root_url):
             mgr.save(step, _tree(step))
 
     def crash(doing, key, args):
-        if doing == "deleting" and key.startswith("3/"):  # step 4 is gone, 3 is not: it dies
+        if doing == Op.DELETE and key.startswith("3/"):  # step 4 is gone, 3 is not: it dies
             raise StorageError(5, "the job died here")
 
     mgr = ckpt.CheckpointManager(FaultyStore(root_url, before=crash))
@@ -302,7 +302,7 @@ def test_a_commit_recreated_by_a_late_retry_after_a_delete_is_undone(root_url):
 
     class LostAnswer(FaultyStore):
         def _delegate(self, doing, key, fn, *args):
-            if doing != "creating" or not key.endswith("COMMIT") or reached.is_set():
+            if doing != Op.CREATE or not key.endswith("COMMIT") or reached.is_set():
                 return super()._delegate(doing, key, fn, *args)
             assert fn(*args)  # applied; the answer never arrives
             reached.set()
@@ -354,7 +354,7 @@ def test_keep_best_skips_retention_when_a_metric_cannot_be_read(tmp_path, caplog
     fail = [True]
 
     def flaky(doing, key, args):  # the best step's manifest cannot be read, once
-        if fail[0] and doing == "reading" and key.startswith("1/attempt-"):
+        if fail[0] and doing == Op.READ and key.startswith("1/attempt-"):
             fail[0] = False
             raise StorageError(5, "503 from the server, once")
 
@@ -380,7 +380,7 @@ def test_start_up_clean_up_never_removes_the_managers_own_new_save(tmp_path, mon
     listing, go = threading.Event(), threading.Event()
 
     def slow_listing(doing, key, args):  # the clean-up, about to list step 0's attempts
-        if doing == "listing" and key == "0" and not listing.is_set():
+        if doing == Op.LIST and key == "0" and not listing.is_set():
             listing.set()
             assert go.wait(60)
 
@@ -406,7 +406,7 @@ def test_retention_failure_does_not_fail_the_committed_save(tmp_path, caplog):
     fail = [True]
 
     def flaky(doing, key, args):
-        if fail[0] and doing == "deleting" and key.startswith("1/"):
+        if fail[0] and doing == Op.DELETE and key.startswith("1/"):
             fail[0] = False
             raise StorageError(5, "delete refused")
 

@@ -10,6 +10,7 @@ from ckpt.storage import (
     LocalStore,
     MemoryStore,
     ObjectNotFoundError,
+    Op,
     UnsupportedURLError,
     open_store,
     parse_url,
@@ -135,9 +136,9 @@ def test_every_entry_point_takes_a_store_and_a_wrapper_sees_each_chunk_and_read(
     chunks = [c for c in calls if c[0] == "writing chunks"]
     [leaf] = [leaf for leaf in ckpt.metadata(tmp_path / "c").leaves if leaf.keystr == "['x']"]
     assert len(chunks) == math.prod(-(-n // c) for n, c in zip(x.shape, leaf.chunk_shape))
-    written = {key.split("/", 1)[1] for doing, key in calls if doing == "writing"}
+    written = {key.split("/", 1)[1] for doing, key in calls if doing == Op.WRITE}
     assert {"hosts/0.msgpack", "manifest.msgpack"} <= written
-    assert any(doing == "creating" and key == "COMMIT" for doing, key in calls)
+    assert any(doing == Op.CREATE and key == "COMMIT" for doing, key in calls)
     calls.clear()
     out = ckpt.restore(seen)
     assert np.array_equal(out["x"], x) and out["n"] == 3

@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 import ckpt
 from ckpt._format import COMMIT, MANIFEST, CommitRecord, sha256
 from ckpt.errors import CkptError, CorruptCheckpointError
-from ckpt.storage import open_store
+from ckpt.storage import Op, open_store
 from tests.conftest import make_mesh
 from tests.mutation import mutate
 
@@ -406,7 +406,7 @@ def test_a_restore_during_an_overwrite_gets_one_checkpoint_whole(root_url):
     opened = []  # the attempts whose arrays the reader opened
 
     def overwritten_first(doing, key, args):
-        if doing == "opening" and "/arrays/" in key:
+        if doing == Op.OPEN and "/arrays/" in key:
             if not opened:
                 ckpt.save(url, new, overwrite=True)
             opened.append(key.split("/")[0])

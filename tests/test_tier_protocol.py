@@ -23,7 +23,7 @@ import ckpt
 from ckpt import _tiers
 from ckpt._housekeeping import Lineage, read_lineage, remove_steps
 from ckpt.errors import AttemptRemovedError, CommitConflictError
-from ckpt.storage import open_store
+from ckpt.storage import Op, open_store
 from tests import mp_jobs
 from tests.conftest import backend_url
 from tests.faults import FaultyStore
@@ -425,7 +425,7 @@ def test_every_failed_root_commit_is_raised_by_wait_once(tmp_path, mesh24):
     root, local = str(tmp_path / "root"), str(tmp_path / "local")
 
     def before(doing, key, args):
-        if doing == "writing" and key.startswith("2/") and key.endswith("manifest.msgpack"):
+        if doing == Op.WRITE and key.startswith("2/") and key.endswith("manifest.msgpack"):
             raise OSError(28, "No space left on device")
 
     with ckpt.CheckpointManager(FaultyStore(root, before=before), local_dir=local,

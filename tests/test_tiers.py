@@ -20,6 +20,7 @@ from ckpt.errors import (
     SaveError,
     StepOrderError,
 )
+from ckpt.storage import Op
 from tests import mp_jobs
 from tests.conftest import backend_url
 from tests.faults import ReadCounter
@@ -244,7 +245,7 @@ def test_a_failed_root_commit_is_reported_and_the_step_stays_local(dirs, mesh24)
     root, local = dirs
 
     def before(doing, key, args):
-        if doing == "writing" and key.endswith("manifest.msgpack") and key.startswith("2/"):
+        if doing == Op.WRITE and key.endswith("manifest.msgpack") and key.startswith("2/"):
             raise OSError(28, "No space left on device")
 
     with ckpt.CheckpointManager(FaultyStore(root, before=before), local_dir=local) as mgr:

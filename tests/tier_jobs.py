@@ -9,6 +9,7 @@ import jax
 
 import ckpt
 from ckpt import _tiers
+from ckpt.storage import Op
 from tests.faults import FaultyStore, ReadCounter
 from tests.mp_jobs import device_tree, exact, mesh_of
 
@@ -91,16 +92,16 @@ def save_and_die(root, local, mesh_shape, victim, phase):
             die()
         if phase == "stop-local-write" and doing == "writing chunks" and key == "3" and paused:
             print("WROTE", flush=True)
-        if phase == "local-commit" and doing == "creating" and key == "3/COMMIT":
+        if phase == "local-commit" and doing == Op.CREATE and key == "3/COMMIT":
             die()
-        if phase == "retention" and doing == "deleting" and key == "1/COMMIT":
+        if phase == "retention" and doing == Op.DELETE and key == "1/COMMIT":
             die()
         if doing.startswith("reading chunk") and key == "4" and (
                 phase == "remote-read" or (phase == "restore" and restoring)):
             die()  # reading its copy back for the root, or for a restore
 
     def local_before(doing, key, args):
-        if phase == "stop-local-write" and doing == "opening" and key.startswith("3/") \
+        if phase == "stop-local-write" and doing == Op.OPEN and key.startswith("3/") \
                 and not paused:
             paused.append(True)  # stopped before it opens its arrays: all its writes come late
             print("PAUSED", flush=True)
@@ -109,7 +110,7 @@ def save_and_die(root, local, mesh_shape, victim, phase):
     def root_after(doing, key, args):
         if phase == "remote-write" and doing == "writing chunks" and key == "4":
             die()
-        if phase == "remote-commit" and doing == "creating" and key == "4/COMMIT":
+        if phase == "remote-commit" and doing == Op.CREATE and key == "4/COMMIT":
             die()
 
     if me == victim or (victim == -1 and me == 1):
@@ -171,7 +172,7 @@ def save_and_stop(root, local, mesh_shape, where):
     before its local commit claim (``where`` = ``claim``) or its local COMMIT
     (``commit``); once continued, reports how the save ended."""
     def before(doing, key, args):
-        if key.startswith("3/") and doing in ("creating", "writing") and (
+        if key.startswith("3/") and doing in (Op.CREATE, Op.WRITE) and (
                 (where == "claim" and key.startswith("3/claims/"))
                 or (where == "commit" and key == "3/COMMIT")):
             print("PAUSED", flush=True)
