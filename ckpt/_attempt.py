@@ -59,7 +59,7 @@ from ckpt.errors import (
     SaveError,
     StorageError,
 )
-from ckpt.storage import Store, Window
+from ckpt.storage import ChunkIO, Op, Store, Window
 
 # A host-report row: leaf name, flat chunk index, bytes, crc32c of the stored bytes.
 Row = tuple[str, int, int, int]
@@ -165,7 +165,7 @@ class ChunkWriter:
             flat: int, durable: Callable[[], None] | None = None) -> None:
         """Starts writing one chunk; ``durable`` runs (on this thread) once it is."""
         def done(fut: Any) -> None:
-            self._store.wait(fut, "writing chunks")
+            self._store.wait(fut, ChunkIO(Op.WRITE, name))
             if durable is not None:
                 durable()
 

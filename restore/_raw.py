@@ -24,7 +24,9 @@ import numpy as np
 from ckpt.restore._errors import CorruptCheckpointError
 from ckpt.restore.boxes import Box, box_shape
 from ckpt.storage import (
+    ChunkIO,
     DeadlineExceededError,
+    Op,
     StorageError,
     Store,
     Window,
@@ -108,7 +110,7 @@ def _land(name: str, layout: RawLayout, begin: int, want: int, dtype: np.dtype[A
           store: Store | None, place: Callable[[np.ndarray], None], fut: Any) -> None:
     key = layout.key
     # What a wrapper store sees (`Store.wait`): the exact byte range.
-    doing = f"reading bytes {begin}-{begin + want} of {key} for {name}"
+    doing = ChunkIO(Op.READ, name, byte_range=(begin, begin + want), key=key)
     try:
         result = fut.result() if store is None else store.wait(fut, doing)
     except DeadlineExceededError:

@@ -39,8 +39,10 @@ from ckpt.restore.boxes import (
     to_slices,
 )
 from ckpt.storage import (
+    ChunkIO,
     Deadline,
     DeadlineExceededError,
+    Op,
     StorageError,
     Store,
     Window,
@@ -190,7 +192,7 @@ def _land(job: ArrayReadJob, outputs: list[np.ndarray], cr: ChunkRead, tail: Any
     spans several target boxes into each."""
     try:
         result = fut.result() if job.store is None else \
-            job.store.wait(fut, f"reading chunk {tuple(cr.coord)} of {job.name}")
+            job.store.wait(fut, ChunkIO(Op.READ, job.name, tuple(cr.coord)))
         stored = _wait(tail, deadline, "reading chunk checksums") if tail is not None else None
     except DeadlineExceededError:
         raise

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from ckpt.storage._base import Store, check_key
+from ckpt.storage._base import ChunkIO, Op, Store, check_key
 from ckpt.storage._deadline import Deadline, DeadlineExceededError, DeadlineStore, bounded
 from ckpt.storage._errors import (
     AccessDeniedError,
@@ -31,10 +31,10 @@ from ckpt.storage._object import ObjectStore, settle_google_credentials
 from ckpt.storage._settings import ObjectSettings, configure
 from ckpt.storage._url import SCHEMES, Location, parse_url
 from ckpt.storage._window import Window
-from ckpt.storage._wrapper import Op, WrapperStore
+from ckpt.storage._wrapper import WrapperStore
 
 __all__ = [
-    "AccessDeniedError", "BucketNotFoundError", "CkptError", "Deadline",
+    "AccessDeniedError", "BucketNotFoundError", "ChunkIO", "CkptError", "Deadline",
     "DeadlineExceededError", "DeadlineStore", "InvalidArgumentError", "InvalidKeyError",
     "LocalStore", "Location",
     "MemoryStore", "MissingDependencyError", "ObjectNotFoundError", "ObjectSettings",

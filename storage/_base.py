@@ -13,6 +13,8 @@ spec from `Store.kvstore_spec`, which addresses the very same objects.
 from __future__ import annotations
 
 import abc
+import dataclasses
+import enum
 import errno
 import threading
 from collections.abc import Iterable, Sequence
@@ -68,6 +70,48 @@ def check_key(key: str, *, allow_empty: bool = False) -> str:
         raise InvalidKeyError(f"invalid storage key {key!r}: keys are relative, '/'-separated, "
                               "with no empty, '.' or '..' segments, NUL or backslash")
     return key
+
+
+class Op(enum.StrEnum):
+    """What a store call does, as `WrapperStore._delegate` is told: a wrapper matches these,
+    never the wording of a message. Each value is the words errors use for it."""
+
+    CHECK_ACCESS = "checking access to"
+    OPEN = "opening"  # an array's TensorStore spec
+    READ = "reading"
+    LIST = "listing"
+    CHECK_FILES = "looking at the files under"
+    WRITE = "writing"
+    CREATE = "creating"  # a conditional create (COMMIT, claims)
+    LOOK_UP = "looking up"
+    DELETE = "deleting"
+    PRUNE = "removing"  # empty folders
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkIO:
+    """A chunk, or a byte range of a file, moving between TensorStore and a store: what
+    `Store.wait` is told about the future it waits for, so that a wrapper can match it by
+    its fields. ``str()`` gives the words errors use (``reading chunk (0, 1) of ['w']``).
+
+    ``op``: `Op.READ` or `Op.WRITE`; ``leaf``: the leaf's key path (empty where the waiter
+    does not know it); ``coord``: the chunk's grid index; ``byte_range``: [begin, end) of
+    ``key`` for a read of plain bytes (a safetensors tensor).
+    """
+
+    op: Op
+    leaf: str = ""
+    coord: tuple[int, ...] | None = None
+    byte_range: tuple[int, int] | None = None
+    key: str = ""
+
+    def __str__(self) -> str:
+        if self.byte_range is not None:
+            begin, end = self.byte_range
+            return f"reading bytes {begin}-{end} of {self.key} for {self.leaf}"
+        if self.op == Op.WRITE:
+            return "writing chunks"
+        return f"reading chunk {self.coord} of {self.leaf}"
 
 
 class Store(abc.ABC):
@@ -254,9 +298,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def _kvstore_spec(self, prefix: str) -> dict[str, Any]: ...
 
-    def wait(self, future: Any, doing: str) -> Any:
-        """The result of a TensorStore ``future`` on this store's data (``doing`` names it
-        for errors); a `DeadlineStore` waits only until its deadline."""
+    def wait(self, future: Any, doing: str | ChunkIO) -> Any:
+        """The result of a TensorStore ``future`` on this store's data: ``doing`` is a
+        `ChunkIO` for a chunk or byte range, else words naming it for errors (``opening
+        leaf ['w']``); a `DeadlineStore` waits only until its deadline."""
         return future.result()
 
     def tensorstore_context(self) -> ts.Context:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ckpt.storage._base import Store
+from ckpt.storage._base import ChunkIO, Store
 from ckpt.storage._errors import StorageError
 from ckpt.storage._wrapper import Op, WrapperStore
 from ckpt.storage._errors import InvalidArgumentError
@@ -116,7 +116,7 @@ class DeadlineStore(WrapperStore):
         super().__init__(inner)
         self.deadline = deadline
 
-    def wait(self, future: Any, doing: str) -> Any:
+    def wait(self, future: Any, doing: str | ChunkIO) -> Any:
         self.deadline.wait_ready(future, f"{doing} ({self.url})")
         return self.inner.wait(future, doing)
 

@@ -10,31 +10,14 @@ point that takes a URL also takes a `Store`, wrapped or not (`open_store`).
 from __future__ import annotations
 
 import copy
-import enum
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import tensorstore as ts
 
-from ckpt.storage._base import Keys, Store
+from ckpt.storage._base import ChunkIO, Keys, Op, Store
 
 T = TypeVar("T")
-
-
-class Op(enum.StrEnum):
-    """What a store call does, as `WrapperStore._delegate` is told: a wrapper matches these,
-    never the wording of a message. Each value is the words errors use for it."""
-
-    CHECK_ACCESS = "checking access to"
-    OPEN = "opening"  # an array's TensorStore spec
-    READ = "reading"
-    LIST = "listing"
-    CHECK_FILES = "looking at the files under"
-    WRITE = "writing"
-    CREATE = "creating"  # a conditional create (COMMIT, claims)
-    LOOK_UP = "looking up"
-    DELETE = "deleting"
-    PRUNE = "removing"  # empty folders
 
 
 class WrapperStore(Store):
@@ -75,7 +58,7 @@ class WrapperStore(Store):
     def tensorstore_context(self) -> ts.Context:
         return self.inner.tensorstore_context()
 
-    def wait(self, future: Any, doing: str) -> Any:
+    def wait(self, future: Any, doing: str | ChunkIO) -> Any:
         return self.inner.wait(future, doing)
 
     def _kvstore_spec(self, prefix: str) -> dict[str, Any]:

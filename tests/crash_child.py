@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ckpt  # noqa: E402
 from ckpt.storage import Op  # noqa: E402
 from tests.crash_state import make_state  # noqa: E402
-from tests.faults import FaultyStore  # noqa: E402
+from tests.faults import FaultyStore, is_chunk_write  # noqa: E402
 
 
 def die(*_):
@@ -33,7 +33,7 @@ def dying_store(root, point):
         limit, count = int(point.split(":")[1]), [0]
 
         def after(doing, key, args):
-            if doing == "writing chunks":
+            if is_chunk_write(doing):
                 count[0] += 1
                 if count[0] == limit:
                     die()

@@ -8,8 +8,9 @@ raise, or return replacement ``args`` (to tamper with what is written); ``after(
 args)`` runs once it returned. ``doing`` is the call's `ckpt.storage.Op` (`Op.READ`,
 `Op.WRITE`, `Op.CREATE`, `Op.OPEN` for an array's TensorStore spec, `Op.LIST` ...): a fault
 matches an operation, never a message's wording. TensorStore futures waited for through
-the store come with the waiter's words instead (``writing chunks`` for each chunk written)
-and an empty key.
+the store come as a `ckpt.storage.ChunkIO` (its operation, leaf, chunk index or byte
+range: `is_chunk_write`, `is_chunk_read`) or, for anything else, the waiter's words, and an
+empty key.
 """
 
 import dataclasses
@@ -18,7 +19,7 @@ from typing import Any
 
 from ckpt._claims import COMMITTING
 from ckpt._format import CLAIMS, decode_host_report, encode_host_report, unpack
-from ckpt.storage import Op, StoreLike, WrapperStore, open_store
+from ckpt.storage import ChunkIO, Op, StoreLike, WrapperStore, open_store
 
 Before = Callable[[str, str, tuple], "tuple | None"]
 After = Callable[[str, str, tuple], None]
@@ -48,6 +49,16 @@ class FaultyStore(WrapperStore):
 
     def wait(self, future, doing):
         return self._delegate(doing, "", self.inner.wait, future, doing)
+
+
+def is_chunk_write(doing) -> bool:
+    """A chunk being written (what a save's chunk writes are waited for as)."""
+    return isinstance(doing, ChunkIO) and doing.op == Op.WRITE
+
+
+def is_chunk_read(doing) -> bool:
+    """A chunk, or a byte range of a plain file, being read."""
+    return isinstance(doing, ChunkIO) and doing.op == Op.READ
 
 
 def is_background(doing: str, key: str) -> bool:
@@ -104,14 +115,10 @@ class ChunkReads:
         self.ranges: list[tuple[str, int, int]] = []  # (file, begin, end) of raw reads
 
     def _after(self, doing, key, args):
-        if doing.startswith("reading bytes "):
-            span, _, rest = doing[len("reading bytes "):].partition(" of ")
-            begin, _, end = span.partition("-")
-            self.ranges.append((rest.partition(" for ")[0], int(begin), int(end)))
-        if doing.startswith("reading chunk ("):
-            coord, _, leaf = doing[len("reading chunk "):].partition(") of ")
-            self.reads.setdefault(leaf, []).append(
-                tuple(int(i) for i in coord.strip("(").split(",") if i.strip()))
+        if is_chunk_read(doing) and doing.byte_range is not None:
+            self.ranges.append((doing.key, *doing.byte_range))
+        elif is_chunk_read(doing):
+            self.reads.setdefault(doing.leaf, []).append(doing.coord)
 
     def store(self, url: StoreLike) -> FaultyStore:
         return FaultyStore(url, after=self._after)
@@ -130,7 +137,7 @@ class ReadCounter(FaultyStore):
         result = super()._delegate(doing, key, fn, *args)
         if doing == Op.READ:
             self.counts["bytes"] += len(result)
-        elif doing.startswith(("reading chunk", "reading bytes")):
+        elif is_chunk_read(doing):
             self.counts["chunks"] += 1
         elif doing == Op.OPEN:
             self.counts["opened"] += 1

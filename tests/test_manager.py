@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 import ckpt
 from ckpt.errors import SaveError
 from ckpt.storage import open_store
-from tests.faults import FaultyStore, fail_background, is_background
+from tests.faults import FaultyStore, fail_background, is_background, is_chunk_write
 
 
 def _state(step, mesh):
@@ -175,7 +175,7 @@ def test_a_save_whose_attempt_another_manager_removed_says_so_and_leaves_nothing
     second = []
 
     def before(doing, key, args):
-        if doing == "writing chunks" and key == "5" and not second:
+        if is_chunk_write(doing) and key == "5" and not second:
             second.append(None)
             with ckpt.CheckpointManager(root, watch_preemption=False):
                 pass  # its start-up clean-up removes the attempt being written
@@ -202,7 +202,7 @@ def test_a_failed_save_removes_its_own_attempt(tmp_path):
     root = str(tmp_path / "r")
 
     def before(doing, key, args):
-        if doing == "writing chunks" and key == "2":
+        if is_chunk_write(doing) and key == "2":
             raise OSError(28, "No space left on device")
 
     with ckpt.CheckpointManager(FaultyStore(root, before=before)) as mgr:

@@ -21,7 +21,7 @@ import ckpt
 from ckpt._snapshot import choose_mode
 from ckpt.errors import SaveError
 from tests import mp_jobs
-from tests.faults import FaultyStore
+from tests.faults import FaultyStore, is_chunk_write
 from tools.launch import launch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -119,7 +119,7 @@ def test_a_failure_mid_stream_fails_the_save_and_frees_the_copies(tmp_path, mesh
     written = []
 
     def before(doing, key, args):
-        if doing == "writing chunks":
+        if is_chunk_write(doing):
             written.append(key)
             if len(written) == 5:
                 raise OSError(5, "Input/output error")
@@ -162,7 +162,7 @@ def test_a_failed_save_keeps_no_host_copies_with_its_error(tmp_path, mesh24):
     state, _ = _state(mesh24)
 
     def before(doing, key, args):
-        if doing == "writing chunks":
+        if is_chunk_write(doing):
             raise OSError(5, "Input/output error")
 
     handle = ckpt.save_async(FaultyStore(tmp_path / "c", before=before), state,
@@ -228,7 +228,7 @@ def test_host_path_returns_when_the_writes_fail_while_it_waits_for_room(tmp_path
     reached = threading.Event()
 
     def before(doing, key, args):
-        if doing == "writing chunks":
+        if is_chunk_write(doing):
             reached.set()
             raise OSError(28, "No space left on device")
 

@@ -23,7 +23,7 @@ from ckpt.errors import (
 from ckpt.storage import Op
 from tests import mp_jobs
 from tests.conftest import backend_url
-from tests.faults import ReadCounter
+from tests.faults import ReadCounter, is_chunk_write
 from tools.launch import launch, start
 
 
@@ -359,7 +359,7 @@ def test_a_failed_local_save_leaves_nothing_and_the_step_can_be_saved_again(dirs
     failing = [True]
 
     def before(doing, key, args):
-        if failing[0] and doing == "writing chunks" and key == "2":
+        if failing[0] and is_chunk_write(doing) and key == "2":
             raise OSError(28, "No space left on device")
 
     real = _tiers.local_store

@@ -10,7 +10,7 @@ import jax
 import ckpt
 from ckpt import _tiers
 from ckpt.storage import Op
-from tests.faults import FaultyStore, ReadCounter
+from tests.faults import FaultyStore, ReadCounter, is_chunk_read, is_chunk_write
 from tests.mp_jobs import device_tree, exact, mesh_of
 
 
@@ -88,15 +88,15 @@ def save_and_die(root, local, mesh_shape, victim, phase):
         os.kill(os.getpid(), signal.SIGKILL)
 
     def local_after(doing, key, args):
-        if phase == "local-write" and doing == "writing chunks" and key == "3":
+        if phase == "local-write" and is_chunk_write(doing) and key == "3":
             die()
-        if phase == "stop-local-write" and doing == "writing chunks" and key == "3" and paused:
+        if phase == "stop-local-write" and is_chunk_write(doing) and key == "3" and paused:
             print("WROTE", flush=True)
         if phase == "local-commit" and doing == Op.CREATE and key == "3/COMMIT":
             die()
         if phase == "retention" and doing == Op.DELETE and key == "1/COMMIT":
             die()
-        if doing.startswith("reading chunk") and key == "4" and (
+        if (is_chunk_read(doing) and doing.coord is not None) and key == "4" and (
                 phase == "remote-read" or (phase == "restore" and restoring)):
             die()  # reading its copy back for the root, or for a restore
 
@@ -108,7 +108,7 @@ def save_and_die(root, local, mesh_shape, victim, phase):
             os.kill(os.getpid(), signal.SIGSTOP)
 
     def root_after(doing, key, args):
-        if phase == "remote-write" and doing == "writing chunks" and key == "4":
+        if phase == "remote-write" and is_chunk_write(doing) and key == "4":
             die()
         if phase == "remote-commit" and doing == Op.CREATE and key == "4/COMMIT":
             die()
