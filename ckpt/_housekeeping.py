@@ -31,6 +31,7 @@ from ckpt._format import (
 from ckpt._orbax import (
     ORBAX_STEP,
     STEP_METADATA,
+    decimal_step,
     delete_orbax_step,
     is_orbax_step,
     orbax_step_name,
@@ -58,9 +59,8 @@ def step_names(store: Store) -> dict[int, str]:
     plain: dict[int, str] = {}
     named: dict[int, list[tuple[str, str]]] = {}
     for name in store.list_children():
-        # ASCII digits only: str.isdigit() also accepts "²" and other digits int() rejects.
-        if name.isascii() and name.isdigit() and (name == "0" or not name.startswith("0")):
-            plain[int(name)] = name
+        if (step := decimal_step(name)) is not None:
+            plain[step] = name
         elif (parsed := orbax_step_name(name)) is not None:
             named.setdefault(parsed[1], []).append((parsed[0], name))
 

@@ -137,17 +137,15 @@ def recognise(store: Store) -> str | None:
         raise UnsupportedFormatError(
             f"{store.describe(OCDBT_MANIFEST)} is there but {TREE_METADATA} is not: an "
             "Orbax save that never finished, or a layout this library does not read")
-    # Plain, padded (``00000020``) or prefixed (``ckpt_20``) step folders.
-    steps = []
+    # The newest folder of each naming: plain, padded (``00000020``) or prefixed
+    # (``ckpt_20``); a user's ``logs_2024`` beside the steps is one that holds no step.
+    newest: dict[str | None, tuple[int, str]] = {}
     for name in store.list_children():
-        if name.isascii() and name.isdigit():
-            steps.append((int(name), name))
-        elif (named := orbax_step_name(name)) is not None:
-            steps.append((named[1], name))
-    steps.sort()
-    # The newest folder of each naming (a user's ``logs_2024`` beside the steps is none).
-    newest = {name.rpartition("_")[0] if "_" in name else "": (step, name)
-              for step, name in steps}
+        plain = decimal_step(name)
+        prefix, step = (None, plain) if plain is not None else (orbax_step_name(name)
+                                                               or (None, None))
+        if step is not None and step >= newest.get(prefix, (-1, ""))[0]:
+            newest[prefix] = (step, name)
     for step, name in sorted(newest.values(), reverse=True)[:3]:
         if store.exists(f"{name}/{STEP_METADATA}"):
             raise NotACheckpointError(
@@ -163,18 +161,25 @@ COMMIT_SUCCESS = "commit_success.txt"
 ORBAX_STEP = "orbax-step"
 
 
+def decimal_step(name: str) -> int | None:
+    """The step a folder named in plain decimal stands for (``20``; ``0``, never ``020``):
+    this library's step folders, and Orbax's by default. None for any other name."""
+    # ASCII digits only: str.isdigit() also accepts "²" and other digits int() rejects.
+    if name.isascii() and name.isdigit() and (name == "0" or not name.startswith("0")):
+        return int(name)
+    return None
+
+
 def orbax_step_name(name: str) -> tuple[str, int] | None:
     """The (prefix, step) an Orbax `CheckpointManager` folder name stands for, when it is
-    not this library's plain decimal name: ``ckpt_20`` (``step_prefix="ckpt"``),
-    ``00000020`` (``step_format_fixed_length=8``), ``ckpt_00020`` (both); None for any other
-    name. Orbax records neither option in its files, so the name is all there is; whether
-    the folder is a committed Orbax step is for `is_orbax_step` to say."""
+    not a plain decimal name (`decimal_step`): ``ckpt_20`` (``step_prefix="ckpt"``),
+    ``00000020`` (``step_format_fixed_length=8``, prefix ``""``), ``ckpt_00020`` (both);
+    None for any other name. Orbax records neither option in its files, so the name is all
+    there is; whether the folder is a committed Orbax step is for `is_orbax_step` to say."""
     prefix, sep, digits = name.rpartition("_")
     if not (digits.isascii() and digits.isdigit()) or (sep and not prefix):
         return None
-    if not sep and (digits == "0" or not digits.startswith("0")):
-        return None  # a plain decimal name: this library's, or Orbax's default
-    if TMP_MARK in name:
+    if (not sep and decimal_step(digits) is not None) or TMP_MARK in name:
         return None
     return prefix, int(digits)
 

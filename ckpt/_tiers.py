@@ -447,8 +447,7 @@ class _RootView:
 
     def __init__(self, root: Store) -> None:
         self.root = root
-        self.names = step_names(root)
-        self.folders = list(self.names)
+        self.names = step_names(root)  # step -> folder, ascending
         self._gone = abandoned(root)
         self._held: dict[int, bool] = {}
         self._attempts: dict[int, str | None] = {}
@@ -462,7 +461,7 @@ class _RootView:
         return self._held[step]
 
     def newest(self) -> int | None:
-        return next((s for s in reversed(self.folders) if self.holds(s)), None)
+        return next((s for s in reversed(self.names) if self.holds(s)), None)
 
     def attempt(self, step: int) -> str | None:
         """The save the root holds of ``step`` (None: none of ours, or unreadable now)."""
@@ -498,11 +497,11 @@ class _RootView:
         first = copy.parents[0] if copy.parents else None
         low = int(first[0]) if first is not None and self.holds(int(first[0])) \
             and self.attempt(int(first[0])) == first[1] else 0
-        for step in self.folders:
+        for step in self.names:
             if low <= step < copy.step and self.holds(step) \
                     and self.attempt(step) != nodes.get(step):
                 return False  # the root committed another save of an ancestor's step
-        above = next((s for s in self.folders if s > copy.step and self.holds(s)), None)
+        above = next((s for s in self.names if s > copy.step and self.holds(s)), None)
         if above is not None:
             # A step the root does not hold, below its newest: the run went on from it only
             # if the root's next step descends from it.

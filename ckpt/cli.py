@@ -24,7 +24,7 @@ from typing import Any
 from ckpt._export import export_safetensors, parse_size
 from ckpt._info import CheckpointInfo, metadata
 from ckpt._housekeeping import committed_steps
-from ckpt._orbax import orbax_step_name
+from ckpt._orbax import decimal_step, orbax_step_name
 from ckpt._roots import age_text, collect_garbage, list_root, switched_note
 from ckpt._reshard import convert, parse_mesh, parse_spec, reshard
 from ckpt._verify import verify
@@ -139,8 +139,8 @@ def _step_of(given: str, found: str, orbax_item: bool) -> str:
         urls.append(found.rstrip("/").rsplit("/", 1)[0])
     for url in urls:
         name = os.path.basename(url.rstrip("/"))
-        if name.isascii() and name.isdigit() and (name == "0" or not name.startswith("0")):
-            return name
+        if (step := decimal_step(name)) is not None:
+            return str(step)
         if (named := orbax_step_name(name)) is not None:
             return str(named[1])  # an Orbax run's ckpt_20 or 00000020
     return "-"

@@ -145,6 +145,7 @@ _BODY_BROKE = frozenset({"ClientPayloadError", "ContentLengthError", "Incomplete
 
 
 def _causes(exc: BaseException) -> Iterable[BaseException]:
+    """``exc`` and its causes (``__cause__``, else ``__context__``), each once."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
@@ -171,10 +172,7 @@ def client_error_kind(exc: BaseException) -> str | None:
     without permission), ``no-bucket``, or None (any other failure). Decided by type and
     status, through the chain of causes, since s3fs and gcsfs re-raise the server's answer
     as a built-in error (s3fs keeps botocore's error, with its code, as the cause)."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
+    for current in _causes(exc):
         if isinstance(current, PermissionError) or type(current).__name__ in _NO_CREDENTIALS:
             return "denied"
         response = getattr(current, "response", None)  # botocore's ClientError
@@ -189,7 +187,6 @@ def client_error_kind(exc: BaseException) -> str | None:
             return "denied"  # gcsfs's error for a status it has no built-in for
         if type(current) is OSError and str(current).startswith("Forbidden:"):
             return "denied"  # gcsfs answers a 403 with a bare OSError so worded, nothing else
-        current = current.__cause__ or current.__context__
     return None
 
 
