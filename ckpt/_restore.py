@@ -366,7 +366,7 @@ def _assemble(want: _Want, host: list[np.ndarray], boxes: list[Any]) -> Any:
     shape = tuple(rec.shape)
     # JAX's CPU client adopts an aligned host buffer rather than copying it, so replicas
     # of a box share one buffer: XLA never writes into an adopted buffer, not even when
-    # the array is donated (tests/test_restore_memory.py holds JAX to that). One call per
+    # the array is donated (tests/restore/test_memory.py holds JAX to that). One call per
     # leaf places every device's buffer (a third of the cost of device_put per device).
     def buffer(index: Any) -> np.ndarray:
         return by_box[box_of_index(index, shape)]

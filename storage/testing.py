@@ -14,7 +14,7 @@ returns your store rooted at a fresh, empty location::
             return MyStore(...)
 
 Needs pytest (not a dependency of the library itself). docs/architecture.md, "Storage",
-says what a store must provide; tests/test_storage.py runs this suite for the local
+says what a store must provide; tests/storage/test_stores.py runs this suite for the local
 file system, memory, S3 and GCS and two wrapper stores.
 """
 

@@ -92,13 +92,14 @@ RSS_OVERHEAD = 4 << 20
 
 
 def cli_extra_rss(args, timeout=300):
-    """Runs ``ckpt ARGS`` in a fresh process (tests/peak_rss.py) and returns how many bytes
-    its resident memory rose above where it stood once everything was imported."""
+    """Runs ``ckpt ARGS`` in a fresh process (tests/children/peak_rss.py) and returns how
+    many bytes its resident memory rose above where it stood once everything was imported."""
     import subprocess
     import sys
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    run = subprocess.run([sys.executable, os.path.join(here, "peak_rss.py"), *args],
+    from tests.children import script
+
+    run = subprocess.run([sys.executable, script("peak_rss"), *args],
                          capture_output=True, text=True, timeout=timeout)
     assert run.returncode == 0, run.stderr
     return int(run.stderr.strip().splitlines()[-1].split()[1]) * 1024
@@ -110,8 +111,10 @@ def cli_extra_rss(args, timeout=300):
 # everything. Marked here by what a test uses (a process-starting module, a parameter naming
 # a remote backend, a server fixture), so that a new test is classed the same way; a test
 # elsewhere that starts a process carries `@pytest.mark.slow` itself.
-SLOW_MODULES = {"test_multiprocess", "test_crash", "test_tier_protocol", "test_shared_roots",
-                "test_object_stores", "test_packaging", "test_restore_memory", "test_deadlines"}
+SLOW_MODULES = {"tests.save.test_multiprocess", "tests.save.test_crash",
+                "tests.save.test_deadlines", "tests.runs.test_tier_protocol",
+                "tests.runs.test_shared_roots", "tests.storage.test_object_stores",
+                "tests.project.test_packaging", "tests.restore.test_memory"}
 SERVER_FIXTURES = {"s3_server", "gcs_server", "proxied"}
 REMOTE_BACKENDS = {"s3", "gcs"}
 
@@ -124,7 +127,7 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
-        if (item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES
+        if (item.module.__name__ in SLOW_MODULES
                 or SERVER_FIXTURES & set(getattr(item, "fixturenames", ()))
                 or any(isinstance(v, str) and v in REMOTE_BACKENDS for v in params.values())):
             item.add_marker(pytest.mark.slow)

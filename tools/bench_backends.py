@@ -86,7 +86,7 @@ def main() -> int:
 
 def count_requests(leaves: int) -> int:
     """Objects and requests of one save of ``leaves`` small arrays, per backend."""
-    from tests.faultproxy import FaultProxy
+    from tests.helpers.faultproxy import FaultProxy
     from tools.bench import make_many_leaves
     from tools.servers import gcs_server, s3_server
 

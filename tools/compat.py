@@ -33,8 +33,8 @@ OLDEST_JAX = "0.6.0"
 # newest releases call jax APIs jax 0.6 does not have.
 OLDEST_ORBAX = "0.11.13"
 OLDEST_NUMPY = "1.26.*"
-CORE_TESTS = ["tests/test_roundtrip.py", "tests/test_reshard.py", "tests/test_manager.py",
-              "tests/test_orbax.py"]
+CORE_TESTS = ["tests/formats/test_roundtrip.py", "tests/restore/test_reshard.py",
+              "tests/runs/test_manager.py", "tests/formats/test_orbax.py"]
 # Resident-memory budgets are the main stage's: allocators differ between versions.
 CORE_FILTER = "not s3 and not gcs and not within_the_budget"
 TEST_DEPS = ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "optax"]

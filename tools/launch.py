@@ -3,7 +3,7 @@
 Used by the tests and the benchmarks to run real multi-process JAX jobs on one machine::
 
     from tools.launch import launch
-    results = launch("tests.mp_jobs:save_and_check", 4, args=[url])   # one result per process
+    results = launch("tests.children.mp_jobs:save_and_check", 4, args=[url])   # one result per process
 
 A target is ``"module:function"``; it runs in each process after `jax.distributed.initialize`
 and gets the ``args`` (JSON values); its JSON-serialisable return value comes back. `start`

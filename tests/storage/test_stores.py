@@ -1,0 +1,148 @@
+import math
+import os
+import secrets
+
+import pytest
+
+from ckpt.storage import (
+    Deadline,
+    DeadlineStore,
+    LocalStore,
+    MemoryStore,
+    ObjectNotFoundError,
+    Op,
+    UnsupportedURLError,
+    open_store,
+    parse_url,
+)
+from tests.helpers.faults import FaultyStore, is_chunk_write
+from ckpt.storage.testing import StoreConformance
+
+
+class TestLocalStore(StoreConformance):
+    @pytest.fixture
+    def store(self, tmp_path):
+        return open_store(str(tmp_path / "root"))
+
+    def test_is_local(self, store):
+        assert isinstance(store, LocalStore)
+
+    def test_interrupted_write_leaves_no_visible_object(self, store, tmp_path):
+        # A crash between the temporary file and the rename leaves only a hidden file.
+        store.write("a/real", b"x")
+        hidden = tmp_path / "root" / "a" / ".COMMIT.ckpt-tmp-0123"
+        hidden.write_bytes(b"partial")
+        assert store.list("a") == ["a/real"]
+        assert store.list_children("a") == ["real"]
+        with pytest.raises(ObjectNotFoundError):
+            store.read("a/COMMIT")
+
+    def test_write_if_absent_fsyncs_whole_file_under_name(self, store, tmp_path):
+        assert store.write_if_absent("c/COMMIT", b"data" * 1000)
+        assert (tmp_path / "root" / "c" / "COMMIT").read_bytes() == b"data" * 1000
+        assert [p.name for p in (tmp_path / "root" / "c").iterdir()] == ["COMMIT"]
+
+    def test_unwritable_folder_is_a_storage_error_naming_the_key(self, store, tmp_path):
+        if os.geteuid() == 0:
+            blocker = tmp_path / "root"
+            blocker.parent.mkdir(exist_ok=True)
+            blocker.write_bytes(b"a file where a folder should be")
+        else:
+            (tmp_path / "root").mkdir()
+            os.chmod(tmp_path / "root", 0o500)
+        with pytest.raises(OSError) as err:
+            store.write("x/y", b"v")
+        assert "x/y" in str(err.value)
+
+
+class TestMemoryStore(StoreConformance):
+    @pytest.fixture
+    def store(self):
+        return open_store(f"memory://test-{secrets.token_hex(4)}/root")
+
+    def test_is_memory(self, store):
+        assert isinstance(store, MemoryStore)
+
+    def test_stores_of_other_names_are_separate(self, store):
+        other = open_store(store.url.replace("/root", "/other"))
+        store.write("k", b"v")
+        assert not other.exists("k")
+
+
+def test_parse_urls(tmp_path):
+    assert parse_url(str(tmp_path)).scheme == "file"
+    assert parse_url(f"file://{tmp_path}").path == str(tmp_path)
+    loc = parse_url("gs://bucket/a/b/")
+    assert (loc.scheme, loc.bucket, loc.path) == ("gs", "bucket", "a/b")
+    loc = parse_url("s3://bkt")
+    assert (loc.scheme, loc.bucket, loc.path, loc.url) == ("s3", "bkt", "", "s3://bkt")
+    assert parse_url("relative/dir").path == os.path.abspath("relative/dir")
+
+
+@pytest.mark.parametrize("url", ["ftp://host/x", "hdfs://n/x", "gs:///nobucket", "s3://b/../x",
+                                 "", "file://relative"])
+def test_bad_urls_are_rejected_by_name(url):
+    with pytest.raises(UnsupportedURLError) as err:
+        parse_url(url)
+    assert isinstance(err.value, ValueError)
+    if url:
+        assert url.split("://")[0] in str(err.value)
+
+
+@pytest.mark.slow  # a server
+class TestS3Store(StoreConformance):
+    @pytest.fixture
+    def store(self, request, tmp_path):
+        from tests.conftest import backend_url
+
+        return open_store(backend_url(request, tmp_path, "s3"))
+
+
+@pytest.mark.slow  # a server
+class TestGcsStore(StoreConformance):
+    @pytest.fixture
+    def store(self, request, tmp_path):
+        from tests.conftest import backend_url
+
+        return open_store(backend_url(request, tmp_path, "gcs"))
+
+
+class TestDeadlineStore(StoreConformance):
+    """A wrapper store behaves as the store it wraps (here with a deadline far away)."""
+
+    @pytest.fixture
+    def store(self, tmp_path):
+        return DeadlineStore(open_store(str(tmp_path / "root")), Deadline(3600, "testing"))
+
+
+class TestCountingWrapper(StoreConformance):
+    @pytest.fixture
+    def store(self):
+        return FaultyStore(f"memory://test-{secrets.token_hex(4)}/root")
+
+
+def test_every_entry_point_takes_a_store_and_a_wrapper_sees_each_chunk_and_read(tmp_path):
+    """A `WrapperStore` given in place of a URL carries the whole save, restore, verify and
+    manager: its `_delegate` sees every object written, and its `wait` every chunk."""
+    import jax
+    import numpy as np
+
+    import ckpt
+
+    calls: list[tuple[str, str]] = []
+    seen = FaultyStore(tmp_path / "c", after=lambda doing, key, args: calls.append((doing, key)))
+    x = np.arange(4 * 2**20, dtype=np.float32).reshape(2048, 2048)  # 16 MiB: several chunks
+    ckpt.save(seen, {"x": x, "n": 3})
+    chunks = [c for c in calls if is_chunk_write(c[0])]
+    [leaf] = [leaf for leaf in ckpt.metadata(tmp_path / "c").leaves if leaf.keystr == "['x']"]
+    assert len(chunks) == math.prod(-(-n // c) for n, c in zip(x.shape, leaf.chunk_shape))
+    written = {key.split("/", 1)[1] for doing, key in calls if doing == Op.WRITE}
+    assert {"hosts/0.msgpack", "manifest.msgpack"} <= written
+    assert any(doing == Op.CREATE and key == "COMMIT" for doing, key in calls)
+    calls.clear()
+    out = ckpt.restore(seen)
+    assert np.array_equal(out["x"], x) and out["n"] == 3
+    assert ("reading", "COMMIT") in calls and ckpt.verify(seen).ok
+    with ckpt.CheckpointManager(FaultyStore(tmp_path / "run")) as mgr:
+        mgr.save(1, {"x": jax.numpy.ones(8)}).wait()
+        assert mgr.latest_step() == 1 and mgr.restore()["x"].sum() == 8
