@@ -10,7 +10,9 @@ answers every request with that status and a GCS-style JSON error, as a server t
 the credentials. On request it answers the next conditional S3 creates (``If-None-Match``) with 409
 ConditionalRequestConflict or with a bare 412 (no ``Condition`` element), without
 forwarding them; and it breaks off the body of the next ``cut_bodies`` GET answers halfway
-(a connection dropped mid-transfer).
+(a connection dropped mid-transfer). ``drain`` takes it down and waits for every request it
+accepted: after it, nothing more reaches the server through it (a killed client's last
+requests included).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import json
 import random
 import socket
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable
 
@@ -60,6 +63,8 @@ class FaultProxy:
         # lost), once each, while the budget lasts: a client's retry meets its own object.
         self.lose_answer: tuple[str, int] | None = None
         self.connections: set[socket.socket] = set()
+        self.active = 0  # requests being handled: read, forwarded or answered
+        self.idle = threading.Condition(self.lock)
         self._server: http.server.ThreadingHTTPServer | None = None
         self.up()
 
@@ -102,13 +107,23 @@ class FaultProxy:
                 if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
                     out = bytearray()
                     while True:
-                        size = int(self.rfile.readline().split(b";")[0], 16)
+                        line = self.rfile.readline()
+                        if not line.strip():
+                            raise ConnectionError("the body ended before its last chunk")
+                        size = int(line.split(b";")[0], 16)
                         if size == 0:
                             self.rfile.readline()
                             return bytes(out)
-                        out += self.rfile.read(size)
+                        piece = self.rfile.read(size)
+                        if len(piece) < size:
+                            raise ConnectionError("the body ended inside a chunk")
+                        out += piece
                         self.rfile.readline()
-                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                size = int(self.headers.get("Content-Length") or 0)
+                data = self.rfile.read(size)
+                if len(data) < size:  # the client went away mid-body: forward nothing
+                    raise ConnectionError(f"{len(data)} of {size} bytes of the body came")
+                return data
 
             def _reply(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
                 self.send_response(status)
@@ -121,6 +136,18 @@ class FaultProxy:
                     self.wfile.write(body)
 
             def _handle(self) -> None:
+                with proxy.lock:
+                    proxy.active += 1
+                try:
+                    self._forward()
+                except ConnectionError:  # a client gone mid-request
+                    self.close_connection = True
+                finally:
+                    with proxy.lock:
+                        proxy.active -= 1
+                        proxy.idle.notify_all()
+
+            def _forward(self) -> None:
                 body = self._body()
                 with proxy.lock:
                     proxy.counts[self.command] += 1
@@ -215,6 +242,20 @@ class FaultProxy:
                 conn.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def drain(self, timeout_s: float = 60.0) -> None:
+        """Goes down, then waits until every request it had accepted is answered or dropped.
+
+        Connections not yet accepted go with the listening socket; a request whose body is
+        cut short is not forwarded. So once this returns, the server has finished everything
+        it will ever get through this proxy. Raises TimeoutError past ``timeout_s``."""
+        self.down()
+        deadline = time.monotonic() + timeout_s
+        with self.idle:
+            while self.active:
+                if not self.idle.wait(deadline - time.monotonic()):
+                    raise TimeoutError(f"{self.active} requests still in flight after "
+                                       f"{timeout_s} s")
 
     def __enter__(self) -> "FaultProxy":
         return self
