@@ -11,6 +11,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import msgpack
 import numpy as np
 import pytest
 
@@ -100,6 +101,15 @@ def _run_child(run, point, delay=None):
     return proc.returncode, out, err
 
 
+def _claimed_for_commit(store):
+    """Whether step 2 is uncommitted with its attempt claimed for commit: a kill at a random
+    moment can land between the claim and COMMIT."""
+    if store.exists("2/COMMIT"):
+        return False
+    claims = [store.read(f"2/claims/{name}") for name in store.list_children("2/claims")]
+    return any(msgpack.unpackb(raw).get("claim") == "commit" for raw in claims)
+
+
 def _check_after_crash(root, claimed=False):
     """``claimed``: the dead save had claimed its attempt for commit, so no clean-up may
     remove it (it could still commit, as far as anyone can tell); `ckpt gc --claimed` does.
@@ -152,7 +162,8 @@ def test_kill_at_random_moment(run_root, seed):
     delay = random.Random(seed).uniform(0.0, 0.1)  # a local save here takes ~50 ms
     code, out, err = _run_child(run_root, "none", delay)
     assert code in (0, -signal.SIGKILL), err
-    mgr, steps = _check_after_crash(run_root.url)
+    claimed = _claimed_for_commit(open_store(run_root.url))
+    mgr, steps = _check_after_crash(run_root.url, claimed=claimed)
     if code == 0:
         assert "DONE" in out and 2 in steps
     _resume(mgr, steps)
