@@ -440,20 +440,25 @@ def _write_chunks(job: Job, create: bool) -> list[Row]:
         raise
 
 
-def _removed(job: Job) -> CkptError | None:
+def _real_cause(job: Job, exc: BaseException) -> BaseException:
     """A failed write's real cause when a cleaner removed the attempt under it (another
     writable manager started on the root or folder, `ckpt gc`): the storage error alone
-    ("NOT_FOUND: Error writing local file") would not say."""
+    ("NOT_FOUND: Error writing local file") would not say. Any other error is returned as
+    it is."""
+    if isinstance(exc, CkptError) and not isinstance(exc, StorageError):
+        return exc
     try:
         # Within the save's deadline: past it, the storage error stands as it is.
         removed = claim_kind(job.store, job.attempt) == REMOVING
     except CkptError:
-        return None
+        return exc
     if not removed:
-        return None
-    return AttemptRemovedError(
+        return exc
+    error = AttemptRemovedError(
         f"attempt {job.attempt} of {job.store.url} was removed while it was being written: "
         f"{REMOVED_BY_ANOTHER}")
+    error.__cause__ = exc
+    return error
 
 
 def run(job: Job, handle: SaveHandle) -> None:
@@ -464,6 +469,10 @@ def run(job: Job, handle: SaveHandle) -> None:
     for this save."""
     me = job.coord.process_index
     copy = job.copy
+    # A write failure is classified before this process meets the others: once they have
+    # met, process 0 may remove the failed attempt itself, and that must not be read as
+    # another writer's removal of it (it would hide this process's own error).
+    classified: BaseException | None = None
     try:
         mine: Any
         try:
@@ -472,7 +481,7 @@ def run(job: Job, handle: SaveHandle) -> None:
             mine = copy.written(job, rows)
             written = time.monotonic()
         except BaseException as exc:
-            mine = exc
+            mine = classified = _real_cause(job, exc)
         outcomes = job.coord.gather(f"{job.prefix}/written", mine, job.deadline.remaining())
         failed = _coord.errors_of(outcomes)
 
@@ -507,17 +516,11 @@ def run(job: Job, handle: SaveHandle) -> None:
                               "committed; it is retried after the next commit)", job.store.url)
         handle._finish(None)
     except BaseException as exc:
-        error = exc
-        if not isinstance(exc, CkptError) or isinstance(exc, StorageError):
-            # A storage error may only be the symptom of the attempt removed under it.
-            removed = _removed(job)
-            if removed is not None:
-                error = removed
-            elif not isinstance(exc, CkptError):
-                error = SaveError(f"saving {job.store.url} (attempt {job.attempt}, process "
-                                  f"{me}) failed: {type(exc).__name__}: {exc}")
-            if error is not exc:
-                error.__cause__ = exc
+        error = exc if exc is classified else _real_cause(job, exc)
+        if not isinstance(error, CkptError):
+            error = SaveError(f"saving {job.store.url} (attempt {job.attempt}, process "
+                              f"{me}) failed: {type(exc).__name__}: {exc}")
+            error.__cause__ = exc
         try:
             # An interrupt stops at once: what it wrote is debris for the cleaners.
             copy.abandon(job, interrupted=not isinstance(exc, Exception))
