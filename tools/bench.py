@@ -24,8 +24,10 @@ resident memory are printed beside the budget.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
+import itertools
 import os
 import shutil
 import statistics
@@ -39,7 +41,7 @@ from typing import Any
 # ``--device gpu`` runs on the machine's accelerators; otherwise 8 CPU devices. Decided before
 # jax is imported, which reads these variables once.
 GPU = "--device=gpu" in sys.argv or any(a == "--device" and b == "gpu"
-                                        for a, b in zip(sys.argv, sys.argv[1:]))
+                                        for a, b in itertools.pairwise(sys.argv))
 if not GPU:
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -60,10 +62,8 @@ def measure(fn: Callable[[], Any]) -> tuple[float, int, Any]:
     Freed heap is returned to the system first, so that memory an earlier phase freed (and
     malloc kept) cannot absorb this phase's allocations and hide them."""
     gc.collect()
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -415,7 +415,8 @@ def main() -> int:
               f" ours: commit {ours['commit_s'] / floor['write_sync_leaf_s']:.1f}x, restore "
               f"{ours['restore_same_s'] / floor['cold_read_leaf_s']:.1f}x")
     print("peak extra memory / state bytes: save "
-          f"{ours['save_peak_MiB'] / mib:.2f}x (orbax {orbax['save_peak_MiB'] / mib:.2f}x), restore "
+          f"{ours['save_peak_MiB'] / mib:.2f}x (orbax {orbax['save_peak_MiB'] / mib:.2f}x), "
+          "restore "
           + ", ".join(f"{ours[f'restore_{k}_peak_MiB'] / mib:.2f}x ({k}; orbax "
                       f"{orbax[f'restore_{k}_peak_MiB'] / mib:.2f}x)" for k in meshes))
     if args.dir is None:

@@ -57,7 +57,7 @@ def worker(s3_root: str, local: str, mib: int, rounds: int) -> list[dict[str, fl
 
     def check(restored: dict[str, Any]) -> None:
         for k, v in state.items():
-            for got, want in zip(restored[k].addressable_shards, v.addressable_shards):
+            for got, want in zip(restored[k].addressable_shards, v.addressable_shards, strict=True):
                 assert np.array_equal(np.asarray(got.data), np.asarray(want.data)), k
 
     out = []

@@ -7,8 +7,9 @@ range, each in a virtual environment of its own.
   with the newest jax pip resolves for it.
 
 The environments live in ``.venv-compat/<name>`` and are rebuilt when pyproject.toml or this
-file changes, and the newest one every week (so that it follows new jax releases). The core tests are the round trips, resharded restores, the manager and the
-Orbax reader, offline reshards, on local disk and memory (the object-store servers are the main stage's).
+file changes, and the newest one every week (so that it follows new jax releases). The core
+tests are the round trips, resharded restores, the manager and the Orbax reader, offline
+reshards, on local disk and memory (the object-store servers are the main stage's).
 Prints one line per combination and a summary line naming what ran, what failed and what
 could not run; exits non-zero if a combination failed or could not be set up.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -76,7 +78,7 @@ def _environment(name: str, python: str, specs: list[str]) -> str:
     if any("==" not in spec for spec in specs):  # "the newest": look again every week
         want.update(time.strftime("%G-W%V").encode())
     stamp = os.path.join(venv, ".installed")
-    if os.path.exists(stamp) and open(stamp).read() == want.hexdigest():
+    if os.path.exists(stamp) and pathlib.Path(stamp).read_text() == want.hexdigest():
         return py
     shutil.rmtree(venv, ignore_errors=True)
     _quietly([python, "-m", "venv", venv])

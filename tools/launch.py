@@ -3,7 +3,7 @@
 Used by the tests and the benchmarks to run real multi-process JAX jobs on one machine::
 
     from tools.launch import launch
-    results = launch("tests.children.mp_jobs:save_and_check", 4, args=[url])   # one result per process
+    results = launch("tests.children.mp_jobs:save_and_check", 4, args=[url])  # one a process
 
 A target is ``"module:function"``; it runs in each process after `jax.distributed.initialize`
 and gets the ``args`` (JSON values); its JSON-serialisable return value comes back. `start`
@@ -13,6 +13,7 @@ process is in its own session and is killed, with its children, when the job end
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -87,10 +88,8 @@ class Job:
 
     def kill(self, process: int, sig: int = signal.SIGKILL) -> None:
         """Sends ``sig`` to one process's whole session."""
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.procs[process].pid, sig)
-        except ProcessLookupError:
-            pass
 
     def kill_all(self) -> None:
         for i in range(self.nprocs):
@@ -114,7 +113,8 @@ class Job:
         except subprocess.TimeoutExpired:
             self.kill_all()
             raise LaunchError(f"job timed out after {timeout} s:\n"
-                              + "\n".join(f"[{i}] {self._tail(i)}" for i in range(self.nprocs)))
+                              + "\n".join(f"[{i}] {self._tail(i)}" for i in range(self.nprocs))
+                              ) from None
         for pump in self._pumps:
             pump.join(timeout=10)  # each ends at EOF of its stream
         results: list[Any] = []
@@ -125,11 +125,11 @@ class Job:
             if proc.returncode != 0:
                 failed.append(i)
         if check and failed:
-            raise LaunchError("processes %s failed:\n%s" % (failed, "\n".join(
+            raise LaunchError("processes {} failed:\n{}".format(failed, "\n".join(
                 f"[{i}] exit {self.procs[i].returncode}\n{self._tail(i)}" for i in failed)))
         return results
 
-    def __enter__(self) -> "Job":
+    def __enter__(self) -> Job:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -9,7 +9,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def script(name: str) -> str:
-    """The path of the child script ``name`` (without ``.py``), for ``[sys.executable, path, ...]``."""
+    """The path of the child script ``name`` (without ``.py``), to run as
+    ``[sys.executable, path, ...]``."""
     path = os.path.join(HERE, f"{name}.py")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no child script {path}")

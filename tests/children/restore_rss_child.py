@@ -19,7 +19,6 @@ from jax.sharding import Mesh, SingleDeviceSharding  # noqa: E402
 import ckpt  # noqa: E402
 from tests.helpers.proc_status import reset_peak, status_bytes  # noqa: E402
 
-
 url, kind = sys.argv[1], sys.argv[2]
 devices = jax.devices()
 info = ckpt.metadata(url)

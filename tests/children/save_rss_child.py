@@ -18,7 +18,6 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 import ckpt  # noqa: E402
 from tests.helpers.proc_status import reset_peak, status_bytes  # noqa: E402
 
-
 url, mode = sys.argv[1], sys.argv[2]
 budget = 32 << 20
 mesh = jax.make_mesh((2, 4), ("data", "model"))

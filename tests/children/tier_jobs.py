@@ -1,6 +1,7 @@
 """Functions the local-tier tests (tests/runs/test_tiers.py) run in every process of a
 `tools.launch` job. ``local`` holds ``{process}``: each process has its own folder."""
 
+import contextlib
 import logging
 import os
 import signal
@@ -10,8 +11,8 @@ import jax
 import ckpt
 from ckpt import _tiers
 from ckpt.storage import Op
-from tests.helpers.faults import FaultyStore, ReadCounter, is_chunk_read, is_chunk_write
 from tests.children.mp_jobs import device_tree, exact, mesh_of
+from tests.helpers.faults import FaultyStore, ReadCounter, is_chunk_read, is_chunk_write
 
 
 def _own(local):
@@ -150,7 +151,7 @@ def save_values(root, local, steps, values, mesh_shape, persist_every):
     """Saves each of ``steps`` with the state of ``values`` (a seed per step: two runs
     saving one step with other values are told apart); returns the steps listed after."""
     with _manager(root, local, persist_every) as mgr:
-        for step, value in zip(steps, values):
+        for step, value in zip(steps, values, strict=True):
             mgr.save(step, device_tree(value, tuple(mesh_shape)))
         mgr.wait()
         return mgr.steps()
@@ -191,10 +192,8 @@ def save_and_stop(root, local, mesh_shape, where):
         outcome = f"{type(exc).__name__}: {exc}"
     finally:
         _tiers.local_store = real
-    try:
+    with contextlib.suppress(ckpt.CkptError):
         mgr.close()
-    except ckpt.CkptError:
-        pass
     return outcome
 
 

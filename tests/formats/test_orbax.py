@@ -5,6 +5,7 @@ what cannot be read."""
 import contextlib
 import json
 import os
+import pathlib
 import shutil
 import warnings
 
@@ -26,8 +27,8 @@ from ckpt.errors import (
     MissingLeafError,
     NotACheckpointError,
     UncommittedCheckpointError,
-    UnsupportedFormatError,
     UnshardedTargetWarning,
+    UnsupportedFormatError,
 )
 from ckpt.storage import open_store
 from tests.conftest import RSS_OVERHEAD, backend_url, cli_extra_rss, make_mesh
@@ -66,7 +67,8 @@ def _orbax_save(path, tree, ocdbt=True, zarr3=False):
 
 def _same(got, want):
     got, want = np.asarray(got), np.asarray(want)
-    assert got.dtype == want.dtype and got.shape == want.shape
+    assert got.dtype == want.dtype
+    assert got.shape == want.shape
     assert got.tobytes() == want.tobytes()
 
 
@@ -74,10 +76,12 @@ def _check_tree(out, host):
     for k in SPECS:
         _same(out["params"][k], host["params"][k])
     _same(out["layers"][0]["k"], host["layers"][0]["k"])
-    assert out["layers"][1] is None and out["layers"][2][1] is None
+    assert out["layers"][1] is None
+    assert out["layers"][2][1] is None
     _same(out["layers"][2][0], host["layers"][2][0])
     assert (out["step"], out["lr"], out["name"], out["none"]) == (41, 0.25, "run-7", None)
-    assert type(out["step"]) is int and type(out["lr"]) is float
+    assert type(out["step"]) is int
+    assert type(out["lr"]) is float
 
 
 @pytest.fixture(scope="module", params=LAYOUTS, ids=["ocdbt-zarr2", "ocdbt-zarr3",
@@ -121,8 +125,10 @@ def test_restore_onto_an_eval_shape_target(orbax_ckpt, mesh24):
     state = {k: v for k, v in _device(host, mesh24).items() if k != "name"}  # str: not JAX
     abstract = jax.eval_shape(lambda: state)  # Python scalars become 0-d int32/float32
     out = ckpt.restore(path, abstract)
-    assert out["step"].dtype == jnp.int32 and int(out["step"]) == 41
-    assert out["lr"].dtype == jnp.float32 and float(out["lr"]) == 0.25
+    assert out["step"].dtype == jnp.int32
+    assert int(out["step"]) == 41
+    assert out["lr"].dtype == jnp.float32
+    assert float(out["lr"]) == 0.25
     for k in SPECS:
         _same(out["params"][k], host["params"][k])
 
@@ -147,11 +153,13 @@ def test_inspect_names_the_layout_and_leaves(orbax_ckpt, capsys):
     assert leaves["['params']['w']"]["mesh"] == {"data": 2, "model": 4}
     assert leaves["['params']['rows']"]["dtype"] == "bfloat16"
     assert leaves["['layers'][0]['k']"]["shape"] == [5, 3]
-    assert leaves["['step']"]["kind"] == "value" and leaves["['none']"]["kind"] == "none"
+    assert leaves["['step']"]["kind"] == "value"
+    assert leaves["['none']"]["kind"] == "none"
     assert doc["nbytes"] == sum(v.nbytes for v in jax.tree.leaves(host)
                                 if isinstance(v, np.ndarray))
     info = ckpt.metadata(path)
-    assert info.tree["params"]["w"].shape == (64, 48) and info.tree["step"] == 41
+    assert info.tree["params"]["w"].shape == (64, 48)
+    assert info.tree["step"] == 41
 
 
 def test_convert_keeps_the_saved_layout_and_verifies(orbax_ckpt, tmp_path, mesh24, capsys):
@@ -162,7 +170,8 @@ def test_convert_keeps_the_saved_layout_and_verifies(orbax_ckpt, tmp_path, mesh2
     info = ckpt.metadata(dst)
     assert info.layout == "ckpt format 1"
     w = next(leaf for leaf in info.leaves if leaf.keystr == "['params']['w']")
-    assert w.spec == P("data", "model") and w.mesh == {"data": 2, "model": 4}
+    assert w.spec == P("data", "model")
+    assert w.mesh == {"data": 2, "model": 4}
     assert w.chunk_shape == (32, 12)  # one chunk per 2x4 shard
     _check_tree(ckpt.restore(dst), host)
     out = ckpt.restore(dst, mesh=mesh24)
@@ -178,7 +187,8 @@ def test_convert_onto_another_mesh_and_spec(orbax_ckpt, tmp_path):
     assert cli(["convert", "-q", path, dst, "--mesh", "data=4,model=2",
                 "--spec", "params/w=model,data"]) == 0
     w = next(leaf for leaf in ckpt.metadata(dst).leaves if leaf.keystr == "['params']['w']")
-    assert w.spec == P("model", "data") and w.chunk_shape == (32, 12)
+    assert w.spec == P("model", "data")
+    assert w.chunk_shape == (32, 12)
     _check_tree(ckpt.restore(dst), host)
 
 
@@ -200,7 +210,7 @@ def test_standard_checkpointer_and_manager_folders_with_an_optax_target(tmp_path
     for url in (std, os.path.join(root, "5"), os.path.join(root, "5", "default")):
         out = ckpt.restore(url, state)
         assert jax.tree.structure(out) == jax.tree.structure(state)
-        for got, want in zip(jax.tree.leaves(out), jax.tree.leaves(state)):
+        for got, want in zip(jax.tree.leaves(out), jax.tree.leaves(state), strict=True):
             assert got.sharding == want.sharding
             _same(got, want)
     assert ckpt.metadata(os.path.join(root, "5")).url.endswith(os.path.join("5", "default"))
@@ -212,7 +222,7 @@ def test_standard_checkpointer_and_manager_folders_with_an_optax_target(tmp_path
     with ckpt.CheckpointManager(ours) as manager:
         assert manager.latest_step() == 5
         out = manager.restore(target=state)
-    for got, want in zip(jax.tree.leaves(out), jax.tree.leaves(state)):
+    for got, want in zip(jax.tree.leaves(out), jax.tree.leaves(state), strict=True):
         _same(got, want)
 
 
@@ -334,7 +344,7 @@ def _bad_spec(sharding):
     sharding[key] = json.dumps(entry)
 
 
-@pytest.mark.parametrize("file, edit, error, named", [
+@pytest.mark.parametrize(("file", "edit", "error", "named"), [
     ("_METADATA", _dup, CorruptCheckpointError, r"\['lr'\] appears twice"),
     ("_METADATA", _bad_key, CorruptCheckpointError, "malformed key entry"),
     ("_sharding", _bad_spec, CorruptCheckpointError, "malformed NamedSharding"),
@@ -403,7 +413,8 @@ def test_a_step_of_several_items_restores_whole_or_one_item(tmp_path, mesh24):
         manager.wait_until_finished()
     step = os.path.join(root, "2")
     whole = ckpt.restore(step)
-    assert sorted(whole) == ["extra", "state"] and whole["extra"] == {"v": 7}
+    assert sorted(whole) == ["extra", "state"]
+    assert whole["extra"] == {"v": 7}
     _same(whole["state"]["w"], np.ones((8, 8), np.float32))
     _same(ckpt.restore(step, item="state")["w"], np.ones((8, 8), np.float32))
     _same(ckpt.restore(os.path.join(step, "state"))["w"], np.ones((8, 8), np.float32))
@@ -487,7 +498,8 @@ def test_typed_prng_keys_written_by_orbax_restore_as_keys_and_survive_convert(tm
                 assert out["rngs"]["aqt"]["key"].sharding == keys.sharding
         # Without a target, a key is its key data (as this library's own checkpoints give it).
         raw = ckpt.restore(url)["rngs"]["aqt"]["key"]
-        assert raw.dtype == np.uint32 and raw.shape == jax.random.key_data(keys).shape
+        assert raw.dtype == np.uint32
+        assert raw.shape == jax.random.key_data(keys).shape
         # Onto a mesh with the saved specs: Orbax recorded the key data's spec, the key
         # array's own applies (the reading and the conversion both).
         placed = ckpt.restore(url, mesh=mesh24)["rngs"]["aqt"]["key"]
@@ -510,15 +522,18 @@ def test_a_managers_custom_metadata_and_metrics_are_read_and_converted(tmp_path,
         manager.wait_until_finished()
     step = os.path.join(root, "3")
     info = ckpt.metadata(step)
-    assert info.metadata == {"scan_layers": True} and info.metrics == {"loss": 0.25}
+    assert info.metadata == {"scan_layers": True}
+    assert info.metrics == {"loss": 0.25}
     assert info.tree["extra"] == {"note": "hi"}
     converted = str(tmp_path / "ours" / "3")
     assert cli(["convert", "-q", step, converted]) == 0
     again = ckpt.metadata(converted)
-    assert again.metadata == {"scan_layers": True} and again.metrics == {"loss": 0.25}
+    assert again.metadata == {"scan_layers": True}
+    assert again.metrics == {"loss": 0.25}
     assert ckpt.restore(converted, item="extra") == {"note": "hi"}
     with ckpt.CheckpointManager(str(tmp_path / "ours"), best_metric="loss") as mgr:
-        assert mgr.metrics(3) == {"loss": 0.25} and mgr.best_step() == 3
+        assert mgr.metrics(3) == {"loss": 0.25}
+        assert mgr.best_step() == 3
 
 
 def _run_state(step, mesh):
@@ -542,10 +557,13 @@ def test_an_orbax_run_directory_continues_in_place(tmp_path, mesh24, capsys):
                          metrics={"loss": 1.0 / step})
         manager.wait_until_finished()
     mgr = ckpt.CheckpointManager(root, keep_last=3, best_metric="loss")
-    assert mgr.steps() == [1, 2, 3] and mgr.latest_step() == 3
+    assert mgr.steps() == [1, 2, 3]
+    assert mgr.latest_step() == 3
     out = mgr.restore(target=_run_state(0, mesh24))
-    assert float(out["w"][0, 0]) == 3.0 and int(out["step"]) == 3
-    assert mgr.metrics(2) == {"loss": 0.5} and mgr.best_step() == 3
+    assert float(out["w"][0, 0]) == 3.0
+    assert int(out["step"]) == 3
+    assert mgr.metrics(2) == {"loss": 0.5}
+    assert mgr.best_step() == 3
     with pytest.raises(StepOrderError):
         mgr.save(2, _run_state(2, mesh24))
     with pytest.raises(CheckpointExistsError):
@@ -560,10 +578,12 @@ def test_an_orbax_run_directory_continues_in_place(tmp_path, mesh24, capsys):
     assert not os.path.exists(os.path.join(root, "3", "COMMIT"))
     assert cli(["list", root]) == 0
     listed = capsys.readouterr().out.splitlines()
-    assert "(orbax-checkpoint)" in listed[2] and sum("committed" in x for x in listed[:3]) == 3
+    assert "(orbax-checkpoint)" in listed[2]
+    assert sum("committed" in x for x in listed[:3]) == 3
     # The switch is one way, and the list says how to go back.
     assert listed[3].startswith("note: steps [4, 5] were written by this library into an "
-                                "Orbax run") and ".rewind(3)" in listed[3]
+                                "Orbax run")
+    assert ".rewind(3)" in listed[3]
     mgr.close()
     # Rewinding to the Orbax step removes this library's steps; restarting reads Orbax's.
     with ckpt.CheckpointManager(root) as mgr:
@@ -578,7 +598,7 @@ def test_an_orbax_run_directory_continues_in_place(tmp_path, mesh24, capsys):
         assert mgr.steps() == [3]
 
 
-@pytest.mark.parametrize("naming, folder", [
+@pytest.mark.parametrize(("naming", "folder"), [
     ({"step_prefix": "ckpt"}, "ckpt_{}"),
     ({"step_format_fixed_length": 8}, "{:08d}"),
     ({"step_prefix": "run_a", "step_format_fixed_length": 5}, "run_a_{:05d}"),
@@ -598,10 +618,12 @@ def test_an_orbax_run_with_named_steps_continues(tmp_path, mesh24, capsys, namin
         manager.wait_until_finished()
     assert sorted(os.listdir(root)) == sorted(folder.format(s) for s in (10, 20, 30))
     mgr = ckpt.CheckpointManager(root, keep_last=3, best_metric="loss")
-    assert mgr.steps() == [10, 20, 30] and mgr.latest_step() == 30
+    assert mgr.steps() == [10, 20, 30]
+    assert mgr.latest_step() == 30
     assert int(mgr.restore(target=_run_state(0, mesh24))["step"]) == 30
     assert int(mgr.restore(20, target=_run_state(0, mesh24))["step"]) == 20
-    assert mgr.metrics(20) == {"loss": 0.05} and mgr.best_step() == 30
+    assert mgr.metrics(20) == {"loss": 0.05}
+    assert mgr.best_step() == 30
     mgr.save(40, _run_state(40, mesh24), metrics={"loss": 0.025})
     mgr.wait()
     assert mgr.steps() == [20, 30, 40]  # keep_last=3: Orbax's step 10 went, whole
@@ -645,9 +667,9 @@ def test_an_orbax_run_that_cannot_be_understood_is_refused(tmp_path, mesh24):
             mgr.save(30, _run_state(30, mesh24))
     shutil.rmtree(os.path.join(root, "best_20"))
     shutil.copytree(os.path.join(root, "ckpt_10"), os.path.join(root, "ckpt_0010"))
-    with ckpt.CheckpointManager(root, read_only=True) as mgr:
-        with pytest.raises(UnsupportedFormatError, match="step 10 twice .*ckpt_0010, ckpt_10"):
-            mgr.steps()
+    with (ckpt.CheckpointManager(root, read_only=True) as mgr,
+          pytest.raises(UnsupportedFormatError, match="step 10 twice .*ckpt_0010, ckpt_10")):
+        mgr.steps()
 
 
 def test_folders_named_like_steps_that_are_none_are_left_alone(tmp_path, mesh24, capsys):
@@ -662,7 +684,8 @@ def test_folders_named_like_steps_that_are_none_are_left_alone(tmp_path, mesh24,
         for stray in ("logs_2024", "backup_0003", "0002"):
             (root / stray).mkdir()
             (root / stray / "notes.txt").write_text("mine")
-        assert mgr.steps() == [2, 3] and mgr.latest_step() == 3
+        assert mgr.steps() == [2, 3]
+        assert mgr.latest_step() == 3
         mgr.save(4, _run_state(4, mesh24))
         mgr.wait()
         mgr.rewind(3)
@@ -685,12 +708,14 @@ def test_a_rewind_across_orbax_steps_of_the_v1_api(tmp_path, mesh24):
         mgr.save(4, _run_state(4, mesh24))
         mgr.wait()
         mgr.rewind(1)  # Orbax steps 2, 3 and this library's 4 leave the run
-        assert mgr.steps() == [1] and sorted(os.listdir(root)) == ["1", "LINEAGE"]
+        assert mgr.steps() == [1]
+        assert sorted(os.listdir(root)) == ["1", "LINEAGE"]
         out = mgr.restore(target=_run_state(0, mesh24))
         assert float(out["w"][0, 0]) == 1.0
         mgr.save(2, _run_state(22, mesh24))  # the new branch
     with ckpt.CheckpointManager(root) as mgr:
-        assert mgr.steps() == [1, 2] and int(mgr.restore(2, target=_run_state(0, mesh24))["step"]) == 22
+        assert mgr.steps() == [1, 2]
+        assert int(mgr.restore(2, target=_run_state(0, mesh24))["step"]) == 22
 
 
 def test_inspect_names_an_orbax_steps_number_and_its_commit_time(tmp_path, capsys):
@@ -700,10 +725,13 @@ def test_inspect_names_an_orbax_steps_number_and_its_commit_time(tmp_path, capsy
         manager.wait_until_finished()
     assert cli(["inspect", os.path.join(root, "12")]) == 0
     out = capsys.readouterr().out
-    assert "step        12" in out and "1970" not in out and "not recorded" not in out
+    assert "step        12" in out
+    assert "1970" not in out
+    assert "not recorded" not in out
     assert cli(["inspect", os.path.join(root, "12", "default")]) == 0
     out = capsys.readouterr().out  # the item alone: its step is its folder's; no time there
-    assert "step        12" in out and "committed   - (not recorded)" in out
+    assert "step        12" in out
+    assert "committed   - (not recorded)" in out
 
 
 def test_orbax_steps_of_several_items_rank_by_their_managers_metrics(tmp_path, mesh24):
@@ -719,7 +747,8 @@ def test_orbax_steps_of_several_items_rank_by_their_managers_metrics(tmp_path, m
                          metrics={"loss": loss})
         manager.wait_until_finished()
     with ckpt.CheckpointManager(root, keep_last=1, keep_best=1, best_metric="loss") as mgr:
-        assert mgr.metrics(1) == {"loss": 0.1} and mgr.best_step() == 1
+        assert mgr.metrics(1) == {"loss": 0.1}
+        assert mgr.best_step() == 1
         mgr.save(3, _run_state(3, mesh24), metrics={"loss": 9.0})
         mgr.wait()
         assert mgr.steps() == [1, 3]  # the best (Orbax's step 1) and the newest
@@ -747,9 +776,9 @@ def test_what_a_crashed_rewind_left_of_an_orbax_step_is_finished_and_never_writt
         mgr.save(2, _run_state(22, mesh24))
     # What a crashed deletion left without a record is never written into.
     os.makedirs(os.path.join(root, "5", "default"))
-    with ckpt.CheckpointManager(root) as mgr:
-        with pytest.raises(CheckpointExistsError, match="holds files this library did not"):
-            mgr.save(5, _run_state(5, mesh24))
+    with (ckpt.CheckpointManager(root) as mgr,
+          pytest.raises(CheckpointExistsError, match="holds files this library did not")):
+        mgr.save(5, _run_state(5, mesh24))
 
 
 def test_a_prng_key_of_an_unknown_implementation_is_named(tmp_path):
@@ -757,11 +786,11 @@ def test_a_prng_key_of_an_unknown_implementation_is_named(tmp_path):
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(item, {"rng": jax.random.key(0), "w": jnp.ones(2)})
     path = os.path.join(item, "array_metadatas", "process_0")
-    doc = json.load(open(path))
+    doc = json.loads(pathlib.Path(path).read_text())
     for entry in doc["array_metadatas"]:
         if entry["array_metadata"]["param_name"] == "rng":
             entry["array_metadata"]["ext_metadata"]["random_key_impl"] = "philox9"
-    json.dump(doc, open(path, "w"))
+    pathlib.Path(path).write_text(json.dumps(doc))
     with pytest.raises(UnsupportedFormatError, match=r"'rng'.*'philox9'"):
         ckpt.restore(item)
 

@@ -4,6 +4,7 @@ whole or one at a time, resumed bit for bit, carried by convert; and ``item=`` o
 library's checkpoints."""
 
 import os
+import pathlib
 
 import grain
 import jax
@@ -79,7 +80,8 @@ def test_json_and_grain_items_resume_bit_for_bit_and_survive_convert(tmp_path, m
     out = ckpt.restore(step, {"state": {"w": np.zeros((8, 8), np.float32)}, "data": data,
                               "loader": loader, "config": {"lr": 0.0, "layers": [0, 0],
                                                            "name": ""}})
-    assert out["data"] is data and out["loader"] is loader
+    assert out["data"] is data
+    assert out["loader"] is loader
     assert out["config"] == {"lr": 0.5, "layers": [4, 8], "name": "tiny"}
     assert out["state"]["w"].tobytes() == np.arange(64.0, dtype=np.float32).tobytes()
     assert {"data": _next(data), "loader": _next(loader)} == expected
@@ -89,18 +91,22 @@ def test_json_and_grain_items_resume_bit_for_bit_and_survive_convert(tmp_path, m
     assert bare["data"] == _advanced(_dataset_iter, 3).get_state()
     # One item, by name; the others are not opened.
     data = _dataset_iter()
-    assert ckpt.restore(step, data, item="data") is data and _next(data) == expected["data"]
+    assert ckpt.restore(step, data, item="data") is data
+    assert _next(data) == expected["data"]
     with pytest.raises(MissingLeafError, match=r"its items: config, data, loader, state"):
         ckpt.restore(step, item="metrics" if api == "v0" else "nope")
     # inspect lists every item; convert carries them all into this library's format.
     assert cli(["inspect", step]) == 0
     shown = capsys.readouterr().out
-    assert "data  " in shown and "per_process" in shown and "config/layers/1" in shown
+    assert "data  " in shown
+    assert "per_process" in shown
+    assert "config/layers/1" in shown
     converted = str(tmp_path / "ours")
     assert cli(["convert", "-q", step, converted]) == 0
     data, loader = _dataset_iter(), _loader_iter()
     again = ckpt.restore(converted, {"data": data, "loader": loader})
-    assert again["data"] is data and {"data": _next(data), "loader": _next(loader)} == expected
+    assert again["data"] is data
+    assert {"data": _next(data), "loader": _next(loader)} == expected
     assert ckpt.restore(converted, item="config") == out["config"]
     if api == "v1":  # the manager's metrics item is the step's metrics, not an item
         assert ckpt.metadata(step).metrics == {"loss": 1.25}
@@ -140,7 +146,8 @@ def test_an_item_this_library_cannot_read_is_named_and_the_others_still_restore(
     # A target that leaves the item out does not open it.
     data = _dataset_iter()
     out = ckpt.restore(step, {"data": data, "state": {"w": np.zeros((8, 8), np.float32)}})
-    assert sorted(out) == ["data", "state"] and _next(data) == expected["data"]
+    assert sorted(out) == ["data", "state"]
+    assert _next(data) == expected["data"]
 
 
 def test_two_items_holding_the_same_keys_convert_to_separate_arrays(tmp_path, mesh24):
@@ -177,7 +184,7 @@ def _rename_state(step, name):
     os.rename(os.path.join(data, "process_0-of-1.json"), os.path.join(data, name))
 
 
-@pytest.mark.parametrize("edit, error, named", [
+@pytest.mark.parametrize(("edit", "error", "named"), [
     # a job of two processes whose second file is gone
     (lambda s: _rename_state(s, "process_0-of-2.json"), CorruptCheckpointError,
      r"missing processes: \[1\]"),
@@ -186,13 +193,13 @@ def _rename_state(step, name):
      "do not make one whole job"),
     (lambda s: _rename_state(s, "process_00-of-1.json"), CorruptCheckpointError,
      "not every file is named"),
-    (lambda s: open(os.path.join(s, "data", "process_0-of-1.json"), "w").write("{not json"),
+    (lambda s: pathlib.Path(s, "data", "process_0-of-1.json").write_text("{not json"),
      CorruptCheckpointError, "saved state is not JSON"),
-    (lambda s: open(os.path.join(s, "config", "metadata"), "w").write("[1, 2"),
+    (lambda s: pathlib.Path(s, "config", "metadata").write_text("[1, 2"),
      UnsupportedFormatError, "config/metadata is not a JSON item"),
-    (lambda s: open(os.path.join(s, "config", "metadata"), "w").write("[" * 150 + "]" * 150),
+    (lambda s: pathlib.Path(s, "config", "metadata").write_text("[" * 150 + "]" * 150),
      UnsupportedFormatError, "nests deeper than 100 levels"),
-    (lambda s: open(os.path.join(s, "config", "metadata"), "w").write('{"\\ud800": 1}'),
+    (lambda s: pathlib.Path(s, "config", "metadata").write_text('{"\\ud800": 1}'),
      UnsupportedFormatError, "config/metadata: dict key"),
 ], ids=["missing", "huge-count", "leading-zero", "state-not-json", "item-not-json",
         "too-deep", "lone-surrogate"])
@@ -249,7 +256,8 @@ def test_item_picks_one_top_level_key_of_this_librarys_checkpoints(tmp_path, mes
     with ckpt.CheckpointManager(str(tmp_path / "run")) as mgr:
         mgr.save(4, tree).wait()
         params = mgr.restore(item="params", target={"w": w})
-        assert params["w"].sharding == w.sharding and params["w"].tobytes() == w.tobytes()
+        assert params["w"].sharding == w.sharding
+        assert params["w"].tobytes() == w.tobytes()
         assert mgr.restore(item="data") == ckpt.PerProcess(7)
         with pytest.raises(MissingLeafError, match=r"top-level keys: data, params, step"):
             mgr.restore(item="opt")
@@ -317,7 +325,8 @@ def test_a_maxtext_shaped_checkpoint_restores_onto_its_abstract_state_and_conver
             got = mgr.restore(target=abstract)
             assert ckpt.metadata(os.path.join(root, "12")).metadata == {"scan_layers": True}
         leaves = jax.tree.leaves(got)
-        assert len(leaves) == len(want) and jax.tree.structure(got) == jax.tree.structure(state)
-        for g, w, a in zip(leaves, want, jax.tree.leaves(abstract)):
+        assert len(leaves) == len(want)
+        assert jax.tree.structure(got) == jax.tree.structure(state)
+        for g, w, a in zip(leaves, want, jax.tree.leaves(abstract), strict=True):
             assert _leaf_bytes(g) == _leaf_bytes(w), root
             assert g.sharding == a.sharding, root

@@ -59,11 +59,11 @@ def test_zarr_python_reads_every_array_it_has_a_dtype_for(saved):
         assert got.dtype == expected[name].dtype and got.tobytes() == expected[name].tobytes(), \
             name
         # The manifest's per-chunk crc32c covers the chunk's logical little-endian bytes.
-        grid = [-(-n // c) for n, c in zip(leaf["shape"], leaf["chunk_shape"])]
+        grid = [-(-n // c) for n, c in zip(leaf["shape"], leaf["chunk_shape"], strict=True)]
         for flat, crc in enumerate(leaf["chunks"]["crc32c"]):
             coord = np.unravel_index(flat, grid)
             box = tuple(slice(i * c, min((i + 1) * c, n))
-                        for i, c, n in zip(coord, leaf["chunk_shape"], leaf["shape"]))
+                        for i, c, n in zip(coord, leaf["chunk_shape"], leaf["shape"], strict=True))
             chunk = np.ascontiguousarray(got[box], dtype=got.dtype.newbyteorder("<"))
             assert google_crc32c.value(chunk.view(np.uint8)) == crc, (name, flat)
         read += 1

@@ -38,7 +38,8 @@ def _values(name, shape, seed=0):
 
 def _same(a, b):
     a, b = np.asarray(a), np.asarray(b)
-    assert a.dtype == b.dtype and a.shape == b.shape
+    assert a.dtype == b.dtype
+    assert a.shape == b.shape
     assert a.tobytes() == b.tobytes()
 
 
@@ -87,14 +88,16 @@ def test_pytree_containers_round_trip_into_target(tmp_path, mesh24):
     assert out["list"][0].sharding == sh
     assert out["list"][1:3] == [1, None]
     assert out["list"][3] == (2.5, "text")
-    assert isinstance(out["point"], Point) and out["point"].y is None
+    assert isinstance(out["point"], Point)
+    assert out["point"].y is None
     _same(out["point"].x, w * 2)
     assert isinstance(out["state"], State)
     _same(out["state"].step, jnp.int32(5))
     assert out["scalars"] == tree["scalars"]
     assert out["ints"][0] == "int key"
     _same(out["ints"][7], w)
-    assert out["tuple"][0] == np.int32(7) and out["tuple"][0].dtype == np.int32
+    assert out["tuple"][0] == np.int32(7)
+    assert out["tuple"][0].dtype == np.int32
 
 
 def test_no_target_gives_nested_dicts_and_lists_of_numpy(tmp_path, mesh24):
@@ -114,7 +117,8 @@ def test_optax_state_round_trips(tmp_path, mesh24):
     _, state = opt.update(grads, state, params)
     ckpt.save(tmp_path / "c", {"params": params, "opt": state})
     out = ckpt.restore(tmp_path / "c", target={"params": params, "opt": state})
-    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves({"params": params, "opt": state})):
+    saved = {"params": params, "opt": state}
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(saved), strict=True):
         _same(a, b)
         assert a.sharding == b.sharding
     assert type(out["opt"][1][0]) is type(state[1][0])
@@ -136,7 +140,8 @@ def test_replicated_and_partially_replicated_arrays(tmp_path, mesh24):
 def test_single_device_and_uneven_arrays(tmp_path, devices):
     one = jax.device_put(jnp.arange(10000.0), devices[3])
     mesh = make_mesh((8,), ("x",))
-    uneven = jax.device_put(np.arange(10 * 1000.0).reshape(10, 1000), NamedSharding(mesh, P(None, "x")))
+    uneven = jax.device_put(np.arange(10 * 1000.0).reshape(10, 1000),
+                            NamedSharding(mesh, P(None, "x")))
     ckpt.save(tmp_path / "c", {"one": one, "uneven": uneven})
     out = ckpt.restore(tmp_path / "c")
     _same(out["one"], one)
@@ -231,10 +236,14 @@ def test_python_numbers_restore_into_zero_dim_array_targets(tmp_path, mesh24):
     replicated = NamedSharding(mesh24, P())
     out = ckpt.restore(url, {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
                              "lr": np.zeros((), np.float32), "flag": True})
-    assert isinstance(out["step"], jax.Array) and out["step"].sharding == replicated
-    assert out["step"].dtype == jnp.int32 and int(out["step"]) == 41
-    assert isinstance(out["lr"], np.ndarray) and out["lr"].dtype == np.float32
-    assert float(out["lr"]) == 0.5 and out["flag"] is True
+    assert isinstance(out["step"], jax.Array)
+    assert out["step"].sharding == replicated
+    assert out["step"].dtype == jnp.int32
+    assert int(out["step"]) == 41
+    assert isinstance(out["lr"], np.ndarray)
+    assert out["lr"].dtype == np.float32
+    assert float(out["lr"]) == 0.5
+    assert out["flag"] is True
     with pytest.raises(ckpt.errors.DtypeMismatchError, match=r"\['lr'\]"):
         ckpt.restore(url, {"lr": jax.ShapeDtypeStruct((), jnp.int32)})
     with pytest.raises(ckpt.errors.DtypeMismatchError, match=r"\['big'\]"):
@@ -266,13 +275,16 @@ def test_empty_containers_round_trip_with_and_without_a_target(tmp_path):
         "workers_state": {}, "iterations_to_skip": {}}
     back = ckpt.restore(tmp_path / "c", tree)
     assert jax.tree.structure(back) == jax.tree.structure(tree)
-    assert type(back["opt"][0]) is optax.EmptyState and back["loader"]["mark"] == nothing()
+    assert type(back["opt"][0]) is optax.EmptyState
+    assert back["loader"]["mark"] == nothing()
     ckpt.save(tmp_path / "root", {})
     assert ckpt.restore(tmp_path / "root") == {}
     # A checkpoint without those records (an older one, Orbax's) restores onto a target
     # that has them; a saved empty container under an array target is a mismatch.
     ckpt.save(tmp_path / "old", {"w": np.arange(3)})
     again = ckpt.restore(tmp_path / "old", {"w": np.zeros(3, np.int64), "extra": {}, "q": []})
-    assert again["extra"] == {} and again["q"] == [] and again["w"].tolist() == [0, 1, 2]
+    assert again["extra"] == {}
+    assert again["q"] == []
+    assert again["w"].tolist() == [0, 1, 2]
     with pytest.raises(ckpt.errors.TargetMismatchError, match=r"\['loader'\]\['queue'\]"):
         ckpt.restore(tmp_path / "c", {"loader": {"queue": np.zeros(2)}})

@@ -18,6 +18,7 @@ requests included).
 from __future__ import annotations
 
 import collections
+import contextlib
 import http.client
 import http.server
 import json
@@ -98,10 +99,8 @@ class FaultProxy:
             def finish(self) -> None:
                 with proxy.lock:
                     proxy.connections.discard(self.connection)
-                try:
+                with contextlib.suppress(OSError):
                     super().finish()
-                except OSError:
-                    pass
 
             def _body(self) -> bytes:
                 if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -238,10 +237,8 @@ class FaultProxy:
         with self.lock:
             open_connections = list(self.connections)
         for conn in open_connections:  # kept-alive connections die with the server too
-            try:
+            with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     def drain(self, timeout_s: float = 60.0) -> None:
         """Goes down, then waits until every request it had accepted is answered or dropped.
@@ -257,7 +254,7 @@ class FaultProxy:
                     raise TimeoutError(f"{self.active} requests still in flight after "
                                        f"{timeout_s} s")
 
-    def __enter__(self) -> "FaultProxy":
+    def __enter__(self) -> FaultProxy:
         return self
 
     def __exit__(self, *exc: object) -> None:

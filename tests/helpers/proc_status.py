@@ -1,5 +1,5 @@
-"""Resident memory of this process, for the child scripts that measure it (tests/children/peak_rss.py,
-restore_rss_child.py, save_rss_child.py)."""
+"""Resident memory of this process, for the child scripts that measure it
+(tests/children/peak_rss.py, restore_rss_child.py, save_rss_child.py)."""
 
 
 def status_bytes(field: str) -> int:

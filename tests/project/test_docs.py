@@ -73,7 +73,8 @@ def readme_loop(tmp_path):
     mgr = ckpt.CheckpointManager(str(root), read_only=True)
     assert mgr.steps() == [1000, 2000]
     out = mgr.restore(2000)
-    assert out["step"] == 2000 and np.all(out["params"]["w"] == 2001.0)
+    assert out["step"] == 2000
+    assert np.all(out["params"]["w"] == 2001.0)
 
 
 def guide_loop(tmp_path):
@@ -119,7 +120,8 @@ def guide_per_host(tmp_path):
     first = names["run"](root, params)
     assert first["step"] == 3
     again = names["run"](root, params)  # resumes: the iterator continues where it was
-    assert again["step"] == 6 and again["host_seed"] == ckpt.PerProcess(1234)
+    assert again["step"] == 6
+    assert again["host_seed"] == ckpt.PerProcess(1234)
     straight = iter(__import__("grain").MapDataset.range(10_000).shuffle(seed=0).batch(32))
     expected = [next(straight) for _ in range(7)][-1]
     assert np.array_equal(next(again["loader"]), expected)
@@ -137,7 +139,8 @@ def guide_orbax_move(tmp_path):
         manager.wait_until_finished()
     names = _run("docs/guide.md", 3, {}, {})
     mgr, resumed = names["resume"](root, state)
-    assert int(resumed["step"]) == 2 and float(resumed["params"]["w"][0]) == 2.0
+    assert int(resumed["step"]) == 2
+    assert float(resumed["params"]["w"][0]) == 2.0
     assert mgr.save(1_000, resumed) is not None  # this library's step beside Orbax's
     mgr.close()
     assert ckpt.CheckpointManager(root, read_only=True).steps() == [1, 2, 1_000]
@@ -165,7 +168,8 @@ def guide_whole_run(tmp_path):
     train(root, 250)  # ends at step 250, as a preempted job would
     assert _leaf_bytes(nnx.state(train(root, 400))) == straight
     mgr = ckpt.CheckpointManager(root, read_only=True, best_metric="loss")
-    assert mgr.steps() == [250, 300, 400] and mgr.best_step() in mgr.steps()
+    assert mgr.steps() == [250, 300, 400]
+    assert mgr.best_step() in mgr.steps()
     train(root, 450, rewind_to=300, skip_batches=5)
     assert ckpt.CheckpointManager(root, read_only=True).steps() == [300, 400, 450]
     # Orbax ran the first 250 steps of the same loop; the guide's code takes over.
@@ -201,7 +205,9 @@ def readme_logging(tmp_path):
                 root.removeHandler(h)
         root.setLevel(level)
     t = names["handle"].timings
-    assert isinstance(t, ckpt.SaveTimings) and t.nbytes == 8000 and t.total_s >= t.blocked_s
+    assert isinstance(t, ckpt.SaveTimings)
+    assert t.nbytes == 8000
+    assert t.total_s >= t.blocked_s
 
 
 def _exported(tmp_path):
@@ -305,7 +311,8 @@ def tools_from_python(tmp_path):
     names = _run("docs/tools.md", 0, {"jax": jax},
                  {"gs://my-bucket/runs/exp7/2000": step,
                   "gs://my-bucket/serve/exp7": tmp_path / "serve"})
-    assert names["report"].ok and names["result"].mesh == {"data": 4, "model": 2}
+    assert names["report"].ok
+    assert names["result"].mesh == {"data": 4, "model": 2}
     (leaf,) = [x for x in ckpt.metadata(str(tmp_path / "serve")).leaves if x.shape]
     assert tuple(leaf.spec) == (None, "model")
     assert np.array_equal(ckpt.restore(str(tmp_path / "serve"))["params"]["dense"]["kernel"],

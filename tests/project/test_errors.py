@@ -17,7 +17,6 @@ from ckpt.errors import (
 )
 
 
-
 def _tree(root):
     out = []
     for folder, dirs, files in os.walk(root):
@@ -31,7 +30,8 @@ def test_missing_url(tmp_path):
     for call in (ckpt.restore, ckpt.metadata):
         with pytest.raises(CheckpointNotFoundError, match=str(url)) as err:
             call(url)
-        assert isinstance(err.value, FileNotFoundError) and isinstance(err.value, CkptError)
+        assert isinstance(err.value, FileNotFoundError)
+        assert isinstance(err.value, CkptError)
     assert not url.exists()
 
 
@@ -108,5 +108,6 @@ def test_every_error_class_is_at_the_top_level_and_usage_errors_are_library_erro
     for call in calls:
         with pytest.raises(ckpt.InvalidArgumentError) as err:
             call()
-        assert isinstance(err.value, CkptError) and isinstance(err.value, ValueError)
+        assert isinstance(err.value, CkptError)
+        assert isinstance(err.value, ValueError)
     assert not os.path.exists(tmp_path / "c")

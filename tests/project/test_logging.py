@@ -8,7 +8,6 @@ import sys
 
 import numpy as np
 import orbax.checkpoint as ocp
-
 import pytest
 
 import ckpt

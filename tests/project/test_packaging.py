@@ -47,8 +47,8 @@ def test_restore_is_the_function_and_the_subpackage():
 
     assert callable(ckpt.restore)
     assert "target" in inspect.signature(ckpt.restore).parameters
-    from ckpt.restore import plan_reads  # noqa: F401
     import ckpt.restore._read as rr
+    from ckpt.restore import plan_reads  # noqa: F401
 
     assert rr.read_arrays is ckpt.restore.read_arrays
 
@@ -127,7 +127,7 @@ except ckpt.CkptError as exc:
 """
 
 
-@pytest.mark.parametrize("module,url,extra", [("s3fs", "s3://b/ck", "s3"),
+@pytest.mark.parametrize(("module", "url", "extra"), [("s3fs", "s3://b/ck", "s3"),
                                               ("gcsfs", "gs://b/ck", "gcs")])
 def test_an_object_store_url_without_its_extra_names_the_extra(module, url, extra):
     run = subprocess.run([sys.executable, "-c", MISSING_EXTRA.format(module=module, url=url)],
@@ -144,7 +144,8 @@ def test_restore_pickles_by_name_and_the_main_module_imports_quietly():
 
     assert pickle.loads(pickle.dumps(ckpt.restore)) is ckpt.restore
     assert copy.deepcopy({"f": ckpt.restore})["f"] is ckpt.restore
-    assert "target" in ckpt.restore.__doc__ and "Raises" in ckpt.restore.__doc__
+    assert "target" in ckpt.restore.__doc__
+    assert "Raises" in ckpt.restore.__doc__
     importlib.import_module("ckpt.__main__")  # tools that import every module: no exit
 
 

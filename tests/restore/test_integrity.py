@@ -10,18 +10,17 @@ import jax
 import msgpack
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import ckpt
 from ckpt._format import COMMIT, MANIFEST, CommitRecord, decode_manifest, sha256
 from ckpt.errors import CorruptCheckpointError, UnsupportedFormatError
 from ckpt.storage import open_store
-from tests.helpers.mutation import mutate
 from tests.children import script
-
+from tests.helpers.mutation import mutate
 
 
 def _tree(mesh=None):
@@ -82,7 +81,8 @@ def test_damaged_large_chunk_fails_a_same_mesh_restore(tmp_path, mesh24, how):
     ckpt.save(url, {"w": w})
     store = open_store(url)
     keys = sorted(store.list(f"{ckpt.metadata(url).attempt}/arrays/w/c"))
-    assert len(keys) == 8 and len(store.read(keys[0])) >= 1 << 20
+    assert len(keys) == 8
+    assert len(store.read(keys[0])) >= 1 << 20
     target = {"w": jax.ShapeDtypeStruct(w.shape, w.dtype, sharding=sharding)}
     assert np.asarray(ckpt.restore(url, target)["w"]).tobytes() == np.asarray(w).tobytes()
     if how == "swap":
@@ -134,11 +134,13 @@ def test_nasty_key_paths_round_trip_inside_the_folder(tmp_path):
     tree["nested"] = {k: [np.full(5000, -i, np.int16)] for i, k in enumerate(NASTY_KEYS)}
     ckpt.save(tmp_path / "inside" / "c", tree)
     everything = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs]
-    assert everything and all(p.startswith(str(tmp_path / "inside" / "c") + os.sep)
+    assert everything
+    assert all(p.startswith(str(tmp_path / "inside" / "c") + os.sep)
                               for p in everything)
     out = ckpt.restore(tmp_path / "inside" / "c")
     for i, k in enumerate(NASTY_KEYS):
-        assert (out[k] == i).all() and (out["nested"][k][0] == -i).all()
+        assert (out[k] == i).all()
+        assert (out["nested"][k][0] == -i).all()
     out = ckpt.restore(tmp_path / "inside" / "c", target=tree)
     assert sorted(out) == sorted(tree)  # JAX orders dict keys itself
     assert all((out[k] == tree[k]).all() for k in NASTY_KEYS)
@@ -163,7 +165,8 @@ def _clean(data):
     try:
         decode_manifest(data, "manifest under test")
     except (CorruptCheckpointError, UnsupportedFormatError) as exc:
-        assert "manifest under test" in str(exc)
+        # Not pytest.raises: random bytes may also decode, which is fine.
+        assert "manifest under test" in str(exc)  # noqa: PT017
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -178,9 +181,9 @@ def test_decoder_accepts_only_clean_errors_for_mutated_manifests(data):
     _clean(mutate(data, _valid_manifest()))
 
 
-plain = st.recursive(st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats() | st.text()
-                     | st.binary(), lambda c: st.lists(c) | st.dictionaries(st.text(), c),
-                     max_leaves=20)
+plain = st.recursive(st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats()
+                     | st.text() | st.binary(),
+                     lambda c: st.lists(c) | st.dictionaries(st.text(), c), max_leaves=20)
 
 
 @settings(max_examples=300, deadline=None)
@@ -226,7 +229,10 @@ def test_full_and_read_only_disk_fail_cleanly_keeping_earlier_steps(tmp_path):
     full, ro = result["full"], result["read_only"]
     assert full["error_type"] in ("SaveError", "StorageError"), full
     assert "No space left" in full["error"] and str(mnt) in full["error"], full
-    assert full["steps_after"] == [1] and full["step1_exact"] and not full["commit_2"]
+    assert full["steps_after"] == [1]
+    assert full["step1_exact"]
+    assert not full["commit_2"]
     assert ro["error_type"] in ("StorageError", "SaveError"), ro
     assert "Read-only" in ro["error"] and str(mnt) in ro["error"], ro
-    assert ro["steps_after"] == [1] and ro["step1_exact"]
+    assert ro["steps_after"] == [1]
+    assert ro["step1_exact"]

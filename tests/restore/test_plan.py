@@ -46,7 +46,7 @@ def test_plan_reads_tiles_every_target_once_and_reads_each_chunk_once(layout):
         for p in r.pieces:
             assert (filled[p.target][p.dst] == -1).all()  # no piece written twice
             filled[p.target][p.dst] = data[p.src]
-    for t, f in zip(targets, filled):
+    for t, f in zip(targets, filled, strict=True):
         np.testing.assert_array_equal(f, source[tuple(slice(a, b) for a, b in t)])
     # Only chunks overlapping some target are read.
     needed = {c for c in np.ndindex(*grid_shape(shape, chunk))
@@ -98,7 +98,9 @@ class OnProcesses:
 def test_ownership_covers_every_chunk_once_from_a_holder(arrays, processes):
     # Pretend devices are spread over `processes` processes by id; plans must agree on
     # every process and each chunk must be written by a process holding its data.
-    inputs = [own.ArrayInput(a.shape, a.itemsize, OnProcesses(a.sharding, lambda i: i % processes)) for a in arrays]
+    inputs = [own.ArrayInput(a.shape, a.itemsize,
+                             OnProcesses(a.sharding, lambda i: i % processes))
+              for a in arrays]
     plans = [own.plan(inputs, p, processes) for p in range(processes)]
     for a, arr in enumerate(arrays):
         writers = plans[0][a].writers
@@ -115,7 +117,8 @@ def test_ownership_covers_every_chunk_once_from_a_holder(arrays, processes):
                     # one replica of each distinct shard, all on that process.
                     boxes = {box_of_index(i, arr.shape)
                              for i in arr.sharding.devices_indices_map(arr.shape).values()}
-                    assert len(writers) == 1 and plans[p][a].chunk_shape == arr.shape
+                    assert len(writers) == 1
+                    assert plans[p][a].chunk_shape == arr.shape
                     assert sorted(b for _, b in plans[p][a].shards) == sorted(boxes)
                     assert all(d.process_index == p for d, _ in plans[p][a].shards)
                     assert math.prod(arr.shape) * arr.itemsize < own.WHOLE_ARRAY_BYTES
@@ -125,7 +128,7 @@ def test_ownership_covers_every_chunk_once_from_a_holder(arrays, processes):
         assert sorted(owned) == list(range(len(writers)))
         if not any(plans[p][a].shards for p in range(processes)):
             shard = arr.sharding.shard_shape(arr.shape)
-            assert all(s % c == 0 for s, c in zip(shard, plans[0][a].chunk_shape))
+            assert all(s % c == 0 for s, c in zip(shard, plans[0][a].chunk_shape, strict=True))
 
 
 def test_a_zero_size_array_held_whole_by_one_process_is_not_gathered():
@@ -137,15 +140,19 @@ def test_a_zero_size_array_held_whole_by_one_process_is_not_gathered():
     for shape in ((0, 8), (16, 8)):
         plans = [own.plan([own.ArrayInput(shape, 4, sharding)], p, 2)[0] for p in range(2)]
         assert all(0 not in p.chunk_shape for p in plans)
-        assert plans[0].writers == plans[1].writers and len(plans[0].writers) == (
+        assert plans[0].writers == plans[1].writers
+        assert len(plans[0].writers) == (
             0 if 0 in shape else 1)
 
 
 def test_replicated_bytes_spread_over_processes():
     mesh = make_mesh((2, 4))
 
-    arrays = [own.ArrayInput((4096, 1024), 4, OnProcesses(NamedSharding(mesh, P()), lambda i: i // 2)),
-              own.ArrayInput((2048, 512), 4, OnProcesses(NamedSharding(mesh, P("model")), lambda i: i // 2))]
+    def pairs(i):
+        return i // 2
+
+    arrays = [own.ArrayInput((4096, 1024), 4, OnProcesses(NamedSharding(mesh, P()), pairs)),
+              own.ArrayInput((2048, 512), 4, OnProcesses(NamedSharding(mesh, P("model")), pairs))]
     plans = own.plan(arrays, 0, 4)
     load = [0] * 4
     for p in plans:
@@ -157,6 +164,7 @@ def test_replicated_bytes_spread_over_processes():
 def test_chunk_shape_caps_size_and_divides_shard():
     c = own.choose_chunk_shape((8192, 4096), 4, 1)
     assert math.prod(c) * 4 <= own.MAX_CHUNK_BYTES
-    assert 8192 % c[0] == 0 and 4096 % c[1] == 0
+    assert 8192 % c[0] == 0
+    assert 4096 % c[1] == 0
     assert own.choose_chunk_shape((7, 3), 4, 8) == (7, 3)  # nothing to halve: stays whole
     assert jax.device_count() == 8

@@ -16,22 +16,25 @@ from tests.helpers.faults import FaultyStore, fail_background, is_background, is
 
 
 def _state(step, mesh):
-    return {"w": jax.device_put(jnp.full((64, 128), float(step)), NamedSharding(mesh, P("data", "model"))),
-            "step": step}
+    sharding = NamedSharding(mesh, P("data", "model"))
+    return {"w": jax.device_put(jnp.full((64, 128), float(step)), sharding), "step": step}
 
 
 def test_steps_latest_and_restore(root_url, mesh24):
     with ckpt.CheckpointManager(root_url, keep_last=None) as mgr:
-        assert mgr.latest_step() is None and mgr.steps() == []
+        assert mgr.latest_step() is None
+        assert mgr.steps() == []
         for step in (0, 5, 10):
             mgr.save(step, _state(step, mesh24))
         mgr.wait()
         assert mgr.steps() == [0, 5, 10]
         assert mgr.latest_step() == 10
         out = mgr.restore()
-        assert out["step"] == 10 and float(out["w"][0, 0]) == 10.0
+        assert out["step"] == 10
+        assert float(out["w"][0, 0]) == 10.0
         out = mgr.restore(5, target=_state(0, mesh24))
-        assert out["step"] == 5 and out["w"].sharding == NamedSharding(mesh24, P("data", "model"))
+        assert out["step"] == 5
+        assert out["w"].sharding == NamedSharding(mesh24, P("data", "model"))
         assert float(out["w"][3, 3]) == 5.0
 
 
@@ -60,7 +63,8 @@ def test_uncommitted_step_is_invisible_and_debris_removed_on_start(root_url, mes
     store.write(f"{stray}/arrays/junk/c/0", b"x")
     mgr = ckpt.CheckpointManager(root_url)
     mgr.close()  # joins the start-up debris removal
-    assert mgr.steps() == [1] and mgr.latest_step() == 1
+    assert mgr.steps() == [1]
+    assert mgr.latest_step() == 1
     assert store.list(stray) == []
     assert [p for p in store.list_children("2") if p.startswith("attempt-")] == []
     assert len([p for p in store.list_children("1") if p.startswith("attempt-")]) == 1
@@ -104,16 +108,16 @@ def test_same_step_twice_is_refused(tmp_path):
 
 
 def test_restore_with_no_steps_is_not_found(tmp_path):
-    with ckpt.CheckpointManager(tmp_path / "run") as mgr:
-        with pytest.raises(ckpt.CheckpointNotFoundError, match="run"):
-            mgr.restore()
+    with (ckpt.CheckpointManager(tmp_path / "run") as mgr,
+          pytest.raises(ckpt.CheckpointNotFoundError, match="run")):
+        mgr.restore()
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, "3", True])
 def test_bad_step_numbers(tmp_path, bad):
-    with ckpt.CheckpointManager(tmp_path / "run") as mgr:
-        with pytest.raises(ValueError, match="step"):
-            mgr.save(bad, {"x": 1})
+    with (ckpt.CheckpointManager(tmp_path / "run") as mgr,
+          pytest.raises(ValueError, match="step")):
+        mgr.save(bad, {"x": 1})
 
 
 def test_memory_backend_works_like_local(mesh24):
@@ -122,7 +126,8 @@ def test_memory_backend_works_like_local(mesh24):
             mgr.save(s, _state(s, mesh24))
     mgr = ckpt.CheckpointManager("memory://mgr-test/run")
     assert mgr.steps() == [2]
-    assert float(mgr.restore(mesh=jax.sharding.Mesh(np.array(jax.devices()[:2]).reshape(1, 2), ("data", "model")))["w"][1, 1]) == 2.0
+    small = jax.sharding.Mesh(np.array(jax.devices()[:2]).reshape(1, 2), ("data", "model"))
+    assert float(mgr.restore(mesh=small)["w"][1, 1]) == 2.0
     mgr.close()
 
 
@@ -138,7 +143,8 @@ def test_bad_metrics_are_refused_before_anything_is_written(tmp_path):
     with ckpt.CheckpointManager(tmp_path / "run") as mgr:
         with pytest.raises(ValueError, match="metrics.*'loss'"):
             mgr.save(1, {"x": 1}, metrics={"loss": "low"})
-        assert mgr.steps() == [] and not (tmp_path / "run" / "1").exists()
+        assert mgr.steps() == []
+        assert not (tmp_path / "run" / "1").exists()
 
 
 def test_metrics_take_a_bfloat16_loss_and_refuse_what_is_no_real_number(tmp_path):
@@ -161,7 +167,8 @@ def test_a_closed_manager_refuses_to_save_delete_or_rewind(tmp_path):
                  lambda: mgr.rewind(1)):
         with pytest.raises(ckpt.ManagerClosedError, match="closed"):
             call()
-    assert mgr.steps() == [1] and mgr.latest_step() == 1  # reading still works
+    assert mgr.steps() == [1]
+    assert mgr.latest_step() == 1
 
 
 def test_a_save_whose_attempt_another_manager_removed_says_so_and_leaves_nothing(tmp_path):

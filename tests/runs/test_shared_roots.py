@@ -25,10 +25,10 @@ from ckpt.errors import (
     StorageError,
 )
 from ckpt.storage import Op, open_store
+from tests.children import script
 from tests.conftest import backend_url
 from tests.helpers.crash_state import host_state, make_state
 from tests.helpers.faults import FaultyStore, is_commit_claim
-from tests.children import script
 
 CHILD = script("shared_root_child")
 
@@ -226,7 +226,8 @@ def test_loss_spike_rewind(root_url):
         with pytest.raises(CheckpointNotFoundError):
             mgr.rewind(7)
         mgr.rewind(5)
-        assert mgr.steps() == [5] and mgr.latest_step() == 5
+        assert mgr.steps() == [5]
+        assert mgr.latest_step() == 5
         for step in range(state["step"] + 1, 9):  # the new branch, skipping bad batches
             mgr.save(step, _tree(100 + step))
         mgr.wait()
@@ -363,7 +364,8 @@ def test_keep_best_skips_retention_when_a_metric_cannot_be_read(tmp_path, caplog
                                 best_metric="loss") as mgr:
         with caplog.at_level(logging.ERROR, logger="ckpt"):
             mgr.save(3, _tree(3), metrics={"loss": 0.5}).wait()
-        assert "housekeeping failed" in caplog.text and not fail[0]
+        assert "housekeeping failed" in caplog.text
+        assert not fail[0]
         assert mgr.steps() == [1, 2, 3]  # nothing deleted on a guess
         mgr.save(4, _tree(4), metrics={"loss": 0.7}).wait()
         assert mgr.steps() == [1, 4]  # the best, and the newest
@@ -480,7 +482,9 @@ def test_cli_ctrl_c_prints_one_line_and_exits_130(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(cli, "reshard", interrupted)
     assert cli.main(["reshard", src, dst, "--mesh", "data=1"]) == 130
     err = capsys.readouterr().err  # nothing was written: nothing to clean up
-    assert err.count("\n") == 1 and "interrupted" in err and "ckpt gc" not in err
+    assert err.count("\n") == 1
+    assert "interrupted" in err
+    assert "ckpt gc" not in err
 
     def interrupted_after_writing(*args, **kwargs):
         open_store(dst).write("attempt-20260101T000000-000000000000/x", b"1")
@@ -489,7 +493,9 @@ def test_cli_ctrl_c_prints_one_line_and_exits_130(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(cli, "reshard", interrupted_after_writing)
     assert cli.main(["reshard", src, dst, "--mesh", "data=1"]) == 130
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "interrupted" in err and f"ckpt gc {dst}" in err
+    assert err.count("\n") == 1
+    assert "interrupted" in err
+    assert f"ckpt gc {dst}" in err
 
 
 def test_sigterm_handler_chains_and_is_removed_with_the_last_manager(tmp_path):

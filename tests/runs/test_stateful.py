@@ -14,8 +14,8 @@ import pytest
 import ckpt
 from ckpt.cli import main as cli
 from ckpt.errors import TargetMismatchError, UnsupportedLeafError
-from tools.launch import launch, start
 from tests.children import script
+from tools.launch import launch, start
 
 CHILD = script("stateful_child")
 
@@ -40,18 +40,22 @@ def test_a_stateful_object_and_a_per_process_value_round_trip(tmp_path):
     pos.n = 100  # after the save: not saved (get_state ran in save_async)
     fresh = Position()
     out = ckpt.restore(url, {"pos": fresh, "seed": ckpt.PerProcess(None), "w": jnp.zeros(3)})
-    assert out["pos"] is fresh and fresh.n == 7 and fresh.sets == 1
+    assert out["pos"] is fresh
+    assert fresh.n == 7
+    assert fresh.sets == 1
     assert out["seed"] == ckpt.PerProcess([1, 2])
     # Without a target: the state, and the PerProcess; under a plain leaf, the plain value.
     plain = ckpt.restore(url)
-    assert plain["pos"] == {"n": 7, "raw": b"\x00\x01"} and plain["seed"] == ckpt.PerProcess([1, 2])
+    assert plain["pos"] == {"n": 7, "raw": b"\x00\x01"}
+    assert plain["seed"] == ckpt.PerProcess([1, 2])
     assert ckpt.restore(url, {"seed": 0})["seed"] == [1, 2]
     assert ckpt.metadata(url).tree["pos"] == ckpt.PerProcess({"n": 7, "raw": b"\x00\x01"})
     # A restore that fails sets no state.
     untouched = Position(3)
     with pytest.raises(ckpt.errors.ShapeMismatchError):
         ckpt.restore(url, {"pos": untouched, "w": jnp.zeros(4)})
-    assert untouched.n == 3 and untouched.sets == 0
+    assert untouched.n == 3
+    assert untouched.sets == 0
 
 
 def test_state_that_is_not_plain_data_is_refused_naming_the_leaf(tmp_path):
@@ -63,7 +67,8 @@ def test_state_that_is_not_plain_data_is_refused_naming_the_leaf(tmp_path):
         ckpt.save(tmp_path / "c", {"it": Bad()})
     with pytest.raises(UnsupportedLeafError, match=r"PerProcess value of leaf \['p'\]"):
         ckpt.save(tmp_path / "d", {"p": ckpt.PerProcess({1, 2})})
-    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+    assert not (tmp_path / "c").exists()
+    assert not (tmp_path / "d").exists()
 
 
 def _batches(lines):
@@ -122,8 +127,10 @@ def test_two_processes_each_get_their_own_state_back(tmp_path):
         if url.endswith("resharded"):
             assert cli(["reshard", os.path.join(root, "3"), url, "--mesh", "x=1"]) == 0
         whole = ckpt.restore(url)
-        assert whole["who"] == [{"process": 0}, {"process": 1}] and whole["step"] == 3
-        assert len(whole["loader"]) == 2 and whole["loader"][0] != whole["loader"][1]
+        assert whole["who"] == [{"process": 0}, {"process": 1}]
+        assert whole["step"] == 3
+        assert len(whole["loader"]) == 2
+        assert whole["loader"][0] != whole["loader"][1]
 
 
 def test_metadata_tree_is_a_target_for_per_process_leaves(tmp_path):
@@ -131,7 +138,8 @@ def test_metadata_tree_is_a_target_for_per_process_leaves(tmp_path):
     ckpt.save(url, {"seed": ckpt.PerProcess(5), "pos": Position(4), "n": 1})
     tree = ckpt.metadata(url).tree
     state = ckpt.PerProcess({"n": 4, "raw": b"\x00\x01"})
-    assert tree["seed"] == ckpt.PerProcess(5) and tree["pos"] == state
+    assert tree["seed"] == ckpt.PerProcess(5)
+    assert tree["pos"] == state
     assert ckpt.restore(url, tree) == {"seed": ckpt.PerProcess(5), "n": 1, "pos": state}
 
 
@@ -153,7 +161,8 @@ def test_two_processes_resume_their_grain_iterators_bit_for_bit_after_sigkill(tm
     assert [len(lines) for lines in first] == [4, 4]
     resumed = launch("tests.children.mp_jobs:grain_loop", 2, args=[run, kind, 6, 0], timeout=240)
     for p in range(2):
-        assert resumed[p]["resumed"] == 4 and sorted(resumed[p]["batches"]) == ["5", "6"]
+        assert resumed[p]["resumed"] == 4
+        assert sorted(resumed[p]["batches"]) == ["5", "6"]
         assert resumed[p]["batches"] == {s: straight[p]["batches"][s] for s in ("5", "6")}
         assert resumed[p]["w"] == straight[p]["w"]
 
@@ -189,4 +198,6 @@ def test_a_stateful_target_meeting_a_plain_saved_value_is_refused_naming_the_lea
     fresh = Position(0)
     with pytest.raises(TargetMismatchError, match=r"\['pos'\].*get_state/set_state") as err:
         ckpt.restore(url, {"it": {"n": 0}, "pos": fresh})
-    assert isinstance(err.value, ckpt.CkptError) and fresh.sets == 0 and fresh.n == 0
+    assert isinstance(err.value, ckpt.CkptError)
+    assert fresh.sets == 0
+    assert fresh.n == 0

@@ -24,12 +24,10 @@ from ckpt import _tiers
 from ckpt._housekeeping import Lineage, read_lineage, remove_steps
 from ckpt.errors import AttemptRemovedError, CommitConflictError
 from ckpt.storage import Op, open_store
-from tests.children import mp_jobs
+from tests.children import mp_jobs, script
 from tests.conftest import backend_url
 from tests.helpers.faults import FaultyStore
 from tools.launch import launch, start
-from tests.children import script
-
 
 
 def _state(mesh, value):
@@ -54,7 +52,8 @@ def test_a_copy_of_an_abandoned_branch_never_serves(request, tmp_path, backend):
     serve the root's step 6, and never A's 6 or the 7 that descends from it."""
     root = backend_url(request, tmp_path, backend)
     a, b = str(tmp_path / "A-{process}"), str(tmp_path / "B-{process}")
-    launch("tests.children.tier_jobs:save_values", 2, args=[root, a, [5, 6, 7], [5, 6, 7], [2, 4], 5])
+    launch("tests.children.tier_jobs:save_values", 2,
+           args=[root, a, [5, 6, 7], [5, 6, 7], [2, 4], 5])
     launch("tests.children.tier_jobs:save_values", 2, args=[root, b, [6], [106], [2, 4], 1])
     results = launch("tests.children.tier_jobs:check_values", 2,
                      args=[root, a, [2, 4], 5, {"5": 5, "6": 106}])
@@ -74,20 +73,23 @@ def test_a_local_step_newer_than_the_root_serves_only_if_it_descends(tmp_path, m
         for step in (1, 2, 3):
             mgr.save(step, _state(mesh24, step))
     with ckpt.CheckpointManager(root, local_dir=a, local_keep=3, persist_every=2) as mgr:
-        assert mgr.steps() == [1, 2, 3] and _id(mgr, 3, mesh24) == 3
+        assert mgr.steps() == [1, 2, 3]
+        assert _id(mgr, 3, mesh24) == 3
     with ckpt.CheckpointManager(root, local_dir=b, persist_every=1) as mgr:
         assert mgr.latest_step() == 2
         mgr.save(3, _state(mesh24, 103))
     with ckpt.CheckpointManager(root, local_dir=a, local_keep=3, persist_every=2) as mgr:
-        assert mgr.steps() == [1, 2, 3] and _id(mgr, 3, mesh24) == 103
+        assert mgr.steps() == [1, 2, 3]
+        assert _id(mgr, 3, mesh24) == 103
         mgr.save(4, _state(mesh24, 4))  # local only, descends from the root's 3
     with ckpt.CheckpointManager(root, local_dir=a, local_keep=3, persist_every=2) as mgr:
-        assert mgr.latest_step() == 4 and _id(mgr, 4, mesh24) == 4
+        assert mgr.latest_step() == 4
+        assert _id(mgr, 4, mesh24) == 4
 
 
 # -- fencing --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("where, backend", [("claim", "local"), ("commit", "local"),
+@pytest.mark.parametrize(("where", "backend"), [("claim", "local"), ("commit", "local"),
                                              ("claim", "s3")])
 def test_a_process_paused_before_its_local_commit_never_commits_over_a_restart(
         request, tmp_path, where, backend):
@@ -112,7 +114,8 @@ def test_a_process_paused_before_its_local_commit_never_commits_over_a_restart(
                      args=[root, local, [2, 2], 2, {"2": 2, "3": 303}])
     assert results == [{"latest": 3, "steps": [2, 3]}]
     names = sorted(os.listdir(os.path.join(local.replace("{process}", "0"), "3")))
-    assert len([n for n in names if n.startswith("attempt-")]) == 1 and "COMMIT" in names
+    assert len([n for n in names if n.startswith("attempt-")]) == 1
+    assert "COMMIT" in names
 
 
 def test_a_second_manager_on_one_local_folder_never_lets_an_emptied_copy_commit(
@@ -140,7 +143,8 @@ def test_a_second_manager_on_one_local_folder_never_lets_an_emptied_copy_commit(
     second[0].close()
     monkeypatch.setattr(_tiers, "local_store", real)
     with ckpt.CheckpointManager(root, local_dir=local, persist_every=10) as mgr:
-        assert mgr.steps() == [1] and _id(mgr, 1, mesh24) == 1
+        assert mgr.steps() == [1]
+        assert _id(mgr, 1, mesh24) == 1
 
 
 # -- exit -----------------------------------------------------------------------------------
@@ -176,14 +180,16 @@ def test_lineage_compacts_and_never_forgets_what_start_up_needs(tmp_path, mesh24
             mgr.save(step, _state(mesh24, step))
     remove_steps(open_store(root), [1, *range(10_000, 12_500)])
     with ckpt.CheckpointManager(root, local_dir=local, local_keep=3, persist_every=2) as mgr:
-        assert mgr.steps() == [2, 3] and _id(mgr, 3, mesh24) == 3
+        assert mgr.steps() == [2, 3]
+        assert _id(mgr, 3, mesh24) == 3
     assert os.path.getsize(os.path.join(root, "LINEAGE")) < 64 * 1024
     # A rewind below those removals folds them away.
     with ckpt.CheckpointManager(root, local_dir=local, local_keep=3, persist_every=2) as mgr:
         mgr.rewind(2)
         assert mgr.steps() == [2]
     lineage = read_lineage(open_store(root))
-    assert lineage.deletes == {1: 1} and [to for _, to in lineage.rewinds] == [2]
+    assert lineage.deletes == {1: 1}
+    assert [to for _, to in lineage.rewinds] == [2]
 
 
 def test_lineage_record_rules():
@@ -191,13 +197,19 @@ def test_lineage_record_rules():
     rec = rec.add("delete", 5)                 # 1
     early = rec.mark
     rec = rec.add("rewind", 8).add("rewind", 3)  # 2, 3: the rewind to 3 covers the one to 8
-    assert [to for _, to in rec.rewinds] == [3] and rec.deletes == {}  # 5 > 3: folded
-    assert not rec.survives(early, 5) and not rec.survives(early, 4)
-    assert rec.survives(early, 3) and rec.survives(rec.mark, 9)
-    assert not rec.survives("other:1", 3) and not rec.survives("o:99", 3)
+    assert [to for _, to in rec.rewinds] == [3]
+    assert rec.deletes == {}
+    assert not rec.survives(early, 5)
+    assert not rec.survives(early, 4)
+    assert rec.survives(early, 3)
+    assert rec.survives(rec.mark, 9)
+    assert not rec.survives("other:1", 3)
+    assert not rec.survives("o:99", 3)
     old = Lineage.from_json({"events": [["aa", "origin", 0], ["bb", "delete", 4],
                                         ["cc", "rewind", 2]]}, "x")
-    assert old.survives("cc", 7) and not old.survives("bb", 3) and old.survives("aa", 1)
+    assert old.survives("cc", 7)
+    assert not old.survives("bb", 3)
+    assert old.survives("aa", 1)
     assert Lineage.from_json(old.to_json(), "x") == old
     with pytest.raises(ckpt.CorruptCheckpointError, match="x is not a lineage record"):
         Lineage.from_json({"origin": "o", "seq": 1, "deletes": [[1, "a"]], "rewinds": []},
@@ -215,7 +227,8 @@ def test_retention_without_a_tier_records_what_it_removed(tmp_path, mesh24):
         mgr.save(3, _state(mesh24, 3))
     assert set(read_lineage(open_store(root)).deletes) == {1, 2}
     with ckpt.CheckpointManager(root, local_dir=local, persist_every=1) as mgr:
-        assert mgr.steps() == [3] and _id(mgr, 3, mesh24) == 3
+        assert mgr.steps() == [3]
+        assert _id(mgr, 3, mesh24) == 3
 
 
 # -- a full local disk ----------------------------------------------------------------------
@@ -264,7 +277,7 @@ def test_processes_sharing_one_local_folder_are_refused_on_every_process(tmp_pat
 def test_a_failed_constructor_gives_sigterm_back(tmp_path):
     before = signal.getsignal(signal.SIGTERM)
     root = str(tmp_path / "root")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="local_dir .* is the persistent root"):
         ckpt.CheckpointManager(root, local_dir=root)
     assert signal.getsignal(signal.SIGTERM) is before
 
@@ -381,7 +394,8 @@ def test_copies_of_a_run_begun_on_an_empty_root_never_serve_over_another_runs_st
         for step in (1, 2, 3):
             mgr.save(step, _state(mesh24, 100 + step))
     with ckpt.CheckpointManager(root, local_dir=a, persist_every=100) as mgr:
-        assert mgr.steps() == [3] and _id(mgr, 3, mesh24) == 103
+        assert mgr.steps() == [3]
+        assert _id(mgr, 3, mesh24) == 103
 
 
 def test_a_lineage_record_of_the_earlier_form_keeps_local_steps_across_restarts(
@@ -399,7 +413,8 @@ def test_a_lineage_record_of_the_earlier_form_keeps_local_steps_across_restarts(
             mgr.save(step, _state(mesh24, step))
     for _ in range(2):
         with ckpt.CheckpointManager(root, local_dir=local, persist_every=100) as mgr:
-            assert mgr.steps() == [1, 2] and _id(mgr, 2, mesh24) == 2
+            assert mgr.steps() == [1, 2]
+            assert _id(mgr, 2, mesh24) == 2
 
 
 def test_an_attempt_claimed_for_commit_that_never_committed_leaves_the_local_tier(
@@ -435,4 +450,5 @@ def test_every_failed_root_commit_is_raised_by_wait_once(tmp_path, mesh24):
         with pytest.raises(ckpt.SaveError, match="No space left"):
             mgr.wait()
         mgr.wait()  # reported once
-        assert mgr.steps() == [3, 4] and _id(mgr, 4, mesh24) == 4
+        assert mgr.steps() == [3, 4]
+        assert _id(mgr, 4, mesh24) == 4

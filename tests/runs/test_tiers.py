@@ -4,6 +4,7 @@ root on local disk, S3 and GCS, killed at every phase."""
 
 import logging
 import os
+import pathlib
 import shutil
 import signal
 
@@ -76,7 +77,8 @@ def test_every_step_local_and_persisted_steps_at_the_root(dirs, mesh24):
             handle.wait()
             if handle.remote is not None:
                 handle.remote.wait()
-        assert mgr.steps() == [2, 4, 5] and mgr.latest_step() == 5
+        assert mgr.steps() == [2, 4, 5]
+        assert mgr.latest_step() == 5
     assert _steps_in(root) == [2, 4]
     assert _steps_in(local) == [4, 5]
     with ckpt.CheckpointManager(root, local_dir=local, persist_every=2) as mgr:
@@ -104,7 +106,8 @@ def test_restart_reads_nothing_from_the_root(dirs, mesh24, caplog):
     assert counter.counts == {"bytes": 0, "chunks": 0, "opened": 0}
     line = next(r.getMessage() for r in caplog.records
                 if r.getMessage().startswith("restored step 1"))
-    assert "0.0 MiB from the persistent root" in line and " 0.0 MiB from the local" not in line
+    assert "0.0 MiB from the persistent root" in line
+    assert " 0.0 MiB from the local" not in line
 
 
 def test_a_lost_local_folder_reads_the_root(dirs, mesh24):
@@ -123,9 +126,9 @@ def _damage_a_chunk_of_w(folder):
     """Flips a byte in the middle of one stored chunk of leaf ``w`` under ``folder``."""
     chunk = next(os.path.join(d, f) for d, _, fs in os.walk(folder)
                  for f in fs if "/arrays/" in d and f != "zarr.json" and "w" in d.split("/"))
-    data = bytearray(open(chunk, "rb").read())
+    data = bytearray(pathlib.Path(chunk).read_bytes())
     data[len(data) // 2] ^= 0xFF
-    open(chunk, "wb").write(bytes(data))
+    pathlib.Path(chunk).write_bytes(bytes(data))
 
 
 def test_a_damaged_local_chunk_is_read_from_the_root_instead(dirs, mesh24, caplog):
@@ -143,9 +146,9 @@ def test_a_damaged_local_only_step_is_an_error_not_wrong_data(dirs, mesh24):
     with ckpt.CheckpointManager(root, local_dir=local, persist_every=10) as mgr:
         mgr.save(1, _tree(mesh24, 1))
     _damage_a_chunk_of_w(os.path.join(local, "1"))
-    with ckpt.CheckpointManager(root, local_dir=local, persist_every=10) as mgr:
-        with pytest.raises(ckpt.errors.CorruptCheckpointError, match="leaf"):
-            mgr.restore(target=_tree(mesh24, 0))
+    with (ckpt.CheckpointManager(root, local_dir=local, persist_every=10) as mgr,
+          pytest.raises(ckpt.errors.CorruptCheckpointError, match="leaf")):
+        mgr.restore(target=_tree(mesh24, 0))
 
 
 def test_a_step_on_no_tier_is_a_clear_error(dirs, mesh24):
@@ -156,7 +159,8 @@ def test_a_step_on_no_tier_is_a_clear_error(dirs, mesh24):
             mgr.restore(7)
     shutil.rmtree(local)
     with ckpt.CheckpointManager(root, local_dir=local, persist_every=10) as mgr:
-        assert mgr.latest_step() is None and mgr.steps() == []
+        assert mgr.latest_step() is None
+        assert mgr.steps() == []
         with pytest.raises(CheckpointNotFoundError, match="local tier"):
             mgr.restore()
 
@@ -179,7 +183,8 @@ def test_root_retention_removes_the_local_copy_first(dirs, mesh24):
             mgr.save(step, _tree(mesh24, step))
             mgr.wait()
         # keep_last=1 removed 1 and 2 from the root; no local copy outlives them.
-        assert _steps_in(root) == [3] and _steps_in(local) == [3]
+        assert _steps_in(root) == [3]
+        assert _steps_in(local) == [3]
         assert mgr.steps() == [3]
 
 
@@ -191,9 +196,12 @@ def test_delete_and_rewind_cover_both_tiers(dirs, mesh24):
         mgr.wait()
         assert mgr.metrics(3) == {"loss": 3.0}  # a step of the local tier alone
         mgr.delete(4)
-        assert mgr.steps() == [1, 2, 3] and _steps_in(root) == [2]
+        assert mgr.steps() == [1, 2, 3]
+        assert _steps_in(root) == [2]
         mgr.rewind(1)
-        assert mgr.steps() == [1] and _steps_in(local) == [1] and _steps_in(root) == []
+        assert mgr.steps() == [1]
+        assert _steps_in(local) == [1]
+        assert _steps_in(root) == []
         mgr.save(2, _tree(mesh24, 22))
         mgr.wait()
     with ckpt.CheckpointManager(root, local_dir=local, persist_every=2) as mgr:
@@ -263,7 +271,7 @@ def test_an_unwritable_local_folder_or_a_damaged_lineage_record_fails_at_start_u
     from ckpt.errors import CkptError
 
     root, local = dirs
-    open(local, "w").write("a file, not a folder")
+    pathlib.Path(local).write_text("a file, not a folder")
     with pytest.raises(CkptError, match=r"process 0: .*local") as info:
         ckpt.CheckpointManager(root, local_dir=local)
     assert local in str(info.value)
@@ -283,7 +291,8 @@ def test_a_local_tier_of_another_root_is_refused(dirs, mesh24, tmp_path):
     other = str(tmp_path / "other-root")
     with pytest.raises(CheckpointExistsError, match="another root") as info:
         ckpt.CheckpointManager(other, local_dir=local)
-    assert root in str(info.value) and other in str(info.value)
+    assert root in str(info.value)
+    assert other in str(info.value)
     assert _steps_in(local) == [1]  # nothing of the other run's copies removed
 
 
@@ -321,7 +330,8 @@ def test_a_root_emptied_and_reused_does_not_take_back_old_copies(dirs):
             mgr.save(step, _values(step, 1))
     shutil.rmtree(root)
     with ckpt.CheckpointManager(root, local_dir=local, persist_every=10) as mgr:
-        assert mgr.latest_step() is None and mgr.steps() == []
+        assert mgr.latest_step() is None
+        assert mgr.steps() == []
         mgr.save(1, _values(1, 5))
         mgr.wait()
         assert mgr.restore()["w"][0, 0] == 5.0
@@ -336,7 +346,8 @@ def test_a_delete_elsewhere_keeps_the_copy_from_coming_back(dirs):
     with ckpt.CheckpointManager(root) as mgr:
         mgr.delete(2)
     with ckpt.CheckpointManager(root, local_dir=local) as mgr:
-        assert mgr.steps() == [1, 3] and _steps_in(local) == [1, 3]
+        assert mgr.steps() == [1, 3]
+        assert _steps_in(local) == [1, 3]
 
 
 def test_gc_retention_keeps_copies_of_what_it_removed_from_coming_back(dirs):
@@ -348,7 +359,8 @@ def test_gc_retention_keeps_copies_of_what_it_removed_from_coming_back(dirs):
             mgr.save(step, _values(step, 1))
     assert cli.main(["gc", root, "--keep-last", "1", "--grace", "0"]) == 0
     with ckpt.CheckpointManager(root, local_dir=local) as mgr:
-        assert mgr.steps() == [3] and _steps_in(local) == [3]
+        assert mgr.steps() == [3]
+        assert _steps_in(local) == [3]
 
 
 def test_a_failed_local_save_leaves_nothing_and_the_step_can_be_saved_again(dirs, monkeypatch):
@@ -370,7 +382,8 @@ def test_a_failed_local_save_leaves_nothing_and_the_step_can_be_saved_again(dirs
         failed = mgr.save(2, _values(2, 1))
         with pytest.raises(SaveError, match="No space left") as info:
             failed.wait()
-        assert os.path.join(local, "2") in str(info.value) and "process 0" in str(info.value)
+        assert os.path.join(local, "2") in str(info.value)
+        assert "process 0" in str(info.value)
         # The root's commit it would have started says so (never left waiting).
         with pytest.raises(SaveError, match="its local commit failed"):
             failed.remote.wait(timeout=60)
@@ -482,11 +495,12 @@ def _tiers_clean(root, local, processes):
         assert set(states) <= {"committed", "claimed"}, (step, states)
 
 
-@pytest.mark.parametrize("victim, phase", PHASES, ids=[f"p{v}-{p}" for v, p in PHASES])
+@pytest.mark.parametrize(("victim", "phase"), PHASES, ids=[f"p{v}-{p}" for v, p in PHASES])
 @pytest.mark.slow  # starts processes
 def test_sigkill_in_every_phase_leaves_both_tiers_consistent(tmp_path, victim, phase):
     root, local = _start(tmp_path)
-    with start("tests.children.tier_jobs:save_and_die", 2, args=[root, local, [2, 4], victim, phase],
+    with start("tests.children.tier_jobs:save_and_die", 2,
+               args=[root, local, [2, 4], victim, phase],
                heartbeat_s=5) as job:
         job.wait_for_line(victim, "SAVING")
         job.procs[victim].wait(timeout=120)
@@ -526,7 +540,8 @@ def test_a_zombie_never_joins_a_later_runs_step(tmp_path):
     # its folder), in an attempt of its own that COMMIT does not name.
     step3 = os.path.join(_local_of(local, 1), "3")
     assert len([n for n in os.listdir(step3) if n.startswith("attempt-")]) == 2
-    for r in launch("tests.children.tier_jobs:restore_latest", 2, args=[root, local, [2, 4], 2, 77]):
+    for r in launch("tests.children.tier_jobs:restore_latest", 2,
+                    args=[root, local, [2, 4], 2, 77]):
         assert r["latest"] == 3 and r["root"]["chunks"] == 0, r
     _tiers_clean(root, local, 2)
 

@@ -10,16 +10,16 @@ import pytest
 
 import ckpt
 from ckpt._policy import SavePolicy
-from tests.children import mp_jobs
+from tests.children import mp_jobs, script
 from tools.launch import start
-from tests.children import script
 
 LOOP = script("train_loop")
 
 
 def _run_loop(root, first, last, env=None):
     run = subprocess.run([sys.executable, LOOP, str(root), "run", str(first), str(last)],
-                         capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, **(env or {})})
     assert run.returncode == 0, run.stderr[-3000:]
     return run.stdout.splitlines()
 
@@ -56,7 +56,8 @@ def test_sigterm_saves_the_current_step_and_the_loop_exits(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, err[-2000:]
-    stopped = int(next(line for line in out.splitlines() if line.startswith("PREEMPTED")).split()[1])
+    preempted = next(line for line in out.splitlines() if line.startswith("PREEMPTED"))
+    stopped = int(preempted.split()[1])
     assert stopped >= 4
     mgr = ckpt.CheckpointManager(root, keep_last=None)
     assert mgr.latest_step() == stopped  # saved although not a multiple of save_every=3
@@ -152,7 +153,8 @@ def test_save_follows_the_schedule_unless_forced(tmp_path):
     with ckpt.CheckpointManager(tmp_path / "run", save_every=2) as mgr:
         handles = {step: mgr.save(step, {"x": step}) for step in range(5)}
         assert [s for s, h in handles.items() if h is not None] == [0, 2, 4]
-        assert mgr.should_save(5) is False and mgr.save(5, {"x": 5}) is None
+        assert mgr.should_save(5) is False
+        assert mgr.save(5, {"x": 5}) is None
         assert mgr.save(5, {"x": 5}, force=True) is not None
     assert ckpt.CheckpointManager(tmp_path / "run").steps() == [0, 2, 4, 5]
     with ckpt.CheckpointManager(tmp_path / "timed", save_every_seconds=3600) as mgr:
@@ -197,7 +199,8 @@ def test_best_step_and_metrics_read_back_after_a_restart(tmp_path):
     # A new manager reads the metrics back from the manifests.
     again = ckpt.CheckpointManager(tmp_path / "run", best_metric="acc", best_mode="max")
     assert again.best_step() == 1
-    assert again.metrics(2) == {"loss": 0.1, "acc": 0.8} and again.metrics(6) == {}
+    assert again.metrics(2) == {"loss": 0.1, "acc": 0.8}
+    assert again.metrics(6) == {}
     assert ckpt.metadata(tmp_path / "run" / "2").metrics == {"loss": 0.1, "acc": 0.8}
     with pytest.raises(ValueError, match="best_metric"):
         ckpt.CheckpointManager(tmp_path / "run").best_step()
@@ -216,11 +219,13 @@ def test_an_eval_shape_target_restores_jax_arrays_with_one_warning(tmp_path):
                                        "host": jnp.zeros(3, jnp.int32)})
     with pytest.warns(UnshardedTargetWarning, match=r"3 target leaves have no sharding") as seen:
         out = ckpt.restore(url, abstract)
-    assert len(seen) == 1 and seen[0].filename == __file__  # names the caller's line
+    assert len(seen) == 1
+    assert seen[0].filename == __file__
     for name in ("w", "step", "host"):
         assert isinstance(out[name], jax.Array), name
         assert out[name].sharding == jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    assert out["w"].tolist() == np.arange(12.0).reshape(3, 4).tolist() and int(out["step"]) == 7
+    assert out["w"].tolist() == np.arange(12.0).reshape(3, 4).tolist()
+    assert int(out["step"]) == 7
     # A numpy target stays numpy, and a sharded one needs no warning.
     import warnings
     with warnings.catch_warnings():

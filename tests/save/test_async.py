@@ -60,10 +60,12 @@ def test_deleting_arrays_and_mutating_numpy_after_save_async(tmp_path, mesh24):
 
 
 def test_handle_reports_background_failure(tmp_path, mesh24):
-    full = FaultyStore(tmp_path / "c", before=fail_background(OSError(28, "No space left on device")))
+    no_space = OSError(28, "No space left on device")
+    full = FaultyStore(tmp_path / "c", before=fail_background(no_space))
     handle = ckpt.save_async(full, {"x": jnp.ones(10000)})
     exc = handle.exception()
-    assert isinstance(exc, SaveError) and "No space left" in str(exc)
+    assert isinstance(exc, SaveError)
+    assert "No space left" in str(exc)
     assert handle.done()
     with pytest.raises(SaveError, match="No space left"):
         handle.wait()
@@ -83,7 +85,8 @@ def test_wait_timeout_raises_timeout_error(tmp_path):
     assert not handle.done()
     gate.set()
     handle.wait()
-    assert handle.done() and handle.exception() is None
+    assert handle.done()
+    assert handle.exception() is None
 
 
 def test_save_over_committed_checkpoint_is_refused(tmp_path):
@@ -95,7 +98,7 @@ def test_save_over_committed_checkpoint_is_refused(tmp_path):
     assert ckpt.restore(tmp_path / "c") == {"a": 1}
 
 
-@pytest.mark.parametrize("leaf, kind", [(object(), "object"), ({1, 2}, "set"),
+@pytest.mark.parametrize(("leaf", "kind"), [(object(), "object"), ({1, 2}, "set"),
                                         (np.array(["a"], dtype=object), "object")])
 def test_unsupported_leaf_names_key_path_and_writes_nothing(tmp_path, leaf, kind):
     with pytest.raises(UnsupportedLeafError) as err:
@@ -112,7 +115,7 @@ def test_metadata_must_be_plain_data(tmp_path):
     assert not (tmp_path / "c").exists()
 
 
-@pytest.mark.parametrize("tamper, message", [
+@pytest.mark.parametrize(("tamper", "message"), [
     (lambda rows: rows[1:], r"chunk 0 of leaf \['x'\] was not reported by its writer, process 0"),
     (lambda rows: rows + rows[:1], r"reports chunk 0 of \['x'\], which process 0 owns"),
     (lambda rows: [[r[0], r[1], r[2] + 1, r[3]] for r in rows], r"bytes for chunk 0 of \['x'\]"),
@@ -178,7 +181,10 @@ def test_a_save_that_fails_at_exit_makes_the_process_exit_non_zero(tmp_path):
         assert run.stdout.startswith("returned"), run.stdout
         lost = [line for line in run.stderr.splitlines() if line.startswith("ckpt:")]
         if how == "fail":
-            assert len(lost) == 1 and "was not committed" in lost[0] and str(url) in lost[0]
+            assert len(lost) == 1
+            assert "was not committed" in lost[0]
+            assert str(url) in lost[0]
             assert "No space left" in lost[0]
         else:
-            assert not lost and os.path.exists(url / "COMMIT")
+            assert not lost
+            assert os.path.exists(url / "COMMIT")

@@ -55,7 +55,7 @@ def test_four_processes_write_each_chunk_once_balanced(saved4):
     assert len(replicated) == 4 and max(replicated.values()) <= 1.1 * mean, replicated
 
 
-@pytest.mark.parametrize("nprocs, mesh", [(4, [2, 8]), (2, [2, 4]), (2, [4, 2]), (1, [2, 2])])
+@pytest.mark.parametrize(("nprocs", "mesh"), [(4, [2, 8]), (2, [2, 4]), (2, [4, 2]), (1, [2, 2])])
 def test_restore_on_other_process_counts_reads_only_needed_bytes(saved4, nprocs, mesh):
     results = launch("tests.children.mp_jobs:restore_on", nprocs, args=[saved4, 3, mesh])
     total = sum(v.nbytes for k, v in mp_jobs.host_tree(3).items() if k in mp_jobs.SPECS)
@@ -86,12 +86,13 @@ def test_restore_as_numpy_in_one_process(saved4):
         if k == "step":
             assert out[k] == 3
         else:
-            assert isinstance(out[k], np.ndarray) and out[k].tobytes() == v.tobytes()
+            assert isinstance(out[k], np.ndarray)
+            assert out[k].tobytes() == v.tobytes()
     # and onto this process's 8 devices with the saved specs
     mp_jobs.exact(ckpt.restore(saved4, mesh=make_mesh((2, 4))), 3)
 
 
-@pytest.mark.parametrize("how, leaf", [("numpy", "['loader']"), ("value", "['position']"),
+@pytest.mark.parametrize(("how", "leaf"), [("numpy", "['loader']"), ("value", "['position']"),
                                        ("extra", "['extra']")])
 def test_processes_that_save_different_trees_fail_naming_the_leaf(tmp_path, how, leaf):
     url = str(tmp_path / "d")
@@ -105,7 +106,9 @@ def test_failing_process_fails_the_save_everywhere_naming_it(tmp_path):
     url = str(tmp_path / "c")
     results = launch("tests.children.mp_jobs:fail_one", 2, args=[url, 1])
     for r in results:
-        assert r is not None and "process 1" in r and "No space left" in r
+        assert r is not None
+        assert "process 1" in r
+        assert "No space left" in r
     assert not os.path.exists(os.path.join(url, "COMMIT"))
 
 
@@ -191,7 +194,7 @@ def _debris_free(root, committed):
         assert set(states) <= {"committed", "claimed"}, (step, states)
 
 
-@pytest.mark.parametrize("victim, point", CASES, ids=[f"p{v}-{p}" for v, p in CASES])
+@pytest.mark.parametrize(("victim", "point"), CASES, ids=[f"p{v}-{p}" for v, p in CASES])
 def test_sigkill_any_process_then_restart_whole(template, tmp_path, victim, point):
     root = str(tmp_path / "root")
     shutil.copytree(template, root)
@@ -201,7 +204,8 @@ def test_sigkill_any_process_then_restart_whole(template, tmp_path, victim, poin
         job.wait_for_line(victim, "SAVING")
         if mode == "parent":
             rng = random.Random(int(point.split(":")[1]))
-            threading.Event().wait(rng.uniform(0.0, 0.08))  # the moment of the fault (a save ~0.1 s)
+            # The moment of the fault (a save takes ~0.1 s).
+            threading.Event().wait(rng.uniform(0.0, 0.08))
             job.kill(victim)
             threading.Event().wait(rng.uniform(0.0, 0.05))  # the others run on a moment
         else:
@@ -245,7 +249,8 @@ def test_zombie_writer_cannot_change_the_new_commit(template, tmp_path):
         # The restarted job commits step 2 with other values while the zombie is frozen.
         launch("tests.children.mp_jobs:resume", 2, args=[root, [2, 4], 2, 77])
         committed = _files(os.path.join(root, "2"), skip=zombie_attempt)
-        assert "COMMIT" in committed and len(committed) > 3
+        assert "COMMIT" in committed
+        assert len(committed) > 3
         old.kill(1, signal.SIGCONT)  # the zombie wakes and carries on
         old.procs[1].wait(timeout=120)  # it ends, on its own
         assert old.procs[1].returncode != 0, old.lines[1][-20:]
@@ -313,7 +318,9 @@ def test_processes_restoring_different_checkpoints_all_fail_naming_each(tmp_path
     """Config drift: process 0 restores step 1 and process 1 step 2 (or another dtype)
     into the same global arrays. Every process fails, naming what each asked for, instead of
     returning arrays holding shards of two states; then a restore they agree on works."""
-    results = launch("tests.children.mp_jobs:mixed_restores", 2, args=[str(tmp_path / "run"), [2, 4]])
+    results = launch("tests.children.mp_jobs:mixed_restores", 2,
+                     args=[str(tmp_path / "run"), [2, 4]])
     for steps, target in results:
         assert "process 0: step 1" in steps and "process 1: step 2" in steps, steps
-        assert "process 0: step 2" in target and "different steps or targets" in target
+        assert "process 0: step 2" in target
+        assert "different steps or targets" in target

@@ -20,10 +20,9 @@ from jax.sharding import PartitionSpec as P
 import ckpt
 from ckpt._snapshot import choose_mode
 from ckpt.errors import SaveError
-from tests.children import mp_jobs
+from tests.children import mp_jobs, script
 from tests.helpers.faults import FaultyStore, is_chunk_write
 from tools.launch import launch
-from tests.children import script
 
 FORCED = ["device", "host"]
 
@@ -85,7 +84,8 @@ def test_view_snapshot_is_the_cpu_default(tmp_path, mesh24):
     state, host = _state(mesh24)
     handle = ckpt.save_async(tmp_path / "c", state)
     handle.wait()
-    assert handle.timings.snapshot == "view" and handle.timings.host_peak_bytes == 0
+    assert handle.timings.snapshot == "view"
+    assert handle.timings.host_peak_bytes == 0
     _check(tmp_path / "c", host, np.arange(1000.0))
 
 
@@ -193,8 +193,8 @@ def test_replicated_shards_are_copied_on_their_planned_devices_and_only_the_owne
         mesh24):
     """A fully replicated array's chunks are spread over the devices: each device copies
     the chunks planned for it (not the first device copying the whole array each time)."""
-    from ckpt._save import _classify, _plan_chunks
     from ckpt._coord import current
+    from ckpt._save import _classify, _plan_chunks
     from ckpt._snapshot import start_fetching, take
     from ckpt.storage import Deadline
 
@@ -288,7 +288,8 @@ def test_peak_resident_memory_stays_within_the_budget(tmp_path, mode):
     assert run.returncode == 0, run.stderr
     fields = run.stdout.strip().splitlines()[-1].split()
     extra, nbytes, budget, peak = (int(f) for f in fields[1::2])
-    assert nbytes == 256 << 20 and 0 < peak <= budget
+    assert nbytes == 256 << 20
+    assert 0 < peak <= budget
     copies = nbytes if mode == "device" else 0
     slack = 24 << 20  # TensorStore's encoded chunks in flight and the allocator's own
     assert extra <= copies + budget + slack, \

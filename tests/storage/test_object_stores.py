@@ -11,11 +11,10 @@ import pytest
 
 import ckpt
 import ckpt.storage as storage
-
 from ckpt.storage import AccessDeniedError, BucketNotFoundError, StorageError, open_store
+from tests.children import script
 from tests.conftest import BUCKET, backend_url
 from tests.helpers.faultproxy import FaultProxy
-from tests.children import script
 
 REMOTES = ["s3", "gcs"]
 SCHEME = {"s3": "s3", "gcs": "gs"}
@@ -65,7 +64,8 @@ def test_each_store_keeps_the_settings_it_was_opened_with(monkeypatch):
         monkeypatch.delenv("AWS_ACCESS_KEY_ID")
         assert (emulated.settings.endpoint_url, other.settings.endpoint_url) == (
             "http://127.0.0.1:1", "http://127.0.0.1:2")
-        assert s3.settings.credentials == "environment" and s3.settings.region == "eu-west-3"
+        assert s3.settings.credentials == "environment"
+        assert s3.settings.region == "eu-west-3"
         assert s3.kvstore_spec("x")["aws_credentials"] == {"type": "environment"}
         assert s3.kvstore_spec("x")["endpoint"] == "http://127.0.0.1:3"
 
@@ -74,7 +74,8 @@ def test_each_store_keeps_the_settings_it_was_opened_with(monkeypatch):
         assert os.environ["GOOGLE_AUTH_TOKEN_FOR_TESTING"] == "emulator"
         storage.configure("gs", endpoint_url=None, anonymous=True)
         real = open_store("gs://bucket-c/run")
-        assert real.settings.endpoint_url is None and real.settings.anonymous
+        assert real.settings.endpoint_url is None
+        assert real.settings.anonymous
         real.kvstore_spec("x")
         assert not {"TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING"} & set(os.environ)
 
@@ -178,10 +179,12 @@ def test_s3_conditional_create_conflicts_and_bare_412(request, tmp_path, proxied
     store = open_store(backend_url(request, tmp_path, "s3"))
     proxy.conflicts = 3
     assert store.write_if_absent("claims/a", b"mine")
-    assert proxy.conflicts == 0 and store.read("claims/a") == b"mine"
+    assert proxy.conflicts == 0
+    assert store.read("claims/a") == b"mine"
     proxy.bare_412 = 1
     assert not store.write_if_absent("claims/a", b"theirs")
-    assert proxy.bare_412 == 0 and store.read("claims/a") == b"mine"
+    assert proxy.bare_412 == 0
+    assert store.read("claims/a") == b"mine"
     proxy.conflicts = 100  # never settles: an error naming the object, nothing created
     with pytest.raises(StorageError, match="claims/b"):
         store.write_if_absent("claims/b", b"x")
@@ -322,7 +325,7 @@ print(json.dumps(out), flush=True)
 """
 
 
-@pytest.mark.parametrize("backend,op,stalled,doing", [
+@pytest.mark.parametrize(("backend", "op", "stalled", "doing"), [
     ("s3", "save", "arrays", "opening leaf ['x']"),      # TensorStore's requests
     ("s3", "save", "/c/", "writing chunks"),
     ("s3", "save-host", "/c/", "writing chunks"),  # the caller's thread waits for room
@@ -360,9 +363,9 @@ def test_a_read_without_timeout_s_is_bounded_by_the_request_settings(request, tm
                                                                      proxied, backend):
     """A server that accepts requests and never answers, with ``request_timeout_s=2`` and
     ``max_retries=0``: `ckpt.metadata` and `ckpt.restore` fail after about one request's
-    deadline, each request tried once, and so does a manager's start-up. (The clients' own retry layers used to stack on
-    ours: s3fs ran botocore's four tries five times over, and a metadata read waited
-    minutes.) The error names the object and the settings that ended it."""
+    deadline, each request tried once, and so does a manager's start-up. (The clients' own
+    retry layers used to stack on ours: s3fs ran botocore's four tries five times over, and a
+    metadata read waited minutes.) The error names the object and the settings that ended it."""
     import time
 
     proxy = proxied(backend)
@@ -378,7 +381,8 @@ def test_a_read_without_timeout_s_is_bounded_by_the_request_settings(request, tm
             with pytest.raises(StorageError) as err:
                 read(url)
             assert time.monotonic() - t < 15, read
-            assert "request_timeout_s=2" in str(err.value) and "max_retries=0" in str(err.value)
+            assert "request_timeout_s=2" in str(err.value)
+            assert "max_retries=0" in str(err.value)
             assert (root if read not in (ckpt.metadata, ckpt.restore) else f"{url}/COMMIT") \
                 in str(err.value)
             assert sum(proxy.counts.values()) - before <= 2, dict(proxy.counts)
@@ -398,7 +402,8 @@ def test_an_answer_that_breaks_off_is_read_again(request, tmp_path, proxied, bac
     data = np.random.default_rng(0).bytes(100_000)
     store.write("blob", data)
     proxy.cut_bodies = 2
-    assert store.read("blob") == data and proxy.cut_bodies == 0
+    assert store.read("blob") == data
+    assert proxy.cut_bodies == 0
     storage.configure(SCHEME[backend], max_retries=0)
     try:
         store = open_store(store.url)

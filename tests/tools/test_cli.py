@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -20,7 +21,6 @@ from ckpt.cli import main
 from ckpt.storage import open_store
 from tests.conftest import RSS_OVERHEAD, backend_url, cli_extra_rss, make_mesh
 from tests.helpers import REPO
-
 
 
 @pytest.fixture
@@ -56,8 +56,10 @@ def test_inspect_reports_everything(saved, capsys):
     assert doc["nbytes"] == 256 * 1024 * 4 + 512 * 64 * 2
     leaf = next(x for x in doc["leaves"] if x["path"] == "['params']['w']")
     assert leaf["spec_path"] == "params/w"
-    assert leaf["shape"] == [256, 1024] and leaf["spec"] == ["data", "model"]
-    assert leaf["mesh"] == {"data": 2, "model": 4} and leaf["chunk_shape"] == [128, 256]
+    assert leaf["shape"] == [256, 1024]
+    assert leaf["spec"] == ["data", "model"]
+    assert leaf["mesh"] == {"data": 2, "model": 4}
+    assert leaf["chunk_shape"] == [128, 256]
 
 
 def test_list_shows_committed_and_incomplete_with_age_and_size(saved, capsys):
@@ -67,13 +69,15 @@ def test_list_shows_committed_and_incomplete_with_age_and_size(saved, capsys):
     store.write("9/attempt-20200101T000000-aaaaaaaaaaaa/arrays/x/c/0", b"x" * 1000)
     assert main(["list", root]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[:2] == ["9", "incomplete"] and "1000 B" in lines[0]
+    assert lines[0].split()[:2] == ["9", "incomplete"]
+    assert "1000 B" in lines[0]
     assert " d old" in lines[0]
     assert lines[1].split()[:2] == ["4", "committed"]
     assert main(["list", "--json", root]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert [(e["step"], e["state"]) for e in doc] == [(9, "incomplete"), (4, "committed")]
-    assert doc[0]["bytes"] == 1000 and doc[0]["age_s"] > 86400 * 365
+    assert doc[0]["bytes"] == 1000
+    assert doc[0]["age_s"] > 86400 * 365
 
 
 def _damage(url, leaf, how):
@@ -118,16 +122,21 @@ def test_the_tools_from_python_return_what_they_did(saved, tmp_path):
         dst = str(tmp_path / f"r{i}")
         result = ckpt.reshard(url, dst, mesh=as_mesh, rules={"params/w": spec})
         assert isinstance(result, ckpt.ReshardResult)
-        assert result.url == dst and result.mesh == {"data": 4, "model": 2}
-        assert result.chunks > 0 and result.nbytes > 0
+        assert result.url == dst
+        assert result.mesh == {"data": 4, "model": 2}
+        assert result.chunks > 0
+        assert result.nbytes > 0
         out = ckpt.restore(dst, mesh=mesh)
         assert out["params"]["w"].sharding.spec == P("model", "data")
         assert np.asarray(out["params"]["w"]).tobytes() == host["w"].tobytes()
     report = ckpt.verify(dst)
-    assert isinstance(report, ckpt.VerifyReport) and report.ok and report.chunks > 0
+    assert isinstance(report, ckpt.VerifyReport)
+    assert report.ok
+    assert report.chunks > 0
     converted = ckpt.convert(url, str(tmp_path / "c"), rules=[["params/w", "-,-"]],
                              mesh={"data": np.int64(4), "model": 2})
-    assert converted.url == str(tmp_path / "c") and ckpt.verify(converted.url).ok
+    assert converted.url == str(tmp_path / "c")
+    assert ckpt.verify(converted.url).ok
     for bad in ({"data": 0}, "data=two", {"data": True}, {"data": 2.0}, {}):
         with pytest.raises(ckpt.InvalidArgumentError, match="mesh"):
             ckpt.reshard(url, str(tmp_path / "bad"), mesh=bad)
@@ -136,7 +145,7 @@ def test_the_tools_from_python_return_what_they_did(saved, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-@pytest.mark.parametrize("src_backend, dst_backend", [("local", "local"), ("local", "memory"),
+@pytest.mark.parametrize(("src_backend", "dst_backend"), [("local", "local"), ("local", "memory"),
                                                       ("s3", "gcs")])
 def test_reshard_to_new_mesh_restores_reading_each_chunk_once(
         request, tmp_path, saved, src_backend, dst_backend):
@@ -217,7 +226,7 @@ def test_reshard_progress_only_on_a_terminal(saved, tmp_path):
     assert "\x1b[K" in text  # each redraw clears what a longer line left behind
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.mark.parametrize(("args", "message"), [
     (["--mesh", "data2,model=4"], "cannot parse 'data2'"),
     (["--mesh", "data=2,model=4", "--spec", "params/w=data,batch"],
      "axis 'batch' is not in the mesh"),
@@ -230,7 +239,9 @@ def test_reshard_bad_input_is_one_line_and_writes_nothing(saved, tmp_path, capsy
     dst = tmp_path / "dst"
     assert main(["reshard", "-q", url, str(dst), *args]) == 2  # usage
     err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert message in err
+    assert err.count("\n") == 1
+    assert "Traceback" not in err
     assert not dst.exists()
 
 
@@ -244,7 +255,8 @@ def test_reshard_refuses_committed_destination_unless_overwrite(saved, tmp_path,
     assert ckpt.metadata(dst).attempt == first
     assert main(["reshard", "-q", url, dst, "--mesh", "data=4,model=2", "--overwrite"]) == 0
     info = ckpt.metadata(dst)
-    assert info.attempt != first and first not in open_store(dst).list_children()
+    assert info.attempt != first
+    assert first not in open_store(dst).list_children()
     assert info.leaves[1].mesh == {"data": 4, "model": 2}
     out = ckpt.restore(dst)
     assert out["params"]["w"].tobytes() == host["w"].tobytes()
@@ -255,7 +267,8 @@ def test_not_a_checkpoint_is_one_line(tmp_path, capsys):
                  ["reshard", str(tmp_path / "x"), str(tmp_path / "y"), "--mesh", "a=1"]):
         assert main(argv) == 3
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and ("no checkpoint" in err or "not a checkpoint" in err)
+        assert err.count("\n") == 1
+        assert ("no checkpoint" in err or "not a checkpoint" in err)
     assert not (tmp_path / "y").exists()
 
 
@@ -272,13 +285,16 @@ def test_gc_dry_run_then_removes_debris_and_applies_retention(tmp_path, capsys):
     assert main(["gc", root, "--dry-run", "--keep-last", "2"]) == 0
     out = capsys.readouterr().out
     assert f"would remove incomplete attempt {old}" in out
-    assert "would remove committed step 0" in out and "would remove committed step 1" in out
+    assert "would remove committed step 0" in out
+    assert "would remove committed step 1" in out
     assert young.split("/")[1] not in out
     # (no CheckpointManager here: its start-up clean-up would remove the debris itself)
-    assert store.list(old) and committed_steps(store) == [0, 1, 2, 3]
+    assert store.list(old)
+    assert committed_steps(store) == [0, 1, 2, 3]
     assert main(["gc", root, "--keep-last", "2"]) == 0
     assert "removing incomplete attempt" in capsys.readouterr().out
-    assert store.list(old) == [] and store.list(young)  # the young one may still be saving
+    assert store.list(old) == []
+    assert store.list(young)
     assert committed_steps(store) == [2, 3]
 
 
@@ -287,7 +303,8 @@ def test_gc_dry_run_then_removes_debris_and_applies_retention(tmp_path, capsys):
 def test_help_reads_well(command):
     run = subprocess.run([sys.executable, "-m", "ckpt.cli", command, "--help"],
                          capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0 and "usage: ckpt " + command in run.stdout
+    assert run.returncode == 0
+    assert "usage: ckpt " + command in run.stdout
     assert "URLs:" in run.stdout
 
 
@@ -295,9 +312,12 @@ def test_spec_patterns_match_whole_segments_and_a_rule_matching_nothing_is_an_er
         tmp_path, capsys):
     from ckpt._reshard import path_matches
 
-    assert path_matches("params/*", "params/w") and not path_matches("params/*", "params/d/b")
-    assert path_matches("params/**/b", "params/d/e/b") and path_matches("params/**/b", "params/b")
-    assert path_matches("**", "a/b/c") and not path_matches("params/w?", "params/w/x")
+    assert path_matches("params/*", "params/w")
+    assert not path_matches("params/*", "params/d/b")
+    assert path_matches("params/**/b", "params/d/e/b")
+    assert path_matches("params/**/b", "params/b")
+    assert path_matches("**", "a/b/c")
+    assert not path_matches("params/w?", "params/w/x")
     src = str(tmp_path / "src")
     ckpt.save(src, {"params": {"w": np.ones((64, 128), np.float32),
                                "dense": {"bias": np.ones(4096 * 2, np.float32)}}})
@@ -358,17 +378,19 @@ def test_verify_and_gc_json(saved, tmp_path, capsys):
     _damage(url, "params.w", "flip")
     assert main(["verify", "--json", url]) == 1
     doc = json.loads(capsys.readouterr().out)
-    assert doc["ok"] is False and doc["problems"][0]["leaf"] == "['params']['w']"
+    assert doc["ok"] is False
+    assert doc["problems"][0]["leaf"] == "['params']['w']"
     assert isinstance(doc["problems"][0]["chunk"], list)
     assert set(doc) == set(verify_doc) and set(doc["problems"][0]) == set(
         verify_doc["problems"][0]), doc
     root = os.path.dirname(url)
     debris = os.path.join(root, "5", "attempt-20260101T000000-000000000000")
     os.makedirs(debris)
-    open(os.path.join(debris, "x"), "wb").write(b"1")
+    pathlib.Path(debris, "x").write_bytes(b"1")
     assert main(["gc", root, "--grace", "0", "--dry-run", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["dry_run"] is True and doc["root"] == root
+    assert doc["dry_run"] is True
+    assert doc["root"] == root
     assert set(doc) == set(gc_doc) and all(set(a) == set(gc_doc["actions"][0])
                                            for a in doc["actions"]), doc
     assert {"action": "remove", "what": "incomplete attempt",
@@ -396,7 +418,8 @@ def test_progress_line_fits_one_terminal_row(monkeypatch):
     monkeypatch.setenv("COLUMNS", "60")
     bar = _Progress("resharding")
     line = bar.line(500 << 30, 1000 << 30, bar.started + 3000)
-    assert len(line) <= 59 and line.startswith("resharding [")
+    assert len(line) <= 59
+    assert line.startswith("resharding [")
     monkeypatch.setenv("COLUMNS", "200")
     assert "- left" in bar.line(1, 1000, bar.started + 0.01)  # no estimate from 10 ms
 
