@@ -178,7 +178,7 @@ def test_convert_keeps_the_saved_layout_and_verifies(orbax_ckpt, tmp_path, mesh2
     assert out["params"]["w"].sharding.spec == P("data", "model")
     assert cli(["verify", "-q", dst]) == 0
     with pytest.raises(CheckpointExistsError):
-        ckpt._reshard.convert(path, dst)
+        ckpt.convert(path, dst)
 
 
 def test_convert_onto_another_mesh_and_spec(orbax_ckpt, tmp_path):
@@ -248,7 +248,7 @@ def test_two_process_orbax_saves_restore_and_convert(tmp_path):
                              timeout=180):
             assert counts["read"] == counts["needed"] + small, counts
         dst = str(tmp_path / f"ours-{ocdbt}-{zarr3}")
-        ckpt._reshard.convert(path, dst, mesh={"data": 4, "model": 2})
+        ckpt.convert(path, dst, mesh={"data": 4, "model": 2})
         out = ckpt.restore(dst)
         for k, v in expected.items():
             assert out[k] == v if k == "step" else out[k].tobytes() == v.tobytes(), k
@@ -277,10 +277,10 @@ def test_orbax_checkpoints_on_every_backend_and_convert_between_them(
     # To another backend than the source's (local disk when the source is remote).
     other = "memory" if root_url.startswith(("s3://", "gs://")) else "local"
     dst = backend_url(request, tmp_path, other) + "/ours"
-    ckpt._reshard.convert(src, dst)
+    ckpt.convert(src, dst)
     _check_tree(ckpt.restore(dst), host)
     back = root_url + "/ours-again"
-    ckpt._reshard.convert(dst, back, mesh={"data": 1, "model": 8})
+    ckpt.convert(dst, back, mesh={"data": 1, "model": 8})
     _check_tree(ckpt.restore(back), host)
 
 
@@ -310,7 +310,7 @@ def test_unsupported_value_type_names_the_leaf_and_file(small_orbax, tmp_path):
         ckpt.restore(path)
     assert meta_file in str(err.value)
     with pytest.raises(UnsupportedFormatError):
-        ckpt._reshard.convert(path, str(tmp_path / "dst"))
+        ckpt.convert(path, str(tmp_path / "dst"))
     assert _listing(str(tmp_path)) == before  # nothing written, by restore or convert
 
 
@@ -369,10 +369,10 @@ def test_convert_without_a_mesh_refuses_leaves_saved_on_several_meshes(tmp_path,
     src = str(tmp_path / "src")
     ckpt.save(src, {"a": a, "b": b})
     with pytest.raises(MeshMismatchError, match="several meshes") as err:
-        ckpt._reshard.convert(src, str(tmp_path / "dst"))
+        ckpt.convert(src, str(tmp_path / "dst"))
     assert src in str(err.value)
     assert not os.path.exists(tmp_path / "dst")
-    ckpt._reshard.convert(src, str(tmp_path / "dst"), mesh={"x": 8}, rules=[("a", ())])
+    ckpt.convert(src, str(tmp_path / "dst"), mesh={"x": 8}, rules=[("a", ())])
     _same(ckpt.restore(str(tmp_path / "dst"))["b"], np.ones(8, np.float32))
 
 
