@@ -187,7 +187,8 @@ class Manifest:
 
 def pack(obj: Any) -> bytes:
     """Encodes plain data as msgpack (never with an extension or object hook)."""
-    return msgpack.packb(obj, use_bin_type=True)
+    data: bytes = msgpack.packb(obj, use_bin_type=True)  # msgpack ships no type hints
+    return data
 
 
 def read_object(store: Store, key: str, max_bytes: int = MAX_OBJECT_BYTES) -> bytes:

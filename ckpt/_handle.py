@@ -223,7 +223,8 @@ def _single_process() -> bool:
     try:
         import jax
 
-        return jax.process_count() == 1
+        count: int = jax.process_count()  # JAX's cache decorator hides its int return type
+        return count == 1
     except Exception:  # JAX already torn down: nothing to leave out
         return True
 

@@ -79,12 +79,14 @@ def _info(url: str, manifest: Manifest, layout: str) -> CheckpointInfo:
                 if rec.mesh_shape is not None else None)
         spec = None
         if rec.spec is not None:
-            spec = jax.sharding.PartitionSpec(*rec.spec_entries())
+            spec = jax.sharding.PartitionSpec(  # type: ignore[no-untyped-call]  # unannotated in JAX
+                *rec.spec_entries())
         leaves.append(LeafInfo(rec.path, str(rec.kind), rec.shape, rec.dtype, rec.nbytes,
                                mesh, spec, rec.chunk_shape))
         what = f"{url} leaf {keystr(rec.path)}"
         if rec.kind in (LeafKind.ARRAY, LeafKind.INLINE):
-            value: Any = jax.ShapeDtypeStruct(rec.shape, dtype_from_name(rec.dtype, what))
+            value: Any = jax.ShapeDtypeStruct(  # type: ignore[no-untyped-call]  # unannotated in JAX
+                rec.shape, dtype_from_name(rec.dtype, what))
         elif rec.kind == LeafKind.VALUE:
             value = decode_value(rec, what)
         elif rec.kind == LeafKind.EMPTY:

@@ -34,13 +34,14 @@ def dtype_from_name(name: str, what: str) -> np.dtype[Any]:
     if name not in SUPPORTED_DTYPES:
         raise CorruptCheckpointError(f"{what} has unsupported dtype {name!r:.40}")
     if hasattr(ml_dtypes, name):
-        return np.dtype(getattr(ml_dtypes, name))
+        scalar: type[np.generic] = getattr(ml_dtypes, name)  # a numpy scalar type
+        return np.dtype(scalar)
     return np.dtype(name)
 
 
 def _check_dtype(dtype: Any, path: KeyPath) -> str:
     try:
-        name = np.dtype(dtype).name
+        name: str = np.dtype(dtype).name
     except TypeError:
         name = str(dtype)
     if name not in SUPPORTED_DTYPES:
@@ -67,7 +68,7 @@ def mesh_and_spec(sharding: Any) -> tuple[tuple[int, ...] | None, tuple[str, ...
 def is_typed_key(leaf: Any) -> bool:
     """Whether ``leaf`` is a new-style typed PRNG key array (``jax.random.key``)."""
     return isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)) and \
-        jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+        jax.numpy.issubdtype(leaf.dtype, jax.dtypes.prng_key)
 
 
 class PerProcess:

@@ -46,7 +46,7 @@ from ckpt._ownership import ArrayInput, ArrayPlan, held_plan
 from ckpt._reader import Readable, open_checkpoint, open_readable
 from ckpt._save import Copy, Job, start_commit, start_save
 from ckpt._snapshot import ChunkWrite, Snapshot, Unit
-from ckpt.errors import CkptError, InvalidArgumentError, SaveError
+from ckpt.errors import CkptError, CoordinationError, InvalidArgumentError, SaveError
 from ckpt.restore import read_arrays
 from ckpt.restore.boxes import box_size, to_slices
 from ckpt.storage import Deadline, DeadlineStore, Store, open_store
@@ -226,7 +226,7 @@ class LocalTierCopy(Copy):
                             "differ from process 0's: every process must save the same tree")
         return self.victims()
 
-    def unknown(self, job: Job, exc: _coord.CoordinationError) -> Any:
+    def unknown(self, job: Job, exc: CoordinationError) -> Any:
         raise exc  # no COMMIT of process 0 to ask: each process's copy is its own
 
     def after(self, job: Job, rows: list[Row], verdict: Any) -> None:

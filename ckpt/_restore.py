@@ -95,7 +95,9 @@ def _spec_sharding(rec: LeafRecord, mesh: jax.sharding.Mesh) -> tuple[Any, str |
     if lacking:
         return None, (f"{keystr(rec.path)} uses axes {lacking} that the mesh "
                       f"{dict(mesh.shape)} lacks")
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)), None
+    # PartitionSpec's constructor is unannotated in JAX.
+    partition = jax.sharding.PartitionSpec(*spec)  # type: ignore[no-untyped-call]
+    return jax.sharding.NamedSharding(mesh, partition), None
 
 
 _NUMBERS = ("int", "float", "bool", "complex")
@@ -349,7 +351,7 @@ def _boxes(want: _Want) -> list[Box]:
     return _distinct_boxes(want.sharding, tuple(shape))
 
 
-def _assemble(want: _Want, host: list[np.ndarray], boxes: list[Any]) -> Any:
+def _assemble(want: _Want, host: list[np.ndarray], boxes: list[Box]) -> Any:
     """Turns the host boxes of one leaf into the value restore returns."""
     rec = want.record
     if want.key:

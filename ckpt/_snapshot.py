@@ -124,7 +124,10 @@ class ChunkWrite:
 
     def data(self, host: list[np.ndarray]) -> np.ndarray:
         if not self.parts:
-            return host[self.source][self.local]
+            # numpy's stubs allow a scalar for an integer index; here it always gives an
+            # array: the slices of a shard, or chunk i of a stack of gathered chunks.
+            chunk: np.ndarray = host[self.source][self.local]
+            return chunk
         out = np.empty(self.shape, dtype=host[self.parts[0][1]].dtype)
         for box, i in self.parts:
             out[to_slices(box)] = host[i]
@@ -437,7 +440,8 @@ def _shard_on(leaf: jax.Array, where: dict[Any, int], device: Any, views: bool) 
     they spread over the devices as planned."""
     if views:
         return leaf.addressable_data(where[device])
-    return leaf.addressable_shards[where[device]].data
+    shard: jax.Array = leaf.addressable_shards[where[device]].data  # unannotated in JAX
+    return shard
 
 
 def _box(slices: tuple[slice, ...]) -> Box:
@@ -481,7 +485,8 @@ def _copy_on_device(units: list[Unit]) -> None:
         for (u, i), c in zip(jobs, copies):
             u.sources[i] = c
             u.own[i] = True
-    jax.block_until_ready([s for u in units for s in u.sources if isinstance(s, jax.Array)])
+    jax.block_until_ready(  # type: ignore[no-untyped-call]  # unannotated in JAX
+        [s for u in units for s in u.sources if isinstance(s, jax.Array)])
 
 
 def start_fetching(snapshot: Snapshot, name: str) -> Callable[[], None] | None:

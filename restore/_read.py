@@ -24,6 +24,7 @@ from typing import Any
 
 import google_crc32c
 import numpy as np
+import numpy.typing as npt
 import tensorstore as ts
 
 from ckpt.restore._errors import CorruptCheckpointError
@@ -106,18 +107,18 @@ class ArrayReadJob:
 ALIGNMENT = 64
 
 
-def aligned_empty(shape: Sequence[int], dtype: Any) -> np.ndarray:
+def aligned_empty(shape: Sequence[int], dtype: npt.DTypeLike) -> np.ndarray:
     """An uninitialised C-order array whose data starts on a 64-byte boundary.
 
     Called by `read_arrays` for every target box, and by restore for casts, so that
     ``jax.device_put`` onto a CPU device adopts the buffer instead of copying it (JAX copies
     host buffers that are less aligned).
     """
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    dt = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
     raw = np.empty(nbytes + ALIGNMENT, dtype=np.uint8)
     offset = -raw.ctypes.data % ALIGNMENT
-    return raw[offset:offset + nbytes].view(dtype).reshape(tuple(shape))
+    return raw[offset:offset + nbytes].view(dt).reshape(tuple(shape))
 
 
 def _crc32c(data: np.ndarray) -> int:

@@ -22,9 +22,9 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ckpt.storage._base import ChunkIO, Store
+from ckpt.storage._base import ChunkIO, Op, Store
 from ckpt.storage._errors import StorageError
-from ckpt.storage._wrapper import Op, WrapperStore
+from ckpt.storage._wrapper import WrapperStore
 from ckpt.storage._errors import InvalidArgumentError
 
 T = TypeVar("T")

@@ -19,6 +19,7 @@ file system, memory, S3 and GCS and two wrapper stores.
 """
 
 import threading
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -30,13 +31,13 @@ from ckpt.storage import InvalidKeyError, ObjectNotFoundError, Store, Unreadable
 class StoreConformance:
     """Mix into a pytest test class that has a ``store`` fixture (a fresh, empty store)."""
 
-    def test_read_missing_raises_not_found(self, store: Store):
+    def test_read_missing_raises_not_found(self, store: Store) -> None:
         with pytest.raises(ObjectNotFoundError) as err:
             store.read("a/missing")
         assert isinstance(err.value, FileNotFoundError)
         assert "a/missing" in str(err.value)
 
-    def test_write_read_replace(self, store: Store):
+    def test_write_read_replace(self, store: Store) -> None:
         store.write("a/b/c.bin", b"one")
         assert store.read("a/b/c.bin") == b"one"
         store.write("a/b/c.bin", b"two!")
@@ -44,7 +45,7 @@ class StoreConformance:
         assert store.exists("a/b/c.bin")
         assert not store.exists("a/b/d.bin")
 
-    def test_bounded_read(self, store: Store):
+    def test_bounded_read(self, store: Store) -> None:
         store.write("a/big", b"x" * 5000)
         store.write("a/empty", b"")
         assert store.read("a/big", max_bytes=5000) == b"x" * 5000
@@ -54,7 +55,7 @@ class StoreConformance:
         with pytest.raises(ObjectNotFoundError):
             store.read("a/missing", max_bytes=10)
 
-    def test_write_stream(self, store: Store):
+    def test_write_stream(self, store: Store) -> None:
         # Parts larger than an object store's upload part (16 MiB) so that a real
         # multipart / resumable upload is made.
         part = np.arange(5 << 20, dtype=np.int32).tobytes()
@@ -63,11 +64,11 @@ class StoreConformance:
         assert store.write_stream("s/empty", iter(())) == 0
         assert store.read("s/empty") == b""
 
-    def test_failed_write_stream_leaves_the_old_object(self, store: Store):
+    def test_failed_write_stream_leaves_the_old_object(self, store: Store) -> None:
         store.write("s/obj", b"old")
         part = b"n" * (17 << 20)
 
-        def parts():
+        def parts() -> Iterator[bytes]:
             yield part  # a first part is uploaded before the failure
             yield part
             raise RuntimeError("the source failed")
@@ -79,16 +80,16 @@ class StoreConformance:
         assert not store.exists("s/new")
         assert store.list("s") == ["s/obj"]
 
-    def test_write_if_absent_creates_once(self, store: Store):
+    def test_write_if_absent_creates_once(self, store: Store) -> None:
         assert store.write_if_absent("x/COMMIT", b"first") is True
         assert store.write_if_absent("x/COMMIT", b"second") is False
         assert store.read("x/COMMIT") == b"first"
 
-    def test_write_if_absent_race_has_one_winner(self, store: Store):
-        results = []
+    def test_write_if_absent_race_has_one_winner(self, store: Store) -> None:
+        results: list[tuple[bool, int]] = []
         barrier = threading.Barrier(8)
 
-        def attempt(i):
+        def attempt(i: int) -> None:
             barrier.wait()
             results.append((store.write_if_absent("race/COMMIT", f"w{i}".encode()), i))
 
@@ -101,7 +102,7 @@ class StoreConformance:
         assert len(winners) == 1
         assert store.read("race/COMMIT") == f"w{winners[0]}".encode()
 
-    def test_list_recursive_and_children(self, store: Store):
+    def test_list_recursive_and_children(self, store: Store) -> None:
         for key in ("s/1/COMMIT", "s/1/a/x", "s/2/a/y", "s/10/z", "top"):
             store.write(key, b"v")
         assert store.list("s") == ["s/1/COMMIT", "s/1/a/x", "s/10/z", "s/2/a/y"]
@@ -112,7 +113,7 @@ class StoreConformance:
         assert store.list_children("nothing") == []
         assert store.list("nothing") == []
 
-    def test_delete_and_delete_prefix(self, store: Store):
+    def test_delete_and_delete_prefix(self, store: Store) -> None:
         for key in ("d/1/a", "d/1/b/c", "d/10/a", "e"):
             store.write(key, b"v")
         store.delete("e")
@@ -123,7 +124,7 @@ class StoreConformance:
 
     @pytest.mark.parametrize("bad", ["../x", "a/../../x", "/abs", "a//b", "a/./b", "a\x00b",
                                      "a\\b", ""])
-    def test_keys_cannot_escape(self, store: Store, bad):
+    def test_keys_cannot_escape(self, store: Store, bad: str) -> None:
         with pytest.raises(InvalidKeyError):
             store.write(bad, b"v")
         with pytest.raises(InvalidKeyError):
@@ -131,13 +132,13 @@ class StoreConformance:
         with pytest.raises(InvalidKeyError):
             store.delete_prefix(bad)
 
-    def test_child_store_shares_objects(self, store: Store):
+    def test_child_store_shares_objects(self, store: Store) -> None:
         child = store.child("sub/dir")
         child.write("k", b"v")
         assert store.read("sub/dir/k") == b"v"
         assert child.list("") == ["k"]
 
-    def test_kvstore_spec_addresses_same_objects(self, store: Store):
+    def test_kvstore_spec_addresses_same_objects(self, store: Store) -> None:
         spec = {"driver": "zarr3", "kvstore": store.kvstore_spec("arr"), "create": True,
                 "metadata": {"shape": [4], "data_type": "int32",
                              "chunk_grid": {"name": "regular",
@@ -150,12 +151,12 @@ class StoreConformance:
         store.write("plain", b"hello")
         assert kv.read("plain").result().value == b"hello"
 
-    def test_concurrent_delete_prefix_removes_everything(self, store: Store):
+    def test_concurrent_delete_prefix_removes_everything(self, store: Store) -> None:
         for i in range(40):
             store.write(f"gone/{i % 5}/k{i}", b"v")
         barrier = threading.Barrier(4)
 
-        def delete():
+        def delete() -> None:
             barrier.wait()
             store.delete_prefix("gone")
 
@@ -166,7 +167,7 @@ class StoreConformance:
             t.join()
         assert store.list("gone") == []
 
-    def test_list_sizes(self, store: Store):
+    def test_list_sizes(self, store: Store) -> None:
         store.write("sz/a", b"12345")
         store.write("sz/b/c", b"")
         store.write("szz", b"x")
