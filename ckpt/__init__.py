@@ -20,15 +20,28 @@ See docs/format.md for the on-disk format, docs/protocol.md for the commit proto
 docs/safetensors.md for export and import of safetensors.
 """
 
-from __future__ import annotations
-
 import importlib as _importlib
 import inspect as _inspect
 import logging as _logging
-from importlib import metadata as _metadata
 import sys as _sys
 import types as _types
+from importlib import metadata as _metadata
 from typing import Any as _Any
+
+from ckpt import errors
+from ckpt._export import ExportResult, export_safetensors
+from ckpt._info import CheckpointInfo, LeafInfo, metadata
+from ckpt._leaves import PerProcess
+from ckpt._manager import CheckpointManager
+from ckpt._reshard import ReshardResult, convert, reshard
+from ckpt._restore import restore
+from ckpt._save import SaveHandle, SaveTimings, save, save_async
+from ckpt._verify import VerifyReport, verify
+
+# Every error class of ckpt.errors, also at the top level (ckpt.ShapeMismatchError, ...).
+from ckpt.errors import *  # noqa: F403
+from ckpt.errors import __all__ as _error_names
+from ckpt.storage import configure as configure_storage
 
 # A library logs; the application decides what is shown (nothing, until it configures
 # logging: no "last resort" output on stderr).
@@ -38,21 +51,6 @@ try:
     __version__ = _metadata.version("shardckpt")
 except _metadata.PackageNotFoundError:  # run from a source tree that is not installed
     __version__ = "0+unknown"
-
-from ckpt import errors
-from ckpt._export import ExportResult, export_safetensors
-from ckpt._info import CheckpointInfo, LeafInfo, metadata
-from ckpt._leaves import PerProcess
-from ckpt._manager import CheckpointManager
-from ckpt._reshard import ReshardResult, convert, reshard
-from ckpt._verify import VerifyReport, verify
-from ckpt._save import SaveHandle, SaveTimings, save, save_async
-from ckpt.storage import configure as configure_storage
-# Every error class of ckpt.errors, also at the top level (ckpt.ShapeMismatchError, ...).
-from ckpt.errors import *  # noqa: E402,F403
-from ckpt.errors import __all__ as _error_names
-
-from ckpt._restore import restore  # noqa: E402
 
 
 class _RestorePackage(_types.ModuleType):
@@ -71,7 +69,8 @@ class _RestorePackage(_types.ModuleType):
 
 _restore_fn = restore
 _sys.modules["ckpt.restore"].__class__ = _RestorePackage
-_sys.modules["ckpt.restore"].__signature__ = _inspect.signature(_restore_fn)  # type: ignore[attr-defined]
+_sys.modules["ckpt.restore"].__signature__ = (  # type: ignore[attr-defined]
+    _inspect.signature(_restore_fn))
 _sys.modules["ckpt.restore"].__doc__ = (
     f"{_sys.modules['ckpt.restore'].__doc__}\n"
     f"ckpt.restore{_inspect.signature(_restore_fn)}\n\n{_inspect.getdoc(_restore_fn)}")

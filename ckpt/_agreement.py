@@ -29,7 +29,7 @@ def digests(records: Sequence[LeafRecord], leaves: Sequence[Any]) -> tuple[str, 
     shape = pack([[list(map(list, r.path)), r.kind, r.source, r.dtype, list(r.shape), r.vtype]
                   for r in records])
     values: dict[str, int] = {}
-    for rec, leaf in zip(records, leaves):
+    for rec, leaf in zip(records, leaves, strict=True):
         if rec.kind == LeafKind.VALUE:
             values[keystr(rec.path)] = google_crc32c.value(pack(rec.value))
         elif rec.kind in (LeafKind.ARRAY, LeafKind.INLINE) and \

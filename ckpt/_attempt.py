@@ -218,14 +218,15 @@ def check_reports(store: Store, attempt: str, records: list[LeafRecord],
     keys = [host_report_key(attempt, p) for p in range(process_count)]
     with concurrent.futures.ThreadPoolExecutor(min(REPORT_READERS, len(keys))) as pool:
         raw = list(pool.map(functools.partial(read_object, store), keys))
-    reports = [decode_host_report(data, store.describe(key)) for key, data in zip(keys, raw)]
-    for p, (key, report) in enumerate(zip(keys, reports)):
+    reports = [decode_host_report(data, store.describe(key))
+               for key, data in zip(keys, raw, strict=True)]
+    for p, (key, report) in enumerate(zip(keys, reports, strict=True)):
         if report.process != p:
             raise SaveError(f"{store.describe(key)} claims to be from process "
                             f"{report.process}")
     # Before the chunk rows: processes that saved different trees report different chunks.
     check_agreement(reports)
-    for p, (key, report) in enumerate(zip(keys, reports)):
+    for p, (key, report) in enumerate(zip(keys, reports, strict=True)):
         what = store.describe(key)
         for name, flat, nbytes, crc in report.chunks:
             rec = by_name.get(name)

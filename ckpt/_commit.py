@@ -13,6 +13,7 @@ import time
 from importlib import metadata as dist_metadata
 from typing import Any
 
+from ckpt._claims import REMOVING, claim_commit, claim_kind, delete_data, forget, retire
 from ckpt._format import (
     COMMIT,
     MANIFEST,
@@ -24,10 +25,8 @@ from ckpt._format import (
     read_object,
     sha256,
 )
-from ckpt._claims import REMOVING, claim_commit, claim_kind, delete_data, forget, retire
 from ckpt.errors import AttemptRemovedError, CommitConflictError, CommitOutcomeUnknownError
 from ckpt.storage import DeadlineStore, ObjectNotFoundError, StorageError, Store
-
 
 log = logging.getLogger("ckpt.commit")
 

@@ -41,7 +41,7 @@ class Failure:
     message: str
 
     @classmethod
-    def of(cls, process: int, exc: BaseException) -> "Failure":
+    def of(cls, process: int, exc: BaseException) -> Failure:
         return cls(process, type(exc).__name__, str(exc))
 
     def describe(self) -> str:

@@ -336,13 +336,14 @@ def export_safetensors(url: StoreLike, dst: StoreLike, *, dtype: Any = None,
         # tell an interrupted overwrite (`ckpt._safetensors`).
         folder.delete(INDEX)
     kv = store_kvstore(folder)
-    for file, shard in zip(files, shards or [[]]):
+    for file, shard in zip(files, shards or [[]], strict=True):
         folder.write_stream(file, _file_parts(source, shard, meta, memory_budget, done))
         read_file_header(folder, kv, file)  # the file is whole: its header and last byte
         log.info("wrote %s (%d tensors)", folder.describe(file), len(shard))
     if len(files) > 1:
         index = {"metadata": {"total_size": total, EXPORT_ID: meta[EXPORT_ID]},
-                 "weight_map": {o.name: f for f, shard in zip(files, shards) for o in shard}}
+                 "weight_map": {o.name: f for f, shard in zip(files, shards, strict=True)
+                                for o in shard}}
         folder.write(INDEX, json.dumps(index, indent=2, sort_keys=True).encode())
     for stale in before:
         if stale not in files and stale != INDEX:

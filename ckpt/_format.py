@@ -224,8 +224,8 @@ def _leaf_to_dict(leaf: LeafRecord) -> dict[str, Any]:
         if leaf.prng_impl:
             out["prng_impl"] = leaf.prng_impl
         if leaf.mesh_shape is not None:
-            out.update(mesh={"shape": list(leaf.mesh_shape), "axis_names": list(leaf.mesh_axes or ())},
-                       spec=leaf.spec)
+            out.update(mesh={"shape": list(leaf.mesh_shape),
+                             "axis_names": list(leaf.mesh_axes or ())}, spec=leaf.spec)
     if leaf.kind == LeafKind.ARRAY:
         out.update(name=leaf.name, chunk_shape=list(leaf.chunk_shape),
                    chunks={"writer": list(leaf.writers), "nbytes": list(leaf.chunk_nbytes),
@@ -348,17 +348,15 @@ def _decode_leaf(raw: Any, index: int, what: str, local: bool = False) -> LeafRe
         fields["name"] = name = r.get("name", str)
         chunk_shape = r.ints("chunk_shape")
         chunks = _Reader(r.get("chunks", dict), f"{r.what} chunks")
-        if local:  # a local copy: writer -1 marks a chunk the copy does not hold
-            writers = tuple(chunks.ints("writer", low=-1))
-        else:
-            writers = chunks.ints("writer")
+        # A local copy: writer -1 marks a chunk the copy does not hold.
+        writers = tuple(chunks.ints("writer", low=-1)) if local else chunks.ints("writer")
         layout = ChunkLayout(chunk_shape, writers, chunks.ints("nbytes"), chunks.ints("crc32c"))
         if not name or name[0] == "." or not set(name) <= _NAME_CHARS:
             raise CorruptCheckpointError(f"{r.what} has an unsafe array name {name!r:.80}")
         if len(chunk_shape) != len(shape) or 0 in chunk_shape:
             raise CorruptCheckpointError(f"{r.what} chunk shape does not fit its shape")
         count = 1
-        for n, c in zip(shape, chunk_shape):
+        for n, c in zip(shape, chunk_shape, strict=True):
             count *= -(-n // c)
         if not count == len(layout.writers) == len(layout.nbytes) == len(layout.crc32c):
             raise CorruptCheckpointError(
@@ -401,7 +399,7 @@ def _check_chunk_sizes(leaf: LeafRecord, what: str) -> None:
         return
     itemsize = DTYPE_SIZES[leaf.dtype]
     extents = [[min(c, n - i) for i in range(0, n, c)]
-               for n, c in zip(leaf.shape, leaf.chunk_shape)]
+               for n, c in zip(leaf.shape, leaf.chunk_shape, strict=True)]
     # itertools.product varies the last axis fastest: the chunks' C order.
     for flat, box in enumerate(itertools.product(*extents)):
         if leaf.chunk_nbytes[flat] != math.prod(box) * itemsize:
@@ -515,7 +513,7 @@ class CommitRecord:
                      "committed_at": self.committed_at})
 
     @staticmethod
-    def decode(data: bytes, what: str) -> "CommitRecord":
+    def decode(data: bytes, what: str) -> CommitRecord:
         if len(data) > MAX_COMMIT_BYTES:
             raise CorruptCheckpointError(f"{what} is {len(data)} bytes, over the limit")
         r = _Reader(unpack(data, what), what)
@@ -525,7 +523,8 @@ class CommitRecord:
         if version != FORMAT_VERSION:
             raise UnsupportedFormatError(
                 f"{what} has format version {version}; this library reads version "
-                f"{FORMAT_VERSION}" + (" (upgrade the library)" if version > FORMAT_VERSION else ""))
+                f"{FORMAT_VERSION}"
+                + (" (upgrade the library)" if version > FORMAT_VERSION else ""))
         attempt = r.get("attempt", str)
         if not attempt.startswith(ATTEMPT_PREFIX) or "/" in attempt or ".." in attempt:
             raise CorruptCheckpointError(f"{what} names an invalid attempt {attempt!r:.80}")

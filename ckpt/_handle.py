@@ -12,14 +12,14 @@ the storage clients' thread pools shut down.
 from __future__ import annotations
 
 import atexit
+import concurrent.futures.thread  # noqa: F401  (registers its exit hook before ours; see below)
+import contextlib
 import dataclasses
 import logging
 import os
 import sys
 import threading
 import time
-
-import concurrent.futures.thread  # noqa: F401  (registers its exit hook before ours; see below)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,10 +212,8 @@ def _exit_status() -> None:
     if _LOST_AT_EXIT and _single_process():
         logging.shutdown()
         for stream in (sys.stdout, sys.stderr):
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 stream.flush()
-            except (OSError, ValueError):
-                pass
         os._exit(1)
 
 

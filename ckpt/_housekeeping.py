@@ -203,7 +203,7 @@ class Lineage:
             return False
         return not any(seq > at and to < step for seq, to in self.rewinds)
 
-    def add(self, kind: str, step: int) -> "Lineage":
+    def add(self, kind: str, step: int) -> Lineage:
         """The record with one more event (``rewind`` to ``step``, ``delete`` of it),
         compacted."""
         seq = self.seq + 1
@@ -229,7 +229,7 @@ class Lineage:
                 **({"legacy": dict(self.legacy)} if self.legacy else {})}
 
     @classmethod
-    def from_json(cls, raw: Any, what: str) -> "Lineage":
+    def from_json(cls, raw: Any, what: str) -> Lineage:
         """Parses ``to_json``'s form, or the earlier ``{"events": [[id, kind, step]]}``.
 
         Raises:
@@ -257,7 +257,7 @@ class Lineage:
                    tuple(pairs(raw.get("rewinds"))), dict(legacy))
 
     @classmethod
-    def _from_events(cls, events: Any, bad: CorruptCheckpointError) -> "Lineage":
+    def _from_events(cls, events: Any, bad: CorruptCheckpointError) -> Lineage:
         if not isinstance(events, list) or not all(
                 isinstance(e, list) and len(e) == 3 and isinstance(e[0], str)
                 and e[1] in ("origin", "rewind", "delete") and type(e[2]) is int

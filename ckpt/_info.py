@@ -75,7 +75,7 @@ def _info(url: str, manifest: Manifest, layout: str) -> CheckpointInfo:
     leaves, items = [], []
     check_tree(manifest.leaves, url)  # `tree` is built from the leaves' paths
     for rec in manifest.leaves:
-        mesh = (dict(zip(rec.mesh_axes or (), rec.mesh_shape))
+        mesh = (dict(zip(rec.mesh_axes or (), rec.mesh_shape, strict=False))
                 if rec.mesh_shape is not None else None)
         spec = None
         if rec.spec is not None:

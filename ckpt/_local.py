@@ -38,8 +38,8 @@ import numpy as np
 
 from ckpt import _coord
 from ckpt._attempt import Row, commit_copy
-from ckpt._format import DTYPE_SIZES, ChunkLayout, LeafKind, LeafRecord
 from ckpt._claims import delete_data, retire
+from ckpt._format import DTYPE_SIZES, ChunkLayout, LeafKind, LeafRecord
 from ckpt._handle import SaveHandle, attempts_in_flight
 from ckpt._housekeeping import delete_checkpoint, step_folders
 from ckpt._ownership import ArrayInput, ArrayPlan, held_plan
@@ -266,7 +266,8 @@ class LocalTierCopy(Copy):
 
 
 def start_local_save(local: Store, tree: Any, *, step: int, origin: dict[str, Any],
-                     parents: list[list[Any]], metadata: Any, metrics: dict[str, float], timeout_s: float,
+                     parents: list[list[Any]], metadata: Any, metrics: dict[str, float],
+                     timeout_s: float,
                      snapshot: str, memory_budget: int,
                      refuse: Callable[[], CkptError | None],
                      on_attempt: Callable[[str], None],
@@ -278,7 +279,8 @@ def start_local_save(local: Store, tree: Any, *, step: int, origin: dict[str, An
 
     Called by `CheckpointManager.save` on every process in the same order. ``refuse`` and
     ``on_attempt`` are `ckpt._save.start_save`'s; ``origin`` goes into each copy's ``local``
-    record (`LocalTierCopy`), ``parents`` into its manifest (and the root's, if persisted); ``victims`` is `LocalTierCopy`'s. ``on_commit`` runs on every
+    record (`LocalTierCopy`), ``parents`` into its manifest (and the root's, if persisted);
+    ``victims`` is `LocalTierCopy`'s. ``on_commit`` runs on every
     process's save thread once every process committed its copy, with what the commit to
     the persistent root needs and the steps retention removes; what it returns (the root
     commit's handle, or None) becomes the handle's ``remote``, and the handle is finished
@@ -335,8 +337,8 @@ class ReadBack(Snapshot):
         jobs = [self._copy.read_job(by_name[self._records[r].name], [b for _, b in items])
                 for r, items in order.items()]
         hosts = read_arrays(jobs, deadline=deadline)
-        for (r, items), host in zip(order.items(), hosts):
-            for (flat, box), data in zip(items, host):
+        for (r, items), host in zip(order.items(), hosts, strict=True):
+            for (flat, box), data in zip(items, host, strict=True):
                 yield Unit([data], [ChunkWrite(r, flat, to_slices(box))], [None]), [data]
 
     def release(self) -> None:

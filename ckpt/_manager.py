@@ -12,6 +12,7 @@ commit a step that does not restore. Every process may list and restore.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import logging
@@ -645,7 +646,7 @@ class CheckpointManager:
                 self._closed = True
                 self._policy.close()
 
-    def __enter__(self) -> "CheckpointManager":
+    def __enter__(self) -> CheckpointManager:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -653,7 +654,5 @@ class CheckpointManager:
         if exc is None:
             self.close()
         else:
-            try:
+            with contextlib.suppress(CkptError):  # the body's exception is the one to see
                 self.close()
-            except CkptError:
-                pass  # the body's exception is the one to see

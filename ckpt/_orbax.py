@@ -24,6 +24,7 @@ Every name from the checkpoint goes through the store's key checks before it is 
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -120,11 +121,11 @@ def recognise(store: Store) -> str | None:
         UncommittedCheckpointError: an Orbax save still in its temporary folder.
         UnsupportedFormatError: an Orbax layout this library does not read (names the file).
     """
-    if any(TMP_MARK in part for part in store.url.rstrip("/").split("/")[-2:]):
-        if store.exists(TREE_METADATA) or store.exists(STEP_METADATA):
-            raise UncommittedCheckpointError(
-                f"{store.url} is an Orbax save that has not committed (its folder still has "
-                f"the temporary {TMP_MARK} name): it was interrupted or is still running")
+    if any(TMP_MARK in part for part in store.url.rstrip("/").split("/")[-2:]) and (
+            store.exists(TREE_METADATA) or store.exists(STEP_METADATA)):
+        raise UncommittedCheckpointError(
+            f"{store.url} is an Orbax save that has not committed (its folder still has "
+            f"the temporary {TMP_MARK} name): it was interrupted or is still running")
     if store.exists(TREE_METADATA):
         return "item"
     if store.exists(STEP_METADATA):
@@ -556,10 +557,9 @@ def step_metrics(step: dict[str, Any], given: Store) -> dict[str, float]:
     metrics = step.get("metrics")
     handlers = step.get("item_handlers")
     if isinstance(handlers, dict) and METRICS_ITEM in handlers:
-        try:
+        # Given the item folder, the step's metrics are out of reach.
+        with contextlib.suppress(ObjectNotFoundError):
             metrics = _read_json(given, f"{METRICS_ITEM}/{METRICS_ITEM}")
-        except ObjectNotFoundError:
-            pass  # given the item folder: the step's metrics are out of reach
     if not isinstance(metrics, dict):
         return {}
     out = {}

@@ -151,7 +151,7 @@ def _layout(arr: ArrayInput, process_count: int) -> _Layout:
                        shards)
     shard_shape = box_shape(next(iter(holders)))
     for box in holders:
-        shard_shape = tuple(max(x, y) for x, y in zip(shard_shape, box_shape(box)))
+        shard_shape = tuple(max(x, y) for x, y in zip(shard_shape, box_shape(box), strict=True))
     procs = max(len({h[0] for h in hs}) for hs in holders.values())
     chunk_shape = choose_chunk_shape(shard_shape, arr.itemsize, procs)
     grid = grid_shape(arr.shape, chunk_shape)
@@ -159,9 +159,9 @@ def _layout(arr: ArrayInput, process_count: int) -> _Layout:
     for box, hs in holders.items():
         # Shard boxes are aligned to the chunk grid because the chunk shape divides the
         # shard shape and shards start at multiples of it.
-        starts = [lo // c for (lo, _), c in zip(box, chunk_shape)]
-        stops = [-(-hi // c) for (_, hi), c in zip(box, chunk_shape)]
-        for coord in itertools.product(*(range(s, e) for s, e in zip(starts, stops))):
+        starts = [lo // c for (lo, _), c in zip(box, chunk_shape, strict=True)]
+        stops = [-(-hi // c) for (_, hi), c in zip(box, chunk_shape, strict=True)]
+        for coord in itertools.product(*(range(s, e) for s, e in zip(starts, stops, strict=True))):
             cbox = chunk_box(coord, chunk_shape, arr.shape)
             work.append((-math.prod(box_shape(cbox)) * arr.itemsize, flat_index(coord, grid),
                          tuple(hs), box))
@@ -217,7 +217,7 @@ def held_plan(arr: ArrayInput, planned: ArrayPlan, process_index: int,
     if len(planned.writers) == 1 and len(holders) > 1:
         shard = box_shape(next(iter(holders)))
         for box in holders:
-            shard = tuple(max(x, y) for x, y in zip(shard, box_shape(box)))
+            shard = tuple(max(x, y) for x, y in zip(shard, box_shape(box), strict=True))
         chunk_shape = tuple(max(1, n) for n in shard)
     grid = grid_shape(arr.shape, chunk_shape)
     writers = [-1] * math.prod(grid)
@@ -226,9 +226,9 @@ def held_plan(arr: ArrayInput, planned: ArrayPlan, process_index: int,
         mine = [h for h in hs if h[0] == process_index]
         if not mine:
             continue
-        starts = [lo // c for (lo, _), c in zip(box, chunk_shape)]
-        stops = [-(-hi // c) for (_, hi), c in zip(box, chunk_shape)]
-        for coord in itertools.product(*(range(s, e) for s, e in zip(starts, stops))):
+        starts = [lo // c for (lo, _), c in zip(box, chunk_shape, strict=True)]
+        stops = [-(-hi // c) for (_, hi), c in zip(box, chunk_shape, strict=True)]
+        for coord in itertools.product(*(range(s, e) for s, e in zip(starts, stops, strict=True))):
             flat = flat_index(coord, grid)
             owned[flat] = (mine[0][2], box)
             writers[flat] = process_index

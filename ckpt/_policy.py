@@ -15,7 +15,6 @@ from collections.abc import Callable
 from ckpt import _coord
 from ckpt.errors import InvalidArgumentError
 
-
 _POLICIES = itertools.count()
 
 

@@ -71,7 +71,8 @@ def open_checkpoint(store: Store) -> tuple[CommitRecord, Manifest]:
     except ObjectNotFoundError:
         children = store.list_children()
         if not children:
-            raise CheckpointNotFoundError(f"no checkpoint at {store.url}: nothing is there") from None
+            raise CheckpointNotFoundError(
+                f"no checkpoint at {store.url}: nothing is there") from None
         if any(c.startswith(ATTEMPT_PREFIX) for c in children):
             raise UncommittedCheckpointError(
                 f"{store.url} holds an uncommitted checkpoint (a save that was interrupted or "

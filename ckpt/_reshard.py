@@ -5,8 +5,8 @@ Runs on one machine with no accelerators and never builds whole arrays: it walks
 chunk grid in batches that fit the memory budget, reads each batch's boxes with restore's
 reader (which checks every source chunk it reads against the source manifest's crc32c, so
 a damaged source is never copied into a checkpoint that would then pass `verify`) and writes
-them, with host memory bounded by ``memory_budget``. The source is anything `open_readable` opens: one
-of this library's checkpoints or an Orbax one. The layout planning is pure (`restore`'s
+them, with host memory bounded by ``memory_budget``. The source is anything `open_readable`
+opens: one of this library's checkpoints or an Orbax one. The layout planning is pure (`restore`'s
 `spec_shard_shape` and the save path's `choose_chunk_shape`); the result is committed with
 the same protocol as a save, so it is an ordinary checkpoint. `convert` then reads it all
 back through `verify`.
@@ -19,7 +19,7 @@ import fnmatch
 import operator
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import jax
 
@@ -93,9 +93,9 @@ def parse_spec(text: str) -> Spec:
 
 
 # What `reshard` and `convert` take for a mesh and for each rule's spec.
-MeshLike = Union[Mapping[str, int], str, jax.sharding.Mesh, None]
-SpecLike = Union[str, jax.sharding.PartitionSpec, Sequence[Union[str, Sequence[str], None]]]
-RulesLike = Union[Mapping[str, SpecLike], Sequence[tuple[str, SpecLike]]]
+MeshLike = Mapping[str, int] | str | jax.sharding.Mesh | None
+SpecLike = str | jax.sharding.PartitionSpec | Sequence[str | Sequence[str] | None]
+RulesLike = Mapping[str, SpecLike] | Sequence[tuple[str, SpecLike]]
 
 
 def as_mesh(mesh: MeshLike) -> dict[str, int] | None:
@@ -273,7 +273,7 @@ def reshard(src_url: StoreLike, dst_url: StoreLike, *, mesh: MeshLike = None,
     batch_limit = memory_budget // 4
     total = sum(r.nbytes for r in records if r.kind == LeafKind.ARRAY)
     done = chunks = 0
-    for old, new in zip(manifest.leaves, records):
+    for old, new in zip(manifest.leaves, records, strict=True):
         if new.kind != LeafKind.ARRAY:
             continue
         [target] = open_arrays(dst, attempt, {0: new}, create=True).values()
@@ -284,7 +284,7 @@ def reshard(src_url: StoreLike, dst_url: StoreLike, *, mesh: MeshLike = None,
         for start, stop in _batches(new.chunk_nbytes, batch_limit):
             job = dataclasses.replace(whole, targets=boxes[start:stop])
             [host] = read_arrays([job], memory_budget=batch_limit)
-            for flat, data in zip(range(start, stop), host):
+            for flat, data in zip(range(start, stop), host, strict=True):
                 writer.put(target, to_slices(boxes[flat]), data, new.name, flat)
                 done += data.nbytes
                 chunks += 1
@@ -315,7 +315,7 @@ def saved_mesh(leaves: list[LeafRecord], url: str) -> dict[str, int]:
     Raises:
         MeshMismatchError: leaves were saved on different meshes (then a mesh must be named).
     """
-    meshes = {tuple(zip(r.mesh_axes, r.mesh_shape)) for r in leaves
+    meshes = {tuple(zip(r.mesh_axes, r.mesh_shape, strict=True)) for r in leaves
               if r.mesh_axes is not None and r.mesh_shape is not None}
     if len(meshes) > 1:
         shown = ", ".join(str(dict(m)) for m in sorted(meshes))

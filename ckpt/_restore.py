@@ -294,12 +294,12 @@ def _match(manifest: Manifest, target: Any, mesh: Any, what: str) -> tuple[list[
     # containers were recorded, Orbax's): it comes back as it is.
     records = [lookup(path) or (empty_record(path, t) if is_empty_container(t) else None)
                for path, t in pairs]
-    missing = [keystr(path) for (path, _), rec in zip(pairs, records) if rec is None]
+    missing = [keystr(path) for (path, _), rec in zip(pairs, records, strict=True) if rec is None]
     if missing:
         raise MissingLeafError(f"target leaves absent from {what}: {', '.join(missing)}")
     wants: list[_Want] = []
     bad = _Mismatches()
-    for (path, t), rec in zip(pairs, records):
+    for (path, t), rec in zip(pairs, records, strict=True):
         assert rec is not None
         want = _Want(rec)
         wants.append(want)
@@ -364,7 +364,7 @@ def _assemble(want: _Want, host: list[np.ndarray], boxes: list[Box]) -> Any:
     if want.sharding is None:
         value = host[0]
         return value[()] if rec.source == "numpy_scalar" and want.dtype is None else value
-    by_box = dict(zip(boxes, host))
+    by_box = dict(zip(boxes, host, strict=True))
     shape = tuple(rec.shape)
     # JAX's CPU client adopts an aligned host buffer rather than copying it, so replicas
     # of a box share one buffer: XLA never writes into an adopted buffer, not even when
@@ -474,7 +474,7 @@ def _restore_source(source: Readable, target: Any, mesh: Any,
     hosts = read_arrays(jobs, memory_budget=memory_budget, deadline=deadline)
     read = sum(box.nbytes for host in hosts for box in host)
     pieces: dict[int, tuple[list[np.ndarray], list[Box]]] = {}
-    for i, job, host in zip(job_wants, jobs, hosts):
+    for i, job, host in zip(job_wants, jobs, hosts, strict=True):
         got = pieces.setdefault(i, ([], []))
         got[0].extend(host)
         got[1].extend(job.targets)
@@ -488,7 +488,7 @@ def _restore_source(source: Readable, target: Any, mesh: Any,
     for obj, state in setters:
         obj.set_state(state)
     if treedef is None:
-        return nest([(w.record.path, v) for w, v in zip(wants, values)])
+        return nest([(w.record.path, v) for w, v in zip(wants, values, strict=True)])
     return unflatten(treedef, values)
 
 

@@ -95,7 +95,7 @@ class Job:
 
     store: DeadlineStore
     coord: _coord.Coordinator
-    copy: "Copy"
+    copy: Copy
     attempt: str
     created_at: float
     metadata: Any
@@ -277,8 +277,9 @@ def _plan_chunks(records: list[LeafRecord], leaves: list[Any],
     inputs = [ArrayInput(records[i].shape, np.dtype(leaves[i].dtype).itemsize,
                          leaves[i].sharding if isinstance(leaves[i], jax.Array) else None)
               for i in array_ids]
-    plans = dict(zip(array_ids, plan(inputs, coord.process_index, coord.process_count)))
-    for i, arr, p in zip(array_ids, inputs, plans.values()):
+    plans = dict(zip(array_ids, plan(inputs, coord.process_index, coord.process_count),
+                     strict=True))
+    for i, arr, p in zip(array_ids, inputs, plans.values(), strict=True):
         records[i] = dataclasses.replace(records[i], layout=ChunkLayout.planned(
             p.chunk_shape, p.writers, p.chunk_nbytes(arr.itemsize)))
     return plans
@@ -303,9 +304,10 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
     process 0 only, before an attempt id is proposed; an error it returns is raised on every
     process. ``on_attempt`` runs on process 0 with the attempt id before it is sent to any
     process, so before anything is written under it. ``on_commit`` runs on every process
-    once the save is committed, with its handle; its errors are logged, never raised: the checkpoint is
-    committed whatever it does. ``copy`` is the copy of the step it writes (default: the
-    persistent copy, `Copy`); ``parents`` the manifest's ancestry (docs/format.md).
+    once the save is committed, with its handle; its errors are logged, never raised: the
+    checkpoint is committed whatever it does. ``copy`` is the copy of the step it writes
+    (default: the persistent copy, `Copy`); ``parents`` the manifest's ancestry
+    (docs/format.md).
     """
     memory_budget = checked_options(snapshot, memory_budget)
     copy = Copy() if copy is None else copy
@@ -330,7 +332,7 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
         plans = _plan_chunks(records, leaves, coord)
         agreement = digests(records, leaves) if coord.process_count > 1 else ("", {})
         if copy.writes_manifest(coord.process_index):
-            for i, (rec, leaf) in enumerate(zip(records, leaves)):
+            for i, (rec, leaf) in enumerate(zip(records, leaves, strict=True)):
                 if rec.kind == LeafKind.INLINE:
                     host = _host_array(leaf) if isinstance(leaf, jax.Array) \
                         else np.asarray(leaf)
@@ -537,7 +539,7 @@ def run(job: Job, handle: SaveHandle) -> None:
 def save_async(url: StoreLike, tree: Any, *, metadata: Any = None,
                timeout_s: float = _coord.DEFAULT_TIMEOUT_S,
                overwrite: bool = False, snapshot: str = "auto",
-               memory_budget: int = DEFAULT_MEMORY_BUDGET) -> "SaveHandle":
+               memory_budget: int = DEFAULT_MEMORY_BUDGET) -> SaveHandle:
     """Starts saving ``tree`` to ``url``; returns once the snapshot is taken.
 
     Call on every process of the job with the same URL and a tree of the same structure.

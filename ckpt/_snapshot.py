@@ -173,7 +173,7 @@ class Unit:
         """Starts the transfers to host (fetching side)."""
         if self.gather is not None:
             self.take_chunks()
-        for i, (s, own) in enumerate(zip(self.sources, self.own)):
+        for i, (s, own) in enumerate(zip(self.sources, self.own, strict=True)):
             if isinstance(s, jax.Array):
                 if not own and self.devices[i].platform != "cpu":
                     # JAX keeps a fetched host copy on the array object it fetched through:
@@ -187,7 +187,7 @@ class Unit:
         """The sources on host, independent of the device buffers; each buffer of the
         save's own is deleted once its bytes are on host."""
         host = []
-        for s, device, own in zip(self.sources, self.devices, self.own):
+        for s, device, own in zip(self.sources, self.devices, self.own, strict=True):
             if not isinstance(s, jax.Array):
                 host.append(s)
                 continue
@@ -197,15 +197,15 @@ class Unit:
             host.append(np.array(s, copy=True) if copy else np.asarray(s))
             if own:
                 s.delete()
-        self.sources = []
+        self.sources, self.own = [], []
         return host
 
     def drop(self) -> None:
         """Frees what this unit still holds (a save that failed before fetching it)."""
-        for s, own in zip(self.sources, self.own):
+        for s, own in zip(self.sources, self.own, strict=True):
             if own and isinstance(s, jax.Array) and not s.is_deleted():
                 s.delete()
-        self.sources = []
+        self.sources, self.own = [], []
 
 
 class Cancelled(CkptError):
@@ -420,7 +420,7 @@ def take(leaves: list[Any], plans: dict[int, ArrayPlan], requested: str,
                 * u.sources[0].dtype.itemsize
             need[u.devices[0]] += u.nbytes
         else:
-            for src, d in zip(u.sources, u.devices):
+            for src, d in zip(u.sources, u.devices, strict=True):
                 need[d] += src.nbytes
                 u.nbytes += src.nbytes
     mode = choose_mode(requested, platform, {d: free_bytes(d) for d in need}, need)
@@ -482,7 +482,7 @@ def _copy_on_device(units: list[Unit]) -> None:
             arrays.append(s)
     if arrays:
         copies = jax.device_put(arrays, [a.sharding for a in arrays], may_alias=False)
-        for (u, i), c in zip(jobs, copies):
+        for (u, i), c in zip(jobs, copies, strict=True):
             u.sources[i] = c
             u.own[i] = True
     jax.block_until_ready(  # type: ignore[no-untyped-call]  # unannotated in JAX

@@ -358,7 +358,7 @@ class LocalTier:
         if evict is None:
             return False
         if evict:
-            self.drop(evict, "making room for step %d (the persistent root holds it)" % step)
+            self.drop(evict, f"making room for step {step} (the persistent root holds it)")
         return True
 
     def committed(self, step: int, attempt: str, parents: list[list[Any]],
@@ -415,15 +415,13 @@ class LocalTier:
                             exc)
         if local is not None and copy is not None and copy.attempt == agreed:
             return Tiered(local, folder, None, item)
-        if local is not None and copy is not None:
-            # Not every process holds the step: this copy serves only if the root's copy is
-            # of the same save (its COMMIT, read by process 0 at start-up); the root is
-            # read only for boxes the copy lacks. Its records serve too if this process
-            # wrote it.
-            if self.root_attempts.get(step) == copy.attempt:
-                mine = copy.process == self.me and copy.process_count == self.count
-                return Tiered(local, folder, None if mine else open_readable(folder, item),
-                              item)
+        # Not every process holds the step: this copy serves only if the root's copy is of
+        # the same save (its COMMIT, read by process 0 at start-up); the root is read only
+        # for boxes the copy lacks. Its records serve too if this process wrote it.
+        if (local is not None and copy is not None
+                and self.root_attempts.get(step) == copy.attempt):
+            mine = copy.process == self.me and copy.process_count == self.count
+            return Tiered(local, folder, None if mine else open_readable(folder, item), item)
         try:
             whole = open_readable(folder, item)
         except CheckpointNotFoundError as exc:
@@ -532,10 +530,9 @@ def _held_bytes(leaves: list[Any]) -> int:
                 index = tuple((s.start, s.stop) for s in shard.index)
                 if index not in seen:
                     seen.add(index)
-                    try:
+                    # A leaf without a byte size is too small to matter.
+                    with contextlib.suppress(Exception):
                         total += int(shard.data.nbytes)
-                    except Exception:  # a leaf without a byte size: too small to matter
-                        pass
         else:
             total += int(getattr(leaf, "nbytes", 0))
     return total + total // 50 + (1 << 20)

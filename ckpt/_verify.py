@@ -17,6 +17,7 @@ import tensorstore as ts
 
 from ckpt._format import (
     LeafKind,
+    LeafRecord,
     decode_host_report,
     host_report_key,
     read_object,
@@ -137,10 +138,11 @@ def verify(url: StoreLike, *, memory_budget: int = DEFAULT_BUDGET,
                                            f"{list(arr.shape)}, manifest says {leaf.dtype}"
                                            f"{list(leaf.shape)}"))
             continue
-        grid = tuple(-(-n // c) for n, c in zip(leaf.shape, leaf.chunk_shape))
+        grid = tuple(-(-n // c) for n, c in zip(leaf.shape, leaf.chunk_shape, strict=True))
         window = Window(memory_budget, deadline, f"reading the chunks of leaf {name}")
 
-        def check_one(flat: int, coord: tuple[int, ...], nbytes: int, fut: Any) -> None:
+        def check_one(leaf: LeafRecord, name: str, flat: int, coord: tuple[int, ...],
+                      nbytes: int, fut: Any) -> None:
             nonlocal done
             done += nbytes
             report.chunks += 1
@@ -175,7 +177,7 @@ def verify(url: StoreLike, *, memory_budget: int = DEFAULT_BUDGET,
                 box = chunk_box(coord, leaf.chunk_shape, leaf.shape)
                 nbytes = box_size(box) * dtype.itemsize
                 window.add(arr[to_slices(box)].read(), nbytes,
-                           functools.partial(check_one, flat, coord, nbytes))
+                           functools.partial(check_one, leaf, name, flat, coord, nbytes))
             window.drain()
         except BaseException:
             window.settle()  # no read of this verify outlives it

@@ -16,19 +16,18 @@ import math
 import os
 import shutil
 import sys
-import traceback
 import time
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
 from ckpt._export import export_safetensors, parse_size
-from ckpt._info import CheckpointInfo, metadata
 from ckpt._housekeeping import committed_steps
+from ckpt._info import CheckpointInfo, metadata
 from ckpt._orbax import decimal_step, orbax_step_name
+from ckpt._reshard import convert, parse_mesh, parse_spec, reshard, slash_path
 from ckpt._roots import age_text, collect_garbage, list_root, switched_note
-from ckpt._reshard import convert, parse_mesh, parse_spec, reshard
 from ckpt._verify import verify
-from ckpt._reshard import slash_path
 from ckpt.errors import (
     CheckpointNotFoundError,
     CkptError,
@@ -123,9 +122,10 @@ def _info_json(info: CheckpointInfo) -> dict[str, Any]:
         "process_count": info.process_count, "versions": info.versions, "metadata": meta,
         "metrics": {k: v if math.isfinite(v) else str(v) for k, v in info.metrics.items()},
         "nbytes": info.nbytes,
-        "leaves": [{"path": leaf.keystr, "spec_path": slash_path(leaf.path), "kind": leaf.kind, "shape": list(leaf.shape),
-                    "dtype": leaf.dtype, "nbytes": leaf.nbytes, "mesh": leaf.mesh,
-                    "spec": _spec_json(leaf.spec), "chunk_shape": list(leaf.chunk_shape)}
+        "leaves": [{"path": leaf.keystr, "spec_path": slash_path(leaf.path), "kind": leaf.kind,
+                    "shape": list(leaf.shape), "dtype": leaf.dtype, "nbytes": leaf.nbytes,
+                    "mesh": leaf.mesh, "spec": _spec_json(leaf.spec),
+                    "chunk_shape": list(leaf.chunk_shape)}
                    for leaf in info.leaves],
     }
 
@@ -196,7 +196,7 @@ def _inspect(args: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     print()
     for row in [header, *rows]:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     print(f"\ntotal       {len(info.leaves)} leaves, {_size(info.nbytes)} of array data")
     return 0
 

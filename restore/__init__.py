@@ -31,8 +31,8 @@ from ckpt.restore.boxes import (
 )
 
 __all__ = [
-    "ArrayReadJob", "Box", "ChunkRead", "CorruptCheckpointError", "Piece", "RawLayout", "aligned_empty",
-    "box_of_index", "box_shape", "box_size", "chunk_box", "chunk_sizes", "chunks_in",
-    "flat_index", "full_box", "grid_shape", "intersect", "plan_reads", "read_arrays",
+    "ArrayReadJob", "Box", "ChunkRead", "CorruptCheckpointError", "Piece", "RawLayout",
+    "aligned_empty", "box_of_index", "box_shape", "box_size", "chunk_box", "chunk_sizes",
+    "chunks_in", "flat_index", "full_box", "grid_shape", "intersect", "plan_reads", "read_arrays",
     "spec_shard_shape", "to_slices", "unflat_index",
 ]

@@ -46,7 +46,7 @@ class ChunkRead:
         if len(self.pieces) != 1:
             return False
         return all(s.start == 0 and s.stop == hi - lo
-                   for s, (lo, hi) in zip(self.pieces[0].src, self.box))
+                   for s, (lo, hi) in zip(self.pieces[0].src, self.box, strict=True))
 
 
 def plan_reads(shape: Sequence[int], chunk_shape: Sequence[int],

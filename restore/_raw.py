@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+
 from ckpt.restore._errors import CorruptCheckpointError
 from ckpt.restore.boxes import Box, box_shape
 from ckpt.storage import (
@@ -98,7 +99,7 @@ def _scatter(out2d: np.ndarray, rows: slice, rel: np.ndarray, run: int,
             strides=(step * data.itemsize, data.itemsize), writeable=False)
         out2d[rows] = view
         return
-    for row, at in zip(range(rows.start, rows.stop), rel):
+    for row, at in zip(range(rows.start, rows.stop), rel, strict=True):
         out2d[row] = data[int(at):int(at) + run]
 
 
@@ -155,7 +156,7 @@ def read_raw(name: str, kvstore: Any, layout: RawLayout, shape: Sequence[int],
         window.add(fut, want, functools.partial(_land, name, layout, begin, want, little,
                                                 store, place))
 
-    for out, box in zip(outputs, targets):
+    for out, box in zip(outputs, targets, strict=True):
         starts, run = byte_runs(shape, box)
         if run == 0:
             continue

@@ -3,11 +3,11 @@
 Called by ``ckpt.restore`` (on every process, for the boxes its devices need) and by the
 offline tools. Each chunk a process needs is read once, verified by the zarr crc32c codec
 and the manifest's crc32c (hashed, or, for a whole chunk in a strided region or of 1 MiB or
-more on a local file system, compared with the codec's checksum at the end of the stored chunk), and copied into every target box it
-overlaps; a chunk that is inside one target box is decoded by TensorStore straight into
-its place in that box's buffer. Chunk data in flight (stored and decoded bytes) is bounded
-by a memory budget, on top of the target buffers: by default an eighth of the bytes
-restored, between 64 MiB and 1 GiB.
+more on a local file system, compared with the codec's checksum at the end of the stored
+chunk), and copied into every target box it overlaps; a chunk that is inside one target box
+is decoded by TensorStore straight into its place in that box's buffer. Chunk data in flight
+(stored and decoded bytes) is bounded by a memory budget, on top of the target buffers: by
+default an eighth of the bytes restored, between 64 MiB and 1 GiB.
 
 Target buffers are 64-byte aligned (`aligned_empty`): JAX's CPU client then adopts a buffer
 as a device array without copying it, which halves restore's memory and saves a copy.
@@ -150,7 +150,7 @@ def _open(jobs: Sequence[ArrayReadJob], deadline: Deadline | None) -> list[Any]:
     opened = [ts.KvStore.open(job.spec["kvstore"], context=job.context) if job.raw else
               ts.open(job.spec, context=job.context) for job in jobs]
     arrays = []
-    for job, fut in zip(jobs, opened):
+    for job, fut in zip(jobs, opened, strict=True):
         if job.raw is not None:
             arrays.append(_wait(fut, deadline, f"opening the store of {job.name}"))
             continue
@@ -245,7 +245,8 @@ def read_arrays(jobs: Sequence[ArrayReadJob], *, memory_budget: int | None = Non
                 else None for job in jobs]
     window = Window(memory_budget, deadline, "reading chunks")
     try:
-        for job, array, out, plan, opening in zip(jobs, arrays, outputs, plans, kvstores):
+        for job, array, out, plan, opening in zip(jobs, arrays, outputs, plans, kvstores,
+                                                  strict=True):
             if job.raw is not None:
                 read_raw(job.name, array, job.raw, job.shape, job.dtype, out, job.targets,
                          window, job.store)

@@ -28,7 +28,7 @@ Box = tuple[tuple[int, int], ...]
 def box_of_index(index: Sequence[slice], shape: Sequence[int]) -> Box:
     """Converts a JAX shard index (a tuple of slices) to a box."""
     out = []
-    for s, n in zip(index, shape):
+    for s, n in zip(index, shape, strict=True):
         start, stop, step = s.indices(n)
         if step != 1:
             raise InvalidArgumentError(f"strided shard index {s} is not supported")
@@ -54,29 +54,30 @@ def to_slices(box: Box, origin: Box | None = None) -> tuple[slice, ...]:
     """Slices selecting ``box``, relative to ``origin``'s start if given."""
     if origin is None:
         return tuple(slice(a, b) for a, b in box)
-    return tuple(slice(a - o, b - o) for (a, b), (o, _) in zip(box, origin))
+    return tuple(slice(a - o, b - o) for (a, b), (o, _) in zip(box, origin, strict=True))
 
 
 def intersect(a: Box, b: Box) -> Box | None:
     """The overlap of two boxes, or None if they do not overlap (or it is empty)."""
-    out = tuple((max(x0, y0), min(x1, y1)) for (x0, x1), (y0, y1) in zip(a, b))
+    out = tuple((max(x0, y0), min(x1, y1)) for (x0, x1), (y0, y1) in zip(a, b, strict=True))
     return out if all(lo < hi for lo, hi in out) else None
 
 
 def grid_shape(shape: Sequence[int], chunk_shape: Sequence[int]) -> tuple[int, ...]:
     """Number of chunks along each dimension."""
-    return tuple(-(-n // c) for n, c in zip(shape, chunk_shape))
+    return tuple(-(-n // c) for n, c in zip(shape, chunk_shape, strict=True))
 
 
 def chunk_box(coord: Sequence[int], chunk_shape: Sequence[int], shape: Sequence[int]) -> Box:
     """The global box of the chunk at grid coordinate ``coord``."""
-    return tuple((i * c, min((i + 1) * c, n)) for i, c, n in zip(coord, chunk_shape, shape))
+    return tuple((i * c, min((i + 1) * c, n))
+                 for i, c, n in zip(coord, chunk_shape, shape, strict=True))
 
 
 def flat_index(coord: Sequence[int], grid: Sequence[int]) -> int:
     """C-order position of a grid coordinate (the order chunk lists are recorded in)."""
     flat = 0
-    for i, g in zip(coord, grid):
+    for i, g in zip(coord, grid, strict=True):
         flat = flat * g + i
     return flat
 
@@ -98,7 +99,7 @@ def chunk_sizes(shape: Sequence[int], chunk_shape: Sequence[int]) -> list[int]:
 
 def chunks_in(box: Box, chunk_shape: Sequence[int]) -> Iterator[tuple[int, ...]]:
     """Grid coordinates of every chunk overlapping ``box`` (in C order)."""
-    ranges = [range(a // c, -(-b // c)) for (a, b), c in zip(box, chunk_shape)]
+    ranges = [range(a // c, -(-b // c)) for (a, b), c in zip(box, chunk_shape, strict=True)]
     return itertools.product(*ranges)
 
 

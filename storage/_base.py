@@ -132,11 +132,11 @@ class Store(abc.ABC):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
 
-    def child(self, prefix: str) -> "Store":
+    def child(self, prefix: str) -> Store:
         """A store of the same backend rooted at ``prefix`` below this root."""
         return type(self)(self.location.child(check_key(prefix)))
 
-    def parent(self) -> "Store | None":
+    def parent(self) -> Store | None:
         """A store of the same backend rooted one level up (None at the top): where a
         reader of a single file (a ``.safetensors`` URL) finds it by name."""
         up = self.location.parent()
@@ -146,7 +146,7 @@ class Store(abc.ABC):
         """A human-readable name of ``key`` for error messages."""
         return f"{self.url.rstrip('/')}/{key}" if key else self.url
 
-    def verify_access(self) -> None:
+    def verify_access(self) -> None:  # noqa: B027  (a default: most stores check nothing)
         """Checks that the store is reachable with the configured credentials.
 
         Called by `CheckpointManager` and by process 0 at the start of a save, so that a

@@ -23,9 +23,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ckpt.storage._base import ChunkIO, Op, Store
-from ckpt.storage._errors import StorageError
+from ckpt.storage._errors import InvalidArgumentError, StorageError
 from ckpt.storage._wrapper import WrapperStore
-from ckpt.storage._errors import InvalidArgumentError
 
 T = TypeVar("T")
 

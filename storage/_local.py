@@ -9,6 +9,7 @@ one, or a hidden temporary file that listing ignores.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import errno
 import functools
 import os
@@ -208,7 +209,7 @@ class LocalStore(Store):
         if os.path.isfile(top):
             return [prefix]
         keys: list[str] = []
-        for folder, dirs, files in os.walk(top):
+        for folder, _dirs, files in os.walk(top):
             rel = os.path.relpath(folder, self.location.path)
             rel = "" if rel == "." else rel.replace(os.sep, "/")
             keys.extend(f"{rel}/{f}" if rel else f for f in files if not _is_tmp(f))
@@ -254,10 +255,9 @@ class LocalStore(Store):
             raise self._error(exc, prefix, "deleting") from exc
 
     def _prune(self, prefix: str) -> None:
-        try:
+        # Not empty (a writer got there first), or already gone: either is fine.
+        with contextlib.suppress(OSError):
             os.rmdir(self._path(prefix))
-        except OSError:
-            pass  # not empty (a writer got there first), or already gone
 
     def _kvstore_spec(self, prefix: str) -> dict[str, Any]:
         return {"driver": "file", "path": self._path(prefix).rstrip("/") + "/"}

@@ -14,7 +14,6 @@ import tensorstore as ts
 from ckpt.storage._base import Store, shared_context
 from ckpt.storage._errors import ObjectNotFoundError
 
-
 # TensorStore's generation meaning "no value is stored": a write conditioned on it only
 # succeeds when the key is absent. (An empty generation would mean "unconditional".)
 _NO_VALUE = b"\x02"

@@ -18,6 +18,7 @@ is never answered costs at most ``(max_retries + 1) * request_timeout_s`` plus t
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import importlib
@@ -411,10 +412,8 @@ class ObjectStore(Store):
         return [p[len(base):].strip("/") for p in found if p.startswith(base) and p != base]
 
     def _delete(self, key: str) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self._call("deleting", key, self._fs.rm_file, self._path(key))
-        except FileNotFoundError:
-            pass
 
     def _delete_prefix(self, prefix: str) -> None:
         keys = self._list(prefix)
@@ -424,10 +423,8 @@ class ObjectStore(Store):
         for _ in range(2):
             if not keys:
                 return
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 self._call("deleting", prefix, self._fs.rm, [self._path(k) for k in keys])
-            except FileNotFoundError:
-                pass
             keys = sorted(set(keys) & set(self._list(prefix)))
         if keys:
             raise StorageError(errno.EIO, f"{len(keys)} object(s) under {self.describe(prefix)} "

@@ -38,7 +38,7 @@ class Location:
         tail = f"/{self.path}" if self.path else ""
         return f"{self.scheme}://{self.bucket}{tail}"
 
-    def child(self, name: str) -> "Location":
+    def child(self, name: str) -> Location:
         """The location of ``name`` (already a validated relative key) below this one."""
         if self.scheme == "file":
             return Location("file", "", os.path.join(self.path, name))
@@ -46,7 +46,7 @@ class Location:
         return Location(self.scheme, self.bucket, path)
 
 
-    def parent(self) -> "Location | None":
+    def parent(self) -> Location | None:
         """The location one level up, or None at a file system's or bucket's root."""
         if self.scheme == "file":
             up = os.path.dirname(self.path)
