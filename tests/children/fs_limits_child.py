@@ -15,13 +15,14 @@ sys.path.insert(0, os.path.abspath(os.path.join(__file__, "..", "..", "..")))  #
 import numpy as np  # noqa: E402
 
 import ckpt  # noqa: E402
+from tests.helpers.saves import started  # noqa: E402
 
 
 def attempt(root, big):
     mgr = ckpt.CheckpointManager(root, keep_last=None)
-    out = {}
+    out: dict[str, object] = {}
     try:
-        mgr.save(2, big).wait()
+        started(mgr.save(2, big)).wait()
         out.update(error_type=None, error="")
     except ckpt.CkptError as exc:
         out.update(error_type=type(exc).__name__, error=str(exc))

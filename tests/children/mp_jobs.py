@@ -5,6 +5,8 @@ Each runs after `jax.distributed.initialize`; arguments and results are JSON val
 
 import os
 import signal
+from typing import Any
+from unittest import mock
 
 import jax
 import numpy as np
@@ -13,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 import ckpt
 from ckpt.storage import Op
+from tests.helpers.saves import started, timings
 
 SPECS = {"w": P("data", "model"), "v": P("model"), "r": P(), "pr": P(None, "data"),
          "e": P("model", "data")}
@@ -41,10 +44,21 @@ def device_tree(step, shape):
     for k, v in host_tree(step).items():
         if k in SPECS:
             sh = NamedSharding(mesh, SPECS[k])
-            out[k] = jax.make_array_from_callback(v.shape, sh, lambda idx, v=v: v[idx])
+            out[k] = jax.make_array_from_callback(v.shape, sh, v.__getitem__)
         else:
             out[k] = v
     return out
+
+
+def coordination_client() -> Any:
+    """The coordination service's client, which `jax.distributed.initialize` (run before
+    every job) made."""
+    from jax._src.distributed import global_state
+
+    client = global_state.client
+    if client is None:
+        raise RuntimeError("jax.distributed.initialize has not run in this process")
+    return client
 
 
 def exact(restored, step):
@@ -141,7 +155,8 @@ def hang_one(url, timeout_s, hung):
     from tests.helpers.faults import FaultyStore, is_background
 
     if jax.process_index() == hung:
-        pause, stalled = timeout_s * 2, []
+        pause = timeout_s * 2
+        stalled: list[str] = []
 
         def stuck(doing, key, args):
             if is_background(doing, key) and not stalled:
@@ -199,24 +214,22 @@ def slow_commit(url, timeout_s, where):
     time runs out: it is not abandoned (a COMMIT write left running could land after a later
     save), so process 0 commits late; process 1, which gave up, says the outcome is unknown
     (COMMIT decides), never that nothing was committed."""
-    from jax._src.distributed import global_state
-
     from tests.helpers.faults import FaultyStore
 
-    client = global_state.client
+    client = coordination_client()
     me = jax.process_index()
     if me == 0 and where == "claim":
         # Process 0 itself stalls (descheduled, paging) between two store calls: no store
         # wrapper can stage that, as the deadline bounds every store call.
         import ckpt._commit as commit_mod
-
-        real_claim = commit_mod.claim_commit
+        from ckpt._claims import claim_commit as real_claim
 
         def slow_claim(store, attempt):
             client.blocking_key_value_get("test/p1-gave-up", 120_000)
             real_claim(store, attempt)
 
-        commit_mod.claim_commit = slow_claim
+        # _commit calls claim_commit by the name it imported; patched for the rest of the job.
+        mock.patch.object(commit_mod, "claim_commit", slow_claim).start()
     if me == 0 and where == "commit":
         def slow_create(doing, key, args):
             if doing == Op.CREATE and key.endswith("COMMIT"):
@@ -225,7 +238,7 @@ def slow_commit(url, timeout_s, where):
         url = FaultyStore(url, before=slow_create)
     try:
         ckpt.save(url, device_tree(0, (jax.process_count(), 4)), timeout_s=timeout_s)
-        result = {"error": None}
+        result: dict[str, str | None] = {"error": None}
     except ckpt.CkptError as exc:
         result = {"error": str(exc), "type": type(exc).__name__}
     if me == 1:
@@ -279,13 +292,12 @@ def per_process_states(root):
 def policy_keys(root, calls):
     """``should_save`` with a wall-clock interval, ``calls`` times, with the processes as far
     apart as they like: the coordination service must keep none of the answers."""
-    from jax._src.distributed import global_state
-
     mgr = ckpt.CheckpointManager(root, save_every_seconds=3600, watch_preemption=False)
     answers = [mgr.should_save(step) for step in range(1, calls + 1)]
     mgr.close()
-    global_state.client.wait_at_barrier("test/counted", 60_000)  # every answer was read
-    left = global_state.client.key_value_dir_get("ckpt/policy/")
+    client = coordination_client()
+    client.wait_at_barrier("test/counted", 60_000)  # every answer was read
+    left = client.key_value_dir_get("ckpt/policy/")
     return {"answers": sorted(set(answers)), "left": len(left)}
 
 
@@ -300,7 +312,7 @@ def restore_while_overwritten(url):
 
     source = url
     if jax.process_index() == 0:
-        done = []
+        done: list[str] = []
 
         def overwritten_first(doing, key, args):  # the manifest is read, no chunk yet
             if doing == Op.OPEN and "/arrays/" in key and not done:
@@ -386,7 +398,6 @@ def grain_loop(root, kind, last, pause_at):
     every process, prints ``SAVED`` and waits to be SIGKILLed (by the test)."""
     import threading
 
-    from jax._src.distributed import global_state
     from jax.experimental import multihost_utils
 
     mesh = mesh_of((2, 4))
@@ -403,9 +414,9 @@ def grain_loop(root, kind, last, pause_at):
             print(f"BATCH {step} {batch.tolist()}", flush=True)
             state["w"] = state["w"] + float(batch.sum())
             state["step"] = step
-            mgr.save(step, state).wait()
+            started(mgr.save(step, state)).wait()
             if step == pause_at:
-                global_state.client.wait_at_barrier(f"test/saved-{step}", 60_000)
+                coordination_client().wait_at_barrier(f"test/saved-{step}", 60_000)
                 print(f"SAVED {step}", flush=True)
                 threading.Event().wait()
         total = float(np.asarray(multihost_utils.process_allgather(
@@ -453,7 +464,7 @@ def save_snapshot(url, step, mesh_shape, mode, budget):
         if isinstance(v, jax.Array):
             v.delete()
     handle.wait()
-    return [handle.timings.snapshot, handle.timings.host_peak_bytes]
+    return [timings(handle).snapshot, timings(handle).host_peak_bytes]
 
 
 def restore_safetensors(path):

@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import ckpt  # noqa: E402
 from tests.helpers.proc_status import reset_peak, status_bytes  # noqa: E402
+from tests.helpers.saves import timings  # noqa: E402
 
 url, mode = sys.argv[1], sys.argv[2]
 budget = 32 << 20
@@ -36,4 +37,4 @@ handle.wait()
 extra = status_bytes("VmHWM") - base
 nbytes = sum(v.nbytes for v in state.values())
 print(f"EXTRA_RSS_BYTES {extra} STATE_BYTES {nbytes} BUDGET {budget} "
-      f"PEAK {handle.timings.host_peak_bytes}")
+      f"PEAK {timings(handle).host_peak_bytes}")

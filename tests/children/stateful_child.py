@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
 import ckpt  # noqa: E402
+from tests.helpers.saves import started  # noqa: E402
 
 
 def make_iterator(kind):
@@ -45,7 +46,7 @@ def main():
             batch = np.asarray(next(state["loader"]))
             print(f"BATCH {step} {' '.join(map(str, batch.tolist()))}", flush=True)
             state["step"] = step
-            mgr.save(step, state).wait()
+            started(mgr.save(step, state)).wait()
             if step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
     sys.stdout.flush()

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(__file__, "..", "..", "..")))  #
 import numpy as np  # noqa: E402
 
 import ckpt  # noqa: E402
+from tests.helpers.saves import started  # noqa: E402
 
 
 def state(step):
@@ -45,7 +46,7 @@ def main():
     with ckpt.CheckpointManager(root, local_dir=local, local_keep=2,
                                 persist_every=persist_every) as mgr:
         for step in range(1, 6):
-            handle = mgr.save(step, state(step))
+            handle = started(mgr.save(step, state(step)))
             try:
                 handle.wait()
                 if handle.remote is not None:

@@ -5,11 +5,12 @@ import contextlib
 import logging
 import os
 import signal
+from unittest import mock
 
 import jax
 
 import ckpt
-from ckpt import _tiers
+from ckpt import _local, _tiers
 from ckpt.storage import Op
 from tests.children.mp_jobs import device_tree, exact, mesh_of
 from tests.helpers.faults import FaultyStore, ReadCounter, is_chunk_read, is_chunk_write
@@ -83,7 +84,7 @@ def save_and_die(root, local, mesh_shape, victim, phase):
     ``phase`` (``stop-local-write``: stops itself there instead, to be a zombie)."""
     me = jax.process_index()
     restoring = False
-    paused = []
+    paused: list[bool] = []
 
     def die():
         os.kill(os.getpid(), signal.SIGKILL)
@@ -115,9 +116,10 @@ def save_and_die(root, local, mesh_shape, victim, phase):
             die()
 
     if me == victim or (victim == -1 and me == 1):
-        real = _tiers.local_store
-        _tiers.local_store = lambda path, p: FaultyStore(real(path, p), before=local_before,
-                                                         after=local_after)
+        # _tiers calls local_store by the name it imported; patched for the rest of the job.
+        real = _local.local_store
+        mock.patch.object(_tiers, "local_store", lambda path, p: FaultyStore(
+            real(path, p), before=local_before, after=local_after)).start()
         root = FaultyStore(root, after=root_after)
     with _manager(root, local, 2) as mgr:
         print("SAVING", flush=True)
@@ -182,8 +184,10 @@ def save_and_stop(root, local, mesh_shape, where):
     with _manager(root, local, 2) as mgr:
         for step in (1, 2):
             mgr.save(step, device_tree(step, tuple(mesh_shape))).wait()
-    real = _tiers.local_store
-    _tiers.local_store = lambda path, p: FaultyStore(real(path, p), before=before)
+    real = _local.local_store  # what _tiers calls, by the name it imported
+    patched = mock.patch.object(_tiers, "local_store",
+                                lambda path, p: FaultyStore(real(path, p), before=before))
+    patched.start()
     mgr = _manager(root, local, 2)
     try:
         mgr.save(3, device_tree(3, tuple(mesh_shape))).wait()
@@ -191,7 +195,7 @@ def save_and_stop(root, local, mesh_shape, where):
     except ckpt.CkptError as exc:
         outcome = f"{type(exc).__name__}: {exc}"
     finally:
-        _tiers.local_store = real
+        patched.stop()
     with contextlib.suppress(ckpt.CkptError):
         mgr.close()
     return outcome

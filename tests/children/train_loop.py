@@ -42,7 +42,8 @@ class LinenMlp(linen.Module):
 
 def fresh_state():
     model = NnxMlp(nnx.Rngs(params=0, dropout=1))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    # flax types split with two filters as if it could return any number of states.
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]
     linen_model = LinenMlp()
     lparams = linen_model.init(jax.random.PRNGKey(2), jnp.ones((1, 8)))
     opt = optax.adamw(1e-2)

@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 import ckpt
 from ckpt.cli import main as cli
 from ckpt.errors import CorruptCheckpointError, MissingLeafError, UnsupportedFormatError
+from tests.helpers.saves import started
 
 flags.FLAGS.mark_as_parsed()  # grain reads absl flags
 
@@ -125,7 +126,7 @@ def test_a_manager_resumes_an_orbax_runs_items_then_saves_its_own(tmp_path, mesh
             (8, 8), jnp.float32, sharding=NamedSharding(mesh24, P("data", "model")))},
             "data": data})
         assert _next(data) == expected["data"]
-        mgr.save(8, state).wait()
+        started(mgr.save(8, state)).wait()
         assert mgr.steps() == [7, 8]
     fresh = _dataset_iter()
     ckpt.CheckpointManager(root, read_only=True).restore(8, {"data": fresh})
@@ -254,7 +255,7 @@ def test_item_picks_one_top_level_key_of_this_librarys_checkpoints(tmp_path, mes
     w = jax.device_put(jnp.arange(32.0).reshape(4, 8), NamedSharding(mesh24, P("data")))
     tree = {"params": {"w": w, "b": np.arange(3)}, "step": 4, "data": ckpt.PerProcess(7)}
     with ckpt.CheckpointManager(str(tmp_path / "run")) as mgr:
-        mgr.save(4, tree).wait()
+        started(mgr.save(4, tree)).wait()
         params = mgr.restore(item="params", target={"w": w})
         assert params["w"].sharding == w.sharding
         assert params["w"].tobytes() == w.tobytes()
@@ -296,7 +297,7 @@ def _maxtext_like_state(mesh):
 
 
 def _leaf_bytes(x):
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
         return str(jax.random.key_impl(x)), np.asarray(jax.random.key_data(x)).tobytes()
     return str(x.dtype), np.asarray(x).tobytes()
 
@@ -326,7 +327,8 @@ def test_a_maxtext_shaped_checkpoint_restores_onto_its_abstract_state_and_conver
             assert ckpt.metadata(os.path.join(root, "12")).metadata == {"scan_layers": True}
         leaves = jax.tree.leaves(got)
         assert len(leaves) == len(want)
-        assert jax.tree.structure(got) == jax.tree.structure(state)
+        # jaxlib has no stubs, so mypy cannot resolve jax's PyTreeDef and refuses its ==.
+        assert jax.tree.structure(got) == jax.tree.structure(state)  # type: ignore[operator]
         for g, w, a in zip(leaves, want, jax.tree.leaves(abstract), strict=True):
             assert _leaf_bytes(g) == _leaf_bytes(w), root
             assert g.sharding == a.sharding, root

@@ -56,6 +56,7 @@ def test_zarr_python_reads_every_array_it_has_a_dtype_for(saved):
         name = leaf["path"][0][1]
         arr = zarr.open_array(f"{url}/{attempt}/arrays/{leaf['name']}", mode="r")
         got = arr[...]
+        assert isinstance(got, np.ndarray), type(got)  # an array of more than 0 dimensions
         assert got.dtype == expected[name].dtype and got.tobytes() == expected[name].tobytes(), \
             name
         # The manifest's per-chunk crc32c covers the chunk's logical little-endian bytes.

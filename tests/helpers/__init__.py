@@ -1,6 +1,7 @@
 """What several test modules share: fault-injecting stores (``faults``), a fault-injecting
 HTTP proxy (``faultproxy``), checkpoint edits (``mutation``), the crash tests' states
-(``crash_state``) and a process's memory (``proc_status``)."""
+(``crash_state``), a process's memory (``proc_status``) and what a save returned
+(``saves``)."""
 
 import pathlib
 

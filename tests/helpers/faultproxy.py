@@ -44,7 +44,9 @@ class FaultProxy:
                  stall: Callable[[str, str, bytes], bool] | None = None,
                  deny: int | None = None) -> None:
         up = urllib.parse.urlsplit(upstream)
-        self.upstream = (up.hostname, up.port)
+        if up.hostname is None:
+            raise ValueError(f"upstream {upstream!r} names no host")
+        self.upstream: tuple[str, int | None] = (up.hostname, up.port)
         self.fault_rate = fault_rate
         self.delay_s = delay_s
         self.kinds = kinds

@@ -15,7 +15,7 @@ empty key.
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from ckpt._claims import COMMITTING
 from ckpt._format import CLAIMS, decode_host_report, encode_host_report, unpack
@@ -32,8 +32,9 @@ class FaultyStore(WrapperStore):
         self.before, self.after = before, after
         self.prefix = ""
 
-    def child(self, prefix):
-        wrapped = super().child(prefix)
+    def child(self, prefix: str) -> "FaultyStore":
+        # WrapperStore.child returns a copy of this store, so a FaultyStore.
+        wrapped = cast(FaultyStore, super().child(prefix))
         wrapped.prefix = f"{self.prefix}{prefix.strip('/')}/"
         return wrapped
 

@@ -148,7 +148,7 @@ def guide_orbax_move(tmp_path):
 
 def _leaf_bytes(tree):
     def raw(x):
-        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
             return str(jax.random.key_impl(x)), np.asarray(jax.random.key_data(x)).tobytes()
         return np.asarray(x).tobytes()
     return [raw(x) for x in jax.tree.leaves(tree)]
@@ -176,8 +176,11 @@ def guide_whole_run(tmp_path):
     config = {"lr": 1e-3, "batch_size": 8, "seed": 0}
     model = names["Model"](nnx.Rngs(params=0, dropout=1))
     optimizer = nnx.Optimizer(model, names["optax"].adamw(config["lr"]), wrt=nnx.Param)
+    # As docs/guide.md's loader: np.float32 of a list makes an array, which numpy's stubs
+    # do not allow for.
     loader = iter(grain.MapDataset.range(1_000_000).shuffle(seed=0)[0::1]
-                  .map(lambda i: np.float32([i % 3, i % 5, i % 7, i % 11]) / 10).batch(8))
+                  .map(lambda i: np.float32([i % 3, i % 5, i % 7, i % 11])  # type: ignore[arg-type]
+                       / 10).batch(8))
     for _ in range(250):
         names["train_step"](model, optimizer, next(loader))
     orbax_root = str(tmp_path / "orbax-run")
@@ -267,11 +270,15 @@ def safetensors_import(tmp_path):
             self.up = nnx.Linear(8, 16, rngs=rngs)
             self.norm = nnx.LayerNorm(16, rngs=rngs)
 
+    def host(param: nnx.Param[jax.Array] | None) -> np.ndarray:
+        assert param is not None  # made with flax's defaults: every bias and scale is there
+        return np.asarray(param[...])
+
     published = Model(nnx.Rngs(5))
-    weights = {"up.kernel": np.asarray(published.up.kernel[...]),
-               "up.bias": np.asarray(published.up.bias[...]),
-               "norm.scale": np.asarray(published.norm.scale[...]),
-               "norm.bias": np.asarray(published.norm.bias[...])}
+    weights = {"up.kernel": host(published.up.kernel),
+               "up.bias": host(published.up.bias),
+               "norm.scale": host(published.norm.scale),
+               "norm.bias": host(published.norm.bias)}
     folder = tmp_path / "tiny-model"
     folder.mkdir()
     save_file(weights, str(folder / "model.safetensors"))
@@ -314,6 +321,7 @@ def tools_from_python(tmp_path):
     assert names["report"].ok
     assert names["result"].mesh == {"data": 4, "model": 2}
     (leaf,) = [x for x in ckpt.metadata(str(tmp_path / "serve")).leaves if x.shape]
+    assert leaf.spec is not None  # an array's
     assert tuple(leaf.spec) == (None, "model")
     assert np.array_equal(ckpt.restore(str(tmp_path / "serve"))["params"]["dense"]["kernel"],
                           kernel)

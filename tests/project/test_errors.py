@@ -18,7 +18,7 @@ from ckpt.errors import (
 
 
 def _tree(root):
-    out = []
+    out: list[str] = []
     for folder, dirs, files in os.walk(root):
         out.extend(os.path.join(folder, f) for f in files)
         out.extend(os.path.join(folder, d) + "/" for d in dirs)

@@ -12,6 +12,7 @@ import pytest
 
 import ckpt
 from ckpt.cli import main
+from tests.helpers.saves import started
 
 
 def _messages(caplog):
@@ -23,9 +24,9 @@ def test_save_restore_retention_and_clean_up_are_logged_with_timings(tmp_path, c
     root = str(tmp_path / "run")
     tree = {"w": np.arange(100_000, dtype=np.float32), "step": 1}
     with ckpt.CheckpointManager(root, keep_last=1, watch_preemption=False) as mgr:
-        first = mgr.save(1, tree)
+        first = started(mgr.save(1, tree))
         first.wait()
-        mgr.save(2, tree).wait()
+        started(mgr.save(2, tree)).wait()
         mgr.restore(2)
     t = first.timings
     assert isinstance(t, ckpt.SaveTimings)

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from typing import Any
 
 import jax
 import msgpack
@@ -130,7 +131,7 @@ NASTY_KEYS = ["a/b", "..", "../../escape", "", "\x00nul", "x" * 500, "日本語"
 
 
 def test_nasty_key_paths_round_trip_inside_the_folder(tmp_path):
-    tree = {k: np.full(5000, i, np.int32) for i, k in enumerate(NASTY_KEYS)}
+    tree: dict[str, Any] = {k: np.full(5000, i, np.int32) for i, k in enumerate(NASTY_KEYS)}
     tree["nested"] = {k: [np.full(5000, -i, np.int16)] for i, k in enumerate(NASTY_KEYS)}
     ckpt.save(tmp_path / "inside" / "c", tree)
     everything = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs]
@@ -151,12 +152,14 @@ def test_nasty_key_paths_round_trip_inside_the_folder(tmp_path):
 def _valid_manifest():
     import ckpt._format as fmt
 
-    leaf = fmt.LeafRecord(path=(("key", "w"),), kind="array", source="jax", shape=(8, 4),
-                          dtype="float32", mesh_shape=(2,), mesh_axes=("d",), spec=["d"],
-                          name="w", layout=fmt.ChunkLayout((4, 4), (0, 0), (64, 64), (1, 2)))
-    inline = fmt.LeafRecord(path=(("key", "b"), ("index", 0)), kind="inline", source="numpy",
-                            shape=(2,), dtype="int8", data=b"\x01\x02")
-    value = fmt.LeafRecord(path=(("attr", "s"),), kind="value", vtype="str", value="hi")
+    leaf = fmt.LeafRecord(path=(("key", "w"),), kind=fmt.LeafKind.ARRAY, source="jax",
+                          shape=(8, 4), dtype="float32", mesh_shape=(2,), mesh_axes=("d",),
+                          spec=["d"], name="w",
+                          layout=fmt.ChunkLayout((4, 4), (0, 0), (64, 64), (1, 2)))
+    inline = fmt.LeafRecord(path=(("key", "b"), ("index", 0)), kind=fmt.LeafKind.INLINE,
+                            source="numpy", shape=(2,), dtype="int8", data=b"\x01\x02")
+    value = fmt.LeafRecord(path=(("attr", "s"),), kind=fmt.LeafKind.VALUE, vtype="str",
+                           value="hi")
     return fmt.encode_manifest(fmt.Manifest("attempt-x", 1, 0.0, 1.0, {"jax": "x"},
                                             {"m": [1, 2]}, [leaf, inline, value]))
 

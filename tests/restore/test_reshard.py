@@ -1,5 +1,7 @@
 """Saved on a 2x4 mesh, restored bit-exactly onto other meshes, device counts and targets."""
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,9 +43,9 @@ MESHES = [(2, 4), (4, 2), (1, 8), (8, 1), (1, 2), (1, 1)]
 def test_restore_with_shape_dtype_struct_target(saved, shape):
     url, host = saved
     mesh = make_mesh(shape)
-    target = {"params": {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
-                                                sharding=NamedSharding(mesh, SPECS[k]))
-                         for k, v in host.items()}, "step": 0}
+    target: dict[str, Any] = {"params": {k: jax.ShapeDtypeStruct(
+        v.shape, v.dtype, sharding=NamedSharding(mesh, SPECS[k])) for k, v in host.items()},
+        "step": 0}
     out = ckpt.restore(url, target)
     assert out["step"] == 7
     for k, v in host.items():

@@ -6,6 +6,7 @@ import contextlib
 import json
 import shutil
 import tracemalloc
+from typing import Any
 
 import jax
 import msgpack
@@ -291,7 +292,7 @@ def test_metadata_changed_after_save_async_returns_is_not_saved(tmp_path):
     from tests.helpers.faults import FaultyStore, hold_background
 
     url = str(tmp_path / "m")
-    meta = {"lr": 0.1, "tags": ["a"]}
+    meta: dict[str, Any] = {"lr": 0.1, "tags": ["a"]}  # plain msgpack data, of no one type
     gate = __import__("threading").Event()
     handle = ckpt.save_async(FaultyStore(url, before=hold_background(gate)), {"x": np.arange(5)},
                              metadata=meta)
@@ -408,7 +409,7 @@ def test_a_restore_during_an_overwrite_gets_one_checkpoint_whole(root_url):
     old = {"w": np.full(20_000, 1.0, np.float32), "n": 1}
     new = {"w": np.full(20_000, 2.0, np.float32), "n": 2}
     ckpt.save(url, old)
-    opened = []  # the attempts whose arrays the reader opened
+    opened: list[str] = []  # the attempts whose arrays the reader opened
 
     def overwritten_first(doing, key, args):
         if doing == Op.OPEN and "/arrays/" in key:

@@ -13,6 +13,7 @@ import ckpt
 from ckpt.errors import SaveError
 from ckpt.storage import open_store
 from tests.helpers.faults import FaultyStore, fail_background, is_background, is_chunk_write
+from tests.helpers.saves import started
 
 
 def _state(step, mesh):
@@ -101,7 +102,7 @@ def test_wait_raises_failed_save(tmp_path):
 
 def test_same_step_twice_is_refused(tmp_path):
     with ckpt.CheckpointManager(tmp_path / "run") as mgr:
-        mgr.save(1, {"x": 1}).wait()
+        started(mgr.save(1, {"x": 1})).wait()
         with pytest.raises(ckpt.CheckpointExistsError, match="1"):
             mgr.save(1, {"x": 2})
         assert mgr.restore(1) == {"x": 1}
@@ -135,22 +136,25 @@ def test_error_seen_through_handle_is_not_raised_again(tmp_path):
     mgr = ckpt.CheckpointManager(FaultyStore(tmp_path / "run",
                                              before=fail_background(OSError(5, "boom"))))
     with pytest.raises(SaveError, match="boom"):
-        mgr.save(1, {"x": np.ones(100000)}).wait()
+        started(mgr.save(1, {"x": np.ones(100000)})).wait()
     mgr.close()  # already reported: closing does not raise it a second time
 
 
 def test_bad_metrics_are_refused_before_anything_is_written(tmp_path):
     with ckpt.CheckpointManager(tmp_path / "run") as mgr:
         with pytest.raises(ValueError, match="metrics.*'loss'"):
-            mgr.save(1, {"x": 1}, metrics={"loss": "low"})
+            mgr.save(1, {"x": 1}, metrics={"loss": "low"})  # type: ignore[dict-item]  # on purpose
         assert mgr.steps() == []
         assert not (tmp_path / "run" / "1").exists()
 
 
 def test_metrics_take_a_bfloat16_loss_and_refuse_what_is_no_real_number(tmp_path):
     with ckpt.CheckpointManager(tmp_path / "r", best_metric="loss") as mgr:
-        mgr.save(1, {"x": np.zeros(2)}, metrics={"loss": jnp.asarray(0.5, jnp.bfloat16),
-                                                  "acc": np.float16(0.25), "n": 7})
+        # save's metrics annotation (dict[str, float]) leaves out the jax and numpy numbers
+        # it documents.
+        mgr.save(1, {"x": np.zeros(2)},
+                 metrics={"loss": jnp.asarray(0.5, jnp.bfloat16),  # type: ignore[dict-item]
+                          "acc": np.float16(0.25), "n": 7})  # type: ignore[dict-item]
         mgr.wait()
         assert mgr.metrics(1) == {"loss": 0.5, "acc": 0.25, "n": 7.0}
         with pytest.raises(ckpt.InvalidArgumentError, match=r"\['big'\]") as err:
@@ -179,7 +183,7 @@ def test_a_save_whose_attempt_another_manager_removed_says_so_and_leaves_nothing
     root = str(tmp_path / "r")
     with ckpt.CheckpointManager(root) as mgr:
         mgr.save(1, {"x": np.zeros(4)})
-    second = []
+    second: list[None] = []
 
     def before(doing, key, args):
         if is_chunk_write(doing) and key == "5" and not second:
@@ -191,7 +195,7 @@ def test_a_save_whose_attempt_another_manager_removed_says_so_and_leaves_nothing
     big = {f"w{i}": np.full((256, 256), i, np.float32) for i in range(8)}
     with pytest.raises(ckpt.AttemptRemovedError,
                        match="another writable CheckpointManager.*read_only=True") as err:
-        mgr.save(5, big).wait()
+        started(mgr.save(5, big)).wait()
     assert "NOT_FOUND" not in str(err.value)
     folder = os.path.join(root, "5")
     left = os.listdir(folder) if os.path.isdir(folder) else []
@@ -199,7 +203,7 @@ def test_a_save_whose_attempt_another_manager_removed_says_so_and_leaves_nothing
     mgr.close()
     with ckpt.CheckpointManager(root) as again:
         assert again.steps() == [1]
-        again.save(5, {"x": np.ones(4)}).wait()
+        started(again.save(5, {"x": np.ones(4)})).wait()
         assert again.restore(5)["x"].tolist() == [1.0] * 4
 
 
@@ -215,7 +219,7 @@ def test_a_failed_save_removes_its_own_attempt(tmp_path):
     with ckpt.CheckpointManager(FaultyStore(root, before=before)) as mgr:
         mgr.save(1, {"x": np.zeros(4)})
         with pytest.raises(SaveError, match="No space left"):
-            mgr.save(2, {"w": np.ones((256, 256), np.float32)}).wait()
+            started(mgr.save(2, {"w": np.ones((256, 256), np.float32)})).wait()
         names = os.listdir(os.path.join(root, "2"))
         assert not [n for n in names if n.startswith("attempt-")], names
         assert mgr.steps() == [1]

@@ -29,6 +29,7 @@ from tests.children import script
 from tests.conftest import backend_url
 from tests.helpers.crash_state import host_state, make_state
 from tests.helpers.faults import FaultyStore, is_commit_claim
+from tests.helpers.saves import started
 
 CHILD = script("shared_root_child")
 
@@ -275,7 +276,7 @@ def test_rewind_past_a_paused_committer_keeps_its_step_hidden(root_url, monkeypa
             mgr.save(step, _tree(step))
     gate = _Gate(after=True)
     old = ckpt.CheckpointManager(gate.store(root_url))
-    handle = old.save(4, _tree(4))
+    handle = started(old.save(4, _tree(4)))
     assert gate.reached.wait(60)
     other = ckpt.CheckpointManager(root_url)
     other.rewind(2)
@@ -312,7 +313,7 @@ def test_a_commit_recreated_by_a_late_retry_after_a_delete_is_undone(root_url):
             return fn(*args)  # the retry, after the delete below
 
     writer = ckpt.CheckpointManager(LostAnswer(root_url))
-    handle = writer.save(2, _tree(2))
+    handle = started(writer.save(2, _tree(2)))
     assert reached.wait(60)
     other = ckpt.CheckpointManager(root_url)
     other.delete(2)
@@ -363,11 +364,11 @@ def test_keep_best_skips_retention_when_a_metric_cannot_be_read(tmp_path, caplog
     with ckpt.CheckpointManager(FaultyStore(root, before=flaky), keep_last=1, keep_best=1,
                                 best_metric="loss") as mgr:
         with caplog.at_level(logging.ERROR, logger="ckpt"):
-            mgr.save(3, _tree(3), metrics={"loss": 0.5}).wait()
+            started(mgr.save(3, _tree(3), metrics={"loss": 0.5})).wait()
         assert "housekeeping failed" in caplog.text
         assert not fail[0]
         assert mgr.steps() == [1, 2, 3]  # nothing deleted on a guess
-        mgr.save(4, _tree(4), metrics={"loss": 0.7}).wait()
+        started(mgr.save(4, _tree(4), metrics={"loss": 0.7})).wait()
         assert mgr.steps() == [1, 4]  # the best, and the newest
 
 
@@ -390,9 +391,10 @@ def test_start_up_clean_up_never_removes_the_managers_own_new_save(tmp_path, mon
     ours = _Gate(after=False)
     mgr = ckpt.CheckpointManager(FaultyStore(ours.store(root), before=slow_listing))
     assert listing.wait(60)  # the clean-up has listed step 0 and is about to list attempts
-    new = mgr.save(0, _tree(100))
+    new = started(mgr.save(0, _tree(100)))
     assert ours.reached.wait(60)  # our attempt is written, not yet claimed
     go.set()
+    assert mgr._gc is not None  # a writable manager's start-up clean-up
     mgr._gc.join()
     assert os.listdir(os.path.join(root, "0")).count(handle.attempt) == 0  # debris gone
     ours.release.set()
@@ -414,12 +416,12 @@ def test_retention_failure_does_not_fail_the_committed_save(tmp_path, caplog):
             raise StorageError(5, "delete refused")
 
     with ckpt.CheckpointManager(FaultyStore(root, before=flaky), keep_last=1) as mgr:
-        mgr.save(1, _tree(1)).wait()
+        started(mgr.save(1, _tree(1))).wait()
         with caplog.at_level(logging.ERROR, logger="ckpt"):
-            mgr.save(2, _tree(2)).wait()  # committed; retention of step 1 fails
+            started(mgr.save(2, _tree(2))).wait()  # committed; retention of step 1 fails
         assert "housekeeping failed" in caplog.text
         assert mgr.steps() == [1, 2]
-        mgr.save(3, _tree(3)).wait()  # retried
+        started(mgr.save(3, _tree(3))).wait()  # retried
         assert mgr.steps() == [3]
 
 

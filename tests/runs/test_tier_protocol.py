@@ -20,13 +20,14 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import ckpt
-from ckpt import _tiers
+from ckpt import _local, _tiers
 from ckpt._housekeeping import Lineage, read_lineage, remove_steps
 from ckpt.errors import AttemptRemovedError, CommitConflictError
 from ckpt.storage import Op, open_store
 from tests.children import mp_jobs, script
 from tests.conftest import backend_url
 from tests.helpers.faults import FaultyStore
+from tests.helpers.saves import started
 from tools.launch import launch, start
 
 
@@ -126,20 +127,21 @@ def test_a_second_manager_on_one_local_folder_never_lets_an_emptied_copy_commit(
     root, local = str(tmp_path / "root"), str(tmp_path / "local")
     with ckpt.CheckpointManager(root, local_dir=local, persist_every=10) as mgr:
         mgr.save(1, _state(mesh24, 1))
-    second = []
+    second: list[ckpt.CheckpointManager | None] = []
 
     def before(doing, key, args):
         if key.startswith("2/claims/") and not second:
             second.append(None)  # its own clean-up passes here too
             second[0] = ckpt.CheckpointManager(root, local_dir=local, persist_every=10)
 
-    real = _tiers.local_store
+    real = _local.local_store  # what _tiers calls, by the name it imported
     monkeypatch.setattr(_tiers, "local_store",
                         lambda path, p: FaultyStore(real(path, p), before=before))
     first = ckpt.CheckpointManager(root, local_dir=local, persist_every=10)
     with pytest.raises(AttemptRemovedError, match="claimed for removal"):
-        first.save(2, _state(mesh24, 2)).wait()
+        started(first.save(2, _state(mesh24, 2))).wait()
     first.close()
+    assert second[0] is not None  # opened by the claim of step 2
     second[0].close()
     monkeypatch.setattr(_tiers, "local_store", real)
     with ckpt.CheckpointManager(root, local_dir=local, persist_every=10) as mgr:
@@ -314,7 +316,7 @@ def test_randomized_runs_never_lose_or_mix_a_committed_step(tmp_path, mesh24, se
     saves: dict[int, _Save] = {}   # by value
     on_root: dict[int, _Save] = {}  # what the root holds and nothing removed since
     ids = iter(range(1, 10**6))
-    log = []
+    log: list[tuple[str, int, list[int]]] = []
 
     def manager():
         return ckpt.CheckpointManager(root, local_dir=hosts[host], local_keep=2,

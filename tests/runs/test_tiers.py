@@ -7,6 +7,7 @@ import os
 import pathlib
 import shutil
 import signal
+from typing import Any
 
 import jax
 import numpy as np
@@ -25,6 +26,7 @@ from ckpt.storage import Op
 from tests.children import mp_jobs
 from tests.conftest import backend_url
 from tests.helpers.faults import ReadCounter, is_chunk_write
+from tests.helpers.saves import started
 from tools.launch import launch, start
 
 
@@ -71,7 +73,7 @@ def test_every_step_local_and_persisted_steps_at_the_root(dirs, mesh24):
     root, local = dirs
     with ckpt.CheckpointManager(root, local_dir=local, local_keep=2, persist_every=2) as mgr:
         for step in range(1, 6):
-            handle = mgr.save(step, _tree(mesh24, step))
+            handle = started(mgr.save(step, _tree(mesh24, step)))
             # Known when save returns: the root's commit of a persisted step, else None.
             assert (handle.remote is not None) == (step % 2 == 0)
             handle.wait()
@@ -258,10 +260,10 @@ def test_a_failed_root_commit_is_reported_and_the_step_stays_local(dirs, mesh24)
 
     with ckpt.CheckpointManager(FaultyStore(root, before=before), local_dir=local) as mgr:
         mgr.save(1, _tree(mesh24, 1))
-        handle = mgr.save(2, _tree(mesh24, 2))
+        handle = started(mgr.save(2, _tree(mesh24, 2)))
         handle.wait()  # the local commit
         with pytest.raises(SaveError, match="No space left"):
-            handle.remote.wait()
+            started(handle.remote).wait()
         assert mgr.latest_step() == 2  # from the local tier
         _same(mgr.restore(2, target=_tree(mesh24, 0)), _tree(mesh24, 2))
     assert _steps_in(local) == [1, 2]
@@ -309,7 +311,8 @@ def test_a_rewind_elsewhere_keeps_old_copies_from_coming_back(dirs, tmp_path, ot
     with ckpt.CheckpointManager(root, local_dir=local, local_keep=4, persist_every=2) as mgr:
         for step in (2, 3, 4, 5):
             mgr.save(step, _values(step, 1))
-    kw = {"local_dir": str(tmp_path / "hosts-b"), "persist_every": 2} if other_tier else {}
+    kw: dict[str, Any] = ({"local_dir": str(tmp_path / "hosts-b"), "persist_every": 2}
+                          if other_tier else {})
     with ckpt.CheckpointManager(root, **kw) as mgr:
         mgr.rewind(2)
         for step in (3, 4):
@@ -364,7 +367,7 @@ def test_gc_retention_keeps_copies_of_what_it_removed_from_coming_back(dirs):
 
 
 def test_a_failed_local_save_leaves_nothing_and_the_step_can_be_saved_again(dirs, monkeypatch):
-    from ckpt import _tiers
+    from ckpt import _local, _tiers
     from tests.helpers.faults import FaultyStore
 
     root, local = dirs
@@ -374,25 +377,25 @@ def test_a_failed_local_save_leaves_nothing_and_the_step_can_be_saved_again(dirs
         if failing[0] and is_chunk_write(doing) and key == "2":
             raise OSError(28, "No space left on device")
 
-    real = _tiers.local_store
+    real = _local.local_store  # what _tiers calls, by the name it imported
     monkeypatch.setattr(_tiers, "local_store",
                         lambda path, p: FaultyStore(real(path, p), before=before))
     with ckpt.CheckpointManager(root, local_dir=local) as mgr:
         mgr.save(1, _values(1, 1))
-        failed = mgr.save(2, _values(2, 1))
+        failed = started(mgr.save(2, _values(2, 1)))
         with pytest.raises(SaveError, match="No space left") as info:
             failed.wait()
         assert os.path.join(local, "2") in str(info.value)
         assert "process 0" in str(info.value)
         # The root's commit it would have started says so (never left waiting).
         with pytest.raises(SaveError, match="its local commit failed"):
-            failed.remote.wait(timeout=60)
+            started(failed.remote).wait(timeout=60)
         assert not [n for n in os.listdir(os.path.join(local, "2"))
                     if n.startswith("attempt-")] if os.path.isdir(os.path.join(local, "2")) \
             else True
         assert mgr.steps() == [1]
         failing[0] = False
-        mgr.save(2, _values(2, 7)).wait()
+        started(mgr.save(2, _values(2, 7))).wait()
         assert mgr.restore(2)["w"][0, 0] == 14.0
 
 
@@ -560,6 +563,7 @@ def test_a_chunk_marked_absent_is_only_valid_in_a_local_copy(dirs, mesh24):
     with ckpt.CheckpointManager(root, local_dir=local) as mgr:
         mgr.save(1, _tree(mesh24, 1))
     _, manifest = open_checkpoint(open_store(os.path.join(local, "1")))
+    assert manifest.local is not None  # a local copy's manifest says so
     assert {k: v for k, v in manifest.local.items() if k != "lineage"} == \
         {"process": 0, "step": 1, "root": root}
     assert manifest.local["lineage"]  # the root's origin event, made at the first start

@@ -47,6 +47,7 @@ def test_sigterm_saves_the_current_step_and_the_loop_exits(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "CKPT_TEST_WAIT_SIGTERM": "1"})
     try:
+        assert proc.stdout is not None  # stdout=PIPE
         for line in proc.stdout:
             if line.startswith("LOSS 4 "):
                 proc.send_signal(signal.SIGTERM)
@@ -121,6 +122,7 @@ def test_a_manager_saves_when_its_interval_has_passed(tmp_path):
             if mgr.should_save(step):
                 first = step
                 break
+        assert first is not None  # the loop ends only by finding it
         assert time.monotonic() - began >= 0.5
         mgr.save(first, {"x": first})
         assert not mgr.should_save(first + 1)  # the interval restarted with the save
@@ -167,21 +169,27 @@ def test_save_follows_the_schedule_unless_forced(tmp_path):
 def test_numpy_and_jax_steps_and_metrics_are_accepted(tmp_path):
     import jax.numpy as jnp
 
+    # The manager's annotations (step: int, metrics: dict[str, float]) are narrower than the
+    # numpy and jax numbers it documents and this test passes: each such call is ignored.
     with ckpt.CheckpointManager(tmp_path / "run", best_metric="loss") as mgr:
-        mgr.save(np.int64(3), {"x": 3}, metrics={"loss": np.float32(0.5), "acc": jnp.array(0.75)})
-        mgr.save(jnp.array(4), {"x": 4}, metrics={"loss": jnp.float32(0.25), "n": np.int32(7)})
-        mgr.save(np.array(5, np.uint16), {"x": 5}, metrics={"loss": 0.375})
+        mgr.save(np.int64(3), {"x": 3}, metrics={  # type: ignore[arg-type]
+            "loss": np.float32(0.5), "acc": jnp.array(0.75)})  # type: ignore[dict-item]
+        mgr.save(jnp.array(4), {"x": 4}, metrics={  # type: ignore[arg-type]
+            "loss": jnp.float32(0.25), "n": np.int32(7)})  # type: ignore[dict-item]
+        mgr.save(np.array(5, np.uint16),  # type: ignore[arg-type]
+                 {"x": 5}, metrics={"loss": 0.375})
         mgr.wait()
         assert mgr.steps() == [3, 4, 5]
-        assert mgr.metrics(np.int64(3)) == {"loss": 0.5, "acc": 0.75}
+        assert mgr.metrics(np.int64(3)) == {"loss": 0.5, "acc": 0.75}  # type: ignore[arg-type]
         assert mgr.metrics(4) == {"loss": 0.25, "n": 7.0}
-        assert mgr.restore(jnp.array(4)) == {"x": 4}
+        assert mgr.restore(jnp.array(4)) == {"x": 4}  # type: ignore[arg-type]
+        # What is refused is passed on purpose.
         for bad in (True, np.bool_(True), 3.0, -1, jnp.ones(2, jnp.int32), "6"):
             with pytest.raises(ValueError, match="step"):
-                mgr.save(bad, {"x": 0})
-        for bad in ({"loss": True}, {"loss": jnp.ones(2)}, {"loss": "0.1"}, {1: 0.1}):
+                mgr.save(bad, {"x": 0})  # type: ignore[arg-type]
+        for bad_metrics in ({"loss": True}, {"loss": jnp.ones(2)}, {"loss": "0.1"}, {1: 0.1}):
             with pytest.raises(ValueError, match="metrics"):
-                mgr.save(6, {"x": 6}, metrics=bad)
+                mgr.save(6, {"x": 6}, metrics=bad_metrics)  # type: ignore[arg-type]
         assert mgr.steps() == [3, 4, 5]
         with pytest.raises(ckpt.CheckpointNotFoundError):
             mgr.metrics(6)

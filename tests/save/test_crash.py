@@ -83,12 +83,17 @@ def _run_child(run, point, delay=None):
     proc = subprocess.Popen([sys.executable, CHILD, run.url, "2", point], env=run.env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     timer = None
+
+    def kill_if_running() -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+
     try:
+        assert proc.stdout is not None and proc.stderr is not None  # PIPE
         line = proc.stdout.readline()
         assert line.strip() == "SAVING", proc.stderr.read()
         if delay is not None:
-            timer = threading.Timer(
-                delay, lambda: proc.poll() is None and proc.send_signal(signal.SIGKILL))
+            timer = threading.Timer(delay, kill_if_running)
             timer.start()
         out, err = proc.communicate(timeout=120)
     finally:

@@ -26,7 +26,8 @@ def saved4(tmp_path_factory):
 
 
 def _report_bytes(url, leaves=None):
-    per_process, seen = {}, set()
+    per_process: dict[int, int] = {}
+    seen: set[tuple[str, int]] = set()
     for path in glob.glob(os.path.join(url, "attempt-*", "hosts", "*.msgpack")):
         with open(path, "rb") as f:
             report = decode_host_report(f.read(), path)
@@ -44,7 +45,7 @@ def test_four_processes_write_each_chunk_once_balanced(saved4):
     assert info.process_count == 4
     per_process, seen = _report_bytes(saved4)
     expected = {(leaf.name, i) for leaf in ckpt._reader.open_checkpoint(
-        ckpt._restore.open_store(saved4))[1].leaves if leaf.kind == "array"
+        ckpt.storage.open_store(saved4))[1].leaves if leaf.kind == "array"
         for i in range(len(leaf.writers))}
     assert seen == expected
     mean = sum(per_process.values()) / 4

@@ -11,13 +11,27 @@ import pytest
 
 import ckpt
 import ckpt.storage as storage
-from ckpt.storage import AccessDeniedError, BucketNotFoundError, StorageError, open_store
+from ckpt.storage import (
+    AccessDeniedError,
+    BucketNotFoundError,
+    ObjectStore,
+    StorageError,
+    open_store,
+)
 from tests.children import script
 from tests.conftest import BUCKET, backend_url
 from tests.helpers.faultproxy import FaultProxy
+from tests.helpers.saves import started
 
 REMOTES = ["s3", "gcs"]
 SCHEME = {"s3": "s3", "gcs": "gs"}
+
+
+def _object_store(url: str) -> ObjectStore:
+    """The store of an s3:// or gs:// ``url``, whose settings a test reads."""
+    store = open_store(url)
+    assert isinstance(store, ObjectStore), store
+    return store
 
 
 def _server(request, backend):
@@ -57,9 +71,9 @@ def test_each_store_keeps_the_settings_it_was_opened_with(monkeypatch):
         storage.configure("gs", endpoint_url="http://127.0.0.1:1")
         storage.configure("s3", endpoint_url="http://127.0.0.1:3", region="eu-west-3")
         before = dict(os.environ)
-        emulated, s3 = open_store("gs://bucket-a/run"), open_store("s3://bucket-s/run")
+        emulated, s3 = _object_store("gs://bucket-a/run"), _object_store("s3://bucket-s/run")
         storage.configure("gs", endpoint_url="http://127.0.0.1:2")
-        other = open_store("gs://bucket-b/run")
+        other = _object_store("gs://bucket-b/run")
         assert dict(os.environ) == before
         monkeypatch.delenv("AWS_ACCESS_KEY_ID")
         assert (emulated.settings.endpoint_url, other.settings.endpoint_url) == (
@@ -73,14 +87,14 @@ def test_each_store_keeps_the_settings_it_was_opened_with(monkeypatch):
         assert os.environ["TENSORSTORE_GCS_HTTP_URL"] == "http://127.0.0.1:1"
         assert os.environ["GOOGLE_AUTH_TOKEN_FOR_TESTING"] == "emulator"
         storage.configure("gs", endpoint_url=None, anonymous=True)
-        real = open_store("gs://bucket-c/run")
+        real = _object_store("gs://bucket-c/run")
         assert real.settings.endpoint_url is None
         assert real.settings.anonymous
         real.kvstore_spec("x")
         assert not {"TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING"} & set(os.environ)
 
         monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", "http://users-own:9")
-        assert open_store("gs://bucket-d/run").settings.endpoint_url == "http://users-own:9"
+        assert _object_store("gs://bucket-d/run").settings.endpoint_url == "http://users-own:9"
         storage.configure("gs", endpoint_url="http://127.0.0.1:1", anonymous=None)
         open_store("gs://bucket-a/run").kvstore_spec("x")
         assert os.environ["TENSORSTORE_GCS_HTTP_URL"] == "http://127.0.0.1:1"
@@ -140,8 +154,10 @@ def test_commit_race_processes_one_winner_restored_whole(request, tmp_path, back
              for i in range(4)]
     try:
         for p in procs:
+            assert p.stdout is not None and p.stderr is not None  # PIPE
             assert p.stdout.readline().strip() == "READY", p.stderr.read()
         for p in procs:
+            assert p.stdin is not None  # PIPE
             p.stdin.write("go\n")
             p.stdin.flush()
         results = [p.communicate(timeout=120)[0].split() for p in procs]
@@ -197,20 +213,20 @@ def test_server_gone_fails_clearly_and_keeps_previous(request, tmp_path, proxied
     storage.configure(SCHEME[backend], max_retries=2)
     root = backend_url(request, tmp_path, backend)
     mgr = ckpt.CheckpointManager(root, keep_last=None)
-    mgr.save(1, _tree(1)).wait()
+    started(mgr.save(1, _tree(1))).wait()
     proxy.down()
     with pytest.raises(StorageError) as err:
-        mgr.save(2, _tree(2)).wait()
+        started(mgr.save(2, _tree(2))).wait()
     assert BUCKET in str(err.value)
     proxy.up()
     # Now the server goes away while the background writes are in flight (each request is
     # held for half a second, so none can finish before the server is gone).
     proxy.kinds, proxy.delay_s, proxy.fault_rate = ("delay",), 0.5, 1.0
-    handle = mgr.save(3, _tree(3))
+    handle = started(mgr.save(3, _tree(3)))
     proxy.down()
-    with pytest.raises(ckpt.CkptError) as err:
+    with pytest.raises(ckpt.CkptError) as gone:
         handle.wait()
-    assert f"{BUCKET}" in str(err.value)
+    assert f"{BUCKET}" in str(gone.value)
     proxy.fault_rate = 0.0
     proxy.up()
     assert mgr.steps() == [1]
@@ -228,6 +244,7 @@ def test_latest_step_over_1000_steps_makes_few_requests(request, tmp_path, proxi
     store.write("999/attempt-x/manifest.msgpack", b"m")  # the newest step is uncommitted
     proxy = proxied(backend)
     mgr = ckpt.CheckpointManager(root)
+    assert mgr._gc is not None  # a writable manager's start-up clean-up
     mgr._gc.join()
     proxy.counts.clear()
     assert mgr.latest_step() == 998

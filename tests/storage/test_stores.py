@@ -17,6 +17,7 @@ from ckpt.storage import (
 )
 from ckpt.storage.testing import StoreConformance
 from tests.helpers.faults import FaultyStore, is_chunk_write
+from tests.helpers.saves import started
 
 
 class TestLocalStore(StoreConformance):
@@ -146,6 +147,6 @@ def test_every_entry_point_takes_a_store_and_a_wrapper_sees_each_chunk_and_read(
     assert ("reading", "COMMIT") in calls
     assert ckpt.verify(seen).ok
     with ckpt.CheckpointManager(FaultyStore(tmp_path / "run")) as mgr:
-        mgr.save(1, {"x": jax.numpy.ones(8)}).wait()
+        started(mgr.save(1, {"x": jax.numpy.ones(8)})).wait()
         assert mgr.latest_step() == 1
         assert mgr.restore()["x"].sum() == 8

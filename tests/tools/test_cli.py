@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 import ckpt
 from ckpt._housekeeping import committed_steps
+from ckpt._reshard import MeshLike, SpecLike
 from ckpt.cli import main
 from ckpt.storage import open_store
 from tests.conftest import RSS_OVERHEAD, backend_url, cli_extra_rss, make_mesh
@@ -116,9 +117,10 @@ def test_the_tools_from_python_return_what_they_did(saved, tmp_path):
     `PartitionSpec` or tuple specs; results returned, not printed."""
     url, host = saved
     mesh = make_mesh((4, 2))
-    for i, (as_mesh, spec) in enumerate([({"data": 4, "model": 2}, "model,data"),
-                                         ("data=4,model=2", P("model", "data")),
-                                         (mesh, ("model", "data"))]):
+    forms: list[tuple[MeshLike, SpecLike]] = [({"data": 4, "model": 2}, "model,data"),
+                                              ("data=4,model=2", P("model", "data")),
+                                              (mesh, ("model", "data"))]
+    for i, (as_mesh, spec) in enumerate(forms):
         dst = str(tmp_path / f"r{i}")
         result = ckpt.reshard(url, dst, mesh=as_mesh, rules={"params/w": spec})
         assert isinstance(result, ckpt.ReshardResult)
@@ -133,15 +135,20 @@ def test_the_tools_from_python_return_what_they_did(saved, tmp_path):
     assert isinstance(report, ckpt.VerifyReport)
     assert report.ok
     assert report.chunks > 0
-    converted = ckpt.convert(url, str(tmp_path / "c"), rules=[["params/w", "-,-"]],
-                             mesh={"data": np.int64(4), "model": 2})
+    # The annotations of rules (pairs as tuples) and mesh (int sizes) leave out the JSON
+    # lists and numpy integers convert documents.
+    converted = ckpt.convert(url, str(tmp_path / "c"),
+                             rules=[["params/w", "-,-"]],  # type: ignore[list-item]
+                             mesh={"data": np.int64(4), "model": 2})  # type: ignore[dict-item]
     assert converted.url == str(tmp_path / "c")
     assert ckpt.verify(converted.url).ok
+    # What is refused is passed on purpose.
     for bad in ({"data": 0}, "data=two", {"data": True}, {"data": 2.0}, {}):
         with pytest.raises(ckpt.InvalidArgumentError, match="mesh"):
-            ckpt.reshard(url, str(tmp_path / "bad"), mesh=bad)
+            ckpt.reshard(url, str(tmp_path / "bad"), mesh=bad)  # type: ignore[arg-type]
     with pytest.raises(ckpt.InvalidArgumentError, match="spec"):
-        ckpt.reshard(url, str(tmp_path / "bad"), rules={"params/w": ("model", 3)})
+        ckpt.reshard(url, str(tmp_path / "bad"),
+                     rules={"params/w": ("model", 3)})  # type: ignore[dict-item]
     assert not (tmp_path / "bad").exists()
 
 
@@ -205,9 +212,9 @@ def test_reshard_progress_only_on_a_terminal(saved, tmp_path):
     assert run.returncode == 0 and run.stderr == "", run.stderr  # off a terminal: nothing
     assert "wrote" in run.stdout
     leader, follower = pty.openpty()
-    run = subprocess.run([sys.executable, "-m", "ckpt", "reshard", url,
-                          str(tmp_path / "dst2"), "--mesh", "data=2,model=4"],
-                         stdout=subprocess.PIPE, stderr=follower, timeout=120)
+    on_tty = subprocess.run([sys.executable, "-m", "ckpt", "reshard", url,
+                             str(tmp_path / "dst2"), "--mesh", "data=2,model=4"],
+                            stdout=subprocess.PIPE, stderr=follower, timeout=120)
     os.close(follower)
     err = b""
     while True:
@@ -220,7 +227,7 @@ def test_reshard_progress_only_on_a_terminal(saved, tmp_path):
         err += chunk
     os.close(leader)
     text = err.decode()
-    assert run.returncode == 0, text
+    assert on_tty.returncode == 0, text
     last = text.rstrip().split("\r")[-1]
     assert "resharding [" in last and "100%" in last and "/s" in last and "left" in last, text
     assert "\x1b[K" in text  # each redraw clears what a longer line left behind
