@@ -18,6 +18,7 @@ Run by `tools/dev test` after the main suite; on its own: ``python tools/compat.
 
 from __future__ import annotations
 
+import concurrent.futures
 import glob
 import hashlib
 import os
@@ -98,7 +99,9 @@ def _quietly(command: list[str]) -> None:
         raise subprocess.CalledProcessError(run.returncode, command)
 
 
-def _run(py: str) -> tuple[bool, str]:
+def _run(py: str) -> tuple[bool, str, str]:
+    """Runs the core tests in the environment of ``py``: (passed, a summary line, what
+    to show of the output: the tail of a failing run's, else nothing)."""
     versions = subprocess.run(
         [py, "-c", "import sys, jax, numpy; print(f'python {sys.version.split()[0]} jax "
                    "{jax.__version__} numpy {numpy.__version__}')"],
@@ -107,9 +110,8 @@ def _run(py: str) -> tuple[bool, str]:
     run = subprocess.run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
                           CORE_FILTER, *CORE_TESTS], capture_output=True, text=True, cwd=ROOT)
     tail = (run.stdout.strip().splitlines() or ["no output"])[-1]
-    if run.returncode != 0:
-        sys.stdout.write(run.stdout[-6000:] + run.stderr[-3000:])
-    return run.returncode == 0, f"{label}: {tail}"
+    shown = run.stdout[-6000:] + run.stderr[-3000:] if run.returncode != 0 else ""
+    return run.returncode == 0, f"{label}: {tail}", shown
 
 
 def _floors() -> list[str]:
@@ -140,20 +142,24 @@ def main() -> int:
                  ["jax[cpu]", "orbax-checkpoint"],
                  f"the newest Python ({'.'.join(map(str, newest)) if newest else 'none'})"))
     ran, failed, missing = [], [], []
+    ready: list[tuple[str, str]] = []
     for name, python, specs, wanted in plan:
         jax_spec = specs[0]
         if python is None:
             missing.append(f"{name} ({wanted} with {jax_spec}: no such interpreter found)")
             print(f"compat {name}: not run: {wanted} not found", flush=True)
             continue
-        t0 = time.monotonic()
         try:
-            py = _environment(name, python, specs)
+            ready.append((name, _environment(name, python, specs)))
         except subprocess.CalledProcessError as exc:
             missing.append(f"{name} ({wanted} with {jax_spec}: set-up failed: {exc})")
             print(f"compat {name}: not run: setting up {jax_spec} failed", flush=True)
-            continue
-        ok, line = _run(py)
+    # The stacks' test runs side by side: each waits on its own processes' start-up.
+    t0 = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(len(ready) or 1) as pool:
+        outcomes = list(pool.map(lambda r: _run(r[1]), ready))
+    for (name, _), (ok, line, output) in zip(ready, outcomes, strict=True):
+        sys.stdout.write(output)
         print(f"compat {name}: {line} ({time.monotonic() - t0:.0f} s)", flush=True)
         (ran if ok else failed).append(f"{name} [{line.split(':')[0]}]")
     print("compat summary: passed: " + (", ".join(ran) or "none")
