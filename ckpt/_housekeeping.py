@@ -366,6 +366,16 @@ def committed_steps(store: Store) -> list[int]:
     return [s for s in names if is_committed(store, s, gone, names)]
 
 
+def steps_near(steps: list[int], step: int, around: int = 2) -> str:
+    """For an error about ``step``, which is not one of the committed ``steps`` (ascending):
+    the committed steps on either side of it, and how many there are."""
+    if not steps:
+        return "the run has no committed step"
+    near = [s for s in steps if s < step][-around:] + [s for s in steps if s > step][:around]
+    return (f"committed steps near it: {', '.join(map(str, near))}; {len(steps)} in all, "
+            f"the newest {steps[-1]}")
+
+
 def latest_committed_step(store: Store) -> int | None:
     """The newest committed step: one listing, then existence checks newest first."""
     gone, names = abandoned(store), step_names(store)

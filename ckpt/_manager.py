@@ -40,6 +40,7 @@ from ckpt._housekeeping import (
     remove_debris,
     retention_victims,
     step_names,
+    steps_near,
 )
 from ckpt._orbax import holds_foreign_files, orbax_step_metrics
 from ckpt._placement import RootOnly, Setting, WithLocalTier
@@ -609,9 +610,21 @@ class CheckpointManager:
             found = self._step_to_restore(store, step)
         except CkptError as exc:
             found = exc
+        asked = step
         step = _agree_on_restore(found, target, mesh, item, self.root_url,
                                  deadline.remaining() if deadline else self.timeout_s)
-        return self._place.restore(step, store, target, mesh, item, deadline)
+        try:
+            return self._place.restore(step, store, target, mesh, item, deadline)
+        except CheckpointNotFoundError as exc:
+            if asked is None:
+                raise
+            # A mistyped step: the root's committed steps around it say what was meant.
+            steps = committed_steps(store)
+            if step in steps:
+                raise
+            raise CheckpointNotFoundError(
+                f"no committed step {step} under {self.root_url} ({steps_near(steps, step)})"
+            ) from exc
 
     def _step_to_restore(self, store: Store, step: int | None) -> int:
         """The step `restore` reads: ``step``, or the newest.

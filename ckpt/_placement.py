@@ -35,6 +35,7 @@ from ckpt._housekeeping import (
     rewind_root,
     step_folders,
     step_store,
+    steps_near,
 )
 from ckpt._local import Persist, start_local_save, start_persist
 from ckpt._reader import open_readable
@@ -169,7 +170,7 @@ class RootOnly:
         if step not in steps:
             raise CheckpointNotFoundError(
                 f"cannot rewind to step {step}: it is not a committed step under "
-                f"{self.root.url} (committed: {steps})")
+                f"{self.root.url} ({steps_near(steps, step)})")
         # Uncommitted step folders above ``step`` go too: their debris would otherwise sit
         # on the abandoned branch.
         above = [s for s in step_folders(self.root) if s > step]
@@ -364,10 +365,11 @@ class WithLocalTier(RootOnly):
         tier = self.tier
 
         def check() -> list[list[Any]]:
-            if step not in self.steps():
+            steps = self.steps()
+            if step not in steps:
                 raise CheckpointNotFoundError(
                     f"cannot rewind to step {step}: it is not a committed step under "
-                    f"{self.root.url} or in the local tier")
+                    f"{self.root.url} or in the local tier ({steps_near(steps, step)})")
             if step in committed_steps(self.root):
                 attempt = committed_attempt(step_store(self.root, step))
                 return [[step, attempt]] if attempt is not None else []

@@ -223,3 +223,20 @@ def test_a_failed_save_removes_its_own_attempt(tmp_path):
         names = os.listdir(os.path.join(root, "2"))
         assert not [n for n in names if n.startswith("attempt-")], names
         assert mgr.steps() == [1]
+
+
+def test_a_step_that_is_not_there_names_the_steps_near_it(tmp_path):
+    root = str(tmp_path / "run")
+    with ckpt.CheckpointManager(root, watch_preemption=False) as mgr:
+        for step in (100, 200, 300, 400, 500):
+            mgr.save(step, {"x": step})
+        mgr.wait()
+        near = r"committed steps near it: 300, 400, 500; 5 in all, the newest 500"
+        with pytest.raises(ckpt.CheckpointNotFoundError,
+                           match=rf"no committed step 450 under .*run \({near}\)"):
+            mgr.restore(450)
+        with pytest.raises(ckpt.CheckpointNotFoundError,
+                           match=rf"cannot rewind to step 450: .*\({near}\)"):
+            mgr.rewind(450)
+        assert mgr.steps() == [100, 200, 300, 400, 500]
+        assert mgr.restore(100)["x"] == 100
