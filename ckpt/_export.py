@@ -137,7 +137,7 @@ def _select(source: Readable, rules: NameRules, dtype: str | None
             continue
         name = rules.name(rec.path)
         if name is None:
-            left_out[path] = "left out by the name rules"
+            left_out[path] = f"name rule '{rules.left_out_by(rec.path)}'"
             continue
         if name in ("", "__metadata__"):
             raise InvalidArgumentError(
@@ -311,8 +311,8 @@ def export_safetensors(url: StoreLike, dst: StoreLike, *, dtype: Any = None,
     before = _existing(folder, single)
     if before and not overwrite:
         raise CheckpointExistsError(f"{folder.url} already holds safetensors "
-                                    f"({', '.join(before[:4])}): pass overwrite=True "
-                                    "(--overwrite) to replace them")
+                                    f"({', '.join(before[:4])}): pass overwrite=True to "
+                                    "replace them")
     shards = [outs] if single is not None else _shards(outs, limit)
     if single is not None:
         files = [single]

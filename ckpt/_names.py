@@ -99,16 +99,26 @@ class NameRules:
     def apply(self, name: str, *, rename: bool = True) -> str | None:
         """``name`` through the rules (without ``rename``, the ``drop``/``keep`` rules and
         ``only`` alone), or None when they leave it out."""
-        kept = True
+        return self._decide(name, rename)[0]
+
+    def left_out_by(self, path: KeyPath) -> str:
+        """Which rule leaves the leaf at ``path`` out (``drop REGEX``, or ``only REGEX``);
+        "" when it is kept."""
+        return self._decide(default_name(path), True)[1]
+
+    def _decide(self, name: str, rename: bool) -> tuple[str | None, str]:
+        decided_by = ""
         for rule in self.rules:
             if rule.action == "rename":
                 if rename:
                     name = rule.pattern.sub(rule.replacement, name)
             elif rule.pattern.search(name):
-                kept = rule.action == "keep"
-        if not kept or (self.only is not None and not self.only.search(name)):
-            return None
-        return name
+                decided_by = rule.text if rule.action == "drop" else ""
+        if decided_by:
+            return None, decided_by
+        if self.only is not None and not self.only.search(name):
+            return None, f"only {self.only.pattern}"
+        return name, ""
 
     def ignores(self, tensor: str) -> bool:
         """Whether a tensor of a file being imported is meant to be left out: the ``drop``

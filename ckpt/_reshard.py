@@ -263,7 +263,7 @@ def reshard(src_url: StoreLike, dst_url: StoreLike, *, mesh: MeshLike = None,
     max_chunk = max(1 << 20, min(16 << 20, memory_budget // 8))
     records = _plan(manifest.leaves, mesh, rules, max_chunk)
     dst.verify_access()
-    refusal = refusal_if_committed(dst, overwrite=overwrite, how="use --overwrite")
+    refusal = refusal_if_committed(dst, overwrite=overwrite, how="pass overwrite=True")
     if refusal is not None:
         raise refusal
     attempt = new_attempt_id()

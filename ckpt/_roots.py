@@ -13,9 +13,10 @@ import time
 from typing import Any
 
 from ckpt._claims import delete_data, remove_uncommitted, retire
-from ckpt._format import ATTEMPT_PREFIX, COMMIT, MAX_COMMIT_BYTES, CommitRecord, read_object
+from ckpt._format import ATTEMPT_PREFIX, CLAIMS, COMMIT, MAX_COMMIT_BYTES, CommitRecord, read_object
 from ckpt._housekeeping import (
     abandoned,
+    attempt_time,
     attempts,
     committed_steps,
     finish_rewind,
@@ -45,6 +46,16 @@ def list_root(store: Store) -> list[dict[str, Any]]:
                             "state": "abandoned" if is_abandoned(store, step, gone, names)
                             else "committed", "layout": "orbax-checkpoint",
                             "committed_at": orbax_step_committed_at(folder), "folder": name})
+        elif not found:
+            # A deleted step's removal records (tombstones): they stay, so that a save
+            # paused before its commit still loses; shown, so that the folder is explained.
+            for key in sorted(sizes, reverse=True):
+                tomb = key.removeprefix(f"{name}/{CLAIMS}/")
+                if tomb != key and "/" not in tomb:
+                    born = attempt_time(tomb)
+                    entries.append({"step": step, "attempt": tomb, "bytes": sizes[key],
+                                    "state": "removed", "layout": "ckpt", "folder": name,
+                                    "age_s": None if born is None else now - born})
         for a in found:
             nbytes = sum(v for k, v in sizes.items() if k.startswith(f"{name}/{a.name}/"))
             state = "abandoned" if a.committed and a.name in gone.get(step, ()) else a.state

@@ -62,6 +62,12 @@ class VerifyReport:
     chunks: int = 0
     nbytes: int = 0
     problems: list[Problem] = dataclasses.field(default_factory=list)
+    arrays: int = 0
+    """Array leaves whose chunks were read (``chunks`` of them, ``nbytes`` in all)."""
+    inline: int = 0
+    """Leaves held in the manifest itself, whose sizes were checked (no chunk files)."""
+    reports: int = 0
+    """Host reports read (one per process that wrote the checkpoint)."""
 
     @property
     def ok(self) -> bool:
@@ -78,6 +84,7 @@ def _reports(store: Any, attempt: str, processes: int,
         except (ObjectNotFoundError, CorruptCheckpointError) as exc:
             report.problems.append(Problem(f"host report {p}", None, str(exc)))
             continue
+        report.reports += 1
         for name, flat, nbytes, crc in found:
             rows[(name, flat)] = (nbytes, crc)
     return rows
@@ -117,6 +124,7 @@ def verify(url: StoreLike, *, memory_budget: int = DEFAULT_BUDGET,
     for leaf in manifest.leaves:
         name = keystr(leaf.path)
         if leaf.kind == LeafKind.INLINE:
+            report.inline += 1
             try:
                 decode_inline(leaf, f"{store.url} leaf {name}")
             except CorruptCheckpointError as exc:
@@ -124,6 +132,7 @@ def verify(url: StoreLike, *, memory_budget: int = DEFAULT_BUDGET,
             continue
         if leaf.kind != LeafKind.ARRAY:
             continue
+        report.arrays += 1
         dtype = dtype_from_name(leaf.dtype, f"{store.url} leaf {name}")
         try:
             arr = store.wait(ts.open(source.array_spec(leaf), context=ctx),

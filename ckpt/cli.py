@@ -9,6 +9,7 @@ failure); ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import logging
@@ -22,13 +23,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from ckpt._export import export_safetensors, parse_size
-from ckpt._housekeeping import committed_steps
+from ckpt._housekeeping import committed_steps, steps_near
 from ckpt._info import CheckpointInfo, metadata
 from ckpt._orbax import decimal_step, orbax_step_name
 from ckpt._reshard import convert, parse_mesh, parse_spec, reshard, slash_path
 from ckpt._roots import age_text, collect_garbage, list_root, switched_note
 from ckpt._verify import verify
 from ckpt.errors import (
+    CheckpointExistsError,
     CheckpointNotFoundError,
     CkptError,
     CorruptCheckpointError,
@@ -51,7 +53,9 @@ def _size(nbytes: float) -> str:
     return ""
 
 
-def _parse_bytes(text: str) -> int:
+def _parse_budget(text: str) -> int:
+    """A --memory-budget: at least 1 MiB, since a chunk (up to 16 MiB when saved here) is
+    always read whole, whatever the budget; a smaller one would only look obeyed."""
     units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     t = text.strip().upper().removesuffix("IB").removesuffix("B")
     unit = t[-1] if t and t[-1] in units else ""
@@ -60,9 +64,15 @@ def _parse_bytes(text: str) -> int:
         value = int(float(number) * units[unit])
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 2G)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    if value < 1 << 20:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is below 1M: chunks (up to 16 MiB each) are read whole, so a budget "
+            "this small could not be kept")
     return value
+
+
+def _count(n: int, one: str, many: str = "") -> str:
+    return f"{n:,} {one if n == 1 else many or one + 's'}"
 
 
 def _progress(what: str, quiet: bool) -> _Progress | None:
@@ -109,17 +119,25 @@ def _spec_json(spec: Any) -> Any:
     return None if spec is None else [list(e) if isinstance(e, tuple) else e for e in spec]
 
 
+def _is_file_of_tensors(info: CheckpointInfo) -> bool:
+    return info.layout.startswith("safetensors")
+
+
 def _info_json(info: CheckpointInfo) -> dict[str, Any]:
     meta = info.metadata
     try:
         json.dumps(meta, allow_nan=False)  # strict JSON: no NaN or Infinity
     except (TypeError, ValueError):
         meta = repr(meta)
+    # A safetensors file records none of a save's facts: null, not made-up values.
+    saved = not _is_file_of_tensors(info)
     return {
-        "url": info.url, "format_version": info.format_version, "layout": info.layout,
-        "attempt": info.attempt,
-        "created_at": info.created_at, "committed_at": info.committed_at,
-        "process_count": info.process_count, "versions": info.versions, "metadata": meta,
+        "url": info.url, "format_version": info.format_version if saved else None,
+        "layout": info.layout, "attempt": info.attempt if saved else None,
+        "created_at": info.created_at if saved else None,
+        "committed_at": info.committed_at if saved else None,
+        "process_count": info.process_count if saved else None,
+        "versions": info.versions if saved else None, "metadata": meta,
         "metrics": {k: v if math.isfinite(v) else str(v) for k, v in info.metrics.items()},
         "nbytes": info.nbytes,
         "leaves": [{"path": leaf.keystr, "spec_path": slash_path(leaf.path), "kind": leaf.kind,
@@ -157,18 +175,33 @@ def _bounded(url: str, args: argparse.Namespace | None, what: str) -> Any:
     return bounded(open_store(url), getattr(args, "timeout", None), what, "--timeout")
 
 
+def _meant(store: Any, command: str, exc: CkptError) -> CkptError:
+    """What to say when ``store`` holds no checkpoint, for every command given one: a run's
+    root names the run's newest step; a step folder the run lacks names the steps near it;
+    anything else is ``exc`` as it is."""
+    url = store.url.rstrip("/")
+    steps = committed_steps(store)
+    if steps:
+        shown = ", ".join(map(str, steps[-10:]))
+        return NotACheckpointError(
+            f"{url} is a run with steps {'..., ' if len(steps) > 10 else ''}{shown}, not one "
+            f"checkpoint: `ckpt {command} {url}/{steps[-1]}` for the newest")
+    name, parent = url.rsplit("/", 1)[-1], store.parent()
+    if parent is not None and name.isdecimal():
+        steps = committed_steps(parent)
+        if steps and int(name) not in steps:
+            return CheckpointNotFoundError(
+                f"{url}: the run at {parent.url.rstrip('/')} has no committed step "
+                f"{int(name)} ({steps_near(steps, int(name))})")
+    return exc
+
+
 def _inspect(args: argparse.Namespace) -> int:
     store = _bounded(args.url, args, "inspecting")  # one --timeout for the whole command
     try:
         info = metadata(store)
-    except CheckpointNotFoundError as exc:
-        steps = committed_steps(store)
-        if not steps:
-            raise
-        shown = ", ".join(map(str, steps[-10:]))
-        raise NotACheckpointError(
-            f"{store.url} is a run with steps {'..., ' if len(steps) > 10 else ''}{shown}: "
-            f"inspect {store.url.rstrip('/')}/{steps[-1]}") from exc
+    except (CheckpointNotFoundError, NotACheckpointError) as exc:
+        raise _meant(store, "inspect", exc) from exc
     if args.json:
         print(json.dumps(_info_json(info), indent=2))
         return 0
@@ -182,9 +215,14 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"format      v{info.format_version}, attempt {info.attempt}")
     else:
         print(f"format      {info.layout}")
-    print(f"committed   {stamp}, written by {info.process_count} process(es)")
+    if _is_file_of_tensors(info):
+        print("committed   - (safetensors records no commit, writer or mesh)")
+    else:
+        writers = _count(info.process_count, "process", "processes")
+        print(f"committed   {stamp}, written by {writers}")
     print(f"saved mesh  {', '.join(meshes) or '-'}")
-    print(f"metadata    {info.metadata!r}")
+    print(f"metadata    {info.metadata!r}"
+          + ("  (the files' __metadata__)" if _is_file_of_tensors(info) else ""))
     if info.metrics:
         print("metrics     " + ", ".join(f"{k}={v:g}" for k, v in sorted(info.metrics.items())))
     rows = [(slash_path(leaf.path), leaf.kind, "x".join(map(str, leaf.shape)) or "()",
@@ -220,6 +258,9 @@ def _list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(entries, indent=2))
         return 0
+    if not entries and store.exists("COMMIT"):
+        raise _UsageError(f"{store.url} is one checkpoint, not a run's root of steps: "
+                          f"`ckpt inspect {store.url}` describes it")
     if not entries:
         print(f"no steps under {store.url}")
     for e in entries:
@@ -238,11 +279,16 @@ def _list(args: argparse.Namespace) -> int:
 # -- verify ---------------------------------------------------------------------------------
 
 def _verify(args: argparse.Namespace) -> int:
-    report = verify(_bounded(args.url, args, "verifying"), memory_budget=args.memory_budget,
-                    progress=_progress("verifying", args.quiet or args.json))
+    store = _bounded(args.url, args, "verifying")
+    try:
+        report = verify(store, memory_budget=args.memory_budget,
+                        progress=_progress("verifying", args.quiet or args.json))
+    except (CheckpointNotFoundError, NotACheckpointError) as exc:
+        raise _meant(store, "verify", exc) from exc
     if args.json:
         print(json.dumps({"url": report.url, "ok": report.ok, "chunks": report.chunks,
-                          "nbytes": report.nbytes,
+                          "nbytes": report.nbytes, "arrays": report.arrays,
+                          "inline": report.inline, "reports": report.reports,
                           "problems": [{"leaf": p.leaf, "chunk": None if p.chunk is None
                                         else list(p.chunk), "what": p.what}
                                        for p in report.problems]}, indent=2))
@@ -250,7 +296,16 @@ def _verify(args: argparse.Namespace) -> int:
     for problem in report.problems:
         print(f"BAD  {problem}")
     state = "OK" if report.ok else f"{len(report.problems)} problem(s)"
-    print(f"{state}: {report.chunks} chunks, {_size(report.nbytes)} read from {report.url}")
+    checked = [f"COMMIT, the manifest and {_count(report.reports, 'host report')}"]
+    if report.arrays:
+        checked.append(f"{_count(report.chunks, 'chunk')} of "
+                       f"{_count(report.arrays, 'array leaf', 'array leaves')} "
+                       f"({_size(report.nbytes)} read)")
+    if report.inline:
+        checked.append(f"{_count(report.inline, 'leaf', 'leaves')} held in the manifest")
+    if not (report.arrays or report.inline):
+        checked.append("no array data: every leaf is a value")
+    print(f"{state}: {report.url}: checked " + "; ".join(checked))
     return 0 if report.ok else 1
 
 
@@ -288,13 +343,16 @@ def _rewrite(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
     run = convert if args.command == "convert" else reshard
-    result = run(args.src, args.dst, mesh=mesh, rules=rules,
-                 memory_budget=args.memory_budget, overwrite=args.overwrite,
-                 progress=_progress(f"{args.command}ing", args.quiet))
-    laid = ",".join(f"{k}={v}" for k, v in result.mesh.items()) or "no mesh (unsharded)"
+    try:
+        result = run(args.src, args.dst, mesh=mesh, rules=rules,
+                     memory_budget=args.memory_budget, overwrite=args.overwrite,
+                     progress=_progress(f"{args.command}ing", args.quiet))
+    except CheckpointExistsError as exc:
+        raise _with_flag(exc) from exc
+    laid = ",".join(f"{k}={v}" for k, v in result.mesh.items())
     print(f"wrote {result.url}: {result.chunks} chunks, {_size(result.nbytes)}, "
-          f"laid out for mesh {laid}" + (f"; from {result.source_layout}, verified"
-                                          if args.command == "convert" else ""))
+          + (f"laid out for mesh {laid}" if laid else "unsharded (saved with no mesh)")
+          + (f"; from {result.source_layout}, verified" if args.command == "convert" else ""))
     return 0
 
 
@@ -317,6 +375,11 @@ def _rules(values: Sequence[str]) -> list[str]:
     return rules
 
 
+def _with_flag(exc: CheckpointExistsError) -> CheckpointExistsError:
+    """The library's refusal in the command line's words: the flag, not the keyword."""
+    return CheckpointExistsError(str(exc).replace("pass overwrite=True", "add --overwrite"))
+
+
 def _export(args: argparse.Namespace) -> int:
     _limit_malloc_retention()
     try:
@@ -326,6 +389,8 @@ def _export(args: argparse.Namespace) -> int:
             names=_rules(args.names), only=args.only, item=args.item,
             memory_budget=args.memory_budget, overwrite=args.overwrite,
             progress=_progress("exporting", args.quiet or args.json))
+    except CheckpointExistsError as exc:
+        raise _with_flag(exc) from exc
     except ValueError as exc:
         if isinstance(exc, CkptError):
             raise
@@ -333,10 +398,18 @@ def _export(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(dataclasses.asdict(result), indent=2))
         return 0
-    print(f"wrote {result.url}: {len(result.tensors)} tensors, {_size(result.nbytes)} in "
-          f"{len(result.files)} file(s)")
-    for path, why in result.left_out.items():
-        print(f"  left out {path}: {why}")
+    print(f"wrote {result.url}: {_count(len(result.tensors), 'tensor')}, "
+          f"{_size(result.nbytes)} in {_count(len(result.files), 'file')}")
+    # A real model leaves out thousands of optimizer leaves: one line per reason, each
+    # leaf under -v.
+    reasons = collections.Counter(result.left_out.values())
+    for why, n in reasons.most_common():
+        print(f"  left out {_count(n, 'leaf', 'leaves')}: {why}")
+    if reasons and not args.verbose:
+        print("  (-v lists each leaf left out)")
+    if args.verbose:
+        for path, why in result.left_out.items():
+            print(f"  left out {path}: {why}")
     return 0
 
 
@@ -370,7 +443,7 @@ def _rewrite_args(p: argparse.ArgumentParser, *, mesh_help: str, mesh_required: 
                    "segments; SPEC like data,model or -,model ('-' unsharded, a+b for two "
                    "axes, '-' alone replicated). Repeatable; the last match wins; a rule "
                    "matching no leaf is an error.")
-    p.add_argument("--memory-budget", type=_parse_bytes, default="1G",
+    p.add_argument("--memory-budget", type=_parse_budget, default="1G",
                    help="host memory for chunk data (default 1G)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a committed checkpoint at DST (atomically)")
@@ -411,8 +484,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", epilog=EPILOG, help="list the steps under a manager root",
                        description="List every attempt of every step, newest first: "
                        "committed, incomplete (with its age and size), claimed (for a "
-                       "commit that has not happened) or abandoned (by an interrupted "
-                       "rewind).")
+                       "commit that has not happened), abandoned (by an interrupted "
+                       "rewind) or removed (only a deleted attempt's removal record is left).")
     p.add_argument("root", help="a CheckpointManager root")
     p.add_argument("--json", action="store_true", help="print JSON")
     _timeout_option(p)
@@ -423,7 +496,7 @@ def _parser() -> argparse.ArgumentParser:
                        "manifest and host reports, report each bad chunk by leaf and chunk "
                        "index. Exit status 0 only when all is well.")
     p.add_argument("url", help="the checkpoint")
-    p.add_argument("--memory-budget", type=_parse_bytes, default="256M",
+    p.add_argument("--memory-budget", type=_parse_budget, default="256M",
                    help="bytes of chunks read at once (default 256M)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the documented JSON document")
@@ -432,19 +505,25 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reshard", epilog=EPILOG,
                        help="rewrite a checkpoint for another mesh, streaming",
-                       description="Rewrite SRC into DST with the chunk layout of a new mesh "
-                       "and PartitionSpecs (default: the saved specs), chunk by chunk, with "
+                       description="Rewrite SRC (this library's checkpoint or Orbax's) into "
+                       "DST with the chunk layout of a new mesh (--mesh, required) and "
+                       "PartitionSpecs (default: the saved specs), chunk by chunk, with "
                        "bounded memory and no accelerators. DST is an ordinary committed "
-                       "checkpoint; the two may be on different backends.")
+                       "checkpoint; the two may be on different backends. To move a "
+                       "checkpoint into this format keeping its layout, and have every "
+                       "written chunk read back, use convert.")
     _rewrite_args(p, mesh_help="the new mesh, e.g. data=2,model=4", mesh_required=True)
 
     p = sub.add_parser("convert", epilog=EPILOG,
-                       help="convert an Orbax checkpoint into this format, streaming, verified",
+                       help="copy any readable checkpoint into this format, streaming, "
+                       "verified",
                        description="Convert SRC (an orbax-checkpoint item folder, or a step "
                        "folder with every item: pytrees, JSON, Grain iterator states; OCDBT or "
-                       "not, zarr v2 or v3) into this library's format at "
-                       "DST, chunk by chunk with bounded memory, between any two backends, "
-                       "then read every written chunk back to verify it.")
+                       "not, zarr v2 or v3; or this library's own checkpoint) into this "
+                       "library's format at DST, keeping the saved layout unless --mesh is "
+                       "given, chunk by chunk with bounded memory, between any two backends, "
+                       "then read every written chunk back to verify it. The way off Orbax; "
+                       "reshard is the same rewrite for a new mesh, without the read-back.")
     _rewrite_args(p, mesh_help="lay out for this mesh, e.g. data=2,model=4 (default: the "
                   "mesh SRC was saved on, with its PartitionSpecs)", mesh_required=False)
 
@@ -472,7 +551,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--only", default=None, metavar="PATTERN",
                    help="write only tensors whose name this regex matches")
     p.add_argument("--item", default=None, help="export one item of an Orbax step")
-    p.add_argument("--memory-budget", type=_parse_bytes, default="256M",
+    p.add_argument("--memory-budget", type=_parse_budget, default="256M",
                    help="host memory for tensor data (default 256M)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace safetensors files already at DST")

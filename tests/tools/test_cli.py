@@ -345,14 +345,129 @@ def test_spec_patterns_match_whole_segments_and_a_rule_matching_nothing_is_an_er
     assert not (tmp_path / "c").exists()
 
 
-def test_inspect_on_a_run_root_names_its_steps(tmp_path, capsys):
+@pytest.mark.parametrize("command", ["inspect", "verify"])
+def test_a_run_root_or_a_missing_step_is_named_the_same_way_by_each_command(
+        tmp_path, capsys, command):
     root = tmp_path / "run"
     with ckpt.CheckpointManager(str(root), watch_preemption=False) as mgr:
-        for step in (1, 2, 3):
+        for step in (100, 200, 300, 400):
             mgr.save(step, {"x": np.arange(4)})
-    assert main(["inspect", str(root)]) == 3
+    assert main([command, str(root)]) == 3
     err = capsys.readouterr().err
-    assert "a run with steps 1, 2, 3" in err and f"inspect {root}/3" in err, err
+    assert "a run with steps 100, 200, 300, 400, not one checkpoint" in err, err
+    assert f"`ckpt {command} {root}/400` for the newest" in err, err
+    assert main([command, str(root / "250")]) == 3
+    err = capsys.readouterr().err
+    assert f"the run at {root} has no committed step 250" in err, err
+    assert "committed steps near it: 100, 200, 300, 400; 4 in all, the newest 400" in err
+    assert main([command, str(root / "nope")]) == 3  # not a step: the plain answer
+    assert "nothing is there" in capsys.readouterr().err
+
+
+def test_list_of_one_checkpoint_says_so(saved, capsys):
+    url, _ = saved
+    assert main(["list", url]) == 2
+    assert f"{url} is one checkpoint, not a run's root of steps: `ckpt inspect {url}`" in \
+        capsys.readouterr().err
+
+
+def test_list_shows_a_step_left_holding_only_a_removal_record(tmp_path, capsys):
+    root = tmp_path / "run"
+    with ckpt.CheckpointManager(str(root), watch_preemption=False) as mgr:
+        mgr.save(1, {"x": np.arange(4)})
+    debris = root / "5" / "attempt-20260101T000000-000000000000"
+    debris.mkdir(parents=True)
+    (debris / "x").write_bytes(b"1")
+    assert main(["gc", str(root), "--grace", "0"]) == 0
+    capsys.readouterr()
+    assert sorted(os.listdir(root / "5")) == ["claims"]  # the removal record stays
+    assert main(["list", str(root)]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert re.match(r" +5 +removed .* attempt-20260101T000000-000000000000$", rows[0]), rows
+    assert main(["list", "--json", str(root)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [(e["step"], e["state"]) for e in doc] == [(5, "removed"), (1, "committed")]
+
+
+def test_verify_says_what_it_checked(saved, tmp_path, capsys):
+    url, _ = saved
+    assert main(["verify", "-q", url]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"OK: {url}: checked COMMIT, the manifest and 1 host report; "), line
+    assert re.search(r"; \d+ chunks of 2 array leaves \(1\.1 MiB read\)$", line), line
+    small = str(tmp_path / "small")
+    ckpt.save(small, {"a": np.arange(3), "b": 1.5})
+    assert main(["verify", "-q", small]) == 0
+    assert capsys.readouterr().out.strip().endswith("; 1 leaf held in the manifest")
+    assert main(["verify", "--json", small]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert (doc["arrays"], doc["inline"], doc["reports"], doc["chunks"]) == (0, 1, 1, 0)
+
+
+def test_a_memory_budget_below_a_chunk_is_refused(saved, tmp_path, capsys):
+    url, _ = saved
+    for argv in (["verify", url], ["reshard", url, str(tmp_path / "r"), "--mesh", "data=8"],
+                 ["export", url, str(tmp_path / "e")]):
+        with pytest.raises(SystemExit) as exit_:
+            main([*argv, "--memory-budget", "1K"])
+        assert exit_.value.code == 2
+        assert "'1K' is below 1M" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "e").exists()
+
+
+def test_rewrites_say_how_the_result_is_laid_out_and_when_to_use_which(
+        saved, tmp_path, capsys):
+    plain = str(tmp_path / "plain")
+    ckpt.save(plain, {"w": np.arange(50_000, dtype=np.float32)})
+    assert main(["convert", "-q", plain, str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    assert "unsharded (saved with no mesh)" in out and "mesh no mesh" not in out, out
+    for command, other in (("reshard", "convert"), ("convert", "reshard")):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert f"use {other}" in text or f"{other} is the same rewrite" in text, text
+        assert "Orbax" in text and "this library" in text, text
+
+
+def test_export_summarises_what_it_left_out_and_names_the_flag(tmp_path, capsys):
+    import optax
+
+    params = {"dense": {"kernel": jnp.ones((4, 4)), "bias": jnp.zeros(4)}}
+    src = str(tmp_path / "ck")
+    ckpt.save(src, {"params": params, "opt_state": optax.adam(1e-3).init(params),
+                    "rng": jax.random.key(0)})
+    dst = str(tmp_path / "hf")
+    assert main(["export", "-q", src, dst]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"wrote {dst}: 2 tensors, ")
+    assert lines[1].startswith("  left out 5 leaves: name rule 'drop (^|\\.)(opt_state"), lines
+    assert sorted(lines[2:]) == ["  (-v lists each leaf left out)",
+                                 "  left out 1 leaf: a PRNG key",
+                                 "  left out 1 leaf: not an array (empty)"], lines
+    assert main(["-v", "export", "-q", src, dst, "--overwrite"]) == 0
+    listed = [ln for ln in capsys.readouterr().out.splitlines() if "  left out [" in ln]
+    assert len(listed) == 7, listed  # each leaf: the 5 Adam leaves, the empty state, the key
+    assert main(["export", "-q", src, dst]) == 3
+    err = capsys.readouterr().err
+    assert "add --overwrite" in err and "overwrite=True" not in err, err
+
+
+def test_inspect_of_safetensors_shows_only_what_the_file_holds(tmp_path, capsys):
+    from safetensors.numpy import save_file
+
+    path = str(tmp_path / "model.safetensors")
+    save_file({"w": np.ones((2, 3), np.float32)}, path, metadata={"format": "pt"})
+    assert main(["inspect", path]) == 0
+    out = capsys.readouterr().out
+    assert "process" not in out and "format_version" not in out, out
+    assert "committed   - (safetensors records no commit, writer or mesh)" in out
+    assert "metadata    {'format': 'pt'}  (the files' __metadata__)" in out
+    assert main(["inspect", "--json", path]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert all(doc[k] is None for k in ("format_version", "attempt", "created_at",
+                                        "committed_at", "process_count", "versions")), doc
+    assert doc["metadata"] == {"format": "pt"}
 
 
 @pytest.mark.slow  # a server
