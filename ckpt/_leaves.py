@@ -157,6 +157,11 @@ def classify(path: KeyPath, leaf: Any, process_count: int) -> LeafRecord:
         return empty_record(path, leaf)
     if isinstance(leaf, PerProcess) or is_stateful(leaf):
         return per_process_record(path, leaf)
+    if isinstance(leaf, jax.core.Tracer):
+        raise UnsupportedLeafError(
+            f"leaf {keystr(path)} is a traced value ({type(leaf).__name__}): saving was "
+            "called inside jax.jit, grad, vmap or another transformation; save outside "
+            "traced code, with the concrete arrays the traced function returns")
     if isinstance(leaf, jax.Array):
         if leaf.is_deleted():
             raise UnsupportedLeafError(f"leaf {keystr(path)} is a deleted (donated) jax.Array")

@@ -280,6 +280,26 @@ def _want_array(want: _Want, path: KeyPath, t: Any, saved: np.dtype[Any], mesh: 
     _target_placement(want, t)
 
 
+def _held_instead(missing: list[KeyPath], saved: list[KeyPath], shown: int = 6) -> str:
+    """What the checkpoint holds where the target's missing leaves would be: under the
+    longest key-path prefix each shares with a saved leaf (a changed optimizer chain, a
+    renamed layer), the saved leaves there, so that the difference is plain."""
+    places: dict[KeyPath, list[KeyPath]] = {}
+    for path in missing:
+        depth = max((next((i for i, (a, b) in enumerate(zip(path, s, strict=False))
+                           if a != b), min(len(path), len(s))) for s in saved), default=0)
+        if path[:depth] in saved:  # a saved leaf where the target has a subtree: its parent
+            depth -= 1
+        prefix = path[:depth]
+        places.setdefault(prefix, [s for s in saved if s[:depth] == prefix])
+    parts = []
+    for prefix, held in places.items():
+        where = f"under {keystr(prefix)}" if prefix else "at the top"
+        more = f" and {len(held) - shown} more" if len(held) > shown else ""
+        parts.append(f"{where}: {', '.join(map(keystr, held[:shown])) or 'nothing'}{more}")
+    return "; the checkpoint holds " + "; ".join(parts)
+
+
 def _match(manifest: Manifest, target: Any, mesh: Any, what: str) -> tuple[list[_Want], Any]:
     """Pairs target leaves with saved leaves (`_saved_leaves`) and says how each is
     restored; raises listing every mismatch at once."""
@@ -294,9 +314,11 @@ def _match(manifest: Manifest, target: Any, mesh: Any, what: str) -> tuple[list[
     # containers were recorded, Orbax's): it comes back as it is.
     records = [lookup(path) or (empty_record(path, t) if is_empty_container(t) else None)
                for path, t in pairs]
-    missing = [keystr(path) for (path, _), rec in zip(pairs, records, strict=True) if rec is None]
+    missing = [path for (path, _), rec in zip(pairs, records, strict=True) if rec is None]
     if missing:
-        raise MissingLeafError(f"target leaves absent from {what}: {', '.join(missing)}")
+        raise MissingLeafError(f"target leaves absent from {what}: "
+                               f"{', '.join(map(keystr, missing))}"
+                               + _held_instead(missing, [r.path for r in manifest.leaves]))
     wants: list[_Want] = []
     bad = _Mismatches()
     for (path, t), rec in zip(pairs, records, strict=True):

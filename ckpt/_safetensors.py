@@ -17,6 +17,7 @@ ranges inside the file and not overlapping, file names that stay inside the fold
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import errno
 import json
 import math
@@ -444,7 +445,10 @@ def bind(files: SafetensorsFiles, pairs: Sequence[tuple[KeyPath, Any]],
             continue
         t = files.tensors.get(name)
         if t is None:
-            missing.append(f"{keystr(path)} (tensor {name!r})")
+            near = difflib.get_close_matches(name, list(files.tensors), n=3, cutoff=0.5)
+            missing.append(f"{keystr(path)} (tensor {name!r}; "
+                           + (f"the nearest names the file holds: {', '.join(map(repr, near))}"
+                              if near else "no name the file holds is close") + ")")
             continue
         used.add(name)
         if tuple(leaf.shape) != t.shape:

@@ -111,3 +111,40 @@ def test_every_error_class_is_at_the_top_level_and_usage_errors_are_library_erro
         assert isinstance(err.value, CkptError)
         assert isinstance(err.value, ValueError)
     assert not os.path.exists(tmp_path / "c")
+
+
+def test_the_top_level_holds_only_the_library_s_names():
+    public = {n for n in dir(ckpt) if not n.startswith("_")}
+    assert "annotations" not in public
+    assert public <= set(ckpt.__all__) | {"cli", "errors", "restore", "storage"}, \
+        public - set(ckpt.__all__)
+
+
+def test_saving_inside_traced_code_says_to_save_outside_it(tmp_path):
+    import jax
+
+    @jax.jit
+    def step(x):
+        ckpt.save(str(tmp_path / "c"), {"params": {"w": x}})
+        return x
+
+    with pytest.raises(ckpt.UnsupportedLeafError, match=r"leaf \['params'\]\['w'\] is a traced "
+                       r"value .*jax.jit.*save outside traced code"):
+        step(jnp.ones(3))
+    assert not os.path.exists(tmp_path / "c")
+
+
+def test_a_changed_optimizer_names_what_the_checkpoint_holds_in_its_place(tmp_path):
+    import optax
+
+    params = {"dense": {"kernel": jnp.ones((4, 4)), "bias": jnp.zeros(4)}}
+    url = str(tmp_path / "c")
+    ckpt.save(url, {"params": params, "opt_state": optax.adam(1e-3).init(params)})
+    chained = optax.chain(optax.clip(1.0), optax.adam(1e-3))  # the optimizer changed
+    with pytest.raises(ckpt.MissingLeafError) as err:
+        ckpt.restore(url, {"params": params, "opt_state": chained.init(params)})
+    text = str(err.value)
+    absent, held = text.split("; the checkpoint holds ")
+    assert "['opt_state'][1][0].mu['dense']['kernel']" in absent, text
+    assert held.startswith("under ['opt_state']: ['opt_state'][0].count, "
+                           "['opt_state'][0].mu['dense']['bias'], "), text
