@@ -16,6 +16,7 @@ import optax
 import pytest
 
 import ckpt
+from ckpt._names import DEFAULT_RULES
 from tests.helpers import REPO
 
 BLOCK = re.compile(r"```python\n(.*?)```", re.S)
@@ -255,7 +256,8 @@ def safetensors_export(tmp_path):
     names = _run("docs/safetensors.md", 0, {}, {"gs://my-bucket/runs/exp7/2000": step,
                                                 "gs://my-bucket/deploy/exp7": tmp_path / "d"})
     assert set(names["result"].tensors) == {"model.w", "model.b"}
-    assert names["result"].left_out == {"['opt_state']['mu']": "left out by the name rules",
+    assert names["result"].left_out == {"['opt_state']['mu']":
+                                        f"name rule '{DEFAULT_RULES[0]}'",
                                         "['step']": "not an array (value)"}
 
 
@@ -269,6 +271,10 @@ def safetensors_import(tmp_path):
         def __init__(self, rngs):
             self.up = nnx.Linear(8, 16, rngs=rngs)
             self.norm = nnx.LayerNorm(16, rngs=rngs)
+            self.drop = nnx.Dropout(0.5, rngs=rngs)  # RNG state the file does not hold
+
+        def __call__(self, x):
+            return self.drop(self.norm(self.up(x)))
 
     def host(param: nnx.Param[jax.Array] | None) -> np.ndarray:
         assert param is not None  # made with flax's defaults: every bias and scale is there
@@ -290,6 +296,14 @@ def safetensors_import(tmp_path):
         layer, field = name.split(".")
         assert np.asarray(getattr(getattr(model, layer), field)[...]).tobytes() == \
             value.tobytes(), name
+    # The RNG state is real, the same as a model made with nnx.Rngs(0): the model runs.
+    fresh = nnx.state(Model(nnx.Rngs(0)), nnx.RngState)
+    got = nnx.state(model, nnx.RngState)
+    assert jax.tree.all(jax.tree.map(
+        lambda a, b: bool(np.array_equal(jax.random.key_data(a), jax.random.key_data(b)))
+        if jnp.issubdtype(a.dtype, jax.dtypes.prng_key) else bool(np.array_equal(a, b)),
+        fresh, got))
+    assert model(jnp.ones((2, 8))).shape == (2, 16)
 
 
 def guide_local_tier(tmp_path):
