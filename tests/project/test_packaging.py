@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import zipfile
 
 import pytest
@@ -65,22 +66,56 @@ def test_version_everywhere():
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory):
-    # Built from a copy of the sources: a build writes build/ and *.egg-info beside them,
-    # and two test workers building in the checkout at once break each other's build.
+def dist(tmp_path_factory):
+    """The sdist and the wheel, as README.md says to build them (``python -m build``).
+    Built from a copy of the sources: a build writes build/ and *.egg-info beside them, and
+    two test workers building in the checkout at once break each other's build."""
     src = tmp_path_factory.mktemp("src")
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(os.path.join(ROOT, name), src / name)
     for name in ("ckpt", "storage", "restore"):
         shutil.copytree(os.path.join(ROOT, name), src / name,
                         ignore=shutil.ignore_patterns("__pycache__"))
-    out = tmp_path_factory.mktemp("wheel")
-    run = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
-                          "--no-build-isolation", "-q", "-w", str(out), str(src)],
+    out = tmp_path_factory.mktemp("dist")
+    # No isolation: the build backend (setuptools) is already here, and no index is needed.
+    run = subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--sdist",
+                          "--wheel", "--outdir", str(out), str(src)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    [sdist] = list(out.glob("shardckpt-*.tar.gz"))
+    [wheel] = list(out.glob("shardckpt-*.whl"))
+    return sdist, wheel
+
+
+@pytest.fixture(scope="module")
+def wheel(dist):
+    return dist[1]
+
+
+def test_the_sdist_holds_the_sources_and_installs_and_imports(dist, tmp_path):
+    sdist, _ = dist
+    with tarfile.open(sdist) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    for needed in ("pyproject.toml", "README.md", "ckpt/__init__.py", "ckpt/py.typed",
+                   "storage/__init__.py", "restore/__init__.py"):
+        assert needed in names, needed
+    target = tmp_path / "site"
+    run = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                          "--no-build-isolation", "--disable-pip-version-check",
+                          "--target", str(target), str(sdist)],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    [path] = list(out.glob("shardckpt-*.whl"))
-    return path
+    assert sorted(p.name for p in target.iterdir() if not p.name.endswith(".dist-info")) \
+        == ["ckpt"]
+    work = tmp_path / "work"
+    work.mkdir()
+    run = subprocess.run([sys.executable, "-c", WHEEL_RUN], cwd=work,
+                         env={**os.environ, "PYTHONPATH": str(target)},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["file"].startswith(str(target)) and out["storage"].startswith(str(target)), out
+    assert out["w"] == [0, 1, 2, 3], out
 
 
 def test_the_wheel_holds_the_ckpt_package_only(wheel):
