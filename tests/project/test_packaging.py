@@ -105,8 +105,9 @@ def test_the_sdist_holds_the_sources_and_installs_and_imports(dist, tmp_path):
                           "--target", str(target), str(sdist)],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert sorted(p.name for p in target.iterdir() if not p.name.endswith(".dist-info")) \
-        == ["ckpt"]
+    installed = {p.name for p in target.iterdir() if not p.name.endswith(".dist-info")}
+    assert installed == {"ckpt", "bin"}, installed  # the package and the console script
+    assert os.listdir(target / "bin") == ["ckpt"]
     work = tmp_path / "work"
     work.mkdir()
     run = subprocess.run([sys.executable, "-c", WHEEL_RUN], cwd=work,
