@@ -618,13 +618,14 @@ class CheckpointManager:
         except CheckpointNotFoundError as exc:
             if asked is None:
                 raise
-            # A mistyped step: the root's committed steps around it say what was meant.
+            # A mistyped step: the root's committed steps around it say what was meant (with
+            # a local tier, after what the tiers said).
             steps = committed_steps(store)
             if step in steps:
                 raise
-            raise CheckpointNotFoundError(
-                f"no committed step {step} under {self.root_url} ({steps_near(steps, step)})"
-            ) from exc
+            said = (str(exc) if isinstance(self._place, WithLocalTier)
+                    else f"no committed step {step} under {self.root_url}")
+            raise CheckpointNotFoundError(f"{said} ({steps_near(steps, step)})") from exc
 
     def _step_to_restore(self, store: Store, step: int | None) -> int:
         """The step `restore` reads: ``step``, or the newest.
