@@ -19,11 +19,13 @@ is never answered costs at most ``(max_retries + 1) * request_timeout_s`` plus t
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import functools
 import importlib
 import logging
 import os
+import socket
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -118,15 +120,56 @@ def _filesystem(s: ObjectSettings) -> Any:
     return _bounded_gcs(gcsfs.GCSFileSystem, s.max_retries + 1)(**options)
 
 
+# Tries of a request whose host name does not resolve. gcsfs retries it as any connection
+# error (with back-off, ~4.5 min at the default max_retries); a name that does not resolve
+# is nearly always a machine without the network or a wrong endpoint, so it is said soon.
+_UNRESOLVED_TRIES = 3
+
+
+def _unresolved(exc: BaseException) -> bool:
+    """Whether ``exc`` (an aiohttp error) is a host name that did not resolve."""
+    return isinstance(getattr(exc, "os_error", None), socket.gaierror)
+
+
+def _quiet_gcsfs_retries(record: logging.LogRecord) -> bool:
+    """gcsfs logs, with its traceback, the error of a request that ran out of tries and
+    then raises it; the store reports that error once, naming the object, so the log
+    record (shown on stderr by logging's last resort when the application configured no
+    logging) only repeats it."""
+    return not (record.funcName == "retry_request" and record.levelno >= logging.ERROR)
+
+
 @functools.cache
 def _bounded_gcs(base: type, tries: int) -> type:
-    """``base`` (a gcsfs filesystem class) making each request at most ``tries`` times:
-    gcsfs wraps its one request method in a fixed six tries, timeouts included, whatever
-    ``max_retries`` says."""
+    """``base`` (a gcsfs filesystem class) making each request at most ``tries`` times
+    (``_UNRESOLVED_TRIES`` when the host name does not resolve): gcsfs wraps its one request
+    method in a fixed six tries, timeouts included, whatever ``max_retries`` says."""
     retry = importlib.import_module("gcsfs.retry").retry_request
     once = base._request.__wrapped__  # type: ignore[attr-defined]
+    failed_lookups: contextvars.ContextVar[int] = contextvars.ContextVar("lookups", default=0)
+    logging.getLogger("gcsfs").addFilter(_quiet_gcsfs_retries)
+
+    async def attempt(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await once(self, *args, **kwargs)
+        except Exception as exc:
+            if not _unresolved(exc):
+                raise
+            failed_lookups.set(failed_lookups.get() + 1)
+            if failed_lookups.get() < min(tries, _UNRESOLVED_TRIES):
+                raise
+            # Not an exception gcsfs retries: the request ends here.
+            raise ConnectionError(f"{exc} (the host name did not resolve "
+                                  f"{failed_lookups.get()} times)") from exc
+
+    retried = retry(retries=tries)(attempt)
+
+    async def request(self: Any, *args: Any, **kwargs: Any) -> Any:
+        failed_lookups.set(0)  # each request counts its own (one task per request)
+        return await retried(self, *args, **kwargs)
+
     return type(f"{base.__name__}Tries{tries}", (base,),
-                {"_request": retry(retries=tries)(once), "__module__": __name__})
+                {"_request": request, "__module__": __name__})
 
 
 # S3 error codes for a credential the server rejects or a permission it lacks.

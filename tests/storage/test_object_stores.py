@@ -523,6 +523,34 @@ def test_a_gcs_server_that_never_answers_fails_in_bounded_time(request, tmp_path
     assert proxy.counts["GET"] >= 1
 
 
+UNRESOLVED = """
+import time
+import ckpt
+ckpt.configure_storage("gs", endpoint_url="http://no-such-host.invalid:9")
+began = time.monotonic()
+try:
+    ckpt.metadata("gs://bucket/ck")
+except ckpt.StorageError as exc:
+    print(f"{time.monotonic() - began:.1f}", exc)
+"""
+
+
+def test_a_host_name_that_does_not_resolve_fails_soon_and_quietly():
+    """gcsfs retries a name that does not resolve as any connection error (about 4.5 min at
+    the default max_retries, each failure logged with its traceback). It is tried three
+    times (1 s and 2 s apart), and said once: in the error, not on stderr."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")}
+    run = subprocess.run([sys.executable, "-c", UNRESOLVED], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    took, message = run.stdout.strip().split(" ", 1)
+    assert "gs://bucket/ck/COMMIT" in message and "no-such-host.invalid" in message, message
+    assert "did not resolve 3 times" in message, message
+    assert float(took) < 30, took
+    assert run.stderr == "", run.stderr[-2000:]
+
+
 GCS_INSPECT = """
 import sys
 import numpy as np
