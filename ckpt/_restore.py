@@ -283,20 +283,30 @@ def _want_array(want: _Want, path: KeyPath, t: Any, saved: np.dtype[Any], mesh: 
 def _held_instead(missing: list[KeyPath], saved: list[KeyPath], shown: int = 6) -> str:
     """What the checkpoint holds where the target's missing leaves would be: under the
     longest key-path prefix each shares with a saved leaf (a changed optimizer chain, a
-    renamed layer), the saved leaves there, so that the difference is plain."""
-    places: dict[KeyPath, list[KeyPath]] = {}
+    renamed layer), the saved leaves there, so that the difference is plain. One pass over
+    the saved paths, then a walk up each missing path (models have tens of thousands)."""
+    under: dict[KeyPath, list[KeyPath]] = {}
+    count: dict[KeyPath, int] = {}
+    for s in saved:
+        for depth in range(len(s) + 1):
+            count[s[:depth]] = count.get(s[:depth], 0) + 1
+            held = under.setdefault(s[:depth], [])
+            if len(held) < shown:
+                held.append(s)
+    leaves = set(saved)
+    places: dict[KeyPath, None] = {}
     for path in missing:
-        depth = max((next((i for i, (a, b) in enumerate(zip(path, s, strict=False))
-                           if a != b), min(len(path), len(s))) for s in saved), default=0)
-        if path[:depth] in saved:  # a saved leaf where the target has a subtree: its parent
+        depth = next(d for d in range(len(path), -1, -1) if path[:d] in under or d == 0)
+        if depth and path[:depth] in leaves:  # a saved leaf where the target has a subtree
             depth -= 1
-        prefix = path[:depth]
-        places.setdefault(prefix, [s for s in saved if s[:depth] == prefix])
+        places.setdefault(path[:depth], None)
     parts = []
-    for prefix, held in places.items():
+    for prefix in places:
         where = f"under {keystr(prefix)}" if prefix else "at the top"
-        more = f" and {len(held) - shown} more" if len(held) > shown else ""
-        parts.append(f"{where}: {', '.join(map(keystr, held[:shown])) or 'nothing'}{more}")
+        held = under.get(prefix, [])
+        more = f" and {count[prefix] - len(held)} more" if count.get(prefix, 0) > len(held) \
+            else ""
+        parts.append(f"{where}: {', '.join(map(keystr, held)) or 'nothing'}{more}")
     return "; the checkpoint holds " + "; ".join(parts)
 
 

@@ -148,3 +148,12 @@ def test_a_changed_optimizer_names_what_the_checkpoint_holds_in_its_place(tmp_pa
     assert "['opt_state'][1][0].mu['dense']['kernel']" in absent, text
     assert held.startswith("under ['opt_state']: ['opt_state'][0].count, "
                            "['opt_state'][0].mu['dense']['bias'], "), text
+
+
+def test_a_bare_array_checkpoint_is_named_at_the_top_for_a_tree_target(tmp_path):
+    url = str(tmp_path / "c")
+    ckpt.save(url, np.arange(4))
+    with pytest.raises(ckpt.MissingLeafError,
+                       match=r"absent from .*: \['a'\]\['b'\]; the checkpoint holds at the "
+                             r"top: <root>$"):
+        ckpt.restore(url, {"a": {"b": np.zeros(4)}})
