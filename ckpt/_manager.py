@@ -620,7 +620,10 @@ class CheckpointManager:
                 raise
             # A mistyped step: the root's committed steps around it say what was meant (with
             # a local tier, after what the tiers said).
-            steps = committed_steps(store)
+            try:
+                steps = committed_steps(store)
+            except CkptError:
+                raise exc from None  # no hint then: the error the restore met stands
             if step in steps:
                 raise
             said = (str(exc) if isinstance(self._place, WithLocalTier)

@@ -62,7 +62,7 @@ def _parse_budget(text: str) -> int:
     number = t[:-1] if unit else t
     try:
         value = int(float(number) * units[unit])
-    except ValueError:
+    except (ValueError, OverflowError):
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 2G)") from None
     if value < 1 << 20:
         raise argparse.ArgumentTypeError(
@@ -180,19 +180,21 @@ def _meant(store: Any, command: str, exc: CkptError) -> CkptError:
     root names the run's newest step; a step folder the run lacks names the steps near it;
     anything else is ``exc`` as it is."""
     url = store.url.rstrip("/")
-    steps = committed_steps(store)
+    try:
+        steps = committed_steps(store)
+        name, parent = url.rsplit("/", 1)[-1], store.parent()
+        around = committed_steps(parent) if parent is not None and name.isdecimal() else []
+    except CkptError:
+        return exc  # no hint then: the error the command met stands
     if steps:
         shown = ", ".join(map(str, steps[-10:]))
         return NotACheckpointError(
             f"{url} is a run with steps {'..., ' if len(steps) > 10 else ''}{shown}, not one "
             f"checkpoint: `ckpt {command} {url}/{steps[-1]}` for the newest")
-    name, parent = url.rsplit("/", 1)[-1], store.parent()
-    if parent is not None and name.isdecimal():
-        steps = committed_steps(parent)
-        if steps and int(name) not in steps:
-            return CheckpointNotFoundError(
-                f"{url}: the run at {parent.url.rstrip('/')} has no committed step "
-                f"{int(name)} ({steps_near(steps, int(name))})")
+    if around and int(name) not in around and parent is not None:
+        return CheckpointNotFoundError(
+            f"{url}: the run at {parent.url.rstrip('/')} has no committed step "
+            f"{int(name)} ({steps_near(around, int(name))})")
     return exc
 
 
@@ -255,12 +257,12 @@ def _existing_root(url: str, args: argparse.Namespace | None = None) -> Any:
 def _list(args: argparse.Namespace) -> int:
     store = _existing_root(args.root, args)
     entries = list_root(store)
-    if args.json:
-        print(json.dumps(entries, indent=2))
-        return 0
     if not entries and store.exists("COMMIT"):
         raise _UsageError(f"{store.url} is one checkpoint, not a run's root of steps: "
                           f"`ckpt inspect {store.url}` describes it")
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
     if not entries:
         print(f"no steps under {store.url}")
     for e in entries:

@@ -366,9 +366,10 @@ def test_a_run_root_or_a_missing_step_is_named_the_same_way_by_each_command(
 
 def test_list_of_one_checkpoint_says_so(saved, capsys):
     url, _ = saved
-    assert main(["list", url]) == 2
-    assert f"{url} is one checkpoint, not a run's root of steps: `ckpt inspect {url}`" in \
-        capsys.readouterr().err
+    for argv in (["list", url], ["list", "--json", url]):
+        assert main(argv) == 2
+        assert f"{url} is one checkpoint, not a run's root of steps: `ckpt inspect {url}`" \
+            in capsys.readouterr().err
 
 
 def test_list_shows_a_step_left_holding_only_a_removal_record(tmp_path, capsys):
