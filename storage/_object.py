@@ -127,8 +127,14 @@ _UNRESOLVED_TRIES = 3
 
 
 def _unresolved(exc: BaseException) -> bool:
-    """Whether ``exc`` (an aiohttp error) is a host name that did not resolve."""
-    return isinstance(getattr(exc, "os_error", None), socket.gaierror)
+    """Whether ``exc`` (an aiohttp error) is a host name that does not resolve, whichever
+    resolver aiohttp uses (the system's raises gaierror, aiodns a plain OSError); not a
+    temporary failure of the resolver (EAI_AGAIN: a DNS server restarting), which is
+    retried as any connection error."""
+    cause = getattr(exc, "os_error", None)
+    if isinstance(cause, socket.gaierror):
+        return cause.errno != socket.EAI_AGAIN
+    return type(exc).__name__ == "ClientConnectorDNSError"
 
 
 def _quiet_gcsfs_retries(record: logging.LogRecord) -> bool:
