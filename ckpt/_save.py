@@ -71,7 +71,14 @@ from ckpt.errors import (
     StorageError,
     UnsupportedLeafError,
 )
-from ckpt.storage import Deadline, DeadlineStore, Store, StoreLike, open_store
+from ckpt.storage import (
+    Deadline,
+    DeadlineStore,
+    Store,
+    StoreLike,
+    open_store,
+    tensorstore_code,
+)
 
 __all__ = ["Copy", "Job", "SaveHandle", "SaveTimings", "save", "save_async", "start_save",
            "start_commit", "plain_metadata", "OUTCOME_GRACE_S"]
@@ -442,6 +449,20 @@ def _write_chunks(job: Job, create: bool) -> list[Row]:
         raise
 
 
+def _file_gone(exc: BaseException) -> bool:
+    """Whether ``exc`` or one of its causes says a file was not found: what writing into
+    an attempt folder that a cleaner removed fails with (on object stores such writes
+    succeed, and the commit claim is what a removal stops)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, FileNotFoundError) or tensorstore_code(current) == "NOT_FOUND":
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
 def _real_cause(job: Job, exc: BaseException) -> BaseException:
     """A failed write's real cause when a cleaner removed the attempt under it (another
     writable manager started on the root or folder, `ckpt gc`): the storage error alone
@@ -483,7 +504,9 @@ def run(job: Job, handle: SaveHandle) -> None:
             mine = copy.written(job, rows)
             written = time.monotonic()
         except BaseException as exc:
-            mine = classified = _real_cause(job, exc)
+            # Only a symptom of removal (a file gone) is worth a read of the claim here:
+            # any other failure (a store that stopped answering) is published at once.
+            mine = classified = _real_cause(job, exc) if _file_gone(exc) else exc
         outcomes = job.coord.gather(f"{job.prefix}/written", mine, job.deadline.remaining())
         failed = _coord.errors_of(outcomes)
 
