@@ -67,6 +67,7 @@ class FaultProxy:
         self.lose_answer: tuple[str, int] | None = None
         self.connections: set[socket.socket] = set()
         self.active = 0  # requests being handled: read, forwarded or answered
+        self.closed = False  # set by down(): a request not yet counted is not forwarded
         self.idle = threading.Condition(self.lock)
         self._server: http.server.ThreadingHTTPServer | None = None
         self.up()
@@ -86,6 +87,8 @@ class FaultProxy:
     def up(self) -> None:
         """Starts listening (again, on the same port when it was up before)."""
         proxy = self
+        with self.lock:
+            self.closed = False
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -138,6 +141,9 @@ class FaultProxy:
 
             def _handle(self) -> None:
                 with proxy.lock:
+                    if proxy.closed:  # accepted before the proxy went down: dropped
+                        self.close_connection = True
+                        return
                     proxy.active += 1
                 try:
                     self._forward()
@@ -231,6 +237,8 @@ class FaultProxy:
 
     def down(self) -> None:
         """Stops listening: new connections are refused, as if the server were gone."""
+        with self.lock:
+            self.closed = True
         self.released.set()
         if self._server is not None:
             self._server.shutdown()
