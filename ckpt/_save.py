@@ -76,6 +76,7 @@ from ckpt.storage import (
     DeadlineStore,
     Store,
     StoreLike,
+    causes,
     open_store,
     tensorstore_code,
 )
@@ -453,14 +454,8 @@ def _file_gone(exc: BaseException) -> bool:
     """Whether ``exc`` or one of its causes says a file was not found: what writing into
     an attempt folder that a cleaner removed fails with (on object stores such writes
     succeed, and the commit claim is what a removal stops)."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, FileNotFoundError) or tensorstore_code(current) == "NOT_FOUND":
-            return True
-        current = current.__cause__ or current.__context__
-    return False
+    return any(isinstance(c, FileNotFoundError) or tensorstore_code(c) == "NOT_FOUND"
+               for c in causes(exc))
 
 
 def _real_cause(job: Job, exc: BaseException) -> BaseException:

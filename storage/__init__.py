@@ -23,6 +23,7 @@ from ckpt.storage._errors import (
     StorageError,
     UnreadableObjectError,
     UnsupportedURLError,
+    causes,
     tensorstore_code,
 )
 from ckpt.storage._local import LocalStore
@@ -41,7 +42,7 @@ __all__ = [
     "ObjectStore", "Op",
     "SCHEMES", "StorageError", "Store", "StoreLike", "UnreadableObjectError",
     "UnsupportedURLError", "Window", "WrapperStore",
-    "bounded", "check_key", "configure", "memory_context", "open_store", "parse_url",
+    "bounded", "causes", "check_key", "configure", "memory_context", "open_store", "parse_url",
     "settle_google_credentials", "tensorstore_code",
 ]
 

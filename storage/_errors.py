@@ -9,6 +9,8 @@ and draws the whole hierarchy. The object-store clients' errors are mapped in
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 
 class CkptError(Exception):
     """Base class of every error this project raises on purpose."""
@@ -74,3 +76,14 @@ def tensorstore_code(exc: BaseException) -> str | None:
     # Wrapped ("Error opening ...: NOT_FOUND: ..."): the outermost code that is named.
     found = [(text.find(f" {code}:"), code) for code in _TS_CODES if f" {code}:" in text]
     return min(found)[1] if found else None
+
+
+def causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and its causes (``__cause__``, else ``__context__``), each once: where a
+    client's or TensorStore's error that a wrapper raised from is found."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__

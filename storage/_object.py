@@ -39,6 +39,7 @@ from ckpt.storage._errors import (
     MissingDependencyError,
     ObjectNotFoundError,
     StorageError,
+    causes,
 )
 from ckpt.storage._settings import ObjectSettings, publish_for_tensorstore, resolve
 
@@ -194,27 +195,17 @@ _BODY_BROKE = frozenset({"ClientPayloadError", "ContentLengthError", "Incomplete
                          "IncompleteReadError", "ResponseStreamingError"})
 
 
-def _causes(exc: BaseException) -> Iterable[BaseException]:
-    """``exc`` and its causes (``__cause__``, else ``__context__``), each once."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__ or current.__context__
-
-
 def _body_broke(exc: BaseException) -> bool:
     """Whether a read failed because the answer's body broke off (a dropped connection
     mid-transfer), not because the request failed or went unanswered."""
-    return any(type(c).__name__ in _BODY_BROKE for c in _causes(exc))
+    return any(type(c).__name__ in _BODY_BROKE for c in causes(exc))
 
 
 def _timed_out(exc: BaseException) -> bool:
     """Whether a client's error, through its chain of causes, is a request deadline that
     passed (aiohttp's and fsspec's are `TimeoutError`s, botocore's are named above)."""
     return any(isinstance(c, TimeoutError) or type(c).__name__ in _CLIENT_TIMEOUTS
-               for c in _causes(exc))
+               for c in causes(exc))
 
 
 def client_error_kind(exc: BaseException) -> str | None:
@@ -222,7 +213,7 @@ def client_error_kind(exc: BaseException) -> str | None:
     without permission), ``no-bucket``, or None (any other failure). Decided by type and
     status, through the chain of causes, since s3fs and gcsfs re-raise the server's answer
     as a built-in error (s3fs keeps botocore's error, with its code, as the cause)."""
-    for current in _causes(exc):
+    for current in causes(exc):
         if isinstance(current, PermissionError) or type(current).__name__ in _NO_CREDENTIALS:
             return "denied"
         response = getattr(current, "response", None)  # botocore's ClientError
