@@ -18,7 +18,7 @@ import google_crc32c
 import numpy as np
 
 from ckpt._format import HostReport, LeafKind, LeafRecord, pack
-from ckpt._tree import keystr
+from ckpt._tree import path_text, python_path
 from ckpt.errors import SaveError
 
 
@@ -31,18 +31,19 @@ def digests(records: Sequence[LeafRecord], leaves: Sequence[Any]) -> tuple[str, 
     values: dict[str, int] = {}
     for rec, leaf in zip(records, leaves, strict=True):
         if rec.kind == LeafKind.VALUE:
-            values[keystr(rec.path)] = google_crc32c.value(pack(rec.value))
+            values[python_path(rec.path)] = google_crc32c.value(pack(rec.value))
         elif rec.kind in (LeafKind.ARRAY, LeafKind.INLINE) and \
                 rec.source in ("numpy", "numpy_scalar"):
             # (Per-process leaves differ by design; None and empty containers hold nothing.)
             array = np.asarray(leaf)
             little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
-            values[keystr(rec.path)] = google_crc32c.value(little.reshape(-1).view(np.uint8))
+            values[python_path(rec.path)] = google_crc32c.value(little.reshape(-1).view(np.uint8))
     return hashlib.sha256(shape).hexdigest(), values
 
 
-def check_agreement(reports: Sequence[HostReport]) -> None:
+def check_agreement(reports: Sequence[HostReport], records: Sequence[LeafRecord]) -> None:
     """Process 0, before the manifest: every report's digests equal process 0's.
+    ``records`` (process 0's leaves) give the messages each leaf's `path_text`.
 
     Raises:
         SaveError: naming the first leaf that differs and the processes that differ, or,
@@ -51,15 +52,17 @@ def check_agreement(reports: Sequence[HostReport]) -> None:
     if len(reports) < 2:
         return
     mine = reports[0]
+    shown = {python_path(rec.path): path_text(rec.path) for rec in records}
     for key in sorted(set().union(*(r.values for r in reports))):
+        leaf = shown.get(key, key)
         if key not in mine.values:
             holders = [r.process for r in reports if key in r.values]
-            raise SaveError(f"leaf {key} is saved by processes {holders} but not by "
+            raise SaveError(f"leaf {leaf} is saved by processes {holders} but not by "
                             "process 0: every process must save the same tree")
         differ = [r.process for r in reports if r.values.get(key) != mine.values[key]]
         if differ:
             raise SaveError(
-                f"leaf {key} holds different values on processes {differ} than on process 0: "
+                f"leaf {leaf} holds different values on processes {differ} than on process 0: "
                 "numpy arrays and Python values must be equal on every process (a jax.Array "
                 "is the way to save data that differs per process)")
     differ = [r.process for r in reports if r.tree != mine.tree]

@@ -51,7 +51,7 @@ from ckpt._format import (
 )
 from ckpt._orbax import STEP_METADATA
 from ckpt._reader import open_readable
-from ckpt._tree import keystr
+from ckpt._tree import path_text
 from ckpt.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -142,7 +142,7 @@ def open_arrays(store: Store, attempt: str, records: dict[int, LeafRecord], *,
     opening = {i: ts.open(zarr_spec(store.kvstore_spec(array_key(attempt, rec.name)), rec,
                                     create=create), context=ctx)
                for i, rec in records.items()}
-    return {i: store.wait(fut, f"opening leaf {keystr(records[i].path)}")
+    return {i: store.wait(fut, f"opening leaf {path_text(records[i].path)}")
             for i, fut in opening.items()}
 
 
@@ -225,7 +225,7 @@ def check_reports(store: Store, attempt: str, records: list[LeafRecord],
             raise SaveError(f"{store.describe(key)} claims to be from process "
                             f"{report.process}")
     # Before the chunk rows: processes that saved different trees report different chunks.
-    check_agreement(reports)
+    check_agreement(reports, records)
     for p, (key, report) in enumerate(zip(keys, reports, strict=True)):
         what = store.describe(key)
         for name, flat, nbytes, crc in report.chunks:
@@ -233,17 +233,17 @@ def check_reports(store: Store, attempt: str, records: list[LeafRecord],
             if rec is None or not 0 <= flat < len(rec.writers):
                 raise SaveError(f"{what} reports unknown chunk {flat} of {name!r}")
             if rec.writers[flat] != p or (name, flat) in seen:
-                raise SaveError(f"{what} reports chunk {flat} of {keystr(rec.path)}, which "
+                raise SaveError(f"{what} reports chunk {flat} of {path_text(rec.path)}, which "
                                 f"process {rec.writers[flat]} owns")
             if nbytes != rec.chunk_nbytes[flat]:
                 raise SaveError(f"{what} reports {nbytes} bytes for chunk {flat} of "
-                                f"{keystr(rec.path)}, expected {rec.chunk_nbytes[flat]}")
+                                f"{path_text(rec.path)}, expected {rec.chunk_nbytes[flat]}")
             seen.add((name, flat))
             crcs[name][flat] = crc
     for rec in by_name.values():
         for flat, writer in enumerate(rec.writers):
             if (rec.name, flat) not in seen:
-                raise SaveError(f"chunk {flat} of leaf {keystr(rec.path)} was not reported by "
+                raise SaveError(f"chunk {flat} of leaf {path_text(rec.path)} was not reported by "
                                 f"its writer, process {writer}")
     return [dataclasses.replace(rec, layout=rec.layout.with_crc32c(crcs[rec.name]))
             if rec.kind == LeafKind.ARRAY else rec for rec in _gather_per_process(
@@ -262,7 +262,7 @@ def _gather_per_process(records: list[LeafRecord], reports: list[HostReport],
             lacking = [p for p, values in enumerate(owned) if i not in values]
             if lacking:
                 raise SaveError(f"{store.describe(keys[lacking[0]])} holds no value for the "
-                                f"per-process leaf {keystr(rec.path)}")
+                                f"per-process leaf {path_text(rec.path)}")
             rec = dataclasses.replace(rec, value=[values[i] for values in owned])
         out.append(rec)
     return out

@@ -42,7 +42,7 @@ from ckpt._safetensors import (
     read_file_header,
     store_kvstore,
 )
-from ckpt._tree import keystr
+from ckpt._tree import path_text
 from ckpt.errors import CheckpointExistsError, InvalidArgumentError, UnsupportedLeafError
 from ckpt.restore import read_arrays
 from ckpt.restore.boxes import Box
@@ -97,7 +97,7 @@ class ExportResult:
     Attributes:
         url: the folder (or the file, for a ``.safetensors`` destination).
         files: the safetensors files written, in order (the index is not among them).
-        tensors: tensor name -> the key path it came from (`keystr`).
+        tensors: tensor name -> the key path it came from (``params/w``).
         left_out: key path -> why that leaf is not a tensor.
         nbytes: tensor bytes written.
     """
@@ -128,7 +128,7 @@ def _select(source: Readable, rules: NameRules, dtype: str | None
     left_out: dict[str, str] = {}
     by_name: dict[str, LeafRecord] = {}
     for rec in source.manifest.leaves:
-        path = keystr(rec.path)
+        path = path_text(rec.path)
         if rec.kind not in (LeafKind.ARRAY, LeafKind.INLINE):
             left_out[path] = f"not an array ({rec.kind})"
             continue
@@ -148,7 +148,7 @@ def _select(source: Readable, rules: NameRules, dtype: str | None
                                        "hold: leave it out with a 'drop' name rule")
         if name in by_name:
             raise InvalidArgumentError(
-                f"leaves {keystr(by_name[name].path)} and {path} would both be "
+                f"leaves {path_text(by_name[name].path)} and {path} would both be "
                 f"tensor {name!r}: add a rename rule")
         by_name[name] = rec
         outs.append(_Out(rec, name, dtype if dtype is not None and rec.dtype in FLOATS
@@ -205,7 +205,7 @@ def _tensor_bytes(source: Readable, out: _Out, slab_limit: int,
                   read_budget: int) -> Iterator[memoryview]:
     """The bytes of one tensor, slab by slab, checked as they are read."""
     rec = out.record
-    what = f"{source.store.url} leaf {keystr(rec.path)}"
+    what = f"{source.store.url} leaf {path_text(rec.path)}"
     target = dtype_from_name(out.dtype, what)
     if rec.kind == LeafKind.INLINE:
         small = decode_inline(rec, what)
@@ -349,4 +349,4 @@ def export_safetensors(url: StoreLike, dst: StoreLike, *, dtype: Any = None,
         if stale not in files and stale != INDEX:
             folder.delete(stale)
     return ExportResult(dst_store.url if single is not None else folder.url, files,
-                        {o.name: keystr(o.record.path) for o in outs}, left_out, written)
+                        {o.name: path_text(o.record.path) for o in outs}, left_out, written)

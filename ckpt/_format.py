@@ -18,7 +18,7 @@ from typing import Any
 
 import msgpack
 
-from ckpt._tree import KeyPath, keystr
+from ckpt._tree import KeyPath, path_text, python_path
 from ckpt.errors import CorruptCheckpointError, MissingLeafError, UnsupportedFormatError
 from ckpt.storage import Store, UnreadableObjectError
 
@@ -320,7 +320,7 @@ def _decode_leaf(raw: Any, index: int, what: str, local: bool = False) -> LeafRe
         # A record that says one kind and carries another's fields was not written by this
         # format: trusting its kind could turn a saved array into None.
         shown = sorted(map(repr, extra))
-        raise CorruptCheckpointError(f"{r.what} ({keystr(path)}) is a {kind_name!r} "
+        raise CorruptCheckpointError(f"{r.what} ({path_text(path)}) is a {kind_name!r} "
                                      f"leaf with fields it cannot have: {shown}")
     fields: dict[str, Any] = {}
     if kind in (LeafKind.ARRAY, LeafKind.INLINE):
@@ -333,7 +333,7 @@ def _decode_leaf(raw: Any, index: int, what: str, local: bool = False) -> LeafRe
         if len(shape) > MAX_NDIM:
             raise CorruptCheckpointError(f"{r.what} has {len(shape)} dimensions")
         if dtype not in DTYPE_SIZES:
-            raise CorruptCheckpointError(f"{r.what} ({keystr(path)}) has unsupported "
+            raise CorruptCheckpointError(f"{r.what} ({path_text(path)}) has unsupported "
                                          f"dtype {dtype!r:.40}")
         mesh = r.get("mesh", dict, None)
         if mesh is not None:
@@ -360,7 +360,7 @@ def _decode_leaf(raw: Any, index: int, what: str, local: bool = False) -> LeafRe
             count *= -(-n // c)
         if not count == len(layout.writers) == len(layout.nbytes) == len(layout.crc32c):
             raise CorruptCheckpointError(
-                f"{r.what} ({keystr(path)}) lists {len(layout.writers)} chunks; its shape "
+                f"{r.what} ({path_text(path)}) lists {len(layout.writers)} chunks; its shape "
                 f"and chunk shape make {count}")
         fields["layout"] = layout
     elif kind == LeafKind.INLINE:
@@ -368,7 +368,7 @@ def _decode_leaf(raw: Any, index: int, what: str, local: bool = False) -> LeafRe
         need = math.prod(shape) * DTYPE_SIZES[dtype]
         if len(data) != need:
             raise CorruptCheckpointError(
-                f"{r.what} ({keystr(path)}) holds {len(data)} bytes; its shape and "
+                f"{r.what} ({path_text(path)}) holds {len(data)} bytes; its shape and "
                 f"dtype need {need}")
     elif kind == LeafKind.VALUE:
         fields["vtype"] = r.get("vtype", str)
@@ -376,14 +376,14 @@ def _decode_leaf(raw: Any, index: int, what: str, local: bool = False) -> LeafRe
     elif kind == LeafKind.EMPTY:
         fields["vtype"] = vtype = r.get("vtype", str)
         if vtype not in EMPTY_VTYPES:
-            raise CorruptCheckpointError(f"{r.what} ({keystr(path)}) is an empty container of "
+            raise CorruptCheckpointError(f"{r.what} ({path_text(path)}) is an empty container of "
                                          f"unknown type {vtype!r:.40}")
     elif kind == LeafKind.PER_PROCESS:
         fields["vtype"] = vtype = r.get("vtype", str)
         fields["value"] = values = r.get("values", list)
         if vtype not in PER_PROCESS_VTYPES or not values or (
                 vtype == "json" and not all(isinstance(v, str) for v in values)):
-            raise CorruptCheckpointError(f"{r.what} ({keystr(path)}) is a malformed "
+            raise CorruptCheckpointError(f"{r.what} ({path_text(path)}) is a malformed "
                                          f"per-process leaf")
     leaf = LeafRecord(path=path, kind=kind, **fields)
     if kind == LeafKind.ARRAY:
@@ -404,7 +404,7 @@ def _check_chunk_sizes(leaf: LeafRecord, what: str) -> None:
     for flat, box in enumerate(itertools.product(*extents)):
         if leaf.chunk_nbytes[flat] != math.prod(box) * itemsize:
             raise CorruptCheckpointError(
-                f"{what} ({keystr(leaf.path)}) records {leaf.chunk_nbytes[flat]} bytes for "
+                f"{what} ({path_text(leaf.path)}) records {leaf.chunk_nbytes[flat]} bytes for "
                 f"chunk {flat}; its shape, chunk shape and dtype make "
                 f"{math.prod(box) * itemsize}")
 
@@ -447,12 +447,12 @@ def decode_manifest(data: bytes, what: str) -> Manifest:
         # One record per key path and one array folder per record: a duplicate would make
         # restore keep one of two leaves, or read one leaf's data for another.
         if rec.path in paths:
-            raise CorruptCheckpointError(f"{what} lists leaf {keystr(rec.path)} twice")
+            raise CorruptCheckpointError(f"{what} lists leaf {path_text(rec.path)} twice")
         paths.add(rec.path)
         if rec.kind == LeafKind.ARRAY:
             if rec.name in names:
                 raise CorruptCheckpointError(
-                    f"{what}: leaf {keystr(rec.path)} names array {rec.name!r}, which another "
+                    f"{what}: leaf {path_text(rec.path)} names array {rec.name!r}, which another "
                     f"leaf names too")
             names.add(rec.name)
     return Manifest(
@@ -484,17 +484,17 @@ def check_tree(records: Sequence[LeafRecord], what: str) -> None:
             parent = path[:depth]
             if parent in leaves:
                 raise CorruptCheckpointError(
-                    f"{what}: leaf {keystr(path)} lies inside leaf {keystr(parent)}")
+                    f"{what}: leaf {path_text(path)} lies inside leaf {path_text(parent)}")
             seen = children.setdefault(parent, {})
             slot = ("index", key) if kind == "index" else ("name", key)
             if any(k[0] != slot[0] for k in seen):
                 raise CorruptCheckpointError(
-                    f"{what}: leaf {keystr(path)} mixes sequence positions and names under "
-                    f"{keystr(parent) or 'the root'}")
+                    f"{what}: leaf {path_text(path)} mixes sequence positions and names under "
+                    f"{path_text(parent) or 'the root'}")
             if slot in seen and seen[slot] != kind:
                 raise CorruptCheckpointError(
-                    f"{what}: leaf {keystr(path)} names {key!r} twice under "
-                    f"{keystr(parent) or 'the root'}")
+                    f"{what}: leaf {path_text(path)} names {key!r} twice under "
+                    f"{path_text(parent) or 'the root'}")
             seen[slot] = kind
 
 
@@ -619,7 +619,7 @@ def zarr_spec(kvstore: dict[str, Any], rec: LeafRecord, *, create: bool) -> dict
             "fill_value": fill,
             "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
                        {"name": "crc32c"}],
-            "attributes": {"ckpt_key_path": keystr(rec.path)},
+            "attributes": {"ckpt_key_path": python_path(rec.path)},
         },
         # Chunks equal to the fill value are stored too, so a missing chunk always means a
         # lost chunk, never zeros.

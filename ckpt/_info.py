@@ -11,7 +11,7 @@ import jax
 from ckpt._format import LeafKind, Manifest, check_tree
 from ckpt._leaves import PerProcess, decode_value, dtype_from_name, saved_state
 from ckpt._reader import open_readable
-from ckpt._tree import KeyPath, keystr, nest
+from ckpt._tree import KeyPath, nest, path_text, python_path, slash_path
 from ckpt.storage import StoreLike, bounded, open_store
 
 
@@ -29,8 +29,16 @@ class LeafInfo:
     chunk_shape: tuple[int, ...]
 
     @property
+    def name(self) -> str:
+        """The key path as the CLI prints it and ``--spec``, ``--only`` and name rules
+        match it: ``opt/0/mu/w`` (``""`` for a leaf at the root)."""
+        return slash_path(self.path)
+
+    @property
     def keystr(self) -> str:
-        return keystr(self.path)
+        """The key path in Python notation, ``['opt'][0].mu['w']``: what
+        ``jax.tree_util.keystr`` gives for the same leaf of the caller's tree."""
+        return python_path(self.path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +91,7 @@ def _info(url: str, manifest: Manifest, layout: str) -> CheckpointInfo:
                 *rec.spec_entries())
         leaves.append(LeafInfo(rec.path, str(rec.kind), rec.shape, rec.dtype, rec.nbytes,
                                mesh, spec, rec.chunk_shape))
-        what = f"{url} leaf {keystr(rec.path)}"
+        what = f"{url} leaf {path_text(rec.path)}"
         if rec.kind in (LeafKind.ARRAY, LeafKind.INLINE):
             value: Any = jax.ShapeDtypeStruct(  # type: ignore[no-untyped-call]  # unannotated in JAX
                 rec.shape, dtype_from_name(rec.dtype, what))

@@ -16,7 +16,7 @@ import ml_dtypes
 import numpy as np
 
 from ckpt._format import DTYPE_SIZES, LeafKind, LeafRecord, pack, unpack
-from ckpt._tree import KeyPath, check_text, is_empty_container, keystr, leaf_name
+from ckpt._tree import KeyPath, check_text, is_empty_container, leaf_name, path_text
 from ckpt.errors import CorruptCheckpointError, UnsupportedLeafError
 
 # Arrays at most this large are stored in the manifest instead of as a zarr array: one
@@ -45,7 +45,7 @@ def _check_dtype(dtype: Any, path: KeyPath) -> str:
     except TypeError:
         name = str(dtype)
     if name not in SUPPORTED_DTYPES:
-        raise UnsupportedLeafError(f"leaf {keystr(path)} has unsupported dtype {name}; "
+        raise UnsupportedLeafError(f"leaf {path_text(path)} has unsupported dtype {name}; "
                                    f"supported: {', '.join(sorted(SUPPORTED_DTYPES))}")
     return name
 
@@ -111,7 +111,7 @@ def per_process_record(path: KeyPath, leaf: Any) -> LeafRecord:
     value, snapshotted: ``get_state()`` is called here, in `save_async`'s blocking part."""
     stateful = not isinstance(leaf, PerProcess)
     value = leaf.get_state() if stateful else leaf.value
-    what = f"{'get_state() of ' if stateful else 'the PerProcess value of '}leaf {keystr(path)}"
+    what = f"{'get_state() of ' if stateful else 'the PerProcess value of '}leaf {path_text(path)}"
     try:
         value = unpack(pack(value), what)  # a copy: later changes are not saved
     except (TypeError, ValueError, OverflowError, CorruptCheckpointError) as exc:
@@ -159,12 +159,12 @@ def classify(path: KeyPath, leaf: Any, process_count: int) -> LeafRecord:
         return per_process_record(path, leaf)
     if isinstance(leaf, jax.core.Tracer):
         raise UnsupportedLeafError(
-            f"leaf {keystr(path)} is a traced value ({type(leaf).__name__}): saving was "
+            f"leaf {path_text(path)} is a traced value ({type(leaf).__name__}): saving was "
             "called inside jax.jit, grad, vmap or another transformation; save outside "
             "traced code, with the concrete arrays the traced function returns")
     if isinstance(leaf, jax.Array):
         if leaf.is_deleted():
-            raise UnsupportedLeafError(f"leaf {keystr(path)} is a deleted (donated) jax.Array")
+            raise UnsupportedLeafError(f"leaf {path_text(path)} is a deleted (donated) jax.Array")
         if is_typed_key(leaf):
             # Stored as its key data (uint32, trailing implementation dimensions) with the
             # implementation's name; the spec is the key array's own.
@@ -192,11 +192,11 @@ def classify(path: KeyPath, leaf: Any, process_count: int) -> LeafRecord:
     vtype = _VALUE_TYPES.get(type(leaf))
     if vtype is None:
         raise UnsupportedLeafError(
-            f"leaf {keystr(path)} has type {type(leaf).__module__}.{type(leaf).__qualname__}, "
+            f"leaf {path_text(path)} has type {type(leaf).__module__}.{type(leaf).__qualname__}, "
             "which cannot be saved; leaves must be jax.Array, numpy arrays or scalars, "
             "bool/int/float/complex/str/bytes, or None")
     if isinstance(leaf, str):
-        check_text(leaf, f"leaf {keystr(path)}")
+        check_text(leaf, f"leaf {path_text(path)}")
     return LeafRecord(path=path, kind=LeafKind.VALUE, vtype=vtype, value=encode_value(leaf))
 
 

@@ -46,7 +46,7 @@ from ckpt._format import (
     read_object,
 )
 from ckpt._leaves import SUPPORTED_DTYPES, encode_value
-from ckpt._tree import KeyPath, keystr, leaf_name
+from ckpt._tree import KeyPath, leaf_name, path_text
 from ckpt.errors import (
     CorruptCheckpointError,
     NotACheckpointError,
@@ -342,7 +342,7 @@ def _leaf_records(item: Store, tree: dict[str, Any], meta_where: str, context: t
         where = f"{meta_where} entry {entry_key!r:.120}"
         path = _key_path(entry, where)
         if path in seen:
-            raise CorruptCheckpointError(f"{where}: key path {keystr(path)} appears twice")
+            raise CorruptCheckpointError(f"{where}: key path {path_text(path)} appears twice")
         seen.add(path)
         value_meta = entry.get("value_metadata")
         vtype = value_meta.get("value_type") if isinstance(value_meta, dict) else None
@@ -359,12 +359,12 @@ def _leaf_records(item: Store, tree: dict[str, Any], meta_where: str, context: t
             text = strings.get(name) if isinstance(strings, dict) else None
             if not isinstance(text, str):
                 raise CorruptCheckpointError(
-                    f"{item.describe(STRINGS)} holds no string for leaf {keystr(path)}")
+                    f"{item.describe(STRINGS)} holds no string for leaf {path_text(path)}")
             records.append(LeafRecord(path=path, kind=LeafKind.VALUE, vtype="str", value=text))
             continue
         if vtype not in _ARRAY_TYPES and vtype != "scalar":
             raise UnsupportedFormatError(
-                f"{where}: leaf {keystr(path)} has Orbax value type {vtype!r:.60}, which this "
+                f"{where}: leaf {path_text(path)} has Orbax value type {vtype!r:.60}, which this "
                 "library cannot read (it reads jax.Array, np.ndarray, scalar, string, None)")
         spec = _array_spec(item, name, ocdbt=ocdbt, zarr3=zarr3, fill_missing=fill_missing)
         opening.append((len(records), name, vtype, ts.open(spec, context=context)))
@@ -395,7 +395,7 @@ def _add_array_layouts(item: Store, records: list[LeafRecord], opening: list[_Op
     scalars: list[tuple[int, Any]] = []  # (index in records, read future)
     for index, name, vtype, fut in opening:
         rec = records[index]
-        what = f"leaf {keystr(rec.path)} of {item.url}"
+        what = f"leaf {path_text(rec.path)} of {item.url}"
         try:
             arr = item.wait(fut, f"opening {what}")
         except DeadlineExceededError:
@@ -440,16 +440,16 @@ def _add_scalar_values(item: Store, records: list[LeafRecord],
     for index, fut in scalars:
         rec = records[index]
         try:
-            value = item.wait(fut, f"reading leaf {keystr(rec.path)}")
+            value = item.wait(fut, f"reading leaf {path_text(rec.path)}")
         except DeadlineExceededError:
             raise
         except Exception as exc:
             raise CorruptCheckpointError(
-                f"leaf {keystr(rec.path)} of {item.url}: cannot read it: {exc}") from None
+                f"leaf {path_text(rec.path)} of {item.url}: cannot read it: {exc}") from None
         py = value.item() if value.ndim == 0 else None
         vkind = _SCALAR_KINDS.get(value.dtype.kind)
         if py is None or vkind is None:
-            raise UnsupportedFormatError(f"leaf {keystr(rec.path)} of {item.url}: a scalar "
+            raise UnsupportedFormatError(f"leaf {path_text(rec.path)} of {item.url}: a scalar "
                                          f"stored as {value.dtype}{list(value.shape)}")
         specs.pop(rec.path)
         records[index] = LeafRecord(path=rec.path, kind=LeafKind.VALUE, source=rec.source,

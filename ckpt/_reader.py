@@ -39,7 +39,7 @@ from ckpt._names import NameRules
 from ckpt._orbax import OrbaxItem
 from ckpt._orbax_items import open_orbax
 from ckpt._safetensors import SafetensorsFiles, bind, open_safetensors
-from ckpt._tree import KeyPath, keystr
+from ckpt._tree import KeyPath, path_text
 from ckpt.errors import (
     CheckpointNotFoundError,
     CkptError,
@@ -134,8 +134,8 @@ class Readable(abc.ABC):
     def read_job(self, rec: LeafRecord, boxes: Sequence[Box]) -> ArrayReadJob:
         """What `ckpt.restore.read_arrays` needs to read ``boxes`` of array leaf ``rec``,
         with every check this format allows on each chunk it reads."""
-        what = f"{self.store.url} leaf {keystr(rec.path)}"
-        return ArrayReadJob(keystr(rec.path), self.array_spec(rec), self.context(), rec.shape,
+        what = f"{self.store.url} leaf {path_text(rec.path)}"
+        return ArrayReadJob(path_text(rec.path), self.array_spec(rec), self.context(), rec.shape,
                             rec.chunk_shape, dtype_from_name(rec.dtype, what), list(boxes),
                             list(rec.chunk_crc32c) or None,
                             crc32c_in_chunk_tail=self._chunks_end_with_crc32c(),
@@ -229,7 +229,7 @@ class _Ours(Readable):
             stored = sizes.get(key)
             if stored != nbytes + _CRC_TAIL:
                 raise CorruptCheckpointError(
-                    f"leaf {keystr(rec.path)}: chunk {unflat_index(flat, grid)} "
+                    f"leaf {path_text(rec.path)}: chunk {unflat_index(flat, grid)} "
                     + ("is missing" if stored is None else f"holds {stored} bytes")
                     + f" ({self.store.describe(key)}); the manifest records {nbytes} (+4 "
                     f"for its checksum), {rec.nbytes} for the array: nothing is read")
@@ -242,7 +242,7 @@ class _Ours(Readable):
             try:
                 self.store.check_plain_files(folder, self._file_keys(rec))
             except UnreadableObjectError as exc:
-                raise CorruptCheckpointError(f"leaf {keystr(rec.path)}: {exc}") from None
+                raise CorruptCheckpointError(f"leaf {path_text(rec.path)}: {exc}") from None
         if self.item is not None:  # stored under its whole path, which its metadata names
             rec = dataclasses.replace(rec, path=(("key", self.item),) + rec.path)
         return array_read_spec(self.store.kvstore_spec(folder), rec)
@@ -302,7 +302,7 @@ class _SafeTensors(Readable):
         t = self._files.tensors[rec.name]
         job = super().read_job(rec, boxes)
         job.raw = RawLayout(t.file, t.begin, t.generation)
-        job.name = f"{keystr(rec.path)} (tensor {t.name!r} of {t.file})"
+        job.name = f"{path_text(rec.path)} (tensor {t.name!r} of {t.file})"
         return job
 
     def for_target(self, pairs: Sequence[tuple[KeyPath, Any]] | None,

@@ -35,7 +35,7 @@ from ckpt._format import ChunkLayout, LeafKind, LeafRecord
 from ckpt._leaves import dtype_from_name
 from ckpt._ownership import choose_chunk_shape
 from ckpt._reader import open_readable
-from ckpt._tree import KeyPath, keystr
+from ckpt._tree import path_text, slash_path
 from ckpt._verify import verify
 from ckpt.errors import (
     CorruptCheckpointError,
@@ -156,11 +156,6 @@ def as_rules(rules: RulesLike) -> list[tuple[str, Spec]]:
     return out
 
 
-def slash_path(path: KeyPath) -> str:
-    """The key path as ``params/dense/kernel`` (positions as numbers), for glob rules."""
-    return "/".join(str(value) for _, value in path)
-
-
 def path_matches(pattern: str, path: str) -> bool:
     """Whether slash ``path`` matches ``pattern`` segment by segment: ``*``, ``?`` and
     ``[...]`` match within one segment (never across ``/``); a ``**`` segment matches any
@@ -203,7 +198,7 @@ def _plan(manifest_leaves: list[LeafRecord], mesh: dict[str, int],
         try:
             shard = spec_shard_shape(rec.shape, mesh, spec)
         except ValueError as exc:
-            errors.append(f"{keystr(rec.path)} {list(rec.shape)}: {exc}")
+            errors.append(f"{path_text(rec.path)} {list(rec.shape)}: {exc}")
             continue
         changes: dict[str, Any] = {}
         if rec.source == "jax":
@@ -211,7 +206,7 @@ def _plan(manifest_leaves: list[LeafRecord], mesh: dict[str, int],
                            spec=[e if e is None or isinstance(e, str) else list(e)
                                  for e in spec])
         if rec.kind == LeafKind.ARRAY:
-            itemsize = dtype_from_name(rec.dtype, keystr(rec.path)).itemsize
+            itemsize = dtype_from_name(rec.dtype, path_text(rec.path)).itemsize
             chunk_shape = choose_chunk_shape(shard, itemsize, 1, max_chunk_bytes=max_chunk)
             nbytes = [n * itemsize for n in chunk_sizes(rec.shape, chunk_shape)]
             # One writer: this process.

@@ -35,7 +35,7 @@ from ckpt._leaves import (
 )
 from ckpt._names import NameRules, NamesLike
 from ckpt._reader import Readable, open_readable
-from ckpt._tree import KeyPath, flatten, is_empty_container, keystr, nest, unflatten
+from ckpt._tree import KeyPath, flatten, is_empty_container, nest, path_text, unflatten
 from ckpt.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -79,7 +79,7 @@ class _Want:
 def _cast_check(rec: LeafRecord, saved: np.dtype[Any], dtype: np.dtype[Any]) -> str | None:
     if dtype == saved or np.can_cast(saved, dtype, casting="same_kind"):
         return None
-    return f"{keystr(rec.path)}: saved {saved}, target {dtype}"
+    return f"{path_text(rec.path)}: saved {saved}, target {dtype}"
 
 
 def _spec_sharding(rec: LeafRecord, mesh: jax.sharding.Mesh) -> tuple[Any, str | None]:
@@ -93,7 +93,7 @@ def _spec_sharding(rec: LeafRecord, mesh: jax.sharding.Mesh) -> tuple[Any, str |
             for a in ([entry] if isinstance(entry, str) else entry)]
     lacking = [a for a in axes if a not in mesh.axis_names]
     if lacking:
-        return None, (f"{keystr(rec.path)} uses axes {lacking} that the mesh "
+        return None, (f"{path_text(rec.path)} uses axes {lacking} that the mesh "
                       f"{dict(mesh.shape)} lacks")
     # PartitionSpec's constructor is unannotated in JAX.
     partition = jax.sharding.PartitionSpec(*spec)  # type: ignore[no-untyped-call]
@@ -122,7 +122,7 @@ def _target_placement(want: _Want, t: Any) -> None:
 
 
 def _warn_defaulted(wants: list[_Want], what: str) -> None:
-    names = [keystr(w.record.path) for w in wants if w.defaulted]
+    names = [path_text(w.record.path) for w in wants if w.defaulted]
     if names:
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
         warnings.warn(
@@ -197,11 +197,11 @@ def _want_value(want: _Want, path: KeyPath, t: Any, what: str, bad: _Mismatches)
         # A Python number under a 0-d array target (what `jax.eval_shape` makes of a step
         # counter) restores as that array.
         want.dtype = np.dtype(t.dtype)
-        value = decode_value(rec, f"{what} leaf {keystr(path)}")
+        value = decode_value(rec, f"{what} leaf {path_text(path)}")
         bad.add("dtype", _cast_check(rec, np.asarray(value).dtype, want.dtype))
         _target_placement(want, t)
     else:
-        bad.add("kind", f"{keystr(path)}: saved a {rec.kind}, target is an array")
+        bad.add("kind", f"{path_text(path)}: saved a {rec.kind}, target is an array")
 
 
 def _want_as_saved(want: _Want, mesh: Any, bad: _Mismatches) -> None:
@@ -224,9 +224,9 @@ def _want_key(want: _Want, path: KeyPath, t: Any, bad: _Mismatches) -> None:
     rec = want.record
     key_shape = rec.shape[:len(t.shape)]
     if not rec.prng_impl:
-        bad.add("kind", f"{keystr(path)}: target is a PRNG key, saved {rec.dtype}")
+        bad.add("kind", f"{path_text(path)}: target is a PRNG key, saved {rec.dtype}")
     elif tuple(t.shape) != key_shape:
-        bad.add("shape", f"{keystr(path)}: saved keys {list(key_shape)}, target "
+        bad.add("shape", f"{path_text(path)}: saved keys {list(key_shape)}, target "
                          f"{list(t.shape)}")
     want.key, want.key_sharding = True, getattr(t, "sharding", None)
 
@@ -237,11 +237,11 @@ def _want_per_process(want: _Want, path: KeyPath, t: Any, bad: _Mismatches) -> N
     if t is None and saved != now:
         want.every = True  # no target (inspection, a notebook): every process's value
     elif saved != now:
-        bad.add("process count", f"{keystr(path)} holds the values of {saved} processes, "
+        bad.add("process count", f"{path_text(path)} holds the values of {saved} processes, "
                                  f"and {now} are restoring (leave it out of the target to "
                                  f"restore the rest)")
     elif is_array_like(t) and not is_stateful(t):
-        bad.add("kind", f"{keystr(path)}: saved a per-process value, target is an array")
+        bad.add("kind", f"{path_text(path)}: saved a per-process value, target is an array")
     want.target = t
 
 
@@ -252,8 +252,8 @@ def _per_process_value(want: _Want, setters: list[tuple[Any, Any]]) -> Any:
     another size than the one that saved it: a list of every process's value, by index."""
     rec, t = want.record, want.target
     if want.every:
-        return [saved_state(rec, p, None, keystr(rec.path)) for p in range(len(rec.value))]
-    value = saved_state(rec, jax.process_index(), t, keystr(rec.path))
+        return [saved_state(rec, p, None, path_text(rec.path)) for p in range(len(rec.value))]
+    value = saved_state(rec, jax.process_index(), t, path_text(rec.path))
     if is_stateful(t):
         setters.append((t, value))
         return t
@@ -267,10 +267,10 @@ def _want_array(want: _Want, path: KeyPath, t: Any, saved: np.dtype[Any], mesh: 
     """A saved array against an array target: its shape, dtype (cast) and placement."""
     rec = want.record
     if not is_array_like(t):
-        bad.add("kind", f"{keystr(path)}: saved an array, target is {type(t).__name__}")
+        bad.add("kind", f"{path_text(path)}: saved an array, target is {type(t).__name__}")
         return
     if tuple(t.shape) != rec.shape:
-        bad.add("shape", f"{keystr(path)}: saved {list(rec.shape)}, target {list(t.shape)}")
+        bad.add("shape", f"{path_text(path)}: saved {list(rec.shape)}, target {list(t.shape)}")
     want.dtype = np.dtype(t.dtype)
     bad.add("dtype", _cast_check(rec, saved, want.dtype))
     want.sharding = getattr(t, "sharding", None)
@@ -302,11 +302,11 @@ def _held_instead(missing: list[KeyPath], saved: list[KeyPath], shown: int = 6) 
         places.setdefault(path[:depth], None)
     parts = []
     for prefix in places:
-        where = f"under {keystr(prefix)}" if prefix else "at the top"
+        where = f"under {path_text(prefix)}" if prefix else "at the top"
         held = under.get(prefix, [])
         more = f" and {count[prefix] - len(held)} more" if count.get(prefix, 0) > len(held) \
             else ""
-        parts.append(f"{where}: {', '.join(map(keystr, held)) or 'nothing'}{more}")
+        parts.append(f"{where}: {', '.join(map(path_text, held)) or 'nothing'}{more}")
     return "; the checkpoint holds " + "; ".join(parts)
 
 
@@ -327,7 +327,7 @@ def _match(manifest: Manifest, target: Any, mesh: Any, what: str) -> tuple[list[
     missing = [path for (path, _), rec in zip(pairs, records, strict=True) if rec is None]
     if missing:
         raise MissingLeafError(f"target leaves absent from {what}: "
-                               f"{', '.join(map(keystr, missing))}"
+                               f"{', '.join(map(path_text, missing))}"
                                + _held_instead(missing, [r.path for r in manifest.leaves]))
     wants: list[_Want] = []
     bad = _Mismatches()
@@ -341,7 +341,7 @@ def _match(manifest: Manifest, target: Any, mesh: Any, what: str) -> tuple[list[
         if is_stateful(t):
             # Its set_state would never be called: the object would silently keep its
             # own state while the restore reports success.
-            bad.add("kind", f"{keystr(path)}: the target is an object with get_state/"
+            bad.add("kind", f"{path_text(path)}: the target is an object with get_state/"
                             f"set_state (a data iterator), but the checkpoint holds a "
                             f"{rec.kind.value} there, not a saved state")
             continue
@@ -353,10 +353,10 @@ def _match(manifest: Manifest, target: Any, mesh: Any, what: str) -> tuple[list[
             continue
         if rec.kind == LeafKind.EMPTY:
             if t is not None:
-                bad.add("kind", f"{keystr(path)}: saved an empty {rec.vtype}, target is "
+                bad.add("kind", f"{path_text(path)}: saved an empty {rec.vtype}, target is "
                                 f"{type(t).__name__}")
             continue
-        saved = dtype_from_name(rec.dtype, f"{what} leaf {keystr(path)}")
+        saved = dtype_from_name(rec.dtype, f"{what} leaf {path_text(path)}")
         if t is None:
             _want_as_saved(want, mesh, bad)
         elif is_typed_key(t):
@@ -473,7 +473,7 @@ def _restore_source(source: Readable, target: Any, mesh: Any,
     source.check_files([w.record for w in wants if w.record.kind == LeafKind.ARRAY])
     for i, want in enumerate(wants):
         rec = want.record
-        what = f"{source.store.url} leaf {keystr(rec.path)}"
+        what = f"{source.store.url} leaf {path_text(rec.path)}"
         if rec.kind == LeafKind.PER_PROCESS:
             values[i] = _per_process_value(want, setters)
         elif want.keep is not None:

@@ -30,7 +30,7 @@ import tensorstore as ts
 from ckpt._format import DTYPE_SIZES, ChunkLayout, LeafKind, LeafRecord, Manifest
 from ckpt._leaves import is_array_like
 from ckpt._names import NameRules
-from ckpt._tree import KeyPath, is_empty_container, is_text, keystr
+from ckpt._tree import KeyPath, is_empty_container, is_text, path_text
 from ckpt.errors import (
     CorruptCheckpointError,
     DtypeMismatchError,
@@ -438,25 +438,25 @@ def bind(files: SafetensorsFiles, pairs: Sequence[tuple[KeyPath, Any]],
             continue  # needs nothing stored: comes back as it is
         name = rules.name(path)
         if not is_array_like(leaf):
-            wrong_kind.append(f"{keystr(path)} is {type(leaf).__name__}")
+            wrong_kind.append(f"{path_text(path)} is {type(leaf).__name__}")
             continue
         if name is None:
-            dropped.append(keystr(path))
+            dropped.append(path_text(path))
             continue
         t = files.tensors.get(name)
         if t is None:
             near = difflib.get_close_matches(name, list(files.tensors), n=3, cutoff=0.5)
-            missing.append(f"{keystr(path)} (tensor {name!r}; "
+            missing.append(f"{path_text(path)} (tensor {name!r}; "
                            + (f"the nearest names the file holds: {', '.join(map(repr, near))}"
                               if near else "no name the file holds is close") + ")")
             continue
         used.add(name)
         if tuple(leaf.shape) != t.shape:
             shapes.append(f"tensor {name!r} ({t.file}) is {list(t.shape)}, target "
-                          f"{keystr(path)} is {list(leaf.shape)}")
+                          f"{path_text(path)} is {list(leaf.shape)}")
         dtype = getattr(leaf.dtype, "name", str(leaf.dtype))
         if dtype != t.dtype:
-            dtypes.append(f"tensor {name!r} ({t.file}) is {t.dtype}, target {keystr(path)} "
+            dtypes.append(f"tensor {name!r} ({t.file}) is {t.dtype}, target {path_text(path)} "
                           f"is {dtype}")
         records.append(tensor_record(path, t))
     if wrong_kind:

@@ -60,7 +60,7 @@ from ckpt._handle import SaveHandle, SaveTimings, track
 from ckpt._leaves import classify, encode_inline, is_typed_key
 from ckpt._ownership import ArrayInput, ArrayPlan, plan
 from ckpt._snapshot import DEFAULT_MEMORY_BUDGET, Snapshot, checked_options, start_fetching, take
-from ckpt._tree import flatten, keystr
+from ckpt._tree import flatten, path_text
 from ckpt.errors import (
     AttemptRemovedError,
     CkptError,
@@ -248,7 +248,7 @@ def _classify(tree: Any, process_count: int) -> tuple[list[LeafRecord], list[Any
             other = names.setdefault(rec.name, rec)
             if other is not rec:
                 raise UnsupportedLeafError(
-                    f"leaves {keystr(other.path)} and {keystr(rec.path)} map to the same "
+                    f"leaves {path_text(other.path)} and {path_text(rec.path)} map to the same "
                     f"array name {rec.name!r}")
     return records, leaves
 

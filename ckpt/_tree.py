@@ -65,6 +65,13 @@ def check_text(text: str, what: str) -> None:
                                    "surrogate); it cannot be saved")
 
 
+def _raw_text(raw_path: Sequence[Any]) -> str:
+    """`path_text` of a JAX key path that may not convert to ours (the error names it)."""
+    parts = [str(next((getattr(raw, a) for a in ("key", "idx", "name") if hasattr(raw, a)),
+                      raw)) for raw in raw_path]
+    return "/".join(parts) or "the root"
+
+
 def _entry(raw: Any, where: str) -> Entry:
     tu = jax.tree_util
     if isinstance(raw, tu.DictKey):
@@ -93,7 +100,7 @@ def flatten(tree: Any) -> tuple[list[tuple[KeyPath, Any]], Any]:
     pairs, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_leaf)
     out = []
     for raw_path, leaf in pairs:
-        where = jax.tree_util.keystr(raw_path) or "the root"
+        where = _raw_text(raw_path)
         out.append((tuple(_entry(r, where) for r in raw_path), leaf))
     return out, treedef
 
@@ -103,8 +110,23 @@ def unflatten(treedef: Any, leaves: Iterable[Any]) -> Any:
     return jax.tree_util.tree_unflatten(treedef, list(leaves))
 
 
-def keystr(path: KeyPath) -> str:
-    """A readable form of a key path for messages: ``['opt'][0].mu['w']``."""
+def slash_path(path: KeyPath) -> str:
+    """The key path as a person reads and types it: ``opt/0/mu/w`` (positions as numbers,
+    ``""`` for the root). The one notation of messages, the CLI, and the patterns of
+    ``--spec``, ``--only``, name rules and ``rules=``."""
+    return "/".join(str(value) for _, value in path)
+
+
+def path_text(path: KeyPath) -> str:
+    """`slash_path` for a message: the root reads ``<root>``."""
+    return slash_path(path) or "<root>"
+
+
+def python_path(path: KeyPath) -> str:
+    """The key path in Python notation, ``['opt'][0].mu['w']`` (what
+    ``jax.tree_util.keystr`` gives): injective, so the format keys by it where two leaves
+    must never share a key (host reports' ``values``, the ``ckpt_key_path`` attribute).
+    Messages use `path_text`."""
     if not path:
         return "<root>"
     parts = []

@@ -24,7 +24,7 @@ from ckpt._format import (
 )
 from ckpt._leaves import decode_inline, dtype_from_name
 from ckpt._reader import open_readable
-from ckpt._tree import keystr
+from ckpt._tree import path_text
 from ckpt.errors import CorruptCheckpointError, UnsupportedFormatError
 from ckpt.restore.boxes import box_size, chunk_box, to_slices, unflat_index
 from ckpt.storage import (
@@ -122,7 +122,7 @@ def verify(url: StoreLike, *, memory_budget: int = DEFAULT_BUDGET,
     total = sum(leaf.nbytes for leaf in manifest.leaves if leaf.kind == LeafKind.ARRAY)
     done = 0
     for leaf in manifest.leaves:
-        name = keystr(leaf.path)
+        name = path_text(leaf.path)
         if leaf.kind == LeafKind.INLINE:
             report.inline += 1
             try:

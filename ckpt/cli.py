@@ -26,7 +26,7 @@ from ckpt._export import export_safetensors, parse_size
 from ckpt._housekeeping import committed_steps, steps_near
 from ckpt._info import CheckpointInfo, metadata
 from ckpt._orbax import decimal_step, orbax_step_name
-from ckpt._reshard import convert, parse_mesh, parse_spec, reshard, slash_path
+from ckpt._reshard import convert, parse_mesh, parse_spec, reshard
 from ckpt._roots import age_text, collect_garbage, list_root, switched_note
 from ckpt._verify import verify
 from ckpt.errors import (
@@ -140,7 +140,8 @@ def _info_json(info: CheckpointInfo) -> dict[str, Any]:
         "versions": info.versions if saved else None, "metadata": meta,
         "metrics": {k: v if math.isfinite(v) else str(v) for k, v in info.metrics.items()},
         "nbytes": info.nbytes,
-        "leaves": [{"path": leaf.keystr, "spec_path": slash_path(leaf.path), "kind": leaf.kind,
+        "leaves": [{"path": leaf.name, "keys": [list(entry) for entry in leaf.path],
+                    "kind": leaf.kind,
                     "shape": list(leaf.shape), "dtype": leaf.dtype, "nbytes": leaf.nbytes,
                     "mesh": leaf.mesh, "spec": _spec_json(leaf.spec),
                     "chunk_shape": list(leaf.chunk_shape)}
@@ -227,7 +228,7 @@ def _inspect(args: argparse.Namespace) -> int:
           + ("  (the files' __metadata__)" if _is_file_of_tensors(info) else ""))
     if info.metrics:
         print("metrics     " + ", ".join(f"{k}={v:g}" for k, v in sorted(info.metrics.items())))
-    rows = [(slash_path(leaf.path), leaf.kind, "x".join(map(str, leaf.shape)) or "()",
+    rows = [(leaf.name, leaf.kind, "x".join(map(str, leaf.shape)) or "()",
              leaf.dtype or "-", _size(leaf.nbytes),
              "-" if leaf.spec is None else str(tuple(leaf.spec)),
              "x".join(map(str, leaf.chunk_shape)) or "-") for leaf in info.leaves]
@@ -296,7 +297,7 @@ def _verify(args: argparse.Namespace) -> int:
                                        for p in report.problems]}, indent=2))
         return 0 if report.ok else 1
     for problem in report.problems:
-        print(f"BAD  {problem}")
+        print(f"BAD {problem}")
     state = "OK" if report.ok else f"{len(report.problems)} problem(s)"
     checked = [f"COMMIT, the manifest and {_count(report.reports, 'host report')}"]
     if report.arrays:

@@ -111,14 +111,36 @@ def _filesystem(s: ObjectSettings) -> Any:
     options: dict[str, Any] = {"use_listings_cache": False, "requests_timeout":
                                aiohttp.ClientTimeout(total=None, sock_connect=10,
                                                      sock_read=s.request_timeout_s)}
-    if s.anonymous:
+    anonymous = s.anonymous or (not s.endpoint_url and not _google_credentials_found())
+    if anonymous:
         options["token"] = "anon"
-    if s.endpoint_url:
-        # The plain client: gcsfs's default one probes a gRPC/TLS API per bucket, which an
-        # HTTP emulator has not, and every first access would stall for a minute.
+    if s.endpoint_url or anonymous:
+        # The plain client: gcsfs's default one asks a gRPC API for each bucket's type (an
+        # HTTP emulator has none: every first access would stall for a minute), and with
+        # no credentials the answer is an error, logged as a warning at every request.
         plain = importlib.import_module("gcsfs.core").GCSFileSystem
-        return _bounded_gcs(plain, s.max_retries + 1)(endpoint_url=s.endpoint_url, **options)
+        if s.endpoint_url:
+            options["endpoint_url"] = s.endpoint_url
+        return _bounded_gcs(plain, s.max_retries + 1)(**options)
     return _bounded_gcs(gcsfs.GCSFileSystem, s.max_retries + 1)(**options)
+
+
+@functools.cache
+def _google_credentials_found() -> bool:
+    """Whether Google's Application Default Credentials exist (checked once a process,
+    at the first gs:// store without an endpoint). Without them gcsfs would ask the GCE
+    metadata server for a token five times with back-off (about 16 s, each failure
+    logged) before it went on anonymously, which is where it ends anyway:
+    ``google.auth.default`` decides the same in one bounded look (an environment
+    variable, gcloud's file, one ping of the metadata server)."""
+    auth = importlib.import_module("google.auth")
+    try:
+        auth.default()
+    except auth.exceptions.DefaultCredentialsError:
+        log.info("no Google credentials found: gs:// stores read and write anonymously "
+                 "(public buckets only)")
+        return False
+    return True
 
 
 # Tries of a request whose host name does not resolve. gcsfs retries it as any connection

@@ -88,7 +88,7 @@ def restore_on(url, step, mesh_shape):
 
     seen = ChunkReads()
     out = ckpt.restore(seen.store(url), mesh=mesh_of(tuple(mesh_shape)))
-    layout = {leaf.keystr: leaf for leaf in ckpt.metadata(url).leaves}
+    layout = {leaf.name: leaf for leaf in ckpt.metadata(url).leaves}
     read = [sum(box_size(chunk_box(c, layout[name].chunk_shape, layout[name].shape))
                 * jax.numpy.dtype(layout[name].dtype).itemsize for c in coords)
             for name, coords in seen.reads.items()]

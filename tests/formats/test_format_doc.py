@@ -212,6 +212,8 @@ def test_zarr_json_is_as_documented(written):
                                       "configuration": {"chunk_shape": leaf["chunk_shape"]}}
         assert meta["chunk_key_encoding"]["name"] == "default"
         assert set(meta["attributes"]) == {"ckpt_key_path"}
+        python = "".join(f".{v}" if k == "attr" else f"[{v!r}]" for k, v in leaf["path"])
+        assert meta["attributes"]["ckpt_key_path"] == python, meta["attributes"]
 
 
 def test_host_reports_are_as_documented(written):

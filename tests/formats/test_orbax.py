@@ -149,12 +149,12 @@ def test_inspect_names_the_layout_and_leaves(orbax_ckpt, capsys):
     assert doc["layout"] == ("orbax-checkpoint (" + ("OCDBT" if ocdbt else "one folder per "
                              "array") + f", zarr v{3 if zarr3 else 2})")
     leaves = {leaf["path"]: leaf for leaf in doc["leaves"]}
-    assert leaves["['params']['w']"]["spec"] == ["data", "model"]
-    assert leaves["['params']['w']"]["mesh"] == {"data": 2, "model": 4}
-    assert leaves["['params']['rows']"]["dtype"] == "bfloat16"
-    assert leaves["['layers'][0]['k']"]["shape"] == [5, 3]
-    assert leaves["['step']"]["kind"] == "value"
-    assert leaves["['none']"]["kind"] == "none"
+    assert leaves["params/w"]["spec"] == ["data", "model"]
+    assert leaves["params/w"]["mesh"] == {"data": 2, "model": 4}
+    assert leaves["params/rows"]["dtype"] == "bfloat16"
+    assert leaves["layers/0/k"]["shape"] == [5, 3]
+    assert leaves["step"]["kind"] == "value"
+    assert leaves["none"]["kind"] == "none"
     assert doc["nbytes"] == sum(v.nbytes for v in jax.tree.leaves(host)
                                 if isinstance(v, np.ndarray))
     info = ckpt.metadata(path)
@@ -169,7 +169,7 @@ def test_convert_keeps_the_saved_layout_and_verifies(orbax_ckpt, tmp_path, mesh2
     assert "verified" in capsys.readouterr().out
     info = ckpt.metadata(dst)
     assert info.layout == "ckpt format 1"
-    w = next(leaf for leaf in info.leaves if leaf.keystr == "['params']['w']")
+    w = next(leaf for leaf in info.leaves if leaf.name == "params/w")
     assert w.spec == P("data", "model")
     assert w.mesh == {"data": 2, "model": 4}
     assert w.chunk_shape == (32, 12)  # one chunk per 2x4 shard
@@ -186,7 +186,7 @@ def test_convert_onto_another_mesh_and_spec(orbax_ckpt, tmp_path):
     dst = str(tmp_path / "ours")
     assert cli(["convert", "-q", path, dst, "--mesh", "data=4,model=2",
                 "--spec", "params/w=model,data"]) == 0
-    w = next(leaf for leaf in ckpt.metadata(dst).leaves if leaf.keystr == "['params']['w']")
+    w = next(leaf for leaf in ckpt.metadata(dst).leaves if leaf.name == "params/w")
     assert w.spec == P("model", "data")
     assert w.chunk_shape == (32, 12)
     _check_tree(ckpt.restore(dst), host)
@@ -307,7 +307,7 @@ def test_unsupported_value_type_names_the_leaf_and_file(small_orbax, tmp_path):
     with open(meta_file, "w") as f:
         json.dump(meta, f)
     before = _listing(str(tmp_path))
-    with pytest.raises(UnsupportedFormatError, match=r"\['lr'\].*my.CustomThing") as err:
+    with pytest.raises(UnsupportedFormatError, match=r"lr.*my.CustomThing") as err:
         ckpt.restore(path)
     assert meta_file in str(err.value)
     with pytest.raises(UnsupportedFormatError):
@@ -346,12 +346,12 @@ def _bad_spec(sharding):
 
 
 @pytest.mark.parametrize(("file", "edit", "error", "named"), [
-    ("_METADATA", _dup, CorruptCheckpointError, r"\['lr'\] appears twice"),
+    ("_METADATA", _dup, CorruptCheckpointError, r"lr appears twice"),
     ("_METADATA", _bad_key, CorruptCheckpointError, "malformed key entry"),
     ("_sharding", _bad_spec, CorruptCheckpointError, "malformed NamedSharding"),
-    ("_strings.json", lambda d: d.clear(), CorruptCheckpointError, r"no string .*\['name'\]"),
+    ("_strings.json", lambda d: d.clear(), CorruptCheckpointError, r"no string .*name"),
     ("layers.0.k/.zarray", lambda d: d.update(dtype="int4"), UnsupportedFormatError,
-     r"\['layers'\]\[0\]\['k'\] of .* has dtype int4"),
+     r"layers/0/k of .* has dtype int4"),
 ])
 def test_malformed_orbax_files_are_named(small_orbax, tmp_path, file, edit, error, named):
     path, _ = small_orbax
@@ -397,7 +397,7 @@ def test_an_uncommitted_orbax_save_is_not_restored(small_orbax, tmp_path):
 def test_corrupt_metadata_and_missing_arrays_are_named(small_orbax):
     path, _ = small_orbax
     shutil.rmtree(os.path.join(path, "params.w"))
-    with pytest.raises(CorruptCheckpointError, match=r"\['params'\]\['w'\]"):
+    with pytest.raises(CorruptCheckpointError, match=r"params/w"):
         ckpt.restore(path)
     with open(os.path.join(path, "_METADATA"), "w") as f:
         f.write("{not json")
@@ -429,7 +429,7 @@ def test_a_step_of_several_items_restores_whole_or_one_item(tmp_path, mesh24):
 
 def test_target_leaves_missing_from_an_orbax_checkpoint_are_named(small_orbax):
     path, _ = small_orbax
-    with pytest.raises(MissingLeafError, match=r"\['params'\]\['nope'\]"):
+    with pytest.raises(MissingLeafError, match=r"params/nope"):
         ckpt.restore(path, {"params": {"nope": np.zeros(3)}})
 
 

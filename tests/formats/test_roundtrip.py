@@ -53,8 +53,8 @@ def test_every_dtype_round_trips_sharded_and_numpy(tmp_path, mesh24, dtype):
     _same(out["sharded"], np.asarray(arr))  # jax without x64 narrows 64-bit types
     _same(out["numpy"], host)
     _same(out["small"], small)
-    kinds = {leaf.keystr: leaf.kind for leaf in ckpt.metadata(tmp_path / "c").leaves}
-    assert kinds == {"['sharded']": "array", "['numpy']": "array", "['small']": "inline"}
+    kinds = {leaf.name: leaf.kind for leaf in ckpt.metadata(tmp_path / "c").leaves}
+    assert kinds == {"sharded": "array", "numpy": "array", "small": "inline"}
 
 
 Point = collections.namedtuple("Point", ["x", "y"])
@@ -97,6 +97,12 @@ def test_pytree_containers_round_trip_into_target(tmp_path, mesh24):
     assert out["scalars"] == tree["scalars"]
     assert out["ints"][0] == "int key"
     _same(out["ints"][7], w)
+    # One notation for people (`name`), JAX's for code that matches its own tree (`keystr`).
+    leaves = ckpt.metadata(tmp_path / "c").leaves
+    pairs, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)
+    assert [leaf.keystr for leaf in leaves] == [jax.tree_util.keystr(p) for p, _ in pairs]
+    names = [leaf.name for leaf in leaves]
+    assert {"list/3/1", "point/x", "state/params/w", "ints/7"} <= set(names), names
     assert out["tuple"][0] == np.int32(7)
     assert out["tuple"][0].dtype == np.int32
 
@@ -133,9 +139,9 @@ def test_replicated_and_partially_replicated_arrays(tmp_path, mesh24):
     out = ckpt.restore(tmp_path / "c", target={"full": full, "part": part})
     _same(out["full"], full)
     _same(out["part"], part)
-    info = {leaf.keystr: leaf for leaf in ckpt.metadata(tmp_path / "c").leaves}
-    assert info["['part']"].spec == P("model")
-    assert info["['part']"].mesh == {"data": 2, "model": 4}
+    info = {leaf.name: leaf for leaf in ckpt.metadata(tmp_path / "c").leaves}
+    assert info["part"].spec == P("model")
+    assert info["part"].mesh == {"data": 2, "model": 4}
 
 
 def test_single_device_and_uneven_arrays(tmp_path, devices):
@@ -245,11 +251,11 @@ def test_python_numbers_restore_into_zero_dim_array_targets(tmp_path, mesh24):
     assert out["lr"].dtype == np.float32
     assert float(out["lr"]) == 0.5
     assert out["flag"] is True
-    with pytest.raises(ckpt.errors.DtypeMismatchError, match=r"\['lr'\]"):
+    with pytest.raises(ckpt.errors.DtypeMismatchError, match=r": lr: saved float64, target int32"):
         ckpt.restore(url, {"lr": jax.ShapeDtypeStruct((), jnp.int32)})
-    with pytest.raises(ckpt.errors.DtypeMismatchError, match=r"\['big'\]"):
+    with pytest.raises(ckpt.errors.DtypeMismatchError, match=r"leaf big: \d+ does not fit int32"):
         ckpt.restore(url, {"big": jax.ShapeDtypeStruct((), jnp.int32)})
-    with pytest.raises(ckpt.errors.TargetMismatchError, match=r"\['step'\]"):
+    with pytest.raises(ckpt.errors.TargetMismatchError, match=r": step: saved "):
         ckpt.restore(url, {"step": np.zeros(3, np.int32)})
 
 
@@ -288,5 +294,5 @@ def test_empty_containers_round_trip_with_and_without_a_target(tmp_path):
     assert again["extra"] == {}
     assert again["q"] == []
     assert again["w"].tolist() == [0, 1, 2]
-    with pytest.raises(ckpt.errors.TargetMismatchError, match=r"\['loader'\]\['queue'\]"):
+    with pytest.raises(ckpt.errors.TargetMismatchError, match=r"loader/queue"):
         ckpt.restore(tmp_path / "c", {"loader": {"queue": np.zeros(2)}})

@@ -108,7 +108,7 @@ def tamper_reports(change: Callable[[list], list]) -> Before:
 class ChunkReads:
     """Records every chunk a restore reads through the store it wraps: ``reads[leaf]`` is
     the list of chunk grid coordinates read of that leaf (its key path, e.g.
-    ``['params']['w']``), in the order they landed; ``ranges`` the byte ranges read of
+    ``params/w``), in the order they landed; ``ranges`` the byte ranges read of
     files stored as plain bytes (safetensors)."""
 
     def __init__(self) -> None:

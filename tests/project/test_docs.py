@@ -256,9 +256,9 @@ def safetensors_export(tmp_path):
     names = _run("docs/safetensors.md", 0, {}, {"gs://my-bucket/runs/exp7/2000": step,
                                                 "gs://my-bucket/deploy/exp7": tmp_path / "d"})
     assert set(names["result"].tensors) == {"model.w", "model.b"}
-    assert names["result"].left_out == {"['opt_state']['mu']":
+    assert names["result"].left_out == {"opt_state/mu":
                                         f"name rule '{DEFAULT_RULES[0]}'",
-                                        "['step']": "not an array (value)"}
+                                        "step": "not an array (value)"}
 
 
 def safetensors_import(tmp_path):

@@ -112,14 +112,14 @@ def test_target_dtype_casts_within_kind(saved):
 
 def test_dtype_kind_change_is_an_error_naming_the_leaf(saved):
     url, _ = saved
-    with pytest.raises(DtypeMismatchError, match=r"\['params'\]\['w'\].*float32.*int32"):
+    with pytest.raises(DtypeMismatchError, match=r"params/w.*float32.*int32"):
         ckpt.restore(url, {"params": {"w": np.zeros((64, 256), np.int32)}})
 
 
 def test_shape_mismatch_names_the_leaf(saved):
     url, _ = saved
     with pytest.raises(ShapeMismatchError,
-                       match=r"\['params'\]\['w'\]: saved \[64, 256\], target \[64, 128\]"):
+                       match=r"params/w: saved \[64, 256\], target \[64, 128\]"):
         ckpt.restore(url, {"params": {"w": jax.ShapeDtypeStruct((64, 128), np.float32)}})
 
 
@@ -129,8 +129,8 @@ def test_leaf_absent_from_checkpoint_names_all_missing(saved):
               "opt": np.zeros(2)}
     with pytest.raises(MissingLeafError) as err:
         ckpt.restore(url, target)
-    assert "['params']['extra']" in str(err.value)
-    assert "['opt']" in str(err.value)
+    absent = str(err.value).split(": ", 1)[1].split(";")[0].split(", ")
+    assert sorted(absent) == ["opt", "params/extra"], err.value
     assert isinstance(err.value, ValueError)
 
 
@@ -138,7 +138,7 @@ def test_mesh_lacking_saved_axis_is_an_error(saved):
     url, _ = saved
     mesh = make_mesh((8,), ("batch",))
     with pytest.raises(MeshMismatchError,
-                       match=r"\['params'\]\['w'\] uses axes \['data', 'model'\]"):
+                       match=r"params/w uses axes \['data', 'model'\]"):
         ckpt.restore(url, mesh=mesh)
 
 
@@ -164,8 +164,8 @@ def test_a_restore_reads_each_needed_chunk_once_and_no_other(saved):
     assert np.array_equal(np.asarray(out["params"]["w"]), w)
     # w was saved as 2x4 chunks; its (1, 2) target needs all 8 once each, never more; u
     # is not asked for, and nothing of it is read.
-    assert list(seen.reads) == ["['params']['w']"]
-    assert sorted(seen.reads["['params']['w']"]) == [(i, j) for i in range(2) for j in range(4)]
+    assert list(seen.reads) == ["params/w"]
+    assert sorted(seen.reads["params/w"]) == [(i, j) for i in range(2) for j in range(4)]
 
 
 def test_uncommitted_target_leaf_stays_movable(tmp_path, mesh24):

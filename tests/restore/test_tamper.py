@@ -83,11 +83,11 @@ def test_an_edited_zarr_json_is_named_on_every_read_path(root_url, mesh24, edit)
                                             sharding=NamedSharding(mesh24, P()))}
     for how in (lambda: ckpt.restore(url), lambda: ckpt.restore(url, target=replicated),
                 lambda: ckpt.restore(url, mesh=mesh24)):
-        with pytest.raises(CorruptCheckpointError, match=r"\['b'\].*zarr.json"):
+        with pytest.raises(CorruptCheckpointError, match=r"leaf b: its stored zarr.json"):
             how()
     report = ckpt.verify(url)
     assert not report.ok
-    assert any("['b']" in p.leaf for p in report.problems)
+    assert any(p.leaf == "b" for p in report.problems), report.problems
     with pytest.raises(CorruptCheckpointError):
         ckpt.reshard(url, f"{root_url}/copy", mesh={"data": 4, "model": 2})
     assert not open_store(f"{root_url}/copy").exists(COMMIT)
@@ -224,7 +224,7 @@ def test_sizes_in_a_resigned_manifest_are_checked_before_allocating(tmp_path, me
     name = {"huge-shape": "b", "chunk-size": "i", "inline-overflow": "s", "dtype": "w"}[lie]
     with _allocations() as peak:
         for read in (ckpt.restore, ckpt.metadata, ckpt.verify):
-            with pytest.raises(CorruptCheckpointError, match=rf"\['{name}'\]"):
+            with pytest.raises(CorruptCheckpointError, match=rf"leaf \d+ \({name}\)"):
                 read(url)
     assert peak[0] < 64 << 20, peak
 
@@ -250,7 +250,7 @@ def test_a_consistent_forgery_of_a_huge_array_is_refused_before_allocating(tmp_p
     meta["chunk_grid"]["configuration"]["chunk_shape"] = [2**48]
     store.write(zarr_json, json.dumps(meta).encode())
     with _allocations() as peak, pytest.raises(
-            CorruptCheckpointError, match=r"\['b'\]: chunk \(0,\) holds \d+ bytes"):
+            CorruptCheckpointError, match=r"leaf b: chunk \(0,\) holds \d+ bytes"):
         ckpt.restore(url)
     assert peak[0] < 64 << 20, peak
 
@@ -269,7 +269,7 @@ def test_rewrites_never_launder_a_damaged_source(root_url, mesh24, rewrite):
     store.write(keys[0], b)
     store.write(keys[1], a)
     run = ckpt.reshard if rewrite == "reshard" else ckpt.convert
-    with pytest.raises(CorruptCheckpointError, match=r"\['w'\] chunk"):
+    with pytest.raises(CorruptCheckpointError, match=r"leaf w chunk"):
         run(url, f"{root_url}/copy", mesh={"data": 4, "model": 2})
     assert not open_store(f"{root_url}/copy").exists(COMMIT)
 
@@ -425,7 +425,7 @@ def test_a_restore_during_an_overwrite_gets_one_checkpoint_whole(root_url):
     store = open_store(url)
     chunk = next(k for k in store.list() if "/arrays/w/c/" in k)
     store.delete(chunk)
-    with pytest.raises(CorruptCheckpointError, match=r"\['w'\]"):
+    with pytest.raises(CorruptCheckpointError, match=r"leaf w chunk"):
         ckpt.restore(url)
 
 
@@ -450,7 +450,7 @@ def test_array_folder_check_does_not_follow_linked_folders(tmp_path, mesh24, tar
     os.symlink(target, os.path.join(arrays, "b", "link"))
     assert ckpt.restore(url)["b"][-1] == 5999  # a file no reader opens is not looked at
     os.symlink(target, os.path.join(arrays, "w", "link"))
-    with pytest.raises(CorruptCheckpointError, match=r"\['w'\].*link is not a regular file"):
+    with pytest.raises(CorruptCheckpointError, match=r"leaf w: .*link is not a regular file"):
         ckpt.restore(url)
 
 
@@ -527,7 +527,7 @@ def test_a_malformed_per_process_record_is_refused(tmp_path, record, message):
     _resign(store, msgpack.packb(doc))
     with pytest.raises(CorruptCheckpointError, match=message) as err:
         ckpt.restore(url)
-    assert "['seed']" in str(err.value)
+    assert "(seed)" in str(err.value), err.value
 
 
 TREE_LIES = {

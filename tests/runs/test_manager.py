@@ -157,7 +157,7 @@ def test_metrics_take_a_bfloat16_loss_and_refuse_what_is_no_real_number(tmp_path
                           "acc": np.float16(0.25), "n": 7})  # type: ignore[dict-item]
         mgr.wait()
         assert mgr.metrics(1) == {"loss": 0.5, "acc": 0.25, "n": 7.0}
-        with pytest.raises(ckpt.InvalidArgumentError, match=r"\['big'\]") as err:
+        with pytest.raises(ckpt.InvalidArgumentError, match=r"bad entries: \['big'\]") as err:
             mgr.save(2, {"x": np.zeros(2)}, metrics={"big": 10**400, "ok": 1.0})
         assert isinstance(err.value, ValueError)
         assert mgr.steps() == [1]

@@ -63,9 +63,9 @@ def test_state_that_is_not_plain_data_is_refused_naming_the_leaf(tmp_path):
         def get_state(self):
             return {"f": object()}
 
-    with pytest.raises(UnsupportedLeafError, match=r"get_state\(\) of leaf \['it'\]"):
+    with pytest.raises(UnsupportedLeafError, match=r"get_state\(\) of leaf it"):
         ckpt.save(tmp_path / "c", {"it": Bad()})
-    with pytest.raises(UnsupportedLeafError, match=r"PerProcess value of leaf \['p'\]"):
+    with pytest.raises(UnsupportedLeafError, match=r"PerProcess value of leaf p"):
         ckpt.save(tmp_path / "d", {"p": ckpt.PerProcess({1, 2})})
     assert not (tmp_path / "c").exists()
     assert not (tmp_path / "d").exists()
@@ -115,7 +115,7 @@ def test_two_processes_each_get_their_own_state_back(tmp_path):
         assert r["value"] == {"process": p} and r["resumed"] == r["expected"], r
     # One process cannot take two processes' state: an error naming the leaf and the
     # counts, unless the target leaves the per-process leaves out.
-    with pytest.raises(TargetMismatchError, match=r"\['loader'\] holds the values of 2 "
+    with pytest.raises(TargetMismatchError, match=r"loader holds the values of 2 "
                                                   r"processes, and 1 are restoring"):
         ckpt.CheckpointManager(root, read_only=True).restore(target={"loader": Position(),
                                                                       "step": 0})
@@ -177,7 +177,7 @@ def test_an_orbax_jobs_grain_items_restore_per_process(tmp_path):
         assert r["next"] == r["expected"], r
     assert results[0]["state"] != results[1]["state"]
     step = os.path.join(root, "5")
-    with pytest.raises(TargetMismatchError, match=r"\['data'\] holds the values of 2 "
+    with pytest.raises(TargetMismatchError, match=r"data holds the values of 2 "
                                                   r"processes, and 1 are restoring"):
         ckpt.restore(step, {"data": Position()})
     assert ckpt.restore(step, {"state": {"w": np.zeros((8, 8), np.float32)}})["state"]["w"][
@@ -196,7 +196,7 @@ def test_a_stateful_target_meeting_a_plain_saved_value_is_refused_naming_the_lea
     url = tmp_path / "c"
     ckpt.save(url, {"it": {"n": 5}, "pos": 3})
     fresh = Position(0)
-    with pytest.raises(TargetMismatchError, match=r"\['pos'\].*get_state/set_state") as err:
+    with pytest.raises(TargetMismatchError, match=r": pos: the target is an object") as err:
         ckpt.restore(url, {"it": {"n": 0}, "pos": fresh})
     assert isinstance(err.value, ckpt.CkptError)
     assert fresh.sets == 0

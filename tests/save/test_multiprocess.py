@@ -74,9 +74,9 @@ def test_a_checkpoint_of_one_process_restores_on_two(tmp_path):
     part of each chunk its devices hold."""
     path = str(tmp_path / "one")
     ckpt.save(path, mp_jobs.device_tree(5, (2, 4)))
-    layout = {leaf.keystr: leaf for leaf in ckpt.metadata(path).leaves}
-    assert layout["['pr']"].chunk_shape == layout["['pr']"].shape  # 256 KiB: one chunk
-    assert layout["['v']"].chunk_shape != layout["['v']"].shape    # 2 MiB: per shard
+    layout = {leaf.name: leaf for leaf in ckpt.metadata(path).leaves}
+    assert layout["pr"].chunk_shape == layout["pr"].shape  # 256 KiB: one chunk
+    assert layout["v"].chunk_shape != layout["v"].shape    # 2 MiB: per shard
     for r in launch("tests.children.mp_jobs:restore_on", 2, args=[path, 5, [2, 4]]):
         assert r["needed"] <= r["read"] < 2 * r["needed"], r
 
@@ -93,8 +93,8 @@ def test_restore_as_numpy_in_one_process(saved4):
     mp_jobs.exact(ckpt.restore(saved4, mesh=make_mesh((2, 4))), 3)
 
 
-@pytest.mark.parametrize(("how", "leaf"), [("numpy", "['loader']"), ("value", "['position']"),
-                                       ("extra", "['extra']")])
+@pytest.mark.parametrize(("how", "leaf"), [("numpy", "loader"), ("value", "position"),
+                                       ("extra", "extra")])
 def test_processes_that_save_different_trees_fail_naming_the_leaf(tmp_path, how, leaf):
     url = str(tmp_path / "d")
     results = launch("tests.children.mp_jobs:diverge", 2, args=[url, how])

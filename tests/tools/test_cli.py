@@ -1,5 +1,6 @@
 """The ckpt command line: inspect, list, verify, reshard, gc, and their errors."""
 
+import collections
 import json
 import os
 import pathlib
@@ -55,8 +56,8 @@ def test_inspect_reports_everything(saved, capsys):
     assert set(doc) >= {"url", "format_version", "attempt", "committed_at", "process_count",
                         "metadata", "leaves", "nbytes"}
     assert doc["nbytes"] == 256 * 1024 * 4 + 512 * 64 * 2
-    leaf = next(x for x in doc["leaves"] if x["path"] == "['params']['w']")
-    assert leaf["spec_path"] == "params/w"
+    leaf = next(x for x in doc["leaves"] if x["path"] == "params/w")
+    assert leaf["keys"] == [["key", "params"], ["key", "w"]]
     assert leaf["shape"] == [256, 1024]
     assert leaf["spec"] == ["data", "model"]
     assert leaf["mesh"] == {"data": 2, "model": 4}
@@ -99,6 +100,31 @@ def _damage(url, leaf, how):
     return keys
 
 
+def test_every_command_and_error_writes_a_key_path_one_way(tmp_path, mesh24, capsys):
+    """inspect's rows, verify's BAD lines, reshard's errors, export's list and restore's
+    errors all write ``opt/0/mu/w`` for the same leaf: what ``--spec`` takes."""
+    from ckpt._tree import leaf_name
+
+    adam = collections.namedtuple("adam", ["mu"])
+    w = jax.device_put(np.ones((256, 1024), np.float32), NamedSharding(mesh24, P("data")))
+    url = str(tmp_path / "c")
+    ckpt.save(url, {"opt": [adam(mu={"w": w})]})
+    assert main(["inspect", url]) == 0
+    assert any(line.startswith("opt/0/mu/w ") for line in capsys.readouterr().out.splitlines())
+    assert main(["reshard", "-q", url, str(tmp_path / "r"), "--mesh", "data=3"]) == 2
+    assert "opt/0/mu/w [256, 1024]: " in capsys.readouterr().err
+    assert main(["-v", "export", "-q", url, str(tmp_path / "hf"), "--names", "drop opt"]) == 0
+    assert "  left out opt/0/mu/w: name rule 'drop opt'" in capsys.readouterr().out
+    with pytest.raises(ckpt.MissingLeafError, match=r"absent from .*: opt/0/mu/v; the "
+                       r"checkpoint holds under opt/0/mu: opt/0/mu/w"):
+        ckpt.restore(url, {"opt": [adam(mu={"v": w})]})
+    _damage(url, leaf_name((("key", "opt"), ("index", 0), ("attr", "mu"), ("key", "w"))),
+            "flip")
+    assert main(["verify", "-q", url]) == 1
+    bad = [line for line in capsys.readouterr().out.splitlines() if line.startswith("BAD")]
+    assert bad and all(line.startswith("BAD opt/0/mu/w chunk (1, 0): ") for line in bad), bad
+
+
 @pytest.mark.parametrize("how", ["flip", "truncate", "missing", "swap"])
 def test_verify_names_each_bad_chunk(saved, capsys, how):
     url, _ = saved
@@ -107,7 +133,7 @@ def test_verify_names_each_bad_chunk(saved, capsys, how):
     _damage(url, "params.w", how)
     assert main(["verify", "-q", url]) == 1
     bad = [line for line in capsys.readouterr().out.splitlines() if line.startswith("BAD")]
-    assert bad and all("['params']['w'] chunk (0, " in line for line in bad), bad
+    assert bad and all("params/w chunk (0, " in line for line in bad), bad
     assert len(bad) == (2 if how == "swap" else 1)
 
 
@@ -176,9 +202,9 @@ def test_reshard_to_new_mesh_restores_reading_each_chunk_once(
     assert out["step"] == 4
     from ckpt.restore.boxes import box_of_index, chunk_box
 
-    layout = {leaf.keystr: leaf for leaf in ckpt.metadata(dst).leaves}
+    layout = {leaf.name: leaf for leaf in ckpt.metadata(dst).leaves}
     for leaf in ("w", "e"):
-        name, arr = f"['params']['{leaf}']", out["params"][leaf]
+        name, arr = f"params/{leaf}", out["params"][leaf]
         coords = seen.reads[name]
         assert len(coords) == len(set(coords))  # each chunk read exactly once
         # Each chunk is one device's shard, whole: the chunks read are the shards' boxes.
@@ -331,12 +357,12 @@ def test_spec_patterns_match_whole_segments_and_a_rule_matching_nothing_is_an_er
     # The README's rule: `*` no longer reaches the 1-d bias, which could not take it.
     assert main(["reshard", "-q", src, str(tmp_path / "a"), "--mesh", "data=2,model=4",
                  "--spec", "params/*=-,model"]) == 0
-    leaves = {leaf.keystr: leaf for leaf in ckpt.metadata(str(tmp_path / "a")).leaves}
-    assert leaves["['params']['w']"].chunk_shape == (64, 32)  # as (-, model)
+    leaves = {leaf.name: leaf for leaf in ckpt.metadata(str(tmp_path / "a")).leaves}
+    assert leaves["params/w"].chunk_shape == (64, 32)  # as (-, model)
     assert main(["reshard", "-q", src, str(tmp_path / "b"), "--mesh", "data=2,model=4",
                  "--spec", "params/**/bias=model"]) == 0
-    leaves = {leaf.keystr: leaf for leaf in ckpt.metadata(str(tmp_path / "b")).leaves}
-    assert leaves["['params']['dense']['bias']"].chunk_shape == (2048,)  # as (model,)
+    leaves = {leaf.name: leaf for leaf in ckpt.metadata(str(tmp_path / "b")).leaves}
+    assert leaves["params/dense/bias"].chunk_shape == (2048,)  # as (model,)
     capsys.readouterr()
     assert main(["reshard", "-q", src, str(tmp_path / "c"), "--mesh", "data=2,model=4",
                  "--spec", "parms/*=-,model"]) == 2
@@ -447,8 +473,10 @@ def test_export_summarises_what_it_left_out_and_names_the_flag(tmp_path, capsys)
                                  "  left out 1 leaf: a PRNG key",
                                  "  left out 1 leaf: not an array (empty)"], lines
     assert main(["-v", "export", "-q", src, dst, "--overwrite"]) == 0
-    listed = [ln for ln in capsys.readouterr().out.splitlines() if "  left out [" in ln]
+    listed = [ln for ln in capsys.readouterr().out.splitlines()
+              if re.match(r"  left out (opt_state|rng)\b", ln)]
     assert len(listed) == 7, listed  # each leaf: the 5 Adam leaves, the empty state, the key
+    assert "  left out rng: a PRNG key" in listed, listed
     assert main(["export", "-q", src, dst]) == 3
     err = capsys.readouterr().err
     assert "add --overwrite" in err and "overwrite=True" not in err, err
@@ -502,7 +530,7 @@ def test_verify_and_gc_json(saved, tmp_path, capsys):
     assert main(["verify", "--json", url]) == 1
     doc = json.loads(capsys.readouterr().out)
     assert doc["ok"] is False
-    assert doc["problems"][0]["leaf"] == "['params']['w']"
+    assert doc["problems"][0]["leaf"] == "params/w"
     assert isinstance(doc["problems"][0]["chunk"], list)
     assert set(doc) == set(verify_doc) and set(doc["problems"][0]) == set(
         verify_doc["problems"][0]), doc
