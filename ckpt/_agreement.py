@@ -26,8 +26,8 @@ def digests(records: Sequence[LeafRecord], leaves: Sequence[Any]) -> tuple[str, 
     """This process's tree digest and the crc32c of each numpy leaf and Python value, by key
     path. Called by every process of a multi-process save, in the caller's thread (the
     values are the caller's objects, which it may change once `save_async` returns)."""
-    shape = pack([[list(map(list, r.path)), r.kind, r.source, r.dtype, list(r.shape), r.vtype]
-                  for r in records])
+    shape = pack([[list(map(list, r.path)), r.kind, r.source, r.dtype, list(r.shape), r.vtype,
+                   r.compression] for r in records])
     values: dict[str, int] = {}
     for rec, leaf in zip(records, leaves, strict=True):
         if rec.kind == LeafKind.VALUE:
@@ -68,5 +68,5 @@ def check_agreement(reports: Sequence[HostReport], records: Sequence[LeafRecord]
     differ = [r.process for r in reports if r.tree != mine.tree]
     if differ:
         raise SaveError(f"processes {differ} save a tree whose structure (leaf paths, kinds, "
-                        "dtypes or shapes) differs from process 0's: every process must save "
-                        "the same tree")
+                        "dtypes, shapes or compression) differs from process 0's: every "
+                        "process must save the same tree with the same options")

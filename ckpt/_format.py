@@ -18,11 +18,16 @@ from typing import Any
 
 import msgpack
 
+from ckpt import _codecs
 from ckpt._tree import KeyPath, path_text, python_path
 from ckpt.errors import CorruptCheckpointError, MissingLeafError, UnsupportedFormatError
 from ckpt.storage import Store, UnreadableObjectError
 
 FORMAT_VERSION = 1
+# Version 2 is version 1 plus compressed arrays (a leaf's `compression`): written only by a
+# save that compresses, so that a reader of version 1 refuses it by its version.
+COMPRESSED_FORMAT_VERSION = 2
+READ_VERSIONS = (FORMAT_VERSION, COMPRESSED_FORMAT_VERSION)
 FORMAT_NAME = "ckpt"
 COMMIT = "COMMIT"
 CLAIMS = "claims"    # claims/<attempt>: who may act on an attempt (see ckpt/_claims.py)
@@ -118,6 +123,7 @@ class LeafRecord:
     value: Any = None
     vtype: str = ""
     prng_impl: str = ""
+    compression: str = ""  # an array's: "" or "zstd:<level>" (`ckpt._codecs`)
 
     def spec_entries(self) -> tuple[str | tuple[str, ...] | None, ...]:
         """The saved PartitionSpec as PartitionSpec arguments (lists become tuples); () if
@@ -167,6 +173,10 @@ class Manifest:
     # [step, attempt] of each save of the run this one descends from, oldest first, since
     # the newest step the persistent root held when the run reached it.
     parents: list[list[Any]] | None = None
+
+    def __post_init__(self) -> None:
+        if any(leaf.compression for leaf in self.leaves):
+            self.format_version = max(self.format_version, COMPRESSED_FORMAT_VERSION)
 
     def subtree(self, item: str, url: str) -> Manifest:
         """This manifest's leaves under the top-level key ``item``, that key dropped from
@@ -230,6 +240,8 @@ def _leaf_to_dict(leaf: LeafRecord) -> dict[str, Any]:
         out.update(name=leaf.name, chunk_shape=list(leaf.chunk_shape),
                    chunks={"writer": list(leaf.writers), "nbytes": list(leaf.chunk_nbytes),
                            "crc32c": list(leaf.chunk_crc32c)})
+        if leaf.compression:
+            out["compression"] = _codecs.to_manifest(leaf.compression)
     elif leaf.kind == LeafKind.INLINE:
         out["data"] = leaf.data
     elif leaf.kind == LeafKind.VALUE:
@@ -299,7 +311,7 @@ def _decode_path(raw: Any, what: str) -> KeyPath:
 _ARRAY_FIELDS = {"path", "kind", "source", "shape", "dtype", "prng_impl", "mesh", "spec"}
 # The fields `_leaf_to_dict` writes for each kind, and no others.
 _LEAF_FIELDS = {
-    LeafKind.ARRAY: _ARRAY_FIELDS | {"name", "chunk_shape", "chunks"},
+    LeafKind.ARRAY: _ARRAY_FIELDS | {"name", "chunk_shape", "chunks", "compression"},
     LeafKind.INLINE: _ARRAY_FIELDS | {"data"},
     LeafKind.VALUE: {"path", "kind", "value", "vtype"},
     LeafKind.NONE: {"path", "kind"},
@@ -363,6 +375,8 @@ def _decode_leaf(raw: Any, index: int, what: str, local: bool = False) -> LeafRe
                 f"{r.what} ({path_text(path)}) lists {len(layout.writers)} chunks; its shape "
                 f"and chunk shape make {count}")
         fields["layout"] = layout
+        if "compression" in r.obj:
+            fields["compression"] = _codecs.from_manifest(r.obj["compression"], r.what)
     elif kind == LeafKind.INLINE:
         fields["data"] = data = r.get("data", bytes)
         need = math.prod(shape) * DTYPE_SIZES[dtype]
@@ -420,10 +434,11 @@ def decode_manifest(data: bytes, what: str) -> Manifest:
     if r.get("format", str, None) != FORMAT_NAME:
         raise CorruptCheckpointError(f"{what} is not a checkpoint manifest")
     version = r.get("format_version", int)
-    if version != FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         raise UnsupportedFormatError(
-            f"{what} has format version {version}; this library reads version {FORMAT_VERSION}"
-            + (" (upgrade the library)" if version > FORMAT_VERSION else ""))
+            f"{what} has format version {version}; this library reads versions "
+            f"{READ_VERSIONS[0]} to {READ_VERSIONS[-1]}"
+            + (" (upgrade the library)" if version > READ_VERSIONS[-1] else ""))
     leaves = r.get("leaves", list)
     versions = r.get("versions", dict)
     metrics = r.get("metrics", dict, {})
@@ -441,6 +456,9 @@ def decode_manifest(data: bytes, what: str) -> Manifest:
             and isinstance(p[1], str) and p[1].startswith(ATTEMPT_PREFIX) for p in parents):
         raise CorruptCheckpointError(f"{what} has a malformed parents record")
     records = [_decode_leaf(leaf, i, what, local is not None) for i, leaf in enumerate(leaves)]
+    if version < COMPRESSED_FORMAT_VERSION and any(rec.compression for rec in records):
+        raise CorruptCheckpointError(f"{what} has compressed arrays in format version "
+                                     f"{version}, which has none")
     paths: set[KeyPath] = set()
     names: set[str] = set()
     for rec in records:
@@ -617,8 +635,7 @@ def zarr_spec(kvstore: dict[str, Any], rec: LeafRecord, *, create: bool) -> dict
             "chunk_key_encoding": {"name": "default"},
             "data_type": rec.dtype,
             "fill_value": fill,
-            "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
-                       {"name": "crc32c"}],
+            "codecs": _codecs.zarr_codecs(rec.compression),
             "attributes": {"ckpt_key_path": python_path(rec.path)},
         },
         # Chunks equal to the fill value are stored too, so a missing chunk always means a

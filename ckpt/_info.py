@@ -27,6 +27,7 @@ class LeafInfo:
     mesh: dict[str, int] | None
     spec: jax.sharding.PartitionSpec | None
     chunk_shape: tuple[int, ...]
+    compression: str | None = None  # an array's chunks': "zstd:<level>", or None
 
     @property
     def name(self) -> str:
@@ -90,7 +91,7 @@ def _info(url: str, manifest: Manifest, layout: str) -> CheckpointInfo:
             spec = jax.sharding.PartitionSpec(  # type: ignore[no-untyped-call]  # unannotated in JAX
                 *rec.spec_entries())
         leaves.append(LeafInfo(rec.path, str(rec.kind), rec.shape, rec.dtype, rec.nbytes,
-                               mesh, spec, rec.chunk_shape))
+                               mesh, spec, rec.chunk_shape, rec.compression or None))
         what = f"{url} leaf {path_text(rec.path)}"
         if rec.kind in (LeafKind.ARRAY, LeafKind.INLINE):
             value: Any = jax.ShapeDtypeStruct(  # type: ignore[no-untyped-call]  # unannotated in JAX

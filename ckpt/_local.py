@@ -268,7 +268,7 @@ class LocalTierCopy(Copy):
 def start_local_save(local: Store, tree: Any, *, step: int, origin: dict[str, Any],
                      parents: list[list[Any]], metadata: Any, metrics: dict[str, float],
                      timeout_s: float,
-                     snapshot: str, memory_budget: int,
+                     snapshot: str, memory_budget: int, compression: str,
                      refuse: Callable[[], CkptError | None],
                      on_attempt: Callable[[str], None],
                      victims: Callable[[], list[int]],
@@ -296,7 +296,7 @@ def start_local_save(local: Store, tree: Any, *, step: int, origin: dict[str, An
     return start_save(local.child(str(step)), tree, metadata=metadata, on_commit=committed,
                       timeout_s=timeout_s, memory_budget=memory_budget, snapshot=snapshot,
                       overwrite=True, metrics=metrics, refuse=refuse, on_attempt=on_attempt,
-                      step=step, copy=copy, parents=parents)
+                      step=step, copy=copy, parents=parents, compression=compression or None)
 
 
 # -- reading a copy back for the persistent root --------------------------------------------

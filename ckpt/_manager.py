@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ckpt import _coord
+from ckpt._codecs import canonical
 from ckpt._format import COMMIT, REWIND
 from ckpt._handle import SaveHandle
 from ckpt._housekeeping import (
@@ -198,6 +199,8 @@ class CheckpointManager:
             docs/protocol.md).
         snapshot, memory_budget: how each save copies the arrays off the devices and the
             host memory it may use for them (see `ckpt.save_async`).
+        compression: each save's, on both tiers (None, ``"zstd"`` or ``"zstd:<level>"``; see
+            `ckpt.save_async`). Steps saved with other settings restore all the same.
         local_dir: a path on each host's own disk (or RAM disk), the same on every host
             (``{process}`` in it is replaced by the process index): every save is committed
             there first, each process writing every shard its devices hold, and `restore`
@@ -228,7 +231,8 @@ class CheckpointManager:
                  debris_grace_s: float = 0.0, snapshot: str = "auto",
                  memory_budget: int = DEFAULT_MEMORY_BUDGET,
                  local_dir: str | os.PathLike[str] | None = None, local_keep: int = 2,
-                 persist_every: int | None = None) -> None:
+                 persist_every: int | None = None,
+                 compression: str | None = None) -> None:
         if keep_last is not None and keep_last < 1:
             raise InvalidArgumentError(f"keep_last must be >= 1 or None, got {keep_last}")
         if keep_every is not None and keep_every < 1:
@@ -265,7 +269,8 @@ class CheckpointManager:
         self._gc: threading.Thread | None = None
         self._closed = False
         setting = Setting(root=self._store, timeout_s=timeout_s, snapshot=snapshot,
-                          memory_budget=self.memory_budget, refuse=self._refusal,
+                          memory_budget=self.memory_budget,
+                          compression=canonical(compression), refuse=self._refusal,
                           victims=self._retention_victims, saved=self._saved,
                           finished=self._finished, removed=self._removed)
         self._place: RootOnly = RootOnly(setting)

@@ -61,6 +61,7 @@ class Setting:
     timeout_s: float
     snapshot: str
     memory_budget: int
+    compression: str  # canonical (`ckpt._codecs`)
     # Process 0, before a save of a step: the error that stops it, if any.
     refuse: Callable[[int], CkptError | None]
     # Process 0, after a root commit: the root's steps retention removes.
@@ -102,7 +103,8 @@ class RootOnly:
                           on_commit=lambda _: self.committed(step, metrics, drawn),
                           timeout_s=self.s.timeout_s, metrics=metrics,
                           refuse=lambda: self.s.refuse(step), on_attempt=draw, step=step,
-                          snapshot=self.s.snapshot, memory_budget=self.s.memory_budget)
+                          snapshot=self.s.snapshot, memory_budget=self.s.memory_budget,
+                          compression=self.s.compression or None)
 
     def committed(self, step: int, metrics: dict[str, float] | None, drawn: list[str],
                   attempt: str | None = None) -> None:
@@ -262,7 +264,8 @@ class WithLocalTier(RootOnly):
                                 on_commit=root_only, timeout_s=self.s.timeout_s,
                                 metrics=metrics, refuse=lambda: self.s.refuse(step),
                                 on_attempt=draw, step=step, snapshot=self.s.snapshot,
-                                memory_budget=self.s.memory_budget, parents=parents)
+                                memory_budget=self.s.memory_budget, parents=parents,
+                                compression=self.s.compression or None)
             self._root_commit(handle)
             return handle
 
@@ -304,9 +307,9 @@ class WithLocalTier(RootOnly):
             tier.store, tree, step=step, origin={"root": self.root.url, "lineage": tier.lineage},
             parents=parents, metadata=metadata, metrics=dict(metrics or {}),
             timeout_s=self.s.timeout_s, snapshot=self.s.snapshot,
-            memory_budget=self.s.memory_budget, refuse=lambda: self.s.refuse(step),
-            on_attempt=draw, victims=lambda: tier.victims(step), on_commit=locally,
-            on_failure=failed)
+            memory_budget=self.s.memory_budget, compression=self.s.compression,
+            refuse=lambda: self.s.refuse(step), on_attempt=draw,
+            victims=lambda: tier.victims(step), on_commit=locally, on_failure=failed)
         handle.remote = remote
         if remote is not None:
             self._root_commit(remote)

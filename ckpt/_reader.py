@@ -18,6 +18,7 @@ import logging
 from collections.abc import Collection, Sequence
 from typing import Any
 
+from ckpt._codecs import min_stored_bytes
 from ckpt._format import (
     ATTEMPT_PREFIX,
     COMMIT,
@@ -138,7 +139,8 @@ class Readable(abc.ABC):
         return ArrayReadJob(path_text(rec.path), self.array_spec(rec), self.context(), rec.shape,
                             rec.chunk_shape, dtype_from_name(rec.dtype, what), list(boxes),
                             list(rec.chunk_crc32c) or None,
-                            crc32c_in_chunk_tail=self._chunks_end_with_crc32c(),
+                            crc32c_in_chunk_tail=(self._chunks_end_with_crc32c()
+                                                  and not rec.compression),
                             store=self.store)
 
     def read_jobs(self, rec: LeafRecord, boxes: Sequence[Box]) -> list[ArrayReadJob]:
@@ -176,8 +178,6 @@ _STAT_CHUNKS = 4
 # Arrays of at least this many bytes have their chunk objects' sizes checked against the
 # manifest before a restore allocates them (one listing each: small beside reading them).
 BACKED_BYTES = 64 << 20
-# What the crc32c codec appends to each chunk object.
-_CRC_TAIL = 4
 
 
 class _Ours(Readable):
@@ -227,12 +227,15 @@ class _Ours(Readable):
         for flat, nbytes in enumerate(rec.chunk_nbytes):
             key = f"{folder}/{chunk_key(unflat_index(flat, grid))}"
             stored = sizes.get(key)
-            if stored != nbytes + _CRC_TAIL:
+            least = min_stored_bytes(rec.compression, nbytes)
+            if stored is None or stored < least or (stored != least and not rec.compression):
+                records = (f"{nbytes} (+4 for its checksum)" if not rec.compression else
+                           f"{nbytes}, which {rec.compression} stores in at least {least}")
                 raise CorruptCheckpointError(
                     f"leaf {path_text(rec.path)}: chunk {unflat_index(flat, grid)} "
                     + ("is missing" if stored is None else f"holds {stored} bytes")
-                    + f" ({self.store.describe(key)}); the manifest records {nbytes} (+4 "
-                    f"for its checksum), {rec.nbytes} for the array: nothing is read")
+                    + f" ({self.store.describe(key)}); the manifest records {records}, "
+                    f"{rec.nbytes} for the array: nothing is read")
 
     def array_spec(self, rec: LeafRecord) -> dict[str, Any]:
         """Checks first that the files TensorStore may open in the array's folder are

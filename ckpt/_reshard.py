@@ -31,6 +31,7 @@ from ckpt._attempt import (
     refusal_if_committed,
     write_report,
 )
+from ckpt._codecs import canonical
 from ckpt._format import ChunkLayout, LeafKind, LeafRecord
 from ckpt._leaves import dtype_from_name
 from ckpt._ownership import choose_chunk_shape
@@ -226,7 +227,8 @@ def _plan(manifest_leaves: list[LeafRecord], mesh: dict[str, int],
 def reshard(src_url: StoreLike, dst_url: StoreLike, *, mesh: MeshLike = None,
             rules: RulesLike = (), memory_budget: int = DEFAULT_BUDGET,
             overwrite: bool = False,
-            progress: Callable[[int, int], None] | None = None) -> ReshardResult:
+            progress: Callable[[int, int], None] | None = None,
+            compression: str | None = None) -> ReshardResult:
     """Writes the checkpoint at ``src_url`` (any this library reads) to ``dst_url`` in
     this library's format, laid out for ``mesh``, streaming chunk by chunk: no device is
     needed and host memory stays within ``memory_budget``. `ckpt reshard` on the command
@@ -242,6 +244,9 @@ def reshard(src_url: StoreLike, dst_url: StoreLike, *, mesh: MeshLike = None,
             rule that matches no array leaf is a `MissingLeafError`.
         memory_budget: bound on host memory for chunk data in flight and cached.
         overwrite: replace a committed checkpoint at ``dst_url`` (atomically).
+        compression: the written arrays' (as `ckpt.save_async`'s), whatever the source's:
+            None stores them uncompressed, so a compressed source stays compressed only
+            when it is given again.
 
     Raises:
         CheckpointNotFoundError: ``src_url`` holds no committed checkpoint.
@@ -250,13 +255,15 @@ def reshard(src_url: StoreLike, dst_url: StoreLike, *, mesh: MeshLike = None,
             divisible; nothing is written.
     """
     mesh, rules = as_mesh(mesh), as_rules(rules)
+    compressed = canonical(compression)
     src, dst = open_store(src_url), open_store(dst_url)
     source = open_readable(src)
     manifest = source.manifest
     if mesh is None:
         mesh = saved_mesh(manifest.leaves, src.url)
     max_chunk = max(1 << 20, min(16 << 20, memory_budget // 8))
-    records = _plan(manifest.leaves, mesh, rules, max_chunk)
+    records = [dataclasses.replace(r, compression=compressed) if r.kind == LeafKind.ARRAY
+               else r for r in _plan(manifest.leaves, mesh, rules, max_chunk)]
     dst.verify_access()
     refusal = refusal_if_committed(dst, overwrite=overwrite, how="pass overwrite=True")
     if refusal is not None:
@@ -322,7 +329,8 @@ def saved_mesh(leaves: list[LeafRecord], url: str) -> dict[str, int]:
 def convert(src_url: StoreLike, dst_url: StoreLike, *, mesh: MeshLike = None,
             rules: RulesLike = (), memory_budget: int = DEFAULT_BUDGET,
             overwrite: bool = False,
-            progress: Callable[[int, int], None] | None = None) -> ReshardResult:
+            progress: Callable[[int, int], None] | None = None,
+            compression: str | None = None) -> ReshardResult:
     """`reshard`, then `verify` of what was written: for a checkpoint of another kind
     (Orbax, safetensors) that carries no checksums of this library's, the copy is read back
     and checked before it is trusted. `ckpt convert` on the command line.
@@ -338,7 +346,7 @@ def convert(src_url: StoreLike, dst_url: StoreLike, *, mesh: MeshLike = None,
         verification (it is committed, and the message lists the problems).
     """
     result = reshard(src_url, dst_url, mesh=mesh, rules=rules, memory_budget=memory_budget,
-                     overwrite=overwrite, progress=progress)
+                     overwrite=overwrite, progress=progress, compression=compression)
     report = verify(result.url, memory_budget=memory_budget)
     if not report.ok:
         raise CorruptCheckpointError(

@@ -54,6 +54,7 @@ from ckpt._claims import (
     claim_kind,
     remove_uncommitted,
 )
+from ckpt._codecs import canonical
 from ckpt._commit import committed_attempt
 from ckpt._format import ChunkLayout, LeafKind, LeafRecord, pack, unpack
 from ckpt._handle import SaveHandle, SaveTimings, track
@@ -303,7 +304,8 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
                refuse: Callable[[], CkptError | None] | None = None,
                on_attempt: Callable[[str], None] | None = None,
                step: int | None = None, copy: Copy | None = None,
-               parents: list[list[Any]] | None = None) -> SaveHandle:
+               parents: list[list[Any]] | None = None,
+               compression: str | None = None) -> SaveHandle:
     """Runs the blocking part of a save and starts its background part.
 
     Called by `ckpt.save_async`, `CheckpointManager.save` and the local tier
@@ -315,9 +317,10 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
     once the save is committed, with its handle; its errors are logged, never raised: the
     checkpoint is committed whatever it does. ``copy`` is the copy of the step it writes
     (default: the persistent copy, `Copy`); ``parents`` the manifest's ancestry
-    (docs/format.md).
+    (docs/format.md); ``compression`` the array chunks' (`ckpt._codecs.canonical`).
     """
     memory_budget = checked_options(snapshot, memory_budget)
+    compressed = canonical(compression)
     copy = Copy() if copy is None else copy
     coord = _coord.current()
     created_at = time.time()
@@ -338,6 +341,9 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
                                 refuse=refuse, on_attempt=on_attempt)
     with _gc_paused():
         plans = _plan_chunks(records, leaves, coord)
+        if compressed:
+            records = [dataclasses.replace(r, compression=compressed)
+                       if r.kind == LeafKind.ARRAY else r for r in records]
         agreement = digests(records, leaves) if coord.process_count > 1 else ("", {})
         if copy.writes_manifest(coord.process_index):
             for i, (rec, leaf) in enumerate(zip(records, leaves, strict=True)):
@@ -557,7 +563,8 @@ def run(job: Job, handle: SaveHandle) -> None:
 def save_async(url: StoreLike, tree: Any, *, metadata: Any = None,
                timeout_s: float = _coord.DEFAULT_TIMEOUT_S,
                overwrite: bool = False, snapshot: str = "auto",
-               memory_budget: int = DEFAULT_MEMORY_BUDGET) -> SaveHandle:
+               memory_budget: int = DEFAULT_MEMORY_BUDGET,
+               compression: str | None = None) -> SaveHandle:
     """Starts saving ``tree`` to ``url``; returns once the snapshot is taken.
 
     Call on every process of the job with the same URL and a tree of the same structure.
@@ -587,6 +594,11 @@ def save_async(url: StoreLike, tree: Any, *, metadata: Any = None,
         memory_budget: bytes of host memory for chunk data fetched from devices or handed
             to storage and not yet durable (one shard is always let through, however
             large). Default 1 GiB.
+        compression: None (the default: chunks stored as they are), ``"zstd"`` or
+            ``"zstd:<level>"`` (level 3 by default; higher is smaller and slower): each
+            array chunk compressed with zstd, a zarr v3 codec TensorStore and zarr-python
+            read. Restore needs no option. It pays where bytes cost (object stores billed
+            or limited by bytes, states with many zeros); README, "Compression".
 
     Raises:
         UnsupportedLeafError: a leaf cannot be saved (its key path is named).
@@ -594,12 +606,15 @@ def save_async(url: StoreLike, tree: Any, *, metadata: Any = None,
             ``overwrite``).
     """
     return start_save(open_store(url), tree, metadata=metadata, timeout_s=timeout_s,
-                      overwrite=overwrite, snapshot=snapshot, memory_budget=memory_budget)
+                      overwrite=overwrite, snapshot=snapshot, memory_budget=memory_budget,
+                      compression=compression)
 
 
 def save(url: StoreLike, tree: Any, *, metadata: Any = None,
          timeout_s: float = _coord.DEFAULT_TIMEOUT_S, overwrite: bool = False,
-         snapshot: str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET) -> None:
+         snapshot: str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET,
+         compression: str | None = None) -> None:
     """Saves ``tree`` to ``url`` and returns once it is committed: `save_async` then `wait`."""
     save_async(url, tree, metadata=metadata, timeout_s=timeout_s, overwrite=overwrite,
-               snapshot=snapshot, memory_budget=memory_budget).wait()
+               snapshot=snapshot, memory_budget=memory_budget,
+               compression=compression).wait()

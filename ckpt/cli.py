@@ -22,6 +22,7 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
+from ckpt._codecs import canonical
 from ckpt._export import export_safetensors, parse_size
 from ckpt._housekeeping import committed_steps, steps_near
 from ckpt._info import CheckpointInfo, metadata
@@ -144,7 +145,7 @@ def _info_json(info: CheckpointInfo) -> dict[str, Any]:
                     "kind": leaf.kind,
                     "shape": list(leaf.shape), "dtype": leaf.dtype, "nbytes": leaf.nbytes,
                     "mesh": leaf.mesh, "spec": _spec_json(leaf.spec),
-                    "chunk_shape": list(leaf.chunk_shape)}
+                    "chunk_shape": list(leaf.chunk_shape), "compression": leaf.compression}
                    for leaf in info.leaves],
     }
 
@@ -228,6 +229,11 @@ def _inspect(args: argparse.Namespace) -> int:
           + ("  (the files' __metadata__)" if _is_file_of_tensors(info) else ""))
     if info.metrics:
         print("metrics     " + ", ".join(f"{k}={v:g}" for k, v in sorted(info.metrics.items())))
+    codecs = sorted({leaf.compression for leaf in info.leaves if leaf.compression})
+    if codecs:
+        arrays = sum(1 for leaf in info.leaves if leaf.compression)
+        print(f"compression {', '.join(codecs)} ({_count(arrays, 'array', 'arrays')}; bytes "
+              "below are decoded)")
     rows = [(leaf.name, leaf.kind, "x".join(map(str, leaf.shape)) or "()",
              leaf.dtype or "-", _size(leaf.nbytes),
              "-" if leaf.spec is None else str(tuple(leaf.spec)),
@@ -238,7 +244,8 @@ def _inspect(args: argparse.Namespace) -> int:
     print()
     for row in [header, *rows]:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-    print(f"\ntotal       {len(info.leaves)} leaves, {_size(info.nbytes)} of array data")
+    print(f"\ntotal       {_count(len(info.leaves), 'leaf', 'leaves')}, {_size(info.nbytes)} "
+          "of array data")
     return 0
 
 
@@ -336,6 +343,7 @@ def _rewrite(args: argparse.Namespace) -> int:
     _limit_malloc_retention()
     rules = []
     try:
+        canonical(args.compression, "--compression")
         mesh = parse_mesh(args.mesh) if args.mesh else None
         for rule in args.spec:
             pattern, eq, spec = rule.partition("=")
@@ -349,12 +357,14 @@ def _rewrite(args: argparse.Namespace) -> int:
     try:
         result = run(args.src, args.dst, mesh=mesh, rules=rules,
                      memory_budget=args.memory_budget, overwrite=args.overwrite,
-                     progress=_progress(f"{args.command}ing", args.quiet))
+                     progress=_progress(f"{args.command}ing", args.quiet),
+                     compression=args.compression)
     except CheckpointExistsError as exc:
         raise _with_flag(exc) from exc
     laid = ",".join(f"{k}={v}" for k, v in result.mesh.items())
     print(f"wrote {result.url}: {result.chunks} chunks, {_size(result.nbytes)}, "
           + (f"laid out for mesh {laid}" if laid else "unsharded (saved with no mesh)")
+          + (f", {canonical(args.compression)}" if args.compression else "")
           + (f"; from {result.source_layout}, verified" if args.command == "convert" else ""))
     return 0
 
@@ -450,6 +460,9 @@ def _rewrite_args(p: argparse.ArgumentParser, *, mesh_help: str, mesh_required: 
                    help="host memory for chunk data (default 1G)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a committed checkpoint at DST (atomically)")
+    p.add_argument("--compression", metavar="zstd[:LEVEL]", default=None,
+                   help="compress DST's chunks with zstd (level 3 unless given); without it "
+                   "DST is uncompressed, whatever SRC is")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_rewrite)
 

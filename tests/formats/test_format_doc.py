@@ -224,3 +224,27 @@ def test_host_reports_are_as_documented(written):
     assert report["process"] == 0 and report["attempt"] == commit["attempt"]
     for row in report["chunks"]:
         assert [type(x) for x in row] == [str, int, int, int], row
+
+
+def test_a_compressed_step_is_as_documented(tmp_path):
+    """Version 2, each array's `compression` map, and zstd between the two codecs."""
+    big = np.arange(256 * 128, dtype=np.float32).reshape(256, 128)
+    url = str(tmp_path / "z")
+    ckpt.save(url, {"w": big, "b": big > 5, "n": 1}, compression="zstd:7")
+    commit = _read(f"{url}/COMMIT")
+    manifest = _read(f"{url}/{commit['attempt']}/manifest.msgpack")
+    _check_record(manifest, _table("## manifest.msgpack"), "manifest")
+    assert manifest["format_version"] == 2
+    row = _find(r"\| `compression` \| array \(version 2, compressed arrays only\) \| "
+                r"`(\{[^`]*\})`", DOC)
+    documented = json.loads(row.group(1).replace("int", "7"))
+    bullet = _find(r"- `codecs`: (.*?);\n", _section("## Arrays"), re.S).group(1)
+    zstd = json.loads(_find(r'`(\{"name": "zstd",.*?\}\})`', bullet.replace("\n  ", " "))
+                      .group(1).replace("<level>", "7"))
+    wide, narrow = (json.loads(s) for s in re.findall(r"`(\[.*?\])`", bullet.replace("\n", " ")))
+    for leaf in (x for x in manifest["leaves"] if x["kind"] == "array"):
+        assert leaf["compression"] == documented, leaf
+        with open(f"{url}/{commit['attempt']}/arrays/{leaf['name']}/zarr.json") as f:
+            codecs = json.load(f)["codecs"]
+        plain = narrow if leaf["dtype"] == "bool" else wide
+        assert codecs == [plain[0], zstd, plain[1]], codecs

@@ -115,11 +115,12 @@ def test_newer_format_version_is_refused_naming_it(root_url):
     store = open_store(url)
     commit = CommitRecord.decode(store.read(COMMIT), "COMMIT")
     doc = msgpack.unpackb(store.read(f"{commit.attempt}/{MANIFEST}"))
-    doc["format_version"] = 2
+    doc["format_version"] = 3
     data = msgpack.packb(doc)
     store.write(f"{commit.attempt}/{MANIFEST}", data)
     store.write(COMMIT, CommitRecord(commit.attempt, sha256(data), commit.committed_at).encode())
-    with pytest.raises(UnsupportedFormatError, match=r"format version 2.*reads version 1"):
+    with pytest.raises(UnsupportedFormatError,
+                       match=r"format version 3; this library reads versions 1 to 2 \(upgrade"):
         ckpt.restore(url)
     store.write(COMMIT, msgpack.packb({"format": "ckpt", "format_version": 7}))
     with pytest.raises(UnsupportedFormatError, match="COMMIT has format version 7"):

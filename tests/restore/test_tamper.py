@@ -229,14 +229,17 @@ def test_sizes_in_a_resigned_manifest_are_checked_before_allocating(tmp_path, me
     assert peak[0] < 64 << 20, peak
 
 
-def test_a_consistent_forgery_of_a_huge_array_is_refused_before_allocating(tmp_path, mesh24):
+@pytest.mark.parametrize("compression", [None, "zstd"])
+def test_a_consistent_forgery_of_a_huge_array_is_refused_before_allocating(tmp_path, mesh24,
+                                                                            compression):
     """A manifest edited and re-signed so that every size in it agrees (a 1 PiB array of
     one 1 PiB chunk), and the array's zarr.json edited to match: nothing in the manifest
     contradicts itself, so only the stored bytes can tell. Restore compares each chunk
-    object's size with the manifest before it allocates anything, and names the chunk."""
+    object's size with the manifest before it allocates anything, and names the chunk
+    (compressed, with the least a zstd frame of that many bytes holds: 32 GiB)."""
 
     url = str(tmp_path / "ck")
-    ckpt.save(url, _tree(mesh24))
+    ckpt.save(url, _tree(mesh24), compression=compression)
     store = open_store(url)
     attempt = CommitRecord.decode(store.read(COMMIT), COMMIT).attempt
     doc = msgpack.unpackb(store.read(f"{attempt}/{MANIFEST}"), strict_map_key=False)
