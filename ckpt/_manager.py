@@ -47,6 +47,7 @@ from ckpt._orbax import holds_foreign_files, orbax_step_metrics
 from ckpt._placement import RootOnly, Setting, WithLocalTier
 from ckpt._policy import SavePolicy
 from ckpt._reader import open_checkpoint
+from ckpt._restore import checked_budget
 from ckpt._snapshot import DEFAULT_MEMORY_BUDGET, checked_options
 from ckpt._tiers import LocalTier
 from ckpt._tree import is_text
@@ -601,10 +602,13 @@ class CheckpointManager:
     # -- restoring -------------------------------------------------------------------------
 
     def restore(self, step: int | None = None, target: Any = None, mesh: Any = None, *,
-                item: str | None = None, timeout_s: float | None = None) -> Any:
+                item: str | None = None, timeout_s: float | None = None,
+                memory_budget: int | None = None) -> Any:
         """Restores ``step`` (default: the latest committed one); see `ckpt.restore`
-        (``item``: one item of an Orbax step, or one top-level key of this library's).
+        (``item``: one item of an Orbax step, or one top-level key of this library's;
+        ``memory_budget``: host memory for array data at once, read in waves).
         ``timeout_s`` bounds finding the step too."""
+        memory_budget = checked_budget(memory_budget)
         store = self._store
         deadline = None
         if timeout_s is not None:
@@ -619,7 +623,8 @@ class CheckpointManager:
         step = _agree_on_restore(found, target, mesh, item, self.root_url,
                                  deadline.remaining() if deadline else self.timeout_s)
         try:
-            return self._place.restore(step, store, target, mesh, item, deadline)
+            return self._place.restore(step, store, target, mesh, item, deadline,
+                                       memory_budget)
         except CheckpointNotFoundError as exc:
             if asked is None:
                 raise

@@ -180,10 +180,10 @@ class RootOnly:
         log.info("rewound %s to step %d; removed steps %s", self.root.url, step, above)
 
     def restore(self, step: int, store: Store, target: Any, mesh: Any, item: str | None,
-                deadline: Deadline | None) -> Any:
+                deadline: Deadline | None, memory_budget: int | None = None) -> Any:
         """Restores committed ``step`` through ``store`` (the root, maybe deadline-bound)."""
         return restore_from(step_store(store, step), target, mesh=mesh, item=item,
-                            deadline=deadline)
+                            deadline=deadline, memory_budget=memory_budget)
 
 
 class WithLocalTier(RootOnly):
@@ -400,7 +400,7 @@ class WithLocalTier(RootOnly):
                             exc)
 
     def restore(self, step: int, store: Store, target: Any, mesh: Any, item: str | None,
-                deadline: Deadline | None) -> Any:
+                deadline: Deadline | None, memory_budget: int | None = None) -> Any:
         """Each box from this process's copy where it holds it, the rest from the root; a
         copy that fails its checks falls back to the root's copy of the same save."""
         tier = self.tier
@@ -408,7 +408,8 @@ class WithLocalTier(RootOnly):
         folder = step_store(store, step)
         try:
             restored = restore_from(folder, target, mesh=mesh, item=item,
-                                    deadline=deadline, opened=source)
+                                    deadline=deadline, opened=source,
+                                    memory_budget=memory_budget)
         except CorruptCheckpointError as exc:
             if not isinstance(source, Tiered):
                 raise
@@ -425,7 +426,7 @@ class WithLocalTier(RootOnly):
                 # restore could return a state that never existed.
                 raise exc
             return restore_from(folder, target, mesh=mesh, item=item,
-                                deadline=deadline, opened=root)
+                                deadline=deadline, opened=root, memory_budget=memory_budget)
         me = _coord.current().process_index
         if isinstance(source, Tiered):
             log.info("restored step %d on process %d: %.1f MiB from the local tier %s, "

@@ -40,6 +40,7 @@ from ckpt.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     DtypeMismatchError,
+    InvalidArgumentError,
     MeshMismatchError,
     MissingLeafError,
     ShapeMismatchError,
@@ -47,7 +48,7 @@ from ckpt.errors import (
     UnshardedTargetWarning,
 )
 from ckpt.restore import ArrayReadJob, aligned_empty, read_arrays
-from ckpt.restore.boxes import Box, box_of_index, full_box, to_slices
+from ckpt.restore.boxes import Box, box_of_index, box_size, full_box, to_slices
 from ckpt.storage import (
     Deadline,
     DeadlineStore,
@@ -408,6 +409,58 @@ def _assemble(want: _Want, host: list[np.ndarray], boxes: list[Box]) -> Any:
     return jax.make_array_from_callback(shape, want.sharding, buffer)
 
 
+# The share of a restore's ``memory_budget`` for chunks in flight (each counted twice: stored
+# and decoded); the rest holds the boxes of one wave of leaves until they are placed.
+_READ_SHARE = 4
+
+
+def _waves(jobs: list[ArrayReadJob], job_wants: list[int],
+           memory_budget: int | None) -> list[list[int]]:
+    """The restore's reads in waves, as positions in ``jobs``: each wave whole leaves (all of
+    a leaf's jobs) whose boxes on this process fit the budget's wave share, in leaf order; a
+    leaf larger than that share is a wave of its own. One wave without a budget."""
+    if memory_budget is None or not jobs:
+        return [list(range(len(jobs)))]
+    limit = memory_budget - memory_budget // _READ_SHARE
+    by_want: dict[int, list[int]] = {}
+    for k, i in enumerate(job_wants):
+        by_want.setdefault(i, []).append(k)
+    waves: list[list[int]] = [[]]
+    held = 0
+    for ks in by_want.values():
+        size = sum(box_size(b) * jobs[k].dtype.itemsize for k in ks for b in jobs[k].targets)
+        if waves[-1] and held + size > limit:
+            waves.append([])
+            held = 0
+        waves[-1].extend(ks)
+        held += size
+    return waves
+
+
+def _read_wave(jobs: list[ArrayReadJob], job_wants: list[int], wants: list[_Want],
+               values: list[Any], memory_budget: int | None, deadline: Deadline | None,
+               placed: bool) -> int:
+    """Reads one wave's boxes and assembles its leaves into ``values``; returns the bytes
+    read. ``placed``: wait until the leaves are on their devices, so that the wave's host
+    buffers are free before the next wave allocates its own (on accelerators; a CPU device
+    adopts them as they are)."""
+    read_budget = None if memory_budget is None else max(1, memory_budget // _READ_SHARE)
+    hosts = read_arrays(jobs, memory_budget=read_budget, deadline=deadline)
+    pieces: dict[int, tuple[list[np.ndarray], list[Box]]] = {}
+    for i, job, host in zip(job_wants, jobs, hosts, strict=True):
+        got = pieces.setdefault(i, ([], []))
+        got[0].extend(host)
+        got[1].extend(job.targets)
+    read = sum(box.nbytes for host in hosts for box in host)
+    del hosts
+    for i, (host, boxes) in pieces.items():
+        values[i] = _assemble(wants[i], host, boxes)
+    if placed:
+        jax.block_until_ready(  # type: ignore[no-untyped-call]  # unannotated in JAX
+            [values[i] for i in pieces])
+    return read
+
+
 def _cast(host: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
     """An aligned copy of ``host`` as ``dtype``, which JAX adopts without another copy."""
     out = aligned_empty(host.shape, dtype)
@@ -503,15 +556,11 @@ def _restore_source(source: Readable, target: Any, mesh: Any,
                 jobs.append(job)
                 job_wants.append(i)
     started = time.monotonic()
-    hosts = read_arrays(jobs, memory_budget=memory_budget, deadline=deadline)
-    read = sum(box.nbytes for host in hosts for box in host)
-    pieces: dict[int, tuple[list[np.ndarray], list[Box]]] = {}
-    for i, job, host in zip(job_wants, jobs, hosts, strict=True):
-        got = pieces.setdefault(i, ([], []))
-        got[0].extend(host)
-        got[1].extend(job.targets)
-    for i, (host, boxes) in pieces.items():
-        values[i] = _assemble(wants[i], host, boxes)
+    read = 0
+    waves = _waves(jobs, job_wants, memory_budget)
+    for wave in waves:
+        read += _read_wave([jobs[k] for k in wave], [job_wants[k] for k in wave], wants,
+                           values, memory_budget, deadline, placed=len(waves) > 1)
     seconds = time.monotonic() - started
     log.info("restored %s (%s): %d leaves, read %.1f MiB in %.3f s (%.0f MiB/s)",
              source.store.url, source.layout, len(wants), read / 2**20, seconds,
@@ -526,7 +575,7 @@ def _restore_source(source: Readable, target: Any, mesh: Any,
 
 def restore(url: StoreLike, target: Any = None, *, mesh: Any = None,
             item: str | None = None, timeout_s: float | None = None,
-            names: NamesLike = None) -> Any:
+            names: NamesLike = None, memory_budget: int | None = None) -> Any:
     """Restores the committed checkpoint at ``url``.
 
     Args:
@@ -553,6 +602,14 @@ def restore(url: StoreLike, target: Any = None, *, mesh: Any = None,
         names: for safetensors, name rules after the defaults (`ckpt._names`; docs/
             safetensors.md): how each target leaf's key path names its tensor, and which
             tensors of the files to leave out. Other formats refuse them.
+        memory_budget: bytes of host memory this process holds for array data at once
+            (None: every box at once, plus chunks in flight up to an eighth of it, 64 MiB
+            to 1 GiB). With a budget, leaves are read in waves: three quarters of it for
+            the boxes of a wave's leaves, held until they are placed on their devices (and
+            freed then, on accelerators; a CPU device keeps them as the arrays), a quarter
+            for chunks in flight. A leaf whose boxes on this process exceed the wave share
+            is read alone. At least 1 MiB (a chunk is read whole; one larger than its
+            share is let through alone).
 
     Returns:
         With a target: a tree of its structure, shardings and dtypes. Without one: nested
@@ -569,4 +626,23 @@ def restore(url: StoreLike, target: Any = None, *, mesh: Any = None,
     """
     deadline = None if timeout_s is None else Deadline(timeout_s, f"restoring {url}")
     return restore_from(open_store(url), target, mesh=mesh, item=item, deadline=deadline,
-                        names=names)
+                        names=names, memory_budget=checked_budget(memory_budget))
+
+
+def checked_budget(memory_budget: int | None) -> int | None:
+    """A restore's ``memory_budget`` (`restore`), checked.
+
+    Raises:
+        InvalidArgumentError: not None and not an int of at least 1 MiB.
+    """
+    if memory_budget is None:
+        return None
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or \
+            memory_budget < MIN_RESTORE_BUDGET:
+        raise InvalidArgumentError(
+            f"memory_budget={memory_budget!r}: a restore needs at least "
+            f"{MIN_RESTORE_BUDGET >> 20} MiB (bytes, an int), or None")
+    return memory_budget
+
+
+MIN_RESTORE_BUDGET = 1 << 20

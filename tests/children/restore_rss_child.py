@@ -1,5 +1,6 @@
 """Restores the checkpoint at argv[1] (saved on a 2x4 mesh) onto argv[2] -- ``same``, ``4x2``
-or ``1dev`` -- in this process, and prints as its last line how far resident memory rose
+or ``1dev`` -- in this process (with argv[3], if given, as the restore's ``memory_budget``
+in bytes), and prints as its last line how far resident memory rose
 above where it stood before the restore (the second one) and the restored state's bytes:
 ``EXTRA_RSS_BYTES n STATE_BYTES m``."""
 
@@ -20,6 +21,7 @@ import ckpt  # noqa: E402
 from tests.helpers.proc_status import reset_peak, status_bytes  # noqa: E402
 
 url, kind = sys.argv[1], sys.argv[2]
+budget = int(sys.argv[3]) if len(sys.argv) > 3 else None
 devices = jax.devices()
 info = ckpt.metadata(url)
 mesh = target = None
@@ -32,11 +34,11 @@ else:
                 ("data", "model"))
 # A first restore pays once for what a fresh process sets up on first use (thread pools,
 # device buffers' allocator); the second one measures what a restore itself needs.
-jax.block_until_ready(ckpt.restore(url, target, mesh=mesh))
+jax.block_until_ready(ckpt.restore(url, target, mesh=mesh, memory_budget=budget))
 gc.collect()
 ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap must not hide new allocations
 reset_peak()
 base = status_bytes("VmRSS")
-out = jax.block_until_ready(ckpt.restore(url, target, mesh=mesh))
+out = jax.block_until_ready(ckpt.restore(url, target, mesh=mesh, memory_budget=budget))
 extra = status_bytes("VmHWM") - base
 print(f"EXTRA_RSS_BYTES {extra} STATE_BYTES {info.nbytes}")
