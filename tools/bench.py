@@ -85,6 +85,22 @@ def drop_caches() -> bool:
         return False
 
 
+# Per-lane throughput of each PCIe generation, bytes/s per direction after line encoding.
+_PCIE_LANE = {1: 0.25e9, 2: 0.5e9, 3: 0.985e9, 4: 1.969e9, 5: 3.938e9, 6: 7.563e9}
+
+
+def pcie_bytes_per_s() -> float | None:
+    """The first GPU's PCIe link, from nvidia-smi (current generation x width), or None."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=pcie.link.gen.current,"
+                              "pcie.link.width.current", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        gen, width = (int(x) for x in out.splitlines()[0].split(","))
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+    return _PCIE_LANE.get(gen, 0.0) * width or None
+
+
 def bench_mesh() -> Any:
     """The benchmark's ("data", "model") mesh: 2x4 of the 8 CPU devices, or 2x(n/2) (1xn when
     n is odd) of the n accelerators."""
@@ -403,6 +419,11 @@ def main() -> int:
               f"blocked {ours['blocked_s'] / floor['device_copy_s']:.2f}x the on-device copy, "
               f"{ours['blocked_s'] / floor['d2h_s']:.2f}x the transfer (orbax "
               f"{orbax['blocked_s'] / floor['d2h_s']:.2f}x the transfer)")
+        link = pcie_bytes_per_s()
+        print("device-to-host against the card's link: " + (
+            f"{mib * 2**20 / floor['d2h_s'] / link:.0%} of PCIe {link / 1e9:.1f} GB/s "
+            "(nvidia-smi's current generation and width, per direction)" if link else
+            "no PCIe figure (nvidia-smi not found or silent)"))
     if args.case == "many-leaves":
         leaves = len(jax.tree.leaves(state))
         print(f"one-file floors: write+fsync {floor['write_fsync_one_s']:.3f} s, cold read "

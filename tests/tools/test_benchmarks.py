@@ -1,0 +1,55 @@
+"""The benchmarks run and measure what docs/performance.md and docs/scaling.md say they do,
+so that none rots between the runs that produce the documents' figures (the accelerator
+path included: without a GPU it runs on one CPU device, every branch of it taken)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO
+
+
+def _run(tool, *args):
+    run = subprocess.run([sys.executable, str(REPO / "tools" / tool), *args],
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+@pytest.mark.slow  # a subprocess importing jax and orbax-checkpoint, 9 saves and restores
+def test_the_compression_benchmark_measures_all_three_states():
+    run = _run("bench_compression.py", "--size", "8M", "--rounds", "1")
+    rows = [line.split() for line in run.stdout.splitlines()
+            if line.split()[:1] in (["fresh"], ["trained"], ["mixed"])]
+    assert [(r[0], r[1]) for r in rows] == [(s, w) for s in ("fresh", "trained", "mixed")
+                                            for w in ("plain", "zstd", "orbax")], run.stdout
+    ratio = {(r[0], r[1]): float(r[3]) for r in rows}
+    assert ratio[("fresh", "plain")] == pytest.approx(1.0, abs=0.02)
+    # Two thirds of a fresh state are zeros: compressed, it is well under half its size.
+    assert ratio[("fresh", "zstd")] < 0.5, run.stdout
+    assert ratio[("trained", "zstd")] < ratio[("trained", "plain")], run.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("snapshot", ["device", "host"])
+def test_the_accelerator_benchmark_runs_its_gpu_path_on_a_cpu(snapshot):
+    run = _run("bench.py", "--device", "gpu", "--size", "16M", "--rounds", "1", "--snapshot",
+               snapshot, "--memory-budget", "4M")
+    out = run.stdout
+    assert f"our snapshot {snapshot}, memory budget 4 MiB" in out, out
+    assert "accelerator floors: on-device copy" in out and "the transfer" in out, out
+    assert "device-to-host against the card's link: " in out, out
+    host = next(line for line in out.splitlines() if line.startswith("save's chunk data"))
+    # The save's own account of its host memory: within the budget (one shard may pass).
+    assert float(host.split("at once: ")[1].split(" MiB")[0]) <= 4, host
+
+
+@pytest.mark.slow  # two multi-process jobs
+def test_the_process_benchmark_measures_each_phase_per_process_count():
+    out = _run("bench_processes.py", "--procs", "1,2", "--mib", "8", "--rounds", "1",
+               "--no-kill").stdout
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["1"], ["2"])]
+    assert [r[0] for r in rows] == ["1", "2"], out
+    assert all(len(r) == 11 and float(r[8]) == pytest.approx(1.0) for r in rows), out
+    assert rows[0][9] == "0" and int(rows[1][9]) > 0, out  # coordination calls: none alone
