@@ -39,6 +39,7 @@ from ckpt._format import (
     COMMIT,
     LINEAGE,
     REWIND,
+    ZARR_JSON,
     HostReport,
     LeafKind,
     LeafRecord,
@@ -47,6 +48,7 @@ from ckpt._format import (
     encode_host_report,
     host_report_key,
     read_object,
+    zarr_json,
     zarr_spec,
 )
 from ckpt._orbax import STEP_METADATA
@@ -135,12 +137,17 @@ _SAFETENSORS_SUFFIXES = (".safetensors", ".safetensors.index.json")
 def open_arrays(store: Store, attempt: str, records: dict[int, LeafRecord], *,
                 create: bool) -> dict[int, Any]:
     """Opens the zarr arrays of ``records`` (index -> ``array`` record) in ``attempt`` for
-    writing; ``create`` writes each ``zarr.json`` (process 0 only: other processes write
-    chunks into arrays they assume, so that no writer waits for another). Waits through
-    ``store.wait`` (a `DeadlineStore` bounds it)."""
+    writing; ``create`` first writes every ``zarr.json`` through the store in one batch
+    (`Store.write_many`: one request each on object stores, no read before it; one sync of
+    a local file system for all of them). Process 0 creates; other processes write chunks
+    into arrays they assume, so that no writer waits for another. Opening reads nothing.
+    Waits through ``store.wait`` (a `DeadlineStore` bounds it)."""
+    if create:
+        store.write_many([(f"{array_key(attempt, rec.name)}/{ZARR_JSON}", zarr_json(rec))
+                          for rec in records.values()])
     ctx = store.tensorstore_context()
-    opening = {i: ts.open(zarr_spec(store.kvstore_spec(array_key(attempt, rec.name)), rec,
-                                    create=create), context=ctx)
+    opening = {i: ts.open(zarr_spec(store.kvstore_spec(array_key(attempt, rec.name)), rec),
+                          context=ctx)
                for i, rec in records.items()}
     return {i: store.wait(fut, f"opening leaf {path_text(records[i].path)}")
             for i, fut in opening.items()}

@@ -12,6 +12,7 @@ import dataclasses
 import enum
 import hashlib
 import itertools
+import json
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -614,42 +615,51 @@ def decode_host_report(data: bytes, what: str) -> HostReport:
 ZARR_JSON = "zarr.json"
 
 
-def zarr_spec(kvstore: dict[str, Any], rec: LeafRecord, *, create: bool) -> dict[str, Any]:
-    """The TensorStore spec of an ``array`` leaf's zarr v3 array at ``kvstore``.
-
-    ``create``: write ``zarr.json`` (process 0); otherwise only chunks are written, with the
-    metadata assumed rather than read, so writers never wait for each other.
-    """
-    fill: Any = 0
+def zarr_metadata(rec: LeafRecord) -> dict[str, Any]:
+    """An ``array`` leaf's zarr v3 metadata (docs/format.md, "Arrays"), from its record."""
+    fill: Any = 0.0 if rec.dtype.startswith(("float", "bfloat")) else 0
     if rec.dtype == "bool":
         fill = False
     elif rec.dtype.startswith("complex"):
         fill = [0.0, 0.0]
-    spec: dict[str, Any] = {
+    codecs = _codecs.zarr_codecs(rec.compression)
+    if DTYPE_SIZES[rec.dtype] == 1:  # zarr v3 gives single-byte types no byte order
+        codecs[0] = {"name": "bytes"}
+    return {
+        "zarr_format": 3, "node_type": "array",
+        "shape": list(rec.shape),
+        "chunk_grid": {"name": "regular",
+                       "configuration": {"chunk_shape": list(rec.chunk_shape)}},
+        "chunk_key_encoding": {"name": "default"},
+        "data_type": rec.dtype,
+        "fill_value": fill,
+        "codecs": codecs,
+        "attributes": {"ckpt_key_path": python_path(rec.path)},
+    }
+
+
+def zarr_json(rec: LeafRecord) -> bytes:
+    """The ``zarr.json`` of an ``array`` leaf, byte for byte as TensorStore writes it
+    (sorted keys, no spaces). Written by the process that creates an attempt's arrays
+    (`ckpt._attempt.open_arrays`) through its store, in one batch for all of them."""
+    return json.dumps(zarr_metadata(rec), sort_keys=True, separators=(",", ":")).encode()
+
+
+def zarr_spec(kvstore: dict[str, Any], rec: LeafRecord) -> dict[str, Any]:
+    """The TensorStore spec that writes chunks of an ``array`` leaf's zarr v3 array at
+    ``kvstore``: its metadata assumed, never read or written (`zarr_json` is written
+    through the store), so writers never wait for each other or for ``zarr.json``."""
+    metadata = zarr_metadata(rec)
+    del metadata["zarr_format"], metadata["node_type"]
+    return {
         "driver": "zarr3",
         "kvstore": kvstore,
-        "metadata": {
-            "shape": list(rec.shape),
-            "chunk_grid": {"name": "regular",
-                           "configuration": {"chunk_shape": list(rec.chunk_shape)}},
-            "chunk_key_encoding": {"name": "default"},
-            "data_type": rec.dtype,
-            "fill_value": fill,
-            "codecs": _codecs.zarr_codecs(rec.compression),
-            "attributes": {"ckpt_key_path": python_path(rec.path)},
-        },
+        "metadata": metadata,
         # Chunks equal to the fill value are stored too, so a missing chunk always means a
         # lost chunk, never zeros.
         "store_data_equal_to_fill_value": True,
+        "open": True, "assume_metadata": True,
     }
-    if create:
-        # Open as well: the attempt folder is new, so a zarr.json already there is this
-        # create's own, from a request whose answer a flaky network lost before its retry
-        # (TensorStore then checks it equals this metadata). Create alone fails that retry.
-        spec.update(create=True, open=True)
-    else:
-        spec.update(open=True, assume_metadata=True)
-    return spec
 
 
 def array_read_spec(kvstore: dict[str, Any], rec: LeafRecord) -> dict[str, Any]:
@@ -661,7 +671,7 @@ def array_read_spec(kvstore: dict[str, Any], rec: LeafRecord) -> dict[str, Any]:
 
     Called by every reader of this format: restore, ``ckpt verify``, ``ckpt reshard``.
     """
-    spec = zarr_spec(kvstore, rec, create=False)
+    spec = zarr_spec(kvstore, rec)
     del spec["assume_metadata"]
     spec.update(fill_missing_data_reads=False, recheck_cached_data=False)
     return spec

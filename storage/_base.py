@@ -13,6 +13,7 @@ spec from `Store.kvstore_spec`, which addresses the very same objects.
 from __future__ import annotations
 
 import abc
+import concurrent.futures
 import dataclasses
 import enum
 import errno
@@ -26,6 +27,8 @@ from ckpt.storage._errors import InvalidKeyError, UnreadableObjectError
 from ckpt.storage._url import Location
 
 _CONTEXT_LOCK = threading.Lock()
+# Objects `Store.write_many` writes at once (each a request on object stores).
+WRITERS_AT_ONCE = 32
 _CONTEXTS: dict[str, ts.Context] = {}
 
 
@@ -195,6 +198,26 @@ class Store(abc.ABC):
     def write(self, key: str, data: bytes) -> None:
         """Creates or atomically replaces the object at ``key``."""
         self._write(check_key(key), bytes(data))
+
+    def write_many(self, items: Sequence[tuple[str, bytes]]) -> None:
+        """Creates or atomically replaces each object ``key`` with its ``data``, for many
+        small objects at once (an attempt's ``zarr.json`` files); every one is durable when
+        this returns. Called by the save path on the process that writes them, never
+        concurrently with a write of the same keys.
+
+        Each object is replaced atomically, as by `write`; the batch is not: after a failure
+        or a crash, any subset may be there. Backends write them concurrently; the local
+        file system makes them durable with one sync of the file system where it can.
+        """
+        checked = [(check_key(key), bytes(data)) for key, data in items]
+        if checked:
+            self._write_many(checked)
+
+    def _write_many(self, items: list[tuple[str, bytes]]) -> None:
+        # Through `_write`, so that a wrapper store sees (and may fail) each object.
+        with concurrent.futures.ThreadPoolExecutor(min(WRITERS_AT_ONCE, len(items))) as pool:
+            for done in [pool.submit(self._write, key, data) for key, data in items]:
+                done.result()
 
     def write_stream(self, key: str, parts: Iterable[bytes | memoryview]) -> int:
         """Creates or atomically replaces the object at ``key`` with the concatenation of

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import ctypes
 import errno
 import functools
 import os
 import secrets
 import shutil
 import stat
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -41,6 +43,46 @@ def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# statfs(2) f_type of the file systems whose syncfs(2) makes every file's data and every
+# rename on them durable and reports writeback errors (Linux >= 5.8): ext2/3/4, xfs, btrfs.
+_SYNCFS_FILE_SYSTEMS = frozenset({0xEF53, 0x58465342, 0x9123683E})
+
+
+@functools.cache
+def _libc() -> Any:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _fs_type(path: str) -> int | None:
+    """The statfs(2) ``f_type`` of the file system holding ``path`` (its nearest existing
+    folder), or None where that cannot be asked (not Linux)."""
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    buf = ctypes.create_string_buffer(256)  # struct statfs; f_type is its first word
+    try:
+        if _libc().statfs(os.fsencode(path), buf) != 0:
+            return None
+    except (AttributeError, OSError):
+        return None
+    return int(ctypes.c_long.from_buffer(buf).value)
+
+
+def _syncfs_durable(path: str) -> bool:
+    """Whether one ``syncfs`` makes writes below ``path`` durable (`_SYNCFS_FILE_SYSTEMS`)."""
+    return sys.platform == "linux" and _fs_type(path) in _SYNCFS_FILE_SYSTEMS
+
+
+def _syncfs(path: str) -> None:
+    """syncfs(2) of the file system holding ``path``; raises OSError on failure."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _libc().syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), path)
     finally:
         os.close(fd)
 
@@ -168,6 +210,39 @@ class LocalStore(Store):
 
     def _write(self, key: str, data: bytes) -> None:
         self._write_stream(key, (data,))
+
+    def _write_many(self, items: list[tuple[str, bytes]]) -> None:
+        """Every object into its temporary file unsynced, one sync of the file system, the
+        renames, one more sync: two syncs for the batch instead of two fsyncs an object.
+        Only where ``syncfs`` is known to make every file's data and every rename of the
+        file system durable (`_syncfs_durable`); elsewhere one `write` each."""
+        if not _syncfs_durable(self.location.path):
+            super()._write_many(items)
+            return
+        placed: list[tuple[str, str]] = []  # (temporary, final) paths
+        key = items[0][0]
+        try:
+            for key, data in items:
+                path = self._path(key)
+                folder = os.path.dirname(path)
+                os.makedirs(folder, exist_ok=True)
+                tmp = os.path.join(folder, f".{os.path.basename(path)}{_TMP_MARK}"
+                                           f"{secrets.token_hex(6)}")
+                with open(tmp, "xb") as f:
+                    placed.append((tmp, path))
+                    f.write(data)
+            _syncfs(self.location.path)  # the data first: a rename never names unsynced bytes
+            for tmp, path in placed:
+                key = os.path.relpath(path, self.location.path).replace(os.sep, "/")
+                os.replace(tmp, path)
+            placed = []
+            _syncfs(self.location.path)
+        except OSError as exc:
+            raise self._error(exc, key, "writing") from exc
+        finally:
+            for tmp, _ in placed:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
 
     def _write_stream(self, key: str, parts: Iterable[bytes | memoryview]) -> int:
         try:

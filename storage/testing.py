@@ -45,6 +45,19 @@ class StoreConformance:
         assert store.exists("a/b/c.bin")
         assert not store.exists("a/b/d.bin")
 
+    def test_write_many(self, store: Store) -> None:
+        store.write("m/old", b"before")
+        items = [(f"m/{i % 7}/x{i}.json", f"object {i}".encode()) for i in range(50)]
+        store.write_many([*items, ("m/old", b"after")])
+        for key, data in items:
+            assert store.read(key) == data
+        assert store.read("m/old") == b"after"
+        assert len(store.list("m")) == 51  # nothing else: no temporary object is left
+        store.write_many([])
+        with pytest.raises(InvalidKeyError):
+            store.write_many([("m/fine", b"x"), ("../escape", b"x")])
+        assert not store.exists("m/fine")  # every key is checked before anything is written
+
     def test_bounded_read(self, store: Store) -> None:
         store.write("a/big", b"x" * 5000)
         store.write("a/empty", b"")

@@ -248,3 +248,24 @@ def test_a_compressed_step_is_as_documented(tmp_path):
             codecs = json.load(f)["codecs"]
         plain = narrow if leaf["dtype"] == "bool" else wide
         assert codecs == [plain[0], zstd, plain[1]], codecs
+
+
+@pytest.mark.parametrize("compression", ["", "zstd:3"])
+def test_the_zarr_json_written_is_tensorstores_own_byte_for_byte(tmp_path, compression):
+    """The library writes each `zarr.json` itself (one batch an attempt); TensorStore,
+    creating the same array, writes exactly the same bytes, for every dtype."""
+    import tensorstore as ts
+
+    from ckpt._format import DTYPE_SIZES, ChunkLayout, LeafKind, LeafRecord, zarr_json, zarr_spec
+
+    for i, dtype in enumerate(DTYPE_SIZES):
+        rec = LeafRecord(path=(("key", "p"), ("index", 0), ("attr", "mu")),
+                         kind=LeafKind.ARRAY, shape=(10, 6), dtype=dtype, name=f"a{i}",
+                         layout=ChunkLayout((5, 6), (0, 0), (0, 0), (0, 0)),
+                         compression=compression)
+        folder = tmp_path / rec.name
+        spec = zarr_spec({"driver": "file", "path": str(folder)}, rec)
+        del spec["assume_metadata"]
+        spec.update(create=True, open=False)
+        ts.open(spec).result()
+        assert (folder / "zarr.json").read_bytes() == zarr_json(rec), dtype

@@ -55,6 +55,47 @@ class TestLocalStore(StoreConformance):
             store.write("x/y", b"v")
 
 
+    @pytest.mark.parametrize("one_sync", [True, False])
+    def test_write_many_syncs_once_where_it_can_and_leaves_nothing_on_failure(
+            self, store, tmp_path, monkeypatch, one_sync):
+        """On ext4/xfs/btrfs: two syncs of the file system for the batch (the data, then
+        the renames), no fsync per object; elsewhere an fsync each. A failure (a file where
+        a folder must be) names the key and leaves no temporary file behind."""
+        import ckpt.storage._local as local
+
+        syncs, fsyncs = [], []
+        monkeypatch.setattr(local, "_syncfs_durable", lambda path: one_sync)
+        real_syncfs, real_fsync = local._syncfs, os.fsync
+
+        def syncfs(path):
+            syncs.append(path)
+            real_syncfs(path)
+
+        def fsync(fd):
+            fsyncs.append(fd)
+            real_fsync(fd)
+
+        monkeypatch.setattr(local, "_syncfs", syncfs)
+        monkeypatch.setattr(os, "fsync", fsync)
+        store.write_many([(f"b/{i}/zarr.json", b"{}") for i in range(20)])
+        assert store.list("b") == sorted(f"b/{i}/zarr.json" for i in range(20))
+        assert (len(syncs), len(fsyncs) > 0) == ((2, False) if one_sync else (0, True))
+        (tmp_path / "root" / "b" / "blocker").write_bytes(b"a file")
+        with pytest.raises(OSError, match="blocker/zarr.json"):
+            store.write_many([("b/0/zarr.json", b"new"), ("b/blocker/zarr.json", b"x")])
+        leftovers = [p for p in (tmp_path / "root").rglob("*") if ".ckpt-tmp-" in p.name]
+        assert leftovers == []
+        assert store.read("b/0/zarr.json") in (b"{}", b"new")  # either, never a torn one
+
+    def test_syncfs_is_trusted_only_on_file_systems_known_to_honour_it(self, tmp_path):
+        import ckpt.storage._local as local
+
+        assert local._syncfs_durable(str(tmp_path)) == (local._fs_type(str(tmp_path))
+                                                        in (0xEF53, 0x58465342, 0x9123683E))
+        if os.path.isdir("/dev/shm"):  # tmpfs: fsync each (a no-op there) rather than trust
+            assert not local._syncfs_durable("/dev/shm")
+
+
 class TestMemoryStore(StoreConformance):
     @pytest.fixture
     def store(self):
