@@ -146,8 +146,8 @@ def open_arrays(store: Store, attempt: str, records: dict[int, LeafRecord], *,
         store.write_many([(f"{array_key(attempt, rec.name)}/{ZARR_JSON}", zarr_json(rec))
                           for rec in records.values()])
     ctx = store.tensorstore_context()
-    opening = {i: ts.open(zarr_spec(store.kvstore_spec(array_key(attempt, rec.name)), rec),
-                          context=ctx)
+    opening = {i: ts.open(zarr_spec(store.kvstore_spec(array_key(attempt, rec.name),
+                                                       sync_later=True), rec), context=ctx)
                for i, rec in records.items()}
     return {i: store.wait(fut, f"opening leaf {path_text(records[i].path)}")
             for i, fut in opening.items()}
@@ -157,7 +157,7 @@ class ChunkWriter:
     """Writes chunks of arrays opened on ``store`` through TensorStore, with at most
     ``limit`` bytes in flight, and keeps the host-report row of each. Each write is waited
     for through ``store.wait`` (a `DeadlineStore` bounds it; a wrapper store sees each
-    chunk become durable).
+    chunk written); `finish` makes them all durable at once (`Store.sync`).
 
     Used by each process of a save on its background thread, and by offline rewrites.
     """
@@ -188,8 +188,11 @@ class ChunkWriter:
         return self._window.finish_oldest()
 
     def finish(self) -> list[Row]:
-        """Waits until every chunk is durable; returns the rows."""
+        """Waits until every chunk is written, then makes them durable (`Store.sync`: the
+        arrays were opened ``sync_later``, so a local file system syncs once, not once a
+        chunk); returns the rows."""
         self._window.drain()
+        self._store.sync()
         return self.rows
 
     def settle(self) -> None:

@@ -89,6 +89,7 @@ class Op(enum.StrEnum):
     LOOK_UP = "looking up"
     DELETE = "deleting"
     PRUNE = "removing"  # empty folders
+    SYNC = "making durable the writes under"  # `Store.sync`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,14 +208,15 @@ class Store(abc.ABC):
 
         Each object is replaced atomically, as by `write`; the batch is not: after a failure
         or a crash, any subset may be there. Backends write them concurrently; the local
-        file system makes them durable with one sync of the file system where it can.
+        file system makes them durable with one sync of the file system where it can. A
+        wrapper store sees the batch as one call (`Op.WRITE` of the objects' common prefix).
         """
         checked = [(check_key(key), bytes(data)) for key, data in items]
         if checked:
             self._write_many(checked)
 
     def _write_many(self, items: list[tuple[str, bytes]]) -> None:
-        # Through `_write`, so that a wrapper store sees (and may fail) each object.
+        # A backend without a batch of its own: each object is one `_write`.
         with concurrent.futures.ThreadPoolExecutor(min(WRITERS_AT_ONCE, len(items))) as pool:
             for done in [pool.submit(self._write, key, data) for key, data in items]:
                 done.result()
@@ -283,12 +285,32 @@ class Store(abc.ABC):
     def _prune(self, prefix: str) -> None:
         return None
 
-    def kvstore_spec(self, prefix: str = "") -> dict[str, Any]:
+    def kvstore_spec(self, prefix: str = "", *, sync_later: bool = False) -> dict[str, Any]:
         """The TensorStore kvstore spec addressing ``prefix`` below this root.
 
         Keys written through TensorStore with this spec are the same objects this store reads.
+        ``sync_later``: for writes whose writer calls `sync` once after all of them (a
+        save's chunks, before its host report): a backend may then leave each write's
+        durability to `sync` (a local file system that one ``syncfs`` makes durable).
         """
-        return self._kvstore_spec(check_key(prefix, allow_empty=True))
+        spec = self._kvstore_spec(check_key(prefix, allow_empty=True))
+        if sync_later:
+            spec.update(self._sync_later_options())
+        return spec
+
+    def _sync_later_options(self) -> dict[str, Any]:
+        """What `kvstore_spec` adds for ``sync_later`` writes: nothing, where each write is
+        durable once acknowledged (object stores, memory)."""
+        return {}
+
+    def sync(self) -> None:
+        """Makes durable every write made through a ``sync_later`` `kvstore_spec` of this
+        store that has completed. Called by the chunk writer (`ckpt._attempt.ChunkWriter`)
+        on the writing thread, once its chunks are written and before its host report."""
+        self._sync()
+
+    def _sync(self) -> None:
+        return None
 
     @abc.abstractmethod
     def _read(self, key: str, max_bytes: int | None) -> bytes:

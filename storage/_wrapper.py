@@ -10,6 +10,7 @@ point that takes a URL also takes a `Store`, wrapped or not (`open_store`).
 from __future__ import annotations
 
 import copy
+import posixpath
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -63,6 +64,19 @@ class WrapperStore(Store):
 
     def _kvstore_spec(self, prefix: str) -> dict[str, Any]:
         return self._delegate(Op.OPEN, prefix, self.inner._kvstore_spec, prefix)
+
+    def _write_many(self, items: list[tuple[str, bytes]]) -> None:
+        # One call, so that the inner store batches it (one sync of a local file system);
+        # the key it is delegated as is the objects' common prefix.
+        keys = [key for key, _ in items]
+        common = keys[0] if len(keys) == 1 else posixpath.commonpath(keys)
+        self._delegate(Op.WRITE, common, self.inner._write_many, items)
+
+    def _sync_later_options(self) -> dict[str, Any]:
+        return self.inner._sync_later_options()
+
+    def _sync(self) -> None:
+        self._delegate(Op.SYNC, "", self.inner._sync)
 
     def _read(self, key: str, max_bytes: int | None) -> bytes:
         return self._delegate(Op.READ, key, self.inner._read, key, max_bytes)

@@ -58,6 +58,15 @@ class StoreConformance:
             store.write_many([("m/fine", b"x"), ("../escape", b"x")])
         assert not store.exists("m/fine")  # every key is checked before anything is written
 
+    def test_sync_after_writes_through_a_sync_later_spec(self, store: Store) -> None:
+        store.sync()  # nothing written yet: nothing to do, no error
+        spec = {"driver": "zarr3", "kvstore": store.kvstore_spec("later", sync_later=True),
+                "create": True, "metadata": {"shape": [4], "data_type": "int32"}}
+        arr = ts.open(spec, context=store.tensorstore_context()).result()
+        arr.write(np.arange(4, dtype=np.int32)).result()
+        store.sync()
+        assert store.exists("later/zarr.json") and store.exists("later/c/0")
+
     def test_bounded_read(self, store: Store) -> None:
         store.write("a/big", b"x" * 5000)
         store.write("a/empty", b"")

@@ -87,6 +87,34 @@ class TestLocalStore(StoreConformance):
         assert leftovers == []
         assert store.read("b/0/zarr.json") in (b"{}", b"new")  # either, never a torn one
 
+    def test_a_save_makes_its_chunks_durable_with_one_sync(self, tmp_path, monkeypatch):
+        """On a file system `syncfs` makes durable, TensorStore writes each chunk without
+        fsync (``sync_later``) and the writer syncs once before its host report: three
+        syncs for a save of 50 arrays (two for the batch of zarr.json files, one for the
+        chunks) where there were 100 fsyncs of chunk files and 50 of zarr.json files."""
+        import numpy as np
+
+        import ckpt
+        import ckpt.storage._local as local
+
+        monkeypatch.setattr(local, "_syncfs_durable", lambda path: True)
+        store = open_store(str(tmp_path / "root"))
+        assert store.kvstore_spec("a", sync_later=True)["file_io_sync"] is False
+        assert "file_io_sync" not in store.kvstore_spec("a")
+        syncs = []
+        real = local._syncfs
+
+        def syncfs(path):
+            syncs.append(path)
+            real(path)
+
+        monkeypatch.setattr(local, "_syncfs", syncfs)
+        tree = {f"w{i}": np.full(5000, i, np.float32) for i in range(50)}
+        ckpt.save(store, tree)
+        assert len(syncs) == 3, syncs
+        out = ckpt.restore(store)
+        assert all((out[f"w{i}"] == i).all() for i in range(50))
+
     def test_syncfs_is_trusted_only_on_file_systems_known_to_honour_it(self, tmp_path):
         import ckpt.storage._local as local
 
