@@ -62,8 +62,9 @@ class FaultProxy:
         self.cut_bodies = 0   # GET answers still to break off halfway (then the connection)
         self.conflicts = 0    # conditional creates still to answer 409
         self.bare_412 = 0     # conditional creates still to answer a bare 412
-        # Writes whose URL contains this are applied upstream, then answered 500 (the answer
-        # lost), once each, while the budget lasts: a client's retry meets its own object.
+        # Writes whose URL (or body: a GCS upload names its object there) contains this are
+        # applied upstream, then answered 500 (the answer lost), once each, while the budget
+        # lasts: a client's retry meets its own object.
         self.lose_answer: tuple[str, int] | None = None
         self.connections: set[socket.socket] = set()
         self.active = 0  # requests being handled: read, forwarded or answered
@@ -172,8 +173,8 @@ class FaultProxy:
                 fault = proxy._fault()
                 with proxy.lock:
                     lose = proxy.lose_answer
-                    if (lose is not None and lose[1] > 0 and lose[0] in self.path
-                            and self.command in ("PUT", "POST")):
+                    if (lose is not None and lose[1] > 0 and self.command in ("PUT", "POST")
+                            and (lose[0] in self.path or lose[0].encode() in body)):
                         proxy.lose_answer = (lose[0], lose[1] - 1)
                         fault = "500-after"
                 if self.command == "PUT" and "If-None-Match" in self.headers:

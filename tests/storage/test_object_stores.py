@@ -343,7 +343,7 @@ print(json.dumps(out), flush=True)
 
 
 @pytest.mark.parametrize(("backend", "op", "stalled", "doing"), [
-    ("s3", "save", "arrays", "opening leaf x"),      # TensorStore's requests
+    ("s3", "save", "arrays", "arrays/x/zarr.json"),  # the store's batch of zarr.json
     ("s3", "save", "/c/", "writing chunks"),
     ("s3", "save-host", "/c/", "writing chunks"),  # the caller's thread waits for room
     ("gcs", "save", "hosts", "hosts/0.msgpack"),         # fsspec's requests
@@ -651,9 +651,10 @@ def test_tensorstores_request_deadline_is_set_on_import():
 @pytest.mark.parametrize("backend", REMOTES)
 def test_an_array_created_with_its_answer_lost_is_opened_on_the_retry(request, tmp_path,
                                                                       proxied, backend):
-    """Process 0 creates each array's zarr.json; the server applies the request and the
-    answer is lost (500 after the write); the client's retry finds the object it made. The
-    save must go on (the attempt folder is new: that zarr.json can only be its own)."""
+    """Process 0 writes each array's zarr.json through the store; the server applies the
+    request and the answer is lost (500 after the write); the client's retry writes the same
+    bytes again over the object it made. The save must go on (the attempt folder is new:
+    that zarr.json can only be its own)."""
     proxy = proxied(backend)
     proxy.lose_answer = ("zarr.json", 1)
     url = backend_url(request, tmp_path, backend) + "/lost"
