@@ -13,12 +13,11 @@ spec from `Store.kvstore_spec`, which addresses the very same objects.
 from __future__ import annotations
 
 import abc
-import concurrent.futures
 import dataclasses
 import enum
 import errno
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import tensorstore as ts
@@ -29,6 +28,39 @@ from ckpt.storage._url import Location
 _CONTEXT_LOCK = threading.Lock()
 # Objects `Store.write_many` writes at once (each a request on object stores).
 WRITERS_AT_ONCE = 32
+
+
+def concurrently(fn: Callable[[Any], object], args: Sequence[Any],
+                 at_once: int) -> list[BaseException | None]:
+    """``fn(arg)`` for every arg, on at most ``at_once`` threads; returns once every call
+    ended, with each call's exception (None where it returned), in order.
+
+    The threads are daemons: a batch a deadline abandoned (`DeadlineStore` runs the whole
+    call on a thread it leaves behind) never holds up the interpreter's exit while a
+    request of it waits on a server that does not answer."""
+    errors: list[BaseException | None] = [None] * len(args)
+    todo = iter(enumerate(args))
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                step = next(todo, None)
+            if step is None:
+                return
+            i, arg = step
+            try:
+                fn(arg)
+            except BaseException as exc:  # reported to the caller, in order
+                errors[i] = exc
+
+    threads = [threading.Thread(target=work, name="ckpt-store-batch", daemon=True)
+               for _ in range(min(at_once, len(args)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
 _CONTEXTS: dict[str, ts.Context] = {}
 
 
@@ -217,9 +249,9 @@ class Store(abc.ABC):
 
     def _write_many(self, items: list[tuple[str, bytes]]) -> None:
         # A backend without a batch of its own: each object is one `_write`.
-        with concurrent.futures.ThreadPoolExecutor(min(WRITERS_AT_ONCE, len(items))) as pool:
-            for done in [pool.submit(self._write, key, data) for key, data in items]:
-                done.result()
+        for error in concurrently(lambda item: self._write(*item), items, WRITERS_AT_ONCE):
+            if error is not None:
+                raise error
 
     def write_stream(self, key: str, parts: Iterable[bytes | memoryview]) -> int:
         """Creates or atomically replaces the object at ``key`` with the concatenation of

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ckpt.storage._base import Store
+from ckpt.storage._base import Store, concurrently
 from ckpt.storage._errors import (
     ObjectNotFoundError,
     StorageError,
@@ -264,10 +264,7 @@ class LocalStore(Store):
     def _each(self, fn: Callable[[Any], None], args: list[Any]) -> None:
         """``fn`` of every arg, `_STATS_AT_ONCE` at a time; the first failure (in order) is
         raised as a `StorageError` naming its key, once every call has ended."""
-        with concurrent.futures.ThreadPoolExecutor(min(_STATS_AT_ONCE, len(args))) as pool:
-            calls = [pool.submit(fn, arg) for arg in args]
-        for arg, call in zip(args, calls, strict=True):
-            exc = call.exception()
+        for arg, exc in zip(args, concurrently(fn, args, _STATS_AT_ONCE), strict=True):
             if isinstance(exc, OSError):
                 key = arg[0] if isinstance(arg, tuple) else arg
                 raise self._error(exc, key, "writing") from exc
