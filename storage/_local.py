@@ -18,6 +18,7 @@ import secrets
 import shutil
 import stat
 import sys
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -48,8 +49,10 @@ def _fsync_dir(path: str) -> None:
 
 
 # statfs(2) f_type of the file systems whose syncfs(2) makes every file's data and every
-# rename on them durable and reports writeback errors (Linux >= 5.8): ext2/3/4, xfs, btrfs.
+# rename on them durable: ext2/3/4, xfs, btrfs. Only from Linux 5.8 does syncfs report the
+# writeback errors recorded since the descriptor it is given was opened (`SyncPoint`).
 _SYNCFS_FILE_SYSTEMS = frozenset({0xEF53, 0x58465342, 0x9123683E})
+_SYNCFS_REPORTS_ERRORS = (5, 8)
 
 
 @functools.cache
@@ -71,20 +74,46 @@ def _fs_type(path: str) -> int | None:
     return int(ctypes.c_long.from_buffer(buf).value)
 
 
-def _syncfs_durable(path: str) -> bool:
-    """Whether one ``syncfs`` makes writes below ``path`` durable (`_SYNCFS_FILE_SYSTEMS`)."""
-    return sys.platform == "linux" and _fs_type(path) in _SYNCFS_FILE_SYSTEMS
-
-
-def _syncfs(path: str) -> None:
-    """syncfs(2) of the file system holding ``path``; raises OSError on failure."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def _kernel() -> tuple[int, int]:
+    release = os.uname().release.split(".")
     try:
-        if _libc().syncfs(fd) != 0:
+        return int(release[0]), int("".join(c for c in release[1] if c.isdigit()) or 0)
+    except (IndexError, ValueError):
+        return (0, 0)
+
+
+def _syncfs_durable(path: str) -> bool:
+    """Whether one ``syncfs`` makes writes below ``path`` durable and reports their
+    writeback errors (`_SYNCFS_FILE_SYSTEMS`, `_SYNCFS_REPORTS_ERRORS`)."""
+    return (sys.platform == "linux" and _kernel() >= _SYNCFS_REPORTS_ERRORS
+            and _fs_type(path) in _SYNCFS_FILE_SYSTEMS)
+
+
+def _existing(path: str) -> str:
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+class SyncPoint:
+    """A descriptor on the file system holding ``path``, opened before the writes it is to
+    make durable: syncfs(2) on it reports every writeback error the file system recorded
+    since it was opened (Linux >= 5.8), including one that background writeback met before
+    the sync began, which a descriptor opened at sync time would not see."""
+
+    def __init__(self, path: str) -> None:
+        self.path = _existing(path)
+        self.fd: int | None = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        self._closer = weakref.finalize(self, os.close, self.fd)
+
+    def sync(self) -> None:
+        """syncfs(2); raises OSError on failure (a writeback error included)."""
+        if _libc().syncfs(self.fd) != 0:
             err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), path)
-    finally:
-        os.close(fd)
+            raise OSError(err, os.strerror(err), self.path)
+
+    def close(self) -> None:
+        self._closer()
 
 
 def _ignore_missing(func: object, path: str, exc_info: tuple[type, BaseException, object]) -> None:
@@ -211,17 +240,22 @@ class LocalStore(Store):
     def _write(self, key: str, data: bytes) -> None:
         self._write_stream(key, (data,))
 
+    _sync_point: SyncPoint | None = None  # opened by the first `sync_later` spec
+
     def _sync_later_options(self) -> dict[str, Any]:
         # TensorStore's file driver then skips its fsync of each file (and folder): `_sync`
-        # makes them durable together.
-        return {"file_io_sync": False} if _syncfs_durable(self.location.path) else {}
+        # makes them durable together, on a descriptor opened now, before those writes.
+        if not _syncfs_durable(self.location.path):
+            return {}
+        if self._sync_point is None:
+            self._sync_point = SyncPoint(self.location.path)
+        return {"file_io_sync": False}
 
     def _sync(self) -> None:
-        if _syncfs_durable(self.location.path) and os.path.isdir(self.location.path):
-            try:
-                _syncfs(self.location.path)
-            except OSError as exc:
-                raise self._error(exc, "", "making durable the writes under") from exc
+        # The descriptor stays open for the store's life (closed with it): saves sharing
+        # this store object sync on it alike.
+        if self._sync_point is not None:
+            self._synced(self._sync_point)
 
     def _write_many(self, items: list[tuple[str, bytes]]) -> None:
         """Every object into its temporary file unsynced, one sync of the file system, the
@@ -243,23 +277,37 @@ class LocalStore(Store):
             os.makedirs(folder, exist_ok=True)
             tmp = os.path.join(folder, f".{os.path.basename(path)}{_TMP_MARK}"
                                        f"{secrets.token_hex(6)}")
-            with open(tmp, "xb") as f:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
                 placed[key] = tmp
-                f.write(data)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
 
         def publish(key: str) -> None:
             os.replace(placed[key], paths[key])
             del placed[key]
 
+        point = SyncPoint(self.location.path)  # before the writes: it sees their errors
         try:
             self._each(make, items)
-            _syncfs(self.location.path)  # the data first: a rename never names unsynced bytes
+            self._synced(point)  # the data first: a rename never names unsynced bytes
             self._each(publish, [key for key, _ in items])
-            _syncfs(self.location.path)
+            self._synced(point)
         finally:
-            for tmp in placed.values():
+            point.close()
+            # (After an interrupt, threads of `_each` may still be adding to it: a copy.)
+            for tmp in list(placed.values()):
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
+
+    def _synced(self, point: SyncPoint) -> None:
+        try:
+            point.sync()
+        except OSError as exc:
+            raise self._error(exc, "", "making durable the writes under") from exc
 
     def _each(self, fn: Callable[[Any], None], args: list[Any]) -> None:
         """``fn`` of every arg, `_STATS_AT_ONCE` at a time; the first failure (in order) is

@@ -26,6 +26,7 @@ import importlib
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -125,22 +126,38 @@ def _filesystem(s: ObjectSettings) -> Any:
     return _bounded_gcs(gcsfs.GCSFileSystem, s.max_retries + 1)(**options)
 
 
-@functools.cache
+# How long "no credentials" stands before it is looked for again: a credentials file mounted
+# late, or a metadata server slow to answer at start-up, must not leave a whole run anonymous.
+_ANONYMOUS_FOR_S = 60.0
+_looked: dict[str, tuple[bool, float]] = {}
+_looked_lock = threading.Lock()
+
+
 def _google_credentials_found() -> bool:
-    """Whether Google's Application Default Credentials exist (checked once a process,
-    at the first gs:// store without an endpoint). Without them gcsfs would ask the GCE
-    metadata server for a token five times with back-off (about 16 s, each failure
-    logged) before it went on anonymously, which is where it ends anyway:
-    ``google.auth.default`` decides the same in one bounded look (an environment
-    variable, gcloud's file, one ping of the metadata server)."""
-    auth = importlib.import_module("google.auth")
-    try:
-        auth.default()
-    except auth.exceptions.DefaultCredentialsError:
-        log.info("no Google credentials found: gs:// stores read and write anonymously "
-                 "(public buckets only)")
-        return False
-    return True
+    """Whether Google's Application Default Credentials exist (found: remembered for the
+    process; not found: for `_ANONYMOUS_FOR_S`), asked at the opening of a gs:// store
+    without an endpoint. Without them gcsfs would ask the GCE metadata server for a token
+    five times with back-off (about 16 s, each failure logged) before it went on
+    anonymously, which is where it ends anyway: ``google.auth.default`` decides the same in
+    one bounded look (an environment variable, gcloud's file, one ping of the metadata
+    server). A credentials file named by ``GOOGLE_APPLICATION_CREDENTIALS`` is never
+    replaced by anonymous access: the client reads it, and says what is wrong with it."""
+    if os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
+        return True
+    with _looked_lock:
+        found, at = _looked.get("adc", (False, -_ANONYMOUS_FOR_S))
+        if found or time.monotonic() - at < _ANONYMOUS_FOR_S:
+            return found
+        auth = importlib.import_module("google.auth")
+        try:
+            auth.default()
+        except auth.exceptions.DefaultCredentialsError:
+            log.info("no Google credentials found: gs:// stores read and write anonymously "
+                     "(public buckets only); looked for again in %.0f s", _ANONYMOUS_FOR_S)
+            _looked["adc"] = (False, time.monotonic())
+            return False
+        _looked["adc"] = (True, time.monotonic())
+        return True
 
 
 # Tries of a request whose host name does not resolve. gcsfs retries it as any connection

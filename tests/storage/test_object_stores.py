@@ -666,3 +666,32 @@ def test_an_array_created_with_its_answer_lost_is_opened_on_the_retry(request, t
     ckpt.save(url, {"x": np.arange(300_000, dtype=np.float32)})
     assert proxy.lose_answer[1] == 0  # the fault happened
     assert np.array_equal(ckpt.restore(url)["x"], np.arange(300_000, dtype=np.float32))
+
+
+def test_no_credentials_is_looked_for_again_and_a_named_file_is_never_dropped(monkeypatch):
+    """"No credentials" stands for a minute (a credentials file mounted late, a metadata
+    server slow at start-up must not leave a run anonymous); "found" for the process; a file
+    named by GOOGLE_APPLICATION_CREDENTIALS is left to the client, never replaced by
+    anonymous access, even when it cannot be read."""
+    import google.auth
+
+    from ckpt.storage import _object
+
+    looks = []
+
+    def default():
+        looks.append(1)
+        raise google.auth.exceptions.DefaultCredentialsError("none")
+
+    monkeypatch.setattr(google.auth, "default", default)
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    monkeypatch.setattr(_object, "_looked", {})
+    assert not _object._google_credentials_found()
+    assert not _object._google_credentials_found()
+    assert len(looks) == 1  # remembered for a while
+    _object._looked["adc"] = (False, time.monotonic() - _object._ANONYMOUS_FOR_S - 1)
+    assert not _object._google_credentials_found()
+    assert len(looks) == 2  # and looked for again after it
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", "/no/such/credentials.json")
+    assert _object._google_credentials_found()
+    assert len(looks) == 2

@@ -65,17 +65,17 @@ class TestLocalStore(StoreConformance):
 
         syncs, fsyncs = [], []
         monkeypatch.setattr(local, "_syncfs_durable", lambda path: one_sync)
-        real_syncfs, real_fsync = local._syncfs, os.fsync
+        real_syncfs, real_fsync = local.SyncPoint.sync, os.fsync
 
-        def syncfs(path):
-            syncs.append(path)
-            real_syncfs(path)
+        def syncfs(point):
+            syncs.append(point.path)
+            real_syncfs(point)
 
         def fsync(fd):
             fsyncs.append(fd)
             real_fsync(fd)
 
-        monkeypatch.setattr(local, "_syncfs", syncfs)
+        monkeypatch.setattr(local.SyncPoint, "sync", syncfs)
         monkeypatch.setattr(os, "fsync", fsync)
         store.write_many([(f"b/{i}/zarr.json", b"{}") for i in range(20)])
         assert store.list("b") == sorted(f"b/{i}/zarr.json" for i in range(20))
@@ -99,27 +99,38 @@ class TestLocalStore(StoreConformance):
 
         monkeypatch.setattr(local, "_syncfs_durable", lambda path: True)
         store = open_store(str(tmp_path / "root"))
-        assert store.kvstore_spec("a", sync_later=True)["file_io_sync"] is False
+        assert isinstance(store, LocalStore)
         assert "file_io_sync" not in store.kvstore_spec("a")
+        assert store._sync_point is None
+        assert store.kvstore_spec("a", sync_later=True)["file_io_sync"] is False
+        # Opened before any write it must make durable: its syncfs reports writeback errors
+        # the file system recorded since (a descriptor opened at sync time would not).
+        assert store._sync_point is not None
         syncs = []
-        real = local._syncfs
+        real = local.SyncPoint.sync
 
-        def syncfs(path):
-            syncs.append(path)
-            real(path)
+        def syncfs(point):
+            syncs.append(point.path)
+            real(point)
 
-        monkeypatch.setattr(local, "_syncfs", syncfs)
+        monkeypatch.setattr(local.SyncPoint, "sync", syncfs)
         tree = {f"w{i}": np.full(5000, i, np.float32) for i in range(50)}
         ckpt.save(store, tree)
         assert len(syncs) == 3, syncs
         out = ckpt.restore(store)
         assert all((out[f"w{i}"] == i).all() for i in range(50))
 
-    def test_syncfs_is_trusted_only_on_file_systems_known_to_honour_it(self, tmp_path):
+    def test_syncfs_is_trusted_only_on_file_systems_known_to_honour_it(self, tmp_path,
+                                                                        monkeypatch):
         import ckpt.storage._local as local
 
-        assert local._syncfs_durable(str(tmp_path)) == (local._fs_type(str(tmp_path))
-                                                        in (0xEF53, 0x58465342, 0x9123683E))
+        with monkeypatch.context() as m:  # before 5.8 syncfs reports no writeback error
+            m.setattr(local, "_kernel", lambda: (5, 4))
+            assert not local._syncfs_durable(str(tmp_path))
+
+        assert local._syncfs_durable(str(tmp_path)) == (
+            local._kernel() >= (5, 8)
+            and local._fs_type(str(tmp_path)) in (0xEF53, 0x58465342, 0x9123683E))
         if os.path.isdir("/dev/shm"):  # tmpfs: fsync each (a no-op there) rather than trust
             assert not local._syncfs_durable("/dev/shm")
 
