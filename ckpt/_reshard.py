@@ -275,10 +275,13 @@ def reshard(src_url: StoreLike, dst_url: StoreLike, *, mesh: MeshLike = None,
     batch_limit = memory_budget // 4
     total = sum(r.nbytes for r in records if r.kind == LeafKind.ARRAY)
     done = chunks = 0
-    for old, new in zip(manifest.leaves, records, strict=True):
+    # Every zarr.json in one batch (one sync of a local file system, not two a leaf).
+    targets = open_arrays(dst, attempt, {i: r for i, r in enumerate(records)
+                                         if r.kind == LeafKind.ARRAY}, create=True)
+    for i, (old, new) in enumerate(zip(manifest.leaves, records, strict=True)):
         if new.kind != LeafKind.ARRAY:
             continue
-        [target] = open_arrays(dst, attempt, {0: new}, create=True).values()
+        target = targets[i]
         grid = grid_shape(new.shape, new.chunk_shape)
         boxes = [chunk_box(unflat_index(flat, grid), new.chunk_shape, new.shape)
                  for flat in range(len(new.chunk_nbytes))]
