@@ -57,6 +57,7 @@ class FaultProxy:
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.counts: collections.Counter[str] = collections.Counter()
+        self.requests: list[tuple[str, str]] = []  # (method, path) of each, in order
         self.faults: collections.Counter[str] = collections.Counter()
         self.port = 0
         self.cut_bodies = 0   # GET answers still to break off halfway (then the connection)
@@ -159,6 +160,7 @@ class FaultProxy:
                 body = self._body()
                 with proxy.lock:
                     proxy.counts[self.command] += 1
+                    proxy.requests.append((self.command, self.path))
                 if any(part in self.path for part in proxy.hang) or (
                         proxy.stall is not None and proxy.stall(self.command, self.path, body)):
                     proxy.released.wait()  # a stalled server: no byte ever comes back
