@@ -63,8 +63,7 @@ def _libc() -> Any:
 def _fs_type(path: str) -> int | None:
     """The statfs(2) ``f_type`` of the file system holding ``path`` (its nearest existing
     folder), or None where that cannot be asked (not Linux)."""
-    while not os.path.exists(path) and os.path.dirname(path) != path:
-        path = os.path.dirname(path)
+    path = _existing(path)
     buf = ctypes.create_string_buffer(256)  # struct statfs; f_type is its first word
     try:
         if _libc().statfs(os.fsencode(path), buf) != 0:
@@ -245,9 +244,10 @@ class LocalStore(Store):
     def _sync_later_options(self) -> dict[str, Any]:
         # TensorStore's file driver then skips its fsync of each file (and folder): `_sync`
         # makes them durable together, on a descriptor opened now, before those writes.
-        if not _syncfs_durable(self.location.path):
-            return {}
+        # Asked once a store: a save asks for every array it opens.
         if self._sync_point is None:
+            if not _syncfs_durable(self.location.path):
+                return {}
             self._sync_point = SyncPoint(self.location.path)
         return {"file_io_sync": False}
 
