@@ -34,6 +34,7 @@ import tensorstore as ts
 from ckpt._agreement import check_agreement
 from ckpt._commit import commit
 from ckpt._format import (
+    ARRAYS,
     ATTEMPT_PREFIX,
     CLAIMS,
     COMMIT,
@@ -44,9 +45,11 @@ from ckpt._format import (
     LeafKind,
     LeafRecord,
     array_key,
+    chunk_object,
     decode_host_report,
     encode_host_report,
     host_report_key,
+    plain_chunks,
     read_object,
     zarr_json,
     zarr_spec,
@@ -61,6 +64,7 @@ from ckpt.errors import (
     SaveError,
     StorageError,
 )
+from ckpt.restore.boxes import chunk_key, grid_shape, unflat_index
 from ckpt.storage import ChunkIO, Op, Store, Window
 
 # A host-report row: leaf name, flat chunk index, bytes, crc32c of the stored bytes.
@@ -134,6 +138,22 @@ _FOREIGN_MARKERS = frozenset({STEP_METADATA, "_METADATA", "_sharding", "manifest
 _SAFETENSORS_SUFFIXES = (".safetensors", ".safetensors.index.json")
 
 
+@dataclasses.dataclass(frozen=True)
+class PlainChunks:
+    """An array whose chunks are written as plain objects (`ckpt._format.plain_chunks`):
+    the attempt's ``arrays`` folder opened as one TensorStore kvstore, the array's folder
+    in it and its chunk grid. No TensorStore array is opened for it."""
+
+    kvstore: Any
+    folder: str
+    grid: tuple[int, ...]
+
+    def write(self, flat: int, data: bytes) -> Any:
+        """Starts writing chunk ``flat``'s stored object; its TensorStore future."""
+        return self.kvstore.write(f"{self.folder}/{chunk_key(unflat_index(flat, self.grid))}",
+                                  data)
+
+
 def open_arrays(store: Store, attempt: str, records: dict[int, LeafRecord], *,
                 create: bool) -> dict[int, Any]:
     """Opens the zarr arrays of ``records`` (index -> ``array`` record) in ``attempt`` for
@@ -141,23 +161,36 @@ def open_arrays(store: Store, attempt: str, records: dict[int, LeafRecord], *,
     (`Store.write_many`: one request each on object stores, no read before it; one sync of
     a local file system for all of them). Process 0 creates; other processes write chunks
     into arrays they assume, so that no writer waits for another. Opening reads nothing.
-    Waits through ``store.wait`` (a `DeadlineStore` bounds it)."""
+    An array of small whole chunks (`plain_chunks`) is a `PlainChunks` on one kvstore of
+    the attempt (what a TensorStore array costs to set up would outweigh its writes); every
+    other array a TensorStore array. Waits through ``store.wait`` (a `DeadlineStore`
+    bounds it)."""
     if create:
         store.write_many([(f"{array_key(attempt, rec.name)}/{ZARR_JSON}", zarr_json(rec))
                           for rec in records.values()])
     ctx = store.tensorstore_context()
+    plain = {i for i, rec in records.items() if plain_chunks(rec)}
     opening = {i: ts.open(zarr_spec(store.kvstore_spec(array_key(attempt, rec.name),
                                                        sync_later=True), rec), context=ctx)
-               for i, rec in records.items()}
-    return {i: store.wait(fut, f"opening leaf {path_text(records[i].path)}")
-            for i, fut in opening.items()}
+               for i, rec in records.items() if i not in plain}
+    opened: dict[int, Any] = {}
+    if plain:
+        kvstore = store.wait(ts.KvStore.open(store.kvstore_spec(
+            f"{attempt}/{ARRAYS}", sync_later=True), context=ctx),
+            f"opening the arrays of {attempt}")
+        for i in sorted(plain):
+            rec = records[i]
+            opened[i] = PlainChunks(kvstore, rec.name, grid_shape(rec.shape, rec.chunk_shape))
+    for i, fut in opening.items():
+        opened[i] = store.wait(fut, f"opening leaf {path_text(records[i].path)}")
+    return opened
 
 
 class ChunkWriter:
-    """Writes chunks of arrays opened on ``store`` through TensorStore, with at most
-    ``limit`` bytes in flight, and keeps the host-report row of each. Each write is waited
-    for through ``store.wait`` (a `DeadlineStore` bounds it; a wrapper store sees each
-    chunk written); `finish` makes them all durable at once (`Store.sync`).
+    """Writes chunks of arrays opened on ``store`` (`open_arrays`) through TensorStore, with
+    at most ``limit`` bytes in flight, and keeps the host-report row of each. Each write is
+    waited for through ``store.wait`` (a `DeadlineStore` bounds it; a wrapper store sees
+    each chunk written); `finish` makes them all durable at once (`Store.sync`).
 
     Used by each process of a save on its background thread, and by offline rewrites.
     """
@@ -176,11 +209,15 @@ class ChunkWriter:
             if durable is not None:
                 durable()
 
-        self._window.add(array[slices].write(data), data.nbytes, done)
+        plain = isinstance(array, PlainChunks)
+        if not plain:
+            self._window.add(array[slices].write(data), data.nbytes, done)
         # The crc32c of the chunk's C-order little-endian bytes (what the format stores),
-        # computed while TensorStore writes them.
+        # computed while TensorStore writes them, or before a plain chunk is encoded.
         little = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<"))
-        crc = google_crc32c.value(little.view(np.uint8))
+        crc = google_crc32c.value(little.reshape(-1).view(np.uint8))
+        if plain:  # ``data`` is the whole chunk (`plain_chunks`)
+            self._window.add(array.write(flat, chunk_object(little, crc)), data.nbytes, done)
         self.rows.append((name, flat, data.nbytes, crc))
 
     def finish_oldest(self) -> bool:

@@ -662,6 +662,33 @@ def zarr_spec(kvstore: dict[str, Any], rec: LeafRecord) -> dict[str, Any]:
     }
 
 
+# Arrays stored as plain objects (`plain_chunks`) have chunks of at most this many bytes: at
+# that size a TensorStore array's set-up (about half a millisecond an array) outweighs the
+# chunk's own read or write.
+PLAIN_CHUNK_BYTES = 1 << 20
+
+
+def plain_chunks(rec: LeafRecord) -> bool:
+    """Whether an ``array`` leaf's chunks are written, and (of a one-chunk array) read, as
+    plain objects through the store instead of a TensorStore array: uncompressed, every
+    chunk whole (the shape a multiple of the chunk shape: TensorStore pads edge chunks) and
+    at most `PLAIN_CHUNK_BYTES`. The objects are the same bytes a zarr v3 writer stores
+    (`chunk_object`); this decides only who encodes them. Asked by the save path
+    (`ckpt._attempt.open_arrays`) and by restore (`ckpt._reader`)."""
+    return (rec.kind == LeafKind.ARRAY and not rec.compression
+            and all(c > 0 and s % c == 0 for s, c in zip(rec.shape, rec.chunk_shape,
+                                                           strict=True))
+            and math.prod(rec.chunk_shape) * DTYPE_SIZES[rec.dtype] <= PLAIN_CHUNK_BYTES)
+
+
+def chunk_object(little: Any, crc: int) -> bytes:
+    """The stored object of an uncompressed chunk (docs/format.md, "Arrays"): its bytes in
+    C order, little-endian (``little``, a C-contiguous array of them), then ``crc``, their
+    crc32c, as 4 little-endian bytes: what zarr v3's ``bytes`` and ``crc32c`` codecs
+    write."""
+    return b"".join((little.reshape(-1).view("uint8"), crc.to_bytes(4, "little")))
+
+
 def array_read_spec(kvstore: dict[str, Any], rec: LeafRecord) -> dict[str, Any]:
     """The TensorStore spec that reads an ``array`` leaf: what it decodes (dtype, shape,
     chunk grid, codecs, fill value) comes from the manifest record, never from the stored

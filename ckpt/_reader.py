@@ -32,6 +32,7 @@ from ckpt._format import (
     array_key,
     array_read_spec,
     decode_manifest,
+    plain_chunks,
     read_object,
     sha256,
 )
@@ -200,11 +201,31 @@ class _Ours(Readable):
         return [ZARR_JSON] + [chunk_key(unflat_index(f, grid))
                               for f in range(len(rec.chunk_nbytes))]
 
+    @staticmethod
+    def _read_plain(rec: LeafRecord) -> bool:
+        """Whether restore reads ``rec`` as a plain object (`read_job`)."""
+        return len(rec.chunk_nbytes) == 1 and bool(rec.chunk_crc32c) and plain_chunks(rec)
+
+    def read_job(self, rec: LeafRecord, boxes: Sequence[Box]) -> ArrayReadJob:
+        """An array of one small whole chunk (`plain_chunks`) is read as a plain object
+        (`ArrayReadJob.plain_key`): the read itself refuses what is not a regular file, so
+        nothing is looked at first, and neither TensorStore nor its ``zarr.json`` is asked
+        (the manifest alone says how to decode it; ``ckpt verify`` checks ``zarr.json``)."""
+        if not self._read_plain(rec):
+            return super().read_job(rec, boxes)
+        key = f"{array_key(self.manifest.attempt, rec.name)}/{chunk_key((0,) * len(rec.shape))}"
+        return ArrayReadJob(path_text(rec.path), {}, self.context(), rec.shape, rec.chunk_shape,
+                            dtype_from_name(rec.dtype, f"{self.store.url} leaf "
+                                                       f"{path_text(rec.path)}"),
+                            list(boxes), list(rec.chunk_crc32c), crc32c_in_chunk_tail=True,
+                            store=self.store, plain_key=key)
+
     def check_files(self, records: Sequence[LeafRecord]) -> None:
         """Checks the files of every array of few chunks among ``records`` at once (the
-        store may look at them concurrently: on a cold cache each look is a disk read)."""
+        store may look at them concurrently: on a cold cache each look is a disk read);
+        arrays read as plain objects need no look (`read_job`)."""
         few = [r for r in records if r.kind == LeafKind.ARRAY and r.name not in self._checked
-               and self._file_keys(r) is not None]
+               and self._file_keys(r) is not None and not self._read_plain(r)]
         keys = [f"{r.name}/{k}" for r in few for k in self._file_keys(r) or ()]
         for rec in records:
             if rec.kind == LeafKind.ARRAY and rec.nbytes >= BACKED_BYTES:

@@ -43,9 +43,11 @@ from ckpt.storage import (
     ChunkIO,
     Deadline,
     DeadlineExceededError,
+    ObjectNotFoundError,
     Op,
     StorageError,
     Store,
+    UnreadableObjectError,
     Window,
     tensorstore_code,
 )
@@ -89,6 +91,11 @@ class ArrayReadJob:
             `Store.wait` (``reading chunk (i, j) of <name>``), so a wrapper store sees it.
         raw: for an array stored as plain bytes in one object (`ckpt.restore._raw`), where
             they are; ``spec`` then holds only the ``kvstore`` and ``chunk_shape`` is unused.
+        plain_key: for an array of one uncompressed chunk read whole through ``store``
+            (`Store.read_async`) and decoded here, the key of that chunk's object in
+            ``store`` (``crc32c`` and ``crc32c_in_chunk_tail`` required): no TensorStore
+            array is opened, no ``zarr.json`` read (what it decodes is the job's own
+            shape and dtype); ``spec`` is unused.
     """
 
     name: str
@@ -102,6 +109,7 @@ class ArrayReadJob:
     crc32c_in_chunk_tail: bool = False
     store: Store | None = None
     raw: RawLayout | None = None
+    plain_key: str | None = None
 
 
 ALIGNMENT = 64
@@ -115,7 +123,7 @@ def aligned_empty(shape: Sequence[int], dtype: npt.DTypeLike) -> np.ndarray:
     host buffers that are less aligned).
     """
     dt = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    nbytes = math.prod(shape) * dt.itemsize
     raw = np.empty(nbytes + ALIGNMENT, dtype=np.uint8)
     offset = -raw.ctypes.data % ALIGNMENT
     return raw[offset:offset + nbytes].view(dt).reshape(tuple(shape))
@@ -147,10 +155,14 @@ def _wait(future: Any, deadline: Deadline | None, doing: str) -> Any:
 def _open(jobs: Sequence[ArrayReadJob], deadline: Deadline | None) -> list[Any]:
     """Opens every job's array, checking its stored shape and dtype against the job's
     (a raw job's kvstore instead: its bytes have no metadata to check)."""
-    opened = [ts.KvStore.open(job.spec["kvstore"], context=job.context) if job.raw else
+    opened = [None if job.plain_key else
+              ts.KvStore.open(job.spec["kvstore"], context=job.context) if job.raw else
               ts.open(job.spec, context=job.context) for job in jobs]
-    arrays = []
+    arrays: list[Any] = []
     for job, fut in zip(jobs, opened, strict=True):
+        if fut is None:
+            arrays.append(None)
+            continue
         if job.raw is not None:
             arrays.append(_wait(fut, deadline, f"opening the store of {job.name}"))
             continue
@@ -213,6 +225,36 @@ def _land(job: ArrayReadJob, outputs: list[np.ndarray], cr: ChunkRead, tail: Any
             copy.result()
 
 
+def _land_plain(job: ArrayReadJob, outputs: list[np.ndarray], cr: ChunkRead, fut: Any) -> None:
+    """Finishes the read of a plain job's one chunk (`ArrayReadJob.plain_key`), in issue
+    order on `read_arrays`' thread: waits for it through its store, checks its size, the
+    crc32c it ends with and the manifest's, and copies it into every target box."""
+    assert job.store is not None and job.plain_key is not None and job.crc32c is not None
+    where = f"leaf {job.name} chunk {tuple(cr.coord)}"
+    try:
+        stored = job.store.wait(fut, ChunkIO(Op.READ, job.name, tuple(cr.coord)))
+    except ObjectNotFoundError as exc:
+        raise CorruptCheckpointError(f"{where} is missing: {exc}") from None
+    except UnreadableObjectError as exc:  # not a regular file, or larger than it can be
+        raise CorruptCheckpointError(f"{where}: {exc}") from None
+    count = math.prod(job.chunk_shape)
+    nbytes = count * job.dtype.itemsize
+    if len(stored) != nbytes + 4:
+        raise CorruptCheckpointError(
+            f"{where}: {job.store.describe(job.plain_key)} holds {len(stored)} bytes, "
+            f"{nbytes + 4} expected (the chunk and its crc32c)")
+    crc = google_crc32c.value(np.frombuffer(stored, np.uint8, nbytes))
+    if crc != int.from_bytes(stored[nbytes:], "little"):
+        raise CorruptCheckpointError(f"{where}: its bytes do not match the crc32c stored "
+                                     f"with them ({job.store.describe(job.plain_key)})")
+    if crc != job.crc32c[0]:
+        raise CorruptCheckpointError(
+            f"{where}: crc32c differs from the manifest (the chunk was replaced or moved)")
+    chunk = np.frombuffer(stored, job.dtype.newbyteorder("<"), count).reshape(job.chunk_shape)
+    for piece in cr.pieces:
+        outputs[piece.target][piece.dst] = chunk[piece.src]
+
+
 def read_arrays(jobs: Sequence[ArrayReadJob], *, memory_budget: int | None = None,
                 deadline: Deadline | None = None) -> list[list[np.ndarray]]:
     """Reads every job's target boxes.
@@ -242,7 +284,7 @@ def read_arrays(jobs: Sequence[ArrayReadJob], *, memory_budget: int | None = Non
             box_size(box) * job.dtype.itemsize for job in jobs for box in job.targets))
     kvstores = [ts.KvStore.open(job.spec["kvstore"], context=job.context)
                 if job.crc32c is not None and job.crc32c_in_chunk_tail and not job.raw
-                else None for job in jobs]
+                and not job.plain_key else None for job in jobs]
     window = Window(memory_budget, deadline, "reading chunks")
     try:
         for job, array, out, plan, opening in zip(jobs, arrays, outputs, plans, kvstores,
@@ -250,6 +292,13 @@ def read_arrays(jobs: Sequence[ArrayReadJob], *, memory_budget: int | None = Non
             if job.raw is not None:
                 read_raw(job.name, array, job.raw, job.shape, job.dtype, out, job.targets,
                          window, job.store)
+                continue
+            if job.plain_key is not None:
+                assert job.store is not None
+                for cr in plan:  # the one chunk, or none of a zero-size array
+                    size = box_size(cr.box) * job.dtype.itemsize
+                    window.add(job.store.read_async(job.plain_key, max_bytes=size + 4),
+                               2 * size, functools.partial(_land_plain, job, out, cr))
                 continue
             kvstore = _wait(opening, deadline, f"opening leaf {job.name}") \
                 if opening is not None else None

@@ -13,9 +13,12 @@ spec from `Store.kvstore_spec`, which addresses the very same objects.
 from __future__ import annotations
 
 import abc
+import concurrent.futures
 import dataclasses
 import enum
 import errno
+import os
+import queue
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -28,6 +31,9 @@ from ckpt.storage._url import Location
 _CONTEXT_LOCK = threading.Lock()
 # Objects `Store.write_many` writes at once (each a request on object stores).
 WRITERS_AT_ONCE = 32
+# Reads `Store.read_async` runs at once in a process, by default (each a request on object
+# stores, latency bound); a backend whose reads cost this process CPU sets fewer.
+READERS_AT_ONCE = 32
 
 
 def concurrently(fn: Callable[[Any], object], args: Sequence[Any],
@@ -61,6 +67,41 @@ def concurrently(fn: Callable[[Any], object], args: Sequence[Any],
     for t in threads:
         t.join()
     return errors
+
+
+_READS: dict[int, tuple[int, queue.SimpleQueue[Any]]] = {}  # threads -> (pid, their queue)
+_READS_LOCK = threading.Lock()
+
+
+def _submit(threads: int, fn: Callable[[], Any]) -> concurrent.futures.Future[Any]:
+    """``fn()`` on one of this process's ``threads`` reader threads (started at the first
+    call, and again in a child after a fork, which has none); its future."""
+    with _READS_LOCK:
+        pid, work = _READS.get(threads, (None, None))
+        if pid != os.getpid() or work is None:
+            work = queue.SimpleQueue()
+            _READS[threads] = (os.getpid(), work)
+            for _ in range(threads):
+                threading.Thread(target=_serve, args=(work,), name="ckpt-store-read",
+                                 daemon=True).start()
+    future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+    work.put((future, fn))
+    return future
+
+
+def _serve(work: queue.SimpleQueue[Any]) -> None:
+    # Daemon threads, unlike a ThreadPoolExecutor's (which the interpreter joins at exit): a
+    # read left behind on a server that never answers does not hold up the process's exit.
+    while True:
+        future, fn = work.get()
+        if not future.set_running_or_notify_cancel():
+            continue  # cancelled while queued (`Window.settle` after an error)
+        try:
+            future.set_result(fn())
+        except BaseException as exc:  # the reader's to take, through the future
+            future.set_exception(exc)
+
+
 _CONTEXTS: dict[str, ts.Context] = {}
 
 
@@ -157,6 +198,9 @@ class Store(abc.ABC):
     (and, for writes, durable as far as the backend offers durability).
     """
 
+    # Reads `read_async` runs at once, on threads shared by the stores of a backend.
+    readers_at_once = READERS_AT_ONCE
+
     def __init__(self, location: Location) -> None:
         self.location = location
 
@@ -210,6 +254,20 @@ class Store(abc.ABC):
         if max_bytes is not None and len(data) > max_bytes:
             raise self._too_large(key, max_bytes)
         return data
+
+    def read_async(self, key: str, *, max_bytes: int) -> concurrent.futures.Future[bytes]:
+        """Starts `read` of ``key`` (with ``max_bytes``) on a reader thread this process
+        shares (`readers_at_once` at once) and returns its future, whose outcome is
+        `read`'s. For readers of many small objects read whole (restore's single-chunk
+        arrays: `ckpt.restore.read_arrays`); on a local file system the read itself
+        refuses what is not a regular file, so nothing is looked at before it.
+
+        The caller waits through `wait` with a `ChunkIO`: that wait, like a TensorStore
+        chunk read's, is what a wrapper store sees of it (and bounds by its deadline); the
+        read itself is not a `_delegate`d `Op.READ`.
+        """
+        check_key(key)
+        return _submit(self.readers_at_once, lambda: self.read(key, max_bytes=max_bytes))
 
     def _too_large(self, key: str, max_bytes: int) -> UnreadableObjectError:
         return UnreadableObjectError(errno.EFBIG, f"{self.describe(key)} is over {max_bytes} "

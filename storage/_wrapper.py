@@ -9,6 +9,7 @@ point that takes a URL also takes a `Store`, wrapped or not (`open_store`).
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import posixpath
 from collections.abc import Callable, Iterable
@@ -61,6 +62,10 @@ class WrapperStore(Store):
 
     def wait(self, future: Any, doing: str | ChunkIO) -> Any:
         return self.inner.wait(future, doing)
+
+    def read_async(self, key: str, *, max_bytes: int) -> concurrent.futures.Future[bytes]:
+        # What a wrapper sees of it is its wait (`Store.read_async`).
+        return self.inner.read_async(key, max_bytes=max_bytes)
 
     def _kvstore_spec(self, prefix: str) -> dict[str, Any]:
         return self._delegate(Op.OPEN, prefix, self.inner._kvstore_spec, prefix)

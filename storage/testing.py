@@ -160,6 +160,18 @@ class StoreConformance:
         assert store.read("sub/dir/k") == b"v"
         assert child.list("") == ["k"]
 
+    def test_read_async_reads_as_read_does(self, store: Store) -> None:
+        store.write("ra/a", b"hello")
+        store.write("ra/empty", b"")
+        reads = [store.read_async(k, max_bytes=5) for k in ("ra/a", "ra/empty")]
+        assert [r.result(timeout=60) for r in reads] == [b"hello", b""]
+        with pytest.raises(ObjectNotFoundError):
+            store.read_async("ra/none", max_bytes=5).result(timeout=60)
+        with pytest.raises(UnreadableObjectError):
+            store.read_async("ra/a", max_bytes=4).result(timeout=60)
+        with pytest.raises(InvalidKeyError):
+            store.read_async("ra/../a", max_bytes=5)
+
     def test_kvstore_spec_addresses_same_objects(self, store: Store) -> None:
         spec = {"driver": "zarr3", "kvstore": store.kvstore_spec("arr"), "create": True,
                 "metadata": {"shape": [4], "data_type": "int32",

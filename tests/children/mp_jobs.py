@@ -315,7 +315,7 @@ def restore_while_overwritten(url):
         done: list[str] = []
 
         def overwritten_first(doing, key, args):  # the manifest is read, no chunk yet
-            if doing == Op.OPEN and "/arrays/" in key and not done:
+            if doing == Op.READ and key.endswith("/manifest.msgpack") and not done:
                 done.append(key)
                 code = ("import sys, numpy as np, ckpt; "
                         "ckpt.save(sys.argv[1], {'w': np.full(50_000, 2.0, np.float32)}, "
@@ -323,7 +323,7 @@ def restore_while_overwritten(url):
                 subprocess.run([sys.executable, "-c", code, url], check=True,
                                env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
 
-        source = FaultyStore(url, before=overwritten_first)
+        source = FaultyStore(url, after=overwritten_first)
     try:
         out = ckpt.restore(source)
         return {"error": None, "w": float(np.asarray(out["w"])[0])}

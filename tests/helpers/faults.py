@@ -64,10 +64,10 @@ def is_chunk_read(doing) -> bool:
 
 def is_background(doing: str, key: str) -> bool:
     """A step of a save's background part that comes before its chunks are written (an
-    array of the attempt being opened) or, for a save without array chunks, before its host
-    report is."""
-    return (doing == Op.OPEN and "/arrays/" in key) or (doing == Op.WRITE
-                                                          and "/hosts/" in key)
+    array of the attempt being opened, or its ``arrays`` folder for plain chunks) or, for a
+    save without array chunks, before its host report is."""
+    return (doing == Op.OPEN and f"{key}/".find("/arrays/") >= 0) or (
+        doing == Op.WRITE and "/hosts/" in key)
 
 
 def fail_background(error: BaseException) -> Before:

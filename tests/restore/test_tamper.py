@@ -69,18 +69,23 @@ EDITS = {
 }
 
 
-@pytest.mark.parametrize("edit", sorted(EDITS))
-def test_an_edited_zarr_json_is_named_on_every_read_path(root_url, mesh24, edit):
-    url = f"{root_url}/ck"
-    saved = _tree(mesh24)
-    ckpt.save(url, saved)
-    store = open_store(url)
-    key = next(k for k in _zarr_jsons(store) if "/arrays/b/" in k or k.endswith("b/zarr.json"))
+def _edit_zarr_json(store, leaf, edit):
+    key = next(k for k in _zarr_jsons(store) if f"/arrays/{leaf}/" in k)
     meta = json.loads(store.read(key))
     EDITS[edit](meta)
     store.write(key, json.dumps(meta).encode())
-    replicated = {"b": jax.ShapeDtypeStruct((6000,), np.float32,
-                                            sharding=NamedSharding(mesh24, P()))}
+
+
+@pytest.mark.parametrize("edit", sorted(EDITS))
+def test_an_edited_zarr_json_is_named_on_every_read_path(root_url, mesh24, edit):
+    """An array read through TensorStore (chunks over 1 MiB, or compressed) has its
+    zarr.json compared with the manifest on every read path."""
+    url = f"{root_url}/ck"
+    large = np.random.default_rng(2).standard_normal(600 * 600).astype(np.float32)
+    ckpt.save(url, {"b": large, "n": 3})  # one chunk of 1.4 MiB
+    _edit_zarr_json(open_store(url), "b", edit)
+    replicated = {"b": jax.ShapeDtypeStruct(large.shape, np.float32,
+                                            sharding=NamedSharding(mesh24, P())), "n": 0}
     for how in (lambda: ckpt.restore(url), lambda: ckpt.restore(url, target=replicated),
                 lambda: ckpt.restore(url, mesh=mesh24)):
         with pytest.raises(CorruptCheckpointError, match=r"leaf b: its stored zarr.json"):
@@ -91,6 +96,29 @@ def test_an_edited_zarr_json_is_named_on_every_read_path(root_url, mesh24, edit)
     with pytest.raises(CorruptCheckpointError):
         ckpt.reshard(url, f"{root_url}/copy", mesh={"data": 4, "model": 2})
     assert not open_store(f"{root_url}/copy").exists(COMMIT)
+
+
+@pytest.mark.parametrize("edit", sorted(EDITS))
+def test_an_edited_zarr_json_of_small_plain_chunks_changes_no_value(root_url, mesh24, edit):
+    """An array of small whole chunks is read as plain objects, decoded by the manifest
+    alone: an edited zarr.json changes nothing restore or reshard returns; verify, which
+    checks every zarr.json, names it."""
+    url = f"{root_url}/ck"
+    saved = _tree(mesh24)
+    ckpt.save(url, saved)
+    _edit_zarr_json(open_store(url), "b", edit)
+    replicated = {"b": jax.ShapeDtypeStruct((6000,), np.float32,
+                                            sharding=NamedSharding(mesh24, P()))}
+    expected = _host(saved)["b"]
+    for how in (lambda: ckpt.restore(url), lambda: ckpt.restore(url, target=replicated),
+                lambda: ckpt.restore(url, mesh=mesh24)):
+        assert np.asarray(how()["b"]).tobytes() == expected.tobytes()
+    report = ckpt.verify(url)
+    assert not report.ok
+    assert any(p.leaf == "b" for p in report.problems), report.problems
+    ckpt.reshard(url, f"{root_url}/copy", mesh={"data": 4, "model": 2})
+    assert np.asarray(ckpt.restore(f"{root_url}/copy")["b"]).tobytes() == expected.tobytes()
+    assert ckpt.verify(f"{root_url}/copy").ok
 
 
 # -- property: random edits -----------------------------------------------------------------
@@ -356,9 +384,13 @@ def test_a_fifo_in_place_of_any_file_fails_instead_of_blocking(tmp_path, mesh24,
     path = os.path.join(url, *key.split("/"))
     os.unlink(path)
     os.mkfifo(path)
-    if which == "report":  # verify reports problems instead of raising
+    if which in ("report", "zarr.json"):  # verify reports problems instead of raising
         problems = "; ".join(str(p) for p in ckpt.verify(url).problems)
         assert "not a regular file" in problems, problems
+    if which == "report":
+        return
+    if which == "zarr.json":  # b is read as a plain object: its zarr.json is never opened
+        assert np.asarray(ckpt.restore(url)["b"]).shape == (6000,)
         return
     with pytest.raises(CorruptCheckpointError, match="not a regular file"):
         ckpt.restore(url)
@@ -404,7 +436,7 @@ def test_commit_linked_to_dev_zero_is_refused(tmp_path, mesh24):
 
 
 def test_a_restore_during_an_overwrite_gets_one_checkpoint_whole(root_url):
-    """The overwrite commits and deletes the old attempt after the reader opened the old
+    """The overwrite commits and deletes the old attempt after the reader read the old
     manifest and before it read a chunk: the reader gets the new checkpoint, whole."""
     from tests.helpers.faults import FaultyStore
 
@@ -412,15 +444,15 @@ def test_a_restore_during_an_overwrite_gets_one_checkpoint_whole(root_url):
     old = {"w": np.full(20_000, 1.0, np.float32), "n": 1}
     new = {"w": np.full(20_000, 2.0, np.float32), "n": 2}
     ckpt.save(url, old)
-    opened: list[str] = []  # the attempts whose arrays the reader opened
+    opened: list[str] = []  # the attempts whose manifests the reader read
 
     def overwritten_first(doing, key, args):
-        if doing == Op.OPEN and "/arrays/" in key:
+        if doing == Op.READ and key.endswith(f"/{MANIFEST}"):
             if not opened:
                 ckpt.save(url, new, overwrite=True)
             opened.append(key.split("/")[0])
 
-    out = ckpt.restore(FaultyStore(url, before=overwritten_first))
+    out = ckpt.restore(FaultyStore(url, after=overwritten_first))
     assert len(set(opened)) == 2
     assert out["n"] == 2
     assert np.all(out["w"] == 2.0)
@@ -576,3 +608,62 @@ def test_a_pytree_node_without_children_leaves_a_gap_that_restores(tmp_path):
     bare = ckpt.restore(url)["t"]  # without a target: the leaves in order
     assert [x.tolist() for x in bare] == [[1.0, 1.0], [0.0] * 3]
     assert ckpt.metadata(url).tree["t"][1].shape == (3,)
+
+
+# -- small arrays read as plain objects -----------------------------------------------------
+
+def _plain_pair(tmp_path):
+    url = str(tmp_path / "pp")
+    a = np.arange(20_000, dtype=np.float32)  # 80 KB: an array leaf, not inline
+    ckpt.save(url, {"a": a, "b": -a, "big": np.ones((600, 600), np.float32)})
+    store = open_store(url)
+    attempt = ckpt.metadata(url).attempt
+    return url, store, {k: f"{attempt}/arrays/{k}/c/0" for k in ("a", "b")}
+
+
+@pytest.mark.parametrize("damage", ["swapped", "tail", "byte", "truncated", "longer",
+                                    "missing"])
+def test_a_damaged_plain_chunk_is_named_never_returned(tmp_path, damage):
+    url, store, key = _plain_pair(tmp_path)
+    a, b = store.read(key["a"]), store.read(key["b"])
+    expected = {
+        "swapped": (b, "crc32c differs from the manifest"),
+        "tail": (a[:-4] + bytes(4), "do not match the crc32c stored with them"),
+        "byte": (bytes([a[0] ^ 1]) + a[1:], "do not match the crc32c stored with them"),
+        "truncated": (a[:-5], "holds 79999 bytes, 80004 expected"),
+        "longer": (a + b"x", "is over 80004 bytes"),
+        "missing": (None, "is missing"),
+    }
+    data, words = expected[damage]
+    if data is None:
+        store.delete(key["a"])
+    else:
+        store.write(key["a"], data)
+    with pytest.raises(CorruptCheckpointError, match=rf"leaf a chunk \(0,\).*{words}"):
+        ckpt.restore(url)
+    if damage != "longer":  # (TensorStore, which verify reads through, ignores bytes after
+        assert not ckpt.verify(url).ok  # a chunk's checksum: the values are still whole)
+
+
+def test_a_restore_of_small_arrays_opens_nothing_and_reads_each_chunk_once(tmp_path):
+    """Arrays of one small chunk are read as plain objects: one read each, waited for as a
+    chunk read (what a wrapper store sees), with no TensorStore array, zarr.json or
+    file-type look before it; the large array is opened as before."""
+    from tests.helpers.faults import FaultyStore, is_chunk_read
+
+    url, _, _ = _plain_pair(tmp_path)
+    seen: list[tuple[str, str]] = []
+
+    def after(doing, key, args):
+        if is_chunk_read(doing):
+            seen.append(("chunk", doing.leaf))
+        elif doing == Op.CHECK_FILES:  # (prefix, the keys below it looked at)
+            seen.extend((doing, f"{key}/{k}") for k in args[1] or ["*"])
+        else:
+            seen.append((doing, key))
+
+    out = ckpt.restore(FaultyStore(url, after=after))
+    assert np.asarray(out["b"]).tobytes() == (-np.arange(20_000, dtype=np.float32)).tobytes()
+    assert sorted(k for d, k in seen if d == "chunk") == ["a", "b", "big"]
+    looked = [k for d, k in seen if d in (Op.OPEN, Op.CHECK_FILES) and "/arrays/" in f"{k}/"]
+    assert looked and all("/arrays/big" in k for k in looked), looked
