@@ -321,11 +321,14 @@ _LEAF_FIELDS = {
 }
 
 
+_KIND_NAMES = frozenset(LeafKind)  # (built once: a set of an enum costs per leaf)
+
+
 def _decode_leaf(raw: Any, index: int, what: str, local: bool = False) -> LeafRecord:
     r = _Reader(raw, f"{what} leaf {index}")
     path = _decode_path(r.get("path", list), r.what)
     kind_name = r.get("kind", str)
-    if kind_name not in set(LeafKind):
+    if kind_name not in _KIND_NAMES:
         raise CorruptCheckpointError(f"{r.what} has unknown kind {kind_name!r:.40}")
     kind = LeafKind(kind_name)
     extra = set(r.obj) - _LEAF_FIELDS[kind]

@@ -237,6 +237,10 @@ def _land_plain(job: ArrayReadJob, outputs: list[np.ndarray], cr: ChunkRead, fut
         raise CorruptCheckpointError(f"{where} is missing: {exc}") from None
     except UnreadableObjectError as exc:  # not a regular file, or larger than it can be
         raise CorruptCheckpointError(f"{where}: {exc}") from None
+    except StorageError:
+        raise
+    except Exception as exc:  # a store of the caller's own that raised something else
+        raise StorageError(errno.EIO, f"reading {where} failed: {exc}") from exc
     count = math.prod(job.chunk_shape)
     nbytes = count * job.dtype.itemsize
     if len(stored) != nbytes + 4:

@@ -69,18 +69,30 @@ def concurrently(fn: Callable[[Any], object], args: Sequence[Any],
     return errors
 
 
-_READS: dict[int, tuple[int, queue.SimpleQueue[Any]]] = {}  # threads -> (pid, their queue)
+# Reader threads of `Store.read_async`, one pool per backend and bucket (a disk, a
+# server), so that reads abandoned on one that stopped answering never queue another's.
+_READS: dict[tuple[str, str], queue.SimpleQueue[Any]] = {}
 _READS_LOCK = threading.Lock()
 
 
-def _submit(threads: int, fn: Callable[[], Any]) -> concurrent.futures.Future[Any]:
-    """``fn()`` on one of this process's ``threads`` reader threads (started at the first
-    call, and again in a child after a fork, which has none); its future."""
+def _forget_readers() -> None:
+    # A child after a fork has none of the threads, and maybe a lock held by one.
+    global _READS_LOCK
+    _READS_LOCK = threading.Lock()
+    _READS.clear()
+
+
+os.register_at_fork(after_in_child=_forget_readers)
+
+
+def _submit(pool: tuple[str, str], threads: int,
+            fn: Callable[[], Any]) -> concurrent.futures.Future[Any]:
+    """``fn()`` on one of the ``threads`` reader threads of ``pool`` (started at its first
+    call); its future."""
     with _READS_LOCK:
-        pid, work = _READS.get(threads, (None, None))
-        if pid != os.getpid() or work is None:
-            work = queue.SimpleQueue()
-            _READS[threads] = (os.getpid(), work)
+        work = _READS.get(pool)
+        if work is None:
+            work = _READS[pool] = queue.SimpleQueue()
             for _ in range(threads):
                 threading.Thread(target=_serve, args=(work,), name="ckpt-store-read",
                                  daemon=True).start()
@@ -256,18 +268,19 @@ class Store(abc.ABC):
         return data
 
     def read_async(self, key: str, *, max_bytes: int) -> concurrent.futures.Future[bytes]:
-        """Starts `read` of ``key`` (with ``max_bytes``) on a reader thread this process
-        shares (`readers_at_once` at once) and returns its future, whose outcome is
-        `read`'s. For readers of many small objects read whole (restore's single-chunk
-        arrays: `ckpt.restore.read_arrays`); on a local file system the read itself
-        refuses what is not a regular file, so nothing is looked at before it.
+        """Starts `read` of ``key`` (with ``max_bytes``) on a reader thread the stores of
+        this backend and bucket share (`readers_at_once` of them) and returns its future,
+        whose outcome is `read`'s. For readers of many small objects read whole (restore's
+        single-chunk arrays: `ckpt.restore.read_arrays`); on a local file system the read
+        itself refuses what is not a regular file, so nothing is looked at before it.
 
         The caller waits through `wait` with a `ChunkIO`: that wait, like a TensorStore
         chunk read's, is what a wrapper store sees of it (and bounds by its deadline); the
         read itself is not a `_delegate`d `Op.READ`.
         """
         check_key(key)
-        return _submit(self.readers_at_once, lambda: self.read(key, max_bytes=max_bytes))
+        return _submit((self.location.scheme, self.location.bucket), self.readers_at_once,
+                       lambda: self.read(key, max_bytes=max_bytes))
 
     def _too_large(self, key: str, max_bytes: int) -> UnreadableObjectError:
         return UnreadableObjectError(errno.EFBIG, f"{self.describe(key)} is over {max_bytes} "

@@ -143,6 +143,9 @@ class LocalStore(Store):
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
             raise ObjectNotFoundError(errno.ENOENT, f"no object at {self.describe(key)}") from exc
         except OSError as exc:
+            if exc.errno in (errno.ENXIO, errno.EOPNOTSUPP):  # a socket (or a FIFO elsewhere)
+                raise UnreadableObjectError(errno.EINVAL, f"{self.describe(key)} is not a "
+                                                          "regular file") from exc
             raise self._error(exc, key, "reading") from exc
         try:
             info = os.fstat(fd)

@@ -1,10 +1,11 @@
 """Stores that add behaviour around another store.
 
 `WrapperStore` passes every call to ``inner`` through one method, `WrapperStore._delegate`
-(and TensorStore futures through `Store.wait`), so that a wrapper adds its behaviour in one
-place: `DeadlineStore` bounds each call by a deadline; a caller's own wrapper may count,
-log, slow or fail calls (the test suite injects its faults this way). Every public entry
-point that takes a URL also takes a `Store`, wrapped or not (`open_store`).
+(and TensorStore futures, and `Store.read_async`'s, through `Store.wait`), so that a
+wrapper adds its behaviour in one place: `DeadlineStore` bounds each call by a deadline; a
+caller's own wrapper may count, log, slow or fail calls (the test suite injects its faults
+this way). Every public entry point that takes a URL also takes a `Store`, wrapped or not
+(`open_store`).
 """
 
 from __future__ import annotations

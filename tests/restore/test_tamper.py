@@ -396,6 +396,23 @@ def test_a_fifo_in_place_of_any_file_fails_instead_of_blocking(tmp_path, mesh24,
         ckpt.restore(url)
 
 
+def test_a_socket_in_place_of_a_small_arrays_chunk_is_named_as_damage(tmp_path, mesh24,
+                                                                      monkeypatch):
+    """A plain chunk's read refuses a socket as it does a FIFO (a socket fails to open)."""
+    import os
+    import socket
+
+    url, store = _local_checkpoint(tmp_path, mesh24)
+    key = sorted(k for k in store.list() if "/arrays/b/c/" in k)[0]
+    path = os.path.join(url, *key.split("/"))
+    os.unlink(path)
+    monkeypatch.chdir(os.path.dirname(path))  # (a socket's path has at most 107 bytes)
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(os.path.basename(path))
+        with pytest.raises(CorruptCheckpointError, match="leaf b chunk.*not a regular file"):
+            ckpt.restore(url)
+
+
 @pytest.mark.parametrize("which", ["COMMIT", "manifest"])
 def test_oversized_objects_are_refused_while_reading(tmp_path, mesh24, which):
     import os
