@@ -512,11 +512,11 @@ def check_tree(records: Sequence[LeafRecord], what: str) -> None:
             if any(k[0] != slot[0] for k in seen):
                 raise CorruptCheckpointError(
                     f"{what}: leaf {path_text(path)} mixes sequence positions and names under "
-                    f"{path_text(parent) or 'the root'}")
+                    f"{path_text(parent)}")
             if slot in seen and seen[slot] != kind:
                 raise CorruptCheckpointError(
                     f"{what}: leaf {path_text(path)} names {key!r} twice under "
-                    f"{path_text(parent) or 'the root'}")
+                    f"{path_text(parent)}")
             seen[slot] = kind
 
 

@@ -136,8 +136,11 @@ class Readable(abc.ABC):
     def read_job(self, rec: LeafRecord, boxes: Sequence[Box]) -> ArrayReadJob:
         """What `ckpt.restore.read_arrays` needs to read ``boxes`` of array leaf ``rec``,
         with every check this format allows on each chunk it reads."""
+        return self._job(rec, boxes, self.array_spec(rec))
+
+    def _job(self, rec: LeafRecord, boxes: Sequence[Box], spec: dict[str, Any]) -> ArrayReadJob:
         what = f"{self.store.url} leaf {path_text(rec.path)}"
-        return ArrayReadJob(path_text(rec.path), self.array_spec(rec), self.context(), rec.shape,
+        return ArrayReadJob(path_text(rec.path), spec, self.context(), rec.shape,
                             rec.chunk_shape, dtype_from_name(rec.dtype, what), list(boxes),
                             list(rec.chunk_crc32c) or None,
                             crc32c_in_chunk_tail=(self._chunks_end_with_crc32c()
@@ -213,12 +216,10 @@ class _Ours(Readable):
         (the manifest alone says how to decode it; ``ckpt verify`` checks ``zarr.json``)."""
         if not self._read_plain(rec):
             return super().read_job(rec, boxes)
-        key = f"{array_key(self.manifest.attempt, rec.name)}/{chunk_key((0,) * len(rec.shape))}"
-        return ArrayReadJob(path_text(rec.path), {}, self.context(), rec.shape, rec.chunk_shape,
-                            dtype_from_name(rec.dtype, f"{self.store.url} leaf "
-                                                       f"{path_text(rec.path)}"),
-                            list(boxes), list(rec.chunk_crc32c), crc32c_in_chunk_tail=True,
-                            store=self.store, plain_key=key)
+        job = self._job(rec, boxes, {})  # no spec: `array_spec` would look at the files
+        job.plain_key = (f"{array_key(self.manifest.attempt, rec.name)}/"
+                         f"{chunk_key((0,) * len(rec.shape))}")
+        return job
 
     def check_files(self, records: Sequence[LeafRecord]) -> None:
         """Checks the files of every array of few chunks among ``records`` at once (the

@@ -8,7 +8,6 @@ one, or a hidden temporary file that listing ignores.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import ctypes
 import errno
@@ -194,9 +193,10 @@ class LocalStore(Store):
             return
         if keys is not None:
             # On a cold cache each stat is a disk read: many run at once.
-            with concurrent.futures.ThreadPoolExecutor(_STATS_AT_ONCE) as pool:
-                for _ in pool.map(functools.partial(self._check_plain, prefix), keys):
-                    pass
+            for exc in concurrently(functools.partial(self._check_plain, prefix), keys,
+                                    _STATS_AT_ONCE):
+                if exc is not None:
+                    raise exc
             return
         stack = [self._path(prefix)]
         while stack:
