@@ -230,3 +230,39 @@ def test_every_entry_point_takes_a_store_and_a_wrapper_sees_each_chunk_and_read(
         started(mgr.save(1, {"x": jax.numpy.ones(8)})).wait()
         assert mgr.latest_step() == 1
         assert mgr.restore()["x"].sum() == 8
+
+
+def test_a_read_queued_past_its_deadline_is_refused_naming_the_object(tmp_path):
+    """`DeadlineStore.read_async` queues nothing once its deadline has passed (a restore
+    whose time ran out starts no more chunk reads)."""
+    from ckpt.storage import DeadlineExceededError
+
+    store = open_store(str(tmp_path))
+    store.write("a/c/0", b"x")
+    spent = DeadlineStore(store, Deadline(1e-9, f"restoring {store.url}"))
+    with pytest.raises(DeadlineExceededError, match=r"restoring .* reading .*a/c/0"):
+        spent.read_async("a/c/0", max_bytes=1)
+    assert DeadlineStore(store, Deadline(60, "x")).read_async(
+        "a/c/0", max_bytes=1).result(timeout=60) == b"x"
+
+
+def test_a_foreign_error_of_a_plain_chunk_read_is_a_storage_error_naming_the_leaf(tmp_path):
+    """A store of the caller's own whose read raises something other than a storage error
+    fails the restore with a `StorageError` naming the leaf and chunk, not its raw error."""
+    import concurrent.futures
+
+    import numpy as np
+
+    import ckpt
+    from ckpt.storage import StorageError, WrapperStore
+
+    class Broken(WrapperStore):
+        def read_async(self, key, *, max_bytes):
+            future: concurrent.futures.Future[bytes] = concurrent.futures.Future()
+            future.set_exception(RuntimeError("the driver broke"))
+            return future
+
+    url = str(tmp_path / "ck")
+    ckpt.save(url, {"w": np.arange(20_000, dtype=np.float32)})
+    with pytest.raises(StorageError, match=r"reading leaf w chunk \(0,\) failed: the driver"):
+        ckpt.restore(Broken(open_store(url)))
