@@ -9,6 +9,7 @@ Public API::
     ckpt.verify(url, *, memory_budget=..., timeout_s=None) -> VerifyReport     # ckpt verify
     ckpt.reshard(src, dst, *, mesh=None, rules=(), overwrite=False) -> ReshardResult
     ckpt.convert(src, dst, *, mesh=None, rules=(), overwrite=False) -> ReshardResult
+    ckpt.diff(a, b, *, rtol=0, atol=0, only=()) -> DiffResult                     # ckpt diff
     ckpt.export_safetensors(url, dst, *, dtype=None, max_shard_size="5GB", names=None, ...)
     ckpt.PerProcess(value)                              # a leaf whose value differs per process
     ckpt.CheckpointManager(root_url, keep_last=None, keep_every=None, *, read_only=False)
@@ -29,6 +30,7 @@ from importlib import metadata as _metadata
 from typing import Any as _Any
 
 from ckpt import errors
+from ckpt._diff import DiffResult, LeafDiff, diff
 from ckpt._export import ExportResult, export_safetensors
 from ckpt._info import CheckpointInfo, LeafInfo, metadata
 from ckpt._leaves import PerProcess
@@ -78,7 +80,8 @@ restore = _sys.modules["ckpt.restore"]  # type: ignore[assignment]  # noqa: F811
 
 __all__ = [
     "__version__", "CheckpointInfo", "CheckpointManager", "configure_storage", "errors",
-    "convert", "ExportResult", "export_safetensors", "LeafInfo", "metadata", "PerProcess",
+    "convert", "diff", "DiffResult", "ExportResult", "export_safetensors", "LeafDiff",
+    "LeafInfo", "metadata", "PerProcess",
     "reshard", "ReshardResult", "restore", "save", "save_async", "SaveHandle", "SaveTimings",
     "verify", "VerifyReport", *_error_names,
 ]

@@ -1,9 +1,10 @@
-"""The ``ckpt`` command line: inspect, list, verify, reshard, convert, export and gc
+"""The ``ckpt`` command line: inspect, list, verify, diff, reshard, convert, export and gc
 checkpoints on any URL.
 
 Each subcommand is a thin layer over the library. Errors print one line on stderr; the exit
-status is 0 (all well), 1 (a checkpoint is damaged), 2 (bad usage) or 3 (any other
-failure); ``--debug`` shows the traceback instead.
+status is 0 (all well), 1 (a checkpoint is damaged; for diff: the two differ), 2 (bad
+usage) or 3 (any other failure; for diff also a damaged checkpoint, since then nothing can
+be said of the difference); ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ckpt._codecs import canonical
+from ckpt._diff import diff
 from ckpt._export import export_safetensors, parse_size
 from ckpt._housekeeping import committed_steps, steps_near
 from ckpt._info import CheckpointInfo, metadata
@@ -69,6 +71,16 @@ def _parse_budget(text: str) -> int:
         raise argparse.ArgumentTypeError(
             f"{text!r} is below 1M: chunks (up to 16 MiB each) are read whole, so a budget "
             "this small could not be kept")
+    return value
+
+
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value >= 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"not a tolerance: {text!r} (a number, 0 or more)")
     return value
 
 
@@ -319,6 +331,30 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+# -- diff -----------------------------------------------------------------------------------
+
+def _diff(args: argparse.Namespace) -> int:
+    _limit_malloc_retention()
+    stores = [_bounded(url, args, "comparing") for url in (args.a, args.b)]
+    try:
+        result = diff(stores[0], stores[1], rtol=args.rtol, atol=args.atol, only=args.only,
+                      memory_budget=args.memory_budget, by_checksum=not args.read_all,
+                      progress=_progress("comparing", args.quiet or args.json))
+    except (CheckpointNotFoundError, NotACheckpointError) as exc:
+        given = str(exc)
+        store = next((s for s in stores if s.url.rstrip("/") in given), stores[0])
+        raise _meant(store, "diff", exc) from exc
+    _clear_progress_line()
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        for leaf in result.leaves:
+            if args.verbose or leaf.status != "identical":
+                print(f"  {leaf.text()}")
+        print(result.summary())
+    return EXIT_OK if result.equal else EXIT_DAMAGED
+
+
 # -- reshard --------------------------------------------------------------------------------
 
 def _limit_malloc_retention() -> None:
@@ -519,6 +555,35 @@ def _parser() -> argparse.ArgumentParser:
     _timeout_option(p)
     p.set_defaults(func=_verify)
 
+    p = sub.add_parser("diff", epilog=EPILOG,
+                       help="compare two checkpoints leaf by leaf, streaming",
+                       description="Compare A and B (any checkpoints this tool reads: this "
+                       "library's, Orbax's, safetensors; any meshes and backends) leaf by leaf, "
+                       "with bounded memory: identical, equal within --rtol/--atol, or how "
+                       "they differ (elements differing, max absolute and relative "
+                       "difference, NaN/inf counts), shape, dtype, and leaves only on one "
+                       "side. Chunks whose checksums match on both sides are not read. Exit "
+                       "status 0 equal within the tolerance, 1 different, 2 bad usage, 3 "
+                       "any other failure (a damaged checkpoint included).")
+    p.add_argument("a", help="the first checkpoint")
+    p.add_argument("b", help="the second checkpoint, the reference of --rtol")
+    p.add_argument("--rtol", type=_tolerance, default=0.0,
+                   help="relative tolerance: |a-b| <= atol + rtol*|b| counts as equal "
+                   "(default 0)")
+    p.add_argument("--atol", type=_tolerance, default=0.0,
+                   help="absolute tolerance (default 0)")
+    p.add_argument("--only", action="append", default=[], metavar="PATTERN",
+                   help="compare only leaves whose key path matches (as --spec: "
+                   "'opt/**/mu'); repeatable")
+    p.add_argument("--read-all", action="store_true",
+                   help="read every chunk, also those whose checksums match")
+    p.add_argument("--memory-budget", type=_parse_budget, default="512M",
+                   help="host memory for array data read at once (default 512M)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the documented JSON document")
+    _timeout_option(p)
+    p.set_defaults(func=_diff)
+
     p = sub.add_parser("reshard", epilog=EPILOG,
                        help="rewrite a checkpoint for another mesh, streaming",
                        description="Rewrite SRC (this library's checkpoint or Orbax's) into "
@@ -648,9 +713,9 @@ _USAGE_ERRORS = (_UsageError, TargetMismatchError, UnsupportedURLError, InvalidK
                  InvalidArgumentError)
 
 
-def _exit_status(exc: BaseException) -> int:
+def _exit_status(exc: BaseException, command: str) -> int:
     if isinstance(exc, CorruptCheckpointError):
-        return EXIT_DAMAGED
+        return EXIT_FAILED if command == "diff" else EXIT_DAMAGED
     return EXIT_USAGE if isinstance(exc, _USAGE_ERRORS) else EXIT_FAILED
 
 
@@ -677,7 +742,7 @@ def _run(args: argparse.Namespace) -> int:
         else:
             text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             print(f"ckpt {args.command}: error: {text}", file=sys.stderr)
-        return _exit_status(exc)
+        return _exit_status(exc, args.command)
     except KeyboardInterrupt:
         _clear_progress_line()
         hint = ""

@@ -334,6 +334,7 @@ def tools_from_python(tmp_path):
                   "gs://my-bucket/serve/exp7": tmp_path / "serve"})
     assert names["report"].ok
     assert names["result"].mesh == {"data": 4, "model": 2}
+    assert names["same"].equal and names["same"].bytes_read > 0  # another grid: read
     (leaf,) = [x for x in ckpt.metadata(str(tmp_path / "serve")).leaves if x.shape]
     assert leaf.spec is not None  # an array's
     assert tuple(leaf.spec) == (None, "model")

@@ -331,7 +331,7 @@ def test_gc_dry_run_then_removes_debris_and_applies_retention(tmp_path, capsys):
     assert committed_steps(store) == [2, 3]
 
 
-@pytest.mark.parametrize("command", ["inspect", "list", "verify", "reshard", "gc"])
+@pytest.mark.parametrize("command", ["inspect", "list", "verify", "diff", "reshard", "gc"])
 @pytest.mark.slow  # starts processes
 def test_help_reads_well(command):
     run = subprocess.run([sys.executable, "-m", "ckpt.cli", command, "--help"],
@@ -510,14 +510,14 @@ def test_list_and_gc_fail_on_a_missing_root(request, tmp_path, capsys, command):
 
 
 def _documented_json():
-    """The --json documents of docs/tools.md, in order: inspect, verify, gc."""
+    """The --json documents of docs/tools.md, in order: inspect, verify, diff, gc."""
     text = (REPO / "docs" / "tools.md").read_text()
     return [json.loads(block) for block in re.findall(r"```json\n(.*?)```", text, re.S)]
 
 
 def test_verify_and_gc_json(saved, tmp_path, capsys):
     """--json documents hold the fields docs/tools.md shows, and no others."""
-    inspect_doc, verify_doc, gc_doc = _documented_json()
+    inspect_doc, verify_doc, _, gc_doc = _documented_json()
     url, _ = saved
     assert main(["inspect", "--json", url]) == 0
     doc = json.loads(capsys.readouterr().out)
