@@ -359,11 +359,13 @@ def is_committed(store: Store, step: int, gone: Abandoned,
     return committed and not is_abandoned(store, step, gone, names)
 
 
-def committed_steps(store: Store) -> list[int]:
+def committed_steps(store: Store, above: int | None = None) -> list[int]:
     """Committed steps under a manager root, ascending (one existence check per folder of
-    this library's; two or three for an Orbax step)."""
+    this library's; two or three for an Orbax step); with ``above``, only those above it,
+    and only their folders are looked at."""
     gone, names = abandoned(store), step_names(store)
-    return [s for s in names if is_committed(store, s, gone, names)]
+    return [s for s in names
+            if (above is None or s > above) and is_committed(store, s, gone, names)]
 
 
 def steps_near(steps: list[int], step: int, around: int = 2) -> str:

@@ -51,6 +51,7 @@ from ckpt._restore import checked_budget
 from ckpt._snapshot import DEFAULT_MEMORY_BUDGET, checked_options
 from ckpt._tiers import LocalTier
 from ckpt._tree import is_text
+from ckpt._watch import DEFAULT_POLL_S, follow
 from ckpt.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -269,6 +270,7 @@ class CheckpointManager:
         self._handle: SaveHandle | None = None
         self._gc: threading.Thread | None = None
         self._closed = False
+        self._watching = threading.Event()  # set by `close`: every `watch` ends
         setting = Setting(root=self._store, timeout_s=timeout_s, snapshot=snapshot,
                           memory_budget=self.memory_budget,
                           compression=canonical(compression), refuse=self._refusal,
@@ -314,6 +316,31 @@ class CheckpointManager:
         local tier: the newest step restorable from the tiers (the root's newest, or a
         newer one whose local copies serve on every process)."""
         return self._place.newest(self._store)
+
+    def watch(self, after: int | None = None, timeout_s: float | None = None,
+              poll_s: float = DEFAULT_POLL_S) -> Iterator[int]:
+        """Yields each committed step above ``after`` (None: every step, the ones already
+        there first), once, in ascending order, as the run commits them: for an evaluator
+        on a read-only manager beside the trainer. On any process; lists the root every
+        ``poll_s`` seconds while no new step is there (one listing, two small reads, and a
+        look at each step folder above the last step yielded).
+
+        Never yields a step that is being written or removed (one is listed once its
+        COMMIT is there; a removal deletes COMMIT first). A step the trainer's retention
+        removes before the watch reaches it is skipped (a warning names it); one it removes
+        after it was yielded is the caller's to handle (its restore raises
+        `CheckpointNotFoundError`). After a rewind of the run below the last step yielded,
+        the watch follows the new branch from the step rewound to. Ends when ``timeout_s``
+        passes with no new step (measured from when the caller asks for the next one;
+        None: never) or when the manager is closed.
+
+        Raises:
+            InvalidArgumentError: ``poll_s`` not above 0, ``timeout_s`` below 0.
+            StorageError: the root could not be listed (after the store's own retries).
+        """
+        after = None if after is None else as_step(after)
+        return follow(self._store, self._place.steps, after=after, timeout_s=timeout_s,
+                      poll_s=poll_s, stop=self._watching)
 
     # -- saving ----------------------------------------------------------------------------
 
@@ -664,6 +691,7 @@ class CheckpointManager:
     def close(self) -> None:
         """Waits for the save in flight and for start-up debris removal; gives SIGTERM back
         to the handler that was there before (once the last manager watching it closes)."""
+        self._watching.set()
         try:
             self.wait()
         finally:

@@ -81,9 +81,9 @@ class RootOnly:
         self.s = setting
         self.root = setting.root
 
-    def steps(self) -> list[int]:
-        """The committed steps, ascending."""
-        return committed_steps(self.root)
+    def steps(self, above: int | None = None) -> list[int]:
+        """The committed steps (above ``above``, if given), ascending."""
+        return committed_steps(self.root, above)
 
     def newest(self, store: Store) -> int | None:
         """The newest committed step, through ``store`` (the root, or it bound by a
@@ -196,9 +196,11 @@ class WithLocalTier(RootOnly):
         self._persist: SaveHandle | None = None  # the commit to the root under way
         self._roots: list[SaveHandle] = []  # root commits not yet known to have succeeded
 
-    def steps(self) -> list[int]:
-        """The root's committed steps and the steps whose local copies serve, ascending."""
-        return sorted(set(committed_steps(self.root)) | set(self.tier.steps()))
+    def steps(self, above: int | None = None) -> list[int]:
+        """The root's committed steps and the steps whose local copies serve (above
+        ``above``, if given), ascending."""
+        local = [s for s in self.tier.steps() if above is None or s > above]
+        return sorted(set(committed_steps(self.root, above)) | set(local))
 
     def newest(self, store: Store) -> int | None:
         """The newest step restorable from the tiers: the root's newest, or a newer step

@@ -163,6 +163,12 @@ class Readable(abc.ABC):
         replaced, so that the damage is real."""
         return None
 
+    def removed(self) -> bool:
+        """After a read found damage that no `replacement` explains: whether the checkpoint
+        is gone meanwhile (a delete, retention or rewind removes COMMIT first), so that the
+        damage was its removal under the reader."""
+        return False
+
     def for_target(self, pairs: Sequence[tuple[KeyPath, Any]] | None,
                    names: NameRules | None) -> Readable:
         """Called by restore before matching, with a target's (key path, leaf) pairs (None
@@ -284,6 +290,12 @@ class _Ours(Readable):
         except CkptError:
             return None
         return None if again.manifest.attempt == self.manifest.attempt else again
+
+    def removed(self) -> bool:
+        try:
+            return not self.store.exists(COMMIT)
+        except CkptError:
+            return False  # cannot tell: the damage stands
 
 
 class _Orbax(Readable):

@@ -495,6 +495,10 @@ def restore_from(store: Store, target: Any = None, *, mesh: Any = None,
             # attempt is deleted once COMMIT names the new one. Then read the new one whole;
             # a checkpoint nothing replaced is really damaged.
             again = source.replacement()
+            if again is None and source.removed():
+                raise CheckpointNotFoundError(
+                    f"{store.url} was removed while it was read (a delete, the run's "
+                    "retention or a rewind): nothing was returned") from exc
             if again is None:
                 raise exc from None
             if jax.process_count() > 1:

@@ -26,8 +26,9 @@ from typing import Any
 from ckpt._codecs import canonical
 from ckpt._diff import diff
 from ckpt._export import export_safetensors, parse_size
-from ckpt._housekeeping import committed_steps, steps_near
+from ckpt._housekeeping import committed_steps, step_store, steps_near
 from ckpt._info import CheckpointInfo, metadata
+from ckpt._manager import CheckpointManager
 from ckpt._orbax import decimal_step, orbax_step_name
 from ckpt._reshard import convert, parse_mesh, parse_spec, reshard
 from ckpt._roots import age_text, collect_garbage, list_root, switched_note
@@ -275,6 +276,10 @@ def _existing_root(url: str, args: argparse.Namespace | None = None) -> Any:
 
 
 def _list(args: argparse.Namespace) -> int:
+    if args.watch:
+        return _watch(args)
+    if args.after is not None or args.idle is not None or args.poll is not None:
+        raise _UsageError("--after, --idle and --poll go with --watch")
     store = _existing_root(args.root, args)
     entries = list_root(store)
     if not entries and store.exists("COMMIT"):
@@ -295,6 +300,31 @@ def _list(args: argparse.Namespace) -> int:
                   f"{age_text(e['age_s'])} old  {e['attempt']}")
     if note := switched_note(entries):
         print(note)
+    return 0
+
+
+def _watch(args: argparse.Namespace) -> int:
+    """``list --watch``: one line (or JSON document) per step as it commits."""
+    if args.timeout is not None:
+        raise _UsageError("--timeout bounds one listing; with --watch, --idle SECONDS ends "
+                          "the watch once no step has come for that long")
+    store = _existing_root(args.root)
+    mgr = CheckpointManager(store, read_only=True, watch_preemption=False)
+    for step in mgr.watch(after=args.after, timeout_s=args.idle,
+                          poll_s=5.0 if args.poll is None else args.poll):
+        try:
+            info = metadata(step_store(store, step))
+        except CheckpointNotFoundError:  # removed since it was listed: it left the run
+            continue
+        metrics = mgr.metrics(step)
+        if args.json:
+            print(json.dumps({"step": step, "committed_at": info.committed_at,
+                              "bytes": info.nbytes, "metrics": metrics}), flush=True)
+            continue
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(info.committed_at))
+        shown = "  " + ", ".join(f"{k}={v:g}" for k, v in sorted(metrics.items())) \
+            if metrics else ""
+        print(f"{step:>10}  committed   {_size(info.nbytes):>10}  {when}{shown}", flush=True)
     return 0
 
 
@@ -537,9 +567,20 @@ def _parser() -> argparse.ArgumentParser:
                        description="List every attempt of every step, newest first: "
                        "committed, incomplete (with its age and size), claimed (for a "
                        "commit that has not happened), abandoned (by an interrupted "
-                       "rewind) or removed (only a deleted attempt's removal record is left).")
+                       "rewind) or removed (only a deleted attempt's removal record is "
+                       "left). With --watch, instead, each committed step as it commits.")
     p.add_argument("root", help="a CheckpointManager root")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--json", action="store_true", help="print JSON (with --watch: one "
+                   "document a line)")
+    p.add_argument("--watch", action="store_true",
+                   help="instead, print each committed step as it commits (the ones there "
+                   "first), until --idle or Ctrl-C")
+    p.add_argument("--after", type=int, default=None, metavar="STEP",
+                   help="with --watch: only steps above STEP")
+    p.add_argument("--idle", type=float, default=None, metavar="SECONDS",
+                   help="with --watch: stop (exit 0) once no new step has come for this long")
+    p.add_argument("--poll", type=float, default=None, metavar="SECONDS",
+                   help="with --watch: how often to look while waiting (default 5)")
     _timeout_option(p)
     p.set_defaults(func=_list)
 

@@ -114,6 +114,20 @@ def guide_read_only(tmp_path):
         names["evaluator"].delete(3)
 
 
+def guide_evaluators(tmp_path):
+    root = str(tmp_path / "trainer")
+    with ckpt.CheckpointManager(root, keep_last=2) as trainer:
+        for step in (1, 2, 3):
+            trainer.save(step, {"params": {"w": np.full(4, float(step))}})
+    reported: list = []
+    abstract = {"params": {"w": jax.ShapeDtypeStruct((4,), jnp.float64)}}
+    names = {"trainer_root": root, "last_evaluated": 1, "abstract_state": abstract,
+             "evaluate": lambda params: float(params["w"][0]),
+             "report": lambda step, value: reported.append((step, value))}
+    _run("docs/guide.md", 6, names, {"timeout_s=3_600, poll_s=30": "timeout_s=0"})
+    assert reported == [(2, 2.0), (3, 3.0)]
+
+
 def guide_per_host(tmp_path):
     names = _run("docs/guide.md", 2, {}, {})
     root = str(tmp_path / "run")
@@ -311,7 +325,7 @@ def guide_local_tier(tmp_path):
     names["train_step"] = names["guide_train_step"]
     names["state"] = {"params": names["params"], "step": 0}
     root, local = tmp_path / "exp8", tmp_path / "local-ssd"
-    _run("docs/guide.md", 6, names, {"gs://my-bucket/runs/exp8": root,
+    _run("docs/guide.md", 7, names, {"gs://my-bucket/runs/exp8": root,
                                      "/mnt/local-ssd/ckpt": local})
     assert sorted(os.listdir(root)) == ["10", "5", "LINEAGE"]  # LINEAGE: docs/format.md
     assert sorted(os.listdir(local)) == ["10", "9"]
@@ -375,7 +389,8 @@ RUN = {("README.md", 0): readme_loop, ("README.md", 2): readme_export,
        ("docs/guide.md", 0): guide_loop, ("docs/guide.md", 1): guide_rewind,
        ("docs/guide.md", 2): guide_per_host, ("docs/guide.md", 3): guide_orbax_move,
        ("docs/guide.md", 4): guide_whole_run, ("docs/guide.md", 5): guide_read_only,
-       ("docs/guide.md", 6): guide_local_tier, ("docs/tools.md", 0): tools_from_python,
+       ("docs/guide.md", 6): guide_evaluators, ("docs/guide.md", 7): guide_local_tier,
+       ("docs/tools.md", 0): tools_from_python,
        ("docs/architecture.md", 0): architecture_store_tests}
 
 
