@@ -2,7 +2,7 @@
 
 Public API::
 
-    ckpt.save_async(url, tree, *, metadata=None) -> SaveHandle
+    ckpt.save_async(url, tree, *, metadata=None) -> SaveHandle   # .wait() .done() .cancel()
     ckpt.save(url, tree, *, metadata=None)
     ckpt.restore(url, target=None, *, mesh=None, item=None)   # ours, Orbax, safetensors
     ckpt.metadata(url, *, timeout_s=None) -> CheckpointInfo
@@ -14,7 +14,8 @@ Public API::
     ckpt.PerProcess(value)                              # a leaf whose value differs per process
     ckpt.CheckpointManager(root_url, keep_last=None, keep_every=None, *, read_only=False)
         .save(step, tree, metrics=None) .restore(step=None, target=None, mesh=None, item=None)
-        .delete(step) .rewind(step) .latest_step() .steps() .wait() .close()
+        .delete(step) .rewind(step) .latest_step() .steps() .watch(after=None, timeout_s=None)
+        .wait() .cancel() .close()
     ckpt.configure_storage("s3" | "gs", **options)   # override endpoint/credential settings
 
 See docs/format.md for the on-disk format, docs/protocol.md for the commit protocol and

@@ -20,7 +20,9 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 
+log = logging.getLogger("ckpt.save")
 
 @dataclasses.dataclass(frozen=True)
 class SaveTimings:
@@ -76,6 +78,8 @@ class SaveHandle:
         self._event = threading.Event()
         self._exc: BaseException | None = None
         self.observed_by_user = False
+        # Set by the pipeline that runs the save (`ckpt._save.request_cancel` of its job).
+        self.on_cancel: Callable[[], None] | None = None
 
     def _finish(self, exc: BaseException | None) -> None:
         """Called once, by the thread that ran the save, when it has stopped touching
@@ -137,6 +141,35 @@ class SaveHandle:
         self.mark_observed()
         if self._exc is not None:
             raise self._exc
+
+    def cancel(self, timeout: float | None = None) -> bool:
+        """Stops the save: on this process and every other of the job, at the next chunk
+        boundary; nothing is committed and its attempt is removed. Returns once the save
+        has stopped touching storage on this process.
+
+        Call it on any process (one is enough; every one may). A cancel racing the commit
+        loses or wins whole: process 0 looks for cancels once more right before it claims
+        the commit. After a cancel that won, `wait` raises `SaveCancelledError`; its
+        outcome counts as seen (a manager's next save does not raise it).
+
+        Returns:
+            True when the save ended without committing (cancelled, or failed before),
+            False when it had committed first.
+
+        Raises:
+            TimeoutError: still running after ``timeout`` seconds.
+        """
+        if self.on_cancel is not None and not self._event.is_set():
+            self.on_cancel()
+        if not self._await(timeout):
+            raise TimeoutError(f"cancelling the save to {self.url}: still running after "
+                               f"{timeout} s")
+        self.mark_observed()
+        if self._exc is None:
+            log.info("cancel of %s came too late: it is committed", self.describe())
+            return False
+        log.info("%s was not committed (%s)", self.describe(), type(self._exc).__name__)
+        return True
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """Blocks like `wait`, then returns the save's error instead of raising it."""

@@ -468,6 +468,32 @@ class CheckpointManager:
         for step in steps:
             self._metrics.pop(step, None)
 
+    def cancel(self) -> bool:
+        """Cancels the manager's saves in flight: the last save and, with a local tier, the
+        commit of a step to the root under way (its step stays on the local tier only).
+        Each stops at its next chunk boundary on every process, commits nothing and
+        removes its attempt (`SaveHandle.cancel`); returns once they have stopped touching
+        storage. Call on any process. Their outcomes count as seen: the next `save`,
+        `wait` and `close` do not raise them.
+
+        Returns:
+            True when a save in flight was stopped before it committed; False when none
+            was in flight, or each committed first.
+        """
+        stopped = False
+        seen: set[int] = set()
+        while True:
+            # A local save that commits while it is cancelled starts its root's commit:
+            # the list is asked again until it names nothing new.
+            handles = [h for h in (self._handle, *self._place.pending())
+                       if h is not None and id(h) not in seen]
+            if not handles:
+                return stopped
+            for handle in handles:
+                seen.add(id(handle))
+                if not handle.done():  # a failure from before stays for `wait` to raise
+                    stopped = handle.cancel() or stopped
+
     def wait(self) -> None:
         """Blocks until the save in flight (if any) is committed; with a local tier, also
         the commit to the persistent root under way.

@@ -68,6 +68,7 @@ from ckpt.errors import (
     CommitOutcomeUnknownError,
     CoordinationError,
     InvalidMetadataError,
+    SaveCancelledError,
     SaveError,
     StorageError,
     UnsupportedLeafError,
@@ -125,6 +126,11 @@ class Job:
     started: float = 0.0   # time.monotonic() when the save was called
     blocked_s: float = 0.0
     blocked: threading.Event = dataclasses.field(default_factory=threading.Event)  # returned
+    # Set once a cancel was asked for on this process, or seen asked for on another
+    # (`request_cancel`, `check_cancelled`); when another process's requests were last
+    # looked up.
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    cancel_looked: float = 0.0
 
     def timings(self, written: float, rows: list[Row], nbytes: int) -> SaveTimings:
         """A committed save's timings, now (``written``: when its writes ended)."""
@@ -215,6 +221,42 @@ class Copy:
             # Through the save's deadline: past it (a server that stopped answering), the
             # attempt is left to the cleaners rather than waited on.
             remove_uncommitted(job.store, job.attempt)
+
+
+# How often, at most, a save's chunk loop looks up whether another process asked for a
+# cancel (one coordination-service request each time).
+CANCEL_POLL_S = 0.1
+
+
+def request_cancel(job: Job) -> None:
+    """Any thread of this process (`SaveHandle.cancel`): asks the save to stop at its next
+    chunk boundary on every process. Other processes learn it through the coordination
+    service (a key under the save's prefix, which their chunk loops and process 0's
+    decision look up)."""
+    if job.cancelled.is_set():
+        return  # asked already, here or on another process
+    job.cancelled.set()
+    if job.coord.process_count > 1:
+        try:
+            job.coord.publish(f"{job.prefix}/cancel/{job.coord.process_index}", "1")
+        except Exception as exc:  # this process still stops; the others meet its error
+            log.warning("cancelling %s: could not tell the other processes: %s",
+                        job.store.url, exc)
+
+
+def check_cancelled(job: Job, *, now: bool = False) -> None:
+    """Raises `SaveCancelledError` once a cancel was asked for on any process. This
+    process's request is seen at once; another's is looked up at most every
+    `CANCEL_POLL_S` (``now``: always, as process 0 does right before it commits)."""
+    if not job.cancelled.is_set() and job.coord.process_count > 1:
+        moment = time.monotonic()
+        if now or moment - job.cancel_looked >= CANCEL_POLL_S:
+            job.cancel_looked = moment
+            if job.coord.collect(f"{job.prefix}/cancel/"):
+                job.cancelled.set()
+    if job.cancelled.is_set():
+        raise SaveCancelledError(f"the save of {job.store.url} (attempt {job.attempt}) was "
+                                 "cancelled: nothing was committed")
 
 
 def _host_array(leaf: jax.Array) -> np.ndarray:
@@ -362,6 +404,7 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
               metrics=dict(metrics or {}), digests=agreement, overwrite=overwrite,
               per_process=per_process, on_commit=on_commit, parents=parents,
               prefix=f"save/{seq}", started=started)
+    handle.on_cancel = functools.partial(request_cancel, job)
     track(handle)
     try:
         threading.Thread(target=run, args=(job, handle), name=f"ckpt-save-{attempt}").start()
@@ -384,6 +427,7 @@ def start_commit(job: Job, handle: SaveHandle, on_done: Callable[[], None]) -> N
     on every process in the same order; ``job.prefix`` must be the same everywhere."""
     job.started = time.monotonic()
     job.blocked.set()
+    handle.on_cancel = functools.partial(request_cancel, job)
     track(handle)
 
     def body() -> None:
@@ -444,6 +488,7 @@ def _write_chunks(job: Job, create: bool) -> list[Row]:
         for unit, host in job.snapshot.items(job.deadline, writer.finish_oldest):
             last = len(unit.chunks) - 1
             for i, c in enumerate(unit.chunks):
+                check_cancelled(job)
                 release = (functools.partial(feed.release, unit.nbytes)
                            if feed is not None and i == last else None)
                 writer.put(arrays[c.record], c.slices, c.data(host),
@@ -502,6 +547,7 @@ def run(job: Job, handle: SaveHandle) -> None:
         try:
             rows = write_snapshot(job, create=copy.writes_manifest(me))
             log.debug("%s: chunks written (%d)", handle.describe(), len(rows))
+            check_cancelled(job)  # the host report would be written for nothing
             mine = copy.written(job, rows)
             written = time.monotonic()
         except BaseException as exc:
@@ -512,10 +558,17 @@ def run(job: Job, handle: SaveHandle) -> None:
         failed = _coord.errors_of(outcomes)
 
         def decide() -> Any:
+            if failed and all(f.kind == SaveCancelledError.__name__ for f in failed):
+                raise SaveCancelledError(
+                    f"the save of {job.store.url} (attempt {job.attempt}) was cancelled on "
+                    f"process(es) {[f.process for f in failed]}: nothing was committed")
             if failed:
                 raise SaveError(f"{job.store.url} was not committed: " + "; ".join(
                     f"process {f.process} failed to write its chunks: {f.kind}: {f.message}"
                     for f in failed))
+            # The last moment a cancel wins: a cancel asked for later finds the save
+            # committed (`SaveHandle.cancel` returns False then).
+            check_cancelled(job, now=True)
             return copy.verdict(job, outcomes)
 
         if isinstance(mine, BaseException):

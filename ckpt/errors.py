@@ -37,6 +37,7 @@ exported here::
     └── SaveError (RuntimeError)                a save failed in the background
         ├── CommitConflictError                 another attempt committed this checkpoint first
         ├── AttemptRemovedError                 a clean-up claimed the attempt before it committed
+        ├── SaveCancelledError                  `SaveHandle.cancel` stopped it: nothing committed
         └── CoordinationError (TimeoutError)    processes did not meet in time
             └── CommitOutcomeUnknownError       whether the save committed is not known in
                                                 time: its COMMIT decides
@@ -70,7 +71,7 @@ __all__ = [
     "InvalidMetadataError", "MeshMismatchError", "MissingDependencyError",
     "ManagerClosedError", "MissingLeafError", "NotACheckpointError", "ObjectNotFoundError",
     "ReadOnlyError",
-    "SaveError", "ShapeMismatchError", "StepOrderError", "StorageError",
+    "SaveCancelledError", "SaveError", "ShapeMismatchError", "StepOrderError", "StorageError",
     "TargetMismatchError", "UncommittedCheckpointError", "UnreadableObjectError",
     "UnsupportedFormatError", "UnsupportedLeafError", "UnsupportedURLError",
 ]
@@ -129,6 +130,12 @@ class CommitConflictError(SaveError):
 class AttemptRemovedError(SaveError):
     """A clean-up (``ckpt gc``, another manager's debris removal) claimed this save's attempt
     for removal before its committer claimed it for commit; nothing was committed."""
+
+
+class SaveCancelledError(SaveError):
+    """The save was cancelled (`SaveHandle.cancel` or `CheckpointManager.cancel`, on any
+    process of the job) before it committed: nothing was committed and its attempt was
+    removed."""
 
 
 class StepOrderError(CkptError, ValueError):

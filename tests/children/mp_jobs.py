@@ -519,3 +519,65 @@ def mixed_restores(root, mesh_shape):
             out.append(str(exc))
         exact(mgr.restore(2, mesh=mesh), 2)
     return out
+
+
+def cancel_one(url, who, manager):
+    """Process ``who`` cancels a save once its first chunk write is under way (the save
+    held there until the cancel is asked for); the other process holds its own first chunk
+    write until it can see the cancel in the coordination service, then must stop at its
+    next chunk boundary. Returns this process's outcome: what its cancel returned, the
+    error its handle ended with, and the chunk writes it made, against those of a whole
+    save of the same tree made first."""
+    import threading
+
+    from tests.helpers.faults import FaultyStore, is_chunk_write
+
+    me = jax.process_index()
+    tree = device_tree(0, (jax.process_count(), 4))
+    whole: list = []
+    ckpt.save(FaultyStore(url + "-whole", before=lambda doing, key, args: whole.append(key)
+                          if is_chunk_write(doing) else None), tree, timeout_s=120)
+    reached, gate, writes = threading.Event(), threading.Event(), []
+
+    def hold_first_write(doing, key, args):
+        if not is_chunk_write(doing):
+            return
+        writes.append(key)
+        if reached.is_set():
+            return
+        reached.set()
+        if me == who:
+            gate.wait(120)
+        else:  # the second save of this process: its keys are under save/1
+            coordination_client().blocking_key_value_get(f"ckpt/save/1/cancel/{who}", 120_000)
+
+    store = FaultyStore(url, before=hold_first_write)
+    # Every chunk boundary looks for a cancel (by default at most every 0.1 s): the
+    # process that saw one then stops at its very next chunk.
+    mock.patch("ckpt._save.CANCEL_POLL_S", 0.0).start()
+    mgr = None
+    if manager:
+        mgr = ckpt.CheckpointManager(store, watch_preemption=False)
+        handle = mgr.save(1, tree)
+    else:  # 1 MiB of chunk data in flight at most: most chunks are still to write
+        handle = ckpt.save_async(store, tree, timeout_s=120, memory_budget=1 << 20)
+    assert handle is not None
+    cancelled = None
+    if me == who:
+        assert reached.wait(120)
+        ask = handle.on_cancel
+        assert ask is not None
+
+        def ask_then_release():
+            ask()
+            gate.set()
+
+        handle.on_cancel = ask_then_release
+        cancelled = mgr.cancel() if mgr is not None else handle.cancel()
+    error = handle.exception(timeout=120)
+    steps = None
+    if mgr is not None:
+        mgr.close()  # the cancelled save's outcome was seen: nothing is raised
+        steps = mgr.steps()
+    return {"cancelled": cancelled, "error": type(error).__name__ if error else None,
+            "steps": steps, "writes": len(writes), "whole": len(whole)}
