@@ -4,13 +4,15 @@ Compares any two checkpoints this library reads (its own, Orbax's, safetensors; 
 any backends) leaf by leaf, matched by key path. Arrays are streamed like ``reshard``
 streams them: boxes of a common grid are read from both sides with restore's reader (every
 chunk checked as restore checks it) in batches that fit ``memory_budget``, and compared in
-pieces, so host memory stays bounded whatever the leaf's size. Two of this library's
+pieces, so host memory stays bounded whatever the leaf's size (by the budget, or by the
+chunks, which are read whole). Two of this library's
 checkpoints with the same chunk layout are compared by the manifests' crc32c first: only
 chunks whose checksums differ are read. Called on one process, like the other tools.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -22,7 +24,7 @@ from ckpt._format import LeafKind, LeafRecord
 from ckpt._leaves import decode_inline, decode_value, dtype_from_name
 from ckpt._reader import Readable, open_readable
 from ckpt._reshard import DEFAULT_BUDGET, path_matches
-from ckpt._tree import path_text, slash_path
+from ckpt._tree import path_text, python_path, slash_path
 from ckpt.errors import InvalidArgumentError
 from ckpt.restore import read_arrays
 from ckpt.restore.boxes import Box, box_size, chunk_box, grid_shape, to_slices, unflat_index
@@ -182,7 +184,8 @@ def _describe(rec: LeafRecord | None) -> str:
     if rec is None:
         return "-"
     if rec.kind in _ARRAYS:
-        return f"{rec.dtype}[{','.join(map(str, rec.shape))}]"
+        key = f" (key<{rec.prng_impl}> data)" if rec.prng_impl else ""
+        return f"{rec.dtype}[{','.join(map(str, rec.shape))}]{key}"
     if rec.kind == LeafKind.VALUE:
         return f"{rec.vtype} {str(rec.value)[:40]}"
     if rec.kind == LeafKind.EMPTY:
@@ -224,31 +227,60 @@ class _Tally:
             self.differing += n
             self.beyond += n
             return
+        if self.kind == "i":
+            self._integers(a, b)
+            return
         wide = np.complex128 if self.dtype.kind == "c" else np.float64
         x, y = a.astype(wide), b.astype(wide)
-        if self.kind == "f":
-            nan_x, nan_y = np.isnan(x), np.isnan(y)
-            differ = ~((x == y) | (nan_x & nan_y))
-        else:  # integers compared exactly; their differences in float64 for the figures
-            differ = a != b
+        # Part by part: a complex NaN is NaN whichever part is, so NaN+1j would equal NaN+2j.
+        parts = (x.real, y.real, x.imag, y.imag) if self.dtype.kind == "c" else (x, y)
+        same = np.ones(x.shape, bool)
+        for px, py in zip(parts[::2], parts[1::2], strict=True):
+            same &= (px == py) | (np.isnan(px) & np.isnan(py))
+        differ = ~same
         n = int(np.count_nonzero(differ))
         if not n:
             return
         self.differing += n
         x, y = x[differ], y[differ]
+        self.nan_a += int(np.count_nonzero(np.isnan(x)))
+        self.nan_b += int(np.count_nonzero(np.isnan(y)))
+        self.inf_a += int(np.count_nonzero(np.isinf(x)))
+        self.inf_b += int(np.count_nonzero(np.isinf(y)))
         finite = np.isfinite(x) & np.isfinite(y)
-        if self.kind == "f":
-            self.nan_a += int(np.count_nonzero(np.isnan(x)))
-            self.nan_b += int(np.count_nonzero(np.isnan(y)))
-            self.inf_a += int(np.count_nonzero(np.isinf(x)))
-            self.inf_b += int(np.count_nonzero(np.isinf(y)))
-        d = np.abs(x[finite] - y[finite])
-        ref = np.abs(y[finite])
+        self._tally(n, np.abs(x[finite] - y[finite]), np.abs(y[finite]))
+
+    def _integers(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Compared exactly, and their differences too: in float64 two int64s above 2**53
+        would differ by 0."""
+        differ = a != b
+        n = int(np.count_nonzero(differ))
+        if not n:
+            return
+        self.differing += n
+        if self.dtype.kind == "b":
+            x, y = a[differ].astype(np.uint64), b[differ].astype(np.uint64)
+        else:
+            x = a[differ].astype(np.uint64 if self.dtype.kind == "u" else np.int64)
+            y = b[differ].astype(x.dtype)
+        # |x - y| fits 64 bits unsigned: modular subtraction of the larger minus the smaller.
+        xu, yu = x.view(np.uint64), y.view(np.uint64)
+        d = np.where(x >= y, xu - yu, yu - xu)
+        ref = np.abs(y.astype(np.float64))
+        if self.rtol == 0 and self.atol == 0:  # exact: every differing element is beyond
+            self._tally(n, d.astype(np.float64), ref, within=0)
+        else:
+            self._tally(n, d.astype(np.float64), ref)
+
+    def _tally(self, n: int, d: np.ndarray, ref: np.ndarray, within: int | None = None) -> None:
+        """Adds ``n`` differing elements, of which ``d`` are the finite differences and
+        ``ref`` B's magnitudes there."""
         if d.size:
             self.max_abs = max(self.max_abs, float(d.max()))
             rel = np.divide(d, ref, out=np.full(d.shape, np.inf), where=ref > 0)
             self.max_rel = max(self.max_rel, float(rel.max()))
-        within = int(np.count_nonzero(d <= self.atol + self.rtol * ref))
+        if within is None:
+            within = int(np.count_nonzero(d <= self.atol + self.rtol * ref))
         self.beyond += n - within
 
     def result(self, path: str, rec: LeafRecord, other: LeafRecord, size: int) -> LeafDiff:
@@ -286,19 +318,18 @@ def _same_layout(sa: _Side, ra: LeafRecord, sb: _Side, rb: LeafRecord) -> bool:
             == math.prod(grid_shape(ra.shape, ra.chunk_shape)))
 
 
-def _grid_boxes(shape: tuple[int, ...], chunk_shape: tuple[int, ...], itemsize: int,
-                limit: int) -> Iterator[Box]:
-    """Boxes covering ``shape``: A's chunks (each read once from A), halved along their
-    largest dimension while larger than ``limit`` bytes."""
-    chunk = list(chunk_shape) if len(chunk_shape) == len(shape) and all(chunk_shape) \
-        else list(shape)
-    chunk = [max(1, min(c, n)) for c, n in zip(chunk, shape, strict=True)]
-    while math.prod(chunk) * itemsize > limit and max(chunk, default=1) > 1:
-        axis = chunk.index(max(chunk))
-        chunk[axis] = -(-chunk[axis] // 2)
-    grid = grid_shape(shape, chunk)
+def _grid_boxes(shape: tuple[int, ...], chunk_shapes: Sequence[tuple[int, ...]]
+                ) -> Iterator[Box]:
+    """Boxes covering ``shape``, each as large as the larger of the two sides' chunks along
+    every dimension: a chunk is read whole whatever box asks for it, so a smaller box would
+    only read it again (once per box), and hold no less while it is read. A chunk is read
+    once where the two grids nest, at most twice a dimension where they do not."""
+    usable = [c for c in chunk_shapes if len(c) == len(shape) and all(c)]
+    box = [max(1, min(n, max((c[i] for c in usable), default=n)))
+           for i, n in enumerate(shape)]
+    grid = grid_shape(shape, box)
     for flat in range(math.prod(grid)):
-        yield chunk_box(unflat_index(flat, grid), chunk, shape)
+        yield chunk_box(unflat_index(flat, grid), box, shape)
 
 
 def _batches(boxes: Iterable[Box], itemsize: int, limit: int) -> Iterator[list[Box]]:
@@ -315,10 +346,9 @@ def _batches(boxes: Iterable[Box], itemsize: int, limit: int) -> Iterator[list[B
         yield batch
 
 
-def _compare_arrays(sa: _Side, ra: LeafRecord, sb: _Side, rb: LeafRecord, rtol: float,
-                    atol: float, budget: int, by_checksum: bool,
+def _compare_arrays(path: str, sa: _Side, ra: LeafRecord, sb: _Side, rb: LeafRecord,
+                    rtol: float, atol: float, budget: int, by_checksum: bool,
                     progress: Callable[[int], None]) -> LeafDiff:
-    path = path_text(ra.path)
     dtype = dtype_from_name(ra.dtype, f"{sa.source.store.url} leaf {path}")
     tally = _Tally(dtype, rtol, atol)
     # A quarter of the budget for each side's boxes of a batch, a quarter for the reader's
@@ -334,7 +364,7 @@ def _compare_arrays(sa: _Side, ra: LeafRecord, sb: _Side, rb: LeafRecord, rtol: 
         progress(2 * sum(n for n, x, y in zip(ra.chunk_nbytes, ra.chunk_crc32c,
                                               rb.chunk_crc32c, strict=True) if x == y))
     else:
-        boxes = _grid_boxes(ra.shape, ra.chunk_shape, dtype.itemsize, limit)
+        boxes = _grid_boxes(ra.shape, [ra.chunk_shape, rb.chunk_shape])
     for batch in _batches(boxes, dtype.itemsize, limit):
         xs = sa.boxes(ra, batch, limit)
         ys = sb.boxes(rb, batch, limit)
@@ -345,38 +375,94 @@ def _compare_arrays(sa: _Side, ra: LeafRecord, sb: _Side, rb: LeafRecord, rtol: 
     return tally.result(path, ra, rb, math.prod(ra.shape))
 
 
-def _values_equal(x: Any, y: Any) -> bool:
+def _same(x: Any, y: Any) -> bool:
+    """Equality of plain (msgpack) data in which NaN equals NaN."""
     if isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y):
         return True
+    if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
+        return len(x) == len(y) and all(_same(p, q) for p, q in zip(x, y, strict=True))
+    if isinstance(x, dict) and isinstance(y, dict):
+        return x.keys() == y.keys() and all(_same(x[k], y[k]) for k in x)
     return type(x) is type(y) and bool(x == y)
 
 
-def _compare_other(sa: _Side, ra: LeafRecord, sb: _Side, rb: LeafRecord, rtol: float,
-                   atol: float) -> LeafDiff:
+def _compare_other(path: str, sa: _Side, ra: LeafRecord, sb: _Side, rb: LeafRecord,
+                   rtol: float, atol: float) -> LeafDiff:
     """Leaves that are not arrays: values, empty containers, per-process states."""
-    path, a, b = path_text(ra.path), _describe(ra), _describe(rb)
+    a, b = _describe(ra), _describe(rb)
     if (ra.kind, ra.vtype) != (rb.kind, rb.vtype):
         return LeafDiff(path, KIND, a, b)
     if ra.kind == LeafKind.VALUE:
         x = decode_value(ra, f"{sa.source.store.url} leaf {path}")
         y = decode_value(rb, f"{sb.source.store.url} leaf {path}")
-        if _values_equal(x, y):
+        if _same(x, y):
             return LeafDiff(path, IDENTICAL, a, b, 1)
-        if ra.vtype in ("float", "complex", "int") and not isinstance(x, bool):
-            d = abs(x - y)
-            if math.isfinite(d):
-                rel = d / abs(y) if y else math.inf if d else 0.0
-                status = CLOSE if d <= atol + rtol * abs(y) else DIFFERENT
-                return LeafDiff(path, status, a, b, 1, 1, int(status == DIFFERENT), float(d),
-                                rel)
+        if ra.vtype in ("float", "complex", "int"):
+            d = abs(x - y)  # exact for ints, however large
+            try:
+                finite = math.isfinite(d)
+                size = float(d)
+                rel = float(d / abs(y)) if y else math.inf
+                within = d <= atol + rtol * abs(y)
+            except OverflowError:  # integers beyond any float
+                finite, size, rel, within = True, math.inf, math.inf, False
+            if finite:
+                status = CLOSE if within else DIFFERENT
+                return LeafDiff(path, status, a, b, 1, 1, int(status == DIFFERENT), size, rel)
         return LeafDiff(path, DIFFERENT, a, b, 1, 1, 1)
     if ra.kind == LeafKind.PER_PROCESS:
         xs, ys = list(ra.value or ()), list(rb.value or ())
         if len(xs) != len(ys):
             return LeafDiff(path, KIND, a, b)
-        n = sum(1 for x, y in zip(xs, ys, strict=True) if x != y)
+        n = sum(1 for x, y in zip(xs, ys, strict=True) if not _same(x, y))
         return LeafDiff(path, DIFFERENT if n else IDENTICAL, a, b, len(xs), n, n)
     return LeafDiff(path, IDENTICAL, a, b)  # none, or an empty container of one type
+
+
+def _pairs(la: Sequence[LeafRecord], lb: Sequence[LeafRecord]
+           ) -> list[tuple[str, LeafRecord | None, LeafRecord | None]]:
+    """The leaves of both sides matched by key path, in A's order, then those only in B,
+    each with the name it is shown by. Exact key paths first (``python_path``: a dict key
+    "0" is not a list position 0); then, among the leaves left on both sides, the same
+    path as written (``slash_path``), which is how the formats without a tree of their own
+    (safetensors) name leaves, where it names one leaf on each side. A slash path two leaves
+    of one side share is shown in Python notation, so the lines say which is which."""
+    rest_b = {python_path(r.path): r for r in lb}
+    matched: list[tuple[LeafRecord, LeafRecord | None]] = []
+    for r in la:
+        matched.append((r, rest_b.pop(python_path(r.path), None)))
+    slash_a = collections.Counter(slash_path(r.path) for r in la)
+    slash_b = collections.Counter(slash_path(r.path) for r in lb)
+    loose = {slash_path(r.path): r for r in rest_b.values()
+             if slash_b[slash_path(r.path)] == 1}
+    for i, (r, other) in enumerate(matched):
+        key = slash_path(r.path)
+        if other is None and slash_a[key] == 1 and key in loose:
+            matched[i] = (r, loose.pop(key))
+            del rest_b[python_path(matched[i][1].path)]  # type: ignore[union-attr]
+    pairs: list[tuple[str, LeafRecord | None, LeafRecord | None]] = []
+    for ra, rb in [*matched, *((None, r) for r in rest_b.values())]:
+        rec = ra if ra is not None else rb
+        assert rec is not None
+        shared = slash_a[slash_path(rec.path)] > 1 or slash_b[slash_path(rec.path)] > 1
+        pairs.append((python_path(rec.path) if shared else path_text(rec.path), ra, rb))
+    return pairs
+
+
+def _compare(name: str, sa: _Side, ra: LeafRecord, sb: _Side, rb: LeafRecord, rtol: float,
+             atol: float, budget: int, by_checksum: bool,
+             advance: Callable[[int], None]) -> LeafDiff:
+    """One leaf on both sides."""
+    a, b = _describe(ra), _describe(rb)
+    if (ra.kind in _ARRAYS) != (rb.kind in _ARRAYS):
+        return LeafDiff(name, KIND, a, b)
+    if ra.kind not in _ARRAYS:
+        return _compare_other(name, sa, ra, sb, rb, rtol, atol)
+    if ra.shape != rb.shape:
+        return LeafDiff(name, SHAPE, a, b)
+    if ra.dtype != rb.dtype or ra.prng_impl != rb.prng_impl:  # a key of another impl
+        return LeafDiff(name, DTYPE, a, b)
+    return _compare_arrays(name, sa, ra, sb, rb, rtol, atol, budget, by_checksum, advance)
 
 
 def diff(a: StoreLike, b: StoreLike, *, rtol: float = 0.0, atol: float = 0.0,
@@ -387,8 +473,10 @@ def diff(a: StoreLike, b: StoreLike, *, rtol: float = 0.0, atol: float = 0.0,
     line; called on one process, with no devices.
 
     Any two checkpoints this library reads, on any meshes and backends. Leaves are matched
-    by key path; arrays are read in boxes with host memory bounded by ``memory_budget``,
-    each chunk checked as restore checks it. Two of this library's checkpoints whose array
+    by key path (`_pairs`); arrays are read in boxes as large as the larger of the two
+    sides' chunks, each chunk checked as restore checks it, with host memory within
+    ``memory_budget`` or about four times the largest chunk where that is more (a chunk is
+    read whole). Two of this library's checkpoints whose array
     has the same chunk grid on both sides are compared by the manifests' crc32c first, and
     only chunks whose checksums differ are read (two chunks of different bytes share a
     crc32c with a chance of 1 in 2**32: ``by_checksum=False`` reads everything).
@@ -424,22 +512,22 @@ def diff(a: StoreLike, b: StoreLike, *, rtol: float = 0.0, atol: float = 0.0,
         deadline = store.deadline if isinstance(store, DeadlineStore) else None
         sides.append(_Side(open_readable(store), deadline))
     sa, sb = sides
-    leaves_a = {slash_path(r.path): r for r in sa.source.manifest.leaves}
-    leaves_b = {slash_path(r.path): r for r in sb.source.manifest.leaves}
-    order = list(leaves_a) + [p for p in leaves_b if p not in leaves_a]
+    pairs = _pairs(sa.source.manifest.leaves, sb.source.manifest.leaves)
     if only:
-        unused = [p for p in only if not any(path_matches(p, path) for path in order)]
+        def wanted(pattern: str, ra: LeafRecord | None, rb: LeafRecord | None) -> bool:
+            return any(path_matches(pattern, slash_path(r.path)) for r in (ra, rb)
+                       if r is not None)
+
+        unused = [p for p in only if not any(wanted(p, ra, rb) for _, ra, rb in pairs)]
         if unused:
-            shown = ", ".join(order[:3]) or "nothing: no leaves"
+            shown = ", ".join(name for name, _, _ in pairs[:3]) or "nothing: no leaves"
             raise InvalidArgumentError(f"--only pattern(s) {unused} match no leaf of either "
                                        f"checkpoint (key paths look like {shown})")
-        order = [path for path in order if any(path_matches(p, path) for p in only)]
-    comparable = [p for p in order if p in leaves_a and p in leaves_b
-                  and leaves_a[p].kind in _ARRAYS and leaves_b[p].kind in _ARRAYS
-                  and leaves_a[p].shape == leaves_b[p].shape
-                  and leaves_a[p].dtype == leaves_b[p].dtype]
-    total = sum(r.nbytes for p in comparable for r in (leaves_a[p], leaves_b[p])
-                if r.kind == LeafKind.ARRAY)
+        pairs = [(n, ra, rb) for n, ra, rb in pairs if any(wanted(p, ra, rb) for p in only)]
+    both = [(ra, rb) for _, ra, rb in pairs if ra is not None and rb is not None
+            and ra.kind in _ARRAYS and rb.kind in _ARRAYS and ra.shape == rb.shape
+            and ra.dtype == rb.dtype]
+    total = sum(r.nbytes for pair in both for r in pair if r.kind == LeafKind.ARRAY)
     done = 0
 
     def advance(nbytes: int) -> None:
@@ -448,25 +536,15 @@ def diff(a: StoreLike, b: StoreLike, *, rtol: float = 0.0, atol: float = 0.0,
         if progress is not None:
             progress(min(done, total), total)
 
+    sa.source.check_files([ra for ra, _ in both])
+    sb.source.check_files([rb for _, rb in both])
     out: list[LeafDiff] = []
-    sa.source.check_files([leaves_a[p] for p in comparable])
-    sb.source.check_files([leaves_b[p] for p in comparable])
-    for path in order:
-        ra, rb = leaves_a.get(path), leaves_b.get(path)
+    for name, ra, rb in pairs:
         if ra is None or rb is None:
-            shown = path_text((ra or rb).path)  # type: ignore[union-attr]
-            out.append(LeafDiff(shown, ONLY_B if ra is None else ONLY_A, _describe(ra),
+            out.append(LeafDiff(name, ONLY_B if ra is None else ONLY_A, _describe(ra),
                                 _describe(rb)))
-        elif (ra.kind in _ARRAYS) != (rb.kind in _ARRAYS):
-            out.append(LeafDiff(path_text(ra.path), KIND, _describe(ra), _describe(rb)))
-        elif ra.kind not in _ARRAYS:
-            out.append(_compare_other(sa, ra, sb, rb, rtol, atol))
-        elif ra.shape != rb.shape:
-            out.append(LeafDiff(path_text(ra.path), SHAPE, _describe(ra), _describe(rb)))
-        elif ra.dtype != rb.dtype:
-            out.append(LeafDiff(path_text(ra.path), DTYPE, _describe(ra), _describe(rb)))
         else:
-            out.append(_compare_arrays(sa, ra, sb, rb, rtol, atol, memory_budget,
-                                       by_checksum, advance))
+            out.append(_compare(name, sa, ra, sb, rb, rtol, atol, memory_budget, by_checksum,
+                                advance))
     return DiffResult(sa.source.store.url, sb.source.store.url, rtol, atol, out,
                       sa.read + sb.read, total)

@@ -22,6 +22,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from ckpt.errors import CommitOutcomeUnknownError
+
 log = logging.getLogger("ckpt.save")
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +80,9 @@ class SaveHandle:
         self._event = threading.Event()
         self._exc: BaseException | None = None
         self.observed_by_user = False
-        # Set by the pipeline that runs the save (`ckpt._save.request_cancel` of its job).
+        # Set by the pipeline that runs the save (`attach_cancel`): asks it to stop.
         self.on_cancel: Callable[[], None] | None = None
+        self._cancel_asked = False
 
     def _finish(self, exc: BaseException | None) -> None:
         """Called once, by the thread that ran the save, when it has stopped touching
@@ -142,6 +145,14 @@ class SaveHandle:
         if self._exc is not None:
             raise self._exc
 
+    def attach_cancel(self, ask: Callable[[], None]) -> None:
+        """Called by the pipeline that runs this save, before its background part starts:
+        how to ask it to stop. A cancel asked for before (a local step's commit to the
+        root, cancelled before it started) is passed on at once."""
+        self.on_cancel = ask
+        if self._cancel_asked:
+            ask()
+
     def cancel(self, timeout: float | None = None) -> bool:
         """Stops the save: on this process and every other of the job, at the next chunk
         boundary; nothing is committed and its attempt is removed. Returns once the save
@@ -158,16 +169,21 @@ class SaveHandle:
 
         Raises:
             TimeoutError: still running after ``timeout`` seconds.
+            CommitOutcomeUnknownError: this process could not learn in time whether the
+                save committed (process 0 was still creating COMMIT): COMMIT decides.
         """
+        self._cancel_asked = True
         if self.on_cancel is not None and not self._event.is_set():
             self.on_cancel()
         if not self._await(timeout):
             raise TimeoutError(f"cancelling the save to {self.url}: still running after "
                                f"{timeout} s")
-        self.mark_observed()
         if self._exc is None:
             log.info("cancel of %s came too late: it is committed", self.describe())
             return False
+        if isinstance(self._exc, CommitOutcomeUnknownError):
+            raise self._exc  # it may still commit: COMMIT decides, not this cancel
+        self.mark_observed()
         log.info("%s was not committed (%s)", self.describe(), type(self._exc).__name__)
         return True
 

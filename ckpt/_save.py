@@ -126,11 +126,9 @@ class Job:
     started: float = 0.0   # time.monotonic() when the save was called
     blocked_s: float = 0.0
     blocked: threading.Event = dataclasses.field(default_factory=threading.Event)  # returned
-    # Set once a cancel was asked for on this process, or seen asked for on another
-    # (`request_cancel`, `check_cancelled`); when another process's requests were last
-    # looked up.
+    # Set once a cancel was asked for on this process, or on another (`request_cancel`,
+    # `listen_for_cancel`).
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
-    cancel_looked: float = 0.0
 
     def timings(self, written: float, rows: list[Row], nbytes: int) -> SaveTimings:
         """A committed save's timings, now (``written``: when its writes ended)."""
@@ -223,37 +221,55 @@ class Copy:
             remove_uncommitted(job.store, job.attempt)
 
 
-# How often, at most, a save's chunk loop looks up whether another process asked for a
-# cancel (one coordination-service request each time).
-CANCEL_POLL_S = 0.1
+def _tell(coord: _coord.Coordinator, key: str, value: str) -> None:
+    """Publishes ``key`` unless it is there already (another process's cancel, or process
+    0's end of the save): the first value stands."""
+    try:
+        coord.publish(key, value)
+    except Exception as exc:  # set already, or the service is gone: nothing to add
+        log.debug("%s not published: %s", key, exc)
 
 
 def request_cancel(job: Job) -> None:
     """Any thread of this process (`SaveHandle.cancel`): asks the save to stop at its next
-    chunk boundary on every process. Other processes learn it through the coordination
-    service (a key under the save's prefix, which their chunk loops and process 0's
-    decision look up)."""
+    chunk boundary on every process. In a job of several processes it publishes
+    ``<prefix>/cancel/<p>`` (what process 0 looks up right before it commits) and
+    ``<prefix>/stop`` (what every process's `listen_for_cancel` waits for)."""
     if job.cancelled.is_set():
         return  # asked already, here or on another process
     job.cancelled.set()
     if job.coord.process_count > 1:
+        _tell(job.coord, f"{job.prefix}/cancel/{job.coord.process_index}", "1")
+        _tell(job.coord, f"{job.prefix}/stop", "cancel")
+
+
+def listen_for_cancel(job: Job) -> None:
+    """Every process of a job of several, as its save's background part starts: a daemon
+    thread waits, in one blocking read of the coordination service, for ``<prefix>/stop``:
+    ``cancel`` (another process's `request_cancel`) sets this process's flag, which its
+    chunk loop reads (no request per chunk); ``over``, which process 0 sets once it has
+    decided, ends the wait. Past the save's deadline, or with the service gone, the thread
+    ends quietly: the meeting of the processes says what happened."""
+    def listen() -> None:
         try:
-            job.coord.publish(f"{job.prefix}/cancel/{job.coord.process_index}", "1")
-        except Exception as exc:  # this process still stops; the others meet its error
-            log.warning("cancelling %s: could not tell the other processes: %s",
-                        job.store.url, exc)
+            said = job.coord.wait_for(f"{job.prefix}/stop",
+                                      job.deadline.remaining() + OUTCOME_GRACE_S)
+        except Exception:
+            return
+        if said == "cancel":
+            job.cancelled.set()
+
+    threading.Thread(target=listen, name=f"ckpt-cancel-{job.attempt}", daemon=True).start()
 
 
 def check_cancelled(job: Job, *, now: bool = False) -> None:
-    """Raises `SaveCancelledError` once a cancel was asked for on any process. This
-    process's request is seen at once; another's is looked up at most every
-    `CANCEL_POLL_S` (``now``: always, as process 0 does right before it commits)."""
-    if not job.cancelled.is_set() and job.coord.process_count > 1:
-        moment = time.monotonic()
-        if now or moment - job.cancel_looked >= CANCEL_POLL_S:
-            job.cancel_looked = moment
-            if job.coord.collect(f"{job.prefix}/cancel/"):
-                job.cancelled.set()
+    """Raises `SaveCancelledError` once a cancel was asked for on any process: this
+    process's flag (set by its own request or its listener). ``now`` (process 0, right
+    before it commits): the other processes' requests are also looked up in the
+    coordination service, so that none asked for before this point is missed."""
+    if now and not job.cancelled.is_set() and job.coord.process_count > 1 \
+            and job.coord.collect(f"{job.prefix}/cancel/"):
+        job.cancelled.set()
     if job.cancelled.is_set():
         raise SaveCancelledError(f"the save of {job.store.url} (attempt {job.attempt}) was "
                                  "cancelled: nothing was committed")
@@ -404,7 +420,7 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
               metrics=dict(metrics or {}), digests=agreement, overwrite=overwrite,
               per_process=per_process, on_commit=on_commit, parents=parents,
               prefix=f"save/{seq}", started=started)
-    handle.on_cancel = functools.partial(request_cancel, job)
+    handle.attach_cancel(functools.partial(request_cancel, job))
     track(handle)
     try:
         threading.Thread(target=run, args=(job, handle), name=f"ckpt-save-{attempt}").start()
@@ -427,7 +443,7 @@ def start_commit(job: Job, handle: SaveHandle, on_done: Callable[[], None]) -> N
     on every process in the same order; ``job.prefix`` must be the same everywhere."""
     job.started = time.monotonic()
     job.blocked.set()
-    handle.on_cancel = functools.partial(request_cancel, job)
+    handle.attach_cancel(functools.partial(request_cancel, job))
     track(handle)
 
     def body() -> None:
@@ -488,7 +504,7 @@ def _write_chunks(job: Job, create: bool) -> list[Row]:
         for unit, host in job.snapshot.items(job.deadline, writer.finish_oldest):
             last = len(unit.chunks) - 1
             for i, c in enumerate(unit.chunks):
-                check_cancelled(job)
+                check_cancelled(job)  # an Event's flag: nothing is asked of anyone
                 release = (functools.partial(feed.release, unit.nbytes)
                            if feed is not None and i == last else None)
                 writer.put(arrays[c.record], c.slices, c.data(host),
@@ -538,6 +554,8 @@ def run(job: Job, handle: SaveHandle) -> None:
     for this save."""
     me = job.coord.process_index
     copy = job.copy
+    if job.coord.process_count > 1:
+        listen_for_cancel(job)
     # A write failure is classified before this process meets the others: once they have
     # met, process 0 may remove the failed attempt itself, and that must not be read as
     # another writer's removal of it (it would hide this process's own error).
@@ -606,8 +624,14 @@ def run(job: Job, handle: SaveHandle) -> None:
         except Exception as cleanup:
             log.warning("removing what the failed save of %s left: %s", job.store.url,
                         cleanup)
+        if isinstance(error, SaveCancelledError):
+            # Asked for by the job itself, on this process or another: seen, so that no
+            # process's next save, wait or exit reports it as a loss.
+            handle.mark_observed()
         handle._finish(error)
     finally:
+        if me == 0 and job.coord.process_count > 1:
+            _tell(job.coord, f"{job.prefix}/stop", "over")  # ends every listener's wait
         # A failed save's error (kept until someone sees it) holds this frame through its
         # traceback: the snapshot must not stay alive with it.
         job.snapshot.release()

@@ -548,13 +548,13 @@ def cancel_one(url, who, manager):
         reached.set()
         if me == who:
             gate.wait(120)
-        else:  # the second save of this process: its keys are under save/1
-            coordination_client().blocking_key_value_get(f"ckpt/save/1/cancel/{who}", 120_000)
+        else:  # until this process has heard of the cancel (its save's flag is set)
+            assert ready.wait(120)
+            job = held[0].on_cancel.args[0]  # type: ignore[union-attr]  # request_cancel
+            assert job.cancelled.wait(120)
 
     store = FaultyStore(url, before=hold_first_write)
-    # Every chunk boundary looks for a cancel (by default at most every 0.1 s): the
-    # process that saw one then stops at its very next chunk.
-    mock.patch("ckpt._save.CANCEL_POLL_S", 0.0).start()
+    ready, held = threading.Event(), []
     mgr = None
     if manager:
         mgr = ckpt.CheckpointManager(store, watch_preemption=False)
@@ -562,6 +562,8 @@ def cancel_one(url, who, manager):
     else:  # 1 MiB of chunk data in flight at most: most chunks are still to write
         handle = ckpt.save_async(store, tree, timeout_s=120, memory_budget=1 << 20)
     assert handle is not None
+    held.append(handle)
+    ready.set()
     cancelled = None
     if me == who:
         assert reached.wait(120)
@@ -574,10 +576,11 @@ def cancel_one(url, who, manager):
 
         handle.on_cancel = ask_then_release
         cancelled = mgr.cancel() if mgr is not None else handle.cancel()
-    error = handle.exception(timeout=120)
-    steps = None
+    error = handle.outcome()  # (not marked seen: the process that did not cancel must not
+    steps = None              # have to look at it for its next save to go on)
     if mgr is not None:
-        mgr.close()  # the cancelled save's outcome was seen: nothing is raised
+        mgr.save(2, tree)  # on every process: the cancelled save is not raised here
+        mgr.close()
         steps = mgr.steps()
     return {"cancelled": cancelled, "error": type(error).__name__ if error else None,
             "steps": steps, "writes": len(writes), "whole": len(whole)}

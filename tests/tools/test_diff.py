@@ -234,3 +234,36 @@ def test_memory_stays_within_budget(tmp_path):
     budget = 64 << 20
     extra = cli_extra_rss(["diff", "-q", a, b, "--memory-budget", "64M"])
     assert extra <= budget + RSS_OVERHEAD, f"resident memory rose {extra / 2**20:.0f} MiB"
+
+
+def test_integers_complex_nans_keys_and_values_are_compared_exactly(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    big = np.array([2**53, 7], np.int64)
+    top = np.array([2**64 - 1], np.uint64)
+    cx = np.array([complex(np.nan, 1.0), 1 + 2j], np.complex128)
+    ckpt.save(a, {"i": big, "u": top, "c": cx, "n": 10**400, "s": ckpt.PerProcess(
+        [float("nan"), 1]), "k": jax.random.key(0, impl="rbg")})
+    ckpt.save(b, {"i": big + np.array([1, 0]), "u": top - np.uint64(1),
+                  "c": np.array([complex(np.nan, 2.0), 1 + 2j]), "n": 10**400 + 1,
+                  "s": ckpt.PerProcess([float("nan"), 1]),
+                  "k": jax.random.key(0, impl="unsafe_rbg")})
+    leaves = _by_path(ckpt.diff(a, b))
+    # Differences of 1 between 64-bit integers beyond 2**53: not lost to float64.
+    assert (leaves["i"].status, leaves["i"].differing, leaves["i"].max_abs) == \
+        ("different", 1, 1.0)
+    assert (leaves["u"].status, leaves["u"].max_abs) == ("different", 1.0)
+    assert (leaves["c"].status, leaves["c"].differing) == ("different", 1)  # NaN+1j != NaN+2j
+    assert (leaves["n"].status, leaves["n"].max_abs) == ("different", float("inf"))
+    assert leaves["s"].status == "identical"  # NaN equals NaN in a per-process value
+    assert leaves["k"].status == "dtype"  # keys of two implementations
+    assert ckpt.diff(a, a, atol=2.0).equal
+
+
+def test_leaves_whose_written_paths_coincide_are_both_compared(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    ckpt.save(a, {"a/b": np.zeros(3), "a": {"b": np.zeros(3)}})
+    ckpt.save(b, {"a/b": np.zeros(3), "a": {"b": np.ones(3)}})
+    result = ckpt.diff(a, b)
+    assert len(result.leaves) == 2 and not result.equal
+    [changed] = result.differences
+    assert changed.path == "['a']['b']"  # a name that says which of the two it is
