@@ -368,6 +368,13 @@ def committed_steps(store: Store, above: int | None = None) -> list[int]:
             if (above is None or s > above) and is_committed(store, s, gone, names)]
 
 
+def is_committed_step(store: Store, step: int) -> bool:
+    """Whether ``step`` is a committed step of the root now: one listing, the rewind
+    record and one look at the step's folder, whatever the number of steps."""
+    names = step_names(store)
+    return step in names and is_committed(store, step, abandoned(store), names)
+
+
 def steps_near(steps: list[int], step: int, around: int = 2) -> str:
     """For an error about ``step``, which is not one of the committed ``steps`` (ascending):
     the committed steps on either side of it, and how many there are."""

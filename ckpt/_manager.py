@@ -322,8 +322,9 @@ class CheckpointManager:
         """Yields each committed step above ``after`` (None: every step, the ones already
         there first), once, in ascending order, as the run commits them: for an evaluator
         on a read-only manager beside the trainer. On any process; lists the root every
-        ``poll_s`` seconds while no new step is there (one listing, two small reads, and a
-        look at each step folder above the last step yielded).
+        ``poll_s`` seconds while no new step is there (one listing, three small reads, and
+        a look at each step folder above the last step yielded), and each step it listed
+        is looked at once more before it is yielded (one listing, two small reads).
 
         Never yields a step that is being written or removed (one is listed once its
         COMMIT is there; a removal deletes COMMIT first). A step the trainer's retention
@@ -339,8 +340,8 @@ class CheckpointManager:
             StorageError: the root could not be listed (after the store's own retries).
         """
         after = None if after is None else as_step(after)
-        return follow(self._store, self._place.steps, after=after, timeout_s=timeout_s,
-                      poll_s=poll_s, stop=self._watching)
+        return follow(self._store, self._place.steps, self._place.holds, after=after,
+                      timeout_s=timeout_s, poll_s=poll_s, stop=self._watching)
 
     # -- saving ----------------------------------------------------------------------------
 

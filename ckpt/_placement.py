@@ -29,6 +29,7 @@ from ckpt._commit import committed_attempt
 from ckpt._handle import SaveHandle
 from ckpt._housekeeping import (
     committed_steps,
+    is_committed_step,
     latest_committed_step,
     read_lineage,
     remove_steps,
@@ -84,6 +85,11 @@ class RootOnly:
     def steps(self, above: int | None = None) -> list[int]:
         """The committed steps (above ``above``, if given), ascending."""
         return committed_steps(self.root, above)
+
+    def holds(self, step: int) -> bool:
+        """Whether ``step`` is a committed step now (a few requests, whatever the number of
+        steps: `CheckpointManager.watch`, before it yields a step it listed earlier)."""
+        return is_committed_step(self.root, step)
 
     def newest(self, store: Store) -> int | None:
         """The newest committed step, through ``store`` (the root, or it bound by a
@@ -201,6 +207,9 @@ class WithLocalTier(RootOnly):
         ``above``, if given), ascending."""
         local = [s for s in self.tier.steps() if above is None or s > above]
         return sorted(set(committed_steps(self.root, above)) | set(local))
+
+    def holds(self, step: int) -> bool:
+        return step in self.tier.steps() or super().holds(step)
 
     def newest(self, store: Store) -> int | None:
         """The newest step restorable from the tiers: the root's newest, or a newer step

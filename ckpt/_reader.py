@@ -87,6 +87,10 @@ def open_checkpoint(store: Store) -> tuple[CommitRecord, Manifest]:
     try:
         manifest_bytes = read_object(store, key)
     except ObjectNotFoundError:
+        if not store.exists(COMMIT):  # removed between the two reads (COMMIT goes first)
+            raise CheckpointNotFoundError(
+                f"{store.url} was removed while it was opened (a delete, the run's "
+                "retention or a rewind)") from None
         raise CorruptCheckpointError(
             f"{store.describe(COMMIT)} names a manifest that is missing: "
             f"{store.describe(key)}") from None

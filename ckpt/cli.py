@@ -304,24 +304,31 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _watch(args: argparse.Namespace) -> int:
-    """``list --watch``: one line (or JSON document) per step as it commits."""
+    """``list --watch``: one line (or JSON document) per step as it commits. A root with
+    nothing in it yet is waited on (an evaluator may start before its trainer's first
+    save); a missing bucket or a root that cannot be read is an error at once."""
     if args.timeout is not None:
         raise _UsageError("--timeout bounds one listing; with --watch, --idle SECONDS ends "
                           "the watch once no step has come for that long")
-    store = _existing_root(args.root)
+    store = open_store(args.root)
+    store.verify_access()
     mgr = CheckpointManager(store, read_only=True, watch_preemption=False)
     for step in mgr.watch(after=args.after, timeout_s=args.idle,
                           poll_s=5.0 if args.poll is None else args.poll):
         try:
             info = metadata(step_store(store, step))
-        except CheckpointNotFoundError:  # removed since it was listed: it left the run
+        except CkptError as exc:  # removed since it was listed: it left the run
+            logging.getLogger("ckpt").warning("step %d: not printed: %s", step, exc)
             continue
-        metrics = mgr.metrics(step)
+        metrics = info.metrics
         if args.json:
-            print(json.dumps({"step": step, "committed_at": info.committed_at,
-                              "bytes": info.nbytes, "metrics": metrics}), flush=True)
+            print(json.dumps({"step": step, "committed_at": info.committed_at or None,
+                              "bytes": info.nbytes,
+                              "metrics": {k: v if math.isfinite(v) else str(v)
+                                          for k, v in metrics.items()}}), flush=True)
             continue
-        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(info.committed_at))
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(info.committed_at)) \
+            if info.committed_at > 0 else "-"
         shown = "  " + ", ".join(f"{k}={v:g}" for k, v in sorted(metrics.items())) \
             if metrics else ""
         print(f"{step:>10}  committed   {_size(info.nbytes):>10}  {when}{shown}", flush=True)

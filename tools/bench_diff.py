@@ -66,8 +66,9 @@ def main() -> int:
         ckpt.save(c, changed)
         files = _files(a) + _files(b)
         cold = drop_caches()
-        print(f"state {sum(f.nbytes for f in jax.tree.leaves(state) if hasattr(f, 'nbytes')) / 2**20:.0f} MiB a side; "
-              f"cache {'dropped before each full read' if cold else 'warm (no permission to drop it)'}")
+        size = sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, "nbytes"))
+        cache = "dropped before each full read" if cold else "warm (cannot drop it here)"
+        print(f"state {size / 2**20:.0f} MiB a side; cache {cache}")
         print(f"{'comparison':<26} {'read MiB':>9} {'of MiB':>8} {'read %':>7} {'s':>7}")
         for r in range(args.rounds):
             rows = []

@@ -2,6 +2,7 @@
 never one being written or removed; retention, rewinds, timeouts, and a real trainer and
 evaluator in processes of their own, the trainer killed mid-save."""
 
+import collections
 import json
 import logging
 import os
@@ -41,7 +42,7 @@ def test_each_step_once_in_order_skipping_what_retention_removed(tmp_path, caplo
     trainer.wait()
     with caplog.at_level(logging.WARNING, logger="ckpt"):
         assert next(steps) == 3
-    assert "step(s) [2] left the run before they were reached" in caplog.text
+    assert "step 2 left the run before it was reached" in caplog.text
     # A save under way (an attempt without COMMIT) is not a step yet.
     os.makedirs(tmp_path / "run" / "5" / "attempt-20260101T000000-000000000000")
     assert next(steps) == 4
@@ -50,6 +51,21 @@ def test_each_step_once_in_order_skipping_what_retention_removed(tmp_path, caplo
     assert list(evaluator.watch(after=3, timeout_s=0)) == [4]
     assert list(evaluator.watch(after=4, timeout_s=0)) == []
     trainer.close()
+
+
+def test_a_watch_that_starts_behind_costs_a_few_requests_a_step(tmp_path):
+    root = str(tmp_path / "run")
+    with ckpt.CheckpointManager(root, watch_preemption=False) as trainer:
+        for step in range(1, 41):
+            trainer.save(step, _tree(step))
+    calls: collections.Counter = collections.Counter()
+    counted = FaultyStore(root, before=lambda doing, key, args: calls.update([doing]))
+    evaluator = ckpt.CheckpointManager(counted, read_only=True)
+    calls.clear()
+    assert list(evaluator.watch(timeout_s=0)) == list(range(1, 41))
+    # One listing of every folder, then a few requests a step: not a look at every folder
+    # above each step yielded (820 for 40 steps).
+    assert sum(calls.values()) <= 8 * 40, calls
 
 
 def test_a_rewind_is_followed_onto_the_new_branch(tmp_path):
@@ -124,6 +140,24 @@ def test_list_watch_prints_each_step_as_it_commits(tmp_path, capsys):
     assert [d["step"] for d in docs] == [1, 2, 3]
     assert set(docs[0]) == {"step", "committed_at", "bytes", "metrics"}
     assert docs[2]["metrics"] == {"loss": 0.3}
+    empty = tmp_path / "not-yet"  # an evaluator started before its trainer: it waits
+    empty.mkdir()
+    assert main(["list", str(empty), "--watch", "--idle", "0"]) == 0
+    assert capsys.readouterr().out == ""
+
+
+def test_a_step_removed_between_its_commit_and_manifest_reads_is_not_found(tmp_path):
+    url = str(tmp_path / "ckpt")
+    ckpt.save(url, _tree(1))
+    attempt = ckpt.metadata(url).attempt
+
+    def remove_first(doing, key, args):
+        if key.endswith("manifest.msgpack") and os.path.exists(os.path.join(url, "COMMIT")):
+            os.remove(os.path.join(url, "COMMIT"))  # as a removal does: COMMIT first,
+            os.remove(os.path.join(url, attempt, "manifest.msgpack"))  # then the data
+
+    with pytest.raises(ckpt.CheckpointNotFoundError, match="removed while it was opened"):
+        ckpt.restore(FaultyStore(url, before=remove_first))
 
 
 @pytest.mark.slow  # starts processes

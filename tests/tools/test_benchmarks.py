@@ -53,3 +53,15 @@ def test_the_process_benchmark_measures_each_phase_per_process_count():
     assert [r[0] for r in rows] == ["1", "2"], out
     assert all(len(r) == 11 and float(r[8]) == pytest.approx(1.0) for r in rows), out
     assert rows[0][9] == "0" and int(rows[1][9]) > 0, out  # coordination calls: none alone
+
+
+@pytest.mark.slow  # a subprocess importing jax, three saves and six comparisons
+def test_the_diff_benchmark_reads_only_what_differs():
+    out = _run("bench_diff.py", "--size", "16M", "--rounds", "1").stdout
+    rows = {line[:26].strip(): line[26:].split() for line in out.splitlines()
+            if line.endswith("round 0")}
+    assert set(rows) == {"equal, by checksum", "one element changed", "equal, every chunk",
+                         "cold-read floor (files)"}, out
+    assert float(rows["equal, by checksum"][0]) == 0.0, out
+    assert 0 < float(rows["one element changed"][2].rstrip("%")) < 10, out
+    assert rows["equal, every chunk"][2] == "100.00%", out
