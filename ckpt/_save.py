@@ -129,6 +129,7 @@ class Job:
     # Set once a cancel was asked for on this process, or on another (`request_cancel`,
     # `listen_for_cancel`).
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    listener: threading.Thread | None = None  # `listen_for_cancel`'s, in a job of several
 
     def timings(self, written: float, rows: list[Row], nbytes: int) -> SaveTimings:
         """A committed save's timings, now (``written``: when its writes ended)."""
@@ -247,9 +248,9 @@ def listen_for_cancel(job: Job) -> None:
     """Every process of a job of several, as its save's background part starts: a daemon
     thread waits, in one blocking read of the coordination service, for ``<prefix>/stop``:
     ``cancel`` (another process's `request_cancel`) sets this process's flag, which its
-    chunk loop reads (no request per chunk); ``over``, which process 0 sets once it has
-    decided, ends the wait. Past the save's deadline, or with the service gone, the thread
-    ends quietly: the meeting of the processes says what happened."""
+    chunk loop reads (no request per chunk); ``over`` ends the wait (`stop_listening`).
+    Past the save's deadline, or with the service gone, the thread ends quietly: the
+    meeting of the processes says what happened."""
     def listen() -> None:
         try:
             said = job.coord.wait_for(f"{job.prefix}/stop",
@@ -259,7 +260,29 @@ def listen_for_cancel(job: Job) -> None:
         if said == "cancel":
             job.cancelled.set()
 
-    threading.Thread(target=listen, name=f"ckpt-cancel-{job.attempt}", daemon=True).start()
+    job.listener = threading.Thread(target=listen, name=f"ckpt-cancel-{job.attempt}",
+                                    daemon=True)
+    job.listener.start()
+
+
+def stop_listening(job: Job) -> None:
+    """Every process, once its part of the save is over (before its handle says so): sets
+    ``<prefix>/stop`` to ``over`` unless a value is there, and waits for its listener to
+    end, so that no thread of the save is left inside the coordination service's client
+    when the process exits (one there at interpreter shutdown aborts the process). A
+    cancel asked for later than this finds the save over."""
+    if job.listener is None:
+        return
+    _tell(job.coord, f"{job.prefix}/stop", "over")
+    job.listener.join(STOP_LISTENING_S)
+    if job.listener.is_alive():
+        log.warning("the cancel listener of %s did not end within %.0f s (the coordination "
+                    "service does not answer)", job.store.url, STOP_LISTENING_S)
+    job.listener = None
+
+
+# How long a save waits for its cancel listener to see the save is over.
+STOP_LISTENING_S = 10.0
 
 
 def check_cancelled(job: Job, *, now: bool = False) -> None:
@@ -611,6 +634,7 @@ def run(job: Job, handle: SaveHandle) -> None:
             except Exception:
                 log.exception("after committing %s: housekeeping failed (the checkpoint is "
                               "committed; it is retried after the next commit)", job.store.url)
+        stop_listening(job)
         handle._finish(None)
     except BaseException as exc:
         error = exc if exc is classified else _real_cause(job, exc)
@@ -628,10 +652,10 @@ def run(job: Job, handle: SaveHandle) -> None:
             # Asked for by the job itself, on this process or another: seen, so that no
             # process's next save, wait or exit reports it as a loss.
             handle.mark_observed()
+        stop_listening(job)
         handle._finish(error)
     finally:
-        if me == 0 and job.coord.process_count > 1:
-            _tell(job.coord, f"{job.prefix}/stop", "over")  # ends every listener's wait
+        stop_listening(job)  # (after an error in the two above: done already otherwise)
         # A failed save's error (kept until someone sees it) holds this frame through its
         # traceback: the snapshot must not stay alive with it.
         job.snapshot.release()
