@@ -224,11 +224,14 @@ class _Ours(Readable):
         (`ArrayReadJob.plain_key`): the read itself refuses what is not a regular file, so
         nothing is looked at first, and neither TensorStore nor its ``zarr.json`` is asked
         (the manifest alone says how to decode it; ``ckpt verify`` checks ``zarr.json``)."""
+        prefix = array_key(self.manifest.attempt, rec.name)
         if not self._read_plain(rec):
-            return super().read_job(rec, boxes)
+            job = super().read_job(rec, boxes)
+            if not rec.compression and rec.chunk_crc32c:  # chunks are `chunk_object`s
+                job.chunk_prefix = prefix
+            return job
         job = self._job(rec, boxes, {})  # no spec: `array_spec` would look at the files
-        job.plain_key = (f"{array_key(self.manifest.attempt, rec.name)}/"
-                         f"{chunk_key((0,) * len(rec.shape))}")
+        job.plain_key = f"{prefix}/{chunk_key((0,) * len(rec.shape))}"
         return job
 
     def check_files(self, records: Sequence[LeafRecord]) -> None:

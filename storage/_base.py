@@ -267,20 +267,44 @@ class Store(abc.ABC):
             raise self._too_large(key, max_bytes)
         return data
 
-    def read_async(self, key: str, *, max_bytes: int) -> concurrent.futures.Future[bytes]:
+    def read_async(self, key: str, *, max_bytes: int, into: memoryview | None = None
+                   ) -> concurrent.futures.Future[bytes | memoryview]:
         """Starts `read` of ``key`` (with ``max_bytes``) on a reader thread the stores of
         this backend and bucket share (`readers_at_once` of them) and returns its future,
-        whose outcome is `read`'s. For readers of many small objects read whole (restore's
-        single-chunk arrays: `ckpt.restore.read_arrays`); on a local file system the read
-        itself refuses what is not a regular file, so nothing is looked at before it.
+        whose outcome is `read`'s. For readers of objects read whole (restore's single-chunk
+        arrays and, on a local disk, chunks it copies into several boxes:
+        `ckpt.restore.read_arrays`); on a local file system the read itself refuses what is
+        not a regular file, so nothing is looked at before it.
+
+        ``into`` (a writable buffer of at least ``max_bytes``): the object is read into it,
+        and the outcome is the part of it the object filled. A reader that reuses its
+        buffers saves a fresh allocation, and its page faults, per object: a local file is
+        read straight into it; other backends copy what they read.
 
         The caller waits through `wait` with a `ChunkIO`: that wait, like a TensorStore
         chunk read's, is what a wrapper store sees of it (and bounds by its deadline); the
         read itself is not a `_delegate`d `Op.READ`.
         """
         check_key(key)
+        if into is not None and len(into) < max_bytes:
+            raise ValueError(f"a buffer of {len(into)} bytes cannot take {max_bytes}")
+        target = None if into is None else into[:max_bytes]
+
+        def read() -> bytes | memoryview:
+            if target is None:
+                return self.read(key, max_bytes=max_bytes)
+            return target[:self._read_into(key, target)]
+
         return _submit((self.location.scheme, self.location.bucket), self.readers_at_once,
-                       lambda: self.read(key, max_bytes=max_bytes))
+                       read)
+
+    def _read_into(self, key: str, buffer: memoryview) -> int:
+        """Reads the object at ``key`` into ``buffer``; returns its size. Raises as `read`
+        with ``max_bytes`` the buffer's size. A backend that can read into a buffer without
+        a copy overrides it."""
+        data = self.read(key, max_bytes=len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
 
     def _too_large(self, key: str, max_bytes: int) -> UnreadableObjectError:
         return UnreadableObjectError(errno.EFBIG, f"{self.describe(key)} is over {max_bytes} "

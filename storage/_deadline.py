@@ -123,10 +123,11 @@ class DeadlineStore(WrapperStore):
     def _kvstore_spec(self, prefix: str) -> dict[str, Any]:
         return self.inner._kvstore_spec(prefix)  # no I/O: nothing to bound
 
-    def read_async(self, key: str, *, max_bytes: int) -> concurrent.futures.Future[bytes]:
+    def read_async(self, key: str, *, max_bytes: int, into: memoryview | None = None
+                   ) -> concurrent.futures.Future[bytes | memoryview]:
         # Nothing is queued once the deadline has passed; its wait is bounded by `wait`.
         self.deadline.check(f"{Op.READ} {self.describe(key)}")
-        return self.inner.read_async(key, max_bytes=max_bytes)
+        return self.inner.read_async(key, max_bytes=max_bytes, into=into)
 
     def _delegate(self, doing: Op, key: str, fn: Callable[..., T], *args: Any) -> T:
         return self.deadline.call(f"{doing} {self.describe(key)}", fn, *args)

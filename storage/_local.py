@@ -134,11 +134,13 @@ class LocalStore(Store):
         return StorageError(exc.errno or errno.EIO,
                             f"{what} {self.describe(key)} failed: {exc.strerror or exc}")
 
-    def _read(self, key: str, max_bytes: int | None) -> bytes:
-        path = self._path(key)
+    def _open_regular(self, key: str, max_bytes: int | None) -> tuple[int, int]:
+        """An open descriptor of the regular file at ``key`` of at most ``max_bytes``, and
+        its size.
+        O_NONBLOCK: opening a FIFO would otherwise wait for a writer forever; nothing is
+        looked at before the open, which refuses what is not a file."""
         try:
-            # O_NONBLOCK: opening a FIFO would otherwise wait for a writer forever.
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd = os.open(self._path(key), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
             raise ObjectNotFoundError(errno.ENOENT, f"no object at {self.describe(key)}") from exc
         except OSError as exc:
@@ -155,7 +157,36 @@ class LocalStore(Store):
                                                           "regular file")
             if max_bytes is not None and info.st_size > max_bytes:
                 raise self._too_large(key, max_bytes)
-            limit = info.st_size + 1 if max_bytes is None else max_bytes + 1
+        except BaseException as exc:
+            os.close(fd)
+            if isinstance(exc, OSError) and not isinstance(exc, StorageError):
+                raise self._error(exc, key, "reading") from exc
+            raise
+        return fd, info.st_size
+
+    def _read_into(self, key: str, buffer: memoryview) -> int:
+        fd, _ = self._open_regular(key, len(buffer))
+        try:
+            got = 0
+            while got < len(buffer):  # the file may have grown since: never past the buffer
+                n = os.readv(fd, [buffer[got:]])
+                if not n:
+                    return got
+                got += n
+            if os.read(fd, 1):
+                raise self._too_large(key, len(buffer))
+            return got
+        except OSError as exc:
+            if isinstance(exc, StorageError):
+                raise
+            raise self._error(exc, key, "reading") from exc
+        finally:
+            os.close(fd)
+
+    def _read(self, key: str, max_bytes: int | None) -> bytes:
+        fd, size = self._open_regular(key, max_bytes)
+        try:
+            limit = size + 1 if max_bytes is None else max_bytes + 1
             chunks, got = [], 0
             while got < limit:  # the file may grow while read: never past the limit
                 part = os.read(fd, min(limit - got, 1 << 24))

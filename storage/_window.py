@@ -33,11 +33,17 @@ class Window:
             collections.deque()
         self._cost = 0
 
+    def make_room(self, cost: int) -> None:
+        """Finishes older futures until one of ``cost`` fits (or none is left): for a caller
+        whose next request needs memory of its own before it starts (a buffer to read into),
+        which the ones finishing may hand back."""
+        while self._pending and self._cost + cost > self.limit:
+            self._finish_one()
+
     def add(self, future: Any, cost: int, done: Callable[[Any], None]) -> None:
         """Admits ``future`` (first finishing older ones to make room); ``done(future)`` runs
         when it is finished, on this thread, in issue order."""
-        while self._pending and self._cost + cost > self.limit:
-            self._finish_one()
+        self.make_room(cost)
         self._pending.append((future, cost, done))
         self._cost += cost
 

@@ -64,9 +64,10 @@ class WrapperStore(Store):
     def wait(self, future: Any, doing: str | ChunkIO) -> Any:
         return self.inner.wait(future, doing)
 
-    def read_async(self, key: str, *, max_bytes: int) -> concurrent.futures.Future[bytes]:
+    def read_async(self, key: str, *, max_bytes: int, into: memoryview | None = None
+                   ) -> concurrent.futures.Future[bytes | memoryview]:
         # What a wrapper sees of it is its wait (`Store.read_async`).
-        return self.inner.read_async(key, max_bytes=max_bytes)
+        return self.inner.read_async(key, max_bytes=max_bytes, into=into)
 
     def _kvstore_spec(self, prefix: str) -> dict[str, Any]:
         return self._delegate(Op.OPEN, prefix, self.inner._kvstore_spec, prefix)

@@ -172,6 +172,23 @@ class StoreConformance:
         with pytest.raises(InvalidKeyError):
             store.read_async("ra/../a", max_bytes=5)
 
+    def test_read_async_into_a_buffer(self, store: Store) -> None:
+        store.write("ri/a", b"hello")
+        buffer = bytearray(b"x" * 8)
+        got = store.read_async("ri/a", max_bytes=6, into=memoryview(buffer)).result(timeout=60)
+        assert bytes(got) == b"hello" and buffer == b"hellox" + b"xx"
+        exact = bytearray(5)
+        assert bytes(store.read_async("ri/a", max_bytes=5, into=memoryview(exact))
+                     .result(timeout=60)) == b"hello"
+        with pytest.raises(UnreadableObjectError):  # over max_bytes: never past the buffer
+            store.read_async("ri/a", max_bytes=4, into=memoryview(bytearray(8))).result(
+                timeout=60)
+        with pytest.raises(ObjectNotFoundError):
+            store.read_async("ri/none", max_bytes=4, into=memoryview(bytearray(4))).result(
+                timeout=60)
+        with pytest.raises(ValueError, match="cannot take"):  # a buffer too small
+            store.read_async("ri/a", max_bytes=8, into=memoryview(bytearray(4)))
+
     def test_kvstore_spec_addresses_same_objects(self, store: Store) -> None:
         spec = {"driver": "zarr3", "kvstore": store.kvstore_spec("arr"), "create": True,
                 "metadata": {"shape": [4], "data_type": "int32",

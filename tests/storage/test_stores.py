@@ -257,8 +257,8 @@ def test_a_foreign_error_of_a_plain_chunk_read_is_a_storage_error_naming_the_lea
     from ckpt.storage import StorageError, WrapperStore
 
     class Broken(WrapperStore):
-        def read_async(self, key, *, max_bytes):
-            future: concurrent.futures.Future[bytes] = concurrent.futures.Future()
+        def read_async(self, key, *, max_bytes, into=None):
+            future: concurrent.futures.Future[bytes | memoryview] = concurrent.futures.Future()
             future.set_exception(RuntimeError("the driver broke"))
             return future
 
