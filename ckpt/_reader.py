@@ -227,7 +227,7 @@ class _Ours(Readable):
         prefix = array_key(self.manifest.attempt, rec.name)
         if not self._read_plain(rec):
             job = super().read_job(rec, boxes)
-            if not rec.compression and rec.chunk_crc32c:  # chunks are `chunk_object`s
+            if job.crc32c_in_chunk_tail and job.crc32c:  # chunks are `chunk_object`s
                 job.chunk_prefix = prefix
             return job
         job = self._job(rec, boxes, {})  # no spec: `array_spec` would look at the files

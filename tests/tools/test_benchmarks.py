@@ -65,3 +65,12 @@ def test_the_diff_benchmark_reads_only_what_differs():
     assert float(rows["equal, by checksum"][0]) == 0.0, out
     assert 0 < float(rows["one element changed"][2].rstrip("%")) < 10, out
     assert rows["equal, every chunk"][2] == "100.00%", out
+
+
+@pytest.mark.slow  # saves with both libraries, then a process per restore
+def test_the_resharded_restore_benchmark_measures_floor_ours_and_orbax():
+    out = _run("bench_reshard.py", "--size", "16M", "--rounds", "1").stdout
+    rounds = [line for line in out.splitlines() if line.startswith("round ")]
+    assert len(rounds) == 1 and all("floor" in r and "ours" in r and "orbax" in r
+                                    for r in rounds), out
+    assert "of the cold-read floor, orbax at" in out.splitlines()[-1], out

@@ -1,0 +1,132 @@
+"""A restore onto another mesh against the disk's cold-read floor and Orbax, round by round.
+
+Saves the benchmark's training state (`tools/bench.py`'s) on the 2x4 mesh with this library
+and with orbax-checkpoint, then, for each round, with the page cache dropped before each:
+reads this library's chunk files whole (the cold-read floor), restores ours onto 4x2, and
+restores Orbax's onto 4x2, in an order that alternates between rounds. Each restore runs in
+a fresh process, as a restarted job's does (timed around the restore call alone): in one
+long-lived process, what earlier restores freed changes how the allocator serves the next
+one's buffers (glibc moves its mmap threshold as large blocks are freed), by as much as the
+difference measured. Alternating the floor with the restores keeps this disk's drift (tens
+of percent between minutes) out of the ratio, which `tools/bench.py` (one floor, then rounds
+of restores in one process) does not. Prints each round's seconds and the medians' ratios.
+
+    .venv/bin/python tools/bench_reshard.py --size 1G --rounds 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _target(total: int) -> object:
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding
+
+    from tools.bench import bench_mesh, make_state
+
+    state = make_state(total)
+    mesh42 = Mesh(np.array(jax.devices()).reshape(4, 2), bench_mesh().axis_names)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=NamedSharding(mesh42, x.sharding.spec))
+        if isinstance(x, jax.Array) else x, state)
+
+
+def _child(who: str, path: str, total: int) -> None:
+    """One restore in this fresh process; prints its seconds."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    import ckpt
+
+    target = _target(total)
+    t0 = time.perf_counter()
+    if who == "ours":
+        jax.block_until_ready(ckpt.restore(path, target))
+    else:
+        with ocp.StandardCheckpointer() as checkpointer:
+            jax.block_until_ready(checkpointer.restore(path, target))
+    print(f"SECONDS {time.perf_counter() - t0}")
+
+
+def main() -> int:
+    if sys.argv[1:2] == ["--child"]:
+        _child(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="1G", help="state size, e.g. 64M, 1G")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
+    args = parser.parse_args()
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    total = int(float(args.size[:-1]) * units[args.size[-1].upper()])
+
+    import orbax.checkpoint as ocp
+
+    import ckpt
+    from tools.bench import drop_caches, make_state
+
+    state = make_state(total)
+    base = args.dir or tempfile.mkdtemp(prefix="ckpt-bench-reshard-")
+    ours, theirs = os.path.join(base, "ours"), os.path.join(base, "orbax")
+    try:
+        ckpt.save(ours, state)
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(theirs, state)
+        files = [f for f in glob.glob(os.path.join(ours, "**", "c", "**"), recursive=True)
+                 if os.path.isfile(f)]
+
+        def floor() -> None:
+            for path in files:
+                with open(path, "rb") as f:
+                    while f.read(1 << 24):
+                        pass
+
+        def timed(name: str) -> float:
+            if name == "floor":
+                drop_caches()
+                t0 = time.perf_counter()
+                floor()
+                return time.perf_counter() - t0
+            drop_caches()
+            run = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", name,
+                                  ours if name == "ours" else theirs, str(total)],
+                                 capture_output=True, text=True, check=True)
+            return float(run.stdout.split("SECONDS ")[-1])
+
+        names = ["floor", "ours", "orbax"]
+        seconds: dict[str, list[float]] = {name: [] for name in names}
+        cold = drop_caches()
+        print(f"state {total / 2**20:.0f} MiB, saved on 2x4, restored onto 4x2, each restore "
+              f"in a fresh process; "
+              f"{'page cache dropped before each' if cold else 'warm cache (cannot drop it)'}")
+        for r in range(args.rounds):
+            for name in names if r % 2 == 0 else list(reversed(names)):
+                seconds[name].append(timed(name))
+            print(f"round {r}: " + ", ".join(f"{n} {seconds[n][-1]:.3f} s" for n in names))
+        med = {name: statistics.median(v) for name, v in seconds.items()}
+        print(f"medians: floor {med['floor']:.3f} s, ours {med['ours']:.3f} s, orbax "
+              f"{med['orbax']:.3f} s; ours at {100 * med['floor'] / med['ours']:.0f}% of the "
+              f"cold-read floor, orbax at {100 * med['floor'] / med['orbax']:.0f}%; ours/orbax "
+              f"{med['ours'] / med['orbax']:.2f}")
+    finally:
+        if args.dir is None:
+            shutil.rmtree(base, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
