@@ -106,12 +106,14 @@ def _serve(work: queue.SimpleQueue[Any]) -> None:
     # read left behind on a server that never answers does not hold up the process's exit.
     while True:
         future, fn = work.get()
-        if not future.set_running_or_notify_cancel():
-            continue  # cancelled while queued (`Window.settle` after an error)
-        try:
-            future.set_result(fn())
-        except BaseException as exc:  # the reader's to take, through the future
-            future.set_exception(exc)
+        if future.set_running_or_notify_cancel():  # else cancelled while queued (`settle`)
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # the reader's to take, through the future
+                future.set_exception(exc)
+        # Nothing of the read outlives it here while this thread waits for the next: its
+        # result (a reader's chunk buffer) is the reader's to let go.
+        del future, fn
 
 
 _CONTEXTS: dict[str, ts.Context] = {}
