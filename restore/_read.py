@@ -99,10 +99,10 @@ class ArrayReadJob:
         chunk_prefix: the key in ``store`` under which the array's chunk objects are
             (``<prefix>/<chunk key>``), when each is its uncompressed little-endian bytes
             then their crc32c (``crc32c`` required). On a local file system a whole chunk
-            that spans several target boxes is then read into a buffer reused from chunk
-            to chunk and checked here, instead of being decoded by TensorStore into a
-            fresh buffer whose page faults (a 4 KiB page at a time) bounded a resharded
-            restore at 63-80% of the disk.
+            that does not land inside one target box is then read into a buffer reused
+            from chunk to chunk and checked here, instead of being decoded by TensorStore
+            into a fresh buffer whose page faults (a 4 KiB page at a time) bounded a
+            resharded restore below the disk's speed (docs/performance.md).
     """
 
     name: str
@@ -263,6 +263,8 @@ def _chunk_object(job: ArrayReadJob, cr: ChunkRead, key: str, fut: Any) -> np.nd
     if crc != job.crc32c[flat_index(cr.coord, grid_shape(job.shape, job.chunk_shape))]:
         raise CorruptCheckpointError(
             f"{where}: crc32c differs from the manifest (the chunk was replaced or moved)")
+    if job.dtype.kind == "b" and np.any(data[:nbytes] > 1):  # as TensorStore refuses them
+        raise CorruptCheckpointError(f"{where}: a bool chunk holds bytes other than 0 and 1")
     return data[:nbytes].view(job.dtype.newbyteorder("<")).reshape(job.chunk_shape)
 
 
@@ -278,19 +280,24 @@ def _land_plain(job: ArrayReadJob, outputs: list[np.ndarray], cr: ChunkRead, fut
 
 class _Buffers:
     """Chunk buffers of one `read_arrays` call, reused from chunk to chunk (taken and given
-    back on its thread): a fresh buffer a chunk would cost its page faults each time."""
+    back on its thread): a fresh buffer a chunk would cost its page faults each time.
+
+    At most one buffer waits here, and only while reads into buffers go on: each such read
+    is charged twice its buffer in the window (as a TensorStore read is, for its stored and
+    decoded bytes), which covers the one waiting; any other read lets it go (`drop`)."""
 
     def __init__(self) -> None:
-        self._free: dict[int, list[np.ndarray]] = {}
+        self._free: np.ndarray | None = None
 
     def take(self, nbytes: int) -> np.ndarray:
-        """A buffer of ``nbytes``; those of other sizes (an earlier array's) are let go."""
-        free = self._free.get(nbytes, [])
-        self._free = {nbytes: free}
-        return free.pop() if free else np.empty(nbytes, np.uint8)
+        free, self._free = self._free, None
+        return free if free is not None and free.size == nbytes else np.empty(nbytes, np.uint8)
 
     def give(self, buffer: np.ndarray) -> None:
-        self._free.setdefault(buffer.size, []).append(buffer)
+        self._free = buffer
+
+    def drop(self) -> None:
+        self._free = None
 
 
 def _land_spanning(job: ArrayReadJob, outputs: list[np.ndarray], cr: ChunkRead, key: str,
@@ -345,6 +352,7 @@ def read_arrays(jobs: Sequence[ArrayReadJob], *, memory_budget: int | None = Non
                 read_raw(job.name, array, job.raw, job.shape, job.dtype, out, job.targets,
                          window, job.store)
                 continue
+            buffers.drop()
             if job.plain_key is not None:
                 assert job.store is not None
                 for cr in plan:  # the one chunk, or none of a zero-size array
@@ -380,6 +388,7 @@ def read_arrays(jobs: Sequence[ArrayReadJob], *, memory_budget: int | None = Non
                                functools.partial(_land_spanning, job, out, cr, key, buffers,
                                                  buffer))
                     continue
+                buffers.drop()  # a TensorStore read: no buffer waits beside it
                 source = array[to_slices(cr.box)]
                 tail = None
                 if cr.into_one_box:

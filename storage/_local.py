@@ -169,7 +169,7 @@ class LocalStore(Store):
         try:
             got = 0
             while got < len(buffer):  # the file may have grown since: never past the buffer
-                n = os.readv(fd, [buffer[got:]])
+                n = os.readv(fd, [buffer[got:got + (1 << 30)]])  # some systems cap a call
                 if not n:
                     return got
                 got += n

@@ -2,14 +2,17 @@
 
 Saves the benchmark's training state (`tools/bench.py`'s) on the 2x4 mesh with this library
 and with orbax-checkpoint, then, for each round, with the page cache dropped before each:
-reads this library's chunk files whole (the cold-read floor), restores ours onto 4x2, and
-restores Orbax's onto 4x2, in an order that alternates between rounds. Each restore runs in
-a fresh process, as a restarted job's does (timed around the restore call alone): in one
-long-lived process, what earlier restores freed changes how the allocator serves the next
-one's buffers (glibc moves its mmap threshold as large blocks are freed), by as much as the
-difference measured. Alternating the floor with the restores keeps this disk's drift (tens
-of percent between minutes) out of the ratio, which `tools/bench.py` (one floor, then rounds
-of restores in one process) does not. Prints each round's seconds and the medians' ratios.
+reads this library's chunk files (the cold-read floor: each read whole, one after another,
+as `tools/bench.py` does), restores ours onto 4x2, and restores Orbax's onto 4x2, in an
+order that alternates between rounds. Each runs in a fresh process, as a restarted job's
+restore does, timed around the reading alone (a restore's target is built from metadata,
+after an untimed restore of a 1 MiB checkpoint starts JAX and TensorStore): in one
+long-lived process, what was allocated and freed before changes how the allocator serves
+the next buffers (glibc moves its mmap threshold as large blocks are freed), by as much as
+the differences measured. Alternating the floor with the restores keeps this disk's drift
+(tens of percent between minutes) out of the ratio, which `tools/bench.py` (one floor, then
+rounds of restores in one process) does not. Prints each round's seconds and the medians'
+ratios.
 
     .venv/bin/python tools/bench_reshard.py --size 1G --rounds 6
 """
@@ -31,40 +34,85 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _target(total: int) -> object:
+def _target(ours: str) -> object:
+    """The restore target onto 4x2, from our checkpoint's metadata alone: a child that made
+    the state first would have warmed its allocator with it, which is what a fresh process
+    must not have."""
     import jax
     import numpy as np
-    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    from tools.bench import bench_mesh, make_state
+    import ckpt
 
-    state = make_state(total)
-    mesh42 = Mesh(np.array(jax.devices()).reshape(4, 2), bench_mesh().axis_names)
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-        x.shape, x.dtype, sharding=NamedSharding(mesh42, x.sharding.spec))
-        if isinstance(x, jax.Array) else x, state)
+    info = ckpt.metadata(ours)
+    mesh42 = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+    specs = iter([leaf.spec for leaf in info.leaves])
+
+    def place(x: object) -> object:
+        spec = next(specs)
+        if not isinstance(x, jax.ShapeDtypeStruct):
+            return x
+        entries = [tuple(e) if isinstance(e, list) else e for e in spec or ()]
+        return jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                    sharding=NamedSharding(mesh42, PartitionSpec(*entries)))
+
+    return jax.tree.map(place, info.tree)
 
 
-def _child(who: str, path: str, total: int) -> None:
-    """One restore in this fresh process; prints its seconds."""
+def _child(who: str, path: str, ours: str) -> None:
+    """One restore in this fresh process, after an untimed one of a 1 MiB checkpoint of the
+    same library saved beside it (`<path>-small`), so that what is timed is reading, not
+    starting JAX, TensorStore or their thread pools; prints its seconds."""
     import jax
     import orbax.checkpoint as ocp
 
     import ckpt
 
-    target = _target(total)
+    def restore(where: str, target: object) -> None:
+        if who == "ours":
+            jax.block_until_ready(ckpt.restore(where, target))
+        else:
+            with ocp.StandardCheckpointer() as checkpointer:
+                jax.block_until_ready(checkpointer.restore(where, target))
+
+    if who == "floor":  # the chunk files read whole, one after another
+        files = [f for f in glob.glob(os.path.join(path, "**", "c", "**"), recursive=True)
+                 if os.path.isfile(f)]
+        t0 = time.perf_counter()
+        for name in files:
+            with open(name, "rb") as f:
+                f.read()
+        print(f"SECONDS {time.perf_counter() - t0}")
+        return
+    restore(path + "-small", _small_target())
+    target = _target(ours)
     t0 = time.perf_counter()
-    if who == "ours":
-        jax.block_until_ready(ckpt.restore(path, target))
-    else:
-        with ocp.StandardCheckpointer() as checkpointer:
-            jax.block_until_ready(checkpointer.restore(path, target))
+    restore(path, target)
     print(f"SECONDS {time.perf_counter() - t0}")
+
+
+def _small(mesh: object) -> dict[str, object]:
+    import jax
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    return {"w": jax.device_put(np.ones((512, 512), np.float32),
+                                NamedSharding(mesh, PartitionSpec("data", "model")))}
+
+
+def _small_target() -> object:
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh42 = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+    return {"w": jax.ShapeDtypeStruct((512, 512), np.float32, sharding=NamedSharding(
+        mesh42, PartitionSpec("data", "model")))}
 
 
 def main() -> int:
     if sys.argv[1:2] == ["--child"]:
-        _child(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        _child(sys.argv[2], sys.argv[3], sys.argv[4])
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="1G", help="state size, e.g. 64M, 1G")
@@ -77,7 +125,7 @@ def main() -> int:
     import orbax.checkpoint as ocp
 
     import ckpt
-    from tools.bench import drop_caches, make_state
+    from tools.bench import bench_mesh, drop_caches, make_state
 
     state = make_state(total)
     base = args.dir or tempfile.mkdtemp(prefix="ckpt-bench-reshard-")
@@ -86,24 +134,14 @@ def main() -> int:
         ckpt.save(ours, state)
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(theirs, state)
-        files = [f for f in glob.glob(os.path.join(ours, "**", "c", "**"), recursive=True)
-                 if os.path.isfile(f)]
-
-        def floor() -> None:
-            for path in files:
-                with open(path, "rb") as f:
-                    while f.read(1 << 24):
-                        pass
-
+        small = _small(bench_mesh())
+        ckpt.save(ours + "-small", small)
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(theirs + "-small", small)
         def timed(name: str) -> float:
-            if name == "floor":
-                drop_caches()
-                t0 = time.perf_counter()
-                floor()
-                return time.perf_counter() - t0
             drop_caches()
             run = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", name,
-                                  ours if name == "ours" else theirs, str(total)],
+                                  theirs if name == "orbax" else ours, ours],
                                  capture_output=True, text=True, check=True)
             return float(run.stdout.split("SECONDS ")[-1])
 

@@ -139,6 +139,18 @@ def test_chunks_spanning_several_boxes_are_read_whole_and_checked(tmp_path, mesh
     assert said in str(caught.value)
 
 
+@pytest.mark.parametrize("dtype", [np.bool_, "bfloat16", np.int8, np.complex64])
+def test_spanning_chunks_of_every_width_restore_exactly(tmp_path, mesh24, dtype):
+    rng = np.random.default_rng(7)
+    w = (rng.standard_normal((1024, 1024)) * 3).astype(jax.numpy.dtype(dtype))
+    url = str(tmp_path / "ck")
+    ckpt.save(url, {"w": jax.device_put(w, NamedSharding(mesh24, P("data", "model")))})
+    mesh42 = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+    target = {"w": jax.ShapeDtypeStruct(w.shape, w.dtype, sharding=NamedSharding(
+        mesh42, P("data", "model")))}
+    assert np.asarray(ckpt.restore(url, target)["w"]).tobytes() == w.tobytes()
+
+
 def test_edited_manifest_fails_before_any_chunk_is_read(damaged):
     url, store, attempt, _ = damaged
     raw = store.read(f"{attempt}/{MANIFEST}")
