@@ -18,7 +18,7 @@ import shutil
 import stat
 import sys
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ckpt.storage._base import Store, concurrently
@@ -134,11 +134,13 @@ class LocalStore(Store):
         return StorageError(exc.errno or errno.EIO,
                             f"{what} {self.describe(key)} failed: {exc.strerror or exc}")
 
-    def _open_regular(self, key: str, max_bytes: int | None) -> tuple[int, int]:
-        """An open descriptor of the regular file at ``key`` of at most ``max_bytes``, and
-        its size.
-        O_NONBLOCK: opening a FIFO would otherwise wait for a writer forever; nothing is
-        looked at before the open, which refuses what is not a file."""
+    @contextlib.contextmanager
+    def _regular(self, key: str, max_bytes: int | None) -> Iterator[tuple[int, int]]:
+        """The open descriptor of the regular file at ``key`` of at most ``max_bytes``, and
+        its size, for the reads below; closed after, and any `OSError` of theirs named as a
+        `StorageError` of ``key``. O_NONBLOCK: opening a FIFO would otherwise wait for a
+        writer forever; nothing is looked at before the open, which refuses what is not a
+        file."""
         try:
             fd = os.open(self._path(key), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
@@ -157,16 +159,16 @@ class LocalStore(Store):
                                                           "regular file")
             if max_bytes is not None and info.st_size > max_bytes:
                 raise self._too_large(key, max_bytes)
-        except BaseException as exc:
+            yield fd, info.st_size
+        except OSError as exc:
+            if isinstance(exc, StorageError):
+                raise
+            raise self._error(exc, key, "reading") from exc
+        finally:
             os.close(fd)
-            if isinstance(exc, OSError) and not isinstance(exc, StorageError):
-                raise self._error(exc, key, "reading") from exc
-            raise
-        return fd, info.st_size
 
     def _read_into(self, key: str, buffer: memoryview) -> int:
-        fd, _ = self._open_regular(key, len(buffer))
-        try:
+        with self._regular(key, len(buffer)) as (fd, _):
             got = 0
             while got < len(buffer):  # the file may have grown since: never past the buffer
                 n = os.readv(fd, [buffer[got:got + (1 << 30)]])  # some systems cap a call
@@ -176,16 +178,9 @@ class LocalStore(Store):
             if os.read(fd, 1):
                 raise self._too_large(key, len(buffer))
             return got
-        except OSError as exc:
-            if isinstance(exc, StorageError):
-                raise
-            raise self._error(exc, key, "reading") from exc
-        finally:
-            os.close(fd)
 
     def _read(self, key: str, max_bytes: int | None) -> bytes:
-        fd, size = self._open_regular(key, max_bytes)
-        try:
+        with self._regular(key, max_bytes) as (fd, size):
             limit = size + 1 if max_bytes is None else max_bytes + 1
             chunks, got = [], 0
             while got < limit:  # the file may grow while read: never past the limit
@@ -198,12 +193,6 @@ class LocalStore(Store):
                 while part := os.read(fd, 1 << 24):
                     chunks.append(part)
             return b"".join(chunks)
-        except OSError as exc:
-            if isinstance(exc, StorageError):
-                raise
-            raise self._error(exc, key, "reading") from exc
-        finally:
-            os.close(fd)
 
     def _check_plain(self, prefix: str, key: str) -> None:
         path = self._path(f"{prefix}/{key}" if prefix else key)
