@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ckpt._export import size_text
 from ckpt._format import LeafKind, LeafRecord
 from ckpt._leaves import decode_inline, decode_value, dtype_from_name
 from ckpt._reader import Readable, open_readable
@@ -150,7 +151,7 @@ class DiffResult:
         n = len(self.leaves)
         counts = {s: sum(1 for leaf in self.leaves if leaf.status == s)
                   for s in (IDENTICAL, CLOSE, DIFFERENT, SHAPE, DTYPE, KIND, ONLY_A, ONLY_B)}
-        read = (f"read {_size(self.bytes_read)} of {_size(self.bytes_total)}"
+        read = (f"read {size_text(self.bytes_read)} of {size_text(self.bytes_total)}"
                 + (" (checksums matched the rest)"
                    if self.bytes_read < self.bytes_total else ""))
         tol = f"rtol={self.rtol:g}, atol={self.atol:g}"
@@ -170,14 +171,6 @@ class DiffResult:
                 "atol": self.atol, "bytes_read": self.bytes_read,
                 "bytes_total": self.bytes_total, "summary": self.summary(),
                 "leaves": [leaf.to_json() for leaf in self.leaves]}
-
-
-def _size(nbytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if nbytes < 1024 or unit == "GiB":
-            return f"{nbytes:.0f} B" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    return ""
 
 
 def _describe(rec: LeafRecord | None) -> str:

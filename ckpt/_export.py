@@ -90,6 +90,16 @@ def parse_size(size: int | str) -> int:
     return value
 
 
+def size_text(nbytes: float) -> str:
+    """``nbytes`` as a person reads it (``1.5 GiB``): what the CLI and `ckpt.diff`'s
+    summary print; `parse_size` reads such text back."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if nbytes < 1024 or unit == "TiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return ""
+
+
 @dataclasses.dataclass(frozen=True)
 class ExportResult:
     """What `export_safetensors` wrote.

@@ -26,6 +26,7 @@ from typing import Any
 from ckpt._codecs import canonical
 from ckpt._diff import diff
 from ckpt._export import export_safetensors, parse_size
+from ckpt._export import size_text as _size
 from ckpt._housekeeping import committed_steps, step_store, steps_near
 from ckpt._info import CheckpointInfo, metadata
 from ckpt._manager import CheckpointManager
@@ -47,14 +48,6 @@ from ckpt.errors import (
 from ckpt.storage import bounded, open_store, settle_google_credentials
 
 EPILOG = "URLs: a path, file://PATH, s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, memory://NAME/PREFIX."
-
-
-def _size(nbytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if nbytes < 1024 or unit == "TiB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    return ""
 
 
 def _parse_budget(text: str) -> int:

@@ -48,6 +48,14 @@ if not GPU:
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def size_arg(text: str) -> int:
+    """A benchmark's size argument: ``64M``, ``1G``, ``512K`` (powers of 2), or bytes. The
+    benchmarks' one parser of it."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    unit = units.get(text[-1].upper())
+    return int(float(text[:-1]) * unit) if unit else int(text)
+
+
 def _status(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -257,13 +265,7 @@ def main() -> int:
                         help="also profile this library's phases of the first round with "
                              "pyinstrument, writing one text report per phase into DIR")
     args = parser.parse_args()
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-
-    def size(text: str) -> int:
-        unit = units.get(text[-1].upper())
-        return int(float(text[:-1]) * unit) if unit else int(text)
-
-    total, budget = size(args.size), size(args.memory_budget)
+    total, budget = size_arg(args.size), size_arg(args.memory_budget)
 
     import jax
     import numpy as np

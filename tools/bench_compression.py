@@ -27,7 +27,7 @@ import tempfile
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tools.bench import bench_mesh, drop_caches, measure  # noqa: E402  (sets XLA_FLAGS first)
+from tools.bench import bench_mesh, drop_caches, measure, size_arg  # noqa: E402  (sets XLA_FLAGS first)
 
 STATES = ("fresh", "trained", "mixed")
 WHO = ("plain", "zstd", "orbax")
@@ -74,9 +74,7 @@ def main() -> int:
     parser.add_argument("--level", type=int, default=3, help="zstd level (default 3)")
     parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
     args = parser.parse_args()
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    total = int(float(args.size[:-1]) * units[args.size[-1].upper()]) \
-        if args.size[-1].upper() in units else int(args.size)
+    total = size_arg(args.size)
 
     import jax
     import orbax.checkpoint as ocp

@@ -119,13 +119,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
     args = parser.parse_args()
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    total = int(float(args.size[:-1]) * units[args.size[-1].upper()])
 
     import orbax.checkpoint as ocp
 
     import ckpt
-    from tools.bench import bench_mesh, drop_caches, make_state
+    from tools.bench import bench_mesh, drop_caches, make_state, size_arg
+
+    total = size_arg(args.size)
 
     state = make_state(total)
     base = args.dir or tempfile.mkdtemp(prefix="ckpt-bench-reshard-")
