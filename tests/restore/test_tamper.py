@@ -684,3 +684,32 @@ def test_a_restore_of_small_arrays_opens_nothing_and_reads_each_chunk_once(tmp_p
     assert sorted(k for d, k in seen if d == "chunk") == ["a", "b", "big"]
     looked = [k for d, k in seen if d in (Op.OPEN, Op.CHECK_FILES) and "/arrays/" in f"{k}/"]
     assert looked and all("/arrays/big" in k for k in looked), looked
+
+
+def test_a_forged_bool_chunk_is_refused_on_every_read_path(tmp_path, mesh24):
+    """A bool chunk holding a byte other than 0 or 1, its own crc32c and the re-signed
+    manifest's made to match: TensorStore refuses it, and so do the reads that check a
+    chunk object themselves (a chunk spanning boxes of a resharded restore, read into a
+    buffer; a small plain array), naming the leaf and chunk, never returning a bool of 2."""
+    import google_crc32c
+
+    url = str(tmp_path / "ck")
+    flags = np.zeros((1024, 1024), bool)
+    ckpt.save(url, {"f": jax.device_put(flags, NamedSharding(mesh24, P("data", "model"))),
+                    "s": np.zeros(200_000, bool)})
+    store = open_store(url)
+    attempt = CommitRecord.decode(store.read(COMMIT), COMMIT).attempt
+    doc = msgpack.unpackb(store.read(f"{attempt}/{MANIFEST}"), strict_map_key=False)
+    for name, key in (("f", f"{attempt}/arrays/f/c/0/0"), ("s", f"{attempt}/arrays/s/c/0")):
+        data = bytearray(store.read(key)[:-4])
+        data[3] = 2
+        crc = google_crc32c.value(bytes(data))
+        store.write(key, bytes(data) + crc.to_bytes(4, "little"))
+        _leaf(doc, name)["chunks"]["crc32c"][0] = crc
+    _resign(store, msgpack.packb(doc))
+    mesh42 = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+    resharded = {"f": jax.ShapeDtypeStruct(flags.shape, bool, sharding=NamedSharding(
+        mesh42, P("data", "model")))}
+    for target in (resharded, {"f": flags}, {"s": np.zeros(200_000, bool)}):
+        with pytest.raises(CorruptCheckpointError, match=r"leaf [fs] chunk"):
+            ckpt.restore(url, target)
