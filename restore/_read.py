@@ -19,6 +19,7 @@ import dataclasses
 import errno
 import functools
 import math
+import mmap
 from collections.abc import Sequence
 from typing import Any
 
@@ -121,6 +122,7 @@ class ArrayReadJob:
 
 
 ALIGNMENT = 64
+_MAPPED_FROM = 4 << 20  # numpy's own threshold for its huge-page advice
 
 
 def aligned_empty(shape: Sequence[int], dtype: npt.DTypeLike) -> np.ndarray:
@@ -132,6 +134,18 @@ def aligned_empty(shape: Sequence[int], dtype: npt.DTypeLike) -> np.ndarray:
     """
     dt = np.dtype(dtype)
     nbytes = math.prod(shape) * dt.itemsize
+    if nbytes >= _MAPPED_FROM:
+        # Mapped by us, not by numpy: numpy asks the kernel for huge pages on large arrays
+        # (MADV_HUGEPAGE), which, where the system leaves huge pages to such requests, made
+        # a restore's first touch of its targets 2-8x slower here (fresh 2 MiB blocks found
+        # and zeroed on each fault; docs/performance.md "Resharded restore"). The page size
+        # is then the system's choice. A page boundary is 64-byte aligned.
+        try:
+            mapped = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)
+        except OSError as e:  # as np.empty fails
+            raise MemoryError(f"cannot allocate {nbytes} bytes for a restore target") from e
+        raw = np.frombuffer(mapped, dtype=np.uint8)
+        return raw.view(dt).reshape(tuple(shape))
     raw = np.empty(nbytes + ALIGNMENT, dtype=np.uint8)
     offset = -raw.ctypes.data % ALIGNMENT
     return raw[offset:offset + nbytes].view(dt).reshape(tuple(shape))

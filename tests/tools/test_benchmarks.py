@@ -71,6 +71,7 @@ def test_the_diff_benchmark_reads_only_what_differs():
 def test_the_resharded_restore_benchmark_measures_floor_ours_and_orbax():
     out = _run("bench_reshard.py", "--size", "16M", "--rounds", "1").stdout
     rounds = [line for line in out.splitlines() if line.startswith("round ")]
-    assert len(rounds) == 1 and all("floor" in r and "ours" in r and "orbax" in r
-                                    for r in rounds), out
-    assert "of the cold-read floor, orbax at" in out.splitlines()[-1], out
+    assert len(rounds) == 1 and all("floor" in r and "kept" in r and "ours" in r
+                                    and "orbax" in r for r in rounds), out
+    assert "of the cold-read floor (" in out.splitlines()[-1], out
+    assert "of it into fresh memory), orbax at" in out.splitlines()[-1], out
