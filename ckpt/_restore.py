@@ -35,7 +35,15 @@ from ckpt._leaves import (
 )
 from ckpt._names import NameRules, NamesLike
 from ckpt._reader import Readable, open_readable
-from ckpt._tree import KeyPath, flatten, is_empty_container, nest, path_text, unflatten
+from ckpt._tree import (
+    KeyPath,
+    flatten,
+    gc_paused,
+    is_empty_container,
+    nest,
+    path_text,
+    unflatten,
+)
 from ckpt.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -479,39 +487,40 @@ def restore_from(store: Store, target: Any = None, *, mesh: Any = None,
     devices hold (or the whole arrays, for a host-numpy restore). With a ``deadline``,
     ``store`` is bound by it too (a `DeadlineStore`, made here if it is not one).
     """
-    if deadline is not None and not isinstance(store, DeadlineStore):
-        store = DeadlineStore(store, deadline)
-    # A target names the items of an Orbax step it wants by its top-level keys.
-    wanted = {k for k in target if isinstance(k, str)} \
-        if item is None and isinstance(target, Mapping) else None
-    source = open_readable(store, item, wanted) if opened is None else opened
-    rules = None if names is None else NameRules(names)
-    source = source.for_target(None if target is None else flatten(target)[0], rules)
-    for _ in range(OVERWRITE_RETRIES):
-        try:
-            return _restore_source(source, target, mesh, memory_budget, deadline)
-        except CorruptCheckpointError as exc:
-            # Overwritten while read (`overwrite=True`, `ckpt reshard --overwrite`): its old
-            # attempt is deleted once COMMIT names the new one. Then read the new one whole;
-            # a checkpoint nothing replaced is really damaged.
-            again = source.replacement()
-            if again is None and source.removed():
-                raise CheckpointNotFoundError(
-                    f"{store.url} was removed while it was read (a delete, the run's "
-                    "retention or a rewind): nothing was returned") from exc
-            if again is None:
-                raise exc from None
-            if jax.process_count() > 1:
-                # Each process would switch on its own: some could return the old
-                # checkpoint's shards and others the new one's, in one global array.
-                raise CheckpointNotFoundError(
-                    f"{store.url} was overwritten while process {jax.process_index()} read "
-                    f"it (attempt {source.manifest.attempt} replaced by "
-                    f"{again.manifest.attempt}); restore again on every process") from exc
-            log.info("%s was overwritten while it was read; reading the new checkpoint",
-                     store.url)
-            source = again
-    return _restore_source(source, target, mesh, memory_budget, deadline)
+    with gc_paused():  # planning and placing allocate tens of objects a leaf
+        if deadline is not None and not isinstance(store, DeadlineStore):
+            store = DeadlineStore(store, deadline)
+        # A target names the items of an Orbax step it wants by its top-level keys.
+        wanted = {k for k in target if isinstance(k, str)} \
+            if item is None and isinstance(target, Mapping) else None
+        source = open_readable(store, item, wanted) if opened is None else opened
+        rules = None if names is None else NameRules(names)
+        source = source.for_target(None if target is None else flatten(target)[0], rules)
+        for _ in range(OVERWRITE_RETRIES):
+            try:
+                return _restore_source(source, target, mesh, memory_budget, deadline)
+            except CorruptCheckpointError as exc:
+                # Overwritten while read (`overwrite=True`, `ckpt reshard --overwrite`): its old
+                # attempt is deleted once COMMIT names the new one. Then read the new one whole;
+                # a checkpoint nothing replaced is really damaged.
+                again = source.replacement()
+                if again is None and source.removed():
+                    raise CheckpointNotFoundError(
+                        f"{store.url} was removed while it was read (a delete, the run's "
+                        "retention or a rewind): nothing was returned") from exc
+                if again is None:
+                    raise exc from None
+                if jax.process_count() > 1:
+                    # Each process would switch on its own: some could return the old
+                    # checkpoint's shards and others the new one's, in one global array.
+                    raise CheckpointNotFoundError(
+                        f"{store.url} was overwritten while process {jax.process_index()} read "
+                        f"it (attempt {source.manifest.attempt} replaced by "
+                        f"{again.manifest.attempt}); restore again on every process") from exc
+                log.info("%s was overwritten while it was read; reading the new checkpoint",
+                         store.url)
+                source = again
+        return _restore_source(source, target, mesh, memory_budget, deadline)
 
 
 # Overwrites a single restore survives back to back before it gives up and reports.

@@ -25,12 +25,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import gc
 import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -61,7 +60,7 @@ from ckpt._handle import SaveHandle, SaveTimings, track
 from ckpt._leaves import classify, encode_inline, is_typed_key
 from ckpt._ownership import ArrayInput, ArrayPlan, plan
 from ckpt._snapshot import DEFAULT_MEMORY_BUDGET, Snapshot, checked_options, start_fetching, take
-from ckpt._tree import flatten, path_text
+from ckpt._tree import flatten, gc_paused, path_text
 from ckpt.errors import (
     AttemptRemovedError,
     CkptError,
@@ -304,20 +303,6 @@ def _host_array(leaf: jax.Array) -> np.ndarray:
     return np.array(leaf, copy=True)
 
 
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """No cyclic garbage collection inside: the blocking part of a save allocates tens of
-    objects a leaf and none of them cyclic, so a collection there (~0.1 s with a large
-    heap, triggered by the allocations alone) would only lengthen the caller's wait."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def _classify(tree: Any, process_count: int) -> tuple[list[LeafRecord], list[Any]]:
     """The tree's leaf records (`classify`) and the leaves to save, typed PRNG keys as
     their key data. Raises `UnsupportedLeafError` for two leaves that map to one array."""
@@ -408,7 +393,7 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
     started = time.monotonic()
     deadline = Deadline(timeout_s, f"saving {store.url}")
     store = DeadlineStore(store, deadline)
-    with _gc_paused():
+    with gc_paused():
         records, leaves = _classify(tree, coord.process_count)
     # Each process's own values of per-process leaves travel in its host report; process 0
     # gathers them into the manifest (`ckpt._attempt.check_reports`).
@@ -420,7 +405,7 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
     seq = next(_SAVE_SEQ)
     attempt = _agree_on_attempt(store, coord, seq, timeout_s, overwrite=overwrite,
                                 refuse=refuse, on_attempt=on_attempt)
-    with _gc_paused():
+    with gc_paused():
         plans = _plan_chunks(records, leaves, coord)
         if compressed:
             records = [dataclasses.replace(r, compression=compressed)
