@@ -450,9 +450,11 @@ def decode_manifest(data: bytes, what: str) -> Manifest:
                for k, v in metrics.items()):
         raise CorruptCheckpointError(f"{what} has malformed metrics")
     local = r.get("local", (dict, type(None)), None)
-    if local is not None and (set(local) != {"process", "step", "root", "lineage"} or not all(
+    if local is not None and (set(local) - {"replicas_of"} != {"process", "step", "root",
+                                                               "lineage"} or not all(
             type(local[k]) is int and local[k] >= 0 for k in ("process", "step"))
-            or not isinstance(local["root"], str) or not isinstance(local["lineage"], str)):
+            or not isinstance(local["root"], str) or not isinstance(local["lineage"], str)
+            or not _process_list(local.get("replicas_of", []), local["process"])):
         raise CorruptCheckpointError(f"{what} has a malformed local-copy record")
     parents = r.get("parents", (list, type(None)), None)
     if parents is not None and not all(
@@ -485,6 +487,13 @@ def decode_manifest(data: bytes, what: str) -> Manifest:
         metadata=r.obj.get("metadata"),
         leaves=records, format_version=version,
         metrics={k: float(v) for k, v in metrics.items()}, local=local, parents=parents)
+
+
+def _process_list(value: Any, writer: int) -> bool:
+    """Whether ``value`` is a local copy's ``replicas_of``: distinct process indices in
+    ascending order, without the copy's own."""
+    return isinstance(value, list) and all(type(p) is int and p >= 0 and p != writer
+                                           for p in value) and value == sorted(set(value))
 
 
 def check_tree(records: Sequence[LeafRecord], what: str) -> None:

@@ -27,6 +27,7 @@ snapshot is held in memory.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import json
@@ -39,10 +40,11 @@ import numpy as np
 from ckpt import _coord
 from ckpt._attempt import Row, commit_copy
 from ckpt._claims import delete_data, retire
-from ckpt._format import DTYPE_SIZES, ChunkLayout, LeafKind, LeafRecord
+from ckpt._format import DTYPE_SIZES, ChunkLayout, LeafKind, LeafRecord, pack, unpack
 from ckpt._handle import SaveHandle, attempts_in_flight
 from ckpt._housekeeping import delete_checkpoint, step_folders
 from ckpt._ownership import ArrayInput, ArrayPlan, held_plan
+from ckpt._peers import Replicas, WithReplicas, held_for
 from ckpt._reader import Readable, open_checkpoint, open_readable
 from ckpt._save import Copy, Job, start_commit, start_save
 from ckpt._snapshot import ChunkWrite, Snapshot, Unit
@@ -182,13 +184,19 @@ class LocalTierCopy(Copy):
     `persist` holds what the root's commit needs and `dropped` those steps."""
 
     def __init__(self, origin: dict[str, Any], victims: Callable[[], list[int]],
-                 on_failure: Callable[[], None] = lambda: None) -> None:
+                 on_failure: Callable[[], None] = lambda: None, *,
+                 holding: list[list[int]] | None = None, memory_budget: int = 0) -> None:
         self.origin = origin
         self.victims = victims
         self.on_failure = on_failure
         self.dropped: list[int] = []
         self.persist: Persist | None = None
         self._root: tuple[list[LeafRecord], dict[int, ArrayPlan]] = ([], {})
+        # `ckpt._peers.holders`: with it, each copy also holds the chunks of the processes
+        # it keeps a replica of, received over the exchange (`ckpt._peers.Replicas`).
+        self.holding = holding
+        self.memory_budget = memory_budget
+        self.replicas: Replicas | None = None
 
     def layout(self, records: list[LeafRecord], leaves: list[Any],
                plans: dict[int, ArrayPlan], per_process: list[tuple[int, Any]],
@@ -199,18 +207,71 @@ class LocalTierCopy(Copy):
                                         getattr(leaves[i], "sharding", None)), p, me, count)
                 for i, p in plans.items()}
         values = dict(per_process)
+        writers = {i: list(hp.writers) for i, hp in held.items()}
+        if self.holding is not None and count > 1:
+            self.replicas = self._replicas(leaves, plans, held, me, count)
+            for q in self.replicas.sources:
+                # A replica's chunks name the process whose devices held them.
+                for piece in self.replicas.receives[q]:
+                    writers[piece.record][piece.flat] = q
         out = []
         for i, rec in enumerate(records):
             if i in held:
                 hp = held[i]
                 rec = dataclasses.replace(rec, layout=ChunkLayout.planned(
-                    hp.chunk_shape, hp.writers, hp.chunk_nbytes(DTYPE_SIZES[rec.dtype])))
+                    hp.chunk_shape, writers[i], hp.chunk_nbytes(DTYPE_SIZES[rec.dtype])))
             elif rec.kind == LeafKind.PER_PROCESS:
                 mine: list[Any] = [None] * count
                 mine[me] = values[i]
                 rec = dataclasses.replace(rec, value=mine)
             out.append(rec)
         return out, held
+
+    def _replicas(self, leaves: list[Any], plans: dict[int, ArrayPlan],
+                  held: dict[int, ArrayPlan], me: int, count: int) -> Replicas:
+        """What this process sends to the holders of its replica and receives from the
+        processes it holds one of: computed from the global shardings alone, the same on
+        both ends of every transfer."""
+        assert self.holding is not None
+        others = set(self.holding[me]) | set(held_for(self.holding, me))
+        by_process = {p: {i: held_plan(ArrayInput(tuple(plans[i].shape),
+                                                  np.dtype(leaves[i].dtype).itemsize,
+                                                  getattr(leaves[i], "sharding", None)),
+                                       plans[i], p, count) for i in plans}
+                      for p in others}
+        by_process[me] = held
+        itemsizes = {i: np.dtype(leaves[i].dtype).itemsize for i in plans}
+        return Replicas(self.holding, me, leaves, by_process, itemsizes, self.memory_budget)
+
+    def snapshot(self, taken: Snapshot) -> Snapshot:
+        return taken if self.replicas is None else WithReplicas(taken, self.replicas)
+
+    def on_caller(self, job: Job) -> None:
+        if self.replicas is None:
+            return
+        me = job.coord.process_index
+        if self.replicas.holding[me] and job.per_process:
+            # This process's per-process values (a data loader's position) go into the
+            # manifests of the copies holding its replica: through the coordination
+            # service, small values only.
+            job.coord.publish(f"{job.prefix}/per-process/{me}", base64.b64encode(
+                pack([[i, v] for i, v in job.per_process])).decode())
+        self.replicas.run(job.coord, job.prefix, job.deadline.remaining())
+
+    def _with_replicas_values(self, job: Job) -> list[LeafRecord]:
+        """The records with the per-process values of the processes this copy holds a
+        replica of (published by each at its `on_caller`)."""
+        if self.replicas is None or not job.per_process:
+            return job.records
+        records = list(job.records)
+        for q in self.replicas.sources:
+            raw = job.coord.wait_for(f"{job.prefix}/per-process/{q}",
+                                     job.deadline.remaining())
+            for i, value in unpack(base64.b64decode(raw), f"process {q}'s per-process values"):
+                mine = list(records[i].value)
+                mine[q] = value
+                records[i] = dataclasses.replace(records[i], value=mine)
+        return records
 
     def writes_manifest(self, process: int) -> bool:
         return True  # each process's copy is its alone
@@ -232,11 +293,14 @@ class LocalTierCopy(Copy):
     def after(self, job: Job, rows: list[Row], verdict: Any) -> None:
         me = job.coord.process_index
         failure: BaseException | None = None
+        local = {"process": me, **self.origin}
+        if self.replicas is not None:
+            local["replicas_of"] = self.replicas.sources
         try:
-            commit_copy(job.store, job.attempt, job.records, rows,
+            commit_copy(job.store, job.attempt, self._with_replicas_values(job), rows,
                         process_count=job.coord.process_count, metadata=job.metadata,
                         created_at=job.created_at, metrics=job.metrics,
-                        local={"process": me, **self.origin}, parents=job.parents)
+                        local=local, parents=job.parents)
         except BaseException as exc:
             failure = exc
         outcomes = job.coord.gather(f"{job.prefix}/committed", failure,
@@ -273,7 +337,8 @@ def start_local_save(local: Store, tree: Any, *, step: int, origin: dict[str, An
                      on_attempt: Callable[[str], None],
                      victims: Callable[[], list[int]],
                      on_commit: Callable[[Persist, list[int]], SaveHandle | None],
-                     on_failure: Callable[[], None] = lambda: None) -> SaveHandle:
+                     on_failure: Callable[[], None] = lambda: None,
+                     holding: list[list[int]] | None = None) -> SaveHandle:
     """Takes the snapshot of every chunk this process holds and starts committing it to
     ``local`` (this process's local tier) as ``step`` in the background.
 
@@ -285,9 +350,11 @@ def start_local_save(local: Store, tree: Any, *, step: int, origin: dict[str, An
     the persistent root needs and the steps retention removes; what it returns (the root
     commit's handle, or None) becomes the handle's ``remote``, and the handle is finished
     after it returns. ``on_failure`` runs on the save's thread when the local save failed
-    in the background (after its attempt was removed).
+    in the background (after its attempt was removed). ``holding`` (`ckpt._peers.holders`):
+    each copy also holds the replicas of the processes it names this process for.
     """
-    copy = LocalTierCopy({"step": step, **origin}, victims, on_failure)
+    copy = LocalTierCopy({"step": step, **origin}, victims, on_failure, holding=holding,
+                         memory_budget=memory_budget)
 
     def committed(handle: SaveHandle) -> None:
         assert copy.persist is not None

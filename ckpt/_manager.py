@@ -20,7 +20,7 @@ import math
 import operator
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -213,6 +213,13 @@ class CheckpointManager:
         persist_every: with ``local_dir``, only steps divisible by this (and a preemption
             step) are also committed to ``root_url``, in the background from the local
             copy; None: every step.
+        local_replicas: with ``local_dir``, each process's local copy also holds the
+            shards of this many other processes, sent over JAX's collectives during
+            `save` (docs/tiers.md, "Peer replicas"); 0: none.
+        local_domains: each process's failure domain (a host name, a rack, a slice), one
+            per process: no domain then holds two copies of any process's shards. None:
+            each process's replicas go to the processes ``k * n // (local_replicas + 1)``
+            further on (one replica: half the job away).
 
     A training loop::
 
@@ -234,7 +241,8 @@ class CheckpointManager:
                  memory_budget: int = DEFAULT_MEMORY_BUDGET,
                  local_dir: str | os.PathLike[str] | None = None, local_keep: int = 2,
                  persist_every: int | None = None,
-                 compression: str | None = None) -> None:
+                 compression: str | None = None, local_replicas: int = 0,
+                 local_domains: Sequence[Hashable] | None = None) -> None:
         if keep_last is not None and keep_last < 1:
             raise InvalidArgumentError(f"keep_last must be >= 1 or None, got {keep_last}")
         if keep_every is not None and keep_every < 1:
@@ -264,6 +272,10 @@ class CheckpointManager:
             raise InvalidArgumentError(
                 "persist_every needs local_dir (without a local tier every "
                 "save goes to root_url)")
+        if local_dir is None and (local_replicas or local_domains is not None):
+            raise InvalidArgumentError(
+                "local_replicas and local_domains need local_dir (they place copies of "
+                "each process's local copy with other processes)")
         self._metrics: dict[int, dict[str, float]] = {}
         self._lock = threading.Lock()
         self._saving: set[str] = set()  # attempt ids of this manager's saves in flight
@@ -285,7 +297,8 @@ class CheckpointManager:
             if local_dir is not None:
                 self._place = WithLocalTier(setting, LocalTier(
                     os.fspath(local_dir), local_keep, persist_every, self._store,
-                    read_only=read_only, timeout_s=timeout_s, failure=access))
+                    read_only=read_only, timeout_s=timeout_s, failure=access,
+                    replicas=local_replicas, domains=local_domains))
             if not read_only and _coord.current().process_index == 0:
                 if self._store.exists(REWIND):
                     # A rewind was interrupted: finish it before any save can land on its

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
 
 import google_crc32c
@@ -27,7 +27,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ckpt._ownership import ArrayPlan
+from ckpt._snapshot import Cancelled, ChunkWrite, Feed, Snapshot, Unit
 from ckpt.errors import CorruptCheckpointError, InvalidArgumentError
+from ckpt.restore.boxes import Box, box_shape, box_size, to_slices
+from ckpt.storage import Deadline
 
 # Bytes each process sends in one collective when the caller gives no budget.
 DEFAULT_WAVE_BYTES = 64 << 20
@@ -158,11 +162,14 @@ def exchange(transfers: Sequence[Transfer], source: Callable[[Transfer, int, int
     bytes-like object or a uint8 array); ``sink(t, offset, data)`` (on ``t.dst``) takes each
     slice as it arrives, in order; the slice passed to it is valid only during the call.
     At most ``wave_bytes`` of one transfer travel at once, so each process holds about
-    twice that (on host and on its device) at any time.
+    twice that (on host and on its device) at any time. An error of ``source`` or ``sink``
+    is raised only after the last collective: the other processes are waiting in each of
+    them, so this process goes on taking part (sending zeros, dropping what arrives).
 
     Raises:
         CorruptCheckpointError: the bytes that arrived do not match the crc32c their sender
             computed (naming both processes).
+        Exception: the first error of ``source`` or ``sink``.
     """
     if not transfers:
         return
@@ -171,6 +178,7 @@ def exchange(transfers: Sequence[Transfer], source: Callable[[Transfer, int, int
     sharding = NamedSharding(mesh, _ROWS)
     device = mesh.devices[me]
     count = jax.process_count()
+    failed: BaseException | None = None  # raised once every collective has run
     for group in rounds(transfers):
         total = max(t.nbytes + 4 for t in group)  # each transfer's bytes, then its crc32c
         width = max(1, min(wave_bytes, total))
@@ -181,8 +189,11 @@ def exchange(transfers: Sequence[Transfer], source: Callable[[Transfer, int, int
         tail = bytearray()  # the crc32c's bytes as they arrive
         for start in range(0, total, width):
             row = np.zeros((1, width), np.uint8)
-            if sending is not None:
-                sent_crc = _fill(row[0], sending, start, sent_crc, source)
+            if sending is not None and failed is None:
+                try:
+                    sent_crc = _fill(row[0], sending, start, sent_crc, source)
+                except Exception as exc:  # the others are already in this collective
+                    failed = exc
             moved = perm(jax.make_array_from_single_device_arrays(
                 (count, width), sharding, [jax.device_put(row, device)]))
             if receiving is not None:
@@ -191,14 +202,21 @@ def exchange(transfers: Sequence[Transfer], source: Callable[[Transfer, int, int
                 if start < n:
                     body = got[:min(width, n - start)]
                     got_crc = google_crc32c.extend(got_crc, body)
-                    sink(receiving, start, body)
+                    if failed is None:
+                        try:
+                            sink(receiving, start, body)
+                        except Exception as exc:
+                            failed = exc
                 lo, hi = max(start, n), min(start + width, n + 4)
                 tail += got[lo - start:hi - start].tobytes() if lo < hi else b""
             del moved
-        if receiving is not None and int.from_bytes(bytes(tail), "little") != got_crc:
-            raise CorruptCheckpointError(
+        if receiving is not None and failed is None and \
+                int.from_bytes(bytes(tail), "little") != got_crc:
+            failed = CorruptCheckpointError(
                 f"{receiving.nbytes} bytes sent by process {receiving.src} to process "
                 f"{receiving.dst} arrived damaged (crc32c mismatch)")
+    if failed is not None:
+        raise failed
 
 
 def _fill(row: np.ndarray, t: Transfer, start: int, crc: int,
@@ -219,3 +237,203 @@ def _fill(row: np.ndarray, t: Transfer, start: int, crc: int,
         row[lo - start:hi - start] = np.frombuffer(crc.to_bytes(4, "little"),
                                                    np.uint8)[lo - n:hi - n]
     return crc
+
+
+# -- replicas of a local save ----------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """One chunk of a replica transfer: ``nbytes`` of record ``record``'s chunk ``flat``
+    (global ``box``), in C order, as the sender's devices hold it."""
+
+    record: int
+    flat: int
+    box: Box
+    nbytes: int
+
+
+def pieces(held: dict[int, dict[int, ArrayPlan]], src: int, dst: int,
+           itemsizes: dict[int, int]) -> list[Piece]:
+    """The chunks process ``src`` sends to ``dst`` for its replica: those ``src``'s local
+    copy holds and ``dst``'s own does not, by record and chunk. ``held[p][r]`` is process
+    ``p``'s `ckpt._ownership.held_plan` of array record ``r``. Pure: both ends compute the
+    same list, so the bytes need no framing."""
+    out = []
+    for r in sorted(held[src]):
+        mine, theirs = held[src][r], held[dst][r]
+        for flat in sorted(mine.owned):
+            box = mine.chunk_box(flat)
+            if flat not in theirs.owned and box_size(box):
+                out.append(Piece(r, flat, box, box_size(box) * itemsizes[r]))
+    return out
+
+
+class Replicas:
+    """One local save's replicas on this process (docs/tiers.md, "Peer replicas"): what it
+    sends to each process holding its replica and what it receives from each process it
+    holds one of. Made on the caller's thread by `ckpt._local.LocalTierCopy.layout`; `run`
+    runs there too, after the save's background thread started, and hands each chunk that
+    arrives to ``feed`` (at most the save's memory budget of them not yet durable)."""
+
+    def __init__(self, holding: list[list[int]], me: int, leaves: list[Any],
+                 held: dict[int, dict[int, ArrayPlan]], itemsizes: dict[int, int],
+                 budget: int) -> None:
+        self.me = me
+        self.holding = holding
+        self.sources = held_for(holding, me)
+        self.sends = {h: pieces(held, me, h, itemsizes) for h in holding[me]}
+        self.receives = {q: pieces(held, q, me, itemsizes) for q in self.sources}
+        self.feed = Feed(budget)
+        self._leaves: list[Any] | None = leaves
+        self._owned = held[me]
+        self._dtypes = {r: np.dtype(leaves[r].dtype) for r in held[me]}
+
+    def run(self, coord: Any, prefix: str, timeout_s: float) -> None:
+        """Caller's thread, every process: agrees that every process is ready (each tells
+        its transfers' sizes; a process that failed before this stops the exchange on every
+        process instead of leaving the others inside a collective), then moves the
+        replicas. What goes wrong after the agreement is the save's failure, raised by its
+        background part; the exchange itself always runs to its end on every process."""
+        feed = self.feed
+        try:
+            sizes = coord.gather_all(
+                f"{prefix}/replicas",
+                {str(h): sum(p.nbytes for p in ps) for h, ps in self.sends.items()},
+                timeout_s, "starting the exchange of replicas: ")
+            transfers = [Transfer(src, int(dst), nbytes)
+                         for src, sent in sorted(sizes.items())
+                         for dst, nbytes in sorted(sent.items(), key=lambda kv: int(kv[0]))]
+            sink = _Assembly(self.receives, self._dtypes, feed)
+            exchange(transfers, self._source(), sink)
+            sink.check()
+        except BaseException as exc:
+            feed.close(exc)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            feed.close()
+        finally:
+            self._leaves = None  # the caller may now donate or delete its arrays
+
+    def _source(self) -> Callable[[Transfer, int, int], Any]:
+        """The bytes of each transfer this process sends, read from the caller's arrays as
+        the exchange asks for them (one shard on host at a time)."""
+        assert self._leaves is not None
+        leaves, owned = self._leaves, self._owned
+        shard: dict[tuple[int, Any], np.ndarray] = {}
+        streams = {h: _Stream(ps) for h, ps in self.sends.items()}
+
+        def chunk(piece: Piece) -> np.ndarray:
+            device, shard_box = owned[piece.record].owned[piece.flat]
+            key = (piece.record, device)
+            if key not in shard:
+                shard.clear()
+                leaf = leaves[piece.record]
+                data = next(s.data for s in leaf.addressable_shards if s.device == device) \
+                    if device is not None else leaf
+                shard[key] = np.asarray(data)
+            part = shard[key][to_slices(piece.box, shard_box)]
+            return np.ascontiguousarray(part).reshape(-1).view(np.uint8)
+
+        def source(t: Transfer, offset: int, length: int) -> np.ndarray:
+            return streams[t.dst].read(offset, length, chunk)
+
+        return source
+
+
+class _Stream:
+    """A transfer's bytes as the concatenation of its pieces, read front to back."""
+
+    def __init__(self, ps: list[Piece]) -> None:
+        self.pieces = ps
+        self.index = 0  # the piece holding `self.at`
+        self.at = 0  # offset of the current piece's first byte
+        self.current: np.ndarray | None = None
+
+    def read(self, offset: int, length: int,
+             chunk: Callable[[Piece], np.ndarray]) -> np.ndarray:
+        out = np.empty(length, np.uint8)
+        filled = 0
+        while filled < length:
+            piece = self.pieces[self.index]
+            if self.current is None:
+                self.current = chunk(piece)
+            start = offset + filled - self.at
+            take = min(length - filled, piece.nbytes - start)
+            out[filled:filled + take] = self.current[start:start + take]
+            filled += take
+            if start + take == piece.nbytes:
+                self.at += piece.nbytes
+                self.index += 1
+                self.current = None
+        return out
+
+
+@dataclasses.dataclass
+class _Incoming:
+    """Where one sender's bytes are: its piece being filled, and how far."""
+
+    index: int = 0
+    filled: int = 0
+    buffer: np.ndarray | None = None
+
+
+class _Assembly:
+    """The receiving side of the exchange: each transfer's bytes cut back into its pieces,
+    each piece handed to the feed as a unit of the save's snapshot once whole."""
+
+    def __init__(self, receives: dict[int, list[Piece]], dtypes: dict[int, np.dtype[Any]],
+                 feed: Feed) -> None:
+        self.receives, self.dtypes, self.feed = receives, dtypes, feed
+        self.state = {q: _Incoming() for q in receives}
+
+    def __call__(self, t: Transfer, offset: int, data: np.ndarray) -> None:
+        at, ps = self.state[t.src], self.receives[t.src]
+        used = 0
+        while used < data.size:
+            piece = ps[at.index]
+            if at.buffer is None:
+                self.feed.reserve(piece.nbytes)  # waits for the writer to make room
+                at.filled, at.buffer = 0, np.empty(piece.nbytes, np.uint8)
+            take = min(data.size - used, piece.nbytes - at.filled)
+            at.buffer[at.filled:at.filled + take] = data[used:used + take]
+            at.filled += take
+            used += take
+            if at.filled == piece.nbytes:
+                array = at.buffer.view(self.dtypes[piece.record]).reshape(box_shape(piece.box))
+                unit = Unit([array], [ChunkWrite(piece.record, piece.flat,
+                                                 to_slices(piece.box))], [None],
+                            nbytes=piece.nbytes, feed=self.feed)
+                self.feed.put(unit, [array])
+                at.index, at.buffer = at.index + 1, None
+
+    def check(self) -> None:
+        """After the exchange: says whether a transfer came short."""
+        for q, at in self.state.items():
+            if at.index != len(self.receives[q]):
+                raise CorruptCheckpointError(
+                    f"the replica from process {q} ended after {at.index} of "
+                    f"{len(self.receives[q])} chunks")
+
+
+class WithReplicas(Snapshot):
+    """A local save's snapshot followed by the replicas this process receives: the save's
+    background part writes its own chunks, then each replica's as the exchange hands them
+    over (`Replicas.feed`)."""
+
+    def __init__(self, own: Snapshot, replicas: Replicas) -> None:
+        super().__init__(own.mode, own.units, own.feed)
+        self.own, self.replicas = own, replicas
+
+    def items(self, deadline: Deadline,
+              idle: Callable[[], bool]) -> Iterator[tuple[Unit, list[np.ndarray]]]:
+        yield from self.own.items(deadline, idle)
+        yield from self.replicas.feed.items(deadline, idle)
+
+    def fetch(self) -> None:
+        self.own.fetch()
+
+    def release(self) -> None:
+        self.own.release()
+        self.units = []
+        self.replicas.feed.cancel(Cancelled("the snapshot was released"))

@@ -320,7 +320,8 @@ class WithLocalTier(RootOnly):
             timeout_s=self.s.timeout_s, snapshot=self.s.snapshot,
             memory_budget=self.s.memory_budget, compression=self.s.compression,
             refuse=lambda: self.s.refuse(step), on_attempt=draw,
-            victims=lambda: tier.victims(step), on_commit=locally, on_failure=failed)
+            victims=lambda: tier.victims(step), on_commit=locally, on_failure=failed,
+            holding=tier.holding)
         handle.remote = remote
         if remote is not None:
             self._root_commit(remote)

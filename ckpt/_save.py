@@ -162,6 +162,17 @@ class Copy:
         needs inline leaves encoded)."""
         return process == 0
 
+    def snapshot(self, taken: Snapshot) -> Snapshot:
+        """Caller's thread, once the snapshot is taken: what the background part writes
+        (the local tier's copy adds its peers' replicas). Here: the snapshot itself."""
+        return taken
+
+    def on_caller(self, job: Job) -> None:
+        """Caller's thread, after the background part started and before `save_async`
+        returns: work that must run there (the local tier's exchange of replicas, which
+        runs collectives). Its failures fail the save through its background part."""
+        return None
+
     def written(self, job: Job, rows: list[Row]) -> Any:
         """Background thread, once this process's chunks are durable: what it tells the
         others (a JSON value, `Coordinator.gather`). Here: its host report is written."""
@@ -418,7 +429,7 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
                         else np.asarray(leaf)
                     records[i] = dataclasses.replace(rec, data=encode_inline(host))
         records, plans = copy.layout(records, leaves, plans, per_process, coord)
-        taken = take(leaves, plans, snapshot, memory_budget)
+        taken = copy.snapshot(take(leaves, plans, snapshot, memory_budget))
 
     handle = SaveHandle(store.url, step)
     handle.attempt = attempt
@@ -436,6 +447,7 @@ def start_save(store: Store, tree: Any, *, metadata: Any = None,
             # The direct path: the caller's shards move to host now, as the budget lets the
             # writes make room (an error doing so fails the save through its handle).
             job.snapshot.fetch()
+        copy.on_caller(job)
     finally:
         job.blocked_s = time.monotonic() - job.started
         job.blocked.set()
@@ -513,8 +525,9 @@ def _write_chunks(job: Job, create: bool) -> list[Row]:
             last = len(unit.chunks) - 1
             for i, c in enumerate(unit.chunks):
                 check_cancelled(job)  # an Event's flag: nothing is asked of anyone
-                release = (functools.partial(feed.release, unit.nbytes)
-                           if feed is not None and i == last else None)
+                owner = unit.feed or feed
+                release = (functools.partial(owner.release, unit.nbytes)
+                           if owner is not None and i == last else None)
                 writer.put(arrays[c.record], c.slices, c.data(host),
                            job.records[c.record].name, c.flat, release)
             del host  # the unit's host copies go once TensorStore holds its own

@@ -157,6 +157,7 @@ class Unit:
     own: list[bool] = dataclasses.field(default_factory=list)
     gather: tuple[np.ndarray, tuple[int, ...]] | None = None
     nbytes: int = 0
+    feed: Feed | None = None  # the feed its bytes go back to, if not the snapshot's
 
     def __post_init__(self) -> None:
         if not self.own:

@@ -24,7 +24,7 @@ import logging
 import os
 import secrets
 import threading
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 from ckpt import _coord
@@ -42,6 +42,7 @@ from ckpt._housekeeping import (
     step_store,
 )
 from ckpt._local import LocalCopy, local_store, remove_copy, remove_debris, scan
+from ckpt._peers import holders
 from ckpt._reader import Readable, open_checkpoint, open_readable
 from ckpt.errors import (
     CheckpointExistsError,
@@ -69,7 +70,8 @@ class LocalTier:
 
     def __init__(self, local_dir: str, local_keep: int, persist_every: int | None,
                  root: Store, *, read_only: bool, timeout_s: float,
-                 failure: BaseException | None = None) -> None:
+                 failure: BaseException | None = None, replicas: int = 0,
+                 domains: Sequence[Hashable] | None = None) -> None:
         # Drawn first, on every process, whatever fails below: a manager made again after
         # a failure then meets under the same keys everywhere.
         key = self.key = f"tier/{next(_TIERS)}"
@@ -85,6 +87,9 @@ class LocalTier:
             raise InvalidArgumentError(f"persist_every must be an integer >= 1 or None, got "
                                        f"{persist_every!r}")
         self.me, self.count = coord.process_index, coord.process_count
+        # Who holds a replica of each process's copies (`ckpt._peers.holders`; the same on
+        # every process, so each raises the same error for a placement it cannot make).
+        self.holding = holders(self.count, replicas, domains) if replicas else None
         self.keep, self.persist_every, self.read_only = local_keep, persist_every, read_only
         self.store = local_store(local_dir, self.me)
         _refuse_inside(self.store, root)

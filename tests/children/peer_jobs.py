@@ -7,8 +7,15 @@ from unittest import mock
 import jax
 import numpy as np
 
+import ckpt
 from ckpt import _peers
+from ckpt._local import local_store
+from ckpt._reader import open_readable
+from ckpt._tiers import _holds
 from ckpt.errors import CorruptCheckpointError
+from ckpt.restore import read_arrays
+from ckpt.restore.boxes import box_of_index, chunk_box, grid_shape, to_slices, unflat_index
+from tests.children.mp_jobs import device_tree, host_tree
 
 
 def payload(src, dst, nbytes):
@@ -74,3 +81,52 @@ def damaged_in_transit(nbytes):
         except CorruptCheckpointError as exc:
             return str(exc)
     return None
+
+
+def save_with_replicas(root, local, steps, mesh_shape, replicas, snapshot):
+    """Saves ``steps`` locally only (with a per-process leaf) with ``replicas`` replicas,
+    then checks this process's copy of the last step: every chunk it holds exact, every
+    shard of each process it holds a replica of there, their per-process values there."""
+    me = jax.process_index()
+    with ckpt.CheckpointManager(root, keep_last=None, local_dir=local, persist_every=1000,
+                                timeout_s=90, local_replicas=replicas,
+                                snapshot=snapshot) as mgr:
+        for step in steps:
+            tree = device_tree(step, tuple(mesh_shape))
+            tree["mine"] = ckpt.PerProcess(1000 * me + step)
+            mgr.save(step, tree)
+        mgr.wait()
+    step = steps[-1]
+    tree = device_tree(step, tuple(mesh_shape))
+    copy = open_readable(local_store(local, me).child(str(step)))
+    manifest = copy.manifest
+    assert manifest.local is not None
+    replicas_of = manifest.local.get("replicas_of", [])
+    writers: dict[int, int] = {}
+    wrong, missing = [], []
+    for rec in manifest.leaves:
+        if rec.kind.value == "per_process":
+            values = rec.value
+        if rec.kind.value != "array":
+            continue
+        key = rec.path[0][1]
+        expected = host_tree(step)[key]
+        held = [f for f, w in enumerate(rec.writers) if w >= 0]
+        for f in held:
+            writers[rec.writers[f]] = writers.get(rec.writers[f], 0) + 1
+        grid = grid_shape(rec.shape, rec.chunk_shape)
+        boxes = [chunk_box(unflat_index(f, grid), rec.chunk_shape, rec.shape) for f in held]
+        if boxes:
+            got = read_arrays([copy.read_job(rec, boxes)])[0]
+            wrong += [key for b, g in zip(boxes, got, strict=True) if g.tobytes()
+                      != np.ascontiguousarray(expected[to_slices(b)]).tobytes()]
+        if isinstance(tree[key], jax.Array):
+            for q in [*replicas_of, me]:
+                for device, index in tree[key].sharding.devices_indices_map(
+                        tree[key].shape).items():
+                    if device.process_index == q and not _holds(
+                            rec, box_of_index(index, tree[key].shape)):
+                        missing.append([key, q])
+    return {"writers": {str(k): v for k, v in sorted(writers.items())}, "wrong": wrong,
+            "missing": missing, "replicas_of": replicas_of,
+            "values": values}

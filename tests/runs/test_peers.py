@@ -78,3 +78,23 @@ def test_many_senders_to_one_receiver_and_damage_in_transit():
     assert errors[1] is None  # the sender learns nothing of it
     assert errors[0] is not None and "sent by process 1 to process 0 arrived damaged" in \
         errors[0], errors
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("n", "mesh", "snapshot"), [(2, [2, 4], "auto"), (4, [4, 2], "auto"),
+                                                     (2, [2, 4], "host")])
+def test_a_local_save_places_each_process_shards_with_its_holder(tmp_path, n, mesh,
+                                                                 snapshot):
+    outs = launch("tests.children.peer_jobs:save_with_replicas", n,
+                  args=[str(tmp_path / "root"), str(tmp_path / "local-{process}"), [1, 2],
+                        mesh, 1, snapshot], devices_per_process=8 // n, timeout=300)
+    holding = _peers.holders(n, 1)
+    for p, out in enumerate(outs):
+        sources = _peers.held_for(holding, p)
+        assert out["replicas_of"] == sources, out
+        assert out["wrong"] == [] and out["missing"] == [], out
+        # Its own chunks and its replicas', named by the process whose devices held them.
+        assert set(out["writers"]) == {str(q) for q in [p, *sources]}, out
+        assert out["values"][p] == 1000 * p + 2
+        assert all(out["values"][q] == 1000 * q + 2 for q in sources), out
+        assert all(out["values"][q] is None for q in range(n) if q not in [p, *sources])
