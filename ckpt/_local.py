@@ -83,6 +83,8 @@ class LocalCopy:
     # The manifest's ancestry ([step, attempt] pairs, `ckpt._format.Manifest.parents`);
     # None for a copy written before ancestry was recorded.
     parents: list[list[Any]] | None = None
+    # The processes whose replicas it holds (`local.replicas_of`).
+    replicas_of: tuple[int, ...] = ()
 
 
 def scan(store: Store, root: str) -> tuple[dict[int, LocalCopy], dict[int, str]]:
@@ -103,7 +105,8 @@ def scan(store: Store, root: str) -> tuple[dict[int, LocalCopy], dict[int, str]]
             continue
         found[step] = LocalCopy(step, manifest.attempt, manifest.local["process"],
                                 manifest.process_count, manifest.local["lineage"],
-                                manifest.parents)
+                                manifest.parents,
+                                tuple(manifest.local.get("replicas_of", ())))
     return found, foreign
 
 

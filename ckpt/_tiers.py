@@ -27,7 +27,7 @@ import threading
 from collections.abc import Hashable, Sequence
 from typing import Any
 
-from ckpt import _coord
+from ckpt import _coord, _recovery
 from ckpt._commit import committed_attempt
 from ckpt._format import DTYPE_SIZES, LeafKind, LeafRecord
 from ckpt._housekeeping import (
@@ -122,8 +122,7 @@ class LocalTier:
                         remove_copy(self.store, step)
                         log.info("local tier %s: removed step %d (rewound or deleted at %s "
                                  "since it was saved)", self.store.url, step, root.url)
-            mine = {"copies": [[c.step, c.attempt, c.process, c.process_count, c.parents]
-                               for c in self.copies.values()], "foreign": foreign}
+            mine = {"copies": self._report(), "foreign": foreign}
         except CkptError as exc:  # told to every process in the exchange, raised on all
             mine = _coord.Failure.of(self.me, exc).error()
             mine.__cause__ = exc
@@ -137,6 +136,8 @@ class LocalTier:
             if not read_only:
                 with contextlib.suppress(CkptError):
                     self.store.delete(probe)
+        if not read_only:
+            found = self._recover(coord, key, found, timeout_s)
         # Which copies serve: decided by process 0, which alone reads the root for it.
         decided = coord.decide(f"{key}/trust", lambda: self._trust(found), timeout_s)
         self.complete: dict[int, str] = {int(s): a for s, a in decided["complete"].items()}
@@ -160,6 +161,36 @@ class LocalTier:
                             exc)
         log.info("local tier %s: copies of steps %s; complete on every process: %s",
                  self.store.url, sorted(self.copies), sorted(self.complete))
+
+    def _report(self) -> list[list[Any]]:
+        """This process's copies, as the start-up exchange tells them."""
+        return [[c.step, c.attempt, c.process, c.process_count, c.parents,
+                 list(c.replicas_of)] for c in self.copies.values()]
+
+    def _recover(self, coord: _coord.Coordinator, key: str, found: dict[int, Any],
+                 timeout_s: float) -> dict[int, Any]:
+        """Every process, after the exchange of copies: rebuilds the copies some processes
+        lack from the replicas others hold (`ckpt._recovery`; process 0 decides which),
+        then tells its copies again; returns what every process holds now."""
+        decided = coord.decide(f"{key}/recover",
+                               lambda: _recovery.plan(found, self.count, self.keep), timeout_s)
+        if not decided:
+            return found
+        for text, senders in sorted(decided.items(), key=lambda kv: int(kv[0])):
+            step = int(text)
+            try:
+                _recovery.rebuild(self.store, step, {int(m): h for m, h in senders.items()},
+                                 f"{key}/recover/{step}", timeout_s)
+            except CkptError as exc:  # the step is then not complete: never offered
+                log.warning("local tier %s: step %d could not be rebuilt from peers: %s",
+                            self.store.url, step, exc)
+                continue
+            if str(self.me) in senders:
+                copies, _ = scan(self.store, self.root.url)
+                if step in copies:
+                    self.copies[step] = copies[step]
+        return coord.gather_all(f"{key}/copies-rebuilt", {"copies": self._report()},
+                                timeout_s, f"the local tier {self.store.url}: ")
 
     def _root_records(self, coord: _coord.Coordinator, key: str,
                       timeout_s: float) -> tuple[Lineage, Abandoned]:
@@ -246,9 +277,9 @@ class LocalTier:
         """
         held: dict[int, dict[int, LocalCopy]] = {}
         for p, value in found.items():
-            for step, attempt, writer, count, parents in value["copies"]:
+            for step, attempt, writer, count, parents, replicas_of in value["copies"]:
                 held.setdefault(step, {})[p] = LocalCopy(step, attempt, writer, count, "",
-                                                         parents)
+                                                         parents, tuple(replicas_of))
         candidates: dict[int, LocalCopy] = {}
         for step, by_process in held.items():
             attempts = {c.attempt for c in by_process.values()}

@@ -2,13 +2,15 @@
 `tools.launch` job."""
 
 import hashlib
+import os
+import signal
 from unittest import mock
 
 import jax
 import numpy as np
 
 import ckpt
-from ckpt import _peers
+from ckpt import _peers, _recovery
 from ckpt._local import local_store
 from ckpt._reader import open_readable
 from ckpt._tiers import _holds
@@ -16,6 +18,7 @@ from ckpt.errors import CorruptCheckpointError
 from ckpt.restore import read_arrays
 from ckpt.restore.boxes import box_of_index, chunk_box, grid_shape, to_slices, unflat_index
 from tests.children.mp_jobs import device_tree, host_tree
+from tests.children.tier_jobs import _manager
 
 
 def payload(src, dst, nbytes):
@@ -130,3 +133,51 @@ def save_with_replicas(root, local, steps, mesh_shape, replicas, snapshot):
     return {"writers": {str(k): v for k, v in sorted(writers.items())}, "wrong": wrong,
             "missing": missing, "replicas_of": replicas_of,
             "values": values}
+
+
+def _die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def save_and_die_replicating(root, local, mesh_shape, victim):
+    """Steps 1 and 2 saved with one replica each (2 persisted), then step 3, during whose
+    exchange of replicas process ``victim`` SIGKILLs itself at its first wave."""
+    real = _peers.exchange
+
+    def dying(transfers, source, sink, **kw):
+        return real(transfers, lambda t, at, n: _die(), sink, **kw)
+
+    with _manager(root, local, 2, local_replicas=1) as mgr:
+        for step in (1, 2):
+            mgr.save(step, device_tree(step, tuple(mesh_shape)))
+        mgr.wait()
+        if jax.process_index() == victim:
+            mock.patch.object(_peers, "exchange", dying).start()
+        print("SAVING", flush=True)
+        mgr.save(3, device_tree(3, tuple(mesh_shape)))
+        mgr.wait()
+    return "done"
+
+
+def rebuild_and_die(root, local, mesh_shape):
+    """The restart after process 1's folder was lost: process 1 SIGKILLs itself once the
+    first wave of its rebuilt copy's objects was written (after the header), before its
+    COMMIT."""
+    real = _peers.exchange  # what _recovery calls by the name it imported
+    calls = []
+
+    def dying(transfers, source, sink, **kw):
+        calls.append(True)
+
+        def dying_sink(t, at, data):
+            sink(t, at, data)
+            if len(calls) == 2:
+                _die()
+        return real(transfers, source, dying_sink, **kw)
+
+    if jax.process_index() == 1:
+        mock.patch.object(_recovery, "exchange", dying).start()
+    print("STARTING", flush=True)
+    with _manager(root, local, 2):
+        pass
+    return "done"

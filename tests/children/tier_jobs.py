@@ -30,10 +30,11 @@ def _mine(step):
     return 1000 * jax.process_index() + step
 
 
-def save_steps(root, local, steps, mesh_shape, persist_every, per_process=False):
-    """Saves ``steps`` (with a per-process leaf ``mine`` if ``per_process``); returns the
-    step folders of this process's local tier."""
-    with _manager(root, local, persist_every) as mgr:
+def save_steps(root, local, steps, mesh_shape, persist_every, per_process=False, replicas=0):
+    """Saves ``steps`` (with a per-process leaf ``mine`` if ``per_process``; each copy
+    holding ``replicas`` other processes' replicas); returns the step folders of this
+    process's local tier."""
+    with _manager(root, local, persist_every, local_replicas=replicas) as mgr:
         for step in steps:
             tree = device_tree(step, tuple(mesh_shape))
             if per_process:

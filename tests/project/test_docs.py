@@ -30,6 +30,9 @@ ILLUSTRATIVE = {
     # Orbax paths in a bucket: the same calls run on real Orbax output in
     # tests/formats/test_orbax.py.
     ("README.md", 1),
+    # Peer replicas need several processes: tests/runs/test_peers.py saves with them and
+    # restores after replaced hosts in real 2- and 4-process jobs.
+    ("docs/guide.md", 8),
 }
 
 

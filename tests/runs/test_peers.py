@@ -2,12 +2,15 @@
 JAX's collectives between real processes (2 and 4, gloo on CPU)."""
 
 import itertools
+import os
+import shutil
+import signal
 
 import pytest
 
 from ckpt import _peers
 from ckpt.errors import InvalidArgumentError
-from tools.launch import launch
+from tools.launch import launch, start
 
 
 def test_one_replica_goes_half_the_job_away():
@@ -98,3 +101,90 @@ def test_a_local_save_places_each_process_shards_with_its_holder(tmp_path, n, me
         assert out["values"][p] == 1000 * p + 2
         assert all(out["values"][q] == 1000 * q + 2 for q in sources), out
         assert all(out["values"][q] is None for q in range(n) if q not in [p, *sources])
+
+
+def _lose(local, *processes):
+    """Replaced hosts: their local folders are gone."""
+    for p in processes:
+        shutil.rmtree(local.replace("{process}", str(p)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("n", "mesh", "lost"), [(2, [2, 4], [1]), (4, [4, 2], [0]),
+                                                 (4, [4, 2], [1, 2])])
+def test_a_replaced_host_restores_the_newest_local_step_from_its_peer(tmp_path, n, mesh,
+                                                                     lost):
+    """Steps 1-3 saved with one replica each, step 2 persisted, step 3 local only; the lost
+    processes' folders removed. The restart rebuilds their copies from their holders and
+    restores step 3 exactly (each process's own per-process value included) without
+    reading a chunk of the root."""
+    root, local = str(tmp_path / "root"), str(tmp_path / "local-{process}")
+    launch("tests.children.tier_jobs:save_steps", n,
+           args=[root, local, [1, 2, 3], mesh, 2, True, 1], devices_per_process=8 // n,
+           timeout=300)
+    _lose(local, *lost)
+    outs = launch("tests.children.tier_jobs:restore_latest", n, args=[root, local, mesh, 2],
+                  devices_per_process=8 // n, timeout=300)
+    for out in outs:
+        assert out["latest"] == 3 and out["steps"] == [2, 3], out
+        assert out["root"]["chunks"] == 0, out
+    for p in lost:
+        assert os.path.exists(os.path.join(local.replace("{process}", str(p)), "3", "COMMIT"))
+
+
+@pytest.mark.slow
+def test_losing_a_process_and_its_replica_holder_falls_back_to_the_root(tmp_path):
+    """Processes 1 and 3 of four hold each other's replica: losing both loses step 3 (local
+    only), which is no longer offered; the newest step the root holds is restored."""
+    root, local = str(tmp_path / "root"), str(tmp_path / "local-{process}")
+    launch("tests.children.tier_jobs:save_steps", 4,
+           args=[root, local, [1, 2, 3], [4, 2], 2, True, 1], devices_per_process=2,
+           timeout=300)
+    _lose(local, 1, 3)
+    outs = launch("tests.children.tier_jobs:restore_latest", 4, args=[root, local, [4, 2], 2],
+                  devices_per_process=2, timeout=300)
+    for out in outs:
+        assert out["latest"] == 2 and 3 not in out["steps"], out
+
+
+@pytest.mark.slow
+def test_a_kill_during_the_exchange_of_replicas_commits_nothing(tmp_path):
+    """Process 1 SIGKILLed inside step 3's exchange (the job then restarted whole): step 3
+    is on no tier, every tier is consistent, and the restart restores step 2 exactly."""
+    root, local = str(tmp_path / "root"), str(tmp_path / "local-{process}")
+    with start("tests.children.peer_jobs:save_and_die_replicating", 2,
+               args=[root, local, [2, 4], 1], heartbeat_s=5) as job:
+        job.wait_for_line(1, "SAVING")
+        job.procs[1].wait(timeout=120)
+        assert job.procs[1].returncode == -signal.SIGKILL, job.stderr[1][-5:]
+        job.kill_all()
+    for out in launch("tests.children.tier_jobs:restore_latest", 2,
+                      args=[root, local, [2, 4], 2], timeout=300):
+        assert out["latest"] == 2 and out["steps"] == [1, 2], out
+    for p in (0, 1):
+        folder = os.path.join(local.replace("{process}", str(p)), "3")
+        assert not os.path.exists(os.path.join(folder, "COMMIT"))
+
+
+@pytest.mark.slow
+def test_a_rebuild_killed_midway_is_finished_by_the_next_start(tmp_path):
+    """Process 1's folder lost; the restart that rebuilds it is killed midway (process 1
+    dies after writing objects, before its COMMIT); the next restart rebuilds over that
+    debris and restores step 3 from the local tier."""
+    root, local = str(tmp_path / "root"), str(tmp_path / "local-{process}")
+    launch("tests.children.tier_jobs:save_steps", 2,
+           args=[root, local, [1, 2, 3], [2, 4], 2, True, 1], timeout=300)
+    _lose(local, 1)
+    with start("tests.children.peer_jobs:rebuild_and_die", 2, args=[root, local, [2, 4]],
+               heartbeat_s=5) as job:
+        job.wait_for_line(1, "STARTING")
+        job.procs[1].wait(timeout=120)
+        assert job.procs[1].returncode == -signal.SIGKILL, job.stderr[1][-5:]
+        job.kill_all()
+    # Killed while rebuilding the first of its two steps: its objects there, no COMMIT.
+    lost = local.replace("{process}", "1")
+    assert os.listdir(os.path.join(lost, "2")) and not any(
+        os.path.exists(os.path.join(lost, s, "COMMIT")) for s in ("2", "3"))
+    for out in launch("tests.children.tier_jobs:restore_latest", 2,
+                      args=[root, local, [2, 4], 2], timeout=300):
+        assert out["latest"] == 3 and out["root"]["chunks"] == 0, out

@@ -1,0 +1,300 @@
+"""Rebuilding a lost process's local copy from the replica a peer holds (docs/tiers.md,
+"Peer replicas").
+
+A process whose folder lacks the copy of a step that every other process holds (a replaced
+host, a lost disk) gets it back at start-up, before anything is offered: the process holding
+its replica (`ckpt._peers.holders`, recorded in each copy's ``local.replicas_of``) sends the
+objects of its own copy that the lost process needs (each array's ``zarr.json`` and the
+chunks whose writer is either of them), over JAX's collectives (`ckpt._peers.exchange`), and
+the lost process writes them into its folder under the same attempt id and commits its
+copy (manifest, claim, COMMIT: `ckpt._commit.commit`). The step is then complete by the
+ordinary rule, and the start-up exchange of copies runs again.
+
+Called by `ckpt._tiers.LocalTier` on every process (the exchange is collective), in order:
+`plan` on process 0, then `rebuild` everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from ckpt import _coord
+from ckpt._commit import commit
+from ckpt._format import (
+    COMMIT,
+    MANIFEST,
+    ChunkLayout,
+    LeafKind,
+    Manifest,
+    decode_manifest,
+    pack,
+    unpack,
+)
+from ckpt._peers import Transfer, exchange
+from ckpt._reader import open_checkpoint
+from ckpt.errors import CkptError, CorruptCheckpointError
+from ckpt.restore.boxes import flat_index, grid_shape
+from ckpt.storage import Store, check_key
+
+log = logging.getLogger("ckpt.local")
+
+
+def plan(found: dict[int, Any], count: int, keep: int) -> dict[str, dict[str, int]]:
+    """Process 0, from every process's start-up report (`ckpt._tiers.LocalTier`: each
+    copy as ``[step, attempt, process, process_count, parents, replicas_of]``): for the
+    newest ``keep`` steps that some processes lack and that can be rebuilt, ``{step: {lost
+    process: the process sending its copy}}`` (JSON keys). A step can be rebuilt when every
+    copy there is of one save, written by the process of its index in a job of this size,
+    and each lost process's replica is held by a process that has its copy."""
+    by_step: dict[int, dict[int, list[Any]]] = {}
+    for p, value in found.items():
+        for entry in value["copies"]:
+            by_step.setdefault(int(entry[0]), {})[p] = entry
+    out: dict[str, dict[str, int]] = {}
+    for step in sorted(by_step, reverse=True):
+        held = by_step[step]
+        lost = sorted(set(range(count)) - set(held))
+        if not lost or len(out) == keep:
+            continue
+        if len({e[1] for e in held.values()}) != 1 or any(
+                e[2] != p or e[3] != count for p, e in held.items()):
+            continue
+        senders = {m: min((p for p, e in held.items() if m in (e[5] or [])), default=None)
+                   for m in lost}
+        if all(h is not None for h in senders.values()):
+            out[str(step)] = {str(m): int(h) for m, h in senders.items() if h is not None}
+        else:
+            log.warning("step %d: processes %s hold no local copy of it and no other process "
+                        "holds their replica; it is not restorable from the local tier",
+                        step, [m for m, h in senders.items() if h is None])
+    return out
+
+
+@dataclasses.dataclass
+class _Outgoing:
+    """What this process sends one lost process: a header (its manifest's bytes and the
+    objects' keys and sizes), then the objects themselves, in that order."""
+
+    header: bytes
+    objects: list[tuple[str, int]]
+
+
+def rebuild(store: Store, step: int, senders: dict[int, int], key: str,
+            timeout_s: float) -> None:
+    """Every process, at start-up: rebuilds the copies of ``step`` that ``senders`` (lost
+    process -> the process sending its copy) names. ``store`` is this process's local
+    folder. Raises on every process if it failed anywhere (naming the process); the lost
+    processes' folders then hold debris for the next start-up's clean-up.
+
+    Raises:
+        CkptError: reading the sender's copy, the transfer, or the writes failed.
+    """
+    coord = _coord.current()
+    me = coord.process_index
+    folder = store.child(str(step))
+    outgoing: dict[int, _Outgoing] = {}
+    mine: Any
+    try:
+        for lost in (m for m, h in senders.items() if h == me):
+            outgoing[lost] = _outgoing(folder, lost, me)
+        if me in senders and folder.exists(COMMIT):
+            # (Debris without COMMIT, an interrupted rebuild's included, is written over:
+            # the same keys of the same save.)
+            raise CorruptCheckpointError(
+                f"{folder.url} holds a COMMIT this process cannot read: the copy of step "
+                f"{step} is not rebuilt over it")
+        mine = {str(m): [len(o.header), sum(n for _, n in o.objects)]
+                for m, o in outgoing.items()}
+    except CkptError as exc:
+        mine = exc
+    sizes = coord.gather_all(f"{key}/sizes", mine, timeout_s,
+                             f"rebuilding step {step} from peers: ")
+    headers = [Transfer(h, int(m), sizes[h][m][0]) for h in sorted(sizes)
+               for m in sorted(sizes[h], key=int)]
+    bodies = [Transfer(h, int(m), sizes[h][m][1]) for h in sorted(sizes)
+              for m in sorted(sizes[h], key=int)]
+    failure: BaseException | None = None
+    received = bytearray()
+    try:
+        exchange(headers, lambda t, at, n: outgoing[t.dst].header[at:at + n],
+                 lambda t, at, data: received.extend(data.tobytes()))
+    except CkptError as exc:
+        failure = exc
+    manifest: Manifest | None = None
+    objects: list[tuple[str, int]] = []
+    if me in senders and failure is None:
+        try:
+            manifest, objects = _parse(bytes(received), step, senders[me])
+        except CkptError as exc:
+            failure = exc
+    writer = _Writer(folder, objects)
+    try:
+        exchange(bodies, _reader(folder, outgoing), writer)
+    except CkptError as exc:
+        failure = failure or exc
+    if me in senders and failure is None:
+        try:
+            writer.check()
+            assert manifest is not None
+            _commit_rebuilt(folder, manifest, me, senders[me])
+        except CkptError as exc:
+            failure = exc
+    coord.gather_all(f"{key}/done", failure if failure is not None else True, timeout_s,
+                     f"rebuilding step {step} from peers: ")
+    if me in senders:
+        log.info("local tier %s: rebuilt step %d from process %d's replica (%.1f MiB)",
+                 store.url, step, senders[me], writer.written / 2**20)
+
+
+def _outgoing(folder: Store, lost: int, me: int) -> _Outgoing:
+    """The objects of this process's copy that process ``lost`` needs: each array's
+    ``zarr.json`` and every chunk whose writer is ``lost`` or this process."""
+    _, manifest = open_checkpoint(folder)
+    if lost not in (manifest.local or {}).get("replicas_of", []):
+        raise CorruptCheckpointError(
+            f"{folder.url} holds no replica of process {lost}")
+    sizes = folder.list_sizes(f"{manifest.attempt}/arrays")
+    wanted: list[tuple[str, int]] = []
+    for rec in manifest.leaves:
+        if rec.kind != LeafKind.ARRAY:
+            continue
+        prefix = f"{manifest.attempt}/arrays/{rec.name}"
+        grid = grid_shape(rec.shape, rec.chunk_shape)
+        for k, n in sizes.items():
+            if not k.startswith(prefix + "/"):
+                continue
+            rest = k[len(prefix) + 1:]
+            if rest == "zarr.json" or (rest.startswith("c/") and _chunk_writer(
+                    rec.writers, rest[2:], grid) in (lost, me)):
+                wanted.append((k, n))
+    data = folder.read(f"{manifest.attempt}/{MANIFEST}")
+    return _Outgoing(pack({"manifest": data, "objects": [list(o) for o in sorted(wanted)]}),
+                     sorted(wanted))
+
+
+def _chunk_writer(writers: Sequence[int], coords: str, grid: tuple[int, ...]) -> int:
+    parts = coords.split("/")
+    if len(parts) != len(grid) or not all(p.isdigit() for p in parts):
+        return -1
+    coord = tuple(int(p) for p in parts)
+    if any(c >= g for c, g in zip(coord, grid, strict=True)):
+        return -1
+    return writers[flat_index(coord, grid)]
+
+
+def _parse(header: bytes, step: int, sender: int) -> tuple[Manifest, list[tuple[str, int]]]:
+    """The lost process's side: the sender's manifest and the objects to expect, every key
+    checked to stay inside the attempt's arrays folder."""
+    what = f"the copy of step {step} process {sender} sent"
+    doc = unpack(header, what)
+    if not isinstance(doc, dict) or not isinstance(doc.get("manifest"), bytes) \
+            or not isinstance(doc.get("objects"), list):
+        raise CorruptCheckpointError(f"{what} is malformed")
+    manifest = decode_manifest(doc["manifest"], what)
+    objects = []
+    for entry in doc["objects"]:
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
+                and type(entry[1]) is int and entry[1] >= 0):
+            raise CorruptCheckpointError(f"{what} lists a malformed object")
+        key = check_key(entry[0])
+        if not key.startswith(f"{manifest.attempt}/arrays/"):
+            raise CorruptCheckpointError(f"{what} names an object outside its arrays: {key}")
+        objects.append((key, entry[1]))
+    return manifest, objects
+
+
+def _reader(folder: Store, outgoing: dict[int, _Outgoing]) -> Any:
+    """The sending side of the objects: each read whole from this process's copy when the
+    exchange reaches it (one object in memory at a time per lost process)."""
+    streams = {m: _Sending(folder, o.objects) for m, o in outgoing.items()}
+    return lambda t, at, length: streams[t.dst].read(at, length)
+
+
+class _Sending:
+    """One lost process's objects as one stream, read front to back."""
+
+    def __init__(self, folder: Store, objects: list[tuple[str, int]]) -> None:
+        self.folder, self.objects = folder, objects
+        self.index, self.at = 0, 0  # the object being sent, and its first byte's offset
+        self.data: bytes | None = None
+
+    def read(self, offset: int, length: int) -> bytes:
+        out = bytearray()
+        while len(out) < length:
+            key, n = self.objects[self.index]
+            if self.data is None:
+                self.data = self.folder.read(key, max_bytes=n)
+                if len(self.data) != n:
+                    raise CorruptCheckpointError(
+                        f"{self.folder.describe(key)} changed size while it was sent")
+            start = offset + len(out) - self.at
+            take = min(length - len(out), n - start)
+            out += self.data[start:start + take]
+            if start + take == n:
+                self.index, self.at, self.data = self.index + 1, self.at + n, None
+        return bytes(out)
+
+
+class _Writer:
+    """The lost process's side of the objects: each written to its folder once whole."""
+
+    def __init__(self, folder: Store, objects: list[tuple[str, int]]) -> None:
+        self.folder, self.objects = folder, objects
+        self.index, self.buffer, self.written = 0, bytearray(), 0
+        self._skip_empty()
+
+    def _skip_empty(self) -> None:
+        while self.index < len(self.objects) and self.objects[self.index][1] == 0:
+            self.folder.write(self.objects[self.index][0], b"")
+            self.index += 1
+
+    def __call__(self, t: Transfer, at: int, data: Any) -> None:
+        view = memoryview(data).cast("B")
+        used = 0
+        while used < len(view):
+            key, n = self.objects[self.index]
+            take = min(len(view) - used, n - len(self.buffer))
+            self.buffer += view[used:used + take]
+            used += take
+            if len(self.buffer) == n:
+                self.folder.write(key, bytes(self.buffer))
+                self.written += n
+                self.buffer.clear()
+                self.index += 1
+                self._skip_empty()
+
+    def check(self) -> None:
+        if self.index != len(self.objects):
+            raise CorruptCheckpointError(
+                f"{self.folder.url}: {len(self.objects) - self.index} objects of the rebuilt "
+                "copy never arrived")
+
+
+def _commit_rebuilt(folder: Store, sent: Manifest, me: int, sender: int) -> None:
+    """Commits the rebuilt copy: the sender's manifest with only the chunks sent (writers
+    ``me`` and ``sender``), the per-process values of both, and this process as its
+    writer; its chunks are read back and checked by every restore, as any copy's."""
+    keep = (me, sender)
+    records = []
+    for rec in sent.leaves:
+        if rec.kind == LeafKind.ARRAY:
+            writers = [w if w in keep else -1 for w in rec.writers]
+            crcs = [c if w in keep else 0 for w, c in zip(rec.writers, rec.chunk_crc32c,
+                                                          strict=True)]
+            rec = dataclasses.replace(rec, layout=ChunkLayout(
+                rec.chunk_shape, tuple(writers), rec.chunk_nbytes, tuple(crcs)))
+        elif rec.kind == LeafKind.PER_PROCESS and isinstance(rec.value, list):
+            rec = dataclasses.replace(rec, value=[v if p in keep else None
+                                                  for p, v in enumerate(rec.value)])
+        records.append(rec)
+    assert sent.local is not None
+    local = {k: v for k, v in sent.local.items() if k != "replicas_of"}
+    local["process"] = me
+    if any(sender in r.writers for r in records if r.kind == LeafKind.ARRAY):
+        local["replicas_of"] = [sender]
+    commit(folder, attempt=sent.attempt, records=records, metadata=sent.metadata,
+           created_at=sent.created_at, process_count=sent.process_count,
+           metrics=sent.metrics, local=local, parents=sent.parents)
