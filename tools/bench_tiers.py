@@ -1,24 +1,30 @@
-"""Benchmark: the local tier against the persistent root alone (S3 via moto), 2 processes.
+"""Benchmark: the local tier against the persistent root alone (S3 via moto), with and
+without peer replicas, 2 or 4 processes.
 
-    .venv/bin/python tools/bench_tiers.py [--mib 1024] [--rounds 2] [--out FILE]
+    .venv/bin/python tools/bench_tiers.py [--mib 1024] [--rounds 2] [--processes 2] [--out FILE]
 
-A job of 2 processes (4 CPU devices each, one (2, 4) mesh) holds a state of ``--mib`` MiB
-(four arrays: split over both processes by rows, by rows and columns, by columns of
-devices within a process, and one replicated on every device). Each round, every process:
+A job of ``--processes`` processes (8 CPU devices in all, one (2, 4) mesh) holds a state of
+``--mib`` MiB (four arrays: split over the processes by rows, by rows and columns, by
+columns, and one replicated on every device). Each round, every process:
 
 1. saves it with a `CheckpointManager` on an S3 root alone: time blocked in `save`, time to
    the commit;
 2. saves it with a manager on another S3 root with ``local_dir`` (a folder per process,
    every step persisted): time blocked, time to the local commit (`SaveHandle.wait`), time
    to the root's commit (``handle.remote.wait()``);
-3. restores it with a new manager from the S3 root alone, then with a new manager with the
+3. the same with ``local_replicas=1`` on a third root: time blocked (the exchange of
+   replicas runs inside `save`), time to the local commit;
+4. restores it with a new manager from the S3 root alone, then with a new manager with the
    local tier (restarting on the same hosts: every box from the local copy, nothing read of
-   the root), both onto the same mesh, timed; every value checked.
+   the root), both onto the same mesh, timed; every value checked;
+5. a replaced host: process 1's local folder removed, then a new manager made and the step
+   restored (timed together), once on the tier without replicas (process 1 reads the root)
+   and once on the tier with replicas (process 1's copy rebuilt from its peer at start-up,
+   then read locally).
 
-Reported: per round the slower process's times, then medians, and the ratio of restore
-from the root to restore from the local tier. The local copies are read back while they
-are in the page cache, as after a restart on the same hosts that did not reboot (a RAM
-disk gives the same); a host that lost its disk reads the root instead.
+Reported: per round the slower process's times, then medians, and the ratios. The local
+copies are read back while they are in the page cache, as after a restart on the same hosts
+that did not reboot (a RAM disk gives the same).
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ from tools.launch import launch  # noqa: E402
 
 def worker(s3_root: str, local: str, mib: int, rounds: int) -> list[dict[str, float]]:
     """Runs in each process of the job: ``rounds`` rounds of the module docstring."""
+    import shutil
+
     import jax
     import numpy as np
     from jax.sharding import Mesh, NamedSharding
@@ -79,6 +87,14 @@ def worker(s3_root: str, local: str, mib: int, rounds: int) -> list[dict[str, fl
             assert handle.remote is not None
             handle.remote.wait()
             t["tier_root_commit_s"] = time.perf_counter() - start
+        replica_root = f"{s3_root}/replica-{r}"
+        with ckpt.CheckpointManager(replica_root, local_dir=f"{local}/r{r}-{{process}}",
+                                    local_replicas=1) as mgr:
+            start = time.perf_counter()
+            handle = mgr.save(1, state)
+            t["replica_blocked_s"] = time.perf_counter() - start
+            handle.wait()
+            t["replica_local_commit_s"] = time.perf_counter() - start
         like = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
                 for k, v in state.items()}
         with ckpt.CheckpointManager(plain_root, read_only=True) as mgr:
@@ -94,6 +110,18 @@ def worker(s3_root: str, local: str, mib: int, rounds: int) -> list[dict[str, fl
             t["restore_local_s"] = time.perf_counter() - start
         check(restored)
         del restored
+        # A replaced host: process 1's folder is gone before the job comes back.
+        for name, root, folder in (("replaced_root_s", tier_root, f"{local}/{r}-{{process}}"),
+                                   ("replaced_peer_s", replica_root,
+                                    f"{local}/r{r}-{{process}}")):
+            if jax.process_index() == 1:
+                shutil.rmtree(folder.replace("{process}", "1"))
+            start = time.perf_counter()
+            with ckpt.CheckpointManager(root, local_dir=folder) as mgr:
+                restored = mgr.restore(1, target=like)
+            t[name] = time.perf_counter() - start
+            check(restored)
+            del restored
         out.append(t)
     return out
 
@@ -102,6 +130,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mib", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--processes", type=int, default=2, choices=(2, 4))
     parser.add_argument("--out", help="also write the results as JSON here")
     args = parser.parse_args()
     from tools.servers import s3_server
@@ -109,21 +138,30 @@ def main() -> None:
     with s3_server() as s3, tempfile.TemporaryDirectory() as tmp:
         s3.create_bucket("bench")
         os.environ.update(s3.env)
-        results = launch("tools.bench_tiers:worker", 2, timeout=3600,
+        results = launch("tools.bench_tiers:worker", args.processes, timeout=3600,
+                         devices_per_process=8 // args.processes,
                          args=["s3://bench/tiers", f"{tmp}/local", args.mib, args.rounds])
     rounds = [{k: max(p[r][k] for p in results) for k in results[0][r]}
               for r in range(args.rounds)]
     medians = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
-    report = {"mib": args.mib, "processes": 2, "rounds": rounds, "median": medians,
+    report = {"mib": args.mib, "processes": args.processes, "rounds": rounds,
+              "median": medians,
               "restore_root_over_local": medians["restore_root_s"] / medians["restore_local_s"],
               "commit_root_over_local": medians["root_commit_s"]
+              / medians["tier_local_commit_s"],
+              "replaced_root_over_peer": medians["replaced_root_s"]
+              / medians["replaced_peer_s"],
+              "local_commit_replicas_over_none": medians["replica_local_commit_s"]
               / medians["tier_local_commit_s"]}
-    print(f"state {args.mib} MiB, 2 processes, S3 (moto) root; slower process, median of "
-          f"{args.rounds} rounds:")
+    print(f"state {args.mib} MiB, {args.processes} processes, S3 (moto) root; slower "
+          f"process, median of {args.rounds} rounds:")
     for k, v in medians.items():
         print(f"  {k:22s} {v:8.2f} s")
     print(f"  restore: root / local tier = {report['restore_root_over_local']:.1f}x; "
           f"commit: root / local tier = {report['commit_root_over_local']:.1f}x")
+    print(f"  a replaced host's restart: root / peer = "
+          f"{report['replaced_root_over_peer']:.1f}x; local commit with one replica / "
+          f"without = {report['local_commit_replicas_over_none']:.1f}x")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)

@@ -2,6 +2,7 @@
 so that none rots between the runs that produce the documents' figures (the accelerator
 path included: without a GPU it runs on one CPU device, every branch of it taken)."""
 
+import json
 import subprocess
 import sys
 
@@ -75,3 +76,16 @@ def test_the_resharded_restore_benchmark_measures_floor_ours_and_orbax():
                                     and "orbax" in r for r in rounds), out
     assert "of the cold-read floor (" in out.splitlines()[-1], out
     assert "of it into fresh memory), orbax at" in out.splitlines()[-1], out
+
+
+@pytest.mark.slow  # a 4-process job and a moto server
+def test_the_tier_benchmark_measures_replicas_and_a_replaced_host(tmp_path):
+    out = tmp_path / "tiers.json"
+    _run("bench_tiers.py", "--mib", "16", "--rounds", "1", "--processes", "4", "--out",
+         str(out))
+    report = json.loads(out.read_text())
+    assert report["processes"] == 4
+    for key in ("replica_blocked_s", "replica_local_commit_s", "replaced_root_s",
+                "replaced_peer_s", "restore_local_s"):
+        assert report["median"][key] > 0, report
+    assert report["replaced_root_over_peer"] > 0
