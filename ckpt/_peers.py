@@ -33,8 +33,10 @@ from ckpt.errors import CorruptCheckpointError, InvalidArgumentError
 from ckpt.restore.boxes import Box, box_shape, box_size, to_slices
 from ckpt.storage import Deadline
 
-# Bytes each process sends in one collective when the caller gives no budget.
-DEFAULT_WAVE_BYTES = 64 << 20
+# Bytes each process sends in one collective. Measured between two CPU processes (gloo):
+# 512 MiB each way took 0.8 s in waves of 4, 8 or 16 MiB, 1.9 s in waves of 32 MiB and 1.6 s
+# in waves of 64 MiB (a fresh output buffer faulted in for each larger wave).
+DEFAULT_WAVE_BYTES = 16 << 20
 
 
 def holders(count: int, replicas: int,
