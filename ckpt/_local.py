@@ -214,9 +214,11 @@ class LocalTierCopy(Copy):
         if self.holding is not None and count > 1:
             self.replicas = self._replicas(leaves, plans, held, me, count)
             for q in self.replicas.sources:
-                # A replica's chunks name the process whose devices held them.
+                # A replica's chunks name a process whose devices held them (the lowest,
+                # when several sources hold one: it arrives, and is written, from each).
                 for piece in self.replicas.receives[q]:
-                    writers[piece.record][piece.flat] = q
+                    if writers[piece.record][piece.flat] < 0:
+                        writers[piece.record][piece.flat] = q
         out = []
         for i, rec in enumerate(records):
             if i in held:
@@ -253,13 +255,16 @@ class LocalTierCopy(Copy):
         if self.replicas is None:
             return
         me = job.coord.process_index
-        if self.replicas.holding[me] and job.per_process:
+
+        def publish() -> None:
             # This process's per-process values (a data loader's position) go into the
             # manifests of the copies holding its replica: through the coordination
             # service, small values only.
-            job.coord.publish(f"{job.prefix}/per-process/{me}", base64.b64encode(
-                pack([[i, v] for i, v in job.per_process])).decode())
-        self.replicas.run(job.coord, job.prefix, job.deadline.remaining())
+            if self.replicas is not None and self.replicas.holding[me] and job.per_process:
+                job.coord.publish(f"{job.prefix}/per-process/{me}", base64.b64encode(
+                    pack([[i, v] for i, v in job.per_process])).decode())
+
+        self.replicas.run(job.coord, job.prefix, job.deadline.remaining(), publish)
 
     def _with_replicas_values(self, job: Job) -> list[LeafRecord]:
         """The records with the per-process values of the processes this copy holds a

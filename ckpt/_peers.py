@@ -263,11 +263,17 @@ def pieces(held: dict[int, dict[int, ArrayPlan]], src: int, dst: int,
     out = []
     for r in sorted(held[src]):
         mine, theirs = held[src][r], held[dst][r]
-        for flat in sorted(mine.owned):
+        # Shard by shard (then chunk by chunk), so that the sender holds one shard on host
+        # at a time.
+        for flat in sorted(mine.owned, key=lambda f: (_device_id(mine.owned[f][0]), f)):
             box = mine.chunk_box(flat)
             if flat not in theirs.owned and box_size(box):
                 out.append(Piece(r, flat, box, box_size(box) * itemsizes[r]))
     return out
+
+
+def _device_id(device: Any) -> int:
+    return -1 if device is None else int(device.id)
 
 
 class Replicas:
@@ -290,18 +296,24 @@ class Replicas:
         self._owned = held[me]
         self._dtypes = {r: np.dtype(leaves[r].dtype) for r in held[me]}
 
-    def run(self, coord: Any, prefix: str, timeout_s: float) -> None:
+    def run(self, coord: Any, prefix: str, timeout_s: float,
+            before: Callable[[], None] = lambda: None) -> None:
         """Caller's thread, every process: agrees that every process is ready (each tells
         its transfers' sizes; a process that failed before this stops the exchange on every
-        process instead of leaving the others inside a collective), then moves the
-        replicas. What goes wrong after the agreement is the save's failure, raised by its
-        background part; the exchange itself always runs to its end on every process."""
+        process instead of leaving the others inside a collective; ``before`` runs first
+        and its failure is one), then moves the replicas. What goes wrong after the
+        agreement is the save's failure, raised by its background part; the exchange
+        itself always runs to its end on every process."""
         feed = self.feed
         try:
-            sizes = coord.gather_all(
-                f"{prefix}/replicas",
-                {str(h): sum(p.nbytes for p in ps) for h, ps in self.sends.items()},
-                timeout_s, "starting the exchange of replicas: ")
+            ready: Any
+            try:
+                before()
+                ready = {str(h): sum(p.nbytes for p in ps) for h, ps in self.sends.items()}
+            except Exception as exc:  # told to the others: none enters the exchange
+                ready = exc
+            sizes = coord.gather_all(f"{prefix}/replicas", ready, timeout_s,
+                                     "starting the exchange of replicas: ")
             transfers = [Transfer(src, int(dst), nbytes)
                          for src, sent in sorted(sizes.items())
                          for dst, nbytes in sorted(sent.items(), key=lambda kv: int(kv[0]))]
@@ -434,6 +446,12 @@ class WithReplicas(Snapshot):
 
     def fetch(self) -> None:
         self.own.fetch()
+
+    def cancel(self, exc: BaseException) -> None:
+        # The exchange, waiting for room for a replica's chunk, must stop waiting: the
+        # other processes wait for this one inside a collective.
+        self.own.cancel(exc)
+        self.replicas.feed.cancel(exc)
 
     def release(self) -> None:
         self.own.release()

@@ -26,7 +26,6 @@ from ckpt._commit import commit
 from ckpt._format import (
     COMMIT,
     MANIFEST,
-    ChunkLayout,
     LeafKind,
     Manifest,
     decode_manifest,
@@ -42,18 +41,19 @@ from ckpt.storage import Store, check_key
 log = logging.getLogger("ckpt.local")
 
 
-def plan(found: dict[int, Any], count: int, keep: int) -> dict[str, dict[str, int]]:
+def plan(found: dict[int, Any], count: int, keep: int) -> dict[str, dict[str, Any]]:
     """Process 0, from every process's start-up report (`ckpt._tiers.LocalTier`: each
     copy as ``[step, attempt, process, process_count, parents, replicas_of]``): for the
-    newest ``keep`` steps that some processes lack and that can be rebuilt, ``{step: {lost
-    process: the process sending its copy}}`` (JSON keys). A step can be rebuilt when every
+    newest ``keep`` steps that some processes lack and that can be rebuilt, ``{step:
+    {"attempt": the save, "senders": {lost process: the process sending its copy}}}`` (JSON
+    keys). A step can be rebuilt when every
     copy there is of one save, written by the process of its index in a job of this size,
     and each lost process's replica is held by a process that has its copy."""
     by_step: dict[int, dict[int, list[Any]]] = {}
     for p, value in found.items():
         for entry in value["copies"]:
             by_step.setdefault(int(entry[0]), {})[p] = entry
-    out: dict[str, dict[str, int]] = {}
+    out: dict[str, dict[str, Any]] = {}
     for step in sorted(by_step, reverse=True):
         held = by_step[step]
         lost = sorted(set(range(count)) - set(held))
@@ -65,7 +65,8 @@ def plan(found: dict[int, Any], count: int, keep: int) -> dict[str, dict[str, in
         senders = {m: min((p for p, e in held.items() if m in (e[5] or [])), default=None)
                    for m in lost}
         if all(h is not None for h in senders.values()):
-            out[str(step)] = {str(m): int(h) for m, h in senders.items() if h is not None}
+            out[str(step)] = {"attempt": next(iter(held.values()))[1], "senders": {
+                str(m): int(h) for m, h in senders.items() if h is not None}}
         else:
             log.warning("step %d: processes %s hold no local copy of it and no other process "
                         "holds their replica; it is not restorable from the local tier",
@@ -82,12 +83,13 @@ class _Outgoing:
     objects: list[tuple[str, int]]
 
 
-def rebuild(store: Store, step: int, senders: dict[int, int], key: str,
+def rebuild(store: Store, step: int, attempt: str, senders: dict[int, int], key: str,
             timeout_s: float) -> None:
-    """Every process, at start-up: rebuilds the copies of ``step`` that ``senders`` (lost
-    process -> the process sending its copy) names. ``store`` is this process's local
-    folder. Raises on every process if it failed anywhere (naming the process); the lost
-    processes' folders then hold debris for the next start-up's clean-up.
+    """Every process, at start-up: rebuilds the copies of ``step`` (the save ``attempt``)
+    that ``senders`` (lost process -> the process sending its copy) names. ``store`` is
+    this process's local folder. Raises on every process if it failed anywhere (naming the
+    process); the lost processes' folders then hold debris that the next start-up either
+    rebuilds over (an interrupted rebuild's: `REBUILT` marks it) or cleans up.
 
     Raises:
         CkptError: reading the sender's copy, the transfer, or the writes failed.
@@ -99,13 +101,10 @@ def rebuild(store: Store, step: int, senders: dict[int, int], key: str,
     mine: Any
     try:
         for lost in (m for m, h in senders.items() if h == me):
-            outgoing[lost] = _outgoing(folder, lost, me)
-        if me in senders and folder.exists(COMMIT):
-            # (Debris without COMMIT, an interrupted rebuild's included, is written over:
-            # the same keys of the same save.)
-            raise CorruptCheckpointError(
-                f"{folder.url} holds a COMMIT this process cannot read: the copy of step "
-                f"{step} is not rebuilt over it")
+            outgoing[lost] = _outgoing(folder, lost, attempt)
+        if me in senders:
+            _check_empty(folder, attempt)
+            folder.write(f"{attempt}/{REBUILT}", pack({"sender": senders[me]}))
         mine = {str(m): [len(o.header), sum(n for _, n in o.objects)]
                 for m, o in outgoing.items()}
     except CkptError as exc:
@@ -116,32 +115,39 @@ def rebuild(store: Store, step: int, senders: dict[int, int], key: str,
                for m in sorted(sizes[h], key=int)]
     bodies = [Transfer(h, int(m), sizes[h][m][1]) for h in sorted(sizes)
               for m in sorted(sizes[h], key=int)]
+    # From here on every process runs both exchanges whatever fails on it (the others
+    # wait inside each collective); a failure is told at the end, in "done".
     failure: BaseException | None = None
     received = bytearray()
     try:
         exchange(headers, lambda t, at, n: outgoing[t.dst].header[at:at + n],
                  lambda t, at, data: received.extend(data.tobytes()))
-    except CkptError as exc:
+    except Exception as exc:
         failure = exc
     manifest: Manifest | None = None
     objects: list[tuple[str, int]] = []
     if me in senders and failure is None:
         try:
-            manifest, objects = _parse(bytes(received), step, senders[me])
-        except CkptError as exc:
+            manifest, objects = _parse(bytes(received), step, senders[me], attempt)
+        except Exception as exc:
             failure = exc
-    writer = _Writer(folder, objects)
+    writer = _Writer(folder, objects if failure is None else [])
     try:
         exchange(bodies, _reader(folder, outgoing), writer)
-    except CkptError as exc:
+    except Exception as exc:
         failure = failure or exc
     if me in senders and failure is None:
         try:
             writer.check()
             assert manifest is not None
-            _commit_rebuilt(folder, manifest, me, senders[me])
-        except CkptError as exc:
+            _commit_rebuilt(folder, manifest, me)
+        except Exception as exc:
             failure = exc
+    if failure is not None and not isinstance(failure, CkptError):
+        error = CorruptCheckpointError(f"rebuilding step {step} on process {me} failed: "
+                                       f"{type(failure).__name__}: {failure}")
+        error.__cause__ = failure
+        failure = error
     coord.gather_all(f"{key}/done", failure if failure is not None else True, timeout_s,
                      f"rebuilding step {step} from peers: ")
     if me in senders:
@@ -149,13 +155,41 @@ def rebuild(store: Store, step: int, senders: dict[int, int], key: str,
                  store.url, step, senders[me], writer.written / 2**20)
 
 
-def _outgoing(folder: Store, lost: int, me: int) -> _Outgoing:
-    """The objects of this process's copy that process ``lost`` needs: each array's
-    ``zarr.json`` and every chunk whose writer is ``lost`` or this process."""
-    _, manifest = open_checkpoint(folder)
-    if lost not in (manifest.local or {}).get("replicas_of", []):
+# Written first into the attempt folder of a copy being rebuilt: what a later start-up
+# finds there is then an interrupted rebuild's, which it may write over.
+REBUILT = "REBUILT"
+
+
+def _check_empty(folder: Store, attempt: str) -> None:
+    """Refuses to rebuild over anything but an interrupted rebuild of the same save: a
+    COMMIT this process could not read, or part of an earlier save of the step (a process
+    of the earlier run may still be writing it, and would then commit or remove it under
+    the rebuilt copy).
+
+    Raises:
+        CorruptCheckpointError: naming the folder and what is there.
+    """
+    if folder.exists(COMMIT):
         raise CorruptCheckpointError(
-            f"{folder.url} holds no replica of process {lost}")
+            f"{folder.url} holds a COMMIT this process cannot read: not rebuilt over it")
+    held = folder.list(attempt) + ([f"claims/{attempt}"]
+                                   if folder.exists(f"claims/{attempt}") else [])
+    if held and not folder.exists(f"{attempt}/{REBUILT}"):
+        raise CorruptCheckpointError(
+            f"{folder.url} holds part of an earlier save of this step ({len(held)} objects "
+            f"of {attempt}): a process of that run may still be writing it; not rebuilt")
+
+
+def _outgoing(folder: Store, lost: int, attempt: str) -> _Outgoing:
+    """The objects of this process's copy that process ``lost`` needs: each array's
+    ``zarr.json`` and every chunk the copy holds. (Every chunk ``lost``'s devices held is
+    among them, whichever process a chunk is recorded under: a chunk several processes
+    held is recorded once.)"""
+    _, manifest = open_checkpoint(folder)
+    if manifest.attempt != attempt or lost not in (manifest.local or {}).get(
+            "replicas_of", []):
+        raise CorruptCheckpointError(
+            f"{folder.url} holds no replica of process {lost} from {attempt}")
     sizes = folder.list_sizes(f"{manifest.attempt}/arrays")
     wanted: list[tuple[str, int]] = []
     for rec in manifest.leaves:
@@ -168,7 +202,7 @@ def _outgoing(folder: Store, lost: int, me: int) -> _Outgoing:
                 continue
             rest = k[len(prefix) + 1:]
             if rest == "zarr.json" or (rest.startswith("c/") and _chunk_writer(
-                    rec.writers, rest[2:], grid) in (lost, me)):
+                    rec.writers, rest[2:], grid) >= 0):
                 wanted.append((k, n))
     data = folder.read(f"{manifest.attempt}/{MANIFEST}")
     return _Outgoing(pack({"manifest": data, "objects": [list(o) for o in sorted(wanted)]}),
@@ -185,15 +219,19 @@ def _chunk_writer(writers: Sequence[int], coords: str, grid: tuple[int, ...]) ->
     return writers[flat_index(coord, grid)]
 
 
-def _parse(header: bytes, step: int, sender: int) -> tuple[Manifest, list[tuple[str, int]]]:
-    """The lost process's side: the sender's manifest and the objects to expect, every key
-    checked to stay inside the attempt's arrays folder."""
+def _parse(header: bytes, step: int, sender: int,
+           attempt: str) -> tuple[Manifest, list[tuple[str, int]]]:
+    """The lost process's side: the sender's manifest (of the planned save and step) and
+    the objects to expect, every key checked to stay inside the attempt's arrays folder."""
     what = f"the copy of step {step} process {sender} sent"
     doc = unpack(header, what)
     if not isinstance(doc, dict) or not isinstance(doc.get("manifest"), bytes) \
             or not isinstance(doc.get("objects"), list):
         raise CorruptCheckpointError(f"{what} is malformed")
     manifest = decode_manifest(doc["manifest"], what)
+    if manifest.attempt != attempt or manifest.local is None \
+            or manifest.local["step"] != step:
+        raise CorruptCheckpointError(f"{what} is not of step {step}'s save {attempt}")
     objects = []
     for entry in doc["objects"]:
         if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
@@ -244,7 +282,6 @@ class _Writer:
     def __init__(self, folder: Store, objects: list[tuple[str, int]]) -> None:
         self.folder, self.objects = folder, objects
         self.index, self.buffer, self.written = 0, bytearray(), 0
-        self._skip_empty()
 
     def _skip_empty(self) -> None:
         while self.index < len(self.objects) and self.objects[self.index][1] == 0:
@@ -254,7 +291,11 @@ class _Writer:
     def __call__(self, t: Transfer, at: int, data: Any) -> None:
         view = memoryview(data).cast("B")
         used = 0
+        self._skip_empty()
         while used < len(view):
+            if self.index == len(self.objects):
+                raise CorruptCheckpointError(
+                    f"{self.folder.url}: more bytes arrived than the objects announced")
             key, n = self.objects[self.index]
             take = min(len(view) - used, n - len(self.buffer))
             self.buffer += view[used:used + take]
@@ -267,34 +308,25 @@ class _Writer:
                 self._skip_empty()
 
     def check(self) -> None:
+        self._skip_empty()
         if self.index != len(self.objects):
             raise CorruptCheckpointError(
                 f"{self.folder.url}: {len(self.objects) - self.index} objects of the rebuilt "
                 "copy never arrived")
 
 
-def _commit_rebuilt(folder: Store, sent: Manifest, me: int, sender: int) -> None:
-    """Commits the rebuilt copy: the sender's manifest with only the chunks sent (writers
-    ``me`` and ``sender``), the per-process values of both, and this process as its
-    writer; its chunks are read back and checked by every restore, as any copy's."""
-    keep = (me, sender)
-    records = []
-    for rec in sent.leaves:
-        if rec.kind == LeafKind.ARRAY:
-            writers = [w if w in keep else -1 for w in rec.writers]
-            crcs = [c if w in keep else 0 for w, c in zip(rec.writers, rec.chunk_crc32c,
-                                                          strict=True)]
-            rec = dataclasses.replace(rec, layout=ChunkLayout(
-                rec.chunk_shape, tuple(writers), rec.chunk_nbytes, tuple(crcs)))
-        elif rec.kind == LeafKind.PER_PROCESS and isinstance(rec.value, list):
-            rec = dataclasses.replace(rec, value=[v if p in keep else None
-                                                  for p, v in enumerate(rec.value)])
-        records.append(rec)
+def _commit_rebuilt(folder: Store, sent: Manifest, me: int) -> None:
+    """Commits the rebuilt copy: the sender's manifest (every chunk it holds was sent,
+    with the per-process values it holds), with this process as its writer and every
+    other process a chunk is recorded under in ``replicas_of``; its chunks are read back
+    and checked by every restore, as any copy's."""
     assert sent.local is not None
     local = {k: v for k, v in sent.local.items() if k != "replicas_of"}
     local["process"] = me
-    if any(sender in r.writers for r in records if r.kind == LeafKind.ARRAY):
-        local["replicas_of"] = [sender]
-    commit(folder, attempt=sent.attempt, records=records, metadata=sent.metadata,
+    others = sorted({w for r in sent.leaves if r.kind == LeafKind.ARRAY
+                     for w in r.writers if w >= 0} - {me})
+    if others:
+        local["replicas_of"] = others
+    commit(folder, attempt=sent.attempt, records=sent.leaves, metadata=sent.metadata,
            created_at=sent.created_at, process_count=sent.process_count,
            metrics=sent.metrics, local=local, parents=sent.parents)

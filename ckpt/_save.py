@@ -500,8 +500,7 @@ def write_snapshot(job: Job, create: bool) -> list[Row]:
         try:
             rows = _write_chunks(job, create)
         except BaseException as exc:
-            if job.snapshot.feed is not None:
-                job.snapshot.feed.cancel(exc)
+            job.snapshot.cancel(exc)
             raise
     finally:
         if join is not None:

@@ -342,6 +342,12 @@ class Snapshot:
             return
         feed.close()
 
+    def cancel(self, exc: BaseException) -> None:
+        """Writing side, when its writes failed: whoever fills the feed stops at its next
+        step instead of waiting for room that will never come."""
+        if self.feed is not None:
+            self.feed.cancel(exc)
+
     def release(self) -> None:
         """Frees every device copy still held (a save that ended early) and the rest,
         fetched or not."""

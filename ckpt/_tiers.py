@@ -42,7 +42,7 @@ from ckpt._housekeeping import (
     step_store,
 )
 from ckpt._local import LocalCopy, local_store, remove_copy, remove_debris, scan
-from ckpt._peers import holders
+from ckpt._peers import held_for, holders
 from ckpt._reader import Readable, open_checkpoint, open_readable
 from ckpt.errors import (
     CheckpointExistsError,
@@ -122,7 +122,8 @@ class LocalTier:
                         remove_copy(self.store, step)
                         log.info("local tier %s: removed step %d (rewound or deleted at %s "
                                  "since it was saved)", self.store.url, step, root.url)
-            mine = {"copies": self._report(), "foreign": foreign}
+            mine = {"copies": self._report(), "foreign": foreign,
+                    "placement": self.holding}
         except CkptError as exc:  # told to every process in the exchange, raised on all
             mine = _coord.Failure.of(self.me, exc).error()
             mine.__cause__ = exc
@@ -176,11 +177,13 @@ class LocalTier:
                                lambda: _recovery.plan(found, self.count, self.keep), timeout_s)
         if not decided:
             return found
-        for text, senders in sorted(decided.items(), key=lambda kv: int(kv[0])):
+        for text, chosen in sorted(decided.items(), key=lambda kv: int(kv[0])):
             step = int(text)
+            senders = chosen["senders"]
             try:
-                _recovery.rebuild(self.store, step, {int(m): h for m, h in senders.items()},
-                                 f"{key}/recover/{step}", timeout_s)
+                _recovery.rebuild(self.store, step, chosen["attempt"],
+                                  {int(m): h for m, h in senders.items()},
+                                  f"{key}/recover/{step}", timeout_s)
             except CkptError as exc:  # the step is then not complete: never offered
                 log.warning("local tier %s: step %d could not be rebuilt from peers: %s",
                             self.store.url, step, exc)
@@ -218,13 +221,21 @@ class LocalTier:
     def _check(self, found: dict[int, Any]) -> None:
         """Every process, after the exchange (which raised any process's failure to scan
         its folder on every process): raises the same error everywhere when any process
-        holds copies of another root's run.
+        holds copies of another root's run, or when processes were given different
+        replica placements.
 
         Raises:
             CheckpointExistsError: some process's folder holds copies another root's
                 manager wrote (restoring them would be another run's state; removing them
                 could lose it).
+            InvalidArgumentError: processes differ in ``local_replicas``/``local_domains``.
         """
+        differ = sorted(p for p, v in found.items() if v["placement"] != found[0]["placement"])
+        if differ:
+            raise InvalidArgumentError(
+                f"processes {differ} were given other local_replicas or local_domains than "
+                f"process 0 (replicas of each process go to {found[0]['placement']} there): "
+                "give every process the same")
         others = {p: v["foreign"] for p, v in found.items() if v["foreign"]}
         if others:
             who, steps = min(others.items())
@@ -358,7 +369,10 @@ class LocalTier:
         victims = self.victims(step)
         try:
             free = _free_bytes(self.store)
-            mine: Any = {"need": _held_bytes(tree_leaves), "free": free, "sizes": {
+            # With replicas a copy also holds the shards of the processes it keeps a
+            # replica of: about as many bytes again for each (evenly sharded states).
+            copies = 1 + (len(held_for(self.holding, self.me)) if self.holding else 0)
+            mine: Any = {"need": _held_bytes(tree_leaves) * copies, "free": free, "sizes": {
                 str(v): sum(self.store.list_sizes(str(v)).values()) for v in victims}}
         except (CkptError, OSError) as exc:
             mine = exc

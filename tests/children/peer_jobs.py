@@ -181,3 +181,29 @@ def rebuild_and_die(root, local, mesh_shape):
     with _manager(root, local, 2):
         pass
     return "done"
+
+
+def failing_writes_during_the_exchange(root, local, mesh_shape):
+    """Step 3 saved with one replica and a 64 KiB budget (received chunks wait for room)
+    while every chunk write of process 1's copy fails: the save must fail on every process,
+    not leave the exchange waiting for room that never comes. Returns each process's
+    error class and the steps offered afterwards."""
+    from ckpt import _local, _tiers
+    from tests.helpers.faults import FaultyStore, is_chunk_write
+
+    def refuse(doing, key, args):
+        if is_chunk_write(doing) and key == "3":
+            raise OSError(28, "No space left on device")
+
+    if jax.process_index() == 1:
+        real = _local.local_store
+        mock.patch.object(_tiers, "local_store", lambda path, p: FaultyStore(
+            real(path, p), before=refuse)).start()
+    with _manager(root, local, 2, local_replicas=1, memory_budget=1 << 16) as mgr:
+        for step in (1, 2):
+            mgr.save(step, device_tree(step, tuple(mesh_shape)))
+        mgr.wait()
+        handle = mgr.save(3, device_tree(3, tuple(mesh_shape)))
+        error = handle.exception(timeout=120)
+        steps = mgr.steps()
+    return {"error": type(error).__name__ if error is not None else None, "steps": steps}
