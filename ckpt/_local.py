@@ -206,13 +206,13 @@ class LocalTierCopy(Copy):
                coord: _coord.Coordinator) -> tuple[list[LeafRecord], dict[int, ArrayPlan]]:
         self._root = (list(records), plans)
         me, count = coord.process_index, coord.process_count
-        held = {i: held_plan(ArrayInput(records[i].shape, np.dtype(leaves[i].dtype).itemsize,
-                                        getattr(leaves[i], "sharding", None)), p, me, count)
-                for i, p in plans.items()}
+        inputs = {i: ArrayInput(records[i].shape, np.dtype(leaves[i].dtype).itemsize,
+                                getattr(leaves[i], "sharding", None)) for i in plans}
+        held = {i: held_plan(inputs[i], p, me, count) for i, p in plans.items()}
         values = dict(per_process)
         writers = {i: list(hp.writers) for i, hp in held.items()}
         if self.holding is not None and count > 1:
-            self.replicas = self._replicas(leaves, plans, held, me, count)
+            self.replicas = self._replicas(leaves, inputs, plans, held, me, count)
             for q in self.replicas.sources:
                 # A replica's chunks name a process whose devices held them (the lowest,
                 # when several sources hold one: it arrives, and is written, from each).
@@ -232,20 +232,18 @@ class LocalTierCopy(Copy):
             out.append(rec)
         return out, held
 
-    def _replicas(self, leaves: list[Any], plans: dict[int, ArrayPlan],
-                  held: dict[int, ArrayPlan], me: int, count: int) -> Replicas:
+    def _replicas(self, leaves: list[Any], inputs: dict[int, ArrayInput],
+                  plans: dict[int, ArrayPlan], held: dict[int, ArrayPlan], me: int,
+                  count: int) -> Replicas:
         """What this process sends to the holders of its replica and receives from the
         processes it holds one of: computed from the global shardings alone, the same on
         both ends of every transfer."""
         assert self.holding is not None
         others = set(self.holding[me]) | set(held_for(self.holding, me))
-        by_process = {p: {i: held_plan(ArrayInput(tuple(plans[i].shape),
-                                                  np.dtype(leaves[i].dtype).itemsize,
-                                                  getattr(leaves[i], "sharding", None)),
-                                       plans[i], p, count) for i in plans}
+        by_process = {p: {i: held_plan(inputs[i], plans[i], p, count) for i in plans}
                       for p in others}
         by_process[me] = held
-        itemsizes = {i: np.dtype(leaves[i].dtype).itemsize for i in plans}
+        itemsizes = {i: inputs[i].itemsize for i in plans}
         return Replicas(self.holding, me, leaves, by_process, itemsizes, self.memory_budget)
 
     def snapshot(self, taken: Snapshot) -> Snapshot:

@@ -190,26 +190,24 @@ def _outgoing(folder: Store, lost: int, attempt: str) -> _Outgoing:
             "replicas_of", []):
         raise CorruptCheckpointError(
             f"{folder.url} holds no replica of process {lost} from {attempt}")
-    sizes = folder.list_sizes(f"{manifest.attempt}/arrays")
+    arrays = f"{manifest.attempt}/arrays/"
+    grids = {r.name: (r.writers, grid_shape(r.shape, r.chunk_shape))
+             for r in manifest.leaves if r.kind == LeafKind.ARRAY}
     wanted: list[tuple[str, int]] = []
-    for rec in manifest.leaves:
-        if rec.kind != LeafKind.ARRAY:
-            continue
-        prefix = f"{manifest.attempt}/arrays/{rec.name}"
-        grid = grid_shape(rec.shape, rec.chunk_shape)
-        for k, n in sizes.items():
-            if not k.startswith(prefix + "/"):
-                continue
-            rest = k[len(prefix) + 1:]
-            if rest == "zarr.json" or (rest.startswith("c/") and _chunk_writer(
-                    rec.writers, rest[2:], grid) >= 0):
-                wanted.append((k, n))
+    # One pass over the listing: a leaf's folder name is one path segment (`leaf_name`).
+    for k, n in folder.list_sizes(arrays.rstrip("/")).items():
+        name, _, rest = k[len(arrays):].partition("/")
+        if name in grids and (rest == "zarr.json" or (
+                rest.startswith("c/") and _chunk_writer(*grids[name], rest[2:]) >= 0)):
+            wanted.append((k, n))
     data = folder.read(f"{manifest.attempt}/{MANIFEST}")
     return _Outgoing(pack({"manifest": data, "objects": [list(o) for o in sorted(wanted)]}),
                      sorted(wanted))
 
 
-def _chunk_writer(writers: Sequence[int], coords: str, grid: tuple[int, ...]) -> int:
+def _chunk_writer(writers: Sequence[int], grid: tuple[int, ...], coords: str) -> int:
+    """The writer the manifest records for the chunk at ``coords`` (its key's ``c/...``
+    part); -1 for a key that names no chunk of the grid."""
     parts = coords.split("/")
     if len(parts) != len(grid) or not all(p.isdigit() for p in parts):
         return -1
