@@ -335,9 +335,9 @@ class Replicas:
         assert self._leaves is not None
         leaves, owned = self._leaves, self._owned
         shard: dict[tuple[int, Any], np.ndarray] = {}
-        streams = {h: _Stream(ps) for h, ps in self.sends.items()}
 
-        def chunk(piece: Piece) -> np.ndarray:
+        def chunk(ps: list[Piece], i: int) -> np.ndarray:
+            piece = ps[i]
             device, shard_box = owned[piece.record].owned[piece.flat]
             key = (piece.record, device)
             if key not in shard:
@@ -349,47 +349,83 @@ class Replicas:
             part = shard[key][to_slices(piece.box, shard_box)]
             return np.ascontiguousarray(part).reshape(-1).view(np.uint8)
 
+        streams = {h: Concatenation([p.nbytes for p in ps], functools.partial(chunk, ps))
+                   for h, ps in self.sends.items()}
+
         def source(t: Transfer, offset: int, length: int) -> np.ndarray:
-            return streams[t.dst].read(offset, length, chunk)
+            return streams[t.dst].read(offset, length)
 
         return source
 
 
-class _Stream:
-    """A transfer's bytes as the concatenation of its pieces, read front to back."""
+class Concatenation:
+    """The sending side of a transfer: items of known sizes read as one stream, front to
+    back, each loaded (``load(i)``, a bytes-like object or uint8 array) when the stream
+    reaches it and let go once read."""
 
-    def __init__(self, ps: list[Piece]) -> None:
-        self.pieces = ps
-        self.index = 0  # the piece holding `self.at`
-        self.at = 0  # offset of the current piece's first byte
+    def __init__(self, sizes: Sequence[int], load: Callable[[int], Any]) -> None:
+        self.sizes, self.load = list(sizes), load
+        self.index, self.at = 0, 0  # the item being read, and its first byte's offset
         self.current: np.ndarray | None = None
 
-    def read(self, offset: int, length: int,
-             chunk: Callable[[Piece], np.ndarray]) -> np.ndarray:
+    def read(self, offset: int, length: int) -> np.ndarray:
         out = np.empty(length, np.uint8)
         filled = 0
         while filled < length:
-            piece = self.pieces[self.index]
+            n = self.sizes[self.index]
             if self.current is None:
-                self.current = chunk(piece)
+                self.current = np.frombuffer(memoryview(self.load(self.index)), np.uint8)
             start = offset + filled - self.at
-            take = min(length - filled, piece.nbytes - start)
+            take = min(length - filled, n - start)
             out[filled:filled + take] = self.current[start:start + take]
             filled += take
-            if start + take == piece.nbytes:
-                self.at += piece.nbytes
-                self.index += 1
-                self.current = None
+            if start + take == n:
+                self.index, self.at, self.current = self.index + 1, self.at + n, None
         return out
 
 
-@dataclasses.dataclass
-class _Incoming:
-    """Where one sender's bytes are: its piece being filled, and how far."""
+class Division:
+    """The receiving side of a transfer: the stream cut back into items of known sizes as
+    it arrives; ``done(i, item)`` takes each item whole (a uint8 array, valid only during
+    the call unless ``room`` made it), in order. ``room(i)`` gives item ``i``'s buffer when
+    it is reached (it may wait for memory); a plain array by default."""
 
-    index: int = 0
-    filled: int = 0
-    buffer: np.ndarray | None = None
+    def __init__(self, sizes: Sequence[int], done: Callable[[int, np.ndarray], None],
+                 room: Callable[[int], np.ndarray] | None = None) -> None:
+        self.sizes, self.done = list(sizes), done
+        self.room = room or (lambda i: np.empty(self.sizes[i], np.uint8))
+        self.index, self.filled = 0, 0
+        self.buffer: np.ndarray | None = None
+
+    def take(self, data: np.ndarray) -> None:
+        used = 0
+        self._empty_items()
+        while used < data.size:
+            if self.index == len(self.sizes):
+                raise CorruptCheckpointError(
+                    f"more bytes arrived than the {len(self.sizes)} items announced")
+            n = self.sizes[self.index]
+            if self.buffer is None:
+                self.buffer, self.filled = self.room(self.index), 0
+            step = min(data.size - used, n - self.filled)
+            self.buffer[self.filled:self.filled + step] = data[used:used + step]
+            self.filled += step
+            used += step
+            if self.filled == n:
+                buffer, self.buffer = self.buffer, None
+                self.done(self.index, buffer)
+                self.index += 1
+                self._empty_items()
+
+    def _empty_items(self) -> None:
+        while self.index < len(self.sizes) and self.sizes[self.index] == 0:
+            self.done(self.index, np.empty(0, np.uint8))
+            self.index += 1
+
+    def missing(self) -> int:
+        """After the stream: how many items never arrived."""
+        self._empty_items()
+        return len(self.sizes) - self.index
 
 
 class _Assembly:
@@ -399,34 +435,30 @@ class _Assembly:
     def __init__(self, receives: dict[int, list[Piece]], dtypes: dict[int, np.dtype[Any]],
                  feed: Feed) -> None:
         self.receives, self.dtypes, self.feed = receives, dtypes, feed
-        self.state = {q: _Incoming() for q in receives}
+        self.parts = {q: Division([p.nbytes for p in ps], functools.partial(self._done, ps),
+                                  functools.partial(self._room, ps))
+                      for q, ps in receives.items()}
+
+    def _room(self, ps: list[Piece], i: int) -> np.ndarray:
+        self.feed.reserve(ps[i].nbytes)  # waits for the writer to make room
+        return np.empty(ps[i].nbytes, np.uint8)
+
+    def _done(self, ps: list[Piece], i: int, buffer: np.ndarray) -> None:
+        piece = ps[i]
+        array = buffer.view(self.dtypes[piece.record]).reshape(box_shape(piece.box))
+        unit = Unit([array], [ChunkWrite(piece.record, piece.flat, to_slices(piece.box))],
+                    [None], nbytes=piece.nbytes, feed=self.feed)
+        self.feed.put(unit, [array])
 
     def __call__(self, t: Transfer, offset: int, data: np.ndarray) -> None:
-        at, ps = self.state[t.src], self.receives[t.src]
-        used = 0
-        while used < data.size:
-            piece = ps[at.index]
-            if at.buffer is None:
-                self.feed.reserve(piece.nbytes)  # waits for the writer to make room
-                at.filled, at.buffer = 0, np.empty(piece.nbytes, np.uint8)
-            take = min(data.size - used, piece.nbytes - at.filled)
-            at.buffer[at.filled:at.filled + take] = data[used:used + take]
-            at.filled += take
-            used += take
-            if at.filled == piece.nbytes:
-                array = at.buffer.view(self.dtypes[piece.record]).reshape(box_shape(piece.box))
-                unit = Unit([array], [ChunkWrite(piece.record, piece.flat,
-                                                 to_slices(piece.box))], [None],
-                            nbytes=piece.nbytes, feed=self.feed)
-                self.feed.put(unit, [array])
-                at.index, at.buffer = at.index + 1, None
+        self.parts[t.src].take(data)
 
     def check(self) -> None:
         """After the exchange: says whether a transfer came short."""
-        for q, at in self.state.items():
-            if at.index != len(self.receives[q]):
+        for q, part in self.parts.items():
+            if part.missing():
                 raise CorruptCheckpointError(
-                    f"the replica from process {q} ended after {at.index} of "
+                    f"the replica from process {q} ended after {part.index} of "
                     f"{len(self.receives[q])} chunks")
 
 

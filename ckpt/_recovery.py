@@ -17,9 +17,12 @@ Called by `ckpt._tiers.LocalTier` on every process (the exchange is collective),
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 from ckpt import _coord
 from ckpt._commit import commit
@@ -32,7 +35,7 @@ from ckpt._format import (
     pack,
     unpack,
 )
-from ckpt._peers import Transfer, exchange
+from ckpt._peers import Concatenation, Division, Transfer, exchange
 from ckpt._reader import open_checkpoint
 from ckpt.errors import CkptError, CorruptCheckpointError
 from ckpt.restore.boxes import flat_index, grid_shape
@@ -245,72 +248,39 @@ def _parse(header: bytes, step: int, sender: int,
 def _reader(folder: Store, outgoing: dict[int, _Outgoing]) -> Any:
     """The sending side of the objects: each read whole from this process's copy when the
     exchange reaches it (one object in memory at a time per lost process)."""
-    streams = {m: _Sending(folder, o.objects) for m, o in outgoing.items()}
+    def load(objects: list[tuple[str, int]], i: int) -> bytes:
+        key, n = objects[i]
+        data = folder.read(key, max_bytes=n)
+        if len(data) != n:
+            raise CorruptCheckpointError(f"{folder.describe(key)} changed size while it "
+                                         "was sent")
+        return data
+
+    streams = {m: Concatenation([n for _, n in o.objects],
+                                functools.partial(load, o.objects))
+               for m, o in outgoing.items()}
     return lambda t, at, length: streams[t.dst].read(at, length)
-
-
-class _Sending:
-    """One lost process's objects as one stream, read front to back."""
-
-    def __init__(self, folder: Store, objects: list[tuple[str, int]]) -> None:
-        self.folder, self.objects = folder, objects
-        self.index, self.at = 0, 0  # the object being sent, and its first byte's offset
-        self.data: bytes | None = None
-
-    def read(self, offset: int, length: int) -> bytes:
-        out = bytearray()
-        while len(out) < length:
-            key, n = self.objects[self.index]
-            if self.data is None:
-                self.data = self.folder.read(key, max_bytes=n)
-                if len(self.data) != n:
-                    raise CorruptCheckpointError(
-                        f"{self.folder.describe(key)} changed size while it was sent")
-            start = offset + len(out) - self.at
-            take = min(length - len(out), n - start)
-            out += self.data[start:start + take]
-            if start + take == n:
-                self.index, self.at, self.data = self.index + 1, self.at + n, None
-        return bytes(out)
 
 
 class _Writer:
     """The lost process's side of the objects: each written to its folder once whole."""
 
     def __init__(self, folder: Store, objects: list[tuple[str, int]]) -> None:
-        self.folder, self.objects = folder, objects
-        self.index, self.buffer, self.written = 0, bytearray(), 0
+        self.folder, self.objects, self.written = folder, objects, 0
+        self.parts = Division([n for _, n in objects], self._write)
 
-    def _skip_empty(self) -> None:
-        while self.index < len(self.objects) and self.objects[self.index][1] == 0:
-            self.folder.write(self.objects[self.index][0], b"")
-            self.index += 1
+    def _write(self, i: int, data: np.ndarray) -> None:
+        self.folder.write(self.objects[i][0], data.tobytes())
+        self.written += data.size
 
-    def __call__(self, t: Transfer, at: int, data: Any) -> None:
-        view = memoryview(data).cast("B")
-        used = 0
-        self._skip_empty()
-        while used < len(view):
-            if self.index == len(self.objects):
-                raise CorruptCheckpointError(
-                    f"{self.folder.url}: more bytes arrived than the objects announced")
-            key, n = self.objects[self.index]
-            take = min(len(view) - used, n - len(self.buffer))
-            self.buffer += view[used:used + take]
-            used += take
-            if len(self.buffer) == n:
-                self.folder.write(key, bytes(self.buffer))
-                self.written += n
-                self.buffer.clear()
-                self.index += 1
-                self._skip_empty()
+    def __call__(self, t: Transfer, at: int, data: np.ndarray) -> None:
+        self.parts.take(data)
 
     def check(self) -> None:
-        self._skip_empty()
-        if self.index != len(self.objects):
+        missing = self.parts.missing()
+        if missing:
             raise CorruptCheckpointError(
-                f"{self.folder.url}: {len(self.objects) - self.index} objects of the rebuilt "
-                "copy never arrived")
+                f"{self.folder.url}: {missing} objects of the rebuilt copy never arrived")
 
 
 def _commit_rebuilt(folder: Store, sent: Manifest, me: int) -> None:
