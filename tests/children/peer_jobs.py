@@ -207,3 +207,13 @@ def failing_writes_during_the_exchange(root, local, mesh_shape):
         error = handle.exception(timeout=120)
         steps = mgr.steps()
     return {"error": type(error).__name__ if error is not None else None, "steps": steps}
+
+
+def start_with_replicas(root, local, replicas_by_process):
+    """Makes a manager with this process's entry of ``replicas_by_process``; returns the
+    error it raised (its message), or None."""
+    try:
+        with _manager(root, local, 2, local_replicas=replicas_by_process[jax.process_index()]):
+            return None
+    except ckpt.CkptError as exc:
+        return str(exc)

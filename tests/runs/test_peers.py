@@ -8,6 +8,7 @@ import signal
 
 import pytest
 
+import ckpt
 from ckpt import _peers
 from ckpt.errors import InvalidArgumentError
 from tools.launch import launch, start
@@ -209,3 +210,32 @@ def test_two_replicas_survive_two_lost_hosts(tmp_path):
     for out in launch("tests.children.tier_jobs:restore_latest", 4,
                       args=[root, local, [4, 2], 2], devices_per_process=2, timeout=300):
         assert out["latest"] == 3 and out["root"]["chunks"] == 0, out
+
+
+def test_replicas_without_a_local_tier_are_refused_by_name(tmp_path):
+    with pytest.raises(InvalidArgumentError, match="local_replicas and local_domains need "
+                                                   "local_dir"):
+        ckpt.CheckpointManager(str(tmp_path / "root"), local_replicas=1)
+
+
+@pytest.mark.slow
+def test_processes_given_other_placements_are_refused_on_every_process(tmp_path):
+    outs = launch("tests.children.peer_jobs:start_with_replicas", 2,
+                  args=[str(tmp_path / "root"), str(tmp_path / "local-{process}"), [1, 0]],
+                  devices_per_process=4, timeout=240)
+    for out in outs:
+        assert out is not None and "processes [1] were given other local_replicas" in out, outs
+
+
+@pytest.mark.slow
+def test_part_of_the_original_save_is_never_rebuilt_over(tmp_path):
+    """Process 1's copy of step 3 lost only its COMMIT (its chunks of that save are still
+    there: a process of that run could still be finishing it): the restart does not rebuild
+    over them; step 3 (local only) is not offered and the root's step 2 is the latest."""
+    root, local = str(tmp_path / "root"), str(tmp_path / "local-{process}")
+    launch("tests.children.tier_jobs:save_steps", 2,
+           args=[root, local, [1, 2, 3], [2, 4], 2, True, 1], timeout=300)
+    os.remove(os.path.join(local.replace("{process}", "1"), "3", "COMMIT"))
+    for out in launch("tests.children.tier_jobs:restore_latest", 2,
+                      args=[root, local, [2, 4], 2], timeout=300):
+        assert out["latest"] == 2 and 3 not in out["steps"], out
